@@ -1,0 +1,209 @@
+//! Checkpoints in HF layout: `config.json` plus `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`; and new random weights from a config and a seed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::json;
+
+use crate::config::{BlockKind, NemotronHConfig};
+use crate::error::{ModelError, Result};
+use crate::params::Params;
+
+/// File names of the HF layout.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Reads every tensor of a checkpoint directory (single file or sharded) or of one
+/// `.safetensors` file, converted to f32 on `device`.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let files: Vec<PathBuf> = if path.is_file() {
+        vec![path.to_path_buf()]
+    } else if path.join(INDEX_FILE).is_file() {
+        let index_path = path.join(INDEX_FILE);
+        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::BadFile { path: index_path.clone(), message: e.to_string() })?;
+        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::BadFile {
+            path: index_path.clone(),
+            message: "no `weight_map` object".into(),
+        })?;
+        let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|s| path.join(s)).collect();
+        shards.sort();
+        shards.dedup();
+        shards
+    } else if path.join(WEIGHTS_FILE).is_file() {
+        vec![path.join(WEIGHTS_FILE)]
+    } else {
+        return Err(ModelError::BadFile {
+            path: path.to_path_buf(),
+            message: format!("no {WEIGHTS_FILE} or {INDEX_FILE} here"),
+        });
+    };
+    let mut out = BTreeMap::new();
+    for f in files {
+        let tensors = candle_core::safetensors::load(&f, device)
+            .map_err(|e| ModelError::BadFile { path: f.clone(), message: e.to_string() })?;
+        for (name, t) in tensors {
+            out.insert(name, t.to_dtype(candle_core::DType::F32)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `config.json` and the weights of a checkpoint directory.
+pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<(NemotronHConfig, Params)> {
+    let cfg = NemotronHConfig::from_file(dir.join(CONFIG_FILE))?;
+    let params = Params::from_tensors(load_tensors(dir, device)?, device)?;
+    Ok((cfg, params))
+}
+
+/// Writes `config.json` and the weights to `dir`, in shards of at most `max_shard_bytes`
+/// (with an index file) when the weights are larger than that.
+pub fn save_checkpoint(dir: &Path, cfg: &NemotronHConfig, params: &Params, max_shard_bytes: Option<usize>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let config_path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON value serialises");
+    std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))?;
+    save_tensors(dir, &params.snapshot()?, max_shard_bytes)
+}
+
+/// Writes named tensors as `model.safetensors`, or as shards plus an index.
+pub fn save_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_bytes: Option<usize>) -> Result<()> {
+    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let total: usize = tensors.values().map(bytes).sum();
+    let limit = max_shard_bytes.unwrap_or(usize::MAX).max(1);
+    let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new()];
+    let mut size = 0;
+    for (name, t) in tensors {
+        if size > 0 && size + bytes(t) > limit {
+            shards.push(HashMap::new());
+            size = 0;
+        }
+        size += bytes(t);
+        shards.last_mut().expect("non-empty").insert(name.clone(), t.clone());
+    }
+    let write = |file: &Path, shard: &HashMap<String, Tensor>| -> Result<()> {
+        candle_core::safetensors::save(shard, file).map_err(|e| ModelError::BadFile { path: file.to_path_buf(), message: e.to_string() })
+    };
+    // A stale single file or index next to the new weights would be read instead of them.
+    for stale in [WEIGHTS_FILE, INDEX_FILE] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    if shards.len() == 1 {
+        return write(&dir.join(WEIGHTS_FILE), &shards[0]);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        write(&dir.join(&name), shard)?;
+        for k in shard.keys() {
+            weight_map.insert(k.clone(), json!(name));
+        }
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let path = dir.join(INDEX_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("serialises")).map_err(|e| ModelError::io(&path, e))
+}
+
+/// Draws from N(0, 1) by Box–Muller, so initialisation depends only on the seed.
+fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Initial values in the spirit of HF's `_init_weights` for NemotronH: N(0, 0.02) projections
+/// and embeddings, unit norms, `A_log = log(1..=H)`, `D = 1`, `dt_bias` = softplus⁻¹ of a
+/// log-uniform dt in [0.001, 0.1], output projections scaled by 1/sqrt(layers).
+pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<Params> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let std = 0.02f32;
+    let d = cfg.hidden_size;
+    let out_scale = 1.0 / (cfg.layers.len() as f32).sqrt();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(usize) -> f32| {
+        let n: usize = shape.iter().product();
+        let v = (0..n).map(&mut *f).collect();
+        tensors.push((name, shape, v));
+    };
+    let block = |prefix: &str, kind: BlockKind, add: &mut dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32), rng: &mut StdRng| {
+        add(format!("{prefix}.norm.weight"), vec![d], &mut |_| 1.0);
+        let mx = format!("{prefix}.mixer");
+        match kind {
+            BlockKind::Mamba => {
+                let m = cfg.mamba();
+                add(format!("{mx}.in_proj.weight"), vec![m.in_proj_dim(), d], &mut |_| normal(rng) * std);
+                let bound = 1.0 / (m.conv_kernel as f32).sqrt();
+                add(format!("{mx}.conv1d.weight"), vec![m.conv_dim(), 1, m.conv_kernel], &mut |_| (rng.random::<f32>() * 2.0 - 1.0) * bound);
+                if m.conv_bias {
+                    add(format!("{mx}.conv1d.bias"), vec![m.conv_dim()], &mut |_| (rng.random::<f32>() * 2.0 - 1.0) * bound);
+                }
+                let (lo, hi) = (0.001f64.ln(), 0.1f64.ln());
+                add(format!("{mx}.dt_bias"), vec![m.num_heads], &mut |_| {
+                    let dt = (lo + rng.random::<f64>() * (hi - lo)).exp().max(1e-4);
+                    (dt + (-(-dt).exp_m1()).ln()) as f32
+                });
+                add(format!("{mx}.A_log"), vec![m.num_heads], &mut |i| ((i + 1) as f32).ln());
+                add(format!("{mx}.D"), vec![m.num_heads], &mut |_| 1.0);
+                add(format!("{mx}.norm.weight"), vec![m.inner()], &mut |_| 1.0);
+                add(format!("{mx}.out_proj.weight"), vec![d, m.inner()], &mut |_| normal(rng) * std * out_scale);
+            }
+            BlockKind::Attention => {
+                let a = cfg.attention();
+                for (n, rows) in [("q_proj", a.num_heads), ("k_proj", a.num_kv_heads), ("v_proj", a.num_kv_heads)] {
+                    add(format!("{mx}.{n}.weight"), vec![rows * a.head_dim, d], &mut |_| normal(rng) * std);
+                }
+                add(format!("{mx}.o_proj.weight"), vec![d, a.num_heads * a.head_dim], &mut |_| normal(rng) * std * out_scale);
+            }
+            BlockKind::Moe => {
+                let m = cfg.moe();
+                let width = m.latent_size.unwrap_or(d);
+                add(format!("{mx}.gate.weight"), vec![m.num_experts, d], &mut |_| normal(rng) * std);
+                add(format!("{mx}.gate.e_score_correction_bias"), vec![m.num_experts], &mut |_| 0.0);
+                for e in 0..m.num_experts {
+                    add(format!("{mx}.experts.{e}.up_proj.weight"), vec![m.expert_dim, width], &mut |_| normal(rng) * std);
+                    add(format!("{mx}.experts.{e}.down_proj.weight"), vec![width, m.expert_dim], &mut |_| normal(rng) * std * out_scale);
+                }
+                add(format!("{mx}.shared_experts.up_proj.weight"), vec![m.shared_expert_dim, d], &mut |_| normal(rng) * std);
+                add(format!("{mx}.shared_experts.down_proj.weight"), vec![d, m.shared_expert_dim], &mut |_| normal(rng) * std * out_scale);
+                if let Some(l) = m.latent_size {
+                    add(format!("{mx}.fc1_latent_proj.weight"), vec![l, d], &mut |_| normal(rng) * std);
+                    add(format!("{mx}.fc2_latent_proj.weight"), vec![d, l], &mut |_| normal(rng) * std);
+                }
+            }
+            BlockKind::Mlp => {
+                let h = cfg.mlp_dim();
+                add(format!("{mx}.up_proj.weight"), vec![h, d], &mut |_| normal(rng) * std);
+                add(format!("{mx}.down_proj.weight"), vec![d, h], &mut |_| normal(rng) * std * out_scale);
+            }
+        }
+    };
+    add("backbone.embeddings.weight".into(), vec![cfg.vocab_size, d], &mut |_| normal(&mut rng) * std);
+    for (i, &k) in cfg.layers.iter().enumerate() {
+        block(&format!("backbone.layers.{i}"), k, &mut add, &mut rng);
+    }
+    add("backbone.norm_f.weight".into(), vec![d], &mut |_| 1.0);
+    if !cfg.tie_word_embeddings {
+        add("lm_head.weight".into(), vec![cfg.vocab_size, d], &mut |_| normal(&mut rng) * std);
+    }
+    if cfg.has_mtp() {
+        for n in ["enorm", "hnorm", "norm_f"] {
+            add(format!("mtp.{n}.weight"), vec![d], &mut |_| 1.0);
+        }
+        add("mtp.eh_proj.weight".into(), vec![d, 2 * d], &mut |_| normal(&mut rng) * std);
+        for (i, &k) in cfg.mtp_layers.iter().enumerate() {
+            block(&format!("mtp.layers.{i}"), k, &mut add, &mut rng);
+        }
+    }
+    drop(add);
+    let mut params = Params::new(device.clone());
+    for (name, shape, v) in tensors {
+        params.insert(name, Tensor::from_vec(v, shape, device)?)?;
+    }
+    Ok(params)
+}

@@ -1,0 +1,272 @@
+//! The Mamba-2 mixer for full sequences: `in_proj` → [z | xBC | dt], causal depthwise conv + SiLU
+//! on xBC, dt = clamp(softplus(dt + dt_bias)), A = -exp(A_log), the chunked SSD scan, D skip,
+//! gated RMSNorm over `n_groups`, `out_proj`. Differentiable; the single-token recurrence used
+//! for decoding lives in [`crate::engine`].
+
+use candle_core::{D, Device, Tensor};
+
+use crate::config::{MambaConfig, NemotronHConfig};
+use crate::error::Result;
+use crate::nn::{Linear, causal_depthwise_conv, gated_rms_norm, softplus};
+use crate::params::ParamPath;
+
+/// Mamba-2 weights of one block (`backbone.layers.N.mixer.*`).
+#[derive(Clone, Debug)]
+pub struct Mamba2 {
+    cfg: MambaConfig,
+    eps: f64,
+    in_proj: Linear,
+    conv_weight: Tensor,
+    conv_bias: Option<Tensor>,
+    dt_bias: Tensor,
+    a_log: Tensor,
+    d: Tensor,
+    norm_weight: Tensor,
+    out_proj: Linear,
+}
+
+/// The state a sequence carries between calls: the last `K-1` conv inputs and the SSM state.
+#[derive(Clone, Debug)]
+pub struct MambaState {
+    /// `[B, K-1, conv_dim]`.
+    pub conv: Tensor,
+    /// `[B, heads, head_dim, state_size]`.
+    pub ssm: Tensor,
+}
+
+impl Mamba2 {
+    pub fn new(cfg: &NemotronHConfig, p: &ParamPath) -> Result<Self> {
+        let m = cfg.mamba().clone();
+        let d = cfg.hidden_size;
+        let conv_weight = p.pp("conv1d").get("weight", &[m.conv_dim(), 1, m.conv_kernel])?.squeeze(1)?;
+        let conv_bias = if m.conv_bias { Some(p.pp("conv1d").get("bias", &[m.conv_dim()])?) } else { None };
+        Ok(Self {
+            in_proj: Linear::new(&p.pp("in_proj"), d, m.in_proj_dim())?,
+            conv_weight,
+            conv_bias,
+            dt_bias: p.get("dt_bias", &[m.num_heads])?,
+            a_log: p.get("A_log", &[m.num_heads])?,
+            d: p.get("D", &[m.num_heads])?,
+            norm_weight: p.pp("norm").get("weight", &[m.inner()])?,
+            out_proj: Linear::new(&p.pp("out_proj"), m.inner(), d)?,
+            eps: cfg.norm_eps,
+            cfg: m,
+        })
+    }
+
+    /// `x: [B, T, d]` from the zero state, returning `[B, T, d]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_state(x, None)?.0)
+    }
+
+    /// `x: [B, T, d]` continuing from `state` (or zeros), returning the output and the state after
+    /// the last token — the chunked prefill.
+    pub fn forward_with_state(&self, x: &Tensor, state: Option<&MambaState>) -> Result<(Tensor, MambaState)> {
+        let m = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let proj = self.in_proj.forward(x)?;
+        let z = proj.narrow(D::Minus1, 0, m.inner())?;
+        let xbc_in = proj.narrow(D::Minus1, m.inner(), m.conv_dim())?;
+        let dt = proj.narrow(D::Minus1, m.inner() + m.conv_dim(), m.num_heads)?;
+
+        let history = state.map(|s| &s.conv);
+        let xbc = causal_depthwise_conv(&xbc_in, &self.conv_weight, self.conv_bias.as_ref(), history)?.silu()?;
+        let k1 = m.conv_kernel - 1;
+        let conv_state = {
+            let full = match history {
+                Some(h) => Tensor::cat(&[h, &xbc_in], 1)?,
+                None => Tensor::cat(&[&Tensor::zeros((b, k1, m.conv_dim()), x.dtype(), x.device())?, &xbc_in], 1)?,
+            };
+            full.narrow(1, full.dim(1)? - k1, k1)?
+        };
+
+        let gs = m.n_groups * m.state_size;
+        let xs = xbc.narrow(D::Minus1, 0, m.inner())?.reshape((b, t, m.num_heads, m.head_dim))?;
+        let bm = self.expand_groups(&xbc.narrow(D::Minus1, m.inner(), gs)?, b, t)?;
+        let cm = self.expand_groups(&xbc.narrow(D::Minus1, m.inner() + gs, gs)?, b, t)?;
+
+        let mut dt = softplus(&dt.broadcast_add(&self.dt_bias)?)?.maximum(m.dt_min)?;
+        if m.dt_max.is_finite() {
+            dt = dt.minimum(m.dt_max)?;
+        }
+        let a = self.a_log.exp()?.neg()?;
+        let (y, ssm) = ssd_chunked(&xs, &dt, &a, &bm, &cm, m.chunk_size, state.map(|s| &s.ssm))?;
+        let y = (y + xs.broadcast_mul(&self.d.reshape((1, 1, m.num_heads, 1))?)?)?;
+        let y = y.reshape((b, t, m.inner()))?;
+        let y = gated_rms_norm(&y, &z, &self.norm_weight, m.norm_group_size(), self.eps)?;
+        Ok((self.out_proj.forward(&y)?, MambaState { conv: conv_state, ssm }))
+    }
+
+    /// `[B, T, groups*state]` → `[B, T, heads, state]`, each group shared by consecutive heads.
+    fn expand_groups(&self, t_in: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let m = &self.cfg;
+        Ok(t_in
+            .reshape((b, t, m.n_groups, 1, m.state_size))?
+            .broadcast_as((b, t, m.n_groups, m.heads_per_group(), m.state_size))?
+            .reshape((b, t, m.num_heads, m.state_size))?)
+    }
+}
+
+/// Batched matmul over any number of leading dimensions (candle's CPU matmul wants rank <= 4).
+fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ad = a.dims();
+    let bd = b.dims();
+    let r = ad.len();
+    let batch: usize = ad[..r - 2].iter().product();
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let out = a.contiguous()?.reshape((batch, m, k))?.matmul(&b.contiguous()?.reshape((batch, k, n))?)?;
+    let mut shape = ad[..r - 2].to_vec();
+    shape.extend([m, n]);
+    Ok(out.reshape(shape)?)
+}
+
+/// Lower-triangular (diagonal included) 0/1 mask `[l, l]`.
+fn tril_mask(l: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..l * l).map(|i| if i % l <= i / l { 1.0 } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(v, (l, l), device)?)
+}
+
+fn pad_time(x: &Tensor, pad: usize) -> Result<Tensor> {
+    if pad == 0 {
+        return Ok(x.clone());
+    }
+    let mut shape = x.dims().to_vec();
+    shape[1] = pad;
+    Ok(Tensor::cat(&[x, &Tensor::zeros(shape, x.dtype(), x.device())?], 1)?)
+}
+
+/// The SSD scan of Mamba-2 in chunks of `chunk` steps (the "state-space dual" form): quadratic
+/// attention-like products inside a chunk, a linear recurrence of states across chunks.
+///
+/// `x: [B, T, H, P]`, `dt: [B, T, H]`, `a: [H]` (negative), `b`/`c: [B, T, H, N]`, optional
+/// initial state `[B, H, P, N]`. Returns `y: [B, T, H, P]` (without the D skip) and the final state.
+pub fn ssd_chunked(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    chunk: usize,
+    initial: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (bs, t, h, p) = x.dims4()?;
+    let n = b.dim(3)?;
+    let nc = t.div_ceil(chunk);
+    let pad = nc * chunk - t;
+    let dev = x.device();
+
+    // Padded steps have dt = 0: they neither decay nor feed the state.
+    let xdt = pad_time(&x.broadcast_mul(&dt.unsqueeze(3)?)?, pad)?;
+    let da = pad_time(&dt.broadcast_mul(&a.reshape((1, 1, h))?)?, pad)?;
+    let b = pad_time(b, pad)?;
+    let c = pad_time(c, pad)?;
+
+    // [B, nc, l, H, *] -> [B, H, nc, l, *]
+    let xdt = xdt.reshape((bs, nc, chunk, h, p))?.permute((0, 3, 1, 2, 4))?.contiguous()?;
+    let b = b.reshape((bs, nc, chunk, h, n))?.permute((0, 3, 1, 2, 4))?.contiguous()?;
+    let c = c.reshape((bs, nc, chunk, h, n))?.permute((0, 3, 1, 2, 4))?.contiguous()?;
+    let da = da.reshape((bs, nc, chunk, h))?.permute((0, 3, 1, 2))?.contiguous()?;
+    let cs = da.cumsum(3)?; // [B, H, nc, l]
+
+    // Within a chunk: y_i = sum_{j<=i} (C_i·B_j) exp(cs_i - cs_j) xdt_j.
+    let mask = tril_mask(chunk, dev)?;
+    let diff = cs.unsqueeze(4)?.broadcast_sub(&cs.unsqueeze(3)?)?;
+    // Masking before exp keeps the (positive) upper-triangle differences from overflowing.
+    let decay_in = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
+    let scores = bmm(&c, &b.transpose(3, 4)?)?;
+    let y_diag = bmm(&(scores * decay_in)?, &xdt)?;
+
+    // Each chunk's contribution to the state at its end.
+    let cs_last = cs.narrow(3, chunk - 1, 1)?; // [B, H, nc, 1]
+    let decay_to_end = cs_last.broadcast_sub(&cs)?.exp()?; // [B, H, nc, l]
+    let chunk_states = xdt
+        .broadcast_mul(&decay_to_end.unsqueeze(4)?)?
+        .transpose(3, 4)?;
+    let chunk_states = bmm(&chunk_states, &b)?; // [B, H, nc, P, N]
+
+    // Across chunks: s_{k+1} = exp(cs_last_k) s_k + chunk_state_k.
+    let chunk_decay = cs_last.exp()?; // [B, H, nc, 1]
+    let mut state = match initial {
+        Some(s) => s.clone(),
+        None => Tensor::zeros((bs, h, p, n), x.dtype(), dev)?,
+    };
+    let mut states_in = Vec::with_capacity(nc);
+    for k in 0..nc {
+        states_in.push(state.clone());
+        let decay = chunk_decay.narrow(2, k, 1)?.unsqueeze(4)?; // [B, H, 1, 1, 1]
+        let decay = decay.squeeze(2)?; // [B, H, 1, 1]
+        state = (state.broadcast_mul(&decay)? + chunk_states.narrow(2, k, 1)?.squeeze(2)?)?;
+    }
+    let states_in = Tensor::stack(&states_in, 2)?; // [B, H, nc, P, N]
+
+    // Contribution of the state entering each chunk: y_i += exp(cs_i) C_i · s_in.
+    let y_off = bmm(&c, &states_in.transpose(3, 4)?)?
+        .broadcast_mul(&cs.exp()?.unsqueeze(4)?)?;
+    let y = (y_diag + y_off)?
+        .permute((0, 2, 3, 1, 4))?
+        .reshape((bs, nc * chunk, h, p))?
+        .narrow(1, 0, t)?;
+    Ok((y, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, IndexOp};
+
+    /// Step-by-step recurrence: s = exp(dt a) s + dt x Bᵀ, y = s C.
+    fn ssd_recurrent(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor) -> (Tensor, Tensor) {
+        let (bs, t, h, p) = x.dims4().unwrap();
+        let n = b.dim(3).unwrap();
+        let mut s = Tensor::zeros((bs, h, p, n), DType::F32, x.device()).unwrap();
+        let mut ys = vec![];
+        for i in 0..t {
+            let dti = dt.i((.., i)).unwrap(); // [B,H]
+            let da = dti.broadcast_mul(a).unwrap().exp().unwrap().reshape((bs, h, 1, 1)).unwrap();
+            let xi = x.i((.., i)).unwrap().broadcast_mul(&dti.unsqueeze(2).unwrap()).unwrap(); // [B,H,P]
+            let bi = b.i((.., i)).unwrap(); // [B,H,N]
+            let outer = xi.unsqueeze(3).unwrap().broadcast_mul(&bi.unsqueeze(2).unwrap()).unwrap();
+            s = (s.broadcast_mul(&da).unwrap() + outer).unwrap();
+            let ci = c.i((.., i)).unwrap().contiguous().unwrap().unsqueeze(3).unwrap(); // [B,H,N,1]
+            ys.push(s.matmul(&ci).unwrap().squeeze(3).unwrap());
+        }
+        (Tensor::stack(&ys, 1).unwrap(), s)
+    }
+
+    #[test]
+    fn chunked_scan_equals_recurrence_for_every_chunk_size() {
+        let dev = Device::Cpu;
+        let (bs, t, h, p, n) = (2, 11, 3, 4, 5);
+        let x = Tensor::randn(0f32, 1.0, (bs, t, h, p), &dev).unwrap();
+        let dt = softplus(&Tensor::randn(0f32, 1.0, (bs, t, h), &dev).unwrap()).unwrap();
+        let a = Tensor::new(&[-0.5f32, -1.0, -2.0], &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (bs, t, h, n), &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (bs, t, h, n), &dev).unwrap();
+        let (y_ref, s_ref) = ssd_recurrent(&x, &dt, &a, &b, &c);
+        for chunk in [1, 3, 4, 11, 16] {
+            let (y, s) = ssd_chunked(&x, &dt, &a, &b, &c, chunk, None).unwrap();
+            let ey = (y - &y_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let es = (s - &s_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(ey < 1e-4 && es < 1e-4, "chunk {chunk}: {ey} {es}");
+        }
+    }
+
+    #[test]
+    fn continuing_from_a_state_equals_one_pass() {
+        let dev = Device::Cpu;
+        let (bs, t, h, p, n) = (1, 10, 2, 3, 4);
+        let x = Tensor::randn(0f32, 1.0, (bs, t, h, p), &dev).unwrap();
+        let dt = softplus(&Tensor::randn(0f32, 1.0, (bs, t, h), &dev).unwrap()).unwrap();
+        let a = Tensor::new(&[-0.3f32, -1.5], &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (bs, t, h, n), &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (bs, t, h, n), &dev).unwrap();
+        let (y_all, s_all) = ssd_chunked(&x, &dt, &a, &b, &c, 4, None).unwrap();
+        let cut = 7;
+        let part = |t: &Tensor, s, l| t.narrow(1, s, l).unwrap();
+        let (_, s1) = ssd_chunked(&part(&x, 0, cut), &part(&dt, 0, cut), &a, &part(&b, 0, cut), &part(&c, 0, cut), 4, None).unwrap();
+        let (y2, s2) = ssd_chunked(&part(&x, cut, t - cut), &part(&dt, cut, t - cut), &a, &part(&b, cut, t - cut), &part(&c, cut, t - cut), 4, Some(&s1)).unwrap();
+        let ey = (y2 - y_all.narrow(1, cut, t - cut).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let es = (s2 - s_all).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(ey < 1e-4 && es < 1e-4, "{ey} {es}");
+    }
+}

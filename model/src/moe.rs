@@ -1,0 +1,202 @@
+//! Feed-forward blocks: the dense relu² MLP (`-`) and the sigmoid-routed mixture of relu² experts
+//! with a shared expert (`E`), optionally working in a latent width (LatentMoE).
+//!
+//! Routing ([`route`]) is plain Rust over scores so that the training model and the inference
+//! engine choose experts by the same code.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{MoeConfig, NemotronHConfig};
+use crate::error::Result;
+use crate::nn::{Linear, relu2, sigmoid};
+use crate::params::ParamPath;
+
+/// `down(relu(up(x))²)`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(p: &ParamPath, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self { up_proj: Linear::new(&p.pp("up_proj"), dim, hidden)?, down_proj: Linear::new(&p.pp("down_proj"), hidden, dim)? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&relu2(&self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Chooses `top_k` experts for one token from its sigmoid scores.
+///
+/// `e_score_correction_bias` is added only to choose (grouped top-k as in DeepSeek-V3 / HF:
+/// groups ranked by the sum of their two best biased scores); the returned weights are the
+/// unbiased scores of the chosen experts, normalised over the top-k when `norm_topk_prob`,
+/// times `routed_scaling_factor`.
+pub fn route(scores: &[f32], bias: &[f32], cfg: &MoeConfig, chosen: &mut Vec<(usize, f32)>) {
+    let e = cfg.num_experts;
+    let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+    let mut allowed = vec![true; e];
+    if cfg.n_group > 1 && cfg.topk_group < cfg.n_group {
+        let per = e / cfg.n_group;
+        let mut group_scores: Vec<(usize, f32)> = (0..cfg.n_group)
+            .map(|g| {
+                let mut v: Vec<f32> = biased[g * per..(g + 1) * per].to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (g, v.iter().take(2).sum())
+            })
+            .collect();
+        group_scores.sort_by(|a, b| b.1.total_cmp(&a.1));
+        allowed.iter_mut().for_each(|a| *a = false);
+        for &(g, _) in group_scores.iter().take(cfg.topk_group) {
+            allowed[g * per..(g + 1) * per].iter_mut().for_each(|a| *a = true);
+        }
+    }
+    let mut order: Vec<usize> = (0..e).filter(|&i| allowed[i]).collect();
+    // Stable order on ties: the lower expert index wins, as a sorted top-k would pick it.
+    order.sort_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
+    chosen.clear();
+    chosen.extend(order.iter().take(cfg.top_k).map(|&i| (i, scores[i])));
+    let denom = if cfg.norm_topk_prob { chosen.iter().map(|c| c.1).sum::<f32>() + 1e-20 } else { 1.0 };
+    let scale = cfg.routed_scaling_factor as f32;
+    for c in chosen.iter_mut() {
+        c.1 = c.1 / denom * scale;
+    }
+}
+
+/// Mixture-of-experts weights of one block.
+#[derive(Clone, Debug)]
+pub struct Moe {
+    cfg: MoeConfig,
+    gate: Tensor,
+    score_bias: Tensor,
+    experts: Vec<Mlp>,
+    shared: Mlp,
+    latent: Option<(Linear, Linear)>,
+}
+
+/// Reads the routed experts, in either HF layout: one tensor per expert
+/// (`experts.N.up_proj.weight`, as checkpoints are saved) or fused 3-D tensors
+/// (`experts.up_proj` `[E, out, in]`).
+fn load_experts(p: &ParamPath, cfg: &MoeConfig, width: usize) -> Result<Vec<Mlp>> {
+    let experts = p.pp("experts");
+    if experts.contains("up_proj") {
+        let up = experts.get("up_proj", &[cfg.num_experts, cfg.expert_dim, width])?;
+        let down = experts.get("down_proj", &[cfg.num_experts, width, cfg.expert_dim])?;
+        return (0..cfg.num_experts)
+            .map(|i| Ok(Mlp { up_proj: Linear::from_weight(up.get(i)?), down_proj: Linear::from_weight(down.get(i)?) }))
+            .collect();
+    }
+    (0..cfg.num_experts).map(|i| Mlp::new(&experts.pp(i), width, cfg.expert_dim)).collect()
+}
+
+impl Moe {
+    pub fn new(cfg: &NemotronHConfig, p: &ParamPath) -> Result<Self> {
+        let m = cfg.moe().clone();
+        let d = cfg.hidden_size;
+        let width = m.latent_size.unwrap_or(d);
+        let latent = match m.latent_size {
+            Some(l) => Some((Linear::new(&p.pp("fc1_latent_proj"), d, l)?, Linear::new(&p.pp("fc2_latent_proj"), l, d)?)),
+            None => None,
+        };
+        Ok(Self {
+            gate: p.pp("gate").get("weight", &[m.num_experts, d])?,
+            score_bias: p.pp("gate").get("e_score_correction_bias", &[m.num_experts])?,
+            experts: load_experts(p, &m, width)?,
+            shared: Mlp::new(&p.pp("shared_experts"), d, m.shared_expert_dim)?,
+            latent,
+            cfg: m,
+        })
+    }
+
+    /// `x: [B, T, d]` → `[B, T, d]`. Gradients reach the router through the chosen scores.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d = *dims.last().expect("rank >= 1");
+        let flat = x.reshape(((), d))?;
+        let n = flat.dim(0)?;
+        let k = self.cfg.top_k;
+        let scores = sigmoid(&flat.matmul(&self.gate.t()?)?)?; // [N, E]
+        let host: Vec<Vec<f32>> = scores.detach().to_vec2()?;
+        let bias: Vec<f32> = self.score_bias.to_vec1()?;
+        let mut chosen = Vec::with_capacity(k);
+        let mut index = Vec::with_capacity(n * k);
+        let mut rows_of: Vec<Vec<(u32, u32)>> = vec![vec![]; self.cfg.num_experts];
+        for (row, s) in host.iter().enumerate() {
+            route(s, &bias, &self.cfg, &mut chosen);
+            for (slot, &(e, _)) in chosen.iter().enumerate() {
+                index.push(e as u32);
+                rows_of[e].push((row as u32, (row * k + slot) as u32));
+            }
+        }
+        let index = Tensor::from_vec(index, (n, k), x.device())?;
+        let mut weights = scores.gather(&index, 1)?;
+        if self.cfg.norm_topk_prob {
+            weights = weights.broadcast_div(&(weights.sum_keepdim(1)? + 1e-20)?)?;
+        }
+        let weights = (weights * self.cfg.routed_scaling_factor)?.flatten_all()?;
+
+        let h = match &self.latent {
+            Some((fc1, _)) => fc1.forward(&flat)?,
+            None => flat.clone(),
+        };
+        let mut out = Tensor::zeros(h.dims(), DType::F32, x.device())?;
+        for (e, rows) in rows_of.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let row_idx = Tensor::from_vec(rows.iter().map(|r| r.0).collect::<Vec<_>>(), rows.len(), x.device())?;
+            let w_idx = Tensor::from_vec(rows.iter().map(|r| r.1).collect::<Vec<_>>(), rows.len(), x.device())?;
+            let y = self.experts[e].forward(&h.index_select(&row_idx, 0)?)?;
+            let y = y.broadcast_mul(&weights.index_select(&w_idx, 0)?.unsqueeze(1)?)?;
+            out = out.index_add(&row_idx, &y, 0)?;
+        }
+        let out = match &self.latent {
+            Some((_, fc2)) => fc2.forward(&out)?,
+            None => out,
+        };
+        Ok((out.reshape(dims)? + self.shared.forward(x)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_group: usize, topk_group: usize) -> MoeConfig {
+        MoeConfig {
+            num_experts: 8,
+            top_k: 2,
+            expert_dim: 4,
+            shared_expert_dim: 4,
+            latent_size: None,
+            routed_scaling_factor: 2.5,
+            norm_topk_prob: true,
+            n_group,
+            topk_group,
+        }
+    }
+
+    #[test]
+    fn bias_chooses_but_does_not_weigh() {
+        let scores = [0.9, 0.8, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6];
+        let mut bias = [0.0f32; 8];
+        bias[2] = 1.0; // lifts expert 2 into the top-2
+        let mut chosen = vec![];
+        route(&scores, &bias, &cfg(1, 1), &mut chosen);
+        assert_eq!(chosen.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 0]);
+        let total = 0.1 + 0.9;
+        assert!((chosen[0].1 - 0.1 / total * 2.5).abs() < 1e-6);
+        assert!((chosen[1].1 - 0.9 / total * 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn grouped_routing_keeps_to_the_best_groups() {
+        // Groups of 2: {0,1} {2,3} {4,5} {6,7}; the best group by top-2 sum is {4,5}.
+        let scores = [0.9, 0.0, 0.5, 0.5, 0.7, 0.6, 0.1, 0.1];
+        let mut chosen = vec![];
+        route(&scores, &[0.0; 8], &cfg(4, 1), &mut chosen);
+        assert_eq!(chosen.iter().map(|c| c.0).collect::<Vec<_>>(), vec![4, 5]);
+    }
+}

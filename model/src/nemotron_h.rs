@@ -1,0 +1,186 @@
+//! The NemotronH causal LM for full sequences (training, scoring, parity), built bottom-up from
+//! its blocks: `backbone.embeddings` → blocks (pre-RMSNorm → mixer → residual) → `backbone.norm_f`
+//! → `lm_head`, plus the optional MTP head (`mtp.*`).
+
+use candle_core::{D, Tensor};
+
+use crate::attention::Attention;
+use crate::config::{BlockKind, NemotronHConfig};
+use crate::error::Result;
+use crate::mamba2::Mamba2;
+use crate::moe::{Mlp, Moe};
+use crate::nn::{Linear, RmsNorm};
+use crate::params::{ParamPath, Params};
+
+/// The mixer of one block.
+#[derive(Clone, Debug)]
+pub enum Mixer {
+    Mamba(Mamba2),
+    Attention(Attention),
+    Moe(Moe),
+    Mlp(Mlp),
+}
+
+/// One residual block: `x + mixer(norm(x))`.
+#[derive(Clone, Debug)]
+pub struct Block {
+    norm: RmsNorm,
+    mixer: Mixer,
+}
+
+impl Block {
+    pub fn new(cfg: &NemotronHConfig, kind: BlockKind, p: &ParamPath) -> Result<Self> {
+        let m = p.pp("mixer");
+        let mixer = match kind {
+            BlockKind::Mamba => Mixer::Mamba(Mamba2::new(cfg, &m)?),
+            BlockKind::Attention => Mixer::Attention(Attention::new(cfg, &m)?),
+            BlockKind::Moe => Mixer::Moe(Moe::new(cfg, &m)?),
+            BlockKind::Mlp => Mixer::Mlp(Mlp::new(&m, cfg.hidden_size, cfg.mlp_dim())?),
+        };
+        Ok(Self { norm: RmsNorm::new(&p.pp("norm"), cfg.hidden_size, cfg.norm_eps)?, mixer })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(x)?;
+        let y = match &self.mixer {
+            Mixer::Mamba(m) => m.forward(&h)?,
+            Mixer::Attention(a) => a.forward(&h)?,
+            Mixer::Moe(m) => m.forward(&h)?,
+            Mixer::Mlp(m) => m.forward(&h)?,
+        };
+        Ok((x + y)?)
+    }
+}
+
+/// Chorus' multi-token-prediction head: `eh_proj([enorm(embed(t+1)); hnorm(h_t)])` through its
+/// own blocks (`mtp_layers_block_type`, by default attention + MoE) and `norm_f`, sharing the
+/// backbone's embedding and `lm_head`. Applied to its own output it predicts one more token.
+#[derive(Clone, Debug)]
+pub struct MtpHead {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    eh_proj: Linear,
+    layers: Vec<Block>,
+    norm_f: RmsNorm,
+}
+
+impl MtpHead {
+    pub fn new(cfg: &NemotronHConfig, p: &ParamPath) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let layers = cfg
+            .mtp_layers
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| Block::new(cfg, k, &p.pp("layers").pp(i)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            enorm: RmsNorm::new(&p.pp("enorm"), d, cfg.norm_eps)?,
+            hnorm: RmsNorm::new(&p.pp("hnorm"), d, cfg.norm_eps)?,
+            eh_proj: Linear::new(&p.pp("eh_proj"), 2 * d, d)?,
+            layers,
+            norm_f: RmsNorm::new(&p.pp("norm_f"), d, cfg.norm_eps)?,
+        })
+    }
+
+    /// `next_embeds, hidden: [B, T, d]` → the head's hidden state `[B, T, d]` (before `norm_f`).
+    pub fn forward(&self, next_embeds: &Tensor, hidden: &Tensor) -> Result<Tensor> {
+        let x = Tensor::cat(&[&self.enorm.forward(next_embeds)?, &self.hnorm.forward(hidden)?], D::Minus1)?;
+        let mut h = self.eh_proj.forward(&x)?;
+        for b in &self.layers {
+            h = b.forward(&h)?;
+        }
+        Ok(h)
+    }
+
+    /// The head's final norm.
+    pub fn norm_f(&self) -> &RmsNorm {
+        &self.norm_f
+    }
+}
+
+/// The whole policy for full-sequence computation.
+#[derive(Clone, Debug)]
+pub struct NemotronH {
+    cfg: NemotronHConfig,
+    embeddings: Tensor,
+    layers: Vec<Block>,
+    norm_f: RmsNorm,
+    lm_head: Linear,
+    mtp: Option<MtpHead>,
+}
+
+impl NemotronH {
+    /// Builds the model over `params` (which it shares: training the `Var`s trains the model).
+    pub fn new(cfg: &NemotronHConfig, params: &Params) -> Result<Self> {
+        let root = params.root();
+        let bb = root.pp("backbone");
+        let d = cfg.hidden_size;
+        let embeddings = bb.pp("embeddings").get("weight", &[cfg.vocab_size, d])?;
+        let layers = cfg
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| Block::new(cfg, k, &bb.pp("layers").pp(i)))
+            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_weight(embeddings.clone())
+        } else {
+            Linear::new(&root.pp("lm_head"), d, cfg.vocab_size)?
+        };
+        let mtp = if cfg.has_mtp() { Some(MtpHead::new(cfg, &root.pp("mtp"))?) } else { None };
+        Ok(Self { cfg: cfg.clone(), embeddings, layers, norm_f: RmsNorm::new(&bb.pp("norm_f"), d, cfg.norm_eps)?, lm_head, mtp })
+    }
+
+    pub fn config(&self) -> &NemotronHConfig {
+        &self.cfg
+    }
+
+    /// `ids: [B, T]` (u32 or i64) → embeddings `[B, T, d]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?;
+        Ok(self.embeddings.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// `ids: [B, T]` → the last block's output `[B, T, d]` (before `norm_f`).
+    pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed(ids)?;
+        for b in &self.layers {
+            h = b.forward(&h)?;
+        }
+        Ok(h)
+    }
+
+    /// `norm_f` then `lm_head`: `[B, T, d]` → logits `[B, T, V]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm_f.forward(hidden)?)
+    }
+
+    /// One full forward pass without cache: `ids: [B, T]` → logits `[B, T, V]`. Right padding is
+    /// harmless (the model is causal); mask padded positions in the loss.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden(ids)?)
+    }
+
+    /// The MTP head's predictions at depths 1..=`depth` from the backbone's `hidden` for `ids`:
+    /// element `k-1` is `[B, T-k, V]`, where position `t` predicts `ids[t+k+1]`. Empty without a head.
+    pub fn mtp_logits(&self, ids: &Tensor, hidden: &Tensor, depth: usize) -> Result<Vec<Tensor>> {
+        let Some(head) = &self.mtp else { return Ok(vec![]) };
+        let t = ids.dim(1)?;
+        let embeds = self.embed(ids)?;
+        let mut h = hidden.clone();
+        let mut out = vec![];
+        for k in 1..=depth.min(t.saturating_sub(1)) {
+            let len = t - k;
+            let next = embeds.narrow(1, k, len)?;
+            h = head.forward(&next, &h.narrow(1, 0, len)?)?;
+            out.push(self.lm_head.forward(&head.norm_f().forward(&h)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the checkpoint has an MTP head.
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+}

@@ -43,7 +43,7 @@ impl Attention {
         let v = repeat_kv(&heads(&self.v_proj, a.num_kv_heads)?, a.group())?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
-        let scores = scores.broadcast_add(&causal_bias(t, x.device())?)?;
+        let scores = scores.broadcast_add(&causal_bias(t, x.device())?.to_dtype(x.dtype())?)?;
         // `ops::softmax` (not `softmax_last_dim`): the generic version records backward.
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, a.num_heads * a.head_dim))?;

@@ -169,7 +169,7 @@ pub fn ssd_chunked(
     let cs = da.cumsum(3)?; // [B, H, nc, l]
 
     // Within a chunk: y_i = sum_{j<=i} (C_i·B_j) exp(cs_i - cs_j) xdt_j.
-    let mask = tril_mask(chunk, dev)?;
+    let mask = tril_mask(chunk, dev)?.to_dtype(x.dtype())?;
     let diff = cs.unsqueeze(4)?.broadcast_sub(&cs.unsqueeze(3)?)?;
     // Masking before exp keeps the (positive) upper-triangle differences from overflowing.
     let decay_in = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;

@@ -118,8 +118,8 @@ impl Moe {
         let n = flat.dim(0)?;
         let k = self.cfg.top_k;
         let scores = sigmoid(&flat.matmul(&self.gate.t()?)?)?; // [N, E]
-        let host: Vec<Vec<f32>> = scores.detach().to_vec2()?;
-        let bias: Vec<f32> = self.score_bias.to_vec1()?;
+        let host: Vec<Vec<f32>> = scores.detach().to_dtype(DType::F32)?.to_vec2()?;
+        let bias: Vec<f32> = self.score_bias.to_dtype(DType::F32)?.to_vec1()?;
         let mut chosen = Vec::with_capacity(k);
         let mut index = Vec::with_capacity(n * k);
         let mut rows_of: Vec<Vec<(u32, u32)>> = vec![vec![]; self.cfg.num_experts];
@@ -141,7 +141,7 @@ impl Moe {
             Some((fc1, _)) => fc1.forward(&flat)?,
             None => flat.clone(),
         };
-        let mut out = Tensor::zeros(h.dims(), DType::F32, x.device())?;
+        let mut out = Tensor::zeros(h.dims(), h.dtype(), x.device())?;
         for (e, rows) in rows_of.iter().enumerate() {
             if rows.is_empty() {
                 continue;

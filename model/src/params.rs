@@ -40,6 +40,15 @@ impl Params {
         Ok(())
     }
 
+    /// A copy of every parameter in `dtype` (e.g. F64 for gradient checks, BF16 for speed).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (k, v) in &self.vars {
+            vars.insert(k.clone(), Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?);
+        }
+        Ok(Self { vars, device: self.device.clone() })
+    }
+
     /// The device the parameters live on.
     pub fn device(&self) -> &Device {
         &self.device

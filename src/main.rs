@@ -1,1 +1,19 @@
-fn main() {}
+//! `chorus`: the command-line entry point. Parses arguments, runs one subcommand, maps errors to
+//! an exit code; everything else lives in the library crates and `cli/`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 
 pub use cache::SequenceCache;
 use cache::{LayerCache, rewind_layers};
-pub use generate::{Generation, GenerationRequest, MtpStats};
+pub use generate::{FinishReason, Generation, GenerationRequest, MtpStats};
 pub use linear::{LinearOp, dot};
 
 use crate::config::{BlockKind, MambaConfig, MoeConfig, NemotronHConfig};

@@ -1,0 +1,118 @@
+//! `chorus generate`: sample from a checkpoint through the incremental decoding engine.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use chorus_model::checkpoint;
+use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::sampling::SamplingParams;
+use chorus_model::tokenizer::Tokenizer;
+use clap::Args;
+
+/// Generate tokens from a checkpoint.
+///
+/// Examples:
+///   chorus generate --checkpoint runs/init --prompt-ids 5,17,42 --max-new-tokens 16 --greedy --json
+///   chorus generate --checkpoint runs/init --prompt "12+7=" --temperature 0.8 --top-p 0.95 --seed 1
+///   chorus generate --checkpoint runs/init --prompt-ids 5,17 --greedy --mtp 3   (speculative)
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (config.json, weights, optional tokenizer.json).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Prompt as comma-separated token ids, e.g. 5,17,42.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    prompt_ids: Vec<u32>,
+    /// Prompt as text (needs the checkpoint's tokenizer.json).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Number of tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Greedy decoding (argmax); the default when no --temperature is given.
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sampling temperature (> 0).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (0, 1].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0 = no limit).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Seed of the sampler; the same seed gives the same sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Speculative decoding: draft K tokens per step with the MTP head and verify them in one
+    /// pass of the model (the checkpoint needs an MTP head). Prints the acceptance rate.
+    #[arg(long, value_name = "K")]
+    mtp: Option<usize>,
+    /// Stop after the end-of-sequence token of config.json (kept in the output).
+    #[arg(long)]
+    stop_at_eos: bool,
+    /// Print `{"tokens": [...], "logprobs": [...]}` for the generated tokens only.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+    let tokenizer_path = a.checkpoint.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
+    let prompt = match &a.prompt {
+        Some(text) => {
+            let t = tokenizer.as_ref().with_context(|| format!("--prompt needs {}; give --prompt-ids instead", tokenizer_path.display()))?;
+            t.encode(text)?
+        }
+        None => a.prompt_ids.clone(),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty; give --prompt-ids 5,17,42 or --prompt TEXT");
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!("prompt token id {bad} is outside the vocabulary (ids must be < {})", cfg.vocab_size);
+    }
+    let sampling = if a.greedy || a.temperature.is_none() {
+        SamplingParams::greedy()
+    } else {
+        let s = SamplingParams { temperature: a.temperature.unwrap_or(1.0), top_p: a.top_p.unwrap_or(1.0), top_k: a.top_k.unwrap_or(0) };
+        s.validate().map_err(anyhow::Error::msg)?;
+        if s.temperature == 0.0 {
+            bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
+        }
+        s
+    };
+    let engine = Engine::from_params(&cfg, &params)?;
+    let req = GenerationRequest {
+        prompt,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        seed: a.seed,
+        stop_tokens: if a.stop_at_eos { cfg.eos_token_ids.clone() } else { vec![] },
+    };
+    let start = std::time::Instant::now();
+    let out = match a.mtp {
+        Some(k) => engine.generate_speculative(&req, k)?,
+        None => engine.generate(&req)?,
+    };
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::json!({"tokens": out.tokens, "logprobs": out.logprobs});
+        if let Some(s) = out.mtp {
+            v["mtp"] = serde_json::json!({"drafted": s.drafted, "accepted": s.accepted, "acceptance_rate": s.acceptance_rate()});
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!("tokens    {:?}", out.tokens);
+    if let Some(t) = &tokenizer {
+        println!("text      {:?}", t.decode(&out.tokens, false)?);
+    }
+    println!("finish    {:?}", out.finish);
+    println!("speed     {:.1} tokens/s", out.tokens.len() as f64 / secs.max(1e-9));
+    if let Some(s) = out.mtp {
+        println!("mtp       {} of {} drafts accepted ({:.1}%), {} verification passes", s.accepted, s.drafted, 100.0 * s.acceptance_rate(), s.verify_passes);
+    }
+    Ok(())
+}

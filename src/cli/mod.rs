@@ -1,0 +1,45 @@
+//! Argument definitions (clap) and one function per subcommand.
+
+mod generate;
+mod model;
+
+use clap::{Parser, Subcommand};
+
+/// Chorus: asynchronous multi-environment RL post-training for Nemotron-3-style hybrid
+/// (Mamba-2 + attention + MoE) policies.
+///
+/// Start with `chorus model init` to create a small policy, `chorus generate` to sample from it.
+#[derive(Parser, Debug)]
+#[command(name = "chorus", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create, inspect and run policy checkpoints (HF NemotronH layout).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Generate tokens from a checkpoint through the incremental (cached) decoding path.
+    Generate(generate::GenerateArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model(cmd) => model::run(cmd),
+        Command::Generate(args) => generate::run(args),
+    }
+}
+
+/// The device a command runs on; only the CPU exists in builds without the `cuda` feature.
+pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s.starts_with("cuda") => anyhow::bail!(
+            "device `{s}`: this build of chorus has no CUDA support (rebuild with `--features cuda` on a machine with the CUDA toolkit); allowed here: cpu"
+        ),
+        s => anyhow::bail!("unknown device `{s}`; allowed: cpu, cuda:N"),
+    }
+}

@@ -1,0 +1,54 @@
+//! The one integration-test harness: each test gets a fresh temp dir and ready `chorus`
+//! commands, so a test body reads as its steps.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    /// A path inside the test's temp dir.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `chorus ARGS…` run in the temp dir.
+    pub fn chorus(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_chorus")).args(args).current_dir(self.dir.path()).output().expect("run chorus")
+    }
+
+    /// Runs `chorus ARGS…`, panicking with its output unless it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.chorus(args);
+        assert!(out.status.success(), "chorus {args:?} failed:\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs `chorus ARGS…`, expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.chorus(args);
+        assert!(!out.status.success(), "chorus {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fixture under tests/fixtures.
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

@@ -7,7 +7,11 @@ use candle_core::Device;
 use harness::*;
 
 fn reference() -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(fixture("nemotron_h/tiny_a/reference.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixture("nemotron_h/tiny_a/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -15,11 +19,31 @@ fn model_forward_matches_hf_logits() {
     let h = Harness::new();
     let r = reference();
     let input = h.path("in.safetensors");
-    candle_core::safetensors::save(&std::collections::HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]), &input).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]),
+        &input,
+    )
+    .unwrap();
     let output = h.path("out.safetensors");
-    h.ok(&["model", "forward", "--checkpoint", s(&fixture("nemotron_h/tiny_a")), "--input", s(&input), "--output", s(&output)]);
+    h.ok(&[
+        "model",
+        "forward",
+        "--checkpoint",
+        s(&fixture("nemotron_h/tiny_a")),
+        "--input",
+        s(&input),
+        "--output",
+        s(&output),
+    ]);
     let got = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
-    let err = (&got["logits"] - &r["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let err = (&got["logits"] - &r["logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(err <= 1e-4, "max abs error {err}");
 }
 
@@ -29,11 +53,30 @@ fn greedy_generate_reproduces_hf() {
     let r = reference();
     let prompt: Vec<i64> = r["greedy_prompt"].flatten_all().unwrap().to_vec1().unwrap();
     let want: Vec<i64> = r["greedy_output"].flatten_all().unwrap().to_vec1().unwrap();
-    let ids = prompt.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let ids = prompt
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let n = (want.len() - prompt.len()).to_string();
-    let out = h.ok(&["generate", "--checkpoint", s(&fixture("nemotron_h/tiny_a")), "--prompt-ids", &ids, "--max-new-tokens", &n, "--greedy", "--json"]);
+    let out = h.ok(&[
+        "generate",
+        "--checkpoint",
+        s(&fixture("nemotron_h/tiny_a")),
+        "--prompt-ids",
+        &ids,
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let tokens: Vec<i64> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    let tokens: Vec<i64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
     assert_eq!(tokens, want[prompt.len()..]);
     let logprobs = v["logprobs"].as_array().unwrap();
     assert_eq!(logprobs.len(), tokens.len());
@@ -44,19 +87,78 @@ fn greedy_generate_reproduces_hf() {
 fn init_then_generate_with_text_and_speculation() {
     let h = Harness::new();
     let ckpt = h.path("ckpt");
-    h.ok(&["model", "init", "--config", s(&repo().join("configs/models/nano-1.5m.json")), "--seed", "3", "--out", s(&ckpt)]);
+    h.ok(&[
+        "model",
+        "init",
+        "--config",
+        s(&repo().join("configs/models/nano-1.5m.json")),
+        "--seed",
+        "3",
+        "--out",
+        s(&ckpt),
+    ]);
     assert!(ckpt.join("tokenizer.json").exists());
     let info = h.ok(&["model", "info", "--checkpoint", s(&ckpt)]);
     assert!(info.contains("MEMEM*EMEM*E"), "{info}");
-    let plain = h.ok(&["generate", "--checkpoint", s(&ckpt), "--prompt", "12+7=", "--max-new-tokens", "12", "--greedy", "--json"]);
-    let spec = h.ok(&["generate", "--checkpoint", s(&ckpt), "--prompt", "12+7=", "--max-new-tokens", "12", "--greedy", "--mtp", "3", "--json"]);
-    let tokens = |out: &str| serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["tokens"].clone();
+    let plain = h.ok(&[
+        "generate",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        "12+7=",
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+        "--json",
+    ]);
+    let spec = h.ok(&[
+        "generate",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        "12+7=",
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+        "--mtp",
+        "3",
+        "--json",
+    ]);
+    let tokens = |out: &str| {
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["tokens"].clone()
+    };
     assert_eq!(tokens(&plain), tokens(&spec));
     let v: serde_json::Value = serde_json::from_str(spec.trim()).unwrap();
     assert!(v["mtp"]["acceptance_rate"].as_f64().is_some());
     // Sampling is reproducible for a seed.
-    let a = h.ok(&["generate", "--checkpoint", s(&ckpt), "--prompt-ids", "20,21", "--temperature", "1.0", "--top-p", "0.9", "--seed", "5", "--json"]);
-    let b = h.ok(&["generate", "--checkpoint", s(&ckpt), "--prompt-ids", "20,21", "--temperature", "1.0", "--top-p", "0.9", "--seed", "5", "--json"]);
+    let a = h.ok(&[
+        "generate",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt-ids",
+        "20,21",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    ]);
+    let b = h.ok(&[
+        "generate",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt-ids",
+        "20,21",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    ]);
     assert_eq!(a, b);
 }
 
@@ -65,12 +167,47 @@ fn bad_input_is_named() {
     let h = Harness::new();
     let cfg = h.path("bad.json");
     std::fs::write(&cfg, r#"{"model_type": "nemotron_h", "vocab_size": 300, "hidden_size": 32, "hybrid_override_pattern": "MQ"}"#).unwrap();
-    let err = h.fails(&["model", "init", "--config", s(&cfg), "--out", s(&h.path("x"))]);
-    assert!(err.contains("hybrid_override_pattern") && err.contains("Q"), "{err}");
-    let err = h.fails(&["generate", "--checkpoint", s(&fixture("nemotron_h/tiny_a")), "--prompt-ids", "5,999"]);
+    let err = h.fails(&[
+        "model",
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&h.path("x")),
+    ]);
+    assert!(
+        err.contains("hybrid_override_pattern") && err.contains("Q"),
+        "{err}"
+    );
+    let err = h.fails(&[
+        "generate",
+        "--checkpoint",
+        s(&fixture("nemotron_h/tiny_a")),
+        "--prompt-ids",
+        "5,999",
+    ]);
     assert!(err.contains("999") && err.contains("320"), "{err}");
-    let err = h.fails(&["generate", "--checkpoint", s(&fixture("nemotron_h/tiny_a")), "--prompt-ids", "5", "--mtp", "2"]);
+    let err = h.fails(&[
+        "generate",
+        "--checkpoint",
+        s(&fixture("nemotron_h/tiny_a")),
+        "--prompt-ids",
+        "5",
+        "--mtp",
+        "2",
+    ]);
     assert!(err.contains("MTP"), "{err}");
-    let err = h.fails(&["model", "forward", "--checkpoint", s(&fixture("nemotron_h/tiny_a")), "--input", "nope.safetensors", "--output", "o.safetensors", "--device", "cuda:0"]);
+    let err = h.fails(&[
+        "model",
+        "forward",
+        "--checkpoint",
+        s(&fixture("nemotron_h/tiny_a")),
+        "--input",
+        "nope.safetensors",
+        "--output",
+        "o.safetensors",
+        "--device",
+        "cuda:0",
+    ]);
     assert!(err.contains("CUDA"), "{err}");
 }

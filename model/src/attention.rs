@@ -36,7 +36,11 @@ impl Attention {
         let a = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            Ok(proj.forward(x)?.reshape((b, t, n, a.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(proj
+                .forward(x)?
+                .reshape((b, t, n, a.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = heads(&self.q_proj, a.num_heads)?;
         let k = repeat_kv(&heads(&self.k_proj, a.num_kv_heads)?, a.group())?;
@@ -46,7 +50,10 @@ impl Attention {
         let scores = scores.broadcast_add(&causal_bias(t, x.device())?.to_dtype(x.dtype())?)?;
         // `ops::softmax` (not `softmax_last_dim`): the generic version records backward.
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, a.num_heads * a.head_dim))?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, a.num_heads * a.head_dim))?;
         self.o_proj.forward(&out)
     }
 }
@@ -57,11 +64,21 @@ fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, t, dh) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, group, t, dh))?.reshape((b, kv * group, t, dh))?)
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, group, t, dh))?
+        .reshape((b, kv * group, t, dh))?)
 }
 
 /// `[T, T]` with 0 on and below the diagonal and -inf above.
 fn causal_bias(t: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let v: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t <= i / t {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
     Ok(Tensor::from_vec(v, (t, t), device)?)
 }

@@ -24,14 +24,25 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
         vec![path.to_path_buf()]
     } else if path.join(INDEX_FILE).is_file() {
         let index_path = path.join(INDEX_FILE);
-        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-        let index: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::BadFile { path: index_path.clone(), message: e.to_string() })?;
-        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::BadFile {
-            path: index_path.clone(),
-            message: "no `weight_map` object".into(),
-        })?;
-        let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|s| path.join(s)).collect();
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
+                path: index_path.clone(),
+                message: e.to_string(),
+            })?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::BadFile {
+                path: index_path.clone(),
+                message: "no `weight_map` object".into(),
+            })?;
+        let mut shards: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|s| path.join(s))
+            .collect();
         shards.sort();
         shards.dedup();
         shards
@@ -45,8 +56,11 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
     };
     let mut out = BTreeMap::new();
     for f in files {
-        let tensors = candle_core::safetensors::load(&f, device)
-            .map_err(|e| ModelError::BadFile { path: f.clone(), message: e.to_string() })?;
+        let tensors =
+            candle_core::safetensors::load(&f, device).map_err(|e| ModelError::BadFile {
+                path: f.clone(),
+                message: e.to_string(),
+            })?;
         for (name, t) in tensors {
             out.insert(name, t.to_dtype(candle_core::DType::F32)?);
         }
@@ -63,7 +77,12 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<(NemotronHConfig, 
 
 /// Writes `config.json` and the weights to `dir`, in shards of at most `max_shard_bytes`
 /// (with an index file) when the weights are larger than that.
-pub fn save_checkpoint(dir: &Path, cfg: &NemotronHConfig, params: &Params, max_shard_bytes: Option<usize>) -> Result<()> {
+pub fn save_checkpoint(
+    dir: &Path,
+    cfg: &NemotronHConfig,
+    params: &Params,
+    max_shard_bytes: Option<usize>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let config_path = dir.join(CONFIG_FILE);
     let text = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON value serialises");
@@ -72,7 +91,11 @@ pub fn save_checkpoint(dir: &Path, cfg: &NemotronHConfig, params: &Params, max_s
 }
 
 /// Writes named tensors as `model.safetensors`, or as shards plus an index.
-pub fn save_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_bytes: Option<usize>) -> Result<()> {
+pub fn save_tensors(
+    dir: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    max_shard_bytes: Option<usize>,
+) -> Result<()> {
     let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
     let total: usize = tensors.values().map(bytes).sum();
     let limit = max_shard_bytes.unwrap_or(usize::MAX).max(1);
@@ -84,10 +107,16 @@ pub fn save_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_by
             size = 0;
         }
         size += bytes(t);
-        shards.last_mut().expect("non-empty").insert(name.clone(), t.clone());
+        shards
+            .last_mut()
+            .expect("non-empty")
+            .insert(name.clone(), t.clone());
     }
     let write = |file: &Path, shard: &HashMap<String, Tensor>| -> Result<()> {
-        candle_core::safetensors::save(shard, file).map_err(|e| ModelError::BadFile { path: file.to_path_buf(), message: e.to_string() })
+        candle_core::safetensors::save(shard, file).map_err(|e| ModelError::BadFile {
+            path: file.to_path_buf(),
+            message: e.to_string(),
+        })
     };
     // A stale single file or index next to the new weights would be read instead of them.
     for stale in [WEIGHTS_FILE, INDEX_FILE] {
@@ -107,7 +136,11 @@ pub fn save_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_by
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let path = dir.join(INDEX_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("serialises")).map_err(|e| ModelError::io(&path, e))
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&index).expect("serialises"),
+    )
+    .map_err(|e| ModelError::io(&path, e))
 }
 
 /// Draws from N(0, 1) by Box–Muller, so initialisation depends only on the seed.
@@ -131,71 +164,148 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
         let v = (0..n).map(&mut *f).collect();
         tensors.push((name, shape, v));
     };
-    let block = |prefix: &str, kind: BlockKind, add: &mut dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32), rng: &mut StdRng| {
+    let block = |prefix: &str,
+                 kind: BlockKind,
+                 add: &mut dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32),
+                 rng: &mut StdRng| {
         add(format!("{prefix}.norm.weight"), vec![d], &mut |_| 1.0);
         let mx = format!("{prefix}.mixer");
         match kind {
             BlockKind::Mamba => {
                 let m = cfg.mamba();
-                add(format!("{mx}.in_proj.weight"), vec![m.in_proj_dim(), d], &mut |_| normal(rng) * std);
+                add(
+                    format!("{mx}.in_proj.weight"),
+                    vec![m.in_proj_dim(), d],
+                    &mut |_| normal(rng) * std,
+                );
                 let bound = 1.0 / (m.conv_kernel as f32).sqrt();
-                add(format!("{mx}.conv1d.weight"), vec![m.conv_dim(), 1, m.conv_kernel], &mut |_| (rng.random::<f32>() * 2.0 - 1.0) * bound);
+                add(
+                    format!("{mx}.conv1d.weight"),
+                    vec![m.conv_dim(), 1, m.conv_kernel],
+                    &mut |_| (rng.random::<f32>() * 2.0 - 1.0) * bound,
+                );
                 if m.conv_bias {
-                    add(format!("{mx}.conv1d.bias"), vec![m.conv_dim()], &mut |_| (rng.random::<f32>() * 2.0 - 1.0) * bound);
+                    add(format!("{mx}.conv1d.bias"), vec![m.conv_dim()], &mut |_| {
+                        (rng.random::<f32>() * 2.0 - 1.0) * bound
+                    });
                 }
                 let (lo, hi) = (0.001f64.ln(), 0.1f64.ln());
                 add(format!("{mx}.dt_bias"), vec![m.num_heads], &mut |_| {
                     let dt = (lo + rng.random::<f64>() * (hi - lo)).exp().max(1e-4);
                     (dt + (-(-dt).exp_m1()).ln()) as f32
                 });
-                add(format!("{mx}.A_log"), vec![m.num_heads], &mut |i| ((i + 1) as f32).ln());
+                add(format!("{mx}.A_log"), vec![m.num_heads], &mut |i| {
+                    ((i + 1) as f32).ln()
+                });
                 add(format!("{mx}.D"), vec![m.num_heads], &mut |_| 1.0);
                 add(format!("{mx}.norm.weight"), vec![m.inner()], &mut |_| 1.0);
-                add(format!("{mx}.out_proj.weight"), vec![d, m.inner()], &mut |_| normal(rng) * std * out_scale);
+                add(
+                    format!("{mx}.out_proj.weight"),
+                    vec![d, m.inner()],
+                    &mut |_| normal(rng) * std * out_scale,
+                );
             }
             BlockKind::Attention => {
                 let a = cfg.attention();
-                for (n, rows) in [("q_proj", a.num_heads), ("k_proj", a.num_kv_heads), ("v_proj", a.num_kv_heads)] {
-                    add(format!("{mx}.{n}.weight"), vec![rows * a.head_dim, d], &mut |_| normal(rng) * std);
+                for (n, rows) in [
+                    ("q_proj", a.num_heads),
+                    ("k_proj", a.num_kv_heads),
+                    ("v_proj", a.num_kv_heads),
+                ] {
+                    add(
+                        format!("{mx}.{n}.weight"),
+                        vec![rows * a.head_dim, d],
+                        &mut |_| normal(rng) * std,
+                    );
                 }
-                add(format!("{mx}.o_proj.weight"), vec![d, a.num_heads * a.head_dim], &mut |_| normal(rng) * std * out_scale);
+                add(
+                    format!("{mx}.o_proj.weight"),
+                    vec![d, a.num_heads * a.head_dim],
+                    &mut |_| normal(rng) * std * out_scale,
+                );
             }
             BlockKind::Moe => {
                 let m = cfg.moe();
                 let width = m.latent_size.unwrap_or(d);
-                add(format!("{mx}.gate.weight"), vec![m.num_experts, d], &mut |_| normal(rng) * std);
-                add(format!("{mx}.gate.e_score_correction_bias"), vec![m.num_experts], &mut |_| 0.0);
+                add(
+                    format!("{mx}.gate.weight"),
+                    vec![m.num_experts, d],
+                    &mut |_| normal(rng) * std,
+                );
+                add(
+                    format!("{mx}.gate.e_score_correction_bias"),
+                    vec![m.num_experts],
+                    &mut |_| 0.0,
+                );
                 for e in 0..m.num_experts {
-                    add(format!("{mx}.experts.{e}.up_proj.weight"), vec![m.expert_dim, width], &mut |_| normal(rng) * std);
-                    add(format!("{mx}.experts.{e}.down_proj.weight"), vec![width, m.expert_dim], &mut |_| normal(rng) * std * out_scale);
+                    add(
+                        format!("{mx}.experts.{e}.up_proj.weight"),
+                        vec![m.expert_dim, width],
+                        &mut |_| normal(rng) * std,
+                    );
+                    add(
+                        format!("{mx}.experts.{e}.down_proj.weight"),
+                        vec![width, m.expert_dim],
+                        &mut |_| normal(rng) * std * out_scale,
+                    );
                 }
-                add(format!("{mx}.shared_experts.up_proj.weight"), vec![m.shared_expert_dim, d], &mut |_| normal(rng) * std);
-                add(format!("{mx}.shared_experts.down_proj.weight"), vec![d, m.shared_expert_dim], &mut |_| normal(rng) * std * out_scale);
+                add(
+                    format!("{mx}.shared_experts.up_proj.weight"),
+                    vec![m.shared_expert_dim, d],
+                    &mut |_| normal(rng) * std,
+                );
+                add(
+                    format!("{mx}.shared_experts.down_proj.weight"),
+                    vec![d, m.shared_expert_dim],
+                    &mut |_| normal(rng) * std * out_scale,
+                );
                 if let Some(l) = m.latent_size {
-                    add(format!("{mx}.fc1_latent_proj.weight"), vec![l, d], &mut |_| normal(rng) * std);
-                    add(format!("{mx}.fc2_latent_proj.weight"), vec![d, l], &mut |_| normal(rng) * std);
+                    add(
+                        format!("{mx}.fc1_latent_proj.weight"),
+                        vec![l, d],
+                        &mut |_| normal(rng) * std,
+                    );
+                    add(
+                        format!("{mx}.fc2_latent_proj.weight"),
+                        vec![d, l],
+                        &mut |_| normal(rng) * std,
+                    );
                 }
             }
             BlockKind::Mlp => {
                 let h = cfg.mlp_dim();
-                add(format!("{mx}.up_proj.weight"), vec![h, d], &mut |_| normal(rng) * std);
-                add(format!("{mx}.down_proj.weight"), vec![d, h], &mut |_| normal(rng) * std * out_scale);
+                add(format!("{mx}.up_proj.weight"), vec![h, d], &mut |_| {
+                    normal(rng) * std
+                });
+                add(format!("{mx}.down_proj.weight"), vec![d, h], &mut |_| {
+                    normal(rng) * std * out_scale
+                });
             }
         }
     };
-    add("backbone.embeddings.weight".into(), vec![cfg.vocab_size, d], &mut |_| normal(&mut rng) * std);
+    add(
+        "backbone.embeddings.weight".into(),
+        vec![cfg.vocab_size, d],
+        &mut |_| normal(&mut rng) * std,
+    );
     for (i, &k) in cfg.layers.iter().enumerate() {
         block(&format!("backbone.layers.{i}"), k, &mut add, &mut rng);
     }
     add("backbone.norm_f.weight".into(), vec![d], &mut |_| 1.0);
     if !cfg.tie_word_embeddings {
-        add("lm_head.weight".into(), vec![cfg.vocab_size, d], &mut |_| normal(&mut rng) * std);
+        add(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, d],
+            &mut |_| normal(&mut rng) * std,
+        );
     }
     if cfg.has_mtp() {
         for n in ["enorm", "hnorm", "norm_f"] {
             add(format!("mtp.{n}.weight"), vec![d], &mut |_| 1.0);
         }
-        add("mtp.eh_proj.weight".into(), vec![d, 2 * d], &mut |_| normal(&mut rng) * std);
+        add("mtp.eh_proj.weight".into(), vec![d, 2 * d], &mut |_| {
+            normal(&mut rng) * std
+        });
         for (i, &k) in cfg.mtp_layers.iter().enumerate() {
             block(&format!("mtp.layers.{i}"), k, &mut add, &mut rng);
         }

@@ -24,7 +24,8 @@ pub enum BlockKind {
 }
 
 impl BlockKind {
-    const ALLOWED_NAMES: &'static str = "linear_attention|mamba, full_attention|attention, moe, mlp";
+    const ALLOWED_NAMES: &'static str =
+        "linear_attention|mamba, full_attention|attention, moe, mlp";
     const ALLOWED_LETTERS: &'static str = "M (Mamba-2), * (attention), E (MoE), - (MLP)";
 
     fn from_name(name: &str) -> Option<Self> {
@@ -81,7 +82,10 @@ pub struct ChorusSettings {
 
 impl Default for ChorusSettings {
     fn default() -> Self {
-        Self { mtp_depth: 2, mtp_loss_scale: 0.3 }
+        Self {
+            mtp_depth: 2,
+            mtp_loss_scale: 0.3,
+        }
     }
 }
 
@@ -328,7 +332,10 @@ fn parse_block_list(key: &str, names: &[String]) -> Result<Vec<BlockKind>> {
             BlockKind::from_name(n).ok_or_else(|| {
                 ModelError::config(
                     format!("{key}[{i}]"),
-                    format!("unknown block type `{n}`; allowed: {}", BlockKind::ALLOWED_NAMES),
+                    format!(
+                        "unknown block type `{n}`; allowed: {}",
+                        BlockKind::ALLOWED_NAMES
+                    ),
                 )
             })
         })
@@ -398,7 +405,10 @@ impl NemotronHConfig {
             }
         };
         if layers.is_empty() {
-            return Err(ModelError::config("layers_block_type", "must list at least one block"));
+            return Err(ModelError::config(
+                "layers_block_type",
+                "must list at least one block",
+            ));
         }
         if let Some(n) = raw.num_hidden_layers
             && n != layers.len()
@@ -415,7 +425,9 @@ impl NemotronHConfig {
             if num_mtp != 1 {
                 return Err(ModelError::config(
                     "num_nextn_predict_layers",
-                    format!("{num_mtp} is not supported; allowed: 0 or 1 (one MTP head applied recursively)"),
+                    format!(
+                        "{num_mtp} is not supported; allowed: 0 or 1 (one MTP head applied recursively)"
+                    ),
                 ));
             }
             match &raw.mtp_layers_block_type {
@@ -476,7 +488,11 @@ impl NemotronHConfig {
                 }
             };
             let time_step_min = raw.time_step_min.unwrap_or(0.001);
-            Some(MambaConfig { dt_min: lo.max(time_step_min), dt_max: hi, ..m })
+            Some(MambaConfig {
+                dt_min: lo.max(time_step_min),
+                dt_max: hi,
+                ..m
+            })
         } else {
             None
         };
@@ -485,7 +501,12 @@ impl NemotronHConfig {
             let why = "by attention blocks";
             let num_heads = positive("num_attention_heads", raw.num_attention_heads, why)?;
             let num_kv_heads = positive("num_key_value_heads", raw.num_key_value_heads, why)?;
-            divides("num_attention_heads", num_heads, "num_key_value_heads", num_kv_heads)?;
+            divides(
+                "num_attention_heads",
+                num_heads,
+                "num_key_value_heads",
+                num_kv_heads,
+            )?;
             let head_dim = match raw.head_dim {
                 Some(h) => h,
                 None => {
@@ -499,7 +520,11 @@ impl NemotronHConfig {
                     "attention biases are not supported; allowed: false",
                 ));
             }
-            Some(AttentionConfig { num_heads, num_kv_heads, head_dim })
+            Some(AttentionConfig {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+            })
         } else {
             None
         };
@@ -508,14 +533,24 @@ impl NemotronHConfig {
             if let Some(a) = act
                 && a != "relu2"
             {
-                return Err(ModelError::config(key, format!("`{a}` is not supported; allowed: relu2")));
+                return Err(ModelError::config(
+                    key,
+                    format!("`{a}` is not supported; allowed: relu2"),
+                ));
             }
         }
         if raw.mlp_bias == Some(true) {
-            return Err(ModelError::config("mlp_bias", "MLP biases are not supported; allowed: false"));
+            return Err(ModelError::config(
+                "mlp_bias",
+                "MLP biases are not supported; allowed: false",
+            ));
         }
         let mlp_dim = if uses(BlockKind::Mlp) {
-            Some(positive("intermediate_size", raw.intermediate_size, "by MLP blocks")?)
+            Some(positive(
+                "intermediate_size",
+                raw.intermediate_size,
+                "by MLP blocks",
+            )?)
         } else {
             None
         };
@@ -555,7 +590,9 @@ impl NemotronHConfig {
                     why,
                 )?,
                 latent_size: match raw.moe_latent_size {
-                    Some(0) => return Err(ModelError::config("moe_latent_size", "must be > 0 or null")),
+                    Some(0) => {
+                        return Err(ModelError::config("moe_latent_size", "must be > 0 or null"));
+                    }
                     other => other,
                 },
                 routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(1.0),
@@ -592,11 +629,15 @@ impl NemotronHConfig {
 
     /// The Mamba-2 sizes; only called for configs that have Mamba blocks.
     pub fn mamba(&self) -> &MambaConfig {
-        self.mamba.as_ref().expect("validated: config has Mamba blocks")
+        self.mamba
+            .as_ref()
+            .expect("validated: config has Mamba blocks")
     }
     /// The attention sizes; only called for configs that have attention blocks.
     pub fn attention(&self) -> &AttentionConfig {
-        self.attention.as_ref().expect("validated: config has attention blocks")
+        self.attention
+            .as_ref()
+            .expect("validated: config has attention blocks")
     }
     /// The MoE sizes; only called for configs that have MoE blocks.
     pub fn moe(&self) -> &MoeConfig {
@@ -623,7 +664,8 @@ impl NemotronHConfig {
                 "chorus".into(),
                 serde_json::to_value(&self.chorus).expect("settings serialise"),
             );
-            map.entry("num_hidden_layers").or_insert(self.layers.len().into());
+            map.entry("num_hidden_layers")
+                .or_insert(self.layers.len().into());
         }
         v
     }
@@ -651,7 +693,12 @@ mod tests {
 
     #[test]
     fn time_step_limit_in_every_form() {
-        for tsl in ["[0.0, Infinity]", r#"[0.0, {"__float__": "Infinity"}]"#, "null", r#"[0.0, "inf"]"#] {
+        for tsl in [
+            "[0.0, Infinity]",
+            r#"[0.0, {"__float__": "Infinity"}]"#,
+            "null",
+            r#"[0.0, "inf"]"#,
+        ] {
             let c = with(tsl).unwrap();
             assert_eq!(c.mamba().dt_max, f64::INFINITY, "{tsl}");
             assert_eq!(c.mamba().dt_min, 0.001, "{tsl}");
@@ -666,29 +713,56 @@ mod tests {
     fn pattern_and_block_list_agree() {
         let c = with("null").unwrap();
         assert_eq!(c.pattern(), "ME*-");
-        let text = BASE
-            .replace("TSL", "null")
-            .replace(r#""hybrid_override_pattern": "ME*-""#, r#""layers_block_type": ["mamba", "moe", "full_attention", "mlp"]"#);
-        assert_eq!(NemotronHConfig::from_json_str(&text).unwrap().layers, c.layers);
+        let text = BASE.replace("TSL", "null").replace(
+            r#""hybrid_override_pattern": "ME*-""#,
+            r#""layers_block_type": ["mamba", "moe", "full_attention", "mlp"]"#,
+        );
+        assert_eq!(
+            NemotronHConfig::from_json_str(&text).unwrap().layers,
+            c.layers
+        );
     }
 
     #[test]
     fn errors_name_the_key() {
         let unknown = BASE.replace("TSL", "null").replace("ME*-", "MX*-");
-        let e = NemotronHConfig::from_json_str(&unknown).unwrap_err().to_string();
-        assert!(e.contains("hybrid_override_pattern") && e.contains('X') && e.contains("allowed"), "{e}");
+        let e = NemotronHConfig::from_json_str(&unknown)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hybrid_override_pattern") && e.contains('X') && e.contains("allowed"),
+            "{e}"
+        );
 
-        let indivisible = BASE.replace("TSL", "null").replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 3"#);
-        let e = NemotronHConfig::from_json_str(&indivisible).unwrap_err().to_string();
-        assert!(e.contains("num_attention_heads") && e.contains("num_key_value_heads"), "{e}");
+        let indivisible = BASE
+            .replace("TSL", "null")
+            .replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 3"#);
+        let e = NemotronHConfig::from_json_str(&indivisible)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("num_attention_heads") && e.contains("num_key_value_heads"),
+            "{e}"
+        );
 
-        let missing = BASE.replace("TSL", "null").replace(r#""ssm_state_size": 8,"#, "");
-        let e = NemotronHConfig::from_json_str(&missing).unwrap_err().to_string();
+        let missing = BASE
+            .replace("TSL", "null")
+            .replace(r#""ssm_state_size": 8,"#, "");
+        let e = NemotronHConfig::from_json_str(&missing)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ssm_state_size") && e.contains("missing"), "{e}");
 
-        let groups = BASE.replace("TSL", "null").replace(r#""n_groups": 2"#, r#""n_groups": 3"#);
-        let e = NemotronHConfig::from_json_str(&groups).unwrap_err().to_string();
-        assert!(e.contains("mamba_num_heads") && e.contains("n_groups"), "{e}");
+        let groups = BASE
+            .replace("TSL", "null")
+            .replace(r#""n_groups": 2"#, r#""n_groups": 3"#);
+        let e = NemotronHConfig::from_json_str(&groups)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mamba_num_heads") && e.contains("n_groups"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -701,7 +775,10 @@ mod tests {
 
     #[test]
     fn nonfinite_literals_inside_strings_are_left_alone() {
-        assert_eq!(quote_nonfinite_literals(r#"{"a": "NaN x", "b": -Infinity}"#), r#"{"a": "NaN x", "b": "-Infinity"}"#);
+        assert_eq!(
+            quote_nonfinite_literals(r#"{"a": "NaN x", "b": -Infinity}"#),
+            r#"{"a": "NaN x", "b": "-Infinity"}"#
+        );
     }
 
     #[test]

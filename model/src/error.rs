@@ -13,10 +13,17 @@ pub enum ModelError {
     MissingTensor { name: String },
     /// A checkpoint tensor has the wrong shape for the config.
     #[error("tensor `{name}` has shape {got:?}, the config implies {expected:?}")]
-    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A file exists but its contents are not what they should be.
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
@@ -33,11 +40,17 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ModelError::Config { key: key.into(), message: message.into() }
+        ModelError::Config {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// True when the error is about the model configuration.

@@ -38,8 +38,15 @@ impl Mamba2 {
     pub fn new(cfg: &NemotronHConfig, p: &ParamPath) -> Result<Self> {
         let m = cfg.mamba().clone();
         let d = cfg.hidden_size;
-        let conv_weight = p.pp("conv1d").get("weight", &[m.conv_dim(), 1, m.conv_kernel])?.squeeze(1)?;
-        let conv_bias = if m.conv_bias { Some(p.pp("conv1d").get("bias", &[m.conv_dim()])?) } else { None };
+        let conv_weight = p
+            .pp("conv1d")
+            .get("weight", &[m.conv_dim(), 1, m.conv_kernel])?
+            .squeeze(1)?;
+        let conv_bias = if m.conv_bias {
+            Some(p.pp("conv1d").get("bias", &[m.conv_dim()])?)
+        } else {
+            None
+        };
         Ok(Self {
             in_proj: Linear::new(&p.pp("in_proj"), d, m.in_proj_dim())?,
             conv_weight,
@@ -61,7 +68,11 @@ impl Mamba2 {
 
     /// `x: [B, T, d]` continuing from `state` (or zeros), returning the output and the state after
     /// the last token — the chunked prefill.
-    pub fn forward_with_state(&self, x: &Tensor, state: Option<&MambaState>) -> Result<(Tensor, MambaState)> {
+    pub fn forward_with_state(
+        &self,
+        x: &Tensor,
+        state: Option<&MambaState>,
+    ) -> Result<(Tensor, MambaState)> {
         let m = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let proj = self.in_proj.forward(x)?;
@@ -70,18 +81,28 @@ impl Mamba2 {
         let dt = proj.narrow(D::Minus1, m.inner() + m.conv_dim(), m.num_heads)?;
 
         let history = state.map(|s| &s.conv);
-        let xbc = causal_depthwise_conv(&xbc_in, &self.conv_weight, self.conv_bias.as_ref(), history)?.silu()?;
+        let xbc =
+            causal_depthwise_conv(&xbc_in, &self.conv_weight, self.conv_bias.as_ref(), history)?
+                .silu()?;
         let k1 = m.conv_kernel - 1;
         let conv_state = {
             let full = match history {
                 Some(h) => Tensor::cat(&[h, &xbc_in], 1)?,
-                None => Tensor::cat(&[&Tensor::zeros((b, k1, m.conv_dim()), x.dtype(), x.device())?, &xbc_in], 1)?,
+                None => Tensor::cat(
+                    &[
+                        &Tensor::zeros((b, k1, m.conv_dim()), x.dtype(), x.device())?,
+                        &xbc_in,
+                    ],
+                    1,
+                )?,
             };
             full.narrow(1, full.dim(1)? - k1, k1)?
         };
 
         let gs = m.n_groups * m.state_size;
-        let xs = xbc.narrow(D::Minus1, 0, m.inner())?.reshape((b, t, m.num_heads, m.head_dim))?;
+        let xs = xbc
+            .narrow(D::Minus1, 0, m.inner())?
+            .reshape((b, t, m.num_heads, m.head_dim))?;
         let bm = self.expand_groups(&xbc.narrow(D::Minus1, m.inner(), gs)?, b, t)?;
         let cm = self.expand_groups(&xbc.narrow(D::Minus1, m.inner() + gs, gs)?, b, t)?;
 
@@ -94,7 +115,13 @@ impl Mamba2 {
         let y = (y + xs.broadcast_mul(&self.d.reshape((1, 1, m.num_heads, 1))?)?)?;
         let y = y.reshape((b, t, m.inner()))?;
         let y = gated_rms_norm(&y, &z, &self.norm_weight, m.norm_group_size(), self.eps)?;
-        Ok((self.out_proj.forward(&y)?, MambaState { conv: conv_state, ssm }))
+        Ok((
+            self.out_proj.forward(&y)?,
+            MambaState {
+                conv: conv_state,
+                ssm,
+            },
+        ))
     }
 
     /// `[B, T, groups*state]` → `[B, T, heads, state]`, each group shared by consecutive heads.
@@ -114,7 +141,10 @@ fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let r = ad.len();
     let batch: usize = ad[..r - 2].iter().product();
     let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
-    let out = a.contiguous()?.reshape((batch, m, k))?.matmul(&b.contiguous()?.reshape((batch, k, n))?)?;
+    let out = a
+        .contiguous()?
+        .reshape((batch, m, k))?
+        .matmul(&b.contiguous()?.reshape((batch, k, n))?)?;
     let mut shape = ad[..r - 2].to_vec();
     shape.extend([m, n]);
     Ok(out.reshape(shape)?)
@@ -122,7 +152,9 @@ fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Lower-triangular (diagonal included) 0/1 mask `[l, l]`.
 fn tril_mask(l: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..l * l).map(|i| if i % l <= i / l { 1.0 } else { 0.0 }).collect();
+    let v: Vec<f32> = (0..l * l)
+        .map(|i| if i % l <= i / l { 1.0 } else { 0.0 })
+        .collect();
     Ok(Tensor::from_vec(v, (l, l), device)?)
 }
 
@@ -132,7 +164,10 @@ fn pad_time(x: &Tensor, pad: usize) -> Result<Tensor> {
     }
     let mut shape = x.dims().to_vec();
     shape[1] = pad;
-    Ok(Tensor::cat(&[x, &Tensor::zeros(shape, x.dtype(), x.device())?], 1)?)
+    Ok(Tensor::cat(
+        &[x, &Tensor::zeros(shape, x.dtype(), x.device())?],
+        1,
+    )?)
 }
 
 /// The SSD scan of Mamba-2 in chunks of `chunk` steps (the "state-space dual" form): quadratic
@@ -162,10 +197,22 @@ pub fn ssd_chunked(
     let c = pad_time(c, pad)?;
 
     // [B, nc, l, H, *] -> [B, H, nc, l, *]
-    let xdt = xdt.reshape((bs, nc, chunk, h, p))?.permute((0, 3, 1, 2, 4))?.contiguous()?;
-    let b = b.reshape((bs, nc, chunk, h, n))?.permute((0, 3, 1, 2, 4))?.contiguous()?;
-    let c = c.reshape((bs, nc, chunk, h, n))?.permute((0, 3, 1, 2, 4))?.contiguous()?;
-    let da = da.reshape((bs, nc, chunk, h))?.permute((0, 3, 1, 2))?.contiguous()?;
+    let xdt = xdt
+        .reshape((bs, nc, chunk, h, p))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?;
+    let b = b
+        .reshape((bs, nc, chunk, h, n))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?;
+    let c = c
+        .reshape((bs, nc, chunk, h, n))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?;
+    let da = da
+        .reshape((bs, nc, chunk, h))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
     let cs = da.cumsum(3)?; // [B, H, nc, l]
 
     // Within a chunk: y_i = sum_{j<=i} (C_i·B_j) exp(cs_i - cs_j) xdt_j.
@@ -200,8 +247,7 @@ pub fn ssd_chunked(
     let states_in = Tensor::stack(&states_in, 2)?; // [B, H, nc, P, N]
 
     // Contribution of the state entering each chunk: y_i += exp(cs_i) C_i · s_in.
-    let y_off = bmm(&c, &states_in.transpose(3, 4)?)?
-        .broadcast_mul(&cs.exp()?.unsqueeze(4)?)?;
+    let y_off = bmm(&c, &states_in.transpose(3, 4)?)?.broadcast_mul(&cs.exp()?.unsqueeze(4)?)?;
     let y = (y_diag + y_off)?
         .permute((0, 2, 3, 1, 4))?
         .reshape((bs, nc * chunk, h, p))?
@@ -215,19 +261,45 @@ mod tests {
     use candle_core::{DType, IndexOp};
 
     /// Step-by-step recurrence: s = exp(dt a) s + dt x Bᵀ, y = s C.
-    fn ssd_recurrent(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor) -> (Tensor, Tensor) {
+    fn ssd_recurrent(
+        x: &Tensor,
+        dt: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+    ) -> (Tensor, Tensor) {
         let (bs, t, h, p) = x.dims4().unwrap();
         let n = b.dim(3).unwrap();
         let mut s = Tensor::zeros((bs, h, p, n), DType::F32, x.device()).unwrap();
         let mut ys = vec![];
         for i in 0..t {
             let dti = dt.i((.., i)).unwrap(); // [B,H]
-            let da = dti.broadcast_mul(a).unwrap().exp().unwrap().reshape((bs, h, 1, 1)).unwrap();
-            let xi = x.i((.., i)).unwrap().broadcast_mul(&dti.unsqueeze(2).unwrap()).unwrap(); // [B,H,P]
+            let da = dti
+                .broadcast_mul(a)
+                .unwrap()
+                .exp()
+                .unwrap()
+                .reshape((bs, h, 1, 1))
+                .unwrap();
+            let xi = x
+                .i((.., i))
+                .unwrap()
+                .broadcast_mul(&dti.unsqueeze(2).unwrap())
+                .unwrap(); // [B,H,P]
             let bi = b.i((.., i)).unwrap(); // [B,H,N]
-            let outer = xi.unsqueeze(3).unwrap().broadcast_mul(&bi.unsqueeze(2).unwrap()).unwrap();
+            let outer = xi
+                .unsqueeze(3)
+                .unwrap()
+                .broadcast_mul(&bi.unsqueeze(2).unwrap())
+                .unwrap();
             s = (s.broadcast_mul(&da).unwrap() + outer).unwrap();
-            let ci = c.i((.., i)).unwrap().contiguous().unwrap().unsqueeze(3).unwrap(); // [B,H,N,1]
+            let ci = c
+                .i((.., i))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .unsqueeze(3)
+                .unwrap(); // [B,H,N,1]
             ys.push(s.matmul(&ci).unwrap().squeeze(3).unwrap());
         }
         (Tensor::stack(&ys, 1).unwrap(), s)
@@ -245,8 +317,22 @@ mod tests {
         let (y_ref, s_ref) = ssd_recurrent(&x, &dt, &a, &b, &c);
         for chunk in [1, 3, 4, 11, 16] {
             let (y, s) = ssd_chunked(&x, &dt, &a, &b, &c, chunk, None).unwrap();
-            let ey = (y - &y_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let es = (s - &s_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let ey = (y - &y_ref)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let es = (s - &s_ref)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(ey < 1e-4 && es < 1e-4, "chunk {chunk}: {ey} {es}");
         }
     }
@@ -263,10 +349,42 @@ mod tests {
         let (y_all, s_all) = ssd_chunked(&x, &dt, &a, &b, &c, 4, None).unwrap();
         let cut = 7;
         let part = |t: &Tensor, s, l| t.narrow(1, s, l).unwrap();
-        let (_, s1) = ssd_chunked(&part(&x, 0, cut), &part(&dt, 0, cut), &a, &part(&b, 0, cut), &part(&c, 0, cut), 4, None).unwrap();
-        let (y2, s2) = ssd_chunked(&part(&x, cut, t - cut), &part(&dt, cut, t - cut), &a, &part(&b, cut, t - cut), &part(&c, cut, t - cut), 4, Some(&s1)).unwrap();
-        let ey = (y2 - y_all.narrow(1, cut, t - cut).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let es = (s2 - s_all).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let (_, s1) = ssd_chunked(
+            &part(&x, 0, cut),
+            &part(&dt, 0, cut),
+            &a,
+            &part(&b, 0, cut),
+            &part(&c, 0, cut),
+            4,
+            None,
+        )
+        .unwrap();
+        let (y2, s2) = ssd_chunked(
+            &part(&x, cut, t - cut),
+            &part(&dt, cut, t - cut),
+            &a,
+            &part(&b, cut, t - cut),
+            &part(&c, cut, t - cut),
+            4,
+            Some(&s1),
+        )
+        .unwrap();
+        let ey = (y2 - y_all.narrow(1, cut, t - cut).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let es = (s2 - s_all)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(ey < 1e-4 && es < 1e-4, "{ey} {es}");
     }
 }

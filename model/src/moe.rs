@@ -20,7 +20,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(p: &ParamPath, dim: usize, hidden: usize) -> Result<Self> {
-        Ok(Self { up_proj: Linear::new(&p.pp("up_proj"), dim, hidden)?, down_proj: Linear::new(&p.pp("down_proj"), hidden, dim)? })
+        Ok(Self {
+            up_proj: Linear::new(&p.pp("up_proj"), dim, hidden)?,
+            down_proj: Linear::new(&p.pp("down_proj"), hidden, dim)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -50,7 +53,9 @@ pub fn route(scores: &[f32], bias: &[f32], cfg: &MoeConfig, chosen: &mut Vec<(us
         group_scores.sort_by(|a, b| b.1.total_cmp(&a.1));
         allowed.iter_mut().for_each(|a| *a = false);
         for &(g, _) in group_scores.iter().take(cfg.topk_group) {
-            allowed[g * per..(g + 1) * per].iter_mut().for_each(|a| *a = true);
+            allowed[g * per..(g + 1) * per]
+                .iter_mut()
+                .for_each(|a| *a = true);
         }
     }
     let mut order: Vec<usize> = (0..e).filter(|&i| allowed[i]).collect();
@@ -58,7 +63,11 @@ pub fn route(scores: &[f32], bias: &[f32], cfg: &MoeConfig, chosen: &mut Vec<(us
     order.sort_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
     chosen.clear();
     chosen.extend(order.iter().take(cfg.top_k).map(|&i| (i, scores[i])));
-    let denom = if cfg.norm_topk_prob { chosen.iter().map(|c| c.1).sum::<f32>() + 1e-20 } else { 1.0 };
+    let denom = if cfg.norm_topk_prob {
+        chosen.iter().map(|c| c.1).sum::<f32>() + 1e-20
+    } else {
+        1.0
+    };
     let scale = cfg.routed_scaling_factor as f32;
     for c in chosen.iter_mut() {
         c.1 = c.1 / denom * scale;
@@ -85,10 +94,17 @@ fn load_experts(p: &ParamPath, cfg: &MoeConfig, width: usize) -> Result<Vec<Mlp>
         let up = experts.get("up_proj", &[cfg.num_experts, cfg.expert_dim, width])?;
         let down = experts.get("down_proj", &[cfg.num_experts, width, cfg.expert_dim])?;
         return (0..cfg.num_experts)
-            .map(|i| Ok(Mlp { up_proj: Linear::from_weight(up.get(i)?), down_proj: Linear::from_weight(down.get(i)?) }))
+            .map(|i| {
+                Ok(Mlp {
+                    up_proj: Linear::from_weight(up.get(i)?),
+                    down_proj: Linear::from_weight(down.get(i)?),
+                })
+            })
             .collect();
     }
-    (0..cfg.num_experts).map(|i| Mlp::new(&experts.pp(i), width, cfg.expert_dim)).collect()
+    (0..cfg.num_experts)
+        .map(|i| Mlp::new(&experts.pp(i), width, cfg.expert_dim))
+        .collect()
 }
 
 impl Moe {
@@ -97,12 +113,17 @@ impl Moe {
         let d = cfg.hidden_size;
         let width = m.latent_size.unwrap_or(d);
         let latent = match m.latent_size {
-            Some(l) => Some((Linear::new(&p.pp("fc1_latent_proj"), d, l)?, Linear::new(&p.pp("fc2_latent_proj"), l, d)?)),
+            Some(l) => Some((
+                Linear::new(&p.pp("fc1_latent_proj"), d, l)?,
+                Linear::new(&p.pp("fc2_latent_proj"), l, d)?,
+            )),
             None => None,
         };
         Ok(Self {
             gate: p.pp("gate").get("weight", &[m.num_experts, d])?,
-            score_bias: p.pp("gate").get("e_score_correction_bias", &[m.num_experts])?,
+            score_bias: p
+                .pp("gate")
+                .get("e_score_correction_bias", &[m.num_experts])?,
             experts: load_experts(p, &m, width)?,
             shared: Mlp::new(&p.pp("shared_experts"), d, m.shared_expert_dim)?,
             latent,
@@ -146,8 +167,16 @@ impl Moe {
             if rows.is_empty() {
                 continue;
             }
-            let row_idx = Tensor::from_vec(rows.iter().map(|r| r.0).collect::<Vec<_>>(), rows.len(), x.device())?;
-            let w_idx = Tensor::from_vec(rows.iter().map(|r| r.1).collect::<Vec<_>>(), rows.len(), x.device())?;
+            let row_idx = Tensor::from_vec(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                rows.len(),
+                x.device(),
+            )?;
+            let w_idx = Tensor::from_vec(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                rows.len(),
+                x.device(),
+            )?;
             let y = self.experts[e].forward(&h.index_select(&row_idx, 0)?)?;
             let y = y.broadcast_mul(&weights.index_select(&w_idx, 0)?.unsqueeze(1)?)?;
             out = out.index_add(&row_idx, &y, 0)?;

@@ -37,7 +37,10 @@ impl Block {
             BlockKind::Moe => Mixer::Moe(Moe::new(cfg, &m)?),
             BlockKind::Mlp => Mixer::Mlp(Mlp::new(&m, cfg.hidden_size, cfg.mlp_dim())?),
         };
-        Ok(Self { norm: RmsNorm::new(&p.pp("norm"), cfg.hidden_size, cfg.norm_eps)?, mixer })
+        Ok(Self {
+            norm: RmsNorm::new(&p.pp("norm"), cfg.hidden_size, cfg.norm_eps)?,
+            mixer,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -84,7 +87,13 @@ impl MtpHead {
 
     /// `next_embeds, hidden: [B, T, d]` → the head's hidden state `[B, T, d]` (before `norm_f`).
     pub fn forward(&self, next_embeds: &Tensor, hidden: &Tensor) -> Result<Tensor> {
-        let x = Tensor::cat(&[&self.enorm.forward(next_embeds)?, &self.hnorm.forward(hidden)?], D::Minus1)?;
+        let x = Tensor::cat(
+            &[
+                &self.enorm.forward(next_embeds)?,
+                &self.hnorm.forward(hidden)?,
+            ],
+            D::Minus1,
+        )?;
         let mut h = self.eh_proj.forward(&x)?;
         for b in &self.layers {
             h = b.forward(&h)?;
@@ -127,8 +136,19 @@ impl NemotronH {
         } else {
             Linear::new(&root.pp("lm_head"), d, cfg.vocab_size)?
         };
-        let mtp = if cfg.has_mtp() { Some(MtpHead::new(cfg, &root.pp("mtp"))?) } else { None };
-        Ok(Self { cfg: cfg.clone(), embeddings, layers, norm_f: RmsNorm::new(&bb.pp("norm_f"), d, cfg.norm_eps)?, lm_head, mtp })
+        let mtp = if cfg.has_mtp() {
+            Some(MtpHead::new(cfg, &root.pp("mtp"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embeddings,
+            layers,
+            norm_f: RmsNorm::new(&bb.pp("norm_f"), d, cfg.norm_eps)?,
+            lm_head,
+            mtp,
+        })
     }
 
     pub fn config(&self) -> &NemotronHConfig {
@@ -139,7 +159,10 @@ impl NemotronH {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?;
-        Ok(self.embeddings.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self
+            .embeddings
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// `ids: [B, T]` → the last block's output `[B, T, d]` (before `norm_f`).
@@ -165,7 +188,9 @@ impl NemotronH {
     /// The MTP head's predictions at depths 1..=`depth` from the backbone's `hidden` for `ids`:
     /// element `k-1` is `[B, T-k, V]`, where position `t` predicts `ids[t+k+1]`. Empty without a head.
     pub fn mtp_logits(&self, ids: &Tensor, hidden: &Tensor, depth: usize) -> Result<Vec<Tensor>> {
-        let Some(head) = &self.mtp else { return Ok(vec![]) };
+        let Some(head) = &self.mtp else {
+            return Ok(vec![]);
+        };
         let t = ids.dim(1)?;
         let embeds = self.embed(ids)?;
         let mut h = hidden.clone();

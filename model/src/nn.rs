@@ -20,7 +20,9 @@ pub struct Linear {
 impl Linear {
     /// Reads `<path>.weight` with shape `[out_dim, in_dim]`.
     pub fn new(path: &ParamPath, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self { weight: path.get("weight", &[out_dim, in_dim])? })
+        Ok(Self {
+            weight: path.get("weight", &[out_dim, in_dim])?,
+        })
     }
 
     /// Wraps an existing `[out, in]` weight.
@@ -49,7 +51,10 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Reads `<path>.weight` with shape `[dim]`.
     pub fn new(path: &ParamPath, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: path.get("weight", &[dim])?, eps })
+        Ok(Self {
+            weight: path.get("weight", &[dim])?,
+            eps,
+        })
     }
 
     /// Normalises over the last dimension.
@@ -71,7 +76,13 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Mamba-2's gated RMSNorm: `w * groupnorm(x * silu(z))` with RMS statistics per group of
 /// `group_size` channels (HF `Zamba2RMSNormGated`, norm after gate).
-pub fn gated_rms_norm(x: &Tensor, z: &Tensor, weight: &Tensor, group_size: usize, eps: f64) -> Result<Tensor> {
+pub fn gated_rms_norm(
+    x: &Tensor,
+    z: &Tensor,
+    weight: &Tensor,
+    group_size: usize,
+    eps: f64,
+) -> Result<Tensor> {
     let gated = (x * z.silu()?)?;
     let dims = gated.dims().to_vec();
     let last = *dims.last().expect("non-scalar");
@@ -98,17 +109,27 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 
 /// Causal depthwise convolution over time: `x: [B, T, C]`, `weight: [C, K]`, optional
 /// `history: [B, K-1, C]` (the inputs before `x`; zeros when absent). Returns `[B, T, C]`.
-pub fn causal_depthwise_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, history: Option<&Tensor>) -> Result<Tensor> {
+pub fn causal_depthwise_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    history: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
     let k = weight.dim(1)?;
     let padded = match history {
         Some(h) => Tensor::cat(&[h, x], 1)?,
-        None if k > 1 => Tensor::cat(&[&Tensor::zeros((b, k - 1, c), x.dtype(), x.device())?, x], 1)?,
+        None if k > 1 => Tensor::cat(
+            &[&Tensor::zeros((b, k - 1, c), x.dtype(), x.device())?, x],
+            1,
+        )?,
         None => x.clone(),
     };
     let mut out: Option<Tensor> = None;
     for j in 0..k {
-        let tap = padded.narrow(1, j, t)?.broadcast_mul(&weight.narrow(1, j, 1)?.squeeze(1)?)?;
+        let tap = padded
+            .narrow(1, j, t)?
+            .broadcast_mul(&weight.narrow(1, j, 1)?.squeeze(1)?)?;
         out = Some(match out {
             Some(o) => (o + tap)?,
             None => tap,
@@ -132,7 +153,13 @@ mod tests {
         let got: Vec<f32> = softplus(&x).unwrap().to_vec1().unwrap();
         let want: Vec<f32> = [-100f64, -1.0, 0.0, 1.0, 30.0, 100.0]
             .iter()
-            .map(|&v: &f64| if v > 20.0 { v as f32 } else { (1.0 + v.exp()).ln() as f32 })
+            .map(|&v: &f64| {
+                if v > 20.0 {
+                    v as f32
+                } else {
+                    (1.0 + v.exp()).ln() as f32
+                }
+            })
             .collect();
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
@@ -142,18 +169,39 @@ mod tests {
     #[test]
     fn rms_norm_records_gradients() {
         let x = Var::new(&[[1.0f32, -2.0, 3.0, 0.5]], &Device::Cpu).unwrap();
-        let loss = rms_normalize(x.as_tensor(), 1e-5).unwrap().sqr().unwrap().mul(&Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+        let loss = rms_normalize(x.as_tensor(), 1e-5)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mul(&Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let g = loss.backward().unwrap();
-        let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let gx: Vec<f32> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(gx.iter().any(|v| v.abs() > 1e-4), "{gx:?}");
     }
 
     #[test]
     fn conv_matches_direct_sum() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((1, 6, 2)).unwrap();
+        let x = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((1, 6, 2))
+            .unwrap();
         let w = Tensor::new(&[[1f32, 2.0, 3.0], [0.5, 0.0, -1.0]], &dev).unwrap();
-        let y: Vec<Vec<f32>> = causal_depthwise_conv(&x, &w, None, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let y: Vec<Vec<f32>> = causal_depthwise_conv(&x, &w, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let xs: Vec<Vec<f32>> = x.squeeze(0).unwrap().to_vec2().unwrap();
         let wv: Vec<Vec<f32>> = w.to_vec2().unwrap();
         for t in 0..6 {

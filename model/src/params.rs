@@ -18,7 +18,10 @@ pub struct Params {
 impl Params {
     /// An empty store on `device`.
     pub fn new(device: Device) -> Self {
-        Self { vars: BTreeMap::new(), device }
+        Self {
+            vars: BTreeMap::new(),
+            device,
+        }
     }
 
     /// A store holding `tensors`, converted to f32 on `device`.
@@ -44,9 +47,15 @@ impl Params {
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for (k, v) in &self.vars {
-            vars.insert(k.clone(), Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?);
+            vars.insert(
+                k.clone(),
+                Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?,
+            );
         }
-        Ok(Self { vars, device: self.device.clone() })
+        Ok(Self {
+            vars,
+            device: self.device.clone(),
+        })
     }
 
     /// The device the parameters live on.
@@ -56,7 +65,10 @@ impl Params {
 
     /// A root path for reading parameters.
     pub fn root(&self) -> ParamPath<'_> {
-        ParamPath { params: self, prefix: String::new() }
+        ParamPath {
+            params: self,
+            prefix: String::new(),
+        }
     }
 
     /// The tensor called `name` with the shape `shape`, or an error naming it.
@@ -64,7 +76,9 @@ impl Params {
         let var = self
             .vars
             .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
         let got = var.dims();
         if got != shape {
             return Err(ModelError::Shape {
@@ -140,12 +154,19 @@ impl<'a> ParamPath<'a> {
         } else {
             format!("{}.{name}", self.prefix)
         };
-        ParamPath { params: self.params, prefix }
+        ParamPath {
+            params: self.params,
+            prefix,
+        }
     }
 
     /// The full name of `name` below this path.
     pub fn name(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// The tensor `name` below this path, checked against `shape`.

@@ -19,14 +19,21 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0 }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+        }
     }
 }
 
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -36,7 +43,10 @@ impl SamplingParams {
     /// Checks the values, naming the bad one.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be >= 0 (0 = greedy), got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0 (0 = greedy), got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -47,14 +57,22 @@ impl SamplingParams {
     /// The full distribution to sample from (zero outside the kept set). For greedy decoding this
     /// is the untempered softmax, which is what greedy tokens' log-probabilities are reported under.
     pub fn distribution(&self, logits: &[f32]) -> Vec<f32> {
-        let t = if self.is_greedy() { 1.0 } else { self.temperature };
+        let t = if self.is_greedy() {
+            1.0
+        } else {
+            self.temperature
+        };
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut p: Vec<f32> = logits.iter().map(|&l| ((l - max) / t).exp()).collect();
         if !self.is_greedy() && (self.top_k > 0 || self.top_p < 1.0) {
             let mut order: Vec<usize> = (0..p.len()).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
             let total: f32 = p.iter().sum();
-            let mut keep = if self.top_k > 0 { self.top_k.min(order.len()) } else { order.len() };
+            let mut keep = if self.top_k > 0 {
+                self.top_k.min(order.len())
+            } else {
+                order.len()
+            };
             if self.top_p < 1.0 {
                 let mut cum = 0.0;
                 for (i, &j) in order.iter().enumerate().take(keep) {
@@ -94,7 +112,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, seed: u64) -> Self {
-        Self { params, rng: StdRng::seed_from_u64(seed) }
+        Self {
+            params,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -104,7 +125,11 @@ impl Sampler {
     /// Picks a token and returns it with its log-probability under the sampling distribution.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
         let p = self.params.distribution(logits);
-        let tok = if self.params.is_greedy() { argmax(logits) } else { self.draw(&p) };
+        let tok = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(&p)
+        };
         (tok as u32, p[tok].ln())
     }
 
@@ -138,9 +163,19 @@ mod tests {
     #[test]
     fn top_k_and_top_p_truncate() {
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 2 }.distribution(&logits);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 2,
+        }
+        .distribution(&logits);
         assert!(p[2] == 0.0 && p[3] == 0.0 && (p[0] + p[1] - 1.0).abs() < 1e-6);
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0 }.distribution(&logits);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            top_k: 0,
+        }
+        .distribution(&logits);
         assert!(p[0] == 1.0, "{p:?}"); // the top token alone holds 0.64 >= 0.5
     }
 

@@ -35,7 +35,8 @@ pub const BYTE_LEVEL_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
 /// GPT-2's reversible map from bytes to printable characters, which HF's `ByteLevel`
 /// pre-tokenizer and decoder use.
 fn byte_to_char() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0u32..256)
         .map(|b| {
@@ -92,13 +93,19 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 impl Tokenizer {
     /// Reads an HF `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::BadFile { path: path.to_path_buf(), message: format!("not a usable tokenizer.json: {e}") })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::BadFile {
+            path: path.to_path_buf(),
+            message: format!("not a usable tokenizer.json: {e}"),
+        })?;
         Ok(Self { inner })
     }
 
     /// Chorus' byte-level tokenizer.
     pub fn byte_level() -> Self {
-        let inner = byte_level_json().to_string().parse::<tokenizers::Tokenizer>().expect("the byte-level tokenizer.json is valid");
+        let inner = byte_level_json()
+            .to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .expect("the byte-level tokenizer.json is valid");
         Self { inner }
     }
 
@@ -109,7 +116,12 @@ impl Tokenizer {
 
     /// Token ids of `text`; special-token strings in it become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Text of `ids`, special tokens included unless `skip_special`.
@@ -136,7 +148,11 @@ mod tests {
     fn byte_level_round_trips_any_text() {
         let t = Tokenizer::byte_level();
         assert_eq!(t.vocab_size(), BYTE_LEVEL_VOCAB);
-        for text in ["12+7=19", "héllo wörld\n\t ✓", "<|user|>What is 2+2?<|end|><|assistant|><think>2+2</think>4</s>"] {
+        for text in [
+            "12+7=19",
+            "héllo wörld\n\t ✓",
+            "<|user|>What is 2+2?<|end|><|assistant|><think>2+2</think>4</s>",
+        ] {
             let ids = t.encode(text).unwrap();
             assert_eq!(t.decode(&ids, false).unwrap(), text);
         }
@@ -152,7 +168,10 @@ mod tests {
         Tokenizer::byte_level().save(&path).unwrap();
         let t = Tokenizer::from_file(&path).unwrap();
         let text = "<|assistant|>x = 3 * (4 + 5)</s>";
-        assert_eq!(t.encode(text).unwrap(), Tokenizer::byte_level().encode(text).unwrap());
+        assert_eq!(
+            t.encode(text).unwrap(),
+            Tokenizer::byte_level().encode(text).unwrap()
+        );
         assert_eq!(t.token_id("</s>"), Some(2));
     }
 }

@@ -3,7 +3,9 @@
 mod common;
 
 use candle_core::Device;
-use chorus_model::checkpoint::{INDEX_FILE, WEIGHTS_FILE, init_params, load_checkpoint, save_checkpoint};
+use chorus_model::checkpoint::{
+    INDEX_FILE, WEIGHTS_FILE, init_params, load_checkpoint, save_checkpoint,
+};
 use chorus_model::engine::{Engine, GenerationRequest};
 use chorus_model::sampling::SamplingParams;
 use common::*;
@@ -12,7 +14,12 @@ fn same_params(a: &chorus_model::Params, b: &chorus_model::Params) {
     assert_eq!(a.names().collect::<Vec<_>>(), b.names().collect::<Vec<_>>());
     for (name, va) in a.vars() {
         let x: Vec<f32> = va.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        let y: Vec<f32> = b.vars()[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b.vars()[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(x, y, "{name}");
     }
 }
@@ -38,13 +45,31 @@ fn init_is_deterministic_per_seed_and_complete() {
     let b = init_params(&cfg, 7, &Device::Cpu).unwrap();
     let c = init_params(&cfg, 8, &Device::Cpu).unwrap();
     same_params(&a, &b);
-    let wa: Vec<f32> = a.vars()["lm_head.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    let wc: Vec<f32> = c.vars()["lm_head.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let wa: Vec<f32> = a.vars()["lm_head.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let wc: Vec<f32> = c.vars()["lm_head.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_ne!(wa, wc);
     // Every tensor the model reads exists: building both runners succeeds and generates.
     chorus_model::NemotronH::new(&cfg, &a).unwrap();
     let engine = Engine::from_params(&cfg, &a).unwrap();
-    let out = engine.generate(&GenerationRequest { prompt: vec![3, 4], max_new_tokens: 5, sampling: SamplingParams::greedy(), seed: 0, stop_tokens: vec![] }).unwrap();
+    let out = engine
+        .generate(&GenerationRequest {
+            prompt: vec![3, 4],
+            max_new_tokens: 5,
+            sampling: SamplingParams::greedy(),
+            seed: 0,
+            stop_tokens: vec![],
+        })
+        .unwrap();
     assert_eq!(out.tokens.len(), 5);
 }
 
@@ -57,6 +82,8 @@ fn missing_tensor_is_named() {
     chorus_model::checkpoint::save_tensors(dir.path(), &tensors, None).unwrap();
     std::fs::write(dir.path().join("config.json"), cfg.to_json().to_string()).unwrap();
     let (cfg2, params2) = load_checkpoint(dir.path(), &Device::Cpu).unwrap();
-    let err = chorus_model::NemotronH::new(&cfg2, &params2).unwrap_err().to_string();
+    let err = chorus_model::NemotronH::new(&cfg2, &params2)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("backbone.layers.3.mixer.dt_bias"), "{err}");
 }

@@ -4,9 +4,9 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use chorus_model::NemotronH;
 use chorus_model::engine::{Engine, GenerationRequest, LogitsFor, StepInput};
 use chorus_model::sampling::SamplingParams;
-use chorus_model::NemotronH;
 use common::*;
 
 #[test]
@@ -16,7 +16,14 @@ fn full_forward_matches_hf_logits() {
     let logits = model.forward(&reference["input_ids"]).unwrap();
     let want = &reference["logits"];
     assert_eq!(logits.dims(), want.dims());
-    let err = (logits - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let err = (logits - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(err <= 1e-4, "max abs error {err}");
 }
 
@@ -25,9 +32,20 @@ fn engine_prefill_matches_hf_logits() {
     let (cfg, params, reference) = load_fixture("tiny_a");
     let engine = Engine::from_params(&cfg, &params).unwrap();
     let ids = ids_of(&reference["input_ids"]);
-    let want: Vec<f32> = reference["logits"].flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = reference["logits"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut caches: Vec<_> = ids.iter().map(|_| engine.new_cache()).collect();
-    let mut batch: Vec<StepInput> = caches.iter_mut().zip(&ids).map(|(c, t)| StepInput { cache: c, tokens: t }).collect();
+    let mut batch: Vec<StepInput> = caches
+        .iter_mut()
+        .zip(&ids)
+        .map(|(c, t)| StepInput {
+            cache: c,
+            tokens: t,
+        })
+        .collect();
     let out = engine.forward(&mut batch, LogitsFor::All, false).unwrap();
     let err = max_abs_diff(&out.logits, &want);
     assert!(err <= 1e-4, "max abs error {err}");
@@ -40,7 +58,13 @@ fn greedy_generation_reproduces_hf() {
     let prompt = ids_of(&reference["greedy_prompt"]).remove(0);
     let want = ids_of(&reference["greedy_output"]).remove(0);
     let generation = engine
-        .generate(&GenerationRequest { prompt: prompt.clone(), max_new_tokens: want.len() - prompt.len(), sampling: SamplingParams::greedy(), seed: 0, stop_tokens: vec![] })
+        .generate(&GenerationRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: want.len() - prompt.len(),
+            sampling: SamplingParams::greedy(),
+            seed: 0,
+            stop_tokens: vec![],
+        })
         .unwrap();
     assert_eq!(generation.tokens, want[prompt.len()..]);
 }
@@ -59,8 +83,17 @@ fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model:
     let full: Vec<Vec<f32>> = seqs
         .iter()
         .map(|s| {
-            let ids = Tensor::new(s.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            model.forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            let ids = Tensor::new(s.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            model
+                .forward(&ids)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         })
         .collect();
     let v = cfg.vocab_size;
@@ -77,10 +110,14 @@ fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model:
     let mut pos = vec![0usize; seqs.len()];
     let mut worst = 0f32;
     for step in schedule {
-        let mut cache_refs: Vec<Option<&mut chorus_model::engine::SequenceCache>> = caches.iter_mut().map(Some).collect();
+        let mut cache_refs: Vec<Option<&mut chorus_model::engine::SequenceCache>> =
+            caches.iter_mut().map(Some).collect();
         let mut batch = vec![];
         for &(s, n) in &step {
-            batch.push(StepInput { cache: cache_refs[s].take().unwrap(), tokens: &seqs[s][pos[s]..pos[s] + n] });
+            batch.push(StepInput {
+                cache: cache_refs[s].take().unwrap(),
+                tokens: &seqs[s][pos[s]..pos[s] + n],
+            });
         }
         let out = engine.forward(&mut batch, LogitsFor::All, false).unwrap();
         for (slot, &(s, n)) in step.iter().enumerate() {

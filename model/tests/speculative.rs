@@ -8,7 +8,13 @@ use chorus_model::sampling::SamplingParams;
 use common::*;
 
 fn request(sampling: SamplingParams, n: usize) -> GenerationRequest {
-    GenerationRequest { prompt: vec![5, 17, 3, 9, 22], max_new_tokens: n, sampling, seed: 42, stop_tokens: vec![] }
+    GenerationRequest {
+        prompt: vec![5, 17, 3, 9, 22],
+        max_new_tokens: n,
+        sampling,
+        seed: 42,
+        stop_tokens: vec![],
+    }
 }
 
 #[test]
@@ -17,9 +23,13 @@ fn greedy_speculation_changes_nothing_but_speed() {
         let cfg = small_config(pattern, Some(16), true);
         let params = random_params(&cfg, seed);
         let engine = Engine::from_params(&cfg, &params).unwrap();
-        let plain = engine.generate(&request(SamplingParams::greedy(), 30)).unwrap();
+        let plain = engine
+            .generate(&request(SamplingParams::greedy(), 30))
+            .unwrap();
         for k in 1..=4 {
-            let spec = engine.generate_speculative(&request(SamplingParams::greedy(), 30), k).unwrap();
+            let spec = engine
+                .generate_speculative(&request(SamplingParams::greedy(), 30), k)
+                .unwrap();
             assert_eq!(spec.tokens, plain.tokens, "{pattern} k={k}");
             for (a, b) in spec.logprobs.iter().zip(&plain.logprobs) {
                 assert!((a - b).abs() < 1e-4, "{pattern} k={k}: logprob {a} vs {b}");
@@ -36,8 +46,14 @@ fn sampled_speculation_is_seeded_and_respects_the_budget() {
     let cfg = small_config("MEM*-E", Some(16), true);
     let params = random_params(&cfg, 4);
     let engine = Engine::from_params(&cfg, &params).unwrap();
-    let s = SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 0 };
-    let a = engine.generate_speculative(&request(s.clone(), 25), 3).unwrap();
+    let s = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 0,
+    };
+    let a = engine
+        .generate_speculative(&request(s.clone(), 25), 3)
+        .unwrap();
     let b = engine.generate_speculative(&request(s, 25), 3).unwrap();
     assert_eq!(a.tokens, b.tokens);
     assert_eq!(a.tokens.len(), 25);

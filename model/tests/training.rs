@@ -14,20 +14,41 @@ fn loss(model: &NemotronH, ids: &Tensor) -> Tensor {
     let logits = model.logits(&hidden).unwrap();
     let ce = |logits: &Tensor, targets: &Tensor| {
         let v = logits.dim(D::Minus1).unwrap();
-        candle_nn::loss::cross_entropy(&logits.reshape(((), v)).unwrap(), &targets.flatten_all().unwrap()).unwrap()
+        candle_nn::loss::cross_entropy(
+            &logits.reshape(((), v)).unwrap(),
+            &targets.flatten_all().unwrap(),
+        )
+        .unwrap()
     };
-    let mut total = ce(&logits.narrow(1, 0, t - 1).unwrap(), &ids.narrow(1, 1, t - 1).unwrap());
-    for (k, l) in model.mtp_logits(ids, &hidden, 2).unwrap().iter().enumerate() {
+    let mut total = ce(
+        &logits.narrow(1, 0, t - 1).unwrap(),
+        &ids.narrow(1, 1, t - 1).unwrap(),
+    );
+    for (k, l) in model
+        .mtp_logits(ids, &hidden, 2)
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let depth = k + 1;
         let len = t - depth - 1;
-        let part = ce(&l.narrow(1, 0, len).unwrap(), &ids.narrow(1, depth + 1, len).unwrap());
+        let part = ce(
+            &l.narrow(1, 0, len).unwrap(),
+            &ids.narrow(1, depth + 1, len).unwrap(),
+        );
         total = (total + (part * 0.3).unwrap()).unwrap();
     }
     total
 }
 
 fn batch() -> Tensor {
-    let rows: Vec<Vec<u32>> = (0..2).map(|b| (0..11).map(|i| ((i * 7 + b * 13 + 3) % 40) as u32).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..2)
+        .map(|b| {
+            (0..11)
+                .map(|i| ((i * 7 + b * 13 + 3) % 40) as u32)
+                .collect()
+        })
+        .collect();
     Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
@@ -55,12 +76,24 @@ fn every_parameter_gets_a_nonzero_gradient() {
             continue;
         }
         let g = grads.get(var.as_tensor());
-        let norm = g.map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).unwrap_or(0.0);
+        let norm = g
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .unwrap_or(0.0);
         if !(norm > 0.0 && norm.is_finite()) {
             missing.push(name.clone());
         }
     }
-    assert!(params.vars().keys().any(|n| n.starts_with("mtp.")), "config has an MTP head");
+    assert!(
+        params.vars().keys().any(|n| n.starts_with("mtp.")),
+        "config has an MTP head"
+    );
     assert!(missing.is_empty(), "no gradient for {missing:?}");
 }
 
@@ -85,19 +118,40 @@ fn gradients_agree_with_finite_differences() {
     let eval = || loss(&model, &ids).to_scalar::<f64>().unwrap();
     for (name, index) in probes {
         let var = &params.vars()[name];
-        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().i(index).unwrap().to_scalar::<f64>().unwrap();
-        let original = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .i(index)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let original = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let eps = 1e-5f64;
         let at = |delta: f64| {
             let mut v = original.clone();
             v[index] += delta;
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             eval()
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::from_vec(original, var.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(original, var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         let tol = 1e-3 * analytic.abs().max(numeric.abs()) + 1e-7;
-        assert!((analytic - numeric).abs() <= tol, "{name}[{index}]: analytic {analytic:.6} vs numeric {numeric:.6}");
-        assert!(analytic.abs() > 1e-7, "{name}[{index}] has a zero gradient; pick another probe");
+        assert!(
+            (analytic - numeric).abs() <= tol,
+            "{name}[{index}]: analytic {analytic:.6} vs numeric {numeric:.6}"
+        );
+        assert!(
+            analytic.abs() > 1e-7,
+            "{name}[{index}] has a zero gradient; pick another probe"
+        );
     }
 }

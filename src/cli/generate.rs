@@ -21,7 +21,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Prompt as comma-separated token ids, e.g. 5,17,42.
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "prompt",
+        required_unless_present = "prompt"
+    )]
     prompt_ids: Vec<u32>,
     /// Prompt as text (needs the checkpoint's tokenizer.json).
     #[arg(long)]
@@ -59,10 +64,19 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
     let tokenizer_path = a.checkpoint.join("tokenizer.json");
-    let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
+    let tokenizer = if tokenizer_path.exists() {
+        Some(Tokenizer::from_file(&tokenizer_path)?)
+    } else {
+        None
+    };
     let prompt = match &a.prompt {
         Some(text) => {
-            let t = tokenizer.as_ref().with_context(|| format!("--prompt needs {}; give --prompt-ids instead", tokenizer_path.display()))?;
+            let t = tokenizer.as_ref().with_context(|| {
+                format!(
+                    "--prompt needs {}; give --prompt-ids instead",
+                    tokenizer_path.display()
+                )
+            })?;
             t.encode(text)?
         }
         None => a.prompt_ids.clone(),
@@ -71,12 +85,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt is empty; give --prompt-ids 5,17,42 or --prompt TEXT");
     }
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        bail!("prompt token id {bad} is outside the vocabulary (ids must be < {})", cfg.vocab_size);
+        bail!(
+            "prompt token id {bad} is outside the vocabulary (ids must be < {})",
+            cfg.vocab_size
+        );
     }
     let sampling = if a.greedy || a.temperature.is_none() {
         SamplingParams::greedy()
     } else {
-        let s = SamplingParams { temperature: a.temperature.unwrap_or(1.0), top_p: a.top_p.unwrap_or(1.0), top_k: a.top_k.unwrap_or(0) };
+        let s = SamplingParams {
+            temperature: a.temperature.unwrap_or(1.0),
+            top_p: a.top_p.unwrap_or(1.0),
+            top_k: a.top_k.unwrap_or(0),
+        };
         s.validate().map_err(anyhow::Error::msg)?;
         if s.temperature == 0.0 {
             bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
@@ -89,7 +110,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling,
         seed: a.seed,
-        stop_tokens: if a.stop_at_eos { cfg.eos_token_ids.clone() } else { vec![] },
+        stop_tokens: if a.stop_at_eos {
+            cfg.eos_token_ids.clone()
+        } else {
+            vec![]
+        },
     };
     let start = std::time::Instant::now();
     let out = match a.mtp {
@@ -110,9 +135,18 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         println!("text      {:?}", t.decode(&out.tokens, false)?);
     }
     println!("finish    {:?}", out.finish);
-    println!("speed     {:.1} tokens/s", out.tokens.len() as f64 / secs.max(1e-9));
+    println!(
+        "speed     {:.1} tokens/s",
+        out.tokens.len() as f64 / secs.max(1e-9)
+    );
     if let Some(s) = out.mtp {
-        println!("mtp       {} of {} drafts accepted ({:.1}%), {} verification passes", s.accepted, s.drafted, 100.0 * s.acceptance_rate(), s.verify_passes);
+        println!(
+            "mtp       {} of {} drafts accepted ({:.1}%), {} verification passes",
+            s.accepted,
+            s.drafted,
+            100.0 * s.acceptance_rate(),
+            s.verify_passes
+        );
     }
     Ok(())
 }

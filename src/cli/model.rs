@@ -75,7 +75,13 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
 
 fn init(a: InitArgs) -> anyhow::Result<()> {
     let cfg = NemotronHConfig::from_file(&a.config)?;
-    eprintln!("initialising {} ({} blocks, d={}) with seed {}", cfg.pattern(), cfg.layers.len(), cfg.hidden_size, a.seed);
+    eprintln!(
+        "initialising {} ({} blocks, d={}) with seed {}",
+        cfg.pattern(),
+        cfg.layers.len(),
+        cfg.hidden_size,
+        a.seed
+    );
     let params = checkpoint::init_params(&cfg, a.seed, &candle_core::Device::Cpu)?;
     checkpoint::save_checkpoint(&a.out, &cfg, &params, a.shard_mib.map(|m| m << 20))?;
     let tokenizer_note = if cfg.vocab_size >= BYTE_LEVEL_VOCAB {
@@ -84,7 +90,11 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     } else {
         "no tokenizer written (the byte-level tokenizer needs vocab_size >= 270)"
     };
-    println!("wrote {} ({} parameters); {tokenizer_note}", a.out.display(), params.num_elements());
+    println!(
+        "wrote {} ({} parameters); {tokenizer_note}",
+        a.out.display(),
+        params.num_elements()
+    );
     Ok(())
 }
 
@@ -92,23 +102,41 @@ fn forward(a: ForwardArgs) -> anyhow::Result<()> {
     let device = super::parse_device(&a.device)?;
     let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &device)?;
     let model = NemotronH::new(&cfg, &params)?;
-    let inputs = candle_core::safetensors::load(&a.input, &device).with_context(|| format!("reading {}", a.input.display()))?;
-    let ids = inputs.get("input_ids").with_context(|| format!("{} has no tensor `input_ids`", a.input.display()))?;
+    let inputs = candle_core::safetensors::load(&a.input, &device)
+        .with_context(|| format!("reading {}", a.input.display()))?;
+    let ids = inputs
+        .get("input_ids")
+        .with_context(|| format!("{} has no tensor `input_ids`", a.input.display()))?;
     if ids.rank() != 2 {
         bail!("`input_ids` must have shape [B, T], got {:?}", ids.dims());
     }
-    if !matches!(ids.dtype(), DType::I64 | DType::U32 | DType::U8 | DType::I32 | DType::I16) {
+    if !matches!(
+        ids.dtype(),
+        DType::I64 | DType::U32 | DType::U8 | DType::I32 | DType::I16
+    ) {
         bail!("`input_ids` must hold integers, got {:?}", ids.dtype());
     }
     let ids = ids.to_dtype(DType::I64)?;
-    let max = ids.flatten_all()?.to_vec1::<i64>()?.into_iter().fold(0, i64::max);
-    let min = ids.flatten_all()?.to_vec1::<i64>()?.into_iter().fold(0, i64::min);
+    let max = ids
+        .flatten_all()?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .fold(0, i64::max);
+    let min = ids
+        .flatten_all()?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .fold(0, i64::min);
     if min < 0 || max as usize >= cfg.vocab_size {
-        bail!("`input_ids` must lie in [0, {}), found values in [{min}, {max}]", cfg.vocab_size);
+        bail!(
+            "`input_ids` must lie in [0, {}), found values in [{min}, {max}]",
+            cfg.vocab_size
+        );
     }
     let logits: Tensor = model.forward(&ids)?.to_dtype(DType::F32)?;
     let out = HashMap::from([("logits".to_string(), logits.clone())]);
-    candle_core::safetensors::save(&out, &a.output).with_context(|| format!("writing {}", a.output.display()))?;
+    candle_core::safetensors::save(&out, &a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
     eprintln!("wrote logits {:?} to {}", logits.dims(), a.output.display());
     Ok(())
 }
@@ -117,7 +145,11 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
     println!("checkpoint   {}", a.checkpoint.display());
     println!("config       {}", a.checkpoint.join(CONFIG_FILE).display());
-    println!("pattern      {} ({} blocks)", cfg.pattern(), cfg.layers.len());
+    println!(
+        "pattern      {} ({} blocks)",
+        cfg.pattern(),
+        cfg.layers.len()
+    );
     println!("hidden size  {}", cfg.hidden_size);
     println!("vocabulary   {}", cfg.vocab_size);
     println!("MTP head     {}", if cfg.has_mtp() { "yes" } else { "no" });

@@ -11,7 +11,9 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("temp dir") }
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     /// A path inside the test's temp dir.
@@ -21,20 +23,33 @@ impl Harness {
 
     /// `chorus ARGS…` run in the temp dir.
     pub fn chorus(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_chorus")).args(args).current_dir(self.dir.path()).output().expect("run chorus")
+        Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run chorus")
     }
 
     /// Runs `chorus ARGS…`, panicking with its output unless it succeeds; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.chorus(args);
-        assert!(out.status.success(), "chorus {args:?} failed:\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "chorus {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
 
     /// Runs `chorus ARGS…`, expecting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.chorus(args);
-        assert!(!out.status.success(), "chorus {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "chorus {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }

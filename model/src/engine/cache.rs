@@ -8,7 +8,11 @@ pub(crate) enum LayerCache {
     /// Mamba-2: the last `K-1` conv inputs (oldest first, `[K-1, conv_dim]`) and the SSM state
     /// `[heads, head_dim, state]`; `history` holds the state after each token of the last call
     /// when it was asked to (speculative decoding rewinds to one of them).
-    Mamba { conv: Vec<f32>, ssm: Vec<f32>, history: Vec<(Vec<f32>, Vec<f32>)> },
+    Mamba {
+        conv: Vec<f32>,
+        ssm: Vec<f32>,
+        history: Vec<(Vec<f32>, Vec<f32>)>,
+    },
     /// Attention: keys and values of every position so far, `[len, kv_heads * head_dim]`.
     Attention { keys: Vec<f32>, values: Vec<f32> },
 }
@@ -41,7 +45,12 @@ impl SequenceCache {
         let one = |l: &LayerCache| match l {
             LayerCache::Stateless => 0,
             LayerCache::Mamba { conv, ssm, history } => {
-                4 * (conv.len() + ssm.len() + history.iter().map(|(a, b)| a.len() + b.len()).sum::<usize>())
+                4 * (conv.len()
+                    + ssm.len()
+                    + history
+                        .iter()
+                        .map(|(a, b)| a.len() + b.len())
+                        .sum::<usize>())
             }
             LayerCache::Attention { keys, values } => 4 * (keys.len() + values.len()),
         };
@@ -49,7 +58,12 @@ impl SequenceCache {
     }
 }
 
-pub(crate) fn rewind_layers(layers: &mut [LayerCache], kv_width: usize, new_len: usize, drop: usize) {
+pub(crate) fn rewind_layers(
+    layers: &mut [LayerCache],
+    kv_width: usize,
+    new_len: usize,
+    drop: usize,
+) {
     for l in layers {
         match l {
             LayerCache::Stateless => {}
@@ -59,7 +73,10 @@ pub(crate) fn rewind_layers(layers: &mut [LayerCache], kv_width: usize, new_len:
             }
             LayerCache::Mamba { conv, ssm, history } => {
                 if drop > 0 {
-                    let keep = history.len().checked_sub(drop + 1).expect("rewind within the recorded history");
+                    let keep = history
+                        .len()
+                        .checked_sub(drop + 1)
+                        .expect("rewind within the recorded history");
                     let (c, s) = history.swap_remove(keep);
                     *conv = c;
                     *ssm = s;

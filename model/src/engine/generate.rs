@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Engine, LogitsFor, SequenceCache, StepInput};
 use crate::error::{ModelError, Result};
-use crate::sampling::{SamplingParams, Sampler, argmax};
+use crate::sampling::{Sampler, SamplingParams, argmax};
 
 /// One request to generate.
 #[derive(Clone, Debug)]
@@ -42,7 +42,11 @@ pub struct MtpStats {
 impl MtpStats {
     /// Accepted over drafted (0 when nothing was drafted).
     pub fn acceptance_rate(&self) -> f64 {
-        if self.drafted == 0 { 0.0 } else { self.accepted as f64 / self.drafted as f64 }
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
     }
 }
 
@@ -78,7 +82,9 @@ impl Active {
 
 fn check(req: &GenerationRequest) -> Result<()> {
     if req.prompt.is_empty() {
-        return Err(ModelError::Input("the prompt is empty; give at least one token".into()));
+        return Err(ModelError::Input(
+            "the prompt is empty; give at least one token".into(),
+        ));
     }
     req.sampling.validate().map_err(ModelError::Input)
 }
@@ -92,7 +98,11 @@ impl Engine {
     /// Generates for many requests with continuous batching: up to `max_batch` sequences advance
     /// together, one forward call per step; a finished sequence leaves and the next waiting one
     /// joins with its whole prompt in the same call. Results are in request order.
-    pub fn generate_batch(&self, reqs: &[GenerationRequest], max_batch: usize) -> Result<Vec<Generation>> {
+    pub fn generate_batch(
+        &self,
+        reqs: &[GenerationRequest],
+        max_batch: usize,
+    ) -> Result<Vec<Generation>> {
         for r in reqs {
             check(r)?;
         }
@@ -104,7 +114,12 @@ impl Engine {
             while active.len() < max_batch {
                 let Some(i) = waiting.pop() else { break };
                 if reqs[i].max_new_tokens == 0 {
-                    results[i] = Some(Generation { tokens: vec![], logprobs: vec![], finish: FinishReason::Length, mtp: None });
+                    results[i] = Some(Generation {
+                        tokens: vec![],
+                        logprobs: vec![],
+                        finish: FinishReason::Length,
+                        mtp: None,
+                    });
                     continue;
                 }
                 active.push(Active {
@@ -112,14 +127,25 @@ impl Engine {
                     cache: self.new_cache(),
                     sampler: Sampler::new(reqs[i].sampling.clone(), reqs[i].seed),
                     next_input: reqs[i].prompt.clone(),
-                    out: Generation { tokens: vec![], logprobs: vec![], finish: FinishReason::Length, mtp: None },
+                    out: Generation {
+                        tokens: vec![],
+                        logprobs: vec![],
+                        finish: FinishReason::Length,
+                        mtp: None,
+                    },
                 });
             }
             if active.is_empty() {
                 break;
             }
             let out = {
-                let mut batch: Vec<StepInput> = active.iter_mut().map(|a| StepInput { cache: &mut a.cache, tokens: &a.next_input }).collect();
+                let mut batch: Vec<StepInput> = active
+                    .iter_mut()
+                    .map(|a| StepInput {
+                        cache: &mut a.cache,
+                        tokens: &a.next_input,
+                    })
+                    .collect();
                 self.forward(&mut batch, LogitsFor::Last, false)?
             };
             let v = self.vocab;
@@ -137,7 +163,10 @@ impl Engine {
                 results[a.index] = Some(a.out);
             }
         }
-        Ok(results.into_iter().map(|r| r.expect("every request finishes")).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every request finishes"))
+            .collect())
     }
 
     /// Generates with MTP speculative decoding: each round the MTP head drafts `drafts` tokens
@@ -146,7 +175,11 @@ impl Engine {
     /// speculative sampling (accept a draft with probability min(1, p/q), otherwise sample from
     /// the normalised max(0, p - q)), which for greedy decoding means "the draft equals the
     /// backbone's argmax" — so greedy output is identical to [`Engine::generate`].
-    pub fn generate_speculative(&self, req: &GenerationRequest, drafts: usize) -> Result<Generation> {
+    pub fn generate_speculative(
+        &self,
+        req: &GenerationRequest,
+        drafts: usize,
+    ) -> Result<Generation> {
         check(req)?;
         if !self.has_mtp() {
             return Err(ModelError::Input("speculative decoding needs an MTP head; this checkpoint has none (num_nextn_predict_layers = 0)".into()));
@@ -159,14 +192,26 @@ impl Engine {
         let params = &req.sampling;
         let mut sampler = Sampler::new(params.clone(), req.seed);
         let mut cache = self.new_cache();
-        let mut out = Generation { tokens: vec![], logprobs: vec![], finish: FinishReason::Length, mtp: Some(MtpStats::default()) };
+        let mut out = Generation {
+            tokens: vec![],
+            logprobs: vec![],
+            finish: FinishReason::Length,
+            mtp: Some(MtpStats::default()),
+        };
         if req.max_new_tokens == 0 {
             return Ok(out);
         }
         let mut stats = MtpStats::default();
 
         // Prefill, then feed the MTP head every prompt position with the token that follows it.
-        let pre = self.forward(&mut [StepInput { cache: &mut cache, tokens: &req.prompt }], LogitsFor::Last, false)?;
+        let pre = self.forward(
+            &mut [StepInput {
+                cache: &mut cache,
+                tokens: &req.prompt,
+            }],
+            LogitsFor::Last,
+            false,
+        )?;
         let (mut tok, lp) = sampler.sample(&pre.logits[..v]);
         let mut done = {
             out.tokens.push(tok);
@@ -175,7 +220,8 @@ impl Engine {
         };
         let mut next: Vec<u32> = req.prompt[1..].to_vec();
         next.push(tok);
-        let (mut mtp_hidden, mut mtp_logits) = self.mtp_forward(&mut cache, &pre.hidden, &next, false)?;
+        let (mut mtp_hidden, mut mtp_logits) =
+            self.mtp_forward(&mut cache, &pre.hidden, &next, false)?;
 
         while !done {
             let k = drafts.min(req.max_new_tokens - out.tokens.len());
@@ -187,7 +233,11 @@ impl Engine {
             let mut logits = mtp_logits.clone();
             for j in 0..k {
                 let q = params.distribution(&logits);
-                let t = if params.is_greedy() { argmax(&logits) } else { sampler.draw(&q) } as u32;
+                let t = if params.is_greedy() {
+                    argmax(&logits)
+                } else {
+                    sampler.draw(&q)
+                } as u32;
                 draft_tokens.push(t);
                 draft_dists.push(q);
                 if j + 1 < k {
@@ -201,7 +251,14 @@ impl Engine {
             // Verify [tok, drafts...] in one backbone pass.
             let mut inputs = vec![tok];
             inputs.extend(&draft_tokens);
-            let ver = self.forward(&mut [StepInput { cache: &mut cache, tokens: &inputs }], LogitsFor::All, true)?;
+            let ver = self.forward(
+                &mut [StepInput {
+                    cache: &mut cache,
+                    tokens: &inputs,
+                }],
+                LogitsFor::All,
+                true,
+            )?;
             stats.verify_passes += 1;
             stats.drafted += k;
             let mut new_tokens: Vec<(u32, f32)> = vec![];
@@ -210,13 +267,23 @@ impl Engine {
                 let row = &ver.logits[i * v..(i + 1) * v];
                 let p = params.distribution(row);
                 if i == k {
-                    let (t, lp) = if params.is_greedy() { let t = argmax(row); (t as u32, p[t].ln()) } else { let t = sampler.draw(&p); (t as u32, p[t].ln()) };
+                    let (t, lp) = if params.is_greedy() {
+                        let t = argmax(row);
+                        (t as u32, p[t].ln())
+                    } else {
+                        let t = sampler.draw(&p);
+                        (t as u32, p[t].ln())
+                    };
                     new_tokens.push((t, lp));
                     break;
                 }
                 let dt = draft_tokens[i] as usize;
                 let q = &draft_dists[i];
-                let ok = if params.is_greedy() { argmax(row) == dt } else { sampler.uniform() < (p[dt] / q[dt]).min(1.0) };
+                let ok = if params.is_greedy() {
+                    argmax(row) == dt
+                } else {
+                    sampler.uniform() < (p[dt] / q[dt]).min(1.0)
+                };
                 if ok {
                     new_tokens.push((dt as u32, p[dt].ln()));
                     accepted += 1;
@@ -225,7 +292,8 @@ impl Engine {
                 let t = if params.is_greedy() {
                     argmax(row)
                 } else {
-                    let mut residual: Vec<f32> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
+                    let mut residual: Vec<f32> =
+                        p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
                     let s: f32 = residual.iter().sum();
                     if s > 0.0 {
                         residual.iter_mut().for_each(|x| *x /= s);
@@ -259,7 +327,12 @@ impl Engine {
             // head, each with the token that followed it.
             let confirmed = accepted + 1;
             let next: Vec<u32> = new_tokens.iter().map(|x| x.0).collect();
-            let (mh, ml) = self.mtp_forward(&mut cache, &ver.hidden[..confirmed * d], &next[..confirmed], false)?;
+            let (mh, ml) = self.mtp_forward(
+                &mut cache,
+                &ver.hidden[..confirmed * d],
+                &next[..confirmed],
+                false,
+            )?;
             mtp_hidden = mh;
             mtp_logits = ml;
             tok = *next.last().expect("at least one new token");

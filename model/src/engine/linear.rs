@@ -5,14 +5,26 @@
 #[derive(Clone, Debug)]
 pub enum LinearOp {
     /// Dense f32 weights.
-    Dense { weight: Vec<f32>, out_dim: usize, in_dim: usize },
+    Dense {
+        weight: Vec<f32>,
+        out_dim: usize,
+        in_dim: usize,
+    },
 }
 
 impl LinearOp {
     /// A dense projection from a row-major `[out_dim, in_dim]` weight.
     pub fn dense(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
-        assert_eq!(weight.len(), out_dim * in_dim, "weight length must be out_dim * in_dim");
-        LinearOp::Dense { weight, out_dim, in_dim }
+        assert_eq!(
+            weight.len(),
+            out_dim * in_dim,
+            "weight length must be out_dim * in_dim"
+        );
+        LinearOp::Dense {
+            weight,
+            out_dim,
+            in_dim,
+        }
     }
 
     pub fn in_dim(&self) -> usize {
@@ -37,7 +49,11 @@ impl LinearOp {
     /// `x: [rows, in]` → `y: [rows, out]` (overwritten).
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         match self {
-            LinearOp::Dense { weight, out_dim, in_dim } => dense_forward(weight, *out_dim, *in_dim, x, rows, y),
+            LinearOp::Dense {
+                weight,
+                out_dim,
+                in_dim,
+            } => dense_forward(weight, *out_dim, *in_dim, x, rows, y),
         }
     }
 }
@@ -120,14 +136,14 @@ fn gemv_portable(w: &[f32], in_dim: usize, x: &[f32], y: &mut [f32]) {
 
 /// Dot product with eight lanes of accumulation.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = acc.iter().sum::<f32>();
@@ -145,7 +161,9 @@ mod tests {
         let mut y = vec![0f32; rows * out];
         for r in 0..rows {
             for o in 0..out {
-                y[r * out + o] = (0..inp).map(|i| x[r * inp + i] as f64 * w[o * inp + i] as f64).sum::<f64>() as f32;
+                y[r * out + o] = (0..inp)
+                    .map(|i| x[r * inp + i] as f64 * w[o * inp + i] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
@@ -158,7 +176,14 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        for (rows, out, inp) in [(1, 5, 3), (1, 64, 196), (2, 17, 33), (3, 9, 70), (64, 40, 64), (130, 7, 129)] {
+        for (rows, out, inp) in [
+            (1, 5, 3),
+            (1, 64, 196),
+            (2, 17, 33),
+            (3, 9, 70),
+            (64, 40, 64),
+            (130, 7, 129),
+        ] {
             let w: Vec<f32> = (0..out * inp).map(|_| next()).collect();
             let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();
             let mut y = vec![f32::NAN; rows * out];

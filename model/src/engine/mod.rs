@@ -10,6 +10,7 @@
 mod cache;
 mod generate;
 mod linear;
+mod simd;
 
 use std::collections::BTreeMap;
 
@@ -18,7 +19,7 @@ use candle_core::Tensor;
 pub use cache::SequenceCache;
 use cache::{LayerCache, rewind_layers};
 pub use generate::{FinishReason, Generation, GenerationRequest, MtpStats};
-pub use linear::{LinearOp, dot};
+pub use linear::LinearOp;
 
 use crate::config::{BlockKind, MambaConfig, MoeConfig, NemotronHConfig};
 use crate::error::{ModelError, Result};
@@ -31,15 +32,26 @@ struct Weights<'a> {
 
 impl Weights<'_> {
     fn vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let t = self.map.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        let t = self
+            .map
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
         if t.dims() != shape {
-            return Err(ModelError::Shape { name: name.into(), expected: shape.to_vec(), got: t.dims().to_vec() });
+            return Err(ModelError::Shape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
         }
         Ok(t.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn linear(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearOp> {
-        Ok(LinearOp::dense(self.vec(&format!("{name}.weight"), &[out_dim, in_dim])?, out_dim, in_dim))
+        Ok(LinearOp::dense(
+            self.vec(&format!("{name}.weight"), &[out_dim, in_dim])?,
+            out_dim,
+            in_dim,
+        ))
     }
 
     fn has(&self, name: &str) -> bool {
@@ -50,7 +62,7 @@ impl Weights<'_> {
 struct MambaW {
     cfg: MambaConfig,
     in_proj: LinearOp,
-    conv_w: Vec<f32>, // [C, K]
+    conv_w_t: Vec<f32>, // [K, C]: taps outermost so the per-token loop runs over channels
     conv_b: Vec<f32>,
     dt_bias: Vec<f32>,
     a: Vec<f32>, // -exp(A_log)
@@ -163,7 +175,10 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 impl MlpW {
     fn load(w: &Weights, prefix: &str, dim: usize, hidden: usize) -> Result<Self> {
-        Ok(Self { up: w.linear(&format!("{prefix}.up_proj"), dim, hidden)?, down: w.linear(&format!("{prefix}.down_proj"), hidden, dim)? })
+        Ok(Self {
+            up: w.linear(&format!("{prefix}.up_proj"), dim, hidden)?,
+            down: w.linear(&format!("{prefix}.down_proj"), hidden, dim)?,
+        })
     }
 
     fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
@@ -181,13 +196,27 @@ impl BlockW {
         let mixer = match kind {
             BlockKind::Mamba => {
                 let m = cfg.mamba().clone();
-                let conv_b = if m.conv_bias { w.vec(&format!("{mx}.conv1d.bias"), &[m.conv_dim()])? } else { vec![0.0; m.conv_dim()] };
+                let conv_b = if m.conv_bias {
+                    w.vec(&format!("{mx}.conv1d.bias"), &[m.conv_dim()])?
+                } else {
+                    vec![0.0; m.conv_dim()]
+                };
                 MixerW::Mamba(MambaW {
                     in_proj: w.linear(&format!("{mx}.in_proj"), d, m.in_proj_dim())?,
-                    conv_w: w.vec(&format!("{mx}.conv1d.weight"), &[m.conv_dim(), 1, m.conv_kernel])?,
+                    conv_w_t: {
+                        let w = w.vec(
+                            &format!("{mx}.conv1d.weight"),
+                            &[m.conv_dim(), 1, m.conv_kernel],
+                        )?;
+                        let (c, k) = (m.conv_dim(), m.conv_kernel);
+                        (0..k * c).map(|i| w[(i % c) * k + i / c]).collect()
+                    },
                     conv_b,
                     dt_bias: w.vec(&format!("{mx}.dt_bias"), &[m.num_heads])?,
-                    a: w.vec(&format!("{mx}.A_log"), &[m.num_heads])?.iter().map(|v| -v.exp()).collect(),
+                    a: w.vec(&format!("{mx}.A_log"), &[m.num_heads])?
+                        .iter()
+                        .map(|v| -v.exp())
+                        .collect(),
                     d: w.vec(&format!("{mx}.D"), &[m.num_heads])?,
                     norm_w: w.vec(&format!("{mx}.norm.weight"), &[m.inner()])?,
                     out_proj: w.linear(&format!("{mx}.out_proj"), m.inner(), d)?,
@@ -210,25 +239,47 @@ impl BlockW {
                 let m = cfg.moe().clone();
                 let width = m.latent_size.unwrap_or(d);
                 let experts = if w.has(&format!("{mx}.experts.up_proj")) {
-                    let up = w.vec(&format!("{mx}.experts.up_proj"), &[m.num_experts, m.expert_dim, width])?;
-                    let down = w.vec(&format!("{mx}.experts.down_proj"), &[m.num_experts, width, m.expert_dim])?;
+                    let up = w.vec(
+                        &format!("{mx}.experts.up_proj"),
+                        &[m.num_experts, m.expert_dim, width],
+                    )?;
+                    let down = w.vec(
+                        &format!("{mx}.experts.down_proj"),
+                        &[m.num_experts, width, m.expert_dim],
+                    )?;
                     let (su, sd) = (m.expert_dim * width, width * m.expert_dim);
                     (0..m.num_experts)
                         .map(|e| MlpW {
-                            up: LinearOp::dense(up[e * su..(e + 1) * su].to_vec(), m.expert_dim, width),
-                            down: LinearOp::dense(down[e * sd..(e + 1) * sd].to_vec(), width, m.expert_dim),
+                            up: LinearOp::dense(
+                                up[e * su..(e + 1) * su].to_vec(),
+                                m.expert_dim,
+                                width,
+                            ),
+                            down: LinearOp::dense(
+                                down[e * sd..(e + 1) * sd].to_vec(),
+                                width,
+                                m.expert_dim,
+                            ),
                         })
                         .collect()
                 } else {
-                    (0..m.num_experts).map(|e| MlpW::load(w, &format!("{mx}.experts.{e}"), width, m.expert_dim)).collect::<Result<_>>()?
+                    (0..m.num_experts)
+                        .map(|e| MlpW::load(w, &format!("{mx}.experts.{e}"), width, m.expert_dim))
+                        .collect::<Result<_>>()?
                 };
                 let latent = match m.latent_size {
-                    Some(l) => Some((w.linear(&format!("{mx}.fc1_latent_proj"), d, l)?, w.linear(&format!("{mx}.fc2_latent_proj"), l, d)?)),
+                    Some(l) => Some((
+                        w.linear(&format!("{mx}.fc1_latent_proj"), d, l)?,
+                        w.linear(&format!("{mx}.fc2_latent_proj"), l, d)?,
+                    )),
                     None => None,
                 };
                 MixerW::Moe(MoeW {
                     gate: w.linear(&format!("{mx}.gate"), d, m.num_experts)?,
-                    bias: w.vec(&format!("{mx}.gate.e_score_correction_bias"), &[m.num_experts])?,
+                    bias: w.vec(
+                        &format!("{mx}.gate.e_score_correction_bias"),
+                        &[m.num_experts],
+                    )?,
                     experts,
                     shared: MlpW::load(w, &format!("{mx}.shared_experts"), d, m.shared_expert_dim)?,
                     latent,
@@ -237,7 +288,10 @@ impl BlockW {
             }
             BlockKind::Mlp => MixerW::Mlp(MlpW::load(w, &mx, d, cfg.mlp_dim())?),
         };
-        Ok(Self { norm: w.vec(&format!("{prefix}.norm.weight"), &[d])?, mixer })
+        Ok(Self {
+            norm: w.vec(&format!("{prefix}.norm.weight"), &[d])?,
+            mixer,
+        })
     }
 
     fn new_cache(&self) -> LayerCache {
@@ -247,14 +301,25 @@ impl BlockW {
                 ssm: vec![0.0; m.cfg.num_heads * m.cfg.head_dim * m.cfg.state_size],
                 history: vec![],
             },
-            MixerW::Attention(_) => LayerCache::Attention { keys: vec![], values: vec![] },
+            MixerW::Attention(_) => LayerCache::Attention {
+                keys: vec![],
+                values: vec![],
+            },
             MixerW::Moe(_) | MixerW::Mlp(_) => LayerCache::Stateless,
         }
     }
 
     /// `x: [rows, d]` updated in place: `x += mixer(norm(x))`. `seqs[i]` is the row range of
     /// sequence `i`, `caches[i]` its cache for this block.
-    fn forward(&self, x: &mut [f32], d: usize, eps: f32, seqs: &[std::ops::Range<usize>], caches: &mut [&mut LayerCache], record: bool) {
+    fn forward(
+        &self,
+        x: &mut [f32],
+        d: usize,
+        eps: f32,
+        seqs: &[std::ops::Range<usize>],
+        caches: &mut [&mut LayerCache],
+        record: bool,
+    ) {
         let rows = x.len() / d;
         let mut h = vec![0f32; x.len()];
         rms_norm_rows(x, &self.norm, eps, &mut h);
@@ -271,9 +336,25 @@ impl BlockW {
 
 impl MambaW {
     #[allow(clippy::too_many_arguments)]
-    fn forward(&self, h: &[f32], rows: usize, eps: f32, seqs: &[std::ops::Range<usize>], caches: &mut [&mut LayerCache], record: bool, y_out: &mut [f32]) {
+    fn forward(
+        &self,
+        h: &[f32],
+        rows: usize,
+        eps: f32,
+        seqs: &[std::ops::Range<usize>],
+        caches: &mut [&mut LayerCache],
+        record: bool,
+        y_out: &mut [f32],
+    ) {
         let m = &self.cfg;
-        let (inner, cd, nh, hd, ns, kk) = (m.inner(), m.conv_dim(), m.num_heads, m.head_dim, m.state_size, m.conv_kernel);
+        let (inner, cd, nh, hd, ns, kk) = (
+            m.inner(),
+            m.conv_dim(),
+            m.num_heads,
+            m.head_dim,
+            m.state_size,
+            m.conv_kernel,
+        );
         let hpg = m.heads_per_group();
         let gs = m.n_groups * ns;
         let pw = m.in_proj_dim();
@@ -283,7 +364,9 @@ impl MambaW {
         let mut xbc = vec![0f32; cd];
         let (dt_min, dt_max) = (m.dt_min as f32, m.dt_max as f32);
         for (range, cache) in seqs.iter().zip(caches.iter_mut()) {
-            let LayerCache::Mamba { conv, ssm, history } = &mut **cache else { unreachable!("Mamba block has a Mamba cache") };
+            let LayerCache::Mamba { conv, ssm, history } = &mut **cache else {
+                unreachable!("Mamba block has a Mamba cache")
+            };
             if record {
                 history.clear();
                 history.push((conv.clone(), ssm.clone()));
@@ -291,15 +374,7 @@ impl MambaW {
             for r in range.clone() {
                 let p = &proj[r * pw..(r + 1) * pw];
                 let (z, xbc_in, dt_raw) = (&p[..inner], &p[inner..inner + cd], &p[inner + cd..]);
-                // Causal depthwise conv over [history..., current], then SiLU.
-                for c in 0..cd {
-                    let w = &self.conv_w[c * kk..(c + 1) * kk];
-                    let mut s = self.conv_b[c] + w[kk - 1] * xbc_in[c];
-                    for j in 0..kk - 1 {
-                        s += w[j] * conv[j * cd + c];
-                    }
-                    xbc[c] = silu(s);
-                }
+                simd::conv_step(&self.conv_w_t, &self.conv_b, conv, xbc_in, &mut xbc);
                 if kk > 1 {
                     conv.copy_within(cd.., 0);
                     conv[(kk - 2) * cd..].copy_from_slice(xbc_in);
@@ -311,17 +386,17 @@ impl MambaW {
                     let da = (dt * self.a[head]).exp();
                     let g = head / hpg;
                     let (b, c) = (&bm[g * ns..(g + 1) * ns], &cm[g * ns..(g + 1) * ns]);
-                    for pi in 0..hd {
-                        let xv = xs[head * hd + pi];
-                        let st = &mut ssm[(head * hd + pi) * ns..(head * hd + pi + 1) * ns];
-                        let dx = dt * xv;
-                        let mut acc = 0f32;
-                        for n in 0..ns {
-                            st[n] = st[n] * da + dx * b[n];
-                            acc += st[n] * c[n];
-                        }
-                        yr[head * hd + pi] = acc + self.d[head] * xv;
-                    }
+                    let span = head * hd..(head + 1) * hd;
+                    simd::ssm_head(
+                        &mut ssm[head * hd * ns..(head + 1) * hd * ns],
+                        da,
+                        dt,
+                        self.d[head],
+                        &xs[span.clone()],
+                        b,
+                        c,
+                        &mut yr[span],
+                    );
                 }
                 // Gated RMSNorm per group.
                 let gsz = m.norm_group_size();
@@ -346,7 +421,14 @@ impl MambaW {
 }
 
 impl AttnW {
-    fn forward(&self, h: &[f32], rows: usize, seqs: &[std::ops::Range<usize>], caches: &mut [&mut LayerCache], y_out: &mut [f32]) {
+    fn forward(
+        &self,
+        h: &[f32],
+        rows: usize,
+        seqs: &[std::ops::Range<usize>],
+        caches: &mut [&mut LayerCache],
+        y_out: &mut [f32],
+    ) {
         let (nh, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let group = nh / kvh;
         let kvw = kvh * hd;
@@ -360,7 +442,9 @@ impl AttnW {
         let mut out = vec![0f32; rows * nh * hd];
         let mut scores = vec![];
         for (range, cache) in seqs.iter().zip(caches.iter_mut()) {
-            let LayerCache::Attention { keys, values } = &mut **cache else { unreachable!("attention block has a KV cache") };
+            let LayerCache::Attention { keys, values } = &mut **cache else {
+                unreachable!("attention block has a KV cache")
+            };
             let before = keys.len() / kvw;
             keys.extend_from_slice(&k[range.start * kvw..range.end * kvw]);
             values.extend_from_slice(&v[range.start * kvw..range.end * kvw]);
@@ -369,20 +453,18 @@ impl AttnW {
                 for head in 0..nh {
                     let kv = head / group;
                     let qh = &q[(r * nh + head) * hd..(r * nh + head + 1) * hd];
-                    scores.clear();
-                    scores.extend((0..visible).map(|t| dot(qh, &keys[t * kvw + kv * hd..t * kvw + (kv + 1) * hd]) * scale));
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    scores.iter_mut().for_each(|s| {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    });
                     let o = &mut out[(r * nh + head) * hd..(r * nh + head + 1) * hd];
-                    for (t, &p) in scores.iter().enumerate() {
-                        let vr = &values[t * kvw + kv * hd..t * kvw + (kv + 1) * hd];
-                        let p = p / sum;
-                        o.iter_mut().zip(vr).for_each(|(a, b)| *a += p * b);
-                    }
+                    simd::attend_head(
+                        qh,
+                        keys,
+                        values,
+                        kvw,
+                        kv * hd,
+                        visible,
+                        scale,
+                        &mut scores,
+                        o,
+                    );
                 }
             }
         }
@@ -396,7 +478,9 @@ impl MoeW {
         let ne = m.num_experts;
         let mut scores = vec![0f32; rows * ne];
         self.gate.forward(h, rows, &mut scores);
-        scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp()));
+        scores
+            .iter_mut()
+            .for_each(|s| *s = 1.0 / (1.0 + (-*s).exp()));
         let (latent_in, width) = match &self.latent {
             Some((fc1, _)) => {
                 let mut l = vec![0f32; rows * fc1.out_dim()];
@@ -427,7 +511,11 @@ impl MoeW {
             yexp.resize(list.len() * width, 0.0);
             self.experts[e].forward(&xin, list.len(), &mut yexp);
             for (i, &(r, w)) in list.iter().enumerate() {
-                acc[r * width..(r + 1) * width].iter_mut().zip(&yexp[i * width..(i + 1) * width]).for_each(|(a, b)| *a += w * b);
+                simd::axpy(
+                    &mut acc[r * width..(r + 1) * width],
+                    w,
+                    &yexp[i * width..(i + 1) * width],
+                );
             }
         }
         match &self.latent {
@@ -467,13 +555,27 @@ impl Engine {
                 enorm: w.vec("mtp.enorm.weight", &[d])?,
                 hnorm: w.vec("mtp.hnorm.weight", &[d])?,
                 eh_proj: w.linear("mtp.eh_proj", 2 * d, d)?,
-                layers: cfg.mtp_layers.iter().enumerate().map(|(i, &k)| BlockW::load(cfg, &w, k, &format!("mtp.layers.{i}"))).collect::<Result<_>>()?,
+                layers: cfg
+                    .mtp_layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| BlockW::load(cfg, &w, k, &format!("mtp.layers.{i}")))
+                    .collect::<Result<_>>()?,
                 norm_f: w.vec("mtp.norm_f.weight", &[d])?,
             })
         } else {
             None
         };
-        Ok(Self { cfg: cfg.clone(), d, vocab: cfg.vocab_size, embeddings, layers, norm_f: w.vec("backbone.norm_f.weight", &[d])?, lm_head, mtp })
+        Ok(Self {
+            cfg: cfg.clone(),
+            d,
+            vocab: cfg.vocab_size,
+            embeddings,
+            layers,
+            norm_f: w.vec("backbone.norm_f.weight", &[d])?,
+            lm_head,
+            mtp,
+        })
     }
 
     pub fn config(&self) -> &NemotronHConfig {
@@ -493,50 +595,80 @@ impl Engine {
     pub fn new_cache(&self) -> SequenceCache {
         SequenceCache {
             layers: self.layers.iter().map(|b| b.new_cache()).collect(),
-            mtp: self.mtp.iter().flat_map(|m| m.layers.iter().map(|b| b.new_cache())).collect(),
+            mtp: self
+                .mtp
+                .iter()
+                .flat_map(|m| m.layers.iter().map(|b| b.new_cache()))
+                .collect(),
             len: 0,
             mtp_len: 0,
         }
     }
 
     fn kv_width(&self) -> usize {
-        self.cfg.attention.as_ref().map(|a| a.num_kv_heads * a.head_dim).unwrap_or(0)
+        self.cfg
+            .attention
+            .as_ref()
+            .map(|a| a.num_kv_heads * a.head_dim)
+            .unwrap_or(0)
     }
 
     /// Runs a ragged batch: each sequence's `tokens` are appended to its cache. When `record`
     /// is set, Mamba blocks remember their state after each token so that [`Engine::rewind`]
     /// can drop a suffix (speculative decoding).
-    pub fn forward(&self, batch: &mut [StepInput], which: LogitsFor, record: bool) -> Result<StepOutput> {
+    pub fn forward(
+        &self,
+        batch: &mut [StepInput],
+        which: LogitsFor,
+        record: bool,
+    ) -> Result<StepOutput> {
         let d = self.d;
         let eps = self.cfg.norm_eps as f32;
         let mut seqs = Vec::with_capacity(batch.len());
         let mut x = vec![];
         for s in batch.iter() {
             if s.tokens.is_empty() {
-                return Err(ModelError::Input("a sequence in the batch brings no tokens".into()));
+                return Err(ModelError::Input(
+                    "a sequence in the batch brings no tokens".into(),
+                ));
             }
             let start = x.len() / d;
             for &t in s.tokens {
                 let t = t as usize;
                 if t >= self.vocab {
-                    return Err(ModelError::Input(format!("token id {t} is outside the vocabulary (size {})", self.vocab)));
+                    return Err(ModelError::Input(format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        self.vocab
+                    )));
                 }
                 x.extend_from_slice(&self.embeddings[t * d..(t + 1) * d]);
             }
             seqs.push(start..start + s.tokens.len());
         }
         for (li, block) in self.layers.iter().enumerate() {
-            let mut caches: Vec<&mut LayerCache> = batch.iter_mut().map(|s| &mut s.cache.layers[li]).collect();
+            let mut caches: Vec<&mut LayerCache> =
+                batch.iter_mut().map(|s| &mut s.cache.layers[li]).collect();
             block.forward(&mut x, d, eps, &seqs, &mut caches, record);
         }
         for s in batch.iter_mut() {
             s.cache.len += s.tokens.len();
         }
         let (logits, logit_rows) = self.head(&x, &seqs, which, &self.norm_f);
-        Ok(StepOutput { logits, logit_rows, hidden: x, hidden_rows: seqs })
+        Ok(StepOutput {
+            logits,
+            logit_rows,
+            hidden: x,
+            hidden_rows: seqs,
+        })
     }
 
-    fn head(&self, x: &[f32], seqs: &[std::ops::Range<usize>], which: LogitsFor, norm: &[f32]) -> (Vec<f32>, Vec<std::ops::Range<usize>>) {
+    fn head(
+        &self,
+        x: &[f32],
+        seqs: &[std::ops::Range<usize>],
+        which: LogitsFor,
+        norm: &[f32],
+    ) -> (Vec<f32>, Vec<std::ops::Range<usize>>) {
         let d = self.d;
         let picked: Vec<usize> = match which {
             LogitsFor::Last => seqs.iter().map(|r| r.end - 1).collect(),
@@ -572,21 +704,40 @@ impl Engine {
     /// head's own for recursive drafting) paired with the token that followed it. Returns the
     /// head's hidden states and the logits of its last position (predicting the token after
     /// `next_tokens.last()`).
-    pub fn mtp_forward(&self, cache: &mut SequenceCache, hidden: &[f32], next_tokens: &[u32], record: bool) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mtp = self.mtp.as_ref().ok_or_else(|| ModelError::Input("this checkpoint has no MTP head".into()))?;
+    pub fn mtp_forward(
+        &self,
+        cache: &mut SequenceCache,
+        hidden: &[f32],
+        next_tokens: &[u32],
+        record: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mtp = self
+            .mtp
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("this checkpoint has no MTP head".into()))?;
         let d = self.d;
         let n = next_tokens.len();
         if hidden.len() != n * d || n == 0 {
-            return Err(ModelError::Input("MTP input needs one hidden state per next token".into()));
+            return Err(ModelError::Input(
+                "MTP input needs one hidden state per next token".into(),
+            ));
         }
         let eps = self.cfg.norm_eps as f32;
         let mut e = vec![0f32; n * d];
         for (i, &t) in next_tokens.iter().enumerate() {
             let t = t as usize;
             if t >= self.vocab {
-                return Err(ModelError::Input(format!("token id {t} is outside the vocabulary (size {})", self.vocab)));
+                return Err(ModelError::Input(format!(
+                    "token id {t} is outside the vocabulary (size {})",
+                    self.vocab
+                )));
             }
-            rms_norm_rows(&self.embeddings[t * d..(t + 1) * d], &mtp.enorm, eps, &mut e[i * d..(i + 1) * d]);
+            rms_norm_rows(
+                &self.embeddings[t * d..(t + 1) * d],
+                &mtp.enorm,
+                eps,
+                &mut e[i * d..(i + 1) * d],
+            );
         }
         let mut hn = vec![0f32; n * d];
         rms_norm_rows(hidden, &mtp.hnorm, eps, &mut hn);
@@ -619,13 +770,24 @@ impl Engine {
         let block = |b: &BlockW| -> usize {
             match &b.mixer {
                 MixerW::Mamba(m) => m.in_proj.weight_bytes() + m.out_proj.weight_bytes(),
-                MixerW::Attention(a) => a.q.weight_bytes() + a.k.weight_bytes() + a.v.weight_bytes() + a.o.weight_bytes(),
+                MixerW::Attention(a) => {
+                    a.q.weight_bytes()
+                        + a.k.weight_bytes()
+                        + a.v.weight_bytes()
+                        + a.o.weight_bytes()
+                }
                 MixerW::Moe(m) => {
                     m.gate.weight_bytes()
-                        + m.experts.iter().map(|e| e.up.weight_bytes() + e.down.weight_bytes()).sum::<usize>()
+                        + m.experts
+                            .iter()
+                            .map(|e| e.up.weight_bytes() + e.down.weight_bytes())
+                            .sum::<usize>()
                         + m.shared.up.weight_bytes()
                         + m.shared.down.weight_bytes()
-                        + m.latent.as_ref().map(|(a, b)| a.weight_bytes() + b.weight_bytes()).unwrap_or(0)
+                        + m.latent
+                            .as_ref()
+                            .map(|(a, b)| a.weight_bytes() + b.weight_bytes())
+                            .unwrap_or(0)
                 }
                 MixerW::Mlp(m) => m.up.weight_bytes() + m.down.weight_bytes(),
             }

@@ -1,0 +1,129 @@
+//! Generation and training throughput of the policy, side by side in one run.
+//!
+//! `cargo bench -p chorus-model --bench throughput [-- --quick] [-- --no-train]`
+//!
+//! For each model (the tiny_a HF fixture and configs/models/nano-1.5m.json): generation tokens/s
+//! at batch 1 and batch 64 through the incremental engine (greedy, fixed prompt), generation
+//! with MTP speculation where the model has a head, and training tokens/s (full forward +
+//! backward of next-token cross-entropy on candle).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{D, Device, Tensor};
+use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::sampling::SamplingParams;
+use chorus_model::{NemotronH, NemotronHConfig, Params, checkpoint};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn request(i: usize, new_tokens: usize, vocab: usize) -> GenerationRequest {
+    let prompt = (0..16)
+        .map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32)
+        .collect();
+    GenerationRequest {
+        prompt,
+        max_new_tokens: new_tokens,
+        sampling: SamplingParams::greedy(),
+        seed: i as u64,
+        stop_tokens: vec![],
+    }
+}
+
+/// Best of `reps` runs of `f`, which returns how many tokens it produced.
+fn best_rate(reps: usize, mut f: impl FnMut() -> usize) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let n = f();
+            n as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+fn bench_model(name: &str, cfg: &NemotronHConfig, params: &Params, quick: bool) {
+    let engine = Engine::from_params(cfg, params).unwrap();
+    let v = cfg.vocab_size;
+    let reps = if quick { 1 } else { 3 };
+    let new = if quick { 32 } else { 128 };
+    let b1 = best_rate(reps, || {
+        engine.generate(&request(0, new, v)).unwrap().tokens.len()
+    });
+    let reqs: Vec<_> = (0..64).map(|i| request(i, new, v)).collect();
+    let b64 = best_rate(reps, || {
+        engine
+            .generate_batch(&reqs, 64)
+            .unwrap()
+            .iter()
+            .map(|g| g.tokens.len())
+            .sum()
+    });
+    let spec = if engine.has_mtp() {
+        let k = cfg.chorus.mtp_depth.max(1);
+        let mut rate = 0.0;
+        let r = best_rate(reps, || {
+            let g = engine.generate_speculative(&request(0, new, v), k).unwrap();
+            rate = g.mtp.unwrap().acceptance_rate();
+            g.tokens.len()
+        });
+        format!("{r:>10.0} (k={k}, acceptance {:.0}%)", 100.0 * rate)
+    } else {
+        format!("{:>10}", "no head")
+    };
+
+    if std::env::args().any(|a| a == "--no-train") {
+        println!(
+            "{name:<12} {:>9} {:>12.0} {:>12.0} {spec}",
+            params.num_elements(),
+            b1,
+            b64
+        );
+        return;
+    }
+    let model = NemotronH::new(cfg, params).unwrap();
+    let (batch, seq) = (8, 64);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 13 + 5) % (v - 3) + 3) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu).unwrap();
+    let train = best_rate(reps, || {
+        let logits = model.forward(&ids).unwrap();
+        let l = logits
+            .narrow(1, 0, seq - 1)
+            .unwrap()
+            .reshape(((), v))
+            .unwrap();
+        let loss = candle_nn::loss::cross_entropy(
+            &l,
+            &ids.narrow(1, 1, seq - 1).unwrap().flatten_all().unwrap(),
+        )
+        .unwrap();
+        let _ = loss.backward().unwrap();
+        let _ = logits.dim(D::Minus1);
+        batch * seq
+    });
+    println!(
+        "{name:<12} {:>9} {:>12.0} {:>12.0} {spec} {:>14.0}",
+        params.num_elements(),
+        b1,
+        b64,
+        train
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    println!("threads: {} (rayon)", rayon::current_num_threads());
+    println!(
+        "{:<12} {:>9} {:>12} {:>12} {:>40} {:>14}",
+        "model", "params", "gen b=1 t/s", "gen b=64 t/s", "gen b=1 MTP t/s", "train t/s"
+    );
+    let dir = root().join("tests/fixtures/nemotron_h/tiny_a");
+    let (cfg, params) = checkpoint::load_checkpoint(&dir, &Device::Cpu).unwrap();
+    bench_model("tiny_a", &cfg, &params, quick);
+    let cfg = NemotronHConfig::from_file(root().join("configs/models/nano-1.5m.json")).unwrap();
+    let params = checkpoint::init_params(&cfg, 0, &Device::Cpu).unwrap();
+    bench_model("nano-1.5m", &cfg, &params, quick);
+}

@@ -1,0 +1,106 @@
+//! Schema migrations, one folder per dialect, embedded at compile time.
+//!
+//! Files follow sqlx-cli naming (`<version>_<description>.sql`), so
+//! `sqlx migrate run --source orchestrator/migrations/<dialect>` applies the
+//! same history by hand. A new migration must be added to both folders and to
+//! the lists below; a test checks the lists match the folders.
+
+use std::borrow::Cow;
+
+use sqlx::SqlSafeStr;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+/// (version, description, SQL) of each SQLite migration.
+pub(crate) const SQLITE: &[(i64, &str, &str)] = &[(
+    1,
+    "ledger",
+    include_str!("../../migrations/sqlite/0001_ledger.sql"),
+)];
+
+/// (version, description, SQL) of each PostgreSQL migration.
+pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[(
+    1,
+    "ledger",
+    include_str!("../../migrations/postgres/0001_ledger.sql"),
+)];
+
+/// A migrator for one dialect's list.
+pub(crate) fn migrator(list: &'static [(i64, &'static str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        list.iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn files(dialect: &str) -> Vec<String> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(dialect);
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn names(list: &[(i64, &str, &str)]) -> Vec<String> {
+        list.iter()
+            .map(|(v, d, _)| format!("{v:04}_{d}.sql"))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_lists_match_the_migration_folders() {
+        assert_eq!(names(SQLITE), files("sqlite"));
+        assert_eq!(names(POSTGRES), files("postgres"));
+    }
+
+    #[test]
+    fn both_dialects_create_the_same_tables() {
+        let tables = |sql: &str| {
+            let mut t: Vec<String> = sql
+                .lines()
+                .filter_map(|l| l.strip_prefix("CREATE TABLE "))
+                .map(|l| l.split_whitespace().next().unwrap().to_owned())
+                .collect();
+            t.sort();
+            t
+        };
+        for ((_, _, lite), (_, _, pg)) in SQLITE.iter().zip(POSTGRES) {
+            assert_eq!(tables(lite), tables(pg));
+        }
+        assert_eq!(
+            tables(SQLITE[0].2),
+            [
+                "events",
+                "learner_steps",
+                "policy_versions",
+                "prompts",
+                "runs",
+                "trajectories"
+            ]
+        );
+    }
+
+    #[test]
+    fn migrator_orders_versions() {
+        let m = migrator(SQLITE);
+        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [1]);
+    }
+}

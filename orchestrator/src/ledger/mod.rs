@@ -1,0 +1,533 @@
+//! The ledger: the durable record of runs, prompts, trajectories and learner steps.
+//!
+//! This module is the only part of Chorus that speaks SQL. It stores into
+//! SQLite (one file per deployment, the default) or PostgreSQL (shared, for
+//! multi-node runs and long-lived inspection), with the same schema in both
+//! (`orchestrator/migrations/<dialect>/`, documented with example queries in
+//! `docs/ledger.md`).
+//!
+//! # Opening
+//!
+//! [`Ledger::open`] takes `sqlite://path/to/ledger.db` (the file and its parent
+//! directories are created; WAL journal, `synchronous = FULL`, foreign keys on),
+//! `sqlite::memory:` (tests), or `postgres://user:pass@host/db`. It applies any
+//! pending migrations before returning.
+//!
+//! # Writes are batched off the hot path
+//!
+//! Every write method (`insert_*`, `record_*`, `mark_*`, `set_run_status`) only
+//! puts the write on a bounded queue and returns; it waits only when the queue
+//! is full (backpressure instead of unbounded memory). A background task drains
+//! the queue and commits the writes in batches, one transaction per batch, when
+//! a batch reaches [`LedgerOptions::max_batch_rows`] rows or
+//! [`LedgerOptions::flush_interval`] after its first write. Writes commit in the
+//! order they were queued. Timestamps are taken when a method is called, not when
+//! the batch commits.
+//!
+//! - [`Ledger::flush`] returns once everything queued before it is committed
+//!   (durable: on SQLite every commit is fsynced, on PostgreSQL commits are
+//!   durable with the server's default `synchronous_commit`).
+//! - [`Ledger::close`] does the same, then stops the writer and closes the
+//!   connections; writes after it fail with [`LedgerError::Closed`].
+//!
+//! Reads query the database directly and so see only committed writes: call
+//! `flush` first to read your own writes. Dropping every handle without `close`
+//! still commits what is queued if the runtime keeps running, but only `close`
+//! guarantees it.
+//!
+//! A write the database refuses (for example a prompt of an unknown run) does not
+//! take its batch down: the batch is retried one write at a time, and the
+//! failures are returned by the next `flush` or `close` as
+//! [`LedgerError::WriteFailed`].
+//!
+//! # Idempotency
+//!
+//! Rows are keyed by the ids the protocol carries (run, prompt, trajectory, (run,
+//! step), (run, version)); inserting a key twice keeps the first row
+//! (`ON CONFLICT DO NOTHING`), so a retried message never duplicates a row. Prompt
+//! state changes only move forward (`dispatched -> generated -> scored ->
+//! consumed`, or `dropped` before `consumed`); a repeated or late change is a no-op.
+//!
+//! # Storage choices
+//!
+//! Timestamps are `BIGINT` milliseconds since the Unix epoch (UTC). JSON (task,
+//! reward components, event payloads) is `TEXT`. Per-token arrays are compact
+//! little-endian blobs: token ids `u32`, logprobs `f32`, policy versions
+//! run-length encoded as (`u64` version, `u32` count) pairs; a trajectory also
+//! stores its token count and min / max policy version as plain columns for SQL.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), chorus_orchestrator::ledger::LedgerError> {
+//! use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus};
+//!
+//! let ledger = Ledger::open("sqlite://runs/ledger.db").await?;
+//! ledger
+//!     .insert_run(NewRun {
+//!         id: "run-1".into(),
+//!         name: "gsm8k-grpo".into(),
+//!         config_toml: "[run]\nsteps = 100\n".into(),
+//!         status: RunStatus::Running,
+//!     })
+//!     .await?;
+//! ledger.flush().await?;
+//! let best = ledger
+//!     .list_rollouts(&RolloutFilter::default().run("run-1").min_reward(1.0).limit(10))
+//!     .await?;
+//! # let _ = best;
+//! ledger.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod codec;
+mod error;
+mod migrate;
+mod read;
+mod sql;
+mod types;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use error::LedgerError;
+pub use types::{
+    EventRecord, LearnerStep, LearnerStepRecord, NewPrompt, NewRun, NewTrajectory, PolicyVersion,
+    PromptRecord, PromptState, RolloutFilter, RolloutSummary, RunRecord, RunStatus, Split, Timings,
+    TrajectoryCounts, TrajectoryRecord, TrajectoryStatus,
+};
+
+use sql::Pools;
+use writer::{BatchLimits, Command, Transition, WriteOp};
+
+/// Tuning of a [`Ledger`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerOptions {
+    /// Writes that can wait in the queue before write methods start waiting.
+    pub queue_capacity: usize,
+    /// A batch is committed once it holds this many rows...
+    pub max_batch_rows: usize,
+    /// ...or this long after its first write.
+    pub flush_interval: Duration,
+    /// Connections in the pool (an in-memory SQLite ledger always uses one).
+    pub max_connections: u32,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 4096,
+            max_batch_rows: 1000,
+            flush_interval: Duration::from_millis(50),
+            max_connections: 4,
+        }
+    }
+}
+
+/// Which database a ledger URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    SqliteFile(PathBuf),
+    SqliteMemory,
+    Postgres,
+}
+
+fn parse_url(url: &str) -> Result<Target, LedgerError> {
+    let invalid = |reason: &str| LedgerError::InvalidUrl {
+        url: error::redact(url),
+        reason: reason.to_owned(),
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Target::Postgres);
+    }
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return Err(invalid(
+            "expected sqlite://<path>, sqlite::memory: or postgres://...",
+        ));
+    };
+    if rest.contains('?') {
+        return Err(invalid("query parameters are not supported"));
+    }
+    match rest {
+        "" => Err(invalid("the SQLite path is empty")),
+        ":memory:" => Ok(Target::SqliteMemory),
+        path => Ok(Target::SqliteFile(PathBuf::from(path))),
+    }
+}
+
+/// Handle to the ledger; cheap to clone, all clones share one writer.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pools: Pools,
+    queue: mpsc::Sender<Command>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens (creating if needed) and migrates the ledger at `url`, with default options.
+    pub async fn open(url: &str) -> Result<Self, LedgerError> {
+        Self::open_with(url, LedgerOptions::default()).await
+    }
+
+    /// Opens (creating if needed) and migrates the ledger at `url`.
+    ///
+    /// Must be called within a Tokio runtime: it spawns the writer task.
+    pub async fn open_with(url: &str, options: LedgerOptions) -> Result<Self, LedgerError> {
+        let pools = match parse_url(url)? {
+            Target::SqliteFile(path) => {
+                create_parent(&path)?;
+                let opts = sqlite_options(SqliteConnectOptions::new().filename(&path));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .connect_with(opts)
+                    .await
+                    .map_err(|source| connect_error("sqlite", url, source))?;
+                Pools::Sqlite(pool)
+            }
+            Target::SqliteMemory => {
+                let opts = sqlite_options(
+                    SqliteConnectOptions::from_str("sqlite::memory:")
+                        .map_err(|source| connect_error("sqlite", url, source))?,
+                )
+                .journal_mode(SqliteJournalMode::Memory);
+                // Each connection would see its own empty database: keep exactly one.
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_with(opts)
+                    .await
+                    .map_err(|source| connect_error("sqlite", url, source))?;
+                Pools::Sqlite(pool)
+            }
+            Target::Postgres => {
+                let opts =
+                    PgConnectOptions::from_str(url).map_err(|e| LedgerError::InvalidUrl {
+                        url: error::redact(url),
+                        reason: e.to_string(),
+                    })?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .connect_with(opts)
+                    .await
+                    .map_err(|source| connect_error("postgres", url, source))?;
+                Pools::Postgres(pool)
+            }
+        };
+        let backend = pools.backend_name();
+        let migrated = match &pools {
+            Pools::Sqlite(p) => migrate::migrator(migrate::SQLITE).run(p).await,
+            Pools::Postgres(p) => migrate::migrator(migrate::POSTGRES).run(p).await,
+        };
+        if let Err(source) = migrated {
+            pools.close().await;
+            return Err(LedgerError::Migrate { backend, source });
+        }
+        let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let limits = BatchLimits {
+            max_rows: options.max_batch_rows.max(1),
+            interval: options.flush_interval,
+        };
+        let writer = tokio::spawn(writer::run(pools.clone(), rx, limits));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pools,
+                queue,
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend(&self) -> &'static str {
+        self.inner.pools.backend_name()
+    }
+
+    async fn enqueue(&self, op: WriteOp) -> Result<(), LedgerError> {
+        self.inner
+            .queue
+            .send(Command::Write(op))
+            .await
+            .map_err(|_| LedgerError::Closed)
+    }
+
+    /// Waits until every write queued before this call is committed.
+    ///
+    /// Returns [`LedgerError::WriteFailed`] if any write failed since the last
+    /// `flush` (the others are committed).
+    pub async fn flush(&self) -> Result<(), LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Command::Flush(reply))
+            .await
+            .map_err(|_| LedgerError::Closed)?;
+        answer.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Commits everything queued, stops the writer and closes the connections.
+    ///
+    /// Affects every clone of the handle. Calling it again does nothing.
+    pub async fn close(&self) -> Result<(), LedgerError> {
+        let mut writer = self.inner.writer.lock().await;
+        let Some(handle) = writer.take() else {
+            return Ok(());
+        };
+        let (reply, answer) = oneshot::channel();
+        let result = match self.inner.queue.send(Command::Close(reply)).await {
+            Ok(()) => answer.await.unwrap_or(Err(LedgerError::Closed)),
+            Err(_) => Err(LedgerError::Closed),
+        };
+        let _ = handle.await;
+        self.inner.pools.close().await;
+        result
+    }
+
+    /// Records a new run. A second run with the same id is ignored.
+    pub async fn insert_run(&self, run: NewRun) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::InsertRun {
+            run,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Changes a run's status; a terminal status also sets `finished_at_ms`
+    /// (once: a repeated terminal change keeps the first time).
+    pub async fn set_run_status(&self, run_id: &str, status: RunStatus) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::SetRunStatus {
+            run_id: run_id.to_owned(),
+            status,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Records prompts sent to rollout workers, in state `dispatched`.
+    pub async fn record_prompts_dispatched(
+        &self,
+        prompts: Vec<NewPrompt>,
+    ) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::PromptsDispatched {
+            prompts,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        ids: impl IntoIterator<Item = impl Into<String>>,
+        to: Transition,
+    ) -> Result<(), LedgerError> {
+        let ids: Vec<String> = ids.into_iter().map(Into::into).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.enqueue(WriteOp::PromptsTransition {
+            ids,
+            to,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Moves `dispatched` prompts to `generated`.
+    pub async fn mark_generated(
+        &self,
+        prompt_ids: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<(), LedgerError> {
+        self.transition(prompt_ids, Transition::Generated).await
+    }
+
+    /// Moves `dispatched` or `generated` prompts to `scored`.
+    pub async fn mark_scored(
+        &self,
+        prompt_ids: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<(), LedgerError> {
+        self.transition(prompt_ids, Transition::Scored).await
+    }
+
+    /// Moves live prompts to `consumed` by learner step `step`, and stamps
+    /// `consumed_at_step` on their `ok` trajectories.
+    pub async fn mark_consumed(
+        &self,
+        prompt_ids: impl IntoIterator<Item = impl Into<String>>,
+        step: u64,
+    ) -> Result<(), LedgerError> {
+        self.transition(prompt_ids, Transition::Consumed { step })
+            .await
+    }
+
+    /// Moves live prompts to `dropped`, with the reason.
+    pub async fn mark_dropped(
+        &self,
+        prompt_ids: impl IntoIterator<Item = impl Into<String>>,
+        reason: &str,
+    ) -> Result<(), LedgerError> {
+        self.transition(
+            prompt_ids,
+            Transition::Dropped {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Records trajectories. Ids already present are skipped.
+    pub async fn insert_trajectories(
+        &self,
+        trajectories: Vec<NewTrajectory>,
+    ) -> Result<(), LedgerError> {
+        if trajectories.is_empty() {
+            return Ok(());
+        }
+        self.enqueue(WriteOp::Trajectories {
+            trajectories,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Records a learner step. A second record of the same (run, step) is ignored.
+    pub async fn insert_learner_step(&self, step: LearnerStep) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::LearnerStep {
+            step,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Records a published policy version. A second record of the same (run,
+    /// version) is ignored.
+    pub async fn record_policy_version(&self, version: PolicyVersion) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::PolicyVersion {
+            version,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Appends an event to a run's log (`payload_json` is stored as given).
+    pub async fn record_event(
+        &self,
+        run_id: &str,
+        kind: &str,
+        payload_json: String,
+    ) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::Event {
+            run_id: run_id.to_owned(),
+            kind: kind.to_owned(),
+            payload_json,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+}
+
+fn sqlite_options(opts: SqliteConnectOptions) -> SqliteConnectOptions {
+    opts.create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(30))
+}
+
+fn create_parent(path: &Path) -> Result<(), LedgerError> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            std::fs::create_dir_all(dir).map_err(|source| LedgerError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn connect_error(backend: &'static str, url: &str, source: sqlx::Error) -> LedgerError {
+    LedgerError::Connect {
+        backend,
+        url: error::redact(url),
+        source,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A `u64` for a `BIGINT` column.
+fn to_i64(field: &'static str, value: u64) -> Result<i64, LedgerError> {
+    i64::try_from(value).map_err(|_| LedgerError::OutOfRange { field, value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_classified() {
+        assert_eq!(
+            parse_url("sqlite://runs/a.db").unwrap(),
+            Target::SqliteFile("runs/a.db".into())
+        );
+        assert_eq!(
+            parse_url("sqlite:///tmp/a.db").unwrap(),
+            Target::SqliteFile("/tmp/a.db".into())
+        );
+        assert_eq!(
+            parse_url("sqlite:a.db").unwrap(),
+            Target::SqliteFile("a.db".into())
+        );
+        assert_eq!(parse_url("sqlite::memory:").unwrap(), Target::SqliteMemory);
+        assert_eq!(parse_url("postgres://u:p@h/db").unwrap(), Target::Postgres);
+        assert_eq!(parse_url("postgresql://h/db").unwrap(), Target::Postgres);
+        for bad in [
+            "mysql://h/db",
+            "sqlite://",
+            "runs/a.db",
+            "sqlite://a.db?mode=ro",
+        ] {
+            assert!(
+                matches!(parse_url(bad), Err(LedgerError::InvalidUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn u64_beyond_i64_is_out_of_range() {
+        assert_eq!(to_i64("x", 5).unwrap(), 5);
+        assert!(matches!(
+            to_i64("x", u64::MAX),
+            Err(LedgerError::OutOfRange { field: "x", .. })
+        ));
+    }
+}

@@ -1,0 +1,464 @@
+//! Queries of the ledger (for `chorus inspect` and the orchestrator's resume).
+//!
+//! Reads see committed writes only; call [`Ledger::flush`] first to read your own.
+
+use std::collections::BTreeMap;
+
+use super::codec::{self, BadLength};
+use super::sql::{Cols, FetchError, Stmt};
+use super::types::{parse_finish_reason, *};
+use super::{Ledger, LedgerError};
+
+/// Failure to turn a row into a record.
+enum RowError {
+    Sql(sqlx::Error),
+    Corrupt {
+        table: &'static str,
+        column: &'static str,
+        id: String,
+        reason: String,
+    },
+}
+
+impl From<sqlx::Error> for RowError {
+    fn from(e: sqlx::Error) -> Self {
+        RowError::Sql(e)
+    }
+}
+
+/// A row of a known table and key, with checked conversions.
+struct Reader<'a> {
+    row: &'a dyn Cols,
+    table: &'static str,
+    id: String,
+}
+
+impl<'a> Reader<'a> {
+    fn new(row: &'a dyn Cols, table: &'static str, key: &str) -> Result<Self, RowError> {
+        let id = row.text(key)?;
+        Ok(Self::keyed(row, table, id))
+    }
+
+    fn keyed(row: &'a dyn Cols, table: &'static str, id: String) -> Self {
+        Self { row, table, id }
+    }
+
+    fn corrupt(&self, column: &'static str, reason: impl ToString) -> RowError {
+        RowError::Corrupt {
+            table: self.table,
+            column,
+            id: self.id.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn u64(&self, col: &'static str) -> Result<u64, RowError> {
+        let v = self.row.int(col)?;
+        u64::try_from(v).map_err(|_| self.corrupt(col, format!("negative value {v}")))
+    }
+
+    fn opt_u64(&self, col: &'static str) -> Result<Option<u64>, RowError> {
+        match self.row.opt_int(col)? {
+            None => Ok(None),
+            Some(v) => u64::try_from(v)
+                .map(Some)
+                .map_err(|_| self.corrupt(col, format!("negative value {v}"))),
+        }
+    }
+
+    fn parsed<T>(&self, col: &'static str, parse: fn(&str) -> Option<T>) -> Result<T, RowError> {
+        let text = self.row.text(col)?;
+        parse(&text).ok_or_else(|| self.corrupt(col, format!("unknown value {text:?}")))
+    }
+
+    fn blob<T>(
+        &self,
+        col: &'static str,
+        decode: fn(&[u8]) -> Result<T, BadLength>,
+    ) -> Result<T, RowError> {
+        decode(&self.row.blob(col)?).map_err(|e| self.corrupt(col, e))
+    }
+
+    fn status(&self) -> Result<TrajectoryStatus, RowError> {
+        match self.row.text("status")?.as_str() {
+            "ok" => Ok(TrajectoryStatus::Ok),
+            "failed" => Ok(TrajectoryStatus::Failed {
+                reason: self.row.opt_text("failure_reason")?.unwrap_or_default(),
+            }),
+            other => Err(self.corrupt("status", format!("unknown value {other:?}"))),
+        }
+    }
+}
+
+const RUN_COLS: &str = "id, name, config_toml, status, created_at_ms, finished_at_ms";
+
+fn decode_run(row: &dyn Cols) -> Result<RunRecord, RowError> {
+    let r = Reader::new(row, "runs", "id")?;
+    Ok(RunRecord {
+        id: r.id.clone(),
+        name: row.text("name")?,
+        config_toml: row.text("config_toml")?,
+        status: r.parsed("status", RunStatus::parse)?,
+        created_at_ms: row.int("created_at_ms")?,
+        finished_at_ms: row.opt_int("finished_at_ms")?,
+    })
+}
+
+const PROMPT_COLS: &str = "id, run_id, group_id, environment, split, task_json, state, \
+    drop_reason, step_dispatched, consumed_at_step, dispatched_at_ms, generated_at_ms, \
+    scored_at_ms, consumed_at_ms, dropped_at_ms";
+
+fn decode_prompt(row: &dyn Cols) -> Result<PromptRecord, RowError> {
+    let r = Reader::new(row, "prompts", "id")?;
+    Ok(PromptRecord {
+        id: r.id.clone(),
+        run_id: row.text("run_id")?,
+        group_id: row.text("group_id")?,
+        environment: row.text("environment")?,
+        split: r.parsed("split", Split::parse)?,
+        task_json: row.text("task_json")?,
+        state: r.parsed("state", PromptState::parse)?,
+        drop_reason: row.opt_text("drop_reason")?,
+        step_dispatched: r.u64("step_dispatched")?,
+        consumed_at_step: r.opt_u64("consumed_at_step")?,
+        dispatched_at_ms: row.int("dispatched_at_ms")?,
+        generated_at_ms: row.opt_int("generated_at_ms")?,
+        scored_at_ms: row.opt_int("scored_at_ms")?,
+        consumed_at_ms: row.opt_int("consumed_at_ms")?,
+        dropped_at_ms: row.opt_int("dropped_at_ms")?,
+    })
+}
+
+const SUMMARY_COLS: &str = "id, run_id, prompt_id, group_id, environment, worker_id, \
+    num_completion_tokens, min_policy_version, max_policy_version, finish_reason, reward, \
+    status, failure_reason, consumed_at_step, created_at_ms";
+
+fn decode_summary(row: &dyn Cols) -> Result<RolloutSummary, RowError> {
+    let r = Reader::new(row, "trajectories", "id")?;
+    Ok(RolloutSummary {
+        id: r.id.clone(),
+        run_id: row.text("run_id")?,
+        prompt_id: row.text("prompt_id")?,
+        group_id: row.text("group_id")?,
+        environment: row.text("environment")?,
+        worker_id: row.text("worker_id")?,
+        num_completion_tokens: r.u64("num_completion_tokens")?,
+        min_policy_version: r.opt_u64("min_policy_version")?,
+        max_policy_version: r.opt_u64("max_policy_version")?,
+        finish_reason: r.parsed("finish_reason", parse_finish_reason)?,
+        reward: row.opt_real("reward")?,
+        status: r.status()?,
+        consumed_at_step: r.opt_u64("consumed_at_step")?,
+        created_at_ms: row.int("created_at_ms")?,
+    })
+}
+
+const TRAJECTORY_COLS: &str = "id, run_id, prompt_id, group_id, environment, worker_id, \
+    prompt_token_ids, completion_token_ids, completion_text, logprobs, policy_versions, \
+    finish_reason, reward, reward_components, reason, status, failure_reason, queue_ms, \
+    generate_ms, score_ms, created_at_ms, consumed_at_step";
+
+fn decode_trajectory(row: &dyn Cols) -> Result<TrajectoryRecord, RowError> {
+    let r = Reader::new(row, "trajectories", "id")?;
+    let components = row.text("reward_components")?;
+    let reward_components: BTreeMap<String, f64> =
+        serde_json::from_str(&components).map_err(|e| r.corrupt("reward_components", e))?;
+    Ok(TrajectoryRecord {
+        trajectory: NewTrajectory {
+            id: r.id.clone(),
+            run_id: row.text("run_id")?,
+            prompt_id: row.text("prompt_id")?,
+            group_id: row.text("group_id")?,
+            environment: row.text("environment")?,
+            worker_id: row.text("worker_id")?,
+            prompt_token_ids: r.blob("prompt_token_ids", codec::decode_u32s)?,
+            completion_token_ids: r.blob("completion_token_ids", codec::decode_u32s)?,
+            completion_text: row.text("completion_text")?,
+            logprobs: r.blob("logprobs", codec::decode_f32s)?,
+            policy_versions: r.blob("policy_versions", codec::decode_versions)?,
+            finish_reason: r.parsed("finish_reason", parse_finish_reason)?,
+            reward: row.opt_real("reward")?,
+            reward_components,
+            reason: row.opt_text("reason")?,
+            status: r.status()?,
+            timings: Timings {
+                queue_ms: r.u64("queue_ms")?,
+                generate_ms: r.u64("generate_ms")?,
+                score_ms: r.u64("score_ms")?,
+            },
+        },
+        created_at_ms: row.int("created_at_ms")?,
+        consumed_at_step: r.opt_u64("consumed_at_step")?,
+    })
+}
+
+fn decode_counts(row: &dyn Cols) -> Result<TrajectoryCounts, RowError> {
+    let r = Reader::new(row, "runs", "run_id")?;
+    Ok(TrajectoryCounts {
+        run_id: r.id.clone(),
+        total: r.u64("total")?,
+        consumed: r.u64("consumed")?,
+    })
+}
+
+const STEP_COLS: &str = "run_id, step, policy_version, loss, kl, entropy, grad_norm, \
+    learning_rate, clip_fraction, num_tokens, num_trajectories, skipped, skip_reason, \
+    created_at_ms";
+
+fn decode_step(row: &dyn Cols) -> Result<LearnerStepRecord, RowError> {
+    let run_id = row.text("run_id")?;
+    let r = Reader::keyed(
+        row,
+        "learner_steps",
+        format!("{run_id}/{}", row.int("step")?),
+    );
+    let skipped = row.boolean("skipped")?;
+    let skip_reason = row.opt_text("skip_reason")?;
+    let skip_reason = match (skipped, skip_reason) {
+        (false, _) => None,
+        (true, reason) => Some(reason.unwrap_or_default()),
+    };
+    Ok(LearnerStepRecord {
+        step: LearnerStep {
+            run_id,
+            step: r.u64("step")?,
+            policy_version: r.u64("policy_version")?,
+            loss: row.opt_real("loss")?,
+            kl: row.opt_real("kl")?,
+            entropy: row.opt_real("entropy")?,
+            grad_norm: row.opt_real("grad_norm")?,
+            learning_rate: row.opt_real("learning_rate")?,
+            clip_fraction: row.opt_real("clip_fraction")?,
+            num_tokens: r.u64("num_tokens")?,
+            num_trajectories: r.u64("num_trajectories")?,
+            skip_reason,
+        },
+        created_at_ms: row.int("created_at_ms")?,
+    })
+}
+
+fn decode_version(row: &dyn Cols) -> Result<PolicyVersion, RowError> {
+    let r = Reader::new(row, "policy_versions", "run_id")?;
+    Ok(PolicyVersion {
+        run_id: r.id.clone(),
+        version: r.u64("version")?,
+        learner_step: r.u64("learner_step")?,
+        sha256: row.text("sha256")?,
+        num_bytes: r.u64("num_bytes")?,
+    })
+}
+
+fn decode_event(row: &dyn Cols) -> Result<EventRecord, RowError> {
+    Ok(EventRecord {
+        id: row.int("id")?,
+        run_id: row.text("run_id")?,
+        kind: row.text("kind")?,
+        payload_json: row.text("payload_json")?,
+        created_at_ms: row.int("created_at_ms")?,
+    })
+}
+
+impl Ledger {
+    async fn fetch<T>(
+        &self,
+        operation: &'static str,
+        stmt: Stmt,
+        decode: fn(&dyn Cols) -> Result<T, RowError>,
+    ) -> Result<Vec<T>, LedgerError> {
+        let backend = self.backend();
+        self.inner
+            .pools
+            .fetch(stmt, decode)
+            .await
+            .map_err(|e| match e {
+                FetchError::Sql(source) | FetchError::Decode(RowError::Sql(source)) => {
+                    LedgerError::Query {
+                        operation,
+                        backend,
+                        source,
+                    }
+                }
+                FetchError::Decode(RowError::Corrupt {
+                    table,
+                    column,
+                    id,
+                    reason,
+                }) => LedgerError::Corrupt {
+                    table,
+                    column,
+                    id,
+                    reason,
+                },
+            })
+    }
+
+    /// One run by id.
+    pub async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>, LedgerError> {
+        let stmt = Stmt::new(format!("SELECT {RUN_COLS} FROM runs WHERE id = $1")).bind(run_id);
+        Ok(self.fetch("get_run", stmt, decode_run).await?.pop())
+    }
+
+    /// The `limit` most recently created runs, newest first.
+    pub async fn list_runs(&self, limit: u32) -> Result<Vec<RunRecord>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT {RUN_COLS} FROM runs ORDER BY created_at_ms DESC, id DESC LIMIT $1"
+        ))
+        .bind(i64::from(limit));
+        self.fetch("list_runs", stmt, decode_run).await
+    }
+
+    /// One prompt by id.
+    pub async fn get_prompt(&self, prompt_id: &str) -> Result<Option<PromptRecord>, LedgerError> {
+        let stmt =
+            Stmt::new(format!("SELECT {PROMPT_COLS} FROM prompts WHERE id = $1")).bind(prompt_id);
+        Ok(self.fetch("get_prompt", stmt, decode_prompt).await?.pop())
+    }
+
+    /// How many prompts of a run are in each state (every state listed, in
+    /// lifecycle order, zeros included).
+    pub async fn prompt_state_counts(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<(PromptState, u64)>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT state AS id, COUNT(*) AS n FROM prompts WHERE run_id = $1 GROUP BY state",
+        )
+        .bind(run_id);
+        let found = self
+            .fetch("prompt_state_counts", stmt, |row| {
+                let r = Reader::new(row, "prompts", "id")?;
+                Ok((r.parsed("id", PromptState::parse)?, r.u64("n")?))
+            })
+            .await?;
+        Ok(PromptState::ALL
+            .iter()
+            .map(|s| {
+                let n = found.iter().find(|(f, _)| f == s).map_or(0, |(_, n)| *n);
+                (*s, n)
+            })
+            .collect())
+    }
+
+    /// Trajectories matching `filter`, newest first, without their arrays.
+    pub async fn list_rollouts(
+        &self,
+        filter: &RolloutFilter,
+    ) -> Result<Vec<RolloutSummary>, LedgerError> {
+        let mut sql = format!("SELECT {SUMMARY_COLS} FROM trajectories WHERE 1 = 1");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        if filter.run_id.is_some() {
+            sql.push_str(&format!(" AND run_id = ${}", next()));
+        }
+        if filter.environment.is_some() {
+            sql.push_str(&format!(" AND environment = ${}", next()));
+        }
+        if filter.min_reward.is_some() {
+            sql.push_str(&format!(" AND reward >= ${}", next()));
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at_ms DESC, id DESC LIMIT ${}",
+            next()
+        ));
+        let mut stmt = Stmt::new(sql);
+        if let Some(run_id) = &filter.run_id {
+            stmt = stmt.bind(run_id.as_str());
+        }
+        if let Some(env) = &filter.environment {
+            stmt = stmt.bind(env.as_str());
+        }
+        if let Some(min) = filter.min_reward {
+            stmt = stmt.bind(min);
+        }
+        stmt = stmt.bind(i64::from(filter.limit));
+        self.fetch("list_rollouts", stmt, decode_summary).await
+    }
+
+    /// One trajectory by id, arrays decoded.
+    pub async fn get_trajectory(
+        &self,
+        trajectory_id: &str,
+    ) -> Result<Option<TrajectoryRecord>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT {TRAJECTORY_COLS} FROM trajectories WHERE id = $1"
+        ))
+        .bind(trajectory_id);
+        Ok(self
+            .fetch("get_trajectory", stmt, decode_trajectory)
+            .await?
+            .pop())
+    }
+
+    /// For every run (runs without trajectories included, ordered by id): its
+    /// trajectories, and those a learner step consumed.
+    pub async fn trajectory_counts(&self) -> Result<Vec<TrajectoryCounts>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT r.id AS run_id, COUNT(t.id) AS total, COUNT(t.consumed_at_step) AS consumed \
+             FROM runs r LEFT JOIN trajectories t ON t.run_id = r.id \
+             GROUP BY r.id ORDER BY r.id",
+        );
+        self.fetch("trajectory_counts", stmt, decode_counts).await
+    }
+
+    /// A run's learner steps, by step.
+    pub async fn list_learner_steps(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<LearnerStepRecord>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT {STEP_COLS} FROM learner_steps WHERE run_id = $1 ORDER BY step"
+        ))
+        .bind(run_id);
+        self.fetch("list_learner_steps", stmt, decode_step).await
+    }
+
+    /// A run's published policy versions, by version.
+    pub async fn list_policy_versions(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<PolicyVersion>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT run_id, version, learner_step, sha256, num_bytes FROM policy_versions \
+             WHERE run_id = $1 ORDER BY version",
+        )
+        .bind(run_id);
+        self.fetch("list_policy_versions", stmt, decode_version)
+            .await
+    }
+
+    /// Up to `limit` events of a run with an id above `after_id` (0 for the
+    /// start), oldest first: pass the last id seen to resume.
+    pub async fn list_events(
+        &self,
+        run_id: &str,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT id, run_id, kind, payload_json, created_at_ms FROM events \
+             WHERE run_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(run_id)
+        .bind(after_id)
+        .bind(i64::from(limit));
+        self.fetch("list_events", stmt, decode_event).await
+    }
+
+    /// Trajectories consumed by learner steps of one run (0 for an unknown run).
+    pub async fn count_consumed(&self, run_id: &str) -> Result<u64, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT COUNT(*) AS n FROM trajectories \
+             WHERE run_id = $1 AND consumed_at_step IS NOT NULL",
+        )
+        .bind(run_id);
+        let counts = self
+            .fetch("count_consumed", stmt, |row| {
+                Reader::keyed(row, "trajectories", String::new()).u64("n")
+            })
+            .await?;
+        Ok(counts.first().copied().unwrap_or(0))
+    }
+}

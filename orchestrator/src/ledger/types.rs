@@ -1,0 +1,488 @@
+//! Rows written to and read from the ledger.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chorus_proto::v1::FinishReason;
+
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The text stored in the ledger.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+
+            /// Parses the text stored in the ledger.
+            pub fn parse(text: &str) -> Option<Self> {
+                match text {
+                    $($text => Some(Self::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Lifecycle of a run (`runs.status`).
+    RunStatus {
+        /// Created, not started.
+        Pending => "pending",
+        /// Generating and training.
+        Running => "running",
+        /// Finished normally.
+        Succeeded => "succeeded",
+        /// Stopped by an error.
+        Failed => "failed",
+        /// Stopped on request.
+        Cancelled => "cancelled",
+    }
+}
+
+impl RunStatus {
+    /// True for the statuses a run ends in.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+text_enum! {
+    /// Task pool a prompt comes from (`prompts.split`).
+    Split {
+        /// Trained on.
+        Train => "train",
+        /// Held out for evaluation.
+        Heldout => "heldout",
+    }
+}
+
+text_enum! {
+    /// Where a prompt is in its life (`prompts.state`).
+    ///
+    /// `dispatched -> generated -> scored -> consumed`, or `dropped` from any
+    /// state before `consumed`. `consumed` and `dropped` are final.
+    PromptState {
+        /// Sent to a rollout worker.
+        Dispatched => "dispatched",
+        /// All its samples came back from the worker.
+        Generated => "generated",
+        /// The environment scored them.
+        Scored => "scored",
+        /// A learner step trained on them.
+        Consumed => "consumed",
+        /// Discarded (too stale, zero-variance group, failure...), see `drop_reason`.
+        Dropped => "dropped",
+    }
+}
+
+pub(crate) fn finish_reason_str(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Unspecified => "unspecified",
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Aborted => "aborted",
+        FinishReason::Error => "error",
+    }
+}
+
+pub(crate) fn parse_finish_reason(text: &str) -> Option<FinishReason> {
+    Some(match text {
+        "unspecified" => FinishReason::Unspecified,
+        "stop" => FinishReason::Stop,
+        "length" => FinishReason::Length,
+        "aborted" => FinishReason::Aborted,
+        "error" => FinishReason::Error,
+        _ => return None,
+    })
+}
+
+/// A run to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// Unique id.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// The full configuration, as TOML text.
+    pub config_toml: String,
+    /// Initial status.
+    pub status: RunStatus,
+}
+
+/// A row of `runs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// Unique id.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// The full configuration, as TOML text.
+    pub config_toml: String,
+    /// Current status.
+    pub status: RunStatus,
+    /// Creation time (ms since the Unix epoch).
+    pub created_at_ms: i64,
+    /// Time it reached a terminal status.
+    pub finished_at_ms: Option<i64>,
+}
+
+/// A prompt sent to a rollout worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPrompt {
+    /// Unique id.
+    pub id: String,
+    /// Run it belongs to (must exist).
+    pub run_id: String,
+    /// Group of samples it is scored with (GRPO group).
+    pub group_id: String,
+    /// Environment that produced the task.
+    pub environment: String,
+    /// Task pool.
+    pub split: Split,
+    /// The environment's opaque task, as JSON text.
+    pub task_json: String,
+    /// Learner step at the time it was dispatched.
+    pub step_dispatched: u64,
+}
+
+/// A row of `prompts`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRecord {
+    /// Unique id.
+    pub id: String,
+    /// Run it belongs to.
+    pub run_id: String,
+    /// GRPO group.
+    pub group_id: String,
+    /// Environment.
+    pub environment: String,
+    /// Task pool.
+    pub split: Split,
+    /// Opaque task JSON.
+    pub task_json: String,
+    /// Current state.
+    pub state: PromptState,
+    /// Why it was dropped.
+    pub drop_reason: Option<String>,
+    /// Learner step when dispatched.
+    pub step_dispatched: u64,
+    /// Learner step that consumed it.
+    pub consumed_at_step: Option<u64>,
+    /// When it was dispatched (ms since the epoch).
+    pub dispatched_at_ms: i64,
+    /// When it reached `generated`.
+    pub generated_at_ms: Option<i64>,
+    /// When it reached `scored`.
+    pub scored_at_ms: Option<i64>,
+    /// When it reached `consumed`.
+    pub consumed_at_ms: Option<i64>,
+    /// When it was dropped.
+    pub dropped_at_ms: Option<i64>,
+}
+
+/// Outcome of a trajectory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrajectoryStatus {
+    /// Generated and scored.
+    Ok,
+    /// Generation or scoring failed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TrajectoryStatus {
+    pub(crate) fn as_str(&self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
+    pub(crate) fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Ok => None,
+            Self::Failed { reason } => Some(reason),
+        }
+    }
+}
+
+/// Where the wall-clock time of a trajectory went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Waiting in the worker's queue.
+    pub queue_ms: u64,
+    /// Generating.
+    pub generate_ms: u64,
+    /// Being scored by the environment.
+    pub score_ms: u64,
+}
+
+/// A generated (and usually scored) sample to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTrajectory {
+    /// Unique id; inserting the same id twice keeps the first.
+    pub id: String,
+    /// Run it belongs to (must exist).
+    pub run_id: String,
+    /// Prompt it answers.
+    pub prompt_id: String,
+    /// GRPO group.
+    pub group_id: String,
+    /// Environment that scored it.
+    pub environment: String,
+    /// Worker that generated it.
+    pub worker_id: String,
+    /// Tokenised prompt.
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated tokens.
+    pub completion_token_ids: Vec<u32>,
+    /// Detokenised completion.
+    pub completion_text: String,
+    /// Log-probability of each completion token under the sampling policy.
+    pub logprobs: Vec<f32>,
+    /// Policy version that sampled each completion token.
+    pub policy_versions: Vec<u64>,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Scalar reward (none when scoring failed).
+    pub reward: Option<f64>,
+    /// Named parts of the reward.
+    pub reward_components: BTreeMap<String, f64>,
+    /// The scorer's explanation.
+    pub reason: Option<String>,
+    /// Ok or failed.
+    pub status: TrajectoryStatus,
+    /// Time spent queued, generating and scoring.
+    pub timings: Timings,
+}
+
+/// A row of `trajectories`, arrays decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrajectoryRecord {
+    /// Everything that was inserted.
+    pub trajectory: NewTrajectory,
+    /// When it was recorded (ms since the epoch).
+    pub created_at_ms: i64,
+    /// Learner step that trained on it.
+    pub consumed_at_step: Option<u64>,
+}
+
+/// A trajectory without its arrays, as listed by [`Ledger::list_rollouts`](super::Ledger::list_rollouts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutSummary {
+    /// Trajectory id.
+    pub id: String,
+    /// Run.
+    pub run_id: String,
+    /// Prompt.
+    pub prompt_id: String,
+    /// GRPO group.
+    pub group_id: String,
+    /// Environment.
+    pub environment: String,
+    /// Worker.
+    pub worker_id: String,
+    /// Completion length in tokens.
+    pub num_completion_tokens: u64,
+    /// Oldest policy version among its tokens.
+    pub min_policy_version: Option<u64>,
+    /// Newest policy version among its tokens.
+    pub max_policy_version: Option<u64>,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Reward.
+    pub reward: Option<f64>,
+    /// Ok or failed.
+    pub status: TrajectoryStatus,
+    /// Learner step that trained on it.
+    pub consumed_at_step: Option<u64>,
+    /// When it was recorded.
+    pub created_at_ms: i64,
+}
+
+/// Which rollouts [`Ledger::list_rollouts`](super::Ledger::list_rollouts) returns.
+///
+/// Unset filters match everything; results are newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutFilter {
+    /// Only this run.
+    pub run_id: Option<String>,
+    /// Only this environment.
+    pub environment: Option<String>,
+    /// Only rewards at least this high (trajectories without a reward are excluded).
+    pub min_reward: Option<f64>,
+    /// At most this many rows.
+    pub limit: u32,
+}
+
+impl Default for RolloutFilter {
+    fn default() -> Self {
+        Self {
+            run_id: None,
+            environment: None,
+            min_reward: None,
+            limit: 100,
+        }
+    }
+}
+
+impl RolloutFilter {
+    /// Only this run.
+    pub fn run(mut self, run_id: impl Into<String>) -> Self {
+        self.run_id = Some(run_id.into());
+        self
+    }
+
+    /// Only this environment.
+    pub fn environment(mut self, environment: impl Into<String>) -> Self {
+        self.environment = Some(environment.into());
+        self
+    }
+
+    /// Only rewards at least this high.
+    pub fn min_reward(mut self, min_reward: f64) -> Self {
+        self.min_reward = Some(min_reward);
+        self
+    }
+
+    /// At most this many rows.
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+/// Trajectory counts of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrajectoryCounts {
+    /// Run.
+    pub run_id: String,
+    /// Trajectories recorded.
+    pub total: u64,
+    /// Trajectories a learner step trained on.
+    pub consumed: u64,
+}
+
+/// One optimizer step of the learner (a row of `learner_steps`).
+///
+/// Metrics are optional: a skipped step has none, and SQLite stores NaN as NULL,
+/// so a NaN loss reads back as `None` there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnerStep {
+    /// Run.
+    pub run_id: String,
+    /// Step number; (run, step) is the key, a second insert is ignored.
+    pub step: u64,
+    /// Policy version the step produced.
+    pub policy_version: u64,
+    /// Loss.
+    pub loss: Option<f64>,
+    /// KL divergence to the reference / behaviour policy.
+    pub kl: Option<f64>,
+    /// Mean token entropy.
+    pub entropy: Option<f64>,
+    /// Gradient norm before clipping.
+    pub grad_norm: Option<f64>,
+    /// Learning rate used.
+    pub learning_rate: Option<f64>,
+    /// Fraction of tokens whose ratio was clipped.
+    pub clip_fraction: Option<f64>,
+    /// Tokens trained on.
+    pub num_tokens: u64,
+    /// Trajectories trained on.
+    pub num_trajectories: u64,
+    /// Set when the step was skipped, with the reason.
+    pub skip_reason: Option<String>,
+}
+
+/// A row of `learner_steps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnerStepRecord {
+    /// What was inserted.
+    pub step: LearnerStep,
+    /// When it was recorded.
+    pub created_at_ms: i64,
+}
+
+/// A published policy version (a row of `policy_versions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersion {
+    /// Run.
+    pub run_id: String,
+    /// Version number; (run, version) is the key.
+    pub version: u64,
+    /// Learner step that produced it.
+    pub learner_step: u64,
+    /// Hex SHA-256 of the weight stream (`chorus_proto::checksum`).
+    pub sha256: String,
+    /// Size of the weights in bytes.
+    pub num_bytes: u64,
+}
+
+/// A row of `events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Position in the ledger's event log (increasing, not gap-free across runs).
+    pub id: i64,
+    /// Run.
+    pub run_id: String,
+    /// Short kind, e.g. `worker_lost`.
+    pub kind: String,
+    /// Payload as JSON text.
+    pub payload_json: String,
+    /// When it was recorded.
+    pub created_at_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_texts_round_trip() {
+        for s in RunStatus::ALL {
+            assert_eq!(RunStatus::parse(s.as_str()), Some(*s));
+        }
+        for s in PromptState::ALL {
+            assert_eq!(PromptState::parse(&s.to_string()), Some(*s));
+        }
+        for s in Split::ALL {
+            assert_eq!(Split::parse(s.as_str()), Some(*s));
+        }
+        for r in [
+            FinishReason::Unspecified,
+            FinishReason::Stop,
+            FinishReason::Length,
+            FinishReason::Aborted,
+            FinishReason::Error,
+        ] {
+            assert_eq!(parse_finish_reason(finish_reason_str(r)), Some(r));
+        }
+        assert_eq!(RunStatus::parse("Running"), None);
+        assert_eq!(parse_finish_reason("eos"), None);
+        assert!(RunStatus::Cancelled.is_terminal() && !RunStatus::Running.is_terminal());
+    }
+}

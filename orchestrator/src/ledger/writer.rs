@@ -1,0 +1,566 @@
+//! The background writer: every write of the ledger goes through it.
+//!
+//! Callers enqueue [`WriteOp`]s on a bounded channel and return as soon as the
+//! op is queued (waiting only when the queue is full: backpressure). One task
+//! drains the queue and commits ops in batches, one transaction per batch, when
+//! the batch holds `max_batch_rows` rows or `flush_interval` after its first op,
+//! whichever comes first. The channel is FIFO, so ops commit in the order they
+//! were sent, and a flush marker is answered only after everything sent before
+//! it is committed.
+//!
+//! If a batch's transaction fails, each op of the batch is retried in its own
+//! transaction, so one bad op (a foreign-key violation, say) loses only itself;
+//! failures are counted and reported by the next flush or close.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::error::LedgerError;
+use super::sql::{Pools, Stmt, placeholders};
+use super::types::{
+    LearnerStep, NewPrompt, NewRun, NewTrajectory, PolicyVersion, RunStatus, finish_reason_str,
+};
+use super::{codec, to_i64};
+
+/// Rows per multi-row `INSERT` (keeps well under SQLite's 32766 parameters).
+const ROWS_PER_INSERT: usize = 100;
+/// Ids per `IN (...)` list.
+const IDS_PER_UPDATE: usize = 500;
+
+/// A prompt state change.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Transition {
+    Generated,
+    Scored,
+    Consumed { step: u64 },
+    Dropped { reason: String },
+}
+
+/// One write, as requested by one [`Ledger`](super::Ledger) method call.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum WriteOp {
+    InsertRun {
+        run: NewRun,
+        at_ms: i64,
+    },
+    SetRunStatus {
+        run_id: String,
+        status: RunStatus,
+        at_ms: i64,
+    },
+    PromptsDispatched {
+        prompts: Vec<NewPrompt>,
+        at_ms: i64,
+    },
+    PromptsTransition {
+        ids: Vec<String>,
+        to: Transition,
+        at_ms: i64,
+    },
+    Trajectories {
+        trajectories: Vec<NewTrajectory>,
+        at_ms: i64,
+    },
+    LearnerStep {
+        step: LearnerStep,
+        at_ms: i64,
+    },
+    PolicyVersion {
+        version: PolicyVersion,
+        at_ms: i64,
+    },
+    Event {
+        run_id: String,
+        kind: String,
+        payload_json: String,
+        at_ms: i64,
+    },
+}
+
+impl WriteOp {
+    /// Rows it writes, for batch sizing.
+    fn rows(&self) -> usize {
+        match self {
+            WriteOp::PromptsDispatched { prompts, .. } => prompts.len().max(1),
+            WriteOp::PromptsTransition { ids, .. } => ids.len().max(1),
+            WriteOp::Trajectories { trajectories, .. } => trajectories.len().max(1),
+            _ => 1,
+        }
+    }
+
+    /// A short description for error reports.
+    fn describe(&self) -> String {
+        match self {
+            WriteOp::InsertRun { run, .. } => format!("insert_run({})", run.id),
+            WriteOp::SetRunStatus { run_id, status, .. } => {
+                format!("set_run_status({run_id}, {status})")
+            }
+            WriteOp::PromptsDispatched { prompts, .. } => format!(
+                "record_prompts_dispatched({} prompts, first {:?})",
+                prompts.len(),
+                prompts.first().map(|p| p.id.as_str())
+            ),
+            WriteOp::PromptsTransition { ids, to, .. } => {
+                format!(
+                    "mark {to:?} ({} prompts, first {:?})",
+                    ids.len(),
+                    ids.first()
+                )
+            }
+            WriteOp::Trajectories { trajectories, .. } => format!(
+                "insert_trajectories({} trajectories, first {:?})",
+                trajectories.len(),
+                trajectories.first().map(|t| t.id.as_str())
+            ),
+            WriteOp::LearnerStep { step, .. } => {
+                format!("insert_learner_step({}, step {})", step.run_id, step.step)
+            }
+            WriteOp::PolicyVersion { version, .. } => format!(
+                "record_policy_version({}, version {})",
+                version.run_id, version.version
+            ),
+            WriteOp::Event { run_id, kind, .. } => format!("record_event({run_id}, {kind})"),
+        }
+    }
+
+    /// The statements that perform it.
+    pub(crate) fn statements(&self) -> Result<Vec<Stmt>, LedgerError> {
+        Ok(match self {
+            WriteOp::InsertRun { run, at_ms } => vec![
+                Stmt::new(
+                    "INSERT INTO runs (id, name, config_toml, status, created_at_ms, finished_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(run.id.as_str())
+                .bind(run.name.as_str())
+                .bind(run.config_toml.as_str())
+                .bind(run.status.as_str())
+                .bind(*at_ms)
+                .bind(run.status.is_terminal().then_some(*at_ms)),
+            ],
+            WriteOp::SetRunStatus {
+                run_id,
+                status,
+                at_ms,
+            } => {
+                let stmt = if status.is_terminal() {
+                    Stmt::new(
+                        "UPDATE runs SET status = $1, \
+                         finished_at_ms = COALESCE(finished_at_ms, $2) WHERE id = $3",
+                    )
+                    .bind(status.as_str())
+                    .bind(*at_ms)
+                } else {
+                    Stmt::new("UPDATE runs SET status = $1, finished_at_ms = NULL WHERE id = $2")
+                        .bind(status.as_str())
+                };
+                vec![stmt.bind(run_id.as_str())]
+            }
+            WriteOp::PromptsDispatched { prompts, at_ms } => {
+                let mut out = Vec::new();
+                for chunk in prompts.chunks(ROWS_PER_INSERT) {
+                    let mut s = Stmt::new(format!(
+                        "INSERT INTO prompts (id, run_id, group_id, environment, split, task_json, \
+                         state, step_dispatched, dispatched_at_ms) VALUES {} \
+                         ON CONFLICT (id) DO NOTHING",
+                        placeholders(1, chunk.len(), 9)
+                    ));
+                    for p in chunk {
+                        s = s
+                            .bind(p.id.as_str())
+                            .bind(p.run_id.as_str())
+                            .bind(p.group_id.as_str())
+                            .bind(p.environment.as_str())
+                            .bind(p.split.as_str())
+                            .bind(p.task_json.as_str())
+                            .bind("dispatched")
+                            .bind(to_i64("step_dispatched", p.step_dispatched)?)
+                            .bind(*at_ms);
+                    }
+                    out.push(s);
+                }
+                out
+            }
+            WriteOp::PromptsTransition { ids, to, at_ms } => {
+                let mut out = Vec::new();
+                for chunk in ids.chunks(IDS_PER_UPDATE) {
+                    out.extend(transition_statements(chunk, to, *at_ms)?);
+                }
+                out
+            }
+            WriteOp::Trajectories {
+                trajectories,
+                at_ms,
+            } => {
+                let mut out = Vec::new();
+                for chunk in trajectories.chunks(ROWS_PER_INSERT) {
+                    let mut s = Stmt::new(format!(
+                        "INSERT INTO trajectories (id, run_id, prompt_id, group_id, environment, \
+                         worker_id, prompt_token_ids, completion_token_ids, num_completion_tokens, \
+                         completion_text, logprobs, policy_versions, min_policy_version, \
+                         max_policy_version, finish_reason, reward, reward_components, reason, \
+                         status, failure_reason, queue_ms, generate_ms, score_ms, created_at_ms) \
+                         VALUES {} ON CONFLICT (id) DO NOTHING",
+                        placeholders(1, chunk.len(), 24)
+                    ));
+                    for t in chunk {
+                        s = bind_trajectory(s, t, *at_ms)?;
+                    }
+                    out.push(s);
+                }
+                out
+            }
+            WriteOp::LearnerStep { step, at_ms } => vec![
+                Stmt::new(
+                    "INSERT INTO learner_steps (run_id, step, policy_version, loss, kl, entropy, \
+                     grad_norm, learning_rate, clip_fraction, num_tokens, num_trajectories, \
+                     skipped, skip_reason, created_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     ON CONFLICT (run_id, step) DO NOTHING",
+                )
+                .bind(step.run_id.as_str())
+                .bind(to_i64("step", step.step)?)
+                .bind(to_i64("policy_version", step.policy_version)?)
+                .bind(step.loss)
+                .bind(step.kl)
+                .bind(step.entropy)
+                .bind(step.grad_norm)
+                .bind(step.learning_rate)
+                .bind(step.clip_fraction)
+                .bind(to_i64("num_tokens", step.num_tokens)?)
+                .bind(to_i64("num_trajectories", step.num_trajectories)?)
+                .bind(step.skip_reason.is_some())
+                .bind(step.skip_reason.as_deref())
+                .bind(*at_ms),
+            ],
+            WriteOp::PolicyVersion { version, at_ms } => vec![
+                Stmt::new(
+                    "INSERT INTO policy_versions (run_id, version, learner_step, sha256, \
+                     num_bytes, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (run_id, version) DO NOTHING",
+                )
+                .bind(version.run_id.as_str())
+                .bind(to_i64("version", version.version)?)
+                .bind(to_i64("learner_step", version.learner_step)?)
+                .bind(version.sha256.as_str())
+                .bind(to_i64("num_bytes", version.num_bytes)?)
+                .bind(*at_ms),
+            ],
+            WriteOp::Event {
+                run_id,
+                kind,
+                payload_json,
+                at_ms,
+            } => vec![
+                Stmt::new(
+                    "INSERT INTO events (run_id, kind, payload_json, created_at_ms) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(run_id.as_str())
+                .bind(kind.as_str())
+                .bind(payload_json.as_str())
+                .bind(*at_ms),
+            ],
+        })
+    }
+}
+
+fn id_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn transition_statements(
+    ids: &[String],
+    to: &Transition,
+    at_ms: i64,
+) -> Result<Vec<Stmt>, LedgerError> {
+    const LIVE: &str = "('dispatched', 'generated', 'scored')";
+    let with_ids = |mut s: Stmt| {
+        for id in ids {
+            s = s.bind(id.as_str());
+        }
+        s
+    };
+    Ok(match to {
+        Transition::Generated => vec![with_ids(
+            Stmt::new(format!(
+                "UPDATE prompts SET state = 'generated', generated_at_ms = $1 \
+                 WHERE state = 'dispatched' AND id IN ({})",
+                id_list(2, ids.len())
+            ))
+            .bind(at_ms),
+        )],
+        Transition::Scored => vec![with_ids(
+            Stmt::new(format!(
+                "UPDATE prompts SET state = 'scored', scored_at_ms = $1 \
+                 WHERE state IN ('dispatched', 'generated') AND id IN ({})",
+                id_list(2, ids.len())
+            ))
+            .bind(at_ms),
+        )],
+        Transition::Consumed { step } => {
+            let step = to_i64("consumed_at_step", *step)?;
+            vec![
+                with_ids(
+                    Stmt::new(format!(
+                        "UPDATE prompts SET state = 'consumed', consumed_at_ms = $1, \
+                         consumed_at_step = $2 WHERE state IN {LIVE} AND id IN ({})",
+                        id_list(3, ids.len())
+                    ))
+                    .bind(at_ms)
+                    .bind(step),
+                ),
+                with_ids(
+                    Stmt::new(format!(
+                        "UPDATE trajectories SET consumed_at_step = $1 \
+                         WHERE consumed_at_step IS NULL AND status = 'ok' AND prompt_id IN \
+                         (SELECT id FROM prompts WHERE state = 'consumed' AND id IN ({}))",
+                        id_list(2, ids.len())
+                    ))
+                    .bind(step),
+                ),
+            ]
+        }
+        Transition::Dropped { reason } => vec![with_ids(
+            Stmt::new(format!(
+                "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \
+                 WHERE state IN {LIVE} AND id IN ({})",
+                id_list(3, ids.len())
+            ))
+            .bind(reason.as_str())
+            .bind(at_ms),
+        )],
+    })
+}
+
+fn bind_trajectory(s: Stmt, t: &NewTrajectory, at_ms: i64) -> Result<Stmt, LedgerError> {
+    let min_v = t.policy_versions.iter().min().copied();
+    let max_v = t.policy_versions.iter().max().copied();
+    let opt = |field, v: Option<u64>| v.map(|v| to_i64(field, v)).transpose();
+    let components =
+        serde_json::to_string(&t.reward_components).expect("a map of f64 always serialises");
+    Ok(s.bind(t.id.as_str())
+        .bind(t.run_id.as_str())
+        .bind(t.prompt_id.as_str())
+        .bind(t.group_id.as_str())
+        .bind(t.environment.as_str())
+        .bind(t.worker_id.as_str())
+        .bind(codec::encode_u32s(&t.prompt_token_ids))
+        .bind(codec::encode_u32s(&t.completion_token_ids))
+        .bind(to_i64(
+            "num_completion_tokens",
+            t.completion_token_ids.len() as u64,
+        )?)
+        .bind(t.completion_text.as_str())
+        .bind(codec::encode_f32s(&t.logprobs))
+        .bind(codec::encode_versions(&t.policy_versions))
+        .bind(opt("min_policy_version", min_v)?)
+        .bind(opt("max_policy_version", max_v)?)
+        .bind(finish_reason_str(t.finish_reason))
+        .bind(t.reward)
+        .bind(components)
+        .bind(t.reason.as_deref())
+        .bind(t.status.as_str())
+        .bind(t.status.reason())
+        .bind(to_i64("queue_ms", t.timings.queue_ms)?)
+        .bind(to_i64("generate_ms", t.timings.generate_ms)?)
+        .bind(to_i64("score_ms", t.timings.score_ms)?)
+        .bind(at_ms))
+}
+
+/// What the writer task receives.
+pub(crate) enum Command {
+    Write(WriteOp),
+    /// Commit everything received so far, then answer.
+    Flush(oneshot::Sender<Result<(), LedgerError>>),
+    /// Commit everything, refuse further writes, answer and stop.
+    Close(oneshot::Sender<Result<(), LedgerError>>),
+}
+
+/// Failures since the last flush.
+#[derive(Default)]
+struct Failures {
+    count: usize,
+    first: Option<String>,
+}
+
+impl Failures {
+    fn record(&mut self, what: String) {
+        self.count += 1;
+        self.first.get_or_insert(what);
+    }
+
+    fn take(&mut self) -> Result<(), LedgerError> {
+        let f = std::mem::take(self);
+        match f.first {
+            None => Ok(()),
+            Some(first) => Err(LedgerError::WriteFailed {
+                failed: f.count,
+                first,
+            }),
+        }
+    }
+}
+
+/// Batch limits of the writer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    pub max_rows: usize,
+    pub interval: Duration,
+}
+
+/// The writer task: runs until a `Close` command or until every sender is gone.
+pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: BatchLimits) {
+    let mut batch: Vec<WriteOp> = Vec::new();
+    let mut rows = 0;
+    let mut deadline = Instant::now();
+    let mut failures = Failures::default();
+    loop {
+        let cmd = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(cmd) => cmd,
+                Err(_elapsed) => {
+                    commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                    rows = 0;
+                    continue;
+                }
+            }
+        };
+        match cmd {
+            Some(Command::Write(op)) => {
+                if batch.is_empty() {
+                    deadline = Instant::now() + limits.interval;
+                }
+                rows += op.rows();
+                batch.push(op);
+                if rows >= limits.max_rows {
+                    commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                    rows = 0;
+                }
+            }
+            Some(Command::Flush(reply)) => {
+                commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                rows = 0;
+                let _ = reply.send(failures.take());
+            }
+            Some(Command::Close(reply)) => {
+                rx.close();
+                // Ops other handles queued before the close still get written.
+                let mut flushes = Vec::new();
+                while let Some(cmd) = rx.recv().await {
+                    match cmd {
+                        Command::Write(op) => batch.push(op),
+                        Command::Flush(r) | Command::Close(r) => flushes.push(r),
+                    }
+                }
+                commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                let result = failures.take();
+                for r in flushes {
+                    let _ = r.send(Ok(()));
+                }
+                let _ = reply.send(result);
+                return;
+            }
+            None => {
+                commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Commits `batch` in one transaction, falling back to one transaction per op.
+async fn commit(pools: &Pools, batch: Vec<WriteOp>, failures: &mut Failures) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut ops = Vec::with_capacity(batch.len());
+    for op in batch {
+        match op.statements() {
+            Ok(stmts) => ops.push((op, stmts)),
+            Err(e) => failures.record(format!("{}: {e}", op.describe())),
+        }
+    }
+    if ops.is_empty() {
+        return;
+    }
+    let all: Vec<Stmt> = ops.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+    let err = match pools.execute_in_transaction(all).await {
+        Ok(()) => return,
+        Err(e) => e,
+    };
+    if ops.len() == 1 {
+        failures.record(format!("{}: {}", ops[0].0.describe(), error_chain(&err)));
+        return;
+    }
+    for (op, stmts) in ops {
+        if let Err(e) = pools.execute_in_transaction(stmts).await {
+            failures.record(format!("{}: {}", op.describe(), error_chain(&e)));
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_batches_are_split_into_bounded_statements() {
+        let ids: Vec<String> = (0..1234).map(|i| format!("p{i}")).collect();
+        let op = WriteOp::PromptsTransition {
+            ids,
+            to: Transition::Consumed { step: 3 },
+            at_ms: 1,
+        };
+        let stmts = op.statements().unwrap();
+        // 3 chunks of ids, two statements (prompts, trajectories) each
+        assert_eq!(stmts.len(), 6);
+        assert_eq!(stmts[0].params.len(), 2 + 500);
+        assert!(stmts[0].sql.contains("$502)"));
+        assert_eq!(stmts[5].params.len(), 1 + 234);
+        assert_eq!(op.rows(), 1234);
+    }
+
+    #[test]
+    fn out_of_range_numbers_fail_the_op_not_the_process() {
+        let op = WriteOp::LearnerStep {
+            step: LearnerStep {
+                run_id: "r".into(),
+                step: u64::MAX,
+                policy_version: 0,
+                loss: None,
+                kl: None,
+                entropy: None,
+                grad_norm: None,
+                learning_rate: None,
+                clip_fraction: None,
+                num_tokens: 0,
+                num_trajectories: 0,
+                skip_reason: None,
+            },
+            at_ms: 0,
+        };
+        assert!(matches!(
+            op.statements(),
+            Err(LedgerError::OutOfRange { field: "step", .. })
+        ));
+    }
+}

@@ -1,0 +1,874 @@
+//! The ledger's test suite, run against SQLite (a temp file) and, when
+//! `CHORUS_TEST_POSTGRES_URL` is set, against PostgreSQL (a fresh schema per test).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chorus_orchestrator::ledger::{
+    LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun, NewTrajectory,
+    PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, Timings, TrajectoryCounts,
+    TrajectoryStatus,
+};
+use chorus_proto::v1::FinishReason;
+
+const PG_ENV: &str = "CHORUS_TEST_POSTGRES_URL";
+
+/// A ledger under test, with what is needed to reopen it.
+struct TestDb {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_cleanup: Option<(String, String)>,
+}
+
+impl TestDb {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/nested/dir/ledger.db", dir.path().display());
+        Self {
+            url,
+            _dir: Some(dir),
+            pg_cleanup: None,
+        }
+    }
+
+    async fn postgres() -> Option<Self> {
+        let Ok(base) = std::env::var(PG_ENV) else {
+            println!("skipped: {PG_ENV} not set");
+            return None;
+        };
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let schema = format!(
+            "chorus_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = sqlx::PgPool::connect(&base).await.unwrap();
+        for sql in [
+            format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+            format!("CREATE SCHEMA {schema}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+        admin.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Some(Self {
+            url: format!("{base}{sep}options[search_path]={schema}"),
+            _dir: None,
+            pg_cleanup: Some((base, schema)),
+        })
+    }
+
+    async fn open(&self) -> Ledger {
+        Ledger::open(&self.url).await.unwrap()
+    }
+
+    async fn open_with(&self, options: LedgerOptions) -> Ledger {
+        Ledger::open_with(&self.url, options).await.unwrap()
+    }
+
+    async fn cleanup(self) {
+        if let Some((base, schema)) = self.pg_cleanup {
+            let admin = sqlx::PgPool::connect(&base).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE"
+            )))
+            .execute(&admin)
+            .await
+            .unwrap();
+            admin.close().await;
+        }
+    }
+}
+
+/// Declares each case once per backend.
+macro_rules! on_both_backends {
+    ($($case:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let db = super::TestDb::sqlite();
+                    super::cases::$case(&db).await;
+                    db.cleanup().await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some(db) = super::TestDb::postgres().await else {
+                        return;
+                    };
+                    super::cases::$case(&db).await;
+                    db.cleanup().await;
+                }
+            )+
+        }
+    };
+}
+
+on_both_backends!(
+    runs_are_inserted_once_listed_and_finished,
+    prompts_move_forward_only,
+    trajectories_round_trip_and_are_not_duplicated,
+    rollouts_are_filtered_and_newest_first,
+    consumption_is_counted_per_run,
+    learner_steps_round_trip,
+    policy_versions_and_events_round_trip,
+    a_refused_write_is_reported_and_spares_its_batch,
+    batches_commit_by_size_and_by_interval,
+    close_makes_everything_durable,
+    concurrent_writers_lose_nothing,
+);
+
+fn run(id: &str) -> NewRun {
+    NewRun {
+        id: id.into(),
+        name: format!("{id}-name"),
+        config_toml: format!("[run]\nid = \"{id}\"\nsteps = 10\n"),
+        status: RunStatus::Running,
+    }
+}
+
+fn prompt(id: &str, run_id: &str, env: &str) -> NewPrompt {
+    NewPrompt {
+        id: id.into(),
+        run_id: run_id.into(),
+        group_id: format!("g-{id}"),
+        environment: env.into(),
+        split: Split::Train,
+        task_json: format!(r#"{{"question":"{id}?","answer":42}}"#),
+        step_dispatched: 2,
+    }
+}
+
+fn traj(id: &str, run_id: &str, prompt_id: &str, env: &str, reward: f64) -> NewTrajectory {
+    NewTrajectory {
+        id: id.into(),
+        run_id: run_id.into(),
+        prompt_id: prompt_id.into(),
+        group_id: format!("g-{prompt_id}"),
+        environment: env.into(),
+        worker_id: "worker-0".into(),
+        prompt_token_ids: vec![1, 2, 3, 151_643],
+        completion_token_ids: vec![10, 11, 12, 13, 14],
+        completion_text: format!("answer of {id}"),
+        logprobs: vec![-0.1, -0.25, -3.5, -0.0, -12.125],
+        policy_versions: vec![4, 4, 5, 5, 5],
+        finish_reason: FinishReason::Stop,
+        reward: Some(reward),
+        reward_components: BTreeMap::from([
+            ("correct".to_owned(), reward),
+            ("format".to_owned(), 0.125),
+        ]),
+        reason: Some("matched the reference".into()),
+        status: TrajectoryStatus::Ok,
+        timings: Timings {
+            queue_ms: 3,
+            generate_ms: 1500,
+            score_ms: 20,
+        },
+    }
+}
+
+/// Polls `check` until it holds or 10 s pass.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn runs_are_inserted_once_listed_and_finished(db: &TestDb) {
+        let ledger = db.open().await;
+        assert_eq!(ledger.list_runs(10).await.unwrap(), []);
+        ledger.insert_run(run("run-a")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ledger.insert_run(run("run-b")).await.unwrap();
+        let mut again = run("run-a");
+        again.name = "renamed".into();
+        ledger.insert_run(again).await.unwrap();
+        ledger.flush().await.unwrap();
+
+        let a = ledger.get_run("run-a").await.unwrap().unwrap();
+        assert_eq!(a.name, "run-a-name", "the second insert must be ignored");
+        assert_eq!(a.config_toml, run("run-a").config_toml);
+        assert_eq!(a.status, RunStatus::Running);
+        assert_eq!(a.finished_at_ms, None);
+        assert!(ledger.get_run("run-zzz").await.unwrap().is_none());
+
+        let ids = |runs: Vec<chorus_orchestrator::ledger::RunRecord>| {
+            runs.into_iter().map(|r| r.id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(ledger.list_runs(10).await.unwrap()), ["run-b", "run-a"]);
+        assert_eq!(ids(ledger.list_runs(1).await.unwrap()), ["run-b"]);
+
+        ledger
+            .set_run_status("run-a", RunStatus::Succeeded)
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        let done = ledger.get_run("run-a").await.unwrap().unwrap();
+        assert_eq!(done.status, RunStatus::Succeeded);
+        let finished = done
+            .finished_at_ms
+            .expect("terminal status sets finished_at_ms");
+        assert!(finished >= done.created_at_ms);
+
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ledger
+            .set_run_status("run-a", RunStatus::Failed)
+            .await
+            .unwrap();
+        ledger
+            .set_run_status("run-b", RunStatus::Pending)
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        let a = ledger.get_run("run-a").await.unwrap().unwrap();
+        assert_eq!(a.status, RunStatus::Failed);
+        assert_eq!(a.finished_at_ms, Some(finished), "first finish time kept");
+        let b = ledger.get_run("run-b").await.unwrap().unwrap();
+        assert_eq!((b.status, b.finished_at_ms), (RunStatus::Pending, None));
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn prompts_move_forward_only(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        ledger
+            .record_prompts_dispatched(
+                ["p1", "p2", "p3", "p4"]
+                    .iter()
+                    .map(|id| prompt(id, "r", "math"))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        ledger.mark_generated(["p1", "p2", "p4"]).await.unwrap();
+        ledger.mark_scored(["p1"]).await.unwrap();
+        ledger.mark_consumed(["p1"], 3).await.unwrap();
+        ledger
+            .mark_dropped(["p2", "p3"], "zero-variance group")
+            .await
+            .unwrap();
+        // late or repeated changes are no-ops
+        ledger.mark_dropped(["p1"], "too stale").await.unwrap();
+        ledger.mark_generated(["p1", "p3"]).await.unwrap();
+        ledger.mark_consumed(["p2"], 4).await.unwrap();
+        ledger.mark_generated(["p4"]).await.unwrap();
+        ledger.mark_generated(Vec::<String>::new()).await.unwrap();
+        let mut redispatched = prompt("p1", "r", "code");
+        redispatched.step_dispatched = 9;
+        ledger
+            .record_prompts_dispatched(vec![redispatched])
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+
+        let p1 = ledger.get_prompt("p1").await.unwrap().unwrap();
+        assert_eq!(p1.state, PromptState::Consumed);
+        assert_eq!(p1.environment, "math");
+        assert_eq!(p1.step_dispatched, 2);
+        assert_eq!(p1.consumed_at_step, Some(3));
+        assert_eq!(p1.drop_reason, None);
+        assert_eq!(p1.split, Split::Train);
+        assert_eq!(p1.group_id, "g-p1");
+        assert_eq!(p1.task_json, prompt("p1", "r", "math").task_json);
+        for t in [p1.generated_at_ms, p1.scored_at_ms, p1.consumed_at_ms] {
+            assert!(t.unwrap() >= p1.dispatched_at_ms);
+        }
+        assert_eq!(p1.dropped_at_ms, None);
+
+        let p2 = ledger.get_prompt("p2").await.unwrap().unwrap();
+        assert_eq!(p2.state, PromptState::Dropped);
+        assert_eq!(p2.drop_reason.as_deref(), Some("zero-variance group"));
+        assert!(p2.dropped_at_ms.is_some());
+        assert_eq!(p2.consumed_at_step, None);
+
+        let p3 = ledger.get_prompt("p3").await.unwrap().unwrap();
+        assert_eq!(p3.state, PromptState::Dropped);
+        assert_eq!(p3.generated_at_ms, None);
+
+        let p4 = ledger.get_prompt("p4").await.unwrap().unwrap();
+        assert_eq!(p4.state, PromptState::Generated);
+        assert!(ledger.get_prompt("p5").await.unwrap().is_none());
+
+        assert_eq!(
+            ledger.prompt_state_counts("r").await.unwrap(),
+            [
+                (PromptState::Dispatched, 0),
+                (PromptState::Generated, 1),
+                (PromptState::Scored, 0),
+                (PromptState::Consumed, 1),
+                (PromptState::Dropped, 2),
+            ]
+        );
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn trajectories_round_trip_and_are_not_duplicated(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        let ok = traj("t1", "r", "p1", "math", 0.75);
+        let mut failed = traj("t2", "r", "p1", "math", 0.0);
+        failed.reward = None;
+        failed.reward_components.clear();
+        failed.reason = None;
+        failed.status = TrajectoryStatus::Failed {
+            reason: "worker OOM".into(),
+        };
+        failed.finish_reason = FinishReason::Error;
+        failed.completion_token_ids.clear();
+        failed.logprobs.clear();
+        failed.policy_versions.clear();
+        ledger
+            .insert_trajectories(vec![ok.clone(), failed.clone()])
+            .await
+            .unwrap();
+        let mut dup = traj("t1", "r", "p1", "math", -1.0);
+        dup.completion_text = "a retry".into();
+        ledger.insert_trajectories(vec![dup.clone()]).await.unwrap();
+        // the same id twice within one call
+        ledger
+            .insert_trajectories(vec![dup.clone(), dup])
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+
+        let got = ledger.get_trajectory("t1").await.unwrap().unwrap();
+        assert_eq!(got.trajectory, ok, "the first insert wins");
+        assert_eq!(got.consumed_at_step, None);
+        assert!(got.created_at_ms > 0);
+        let got = ledger.get_trajectory("t2").await.unwrap().unwrap();
+        assert_eq!(got.trajectory, failed);
+        assert!(ledger.get_trajectory("t3").await.unwrap().is_none());
+
+        assert_eq!(
+            ledger.trajectory_counts().await.unwrap(),
+            [TrajectoryCounts {
+                run_id: "r".into(),
+                total: 2,
+                consumed: 0
+            }]
+        );
+        let summary = ledger
+            .list_rollouts(&RolloutFilter::default())
+            .await
+            .unwrap();
+        let t1 = summary.iter().find(|s| s.id == "t1").unwrap();
+        assert_eq!(t1.num_completion_tokens, 5);
+        assert_eq!(
+            (t1.min_policy_version, t1.max_policy_version),
+            (Some(4), Some(5))
+        );
+        assert_eq!(t1.finish_reason, FinishReason::Stop);
+        let t2 = summary.iter().find(|s| s.id == "t2").unwrap();
+        assert_eq!((t2.min_policy_version, t2.reward), (None, None));
+        assert_eq!(
+            t2.status,
+            TrajectoryStatus::Failed {
+                reason: "worker OOM".into()
+            }
+        );
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn rollouts_are_filtered_and_newest_first(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("ra")).await.unwrap();
+        ledger.insert_run(run("rb")).await.unwrap();
+        let rows = [
+            ("t1", "ra", "math", 0.0),
+            ("t2", "ra", "math", 1.0),
+            ("t3", "ra", "code", 0.5),
+            ("t4", "rb", "math", 0.9),
+            ("t5", "rb", "code", 1.0),
+        ];
+        for (id, r, env, reward) in rows {
+            ledger
+                .insert_trajectories(vec![traj(id, r, "p", env, reward)])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let mut unscored = traj("t6", "ra", "p", "math", 0.0);
+        unscored.reward = None;
+        ledger.insert_trajectories(vec![unscored]).await.unwrap();
+        ledger.flush().await.unwrap();
+
+        let ids = |f: RolloutFilter| {
+            let ledger = ledger.clone();
+            async move {
+                let got = ledger.list_rollouts(&f).await.unwrap();
+                let keys: Vec<_> = got
+                    .iter()
+                    .map(|s| (s.created_at_ms, s.id.clone()))
+                    .collect();
+                let mut sorted = keys.clone();
+                sorted.sort_by(|a, b| b.cmp(a));
+                assert_eq!(keys, sorted, "newest first");
+                let mut ids: Vec<String> = got.into_iter().map(|s| s.id).collect();
+                ids.sort();
+                ids
+            }
+        };
+        assert_eq!(
+            ids(RolloutFilter::default()).await,
+            ["t1", "t2", "t3", "t4", "t5", "t6"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().run("ra")).await,
+            ["t1", "t2", "t3", "t6"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().environment("code")).await,
+            ["t3", "t5"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().min_reward(0.9)).await,
+            ["t2", "t4", "t5"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default()
+                .run("ra")
+                .environment("math")
+                .min_reward(0.0))
+            .await,
+            ["t1", "t2"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().run("nope")).await,
+            Vec::<String>::new()
+        );
+        let newest = ledger
+            .list_rollouts(&RolloutFilter::default().run("rb").limit(1))
+            .await
+            .unwrap();
+        assert_eq!(newest.len(), 1);
+        assert_eq!(newest[0].id, "t5");
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn consumption_is_counted_per_run(db: &TestDb) {
+        let ledger = db.open().await;
+        for r in ["ra", "rb", "rc"] {
+            ledger.insert_run(run(r)).await.unwrap();
+        }
+        ledger
+            .record_prompts_dispatched(vec![
+                prompt("pa1", "ra", "math"),
+                prompt("pa2", "ra", "math"),
+                prompt("pb1", "rb", "code"),
+            ])
+            .await
+            .unwrap();
+        let mut failed = traj("a1-bad", "ra", "pa1", "math", 0.0);
+        failed.status = TrajectoryStatus::Failed {
+            reason: "scorer timeout".into(),
+        };
+        ledger
+            .insert_trajectories(vec![
+                traj("a1-0", "ra", "pa1", "math", 1.0),
+                traj("a1-1", "ra", "pa1", "math", 0.0),
+                failed,
+                traj("a2-0", "ra", "pa2", "math", 1.0),
+                traj("b1-0", "rb", "pb1", "code", 1.0),
+            ])
+            .await
+            .unwrap();
+        ledger.mark_scored(["pa1", "pa2", "pb1"]).await.unwrap();
+        ledger.mark_consumed(["pa1"], 7).await.unwrap();
+        ledger.mark_dropped(["pb1"], "too stale").await.unwrap();
+        // a dropped prompt is not consumed, nor are its trajectories
+        ledger.mark_consumed(["pb1"], 8).await.unwrap();
+        ledger.flush().await.unwrap();
+
+        assert_eq!(
+            ledger.trajectory_counts().await.unwrap(),
+            [
+                TrajectoryCounts {
+                    run_id: "ra".into(),
+                    total: 4,
+                    consumed: 2
+                },
+                TrajectoryCounts {
+                    run_id: "rb".into(),
+                    total: 1,
+                    consumed: 0
+                },
+                TrajectoryCounts {
+                    run_id: "rc".into(),
+                    total: 0,
+                    consumed: 0
+                },
+            ]
+        );
+        assert_eq!(ledger.count_consumed("ra").await.unwrap(), 2);
+        assert_eq!(ledger.count_consumed("rc").await.unwrap(), 0);
+        assert_eq!(ledger.count_consumed("unknown").await.unwrap(), 0);
+        let a = ledger.get_trajectory("a1-0").await.unwrap().unwrap();
+        assert_eq!(a.consumed_at_step, Some(7));
+        let bad = ledger.get_trajectory("a1-bad").await.unwrap().unwrap();
+        assert_eq!(
+            bad.consumed_at_step, None,
+            "failed trajectories are not trained on"
+        );
+        let a2 = ledger.get_trajectory("a2-0").await.unwrap().unwrap();
+        assert_eq!(a2.consumed_at_step, None);
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn learner_steps_round_trip(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        let trained = LearnerStep {
+            run_id: "r".into(),
+            step: 1,
+            policy_version: 1,
+            loss: Some(0.5312),
+            kl: Some(1.5e-3),
+            entropy: Some(0.42),
+            grad_norm: Some(0.9),
+            learning_rate: Some(1e-6),
+            clip_fraction: Some(0.02),
+            num_tokens: 65_536,
+            num_trajectories: 64,
+            skip_reason: None,
+        };
+        let skipped = LearnerStep {
+            run_id: "r".into(),
+            step: 2,
+            policy_version: 1,
+            loss: None,
+            kl: None,
+            entropy: None,
+            grad_norm: None,
+            learning_rate: None,
+            clip_fraction: None,
+            num_tokens: 0,
+            num_trajectories: 0,
+            skip_reason: Some("every group had zero reward variance".into()),
+        };
+        ledger.insert_learner_step(skipped.clone()).await.unwrap();
+        ledger.insert_learner_step(trained.clone()).await.unwrap();
+        let mut dup = trained.clone();
+        dup.loss = Some(99.0);
+        ledger.insert_learner_step(dup).await.unwrap();
+        ledger.flush().await.unwrap();
+
+        let steps = ledger.list_learner_steps("r").await.unwrap();
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0].step, trained, "ordered by step, first insert kept");
+        assert_eq!(steps[1].step, skipped);
+        assert!(steps[0].created_at_ms > 0);
+        assert!(ledger.list_learner_steps("other").await.unwrap().is_empty());
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn policy_versions_and_events_round_trip(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        ledger.insert_run(run("other")).await.unwrap();
+        let v = |version, sha: &str| PolicyVersion {
+            run_id: "r".into(),
+            version,
+            learner_step: version * 2,
+            sha256: sha.into(),
+            num_bytes: 8_000_000_000,
+        };
+        ledger.record_policy_version(v(2, "bb")).await.unwrap();
+        ledger.record_policy_version(v(1, "aa")).await.unwrap();
+        ledger.record_policy_version(v(1, "zz")).await.unwrap();
+        for i in 0..5 {
+            ledger
+                .record_event("r", "learner_step", format!(r#"{{"step":{i}}}"#))
+                .await
+                .unwrap();
+            ledger
+                .record_event("other", "noise", "{}".into())
+                .await
+                .unwrap();
+        }
+        ledger.flush().await.unwrap();
+
+        assert_eq!(
+            ledger.list_policy_versions("r").await.unwrap(),
+            [v(1, "aa"), v(2, "bb")]
+        );
+        let first = ledger.list_events("r", 0, 3).await.unwrap();
+        assert_eq!(
+            first
+                .iter()
+                .map(|e| e.payload_json.as_str())
+                .collect::<Vec<_>>(),
+            [r#"{"step":0}"#, r#"{"step":1}"#, r#"{"step":2}"#]
+        );
+        assert!(
+            first
+                .iter()
+                .all(|e| e.run_id == "r" && e.kind == "learner_step")
+        );
+        let rest = ledger
+            .list_events("r", first.last().unwrap().id, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            rest.iter()
+                .map(|e| e.payload_json.as_str())
+                .collect::<Vec<_>>(),
+            [r#"{"step":3}"#, r#"{"step":4}"#]
+        );
+        assert!(rest[0].id > first[2].id);
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn a_refused_write_is_reported_and_spares_its_batch(db: &TestDb) {
+        let ledger = db
+            .open_with(LedgerOptions {
+                flush_interval: Duration::from_secs(3600),
+                ..LedgerOptions::default()
+            })
+            .await;
+        ledger.insert_run(run("r")).await.unwrap();
+        ledger
+            .insert_trajectories(vec![traj("t1", "r", "p", "math", 1.0)])
+            .await
+            .unwrap();
+        // unknown run: refused by the foreign key
+        ledger
+            .record_prompts_dispatched(vec![prompt("p-orphan", "no-such-run", "math")])
+            .await
+            .unwrap();
+        ledger
+            .insert_trajectories(vec![traj("t2", "r", "p", "math", 1.0)])
+            .await
+            .unwrap();
+        let err = ledger.flush().await.unwrap_err();
+        match &err {
+            LedgerError::WriteFailed { failed, first } => {
+                assert_eq!(*failed, 1);
+                assert!(first.contains("p-orphan"), "{first}");
+            }
+            other => panic!("expected WriteFailed, got {other:?}"),
+        }
+        assert!(err.is_write_failed());
+        assert!(ledger.get_prompt("p-orphan").await.unwrap().is_none());
+        assert!(ledger.get_trajectory("t1").await.unwrap().is_some());
+        assert!(ledger.get_trajectory("t2").await.unwrap().is_some());
+        assert!(ledger.get_run("r").await.unwrap().is_some());
+        // reported once
+        ledger.flush().await.unwrap();
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn batches_commit_by_size_and_by_interval(db: &TestDb) {
+        // by size: the interval is far away, ten rows fill a batch
+        let ledger = db
+            .open_with(LedgerOptions {
+                max_batch_rows: 10,
+                flush_interval: Duration::from_secs(3600),
+                ..LedgerOptions::default()
+            })
+            .await;
+        ledger.insert_run(run("r")).await.unwrap();
+        let batch: Vec<_> = (0..9)
+            .map(|i| traj(&format!("s{i}"), "r", "p", "math", 1.0))
+            .collect();
+        ledger.insert_trajectories(batch).await.unwrap();
+        eventually("a full batch is committed without a flush", || async {
+            ledger.count_total("r").await == 9
+        })
+        .await;
+        ledger
+            .insert_trajectories(vec![traj("s9", "r", "p", "math", 1.0)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.count_total("r").await, 9, "a partial batch waits");
+        ledger.flush().await.unwrap();
+        assert_eq!(ledger.count_total("r").await, 10);
+        ledger.close().await.unwrap();
+
+        // by interval: a lone write commits on its own shortly after
+        let ledger = db
+            .open_with(LedgerOptions {
+                max_batch_rows: 1_000_000,
+                flush_interval: Duration::from_millis(20),
+                ..LedgerOptions::default()
+            })
+            .await;
+        ledger
+            .insert_trajectories(vec![traj("i0", "r", "p", "math", 1.0)])
+            .await
+            .unwrap();
+        eventually("the interval commits a partial batch", || async {
+            ledger.count_total("r").await == 11
+        })
+        .await;
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn close_makes_everything_durable(db: &TestDb) {
+        let ledger = db
+            .open_with(LedgerOptions {
+                flush_interval: Duration::from_secs(3600),
+                queue_capacity: 8,
+                ..LedgerOptions::default()
+            })
+            .await;
+        let clone = ledger.clone();
+        ledger.insert_run(run("r")).await.unwrap();
+        for i in 0..50 {
+            clone
+                .insert_trajectories(vec![traj(&format!("d{i}"), "r", "p", "math", 1.0)])
+                .await
+                .unwrap();
+        }
+        ledger.close().await.unwrap();
+        ledger.close().await.unwrap();
+        let err = clone
+            .insert_trajectories(vec![traj("late", "r", "p", "math", 1.0)])
+            .await
+            .unwrap_err();
+        assert!(err.is_closed(), "{err:?}");
+        assert!(clone.flush().await.unwrap_err().is_closed());
+
+        let reopened = db.open().await;
+        assert_eq!(reopened.count_total("r").await, 50);
+        assert_eq!(reopened.get_run("r").await.unwrap().unwrap().id, "r");
+        reopened.close().await.unwrap();
+    }
+
+    pub async fn concurrent_writers_lose_nothing(db: &TestDb) {
+        let ledger = db
+            .open_with(LedgerOptions {
+                queue_capacity: 16,
+                max_batch_rows: 64,
+                ..LedgerOptions::default()
+            })
+            .await;
+        ledger.insert_run(run("r")).await.unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|w| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        let id = format!("w{w}-{i}");
+                        ledger
+                            .insert_trajectories(vec![traj(&id, "r", "p", "math", 1.0)])
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        ledger.flush().await.unwrap();
+        assert_eq!(ledger.count_total("r").await, 800);
+        ledger.close().await.unwrap();
+    }
+}
+
+/// Total trajectories of a run, through the public API.
+trait CountTotal {
+    async fn count_total(&self, run_id: &str) -> u64;
+}
+
+impl CountTotal for Ledger {
+    async fn count_total(&self, run_id: &str) -> u64 {
+        self.trajectory_counts()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.run_id == run_id)
+            .map_or(0, |c| c.total)
+    }
+}
+
+#[tokio::test]
+async fn sqlite_file_and_parents_are_created_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/c/ledger.db");
+    let ledger = Ledger::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(ledger.backend(), "sqlite");
+    assert!(path.is_file());
+    ledger.close().await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let mode: (String,) = sqlx::query_as("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode.0, "wal");
+    pool.close().await;
+    // reopening runs no migration twice
+    let again = Ledger::open(&format!("sqlite:{}", path.display()))
+        .await
+        .unwrap();
+    again.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn in_memory_sqlite_works_within_one_handle() {
+    let ledger = Ledger::open("sqlite::memory:").await.unwrap();
+    ledger.insert_run(run("m")).await.unwrap();
+    ledger
+        .insert_trajectories(vec![traj("t", "m", "p", "math", 1.0)])
+        .await
+        .unwrap();
+    ledger.flush().await.unwrap();
+    assert_eq!(ledger.count_total("m").await, 1);
+    ledger.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_urls_and_paths_are_typed_errors() {
+    let err = Ledger::open("mysql://u:secret@h/db").await.unwrap_err();
+    assert!(matches!(err, LedgerError::InvalidUrl { .. }), "{err:?}");
+    assert!(!err.to_string().contains("secret"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let err = Ledger::open(&format!(
+        "sqlite://{}/ledger.db",
+        file.join("sub").display()
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, LedgerError::CreateDir { .. }), "{err:?}");
+
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+    let err = Ledger::open(&format!("sqlite://{}", garbage.display()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LedgerError::Connect { .. } | LedgerError::Migrate { .. }
+        ),
+        "{err:?}"
+    );
+}

@@ -1,0 +1,36 @@
+//! The Chorus wire protocol.
+//!
+//! Chorus components meet only through the gRPC services of package `chorus.v1`
+//! (the `.proto` files in `proto/chorus/v1/`), generated here with prost and tonic:
+//!
+//! | service | implemented by | calls |
+//! |---|---|---|
+//! | [`Orchestrator`](v1::orchestrator_server::Orchestrator) | orchestrator | registration and heartbeats of workers and learners, launch / get / list runs, a stream of run events |
+//! | [`RolloutWorker`](v1::rollout_worker_server::RolloutWorker) | rollout worker | `Generate`: a bidirectional stream of generation requests and token chunks |
+//! | [`Learner`](v1::learner_server::Learner) | learner | `SubmitTrajectories` (client stream of scored groups, acknowledged by id), `StreamWeights` (server stream of checksummed weight chunks) |
+//! | [`Environment`](v1::environment_server::Environment) | environment plugins | `Describe`, `Sample`, `Step`, `Score` |
+//!
+//! Every request carries the ids that make a retry idempotent (`run_id`,
+//! `prompt_id`, `trajectory_id`, `request_id`, `group_id`, heartbeat `sequence`):
+//! a server that sees an id again answers as it did the first time.
+//!
+//! Besides the generated code the crate offers:
+//! - [`auth`]: interceptors that attach and check the shared `Bearer` token;
+//! - [`checksum`]: the digest carried by the last [`WeightChunk`](v1::WeightChunk)
+//!   of a weight stream and a verifier for receivers.
+//!
+//! The protobuf files are compiled at build time with `protox`, so building needs
+//! no `protoc`.
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod checksum;
+
+/// Messages and services of package `chorus.v1` (generated from `proto/chorus/v1/*.proto`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("chorus.v1");
+}
+
+pub use prost;
+pub use tonic;

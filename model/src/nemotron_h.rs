@@ -155,6 +155,11 @@ impl NemotronH {
         &self.cfg
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.embeddings.device()
+    }
+
     /// `ids: [B, T]` (u32 or i64) → embeddings `[B, T, d]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;

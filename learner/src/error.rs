@@ -1,0 +1,31 @@
+//! The learner's error type.
+
+use std::path::PathBuf;
+
+/// Errors from training steps, optimizer state and learner checkpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    /// A batch is malformed (lengths disagree, token ids out of range, …).
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    /// A learner setting is out of range; names the setting.
+    #[error("learner setting `{key}`: {message}")]
+    Config { key: String, message: String },
+    /// A learner checkpoint is missing a file or holds something unexpected.
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error(transparent)]
+    Model(#[from] chorus_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub(crate) fn config_err(key: &str, message: impl Into<String>) -> LearnerError {
+    LearnerError::Config {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Result with [`LearnerError`].
+pub type Result<T> = std::result::Result<T, LearnerError>;

@@ -1,0 +1,222 @@
+//! The trainer: one policy, its optimizer and schedule; RL and SFT steps that refuse to apply
+//! non-finite updates; checkpoints that resume exactly.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use chorus_model::{NemotronH, NemotronHConfig, Params, checkpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LearnerError, Result};
+use crate::loss::{GrpoConfig, LossStats, RlSequence, SftSequence, grpo_loss, sft_loss};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::LrSchedule;
+
+/// File names a learner checkpoint adds to the HF layout.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Learner settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearnerConfig {
+    pub optimizer: AdamWConfig,
+    pub schedule: LrSchedule,
+    pub grpo: GrpoConfig,
+    /// Parameters whose names contain any of these strings are not updated (e.g. `"mtp."`
+    /// during RL, `".gate.weight"` to freeze routers).
+    pub freeze: Vec<String>,
+}
+
+/// What one step did. `skipped` holds the reason when the update was refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Steps attempted so far, this one included.
+    pub step: u64,
+    /// Policy version after the step (unchanged when skipped).
+    pub version: u64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub stats: LossStats,
+    pub skipped: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    version: u64,
+    optimizer_steps: u64,
+    config: LearnerConfig,
+}
+
+/// A policy being trained.
+pub struct Trainer {
+    model_cfg: NemotronHConfig,
+    params: Params,
+    model: NemotronH,
+    optimizer: AdamW,
+    config: LearnerConfig,
+    step: u64,
+    version: u64,
+}
+
+/// Routing biases are buffers adjusted by load balancing, never by gradients.
+fn always_frozen(name: &str) -> bool {
+    name.ends_with("e_score_correction_bias")
+}
+
+impl Trainer {
+    /// Starts training `params` at version 0.
+    pub fn new(model_cfg: NemotronHConfig, params: Params, config: LearnerConfig) -> Result<Self> {
+        config.grpo.validate()?;
+        let model = NemotronH::new(&model_cfg, &params)?;
+        let trainable = params
+            .vars()
+            .iter()
+            .filter(|(n, _)| {
+                !always_frozen(n) && !config.freeze.iter().any(|f| n.contains(f.as_str()))
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let optimizer = AdamW::new(trainable, config.optimizer.clone())?;
+        Ok(Self {
+            model_cfg,
+            params,
+            model,
+            optimizer,
+            config,
+            step: 0,
+            version: 0,
+        })
+    }
+
+    /// The policy version: the number of updates applied.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Steps attempted.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn model(&self) -> &NemotronH {
+        &self.model
+    }
+
+    pub fn model_config(&self) -> &NemotronHConfig {
+        &self.model_cfg
+    }
+
+    /// One GRPO-family update on `batch`.
+    pub fn rl_step(&mut self, batch: &[RlSequence]) -> Result<StepReport> {
+        if batch.is_empty() {
+            return Err(LearnerError::Batch("empty batch".into()));
+        }
+        let (loss, stats) = grpo_loss(&self.model, batch, self.version, &self.config.grpo)?;
+        self.apply(loss, stats)
+    }
+
+    /// One supervised update on reference solutions.
+    pub fn sft_step(&mut self, batch: &[SftSequence]) -> Result<StepReport> {
+        if batch.is_empty() {
+            return Err(LearnerError::Batch("empty batch".into()));
+        }
+        let (loss, stats) = sft_loss(&self.model, batch)?;
+        self.apply(loss, stats)
+    }
+
+    fn apply(&mut self, loss: Tensor, stats: LossStats) -> Result<StepReport> {
+        self.step += 1;
+        let lr = self.config.schedule.lr(self.optimizer.steps());
+        let report = |grad_norm, version, skipped| StepReport {
+            step: self.step,
+            version,
+            lr,
+            grad_norm,
+            stats,
+            skipped,
+        };
+        if !stats.loss.is_finite() {
+            return Ok(report(
+                f64::NAN,
+                self.version,
+                Some(format!("loss is not finite ({})", stats.loss)),
+            ));
+        }
+        let grads = loss.backward()?;
+        let norm = self.optimizer.grad_norm(&grads)?;
+        if !norm.is_finite() {
+            return Ok(report(
+                norm,
+                self.version,
+                Some(format!("gradient norm is not finite ({norm})")),
+            ));
+        }
+        let st = self.optimizer.step(&grads, lr)?;
+        self.version += 1;
+        Ok(report(st.grad_norm, self.version, None))
+    }
+
+    /// Writes the weights in HF layout plus optimizer state and step counters to `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        checkpoint::save_checkpoint(dir, &self.model_cfg, &self.params, None)?;
+        let opt_path = dir.join(OPTIMIZER_FILE);
+        let state: std::collections::HashMap<String, Tensor> =
+            self.optimizer.state_tensors().into_iter().collect();
+        candle_core::safetensors::save(&state, &opt_path).map_err(|e| {
+            LearnerError::Checkpoint {
+                path: opt_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let st = TrainerState {
+            step: self.step,
+            version: self.version,
+            optimizer_steps: self.optimizer.steps(),
+            config: self.config.clone(),
+        };
+        let path = dir.join(STATE_FILE);
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&st).expect("serialises"),
+        )
+        .map_err(|e| LearnerError::Checkpoint {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Resumes from a directory written by [`Trainer::save`], with the settings saved there.
+    pub fn resume(dir: &Path, device: &Device) -> Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| LearnerError::Checkpoint {
+            path: path.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let st: TrainerState =
+            serde_json::from_str(&text).map_err(|e| LearnerError::Checkpoint {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let (model_cfg, params) = checkpoint::load_checkpoint(dir, device)?;
+        let mut t = Self::new(model_cfg, params, st.config)?;
+        let opt_path = dir.join(OPTIMIZER_FILE);
+        let tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(&opt_path, device)
+            .map_err(|e| LearnerError::Checkpoint {
+                path: opt_path.clone(),
+                message: e.to_string(),
+            })?
+            .into_iter()
+            .collect();
+        t.optimizer.load_state(&tensors, st.optimizer_steps)?;
+        t.step = st.step;
+        t.version = st.version;
+        Ok(t)
+    }
+}

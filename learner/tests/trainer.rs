@@ -1,0 +1,299 @@
+//! The learner on a tiny policy: updates move probabilities the right way, stale tokens are
+//! truncated, bad steps change nothing, and checkpoints resume exactly.
+
+use candle_core::Device;
+use chorus_learner::*;
+use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::sampling::SamplingParams;
+use chorus_model::{NemotronHConfig, checkpoint};
+
+fn config() -> NemotronHConfig {
+    NemotronHConfig::from_json_str(
+        r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 32,
+        "hybrid_override_pattern": "M*E", "mamba_num_heads": 4, "mamba_head_dim": 8,
+        "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "moe_shared_expert_intermediate_size": 16, "routed_scaling_factor": 1.0}"#,
+    )
+    .unwrap()
+}
+
+fn trainer(lr: f64) -> Trainer {
+    let cfg = config();
+    let params = checkpoint::init_params(&cfg, 1, &Device::Cpu).unwrap();
+    let lc = LearnerConfig {
+        schedule: LrSchedule {
+            peak_lr: lr,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Trainer::new(cfg, params, lc).unwrap()
+}
+
+/// Samples completions with the current weights, as a rollout worker would.
+fn rollouts(t: &Trainer, n: usize) -> Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> {
+    let engine = Engine::from_params(t.model_config(), t.params()).unwrap();
+    (0..n)
+        .map(|i| {
+            let prompt = vec![3, 4 + (i % 3) as u32];
+            let g = engine
+                .generate(&GenerationRequest {
+                    prompt: prompt.clone(),
+                    max_new_tokens: 6,
+                    sampling: SamplingParams::default(),
+                    seed: i as u64,
+                    stop_tokens: vec![],
+                })
+                .unwrap();
+            (prompt, g.tokens, g.logprobs)
+        })
+        .collect()
+}
+
+fn seq(
+    prompt: &[u32],
+    completion: &[u32],
+    logprobs: &[f32],
+    advantage: f32,
+    version: u64,
+) -> RlSequence {
+    RlSequence {
+        tokens: prompt.iter().chain(completion).copied().collect(),
+        prompt_len: prompt.len(),
+        behavior_logprobs: logprobs.to_vec(),
+        versions: vec![version; completion.len()],
+        advantage,
+        ref_logprobs: None,
+    }
+}
+
+fn target_count(t: &Trainer, n: usize) -> usize {
+    rollouts(t, n)
+        .iter()
+        .map(|r| r.1.iter().filter(|&&x| x == 7).count())
+        .sum()
+}
+
+#[test]
+fn rewarding_a_token_makes_it_more_likely() {
+    let mut t = trainer(1e-2);
+    let before = target_count(&t, 64);
+    for _ in 0..15 {
+        let batch: Vec<RlSequence> = rollouts(&t, 16)
+            .iter()
+            .map(|(p, c, lp)| {
+                let hits = c.iter().filter(|&&x| x == 7).count() as f32;
+                seq(p, c, lp, hits - 0.25, t.version())
+            })
+            .collect();
+        let r = t.rl_step(&batch).unwrap();
+        assert!(r.skipped.is_none(), "{r:?}");
+    }
+    let after = target_count(&t, 64);
+    assert!(
+        after > 2 * before + 20,
+        "token 7 sampled {before} times before training, {after} after"
+    );
+}
+
+#[test]
+fn on_policy_ratios_are_one_and_nothing_is_clipped() {
+    let t = trainer(1e-3);
+    let batch: Vec<RlSequence> = rollouts(&t, 4)
+        .iter()
+        .map(|(p, c, lp)| seq(p, c, lp, 1.0, 0))
+        .collect();
+    let (_, stats) = grpo_loss(t.model(), &batch, 0, &GrpoConfig::default()).unwrap();
+    // The engine and the candle model agree, so the worker's logprobs are the learner's.
+    assert!(stats.mean_abs_logprob_diff < 1e-4, "{stats:?}");
+    assert_eq!(stats.clip_fraction, 0.0);
+    assert!(stats.kl.abs() < 1e-6);
+    assert!(
+        (stats.loss + 1.0).abs() < 1e-4,
+        "loss = -mean(r * A) = -1, got {}",
+        stats.loss
+    );
+    assert_eq!(stats.tokens, 4 * 6);
+}
+
+#[test]
+fn stale_tokens_have_their_ratio_truncated() {
+    let t = trainer(1e-3);
+    let (p, c, lp) = rollouts(&t, 1).remove(0);
+    // The worker claims a much lower probability than the learner's: the ratio is huge.
+    let low: Vec<f32> = lp.iter().map(|x| x - 4.0).collect();
+    let cfg = GrpoConfig {
+        tis_cap: 2.0,
+        ..GrpoConfig::default()
+    };
+    let fresh = grpo_loss(t.model(), &[seq(&p, &c, &low, -1.0, 3)], 3, &cfg)
+        .unwrap()
+        .1;
+    let stale = grpo_loss(t.model(), &[seq(&p, &c, &low, -1.0, 2)], 3, &cfg)
+        .unwrap()
+        .1;
+    // Negative advantage: the surrogate is r·A, unbounded for fresh tokens, capped at 2 for stale.
+    assert!(fresh.loss > 40.0, "{fresh:?}");
+    assert!((stale.loss - 2.0).abs() < 1e-3, "{stale:?}");
+    // Positive advantage with a huge ratio is clipped at 1 + eps_high.
+    let pos = grpo_loss(t.model(), &[seq(&p, &c, &low, 1.0, 3)], 3, &cfg)
+        .unwrap()
+        .1;
+    assert!(
+        (pos.loss + 1.28).abs() < 1e-3 && pos.clip_fraction == 1.0,
+        "{pos:?}"
+    );
+}
+
+#[test]
+fn token_mean_and_sequence_mean_differ_as_they_should() {
+    let t = trainer(1e-3);
+    let r = rollouts(&t, 2);
+    // Same ratio 1 everywhere; advantages 1 (6 tokens) and -1 (3 tokens).
+    let a = seq(&r[0].0, &r[0].1, &r[0].2, 1.0, 0);
+    let b = seq(&r[1].0, &r[1].1[..3], &r[1].2[..3], -1.0, 0);
+    let tok = grpo_loss(
+        t.model(),
+        &[a.clone(), b.clone()],
+        0,
+        &GrpoConfig::default(),
+    )
+    .unwrap()
+    .1;
+    let seqm = grpo_loss(
+        t.model(),
+        &[a, b],
+        0,
+        &GrpoConfig {
+            aggregation: Aggregation::SeqMean,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .1;
+    assert!((tok.loss - (-(6.0 - 3.0) / 9.0)).abs() < 1e-4, "{tok:?}");
+    assert!(seqm.loss.abs() < 1e-4, "{seqm:?}");
+}
+
+#[test]
+fn a_non_finite_step_is_skipped_and_changes_nothing() {
+    let mut t = trainer(1e-2);
+    let before = t.params().snapshot().unwrap();
+    let (p, c, lp) = rollouts(&t, 1).remove(0);
+    let r = t.rl_step(&[seq(&p, &c, &lp, f32::NAN, 0)]).unwrap();
+    assert!(
+        r.skipped.as_deref().unwrap_or("").contains("not finite"),
+        "{r:?}"
+    );
+    assert_eq!(r.version, 0);
+    assert_eq!(t.version(), 0);
+    for (name, w) in &before {
+        let now = &t.params().vars()[name];
+        let diff = (w - now.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name} changed");
+    }
+    // A good step afterwards applies.
+    let r = t.rl_step(&[seq(&p, &c, &lp, 1.0, 0)]).unwrap();
+    assert!(r.skipped.is_none() && t.version() == 1);
+}
+
+#[test]
+fn sft_learns_a_reference_solution() {
+    let mut t = trainer(1e-2);
+    let ex = SftSequence {
+        tokens: vec![3, 4, 5, 9, 11, 13, 2],
+        prompt_len: 3,
+    };
+    let first = t.sft_step(std::slice::from_ref(&ex)).unwrap().stats.loss;
+    let mut last = first;
+    for _ in 0..30 {
+        last = t.sft_step(std::slice::from_ref(&ex)).unwrap().stats.loss;
+    }
+    assert!(last < first * 0.2, "loss {first} -> {last}");
+    let engine = Engine::from_params(t.model_config(), t.params()).unwrap();
+    let g = engine
+        .generate(&GenerationRequest {
+            prompt: vec![3, 4, 5],
+            max_new_tokens: 4,
+            sampling: SamplingParams::greedy(),
+            seed: 0,
+            stop_tokens: vec![],
+        })
+        .unwrap();
+    assert_eq!(g.tokens, vec![9, 11, 13, 2]);
+}
+
+#[test]
+fn resuming_a_checkpoint_continues_exactly() {
+    let ex = |i: u32| SftSequence {
+        tokens: vec![3, 4, 5 + i, 9, 11],
+        prompt_len: 2,
+    };
+    let mut a = trainer(1e-2);
+    for i in 0..3 {
+        a.sft_step(&[ex(i)]).unwrap();
+    }
+    let mut b = trainer(1e-2);
+    for i in 0..2 {
+        b.sft_step(&[ex(i)]).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    b.save(dir.path()).unwrap();
+    let mut c = Trainer::resume(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!((c.step(), c.version()), (2, 2));
+    c.sft_step(&[ex(2)]).unwrap();
+    for (name, w) in a.params().snapshot().unwrap() {
+        let diff = (w - c.params().vars()[&name].as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{name} differs by {diff}");
+    }
+}
+
+#[test]
+fn bad_settings_and_batches_are_named() {
+    let cfg = config();
+    let params = checkpoint::init_params(&cfg, 1, &Device::Cpu).unwrap();
+    let lc = LearnerConfig {
+        grpo: GrpoConfig {
+            eps_low: 1.5,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = Trainer::new(cfg, params, lc).err().unwrap().to_string();
+    assert!(e.contains("eps_low"), "{e}");
+    let mut t = trainer(1e-3);
+    let bad = RlSequence {
+        tokens: vec![3, 4, 5],
+        prompt_len: 1,
+        behavior_logprobs: vec![-1.0],
+        versions: vec![0, 0],
+        advantage: 1.0,
+        ref_logprobs: None,
+    };
+    let e = t.rl_step(&[bad]).unwrap_err().to_string();
+    assert!(e.contains("2 completion tokens"), "{e}");
+    let e = t
+        .sft_step(&[SftSequence {
+            tokens: vec![3, 99],
+            prompt_len: 1,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("99"), "{e}");
+}

@@ -1,0 +1,74 @@
+//! Verifiable environments for Chorus.
+//!
+//! An [`Environment`] describes itself ([`EnvInfo`]), samples [`Task`]s deterministically from a
+//! seed, a [`Split`] and a difficulty level, scores completions into a [`Score`] (a reward with
+//! named components and a reason), gives reference solutions, and, when multi-turn, advances an
+//! [`Episode`] with [`Environment::step`]. Every prompt uses the one chat template in [`chat`].
+//!
+//! ```
+//! use chorus_environments::{builtin_registry, Split};
+//!
+//! let registry = builtin_registry();
+//! let env = registry.get("arithmetic").unwrap();
+//! let task = env.sample(7, Split::Train, 0).unwrap();
+//! let answer = env.reference(&task).unwrap();
+//! assert!(env.score(&task, &answer).unwrap().is_full());
+//! ```
+//!
+//! Multi-turn episodes run through [`Environment::start`] and [`Environment::step`]; the
+//! reference policy ([`Environment::reference_action`], played by [`run_reference_episode`])
+//! gives SFT demonstrations for them too. [`check_environment`] is the self-check behind
+//! `chorus env check`; [`Registry::list`] is the data behind `chorus env list`.
+//!
+//! # Built-in environments
+//!
+//! | name | category | turns | verifies |
+//! |---|---|---|---|
+//! | `arithmetic` | math | single | exact integer value |
+//! | `countdown` | math | single | expression reaches the target, numbers used at most once, exact division |
+//! | `math_word` | math | single | numeric equivalence (`1,200`, `$1200`, `3/4`, `\boxed{}`, `#### N`); also GSM8K JSONL |
+//! | `multi_hop` | long context | single | value at the end of an assignment chain |
+//! | `needle` | long context | single | a code hidden in configurable filler |
+//! | `knights_knaves` | logic | single | everyone's kind; unique solutions by brute force |
+//! | `sudoku` | logic | single | 4x4/6x6/9x9 validity and givens |
+//! | `mcqa` | knowledge | single | choice letter; also ARC/MMLU JSONL |
+//! | `instruction_following` | instruction following | single | every constraint, one component each; also IFEval JSONL |
+//! | `structured_output` | structured output | single | JSON Schema validity |
+//! | `function_calling` | tool use | single | tool name and arguments by value |
+//! | `calendar` | planning | single | a meeting slot that fits every busy block |
+//! | `safety` | safety | single | refuse harmful requests, answer harmless look-alikes |
+//! | `tool_agent` | tool use | multi | final answer after `lookup`/`calc` tool calls |
+//! | `game` | game | multi | tic-tac-toe result against the best forcible one |
+//!
+//! # Invariants
+//!
+//! - Only [`chat`] knows the prompt template and how answers are pulled out of completions.
+//! - Sampling is a pure function of `(environment, seed, split, difficulty)`, using the
+//!   portable ChaCha8 RNG ([`task_rng`]); nothing reads global randomness.
+//! - The split of a task is a hash of its content ([`split_of`]), so train and heldout never
+//!   share a prompt.
+//! - Scoring never panics and never errors on model output: garbage scores 0 with a reason.
+//!   Errors ([`EnvError`]) are about tasks, datasets and configuration.
+//! - Difficulty 0 is meant for a freshly initialised tiny model trained for minutes on a CPU:
+//!   prompts of at most a couple of hundred bytes, short plain-text answers.
+#![deny(missing_docs)]
+
+pub mod builtin;
+pub mod chat;
+mod check;
+mod env;
+mod error;
+mod registry;
+mod sampling;
+mod task;
+
+pub use builtin::builtin_registry;
+pub use check::{
+    CheckFailure, CheckOptions, CheckReport, FailureKind, PromptStats, check_all,
+    check_environment, run_reference_episode,
+};
+pub use env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns};
+pub use error::EnvError;
+pub use registry::Registry;
+pub use sampling::{TaskRng, split_of, stable_hash, task_rng};
+pub use task::{Score, ScoreComponent, Split, Task};

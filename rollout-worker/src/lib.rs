@@ -1,6 +1,19 @@
 //! # chorus-rollout-worker
 //!
-//! The rollout worker service of the closed loop: it will serve the `RolloutWorker.Generate`
-//! stream of `chorus-proto` over `chorus_model::engine::Engine` (continuous batching over
-//! per-sequence caches, seeded sampling, weight installs between decode steps with per-token
-//! policy versions). Not built yet: the generation machinery it wraps lives in `chorus-model`.
+//! Serves `RolloutWorker.Generate` (see `chorus-proto`) over the policy engine of
+//! `chorus-model`:
+//!
+//! - **Continuous batching.** One engine thread advances every active sequence together, one
+//!   forward call per step; requests join with their whole prompt and leave when done, so a long
+//!   generation never holds a short one back.
+//! - **In-flight weight updates.** [`WorkerHandle::install_weights`] hands over a new policy
+//!   version; the engine thread switches between two decode steps, sequences keep their caches,
+//!   and every token records the version that produced it.
+//! - **Faults stay local.** A malformed request (empty prompt, token out of range, bad sampling
+//!   settings) is answered with `FINISH_REASON_ERROR` and its reason; the others go on.
+
+mod engine_loop;
+mod service;
+
+pub use engine_loop::{Job, JobResult, WorkerHandle, WorkerStats, spawn_engine_loop};
+pub use service::RolloutService;

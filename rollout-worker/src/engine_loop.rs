@@ -1,0 +1,273 @@
+//! The engine thread: continuous batching over per-sequence caches.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chorus_model::engine::{Engine, LogitsFor, SequenceCache, StepInput};
+use chorus_model::sampling::{Sampler, SamplingParams};
+use std::sync::mpsc;
+
+/// One generation to run.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    pub stop_tokens: Vec<u32>,
+}
+
+/// What a job produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobResult {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// The policy version that produced each token.
+    pub versions: Vec<u64>,
+    /// True when a stop token ended it, false when the budget did.
+    pub stopped: bool,
+    /// Why the job could not run, if it could not.
+    pub error: Option<String>,
+    pub queue_ms: u64,
+    pub generate_ms: u64,
+}
+
+struct Submitted {
+    job: Job,
+    reply: tokio::sync::oneshot::Sender<JobResult>,
+    enqueued: Instant,
+}
+
+struct Active {
+    cache: SequenceCache,
+    sampler: Sampler,
+    next: Vec<u32>,
+    result: JobResult,
+    job: Job,
+    started: Instant,
+    reply: tokio::sync::oneshot::Sender<JobResult>,
+}
+
+/// Counters of the engine thread.
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    pub active: AtomicUsize,
+    pub queued: AtomicUsize,
+    pub tokens_generated: AtomicU64,
+    pub version: AtomicU64,
+}
+
+enum Msg {
+    Job(Submitted),
+    /// New weights are pending.
+    Wake,
+}
+
+/// The handle through which jobs are submitted and weights installed.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    inbox: mpsc::Sender<Msg>,
+    pending: Arc<Mutex<Option<(u64, Arc<Engine>)>>>,
+    stats: Arc<WorkerStats>,
+    vocab: usize,
+}
+
+impl WorkerHandle {
+    /// Runs `job`, returning when it is finished (or rejected).
+    pub async fn generate(&self, job: Job) -> JobResult {
+        if let Err(e) = self.validate(&job) {
+            return JobResult {
+                tokens: vec![],
+                logprobs: vec![],
+                versions: vec![],
+                stopped: false,
+                error: Some(e),
+                queue_ms: 0,
+                generate_ms: 0,
+            };
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if self
+            .inbox
+            .send(Msg::Job(Submitted {
+                job,
+                reply: tx,
+                enqueued: Instant::now(),
+            }))
+            .is_err()
+        {
+            return failed("the worker's engine thread has stopped");
+        }
+        rx.await
+            .unwrap_or_else(|_| failed("the worker's engine thread has stopped"))
+    }
+
+    fn validate(&self, job: &Job) -> Result<(), String> {
+        if job.prompt.is_empty() {
+            return Err("empty prompt: give at least one token id".into());
+        }
+        if let Some(bad) = job.prompt.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(format!(
+                "prompt token id {bad} is outside the vocabulary (size {})",
+                self.vocab
+            ));
+        }
+        if job.max_new_tokens == 0 {
+            return Err("max_new_tokens must be at least 1".into());
+        }
+        job.sampling.validate()
+    }
+
+    /// Makes `engine` the policy from the next decode step on, as `version`.
+    pub fn install_weights(&self, version: u64, engine: Arc<Engine>) {
+        *self.pending.lock().expect("not poisoned") = Some((version, engine));
+        let _ = self.inbox.send(Msg::Wake);
+    }
+
+    /// The policy version in use.
+    pub fn version(&self) -> u64 {
+        self.stats.version.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+}
+
+fn failed(msg: &str) -> JobResult {
+    JobResult {
+        tokens: vec![],
+        logprobs: vec![],
+        versions: vec![],
+        stopped: false,
+        error: Some(msg.into()),
+        queue_ms: 0,
+        generate_ms: 0,
+    }
+}
+
+/// Starts the engine thread with `engine` as policy `version`; at most `max_batch` sequences
+/// decode together.
+pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) -> WorkerHandle {
+    let (inbox, rx) = mpsc::channel::<Msg>();
+    let pending: Arc<Mutex<Option<(u64, Arc<Engine>)>>> = Arc::new(Mutex::new(None));
+    let stats = Arc::new(WorkerStats::default());
+    stats.version.store(version, Ordering::Relaxed);
+    let vocab = engine.vocab_size();
+    let handle = WorkerHandle {
+        inbox,
+        pending: pending.clone(),
+        stats: stats.clone(),
+        vocab,
+    };
+    std::thread::Builder::new()
+        .name("chorus-engine".into())
+        .spawn(move || {
+            let mut engine = engine;
+            let mut version = version;
+            let mut active: Vec<Active> = vec![];
+            loop {
+                // Install new weights between steps; sequences keep their caches.
+                if let Some((v, e)) = pending.lock().expect("not poisoned").take() {
+                    engine = e;
+                    version = v;
+                    stats.version.store(v, Ordering::Relaxed);
+                }
+                if active.is_empty() {
+                    // Idle: block until a job or new weights arrive.
+                    match rx.recv() {
+                        Ok(Msg::Job(s)) => admit(&engine, &mut active, s, &stats),
+                        Ok(Msg::Wake) => continue,
+                        Err(_) => return,
+                    }
+                }
+                while active.len() < max_batch.max(1) {
+                    match rx.try_recv() {
+                        Ok(Msg::Job(s)) => admit(&engine, &mut active, s, &stats),
+                        Ok(Msg::Wake) => {}
+                        Err(_) => break,
+                    }
+                }
+                step(&engine, version, &mut active, &stats);
+            }
+        })
+        .expect("spawn the engine thread");
+    handle
+}
+
+fn admit(engine: &Engine, active: &mut Vec<Active>, s: Submitted, stats: &WorkerStats) {
+    stats.queued.fetch_sub(1, Ordering::Relaxed);
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let queue_ms = s.enqueued.elapsed().as_millis() as u64;
+    active.push(Active {
+        cache: engine.new_cache(),
+        sampler: Sampler::new(s.job.sampling.clone(), s.job.seed),
+        next: s.job.prompt.clone(),
+        result: JobResult {
+            tokens: vec![],
+            logprobs: vec![],
+            versions: vec![],
+            stopped: false,
+            error: None,
+            queue_ms,
+            generate_ms: 0,
+        },
+        job: s.job,
+        started: Instant::now(),
+        reply: s.reply,
+    });
+}
+
+fn step(engine: &Engine, version: u64, active: &mut Vec<Active>, stats: &WorkerStats) {
+    let out = {
+        let mut batch: Vec<StepInput> = active
+            .iter_mut()
+            .map(|a| StepInput {
+                cache: &mut a.cache,
+                tokens: &a.next,
+            })
+            .collect();
+        engine.forward(&mut batch, LogitsFor::Last, false)
+    };
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            // Inputs were validated on submission, so this is an engine fault: fail the batch's
+            // jobs with the reason rather than the whole worker.
+            for a in active.drain(..) {
+                stats.active.fetch_sub(1, Ordering::Relaxed);
+                let mut r = a.result;
+                r.error = Some(format!("engine error: {e}"));
+                let _ = a.reply.send(r);
+            }
+            return;
+        }
+    };
+    let v = engine.vocab_size();
+    let mut done = vec![];
+    for (slot, a) in active.iter_mut().enumerate() {
+        let row = out.logit_rows[slot].start;
+        let (tok, lp) = a.sampler.sample(&out.logits[row * v..(row + 1) * v]);
+        a.result.tokens.push(tok);
+        a.result.logprobs.push(lp);
+        a.result.versions.push(version);
+        a.next = vec![tok];
+        let stop = a.job.stop_tokens.contains(&tok);
+        if stop || a.result.tokens.len() >= a.job.max_new_tokens {
+            a.result.stopped = stop;
+            done.push(slot);
+        }
+    }
+    stats
+        .tokens_generated
+        .fetch_add(active.len() as u64, Ordering::Relaxed);
+    for slot in done.into_iter().rev() {
+        let a = active.swap_remove(slot);
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        let mut r = a.result;
+        r.generate_ms = a.started.elapsed().as_millis() as u64;
+        let _ = a.reply.send(r);
+    }
+}

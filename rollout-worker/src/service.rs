@@ -1,0 +1,98 @@
+//! The gRPC face of the worker: `RolloutWorker.Generate`, a bidirectional stream. Each request
+//! runs as its own job; responses return in completion order, each carrying its ids.
+
+use std::pin::Pin;
+
+use chorus_model::sampling::SamplingParams;
+use chorus_proto::v1::rollout_worker_server::RolloutWorker;
+use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine_loop::{Job, WorkerHandle};
+
+/// The `RolloutWorker` service over an engine thread.
+#[derive(Clone)]
+pub struct RolloutService {
+    handle: WorkerHandle,
+    worker_id: String,
+}
+
+impl RolloutService {
+    pub fn new(handle: WorkerHandle, worker_id: impl Into<String>) -> Self {
+        Self {
+            handle,
+            worker_id: worker_id.into(),
+        }
+    }
+}
+
+fn job_of(req: &GenerateRequest) -> Job {
+    let s = req.sampling.clone().unwrap_or_default();
+    // Unset temperature/top_p arrive as 0: treat 0 temperature as greedy and 0 top_p as off.
+    let sampling = SamplingParams {
+        temperature: s.temperature,
+        top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+        top_k: s.top_k as usize,
+    };
+    Job {
+        prompt: req.prompt_token_ids.clone(),
+        sampling,
+        seed: s.seed.unwrap_or(0),
+        max_new_tokens: req.max_new_tokens as usize,
+        stop_tokens: req.stop_token_ids.clone(),
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RolloutWorker for RolloutService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<Streaming<GenerateRequest>>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let handle = self.handle.clone();
+        let worker_id = self.worker_id.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let req = match msg {
+                    Ok(r) => r,
+                    Err(_) => break,
+                };
+                let (handle, tx, worker_id) = (handle.clone(), tx.clone(), worker_id.clone());
+                tokio::spawn(async move {
+                    let r = handle.generate(job_of(&req)).await;
+                    let finish = match (&r.error, r.stopped) {
+                        (Some(_), _) => FinishReason::Error,
+                        (None, true) => FinishReason::Stop,
+                        (None, false) => FinishReason::Length,
+                    };
+                    let resp = GenerateResponse {
+                        request_id: req.request_id,
+                        run_id: req.run_id,
+                        prompt_id: req.prompt_id,
+                        trajectory_id: req.trajectory_id,
+                        offset: 0,
+                        token_ids: r.tokens,
+                        logprobs: r.logprobs,
+                        policy_versions: r.versions,
+                        finish_reason: finish as i32,
+                        worker_id,
+                        queue_ms: r.queue_ms,
+                        generate_ms: r.generate_ms,
+                        error: r.error.unwrap_or_default(),
+                    };
+                    let _ = tx.send(Ok(resp)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,174 @@
+//! The worker over real gRPC on 127.0.0.1: batched requests return what the engine generates
+//! alone, malformed requests fail alone, and weights change between decode steps.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use candle_core::Device;
+use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::sampling::SamplingParams;
+use chorus_model::{NemotronHConfig, checkpoint};
+use chorus_proto::auth::{AttachToken, RequireToken};
+use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
+use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
+use chorus_proto::v1::{FinishReason, GenerateRequest};
+use chorus_rollout_worker::{Job, RolloutService, spawn_engine_loop};
+use tokio_stream::StreamExt;
+
+fn config() -> NemotronHConfig {
+    NemotronHConfig::from_json_str(
+        r#"{"model_type": "nemotron_h", "vocab_size": 50, "hidden_size": 32,
+        "hybrid_override_pattern": "M*E-", "mamba_num_heads": 4, "mamba_head_dim": 8,
+        "ssm_state_size": 8, "n_groups": 2, "conv_kernel": 4, "chunk_size": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "moe_shared_expert_intermediate_size": 16}"#,
+    )
+    .unwrap()
+}
+
+fn engine(seed: u64) -> Arc<Engine> {
+    let cfg = config();
+    Arc::new(
+        Engine::from_params(
+            &cfg,
+            &checkpoint::init_params(&cfg, seed, &Device::Cpu).unwrap(),
+        )
+        .unwrap(),
+    )
+}
+
+fn request(i: usize, prompt: Vec<u32>, n: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: format!("r{i}"),
+        run_id: "run".into(),
+        prompt_id: format!("p{i}"),
+        trajectory_id: format!("t{i}"),
+        prompt_token_ids: prompt,
+        sampling: Some(chorus_proto::v1::SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: Some(i as u64),
+        }),
+        max_new_tokens: n,
+        stop_token_ids: vec![],
+        min_policy_version: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_generation_over_grpc_matches_the_engine_and_isolates_bad_requests() {
+    let e = engine(1);
+    let handle = spawn_engine_loop(e.clone(), 0, 8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = RolloutWorkerServer::with_interceptor(
+        RolloutService::new(handle, "w0"),
+        RequireToken::new("tok").unwrap(),
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        RolloutWorkerClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| {
+            (0..(2 + i * 3))
+                .map(|j| ((i * 7 + j * 3) % 47 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let mut reqs: Vec<GenerateRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| request(i, p.clone(), 5 + i as u32 * 2))
+        .collect();
+    reqs.push(request(99, vec![3, 4000], 4)); // token out of range
+    reqs.push(request(98, vec![], 4)); // empty prompt
+    let mut responses = client
+        .generate(tokio_stream::iter(reqs.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = std::collections::HashMap::new();
+    while let Some(r) = responses.next().await {
+        let r = r.unwrap();
+        got.insert(r.request_id.clone(), r);
+        if got.len() == reqs.len() {
+            break;
+        }
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        let r = &got[&format!("r{i}")];
+        let want = e
+            .generate(&GenerationRequest {
+                prompt: p.clone(),
+                max_new_tokens: 5 + i * 2,
+                sampling: SamplingParams::greedy(),
+                seed: 0,
+                stop_tokens: vec![],
+            })
+            .unwrap();
+        assert_eq!(r.token_ids, want.tokens, "request {i}");
+        assert_eq!(r.finish_reason, FinishReason::Length as i32);
+        assert_eq!(
+            (r.trajectory_id.as_str(), r.worker_id.as_str()),
+            (format!("t{i}").as_str(), "w0")
+        );
+        assert!(r.policy_versions.iter().all(|&v| v == 0) && r.logprobs.len() == r.token_ids.len());
+    }
+    assert!(
+        got["r99"].error.contains("4000") && got["r99"].finish_reason == FinishReason::Error as i32
+    );
+    assert!(got["r98"].error.contains("empty prompt"));
+
+    // Without the token the call is rejected.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = RolloutWorkerClient::new(channel)
+        .generate(tokio_stream::iter(vec![request(0, vec![3], 2)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_change_between_decode_steps_without_dropping_sequences() {
+    let handle = spawn_engine_loop(engine(1), 0, 4);
+    let job = Job {
+        prompt: vec![5, 6, 7],
+        sampling: SamplingParams::default(),
+        seed: 3,
+        max_new_tokens: 400,
+        stop_tokens: vec![],
+    };
+    let h2 = handle.clone();
+    let running = tokio::spawn(async move { h2.generate(job).await });
+    while handle.stats().tokens_generated.load(Ordering::Relaxed) < 5 {
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    }
+    handle.install_weights(1, engine(2));
+    let r = running.await.unwrap();
+    assert!(r.error.is_none());
+    assert_eq!(r.tokens.len(), 400);
+    assert_eq!(r.versions.first(), Some(&0));
+    assert_eq!(
+        r.versions.last(),
+        Some(&1),
+        "the new version took over mid-sequence"
+    );
+    assert!(r.versions.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(handle.version(), 1);
+}

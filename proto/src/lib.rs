@@ -25,6 +25,7 @@
 
 pub mod auth;
 pub mod checksum;
+pub mod weights;
 
 /// Messages and services of package `chorus.v1` (generated from `proto/chorus/v1/*.proto`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -14,6 +14,8 @@
 
 mod engine_loop;
 mod service;
+mod sync;
 
 pub use engine_loop::{Job, JobResult, WorkerHandle, WorkerStats, spawn_engine_loop};
 pub use service::RolloutService;
+pub use sync::{fetch_version, follow_learner};

@@ -1,0 +1,209 @@
+//! NVFP4 CPU GEMM benchmark: `Y[n, m] = X[n, k] . W^T` with m = 4096, k = 14336 and
+//! n = 1, 8, 512; NVFP4 weights (f32 and bf16 activations) against the f32 GEMM on the same
+//! shapes, and the NVFP4 effective weight bandwidth against this machine's read bandwidth
+//! (measured in the same run with a big-array sum).
+//!
+//! `cargo bench -p chorus-kernels --bench nvfp4_gemm [-- --threads N] [--n N]... [--backend B]`
+//! (default: 2 threads, n = 1, 8, 512, the fastest backend).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use chorus_kernels::{Backend, CpuGemm, Nvfp4Tensor, QuantizeOptions};
+use half::bf16;
+
+const M: usize = 4096;
+const K: usize = 14336;
+
+/// `--threads N` (default 2), `--n N` (repeatable; default 1, 8 and 512) and
+/// `--backend portable|avx2|avx512` (default: the fastest this CPU supports). Other arguments
+/// (cargo passes `--bench`) are ignored.
+fn parse_args() -> (usize, Vec<usize>, Option<Backend>) {
+    let args: Vec<String> = std::env::args().collect();
+    let mut threads = 2;
+    let mut sizes = Vec::new();
+    let mut backend = None;
+    let mut i = 1;
+    while i < args.len() {
+        let value = |name: &str| -> usize {
+            args.get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} takes a number"))
+        };
+        match args[i].as_str() {
+            "--threads" => {
+                threads = value("--threads");
+                i += 1;
+            }
+            "--n" => {
+                sizes.push(value("--n"));
+                i += 1;
+            }
+            "--backend" => {
+                backend = Some(match args.get(i + 1).map(String::as_str) {
+                    Some("portable") => Backend::Portable,
+                    Some("avx2") => Backend::Avx2Fma,
+                    Some("avx512") => Backend::Avx512,
+                    other => panic!("--backend takes portable, avx2 or avx512, got {other:?}"),
+                });
+                i += 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if sizes.is_empty() {
+        sizes = vec![1, 8, 512];
+    }
+    (threads.max(1), sizes, backend)
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn fill(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Best time of `reps` runs after one warm-up run.
+fn best_of(reps: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+/// Read bandwidth in GB/s: `threads` threads summing disjoint parts of a 512 MiB array.
+fn read_bandwidth(threads: usize) -> f64 {
+    let data = fill(128 << 20, 99);
+    let bytes = (data.len() * 4) as f64;
+    let chunk = data.len().div_ceil(threads);
+    let t = best_of(5, || {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut lanes = [0.0f32; 16];
+                        for c in part.chunks_exact(16) {
+                            for (l, v) in lanes.iter_mut().zip(c) {
+                                *l += v;
+                            }
+                        }
+                        lanes.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            let total: f32 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+            black_box(total);
+        })
+    });
+    bytes / t.as_secs_f64() / 1e9
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let (threads, sizes, backend) = parse_args();
+    let mut gemm = CpuGemm::new(threads);
+    if let Some(backend) = backend {
+        gemm = gemm
+            .with_backend(backend)
+            .expect("backend not supported by this CPU");
+    }
+    println!(
+        "nvfp4_gemm: m={M} k={K} threads={threads} backend={:?}",
+        gemm.backend()
+    );
+
+    let bw = read_bandwidth(threads);
+    println!("measured read bandwidth ({threads} threads, 512 MiB sum): {bw:.1} GB/s");
+
+    let w = fill(M * K, 1);
+    let t = Instant::now();
+    let wq = Nvfp4Tensor::quantize("bench.w", &w, M, K, &QuantizeOptions::default()).unwrap();
+    let t_quant = t.elapsed();
+    drop(w);
+    let t = Instant::now();
+    let wf = wq.dequantize();
+    println!(
+        "quantize [{M}, {K}]: {:.1} ms, dequantize: {:.1} ms (single thread)",
+        ms(t_quant),
+        ms(t.elapsed())
+    );
+    // The f32 GEMM runs on the dequantized weights, so both products should agree.
+    let weight_bytes = (wq.packed().len() + wq.scales().len()) as f64;
+
+    println!();
+    println!(
+        "{:>4} | {:>10} | {:>10} | {:>10} | {:>9} | {:>9} | {:>9} | {:>9} | {:>8} | {:>9}",
+        "n",
+        "nvfp4 ms",
+        "nvfp4 bf16",
+        "f32 ms",
+        "f32/nvfp4",
+        "GB/s",
+        "bf16 GB/s",
+        "% of read",
+        "GFLOP/s",
+        "max |dy|"
+    );
+    println!("{}", "-".repeat(113));
+    for n in sizes {
+        let reps = if n <= 8 { 30 } else { 5 };
+        let x = fill(n * K, 7 + n as u64);
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut y = vec![0.0f32; n * M];
+        let mut yb = vec![0.0f32; n * M];
+        let mut yf = vec![0.0f32; n * M];
+        let t_q = best_of(reps, || gemm.nvfp4(&wq, &x, n, &mut y).unwrap());
+        let t_b = best_of(reps, || gemm.nvfp4_bf16(&wq, &xb, n, &mut yb).unwrap());
+        let t_f = best_of(reps.min(5), || gemm.f32(&wf, M, K, &x, n, &mut yf).unwrap());
+        let max_diff = y
+            .iter()
+            .zip(&yf)
+            .fold(0.0f32, |a, (p, q)| a.max((p - q).abs()));
+        let gbs = weight_bytes / t_q.as_secs_f64() / 1e9;
+        let gbs_bf16 = weight_bytes / t_b.as_secs_f64() / 1e9;
+        let gflops = 2.0 * (n * M * K) as f64 / t_q.as_secs_f64() / 1e9;
+        println!(
+            "{:>4} | {:>10.3} | {:>10.3} | {:>10.3} | {:>8.2}x | {:>9.1} | {:>9.1} | {:>8.0}% | {:>8.1} | {:>9.2e}",
+            n,
+            ms(t_q),
+            ms(t_b),
+            ms(t_f),
+            t_f.as_secs_f64() / t_q.as_secs_f64(),
+            gbs,
+            gbs_bf16,
+            100.0 * gbs / bw,
+            gflops,
+            max_diff
+        );
+    }
+    println!();
+    println!(
+        "nvfp4 = NVFP4 weights x f32 activations; nvfp4 bf16 = bf16 activations; f32 = f32 GEMM on the \
+         dequantized weights (max |dy| compares it with nvfp4)"
+    );
+    println!(
+        "GB/s = NVFP4 weight bytes ({:.1} MB, 4.5 bits/elem) / time; % of read = GB/s / measured read \
+         bandwidth; GFLOP/s for nvfp4; times are the best of several runs",
+        weight_bytes / 1e6
+    );
+    println!(
+        "reference (ggml NVFP4 CPU kernel, this machine): n=1 ~3.3 ms, n=8 23-28 ms, n=512 1.4-1.5 s"
+    );
+}

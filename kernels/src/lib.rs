@@ -1,0 +1,68 @@
+//! NVFP4 (4-bit floating point) format and CPU kernels for Chorus.
+//!
+//! NVFP4 stores each element as a 4-bit E2M1 code (values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their
+//! negatives), one E4M3 (`fn`) scale per 16 consecutive elements along the last axis, and one
+//! FP32 global scale per tensor: 4.5 bits per element. This crate provides
+//!
+//! - the scalar codecs ([`e2m1_encode`], [`e4m3_encode`], ... with round-to-nearest-even and
+//!   saturation, plus stochastic E2M1 rounding);
+//! - [`Nvfp4Tensor`]: quantization of a row-major 2-D f32 tensor with TransformerEngine's rule
+//!   (1x16 or 16x16 block scales, nearest-even or seeded stochastic rounding) and
+//!   dequantization, in the ModelOpt checkpoint layout (`weight`, `weight_scale`,
+//!   `weight_scale_2`);
+//! - the 16x16 random Hadamard transform of the NVFP4 training recipe
+//!   ([`hadamard16_forward`], [`hadamard16_inverse`]);
+//! - [`CpuGemm`]: multi-threaded `Y = X . W^T` with NVFP4 weights and f32 or bf16 activations
+//!   (a bandwidth-oriented GEMV for one row, a tiled GEMM otherwise), and an f32 GEMM on the
+//!   same layout for comparison. The instruction set is chosen at run time ([`Backend`]):
+//!   AVX-512, AVX2/FMA, or portable Rust.
+//!
+//! ```
+//! use chorus_kernels::{CpuGemm, Nvfp4Tensor, QuantizeOptions};
+//!
+//! let (m, k) = (4, 32);
+//! let w: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let q = Nvfp4Tensor::quantize("layers.0.mlp.up", &w, m, k, &QuantizeOptions::default())?;
+//! assert_eq!(q.packed().len(), m * k / 2);
+//! assert_eq!(q.scales().len(), m * k / 16);
+//!
+//! let x = vec![1.0f32; k];
+//! let mut y = vec![0.0f32; m];
+//! CpuGemm::new(2).nvfp4(&q, &x, 1, &mut y)?;
+//! let deq = q.dequantize();
+//! let want: f32 = deq[..k].iter().sum();
+//! assert!((y[0] - want).abs() < 1e-4);
+//! # Ok::<(), chorus_kernels::KernelError>(())
+//! ```
+//!
+//! # Invariants
+//!
+//! - **Pure CPU, no tensor framework.** The crate depends on neither candle nor any GPU
+//!   runtime; tensors cross its boundary as slices and [`Nvfp4Tensor`]. A CUDA path (dequant
+//!   prologue on Hopper, FP4 tensor cores on Blackwell) will come behind a `cuda` feature.
+//! - **Bit-exact format.** Quantization follows TransformerEngine, including its edge cases
+//!   (all-zero blocks get scale 0, an all-zero tensor gets global decode scale 1); the golden
+//!   vectors in `tests/fixtures/nvfp4_vectors.json` are matched byte for byte.
+//! - **Packing.** Element `2i` is the low nibble of byte `i`; scales are row-major
+//!   `[rows, cols/16]` even for 16x16 tiles (each tile's scale is repeated on its 16 rows).
+//! - **Errors are typed and name the tensor** ([`KernelError`]); non-finite input is rejected.
+//! - **Kernels agree with the dequantized product.** Every backend is tested against the f32
+//!   product of the dequantized weights; they differ only in summation order. For a given
+//!   backend, results are bit-for-bit independent of the thread count.
+
+#![deny(missing_docs)]
+
+mod error;
+mod gemm;
+mod hadamard;
+mod quant;
+mod scalar;
+
+pub use error::KernelError;
+pub use gemm::{Backend, CpuGemm};
+pub use hadamard::{HADAMARD_SIGNS, hadamard16_forward, hadamard16_inverse, hadamard16_matrix};
+pub use quant::{BLOCK, BlockLayout, Nvfp4Tensor, QuantizeOptions, Rounding};
+pub use scalar::{
+    E2M1_MAGNITUDES, E2M1_MAX, E4M3_MAX, e2m1_decode, e2m1_encode, e2m1_encode_stochastic,
+    e4m3_decode, e4m3_encode,
+};

@@ -1,0 +1,203 @@
+//! Policy weights on the wire: named f32 tensors cut into [`WeightChunk`]s of bounded size and
+//! put back together, with the stream's checksum checked on arrival.
+
+use std::collections::BTreeMap;
+
+use crate::checksum::{ChecksumError, WeightVerifier, seal};
+use crate::v1::{Dtype, WeightChunk};
+
+/// One tensor: its shape and row-major f32 values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Cuts `tensors` into chunks of at most `max_chunk_bytes` of data each and seals the stream
+/// (checksum in the last chunk).
+pub fn encode(
+    run_id: &str,
+    policy_version: u64,
+    tensors: &BTreeMap<String, HostTensor>,
+    max_chunk_bytes: usize,
+) -> Vec<WeightChunk> {
+    let per_chunk = (max_chunk_bytes / 4).max(1);
+    let mut chunks = vec![];
+    for (name, t) in tensors {
+        let mut start = 0;
+        loop {
+            let end = (start + per_chunk).min(t.data.len());
+            let mut data = Vec::with_capacity((end - start) * 4);
+            for v in &t.data[start..end] {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            chunks.push(WeightChunk {
+                run_id: run_id.to_string(),
+                policy_version,
+                chunk_index: chunks.len() as u32,
+                tensor_name: name.clone(),
+                dtype: Dtype::F32 as i32,
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+                offset: (start * 4) as u64,
+                data,
+                last: false,
+                sha256: vec![],
+            });
+            start = end;
+            if start >= t.data.len() {
+                break;
+            }
+        }
+    }
+    seal(&mut chunks, policy_version);
+    chunks
+}
+
+/// Why a weight stream could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// The stream failed its integrity checks.
+    #[error(transparent)]
+    Checksum(#[from] ChecksumError),
+    /// A tensor's chunks do not fit together.
+    #[error("tensor `{name}`: {message}")]
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The stream ended before its last chunk.
+    #[error("the stream ended before its last chunk")]
+    Incomplete,
+}
+
+/// Collects the chunks of one version and returns the tensors once the last chunk verified.
+#[derive(Default)]
+pub struct WeightAssembler {
+    verifier: WeightVerifier,
+    tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+    version: Option<u64>,
+    complete: bool,
+}
+
+impl WeightAssembler {
+    /// An empty assembler.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a chunk; returns true once the stream's last chunk arrived and verified.
+    pub fn push(&mut self, chunk: &WeightChunk) -> Result<bool, AssembleError> {
+        let last = self.verifier.push(chunk)?;
+        self.version = Some(chunk.policy_version);
+        let bad = |m: &str| AssembleError::Tensor {
+            name: chunk.tensor_name.clone(),
+            message: m.into(),
+        };
+        if chunk.dtype != Dtype::F32 as i32 {
+            return Err(bad("only f32 weights are supported"));
+        }
+        let shape: Vec<usize> = chunk.shape.iter().map(|&d| d as usize).collect();
+        let entry = self
+            .tensors
+            .entry(chunk.tensor_name.clone())
+            .or_insert_with(|| (shape.clone(), vec![]));
+        if entry.0 != shape {
+            return Err(bad("chunks disagree on the shape"));
+        }
+        if chunk.offset as usize != entry.1.len() {
+            return Err(bad("chunk offset does not follow the previous chunk"));
+        }
+        entry.1.extend_from_slice(&chunk.data);
+        if last {
+            self.complete = true;
+        }
+        Ok(last)
+    }
+
+    /// The policy version and tensors of a complete, verified stream.
+    pub fn finish(self) -> Result<(u64, BTreeMap<String, HostTensor>), AssembleError> {
+        if !self.complete {
+            return Err(AssembleError::Incomplete);
+        }
+        self.verifier.finish()?;
+        let mut out = BTreeMap::new();
+        for (name, (shape, bytes)) in self.tensors {
+            let n: usize = shape.iter().product();
+            if bytes.len() != n * 4 {
+                return Err(AssembleError::Tensor {
+                    name,
+                    message: format!("{} bytes for {n} f32 values", bytes.len()),
+                });
+            }
+            let data = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            out.insert(name, HostTensor { shape, data });
+        }
+        Ok((self.version.unwrap_or(0), out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BTreeMap<String, HostTensor> {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "a.weight".into(),
+            HostTensor {
+                shape: vec![3, 5],
+                data: (0..15).map(|i| i as f32 * 0.5 - 2.0).collect(),
+            },
+        );
+        m.insert(
+            "b".into(),
+            HostTensor {
+                shape: vec![2],
+                data: vec![f32::MIN_POSITIVE, -0.0],
+            },
+        );
+        m
+    }
+
+    #[test]
+    fn round_trips_through_small_chunks() {
+        let chunks = encode("run", 7, &sample(), 8);
+        assert!(chunks.len() > 3 && chunks.last().unwrap().last);
+        let mut a = WeightAssembler::new();
+        let mut done = false;
+        for c in &chunks {
+            done = a.push(c).unwrap();
+        }
+        assert!(done);
+        let (v, t) = a.finish().unwrap();
+        assert_eq!(v, 7);
+        assert_eq!(t, sample());
+    }
+
+    #[test]
+    fn a_changed_byte_or_a_missing_chunk_is_caught() {
+        let mut chunks = encode("run", 1, &sample(), 8);
+        chunks[1].data[0] ^= 1;
+        let mut a = WeightAssembler::new();
+        let r: Result<Vec<bool>, _> = chunks.iter().map(|c| a.push(c)).collect();
+        assert!(r.is_err() || a.finish().is_err());
+
+        let mut chunks = encode("run", 1, &sample(), 8);
+        chunks.remove(2);
+        let mut a = WeightAssembler::new();
+        assert!(
+            chunks
+                .iter()
+                .try_for_each(|c| a.push(c).map(|_| ()))
+                .is_err()
+                || a.finish().is_err()
+        );
+    }
+}

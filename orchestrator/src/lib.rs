@@ -7,4 +7,6 @@
 //! the only module of Chorus that speaks SQL.
 #![warn(missing_docs)]
 
+pub mod advantage;
+pub mod config;
 pub mod ledger;

@@ -1,5 +1,6 @@
 //! Argument definitions (clap) and one function per subcommand.
 
+mod env;
 mod generate;
 mod model;
 
@@ -23,6 +24,9 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Generate tokens from a checkpoint through the incremental (cached) decoding path.
     Generate(generate::GenerateArgs),
+    /// List, sample and self-check the verifiable environments.
+    #[command(subcommand)]
+    Env(env::EnvCommand),
 }
 
 /// Runs the parsed command.
@@ -30,6 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(args),
+        Command::Env(cmd) => env::run(cmd),
     }
 }
 

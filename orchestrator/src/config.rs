@@ -1,0 +1,696 @@
+//! The run configuration (TOML), read in two stages: [`RawRunConfig`] mirrors the file with every
+//! field optional and documented, [`RunConfig`] is validated and complete. Defaults live in one
+//! place, the `Default` impls of the raw structs' resolved counterparts ([`Defaults`]).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::advantage::AdvantageKind;
+
+/// An invalid configuration: names the key and what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: `{key}`: {message}")]
+pub struct ConfigError {
+    /// The file the configuration came from (or `<string>`).
+    pub file: String,
+    /// The dotted key, e.g. `stages[1].environments[0].weight`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+/// The kinds of stage a run can have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// Supervised warm-up on environments' reference solutions.
+    Sft,
+    /// Reinforcement learning with verifiable rewards.
+    Rl,
+}
+
+/// The update rule of a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Next-token cross-entropy on reference solutions.
+    Sft,
+    /// GRPO-family clipped surrogate with group-relative advantages.
+    Grpo,
+}
+
+/// One environment of a stage's mixture, as written in the file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvironment {
+    /// Name of a built-in environment (see `chorus env list`).
+    pub name: Option<String>,
+    /// Address of an environment plugin server (`http://host:port`) instead of a built-in.
+    pub url: Option<String>,
+    /// Relative sampling weight (> 0).
+    pub weight: Option<f64>,
+    /// Difficulty level (0 = learnable by a freshly initialised tiny model).
+    pub difficulty: Option<u32>,
+}
+
+/// Sampling settings of a stage, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSampling {
+    /// Softmax temperature (> 0; Nemotron RL uses 1.0).
+    pub temperature: Option<f32>,
+    /// Nucleus probability in (0, 1].
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: Option<usize>,
+}
+
+/// One stage, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    /// Stage name, unique within the run.
+    pub name: Option<String>,
+    /// `sft` or `rl`.
+    pub kind: Option<String>,
+    /// `sft` (for sft stages) or `grpo` (for rl stages).
+    pub algorithm: Option<String>,
+    /// Optimizer steps in the stage.
+    pub steps: Option<u64>,
+    /// Prompts per step.
+    pub prompts_per_step: Option<usize>,
+    /// Completions per prompt.
+    pub group_size: Option<usize>,
+    /// How many policy versions a trajectory may lag the learner (0 = synchronous).
+    pub max_staleness: Option<u64>,
+    /// Learning rate.
+    pub lr: Option<f64>,
+    /// Linear warmup steps of the learning rate.
+    pub warmup_steps: Option<u64>,
+    /// Prompt token limit; longer prompts are dropped with a reason.
+    pub max_prompt_tokens: Option<usize>,
+    /// Generated token limit per turn.
+    pub max_new_tokens: Option<usize>,
+    /// `group_norm` or `leave_one_out`.
+    pub advantage: Option<String>,
+    /// Drop groups whose rewards are all equal.
+    pub drop_zero_variance: Option<bool>,
+    /// The weighted environment mixture.
+    pub environments: Option<Vec<RawEnvironment>>,
+    /// Sampling settings.
+    pub sampling: Option<RawSampling>,
+}
+
+/// The whole file, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRunConfig {
+    /// Run name; the ledger and outputs go to `runs/<name>/`.
+    pub name: Option<String>,
+    /// Seed of prompt sampling and generation.
+    pub seed: Option<u64>,
+    /// The policy.
+    pub model: Option<RawModel>,
+    /// Rollout workers.
+    pub workers: Option<RawWorkers>,
+    /// The learner.
+    pub learner: Option<RawLearner>,
+    /// Stages, run in order.
+    pub stages: Option<Vec<RawStage>>,
+}
+
+/// The policy, as written: an existing checkpoint or a new one from a config.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// Checkpoint directory to start from.
+    pub checkpoint: Option<PathBuf>,
+    /// HF config.json to initialise a new model from (instead of `checkpoint`).
+    pub init_config: Option<PathBuf>,
+    /// Seed of the initialisation.
+    pub init_seed: Option<u64>,
+    /// Tokenizer file; defaults to the checkpoint's `tokenizer.json`, else Chorus' byte-level one.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Rollout workers, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkers {
+    /// Number of workers (in-process for `chorus run`).
+    pub count: Option<usize>,
+    /// Sequences decoded together per worker.
+    pub max_batch: Option<usize>,
+    /// Requests in flight per worker (backpressure).
+    pub max_in_flight: Option<usize>,
+    /// `cpu` or `cuda:N`.
+    pub device: Option<String>,
+}
+
+/// The learner, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLearner {
+    /// `cpu` or `cuda:N`.
+    pub device: Option<String>,
+    /// Clip the global gradient norm to this.
+    pub max_grad_norm: Option<f64>,
+    /// Lower clip of the ratio.
+    pub eps_low: Option<f64>,
+    /// Upper clip of the ratio.
+    pub eps_high: Option<f64>,
+    /// Cap of the importance ratio for stale tokens.
+    pub tis_cap: Option<f64>,
+    /// `token_mean` or `seq_mean`.
+    pub aggregation: Option<String>,
+}
+
+/// A validated environment entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnvironmentSpec {
+    /// Built-in name or the plugin's address.
+    pub source: EnvironmentSource,
+    /// Relative weight (> 0).
+    pub weight: f64,
+    /// Difficulty level.
+    pub difficulty: u32,
+}
+
+/// Where an environment comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnvironmentSource {
+    /// A built-in environment.
+    Builtin(String),
+    /// A plugin server implementing the gRPC `Environment` service.
+    Remote(String),
+}
+
+/// A validated stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    /// Unique name.
+    pub name: String,
+    /// SFT or RL.
+    pub kind: StageKind,
+    /// Update rule.
+    pub algorithm: Algorithm,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Prompts per step.
+    pub prompts_per_step: usize,
+    /// Completions per prompt.
+    pub group_size: usize,
+    /// Staleness bound.
+    pub max_staleness: u64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Prompt token limit.
+    pub max_prompt_tokens: usize,
+    /// New-token limit per turn.
+    pub max_new_tokens: usize,
+    /// Advantage estimator.
+    pub advantage: AdvantageKind,
+    /// Drop zero-variance groups.
+    pub drop_zero_variance: bool,
+    /// Mixture.
+    pub environments: Vec<EnvironmentSpec>,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Nucleus probability.
+    pub top_p: f32,
+    /// Top-k (0 = off).
+    pub top_k: usize,
+}
+
+/// A validated run configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunConfig {
+    /// Run name.
+    pub name: String,
+    /// Seed.
+    pub seed: u64,
+    /// Starting checkpoint, if any.
+    pub checkpoint: Option<PathBuf>,
+    /// Config to initialise from, if no checkpoint.
+    pub init_config: Option<PathBuf>,
+    /// Initialisation seed.
+    pub init_seed: u64,
+    /// Tokenizer override.
+    pub tokenizer: Option<PathBuf>,
+    /// Workers.
+    pub workers: usize,
+    /// Batch per worker.
+    pub worker_max_batch: usize,
+    /// In-flight requests per worker.
+    pub worker_max_in_flight: usize,
+    /// Worker device.
+    pub worker_device: String,
+    /// Learner device.
+    pub learner_device: String,
+    /// Gradient clip.
+    pub max_grad_norm: f64,
+    /// Lower clip.
+    pub eps_low: f64,
+    /// Upper clip.
+    pub eps_high: f64,
+    /// TIS cap.
+    pub tis_cap: f64,
+    /// `token_mean` or `seq_mean`.
+    pub aggregation: String,
+    /// Stages in order.
+    pub stages: Vec<Stage>,
+}
+
+/// Every default of the run configuration, in one place.
+pub struct Defaults;
+
+impl Defaults {
+    /// Run seed.
+    pub const SEED: u64 = 0;
+    /// Workers.
+    pub const WORKERS: usize = 2;
+    /// Sequences decoded together.
+    pub const WORKER_MAX_BATCH: usize = 64;
+    /// Requests in flight per worker.
+    pub const WORKER_MAX_IN_FLIGHT: usize = 128;
+    /// Device.
+    pub const DEVICE: &'static str = "cpu";
+    /// Gradient clip (Nemotron 3 RL).
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    /// Lower clip (Nemotron 3 RL).
+    pub const EPS_LOW: f64 = 0.2;
+    /// Upper clip (Nemotron 3 RL).
+    pub const EPS_HIGH: f64 = 0.28;
+    /// TIS cap (Nemotron 3 RL).
+    pub const TIS_CAP: f64 = 5.0;
+    /// Aggregation (Nemotron 3 RL).
+    pub const AGGREGATION: &'static str = "token_mean";
+    /// Prompts per step.
+    pub const PROMPTS_PER_STEP: usize = 16;
+    /// Group size.
+    pub const GROUP_SIZE: usize = 8;
+    /// Staleness bound (Nemotron 3: trajectories at most 1 step old).
+    pub const MAX_STALENESS: u64 = 1;
+    /// Learning rate.
+    pub const LR: f64 = 1e-3;
+    /// Prompt limit.
+    pub const MAX_PROMPT_TOKENS: usize = 256;
+    /// New-token limit.
+    pub const MAX_NEW_TOKENS: usize = 32;
+    /// Temperature.
+    pub const TEMPERATURE: f32 = 1.0;
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn device(ctx: &Ctx, key: &str, d: Option<String>) -> Result<String, ConfigError> {
+    let d = d.unwrap_or_else(|| Defaults::DEVICE.to_string());
+    let ok = d == "cpu"
+        || d.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+    if !ok {
+        return Err(ctx.err(key, format!("`{d}` is not a device; allowed: cpu, cuda:N")));
+    }
+    Ok(d)
+}
+
+impl RunConfig {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "<file>".into(),
+            message: e.to_string(),
+        })?;
+        let mut cfg = Self::from_toml_str(&text, &file)?;
+        // Paths in the file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.checkpoint,
+            &mut cfg.init_config,
+            &mut cfg.tokenizer,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let ctx = Ctx { file };
+        let raw: RawRunConfig = toml::from_str(text).map_err(|e| {
+            let span = e
+                .span()
+                .map(|s| format!(" (at byte {})", s.start))
+                .unwrap_or_default();
+            ctx.err("<file>", format!("{}{span}", e.message()))
+        })?;
+        Self::resolve(raw, &ctx)
+    }
+
+    fn resolve(raw: RawRunConfig, ctx: &Ctx) -> Result<Self, ConfigError> {
+        let name = raw
+            .name
+            .ok_or_else(|| ctx.err("name", "missing: give the run a name"))?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ctx.err(
+                "name",
+                format!("`{name}`: allowed characters are letters, digits, '-', '_' and '.'"),
+            ));
+        }
+        let model = raw.model.ok_or_else(|| {
+            ctx.err(
+                "model",
+                "missing: give [model] with `checkpoint` or `init_config`",
+            )
+        })?;
+        match (&model.checkpoint, &model.init_config) {
+            (Some(_), Some(_)) => {
+                return Err(ctx.err(
+                    "model",
+                    "give either `checkpoint` or `init_config`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ctx.err(
+                    "model",
+                    "give `checkpoint` (a directory) or `init_config` (an HF config.json)",
+                ));
+            }
+            _ => {}
+        }
+        let w = raw.workers.unwrap_or_default();
+        let l = raw.learner.unwrap_or_default();
+        let positive = |key: &str, v: usize| {
+            if v == 0 {
+                Err(ctx.err(key, "must be at least 1"))
+            } else {
+                Ok(v)
+            }
+        };
+        let aggregation = l
+            .aggregation
+            .unwrap_or_else(|| Defaults::AGGREGATION.into());
+        if !["token_mean", "seq_mean"].contains(&aggregation.as_str()) {
+            return Err(ctx.err(
+                "learner.aggregation",
+                format!("`{aggregation}`; allowed: token_mean, seq_mean"),
+            ));
+        }
+        let eps_low = l.eps_low.unwrap_or(Defaults::EPS_LOW);
+        if !(0.0..1.0).contains(&eps_low) {
+            return Err(ctx.err("learner.eps_low", format!("{eps_low}; allowed: [0, 1)")));
+        }
+        let eps_high = l.eps_high.unwrap_or(Defaults::EPS_HIGH);
+        if eps_high < 0.0 {
+            return Err(ctx.err("learner.eps_high", format!("{eps_high}; allowed: >= 0")));
+        }
+        let tis_cap = l.tis_cap.unwrap_or(Defaults::TIS_CAP);
+        if tis_cap < 1.0 {
+            return Err(ctx.err("learner.tis_cap", format!("{tis_cap}; allowed: >= 1")));
+        }
+        let raw_stages = raw.stages.unwrap_or_default();
+        if raw_stages.is_empty() {
+            return Err(ctx.err("stages", "missing: give at least one [[stages]] table"));
+        }
+        let mut names = BTreeSet::new();
+        let mut stages = vec![];
+        for (i, s) in raw_stages.into_iter().enumerate() {
+            let k = |f: &str| format!("stages[{i}].{f}");
+            let name = s.name.ok_or_else(|| ctx.err(k("name"), "missing"))?;
+            if !names.insert(name.clone()) {
+                return Err(ctx.err(
+                    k("name"),
+                    format!("`{name}` is used by an earlier stage; names must be unique"),
+                ));
+            }
+            let kind = match s.kind.as_deref() {
+                Some("sft") => StageKind::Sft,
+                Some("rl") => StageKind::Rl,
+                Some(o) => return Err(ctx.err(k("kind"), format!("`{o}`; allowed: sft, rl"))),
+                None => return Err(ctx.err(k("kind"), "missing; allowed: sft, rl")),
+            };
+            let algorithm = match (kind, s.algorithm.as_deref()) {
+                (StageKind::Sft, None | Some("sft")) => Algorithm::Sft,
+                (StageKind::Rl, None | Some("grpo")) => Algorithm::Grpo,
+                (StageKind::Sft, Some(o)) => {
+                    return Err(ctx.err(
+                        k("algorithm"),
+                        format!("`{o}` for an sft stage; allowed: sft"),
+                    ));
+                }
+                (StageKind::Rl, Some(o)) => {
+                    return Err(ctx.err(
+                        k("algorithm"),
+                        format!("`{o}` for an rl stage; allowed: grpo"),
+                    ));
+                }
+            };
+            let steps = s.steps.ok_or_else(|| ctx.err(k("steps"), "missing"))?;
+            if steps == 0 {
+                return Err(ctx.err(k("steps"), "must be at least 1"));
+            }
+            let advantage = match s.advantage.as_deref() {
+                None | Some("leave_one_out") => AdvantageKind::LeaveOneOut,
+                Some("group_norm") => AdvantageKind::GroupNorm,
+                Some(o) => {
+                    return Err(ctx.err(
+                        k("advantage"),
+                        format!("`{o}`; allowed: group_norm, leave_one_out"),
+                    ));
+                }
+            };
+            let envs = s.environments.unwrap_or_default();
+            if envs.is_empty() {
+                return Err(ctx.err(
+                    k("environments"),
+                    "missing: give at least one { name = \"arithmetic\", weight = 1.0 }",
+                ));
+            }
+            let mut environments = vec![];
+            for (j, e) in envs.into_iter().enumerate() {
+                let ek = |f: &str| format!("stages[{i}].environments[{j}].{f}");
+                let source = match (e.name, e.url) {
+                    (Some(n), None) => EnvironmentSource::Builtin(n),
+                    (None, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+                        EnvironmentSource::Remote(u)
+                    }
+                    (None, Some(u)) => {
+                        return Err(ctx.err(
+                            ek("url"),
+                            format!("`{u}`; allowed: http://host:port or https://host:port"),
+                        ));
+                    }
+                    _ => {
+                        return Err(ctx.err(
+                            ek("name"),
+                            "give exactly one of `name` (built-in) and `url` (plugin)",
+                        ));
+                    }
+                };
+                let weight = e.weight.unwrap_or(1.0);
+                if !(weight > 0.0 && weight.is_finite()) {
+                    return Err(ctx.err(
+                        ek("weight"),
+                        format!("{weight}; allowed: a finite number > 0"),
+                    ));
+                }
+                environments.push(EnvironmentSpec {
+                    source,
+                    weight,
+                    difficulty: e.difficulty.unwrap_or(0),
+                });
+            }
+            let sampling = s.sampling.unwrap_or_default();
+            let temperature = sampling.temperature.unwrap_or(Defaults::TEMPERATURE);
+            if !(temperature > 0.0 && temperature.is_finite()) {
+                return Err(ctx.err(
+                    k("sampling.temperature"),
+                    format!("{temperature}; allowed: > 0"),
+                ));
+            }
+            let top_p = sampling.top_p.unwrap_or(1.0);
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(ctx.err(k("sampling.top_p"), format!("{top_p}; allowed: (0, 1]")));
+            }
+            let lr = s.lr.unwrap_or(Defaults::LR);
+            if !(lr > 0.0 && lr.is_finite()) {
+                return Err(ctx.err(k("lr"), format!("{lr}; allowed: > 0")));
+            }
+            let group_size = positive(
+                &k("group_size"),
+                s.group_size.unwrap_or(Defaults::GROUP_SIZE),
+            )?;
+            if kind == StageKind::Rl && group_size < 2 {
+                return Err(ctx.err(
+                    k("group_size"),
+                    "rl stages need at least 2 completions per prompt to compare",
+                ));
+            }
+            stages.push(Stage {
+                name,
+                kind,
+                algorithm,
+                steps,
+                prompts_per_step: positive(
+                    &k("prompts_per_step"),
+                    s.prompts_per_step.unwrap_or(Defaults::PROMPTS_PER_STEP),
+                )?,
+                group_size,
+                max_staleness: s.max_staleness.unwrap_or(Defaults::MAX_STALENESS),
+                lr,
+                warmup_steps: s.warmup_steps.unwrap_or(0),
+                max_prompt_tokens: positive(
+                    &k("max_prompt_tokens"),
+                    s.max_prompt_tokens.unwrap_or(Defaults::MAX_PROMPT_TOKENS),
+                )?,
+                max_new_tokens: positive(
+                    &k("max_new_tokens"),
+                    s.max_new_tokens.unwrap_or(Defaults::MAX_NEW_TOKENS),
+                )?,
+                advantage,
+                drop_zero_variance: s.drop_zero_variance.unwrap_or(true),
+                environments,
+                temperature,
+                top_p,
+                top_k: sampling.top_k.unwrap_or(0),
+            });
+        }
+        Ok(RunConfig {
+            name,
+            seed: raw.seed.unwrap_or(Defaults::SEED),
+            checkpoint: model.checkpoint,
+            init_config: model.init_config,
+            init_seed: model.init_seed.unwrap_or(0),
+            tokenizer: model.tokenizer,
+            workers: positive("workers.count", w.count.unwrap_or(Defaults::WORKERS))?,
+            worker_max_batch: positive(
+                "workers.max_batch",
+                w.max_batch.unwrap_or(Defaults::WORKER_MAX_BATCH),
+            )?,
+            worker_max_in_flight: positive(
+                "workers.max_in_flight",
+                w.max_in_flight.unwrap_or(Defaults::WORKER_MAX_IN_FLIGHT),
+            )?,
+            worker_device: device(ctx, "workers.device", w.device)?,
+            learner_device: device(ctx, "learner.device", l.device)?,
+            max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),
+            eps_low,
+            eps_high,
+            tis_cap,
+            aggregation,
+            stages,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+[model]
+init_config = "m.json"
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 3
+environments = [{ name = "arithmetic" }]
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 5
+max_staleness = 0
+environments = [{ name = "arithmetic", weight = 2.0 }, { url = "http://127.0.0.1:9000", weight = 1.0 }]
+sampling = { temperature = 0.9 }
+"#;
+
+    #[test]
+    fn defaults_fill_what_is_not_written() {
+        let c = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
+        assert_eq!(c.workers, Defaults::WORKERS);
+        assert_eq!(c.stages.len(), 2);
+        assert_eq!(c.stages[0].algorithm, Algorithm::Sft);
+        assert_eq!(c.stages[1].algorithm, Algorithm::Grpo);
+        assert_eq!(c.stages[1].max_staleness, 0);
+        assert_eq!(c.stages[0].max_staleness, Defaults::MAX_STALENESS);
+        assert_eq!(
+            c.stages[1].environments[1].source,
+            EnvironmentSource::Remote("http://127.0.0.1:9000".into())
+        );
+        assert_eq!(c.stages[1].temperature, 0.9);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_allowed_values() {
+        for (from, to, key, allowed) in [
+            (
+                "kind = \"rl\"",
+                "kind = \"ppo\"",
+                "stages[1].kind",
+                "sft, rl",
+            ),
+            (
+                "weight = 2.0",
+                "weight = -1.0",
+                "stages[1].environments[0].weight",
+                "> 0",
+            ),
+            (
+                "temperature = 0.9",
+                "temperature = 0.0",
+                "stages[1].sampling.temperature",
+                "> 0",
+            ),
+            (
+                "name = \"rl\"",
+                "name = \"warmup\"",
+                "stages[1].name",
+                "unique",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\ngroup_size = 1",
+                "stages[1].group_size",
+                "at least 2",
+            ),
+            ("steps = 5", "steps = 5\nbogus = 1", "<file>", "bogus"),
+        ] {
+            let text = GOOD.replace(from, to);
+            let e = RunConfig::from_toml_str(&text, "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains(allowed),
+                "{from} -> {to}: {e}"
+            );
+        }
+    }
+}

@@ -236,7 +236,7 @@ pub struct NemotronHConfig {
 
 /// Replaces the bare `Infinity`, `-Infinity` and `NaN` tokens that Python's json writes (invalid
 /// JSON) with strings, leaving string contents untouched.
-fn quote_nonfinite_literals(text: &str) -> String {
+pub(crate) fn quote_nonfinite_literals(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_string = false;
     let mut escaped = false;

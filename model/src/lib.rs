@@ -30,6 +30,7 @@ mod moe;
 mod nemotron_h;
 pub mod nn;
 mod params;
+pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 

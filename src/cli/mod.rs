@@ -3,6 +3,7 @@
 mod env;
 mod generate;
 mod model;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Generate tokens from a checkpoint through the incremental (cached) decoding path.
     Generate(generate::GenerateArgs),
+    /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
+    Quantize(quantize::QuantizeArgs),
     /// List, sample and self-check the verifiable environments.
     #[command(subcommand)]
     Env(env::EnvCommand),
@@ -35,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Env(cmd) => env::run(cmd),
+        Command::Quantize(args) => quantize::run(args),
     }
 }
 

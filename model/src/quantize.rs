@@ -1,0 +1,362 @@
+//! Checkpoint conversion to and from NVFP4 in the ModelOpt layout that vLLM and TensorRT-LLM
+//! read: for each quantized linear `X`, `X.weight` (uint8 `[out, in/2]`, two E2M1 codes per byte),
+//! `X.weight_scale` (F8_E4M3 `[out, in/16]`) and `X.weight_scale_2` (F32 scalar, the global
+//! decode scale); every other tensor is copied unchanged, and `config.json` gains a
+//! `quantization_config`.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chorus_kernels::{Nvfp4Tensor, QuantizeOptions};
+use safetensors::{Dtype, SafeTensors, View};
+use serde_json::{Value, json};
+
+use crate::checkpoint::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
+use crate::error::{ModelError, Result};
+
+/// A tensor held as raw little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl View for &RawTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::BadFile {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Reads every tensor of a checkpoint directory (single or sharded) or of one file, as raw bytes.
+pub fn read_raw(input: &Path) -> Result<BTreeMap<String, RawTensor>> {
+    let files: Vec<PathBuf> = if input.is_file() {
+        vec![input.to_path_buf()]
+    } else if input.join(INDEX_FILE).is_file() {
+        let p = input.join(INDEX_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&p, e.to_string()))?;
+        let mut files: Vec<PathBuf> = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| bad(&p, "no `weight_map`"))?
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| input.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        vec![input.join(WEIGHTS_FILE)]
+    };
+    let mut out = BTreeMap::new();
+    for f in files {
+        let bytes = std::fs::read(&f).map_err(|e| ModelError::io(&f, e))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(&f, format!("not a safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            out.insert(
+                name,
+                RawTensor {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn write_raw(path: &Path, tensors: &BTreeMap<String, RawTensor>) -> Result<()> {
+    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, path)
+        .map_err(|e| bad(path, e.to_string()))
+}
+
+fn to_f32(name: &str, t: &RawTensor) -> Result<Vec<f32>> {
+    let d = &t.data;
+    Ok(match t.dtype {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        other => {
+            return Err(ModelError::Input(format!(
+                "tensor `{name}` has dtype {other:?}; quantizable weights must be F32, BF16 or F16"
+            )));
+        }
+    })
+}
+
+fn half_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            return f32::from_bits(sign)
+                + (if sign != 0 { -1.0 } else { 1.0 }) * f as f32 * 2f32.powi(-24);
+        }
+        (31, 0) => sign | 0x7f80_0000,
+        (31, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 112) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+fn f32_tensor(shape: Vec<usize>, v: &[f32]) -> RawTensor {
+    RawTensor {
+        dtype: Dtype::F32,
+        shape,
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// A `*` / `?` glob over tensor names.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConversionReport {
+    pub converted: Vec<String>,
+    pub copied: usize,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+}
+
+/// Whether `name` is a linear projection weight that NVFP4 applies to.
+pub fn is_quantizable(name: &str, t: &RawTensor) -> bool {
+    name.ends_with("_proj.weight") && t.shape.len() == 2 && t.shape[1] % 16 == 0 && t.shape[1] > 0
+}
+
+fn copy_side_files(input: &Path, output: &Path) -> Result<Option<Value>> {
+    std::fs::create_dir_all(output).map_err(|e| ModelError::io(output, e))?;
+    let dir = if input.is_file() {
+        input.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        input.to_path_buf()
+    };
+    let tok = dir.join("tokenizer.json");
+    if tok.is_file() {
+        std::fs::copy(&tok, output.join("tokenizer.json")).map_err(|e| ModelError::io(&tok, e))?;
+    }
+    let cfg = dir.join(CONFIG_FILE);
+    if !cfg.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&cfg).map_err(|e| ModelError::io(&cfg, e))?;
+    // Python writes bare Infinity, which is not JSON; the config reader accepts it quoted.
+    let fixed = crate::config::quote_nonfinite_literals(&text);
+    Ok(Some(
+        serde_json::from_str(&fixed).map_err(|e| bad(&cfg, e.to_string()))?,
+    ))
+}
+
+fn write_config(output: &Path, cfg: &Value) -> Result<()> {
+    let p = output.join(CONFIG_FILE);
+    std::fs::write(&p, serde_json::to_string_pretty(cfg).expect("serialises"))
+        .map_err(|e| ModelError::io(&p, e))
+}
+
+/// Quantizes every projection weight of `input` (a checkpoint directory or a `.safetensors`
+/// file) not matched by an `exclude` glob, writing the ModelOpt NVFP4 layout to `output`.
+/// `progress(i, n, name)` is called per tensor.
+pub fn quantize_checkpoint(
+    input: &Path,
+    output: &Path,
+    exclude: &[String],
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<ConversionReport> {
+    let tensors = read_raw(input)?;
+    let mut report = ConversionReport {
+        bytes_in: tensors.values().map(|t| t.data.len()).sum(),
+        ..Default::default()
+    };
+    let mut out = BTreeMap::new();
+    let n = tensors.len();
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        progress(i + 1, n, name);
+        if is_quantizable(name, t) && !exclude.iter().any(|g| glob_match(g, name)) {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let q = Nvfp4Tensor::quantize(
+                name,
+                &to_f32(name, t)?,
+                rows,
+                cols,
+                &QuantizeOptions::default(),
+            )
+            .map_err(|e| ModelError::Input(e.to_string()))?;
+            let base = name.strip_suffix(".weight").expect("checked suffix");
+            let scale2 = q.global_decode_scale();
+            let (_, _, packed, scales, _) = q.into_parts();
+            out.insert(
+                name.clone(),
+                RawTensor {
+                    dtype: Dtype::U8,
+                    shape: vec![rows, cols / 2],
+                    data: packed,
+                },
+            );
+            out.insert(
+                format!("{base}.weight_scale"),
+                RawTensor {
+                    dtype: Dtype::F8_E4M3,
+                    shape: vec![rows, cols / 16],
+                    data: scales,
+                },
+            );
+            out.insert(
+                format!("{base}.weight_scale_2"),
+                RawTensor {
+                    dtype: Dtype::F32,
+                    shape: vec![],
+                    data: scale2.to_le_bytes().to_vec(),
+                },
+            );
+            report.converted.push(name.clone());
+        } else {
+            out.insert(name.clone(), t.clone());
+            report.copied += 1;
+        }
+    }
+    report.bytes_out = out.values().map(|t| t.data.len()).sum();
+    let cfg = copy_side_files(input, output)?;
+    write_raw(&output.join(WEIGHTS_FILE), &out)?;
+    if let Some(mut cfg) = cfg {
+        cfg["quantization_config"] = json!({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": exclude});
+        write_config(output, &cfg)?;
+    }
+    Ok(report)
+}
+
+/// Turns an NVFP4 checkpoint back into f32 weights.
+pub fn dequantize_checkpoint(
+    input: &Path,
+    output: &Path,
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<ConversionReport> {
+    let tensors = read_raw(input)?;
+    let mut report = ConversionReport {
+        bytes_in: tensors.values().map(|t| t.data.len()).sum(),
+        ..Default::default()
+    };
+    let mut out = BTreeMap::new();
+    let n = tensors.len();
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        progress(i + 1, n, name);
+        if name.ends_with(".weight_scale") || name.ends_with(".weight_scale_2") {
+            continue;
+        }
+        let base = name.strip_suffix(".weight");
+        let scales = base.and_then(|b| tensors.get(&format!("{b}.weight_scale")));
+        let scale2 = base.and_then(|b| tensors.get(&format!("{b}.weight_scale_2")));
+        match (t.dtype, scales, scale2) {
+            (Dtype::U8, Some(s), Some(s2)) => {
+                let rows = t.shape[0];
+                let cols = t.shape[1] * 2;
+                if s2.data.len() != 4 {
+                    return Err(ModelError::Input(format!(
+                        "`{}.weight_scale_2` must be one f32",
+                        base.unwrap_or(name)
+                    )));
+                }
+                let g = f32::from_le_bytes([s2.data[0], s2.data[1], s2.data[2], s2.data[3]]);
+                let q =
+                    Nvfp4Tensor::from_parts(name, rows, cols, t.data.clone(), s.data.clone(), g)
+                        .map_err(|e| ModelError::Input(e.to_string()))?;
+                out.insert(name.clone(), f32_tensor(vec![rows, cols], &q.dequantize()));
+                report.converted.push(name.clone());
+            }
+            _ => {
+                out.insert(name.clone(), t.clone());
+                report.copied += 1;
+            }
+        }
+    }
+    report.bytes_out = out.values().map(|t| t.data.len()).sum();
+    let cfg = copy_side_files(input, output)?;
+    write_raw(&output.join(WEIGHTS_FILE), &out)?;
+    if let Some(mut cfg) = cfg {
+        if let Some(o) = cfg.as_object_mut() {
+            o.remove("quantization_config");
+        }
+        write_config(output, &cfg)?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(
+            "*.mixer.q_proj.weight",
+            "backbone.layers.2.mixer.q_proj.weight"
+        ));
+        assert!(glob_match("mtp.*", "mtp.eh_proj.weight"));
+        assert!(!glob_match("mtp.*", "backbone.mtp"));
+        assert!(glob_match(
+            "backbone.layers.?.mixer.*",
+            "backbone.layers.3.mixer.in_proj.weight"
+        ));
+        assert!(!glob_match(
+            "backbone.layers.?.mixer.*",
+            "backbone.layers.13.mixer.in_proj.weight"
+        ));
+    }
+
+    #[test]
+    fn half_decodes() {
+        assert_eq!(half_to_f32(0x3c00), 1.0);
+        assert_eq!(half_to_f32(0xc000), -2.0);
+        assert_eq!(half_to_f32(0x0001), 2f32.powi(-24));
+    }
+}

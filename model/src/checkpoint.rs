@@ -56,11 +56,38 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
     };
     let mut out = BTreeMap::new();
     for f in files {
-        let tensors =
-            candle_core::safetensors::load(&f, device).map_err(|e| ModelError::BadFile {
+        let bytes = std::fs::read(&f).map_err(|e| ModelError::io(&f, e))?;
+        let names = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| ModelError::BadFile {
                 path: f.clone(),
                 message: e.to_string(),
-            })?;
+            })?
+            .1;
+        if names
+            .tensors()
+            .keys()
+            .any(|k| k.ends_with(".weight_scale_2"))
+        {
+            // NVFP4 (ModelOpt) projections are read as raw bytes and expanded to f32.
+            let (dense, quantized) =
+                crate::quantize::split_raw(&crate::quantize::read_raw_file(&f, &bytes)?)?;
+            for (name, t) in dense {
+                out.insert(name, t.to_device(device)?);
+            }
+            for (name, q) in quantized {
+                out.insert(
+                    name,
+                    Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), device)?,
+                );
+            }
+            continue;
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+            ModelError::BadFile {
+                path: f.clone(),
+                message: e.to_string(),
+            }
+        })?;
         for (name, t) in tensors {
             out.insert(name, t.to_dtype(candle_core::DType::F32)?);
         }

@@ -204,6 +204,96 @@ fn write_config(output: &Path, cfg: &Value) -> Result<()> {
         .map_err(|e| ModelError::io(&p, e))
 }
 
+/// Reads a checkpoint, returning its NVFP4 projections (ModelOpt layout) as NVFP4 tensors by
+/// weight name and every other tensor as f32.
+pub fn read_split(
+    input: &Path,
+) -> Result<(
+    BTreeMap<String, candle_core::Tensor>,
+    BTreeMap<String, Nvfp4Tensor>,
+)> {
+    split_raw(&read_raw(input)?)
+}
+
+/// Splits raw tensors into f32 tensors and NVFP4 projections (see [`read_split`]).
+pub fn split_raw(
+    raw: &BTreeMap<String, RawTensor>,
+) -> Result<(
+    BTreeMap<String, candle_core::Tensor>,
+    BTreeMap<String, Nvfp4Tensor>,
+)> {
+    let mut dense = BTreeMap::new();
+    let mut quantized = BTreeMap::new();
+    for (name, t) in raw {
+        if name.ends_with(".weight_scale") || name.ends_with(".weight_scale_2") {
+            continue;
+        }
+        if let Some(q) = nvfp4_of(raw, name, t)? {
+            quantized.insert(name.clone(), q);
+            continue;
+        }
+        let v = to_f32(name, t)?;
+        dense.insert(
+            name.clone(),
+            candle_core::Tensor::from_vec(v, t.shape.clone(), &candle_core::Device::Cpu)?,
+        );
+    }
+    Ok((dense, quantized))
+}
+
+/// Reads one safetensors file as raw tensors.
+pub fn read_raw_file(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            (
+                name,
+                RawTensor {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The NVFP4 tensor stored as `name` (+ `_scale`, `_scale_2`), if it is one.
+fn nvfp4_of(
+    raw: &BTreeMap<String, RawTensor>,
+    name: &str,
+    t: &RawTensor,
+) -> Result<Option<Nvfp4Tensor>> {
+    let Some(base) = name.strip_suffix(".weight") else {
+        return Ok(None);
+    };
+    let (Some(s), Some(s2)) = (
+        raw.get(&format!("{base}.weight_scale")),
+        raw.get(&format!("{base}.weight_scale_2")),
+    ) else {
+        return Ok(None);
+    };
+    if t.dtype != Dtype::U8 || t.shape.len() != 2 || s2.data.len() != 4 {
+        return Err(ModelError::Input(format!(
+            "`{name}` has NVFP4 scales but is not uint8 [out, in/2] with an f32 `weight_scale_2`"
+        )));
+    }
+    let g = f32::from_le_bytes([s2.data[0], s2.data[1], s2.data[2], s2.data[3]]);
+    let q = Nvfp4Tensor::from_parts(
+        name,
+        t.shape[0],
+        t.shape[1] * 2,
+        t.data.clone(),
+        s.data.clone(),
+        g,
+    )
+    .map_err(|e| ModelError::Input(e.to_string()))?;
+    Ok(Some(q))
+}
+
 /// Quantizes every projection weight of `input` (a checkpoint directory or a `.safetensors`
 /// file) not matched by an `exclude` glob, writing the ModelOpt NVFP4 layout to `output`.
 /// `progress(i, n, name)` is called per tensor.
@@ -293,27 +383,15 @@ pub fn dequantize_checkpoint(
         if name.ends_with(".weight_scale") || name.ends_with(".weight_scale_2") {
             continue;
         }
-        let base = name.strip_suffix(".weight");
-        let scales = base.and_then(|b| tensors.get(&format!("{b}.weight_scale")));
-        let scale2 = base.and_then(|b| tensors.get(&format!("{b}.weight_scale_2")));
-        match (t.dtype, scales, scale2) {
-            (Dtype::U8, Some(s), Some(s2)) => {
-                let rows = t.shape[0];
-                let cols = t.shape[1] * 2;
-                if s2.data.len() != 4 {
-                    return Err(ModelError::Input(format!(
-                        "`{}.weight_scale_2` must be one f32",
-                        base.unwrap_or(name)
-                    )));
-                }
-                let g = f32::from_le_bytes([s2.data[0], s2.data[1], s2.data[2], s2.data[3]]);
-                let q =
-                    Nvfp4Tensor::from_parts(name, rows, cols, t.data.clone(), s.data.clone(), g)
-                        .map_err(|e| ModelError::Input(e.to_string()))?;
-                out.insert(name.clone(), f32_tensor(vec![rows, cols], &q.dequantize()));
+        match nvfp4_of(&tensors, name, t)? {
+            Some(q) => {
+                out.insert(
+                    name.clone(),
+                    f32_tensor(vec![q.rows(), q.cols()], &q.dequantize()),
+                );
                 report.converted.push(name.clone());
             }
-            _ => {
+            None => {
                 out.insert(name.clone(), t.clone());
                 report.copied += 1;
             }

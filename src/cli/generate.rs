@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use chorus_model::checkpoint;
-use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::engine::{Engine, EngineOptions, GenerationRequest, Nvfp4Policy};
 use chorus_model::sampling::SamplingParams;
 use chorus_model::tokenizer::Tokenizer;
 use clap::Args;
@@ -59,10 +58,24 @@ pub struct GenerateArgs {
     /// Print `{"tokens": [...], "logprobs": [...]}` for the generated tokens only.
     #[arg(long)]
     json: bool,
+    /// Quantize projection weights on load: `nvfp4`. A checkpoint written by `chorus quantize`
+    /// is already NVFP4 and needs no flag. Embeddings, lm_head, router gates and norms stay f32.
+    #[arg(long, value_parser = ["nvfp4"])]
+    quantize: Option<String>,
+    /// With --quantize nvfp4: keep attention projections (q/k/v/o) in f32.
+    #[arg(long, requires = "quantize")]
+    keep_attention_f32: bool,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
+    let options = EngineOptions {
+        nvfp4: a.quantize.as_ref().map(|_| Nvfp4Policy {
+            keep_attention: a.keep_attention_f32,
+            exclude: vec![],
+        }),
+    };
+    let engine = Engine::from_checkpoint(&a.checkpoint, &options)?;
+    let cfg = engine.config().clone();
     let tokenizer_path = a.checkpoint.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
         Some(Tokenizer::from_file(&tokenizer_path)?)
@@ -104,7 +117,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         s
     };
-    let engine = Engine::from_params(&cfg, &params)?;
     let req = GenerationRequest {
         prompt,
         max_new_tokens: a.max_new_tokens,
@@ -139,6 +151,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         "speed     {:.1} tokens/s",
         out.tokens.len() as f64 / secs.max(1e-9)
     );
+    let (q, total) = engine.nvfp4_projection_count();
+    if q > 0 {
+        println!("nvfp4     {q} of {total} projections");
+    }
     if let Some(s) = out.mtp {
         println!(
             "mtp       {} of {} drafts accepted ({:.1}%), {} verification passes",

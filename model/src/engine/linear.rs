@@ -1,6 +1,8 @@
 //! [`LinearOp`]: the one abstraction every projection of the inference engine goes through, so
 //! that a quantized kernel (NVFP4) replaces the dense f32 one in a single place.
 
+use chorus_kernels::{CpuGemm, Nvfp4Tensor};
+
 /// A bias-free projection `y = x Wᵀ`, `W: [out, in]` row-major as in HF checkpoints.
 #[derive(Clone, Debug)]
 pub enum LinearOp {
@@ -10,7 +12,13 @@ pub enum LinearOp {
         out_dim: usize,
         in_dim: usize,
     },
+    /// NVFP4 weights (E2M1 codes, E4M3 scales per 16 inputs, f32 global scale), multiplied by
+    /// the CPU kernels of `chorus-kernels` with f32 activations.
+    Nvfp4 { weight: Nvfp4Tensor, gemm: CpuGemm },
 }
+
+/// Below this many weights one thread is faster than several.
+const NVFP4_PARALLEL_MIN: usize = 1 << 20;
 
 impl LinearOp {
     /// A dense projection from a row-major `[out_dim, in_dim]` weight.
@@ -27,22 +35,45 @@ impl LinearOp {
         }
     }
 
+    /// An NVFP4 projection; the kernel uses every core only for large matrices.
+    pub fn nvfp4(weight: Nvfp4Tensor) -> Self {
+        let threads = if weight.rows() * weight.cols() >= NVFP4_PARALLEL_MIN {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        LinearOp::Nvfp4 {
+            weight,
+            gemm: CpuGemm::new(threads),
+        }
+    }
+
     pub fn in_dim(&self) -> usize {
         match self {
             LinearOp::Dense { in_dim, .. } => *in_dim,
+            LinearOp::Nvfp4 { weight, .. } => weight.cols(),
         }
     }
 
     pub fn out_dim(&self) -> usize {
         match self {
             LinearOp::Dense { out_dim, .. } => *out_dim,
+            LinearOp::Nvfp4 { weight, .. } => weight.rows(),
         }
+    }
+
+    /// Whether the weights are NVFP4.
+    pub fn is_nvfp4(&self) -> bool {
+        matches!(self, LinearOp::Nvfp4 { .. })
     }
 
     /// Bytes the weights occupy.
     pub fn weight_bytes(&self) -> usize {
         match self {
             LinearOp::Dense { weight, .. } => weight.len() * 4,
+            LinearOp::Nvfp4 { weight, .. } => weight.packed().len() + weight.scales().len() + 4,
         }
     }
 
@@ -54,6 +85,9 @@ impl LinearOp {
                 out_dim,
                 in_dim,
             } => dense_forward(weight, *out_dim, *in_dim, x, rows, y),
+            LinearOp::Nvfp4 { weight, gemm } => gemm
+                .nvfp4(weight, x, rows, y)
+                .expect("operand shapes are fixed when the engine is built"),
         }
     }
 }

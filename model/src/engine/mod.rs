@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 
 pub use cache::SequenceCache;
+
 use cache::{LayerCache, rewind_layers};
 pub use generate::{FinishReason, Generation, GenerationRequest, MtpStats};
 pub use linear::LinearOp;
@@ -26,8 +27,43 @@ use crate::error::{ModelError, Result};
 use crate::moe::route;
 use crate::params::Params;
 
+/// How the engine stores its projections.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineOptions {
+    /// Quantize projection weights to NVFP4 on load (checkpoints already in NVFP4 stay so).
+    pub nvfp4: Option<Nvfp4Policy>,
+}
+
+/// Which projections become NVFP4. Embeddings, `lm_head`, router gates and norms always stay in
+/// full precision, as the Nemotron recipe keeps them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Nvfp4Policy {
+    /// Keep attention projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`) in f32.
+    pub keep_attention: bool,
+    /// Further tensors to keep in f32, as `*`/`?` globs over weight names.
+    pub exclude: Vec<String>,
+}
+
+impl Nvfp4Policy {
+    fn quantizes(&self, weight_name: &str, in_dim: usize) -> bool {
+        let attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .any(|p| weight_name.ends_with(&format!(".{p}.weight")));
+        weight_name.ends_with("_proj.weight")
+            && in_dim % 16 == 0
+            && !(self.keep_attention && attention)
+            && !self
+                .exclude
+                .iter()
+                .any(|g| crate::quantize::glob_match(g, weight_name))
+    }
+}
+
 struct Weights<'a> {
     map: &'a BTreeMap<String, Tensor>,
+    /// Projections that arrive already in NVFP4, by weight name.
+    nvfp4: &'a BTreeMap<String, chorus_kernels::Nvfp4Tensor>,
+    policy: Option<&'a Nvfp4Policy>,
 }
 
 impl Weights<'_> {
@@ -47,11 +83,33 @@ impl Weights<'_> {
     }
 
     fn linear(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearOp> {
-        Ok(LinearOp::dense(
-            self.vec(&format!("{name}.weight"), &[out_dim, in_dim])?,
-            out_dim,
-            in_dim,
-        ))
+        let weight_name = format!("{name}.weight");
+        if let Some(q) = self.nvfp4.get(&weight_name) {
+            if (q.rows(), q.cols()) != (out_dim, in_dim) {
+                return Err(ModelError::Shape {
+                    name: weight_name,
+                    expected: vec![out_dim, in_dim],
+                    got: vec![q.rows(), q.cols()],
+                });
+            }
+            return Ok(LinearOp::nvfp4(q.clone()));
+        }
+        let w = self.vec(&weight_name, &[out_dim, in_dim])?;
+        match self.policy {
+            Some(p) if p.quantizes(&weight_name, in_dim) => {
+                let options = chorus_kernels::QuantizeOptions::default();
+                let q = chorus_kernels::Nvfp4Tensor::quantize(
+                    &weight_name,
+                    &w,
+                    out_dim,
+                    in_dim,
+                    &options,
+                )
+                .map_err(|e| ModelError::Input(e.to_string()))?;
+                Ok(LinearOp::nvfp4(q))
+            }
+            _ => Ok(LinearOp::dense(w, out_dim, in_dim)),
+        }
     }
 
     fn has(&self, name: &str) -> bool {
@@ -536,7 +594,37 @@ impl Engine {
 
     /// Builds the engine from named tensors (HF names).
     pub fn from_tensors(cfg: &NemotronHConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
-        let w = Weights { map: tensors };
+        Self::build(cfg, tensors, &BTreeMap::new(), &EngineOptions::default())
+    }
+
+    /// Builds the engine from named tensors with storage options (e.g. NVFP4 on load).
+    pub fn from_tensors_with(
+        cfg: &NemotronHConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        Self::build(cfg, tensors, &BTreeMap::new(), options)
+    }
+
+    /// Loads a checkpoint directory, keeping NVFP4 projections of a quantized checkpoint
+    /// (ModelOpt layout) in NVFP4 and applying `options` to the rest.
+    pub fn from_checkpoint(dir: &std::path::Path, options: &EngineOptions) -> Result<Self> {
+        let cfg = NemotronHConfig::from_file(dir.join(crate::checkpoint::CONFIG_FILE))?;
+        let (dense, quantized) = crate::quantize::read_split(dir)?;
+        Self::build(&cfg, &dense, &quantized, options)
+    }
+
+    fn build(
+        cfg: &NemotronHConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        nvfp4: &BTreeMap<String, chorus_kernels::Nvfp4Tensor>,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        let w = Weights {
+            map: tensors,
+            nvfp4,
+            policy: options.nvfp4.as_ref(),
+        };
         let d = cfg.hidden_size;
         let layers = cfg
             .layers
@@ -763,6 +851,33 @@ impl Engine {
         let new_len = cache.mtp_len - drop;
         rewind_layers(&mut cache.mtp, self.kv_width(), new_len, drop);
         cache.mtp_len = new_len;
+    }
+
+    /// Projections stored in NVFP4, out of all projections.
+    pub fn nvfp4_projection_count(&self) -> (usize, usize) {
+        fn block_ops<'a>(b: &'a BlockW, ops: &mut Vec<&'a LinearOp>) {
+            match &b.mixer {
+                MixerW::Mamba(m) => ops.extend([&m.in_proj, &m.out_proj]),
+                MixerW::Attention(a) => ops.extend([&a.q, &a.k, &a.v, &a.o]),
+                MixerW::Moe(m) => {
+                    ops.extend(m.experts.iter().flat_map(|e| [&e.up, &e.down]));
+                    ops.extend([&m.shared.up, &m.shared.down]);
+                    if let Some((a, b)) = &m.latent {
+                        ops.extend([a, b]);
+                    }
+                }
+                MixerW::Mlp(m) => ops.extend([&m.up, &m.down]),
+            }
+        }
+        let mut ops: Vec<&LinearOp> = vec![];
+        for b in self
+            .layers
+            .iter()
+            .chain(self.mtp.iter().flat_map(|m| m.layers.iter()))
+        {
+            block_ops(b, &mut ops);
+        }
+        (ops.iter().filter(|o| o.is_nvfp4()).count(), ops.len())
     }
 
     /// Bytes of all weights (what one decode step streams from memory).

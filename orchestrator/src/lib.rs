@@ -10,3 +10,4 @@
 pub mod advantage;
 pub mod config;
 pub mod ledger;
+pub mod scheduler;

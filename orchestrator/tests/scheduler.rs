@@ -1,0 +1,227 @@
+//! The scheduler with stand-in generation and learning: every group reaches the learner with
+//! advantages, the ledger agrees, malformed worker output fails only its trajectory, and the
+//! staleness bound holds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chorus_environments::builtin_registry;
+use chorus_model::tokenizer::Tokenizer;
+use chorus_orchestrator::config::RunConfig;
+use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus, TrajectoryStatus};
+use chorus_orchestrator::scheduler::{
+    BoxFuture, Learning, Rollouts, StageContext, StageStats, run_rl_stage,
+};
+use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, TrajectoryGroup};
+use tokio::sync::watch;
+
+/// Answers "a+b=" prompts: right for even request indices, wrong for odd ones; request 3 of
+/// every fifth group comes back malformed (a logprob missing).
+struct StandInWorkers {
+    tokenizer: Arc<Tokenizer>,
+    version: watch::Receiver<u64>,
+    calls: AtomicU64,
+}
+
+impl Rollouts for StandInWorkers {
+    fn generate(&self, r: GenerateRequest) -> BoxFuture<GenerateResponse> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let prompt = self.tokenizer.decode(&r.prompt_token_ids, true).unwrap();
+        let expr = prompt.trim_end_matches('=');
+        let (a, b) = expr
+            .split_once('+')
+            .map(|(a, b)| {
+                (
+                    a.trim().parse::<i64>().unwrap_or(0),
+                    b.trim().parse::<i64>().unwrap_or(0),
+                )
+            })
+            .unwrap_or((0, 0));
+        let index: u64 = r.request_id.rsplit(":r").next().unwrap().parse().unwrap();
+        let answer = if index % 2 == 0 { a + b } else { a + b + 1 };
+        let tokens = self.tokenizer.encode(&format!("{answer}<|end|>")).unwrap();
+        let version = *self.version.borrow();
+        let mut logprobs = vec![-0.5; tokens.len()];
+        if index == 3 && n % 5 == 0 {
+            logprobs.pop();
+        }
+        let resp = GenerateResponse {
+            request_id: r.request_id,
+            run_id: r.run_id,
+            prompt_id: r.prompt_id,
+            trajectory_id: r.trajectory_id,
+            policy_versions: vec![version; tokens.len()],
+            logprobs,
+            token_ids: tokens,
+            finish_reason: FinishReason::Stop as i32,
+            worker_id: "stand-in".into(),
+            ..Default::default()
+        };
+        Box::pin(async move { resp })
+    }
+    fn policy_version(&self) -> u64 {
+        *self.version.borrow()
+    }
+    fn wait_version(&self, v: u64) -> BoxFuture<()> {
+        let mut rx = self.version.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|x| *x >= v).await;
+        })
+    }
+}
+
+/// Steps after every `per_step` groups; the workers see each new version at once.
+struct StandInLearner {
+    per_step: u64,
+    groups: AtomicU64,
+    version: watch::Sender<u64>,
+    seen: std::sync::Mutex<Vec<TrajectoryGroup>>,
+}
+
+impl Learning for StandInLearner {
+    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
+        self.seen.lock().unwrap().push(g);
+        let n = self.groups.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % self.per_step == 0 {
+            self.version.send_modify(|v| *v += 1);
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+    fn wait_version(&self, v: u64) -> BoxFuture<()> {
+        let mut rx = self.version.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|x| *x >= v).await;
+        })
+    }
+}
+
+const CONFIG: &str = r#"
+name = "sched"
+[model]
+init_config = "unused.json"
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 4
+prompts_per_step = 3
+group_size = 4
+max_staleness = STALENESS
+max_new_tokens = 8
+environments = [{ name = "arithmetic", difficulty = 0 }]
+"#;
+
+async fn run(
+    staleness: u64,
+) -> (
+    Arc<StageStats>,
+    Ledger,
+    Vec<TrajectoryGroup>,
+    tempfile::TempDir,
+) {
+    let cfg = RunConfig::from_toml_str(
+        &CONFIG.replace("STALENESS", &staleness.to_string()),
+        "test.toml",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.sqlite").display());
+    let ledger = Ledger::open(&url).await.unwrap();
+    ledger
+        .insert_run(NewRun {
+            id: "run".into(),
+            name: "sched".into(),
+            config_toml: CONFIG.into(),
+            status: RunStatus::Running,
+        })
+        .await
+        .unwrap();
+    let tokenizer = Arc::new(Tokenizer::byte_level());
+    let (tx, rx) = watch::channel(0u64);
+    let learner = Arc::new(StandInLearner {
+        per_step: 3,
+        groups: AtomicU64::new(0),
+        version: tx,
+        seen: Default::default(),
+    });
+    let workers = Arc::new(StandInWorkers {
+        tokenizer: tokenizer.clone(),
+        version: rx,
+        calls: AtomicU64::new(0),
+    });
+    let stats = Arc::new(StageStats::default());
+    let ctx = Arc::new(StageContext {
+        run_id: "run".into(),
+        seed: 7,
+        stage_index: 0,
+        registry: Arc::new(builtin_registry()),
+        tokenizer,
+        ledger: ledger.clone(),
+        rollouts: workers,
+        learning: learner.clone(),
+        stats: stats.clone(),
+    });
+    run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
+        .await
+        .unwrap();
+    ledger.flush().await.unwrap();
+    let seen = learner.seen.lock().unwrap().clone();
+    (stats, ledger, seen, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_reach_the_learner_and_the_ledger_agrees() {
+    let (stats, ledger, seen, _dir) = run(1).await;
+    assert_eq!(seen.len(), 12, "4 steps x 3 prompts");
+    assert_eq!(stats.groups_submitted.load(Ordering::Relaxed), 12);
+    for g in &seen {
+        // Right answers get positive advantages, wrong ones negative.
+        for t in &g.trajectories {
+            assert_eq!(t.reward > 0.5, t.advantage > 0.0, "{t:?}");
+            assert_eq!(t.logprobs.len(), t.completion_token_ids.len());
+        }
+    }
+    let submitted: u64 = seen.iter().map(|g| g.trajectories.len() as u64).sum();
+    assert_eq!(ledger.count_consumed("run").await.unwrap(), submitted);
+    let rows = ledger
+        .list_rollouts(&RolloutFilter {
+            run_id: Some("run".into()),
+            environment: None,
+            min_reward: None,
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    let failed: Vec<_> = rows
+        .iter()
+        .filter(|r| matches!(r.status, TrajectoryStatus::Failed { .. }))
+        .collect();
+    assert!(!failed.is_empty(), "some stand-in outputs were malformed");
+    for f in &failed {
+        let TrajectoryStatus::Failed { reason } = &f.status else {
+            unreachable!()
+        };
+        assert!(reason.contains("malformed worker output"), "{reason}");
+        assert!(f.consumed_at_step.is_none());
+    }
+    for r in rows.iter().filter(|r| r.consumed_at_step.is_some()) {
+        assert!(r.reward.is_some() && r.min_policy_version.is_some());
+    }
+    assert_eq!(
+        stats.trajectories_failed.load(Ordering::Relaxed) as usize,
+        failed.len()
+    );
+    assert!(
+        stats.max_lag.load(Ordering::Relaxed) <= 1,
+        "staleness bound 1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_never_lags() {
+    let (stats, _ledger, seen, _dir) = run(0).await;
+    assert_eq!(seen.len(), 12);
+    assert_eq!(stats.max_lag.load(Ordering::Relaxed), 0);
+}

@@ -18,12 +18,17 @@ fn every_shipped_config_loads() {
             }
             match path.extension().and_then(|e| e.to_str()) {
                 Some("json") => {
-                    NemotronHConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    NemotronHConfig::from_file(&path)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
                 Some("toml") => {
-                    RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    RunConfig::from_file(&path)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
-                _ => panic!("{}: unexpected file in configs/ (only .json model configs and .toml run configs)", path.display()),
+                _ => panic!(
+                    "{}: unexpected file in configs/ (only .json model configs and .toml run configs)",
+                    path.display()
+                ),
             }
             seen += 1;
         }

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use chorus_proto::v1::learner_server::Learner;
 use chorus_proto::v1::{
-    RejectedGroup, StreamWeightsRequest, SubmitTrajectoriesResponse, TrajectoryGroup, WeightChunk,
+    RejectedGroup, StepReport as StepReportMsg, StreamStepsRequest, StreamWeightsRequest,
+    SubmitTrajectoriesResponse, TrajectoryGroup, WeightChunk,
 };
 use chorus_proto::weights::{HostTensor, encode};
 use tokio::sync::{broadcast, watch};
@@ -47,6 +48,8 @@ pub struct LearnerHandle {
     work: std::sync::mpsc::Sender<Work>,
     published: watch::Receiver<Arc<Published>>,
     reports: broadcast::Sender<StepReport>,
+    step_msgs: broadcast::Sender<StepReportMsg>,
+    history: Arc<Mutex<Vec<StepReportMsg>>>,
     seen_groups: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -76,8 +79,38 @@ fn publish(run_id: &str, trainer: &Trainer, max_chunk_bytes: usize) -> Published
     }
 }
 
+/// Turns a supervised group into SFT examples, or says why it cannot be used.
+pub fn group_sft(g: &TrajectoryGroup) -> Result<Vec<SftSequence>, String> {
+    if g.trajectories.is_empty() {
+        return Err("the group has no trajectories".into());
+    }
+    g.trajectories
+        .iter()
+        .map(|t| {
+            if t.prompt_token_ids.is_empty() || t.completion_token_ids.is_empty() {
+                return Err(format!(
+                    "trajectory {} needs prompt and completion tokens",
+                    t.trajectory_id
+                ));
+            }
+            Ok(SftSequence {
+                tokens: t
+                    .prompt_token_ids
+                    .iter()
+                    .chain(&t.completion_token_ids)
+                    .copied()
+                    .collect(),
+                prompt_len: t.prompt_token_ids.len(),
+            })
+        })
+        .collect()
+}
+
 /// Turns a scored group into training sequences, or says why it cannot be used.
 pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
+    if g.supervised {
+        return Err("a supervised group has no RL sequences".into());
+    }
     if g.trajectories.is_empty() {
         return Err("the group has no trajectories".into());
     }
@@ -122,6 +155,30 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
         .collect()
 }
 
+fn report_msg(
+    run_id: &str,
+    r: &StepReport,
+    trajectories: usize,
+    supervised: bool,
+) -> StepReportMsg {
+    StepReportMsg {
+        run_id: run_id.to_string(),
+        step: r.step,
+        policy_version: r.version,
+        loss: r.stats.loss,
+        kl: r.stats.kl,
+        entropy: r.stats.entropy,
+        grad_norm: r.grad_norm,
+        learning_rate: r.lr,
+        clip_fraction: r.stats.clip_fraction,
+        tokens: r.stats.tokens as u64,
+        trajectories: trajectories as u32,
+        skip_reason: r.skipped.clone().unwrap_or_default(),
+        mean_abs_logprob_diff: r.stats.mean_abs_logprob_diff,
+        supervised,
+    }
+}
+
 /// Starts the training thread over `trainer` and publishes its current weights as the first
 /// version.
 pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> LearnerHandle {
@@ -132,43 +189,65 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         cfg.max_chunk_bytes,
     )));
     let (reports, _) = broadcast::channel(1024);
-    let reports_tx = reports.clone();
+    let (step_msgs, _) = broadcast::channel(1024);
+    let history: Arc<Mutex<Vec<StepReportMsg>>> = Arc::new(Mutex::new(vec![]));
+    let (reports_tx, msgs_tx, hist) = (reports.clone(), step_msgs.clone(), history.clone());
     std::thread::Builder::new()
         .name("chorus-learner".into())
         .spawn(move || {
-            let mut pending: Vec<RlSequence> = vec![];
-            let mut groups = 0;
+            let mut rl: Vec<RlSequence> = vec![];
+            let mut sft: Vec<SftSequence> = vec![];
+            let (mut rl_groups, mut sft_groups) = (0usize, 0usize);
             while let Ok(w) = work_rx.recv() {
-                let report = match w {
+                let (report, n, supervised) = match w {
                     Work::Sft(batch, reply) => {
+                        let n = batch.len();
                         let r = trainer.sft_step(&batch).map_err(|e| e.to_string());
                         let _ = reply.send(r.clone());
                         match r {
-                            Ok(r) => r,
+                            Ok(r) => (r, n, true),
                             Err(_) => continue,
                         }
                     }
                     Work::Group(g) => {
-                        match group_sequences(&g) {
-                            Ok(seqs) => pending.extend(seqs),
-                            Err(_) => continue, // rejected at submission; never reached
-                        }
-                        groups += 1;
-                        if groups < cfg.groups_per_step.max(1) {
-                            continue;
-                        }
-                        groups = 0;
-                        let batch = std::mem::take(&mut pending);
-                        match trainer.rl_step(&batch) {
-                            Ok(r) => r,
-                            Err(e) => StepReport {
-                                step: trainer.step(),
-                                version: trainer.version(),
-                                lr: 0.0,
-                                grad_norm: f64::NAN,
-                                stats: Default::default(),
-                                skipped: Some(e.to_string()),
-                            },
+                        let target = if g.step_groups > 0 {
+                            g.step_groups as usize
+                        } else {
+                            cfg.groups_per_step.max(1)
+                        };
+                        let result = if g.supervised {
+                            sft.extend(group_sft(&g).unwrap_or_default());
+                            sft_groups += 1;
+                            if sft_groups < target {
+                                continue;
+                            }
+                            sft_groups = 0;
+                            let batch = std::mem::take(&mut sft);
+                            (trainer.sft_step(&batch), batch.len(), true)
+                        } else {
+                            rl.extend(group_sequences(&g).unwrap_or_default());
+                            rl_groups += 1;
+                            if rl_groups < target {
+                                continue;
+                            }
+                            rl_groups = 0;
+                            let batch = std::mem::take(&mut rl);
+                            (trainer.rl_step(&batch), batch.len(), false)
+                        };
+                        match result {
+                            (Ok(r), n, sup) => (r, n, sup),
+                            (Err(e), n, sup) => (
+                                StepReport {
+                                    step: trainer.step(),
+                                    version: trainer.version(),
+                                    lr: 0.0,
+                                    grad_norm: f64::NAN,
+                                    stats: Default::default(),
+                                    skipped: Some(e.to_string()),
+                                },
+                                n,
+                                sup,
+                            ),
                         }
                     }
                 };
@@ -179,6 +258,9 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                         cfg.max_chunk_bytes,
                     )));
                 }
+                let msg = report_msg(&cfg.run_id, &report, n, supervised);
+                hist.lock().expect("not poisoned").push(msg.clone());
+                let _ = msgs_tx.send(msg);
                 let _ = reports_tx.send(report);
             }
         })
@@ -187,6 +269,8 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         work: work_tx,
         published: pub_rx,
         reports,
+        step_msgs,
+        history,
         seen_groups: Arc::new(Mutex::new(HashSet::new())),
     }
 }
@@ -194,7 +278,11 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
 impl LearnerHandle {
     /// Queues a scored group; a group id seen before is acknowledged and ignored.
     pub fn submit(&self, g: TrajectoryGroup) -> Result<(), String> {
-        group_sequences(&g)?;
+        if g.supervised {
+            group_sft(&g)?;
+        } else {
+            group_sequences(&g)?;
+        }
         if !self
             .seen_groups
             .lock()
@@ -256,10 +344,51 @@ impl LearnerService {
 }
 
 type WeightStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
+type StepStream = Pin<Box<dyn Stream<Item = Result<StepReportMsg, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Learner for LearnerService {
     type StreamWeightsStream = WeightStream;
+    type StreamStepsStream = StepStream;
+
+    async fn stream_steps(
+        &self,
+        request: Request<StreamStepsRequest>,
+    ) -> Result<Response<Self::StreamStepsStream>, Status> {
+        let after = request.into_inner().after_step;
+        // Subscribe before reading the history so that no step falls between the two.
+        let mut live = self.handle.step_msgs.subscribe();
+        let past: Vec<StepReportMsg> = self
+            .handle
+            .history
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|r| r.step > after)
+            .cloned()
+            .collect();
+        let mut last = past.last().map(|r| r.step).unwrap_or(after);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for r in past {
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+            while let Ok(r) = live.recv().await {
+                if r.step <= last {
+                    continue;
+                }
+                last = r.step;
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 
     async fn submit_trajectories(
         &self,

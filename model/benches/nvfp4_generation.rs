@@ -16,8 +16,16 @@ use chorus_model::sampling::SamplingParams;
 use chorus_model::{NemotronHConfig, checkpoint};
 
 fn request(i: usize, n: usize, vocab: usize) -> GenerationRequest {
-    let prompt = (0..16).map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32).collect();
-    GenerationRequest { prompt, max_new_tokens: n, sampling: SamplingParams::greedy(), seed: 0, stop_tokens: vec![] }
+    let prompt = (0..16)
+        .map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32)
+        .collect();
+    GenerationRequest {
+        prompt,
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        seed: 0,
+        stop_tokens: vec![],
+    }
 }
 
 fn rate(engine: &Engine, batch: usize, n: usize) -> f64 {
@@ -26,7 +34,12 @@ fn rate(engine: &Engine, batch: usize, n: usize) -> f64 {
     (0..2)
         .map(|_| {
             let t = Instant::now();
-            let tokens: usize = engine.generate_batch(&reqs, batch).unwrap().iter().map(|g| g.tokens.len()).sum();
+            let tokens: usize = engine
+                .generate_batch(&reqs, batch)
+                .unwrap()
+                .iter()
+                .map(|g| g.tokens.len())
+                .sum();
             tokens as f64 / t.elapsed().as_secs_f64()
         })
         .fold(0.0, f64::max)
@@ -34,18 +47,30 @@ fn rate(engine: &Engine, batch: usize, n: usize) -> f64 {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    println!("{:<12} {:>10} {:>8} {:>12} {:>12} {:>8} {:>14} {:>14}", "model", "params", "batch", "f32 t/s", "nvfp4 t/s", "ratio", "f32 MiB", "nvfp4 MiB");
+    println!(
+        "{:<12} {:>10} {:>8} {:>12} {:>12} {:>8} {:>14} {:>14}",
+        "model", "params", "batch", "f32 t/s", "nvfp4 t/s", "ratio", "f32 MiB", "nvfp4 MiB"
+    );
     for name in ["nano-1.5m", "small-d512"] {
-        let cfg = NemotronHConfig::from_file(root.join(format!("configs/models/{name}.json"))).unwrap();
+        let cfg =
+            NemotronHConfig::from_file(root.join(format!("configs/models/{name}.json"))).unwrap();
         let params = checkpoint::init_params(&cfg, 0, &Device::Cpu).unwrap();
         let tensors = params.snapshot().unwrap();
         let dense = Engine::from_tensors(&cfg, &tensors).unwrap();
-        let opts = EngineOptions { nvfp4: Some(Nvfp4Policy::default()) };
+        let opts = EngineOptions {
+            nvfp4: Some(Nvfp4Policy::default()),
+        };
         let q = Engine::from_tensors_with(&cfg, &tensors, &opts).unwrap();
         let mib = |e: &Engine| e.weight_bytes() as f64 / (1 << 20) as f64;
         for (batch, n) in [(1, 64), (16, 32)] {
             let (a, b) = (rate(&dense, batch, n), rate(&q, batch, n));
-            println!("{name:<12} {:>10} {batch:>8} {a:>12.0} {b:>12.0} {:>7.2}x {:>14.1} {:>14.1}", params.num_elements(), b / a, mib(&dense), mib(&q));
+            println!(
+                "{name:<12} {:>10} {batch:>8} {a:>12.0} {b:>12.0} {:>7.2}x {:>14.1} {:>14.1}",
+                params.num_elements(),
+                b / a,
+                mib(&dense),
+                mib(&q)
+            );
         }
     }
 }

@@ -448,6 +448,8 @@ async fn run_slot(
                 group_id: group_id.clone(),
                 environment: env_name.clone(),
                 trajectories,
+                supervised: false,
+                step_groups: stage.prompts_per_step as u32,
             })
             .await
             .map_err(SchedulerError::Learner)?;

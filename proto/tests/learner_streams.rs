@@ -66,6 +66,15 @@ impl Learner for FakeLearner {
     }
 
     type StreamWeightsStream = ChunkStream;
+    type StreamStepsStream =
+        Pin<Box<dyn Stream<Item = Result<chorus_proto::v1::StepReport, Status>> + Send>>;
+
+    async fn stream_steps(
+        &self,
+        _: Request<chorus_proto::v1::StreamStepsRequest>,
+    ) -> Result<Response<Self::StreamStepsStream>, Status> {
+        Err(Status::unimplemented("this test learner reports no steps"))
+    }
 
     async fn stream_weights(
         &self,
@@ -175,6 +184,7 @@ async fn resubmitted_groups_are_acknowledged_once() {
             reward: 1.0,
             ..Default::default()
         }],
+        ..Default::default()
     };
     let sent = vec![group("g1"), group("g2"), group("g1")];
     let ack = client

@@ -110,6 +110,7 @@ async fn new_versions_flow_from_learner_to_worker() {
         group_id: "g0".into(),
         environment: "test".into(),
         trajectories,
+        ..Default::default()
     };
     let mut bad = group.clone();
     bad.group_id = "g-bad".into();

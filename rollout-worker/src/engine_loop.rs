@@ -16,6 +16,9 @@ pub struct Job {
     pub seed: u64,
     pub max_new_tokens: usize,
     pub stop_tokens: Vec<u32>,
+    /// The job starts only once the worker holds at least this policy version (the
+    /// orchestrator's staleness bound).
+    pub min_version: u64,
 }
 
 /// What a job produced.
@@ -168,6 +171,8 @@ pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) ->
             let mut engine = engine;
             let mut version = version;
             let mut active: Vec<Active> = vec![];
+            // Jobs that need a newer policy than the one installed.
+            let mut waiting: Vec<Submitted> = vec![];
             loop {
                 // Install new weights between steps; sequences keep their caches.
                 if let Some((v, e)) = pending.lock().expect("not poisoned").take() {
@@ -175,20 +180,34 @@ pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) ->
                     version = v;
                     stats.version.store(v, Ordering::Relaxed);
                 }
+                let offer =
+                    |s: Submitted, active: &mut Vec<Active>, waiting: &mut Vec<Submitted>| {
+                        if s.job.min_version > version {
+                            waiting.push(s);
+                        } else {
+                            admit(&engine, active, s, &stats);
+                        }
+                    };
+                for s in std::mem::take(&mut waiting) {
+                    offer(s, &mut active, &mut waiting);
+                }
                 if active.is_empty() {
                     // Idle: block until a job or new weights arrive.
                     match rx.recv() {
-                        Ok(Msg::Job(s)) => admit(&engine, &mut active, s, &stats),
+                        Ok(Msg::Job(s)) => offer(s, &mut active, &mut waiting),
                         Ok(Msg::Wake) => continue,
                         Err(_) => return,
                     }
                 }
                 while active.len() < max_batch.max(1) {
                     match rx.try_recv() {
-                        Ok(Msg::Job(s)) => admit(&engine, &mut active, s, &stats),
+                        Ok(Msg::Job(s)) => offer(s, &mut active, &mut waiting),
                         Ok(Msg::Wake) => {}
                         Err(_) => break,
                     }
+                }
+                if active.is_empty() {
+                    continue;
                 }
                 step(&engine, version, &mut active, &stats);
             }

@@ -43,6 +43,7 @@ fn job_of(req: &GenerateRequest) -> Job {
         seed: s.seed.unwrap_or(0),
         max_new_tokens: req.max_new_tokens as usize,
         stop_tokens: req.stop_token_ids.clone(),
+        min_version: req.min_policy_version,
     }
 }
 

@@ -153,6 +153,7 @@ async fn weights_change_between_decode_steps_without_dropping_sequences() {
         seed: 3,
         max_new_tokens: 400,
         stop_tokens: vec![],
+        min_version: 0,
     };
     let h2 = handle.clone();
     let running = tokio::spawn(async move { h2.generate(job).await });
@@ -171,4 +172,24 @@ async fn weights_change_between_decode_steps_without_dropping_sequences() {
     );
     assert!(r.versions.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(handle.version(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_for_the_policy_version_it_needs() {
+    let handle = spawn_engine_loop(engine(1), 0, 4);
+    let h2 = handle.clone();
+    let job = Job {
+        prompt: vec![5, 6],
+        sampling: SamplingParams::greedy(),
+        seed: 0,
+        max_new_tokens: 3,
+        stop_tokens: vec![],
+        min_version: 1,
+    };
+    let waiting = tokio::spawn(async move { h2.generate(job).await });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "the job must not run on version 0");
+    handle.install_weights(1, engine(2));
+    let r = waiting.await.unwrap();
+    assert_eq!(r.versions, vec![1, 1, 1]);
 }

@@ -92,6 +92,7 @@ async fn new_versions_flow_from_learner_to_worker() {
                 seed: i,
                 max_new_tokens: 6,
                 stop_tokens: vec![],
+                min_version: 0,
             })
             .await;
         trajectories.push(Trajectory {
@@ -153,6 +154,7 @@ async fn new_versions_flow_from_learner_to_worker() {
             seed: 0,
             max_new_tokens: 3,
             stop_tokens: vec![],
+            min_version: 0,
         })
         .await;
     assert_eq!(r.versions, vec![1, 1, 1]);

@@ -10,4 +10,5 @@
 pub mod advantage;
 pub mod config;
 pub mod ledger;
+pub mod remote;
 pub mod scheduler;

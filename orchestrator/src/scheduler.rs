@@ -168,7 +168,7 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         ctx.rollouts.wait_version(need).await;
         for slot in 0..stage.prompts_per_step {
             let (ctx, stage) = (ctx.clone(), stage.clone());
-            tasks.spawn(async move { run_slot(&ctx, &stage, base + step, slot).await });
+            tasks.spawn(async move { run_slot(&ctx, &stage, base + step, need, slot).await });
         }
         // Keep errors from piling up unseen.
         while let Some(done) = tasks.try_join_next() {
@@ -195,6 +195,7 @@ async fn run_slot(
     ctx: &StageContext,
     stage: &Stage,
     step: u64,
+    min_version: u64,
     slot: usize,
 ) -> Result<(), SchedulerError> {
     let weights: Vec<f64> = stage.environments.iter().map(|e| e.weight).collect();
@@ -281,7 +282,7 @@ async fn run_slot(
             }),
             max_new_tokens: stage.max_new_tokens as u32,
             stop_token_ids: stop.clone(),
-            min_policy_version: 0,
+            min_policy_version: min_version,
         });
         let responses = futures_join(requests.map(|r| ctx.rollouts.generate(r)).collect()).await;
         ctx.ledger.mark_generated([prompt_id.as_str()]).await?;

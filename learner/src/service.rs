@@ -251,13 +251,12 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                         }
                     }
                 };
-                if report.skipped.is_none() {
-                    let _ = pub_tx.send(Arc::new(publish(
-                        &cfg.run_id,
-                        &trainer,
-                        cfg.max_chunk_bytes,
-                    )));
-                }
+                // Published after skipped steps too: the same weights under the next version.
+                let _ = pub_tx.send(Arc::new(publish(
+                    &cfg.run_id,
+                    &trainer,
+                    cfg.max_chunk_bytes,
+                )));
                 let msg = report_msg(&cfg.run_id, &report, n, supervised);
                 hist.lock().expect("not poisoned").push(msg.clone());
                 let _ = msgs_tx.send(msg);

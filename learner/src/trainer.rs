@@ -34,7 +34,7 @@ pub struct LearnerConfig {
 pub struct StepReport {
     /// Steps attempted so far, this one included.
     pub step: u64,
-    /// Policy version after the step (unchanged when skipped).
+    /// Policy version after the step (advanced even when skipped; the weights are not).
     pub version: u64,
     pub lr: f64,
     pub grad_norm: f64,
@@ -91,7 +91,9 @@ impl Trainer {
         })
     }
 
-    /// The policy version: the number of updates applied.
+    /// The policy version: the number of steps taken. A skipped step leaves the weights as they
+    /// were but still advances the version (the same weights under the next number), so that the
+    /// orchestrator's staleness clock never stalls on a refused update.
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -143,6 +145,8 @@ impl Trainer {
             skipped,
         };
         if !stats.loss.is_finite() {
+            // The clock advances, the weights do not (see `version`).
+            self.version += 1;
             return Ok(report(
                 f64::NAN,
                 self.version,
@@ -152,6 +156,7 @@ impl Trainer {
         let grads = loss.backward()?;
         let norm = self.optimizer.grad_norm(&grads)?;
         if !norm.is_finite() {
+            self.version += 1;
             return Ok(report(
                 norm,
                 self.version,

@@ -12,12 +12,15 @@ use chorus_proto::tonic::codegen::InterceptedService;
 use chorus_proto::tonic::transport::{Channel, Endpoint};
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
-use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest, TrajectoryGroup};
+use chorus_proto::v1::{
+    FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest,
+    TrajectoryGroup,
+};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::ledger::{Ledger, LearnerStep};
+use crate::ledger::{LearnerStep, Ledger};
 use crate::scheduler::{BoxFuture, Learning, Rollouts};
 
 /// A connection failure, naming the address.
@@ -47,10 +50,16 @@ pub struct WorkerPool {
 
 async fn channel(url: &str) -> Result<Channel, ConnectError> {
     Endpoint::from_shared(url.to_string())
-        .map_err(|e| ConnectError { url: url.into(), message: format!("not a valid address: {e}") })?
+        .map_err(|e| ConnectError {
+            url: url.into(),
+            message: format!("not a valid address: {e}"),
+        })?
         .connect()
         .await
-        .map_err(|e| ConnectError { url: url.into(), message: format!("cannot connect: {e}") })
+        .map_err(|e| ConnectError {
+            url: url.into(),
+            message: format!("cannot connect: {e}"),
+        })
 }
 
 fn failed(req: &GenerateRequest, message: String) -> GenerateResponse {
@@ -68,16 +77,26 @@ fn failed(req: &GenerateRequest, message: String) -> GenerateResponse {
 impl WorkerPool {
     /// Opens one `Generate` stream to each worker; at most `max_in_flight` requests wait on a
     /// worker at a time (callers beyond that wait: backpressure).
-    pub async fn connect(urls: &[String], token: &str, max_in_flight: usize) -> Result<Self, ConnectError> {
+    pub async fn connect(
+        urls: &[String],
+        token: &str,
+        max_in_flight: usize,
+    ) -> Result<Self, ConnectError> {
         let mut workers = vec![];
         for url in urls {
-            let attach = AttachToken::new(token).map_err(|e| ConnectError { url: url.clone(), message: e.to_string() })?;
+            let attach = AttachToken::new(token).map_err(|e| ConnectError {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
             let mut client = RolloutWorkerClient::with_interceptor(channel(url).await?, attach);
             let (tx, rx) = mpsc::channel::<GenerateRequest>(1024);
             let mut responses = client
                 .generate(ReceiverStream::new(rx))
                 .await
-                .map_err(|e| ConnectError { url: url.clone(), message: format!("Generate: {e}") })?
+                .map_err(|e| ConnectError {
+                    url: url.clone(),
+                    message: format!("Generate: {e}"),
+                })?
                 .into_inner();
             let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
             let p = pending.clone();
@@ -86,7 +105,8 @@ impl WorkerPool {
                 while let Some(msg) = responses.next().await {
                     match msg {
                         Ok(r) => {
-                            if let Some(tx) = p.lock().expect("not poisoned").remove(&r.request_id) {
+                            if let Some(tx) = p.lock().expect("not poisoned").remove(&r.request_id)
+                            {
                                 let _ = tx.send(r);
                             }
                         }
@@ -99,29 +119,57 @@ impl WorkerPool {
                 // Fail whatever was still waiting on this worker.
                 p.lock().expect("not poisoned").clear();
             });
-            workers.push(Arc::new(RemoteWorker { url: url.clone(), requests: tx, pending, in_flight: AtomicUsize::new(0), slots: Arc::new(Semaphore::new(max_in_flight.max(1))) }));
+            workers.push(Arc::new(RemoteWorker {
+                url: url.clone(),
+                requests: tx,
+                pending,
+                in_flight: AtomicUsize::new(0),
+                slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            }));
         }
         Ok(Self { workers })
     }
 
     /// Requests waiting on each worker.
     pub fn loads(&self) -> Vec<(String, usize)> {
-        self.workers.iter().map(|w| (w.url.clone(), w.in_flight.load(Ordering::Relaxed))).collect()
+        self.workers
+            .iter()
+            .map(|w| (w.url.clone(), w.in_flight.load(Ordering::Relaxed)))
+            .collect()
     }
 }
 
 impl Rollouts for WorkerPool {
     fn generate(&self, req: GenerateRequest) -> BoxFuture<GenerateResponse> {
-        let worker = self.workers.iter().min_by_key(|w| w.in_flight.load(Ordering::Relaxed)).expect("at least one worker").clone();
+        let worker = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
+            .expect("at least one worker")
+            .clone();
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
-            let _permit = worker.slots.clone().acquire_owned().await.expect("semaphore open");
+            let _permit = worker
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
             let (tx, rx) = oneshot::channel();
-            worker.pending.lock().expect("not poisoned").insert(req.request_id.clone(), tx);
+            worker
+                .pending
+                .lock()
+                .expect("not poisoned")
+                .insert(req.request_id.clone(), tx);
             let resp = if worker.requests.send(req.clone()).await.is_err() {
                 failed(&req, format!("worker {} is gone", worker.url))
             } else {
-                rx.await.unwrap_or_else(|_| failed(&req, format!("worker {} disconnected before answering", worker.url)))
+                rx.await.unwrap_or_else(|_| {
+                    failed(
+                        &req,
+                        format!("worker {} disconnected before answering", worker.url),
+                    )
+                })
             };
             worker.in_flight.fetch_sub(1, Ordering::Relaxed);
             resp
@@ -149,14 +197,29 @@ pub struct RemoteLearner {
 impl RemoteLearner {
     /// Connects and follows the learner's steps from `initial_version` on, recording each in
     /// `ledger` when given.
-    pub async fn connect(url: &str, token: &str, run_id: &str, initial_version: u64, ledger: Option<Ledger>) -> Result<Self, ConnectError> {
-        let attach = AttachToken::new(token).map_err(|e| ConnectError { url: url.into(), message: e.to_string() })?;
+    pub async fn connect(
+        url: &str,
+        token: &str,
+        run_id: &str,
+        initial_version: u64,
+        ledger: Option<Ledger>,
+    ) -> Result<Self, ConnectError> {
+        let attach = AttachToken::new(token).map_err(|e| ConnectError {
+            url: url.into(),
+            message: e.to_string(),
+        })?;
         let client = LearnerClient::with_interceptor(channel(url).await?, attach);
         let mut stream = client
             .clone()
-            .stream_steps(StreamStepsRequest { run_id: run_id.into(), after_step: 0 })
+            .stream_steps(StreamStepsRequest {
+                run_id: run_id.into(),
+                after_step: 0,
+            })
             .await
-            .map_err(|e| ConnectError { url: url.into(), message: format!("StreamSteps: {e}") })?
+            .map_err(|e| ConnectError {
+                url: url.into(),
+                message: format!("StreamSteps: {e}"),
+            })?
             .into_inner();
         let (tx, rx) = watch::channel(initial_version);
         let (steps, _) = broadcast::channel(1024);
@@ -187,7 +250,11 @@ impl RemoteLearner {
                 let _ = steps_tx.send(r);
             }
         });
-        Ok(Self { client, version: rx, steps })
+        Ok(Self {
+            client,
+            version: rx,
+            steps,
+        })
     }
 
     /// Step reports from now on.
@@ -200,7 +267,11 @@ impl Learning for RemoteLearner {
     fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
         let mut client = self.client.clone();
         Box::pin(async move {
-            let ack = client.submit_trajectories(tokio_stream::iter(vec![group])).await.map_err(|e| format!("SubmitTrajectories: {e}"))?.into_inner();
+            let ack = client
+                .submit_trajectories(tokio_stream::iter(vec![group]))
+                .await
+                .map_err(|e| format!("SubmitTrajectories: {e}"))?
+                .into_inner();
             match ack.rejected.first() {
                 Some(r) => Err(format!("group {} rejected: {}", r.group_id, r.reason)),
                 None => Ok(()),

@@ -132,33 +132,7 @@ fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
 
 /// Runs the RL stage `stage` to completion.
 pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
-    for e in &stage.environments {
-        match &e.source {
-            EnvironmentSource::Builtin(name) => {
-                let env = ctx
-                    .registry
-                    .get(name)
-                    .map_err(|err| SchedulerError::Environment {
-                        name: name.clone(),
-                        message: err.to_string(),
-                    })?;
-                if env.info().turns == chorus_environments::Turns::Multi {
-                    return Err(SchedulerError::Environment {
-                        name: name.clone(),
-                        message:
-                            "multi-turn environments are not scheduled yet; use single-turn ones"
-                                .into(),
-                    });
-                }
-            }
-            EnvironmentSource::Remote(url) => {
-                return Err(SchedulerError::Environment {
-                    name: url.clone(),
-                    message: "plugin environments over gRPC are not scheduled yet".into(),
-                });
-            }
-        }
-    }
+    check_single_turn(&ctx, &stage)?;
     let base = ctx.learning.version();
     let mut tasks = tokio::task::JoinSet::new();
     for step in 0..stage.steps {
@@ -178,6 +152,8 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
     while let Some(done) = tasks.join_next().await {
         done.expect("slot task panicked")?;
     }
+    // The stage ends when the learner has taken its last step.
+    ctx.learning.wait_version(base + stage.steps).await;
     Ok(())
 }
 
@@ -476,4 +452,236 @@ async fn futures_join<T: Send + 'static>(futures: Vec<BoxFuture<T>>) -> Vec<T> {
         out.push(h.await.expect("generation task panicked"));
     }
     out
+}
+
+fn check_single_turn(ctx: &StageContext, stage: &Stage) -> Result<(), SchedulerError> {
+    for e in &stage.environments {
+        let EnvironmentSource::Builtin(name) = &e.source else {
+            return Err(SchedulerError::Environment {
+                name: format!("{:?}", e.source),
+                message: "plugin environments over gRPC are not scheduled yet".into(),
+            });
+        };
+        let env = ctx
+            .registry
+            .get(name)
+            .map_err(|err| SchedulerError::Environment {
+                name: name.clone(),
+                message: err.to_string(),
+            })?;
+        if env.info().turns == chorus_environments::Turns::Multi {
+            return Err(SchedulerError::Environment {
+                name: name.clone(),
+                message: "multi-turn environments are not scheduled yet; use single-turn ones"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs a supervised warm-up stage: each step sends `prompts_per_step` tasks with the
+/// environment's reference solution as the completion, and waits for the learner to apply them.
+pub async fn run_sft_stage(
+    ctx: Arc<StageContext>,
+    stage: Arc<Stage>,
+) -> Result<(), SchedulerError> {
+    check_single_turn(&ctx, &stage)?;
+    let weights: Vec<f64> = stage.environments.iter().map(|e| e.weight).collect();
+    let end_of_turn = chat::STOP_SEQUENCES[0];
+    let base = ctx.learning.version();
+    for step in 0..stage.steps {
+        let mut prompts = vec![];
+        let mut trajectories = vec![];
+        let mut groups = vec![];
+        for slot in 0..stage.prompts_per_step {
+            let seed =
+                ctx.seed ^ ((ctx.stage_index as u64) << 56) ^ (step << 32) ^ ((slot as u64) << 8);
+            let mut rng = StdRng::seed_from_u64(seed);
+            let spec = &stage.environments[pick(&weights, &mut rng)];
+            let EnvironmentSource::Builtin(env_name) = &spec.source else {
+                unreachable!("checked above")
+            };
+            let env = ctx
+                .registry
+                .get(env_name)
+                .map_err(|e| SchedulerError::Environment {
+                    name: env_name.clone(),
+                    message: e.to_string(),
+                })?;
+            let err = |e: chorus_environments::EnvError| SchedulerError::Environment {
+                name: env_name.clone(),
+                message: e.to_string(),
+            };
+            let task = env
+                .sample(rng.random(), EnvSplit::Train, spec.difficulty)
+                .map_err(err)?;
+            let reference = env.reference(&task).map_err(err)?;
+            let prompt_ids = ctx
+                .tokenizer
+                .encode(&chat::render_prompt(&task.prompt))
+                .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+            let completion_ids = ctx
+                .tokenizer
+                .encode(&format!("{reference}{end_of_turn}"))
+                .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+            let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
+            let prompt_id = format!("{group_id}:p");
+            prompts.push(NewPrompt {
+                id: prompt_id.clone(),
+                run_id: ctx.run_id.clone(),
+                group_id: group_id.clone(),
+                environment: env_name.clone(),
+                split: Split::Train,
+                task_json: serde_json::to_string(&task).expect("tasks serialise"),
+                step_dispatched: base + step,
+            });
+            trajectories.push(NewTrajectory {
+                id: format!("{prompt_id}:ref"),
+                run_id: ctx.run_id.clone(),
+                prompt_id: prompt_id.clone(),
+                group_id: group_id.clone(),
+                environment: env_name.clone(),
+                worker_id: "reference".into(),
+                prompt_token_ids: prompt_ids.clone(),
+                completion_token_ids: completion_ids.clone(),
+                completion_text: reference.clone(),
+                logprobs: vec![],
+                policy_versions: vec![],
+                finish_reason: FinishReason::Stop,
+                reward: Some(1.0),
+                reward_components: BTreeMap::new(),
+                reason: Some("reference solution (supervised warm-up)".into()),
+                status: TrajectoryStatus::Ok,
+                timings: Timings::default(),
+            });
+            groups.push(TrajectoryGroup {
+                run_id: ctx.run_id.clone(),
+                group_id,
+                environment: env_name.clone(),
+                trajectories: vec![Trajectory {
+                    trajectory_id: format!("{prompt_id}:ref"),
+                    prompt_id,
+                    prompt_token_ids: prompt_ids,
+                    completion_token_ids: completion_ids,
+                    reward: 1.0,
+                    worker_id: "reference".into(),
+                    ..Default::default()
+                }],
+                supervised: true,
+                step_groups: stage.prompts_per_step as u32,
+            });
+        }
+        let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+        ctx.ledger.record_prompts_dispatched(prompts).await?;
+        ctx.ledger.insert_trajectories(trajectories).await?;
+        for g in groups {
+            ctx.learning
+                .submit(g)
+                .await
+                .map_err(SchedulerError::Learner)?;
+        }
+        ctx.ledger.mark_consumed(ids, base + step).await?;
+        ctx.stats
+            .groups_submitted
+            .fetch_add(stage.prompts_per_step as u64, Ordering::Relaxed);
+        ctx.stats
+            .trajectories_submitted
+            .fetch_add(stage.prompts_per_step as u64, Ordering::Relaxed);
+        ctx.learning.wait_version(base + step + 1).await;
+    }
+    Ok(())
+}
+
+/// Held-out accuracy of one environment: the fraction of tasks answered with full reward.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Accuracy {
+    /// Tasks evaluated.
+    pub heldout_n: usize,
+    /// Fraction with full reward.
+    pub accuracy: f64,
+    /// Mean reward.
+    pub mean_reward: f64,
+}
+
+/// Greedy accuracy on `n` held-out tasks of each environment (at its given difficulty), with
+/// the policy version `min_version` or newer.
+pub async fn evaluate(
+    ctx: &StageContext,
+    envs: &[(String, u32)],
+    n: usize,
+    max_new_tokens: usize,
+    min_version: u64,
+) -> Result<BTreeMap<String, Accuracy>, SchedulerError> {
+    let stop: Vec<u32> = chat::STOP_SEQUENCES
+        .iter()
+        .filter_map(|s| ctx.tokenizer.token_id(s))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (name, difficulty) in envs {
+        let env = ctx
+            .registry
+            .get(name)
+            .map_err(|e| SchedulerError::Environment {
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+        let mut tasks = vec![];
+        let mut futures = vec![];
+        for i in 0..n {
+            let task = env
+                .sample(1_000_000 + i as u64, EnvSplit::Heldout, *difficulty)
+                .map_err(|e| SchedulerError::Environment {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })?;
+            let prompt_ids = ctx
+                .tokenizer
+                .encode(&chat::render_prompt(&task.prompt))
+                .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+            futures.push(ctx.rollouts.generate(GenerateRequest {
+                request_id: format!("eval:{name}:{min_version}:{i}"),
+                run_id: ctx.run_id.clone(),
+                prompt_id: format!("eval:{name}:{i}"),
+                trajectory_id: format!("eval:{name}:{min_version}:{i}"),
+                prompt_token_ids: prompt_ids,
+                sampling: Some(SamplingParams {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                    seed: Some(0),
+                }),
+                max_new_tokens: max_new_tokens as u32,
+                stop_token_ids: stop.clone(),
+                min_policy_version: min_version,
+            }));
+            tasks.push(task);
+        }
+        let responses = futures_join(futures).await;
+        let (mut full, mut total) = (0usize, 0f64);
+        for (task, r) in tasks.iter().zip(responses) {
+            if !r.error.is_empty() {
+                continue;
+            }
+            let text = ctx
+                .tokenizer
+                .decode(&r.token_ids, false)
+                .unwrap_or_default();
+            if let Ok(s) = env.score(task, &text) {
+                total += s.reward;
+                if s.is_full() {
+                    full += 1;
+                }
+            }
+        }
+        out.insert(
+            name.clone(),
+            Accuracy {
+                heldout_n: n,
+                accuracy: full as f64 / n.max(1) as f64,
+                mean_reward: total / n.max(1) as f64,
+            },
+        );
+    }
+    Ok(out)
 }

@@ -4,6 +4,7 @@ mod env;
 mod generate;
 mod model;
 mod quantize;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,9 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Generate tokens from a checkpoint through the incremental (cached) decoding path.
     Generate(generate::GenerateArgs),
+    /// Run a staged post-training job (SFT warm-up, RL) from a TOML config, all services in
+    /// this process talking gRPC on loopback.
+    Run(run::RunArgs),
     /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
     Quantize(quantize::QuantizeArgs),
     /// List, sample and self-check the verifiable environments.
@@ -39,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Env(cmd) => env::run(cmd),
         Command::Quantize(args) => quantize::run(args),
+        Command::Run(args) => run::run(args),
     }
 }
 

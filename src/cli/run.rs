@@ -1,0 +1,455 @@
+//! `chorus run CONFIG`: a whole post-training run in one process — learner, rollout workers and
+//! orchestrator as separate gRPC services on loopback — with a live progress display, the
+//! ledger in `runs/<name>/ledger.sqlite` and a `summary.json` at the end.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use chorus_environments::builtin_registry;
+use chorus_learner::{
+    AdamWConfig, GrpoConfig, LearnerConfig, LearnerService, LearnerServiceConfig, LrSchedule,
+    Trainer, spawn_learner,
+};
+use chorus_model::tokenizer::Tokenizer;
+use chorus_model::{NemotronHConfig, checkpoint};
+use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
+use chorus_orchestrator::ledger::{Ledger, NewRun, RunStatus};
+use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
+use chorus_orchestrator::scheduler::{
+    StageContext, StageStats, evaluate, run_rl_stage, run_sft_stage,
+};
+use chorus_proto::auth::RequireToken;
+use chorus_proto::v1::learner_client::LearnerClient;
+use chorus_proto::v1::learner_server::LearnerServer;
+use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
+use chorus_rollout_worker::{RolloutService, fetch_version, follow_learner, spawn_engine_loop};
+use clap::Args;
+use serde_json::json;
+
+/// Run a staged post-training job from a TOML config, all services in this process.
+///
+/// The learner, each rollout worker and the orchestrator talk gRPC on 127.0.0.1 with a shared
+/// token. Everything is recorded in runs/<name>/ledger.sqlite (or --db), and the run ends by
+/// writing runs/<name>/summary.json with held-out accuracy before and after RL.
+///
+/// Example: chorus run configs/quickstart.toml
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The run configuration (TOML).
+    config: PathBuf,
+    /// Ledger database: sqlite://PATH or postgres://USER:PASS@HOST/DB. Default:
+    /// sqlite://runs/<name>/ledger.sqlite.
+    #[arg(long)]
+    db: Option<String>,
+    /// Directory for run outputs.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Held-out tasks per environment for the before/after evaluation.
+    #[arg(long, default_value_t = 64)]
+    eval_tasks: usize,
+    /// Shared token of the services (generated when absent).
+    #[arg(long, env = "CHORUS_TOKEN")]
+    token: Option<String>,
+}
+
+async fn serve<S>(svc: S) -> anyhow::Result<String>
+where
+    S: tower_service_bound::Service,
+{
+    svc.serve().await
+}
+
+/// Small indirection so the two kinds of servers share the bind-and-spawn code.
+mod tower_service_bound {
+    use chorus_proto::tonic::transport::Server;
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    pub trait Service: Send + 'static {
+        fn serve(self) -> impl std::future::Future<Output = anyhow::Result<String>> + Send;
+    }
+
+    macro_rules! impl_service {
+        ($t:ty) => {
+            impl Service for $t {
+                async fn serve(self) -> anyhow::Result<String> {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let addr = listener.local_addr()?;
+                    tokio::spawn(
+                        Server::builder()
+                            .add_service(self)
+                            .serve_with_incoming(TcpListenerStream::new(listener)),
+                    );
+                    Ok(format!("http://{addr}"))
+                }
+            }
+        };
+    }
+    use chorus_proto::auth::RequireToken;
+    use chorus_proto::tonic::service::interceptor::InterceptedService;
+    impl_service!(
+        InterceptedService<
+            chorus_proto::v1::learner_server::LearnerServer<chorus_learner::LearnerService>,
+            RequireToken,
+        >
+    );
+    impl_service!(
+        InterceptedService<
+            chorus_proto::v1::rollout_worker_server::RolloutWorkerServer<
+                chorus_rollout_worker::RolloutService,
+            >,
+            RequireToken,
+        >
+    );
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::from_file(&a.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(cfg, a))
+}
+
+async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for d in [&cfg.worker_device, &cfg.learner_device] {
+        super::parse_device(d)?;
+    }
+    let out_dir = a.runs_dir.join(&cfg.name);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let token = a
+        .token
+        .clone()
+        .unwrap_or_else(|| format!("chorus-{:x}", rand_token()));
+
+    // The policy.
+    let (model_cfg, params) = match (&cfg.checkpoint, &cfg.init_config) {
+        (Some(dir), _) => checkpoint::load_checkpoint(dir, &Device::Cpu)?,
+        (None, Some(c)) => {
+            let mc = NemotronHConfig::from_file(c)?;
+            let p = checkpoint::init_params(&mc, cfg.init_seed, &Device::Cpu)?;
+            (mc, p)
+        }
+        (None, None) => bail!("config has no model"),
+    };
+    let tokenizer = match (&cfg.tokenizer, &cfg.checkpoint) {
+        (Some(t), _) => Tokenizer::from_file(t)?,
+        (None, Some(dir)) if dir.join("tokenizer.json").exists() => {
+            Tokenizer::from_file(&dir.join("tokenizer.json"))?
+        }
+        _ => Tokenizer::byte_level(),
+    };
+    if tokenizer.vocab_size() > model_cfg.vocab_size {
+        bail!(
+            "the tokenizer has {} ids but the model's vocab_size is {}",
+            tokenizer.vocab_size(),
+            model_cfg.vocab_size
+        );
+    }
+    let first = &cfg.stages[0];
+    let learner_cfg = LearnerConfig {
+        optimizer: AdamWConfig {
+            max_grad_norm: cfg.max_grad_norm,
+            ..Default::default()
+        },
+        schedule: LrSchedule {
+            peak_lr: first.lr,
+            warmup_steps: first.warmup_steps,
+            ..Default::default()
+        },
+        grpo: GrpoConfig {
+            eps_low: cfg.eps_low,
+            eps_high: cfg.eps_high,
+            tis_cap: cfg.tis_cap,
+            aggregation: if cfg.aggregation == "seq_mean" {
+                chorus_learner::Aggregation::SeqMean
+            } else {
+                chorus_learner::Aggregation::TokenMean
+            },
+            ..Default::default()
+        },
+        freeze: if model_cfg.has_mtp() {
+            vec!["mtp.".into()]
+        } else {
+            vec![]
+        },
+    };
+    let trainer = Trainer::new(model_cfg.clone(), params, learner_cfg)?;
+    let run_id = format!(
+        "{}-{}",
+        cfg.name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+
+    // Learner service.
+    let learner = spawn_learner(
+        trainer,
+        LearnerServiceConfig {
+            run_id: run_id.clone(),
+            groups_per_step: first.prompts_per_step,
+            max_chunk_bytes: 1 << 20,
+        },
+    );
+    let learner_url = serve(LearnerServer::with_interceptor(
+        LearnerService::new(learner.clone()),
+        RequireToken::new(&token)?,
+    ))
+    .await?;
+
+    // Rollout workers, each following the learner.
+    let mut worker_urls = vec![];
+    for i in 0..cfg.workers {
+        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(learner_url.clone())?
+            .connect()
+            .await?;
+        let mut client =
+            LearnerClient::with_interceptor(channel, chorus_proto::auth::AttachToken::new(&token)?);
+        let (v, engine) = fetch_version(&mut client, &model_cfg, &run_id, &format!("w{i}"), 0)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let handle = spawn_engine_loop(Arc::new(engine), v, cfg.worker_max_batch);
+        tokio::spawn(follow_learner(
+            handle.clone(),
+            client,
+            model_cfg.clone(),
+            run_id.clone(),
+            format!("w{i}"),
+        ));
+        worker_urls.push(
+            serve(RolloutWorkerServer::with_interceptor(
+                RolloutService::new(handle, format!("w{i}")),
+                RequireToken::new(&token)?,
+            ))
+            .await?,
+        );
+    }
+
+    // Ledger and orchestrator.
+    let db =
+        a.db.clone()
+            .unwrap_or_else(|| format!("sqlite://{}", out_dir.join("ledger.sqlite").display()));
+    let ledger = Ledger::open(&db)
+        .await
+        .with_context(|| format!("opening the ledger {db}"))?;
+    let config_text = std::fs::read_to_string(&a.config).unwrap_or_default();
+    ledger
+        .insert_run(NewRun {
+            id: run_id.clone(),
+            name: cfg.name.clone(),
+            config_toml: config_text,
+            status: RunStatus::Running,
+        })
+        .await?;
+    let pool = Arc::new(WorkerPool::connect(&worker_urls, &token, cfg.worker_max_in_flight).await?);
+    let remote_learner = Arc::new(
+        RemoteLearner::connect(
+            &learner_url,
+            &token,
+            &run_id,
+            learner.version(),
+            Some(ledger.clone()),
+        )
+        .await?,
+    );
+    let registry = Arc::new(builtin_registry());
+    let stats = Arc::new(StageStats::default());
+    let mut ctx = StageContext {
+        run_id: run_id.clone(),
+        seed: cfg.seed,
+        stage_index: 0,
+        registry,
+        tokenizer: Arc::new(tokenizer),
+        ledger: ledger.clone(),
+        rollouts: pool.clone(),
+        learning: remote_learner.clone(),
+        stats: stats.clone(),
+    };
+    eprintln!(
+        "run {run_id}: {} workers, learner at {learner_url}, ledger {db}",
+        cfg.workers
+    );
+
+    // Live progress: one line per learner step.
+    let mut steps = remote_learner.steps();
+    let progress_stats = stats.clone();
+    let progress_started = Instant::now();
+    tokio::spawn(async move {
+        while let Ok(r) = steps.recv().await {
+            let groups = progress_stats
+                .groups_submitted
+                .load(Ordering::Relaxed)
+                .max(1);
+            let trajectories = progress_stats
+                .trajectories_submitted
+                .load(Ordering::Relaxed);
+            let reward = progress_stats.reward_micros.load(Ordering::Relaxed) as f64
+                / 1e6
+                / trajectories.max(1) as f64;
+            let skipped = if r.skip_reason.is_empty() {
+                String::new()
+            } else {
+                format!("  skipped: {}", r.skip_reason)
+            };
+            eprintln!(
+                "step {:>4} {} v{:<4} loss {:>8.4} reward {:.3} traj {:>6} groups {:>5} lag<={} dropped {} failed {} {:.0}s{skipped}",
+                r.step,
+                if r.supervised { "sft" } else { "rl " },
+                r.policy_version,
+                r.loss,
+                reward,
+                trajectories,
+                groups,
+                progress_stats.max_lag.load(Ordering::Relaxed),
+                progress_stats.prompts_dropped.load(Ordering::Relaxed),
+                progress_stats.trajectories_failed.load(Ordering::Relaxed),
+                progress_started.elapsed().as_secs_f64()
+            );
+        }
+    });
+
+    let eval_envs: Vec<(String, u32)> = {
+        let mut seen = BTreeMap::new();
+        for s in cfg.stages.iter().filter(|s| s.kind == StageKind::Rl) {
+            for e in &s.environments {
+                if let EnvironmentSource::Builtin(n) = &e.source {
+                    seen.entry(n.clone()).or_insert(e.difficulty);
+                }
+            }
+        }
+        seen.into_iter().collect()
+    };
+    let eval_tokens = cfg
+        .stages
+        .iter()
+        .map(|s| s.max_new_tokens)
+        .max()
+        .unwrap_or(32);
+    let mut before = None;
+    for (i, stage) in cfg.stages.iter().enumerate() {
+        ctx.stage_index = i;
+        let shared = Arc::new(StageContext { ..clone_ctx(&ctx) });
+        if stage.kind == StageKind::Rl && before.is_none() {
+            eprintln!(
+                "evaluating {} held-out tasks per environment before RL ...",
+                a.eval_tasks
+            );
+            before = Some(
+                evaluate(
+                    &shared,
+                    &eval_envs,
+                    a.eval_tasks,
+                    eval_tokens,
+                    remote_learner_version(&ctx),
+                )
+                .await?,
+            );
+            eprintln!(
+                "before RL: {}",
+                accuracy_line(before.as_ref().expect("just set"))
+            );
+        }
+        eprintln!(
+            "stage {} ({:?}): {} steps x {} prompts x {}",
+            stage.name,
+            stage.kind,
+            stage.steps,
+            stage.prompts_per_step,
+            if stage.kind == StageKind::Rl {
+                stage.group_size
+            } else {
+                1
+            }
+        );
+        let st = Arc::new(stage.clone());
+        match stage.kind {
+            StageKind::Sft => run_sft_stage(shared, st).await?,
+            StageKind::Rl => run_rl_stage(shared, st).await?,
+        }
+    }
+    // Let the learner finish the last step before measuring.
+    let final_version = remote_learner_version(&ctx);
+    let after = evaluate(&ctx, &eval_envs, a.eval_tasks, eval_tokens, final_version).await?;
+    eprintln!("after RL:  {}", accuracy_line(&after));
+    let before = before.unwrap_or_default();
+    let mut envs = serde_json::Map::new();
+    for (name, acc) in &after {
+        let b = before.get(name).map(|x| x.accuracy).unwrap_or(0.0);
+        envs.insert(
+            name.clone(),
+            json!({"heldout_n": acc.heldout_n, "before": b, "after": acc.accuracy}),
+        );
+    }
+    let mean = |m: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>| {
+        if m.is_empty() {
+            0.0
+        } else {
+            m.values().map(|x| x.accuracy).sum::<f64>() / m.len() as f64
+        }
+    };
+    ledger.flush().await?;
+    let consumed = ledger.count_consumed(&run_id).await?;
+    let summary = json!({
+        "run": run_id,
+        "environments": envs,
+        "mean_before": mean(&before),
+        "mean_after": mean(&after),
+        "steps": learner.version(),
+        "trajectories": consumed,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    let path = out_dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
+    ledger.set_run_status(&run_id, RunStatus::Succeeded).await?;
+    ledger.close().await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("wrote {} and the ledger {db}", path.display());
+    Ok(())
+}
+
+fn clone_ctx(c: &StageContext) -> StageContext {
+    StageContext {
+        run_id: c.run_id.clone(),
+        seed: c.seed,
+        stage_index: c.stage_index,
+        registry: c.registry.clone(),
+        tokenizer: c.tokenizer.clone(),
+        ledger: c.ledger.clone(),
+        rollouts: c.rollouts.clone(),
+        learning: c.learning.clone(),
+        stats: c.stats.clone(),
+    }
+}
+
+fn remote_learner_version(c: &StageContext) -> u64 {
+    c.learning.version()
+}
+
+fn accuracy_line(m: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v.accuracy))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn rand_token() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    ((h.finish() as u128) << 64)
+        | std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u128
+}

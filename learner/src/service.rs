@@ -210,6 +210,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                         }
                     }
                     Work::Group(g) => {
+                        trainer.set_peak_lr((g.learning_rate > 0.0).then_some(g.learning_rate));
                         let target = if g.step_groups > 0 {
                             g.step_groups as usize
                         } else {

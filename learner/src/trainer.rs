@@ -59,6 +59,8 @@ pub struct Trainer {
     config: LearnerConfig,
     step: u64,
     version: u64,
+    /// Peak learning rate set by the current stage, replacing the schedule's.
+    peak_lr_override: Option<f64>,
 }
 
 /// Routing biases are buffers adjusted by load balancing, never by gradients.
@@ -88,7 +90,13 @@ impl Trainer {
             config,
             step: 0,
             version: 0,
+            peak_lr_override: None,
         })
+    }
+
+    /// Replaces the schedule's peak learning rate (a stage's own rate); `None` restores it.
+    pub fn set_peak_lr(&mut self, peak: Option<f64>) {
+        self.peak_lr_override = peak.filter(|p| *p > 0.0 && p.is_finite());
     }
 
     /// The policy version: the number of steps taken. A skipped step leaves the weights as they
@@ -135,7 +143,14 @@ impl Trainer {
 
     fn apply(&mut self, loss: Tensor, stats: LossStats) -> Result<StepReport> {
         self.step += 1;
-        let lr = self.config.schedule.lr(self.optimizer.steps());
+        let lr = match self.peak_lr_override {
+            Some(peak) => LrSchedule {
+                peak_lr: peak,
+                ..self.config.schedule.clone()
+            }
+            .lr(self.optimizer.steps()),
+            None => self.config.schedule.lr(self.optimizer.steps()),
+        };
         let report = |grad_norm, version, skipped| StepReport {
             step: self.step,
             version,

@@ -427,6 +427,7 @@ async fn run_slot(
                 trajectories,
                 supervised: false,
                 step_groups: stage.prompts_per_step as u32,
+                learning_rate: stage.lr,
             })
             .await
             .map_err(SchedulerError::Learner)?;
@@ -570,6 +571,7 @@ pub async fn run_sft_stage(
                 }],
                 supervised: true,
                 step_groups: stage.prompts_per_step as u32,
+                learning_rate: stage.lr,
             });
         }
         let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();

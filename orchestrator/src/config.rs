@@ -361,11 +361,22 @@ impl RunConfig {
     pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
         let ctx = Ctx { file };
         let raw: RawRunConfig = toml::from_str(text).map_err(|e| {
-            let span = e
-                .span()
-                .map(|s| format!(" (at byte {})", s.start))
-                .unwrap_or_default();
-            ctx.err("<file>", format!("{}{span}", e.message()))
+            // Name the offending line, which starts with the key.
+            let (key, at) = match e.span() {
+                Some(span) => {
+                    let line_no = text[..span.start.min(text.len())].matches('\n').count();
+                    let line = text.lines().nth(line_no).unwrap_or("").trim();
+                    (
+                        line.split('=').next().unwrap_or(line).trim().to_string(),
+                        format!(" (line {}: `{line}`)", line_no + 1),
+                    )
+                }
+                None => ("<file>".to_string(), String::new()),
+            };
+            ctx.err(
+                if key.is_empty() { "<file>".into() } else { key },
+                format!("{}{at}", e.message()),
+            )
         })?;
         Self::resolve(raw, &ctx)
     }
@@ -681,7 +692,12 @@ sampling = { temperature = 0.9 }
                 "stages[1].group_size",
                 "at least 2",
             ),
-            ("steps = 5", "steps = 5\nbogus = 1", "<file>", "bogus"),
+            (
+                "steps = 5",
+                "steps = 5\nbogus = 1",
+                "`bogus`",
+                "expected one of",
+            ),
         ] {
             let text = GOOD.replace(from, to);
             let e = RunConfig::from_toml_str(&text, "x.toml")

@@ -82,6 +82,35 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
         }
         assert!(ledger.list_learner_steps(&run_id).await.unwrap().len() >= 6);
     });
+
+    // The ledger reads back through `chorus inspect`.
+    let runs = h.ok(&["inspect", "runs"]);
+    assert!(
+        runs.contains(&run_id) && runs.contains("succeeded"),
+        "{runs}"
+    );
+    let rollouts = h.ok(&[
+        "inspect", "--db", &db, "rollouts", "--run", &run_id, "--env", "needle", "--limit", "5",
+    ]);
+    let first = rollouts
+        .lines()
+        .nth(1)
+        .expect("a needle rollout")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        rollouts.lines().skip(1).all(|l| l.contains("needle")),
+        "{rollouts}"
+    );
+    let one = h.ok(&["inspect", "--db", &db, "trajectory", &first]);
+    assert!(
+        one.contains("--- prompt") && one.contains("--- reward") && one.contains("needle"),
+        "{one}"
+    );
+    let steps = h.ok(&["inspect", "--db", &db, "steps", "--run", &run_id]);
+    assert!(steps.lines().count() >= 7, "{steps}");
 }
 
 #[test]

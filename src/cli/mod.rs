@@ -2,6 +2,7 @@
 
 mod env;
 mod generate;
+mod inspect;
 mod model;
 mod quantize;
 mod run;
@@ -29,6 +30,8 @@ pub enum Command {
     /// Run a staged post-training job (SFT warm-up, RL) from a TOML config, all services in
     /// this process talking gRPC on loopback.
     Run(run::RunArgs),
+    /// Read a run's ledger: runs, rollouts, one trajectory, learner steps.
+    Inspect(inspect::InspectArgs),
     /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
     Quantize(quantize::QuantizeArgs),
     /// List, sample and self-check the verifiable environments.
@@ -44,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Env(cmd) => env::run(cmd),
         Command::Quantize(args) => quantize::run(args),
         Command::Run(args) => run::run(args),
+        Command::Inspect(args) => inspect::run(args),
     }
 }
 

@@ -1,0 +1,161 @@
+//! `chorus inspect`: read a run's ledger as tables, or one trajectory turn by turn.
+
+use anyhow::Context;
+use chorus_model::tokenizer::Tokenizer;
+use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
+use clap::{Args, Subcommand};
+
+/// Inspect the ledger of runs: runs, rollouts of a run, or one trajectory.
+///
+/// Examples:
+///   chorus inspect runs
+///   chorus inspect rollouts --run quickstart-1795925683 --env arithmetic --min-reward 1 --limit 20
+///   chorus inspect trajectory 'quickstart-1795925683:s1:61:3:a0:p:t2'
+///   chorus inspect --db postgres://chorus:chorus@127.0.0.1/chorus runs
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Ledger database: sqlite://PATH or postgres://… (default: the newest runs/*/ledger.sqlite).
+    #[arg(long, global = true)]
+    db: Option<String>,
+    #[command(subcommand)]
+    what: InspectCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InspectCommand {
+    /// Runs in the ledger, newest first.
+    Runs {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Trajectories of a run, newest first.
+    Rollouts {
+        /// Run id (see `chorus inspect runs`).
+        #[arg(long)]
+        run: String,
+        /// Only this environment.
+        #[arg(long)]
+        env: Option<String>,
+        /// Only rewards at least this high.
+        #[arg(long)]
+        min_reward: Option<f64>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One trajectory: its prompt, completion, reward and the version of every token.
+    Trajectory {
+        /// Trajectory id (see `chorus inspect rollouts`).
+        id: String,
+    },
+    /// The learner's steps of a run.
+    Steps {
+        #[arg(long)]
+        run: String,
+    },
+}
+
+fn default_db() -> anyhow::Result<String> {
+    let mut newest: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
+    for entry in std::fs::read_dir("runs").context("no --db given and no runs/ directory here")? {
+        let p = entry?.path().join("ledger.sqlite");
+        if let Ok(m) = std::fs::metadata(&p).and_then(|m| m.modified())
+            && newest.as_ref().is_none_or(|(t, _)| m > *t)
+        {
+            newest = Some((m, p));
+        }
+    }
+    let (_, p) = newest.context("no runs/*/ledger.sqlite here; give --db")?;
+    Ok(format!("sqlite://{}", p.display()))
+}
+
+pub fn run(a: InspectArgs) -> anyhow::Result<()> {
+    let db = match a.db {
+        Some(d) => d,
+        None => default_db()?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let ledger = Ledger::open(&db).await.with_context(|| format!("opening {db}"))?;
+        match a.what {
+            InspectCommand::Runs { limit } => {
+                println!("{:<32} {:<16} {:<10} {:>10} {:>8}", "run", "name", "status", "consumed", "steps");
+                for r in ledger.list_runs(limit).await? {
+                    let consumed = ledger.count_consumed(&r.id).await?;
+                    let steps = ledger.list_learner_steps(&r.id).await?.len();
+                    println!("{:<32} {:<16} {:<10} {:>10} {:>8}", r.id, r.name, r.status.as_str(), consumed, steps);
+                }
+            }
+            InspectCommand::Rollouts { run, env, min_reward, limit } => {
+                let rows = ledger.list_rollouts(&RolloutFilter { run_id: Some(run), environment: env, min_reward, limit }).await?;
+                println!("{:<44} {:<16} {:>7} {:>6} {:>9} {:>6}  status", "trajectory", "environment", "reward", "tokens", "versions", "step");
+                for r in rows {
+                    let versions = match (r.min_policy_version, r.max_policy_version) {
+                        (Some(a), Some(b)) if a == b => format!("{a}"),
+                        (Some(a), Some(b)) => format!("{a}-{b}"),
+                        _ => "-".into(),
+                    };
+                    let status = match &r.status {
+                        TrajectoryStatus::Ok => "ok".to_string(),
+                        TrajectoryStatus::Failed { reason } => format!("failed: {reason}"),
+                    };
+                    let reward = r.reward.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+                    let step = r.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                    println!("{:<44} {:<16} {:>7} {:>6} {:>9} {:>6}  {status}", r.id, r.environment, reward, r.num_completion_tokens, versions, step);
+                }
+            }
+            InspectCommand::Trajectory { id } => {
+                let t = ledger.get_trajectory(&id).await?.with_context(|| format!("no trajectory `{id}` in {db}"))?;
+                let tr = &t.trajectory;
+                let tok = Tokenizer::byte_level();
+                let prompt = tok.decode(&tr.prompt_token_ids, false).unwrap_or_else(|_| format!("{:?}", tr.prompt_token_ids));
+                println!("trajectory  {}\nrun         {}\nenvironment {}\nworker      {}\ngroup       {}", tr.id, tr.run_id, tr.environment, tr.worker_id, tr.group_id);
+                println!("\n--- prompt ({} tokens)\n{prompt}", tr.prompt_token_ids.len());
+                println!("\n--- completion ({} tokens, {:?})\n{}", tr.completion_token_ids.len(), tr.finish_reason, tr.completion_text);
+                if !tr.policy_versions.is_empty() {
+                    println!("\n--- tokens");
+                    for (i, id) in tr.completion_token_ids.iter().enumerate() {
+                        let text = tok.decode(&[*id], false).unwrap_or_default();
+                        let lp = tr.logprobs.get(i).map(|x| format!("{x:.3}")).unwrap_or_default();
+                        let v = tr.policy_versions.get(i).map(|x| x.to_string()).unwrap_or_default();
+                        println!("{i:>4} {:<10} logprob {lp:>8} version {v}", format!("{text:?}"));
+                    }
+                }
+                println!("\n--- reward {}", tr.reward.map(|x| format!("{x:.3}")).unwrap_or_else(|| "none".into()));
+                for (k, v) in &tr.reward_components {
+                    println!("  {k}: {v:.3}");
+                }
+                if let Some(r) = &tr.reason {
+                    println!("  reason: {r}");
+                }
+                match &tr.status {
+                    TrajectoryStatus::Ok => {}
+                    TrajectoryStatus::Failed { reason } => println!("  FAILED: {reason}"),
+                }
+                println!("  consumed at step {}", t.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
+            }
+            InspectCommand::Steps { run } => {
+                println!("{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}  note", "step", "version", "loss", "kl", "entropy", "grad", "lr", "tokens");
+                for s in ledger.list_learner_steps(&run).await? {
+                    let s = s.step;
+                    let f = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}  {}",
+                        s.step,
+                        s.policy_version,
+                        f(s.loss),
+                        f(s.kl),
+                        f(s.entropy),
+                        f(s.grad_norm),
+                        s.learning_rate.map(|x| format!("{x:.1e}")).unwrap_or_else(|| "-".into()),
+                        s.num_tokens,
+                        s.skip_reason.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        ledger.close().await?;
+        anyhow::Ok(())
+    })
+}

@@ -135,3 +135,28 @@ fn an_invalid_config_names_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn the_same_run_records_into_postgresql() {
+    let Ok(url) = std::env::var("CHORUS_TEST_POSTGRES_URL") else {
+        println!("skipped: CHORUS_TEST_POSTGRES_URL not set");
+        return;
+    };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "2", "--db", &url]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path("runs/tiny/summary.json")).unwrap())
+            .unwrap();
+    let run_id = summary["run"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ledger = Ledger::open(&url).await.unwrap();
+        assert_eq!(ledger.backend(), "postgres");
+        assert_eq!(
+            ledger.count_consumed(&run_id).await.unwrap(),
+            summary["trajectories"].as_u64().unwrap()
+        );
+    });
+}

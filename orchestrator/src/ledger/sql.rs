@@ -41,19 +41,29 @@ impl From<Option<f64>> for Param {
         Param::Real(v)
     }
 }
+/// PostgreSQL text cannot hold NUL, which model output can contain: both dialects store it as
+/// U+FFFD so that the two ledgers read back alike.
+fn storable(v: &str) -> String {
+    if v.contains('\0') {
+        v.replace('\0', "\u{FFFD}")
+    } else {
+        v.to_owned()
+    }
+}
+
 impl From<&str> for Param {
     fn from(v: &str) -> Self {
-        Param::Text(Some(v.to_owned()))
+        Param::Text(Some(storable(v)))
     }
 }
 impl From<String> for Param {
     fn from(v: String) -> Self {
-        Param::Text(Some(v))
+        Param::Text(Some(if v.contains('\0') { storable(&v) } else { v }))
     }
 }
 impl From<Option<&str>> for Param {
     fn from(v: Option<&str>) -> Self {
-        Param::Text(v.map(str::to_owned))
+        Param::Text(v.map(storable))
     }
 }
 impl From<Vec<u8>> for Param {
@@ -257,6 +267,24 @@ macro_rules! impl_cols {
 
 impl_cols!(SqliteRow);
 impl_cols!(PgRow);
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+
+    #[test]
+    fn nul_is_replaced_in_text() {
+        assert_eq!(Param::from("a\0b"), Param::Text(Some("a\u{FFFD}b".into())));
+        assert_eq!(
+            Param::from(String::from("ok")),
+            Param::Text(Some("ok".into()))
+        );
+        assert_eq!(
+            Param::from(Some("\0")),
+            Param::Text(Some("\u{FFFD}".into()))
+        );
+    }
+}
 
 #[cfg(test)]
 mod tests {

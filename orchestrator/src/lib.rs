@@ -12,3 +12,4 @@ pub mod config;
 pub mod ledger;
 pub mod remote;
 pub mod scheduler;
+pub mod standin;

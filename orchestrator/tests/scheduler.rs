@@ -9,9 +9,8 @@ use chorus_environments::builtin_registry;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus, TrajectoryStatus};
-use chorus_orchestrator::scheduler::{
-    BoxFuture, Learning, Rollouts, StageContext, StageStats, run_rl_stage,
-};
+use chorus_orchestrator::scheduler::{BoxFuture, Rollouts, StageContext, StageStats, run_rl_stage};
+use chorus_orchestrator::standin::CountingLearner;
 use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, TrajectoryGroup};
 use tokio::sync::watch;
 
@@ -70,34 +69,6 @@ impl Rollouts for StandInWorkers {
     }
 }
 
-/// Steps after every `per_step` groups; the workers see each new version at once.
-struct StandInLearner {
-    per_step: u64,
-    groups: AtomicU64,
-    version: watch::Sender<u64>,
-    seen: std::sync::Mutex<Vec<TrajectoryGroup>>,
-}
-
-impl Learning for StandInLearner {
-    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
-        self.seen.lock().unwrap().push(g);
-        let n = self.groups.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % self.per_step == 0 {
-            self.version.send_modify(|v| *v += 1);
-        }
-        Box::pin(async { Ok(()) })
-    }
-    fn version(&self) -> u64 {
-        *self.version.borrow()
-    }
-    fn wait_version(&self, v: u64) -> BoxFuture<()> {
-        let mut rx = self.version.subscribe();
-        Box::pin(async move {
-            let _ = rx.wait_for(|x| *x >= v).await;
-        })
-    }
-}
-
 const CONFIG: &str = r#"
 name = "sched"
 [model]
@@ -139,16 +110,10 @@ async fn run(
         .await
         .unwrap();
     let tokenizer = Arc::new(Tokenizer::byte_level());
-    let (tx, rx) = watch::channel(0u64);
-    let learner = Arc::new(StandInLearner {
-        per_step: 3,
-        groups: AtomicU64::new(0),
-        version: tx,
-        seen: Default::default(),
-    });
+    let learner = Arc::new(CountingLearner::new(3, true));
     let workers = Arc::new(StandInWorkers {
         tokenizer: tokenizer.clone(),
-        version: rx,
+        version: learner.subscribe(),
         calls: AtomicU64::new(0),
     });
     let stats = Arc::new(StageStats::default());
@@ -167,7 +132,7 @@ async fn run(
         .await
         .unwrap();
     ledger.flush().await.unwrap();
-    let seen = learner.seen.lock().unwrap().clone();
+    let seen = learner.kept.lock().unwrap().clone();
     (stats, ledger, seen, dir)
 }
 

@@ -89,7 +89,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             }
             InspectCommand::Rollouts { run, env, min_reward, limit } => {
                 let rows = ledger.list_rollouts(&RolloutFilter { run_id: Some(run), environment: env, min_reward, limit }).await?;
-                println!("{:<44} {:<16} {:>7} {:>6} {:>9} {:>6}  status", "trajectory", "environment", "reward", "tokens", "versions", "step");
+                println!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  status", "trajectory", "environment", "worker", "reward", "tokens", "versions", "step");
                 for r in rows {
                     let versions = match (r.min_policy_version, r.max_policy_version) {
                         (Some(a), Some(b)) if a == b => format!("{a}"),
@@ -102,7 +102,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                     };
                     let reward = r.reward.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
                     let step = r.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
-                    println!("{:<44} {:<16} {:>7} {:>6} {:>9} {:>6}  {status}", r.id, r.environment, reward, r.num_completion_tokens, versions, step);
+                    println!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  {status}", r.id, r.environment, r.worker_id, reward, r.num_completion_tokens, versions, step);
                 }
             }
             InspectCommand::Trajectory { id } => {

@@ -6,6 +6,7 @@ mod inspect;
 mod model;
 mod quantize;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,9 @@ pub enum Command {
     /// Run a staged post-training job (SFT warm-up, RL) from a TOML config, all services in
     /// this process talking gRPC on loopback.
     Run(run::RunArgs),
+    /// Run one service of a run (learner, worker or orchestrator) as its own process.
+    #[command(subcommand)]
+    Serve(serve::ServeCommand),
     /// Read a run's ledger: runs, rollouts, one trajectory, learner steps.
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
@@ -48,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Serve(cmd) => serve::run(cmd),
     }
 }
 

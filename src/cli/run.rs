@@ -57,101 +57,110 @@ pub struct RunArgs {
     token: Option<String>,
 }
 
-async fn serve<S>(svc: S) -> anyhow::Result<String>
-where
-    S: tower_service_bound::Service,
-{
-    svc.serve().await
-}
-
-/// Small indirection so the two kinds of servers share the bind-and-spawn code.
-mod tower_service_bound {
-    use chorus_proto::tonic::transport::Server;
-    use tokio_stream::wrappers::TcpListenerStream;
-
-    pub trait Service: Send + 'static {
-        fn serve(self) -> impl std::future::Future<Output = anyhow::Result<String>> + Send;
-    }
-
-    macro_rules! impl_service {
-        ($t:ty) => {
-            impl Service for $t {
-                async fn serve(self) -> anyhow::Result<String> {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    let addr = listener.local_addr()?;
-                    tokio::spawn(
-                        Server::builder()
-                            .add_service(self)
-                            .serve_with_incoming(TcpListenerStream::new(listener)),
-                    );
-                    Ok(format!("http://{addr}"))
-                }
-            }
-        };
-    }
-    use chorus_proto::auth::RequireToken;
-    use chorus_proto::tonic::service::interceptor::InterceptedService;
-    impl_service!(
-        InterceptedService<
-            chorus_proto::v1::learner_server::LearnerServer<chorus_learner::LearnerService>,
-            RequireToken,
-        >
+/// Binds `listen` (e.g. 127.0.0.1:0) and serves the learner there; returns its URL.
+pub async fn serve_learner(
+    handle: chorus_learner::LearnerHandle,
+    token: &str,
+    listen: &str,
+) -> anyhow::Result<String> {
+    let svc =
+        LearnerServer::with_interceptor(LearnerService::new(handle), RequireToken::new(token)?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        chorus_proto::tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    impl_service!(
-        InterceptedService<
-            chorus_proto::v1::rollout_worker_server::RolloutWorkerServer<
-                chorus_rollout_worker::RolloutService,
-            >,
-            RequireToken,
-        >
+    Ok(format!("http://{addr}"))
+}
+
+/// Starts a rollout worker that follows the learner at `learner_url`, serving on `listen`;
+/// returns its URL.
+pub async fn serve_worker(
+    model_cfg: &NemotronHConfig,
+    learner_url: &str,
+    token: &str,
+    run_id: &str,
+    worker_id: &str,
+    max_batch: usize,
+    listen: &str,
+) -> anyhow::Result<String> {
+    let channel = chorus_proto::tonic::transport::Endpoint::from_shared(learner_url.to_string())?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the learner at {learner_url}"))?;
+    let mut client =
+        LearnerClient::with_interceptor(channel, chorus_proto::auth::AttachToken::new(token)?);
+    let (v, engine) = fetch_version(&mut client, model_cfg, run_id, worker_id, 0)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let handle = spawn_engine_loop(Arc::new(engine), v, max_batch);
+    tokio::spawn(follow_learner(
+        handle.clone(),
+        client,
+        model_cfg.clone(),
+        run_id.to_string(),
+        worker_id.to_string(),
+    ));
+    let svc = RolloutWorkerServer::with_interceptor(
+        RolloutService::new(handle, worker_id),
+        RequireToken::new(token)?,
     );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        chorus_proto::tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(format!("http://{addr}"))
 }
 
-pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::from_file(&a.config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(cfg, a))
-}
-
-async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
-    let started = Instant::now();
-    for d in [&cfg.worker_device, &cfg.learner_device] {
-        super::parse_device(d)?;
-    }
-    let out_dir = a.runs_dir.join(&cfg.name);
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let token = a
-        .token
-        .clone()
-        .unwrap_or_else(|| format!("chorus-{:x}", rand_token()));
-
-    // The policy.
-    let (model_cfg, params) = match (&cfg.checkpoint, &cfg.init_config) {
-        (Some(dir), _) => checkpoint::load_checkpoint(dir, &Device::Cpu)?,
-        (None, Some(c)) => {
-            let mc = NemotronHConfig::from_file(c)?;
-            let p = checkpoint::init_params(&mc, cfg.init_seed, &Device::Cpu)?;
-            (mc, p)
-        }
+/// The policy's architecture, from the checkpoint's config.json or the init config.
+pub fn model_config(cfg: &RunConfig) -> anyhow::Result<NemotronHConfig> {
+    Ok(match (&cfg.checkpoint, &cfg.init_config) {
+        (Some(dir), _) => NemotronHConfig::from_file(dir.join(checkpoint::CONFIG_FILE))?,
+        (None, Some(c)) => NemotronHConfig::from_file(c)?,
         (None, None) => bail!("config has no model"),
-    };
-    let tokenizer = match (&cfg.tokenizer, &cfg.checkpoint) {
+    })
+}
+
+/// The policy's tokenizer: the configured file, the checkpoint's, or the byte-level one.
+pub fn tokenizer(cfg: &RunConfig, model: &NemotronHConfig) -> anyhow::Result<Tokenizer> {
+    let t = match (&cfg.tokenizer, &cfg.checkpoint) {
         (Some(t), _) => Tokenizer::from_file(t)?,
         (None, Some(dir)) if dir.join("tokenizer.json").exists() => {
             Tokenizer::from_file(&dir.join("tokenizer.json"))?
         }
         _ => Tokenizer::byte_level(),
     };
-    if tokenizer.vocab_size() > model_cfg.vocab_size {
+    if t.vocab_size() > model.vocab_size {
         bail!(
             "the tokenizer has {} ids but the model's vocab_size is {}",
-            tokenizer.vocab_size(),
-            model_cfg.vocab_size
+            t.vocab_size(),
+            model.vocab_size
         );
     }
+    Ok(t)
+}
+
+/// The learner of a run: the trainer on its own thread, serving on `listen`.
+pub async fn start_learner(
+    cfg: &RunConfig,
+    run_id: &str,
+    token: &str,
+    listen: &str,
+) -> anyhow::Result<(chorus_learner::LearnerHandle, String)> {
+    let model_cfg = model_config(cfg)?;
+    let params = match &cfg.checkpoint {
+        Some(dir) => checkpoint::load_checkpoint(dir, &Device::Cpu)?.1,
+        None => checkpoint::init_params(&model_cfg, cfg.init_seed, &Device::Cpu)?,
+    };
     let first = &cfg.stages[0];
     let learner_cfg = LearnerConfig {
         optimizer: AdamWConfig {
@@ -180,7 +189,40 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
             vec![]
         },
     };
-    let trainer = Trainer::new(model_cfg.clone(), params, learner_cfg)?;
+    let trainer = Trainer::new(model_cfg, params, learner_cfg)?;
+    let handle = spawn_learner(
+        trainer,
+        LearnerServiceConfig {
+            run_id: run_id.to_string(),
+            groups_per_step: first.prompts_per_step,
+            max_chunk_bytes: 1 << 20,
+        },
+    );
+    let url = serve_learner(handle.clone(), token, listen).await?;
+    Ok((handle, url))
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::from_file(&a.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(cfg, a))
+}
+
+async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for d in [&cfg.worker_device, &cfg.learner_device] {
+        super::parse_device(d)?;
+    }
+    let out_dir = a.runs_dir.join(&cfg.name);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let token = a
+        .token
+        .clone()
+        .unwrap_or_else(|| format!("chorus-{:x}", rand_token()));
+
     let run_id = format!(
         "{}-{}",
         cfg.name,
@@ -188,58 +230,62 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
     );
-
-    // Learner service.
-    let learner = spawn_learner(
-        trainer,
-        LearnerServiceConfig {
-            run_id: run_id.clone(),
-            groups_per_step: first.prompts_per_step,
-            max_chunk_bytes: 1 << 20,
-        },
-    );
-    let learner_url = serve(LearnerServer::with_interceptor(
-        LearnerService::new(learner.clone()),
-        RequireToken::new(&token)?,
-    ))
-    .await?;
-
-    // Rollout workers, each following the learner.
+    let (_learner, learner_url) = start_learner(&cfg, &run_id, &token, "127.0.0.1:0").await?;
+    let model_cfg = model_config(&cfg)?;
     let mut worker_urls = vec![];
     for i in 0..cfg.workers {
-        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(learner_url.clone())?
-            .connect()
-            .await?;
-        let mut client =
-            LearnerClient::with_interceptor(channel, chorus_proto::auth::AttachToken::new(&token)?);
-        let (v, engine) = fetch_version(&mut client, &model_cfg, &run_id, &format!("w{i}"), 0)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let handle = spawn_engine_loop(Arc::new(engine), v, cfg.worker_max_batch);
-        tokio::spawn(follow_learner(
-            handle.clone(),
-            client,
-            model_cfg.clone(),
-            run_id.clone(),
-            format!("w{i}"),
-        ));
         worker_urls.push(
-            serve(RolloutWorkerServer::with_interceptor(
-                RolloutService::new(handle, format!("w{i}")),
-                RequireToken::new(&token)?,
-            ))
+            serve_worker(
+                &model_cfg,
+                &learner_url,
+                &token,
+                &run_id,
+                &format!("w{i}"),
+                cfg.worker_max_batch,
+                "127.0.0.1:0",
+            )
             .await?,
         );
     }
+    orchestrate(
+        &cfg,
+        &a.config,
+        &run_id,
+        &learner_url,
+        &worker_urls,
+        &token,
+        a.db.clone(),
+        &out_dir,
+        a.eval_tasks,
+        started,
+    )
+    .await
+}
 
+/// Runs the stages of `cfg` against a learner and workers already serving, then evaluates and
+/// writes `summary.json` in `out_dir`.
+#[allow(clippy::too_many_arguments)]
+pub async fn orchestrate(
+    cfg: &RunConfig,
+    config_path: &std::path::Path,
+    run_id: &str,
+    learner_url: &str,
+    worker_urls: &[String],
+    token: &str,
+    db: Option<String>,
+    out_dir: &std::path::Path,
+    eval_tasks: usize,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let run_id = run_id.to_string();
+    let tokenizer = tokenizer(cfg, &model_config(cfg)?)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     // Ledger and orchestrator.
-    let db =
-        a.db.clone()
-            .unwrap_or_else(|| format!("sqlite://{}", out_dir.join("ledger.sqlite").display()));
+    let db = db.unwrap_or_else(|| format!("sqlite://{}", out_dir.join("ledger.sqlite").display()));
     let ledger = Ledger::open(&db)
         .await
         .with_context(|| format!("opening the ledger {db}"))?;
-    let config_text = std::fs::read_to_string(&a.config).unwrap_or_default();
+    let config_text = std::fs::read_to_string(config_path).unwrap_or_default();
     ledger
         .insert_run(NewRun {
             id: run_id.clone(),
@@ -248,16 +294,9 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
             status: RunStatus::Running,
         })
         .await?;
-    let pool = Arc::new(WorkerPool::connect(&worker_urls, &token, cfg.worker_max_in_flight).await?);
+    let pool = Arc::new(WorkerPool::connect(worker_urls, token, cfg.worker_max_in_flight).await?);
     let remote_learner = Arc::new(
-        RemoteLearner::connect(
-            &learner_url,
-            &token,
-            &run_id,
-            learner.version(),
-            Some(ledger.clone()),
-        )
-        .await?,
+        RemoteLearner::connect(learner_url, token, &run_id, 0, Some(ledger.clone())).await?,
     );
     let registry = Arc::new(builtin_registry());
     let stats = Arc::new(StageStats::default());
@@ -339,13 +378,13 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
         if stage.kind == StageKind::Rl && before.is_none() {
             eprintln!(
                 "evaluating {} held-out tasks per environment before RL ...",
-                a.eval_tasks
+                eval_tasks
             );
             before = Some(
                 evaluate(
                     &shared,
                     &eval_envs,
-                    a.eval_tasks,
+                    eval_tasks,
                     eval_tokens,
                     remote_learner_version(&ctx),
                 )
@@ -376,7 +415,7 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
     }
     // Let the learner finish the last step before measuring.
     let final_version = remote_learner_version(&ctx);
-    let after = evaluate(&ctx, &eval_envs, a.eval_tasks, eval_tokens, final_version).await?;
+    let after = evaluate(&ctx, &eval_envs, eval_tasks, eval_tokens, final_version).await?;
     eprintln!("after RL:  {}", accuracy_line(&after));
     let before = before.unwrap_or_default();
     let mut envs = serde_json::Map::new();
@@ -401,7 +440,7 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
         "environments": envs,
         "mean_before": mean(&before),
         "mean_after": mean(&after),
-        "steps": learner.version(),
+        "steps": remote_learner_version(&ctx),
         "trajectories": consumed,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });

@@ -67,3 +67,43 @@ pub fn fixture(rel: &str) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// A background `chorus` process, killed when dropped.
+pub struct Service {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Harness {
+    /// Starts `chorus ARGS…` in the background and waits for its `listening on URL` line.
+    pub fn service(&self, args: &[&str]) -> Service {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start chorus");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the first line");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
+            })
+            .to_string();
+        Service { child, url }
+    }
+}

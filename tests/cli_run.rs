@@ -21,6 +21,7 @@ init_config = "model.json"
 [workers]
 count = 2
 max_batch = 16
+quantize = "nvfp4"
 [[stages]]
 name = "warmup"
 kind = "sft"

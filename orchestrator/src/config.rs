@@ -147,6 +147,11 @@ pub struct RawWorkers {
     pub max_in_flight: Option<usize>,
     /// `cpu` or `cuda:N`.
     pub device: Option<String>,
+    /// Quantize projection weights on load: `nvfp4` (embeddings, lm_head, router gates and norms
+    /// stay f32), or absent for f32.
+    pub quantize: Option<String>,
+    /// With `quantize = "nvfp4"`: keep attention projections in f32.
+    pub keep_attention_f32: Option<bool>,
 }
 
 /// The learner, as written.
@@ -249,6 +254,10 @@ pub struct RunConfig {
     pub worker_max_in_flight: usize,
     /// Worker device.
     pub worker_device: String,
+    /// Workers quantize projections to NVFP4 on load.
+    pub worker_nvfp4: bool,
+    /// With NVFP4: attention projections stay f32.
+    pub worker_keep_attention_f32: bool,
     /// Learner device.
     pub learner_device: String,
     /// Gradient clip.
@@ -610,6 +619,14 @@ impl RunConfig {
                 w.max_in_flight.unwrap_or(Defaults::WORKER_MAX_IN_FLIGHT),
             )?,
             worker_device: device(ctx, "workers.device", w.device)?,
+            worker_nvfp4: match w.quantize.as_deref() {
+                None => false,
+                Some("nvfp4") => true,
+                Some(o) => {
+                    return Err(ctx.err("workers.quantize", format!("`{o}`; allowed: nvfp4")));
+                }
+            },
+            worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(false),
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),
             eps_low,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use chorus_model::NemotronHConfig;
-use chorus_model::engine::Engine;
+use chorus_model::engine::{Engine, EngineOptions};
 use chorus_proto::v1::StreamWeightsRequest;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::weights::WeightAssembler;
@@ -19,6 +19,7 @@ use crate::engine_loop::WorkerHandle;
 pub async fn fetch_version<T>(
     client: &mut LearnerClient<T>,
     cfg: &NemotronHConfig,
+    options: &EngineOptions,
     run_id: &str,
     worker_id: &str,
     at_least: u64,
@@ -53,17 +54,18 @@ where
         let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| e.to_string())?;
         map.insert(name, tensor);
     }
-    let engine =
-        Engine::from_tensors(cfg, &map).map_err(|e| format!("policy version {version}: {e}"))?;
+    let engine = Engine::from_tensors_with(cfg, &map, options)
+        .map_err(|e| format!("policy version {version}: {e}"))?;
     Ok((version, engine))
 }
 
-/// Keeps `handle` on the learner's latest version until the learner goes away. Returns the
-/// reason it stopped.
+/// Keeps `handle` on the learner's latest version until the learner goes away, building each
+/// version with `options` (e.g. NVFP4 on load). Returns the reason it stopped.
 pub async fn follow_learner<T>(
     handle: WorkerHandle,
     mut client: LearnerClient<T>,
     cfg: NemotronHConfig,
+    options: EngineOptions,
     run_id: String,
     worker_id: String,
 ) -> String
@@ -74,7 +76,16 @@ where
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
     loop {
-        match fetch_version(&mut client, &cfg, &run_id, &worker_id, handle.version() + 1).await {
+        match fetch_version(
+            &mut client,
+            &cfg,
+            &options,
+            &run_id,
+            &worker_id,
+            handle.version() + 1,
+        )
+        .await
+        {
             Ok((version, engine)) if version > handle.version() => {
                 handle.install_weights(version, Arc::new(engine))
             }

@@ -69,7 +69,7 @@ async fn new_versions_flow_from_learner_to_worker() {
     let mut client = LearnerClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
 
     // The worker starts from the learner's version 0 and follows it.
-    let (v0, engine) = fetch_version(&mut client, &cfg, "run", "w0", 0)
+    let (v0, engine) = fetch_version(&mut client, &cfg, &Default::default(), "run", "w0", 0)
         .await
         .unwrap();
     assert_eq!(v0, 0);
@@ -78,6 +78,7 @@ async fn new_versions_flow_from_learner_to_worker() {
         worker.clone(),
         client.clone(),
         cfg.clone(),
+        Default::default(),
         "run".into(),
         "w0".into(),
     ));

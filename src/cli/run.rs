@@ -15,6 +15,7 @@ use chorus_learner::{
     AdamWConfig, GrpoConfig, LearnerConfig, LearnerService, LearnerServiceConfig, LrSchedule,
     Trainer, spawn_learner,
 };
+use chorus_model::engine::{EngineOptions, Nvfp4Policy};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
 use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
@@ -86,6 +87,7 @@ pub async fn serve_worker(
     run_id: &str,
     worker_id: &str,
     max_batch: usize,
+    options: EngineOptions,
     listen: &str,
 ) -> anyhow::Result<String> {
     let channel = chorus_proto::tonic::transport::Endpoint::from_shared(learner_url.to_string())?
@@ -94,7 +96,7 @@ pub async fn serve_worker(
         .with_context(|| format!("connecting to the learner at {learner_url}"))?;
     let mut client =
         LearnerClient::with_interceptor(channel, chorus_proto::auth::AttachToken::new(token)?);
-    let (v, engine) = fetch_version(&mut client, model_cfg, run_id, worker_id, 0)
+    let (v, engine) = fetch_version(&mut client, model_cfg, &options, run_id, worker_id, 0)
         .await
         .map_err(anyhow::Error::msg)?;
     let handle = spawn_engine_loop(Arc::new(engine), v, max_batch);
@@ -102,6 +104,7 @@ pub async fn serve_worker(
         handle.clone(),
         client,
         model_cfg.clone(),
+        options,
         run_id.to_string(),
         worker_id.to_string(),
     ));
@@ -147,6 +150,16 @@ pub fn tokenizer(cfg: &RunConfig, model: &NemotronHConfig) -> anyhow::Result<Tok
         );
     }
     Ok(t)
+}
+
+/// How the run's workers store their projections.
+pub fn worker_engine_options(cfg: &RunConfig) -> EngineOptions {
+    EngineOptions {
+        nvfp4: cfg.worker_nvfp4.then(|| Nvfp4Policy {
+            keep_attention: cfg.worker_keep_attention_f32,
+            exclude: vec![],
+        }),
+    }
 }
 
 /// The learner of a run: the trainer on its own thread, serving on `listen`.
@@ -242,6 +255,7 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
                 &run_id,
                 &format!("w{i}"),
                 cfg.worker_max_batch,
+                worker_engine_options(&cfg),
                 "127.0.0.1:0",
             )
             .await?,

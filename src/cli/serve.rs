@@ -112,6 +112,7 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                     &run_id,
                     &a.id,
                     cfg.worker_max_batch,
+                    super::run::worker_engine_options(&cfg),
                     &a.service.listen,
                 )
                 .await?;

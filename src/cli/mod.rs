@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
 /// Chorus: asynchronous multi-environment RL post-training for Nemotron-3-style hybrid
 /// (Mamba-2 + attention + MoE) policies.
 ///
-/// Start with `chorus model init` to create a small policy, `chorus generate` to sample from it.
+/// Start with `chorus run configs/quickstart.toml` (a whole post-training run on this machine),
+/// or `chorus model init` to create a small policy and `chorus generate` to sample from it.
 #[derive(Parser, Debug)]
 #[command(name = "chorus", version, about, long_about)]
 pub struct Cli {

@@ -81,7 +81,17 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
                 assert!(r.min_policy_version.is_some() && r.num_completion_tokens > 0);
             }
         }
-        assert!(ledger.list_learner_steps(&run_id).await.unwrap().len() >= 6);
+        let steps = ledger.list_learner_steps(&run_id).await.unwrap();
+        assert!(steps.len() >= 6);
+        // RL steps record how far the (NVFP4) workers' logprobs were from the learner's.
+        let rl: Vec<_> = steps
+            .iter()
+            .filter_map(|s| s.step.mean_abs_logprob_diff)
+            .collect();
+        assert!(
+            rl.len() >= 3 && rl.iter().all(|d| *d > 0.0 && d.is_finite()),
+            "{rl:?}"
+        );
     });
 
     // The ledger reads back through `chorus inspect`.

@@ -243,6 +243,10 @@ impl RemoteLearner {
                             num_tokens: r.tokens,
                             num_trajectories: r.trajectories as u64,
                             skip_reason: (!r.skip_reason.is_empty()).then(|| r.skip_reason.clone()),
+                            // Supervised steps have no sampled tokens to compare.
+                            mean_abs_logprob_diff: (!r.supervised)
+                                .then_some(r.mean_abs_logprob_diff)
+                                .and_then(opt),
                         })
                         .await;
                 }

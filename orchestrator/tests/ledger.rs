@@ -550,6 +550,7 @@ mod cases {
             num_tokens: 65_536,
             num_trajectories: 64,
             skip_reason: None,
+            mean_abs_logprob_diff: Some(0.0125),
         };
         let skipped = LearnerStep {
             run_id: "r".into(),
@@ -564,6 +565,7 @@ mod cases {
             num_tokens: 0,
             num_trajectories: 0,
             skip_reason: Some("every group had zero reward variance".into()),
+            mean_abs_logprob_diff: None,
         };
         ledger.insert_learner_step(skipped.clone()).await.unwrap();
         ledger.insert_learner_step(trained.clone()).await.unwrap();

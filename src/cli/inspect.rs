@@ -136,12 +136,12 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 println!("  consumed at step {}", t.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
             }
             InspectCommand::Steps { run } => {
-                println!("{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}  note", "step", "version", "loss", "kl", "entropy", "grad", "lr", "tokens");
+                println!("{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}  note", "step", "version", "loss", "kl", "entropy", "grad", "lr", "tokens", "|dlogp|");
                 for s in ledger.list_learner_steps(&run).await? {
                     let s = s.step;
                     let f = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
                     println!(
-                        "{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}  {}",
+                        "{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}  {}",
                         s.step,
                         s.policy_version,
                         f(s.loss),
@@ -150,6 +150,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                         f(s.grad_norm),
                         s.learning_rate.map(|x| format!("{x:.1e}")).unwrap_or_else(|| "-".into()),
                         s.num_tokens,
+                        f(s.mean_abs_logprob_diff),
                         s.skip_reason.unwrap_or_default()
                     );
                 }

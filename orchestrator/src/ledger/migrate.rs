@@ -11,18 +11,32 @@ use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 /// (version, description, SQL) of each SQLite migration.
-pub(crate) const SQLITE: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../migrations/sqlite/0001_ledger.sql"),
-)];
+pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../migrations/sqlite/0001_ledger.sql"),
+    ),
+    (
+        2,
+        "logprob_mismatch",
+        include_str!("../../migrations/sqlite/0002_logprob_mismatch.sql"),
+    ),
+];
 
 /// (version, description, SQL) of each PostgreSQL migration.
-pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../migrations/postgres/0001_ledger.sql"),
-)];
+pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../migrations/postgres/0001_ledger.sql"),
+    ),
+    (
+        2,
+        "logprob_mismatch",
+        include_str!("../../migrations/postgres/0002_logprob_mismatch.sql"),
+    ),
+];
 
 /// A migrator for one dialect's list.
 pub(crate) fn migrator(list: &'static [(i64, &'static str, &'static str)]) -> Migrator {
@@ -101,6 +115,6 @@ mod tests {
     #[test]
     fn migrator_orders_versions() {
         let m = migrator(SQLITE);
-        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [1]);
+        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
     }
 }

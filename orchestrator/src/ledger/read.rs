@@ -203,7 +203,7 @@ fn decode_counts(row: &dyn Cols) -> Result<TrajectoryCounts, RowError> {
 
 const STEP_COLS: &str = "run_id, step, policy_version, loss, kl, entropy, grad_norm, \
     learning_rate, clip_fraction, num_tokens, num_trajectories, skipped, skip_reason, \
-    created_at_ms";
+    created_at_ms, mean_abs_logprob_diff";
 
 fn decode_step(row: &dyn Cols) -> Result<LearnerStepRecord, RowError> {
     let run_id = row.text("run_id")?;
@@ -231,6 +231,7 @@ fn decode_step(row: &dyn Cols) -> Result<LearnerStepRecord, RowError> {
             clip_fraction: row.opt_real("clip_fraction")?,
             num_tokens: r.u64("num_tokens")?,
             num_trajectories: r.u64("num_trajectories")?,
+            mean_abs_logprob_diff: row.opt_real("mean_abs_logprob_diff")?,
             skip_reason,
         },
         created_at_ms: row.int("created_at_ms")?,

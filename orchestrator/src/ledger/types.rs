@@ -414,6 +414,8 @@ pub struct LearnerStep {
     pub num_tokens: u64,
     /// Trajectories trained on.
     pub num_trajectories: u64,
+    /// Mean |log π_learner − log π_worker| over the step's tokens (sampling mismatch).
+    pub mean_abs_logprob_diff: Option<f64>,
     /// Set when the step was skipped, with the reason.
     pub skip_reason: Option<String>,
 }

@@ -216,8 +216,8 @@ impl WriteOp {
                 Stmt::new(
                     "INSERT INTO learner_steps (run_id, step, policy_version, loss, kl, entropy, \
                      grad_norm, learning_rate, clip_fraction, num_tokens, num_trajectories, \
-                     skipped, skip_reason, created_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     skipped, skip_reason, created_at_ms, mean_abs_logprob_diff) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                      ON CONFLICT (run_id, step) DO NOTHING",
                 )
                 .bind(step.run_id.as_str())
@@ -233,7 +233,8 @@ impl WriteOp {
                 .bind(to_i64("num_trajectories", step.num_trajectories)?)
                 .bind(step.skip_reason.is_some())
                 .bind(step.skip_reason.as_deref())
-                .bind(*at_ms),
+                .bind(*at_ms)
+                .bind(step.mean_abs_logprob_diff),
             ],
             WriteOp::PolicyVersion { version, at_ms } => vec![
                 Stmt::new(
@@ -555,6 +556,7 @@ mod tests {
                 num_tokens: 0,
                 num_trajectories: 0,
                 skip_reason: None,
+                mean_abs_logprob_diff: None,
             },
             at_ms: 0,
         };

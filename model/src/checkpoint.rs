@@ -337,7 +337,6 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
             block(&format!("mtp.layers.{i}"), k, &mut add, &mut rng);
         }
     }
-    drop(add);
     let mut params = Params::new(device.clone());
     for (name, shape, v) in tensors {
         params.insert(name, Tensor::from_vec(v, shape, device)?)?;

@@ -30,7 +30,7 @@ impl RolloutService {
 }
 
 fn job_of(req: &GenerateRequest) -> Job {
-    let s = req.sampling.clone().unwrap_or_default();
+    let s = req.sampling.unwrap_or_default();
     // Unset temperature/top_p arrive as 0: treat 0 temperature as greedy and 0 top_p as off.
     let sampling = SamplingParams {
         temperature: s.temperature,

@@ -74,9 +74,7 @@ pub fn random_params(cfg: &NemotronHConfig, seed: u64) -> Params {
         // dt_bias near 0 as in the HF fixture, so that dt stays clear of its clamp.
         let v = if name.ends_with("dt_bias") {
             noise(1.0)
-        } else if name.ends_with("A_log") || name.ends_with(".D") {
-            (t + noise(0.3)).unwrap()
-        } else if name.contains("norm") {
+        } else if name.ends_with("A_log") || name.ends_with(".D") || name.contains("norm") {
             (t + noise(0.3)).unwrap()
         } else if name.ends_with("e_score_correction_bias") {
             noise(0.05)

@@ -93,6 +93,7 @@ pub struct StageStats {
 }
 
 /// Everything a stage needs.
+#[derive(Clone)]
 pub struct StageContext {
     /// Run id in the ledger.
     pub run_id: String,
@@ -166,6 +167,54 @@ struct Scored {
     score_ms: u64,
 }
 
+/// What a prompt slot draws.
+struct Drawn {
+    /// Seed of the draw, also the base of the group's sampling seeds.
+    seed: u64,
+    env_name: String,
+    env: Arc<dyn chorus_environments::Environment>,
+    task: Task,
+}
+
+/// Picks an environment by weight and samples a training task, both from a seed derived from
+/// (run seed, stage, step, slot, attempt), so that a run's prompts are reproducible.
+fn draw(
+    ctx: &StageContext,
+    stage: &Stage,
+    weights: &[f64],
+    step: u64,
+    slot: usize,
+    attempt: u32,
+) -> Result<Drawn, SchedulerError> {
+    let seed = ctx.seed
+        ^ ((ctx.stage_index as u64) << 56)
+        ^ (step << 32)
+        ^ ((slot as u64) << 8)
+        ^ attempt as u64;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let spec = &stage.environments[pick(weights, &mut rng)];
+    let EnvironmentSource::Builtin(env_name) = &spec.source else {
+        unreachable!("checked at stage start")
+    };
+    let env_err = |message: String| SchedulerError::Environment {
+        name: env_name.clone(),
+        message,
+    };
+    let env = ctx
+        .registry
+        .get(env_name)
+        .map_err(|e| env_err(e.to_string()))?;
+    let task = env
+        .sample(rng.random(), EnvSplit::Train, spec.difficulty)
+        .map_err(|e| env_err(format!("sampling failed: {e}")))?;
+    Ok(Drawn {
+        seed,
+        env_name: env_name.clone(),
+        env,
+        task,
+    })
+}
+
 /// Fills one prompt slot of a step: sample, generate a group, score; retry on a dropped group.
 async fn run_slot(
     ctx: &StageContext,
@@ -180,37 +229,19 @@ async fn run_slot(
         .filter_map(|s| ctx.tokenizer.token_id(s))
         .collect();
     for attempt in 0..MAX_ATTEMPTS {
-        let seed = ctx.seed
-            ^ ((ctx.stage_index as u64) << 56)
-            ^ (step << 32)
-            ^ ((slot as u64) << 8)
-            ^ attempt as u64;
-        let mut rng = StdRng::seed_from_u64(seed);
-        let spec = &stage.environments[pick(&weights, &mut rng)];
-        let EnvironmentSource::Builtin(env_name) = &spec.source else {
-            unreachable!("checked at stage start")
-        };
-        let env = ctx
-            .registry
-            .get(env_name)
-            .map_err(|e| SchedulerError::Environment {
-                name: env_name.clone(),
-                message: e.to_string(),
-            })?;
+        let Drawn {
+            seed,
+            env_name,
+            env,
+            task,
+            ..
+        } = draw(ctx, stage, &weights, step, slot, attempt)?;
+        let env_name = &env_name;
         let group_id = format!(
             "{}:s{}:{}:{}:a{}",
             ctx.run_id, ctx.stage_index, step, slot, attempt
         );
         let prompt_id = format!("{group_id}:p");
-        let task: Task = match env.sample(rng.random(), EnvSplit::Train, spec.difficulty) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(SchedulerError::Environment {
-                    name: env_name.clone(),
-                    message: format!("sampling failed: {e}"),
-                });
-            }
-        };
         let prompt_text = chat::render_prompt(&task.prompt);
         let prompt_ids = ctx
             .tokenizer
@@ -496,27 +527,17 @@ pub async fn run_sft_stage(
         let mut trajectories = vec![];
         let mut groups = vec![];
         for slot in 0..stage.prompts_per_step {
-            let seed =
-                ctx.seed ^ ((ctx.stage_index as u64) << 56) ^ (step << 32) ^ ((slot as u64) << 8);
-            let mut rng = StdRng::seed_from_u64(seed);
-            let spec = &stage.environments[pick(&weights, &mut rng)];
-            let EnvironmentSource::Builtin(env_name) = &spec.source else {
-                unreachable!("checked above")
-            };
-            let env = ctx
-                .registry
-                .get(env_name)
-                .map_err(|e| SchedulerError::Environment {
-                    name: env_name.clone(),
-                    message: e.to_string(),
-                })?;
+            let Drawn {
+                env_name,
+                env,
+                task,
+                ..
+            } = draw(&ctx, &stage, &weights, step, slot, 0)?;
+            let env_name = &env_name;
             let err = |e: chorus_environments::EnvError| SchedulerError::Environment {
                 name: env_name.clone(),
                 message: e.to_string(),
             };
-            let task = env
-                .sample(rng.random(), EnvSplit::Train, spec.difficulty)
-                .map_err(err)?;
             let reference = env.reference(&task).map_err(err)?;
             let prompt_ids = ctx
                 .tokenizer

@@ -388,7 +388,7 @@ pub async fn orchestrate(
     let mut before = None;
     for (i, stage) in cfg.stages.iter().enumerate() {
         ctx.stage_index = i;
-        let shared = Arc::new(StageContext { ..clone_ctx(&ctx) });
+        let shared = Arc::new(ctx.clone());
         if stage.kind == StageKind::Rl && before.is_none() {
             eprintln!(
                 "evaluating {} held-out tasks per environment before RL ...",
@@ -400,7 +400,7 @@ pub async fn orchestrate(
                     &eval_envs,
                     eval_tasks,
                     eval_tokens,
-                    remote_learner_version(&ctx),
+                    ctx.learning.version(),
                 )
                 .await?,
             );
@@ -428,7 +428,7 @@ pub async fn orchestrate(
         }
     }
     // Let the learner finish the last step before measuring.
-    let final_version = remote_learner_version(&ctx);
+    let final_version = ctx.learning.version();
     let after = evaluate(&ctx, &eval_envs, eval_tasks, eval_tokens, final_version).await?;
     eprintln!("after RL:  {}", accuracy_line(&after));
     let before = before.unwrap_or_default();
@@ -454,7 +454,7 @@ pub async fn orchestrate(
         "environments": envs,
         "mean_before": mean(&before),
         "mean_after": mean(&after),
-        "steps": remote_learner_version(&ctx),
+        "steps": ctx.learning.version(),
         "trajectories": consumed,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
@@ -465,24 +465,6 @@ pub async fn orchestrate(
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("wrote {} and the ledger {db}", path.display());
     Ok(())
-}
-
-fn clone_ctx(c: &StageContext) -> StageContext {
-    StageContext {
-        run_id: c.run_id.clone(),
-        seed: c.seed,
-        stage_index: c.stage_index,
-        registry: c.registry.clone(),
-        tokenizer: c.tokenizer.clone(),
-        ledger: c.ledger.clone(),
-        rollouts: c.rollouts.clone(),
-        learning: c.learning.clone(),
-        stats: c.stats.clone(),
-    }
-}
-
-fn remote_learner_version(c: &StageContext) -> u64 {
-    c.learning.version()
 }
 
 fn accuracy_line(m: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>) -> String {

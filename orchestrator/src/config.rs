@@ -183,6 +183,17 @@ pub struct EnvironmentSpec {
     pub difficulty: u32,
 }
 
+impl EnvironmentSpec {
+    /// The name the environment is registered under in the run's registry: a built-in's name,
+    /// or a plugin's address (the run registers each plugin under its address).
+    pub fn key(&self) -> &str {
+        match &self.source {
+            EnvironmentSource::Builtin(name) => name,
+            EnvironmentSource::Remote(url) => url,
+        }
+    }
+}
+
 /// Where an environment comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EnvironmentSource {

@@ -27,7 +27,7 @@ use chorus_proto::v1::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::advantage::group_advantages;
-use crate::config::{EnvironmentSource, Stage};
+use crate::config::Stage;
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
 
 /// A boxed future, so the traits stay object-safe.
@@ -193,9 +193,7 @@ fn draw(
         ^ attempt as u64;
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = &stage.environments[pick(weights, &mut rng)];
-    let EnvironmentSource::Builtin(env_name) = &spec.source else {
-        unreachable!("checked at stage start")
-    };
+    let env_name = &spec.key().to_string();
     let env_err = |message: String| SchedulerError::Environment {
         name: env_name.clone(),
         message,
@@ -488,22 +486,17 @@ async fn futures_join<T: Send + 'static>(futures: Vec<BoxFuture<T>>) -> Vec<T> {
 
 fn check_single_turn(ctx: &StageContext, stage: &Stage) -> Result<(), SchedulerError> {
     for e in &stage.environments {
-        let EnvironmentSource::Builtin(name) = &e.source else {
-            return Err(SchedulerError::Environment {
-                name: format!("{:?}", e.source),
-                message: "plugin environments over gRPC are not scheduled yet".into(),
-            });
-        };
+        let name = e.key();
         let env = ctx
             .registry
             .get(name)
             .map_err(|err| SchedulerError::Environment {
-                name: name.clone(),
+                name: name.to_string(),
                 message: err.to_string(),
             })?;
         if env.info().turns == chorus_environments::Turns::Multi {
             return Err(SchedulerError::Environment {
-                name: name.clone(),
+                name: name.to_string(),
                 message: "multi-turn environments are not scheduled yet; use single-turn ones"
                     .into(),
             });

@@ -18,7 +18,7 @@ use chorus_learner::{
 use chorus_model::engine::{EngineOptions, Nvfp4Policy};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
-use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
+use chorus_orchestrator::config::{RunConfig, StageKind};
 use chorus_orchestrator::ledger::{Ledger, NewRun, RunStatus};
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{
@@ -372,9 +372,7 @@ pub async fn orchestrate(
         let mut seen = BTreeMap::new();
         for s in cfg.stages.iter().filter(|s| s.kind == StageKind::Rl) {
             for e in &s.environments {
-                if let EnvironmentSource::Builtin(n) = &e.source {
-                    seen.entry(n.clone()).or_insert(e.difficulty);
-                }
+                seen.entry(e.key().to_string()).or_insert(e.difficulty);
             }
         }
         seen.into_iter().collect()

@@ -92,6 +92,9 @@ pub struct RlSequence {
     pub advantage: f32,
     /// The reference policy's log-probability of each completion token, when KL is on.
     pub ref_logprobs: Option<Vec<f32>>,
+    /// Which completion tokens the loss applies to (the policy's own tokens of a multi-turn
+    /// episode, not the observations between them); `None` means all of them.
+    pub loss_mask: Option<Vec<bool>>,
 }
 
 /// One supervised example: only the completion is learned.
@@ -99,6 +102,8 @@ pub struct RlSequence {
 pub struct SftSequence {
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
+    /// Which completion tokens are learned; `None` means all of them.
+    pub loss_mask: Option<Vec<bool>>,
 }
 
 /// Statistics of an objective over a batch (all means over completion tokens unless noted).
@@ -124,7 +129,10 @@ struct Layout {
     width: usize,
 }
 
-fn layout(seqs: &[(&[u32], usize)], vocab: usize, device: &Device) -> Result<Layout> {
+/// One sequence as [`layout`] sees it: tokens, prompt length, optional completion mask.
+type SeqView<'a> = (&'a [u32], usize, Option<&'a [bool]>);
+
+fn layout(seqs: &[SeqView<'_>], vocab: usize, device: &Device) -> Result<Layout> {
     let t = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
     if t < 2 {
         return Err(LearnerError::Batch(
@@ -134,7 +142,7 @@ fn layout(seqs: &[(&[u32], usize)], vocab: usize, device: &Device) -> Result<Lay
     let width = t - 1;
     let mut ids = vec![0u32; seqs.len() * t];
     let mut mask = vec![0f32; seqs.len() * width];
-    for (b, (tokens, prompt_len)) in seqs.iter().enumerate() {
+    for (b, (tokens, prompt_len, loss_mask)) in seqs.iter().enumerate() {
         if *prompt_len == 0 || *prompt_len >= tokens.len() {
             return Err(LearnerError::Batch(format!(
                 "sequence {b}: prompt_len {prompt_len} must be in [1, {})",
@@ -146,9 +154,20 @@ fn layout(seqs: &[(&[u32], usize)], vocab: usize, device: &Device) -> Result<Lay
                 "sequence {b}: token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        let completion = tokens.len() - prompt_len;
+        if let Some(m) = loss_mask
+            && m.len() != completion
+        {
+            return Err(LearnerError::Batch(format!(
+                "sequence {b}: {completion} completion tokens but a loss mask of {}",
+                m.len()
+            )));
+        }
         ids[b * t..b * t + tokens.len()].copy_from_slice(tokens);
-        for p in prompt_len - 1..tokens.len() - 1 {
-            mask[b * width + p] = 1.0;
+        for j in 0..completion {
+            if loss_mask.is_none_or(|m| m[j]) {
+                mask[b * width + prompt_len - 1 + j] = 1.0;
+            }
         }
     }
     let ids = Tensor::from_vec(ids, (seqs.len(), t), device)?;
@@ -204,9 +223,9 @@ pub fn grpo_loss(
     cfg: &GrpoConfig,
 ) -> Result<(Tensor, LossStats)> {
     let device = model_device(model);
-    let views: Vec<(&[u32], usize)> = batch
+    let views: Vec<SeqView<'_>> = batch
         .iter()
-        .map(|s| (s.tokens.as_slice(), s.prompt_len))
+        .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
         .collect();
     let l = layout(&views, model.config().vocab_size, &device)?;
     let (b, w) = (batch.len(), l.width);
@@ -280,9 +299,9 @@ pub fn grpo_loss(
 /// Next-token cross-entropy on the completion tokens of `batch` (token mean).
 pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, LossStats)> {
     let device = model_device(model);
-    let views: Vec<(&[u32], usize)> = batch
+    let views: Vec<SeqView<'_>> = batch
         .iter()
-        .map(|s| (s.tokens.as_slice(), s.prompt_len))
+        .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
         .collect();
     let l = layout(&views, model.config().vocab_size, &device)?;
     let mask = Tensor::from_vec(l.mask.clone(), (batch.len(), l.width), &device)?;

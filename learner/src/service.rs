@@ -101,9 +101,32 @@ pub fn group_sft(g: &TrajectoryGroup) -> Result<Vec<SftSequence>, String> {
                     .copied()
                     .collect(),
                 prompt_len: t.prompt_token_ids.len(),
+                loss_mask: completion_mask(t)?,
             })
         })
         .collect()
+}
+
+/// A trajectory's loss mask: `None` when every completion token is the policy's own.
+fn completion_mask(t: &chorus_proto::v1::Trajectory) -> Result<Option<Vec<bool>>, String> {
+    let n = t.completion_token_ids.len();
+    match t.completion_mask.len() {
+        0 => Ok(None),
+        m if m == n => {
+            if t.completion_mask.iter().any(|&x| x) {
+                Ok(Some(t.completion_mask.clone()))
+            } else {
+                Err(format!(
+                    "trajectory {}: the completion mask selects no token",
+                    t.trajectory_id
+                ))
+            }
+        }
+        m => Err(format!(
+            "trajectory {}: {n} completion tokens but a completion mask of {m}",
+            t.trajectory_id
+        )),
+    }
 }
 
 /// Turns a scored group into training sequences, or says why it cannot be used.
@@ -150,6 +173,7 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
                 versions: t.policy_versions.clone(),
                 advantage: t.advantage as f32,
                 ref_logprobs: None,
+                loss_mask: None,
             })
         })
         .collect()

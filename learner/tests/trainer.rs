@@ -66,6 +66,7 @@ fn seq(
         versions: vec![version; completion.len()],
         advantage,
         ref_logprobs: None,
+        loss_mask: None,
     }
 }
 
@@ -213,6 +214,7 @@ fn sft_learns_a_reference_solution() {
     let ex = SftSequence {
         tokens: vec![3, 4, 5, 9, 11, 13, 2],
         prompt_len: 3,
+        loss_mask: None,
     };
     let first = t.sft_step(std::slice::from_ref(&ex)).unwrap().stats.loss;
     let mut last = first;
@@ -238,6 +240,7 @@ fn resuming_a_checkpoint_continues_exactly() {
     let ex = |i: u32| SftSequence {
         tokens: vec![3, 4, 5 + i, 9, 11],
         prompt_len: 2,
+        loss_mask: None,
     };
     let mut a = trainer(1e-2);
     for i in 0..3 {
@@ -286,6 +289,7 @@ fn bad_settings_and_batches_are_named() {
         versions: vec![0, 0],
         advantage: 1.0,
         ref_logprobs: None,
+        loss_mask: None,
     };
     let e = t.rl_step(&[bad]).unwrap_err().to_string();
     assert!(e.contains("2 completion tokens"), "{e}");
@@ -293,8 +297,49 @@ fn bad_settings_and_batches_are_named() {
         .sft_step(&[SftSequence {
             tokens: vec![3, 99],
             prompt_len: 1,
+            loss_mask: None,
         }])
         .unwrap_err()
         .to_string();
     assert!(e.contains("99"), "{e}");
+}
+
+/// Multi-turn episodes mask out the observation tokens between the policy's turns: a masked
+/// token contributes nothing, an unmasked one does.
+#[test]
+fn loss_mask_excludes_observation_tokens() {
+    let t = trainer(1e-3);
+    let sft = |last: u32, mask: Option<Vec<bool>>| {
+        let ex = SftSequence {
+            tokens: vec![3, 4, 5, 9, 11, last],
+            prompt_len: 2,
+            loss_mask: mask,
+        };
+        sft_loss(t.model(), &[ex]).unwrap().1
+    };
+    let masked = Some(vec![true, true, true, false]);
+    let (a, b) = (sft(13, masked.clone()), sft(17, masked));
+    assert_eq!(a.tokens, 3);
+    assert_eq!(a.loss, b.loss, "a masked-out token changed the loss");
+    let (c, d) = (sft(13, None), sft(17, None));
+    assert_eq!(c.tokens, 4);
+    assert_ne!(c.loss, d.loss);
+
+    let rl = |last: u32, mask: Option<Vec<bool>>| {
+        let mut s = seq(&[3, 4], &[5, 9, last], &[-1.0, -2.0, -3.0], 1.0, 0);
+        s.loss_mask = mask;
+        grpo_loss(t.model(), &[s], 0, &GrpoConfig::default()).unwrap().1
+    };
+    let masked = Some(vec![true, false, false]);
+    assert_eq!(rl(13, masked.clone()).loss, rl(17, masked).loss);
+    assert_eq!(rl(13, Some(vec![true, false, true])).tokens, 2);
+    assert_ne!(rl(13, None).loss, rl(17, None).loss);
+
+    let bad = SftSequence {
+        tokens: vec![3, 4, 5],
+        prompt_len: 2,
+        loss_mask: Some(vec![true, true]),
+    };
+    let e = sft_loss(t.model(), &[bad]).unwrap_err().to_string();
+    assert!(e.contains("loss mask of 2"), "{e}");
 }

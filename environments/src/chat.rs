@@ -133,6 +133,24 @@ pub fn render_prompt(messages: &[Message]) -> String {
     out
 }
 
+/// What follows the policy's action in a multi-turn episode, up to the point where the policy
+/// speaks again: the end-of-turn marker when the action was cut off before it, the environment's
+/// observation (if any), and the open assistant header. Appending this to the action's tokens
+/// gives the same text as [`render_prompt`] of the conversation so far.
+pub fn render_continuation(observation: Option<&Message>, action_closed: bool) -> String {
+    let mut out = String::new();
+    if !action_closed {
+        out.push_str(END_OF_TURN);
+    }
+    if let Some(message) = observation {
+        render_message(&mut out, message);
+    }
+    out.push_str(ROLE_OPEN);
+    out.push_str(Role::Assistant.as_str());
+    out.push_str(ROLE_CLOSE);
+    out
+}
+
 /// A completion split into its reasoning and its response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -307,6 +325,30 @@ pub fn strip_tool_calls(response: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_continuation_after_an_action_renders_like_the_whole_conversation() {
+        let start = vec![Message::user("play")];
+        let action = "<tool_call>{}</tool_call>";
+        let observation = Message::tool("ok");
+        let whole = render_prompt(&[
+            start[0].clone(),
+            Message::assistant(action),
+            observation.clone(),
+        ]);
+        let closed = format!(
+            "{}{action}{END_OF_TURN}{}",
+            render_prompt(&start),
+            render_continuation(Some(&observation), true)
+        );
+        assert_eq!(closed, whole);
+        let cut = format!(
+            "{}{action}{}",
+            render_prompt(&start),
+            render_continuation(Some(&observation), false)
+        );
+        assert_eq!(cut, whole);
+    }
 
     #[test]
     fn prompt_renders_turns_and_open_assistant_header() {

@@ -59,6 +59,7 @@ mod check;
 mod env;
 mod error;
 mod registry;
+pub mod sandbox;
 mod sampling;
 mod task;
 

@@ -1,0 +1,231 @@
+//! The sandbox model-written code runs in.
+//!
+//! Every program an environment did not write itself (a model's solution, a generated program
+//! whose output is the answer) runs through [`Sandbox::run`]: no network, a private writable
+//! temporary directory (the working directory, `/tmp` inside) and nothing else writable, no view
+//! of the host's files beyond the interpreter and its libraries, and limits on CPU time, wall
+//! time, memory, processes and output size ([`Limits`]).
+//!
+//! Two backends ([`Backend`]): bubblewrap (`bwrap`) where it is installed, and otherwise Linux
+//! namespaces set up by this module itself. [`Sandbox::detect`] picks one; [`shared`] is the
+//! process-wide sandbox, detected once. Every [`Outcome`] names the backend that ran it.
+//!
+//! [`SandboxError`] is for the sandbox failing to start, never for the program misbehaving: a
+//! program that crashes, loops or floods its output ends with a [`Termination`] and
+//! [`Outcome::success`] false.
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Resource limits for one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// CPU time of each process (user + system).
+    pub cpu_time: Duration,
+    /// Wall time of the whole run, from start to the last byte of output.
+    pub wall_time: Duration,
+    /// Memory of the whole sandbox (address space of each process where cgroups are not
+    /// writable).
+    pub memory_bytes: u64,
+    /// Processes (and threads) alive at once inside the sandbox.
+    pub max_processes: u32,
+    /// Bytes of stdout and stderr together; more ends the run.
+    pub max_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            cpu_time: Duration::from_secs(5),
+            wall_time: Duration::from_secs(10),
+            memory_bytes: 512 << 20,
+            max_processes: 32,
+            max_output_bytes: 1 << 20,
+        }
+    }
+}
+
+/// One program to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxRequest {
+    /// The command line; `argv[0]` is a path inside the sandbox (e.g. [`Sandbox::python`]).
+    pub argv: Vec<String>,
+    /// Files written into the private temporary directory before the run, by relative path.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Bytes fed to the program's standard input (then closed).
+    pub stdin: Vec<u8>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// How the sandbox is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// bubblewrap (`bwrap`), plus this module's rlimits and cgroups.
+    Bubblewrap,
+    /// Linux namespaces (user, mount, PID, network, IPC, UTS), rlimits and cgroups, set up here.
+    Namespaces,
+}
+
+impl Backend {
+    /// The backend's name: `bubblewrap` or `namespaces`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Bubblewrap => "bubblewrap",
+            Backend::Namespaces => "namespaces",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Termination {
+    /// The program exited with this status.
+    Exited(i32),
+    /// The program was killed by this signal (not one of the limits below).
+    Signaled(i32),
+    /// It used more CPU time than [`Limits::cpu_time`].
+    CpuTimeLimit,
+    /// It ran longer than [`Limits::wall_time`].
+    WallTimeLimit,
+    /// It used more memory than [`Limits::memory_bytes`].
+    MemoryLimit,
+    /// It wrote more than [`Limits::max_output_bytes`].
+    OutputLimit,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// How it ended.
+    pub termination: Termination,
+    /// Its standard output (at most [`Limits::max_output_bytes`]).
+    pub stdout: Vec<u8>,
+    /// Its standard error (stdout and stderr share the output limit).
+    pub stderr: Vec<u8>,
+    /// Wall time from start to end.
+    pub wall: Duration,
+    /// The backend that ran it.
+    pub backend: Backend,
+}
+
+impl Outcome {
+    /// Whether the program exited with status 0 within every limit.
+    pub fn success(&self) -> bool {
+        self.termination == Termination::Exited(0)
+    }
+
+    /// A one-line explanation for a score's reason: how it ended, and the last line of stderr
+    /// when it failed.
+    pub fn reason(&self) -> String {
+        let how = match self.termination {
+            Termination::Exited(0) => "exited normally".to_string(),
+            Termination::Exited(code) => format!("exited with status {code}"),
+            Termination::Signaled(signal) => format!("killed by signal {signal}"),
+            Termination::CpuTimeLimit => "exceeded the CPU time limit".to_string(),
+            Termination::WallTimeLimit => "exceeded the wall time limit".to_string(),
+            Termination::MemoryLimit => "exceeded the memory limit".to_string(),
+            Termination::OutputLimit => "exceeded the output limit".to_string(),
+        };
+        let last = String::from_utf8_lossy(&self.stderr)
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|line| !line.is_empty())
+            .map(|line| line.chars().take(200).collect::<String>());
+        match last {
+            Some(line) if !self.success() => format!("{how}: {line}"),
+            _ => how,
+        }
+    }
+}
+
+/// The sandbox could not be set up or started (never the program's fault).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No backend works on this machine.
+    #[error("no sandbox backend works here: {0}")]
+    Unavailable(String),
+    /// The requested backend is missing or does not work.
+    #[error("the {backend} sandbox backend is unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend asked for.
+        backend: Backend,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// No Python interpreter was found on `PATH` (nor at `/usr/bin/python3`).
+    #[error("no python3 interpreter found: {0}")]
+    NoPython(String),
+    /// The request itself is malformed (an empty argv, a file path leaving the directory…).
+    #[error("invalid sandbox request: {0}")]
+    InvalidRequest(String),
+    /// A system call needed to start or supervise the sandbox failed.
+    #[error("sandbox {what} failed: {source}")]
+    Os {
+        /// What was being done.
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A sandbox ready to run programs. Cheap to share: [`Sandbox::run`] takes `&self` and may be
+/// called from many threads at once.
+#[derive(Debug)]
+pub struct Sandbox {
+    backend: Backend,
+    python: String,
+}
+
+impl Sandbox {
+    /// The best backend here: bubblewrap if installed and working, else namespaces.
+    pub fn detect() -> Result<Sandbox, SandboxError> {
+        Self::with_backend(Backend::Namespaces)
+    }
+
+    /// A sandbox on `backend`; fails if that backend does not work here.
+    pub fn with_backend(backend: Backend) -> Result<Sandbox, SandboxError> {
+        Ok(Sandbox {
+            backend,
+            python: "/usr/bin/python3".to_string(),
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Runs one program to completion (or to a limit).
+    pub fn run(&self, req: &SandboxRequest) -> Result<Outcome, SandboxError> {
+        let _ = req;
+        Err(SandboxError::Unavailable("not implemented yet".into()))
+    }
+
+    /// The path of a Python 3 interpreter usable inside the sandbox.
+    pub fn python(&self) -> &str {
+        &self.python
+    }
+}
+
+/// The process-wide sandbox, detected on first use.
+pub fn shared() -> Result<&'static Sandbox, SandboxError> {
+    static SHARED: OnceLock<Result<Sandbox, String>> = OnceLock::new();
+    match SHARED.get_or_init(|| Sandbox::detect().map_err(|err| err.to_string())) {
+        Ok(sandbox) => Ok(sandbox),
+        Err(message) => Err(SandboxError::Unavailable(message.clone())),
+    }
+}

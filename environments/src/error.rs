@@ -124,6 +124,17 @@ pub enum EnvError {
         /// What is wrong.
         message: String,
     },
+    /// A call to an environment on the far side of a wire (a gRPC plugin, a NeMo Gym server)
+    /// failed: unreachable, timed out, refused the token or answered with an error.
+    #[error("environment server {url}: {call}: {message}")]
+    Remote {
+        /// The server's address.
+        url: String,
+        /// What was being done (`Sample`, `POST /verify`…).
+        call: String,
+        /// What went wrong.
+        message: String,
+    },
     /// An environment was configured with impossible settings.
     #[error("invalid configuration for `{env}`: {message}")]
     InvalidConfig {

@@ -54,6 +54,27 @@ impl Environment for Echo {
         Err(Status::unimplemented("echo is single-turn"))
     }
 
+    async fn reference(
+        &self,
+        _: Request<chorus_proto::v1::ReferenceRequest>,
+    ) -> Result<Response<chorus_proto::v1::ReferenceResponse>, Status> {
+        Err(Status::unimplemented("echo has no reference solutions"))
+    }
+
+    async fn wrong_completions(
+        &self,
+        _: Request<chorus_proto::v1::WrongCompletionsRequest>,
+    ) -> Result<Response<chorus_proto::v1::WrongCompletionsResponse>, Status> {
+        Err(Status::unimplemented("echo has no wrong completions"))
+    }
+
+    async fn start(
+        &self,
+        _: Request<chorus_proto::v1::StartRequest>,
+    ) -> Result<Response<chorus_proto::v1::StartResponse>, Status> {
+        Err(Status::unimplemented("echo is single-turn"))
+    }
+
     async fn score(&self, req: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
         let req = req.into_inner();
         let prompt = req.task.map(|t| t.prompt).unwrap_or_default();
@@ -115,6 +136,7 @@ async fn call_with_the_token_succeeds() {
             seed: 42,
             split: Split::Train as i32,
             difficulty: None,
+            level: None,
         })
         .await
         .unwrap()

@@ -30,6 +30,12 @@ pub enum Category {
     Safety,
     /// Playing a game against an opponent.
     Game,
+    /// Querying data (text-to-SQL).
+    Data,
+    /// Software engineering: reading, searching and fixing a code base.
+    Software,
+    /// Open-ended chat judged by a reward model (RLHF).
+    Rlhf,
 }
 
 /// Whether an episode is one completion or several turns of actions and observations.

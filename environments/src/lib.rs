@@ -39,6 +39,7 @@
 //! | `safety` | safety | single | refuse harmful requests, answer harmless look-alikes |
 //! | `tool_agent` | tool use | multi | final answer after `lookup`/`calc` tool calls |
 //! | `game` | game | multi | tic-tac-toe result against the best forcible one |
+//! | `chat_rm` | RLHF | single | a reward model; by default a transparent rubric (key terms, length, format, no refusal, no loops) |
 //!
 //! # Invariants
 //!
@@ -58,6 +59,7 @@ pub mod chat;
 mod check;
 mod env;
 mod error;
+pub mod plugin;
 mod registry;
 pub mod sandbox;
 mod sampling;

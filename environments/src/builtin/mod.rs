@@ -2,6 +2,7 @@
 
 mod arithmetic;
 mod calendar;
+mod chat_rm;
 mod countdown;
 mod datasets;
 mod expr;
@@ -23,6 +24,7 @@ mod tool_agent;
 
 pub use arithmetic::Arithmetic;
 pub use calendar::Calendar;
+pub use chat_rm::{ChatRm, FormatRule, RewardRequest, RewardScorer, Rubric, RubricScorer};
 pub use countdown::Countdown;
 pub use function_calling::FunctionCalling;
 pub use game::Game;
@@ -61,6 +63,7 @@ pub fn builtin_registry() -> Registry {
         Arc::new(Game),
         Arc::new(Calendar),
         Arc::new(Safety),
+        Arc::new(ChatRm::default()),
     ];
     for env in builtins {
         // Built-in names are distinct constants, so this never replaces anything.
@@ -102,7 +105,7 @@ mod tests {
     #[test]
     fn every_builtin_passes_the_self_check_at_default_settings() {
         let registry = builtin_registry();
-        assert_eq!(registry.len(), 15);
+        assert_eq!(registry.len(), 16);
         let options = crate::CheckOptions {
             tasks_per_split: 4,
             ..crate::CheckOptions::default()

@@ -45,10 +45,16 @@ pub enum Algorithm {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEnvironment {
-    /// Name of a built-in environment (see `chorus env list`).
+    /// What kind of environment: `builtin` (default when `name` is given), `plugin` (default
+    /// when `url` is given) or `nemo_gym` (a NeMo Gym resources server at `url` with `dataset`).
+    pub kind: Option<String>,
+    /// Name of a built-in environment (see `chorus env list`); for `nemo_gym`, the name it is
+    /// registered and reported under (default `nemo_gym:<dataset file stem>`).
     pub name: Option<String>,
-    /// Address of an environment plugin server (`http://host:port`) instead of a built-in.
+    /// Address of an environment plugin server or NeMo Gym server (`http://host:port`).
     pub url: Option<String>,
+    /// For `nemo_gym`: the NeMo Gym JSONL data file (relative to the config file).
+    pub dataset: Option<PathBuf>,
     /// Relative sampling weight (> 0).
     pub weight: Option<f64>,
     /// Difficulty level (0 = learnable by a freshly initialised tiny model).
@@ -190,6 +196,7 @@ impl EnvironmentSpec {
         match &self.source {
             EnvironmentSource::Builtin(name) => name,
             EnvironmentSource::Remote(url) => url,
+            EnvironmentSource::NemoGym { name, .. } => name,
         }
     }
 }
@@ -201,6 +208,15 @@ pub enum EnvironmentSource {
     Builtin(String),
     /// A plugin server implementing the gRPC `Environment` service.
     Remote(String),
+    /// A NeMo Gym resources server (`POST /seed_session`, `POST /verify`) and its JSONL data.
+    NemoGym {
+        /// The registry key: the entry's `name`, or `nemo_gym:<dataset file stem>`.
+        name: String,
+        /// The server's address.
+        url: String,
+        /// The data rows.
+        dataset: PathBuf,
+    },
 }
 
 /// A validated stage.
@@ -339,6 +355,97 @@ impl Ctx<'_> {
     }
 }
 
+/// The source of one `environments` entry; `ek` makes the entry's dotted keys.
+fn environment_source(
+    ctx: &Ctx,
+    ek: &dyn Fn(&str) -> String,
+    kind: Option<String>,
+    name: Option<String>,
+    url: Option<String>,
+    dataset: Option<PathBuf>,
+) -> Result<EnvironmentSource, ConfigError> {
+    const KINDS: &str = "builtin, plugin, nemo_gym";
+    let checked_url = |u: String| {
+        if u.starts_with("http://") || u.starts_with("https://") {
+            Ok(u)
+        } else {
+            Err(ctx.err(
+                ek("url"),
+                format!("`{u}`; allowed: http://host:port or https://host:port"),
+            ))
+        }
+    };
+    let kind = match (kind.as_deref(), &name, &url) {
+        (Some(k), _, _) => k.to_string(),
+        (None, Some(_), None) => "builtin".into(),
+        (None, None, Some(_)) => "plugin".into(),
+        (None, _, _) => {
+            return Err(ctx.err(
+                ek("name"),
+                "give exactly one of `name` (built-in) and `url` (plugin), or `kind = \"nemo_gym\"` with `url` and `dataset`",
+            ));
+        }
+    };
+    if kind != "nemo_gym"
+        && let Some(d) = &dataset
+    {
+        return Err(ctx.err(
+            ek("dataset"),
+            format!(
+                "`{}` is only read by kind = \"nemo_gym\" (this entry is kind `{kind}`)",
+                d.display()
+            ),
+        ));
+    }
+    match kind.as_str() {
+        "builtin" => match (name, url) {
+            (Some(n), None) => Ok(EnvironmentSource::Builtin(n)),
+            _ => Err(ctx.err(
+                ek("name"),
+                "a builtin entry gives `name` (see `chorus env list`) and no `url`",
+            )),
+        },
+        "plugin" => match (name, url) {
+            (None, Some(u)) => Ok(EnvironmentSource::Remote(checked_url(u)?)),
+            _ => Err(ctx.err(
+                ek("url"),
+                "a plugin entry gives `url` (http://host:port) and no `name`; the plugin names itself",
+            )),
+        },
+        "nemo_gym" => {
+            let url = url.ok_or_else(|| {
+                ctx.err(
+                    ek("url"),
+                    "missing: a nemo_gym entry needs the resources server's `url` (http://host:port)",
+                )
+            })?;
+            let dataset = dataset.ok_or_else(|| {
+                ctx.err(
+                    ek("dataset"),
+                    "missing: a nemo_gym entry needs `dataset`, a NeMo Gym JSONL file",
+                )
+            })?;
+            let name = match name {
+                Some(n) if !n.is_empty() => n,
+                Some(_) => return Err(ctx.err(ek("name"), "empty; give a name or leave it out")),
+                None => format!(
+                    "nemo_gym:{}",
+                    dataset
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+            };
+            Ok(EnvironmentSource::NemoGym {
+                name,
+                url: checked_url(url)?,
+                dataset,
+            })
+        }
+        other => Err(ctx.err(ek("kind"), format!("`{other}`; allowed: {KINDS}"))),
+    }
+}
+
 fn device(ctx: &Ctx, key: &str, d: Option<String>) -> Result<String, ConfigError> {
     let d = d.unwrap_or_else(|| Defaults::DEVICE.to_string());
     let ok = d == "cpu"
@@ -362,6 +469,15 @@ impl RunConfig {
         let mut cfg = Self::from_toml_str(&text, &file)?;
         // Paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
+        for stage in &mut cfg.stages {
+            for env in &mut stage.environments {
+                if let EnvironmentSource::NemoGym { dataset, .. } = &mut env.source
+                    && dataset.is_relative()
+                {
+                    *dataset = base.join(&*dataset);
+                }
+            }
+        }
         for p in [
             &mut cfg.checkpoint,
             &mut cfg.init_config,
@@ -527,24 +643,7 @@ impl RunConfig {
             let mut environments = vec![];
             for (j, e) in envs.into_iter().enumerate() {
                 let ek = |f: &str| format!("stages[{i}].environments[{j}].{f}");
-                let source = match (e.name, e.url) {
-                    (Some(n), None) => EnvironmentSource::Builtin(n),
-                    (None, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
-                        EnvironmentSource::Remote(u)
-                    }
-                    (None, Some(u)) => {
-                        return Err(ctx.err(
-                            ek("url"),
-                            format!("`{u}`; allowed: http://host:port or https://host:port"),
-                        ));
-                    }
-                    _ => {
-                        return Err(ctx.err(
-                            ek("name"),
-                            "give exactly one of `name` (built-in) and `url` (plugin)",
-                        ));
-                    }
-                };
+                let source = environment_source(ctx, &ek, e.kind, e.name, e.url, e.dataset)?;
                 let weight = e.weight.unwrap_or(1.0);
                 if !(weight > 0.0 && weight.is_finite()) {
                     return Err(ctx.err(
@@ -685,6 +784,95 @@ sampling = { temperature = 0.9 }
             EnvironmentSource::Remote("http://127.0.0.1:9000".into())
         );
         assert_eq!(c.stages[1].temperature, 0.9);
+    }
+
+    #[test]
+    fn environment_kinds_parse_and_name_their_errors() {
+        let with = |envs: &str| {
+            GOOD.replace(
+                "environments = [{ name = \"arithmetic\", weight = 2.0 }, { url = \"http://127.0.0.1:9000\", weight = 1.0 }]",
+                &format!("environments = [{envs}]"),
+            )
+        };
+        let c = RunConfig::from_toml_str(
+            &with(
+                "{ kind = \"nemo_gym\", url = \"http://h:8000\", dataset = \"data/mcqa.jsonl\" }, \
+                 { kind = \"nemo_gym\", url = \"http://h:8001\", dataset = \"x.jsonl\", name = \"gym_x\" }, \
+                 { kind = \"plugin\", url = \"http://p:1\" }, { kind = \"builtin\", name = \"needle\" }",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        let keys: Vec<_> = c.stages[1].environments.iter().map(|e| e.key()).collect();
+        assert_eq!(keys, ["nemo_gym:mcqa", "gym_x", "http://p:1", "needle"]);
+        assert_eq!(
+            c.stages[1].environments[0].source,
+            EnvironmentSource::NemoGym {
+                name: "nemo_gym:mcqa".into(),
+                url: "http://h:8000".into(),
+                dataset: "data/mcqa.jsonl".into()
+            }
+        );
+        for (envs, key, allowed) in [
+            (
+                "{ kind = \"gym\", url = \"http://h:1\" }",
+                "environments[0].kind",
+                "builtin, plugin, nemo_gym",
+            ),
+            (
+                "{ kind = \"nemo_gym\", url = \"http://h:1\" }",
+                "environments[0].dataset",
+                "JSONL",
+            ),
+            (
+                "{ kind = \"nemo_gym\", dataset = \"d.jsonl\" }",
+                "environments[0].url",
+                "http://host:port",
+            ),
+            (
+                "{ kind = \"nemo_gym\", url = \"h:1\", dataset = \"d.jsonl\" }",
+                "environments[0].url",
+                "http://host:port",
+            ),
+            (
+                "{ name = \"mcqa\", dataset = \"d.jsonl\" }",
+                "environments[0].dataset",
+                "nemo_gym",
+            ),
+            (
+                "{ kind = \"plugin\", name = \"x\" }",
+                "environments[0].url",
+                "http://host:port",
+            ),
+        ] {
+            let e = RunConfig::from_toml_str(&with(envs), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(allowed), "{envs}: {e}");
+        }
+    }
+
+    #[test]
+    fn nemo_gym_datasets_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("chorus-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(
+            &path,
+            GOOD.replace(
+                "{ url = \"http://127.0.0.1:9000\", weight = 1.0 }",
+                "{ kind = \"nemo_gym\", url = \"http://h:1\", dataset = \"rows.jsonl\" }",
+            ),
+        )
+        .unwrap();
+        let c = RunConfig::from_file(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        match &c.stages[1].environments[1].source {
+            EnvironmentSource::NemoGym { dataset, .. } => {
+                assert_eq!(dataset, &dir.join("rows.jsonl"))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

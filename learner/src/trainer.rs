@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use chorus_model::engine::Nvfp4Policy;
 use chorus_model::{NemotronH, NemotronHConfig, Params, checkpoint};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,31 @@ pub struct LearnerConfig {
     /// Parameters whose names contain any of these strings are not updated (e.g. `"mtp."`
     /// during RL, `".gate.weight"` to freeze routers).
     pub freeze: Vec<String>,
+    /// Run the forward pass through NVFP4 weights with straight-through gradients, quantizing
+    /// the projections NVFP4 rollout workers quantize, so the policy being optimised is the one
+    /// the workers sample from. `None`: full precision.
+    pub nvfp4_forward: Option<Nvfp4Forward>,
+}
+
+/// Which projections the learner's NVFP4 forward pass quantizes: the same choice as the
+/// workers' (`workers.quantize = "nvfp4"`, `workers.keep_attention_f32`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Nvfp4Forward {
+    /// Keep attention projections in full precision.
+    pub keep_attention: bool,
+    /// Further weights to keep in full precision, as globs over weight names.
+    pub exclude: Vec<String>,
+}
+
+impl Nvfp4Forward {
+    /// The model's quantization policy with these choices.
+    pub fn policy(&self) -> Nvfp4Policy {
+        Nvfp4Policy {
+            keep_attention: self.keep_attention,
+            exclude: self.exclude.clone(),
+        }
+    }
 }
 
 /// What one step did. `skipped` holds the reason when the update was refused.
@@ -72,7 +98,10 @@ impl Trainer {
     /// Starts training `params` at version 0.
     pub fn new(model_cfg: NemotronHConfig, params: Params, config: LearnerConfig) -> Result<Self> {
         config.grpo.validate()?;
-        let model = NemotronH::new(&model_cfg, &params)?;
+        let model = match &config.nvfp4_forward {
+            Some(q) => NemotronH::new_nvfp4(&model_cfg, &params, &q.policy())?,
+            None => NemotronH::new(&model_cfg, &params)?,
+        };
         let trainable = params
             .vars()
             .iter()

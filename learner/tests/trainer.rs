@@ -328,7 +328,9 @@ fn loss_mask_excludes_observation_tokens() {
     let rl = |last: u32, mask: Option<Vec<bool>>| {
         let mut s = seq(&[3, 4], &[5, 9, last], &[-1.0, -2.0, -3.0], 1.0, 0);
         s.loss_mask = mask;
-        grpo_loss(t.model(), &[s], 0, &GrpoConfig::default()).unwrap().1
+        grpo_loss(t.model(), &[s], 0, &GrpoConfig::default())
+            .unwrap()
+            .1
     };
     let masked = Some(vec![true, false, false]);
     assert_eq!(rl(13, masked.clone()).loss, rl(17, masked).loss);

@@ -96,8 +96,14 @@ fn load_experts(p: &ParamPath, cfg: &MoeConfig, width: usize) -> Result<Vec<Mlp>
         return (0..cfg.num_experts)
             .map(|i| {
                 Ok(Mlp {
-                    up_proj: Linear::from_weight(up.get(i)?),
-                    down_proj: Linear::from_weight(down.get(i)?),
+                    up_proj: Linear::from_weight(up.get(i)?)
+                        .with_nvfp4(experts.pp(i).pp("up_proj").nvfp4_weight("weight", width)),
+                    down_proj: Linear::from_weight(down.get(i)?).with_nvfp4(
+                        experts
+                            .pp(i)
+                            .pp("down_proj")
+                            .nvfp4_weight("weight", cfg.expert_dim),
+                    ),
                 })
             })
             .collect();

@@ -121,7 +121,21 @@ pub struct NemotronH {
 impl NemotronH {
     /// Builds the model over `params` (which it shares: training the `Var`s trains the model).
     pub fn new(cfg: &NemotronHConfig, params: &Params) -> Result<Self> {
-        let root = params.root();
+        Self::build(cfg, params.root())
+    }
+
+    /// Builds the model over `params` with the projections that `policy` quantizes running
+    /// their forward pass through NVFP4 (straight-through gradients), so that training sees the
+    /// weights NVFP4 rollout workers sample from.
+    pub fn new_nvfp4(
+        cfg: &NemotronHConfig,
+        params: &Params,
+        policy: &crate::engine::Nvfp4Policy,
+    ) -> Result<Self> {
+        Self::build(cfg, params.root_nvfp4(policy))
+    }
+
+    fn build(cfg: &NemotronHConfig, root: crate::params::ParamPath<'_>) -> Result<Self> {
         let bb = root.pp("backbone");
         let d = cfg.hidden_size;
         let embeddings = bb.pp("embeddings").get("weight", &[cfg.vocab_size, d])?;

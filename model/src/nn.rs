@@ -3,9 +3,9 @@
 //! Everything here is written from candle's primitive ops so that backward is recorded: candle
 //! 0.11's fused `softmax_last_dim`, `rms_norm` and `RmsNorm::forward` record no gradient.
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::params::ParamPath;
 
 /// A linear projection without bias, `y = x Wᵀ` with `W: [out, in]` as HF stores it.
@@ -15,19 +15,33 @@ use crate::params::ParamPath;
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
+    /// The weight's name when the forward pass runs through NVFP4 (training through the
+    /// rollout workers' quantization).
+    nvfp4: Option<String>,
 }
 
 impl Linear {
-    /// Reads `<path>.weight` with shape `[out_dim, in_dim]`.
+    /// Reads `<path>.weight` with shape `[out_dim, in_dim]`; its forward pass goes through NVFP4
+    /// when the path's policy quantizes it.
     pub fn new(path: &ParamPath, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             weight: path.get("weight", &[out_dim, in_dim])?,
+            nvfp4: path.nvfp4_weight("weight", in_dim),
         })
     }
 
     /// Wraps an existing `[out, in]` weight.
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight }
+        Self {
+            weight,
+            nvfp4: None,
+        }
+    }
+
+    /// Runs the forward pass through NVFP4 as the weight `name` (`None`: full precision).
+    pub fn with_nvfp4(mut self, name: Option<String>) -> Self {
+        self.nvfp4 = name;
+        self
     }
 
     /// The weight `[out, in]`.
@@ -35,10 +49,43 @@ impl Linear {
         &self.weight
     }
 
+    /// Whether the forward pass runs through NVFP4.
+    pub fn is_nvfp4(&self) -> bool {
+        self.nvfp4.is_some()
+    }
+
     /// Applies the projection to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.weight.t()?)?)
+        let weight = match &self.nvfp4 {
+            Some(name) => nvfp4_straight_through(name, &self.weight)?,
+            None => self.weight.clone(),
+        };
+        Ok(x.broadcast_matmul(&weight.t()?)?)
     }
+}
+
+/// The weight as an NVFP4 rollout worker holds it, with a straight-through gradient: the
+/// forward value is `dequantize(quantize(W))` under the same rule and options the workers use,
+/// the backward pass treats the rounding as the identity, so the optimizer still updates the
+/// full-precision master weight.
+pub fn nvfp4_straight_through(name: &str, weight: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = weight.dims2()?;
+    let data: Vec<f32> = weight
+        .detach()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let q = chorus_kernels::Nvfp4Tensor::quantize(
+        name,
+        &data,
+        rows,
+        cols,
+        &chorus_kernels::QuantizeOptions::default(),
+    )
+    .map_err(|e| ModelError::Input(e.to_string()))?;
+    let dequantized = Tensor::from_vec(q.dequantize(), (rows, cols), weight.device())?
+        .to_dtype(weight.dtype())?;
+    Ok((weight + (dequantized - weight)?.detach())?)
 }
 
 /// RMSNorm with a learned scale, `w * x / sqrt(mean(x²) + eps)`, differentiable.

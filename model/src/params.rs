@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::engine::Nvfp4Policy;
 use crate::error::{ModelError, Result};
 
 /// Named model parameters (and buffers such as `e_score_correction_bias`).
@@ -68,6 +69,17 @@ impl Params {
         ParamPath {
             params: self,
             prefix: String::new(),
+            nvfp4: None,
+        }
+    }
+
+    /// A root path whose projections, where `policy` quantizes them, run their forward pass
+    /// through NVFP4 with straight-through gradients (see [`crate::nn::Linear`]).
+    pub fn root_nvfp4<'a>(&'a self, policy: &'a Nvfp4Policy) -> ParamPath<'a> {
+        ParamPath {
+            params: self,
+            prefix: String::new(),
+            nvfp4: Some(policy),
         }
     }
 
@@ -144,6 +156,7 @@ impl Params {
 pub struct ParamPath<'a> {
     params: &'a Params,
     prefix: String,
+    nvfp4: Option<&'a Nvfp4Policy>,
 }
 
 impl<'a> ParamPath<'a> {
@@ -157,7 +170,17 @@ impl<'a> ParamPath<'a> {
         ParamPath {
             params: self.params,
             prefix,
+            nvfp4: self.nvfp4,
         }
+    }
+
+    /// Whether the projection weight `name` below this path (input width `in_dim`) runs its
+    /// forward pass through NVFP4; returns its full name if so.
+    pub fn nvfp4_weight(&self, name: &str, in_dim: usize) -> Option<String> {
+        let full = self.name(name);
+        self.nvfp4
+            .filter(|policy| policy.quantizes(&full, in_dim))
+            .map(|_| full)
     }
 
     /// The full name of `name` below this path.

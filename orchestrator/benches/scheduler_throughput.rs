@@ -66,6 +66,7 @@ async fn measure(url: &str, label: &str) {
         rollouts: workers,
         learning: learner,
         stats: stats.clone(),
+        faults: Default::default(),
     });
     let start = Instant::now();
     run_rl_stage(ctx, stage.clone()).await.unwrap();

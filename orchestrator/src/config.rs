@@ -4,10 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::AdvantageKind;
+use crate::faults::FaultPolicy;
 
 /// An invalid configuration: names the key and what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,18 @@ pub struct RawRunConfig {
     pub learner: Option<RawLearner>,
     /// Stages, run in order.
     pub stages: Option<Vec<RawStage>>,
+    /// How environments that fail are handled.
+    pub environment_faults: Option<RawEnvironmentFaults>,
+}
+
+/// Environment fault handling, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvironmentFaults {
+    /// Longest one environment call may take, in seconds.
+    pub deadline_seconds: Option<f64>,
+    /// Faults an environment may cause before it is paused for the rest of the run.
+    pub error_budget: Option<u64>,
 }
 
 /// The policy, as written: an existing checkpoint or a new one from a config.
@@ -176,6 +190,9 @@ pub struct RawLearner {
     pub tis_cap: Option<f64>,
     /// `token_mean` or `seq_mean`.
     pub aggregation: Option<String>,
+    /// `nvfp4`: run the forward pass through the workers' NVFP4 weights (straight-through
+    /// gradients); absent: full precision.
+    pub quantize_forward: Option<String>,
 }
 
 /// A validated environment entry.
@@ -287,6 +304,8 @@ pub struct RunConfig {
     pub worker_keep_attention_f32: bool,
     /// Learner device.
     pub learner_device: String,
+    /// The learner's forward pass runs through the workers' NVFP4 weights.
+    pub learner_nvfp4_forward: bool,
     /// Gradient clip.
     pub max_grad_norm: f64,
     /// Lower clip.
@@ -299,6 +318,8 @@ pub struct RunConfig {
     pub aggregation: String,
     /// Stages in order.
     pub stages: Vec<Stage>,
+    /// Deadline and error budget of environment calls.
+    pub environment_faults: FaultPolicy,
 }
 
 /// Every default of the run configuration, in one place.
@@ -737,6 +758,22 @@ impl RunConfig {
                 }
             },
             worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(false),
+            learner_nvfp4_forward: match l.quantize_forward.as_deref() {
+                None => false,
+                Some("nvfp4") if w.quantize.as_deref() == Some("nvfp4") => true,
+                Some("nvfp4") => {
+                    return Err(ctx.err(
+                        "learner.quantize_forward",
+                        "`nvfp4` trains through the workers' NVFP4 weights, so it needs \
+                         workers.quantize = \"nvfp4\" too",
+                    ));
+                }
+                Some(o) => {
+                    return Err(
+                        ctx.err("learner.quantize_forward", format!("`{o}`; allowed: nvfp4"))
+                    );
+                }
+            },
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),
             eps_low,
@@ -744,8 +781,37 @@ impl RunConfig {
             tis_cap,
             aggregation,
             stages,
+            environment_faults: fault_policy(ctx, raw.environment_faults.unwrap_or_default())?,
         })
     }
+}
+
+fn fault_policy(ctx: &Ctx<'_>, raw: RawEnvironmentFaults) -> Result<FaultPolicy, ConfigError> {
+    let d = FaultPolicy::default();
+    let deadline = match raw.deadline_seconds {
+        None => d.deadline,
+        Some(s) if s > 0.0 && s.is_finite() && s <= 86_400.0 => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(ctx.err(
+                "environment_faults.deadline_seconds",
+                format!("{s}; allowed: a number of seconds in (0, 86400]"),
+            ));
+        }
+    };
+    let error_budget = match raw.error_budget {
+        None => d.error_budget,
+        Some(0) => {
+            return Err(ctx.err(
+                "environment_faults.error_budget",
+                "0; allowed: an integer >= 1 (faults before the environment is paused)",
+            ));
+        }
+        Some(n) => n,
+    };
+    Ok(FaultPolicy {
+        deadline,
+        error_budget,
+    })
 }
 
 #[cfg(test)]
@@ -913,6 +979,30 @@ sampling = { temperature = 0.9 }
                 "steps = 5\nbogus = 1",
                 "`bogus`",
                 "expected one of",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[environment_faults]\nerror_budget = 0",
+                "environment_faults.error_budget",
+                ">= 1",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[environment_faults]\ndeadline_seconds = -2",
+                "environment_faults.deadline_seconds",
+                "(0, 86400]",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\nquantize_forward = \"nvfp4\"",
+                "learner.quantize_forward",
+                "workers.quantize = \"nvfp4\"",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\nquantize_forward = \"fp8\"",
+                "learner.quantize_forward",
+                "allowed: nvfp4",
             ),
         ] {
             let text = GOOD.replace(from, to);

@@ -9,6 +9,7 @@
 
 pub mod advantage;
 pub mod config;
+pub mod faults;
 pub mod ledger;
 pub mod remote;
 pub mod scheduler;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use chorus_environments::{Registry, Split as EnvSplit, Task, chat};
+use chorus_environments::{Environment, Registry, Score, Split as EnvSplit, Task, Turns, chat};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, SamplingParams, Trajectory, TrajectoryGroup,
@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::advantage::group_advantages;
 use crate::config::Stage;
+use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
 
 /// A boxed future, so the traits stay object-safe.
@@ -113,6 +114,8 @@ pub struct StageContext {
     pub learning: Arc<dyn Learning>,
     /// Counters.
     pub stats: Arc<StageStats>,
+    /// Environment deadlines and error budgets, shared by every stage of the run.
+    pub faults: Arc<EnvFaults>,
 }
 
 /// Replacement prompts tried for one slot before its last group is sent as it is.
@@ -128,12 +131,12 @@ fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
         }
         u -= w;
     }
-    weights.len() - 1
+    // Rounding can leave `u` just past the end: take the last environment that can be drawn.
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
 
 /// Runs the RL stage `stage` to completion.
 pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
-    check_single_turn(&ctx, &stage)?;
     let base = ctx.learning.version();
     let mut tasks = tokio::task::JoinSet::new();
     for step in 0..stage.steps {
@@ -158,82 +161,404 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
     Ok(())
 }
 
-struct Scored {
-    response: GenerateResponse,
-    text: String,
-    reward: Option<f64>,
-    components: BTreeMap<String, f64>,
-    reason: String,
-    score_ms: u64,
-}
-
 /// What a prompt slot draws.
 struct Drawn {
     /// Seed of the draw, also the base of the group's sampling seeds.
     seed: u64,
     env_name: String,
-    env: Arc<dyn chorus_environments::Environment>,
-    task: Task,
+    env: Arc<dyn Environment>,
+    /// `Some(max_turns)` for a multi-turn environment.
+    multi_turn: Option<u32>,
+    task: Arc<Task>,
 }
 
-/// Picks an environment by weight and samples a training task, both from a seed derived from
-/// (run seed, stage, step, slot, attempt), so that a run's prompts are reproducible.
-fn draw(
+/// Why a draw produced no task.
+enum DrawError {
+    /// The stage cannot go on (every environment paused, one missing from the registry).
+    Fatal(SchedulerError),
+    /// This environment faulted; the next attempt draws again.
+    Fault,
+}
+
+/// Picks an environment by weight among those not paused, and samples a training task, both
+/// from a seed derived from (run seed, stage, step, slot, attempt), so that a run's prompts are
+/// reproducible.
+async fn draw(
     ctx: &StageContext,
     stage: &Stage,
-    weights: &[f64],
     step: u64,
     slot: usize,
     attempt: u32,
-) -> Result<Drawn, SchedulerError> {
+) -> Result<Drawn, DrawError> {
     let seed = ctx.seed
         ^ ((ctx.stage_index as u64) << 56)
         ^ (step << 32)
         ^ ((slot as u64) << 8)
         ^ attempt as u64;
     let mut rng = StdRng::seed_from_u64(seed);
-    let spec = &stage.environments[pick(weights, &mut rng)];
-    let env_name = &spec.key().to_string();
-    let env_err = |message: String| SchedulerError::Environment {
-        name: env_name.clone(),
-        message,
+    let weights: Vec<f64> = stage
+        .environments
+        .iter()
+        .map(|e| {
+            if ctx.faults.is_paused(e.key()) {
+                0.0
+            } else {
+                e.weight
+            }
+        })
+        .collect();
+    if weights.iter().all(|&w| w == 0.0) {
+        return Err(DrawError::Fatal(SchedulerError::Environment {
+            name: stage.name.clone(),
+            message: format!(
+                "every environment of the stage is paused after spending its error budget: {:?}",
+                ctx.faults.report()
+            ),
+        }));
+    }
+    let spec = &stage.environments[pick(&weights, &mut rng)];
+    let env_name = spec.key().to_string();
+    let env = ctx.registry.get(&env_name).map_err(|e| {
+        DrawError::Fatal(SchedulerError::Environment {
+            name: env_name.clone(),
+            message: e.to_string(),
+        })
+    })?;
+    let (task_seed, difficulty) = (rng.random(), spec.difficulty);
+    let sampled = {
+        let env = env.clone();
+        ctx.faults
+            .call(&env_name, move || {
+                let task = env.sample(task_seed, EnvSplit::Train, difficulty)?;
+                let info = env.info();
+                Ok((task, info))
+            })
+            .await
     };
-    let env = ctx
-        .registry
-        .get(env_name)
-        .map_err(|e| env_err(e.to_string()))?;
-    let task = env
-        .sample(rng.random(), EnvSplit::Train, spec.difficulty)
-        .map_err(|e| env_err(format!("sampling failed: {e}")))?;
+    let (task, info) = sampled.map_err(|_| DrawError::Fault)?;
+    if let Err(fault) = check_task(&task, &env_name) {
+        ctx.faults.record(&env_name, &fault);
+        return Err(DrawError::Fault);
+    }
     Ok(Drawn {
         seed,
-        env_name: env_name.clone(),
+        env_name,
         env,
-        task,
+        multi_turn: (info.turns == Turns::Multi).then_some(info.max_turns.max(1)),
+        task: Arc::new(task),
     })
 }
 
+/// A task that breaks the contract (made by another environment, no prompt) is a fault.
+fn check_task(task: &Task, env_name: &str) -> Result<(), EnvFault> {
+    if task.prompt.is_empty() {
+        return Err(EnvFault::Malformed(format!(
+            "task {} has an empty prompt",
+            task.id
+        )));
+    }
+    if task.id.is_empty() {
+        return Err(EnvFault::Malformed(format!(
+            "a task of `{env_name}` has an empty id"
+        )));
+    }
+    Ok(())
+}
+
+/// A score that breaks the contract (a non-finite reward or component) is a fault.
+fn check_score(score: Score) -> Result<Score, EnvFault> {
+    if !score.reward.is_finite() {
+        return Err(EnvFault::Malformed(format!(
+            "reward {} is not finite",
+            score.reward
+        )));
+    }
+    if let Some(c) = score.components.iter().find(|c| !c.value.is_finite()) {
+        return Err(EnvFault::Malformed(format!(
+            "reward component `{}` is {}",
+            c.name, c.value
+        )));
+    }
+    Ok(score)
+}
+
+/// One group member's requests: ids, sampling and limits.
+struct Member {
+    trajectory_id: String,
+    request_id: String,
+    prompt_id: String,
+    sampling: SamplingParams,
+    max_new_tokens: usize,
+    /// Longest conversation a later turn may be generated from.
+    max_context_tokens: usize,
+    stop: Vec<u32>,
+    min_version: u64,
+}
+
+/// What one group member's rollout (one completion, or a whole multi-turn episode) produced.
+struct Rollout {
+    trajectory_id: String,
+    request_id: String,
+    worker_id: String,
+    /// Everything after the prompt: the policy's tokens and, between its turns, observations.
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    versions: Vec<u64>,
+    /// Which tokens are the policy's; empty when all of them are (single-turn).
+    mask: Vec<bool>,
+    finish_reason: i32,
+    queue_ms: u64,
+    generate_ms: u64,
+    score_ms: u64,
+    text: String,
+    /// The score, or why the trajectory failed.
+    verdict: Result<Score, String>,
+}
+
+impl Rollout {
+    fn new(m: &Member) -> Self {
+        Self {
+            trajectory_id: m.trajectory_id.clone(),
+            request_id: m.request_id.clone(),
+            worker_id: String::new(),
+            tokens: vec![],
+            logprobs: vec![],
+            versions: vec![],
+            mask: vec![],
+            finish_reason: FinishReason::Unspecified as i32,
+            queue_ms: 0,
+            generate_ms: 0,
+            score_ms: 0,
+            text: String::new(),
+            verdict: Err("not generated".into()),
+        }
+    }
+
+    fn reward(&self) -> Option<f64> {
+        self.verdict.as_ref().ok().map(|s| s.reward)
+    }
+}
+
+/// Why a worker's response cannot be used, if it cannot.
+fn generation_failure(response: &GenerateResponse) -> Option<String> {
+    if !response.error.is_empty() {
+        return Some(format!("generation failed: {}", response.error));
+    }
+    if response.token_ids.len() != response.logprobs.len()
+        || response.token_ids.len() != response.policy_versions.len()
+        || response.token_ids.is_empty()
+    {
+        return Some(format!(
+            "malformed worker output: {} tokens, {} logprobs, {} versions",
+            response.token_ids.len(),
+            response.logprobs.len(),
+            response.policy_versions.len()
+        ));
+    }
+    None
+}
+
+/// Generates one completion (single-turn) or plays one episode (multi-turn: generate, step the
+/// environment, append its observation, generate again…) and scores it. Environment calls go
+/// through the fault guard, so a misbehaving environment fails this rollout alone.
+async fn play(
+    ctx: Arc<StageContext>,
+    drawn: Arc<(String, Arc<dyn Environment>, Option<u32>, Arc<Task>)>,
+    prompt_ids: Arc<Vec<u32>>,
+    m: Member,
+) -> Rollout {
+    let (env_name, env, multi_turn, task) = &*drawn;
+    let mut out = Rollout::new(&m);
+    let request = |turn: u32, context: Vec<u32>| {
+        let mut sampling = m.sampling;
+        sampling.seed = sampling
+            .seed
+            .map(|s| s.wrapping_add(u64::from(turn).wrapping_mul(0x9E37_79B9)));
+        GenerateRequest {
+            request_id: if turn == 0 {
+                m.request_id.clone()
+            } else {
+                format!("{}:turn{turn}", m.request_id)
+            },
+            run_id: ctx.run_id.clone(),
+            prompt_id: m.prompt_id.clone(),
+            trajectory_id: m.trajectory_id.clone(),
+            prompt_token_ids: context,
+            sampling: Some(sampling),
+            max_new_tokens: m.max_new_tokens as u32,
+            stop_token_ids: m.stop.clone(),
+            min_policy_version: m.min_version,
+        }
+    };
+    let decode = |ids: &[u32]| ctx.tokenizer.decode(ids, false).unwrap_or_default();
+    let Some(max_turns) = *multi_turn else {
+        let response = ctx.rollouts.generate(request(0, prompt_ids.to_vec())).await;
+        out.worker_id = response.worker_id.clone();
+        out.finish_reason = response.finish_reason;
+        out.queue_ms = response.queue_ms;
+        out.generate_ms = response.generate_ms;
+        if let Some(reason) = generation_failure(&response) {
+            out.tokens = response.token_ids;
+            out.verdict = Err(reason);
+            return out;
+        }
+        out.text = decode(&response.token_ids);
+        out.tokens = response.token_ids;
+        out.logprobs = response.logprobs;
+        out.versions = response.policy_versions;
+        let start = Instant::now();
+        let (env, task, text) = (env.clone(), task.clone(), out.text.clone());
+        out.verdict = score_with(&ctx, env_name, move || env.score(&task, &text)).await;
+        out.score_ms = start.elapsed().as_millis() as u64;
+        return out;
+    };
+
+    let mut episode = {
+        let (env, task) = (env.clone(), task.clone());
+        match ctx.faults.call(env_name, move || env.start(&task)).await {
+            Ok(e) => e,
+            Err(fault) => {
+                out.verdict = Err(format!("starting the episode: {fault}"));
+                return out;
+            }
+        }
+    };
+    let mut context = prompt_ids.to_vec();
+    let mut verdict = None;
+    for turn in 0..max_turns {
+        if context.len() > m.max_context_tokens {
+            verdict = Some(Ok(Score::zero(format!(
+                "the conversation reached {} tokens before turn {}, more than max_prompt_tokens = {}",
+                context.len(),
+                turn + 1,
+                m.max_context_tokens
+            ))));
+            break;
+        }
+        let response = ctx.rollouts.generate(request(turn, context.clone())).await;
+        out.worker_id = response.worker_id.clone();
+        out.finish_reason = response.finish_reason;
+        out.queue_ms += response.queue_ms;
+        out.generate_ms += response.generate_ms;
+        if let Some(reason) = generation_failure(&response) {
+            verdict = Some(Err(format!("turn {}: {reason}", turn + 1)));
+            break;
+        }
+        let closed = response
+            .token_ids
+            .last()
+            .is_some_and(|t| m.stop.contains(t));
+        let action = decode(&response.token_ids);
+        let last_version = *response.policy_versions.last().expect("checked non-empty");
+        context.extend(&response.token_ids);
+        out.mask
+            .extend(std::iter::repeat_n(true, response.token_ids.len()));
+        out.tokens.extend(response.token_ids);
+        out.logprobs.extend(response.logprobs);
+        out.versions.extend(response.policy_versions);
+
+        let start = Instant::now();
+        let stepped = {
+            let (env, task) = (env.clone(), task.clone());
+            ctx.faults
+                .call(env_name, move || {
+                    let outcome = env.step(&task, &mut episode, &action)?;
+                    Ok((episode, outcome))
+                })
+                .await
+        };
+        out.score_ms += start.elapsed().as_millis() as u64;
+        let (next, outcome) = match stepped {
+            Ok(v) => v,
+            Err(fault) => {
+                verdict = Some(Err(format!("turn {}: {fault}", turn + 1)));
+                break;
+            }
+        };
+        episode = next;
+        if outcome.done {
+            verdict = Some(match outcome.score.map(check_score) {
+                Some(Ok(score)) => Ok(score),
+                Some(Err(fault)) => {
+                    ctx.faults.record(env_name, &fault);
+                    Err(fault.to_string())
+                }
+                None => {
+                    let fault =
+                        EnvFault::Malformed("the episode ended without a score".to_string());
+                    ctx.faults.record(env_name, &fault);
+                    Err(fault.to_string())
+                }
+            });
+            break;
+        }
+        let between = chat::render_continuation(outcome.observation.as_ref(), closed);
+        let ids = match ctx.tokenizer.encode(&between) {
+            Ok(ids) => ids,
+            Err(e) => {
+                verdict = Some(Err(format!("tokenizing the observation: {e}")));
+                break;
+            }
+        };
+        context.extend(&ids);
+        out.mask.extend(std::iter::repeat_n(false, ids.len()));
+        out.logprobs.extend(std::iter::repeat_n(0.0, ids.len()));
+        out.versions
+            .extend(std::iter::repeat_n(last_version, ids.len()));
+        out.tokens.extend(ids);
+    }
+    out.text = decode(&out.tokens);
+    out.verdict = verdict.unwrap_or_else(|| {
+        Ok(Score::zero(format!(
+            "the episode did not end within {max_turns} turns"
+        )))
+    });
+    out
+}
+
+/// Scores through the fault guard and checks the score.
+async fn score_with<F>(ctx: &StageContext, env_name: &str, f: F) -> Result<Score, String>
+where
+    F: FnOnce() -> Result<Score, chorus_environments::EnvError> + Send + 'static,
+{
+    match ctx.faults.call(env_name, f).await.and_then(check_score) {
+        Ok(score) => Ok(score),
+        Err(fault) => {
+            if matches!(fault, EnvFault::Malformed(_)) {
+                ctx.faults.record(env_name, &fault);
+            }
+            Err(format!("scoring failed: {fault}"))
+        }
+    }
+}
+
 /// Fills one prompt slot of a step: sample, generate a group, score; retry on a dropped group.
+/// A slot always hands the learner one group (empty when every attempt failed), because the
+/// learner counts groups to know when a step is complete.
 async fn run_slot(
-    ctx: &StageContext,
+    ctx: &Arc<StageContext>,
     stage: &Stage,
     step: u64,
     min_version: u64,
     slot: usize,
 ) -> Result<(), SchedulerError> {
-    let weights: Vec<f64> = stage.environments.iter().map(|e| e.weight).collect();
     let stop: Vec<u32> = chat::STOP_SEQUENCES
         .iter()
         .filter_map(|s| ctx.tokenizer.token_id(s))
         .collect();
     for attempt in 0..MAX_ATTEMPTS {
+        let last_attempt = attempt + 1 == MAX_ATTEMPTS;
         let Drawn {
             seed,
             env_name,
             env,
+            multi_turn,
             task,
-            ..
-        } = draw(ctx, stage, &weights, step, slot, attempt)?;
+        } = match draw(ctx, stage, step, slot, attempt).await {
+            Ok(d) => d,
+            Err(DrawError::Fatal(e)) => return Err(e),
+            Err(DrawError::Fault) => continue,
+        };
         let env_name = &env_name;
         let group_id = format!(
             "{}:s{}:{}:{}:a{}",
@@ -245,7 +570,7 @@ async fn run_slot(
             .tokenizer
             .encode(&prompt_text)
             .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-        let task_json = serde_json::to_string(&task).expect("tasks serialise");
+        let task_json = serde_json::to_string(&*task).expect("tasks serialise");
         ctx.ledger
             .record_prompts_dispatched(vec![NewPrompt {
                 id: prompt_id.clone(),
@@ -272,94 +597,44 @@ async fn run_slot(
             continue;
         }
 
-        // Generate the group.
-        let requests = (0..stage.group_size).map(|i| GenerateRequest {
-            request_id: format!("{prompt_id}:r{i}"),
-            run_id: ctx.run_id.clone(),
-            prompt_id: prompt_id.clone(),
-            trajectory_id: format!("{prompt_id}:t{i}"),
-            prompt_token_ids: prompt_ids.clone(),
-            sampling: Some(SamplingParams {
-                temperature: stage.temperature,
-                top_p: stage.top_p,
-                top_k: stage.top_k as u32,
-                seed: Some(seed.wrapping_mul(31).wrapping_add(i as u64)),
-            }),
-            max_new_tokens: stage.max_new_tokens as u32,
-            stop_token_ids: stop.clone(),
-            min_policy_version: min_version,
-        });
-        let responses = futures_join(requests.map(|r| ctx.rollouts.generate(r)).collect()).await;
-        ctx.ledger.mark_generated([prompt_id.as_str()]).await?;
-
-        // Score.
-        let mut scored = Vec::with_capacity(responses.len());
-        for response in responses {
-            let start = Instant::now();
-            if !response.error.is_empty() {
-                scored.push(Scored {
-                    reason: format!("generation failed: {}", response.error),
-                    response,
-                    text: String::new(),
-                    reward: None,
-                    components: BTreeMap::new(),
-                    score_ms: 0,
-                });
-                continue;
-            }
-            if response.token_ids.len() != response.logprobs.len()
-                || response.token_ids.len() != response.policy_versions.len()
-                || response.token_ids.is_empty()
-            {
-                let reason = format!(
-                    "malformed worker output: {} tokens, {} logprobs, {} versions",
-                    response.token_ids.len(),
-                    response.logprobs.len(),
-                    response.policy_versions.len()
-                );
-                scored.push(Scored {
-                    reason,
-                    response,
-                    text: String::new(),
-                    reward: None,
-                    components: BTreeMap::new(),
-                    score_ms: 0,
-                });
-                continue;
-            }
-            let text = ctx
-                .tokenizer
-                .decode(&response.token_ids, false)
-                .unwrap_or_default();
-            let (reward, components, reason) = match env.score(&task, &text) {
-                Ok(s) => (Some(s.reward), s.components_map(), s.reason),
-                Err(e) => (None, BTreeMap::new(), format!("scoring failed: {e}")),
+        // Generate (and, for multi-turn environments, play) the group, then score it.
+        let drawn = Arc::new((env_name.clone(), env, multi_turn, task));
+        let prompt_ids = Arc::new(prompt_ids);
+        let members = (0..stage.group_size).map(|i| {
+            let m = Member {
+                trajectory_id: format!("{prompt_id}:t{i}"),
+                request_id: format!("{prompt_id}:r{i}"),
+                prompt_id: prompt_id.clone(),
+                sampling: SamplingParams {
+                    temperature: stage.temperature,
+                    top_p: stage.top_p,
+                    top_k: stage.top_k as u32,
+                    seed: Some(seed.wrapping_mul(31).wrapping_add(i as u64)),
+                },
+                max_new_tokens: stage.max_new_tokens,
+                max_context_tokens: stage.max_prompt_tokens,
+                stop: stop.clone(),
+                min_version,
             };
-            scored.push(Scored {
-                response,
-                text,
-                reward,
-                components,
-                reason,
-                score_ms: start.elapsed().as_millis() as u64,
-            });
-        }
+            Box::pin(play(ctx.clone(), drawn.clone(), prompt_ids.clone(), m)) as BoxFuture<Rollout>
+        });
+        let rollouts = futures_join(members.collect()).await;
+        ctx.ledger.mark_generated([prompt_id.as_str()]).await?;
         ctx.ledger.mark_scored([prompt_id.as_str()]).await?;
 
-        let usable: Vec<usize> = (0..scored.len())
-            .filter(|&i| scored[i].reward.is_some())
+        let usable: Vec<usize> = (0..rollouts.len())
+            .filter(|&i| rollouts[i].verdict.is_ok())
             .collect();
         let rewards: Vec<f64> = usable
             .iter()
-            .map(|&i| scored[i].reward.expect("usable"))
+            .map(|&i| rollouts[i].reward().expect("usable"))
             .collect();
         let advantages = group_advantages(&rewards, stage.advantage);
-        let last_attempt = attempt + 1 == MAX_ATTEMPTS;
         let drop_reason = if usable.len() < 2 {
             Some(format!(
                 "{} of {} completions usable; a group needs 2",
                 usable.len(),
-                scored.len()
+                rollouts.len()
             ))
         } else if advantages.is_none() && stage.drop_zero_variance && !last_attempt {
             Some("zero reward variance: every completion scored the same".to_string())
@@ -369,44 +644,53 @@ async fn run_slot(
         let advantages = advantages.unwrap_or_else(|| vec![0.0; rewards.len()]);
 
         // Record every trajectory, usable or not.
-        let mut rows = Vec::with_capacity(scored.len());
-        for s in &scored {
-            let failed = s.reward.is_none();
+        let mut rows = Vec::with_capacity(rollouts.len());
+        for r in &rollouts {
+            let (reward, components, reason, status) = match &r.verdict {
+                Ok(s) => (
+                    Some(s.reward),
+                    s.components_map(),
+                    s.reason.clone(),
+                    TrajectoryStatus::Ok,
+                ),
+                Err(reason) => {
+                    ctx.stats
+                        .trajectories_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    (
+                        None,
+                        BTreeMap::new(),
+                        reason.clone(),
+                        TrajectoryStatus::Failed {
+                            reason: reason.clone(),
+                        },
+                    )
+                }
+            };
             rows.push(NewTrajectory {
-                id: s.response.trajectory_id.clone(),
+                id: r.trajectory_id.clone(),
                 run_id: ctx.run_id.clone(),
                 prompt_id: prompt_id.clone(),
                 group_id: group_id.clone(),
                 environment: env_name.clone(),
-                worker_id: s.response.worker_id.clone(),
-                prompt_token_ids: prompt_ids.clone(),
-                completion_token_ids: s.response.token_ids.clone(),
-                completion_text: s.text.clone(),
-                logprobs: s.response.logprobs.clone(),
-                policy_versions: s.response.policy_versions.clone(),
-                finish_reason: FinishReason::try_from(s.response.finish_reason)
+                worker_id: r.worker_id.clone(),
+                prompt_token_ids: prompt_ids.to_vec(),
+                completion_token_ids: r.tokens.clone(),
+                completion_text: r.text.clone(),
+                logprobs: r.logprobs.clone(),
+                policy_versions: r.versions.clone(),
+                finish_reason: FinishReason::try_from(r.finish_reason)
                     .unwrap_or(FinishReason::Unspecified),
-                reward: s.reward,
-                reward_components: s.components.clone(),
-                reason: Some(s.reason.clone()),
-                status: if failed {
-                    TrajectoryStatus::Failed {
-                        reason: s.reason.clone(),
-                    }
-                } else {
-                    TrajectoryStatus::Ok
-                },
+                reward,
+                reward_components: components,
+                reason: Some(reason),
+                status,
                 timings: Timings {
-                    queue_ms: s.response.queue_ms,
-                    generate_ms: s.response.generate_ms,
-                    score_ms: s.score_ms,
+                    queue_ms: r.queue_ms,
+                    generate_ms: r.generate_ms,
+                    score_ms: r.score_ms,
                 },
             });
-            if failed {
-                ctx.stats
-                    .trajectories_failed
-                    .fetch_add(1, Ordering::Relaxed);
-            }
         }
         ctx.ledger.insert_trajectories(rows).await?;
         if let Some(reason) = drop_reason {
@@ -421,20 +705,21 @@ async fn run_slot(
             .iter()
             .zip(&advantages)
             .map(|(&i, &adv)| {
-                let s = &scored[i];
+                let r = &rollouts[i];
+                let score = r.verdict.as_ref().expect("usable");
                 Trajectory {
-                    trajectory_id: s.response.trajectory_id.clone(),
-                    request_id: s.response.request_id.clone(),
+                    trajectory_id: r.trajectory_id.clone(),
+                    request_id: r.request_id.clone(),
                     prompt_id: prompt_id.clone(),
-                    prompt_token_ids: prompt_ids.clone(),
-                    completion_token_ids: s.response.token_ids.clone(),
-                    logprobs: s.response.logprobs.clone(),
-                    policy_versions: s.response.policy_versions.clone(),
-                    completion_mask: vec![],
-                    reward: s.reward.expect("usable"),
-                    reward_components: s.components.clone().into_iter().collect(),
-                    finish_reason: s.response.finish_reason,
-                    worker_id: s.response.worker_id.clone(),
+                    prompt_token_ids: prompt_ids.to_vec(),
+                    completion_token_ids: r.tokens.clone(),
+                    logprobs: r.logprobs.clone(),
+                    policy_versions: r.versions.clone(),
+                    completion_mask: r.mask.clone(),
+                    reward: score.reward,
+                    reward_components: score.components_map().into_iter().collect(),
+                    finish_reason: r.finish_reason,
+                    worker_id: r.worker_id.clone(),
                     advantage: adv,
                 }
             })
@@ -471,7 +756,37 @@ async fn run_slot(
         ctx.stats.max_lag.fetch_max(lag, Ordering::Relaxed);
         return Ok(());
     }
-    Ok(())
+    submit_empty(ctx, stage, step, slot, false).await
+}
+
+/// Hands the learner an empty group for a slot whose every attempt failed, so that the step
+/// still completes (the learner counts groups).
+async fn submit_empty(
+    ctx: &StageContext,
+    stage: &Stage,
+    step: u64,
+    slot: usize,
+    supervised: bool,
+) -> Result<(), SchedulerError> {
+    eprintln!(
+        "stage `{}` step {step} slot {slot}: no usable group after {MAX_ATTEMPTS} attempts",
+        stage.name
+    );
+    ctx.learning
+        .submit(TrajectoryGroup {
+            run_id: ctx.run_id.clone(),
+            group_id: format!(
+                "{}:s{}:{}:{}:empty",
+                ctx.run_id, ctx.stage_index, step, slot
+            ),
+            environment: String::new(),
+            trajectories: vec![],
+            supervised,
+            step_groups: stage.prompts_per_step as u32,
+            learning_rate: stage.lr,
+        })
+        .await
+        .map_err(SchedulerError::Learner)
 }
 
 /// Awaits all futures concurrently, keeping their order.
@@ -484,62 +799,96 @@ async fn futures_join<T: Send + 'static>(futures: Vec<BoxFuture<T>>) -> Vec<T> {
     out
 }
 
-fn check_single_turn(ctx: &StageContext, stage: &Stage) -> Result<(), SchedulerError> {
-    for e in &stage.environments {
-        let name = e.key();
-        let env = ctx
-            .registry
-            .get(name)
-            .map_err(|err| SchedulerError::Environment {
-                name: name.to_string(),
-                message: err.to_string(),
-            })?;
-        if env.info().turns == chorus_environments::Turns::Multi {
-            return Err(SchedulerError::Environment {
-                name: name.to_string(),
-                message: "multi-turn environments are not scheduled yet; use single-turn ones"
-                    .into(),
-            });
+/// The reference policy's episode as text segments, each marked with whether the policy wrote
+/// it: one closed turn for a single-turn environment; actions and the observations between them
+/// for a multi-turn one.
+fn reference_segments(
+    env: &dyn Environment,
+    task: &Task,
+    multi_turn: Option<u32>,
+) -> Result<Vec<(String, bool)>, chorus_environments::EnvError> {
+    let end_of_turn = chat::STOP_SEQUENCES[0];
+    let Some(max_turns) = multi_turn else {
+        return Ok(vec![(
+            format!("{}{end_of_turn}", env.reference(task)?),
+            true,
+        )]);
+    };
+    let mut segments = vec![];
+    let mut episode = env.start(task)?;
+    while episode.turn < max_turns {
+        let action = env.reference_action(task, &episode)?;
+        let outcome = env.step(task, &mut episode, &action)?;
+        segments.push((format!("{action}{end_of_turn}"), true));
+        if outcome.done {
+            return Ok(segments);
         }
+        segments.push((
+            chat::render_continuation(outcome.observation.as_ref(), true),
+            false,
+        ));
     }
-    Ok(())
+    Err(chorus_environments::EnvError::BadEpisodeState {
+        task_id: task.id.clone(),
+        message: format!("the reference policy did not finish within {max_turns} turns"),
+    })
 }
 
 /// Runs a supervised warm-up stage: each step sends `prompts_per_step` tasks with the
-/// environment's reference solution as the completion, and waits for the learner to apply them.
+/// environment's reference solution (for a multi-turn environment, the reference policy's whole
+/// episode, observations masked out) as the completion, and waits for the learner to apply them.
 pub async fn run_sft_stage(
     ctx: Arc<StageContext>,
     stage: Arc<Stage>,
 ) -> Result<(), SchedulerError> {
-    check_single_turn(&ctx, &stage)?;
-    let weights: Vec<f64> = stage.environments.iter().map(|e| e.weight).collect();
-    let end_of_turn = chat::STOP_SEQUENCES[0];
     let base = ctx.learning.version();
     for step in 0..stage.steps {
         let mut prompts = vec![];
         let mut trajectories = vec![];
         let mut groups = vec![];
         for slot in 0..stage.prompts_per_step {
-            let Drawn {
-                env_name,
-                env,
-                task,
-                ..
-            } = draw(&ctx, &stage, &weights, step, slot, 0)?;
-            let env_name = &env_name;
-            let err = |e: chorus_environments::EnvError| SchedulerError::Environment {
-                name: env_name.clone(),
-                message: e.to_string(),
+            let mut example = None;
+            for attempt in 0..MAX_ATTEMPTS {
+                let drawn = match draw(&ctx, &stage, step, slot, attempt).await {
+                    Ok(d) => d,
+                    Err(DrawError::Fatal(e)) => return Err(e),
+                    Err(DrawError::Fault) => continue,
+                };
+                let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
+                let segments = ctx
+                    .faults
+                    .call(&drawn.env_name, move || {
+                        reference_segments(env.as_ref(), &task, multi)
+                    })
+                    .await;
+                if let Ok(segments) = segments {
+                    example = Some((drawn, segments));
+                    break;
+                }
+            }
+            let Some((drawn, segments)) = example else {
+                groups.push(None);
+                continue;
             };
-            let reference = env.reference(&task).map_err(err)?;
+            let env_name = &drawn.env_name;
+            let task = &drawn.task;
             let prompt_ids = ctx
                 .tokenizer
                 .encode(&chat::render_prompt(&task.prompt))
                 .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-            let completion_ids = ctx
-                .tokenizer
-                .encode(&format!("{reference}{end_of_turn}"))
-                .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+            let (mut completion_ids, mut mask) = (vec![], vec![]);
+            for (text, policy) in &segments {
+                let ids = ctx
+                    .tokenizer
+                    .encode(text)
+                    .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+                mask.extend(std::iter::repeat_n(*policy, ids.len()));
+                completion_ids.extend(ids);
+            }
+            if mask.iter().all(|&m| m) {
+                mask.clear();
+            }
+            let completion_text: String = segments.iter().map(|s| s.0.as_str()).collect();
             let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
             let prompt_id = format!("{group_id}:p");
             prompts.push(NewPrompt {
@@ -548,7 +897,7 @@ pub async fn run_sft_stage(
                 group_id: group_id.clone(),
                 environment: env_name.clone(),
                 split: Split::Train,
-                task_json: serde_json::to_string(&task).expect("tasks serialise"),
+                task_json: serde_json::to_string(&**task).expect("tasks serialise"),
                 step_dispatched: base + step,
             });
             trajectories.push(NewTrajectory {
@@ -560,7 +909,7 @@ pub async fn run_sft_stage(
                 worker_id: "reference".into(),
                 prompt_token_ids: prompt_ids.clone(),
                 completion_token_ids: completion_ids.clone(),
-                completion_text: reference.clone(),
+                completion_text,
                 logprobs: vec![],
                 policy_versions: vec![],
                 finish_reason: FinishReason::Stop,
@@ -570,7 +919,7 @@ pub async fn run_sft_stage(
                 status: TrajectoryStatus::Ok,
                 timings: Timings::default(),
             });
-            groups.push(TrajectoryGroup {
+            groups.push(Some(TrajectoryGroup {
                 run_id: ctx.run_id.clone(),
                 group_id,
                 environment: env_name.clone(),
@@ -579,6 +928,7 @@ pub async fn run_sft_stage(
                     prompt_id,
                     prompt_token_ids: prompt_ids,
                     completion_token_ids: completion_ids,
+                    completion_mask: mask,
                     reward: 1.0,
                     worker_id: "reference".into(),
                     ..Default::default()
@@ -586,24 +936,29 @@ pub async fn run_sft_stage(
                 supervised: true,
                 step_groups: stage.prompts_per_step as u32,
                 learning_rate: stage.lr,
-            });
+            }));
         }
         let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+        let submitted = ids.len() as u64;
         ctx.ledger.record_prompts_dispatched(prompts).await?;
         ctx.ledger.insert_trajectories(trajectories).await?;
-        for g in groups {
-            ctx.learning
-                .submit(g)
-                .await
-                .map_err(SchedulerError::Learner)?;
+        for (slot, g) in groups.into_iter().enumerate() {
+            match g {
+                Some(g) => ctx
+                    .learning
+                    .submit(g)
+                    .await
+                    .map_err(SchedulerError::Learner)?,
+                None => submit_empty(&ctx, &stage, step, slot, true).await?,
+            }
         }
         ctx.ledger.mark_consumed(ids, base + step).await?;
         ctx.stats
             .groups_submitted
-            .fetch_add(stage.prompts_per_step as u64, Ordering::Relaxed);
+            .fetch_add(submitted, Ordering::Relaxed);
         ctx.stats
             .trajectories_submitted
-            .fetch_add(stage.prompts_per_step as u64, Ordering::Relaxed);
+            .fetch_add(submitted, Ordering::Relaxed);
         ctx.learning.wait_version(base + step + 1).await;
     }
     Ok(())
@@ -621,12 +976,14 @@ pub struct Accuracy {
 }
 
 /// Greedy accuracy on `n` held-out tasks of each environment (at its given difficulty), with
-/// the policy version `min_version` or newer.
+/// the policy version `min_version` or newer. Multi-turn environments play whole episodes.
+/// A task the environment fails to sample or score counts as not solved.
 pub async fn evaluate(
-    ctx: &StageContext,
+    ctx: &Arc<StageContext>,
     envs: &[(String, u32)],
     n: usize,
     max_new_tokens: usize,
+    max_prompt_tokens: usize,
     min_version: u64,
 ) -> Result<BTreeMap<String, Accuracy>, SchedulerError> {
     let stop: Vec<u32> = chat::STOP_SEQUENCES
@@ -642,48 +999,48 @@ pub async fn evaluate(
                 name: name.clone(),
                 message: e.to_string(),
             })?;
-        let mut tasks = vec![];
         let mut futures = vec![];
         for i in 0..n {
-            let task = env
-                .sample(1_000_000 + i as u64, EnvSplit::Heldout, *difficulty)
-                .map_err(|e| SchedulerError::Environment {
-                    name: name.clone(),
-                    message: e.to_string(),
-                })?;
+            let (env2, difficulty) = (env.clone(), *difficulty);
+            let sampled = ctx
+                .faults
+                .call(name, move || {
+                    let task = env2.sample(1_000_000 + i as u64, EnvSplit::Heldout, difficulty)?;
+                    Ok((task, env2.info()))
+                })
+                .await;
+            let Ok((task, info)) = sampled else {
+                continue;
+            };
             let prompt_ids = ctx
                 .tokenizer
                 .encode(&chat::render_prompt(&task.prompt))
                 .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-            futures.push(ctx.rollouts.generate(GenerateRequest {
-                request_id: format!("eval:{name}:{min_version}:{i}"),
-                run_id: ctx.run_id.clone(),
-                prompt_id: format!("eval:{name}:{i}"),
+            let multi = (info.turns == Turns::Multi).then_some(info.max_turns.max(1));
+            let drawn = Arc::new((name.clone(), env.clone(), multi, Arc::new(task)));
+            let m = Member {
                 trajectory_id: format!("eval:{name}:{min_version}:{i}"),
-                prompt_token_ids: prompt_ids,
-                sampling: Some(SamplingParams {
+                request_id: format!("eval:{name}:{min_version}:{i}"),
+                prompt_id: format!("eval:{name}:{i}"),
+                sampling: SamplingParams {
                     temperature: 0.0,
                     top_p: 1.0,
                     top_k: 0,
                     seed: Some(0),
-                }),
-                max_new_tokens: max_new_tokens as u32,
-                stop_token_ids: stop.clone(),
-                min_policy_version: min_version,
-            }));
-            tasks.push(task);
+                },
+                max_new_tokens,
+                max_context_tokens: max_prompt_tokens,
+                stop: stop.clone(),
+                min_version,
+            };
+            futures
+                .push(Box::pin(play(ctx.clone(), drawn, Arc::new(prompt_ids), m))
+                    as BoxFuture<Rollout>);
         }
-        let responses = futures_join(futures).await;
+        let rollouts = futures_join(futures).await;
         let (mut full, mut total) = (0usize, 0f64);
-        for (task, r) in tasks.iter().zip(responses) {
-            if !r.error.is_empty() {
-                continue;
-            }
-            let text = ctx
-                .tokenizer
-                .decode(&r.token_ids, false)
-                .unwrap_or_default();
-            if let Ok(s) = env.score(task, &text) {
+        for r in &rollouts {
+            if let Ok(s) = &r.verdict {
                 total += s.reward;
                 if s.is_full() {
                     full += 1;

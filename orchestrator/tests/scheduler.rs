@@ -127,6 +127,7 @@ async fn run(
         rollouts: workers,
         learning: learner.clone(),
         stats: stats.clone(),
+        faults: Default::default(),
     });
     run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
         .await

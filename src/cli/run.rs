@@ -19,6 +19,7 @@ use chorus_model::engine::{EngineOptions, Nvfp4Policy};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
 use chorus_orchestrator::config::{RunConfig, StageKind};
+use chorus_orchestrator::faults::EnvFaults;
 use chorus_orchestrator::ledger::{Ledger, NewRun, RunStatus};
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{
@@ -201,6 +202,12 @@ pub async fn start_learner(
         } else {
             vec![]
         },
+        nvfp4_forward: cfg
+            .learner_nvfp4_forward
+            .then(|| chorus_learner::Nvfp4Forward {
+                keep_attention: cfg.worker_keep_attention_f32,
+                exclude: vec![],
+            }),
     };
     let trainer = Trainer::new(model_cfg, params, learner_cfg)?;
     let handle = spawn_learner(
@@ -324,6 +331,7 @@ pub async fn orchestrate(
         rollouts: pool.clone(),
         learning: remote_learner.clone(),
         stats: stats.clone(),
+        faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
     };
     eprintln!(
         "run {run_id}: {} workers, learner at {learner_url}, ledger {db}",
@@ -383,6 +391,12 @@ pub async fn orchestrate(
         .map(|s| s.max_new_tokens)
         .max()
         .unwrap_or(32);
+    let eval_context = cfg
+        .stages
+        .iter()
+        .map(|s| s.max_prompt_tokens)
+        .max()
+        .unwrap_or(256);
     let mut before = None;
     for (i, stage) in cfg.stages.iter().enumerate() {
         ctx.stage_index = i;
@@ -398,6 +412,7 @@ pub async fn orchestrate(
                     &eval_envs,
                     eval_tasks,
                     eval_tokens,
+                    eval_context,
                     ctx.learning.version(),
                 )
                 .await?,
@@ -427,7 +442,15 @@ pub async fn orchestrate(
     }
     // Let the learner finish the last step before measuring.
     let final_version = ctx.learning.version();
-    let after = evaluate(&ctx, &eval_envs, eval_tasks, eval_tokens, final_version).await?;
+    let after = evaluate(
+        &Arc::new(ctx.clone()),
+        &eval_envs,
+        eval_tasks,
+        eval_tokens,
+        eval_context,
+        final_version,
+    )
+    .await?;
     eprintln!("after RL:  {}", accuracy_line(&after));
     let before = before.unwrap_or_default();
     let mut envs = serde_json::Map::new();
@@ -455,6 +478,7 @@ pub async fn orchestrate(
         "steps": ctx.learning.version(),
         "trajectories": consumed,
         "wall_seconds": started.elapsed().as_secs_f64(),
+        "environment_faults": ctx.faults.report(),
     });
     let path = out_dir.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;

@@ -45,7 +45,8 @@ pub struct Nvfp4Policy {
 }
 
 impl Nvfp4Policy {
-    fn quantizes(&self, weight_name: &str, in_dim: usize) -> bool {
+    /// Whether the projection weight `weight_name` with input width `in_dim` becomes NVFP4.
+    pub fn quantizes(&self, weight_name: &str, in_dim: usize) -> bool {
         let attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
             .iter()
             .any(|p| weight_name.ends_with(&format!(".{p}.weight")));

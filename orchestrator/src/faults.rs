@@ -1,0 +1,214 @@
+//! Environment faults: every call into an environment runs on a blocking thread under a deadline,
+//! so an environment that panics, returns an error, hangs or returns malformed data fails only the
+//! prompt or trajectory it was working on. Each environment has an error budget; once it is
+//! spent the environment is paused for the rest of the run, reported, and the scheduler draws
+//! from the others.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chorus_environments::EnvError;
+
+/// How much misbehaviour an environment is allowed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaultPolicy {
+    /// Longest one environment call (sample, score, step…) may take.
+    pub deadline: Duration,
+    /// Faults an environment may cause before it is paused.
+    pub error_budget: u64,
+}
+
+impl Default for FaultPolicy {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(30),
+            error_budget: 20,
+        }
+    }
+}
+
+/// Why an environment call produced nothing usable.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnvFault {
+    /// The environment returned an error (a plugin that raised, a corrupt task…).
+    Error(String),
+    /// The environment panicked.
+    Panicked(String),
+    /// The call outlived the deadline; its thread is abandoned.
+    TimedOut(Duration),
+    /// The environment answered with something that breaks its contract.
+    Malformed(String),
+    /// The environment spent its error budget earlier in the run.
+    Paused,
+}
+
+impl fmt::Display for EnvFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvFault::Error(m) => write!(f, "environment error: {m}"),
+            EnvFault::Panicked(m) => write!(f, "environment panicked: {m}"),
+            EnvFault::TimedOut(d) => {
+                write!(
+                    f,
+                    "environment call exceeded its {:.1} s deadline",
+                    d.as_secs_f64()
+                )
+            }
+            EnvFault::Malformed(m) => write!(f, "environment returned malformed data: {m}"),
+            EnvFault::Paused => write!(f, "environment is paused: its error budget is spent"),
+        }
+    }
+}
+
+/// An environment's fault record.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Health {
+    /// Faults so far.
+    pub faults: u64,
+    /// Whether the budget is spent.
+    pub paused: bool,
+    /// The latest fault, for the report.
+    pub last_fault: String,
+}
+
+/// Fault accounting shared by every stage of a run.
+#[derive(Debug, Default)]
+pub struct EnvFaults {
+    policy: FaultPolicy,
+    health: Mutex<BTreeMap<String, Health>>,
+}
+
+impl EnvFaults {
+    /// Accounting under `policy`.
+    pub fn new(policy: FaultPolicy) -> Self {
+        Self {
+            policy,
+            health: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> FaultPolicy {
+        self.policy
+    }
+
+    /// Whether `env` has been paused.
+    pub fn is_paused(&self, env: &str) -> bool {
+        self.lock().get(env).is_some_and(|h| h.paused)
+    }
+
+    /// Every environment that has faulted, with its record.
+    pub fn report(&self) -> BTreeMap<String, Health> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Health>> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a fault against `env`; pauses it (and says so on stderr) when the budget is spent.
+    pub fn record(&self, env: &str, fault: &EnvFault) {
+        if *fault == EnvFault::Paused {
+            return;
+        }
+        let mut health = self.lock();
+        let h = health.entry(env.to_string()).or_default();
+        h.faults += 1;
+        h.last_fault = fault.to_string();
+        if !h.paused && h.faults >= self.policy.error_budget {
+            h.paused = true;
+            eprintln!(
+                "environment `{env}` paused after {} faults (error budget {}); last: {fault}",
+                h.faults, self.policy.error_budget
+            );
+        }
+    }
+
+    /// Runs `call` against environment `env` on a blocking thread under the deadline, turning a
+    /// panic, an error or a timeout into an [`EnvFault`] that is counted against the budget.
+    pub async fn call<T, F>(&self, env: &str, call: F) -> Result<T, EnvFault>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, EnvError> + Send + 'static,
+    {
+        let result = self.call_uncounted(env, call).await;
+        if let Err(fault) = &result {
+            self.record(env, fault);
+        }
+        result
+    }
+
+    async fn call_uncounted<T, F>(&self, env: &str, call: F) -> Result<T, EnvFault>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, EnvError> + Send + 'static,
+    {
+        if self.is_paused(env) {
+            return Err(EnvFault::Paused);
+        }
+        let task =
+            tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(call)));
+        match tokio::time::timeout(self.policy.deadline, task).await {
+            Err(_) => Err(EnvFault::TimedOut(self.policy.deadline)),
+            Ok(Err(join)) => Err(EnvFault::Panicked(join.to_string())),
+            Ok(Ok(Err(panic))) => Err(EnvFault::Panicked(panic_message(&panic))),
+            Ok(Ok(Ok(Err(e)))) => Err(EnvFault::Error(e.to_string())),
+            Ok(Ok(Ok(Ok(v)))) => Ok(v),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn faults(budget: u64) -> EnvFaults {
+        EnvFaults::new(FaultPolicy {
+            deadline: Duration::from_millis(200),
+            error_budget: budget,
+        })
+    }
+
+    #[tokio::test]
+    async fn panics_errors_and_hangs_become_faults_and_spend_the_budget() {
+        let f = faults(3);
+        assert_eq!(f.call("e", || Ok(7)).await, Ok(7));
+        let panicked = f.call::<(), _>("e", || panic!("boom")).await.unwrap_err();
+        assert_eq!(panicked, EnvFault::Panicked("boom".into()));
+        let err = f
+            .call::<(), _>("e", || Err(EnvError::UnknownSplit("x".into())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EnvFault::Error(m) if m.contains("x")));
+        assert!(!f.is_paused("e"));
+        let hung = f
+            .call::<(), _>("e", || {
+                std::thread::sleep(Duration::from_secs(2));
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(hung, EnvFault::TimedOut(_)));
+        assert!(f.is_paused("e"));
+        assert_eq!(f.call("e", || Ok(1)).await, Err(EnvFault::Paused));
+        // Other environments are unaffected.
+        assert_eq!(f.call("other", || Ok(1)).await, Ok(1));
+        let report = f.report();
+        assert_eq!(report["e"].faults, 3);
+        assert!(report["e"].last_fault.contains("deadline"));
+        assert!(!report.contains_key("other"));
+    }
+}

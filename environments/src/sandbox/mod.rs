@@ -14,7 +14,13 @@
 //! program that crashes, loops or floods its output ends with a [`Termination`] and
 //! [`Outcome::success`] false.
 
+mod cgroup;
+mod layout;
+mod runner;
+mod spawn;
+
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -182,26 +188,107 @@ pub enum SandboxError {
     },
 }
 
-/// A sandbox ready to run programs. Cheap to share: [`Sandbox::run`] takes `&self` and may be
-/// called from many threads at once.
+/// A sandbox ready to run programs. [`Sandbox::run`] takes `&self` and may be called from many
+/// threads at once.
 #[derive(Debug)]
 pub struct Sandbox {
     backend: Backend,
-    python: String,
+    python: layout::Python,
+    /// The `bwrap` executable (bubblewrap backend only).
+    bwrap: Option<PathBuf>,
+    /// Whether `bwrap` runs as a per-run unprivileged host uid (root on the host, and the
+    /// interpreter reachable by other users); otherwise it runs as this process's user and the
+    /// process count is capped by the `pids` cgroup only.
+    bwrap_per_run_uid: bool,
+    cgroups: cgroup::CgroupRoots,
+    /// The host directory the namespaces backend mounts its new root on (in its own mount
+    /// namespace; the host never sees the mount).
+    root_mountpoint: PathBuf,
+    /// Whether this process is root (per-run host uids, cgroups).
+    privileged: bool,
 }
 
 impl Sandbox {
-    /// The best backend here: bubblewrap if installed and working, else namespaces.
+    /// The best backend here: bubblewrap if installed and working, else namespaces. Each
+    /// candidate must run `python3 -c 'print(6*7)'` correctly before it is chosen.
     pub fn detect() -> Result<Sandbox, SandboxError> {
-        Self::with_backend(Backend::Namespaces)
+        let mut reasons = Vec::new();
+        for backend in [Backend::Bubblewrap, Backend::Namespaces] {
+            match Self::with_backend(backend) {
+                Ok(sandbox) => return Ok(sandbox),
+                Err(err) => reasons.push(err.to_string()),
+            }
+        }
+        Err(SandboxError::Unavailable(reasons.join("; ")))
     }
 
-    /// A sandbox on `backend`; fails if that backend does not work here.
+    /// A sandbox on `backend`; fails if that backend does not work here (it is tried once).
     pub fn with_backend(backend: Backend) -> Result<Sandbox, SandboxError> {
-        Ok(Sandbox {
+        let unavailable = |reason: String| SandboxError::BackendUnavailable { backend, reason };
+        let python = layout::Python::find()?;
+        let bwrap = match backend {
+            Backend::Bubblewrap => Some(
+                layout::find_in_path("bwrap")
+                    .ok_or_else(|| unavailable("`bwrap` is not on PATH".into()))?,
+            ),
+            Backend::Namespaces => None,
+        };
+        // SAFETY: geteuid has no preconditions.
+        let privileged = unsafe { libc::geteuid() } == 0;
+        let root_mountpoint = layout::root_mountpoint()?;
+        let cgroups = if privileged {
+            cgroup::CgroupRoots::probe()
+        } else {
+            cgroup::CgroupRoots::default()
+        };
+        let bwrap_per_run_uid = privileged
+            && python
+                .roots
+                .iter()
+                .all(|root| layout::reachable_by_others(root));
+        if backend == Backend::Bubblewrap
+            && privileged
+            && !bwrap_per_run_uid
+            && cgroups.pids.is_none()
+        {
+            return Err(unavailable(format!(
+                "the interpreter under {:?} is not reachable by other users, so bwrap must run as \
+                 root, where only a writable `pids` cgroup could cap the process count, and there \
+                 is none",
+                python.roots
+            )));
+        }
+        let sandbox = Sandbox {
             backend,
-            python: "/usr/bin/python3".to_string(),
-        })
+            python,
+            bwrap,
+            bwrap_per_run_uid,
+            cgroups,
+            root_mountpoint,
+            privileged,
+        };
+        sandbox.self_test().map_err(unavailable)?;
+        Ok(sandbox)
+    }
+
+    /// Runs the interpreter once and checks what it printed.
+    fn self_test(&self) -> Result<(), String> {
+        let request = SandboxRequest {
+            argv: vec![self.python().to_string(), "-c".into(), "print(6*7)".into()],
+            limits: Limits::default(),
+            ..SandboxRequest::default()
+        };
+        let outcome = self.run(&request).map_err(|err| err.to_string())?;
+        if outcome.success() && outcome.stdout == b"42\n" {
+            Ok(())
+        } else {
+            Err(format!(
+                "the self-test program {} (stdout {:?}, stderr {:?})",
+                outcome.reason(),
+                String::from_utf8_lossy(&outcome.stdout),
+                String::from_utf8_lossy(&outcome.stderr)
+            ))
+        }
     }
 
     /// The backend in use.
@@ -209,15 +296,22 @@ impl Sandbox {
         self.backend
     }
 
-    /// Runs one program to completion (or to a limit).
-    pub fn run(&self, req: &SandboxRequest) -> Result<Outcome, SandboxError> {
-        let _ = req;
-        Err(SandboxError::Unavailable("not implemented yet".into()))
+    /// Whether a cgroup caps the process count (otherwise only `RLIMIT_NPROC` in a user
+    /// namespace does) and memory (otherwise `RLIMIT_AS` per process), e.g. for logs.
+    pub fn cgroups(&self) -> (bool, bool) {
+        (self.cgroups.pids.is_some(), self.cgroups.memory.is_some())
     }
 
-    /// The path of a Python 3 interpreter usable inside the sandbox.
+    /// Runs one program to completion (or to a limit). Errors mean the sandbox could not start
+    /// it (or the request is malformed); whatever the program does ends in an [`Outcome`].
+    pub fn run(&self, req: &SandboxRequest) -> Result<Outcome, SandboxError> {
+        runner::run(self, req)
+    }
+
+    /// The path of a Python 3 interpreter usable inside the sandbox (found on `PATH`, else
+    /// `/usr/bin/python3`; the real executable, not a shim).
     pub fn python(&self) -> &str {
-        &self.python
+        &self.python.executable
     }
 }
 

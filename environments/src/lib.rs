@@ -59,6 +59,8 @@ pub mod chat;
 mod check;
 mod env;
 mod error;
+pub mod nemo_gym;
+mod nemo_gym_http;
 pub mod plugin;
 mod registry;
 pub mod sandbox;
@@ -72,6 +74,7 @@ pub use check::{
 };
 pub use env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns};
 pub use error::EnvError;
+pub use nemo_gym::{NemoGym, NemoGymOptions};
 pub use registry::Registry;
 pub use sampling::{TaskRng, split_of, stable_hash, task_rng};
 pub use task::{Score, ScoreComponent, Split, Task};

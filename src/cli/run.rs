@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::Device;
-use chorus_environments::builtin_registry;
+use chorus_environments::plugin::RemoteEnvironment;
+use chorus_environments::{NemoGym, Registry, builtin_registry};
 use chorus_learner::{
     AdamWConfig, GrpoConfig, LearnerConfig, LearnerService, LearnerServiceConfig, LrSchedule,
     Trainer, spawn_learner,
@@ -18,7 +19,7 @@ use chorus_learner::{
 use chorus_model::engine::{EngineOptions, Nvfp4Policy};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
-use chorus_orchestrator::config::{RunConfig, StageKind};
+use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
 use chorus_orchestrator::faults::EnvFaults;
 use chorus_orchestrator::ledger::{Ledger, NewRun, RunStatus};
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
@@ -238,6 +239,21 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
     }
     let out_dir = a.runs_dir.join(&cfg.name);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    if a.token.is_none()
+        && let Some(url) = cfg
+            .stages
+            .iter()
+            .flat_map(|s| &s.environments)
+            .find_map(|e| match &e.source {
+                EnvironmentSource::Remote(url) => Some(url),
+                _ => None,
+            })
+    {
+        bail!(
+            "the config uses the environment plugin at {url}, which checks the run's shared token: \
+             give the token the plugin was started with (--token T or CHORUS_TOKEN=T)"
+        );
+    }
     let token = a
         .token
         .clone()
@@ -319,7 +335,11 @@ pub async fn orchestrate(
     let remote_learner = Arc::new(
         RemoteLearner::connect(learner_url, token, &run_id, 0, Some(ledger.clone())).await?,
     );
-    let registry = Arc::new(builtin_registry());
+    let registry = {
+        let (cfg, token) = (cfg.clone(), token.to_string());
+        // Connecting to plugins blocks; environments are called from blocking threads.
+        Arc::new(tokio::task::spawn_blocking(move || environment_registry(&cfg, &token)).await??)
+    };
     let stats = Arc::new(StageStats::default());
     let mut ctx = StageContext {
         run_id: run_id.clone(),
@@ -487,6 +507,54 @@ pub async fn orchestrate(
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("wrote {} and the ledger {db}", path.display());
     Ok(())
+}
+
+/// The environments of a run: every built-in, plus a [`RemoteEnvironment`] for each plugin entry
+/// (registered under its URL, the entry's key) and a [`NemoGym`] for each `nemo_gym` entry
+/// (under its name). Plugins are asked to describe themselves now, so an absent plugin or a
+/// wrong token fails the run before it starts, with the entry and the address named.
+pub fn environment_registry(cfg: &RunConfig, token: &str) -> anyhow::Result<Registry> {
+    let mut registry = builtin_registry();
+    let builtins = registry.names();
+    let mut added: BTreeMap<String, &EnvironmentSource> = BTreeMap::new();
+    for (i, stage) in cfg.stages.iter().enumerate() {
+        for (j, spec) in stage.environments.iter().enumerate() {
+            let at = format!("stages[{i}].environments[{j}]");
+            if let Some(earlier) = added.get(spec.key()) {
+                if *earlier != &spec.source {
+                    bail!(
+                        "{at}: `{}` names two different environments in this config ({earlier:?} and {:?}); give them different names",
+                        spec.key(),
+                        spec.source
+                    );
+                }
+                continue;
+            }
+            match &spec.source {
+                EnvironmentSource::Builtin(name) => {
+                    registry.get(name).with_context(|| format!("{at}.name"))?;
+                }
+                EnvironmentSource::Remote(url) => {
+                    let env = RemoteEnvironment::connect(url, token)
+                        .with_context(|| format!("{at}.url: connecting to the plugin"))?;
+                    eprintln!("environment plugin `{}` at {url}", env.plugin_info().name);
+                    registry.replace(Arc::new(env));
+                }
+                EnvironmentSource::NemoGym { name, url, dataset } => {
+                    if builtins.contains(name) {
+                        bail!(
+                            "{at}.name: `{name}` is a built-in environment; give the nemo_gym entry another name"
+                        );
+                    }
+                    let env = NemoGym::from_jsonl_file(name.clone(), url, dataset)
+                        .with_context(|| format!("{at}: reading the NeMo Gym dataset"))?;
+                    registry.replace(Arc::new(env));
+                }
+            }
+            added.insert(spec.key().to_string(), &spec.source);
+        }
+    }
+    Ok(registry)
 }
 
 fn accuracy_line(m: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>) -> String {

@@ -1,6 +1,6 @@
-//! `chorus serve learner|worker|orchestrator`: each service of a run as its own process, for
-//! runs across several machines. The learner and workers serve until stopped; the orchestrator
-//! runs the stages against them and exits.
+//! `chorus serve learner|worker|orchestrator|environment`: each service of a run as its own
+//! process, for runs across several machines. The learner, workers and environments serve until
+//! stopped; the orchestrator runs the stages against them and exits.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +28,23 @@ pub enum ServeCommand {
     /// The orchestrator: schedules the run's stages against a learner and workers, records the
     /// ledger and writes summary.json, then exits.
     Orchestrator(OrchestratorArgs),
+    /// A built-in environment over the gRPC Environment service, as a plugin server: a run
+    /// uses it with `{ url = "http://ADDR" }` in its config and the same --token.
+    ///
+    /// Example: chorus serve environment countdown --listen 127.0.0.1:7100 --token T
+    Environment(EnvironmentArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EnvironmentArgs {
+    /// Built-in environment to serve (see `chorus env list`).
+    name: String,
+    /// Address to serve on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Shared token every call must carry.
+    #[arg(long, env = "CHORUS_TOKEN")]
+    token: String,
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +134,14 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 )
                 .await?;
                 println!("listening on {url}");
+                wait_for_shutdown().await
+            }
+            ServeCommand::Environment(a) => {
+                let env = chorus_environments::builtin_registry().get(&a.name)?;
+                let served =
+                    chorus_environments::plugin::serve_environment(env, &a.listen, &a.token)
+                        .await?;
+                println!("listening on {}", served.url());
                 wait_for_shutdown().await
             }
             ServeCommand::Orchestrator(a) => {

@@ -17,6 +17,7 @@ mod needle;
 mod numeric;
 mod safety;
 mod structured_output;
+mod sql;
 mod sudoku;
 #[cfg(test)]
 mod testkit;
@@ -36,6 +37,7 @@ pub use multi_hop::MultiHop;
 pub use needle::{Needle, NeedleConfig};
 pub use safety::Safety;
 pub use structured_output::StructuredOutput;
+pub use sql::Sql;
 pub use sudoku::Sudoku;
 pub use tool_agent::ToolAgent;
 

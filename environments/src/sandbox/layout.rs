@@ -35,18 +35,30 @@ pub(crate) struct Python {
 const PROBE: &str = "import sys; print(sys.executable); print(sys.prefix); print(sys.base_prefix)";
 
 impl Python {
-    /// `python3` from `PATH`, else `/usr/bin/python3`; asks it where it really lives.
-    pub fn find() -> Result<Python, SandboxError> {
+    /// Every working interpreter, best first: `python3` from `PATH`, then `/usr/bin/python3`;
+    /// each asked where it really lives. An error lists why each candidate failed.
+    pub fn find_all() -> Result<Vec<Python>, SandboxError> {
         let mut candidates: Vec<PathBuf> = find_in_path("python3").into_iter().collect();
         candidates.push(PathBuf::from("/usr/bin/python3"));
+        let mut found: Vec<Python> = Vec::new();
         let mut errors = Vec::new();
         for candidate in candidates {
             match Self::probe(&candidate) {
-                Ok(python) => return Ok(python),
+                Ok(python) if found.iter().any(|p| p.executable == python.executable) => {}
+                Ok(python) => found.push(python),
                 Err(err) => errors.push(format!("{}: {err}", candidate.display())),
             }
         }
-        Err(SandboxError::NoPython(errors.join("; ")))
+        if found.is_empty() {
+            return Err(SandboxError::NoPython(errors.join("; ")));
+        }
+        Ok(found)
+    }
+
+    /// Whether a user other than its owner can reach the interpreter and its directories.
+    pub fn reachable_by_others(&self) -> bool {
+        reachable_by_others(Path::new(&self.executable))
+            && self.roots.iter().all(|root| reachable_by_others(root))
     }
 
     fn probe(candidate: &Path) -> Result<Python, String> {
@@ -111,9 +123,10 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Whether every directory from `/` down to `path` lets other users through (`o+x`).
-pub(crate) fn reachable_by_others(path: &Path) -> bool {
+/// Whether every directory above `path` lets other users through (`o+x`).
+fn reachable_by_others(path: &Path) -> bool {
     path.ancestors()
+        .skip(1)
         .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 

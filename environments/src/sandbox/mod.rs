@@ -196,10 +196,6 @@ pub struct Sandbox {
     python: layout::Python,
     /// The `bwrap` executable (bubblewrap backend only).
     bwrap: Option<PathBuf>,
-    /// Whether `bwrap` runs as a per-run unprivileged host uid (root on the host, and the
-    /// interpreter reachable by other users); otherwise it runs as this process's user and the
-    /// process count is capped by the `pids` cgroup only.
-    bwrap_per_run_uid: bool,
     cgroups: cgroup::CgroupRoots,
     /// The host directory the namespaces backend mounts its new root on (in its own mount
     /// namespace; the host never sees the mount).
@@ -225,7 +221,26 @@ impl Sandbox {
     /// A sandbox on `backend`; fails if that backend does not work here (it is tried once).
     pub fn with_backend(backend: Backend) -> Result<Sandbox, SandboxError> {
         let unavailable = |reason: String| SandboxError::BackendUnavailable { backend, reason };
-        let python = layout::Python::find()?;
+        // SAFETY: geteuid has no preconditions.
+        let privileged = unsafe { libc::geteuid() } == 0;
+        let pythons = layout::Python::find_all()?;
+        // As root, bwrap runs as a per-run unprivileged uid (as host uid 0 the program could
+        // write root-owned sysctls even without capabilities), which must reach the
+        // interpreter; the namespaces backend sets up mounts as root and needs no such thing.
+        let python = if backend == Backend::Bubblewrap && privileged {
+            pythons
+                .iter()
+                .find(|p| p.reachable_by_others())
+                .cloned()
+                .ok_or_else(|| {
+                    unavailable(format!(
+                        "no interpreter is reachable by an unprivileged uid (found {:?})",
+                        pythons.iter().map(|p| &p.executable).collect::<Vec<_>>()
+                    ))
+                })?
+        } else {
+            pythons[0].clone()
+        };
         let bwrap = match backend {
             Backend::Bubblewrap => Some(
                 layout::find_in_path("bwrap")
@@ -233,36 +248,16 @@ impl Sandbox {
             ),
             Backend::Namespaces => None,
         };
-        // SAFETY: geteuid has no preconditions.
-        let privileged = unsafe { libc::geteuid() } == 0;
         let root_mountpoint = layout::root_mountpoint()?;
         let cgroups = if privileged {
             cgroup::CgroupRoots::probe()
         } else {
             cgroup::CgroupRoots::default()
         };
-        let bwrap_per_run_uid = privileged
-            && python
-                .roots
-                .iter()
-                .all(|root| layout::reachable_by_others(root));
-        if backend == Backend::Bubblewrap
-            && privileged
-            && !bwrap_per_run_uid
-            && cgroups.pids.is_none()
-        {
-            return Err(unavailable(format!(
-                "the interpreter under {:?} is not reachable by other users, so bwrap must run as \
-                 root, where only a writable `pids` cgroup could cap the process count, and there \
-                 is none",
-                python.roots
-            )));
-        }
         let sandbox = Sandbox {
             backend,
             python,
             bwrap,
-            bwrap_per_run_uid,
             cgroups,
             root_mountpoint,
             privileged,
@@ -309,7 +304,8 @@ impl Sandbox {
     }
 
     /// The path of a Python 3 interpreter usable inside the sandbox (found on `PATH`, else
-    /// `/usr/bin/python3`; the real executable, not a shim).
+    /// `/usr/bin/python3`; the real executable, not a shim). The bubblewrap backend run as root
+    /// needs one an unprivileged user can reach, so the two backends may differ.
     pub fn python(&self) -> &str {
         &self.python.executable
     }

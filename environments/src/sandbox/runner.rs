@@ -199,7 +199,7 @@ pub(crate) fn run(sandbox: &Sandbox, req: &SandboxRequest) -> Result<Outcome, Sa
                 .iter()
                 .map(|(_, contents)| memfd(contents))
                 .collect::<Result<Vec<_>, _>>()?;
-            let run_as = sandbox.bwrap_per_run_uid.then(run_uid);
+            let run_as = sandbox.privileged.then(run_uid);
             let args = bwrap_args(sandbox, req, &program, &env, &memfds);
             let exec = exec_spec(
                 &bwrap.display().to_string(),
@@ -615,7 +615,7 @@ fn bwrap_args(
         let root = root.display().to_string();
         push(&["--ro-bind", &root, &root]);
     }
-    push(&["--dev", "/dev", "--proc", "/proc"]);
+    push(&["--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc"]);
     push(&["--size", &WORKDIR_BYTES.to_string(), "--tmpfs", WORKDIR]);
     if sandbox.privileged {
         let id = PROGRAM_ID.to_string();
@@ -638,7 +638,15 @@ fn bwrap_args(
             push(&["--setenv", key, value]);
         }
     }
-    push(&["--chdir", WORKDIR, "--disable-userns", "--", program]);
+    push(&[
+        "--remount-ro",
+        "/",
+        "--chdir",
+        WORKDIR,
+        "--disable-userns",
+        "--",
+        program,
+    ]);
     args.extend(req.argv[1..].iter().cloned());
     args
 }

@@ -94,3 +94,126 @@ fn learner_workers_and_orchestrator_as_processes_complete_a_run() {
         "{err}"
     );
 }
+
+/// The other way to connect the services: the orchestrator serves first, the learner and the
+/// workers register with it and send heartbeats, and a client watching the run sees the
+/// workers join, every learner step and the run succeed.
+#[test]
+fn services_register_with_the_orchestrator_and_the_run_can_be_watched() {
+    use std::io::{BufRead, Read};
+
+    use chorus_proto::auth::AttachToken;
+    use chorus_proto::v1::orchestrator_client::OrchestratorClient;
+    use chorus_proto::v1::{GetRunRequest, WatchRunRequest, run_event};
+
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let common = ["--config", "run.toml", "--run-id", "r2", "--token", "tok"];
+    let mut orchestrator = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(
+            [
+                &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+                &["--eval-tasks", "3", "--wait-seconds", "120"],
+                &common,
+            ]
+            .concat(),
+        )
+        .current_dir(h.path("."))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(orchestrator.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = |token: &str| {
+        let (url, token) = (url.clone(), token.to_string());
+        rt.block_on(async move {
+            let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            OrchestratorClient::with_interceptor(channel, AttachToken::new(&token).unwrap())
+        })
+    };
+    // The orchestrator checks the token too.
+    let denied = rt
+        .block_on(client("wrong").get_run(GetRunRequest {
+            run_id: "r2".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(denied.code(), chorus_proto::tonic::Code::Unauthenticated);
+    let mut watcher = client("tok");
+    let watch = rt.spawn(async move {
+        let mut stream = watcher
+            .watch_run(WatchRunRequest {
+                run_id: "r2".into(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = vec![];
+        while let Ok(Some(e)) = stream.message().await {
+            events.push(e);
+        }
+        events
+    });
+
+    let learner = h.service(&[&["serve", "learner", "--orchestrator", &url][..], &common].concat());
+    let _workers: Vec<Service> = ["w0", "w1"]
+        .iter()
+        .map(|id| {
+            h.service(
+                &[
+                    &["serve", "worker", "--learner", &learner.url, "--id", id][..],
+                    &["--orchestrator", &url],
+                    &common,
+                ]
+                .concat(),
+            )
+        })
+        .collect();
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert!(orchestrator.wait().unwrap().success(), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["steps"], 5, "{summary}");
+    let rollouts = h.ok(&["inspect", "rollouts", "--run", "r2", "--limit", "1000"]);
+    assert!(
+        rollouts.contains(" w0 ") && rollouts.contains(" w1 "),
+        "{rollouts}"
+    );
+
+    let events = rt.block_on(watch).unwrap();
+    let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "gap-free"
+    );
+    let kinds: Vec<run_event::Kind> = events.into_iter().filter_map(|e| e.kind).collect();
+    let joined = kinds
+        .iter()
+        .filter(|k| matches!(k, run_event::Kind::WorkerJoined(_)))
+        .count();
+    let steps = kinds
+        .iter()
+        .filter(|k| matches!(k, run_event::Kind::LearnerStep(_)))
+        .count();
+    assert_eq!(joined, 2, "{kinds:?}");
+    assert_eq!(steps, 5, "{kinds:?}");
+    assert!(
+        matches!(kinds.last(), Some(run_event::Kind::StatusChanged(s)) if s.status == chorus_proto::v1::RunStatus::Succeeded as i32),
+        "{kinds:?}"
+    );
+}

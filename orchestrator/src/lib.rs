@@ -13,4 +13,5 @@ pub mod faults;
 pub mod ledger;
 pub mod remote;
 pub mod scheduler;
+pub mod service;
 pub mod standin;

@@ -358,12 +358,16 @@ fn generation_failure(response: &GenerateResponse) -> Option<String> {
     None
 }
 
+/// What a rollout plays: the environment's name, the environment, `Some(max_turns)` for a
+/// multi-turn one, and the task.
+type Playing = (String, Arc<dyn Environment>, Option<u32>, Arc<Task>);
+
 /// Generates one completion (single-turn) or plays one episode (multi-turn: generate, step the
 /// environment, append its observation, generate again…) and scores it. Environment calls go
 /// through the fault guard, so a misbehaving environment fails this rollout alone.
 async fn play(
     ctx: Arc<StageContext>,
-    drawn: Arc<(String, Arc<dyn Environment>, Option<u32>, Arc<Task>)>,
+    drawn: Arc<Playing>,
     prompt_ids: Arc<Vec<u32>>,
     m: Member,
 ) -> Rollout {

@@ -106,7 +106,7 @@ impl Environment for Faulty {
         }
     }
     fn sample(&self, seed: u64, _: Split, _: u32) -> Result<Task, EnvError> {
-        if seed % 7 == 0 {
+        if seed.is_multiple_of(7) {
             return Err(EnvError::UnknownSplit("sampling refused".into()));
         }
         Ok(task("faulty", seed))
@@ -150,7 +150,7 @@ impl Rollouts for YesNoWorkers {
             .unwrap()
             .parse()
             .unwrap();
-        let text = if member % 2 == 0 {
+        let text = if member.is_multiple_of(2) {
             "yes<|end|>"
         } else {
             "no<|end|>"

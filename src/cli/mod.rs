@@ -5,6 +5,7 @@ mod generate;
 mod inspect;
 mod model;
 mod quantize;
+mod registration;
 mod run;
 mod serve;
 

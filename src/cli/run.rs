@@ -26,11 +26,17 @@ use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{
     StageContext, StageStats, evaluate, run_rl_stage, run_sft_stage,
 };
+use chorus_orchestrator::service::Directory;
 use chorus_proto::auth::RequireToken;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
-use chorus_rollout_worker::{RolloutService, fetch_version, follow_learner, spawn_engine_loop};
+use chorus_proto::v1::{
+    LearnerStepCompleted, RunStatus as ProtoRunStatus, RunStatusChanged, run_event,
+};
+use chorus_rollout_worker::{
+    RolloutService, WorkerHandle, fetch_version, follow_learner, spawn_engine_loop,
+};
 use clap::Args;
 use serde_json::json;
 
@@ -81,7 +87,8 @@ pub async fn serve_learner(
 }
 
 /// Starts a rollout worker that follows the learner at `learner_url`, serving on `listen`;
-/// returns its URL.
+/// returns its URL and its handle.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_worker(
     model_cfg: &NemotronHConfig,
     learner_url: &str,
@@ -91,7 +98,7 @@ pub async fn serve_worker(
     max_batch: usize,
     options: EngineOptions,
     listen: &str,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, WorkerHandle)> {
     let channel = chorus_proto::tonic::transport::Endpoint::from_shared(learner_url.to_string())?
         .connect()
         .await
@@ -111,7 +118,7 @@ pub async fn serve_worker(
         worker_id.to_string(),
     ));
     let svc = RolloutWorkerServer::with_interceptor(
-        RolloutService::new(handle, worker_id),
+        RolloutService::new(handle.clone(), worker_id),
         RequireToken::new(token)?,
     );
     let listener = tokio::net::TcpListener::bind(listen)
@@ -123,7 +130,7 @@ pub async fn serve_worker(
             .add_service(svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    Ok(format!("http://{addr}"))
+    Ok((format!("http://{addr}"), handle))
 }
 
 /// The policy's architecture, from the checkpoint's config.json or the init config.
@@ -281,7 +288,8 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
                 worker_engine_options(&cfg),
                 "127.0.0.1:0",
             )
-            .await?,
+            .await?
+            .0,
         );
     }
     orchestrate(
@@ -295,6 +303,7 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
         &out_dir,
         a.eval_tasks,
         started,
+        None,
     )
     .await
 }
@@ -313,6 +322,7 @@ pub async fn orchestrate(
     out_dir: &std::path::Path,
     eval_tasks: usize,
     started: Instant,
+    directory: Option<Arc<Directory>>,
 ) -> anyhow::Result<()> {
     let run_id = run_id.to_string();
     let tokenizer = tokenizer(cfg, &model_config(cfg)?)?;
@@ -358,12 +368,28 @@ pub async fn orchestrate(
         cfg.workers
     );
 
-    // Live progress: one line per learner step.
+    if let Some(d) = &directory {
+        d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+            status: ProtoRunStatus::Running as i32,
+            reason: String::new(),
+        }));
+    }
+
+    // Live progress: one line per learner step (and a run event, when serving them).
     let mut steps = remote_learner.steps();
+    let step_events = directory.clone();
     let progress_stats = stats.clone();
     let progress_started = Instant::now();
     tokio::spawn(async move {
         while let Ok(r) = steps.recv().await {
+            if let Some(d) = &step_events {
+                d.emit(run_event::Kind::LearnerStep(LearnerStepCompleted {
+                    step: r.step,
+                    loss: r.loss,
+                    trajectories: r.trajectories,
+                    skipped: !r.skip_reason.is_empty(),
+                }));
+            }
             let groups = progress_stats
                 .groups_submitted
                 .load(Ordering::Relaxed)
@@ -503,6 +529,12 @@ pub async fn orchestrate(
     let path = out_dir.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
     ledger.set_run_status(&run_id, RunStatus::Succeeded).await?;
+    if let Some(d) = &directory {
+        d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+            status: ProtoRunStatus::Succeeded as i32,
+            reason: String::new(),
+        }));
+    }
     ledger.close().await?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("wrote {} and the ledger {db}", path.display());

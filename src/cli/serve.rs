@@ -5,17 +5,34 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use chorus_orchestrator::config::RunConfig;
+use chorus_orchestrator::ledger::Ledger;
+use chorus_orchestrator::service::{Directory, Leases, OrchestratorService};
+use chorus_proto::auth::RequireToken;
+use chorus_proto::v1::orchestrator_server::OrchestratorServer;
+use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
+
+use super::registration::{Reporter, register};
 use clap::{Args, Subcommand};
 
 /// Run one service of a post-training run.
 ///
-/// Start the learner first, then the workers (pointing at the learner), then the orchestrator
-/// (pointing at both). Every service prints `listening on URL` once it serves and checks the
-/// shared token (--token or CHORUS_TOKEN) on every call.
+/// Every service prints `listening on URL` once it serves and checks the shared token (--token
+/// or CHORUS_TOKEN) on every call. Two ways to connect them:
 ///
-/// Example, on one machine:
+/// Registration: start the orchestrator first with --listen; the learner and the workers
+/// register with it (--orchestrator URL) and send heartbeats; it waits for the learner and
+/// `workers.count` workers, then runs:
+///   chorus serve orchestrator --config run.toml --listen 127.0.0.1:7010 --run-id r1 --token T
+///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
+///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
+///
+/// Fixed addresses: start the learner, then the workers (pointing at the learner), then the
+/// orchestrator pointing at both:
 ///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --run-id r1 --token T
 ///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --listen 127.0.0.1:7001 --run-id r1 --token T
 ///   chorus serve orchestrator --config run.toml --learner http://127.0.0.1:7000 --worker http://127.0.0.1:7001 --run-id r1 --token T
@@ -61,6 +78,9 @@ pub struct ServiceArgs {
     /// Shared token of the services.
     #[arg(long, env = "CHORUS_TOKEN")]
     token: String,
+    /// Register with the orchestrator at this address and send it heartbeats.
+    #[arg(long)]
+    orchestrator: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -80,12 +100,21 @@ pub struct OrchestratorArgs {
     /// The run configuration (TOML).
     #[arg(long)]
     config: PathBuf,
-    /// The learner's address.
+    /// The learner's address; without it, the orchestrator waits for the learner to register
+    /// (needs --listen).
     #[arg(long)]
-    learner: String,
-    /// A rollout worker's address; repeat for each worker.
-    #[arg(long = "worker", required = true)]
+    learner: Option<String>,
+    /// A rollout worker's address; repeat for each worker. Without any, the orchestrator waits
+    /// for `workers.count` workers to register (needs --listen).
+    #[arg(long = "worker")]
     workers: Vec<String>,
+    /// Serve the Orchestrator service here (registration, heartbeats, runs, run events), e.g.
+    /// 127.0.0.1:7010; port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// How long to wait for registrations before giving up, in seconds.
+    #[arg(long, default_value_t = 600)]
+    wait_seconds: u64,
     /// Run id shared by all services of the run (default: the config's name).
     #[arg(long)]
     run_id: Option<String>,
@@ -113,8 +142,17 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
             ServeCommand::Learner(a) => {
                 let cfg = RunConfig::from_file(&a.config)?;
                 let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
-                let (_handle, url) =
+                let (handle, url) =
                     super::run::start_learner(&cfg, &run_id, &a.token, &a.listen).await?;
+                if let Some(orchestrator) = &a.orchestrator {
+                    let reporter = Reporter::Learner {
+                        id: format!("learner-{run_id}"),
+                        endpoint: url.clone(),
+                        run_id: run_id.clone(),
+                        version: Arc::new(move || handle.version()),
+                    };
+                    register(orchestrator, &a.token, reporter).await?;
+                }
                 println!("listening on {url}");
                 wait_for_shutdown().await
             }
@@ -122,7 +160,7 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 let cfg = RunConfig::from_file(&a.service.config)?;
                 let run_id = a.service.run_id.unwrap_or_else(|| cfg.name.clone());
                 let model = super::run::model_config(&cfg)?;
-                let url = super::run::serve_worker(
+                let (url, handle) = super::run::serve_worker(
                     &model,
                     &a.learner,
                     &a.service.token,
@@ -133,6 +171,15 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                     &a.service.listen,
                 )
                 .await?;
+                if let Some(orchestrator) = &a.service.orchestrator {
+                    let reporter = Reporter::Worker {
+                        id: a.id.clone(),
+                        endpoint: url.clone(),
+                        capacity: cfg.worker_max_batch as u32,
+                        version: Arc::new(move || handle.version()),
+                    };
+                    register(orchestrator, &a.service.token, reporter).await?;
+                }
                 println!("listening on {url}");
                 wait_for_shutdown().await
             }
@@ -148,22 +195,109 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 let cfg = RunConfig::from_file(&a.config)?;
                 let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
                 let out_dir = a.runs_dir.join(&cfg.name);
-                super::run::orchestrate(
+                let started = Instant::now();
+                let directory = match &a.listen {
+                    Some(listen) => {
+                        let db = a.db.clone().unwrap_or_else(|| {
+                            format!("sqlite://{}", out_dir.join("ledger.sqlite").display())
+                        });
+                        let url =
+                            serve_orchestrator(&run_id, listen, &a.token, &db, &out_dir).await?;
+                        println!("listening on {}", url.0);
+                        std::io::Write::flush(&mut std::io::stdout())?;
+                        Some(url.1)
+                    }
+                    None => None,
+                };
+                let wait = Duration::from_secs(a.wait_seconds);
+                let learner = match (a.learner, &directory) {
+                    (Some(url), _) => url,
+                    (None, Some(d)) => {
+                        eprintln!("waiting for the learner to register ...");
+                        d.wait_for_learner(wait)
+                            .await
+                            .map_err(anyhow::Error::msg)?
+                            .endpoint
+                    }
+                    (None, None) => bail!(
+                        "give the learner's address (--learner URL) or --listen ADDR so that it \
+                         can register"
+                    ),
+                };
+                let workers = match (a.workers.is_empty(), &directory) {
+                    (false, _) => a.workers,
+                    (true, Some(d)) => {
+                        eprintln!(
+                            "waiting for {} rollout workers to register ...",
+                            cfg.workers
+                        );
+                        d.wait_for_workers(cfg.workers, wait)
+                            .await
+                            .map_err(anyhow::Error::msg)?
+                            .into_iter()
+                            .map(|w| w.endpoint)
+                            .collect()
+                    }
+                    (true, None) => bail!(
+                        "give the workers' addresses (--worker URL, repeated) or --listen ADDR \
+                         so that they can register"
+                    ),
+                };
+                let result = super::run::orchestrate(
                     &cfg,
                     &a.config,
                     &run_id,
-                    &a.learner,
-                    &a.workers,
+                    &learner,
+                    &workers,
                     &a.token,
                     a.db,
                     &out_dir,
                     a.eval_tasks,
-                    Instant::now(),
+                    started,
+                    directory.clone(),
                 )
-                .await
+                .await;
+                if let (Err(e), Some(d)) = (&result, &directory) {
+                    d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+                        status: ProtoRunStatus::Failed as i32,
+                        reason: format!("{e:#}"),
+                    }));
+                }
+                result
             }
         }
     })
+}
+
+/// Serves the Orchestrator service for `run_id` on `listen` (registrations, heartbeats, runs
+/// from the ledger at `db`, run events); returns its URL and the directory behind it.
+async fn serve_orchestrator(
+    run_id: &str,
+    listen: &str,
+    token: &str,
+    db: &str,
+    out_dir: &std::path::Path,
+) -> anyhow::Result<(String, Arc<Directory>)> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let ledger = Ledger::open(db)
+        .await
+        .with_context(|| format!("opening the ledger {db}"))?;
+    let directory = Directory::new(run_id, Leases::default());
+    directory.spawn_lease_checker();
+    let svc = OrchestratorServer::with_interceptor(
+        OrchestratorService::new(directory.clone(), ledger),
+        RequireToken::new(token)?,
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        chorus_proto::tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok((format!("http://{addr}"), directory))
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

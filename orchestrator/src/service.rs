@@ -1,0 +1,723 @@
+//! The orchestrator's own gRPC service: rollout workers and the learner register and send
+//! heartbeats (capacity, load, policy version held), a worker that misses its lease is marked
+//! lost, and clients get, list and watch runs.
+//!
+//! [`Directory`] is the state behind it, shared with the process that runs the stages: that
+//! process waits on it for the workers and learner of the run ([`Directory::wait_for_workers`],
+//! [`Directory::wait_for_learner`]) and appends the run's events to it ([`Directory::emit`]).
+//! Events carry gap-free sequence numbers, so a client that reconnects with the last one it saw
+//! neither misses nor repeats one.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chorus_proto::tonic::{self, Request, Response, Status};
+use chorus_proto::v1::orchestrator_server::Orchestrator;
+use chorus_proto::v1::{
+    GetRunRequest, HeartbeatResponse, LaunchRunRequest, LaunchRunResponse, LearnerHeartbeatRequest,
+    ListRunsRequest, ListRunsResponse, RegisterLearnerRequest, RegisterLearnerResponse,
+    RegisterWorkerRequest, RegisterWorkerResponse, Run, RunEvent, RunStatus as ProtoRunStatus,
+    WatchRunRequest, WorkerHeartbeatRequest, WorkerJoined, WorkerLost, run_event,
+};
+use tokio::sync::{Notify, broadcast};
+use tokio_stream::Stream;
+
+use crate::ledger::{Ledger, RunRecord, RunStatus};
+
+/// Timing of registrations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Leases {
+    /// How often services are asked to send heartbeats.
+    pub heartbeat: Duration,
+    /// A worker silent this long is lost.
+    pub lease: Duration,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(2),
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A registered rollout worker as the orchestrator last heard of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerInfo {
+    /// Its id.
+    pub id: String,
+    /// Where its `RolloutWorker` service listens.
+    pub endpoint: String,
+    /// Sequences it can generate at once.
+    pub capacity: u32,
+    /// Sequences in flight at the last heartbeat.
+    pub in_flight: u32,
+    /// Policy version it holds.
+    pub policy_version: u64,
+    /// Whether it missed its lease.
+    pub lost: bool,
+    last_sequence: u64,
+    last_seen: Instant,
+}
+
+/// The registered learner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnerInfo {
+    /// Its id.
+    pub id: String,
+    /// Where its `Learner` service listens.
+    pub endpoint: String,
+    /// Last step it reported.
+    pub step: u64,
+    /// Latest version it published.
+    pub policy_version: u64,
+    last_sequence: u64,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, WorkerInfo>,
+    learner: Option<LearnerInfo>,
+    events: Vec<RunEvent>,
+    /// Oldest policy version the staleness bound still accepts.
+    min_policy_version: u64,
+}
+
+/// Who serves the run, and what happened in it.
+pub struct Directory {
+    run_id: String,
+    leases: Leases,
+    state: Mutex<State>,
+    changed: Notify,
+    live: broadcast::Sender<RunEvent>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Directory {
+    /// An empty directory for run `run_id`.
+    pub fn new(run_id: impl Into<String>, leases: Leases) -> Arc<Self> {
+        Arc::new(Self {
+            run_id: run_id.into(),
+            leases,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            live: broadcast::channel(1024).0,
+        })
+    }
+
+    /// The run it serves.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an event (its sequence number and time are filled in) and returns its sequence.
+    pub fn emit(&self, kind: run_event::Kind) -> u64 {
+        let mut st = self.lock();
+        self.emit_locked(&mut st, kind)
+    }
+
+    fn emit_locked(&self, st: &mut State, kind: run_event::Kind) -> u64 {
+        let event = RunEvent {
+            run_id: self.run_id.clone(),
+            sequence: st.events.len() as u64 + 1,
+            timestamp_ms: now_ms(),
+            kind: Some(kind),
+        };
+        st.events.push(event.clone());
+        let _ = self.live.send(event.clone());
+        event.sequence
+    }
+
+    /// Sets the oldest policy version heartbeats report as acceptable.
+    pub fn set_min_policy_version(&self, v: u64) {
+        self.lock().min_policy_version = v;
+    }
+
+    /// Workers currently registered and not lost.
+    pub fn live_workers(&self) -> Vec<WorkerInfo> {
+        self.lock()
+            .workers
+            .values()
+            .filter(|w| !w.lost)
+            .cloned()
+            .collect()
+    }
+
+    /// The learner, once registered.
+    pub fn learner(&self) -> Option<LearnerInfo> {
+        self.lock().learner.clone()
+    }
+
+    /// Events after `after_sequence`.
+    pub fn events_after(&self, after_sequence: u64) -> Vec<RunEvent> {
+        self.lock()
+            .events
+            .iter()
+            .skip(after_sequence as usize)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `n` workers are registered and live, or `timeout` passes (an error saying
+    /// how many came).
+    pub async fn wait_for_workers(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<WorkerInfo>, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let live = self.live_workers();
+            if live.len() >= n {
+                return Ok(live);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "{} of {n} rollout workers registered within {:.0} s",
+                    live.len(),
+                    timeout.as_secs_f64()
+                ));
+            }
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    /// Waits until the learner has registered, or `timeout` passes.
+    pub async fn wait_for_learner(&self, timeout: Duration) -> Result<LearnerInfo, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(l) = self.learner() {
+                return Ok(l);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no learner registered within {:.0} s",
+                    timeout.as_secs_f64()
+                ));
+            }
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    /// Marks workers whose lease ran out as lost (each one once, with a `WorkerLost` event);
+    /// returns their ids.
+    pub fn expire_leases(&self) -> Vec<String> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let expired: Vec<String> = st
+            .workers
+            .values()
+            .filter(|w| !w.lost && now.duration_since(w.last_seen) > self.leases.lease)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in &expired {
+            if let Some(w) = st.workers.get_mut(id) {
+                w.lost = true;
+            }
+            self.emit_locked(
+                &mut st,
+                run_event::Kind::WorkerLost(WorkerLost {
+                    worker_id: id.clone(),
+                    ..Default::default()
+                }),
+            );
+        }
+        drop(st);
+        if !expired.is_empty() {
+            self.changed.notify_waiters();
+        }
+        expired
+    }
+
+    /// Checks leases every heartbeat interval until the directory is dropped.
+    pub fn spawn_lease_checker(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = self.leases.heartbeat;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match weak.upgrade() {
+                    Some(dir) => {
+                        for id in dir.expire_leases() {
+                            eprintln!("worker {id} lost: no heartbeat within its lease");
+                        }
+                    }
+                    None => return,
+                }
+            }
+        });
+    }
+
+    fn register_worker(&self, r: RegisterWorkerRequest) -> Result<RegisterWorkerResponse, Status> {
+        if r.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        if !(r.endpoint.starts_with("http://") || r.endpoint.starts_with("https://")) {
+            return Err(Status::invalid_argument(format!(
+                "endpoint `{}`: allowed: http://host:port or https://host:port",
+                r.endpoint
+            )));
+        }
+        if r.capacity == 0 {
+            return Err(Status::invalid_argument(
+                "capacity is 0; allowed: at least 1",
+            ));
+        }
+        let mut st = self.lock();
+        // Registering again (after a restart or a lost lease) is idempotent by id.
+        st.workers.insert(
+            r.worker_id.clone(),
+            WorkerInfo {
+                id: r.worker_id.clone(),
+                endpoint: r.endpoint.clone(),
+                capacity: r.capacity,
+                in_flight: 0,
+                policy_version: r.policy_version,
+                lost: false,
+                last_sequence: 0,
+                last_seen: Instant::now(),
+            },
+        );
+        self.emit_locked(
+            &mut st,
+            run_event::Kind::WorkerJoined(WorkerJoined {
+                worker_id: r.worker_id.clone(),
+                capacity: r.capacity,
+            }),
+        );
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(RegisterWorkerResponse {
+            worker_id: r.worker_id,
+            heartbeat_interval_ms: self.leases.heartbeat.as_millis() as u64,
+            lease_ms: self.leases.lease.as_millis() as u64,
+            run_id: self.run_id.clone(),
+        })
+    }
+
+    fn worker_heartbeat(&self, h: WorkerHeartbeatRequest) -> HeartbeatResponse {
+        let mut st = self.lock();
+        let latest = st.learner.as_ref().map(|l| l.policy_version).unwrap_or(0);
+        let min = st.min_policy_version;
+        let registered = match st.workers.get_mut(&h.worker_id) {
+            // A lost worker must register again, so that it is announced as joined.
+            Some(w) if !w.lost => {
+                if h.sequence > w.last_sequence {
+                    w.last_sequence = h.sequence;
+                    w.capacity = h.capacity.max(1);
+                    w.in_flight = h.in_flight;
+                    w.policy_version = h.policy_version;
+                    w.last_seen = Instant::now();
+                }
+                true
+            }
+            _ => false,
+        };
+        HeartbeatResponse {
+            registered,
+            latest_policy_version: latest,
+            min_policy_version: min,
+        }
+    }
+
+    fn register_learner(
+        &self,
+        r: RegisterLearnerRequest,
+    ) -> Result<RegisterLearnerResponse, Status> {
+        if r.run_id != self.run_id {
+            return Err(Status::failed_precondition(format!(
+                "this orchestrator runs `{}`, not `{}`",
+                self.run_id, r.run_id
+            )));
+        }
+        if !(r.endpoint.starts_with("http://") || r.endpoint.starts_with("https://")) {
+            return Err(Status::invalid_argument(format!(
+                "endpoint `{}`: allowed: http://host:port or https://host:port",
+                r.endpoint
+            )));
+        }
+        let mut st = self.lock();
+        st.learner = Some(LearnerInfo {
+            id: r.learner_id.clone(),
+            endpoint: r.endpoint,
+            step: 0,
+            policy_version: r.policy_version,
+            last_sequence: 0,
+        });
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(RegisterLearnerResponse {
+            learner_id: r.learner_id,
+            heartbeat_interval_ms: self.leases.heartbeat.as_millis() as u64,
+            resume_step: 0,
+        })
+    }
+
+    fn learner_heartbeat(&self, h: LearnerHeartbeatRequest) -> HeartbeatResponse {
+        let mut st = self.lock();
+        let min = st.min_policy_version;
+        let (registered, latest) = match st.learner.as_mut() {
+            Some(l) if l.id == h.learner_id => {
+                if h.sequence > l.last_sequence {
+                    l.last_sequence = h.sequence;
+                    l.step = h.step;
+                    l.policy_version = h.policy_version;
+                }
+                (true, l.policy_version)
+            }
+            _ => (false, 0),
+        };
+        HeartbeatResponse {
+            registered,
+            latest_policy_version: latest,
+            min_policy_version: min,
+        }
+    }
+}
+
+/// The `Orchestrator` gRPC service over a [`Directory`] and the ledger.
+pub struct OrchestratorService {
+    directory: Arc<Directory>,
+    ledger: Ledger,
+}
+
+impl OrchestratorService {
+    /// The service for `directory`'s run, reading runs from `ledger`.
+    pub fn new(directory: Arc<Directory>, ledger: Ledger) -> Self {
+        Self { directory, ledger }
+    }
+}
+
+fn proto_status(s: RunStatus) -> ProtoRunStatus {
+    match s {
+        RunStatus::Pending => ProtoRunStatus::Pending,
+        RunStatus::Running => ProtoRunStatus::Running,
+        RunStatus::Succeeded => ProtoRunStatus::Succeeded,
+        RunStatus::Failed => ProtoRunStatus::Failed,
+        RunStatus::Cancelled => ProtoRunStatus::Cancelled,
+    }
+}
+
+fn proto_run(r: RunRecord, learner: Option<&LearnerInfo>) -> Run {
+    Run {
+        run_id: r.id,
+        name: r.name,
+        config_toml: r.config_toml,
+        status: proto_status(r.status) as i32,
+        created_at_ms: r.created_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        learner_step: learner.map(|l| l.step).unwrap_or(0),
+        policy_version: learner.map(|l| l.policy_version).unwrap_or(0),
+    }
+}
+
+fn ledger_status(e: crate::ledger::LedgerError) -> Status {
+    Status::unavailable(format!("ledger: {e}"))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Orchestrator for OrchestratorService {
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        self.directory
+            .register_worker(request.into_inner())
+            .map(Response::new)
+    }
+
+    async fn worker_heartbeat(
+        &self,
+        request: Request<WorkerHeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            self.directory.worker_heartbeat(request.into_inner()),
+        ))
+    }
+
+    async fn register_learner(
+        &self,
+        request: Request<RegisterLearnerRequest>,
+    ) -> Result<Response<RegisterLearnerResponse>, Status> {
+        self.directory
+            .register_learner(request.into_inner())
+            .map(Response::new)
+    }
+
+    async fn learner_heartbeat(
+        &self,
+        request: Request<LearnerHeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            self.directory.learner_heartbeat(request.into_inner()),
+        ))
+    }
+
+    async fn launch_run(
+        &self,
+        _request: Request<LaunchRunRequest>,
+    ) -> Result<Response<LaunchRunResponse>, Status> {
+        Err(Status::unimplemented(format!(
+            "this orchestrator runs the run of its --config (`{}`); start another run with \
+             `chorus serve orchestrator --config RUN.toml` or `chorus run RUN.toml`",
+            self.directory.run_id()
+        )))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        let id = request.into_inner().run_id;
+        let run = self
+            .ledger
+            .get_run(&id)
+            .await
+            .map_err(ledger_status)?
+            .ok_or_else(|| Status::not_found(format!("no run `{id}` in the ledger")))?;
+        let learner = (id == self.directory.run_id())
+            .then(|| self.directory.learner())
+            .flatten();
+        Ok(Response::new(proto_run(run, learner.as_ref())))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let r = request.into_inner();
+        if !r.page_token.is_empty() {
+            return Err(Status::invalid_argument(
+                "page_token: this orchestrator returns one page; pass an empty token and a limit",
+            ));
+        }
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000)
+        };
+        let learner = self.directory.learner();
+        let runs = self
+            .ledger
+            .list_runs(limit)
+            .await
+            .map_err(ledger_status)?
+            .into_iter()
+            .filter(|run| {
+                r.status
+                    .is_none_or(|s| proto_status(run.status) as i32 == s)
+            })
+            .map(|run| {
+                let mine = run.id == self.directory.run_id();
+                proto_run(run, if mine { learner.as_ref() } else { None })
+            })
+            .collect();
+        Ok(Response::new(ListRunsResponse {
+            runs,
+            next_page_token: String::new(),
+        }))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        request: Request<WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let r = request.into_inner();
+        if r.run_id != self.directory.run_id() {
+            return Err(Status::not_found(format!(
+                "this orchestrator streams the events of `{}`; finished runs are in the ledger \
+                 (`chorus inspect`)",
+                self.directory.run_id()
+            )));
+        }
+        // Subscribe before reading the backlog, then skip what the backlog already had, so no
+        // event falls between the two.
+        let mut live = self.directory.live.subscribe();
+        let backlog = self.directory.events_after(r.after_sequence);
+        let mut next = r.after_sequence + backlog.len() as u64 + 1;
+        let stream = async_stream(backlog, move |tx| async move {
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.sequence >= next => {
+                        next = e.sequence + 1;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "the watcher fell {n} events behind; reconnect with after_sequence = {}",
+                                next - 1
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream that yields `backlog`, then what `live` sends into its channel.
+fn async_stream<F, Fut>(backlog: Vec<RunEvent>, live: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<RunEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let fut = live(tx.clone());
+    tokio::spawn(async move {
+        for e in backlog {
+            if tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+        drop(tx);
+        fut.await;
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str) -> RegisterWorkerRequest {
+        RegisterWorkerRequest {
+            worker_id: id.into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            capacity: 4,
+            policy_version: 0,
+            model: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_register_heartbeat_and_lose_their_lease() {
+        let dir = Directory::new(
+            "r",
+            Leases {
+                heartbeat: Duration::from_millis(10),
+                lease: Duration::from_millis(80),
+            },
+        );
+        assert!(
+            dir.register_worker(RegisterWorkerRequest {
+                capacity: 0,
+                ..worker("w")
+            })
+            .is_err()
+        );
+        dir.register_worker(worker("a")).unwrap();
+        dir.register_worker(worker("b")).unwrap();
+        assert_eq!(
+            dir.wait_for_workers(2, Duration::from_secs(1))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        let hb = |id: &str, seq: u64, version: u64| WorkerHeartbeatRequest {
+            worker_id: id.into(),
+            sequence: seq,
+            capacity: 4,
+            in_flight: 1,
+            policy_version: version,
+        };
+        assert!(dir.worker_heartbeat(hb("a", 1, 3)).registered);
+        // A repeated sequence number is a retry: ignored.
+        assert!(dir.worker_heartbeat(hb("a", 1, 9)).registered);
+        assert_eq!(
+            dir.live_workers()
+                .iter()
+                .find(|w| w.id == "a")
+                .unwrap()
+                .policy_version,
+            3
+        );
+        assert!(!dir.worker_heartbeat(hb("stranger", 1, 0)).registered);
+        // Only `a` keeps beating; `b` runs out of lease.
+        for seq in 2..8 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            dir.worker_heartbeat(hb("a", seq, 3));
+            dir.expire_leases();
+        }
+        let live: Vec<String> = dir.live_workers().into_iter().map(|w| w.id).collect();
+        assert_eq!(live, vec!["a".to_string()]);
+        assert!(
+            !dir.worker_heartbeat(hb("b", 9, 0)).registered,
+            "lost: register again"
+        );
+        let kinds: Vec<_> = dir
+            .events_after(0)
+            .into_iter()
+            .map(|e| (e.sequence, e.kind.unwrap()))
+            .collect();
+        assert_eq!(kinds.len(), 3);
+        assert!(matches!(&kinds[2].1, run_event::Kind::WorkerLost(l) if l.worker_id == "b"));
+        assert_eq!(
+            kinds.iter().map(|k| k.0).collect::<Vec<_>>(),
+            vec![1, 2, 3],
+            "gap-free"
+        );
+        assert_eq!(dir.events_after(2).len(), 1);
+        let err = dir
+            .wait_for_workers(2, Duration::from_millis(30))
+            .await
+            .unwrap_err();
+        assert!(err.contains("1 of 2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_learner_registers_for_its_run_only() {
+        let dir = Directory::new("r", Leases::default());
+        let req = |run: &str| RegisterLearnerRequest {
+            learner_id: "l".into(),
+            endpoint: "http://127.0.0.1:2".into(),
+            run_id: run.into(),
+            policy_version: 0,
+            devices: 1,
+        };
+        assert!(dir.register_learner(req("other")).is_err());
+        dir.register_learner(req("r")).unwrap();
+        assert_eq!(
+            dir.wait_for_learner(Duration::from_secs(1))
+                .await
+                .unwrap()
+                .endpoint,
+            "http://127.0.0.1:2"
+        );
+        let hb = dir.learner_heartbeat(LearnerHeartbeatRequest {
+            learner_id: "l".into(),
+            sequence: 1,
+            run_id: "r".into(),
+            step: 4,
+            policy_version: 4,
+            queued_groups: 0,
+        });
+        assert!(hb.registered);
+        assert_eq!(hb.latest_policy_version, 4);
+    }
+}

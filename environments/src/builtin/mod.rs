@@ -19,6 +19,7 @@ mod safety;
 mod structured_output;
 mod sql;
 mod sudoku;
+mod swe;
 #[cfg(test)]
 mod testkit;
 mod tool_agent;
@@ -39,6 +40,7 @@ pub use safety::Safety;
 pub use structured_output::StructuredOutput;
 pub use sql::Sql;
 pub use sudoku::Sudoku;
+pub use swe::Swe;
 pub use tool_agent::ToolAgent;
 
 use std::sync::Arc;

@@ -56,3 +56,221 @@ fn check_all_passes_and_bad_names_are_explained() {
     let err = h.fails(&["env", "sample", "arithmetic", "--split", "test"]);
     assert!(err.contains("split"), "{err}");
 }
+
+#[path = "../environments/tests/nemo_gym_standin/mod.rs"]
+mod nemo_gym_standin;
+
+const GSM8K: &str = r#"{"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=<<3+4=7>>7 apples.\n#### 7"}
+{"question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "2*12=24\n#### 24", "task_id": "eggs"}
+"#;
+
+#[test]
+fn score_prints_each_reward_and_reason_then_the_mean() {
+    let h = Harness::new();
+    std::fs::write(h.path("gsm8k.jsonl"), GSM8K).unwrap();
+    std::fs::write(
+        h.path("answers.jsonl"),
+        "{\"id\": 0, \"completion\": \"<think>3+4</think>#### 7\"}\n\n\
+         {\"id\": \"eggs\", \"completion\": \"I think 25\"}\n\
+         {\"id\": \"1\", \"completion\": \"\\\\boxed{24}\"}\n",
+    )
+    .unwrap();
+    let args = [
+        "env",
+        "score",
+        "math_word",
+        "--dataset",
+        "gsm8k.jsonl",
+        "--completions",
+        "answers.jsonl",
+    ];
+    let out = h.ok(&args);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        lines[0].starts_with('0') && lines[0].contains("reward  1.000"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("eggs") && lines[1].contains("reward  0.000"),
+        "{out}"
+    );
+    assert!(lines[2].contains("reward  1.000"), "{out}");
+    assert!(
+        lines[3].contains("mean reward 0.6667 over 3 completions (2 with full reward)"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&h.ok(&[&args[..], &["--json"]].concat())).unwrap();
+    assert_eq!(v["count"], 3);
+    assert_eq!(v["items"][1]["line"], 1);
+    assert_eq!(v["items"][1]["reward"], 0.0);
+    assert!(
+        v["items"][1]["reason"].as_str().unwrap().contains("25"),
+        "{v}"
+    );
+}
+
+#[test]
+fn score_explains_bad_ids_lines_and_datasets() {
+    let h = Harness::new();
+    std::fs::write(h.path("gsm8k.jsonl"), GSM8K).unwrap();
+    let run = |completions: &str, env: &str| {
+        std::fs::write(h.path("c.jsonl"), completions).unwrap();
+        h.fails(&[
+            "env",
+            "score",
+            env,
+            "--dataset",
+            "gsm8k.jsonl",
+            "--completions",
+            "c.jsonl",
+        ])
+    };
+    let ok = "{\"id\": 0, \"completion\": \"7\"}\n";
+    for (completions, env, wanted) in [
+        (
+            format!("{ok}{{\"id\": 5, \"completion\": \"7\"}}\n"),
+            "math_word",
+            "c.jsonl line 2: id 5",
+        ),
+        (
+            format!("{ok}{{\"id\": \"nope\", \"completion\": \"7\"}}\n"),
+            "math_word",
+            "\"nope\"",
+        ),
+        (
+            format!("{ok}{{oops\n"),
+            "math_word",
+            "c.jsonl line 2: not JSON",
+        ),
+        (
+            "{\"completion\": \"7\"}\n".to_string(),
+            "math_word",
+            "line 1: missing `id`",
+        ),
+        (ok.to_string(), "arithmetic", "reads no dataset files"),
+        (ok.to_string(), "mcqa", "gsm8k.jsonl line 1: not a mcqa row"),
+        (ok.to_string(), "nemo_gym", "--url"),
+    ] {
+        let err = run(&completions, env);
+        assert!(err.contains(wanted), "{env} {completions:?}: {err}");
+    }
+}
+
+#[test]
+fn score_works_with_a_nemo_gym_server() {
+    let server = nemo_gym_standin::StandIn::start();
+    let h = Harness::new();
+    std::fs::write(
+        h.path("rows.jsonl"),
+        "{\"responses_create_params\": {\"input\": [{\"role\": \"user\", \"content\": \"Blue? A) sun B) sky\"}]}, \"expected_answer\": \"B\", \"uuid\": \"q1\"}\n\
+         {\"responses_create_params\": {\"input\": \"Hot? A) sun B) ice\"}, \"expected_answer\": \"A\", \"uuid\": \"q2\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        h.path("answers.jsonl"),
+        "{\"id\": \"q1\", \"completion\": \"\\\\boxed{B}\"}\n{\"id\": 1, \"completion\": \"\\\\boxed{B}\"}\n",
+    )
+    .unwrap();
+    let out = h.ok(&[
+        "env",
+        "score",
+        "nemo_gym",
+        "--url",
+        &server.url,
+        "--dataset",
+        "rows.jsonl",
+        "--completions",
+        "answers.jsonl",
+    ]);
+    assert!(
+        out.contains("q1") && out.contains("extracted_answer \"B\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("mean reward 0.5000 over 2 completions"),
+        "{out}"
+    );
+    assert_eq!(server.seen("/verify").len(), 2);
+}
+
+#[test]
+fn new_rust_writes_the_scaffold_that_the_environments_tests_compile() {
+    let h = Harness::new();
+    let out = h.ok(&["env", "new", "my_env", "--lang", "rust", "--dir", "src"]);
+    assert!(out.contains("register(MyEnv)"), "{out}");
+    let written = std::fs::read_to_string(h.path("src/my_env.rs")).unwrap();
+    let compiled =
+        std::fs::read_to_string(repo().join("environments/tests/plugin_scaffold/my_env.rs"))
+            .unwrap();
+    assert_eq!(written, compiled);
+    let err = h.fails(&["env", "new", "my_env", "--lang", "rust", "--dir", "src"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = h.fails(&["env", "new", "Bad-Name", "--lang", "rust"]);
+    assert!(err.contains("lowercase letters"), "{err}");
+    let err = h.fails(&["env", "new", "arithmetic", "--lang", "rust"]);
+    assert!(err.contains("built-in"), "{err}");
+    let err = h.fails(&["env", "new", "x", "--lang", "go"]);
+    assert!(err.contains("rust") && err.contains("python"), "{err}");
+}
+
+#[test]
+fn new_python_writes_a_plugin_project_that_compiles_and_passes_its_test() {
+    let h = Harness::new();
+    h.ok(&[
+        "env",
+        "new",
+        "word_echo",
+        "--lang",
+        "python",
+        "--dir",
+        "plugins",
+    ]);
+    let project = h.path("plugins/word_echo");
+    for f in [
+        "pyproject.toml",
+        "README.md",
+        "word_echo.py",
+        "test_word_echo.py",
+    ] {
+        assert!(project.join(f).is_file(), "{f} missing");
+    }
+    let python = std::env::var("CHORUS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let compiled = std::process::Command::new(&python)
+        .args(["-m", "py_compile", "word_echo.py", "test_word_echo.py"])
+        .current_dir(&project)
+        .output();
+    match compiled {
+        Err(e) => {
+            println!("skipped: no Python to compile the scaffold with ({python}: {e})");
+            return;
+        }
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+    // With the SDK installed, the scaffold's own test runs too.
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import chorus_env"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        println!(
+            "skipped running test_word_echo.py: {python} has no chorus_env (set CHORUS_TEST_PYTHON)"
+        );
+        return;
+    }
+    let out = std::process::Command::new(&python)
+        .arg("test_word_echo.py")
+        .current_dir(&project)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -39,6 +39,8 @@
 //! | `safety` | safety | single | refuse harmful requests, answer harmless look-alikes |
 //! | `tool_agent` | tool use | multi | final answer after `lookup`/`calc` tool calls |
 //! | `game` | game | multi | tic-tac-toe result against the best forcible one |
+//! | `sql` | data | single | the query's result set against the gold query's, both run read-only by SQLite in the sandbox |
+//! | `swe` | software | multi | hidden tests of a generated Python repository after view/search/edit/run_tests tool calls, in the sandbox |
 //! | `chat_rm` | RLHF | single | a reward model; by default a transparent rubric (key terms, length, format, no refusal, no loops) |
 //!
 //! # Invariants
@@ -61,6 +63,7 @@ mod env;
 mod error;
 pub mod nemo_gym;
 mod nemo_gym_http;
+pub mod offline;
 pub mod plugin;
 mod registry;
 pub mod sandbox;

@@ -1,9 +1,13 @@
-//! `chorus env …`: list, sample and self-check the verifiable environments.
+//! `chorus env …`: list, sample and self-check the verifiable environments, score given
+//! completions against a dataset, and scaffold new environments.
 
 use anyhow::{Context, bail};
 use chorus_environments::{
     CheckOptions, Environment, Split, builtin_registry, chat, check_environment,
 };
+use std::path::PathBuf;
+
+use chorus_environments::offline::OfflineDataset;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -18,6 +22,65 @@ pub enum EnvCommand {
     /// Self-test environments: reference solutions score full reward, corrupted ones do not,
     /// sampling is deterministic and the train and heldout splits are disjoint.
     Check(CheckArgs),
+    /// Score given completions of a dataset with an environment's verifier, offline.
+    ///
+    /// The dataset is a file in a format the environment reads (math_word: GSM8K JSONL; mcqa:
+    /// ARC/MMLU JSONL; instruction_following: IFEval JSONL; nemo_gym: NeMo Gym rows, with --url
+    /// of the resources server). The completions file has one JSON object a line,
+    /// {"id": ..., "completion": "..."}, where id is the dataset row's line number counted from
+    /// 0, or the row's own `task_id` (else `id` or `uuid`). Prints each item's reward and
+    /// reason, then the mean.
+    ///
+    /// Example: chorus env score math_word --dataset gsm8k_test.jsonl --completions answers.jsonl
+    Score(ScoreArgs),
+    /// Start a new environment from a working template (it asks the model to repeat a word).
+    ///
+    /// --lang rust writes DIR/NAME.rs: a type implementing the Environment trait, how to
+    /// register it, and a test running the self-check (needs chorus-environments, rand, serde and
+    /// serde_json as dependencies). --lang python writes the plugin project DIR/NAME/
+    /// (pyproject.toml, NAME.py on the chorus-env SDK, test_NAME.py, README.md); serve it and
+    /// put { url = "http://host:port" } in a run config. docs/plugins.md has the whole guide.
+    ///
+    /// Example: chorus env new word_sort --lang python --dir plugins
+    New(NewArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NewArgs {
+    /// Name of the new environment: lowercase letters, digits and `_`, starting with a letter.
+    name: String,
+    /// Language of the new environment.
+    #[arg(long, value_enum)]
+    lang: Lang,
+    /// Directory to write into (created if missing).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Lang {
+    /// A Rust file implementing the Environment trait.
+    Rust,
+    /// A Python plugin project on the chorus-env SDK (gRPC).
+    Python,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Environment whose verifier scores: math_word, mcqa, instruction_following or nemo_gym.
+    name: String,
+    /// The dataset (JSONL) the completions answer.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// JSONL of {"id": LINE_OR_TASK_ID, "completion": "..."}.
+    #[arg(long)]
+    completions: PathBuf,
+    /// For nemo_gym: the resources server, e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    url: Option<String>,
+    /// Print {"items": [{id, line, task_id, reward, reason, components}], "mean", "count"}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -58,7 +121,162 @@ pub struct CheckArgs {
     tasks: usize,
 }
 
+/// `chorus env score`: every completion's reward and reason, then the mean.
+fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    if a.url.is_some() && a.name != chorus_environments::offline::NEMO_GYM {
+        bail!("--url is only for nemo_gym (the NeMo Gym resources server)");
+    }
+    let data = OfflineDataset::open(&a.name, &a.dataset, a.url.as_deref())?;
+    let text = std::fs::read_to_string(&a.completions)
+        .with_context(|| format!("reading {}", a.completions.display()))?;
+    let source = a.completions.display().to_string();
+    let mut items = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{source} line {}", index + 1);
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{at}: not JSON"))?;
+        let id = value.get("id").cloned().with_context(|| {
+            format!("{at}: missing `id` (a dataset line number from 0 or a task_id)")
+        })?;
+        let completion = value
+            .get("completion")
+            .and_then(|c| c.as_str())
+            .with_context(|| format!("{at}: missing string `completion`"))?
+            .to_string();
+        let row = data.find(&id).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        items.push((id, row, completion));
+    }
+    if items.is_empty() {
+        bail!("{source} has no completions");
+    }
+    let mut out = Vec::new();
+    let (mut sum, mut scored, mut full, mut failed) = (0.0, 0usize, 0usize, 0usize);
+    for (id, row, completion) in items {
+        let (env, task) = data.task(row)?;
+        let id_text = match &id {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        match env.score(&task, &completion) {
+            Ok(score) => {
+                sum += score.reward;
+                scored += 1;
+                full += usize::from(score.is_full());
+                if !a.json {
+                    println!(
+                        "{id_text:<16} reward {:>6.3}  {}",
+                        score.reward, score.reason
+                    );
+                }
+                out.push(
+                    json!({"id": id, "line": row, "task_id": task.id, "reward": score.reward,
+                    "reason": score.reason, "components": score.components_map()}),
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                if !a.json {
+                    println!("{id_text:<16} FAILED  {e}");
+                }
+                out.push(
+                    json!({"id": id, "line": row, "task_id": task.id, "error": e.to_string()}),
+                );
+            }
+        }
+    }
+    let mean = if scored > 0 { sum / scored as f64 } else { 0.0 };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"items": out, "mean": mean, "count": scored, "full": full, "failed": failed})
+            )?
+        );
+    } else {
+        println!("mean reward {mean:.4} over {scored} completions ({full} with full reward)");
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} completions could not be scored (see FAILED above); the mean leaves them out"
+        );
+    }
+    Ok(())
+}
+
+/// `chorus env new`: writes the template, refusing to overwrite anything.
+fn new(a: NewArgs) -> anyhow::Result<()> {
+    use chorus_environments::plugin::scaffold;
+    scaffold::check_name(&a.name).map_err(anyhow::Error::msg)?;
+    if builtin_registry().get(&a.name).is_ok() {
+        bail!(
+            "`{}` is a built-in environment; choose another name",
+            a.name
+        );
+    }
+    let files: Vec<(PathBuf, String)> = match a.lang {
+        Lang::Rust => vec![(
+            a.dir.join(format!("{}.rs", a.name)),
+            scaffold::rust_source(&a.name).map_err(anyhow::Error::msg)?,
+        )],
+        Lang::Python => {
+            let project = a.dir.join(&a.name);
+            if project.exists() {
+                bail!(
+                    "{} already exists; remove it or choose another --dir",
+                    project.display()
+                );
+            }
+            scaffold::python_files(&a.name)
+                .map_err(anyhow::Error::msg)?
+                .into_iter()
+                .map(|(path, text)| (project.join(path), text))
+                .collect()
+        }
+    };
+    for (path, _) in &files {
+        if path.exists() {
+            bail!(
+                "{} already exists; remove it or choose another --dir",
+                path.display()
+            );
+        }
+    }
+    for (path, text) in &files {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let ty = scaffold::type_name(&a.name);
+    match a.lang {
+        Lang::Rust => println!(
+            "next: add the file to a crate depending on chorus-environments, rand, serde and serde_json, \
+             register it with `registry.register({ty})?` and use {{ name = \"{}\" }} in a run config; \
+             `cargo test` runs its self-check",
+            a.name
+        ),
+        Lang::Python => println!(
+            "next: pip install environments/python (the chorus-env SDK), then in {dir}: \
+             python test_{name}.py, and serve it with python {name}.py --port 50051 --token T; \
+             a run uses it with {{ url = \"http://127.0.0.1:50051\" }} and --token T",
+            dir = a.dir.join(&a.name).display(),
+            name = a.name
+        ),
+    }
+    Ok(())
+}
+
 pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        EnvCommand::Score(a) => return score(a),
+        EnvCommand::New(a) => return new(a),
+        other => other,
+    };
     let registry = builtin_registry();
     match cmd {
         EnvCommand::List(a) => {
@@ -154,5 +372,6 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        EnvCommand::Score(_) | EnvCommand::New(_) => unreachable!("handled above"),
     }
 }

@@ -25,6 +25,7 @@
 mod client;
 mod convert;
 pub(crate) mod runtime;
+pub mod scaffold;
 mod server;
 
 pub use client::{RemoteEnvironment, RemoteOptions};

@@ -1,0 +1,107 @@
+//! What the sandbox adds to one execution: the median wall time of `python3 -c pass` run
+//! directly and in each available backend, side by side in one run.
+//!
+//! `cargo bench -p chorus-environments --bench sandbox_overhead [-- RUNS]` (default 60 runs per
+//! column, after 5 warm-up runs). Each backend is compared with the same interpreter run
+//! directly (the bubblewrap backend may use a different one, see `Sandbox::python`).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chorus_environments::sandbox::{Backend, Limits, Sandbox, SandboxRequest};
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+fn percentile(mut samples: Vec<Duration>, p: f64) -> Duration {
+    samples.sort_unstable();
+    let index = ((samples.len() - 1) as f64 * p).round() as usize;
+    samples[index]
+}
+
+fn time_direct(python: &str, runs: usize) -> Vec<Duration> {
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            let status = Command::new(python)
+                .args(["-c", "pass"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("python runs");
+            assert!(status.status.success());
+            start.elapsed()
+        })
+        .collect()
+}
+
+fn time_sandboxed(sandbox: &Sandbox, runs: usize) -> Vec<Duration> {
+    let request = SandboxRequest {
+        argv: vec![sandbox.python().to_string(), "-c".into(), "pass".into()],
+        limits: Limits::default(),
+        ..SandboxRequest::default()
+    };
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            let outcome = sandbox.run(&request).expect("sandbox runs");
+            assert!(outcome.success(), "{outcome:?}");
+            start.elapsed()
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(60);
+    println!("python3 -c pass, {runs} runs per column (after 5 warm-up runs), wall time in ms");
+    println!(
+        "{:<12} {:<44} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "backend",
+        "interpreter",
+        "direct p50",
+        "sandbox p50",
+        "added p50",
+        "direct p90",
+        "sandbox p90"
+    );
+    for backend in [Backend::Namespaces, Backend::Bubblewrap] {
+        let sandbox = match Sandbox::with_backend(backend) {
+            Ok(sandbox) => sandbox,
+            Err(err) => {
+                println!("{:<12} skipped: {err}", backend.as_str());
+                continue;
+            }
+        };
+        let python = sandbox.python().to_string();
+        time_direct(&python, 5);
+        time_sandboxed(&sandbox, 5);
+        // Interleave the two so load changes affect both columns alike.
+        let mut direct = Vec::with_capacity(runs);
+        let mut boxed = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            direct.extend(time_direct(&python, 1));
+            boxed.extend(time_sandboxed(&sandbox, 1));
+        }
+        let (d50, s50) = (median(direct.clone()), median(boxed.clone()));
+        println!(
+            "{:<12} {:<44} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>12.2}",
+            backend.as_str(),
+            python,
+            ms(d50),
+            ms(s50),
+            ms(s50) - ms(d50),
+            ms(percentile(direct, 0.9)),
+            ms(percentile(boxed, 0.9)),
+        );
+    }
+}

@@ -5,6 +5,11 @@
 //!
 //! `cargo bench -p chorus-kernels --bench nvfp4_gemm [-- --threads N] [--n N]... [--backend B]`
 //! (default: 2 threads, n = 1, 8, 512, the fastest backend).
+//!
+//! With `--features cuda` and `-- --cuda`, a second table times the CUDA kernels on device 0
+//! on the same shapes (weights and activations resident on the GPU; f32 and bf16
+//! activations; the kernel `GemmPath::Auto` picks) beside the CPU times, and checks them
+//! against the CPU result. Without a GPU it says so and stops there.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -15,11 +20,12 @@ use half::bf16;
 const M: usize = 4096;
 const K: usize = 14336;
 
-/// `--threads N` (default 2), `--n N` (repeatable; default 1, 8 and 512) and
-/// `--backend portable|avx2|avx512` (default: the fastest this CPU supports). Other arguments
-/// (cargo passes `--bench`) are ignored.
-fn parse_args() -> (usize, Vec<usize>, Option<Backend>) {
+/// `--threads N` (default 2), `--n N` (repeatable; default 1, 8 and 512),
+/// `--backend portable|avx2|avx512` (default: the fastest this CPU supports) and `--cuda`.
+/// Other arguments (cargo passes `--bench`) are ignored.
+fn parse_args() -> (usize, Vec<usize>, Option<Backend>, bool) {
     let args: Vec<String> = std::env::args().collect();
+    let mut cuda = false;
     let mut threads = 2;
     let mut sizes = Vec::new();
     let mut backend = None;
@@ -39,6 +45,7 @@ fn parse_args() -> (usize, Vec<usize>, Option<Backend>) {
                 sizes.push(value("--n"));
                 i += 1;
             }
+            "--cuda" => cuda = true,
             "--backend" => {
                 backend = Some(match args.get(i + 1).map(String::as_str) {
                     Some("portable") => Backend::Portable,
@@ -55,7 +62,7 @@ fn parse_args() -> (usize, Vec<usize>, Option<Backend>) {
     if sizes.is_empty() {
         sizes = vec![1, 8, 512];
     }
-    (threads.max(1), sizes, backend)
+    (threads.max(1), sizes, backend, cuda)
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -117,7 +124,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let (threads, sizes, backend) = parse_args();
+    let (threads, sizes, backend, cuda) = parse_args();
     let mut gemm = CpuGemm::new(threads);
     if let Some(backend) = backend {
         gemm = gemm
@@ -162,6 +169,8 @@ fn main() {
         "max |dy|"
     );
     println!("{}", "-".repeat(113));
+    // (n, activations, CPU NVFP4 result, CPU NVFP4 time) for the CUDA table.
+    let mut cpu_runs: Vec<(usize, Vec<f32>, Vec<f32>, Duration)> = Vec::new();
     for n in sizes {
         let reps = if n <= 8 { 30 } else { 5 };
         let x = fill(n * K, 7 + n as u64);
@@ -192,6 +201,9 @@ fn main() {
             gflops,
             max_diff
         );
+        if cuda {
+            cpu_runs.push((n, x, y, t_q));
+        }
     }
     println!();
     println!(
@@ -206,4 +218,130 @@ fn main() {
     println!(
         "reference (ggml NVFP4 CPU kernel, this machine): n=1 ~3.3 ms, n=8 23-28 ms, n=512 1.4-1.5 s"
     );
+
+    if cuda {
+        #[cfg(feature = "cuda")]
+        cuda_bench::run(&wq, &cpu_runs);
+        #[cfg(not(feature = "cuda"))]
+        println!("\n--cuda: this bench was built without the `cuda` feature");
+    }
+    drop(cpu_runs);
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_bench {
+    use std::hint::black_box;
+    use std::time::{Duration, Instant};
+
+    use chorus_kernels::cuda::{CudaNvfp4, GemmPath};
+    use chorus_kernels::{Nvfp4Tensor, QuantizeOptions};
+    use half::bf16;
+
+    use super::{K, M, fill, ms};
+
+    /// Best time of `reps` runs of `f` after one warm-up, each ended by a device sync.
+    fn best_of_gpu(gpu: &CudaNvfp4, reps: usize, mut f: impl FnMut()) -> Duration {
+        f();
+        gpu.synchronize().unwrap();
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                gpu.synchronize().unwrap();
+                t.elapsed()
+            })
+            .min()
+            .unwrap()
+    }
+
+    pub fn run(wq: &Nvfp4Tensor, cpu_runs: &[(usize, Vec<f32>, Vec<f32>, Duration)]) {
+        println!();
+        let gpu = match CudaNvfp4::new(0) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                println!("CUDA: skipped: no CUDA driver/GPU ({e})");
+                return;
+            }
+        };
+        let (major, minor) = gpu.compute_capability();
+        println!(
+            "CUDA: {} (sm_{major}{minor}), kernels compiled for {}",
+            gpu.device_name(),
+            gpu.compiled_arch()
+        );
+
+        // Quantization of the same weights on the GPU, checked against the CPU result.
+        let w = fill(M * K, 1);
+        let options = QuantizeOptions::default();
+        let t = Instant::now();
+        let gq = gpu.quantize("bench.w", &w, M, K, &options).unwrap();
+        let first = t.elapsed();
+        let t_quant = best_of_gpu(&gpu, 3, || {
+            black_box(gpu.quantize("bench.w", &w, M, K, &options).unwrap());
+        });
+        println!(
+            "CUDA quantize [{M}, {K}] incl. transfers: {:.1} ms (first call {:.1} ms); identical \
+             to the CPU quantizer: {}",
+            ms(t_quant),
+            ms(first),
+            gq == *wq
+        );
+        drop(w);
+
+        let dw = gpu.upload_weight(wq).unwrap();
+        let weight_bytes = (wq.packed().len() + wq.scales().len()) as f64;
+        println!();
+        println!(
+            "{:>4} | {:>10} | {:>10} | {:>10} | {:>10} | {:>9} | {:>9} | {:>10} | {:>10}",
+            "n",
+            "path",
+            "cuda ms",
+            "cuda bf16",
+            "cpu ms",
+            "cpu/cuda",
+            "GB/s",
+            "TFLOP/s",
+            "max |dy|"
+        );
+        println!("{}", "-".repeat(106));
+        for (n, x, y_cpu, t_cpu) in cpu_runs {
+            let n = *n;
+            let reps = if n <= 8 { 100 } else { 20 };
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let dx = gpu.upload_f32(x, n, K).unwrap();
+            let dxb = gpu.upload_bf16(&xb, n, K).unwrap();
+            let mut dy = gpu.alloc_output(n, M).unwrap();
+            let mut path = GemmPath::Auto;
+            let t_f = best_of_gpu(&gpu, reps, || {
+                path = gpu.gemm_device(&dw, &dx, &mut dy, GemmPath::Auto).unwrap();
+            });
+            let y = gpu.download(&dy).unwrap();
+            let t_b = best_of_gpu(&gpu, reps, || {
+                gpu.gemm_device(&dw, &dxb, &mut dy, GemmPath::Auto).unwrap();
+            });
+            let max_diff = y
+                .iter()
+                .zip(y_cpu)
+                .fold(0.0f32, |a, (p, q)| a.max((p - q).abs()));
+            println!(
+                "{:>4} | {:>10} | {:>10.4} | {:>10.4} | {:>10.3} | {:>8.0}x | {:>9.1} | {:>10.2} | {:>10.2e}",
+                n,
+                format!("{path:?}"),
+                ms(t_f),
+                ms(t_b),
+                ms(*t_cpu),
+                t_cpu.as_secs_f64() / t_f.as_secs_f64(),
+                weight_bytes / t_f.as_secs_f64() / 1e9,
+                2.0 * (n * M * K) as f64 / t_f.as_secs_f64() / 1e12,
+                max_diff
+            );
+        }
+        println!();
+        println!(
+            "cuda ms = f32 activations, cuda bf16 = bf16 activations, data resident on the GPU, \
+             timed with a device sync after each call (launch overhead included); cpu ms = the \
+             CPU NVFP4 kernel above; GB/s = NVFP4 weight bytes / cuda time; max |dy| = CUDA vs \
+             CPU with f32 activations (the tensor-core path rounds them to bf16)"
+        );
+    }
 }

@@ -34,6 +34,15 @@ pub enum KernelError {
         /// The requested backend.
         backend: &'static str,
     },
+    /// The CUDA path failed: no driver or NVRTC library, no device, a kernel that did not
+    /// compile or launch, or a request the CUDA kernels do not support. The detail names the
+    /// operation (and the tensor, where there is one).
+    #[cfg(feature = "cuda")]
+    #[error("CUDA: {detail}")]
+    Cuda {
+        /// What failed, and why.
+        detail: String,
+    },
 }
 
 impl KernelError {
@@ -45,6 +54,19 @@ impl KernelError {
     /// True for [`KernelError::Shape`].
     pub fn is_shape(&self) -> bool {
         matches!(self, KernelError::Shape { .. })
+    }
+
+    /// True for [`KernelError::Cuda`].
+    #[cfg(feature = "cuda")]
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, KernelError::Cuda { .. })
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(detail: impl Into<String>) -> Self {
+        KernelError::Cuda {
+            detail: detail.into(),
+        }
     }
 
     pub(crate) fn shape(tensor: &str, detail: impl Into<String>) -> Self {

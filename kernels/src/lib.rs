@@ -52,6 +52,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 mod gemm;
 mod hadamard;

@@ -247,6 +247,32 @@ pub fn extract_answer(completion: &str) -> Option<String> {
     Some(final_answer(&parsed.response).to_string()).filter(|answer| !answer.is_empty())
 }
 
+/// The code in a response: the body of the last fenced block (three backticks, any language
+/// tag such as `python`; an unclosed last fence runs to the end), else, when the response has
+/// no fence at all, the whole response (tiny models answer with bare code). `None` when that
+/// leaves nothing.
+pub fn extract_code(response: &str) -> Option<String> {
+    const FENCE: &str = "```";
+    let fences: Vec<usize> = response.match_indices(FENCE).map(|(i, _)| i).collect();
+    let code = match fences.as_slice() {
+        [] => response,
+        _ => {
+            // Pair fences from the start: 0-1, 2-3, …; the last pair (or a lone opener) wins.
+            let open = fences[(fences.len() - 1) / 2 * 2];
+            let after_open = &response[open + FENCE.len()..];
+            // The rest of the opening line is the language tag.
+            let body_start = after_open.find('\n').map_or(after_open.len(), |i| i + 1);
+            let body = &after_open[body_start..];
+            match body.find(FENCE) {
+                Some(close) => &body[..close],
+                None => body,
+            }
+        }
+    };
+    let code = code.trim_matches('\n').trim_end();
+    (!code.trim().is_empty()).then(|| code.to_string())
+}
+
 /// A tool call as the model writes it: `<tool_call>{"name": "…", "arguments": {…}}</tool_call>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
@@ -407,6 +433,25 @@ mod tests {
         );
         assert_eq!(extract_answer("<think>a"), None);
         assert_eq!(extract_answer("  <|end|>"), None);
+    }
+
+    #[test]
+    fn code_is_the_last_fenced_block_or_the_bare_response() {
+        assert_eq!(
+            extract_code("Here:\n```python\ndef f(x):\n    return x\n```\nDone").as_deref(),
+            Some("def f(x):\n    return x")
+        );
+        assert_eq!(
+            extract_code("```\nold\n```\ntext\n```py\nnew\n```").as_deref(),
+            Some("new")
+        );
+        assert_eq!(extract_code("```python\nx = 1").as_deref(), Some("x = 1"));
+        assert_eq!(
+            extract_code("def f(x): return x+3").as_deref(),
+            Some("def f(x): return x+3")
+        );
+        assert_eq!(extract_code("```python\n```"), None);
+        assert_eq!(extract_code("  "), None);
     }
 
     #[test]

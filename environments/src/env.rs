@@ -30,6 +30,8 @@ pub enum Category {
     Safety,
     /// Playing a game against an opponent.
     Game,
+    /// Writing or reading code; model-written code runs in the [`crate::sandbox`].
+    Code,
     /// Querying data (text-to-SQL).
     Data,
     /// Software engineering: reading, searching and fixing a code base.

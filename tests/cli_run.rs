@@ -171,3 +171,92 @@ fn the_same_run_records_into_postgresql() {
         );
     });
 }
+
+/// A run with a multi-turn environment (tool calls answered by the environment between the
+/// policy's turns), a learner that trains through the workers' NVFP4 weights, and a learning
+/// curve evaluated every RL step.
+#[test]
+fn multi_turn_environments_nvfp4_training_and_a_learning_curve() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    let run = RUN
+        .replace("name = \"tiny\"", "name = \"multi\"")
+        .replace(
+            "environments = [{ name = \"arithmetic\" }, { name = \"needle\" }]",
+            "environments = [{ name = \"tool_agent\" }, { name = \"arithmetic\" }]",
+        )
+        .replace("max_new_tokens = 4", "max_new_tokens = 24")
+        .replace(
+            "[[stages]]\nname = \"warmup\"",
+            "[learner]\nquantize_forward = \"nvfp4\"\n[[stages]]\nname = \"warmup\"",
+        );
+    assert!(run.contains("quantize_forward") && run.contains("tool_agent"));
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    h.ok(&[
+        "run",
+        "run.toml",
+        "--eval-tasks",
+        "3",
+        "--eval-every",
+        "1",
+        "--token",
+        "s",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path("runs/multi/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["steps"], 6, "{summary}");
+    // Before RL, after each of the first two RL steps, and after the last.
+    let curve = summary["curve"].as_array().unwrap();
+    let versions: Vec<u64> = curve
+        .iter()
+        .map(|p| p["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![3, 4, 5, 6], "{summary}");
+    assert!(
+        curve
+            .iter()
+            .all(|p| p["environments"]["tool_agent"].is_number())
+    );
+
+    let db = format!("sqlite://{}", h.path("runs/multi/ledger.sqlite").display());
+    let run_id = summary["run"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let rows = ledger
+            .list_rollouts(&RolloutFilter {
+                run_id: Some(run_id.clone()),
+                environment: Some("tool_agent".into()),
+                min_reward: None,
+                limit: 10_000,
+            })
+            .await
+            .unwrap();
+        // Warm-up demonstrations are whole reference episodes: a tool call, the tool's answer,
+        // then the final answer.
+        let reference = rows.iter().find(|r| r.worker_id == "reference").unwrap();
+        let t = ledger.get_trajectory(&reference.id).await.unwrap().unwrap();
+        assert!(
+            t.trajectory.completion_text.contains("<tool_call>")
+                && t.trajectory.completion_text.contains("<|tool|>"),
+            "{}",
+            t.trajectory.completion_text
+        );
+        // RL episodes were generated and scored (whatever the tiny policy said).
+        assert!(
+            rows.iter()
+                .any(|r| r.worker_id != "reference" && r.reward.is_some()),
+            "no scored tool_agent episode"
+        );
+        // Trained through NVFP4, the learner sees what the NVFP4 workers sampled: only
+        // staleness is left in the mismatch, so on-policy steps are near zero.
+        let steps = ledger.list_learner_steps(&run_id).await.unwrap();
+        let rl: Vec<f64> = steps
+            .iter()
+            .filter_map(|s| s.step.mean_abs_logprob_diff)
+            .collect();
+        assert!(rl.len() >= 3, "{rl:?}");
+        assert!(rl.iter().any(|d| *d < 1e-3), "{rl:?}");
+    });
+}

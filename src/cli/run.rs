@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// Held-out tasks per environment for the before/after evaluation.
     #[arg(long, default_value_t = 64)]
     eval_tasks: usize,
+    /// Also evaluate every N RL steps while training, recording a learning curve (policy
+    /// version, seconds since start, accuracy) in summary.json; 0 turns it off.
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
     /// Shared token of the services (generated when absent).
     #[arg(long, env = "CHORUS_TOKEN")]
     token: Option<String>,
@@ -301,11 +305,23 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
         &token,
         a.db.clone(),
         &out_dir,
-        a.eval_tasks,
+        EvalPlan {
+            tasks: a.eval_tasks,
+            every: a.eval_every,
+        },
         started,
         None,
     )
     .await
+}
+
+/// Held-out evaluation of a run: before and after RL, and optionally every `every` RL steps.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalPlan {
+    /// Held-out tasks per environment.
+    pub tasks: usize,
+    /// Evaluate every this many RL steps as well (0: only before and after).
+    pub every: u64,
 }
 
 /// Runs the stages of `cfg` against a learner and workers already serving, then evaluates and
@@ -320,7 +336,7 @@ pub async fn orchestrate(
     token: &str,
     db: Option<String>,
     out_dir: &std::path::Path,
-    eval_tasks: usize,
+    eval: EvalPlan,
     started: Instant,
     directory: Option<Arc<Directory>>,
 ) -> anyhow::Result<()> {
@@ -443,6 +459,15 @@ pub async fn orchestrate(
         .map(|s| s.max_prompt_tokens)
         .max()
         .unwrap_or(256);
+    let eval_tasks = eval.tasks;
+    let rl_steps: u64 = cfg
+        .stages
+        .iter()
+        .filter(|s| s.kind == StageKind::Rl)
+        .map(|s| s.steps)
+        .sum();
+    let curve = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let mut curve_task = None;
     let mut before = None;
     for (i, stage) in cfg.stages.iter().enumerate() {
         ctx.stage_index = i;
@@ -467,6 +492,38 @@ pub async fn orchestrate(
                 "before RL: {}",
                 accuracy_line(before.as_ref().expect("just set"))
             );
+            let base = ctx.learning.version();
+            curve.lock().expect("not poisoned").push(curve_point(
+                base,
+                started,
+                before.as_ref().expect("just set"),
+            ));
+            if eval.every > 0 {
+                // Evaluates each version as soon as the learner publishes it, alongside training.
+                let (shared, envs, curve) = (shared.clone(), eval_envs.clone(), curve.clone());
+                curve_task = Some(tokio::spawn(async move {
+                    let mut k = eval.every;
+                    while k < rl_steps {
+                        shared.learning.wait_version(base + k).await;
+                        let at = started.elapsed().as_secs_f64();
+                        let acc = evaluate(
+                            &shared,
+                            &envs,
+                            eval_tasks,
+                            eval_tokens,
+                            eval_context,
+                            base + k,
+                        )
+                        .await?;
+                        eprintln!("RL step {k}: {}", accuracy_line(&acc));
+                        let mut point = curve_point(base + k, started, &acc);
+                        point["seconds"] = json!(at);
+                        curve.lock().expect("not poisoned").push(point);
+                        k += eval.every;
+                    }
+                    Ok::<_, anyhow::Error>(())
+                }));
+            }
         }
         eprintln!(
             "stage {} ({:?}): {} steps x {} prompts x {}",
@@ -498,6 +555,12 @@ pub async fn orchestrate(
     )
     .await?;
     eprintln!("after RL:  {}", accuracy_line(&after));
+    if let Some(task) = curve_task {
+        task.await??;
+    }
+    let mut curve = std::mem::take(&mut *curve.lock().expect("not poisoned"));
+    curve.push(curve_point(final_version, started, &after));
+    curve.sort_by_key(|p| p["version"].as_u64());
     let before = before.unwrap_or_default();
     let mut envs = serde_json::Map::new();
     for (name, acc) in &after {
@@ -525,6 +588,7 @@ pub async fn orchestrate(
         "trajectories": consumed,
         "wall_seconds": started.elapsed().as_secs_f64(),
         "environment_faults": ctx.faults.report(),
+        "curve": curve,
     });
     let path = out_dir.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
@@ -587,6 +651,25 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> anyhow::Result<Regi
         }
     }
     Ok(registry)
+}
+
+/// One point of the learning curve: a policy version, when it was reached, its accuracies.
+fn curve_point(
+    version: u64,
+    started: Instant,
+    acc: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>,
+) -> serde_json::Value {
+    let mean = if acc.is_empty() {
+        0.0
+    } else {
+        acc.values().map(|x| x.accuracy).sum::<f64>() / acc.len() as f64
+    };
+    json!({
+        "version": version,
+        "seconds": started.elapsed().as_secs_f64(),
+        "mean_accuracy": mean,
+        "environments": acc.iter().map(|(k, v)| (k.clone(), json!(v.accuracy))).collect::<serde_json::Map<_, _>>(),
+    })
 }
 
 fn accuracy_line(m: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>) -> String {

@@ -252,7 +252,10 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                     &a.token,
                     a.db,
                     &out_dir,
-                    a.eval_tasks,
+                    super::run::EvalPlan {
+                        tasks: a.eval_tasks,
+                        every: 0,
+                    },
                     started,
                     directory.clone(),
                 )

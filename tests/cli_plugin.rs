@@ -3,14 +3,22 @@
 //! plugin as a Python process — records the plugin's trajectories in the ledger and evaluates
 //! it in the summary; a wrong or missing token stops the run with the plugin's address named.
 //!
-//! The Python test needs `CHORUS_TEST_PYTHON`: a Python with `pip install ./environments/python`
+//! The Python plugins also pass Chorus' self-check through the wire, single- and multi-turn, and a
+//! run uses a NeMo Gym resources server (a stand-in following its HTTP contract) in RL.
+//!
+//! The Python tests need `CHORUS_TEST_PYTHON`: a Python with `pip install ./environments/python`
 //! done (`.ci/run` makes one). Without it the test says it was skipped and why.
 
 mod harness;
 
+#[path = "../environments/tests/nemo_gym_standin/mod.rs"]
+mod nemo_gym_standin;
+
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
+use chorus_environments::plugin::RemoteEnvironment;
+use chorus_environments::{CheckOptions, Environment, Split, check_environment};
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
 use harness::*;
 
@@ -118,29 +126,7 @@ fn a_run_uses_the_python_example_plugin() {
         return;
     };
     let h = Harness::new();
-    let mut child = Command::new(&python)
-        .args([
-            "-m",
-            "chorus_env.examples.word_count",
-            "--port",
-            "0",
-            "--token",
-            TOKEN,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the Python plugin");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the plugin printed {line:?} instead of `listening on URL`"))
-        .to_string();
-    let plugin = Service { child, url };
+    let plugin = python_plugin(&python, "word_count");
     run_against(&h, &plugin.url);
 
     // The wrong token is refused by the plugin; no token at all is refused before starting.
@@ -163,6 +149,154 @@ fn a_run_uses_the_python_example_plugin() {
     );
 }
 
+#[test]
+fn python_plugins_pass_the_self_check_through_the_wire() {
+    let Some(python) = python_with_sdk() else {
+        return;
+    };
+    for example in ["word_count", "guess_number"] {
+        let plugin = python_plugin(&python, example);
+        let env = RemoteEnvironment::connect(&plugin.url, TOKEN).unwrap();
+        assert_eq!(env.plugin_info().name, example);
+        let report = check_environment(
+            &env,
+            &CheckOptions {
+                tasks_per_split: 3,
+                ..CheckOptions::default()
+            },
+        );
+        assert!(report.passed, "{example}: {:#?}", report.failures);
+    }
+    // A multi-turn episode: the client keeps the conversation, the plugin its state.
+    let plugin = python_plugin(&python, "guess_number");
+    let env = RemoteEnvironment::connect(&plugin.url, TOKEN).unwrap();
+    assert_eq!(env.info().max_turns, 6);
+    let task = env.sample(3, Split::Train, 2).unwrap();
+    let mut episode = env.start(&task).unwrap();
+    let mut hints = Vec::new();
+    let score = loop {
+        let action = env.reference_action(&task, &episode).unwrap();
+        let outcome = env.step(&task, &mut episode, &action).unwrap();
+        if let Some(score) = outcome.score {
+            break score;
+        }
+        hints.push(outcome.observation.unwrap().content);
+    };
+    assert!(score.is_full(), "{score:?}");
+    assert!(
+        !hints.is_empty() && hints.iter().all(|h| h == "higher" || h == "lower"),
+        "{hints:?}"
+    );
+    assert_eq!(episode.messages.len(), 1 + 2 * hints.len() + 1);
+    assert_eq!(episode.turn as usize, hints.len() + 1);
+    // A wrong first guess gets a hint, not a score.
+    let mut episode = env.start(&task).unwrap();
+    let secret = env.reference(&task).unwrap();
+    let wrong = if secret == "1" { "2" } else { "1" };
+    let outcome = env.step(&task, &mut episode, wrong).unwrap();
+    assert!(!outcome.done && outcome.score.is_none(), "{outcome:?}");
+}
+
+#[test]
+fn a_run_uses_a_nemo_gym_server_in_rl() {
+    let server = nemo_gym_standin::StandIn::start();
+    let h = Harness::new();
+    let rows: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"responses_create_params\": {{\"input\": [{{\"role\": \"user\", \"content\": \"Q{i}? A) x B) y\"}}]}}, \"expected_answer\": \"{}\", \"uuid\": \"q{i}\"}}\n",
+                if i % 2 == 0 { "A" } else { "B" }
+            )
+        })
+        .collect();
+    std::fs::write(h.path("gym.jsonl"), rows).unwrap();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    let config = format!(
+        r#"
+name = "gym"
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+max_batch = 16
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 2
+prompts_per_step = 4
+group_size = 2
+max_new_tokens = 4
+environments = [{{ name = "arithmetic" }}, {{ kind = "nemo_gym", url = "{}", dataset = "gym.jsonl", weight = 3.0 }}]
+"#,
+        server.url
+    );
+    std::fs::write(h.path("run.toml"), config).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path("runs/gym/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        summary["environments"]["nemo_gym:gym"]["heldout_n"], 2,
+        "{summary}"
+    );
+    let run_id = summary["run"].as_str().unwrap().to_string();
+    let db = format!("sqlite://{}", h.path("runs/gym/ledger.sqlite").display());
+    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        Ledger::open(&db)
+            .await
+            .unwrap()
+            .list_rollouts(&RolloutFilter {
+                run_id: Some(run_id),
+                environment: Some("nemo_gym:gym".into()),
+                min_reward: None,
+                limit: 10_000,
+            })
+            .await
+            .unwrap()
+    });
+    // Every scored trajectory went through the server: empty answers score 0 locally, the rest
+    // were verified (each after a seed_session, whose cookie came back).
+    assert!(
+        rows.iter().any(|r| r.consumed_at_step.is_some()),
+        "{rows:#?}"
+    );
+    assert!(rows.iter().all(|r| r.reward.is_some()), "{rows:#?}");
+    let verifies = server.seen("/verify");
+    assert!(
+        verifies
+            .iter()
+            .all(|v| v.status == 200 && v.cookie.is_some()),
+        "{verifies:#?}"
+    );
+}
+
+/// Starts `chorus_env.examples.NAME` and waits for its `listening on URL` line.
+fn python_plugin(python: &str, example: &str) -> Service {
+    let mut child = Command::new(python)
+        .args([
+            "-m",
+            &format!("chorus_env.examples.{example}"),
+            "--port",
+            "0",
+            "--token",
+            TOKEN,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the Python plugin");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the plugin printed {line:?} instead of `listening on URL`"))
+        .to_string();
+    Service { child, url }
+}
+
 /// `CHORUS_TEST_PYTHON` when it can import the SDK; otherwise says why the test is skipped.
 fn python_with_sdk() -> Option<String> {
     let Ok(python) = std::env::var("CHORUS_TEST_PYTHON") else {
@@ -180,7 +314,10 @@ fn python_with_sdk() -> Option<String> {
         Ok(out) => {
             println!(
                 "skipped: {python} cannot import grpc and chorus_env (run `{python} -m pip install ./environments/python`): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
             );
             None
         }

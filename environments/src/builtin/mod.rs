@@ -68,6 +68,8 @@ pub fn builtin_registry() -> Registry {
         Arc::new(Calendar),
         Arc::new(Safety),
         Arc::new(ChatRm::default()),
+        Arc::new(Sql),
+        Arc::new(Swe),
     ];
     for env in builtins {
         // Built-in names are distinct constants, so this never replaces anything.
@@ -109,7 +111,7 @@ mod tests {
     #[test]
     fn every_builtin_passes_the_self_check_at_default_settings() {
         let registry = builtin_registry();
-        assert_eq!(registry.len(), 16);
+        assert_eq!(registry.len(), 18);
         let options = crate::CheckOptions {
             tasks_per_split: 4,
             ..crate::CheckOptions::default()

@@ -1130,6 +1130,30 @@ mod tests {
     }
 
     #[test]
+    fn self_check_passes_in_the_sandbox() {
+        assert_self_check_passes(&Sql, &[0, 2, 4, 6], 3);
+    }
+
+    #[test]
+    fn scoring_in_the_sandbox_reports_the_difference() {
+        let task = train_task(&Sql, 5, 1);
+        let gold = Sql.reference(&task).unwrap();
+        let score = Sql.score(&task, &format!("SQL: {gold}")).unwrap();
+        assert!(score.is_full(), "{score:?}");
+        assert_eq!(score.component("result"), Some(1.0));
+        let verification: Verification = task.verification_as().unwrap();
+        let table = &verification.tables[0].name;
+        let wrong = Sql
+            .score(&task, &format!("SELECT id, id FROM {table}"))
+            .unwrap();
+        assert_eq!(wrong.reward, 0.0);
+        assert_eq!(wrong.component("executes"), Some(1.0));
+        assert!(wrong.reason.starts_with("wrong result"), "{}", wrong.reason);
+        let broken = Sql.score(&task, "SELECT nope FROM nowhere").unwrap();
+        assert!(broken.reason.contains("no such table"), "{}", broken.reason);
+    }
+
+    #[test]
     fn comparison_ignores_order_unless_asked_and_tolerates_float_noise() {
         use serde_json::json;
         let gold = result(

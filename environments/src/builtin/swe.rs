@@ -1408,6 +1408,41 @@ mod tests {
     }
 
     #[test]
+    fn self_check_passes_in_the_sandbox() {
+        assert_self_check_passes(&Swe, &[0, 2, 4], 3);
+    }
+
+    #[test]
+    fn tools_run_the_current_files_in_the_sandbox() {
+        let task = train_task(&Swe, 6, 1);
+        let expected: Verification = task.verification_as().unwrap();
+        let mut episode = Swe.start(&task).unwrap();
+        let run = tool_call("run_tests", serde_json::json!({}));
+        let before = Swe.step(&task, &mut episode, &run).unwrap();
+        assert!(before.observation.unwrap().content.contains("1 failed"));
+        Swe.step(&task, &mut episode, &fix_call(&expected.bug))
+            .unwrap();
+        let after = Swe.step(&task, &mut episode, &run).unwrap();
+        assert!(after.observation.unwrap().content.contains(" 0 failed"));
+        let end = Swe
+            .step(
+                &task,
+                &mut episode,
+                &tool_call("submit", serde_json::json!({})),
+            )
+            .unwrap();
+        assert!(end.score.unwrap().is_full());
+        // A repository whose code never returns is stopped by the sandbox's limits and fails.
+        let hang = tool_call(
+            "edit",
+            serde_json::json!({"path": expected.bug.path, "old": expected.bug.buggy_line, "new": "while True: pass"}),
+        );
+        let score = Swe.score(&task, &hang).unwrap();
+        assert_eq!(score.reward, 0.0);
+        assert!(score.reason.contains("could not run"), "{}", score.reason);
+    }
+
+    #[test]
     fn every_template_is_tested_by_its_cases_and_its_bug_is_caught() {
         // Each function alone, fixed and buggy, through the real runner.
         for t in all_templates() {

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::Device;
-use chorus_environments::plugin::RemoteEnvironment;
-use chorus_environments::{NemoGym, Registry, builtin_registry};
+use chorus_environments::plugin::{RemoteEnvironment, RemoteOptions};
+use chorus_environments::{NemoGym, NemoGymOptions, Registry, builtin_registry};
 use chorus_learner::{
     AdamWConfig, GrpoConfig, LearnerConfig, LearnerService, LearnerServiceConfig, LrSchedule,
     Trainer, spawn_learner,
@@ -608,7 +608,9 @@ pub async fn orchestrate(
 /// The environments of a run: every built-in, plus a [`RemoteEnvironment`] for each plugin entry
 /// (registered under its URL, the entry's key) and a [`NemoGym`] for each `nemo_gym` entry
 /// (under its name). Plugins are asked to describe themselves now, so an absent plugin or a
-/// wrong token fails the run before it starts, with the entry and the address named.
+/// wrong token fails the run before it starts, with the entry and the address named. Each call
+/// to a plugin or NeMo Gym server has the run's environment deadline
+/// (`environment_faults.deadline_seconds`).
 pub fn environment_registry(cfg: &RunConfig, token: &str) -> anyhow::Result<Registry> {
     let mut registry = builtin_registry();
     let builtins = registry.names();
@@ -631,7 +633,11 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> anyhow::Result<Regi
                     registry.get(name).with_context(|| format!("{at}.name"))?;
                 }
                 EnvironmentSource::Remote(url) => {
-                    let env = RemoteEnvironment::connect(url, token)
+                    let options = RemoteOptions {
+                        timeout: cfg.environment_faults.deadline,
+                        ..RemoteOptions::default()
+                    };
+                    let env = RemoteEnvironment::connect_with(url, token, options)
                         .with_context(|| format!("{at}.url: connecting to the plugin"))?;
                     eprintln!("environment plugin `{}` at {url}", env.plugin_info().name);
                     registry.replace(Arc::new(env));
@@ -643,7 +649,11 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> anyhow::Result<Regi
                         );
                     }
                     let env = NemoGym::from_jsonl_file(name.clone(), url, dataset)
-                        .with_context(|| format!("{at}: reading the NeMo Gym dataset"))?;
+                        .with_context(|| format!("{at}: reading the NeMo Gym dataset"))?
+                        .with_options(NemoGymOptions {
+                            timeout: cfg.environment_faults.deadline,
+                            ..NemoGymOptions::default()
+                        });
                     registry.replace(Arc::new(env));
                 }
             }

@@ -8,7 +8,7 @@
 //! | [`Orchestrator`](v1::orchestrator_server::Orchestrator) | orchestrator | registration and heartbeats of workers and learners, launch / get / list runs, a stream of run events |
 //! | [`RolloutWorker`](v1::rollout_worker_server::RolloutWorker) | rollout worker | `Generate`: a bidirectional stream of generation requests and token chunks |
 //! | [`Learner`](v1::learner_server::Learner) | learner | `SubmitTrajectories` (client stream of scored groups, acknowledged by id), `StreamWeights` (server stream of checksummed weight chunks) |
-//! | [`Environment`](v1::environment_server::Environment) | environment plugins | `Describe`, `Sample`, `Step`, `Score` |
+//! | [`Environment`](v1::environment_server::Environment) | environment plugins (client and server adapters in `chorus-environments`' `plugin` module) | `Describe`, `Sample`, `Step`, `Score`; optional `Reference`, `WrongCompletions`, `Start` |
 //!
 //! Every request carries the ids that make a retry idempotent (`run_id`,
 //! `prompt_id`, `trajectory_id`, `request_id`, `group_id`, heartbeat `sequence`):

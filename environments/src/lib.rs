@@ -20,6 +20,15 @@
 //! gives SFT demonstrations for them too. [`check_environment`] is the self-check behind
 //! `chorus env check`; [`Registry::list`] is the data behind `chorus env list`.
 //!
+//! # Environments in other processes
+//!
+//! [`plugin::RemoteEnvironment`] is an environment served by another process over the gRPC
+//! `Environment` service of `chorus-proto` (a plugin in any language; `environments/python/` is
+//! the Python SDK), and [`plugin::serve_environment`] serves any environment that way.
+//! [`NemoGym`] uses a NeMo Gym resources server and its JSONL rows. [`offline`] gives a
+//! dataset's tasks by row, for scoring given completions (`chorus env score`), and
+//! [`plugin::scaffold`] the templates of `chorus env new`.
+//!
 //! # Built-in environments
 //!
 //! | name | category | turns | verifies |

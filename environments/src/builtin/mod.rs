@@ -3,6 +3,7 @@
 mod arithmetic;
 mod calendar;
 mod chat_rm;
+mod code_python;
 mod countdown;
 mod datasets;
 mod expr;
@@ -27,6 +28,7 @@ mod tool_agent;
 pub use arithmetic::Arithmetic;
 pub use calendar::Calendar;
 pub use chat_rm::{ChatRm, FormatRule, RewardRequest, RewardScorer, Rubric, RubricScorer};
+pub use code_python::CodePython;
 pub use countdown::Countdown;
 pub use function_calling::FunctionCalling;
 pub use game::Game;
@@ -70,6 +72,7 @@ pub fn builtin_registry() -> Registry {
         Arc::new(ChatRm::default()),
         Arc::new(Sql),
         Arc::new(Swe),
+        Arc::new(CodePython::generated()),
     ];
     for env in builtins {
         // Built-in names are distinct constants, so this never replaces anything.
@@ -111,7 +114,7 @@ mod tests {
     #[test]
     fn every_builtin_passes_the_self_check_at_default_settings() {
         let registry = builtin_registry();
-        assert_eq!(registry.len(), 18);
+        assert_eq!(registry.len(), 19);
         let options = crate::CheckOptions {
             tasks_per_split: 4,
             ..crate::CheckOptions::default()

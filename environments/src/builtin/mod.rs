@@ -3,6 +3,7 @@
 mod arithmetic;
 mod calendar;
 mod chat_rm;
+mod code_output;
 mod code_python;
 mod countdown;
 mod datasets;
@@ -28,6 +29,7 @@ mod tool_agent;
 pub use arithmetic::Arithmetic;
 pub use calendar::Calendar;
 pub use chat_rm::{ChatRm, FormatRule, RewardRequest, RewardScorer, Rubric, RubricScorer};
+pub use code_output::CodeOutput;
 pub use code_python::CodePython;
 pub use countdown::Countdown;
 pub use function_calling::FunctionCalling;
@@ -73,6 +75,7 @@ pub fn builtin_registry() -> Registry {
         Arc::new(Sql),
         Arc::new(Swe),
         Arc::new(CodePython::generated()),
+        Arc::new(CodeOutput),
     ];
     for env in builtins {
         // Built-in names are distinct constants, so this never replaces anything.
@@ -114,7 +117,7 @@ mod tests {
     #[test]
     fn every_builtin_passes_the_self_check_at_default_settings() {
         let registry = builtin_registry();
-        assert_eq!(registry.len(), 19);
+        assert_eq!(registry.len(), 20);
         let options = crate::CheckOptions {
             tasks_per_split: 4,
             ..crate::CheckOptions::default()

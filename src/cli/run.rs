@@ -587,6 +587,7 @@ pub async fn orchestrate(
         "steps": ctx.learning.version(),
         "trajectories": consumed,
         "wall_seconds": started.elapsed().as_secs_f64(),
+        "max_lag": stats.max_lag.load(Ordering::Relaxed),
         "environment_faults": ctx.faults.report(),
         "curve": curve,
     });

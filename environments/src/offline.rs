@@ -74,7 +74,7 @@ struct Row {
     /// 0-based line number.
     line: usize,
     text: String,
-    /// The row's own id (`task_id`, else `id`, else `uuid`), if it has one.
+    /// The row's own id (`task_id`, else `id`, `uuid` or IFEval's `key`), if it has one.
     own_id: Option<String>,
 }
 
@@ -144,13 +144,14 @@ impl OfflineDataset {
             }
             let value: serde_json::Value = serde_json::from_str(row)
                 .map_err(|e| row_error(source_name, line + 1, format!("not JSON: {e}")))?;
-            let own_id = ["task_id", "id", "uuid"]
-                .iter()
-                .find_map(|key| match value.get(*key) {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-                    _ => None,
-                });
+            let own_id =
+                ["task_id", "id", "uuid", "key"]
+                    .iter()
+                    .find_map(|key| match value.get(*key) {
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                        _ => None,
+                    });
             rows.push(Row {
                 line,
                 text: row.to_string(),
@@ -205,7 +206,8 @@ impl OfflineDataset {
     }
 
     /// The 0-based line of the row `id` names: a number is a line number from 0; a string is the
-    /// row's own id (`task_id`, else `id`, else `uuid`) or, failing that, a line number.
+    /// row's own id (`task_id`, else `id`, `uuid` or IFEval's `key`) or, failing that, a line
+    /// number.
     pub fn find(&self, id: &serde_json::Value) -> Result<usize, String> {
         let line = match id {
             serde_json::Value::Number(n) => n
@@ -230,6 +232,14 @@ impl OfflineDataset {
             }
         };
         if line >= self.lines {
+            // Past the end it cannot be a line: it may be a numeric own id (IFEval's `key`).
+            if let Some(row) = self
+                .rows
+                .iter()
+                .find(|r| r.own_id.as_deref() == Some(line.to_string().as_str()))
+            {
+                return Ok(row.line);
+            }
             return Err(format!(
                 "id {line}: {} has lines 0 to {}",
                 self.source_name,
@@ -261,13 +271,16 @@ impl OfflineDataset {
                 Ok((env.clone(), task))
             }
             Source::Builtin(reader) => {
-                let env = (reader.read)(&row.text, &self.source_name).map_err(|e| match e {
-                    EnvError::DatasetRow { message, .. } => row_error(
+                let env = (reader.read)(&row.text, &self.source_name).map_err(|e| {
+                    let message = match e {
+                        EnvError::DatasetRow { message, .. } => message,
+                        other => other.to_string(),
+                    };
+                    row_error(
                         &self.source_name,
                         line + 1,
                         format!("not a {} row ({}): {message}", reader.env, reader.format),
-                    ),
-                    other => other,
+                    )
                 })?;
                 let task = match env.sample(0, Split::Train, 0) {
                     Ok(task) => task,
@@ -345,5 +358,41 @@ mod tests {
         let data = OfflineDataset::from_str("mcqa", GSM8K, "g", None).unwrap();
         let err = data.task(0).err().unwrap().to_string();
         assert!(err.contains("line 1") && err.contains("mcqa"), "{err}");
+    }
+
+    #[test]
+    fn arc_and_ifeval_rows_score_like_their_environments() {
+        let arc = r#"{"id": "arc-1", "question": "Which is a planet?", "choices": {"text": ["Mars", "the Moon"], "label": ["A", "B"]}, "answerKey": "A"}"#;
+        let data = OfflineDataset::from_str("mcqa", arc, "arc.jsonl", None).unwrap();
+        let (env, task) = data
+            .task(data.find(&serde_json::json!("arc-1")).unwrap())
+            .unwrap();
+        assert!(env.score(&task, "A").unwrap().is_full());
+        assert!(!env.score(&task, "B").unwrap().is_full());
+
+        let ifeval = r#"{"key": 1001, "prompt": "Write one sentence about the sea.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}
+{"key": 1002, "prompt": "p", "instruction_id_list": ["language:response_language"], "kwargs": [{"language": "fr"}]}"#;
+        let data =
+            OfflineDataset::from_str("instruction_following", ifeval, "if.jsonl", None).unwrap();
+        let (env, task) = data
+            .task(data.find(&serde_json::json!(1001)).unwrap())
+            .unwrap();
+        assert!(
+            env.score(&task, "the sea is calm today.")
+                .unwrap()
+                .is_full()
+        );
+        assert!(
+            !env.score(&task, "The Sea is calm today.")
+                .unwrap()
+                .is_full()
+        );
+        assert_eq!(data.find(&serde_json::json!("1002")).unwrap(), 1);
+        // An instruction without a checker here is reported on its line.
+        let err = data.task(1).err().unwrap().to_string();
+        assert!(
+            err.contains("if.jsonl line 2") && err.contains("language:response_language"),
+            "{err}"
+        );
     }
 }

@@ -28,8 +28,8 @@ pub enum EnvCommand {
     /// ARC/MMLU JSONL; instruction_following: IFEval JSONL; nemo_gym: NeMo Gym rows, with --url
     /// of the resources server). The completions file has one JSON object a line,
     /// {"id": ..., "completion": "..."}, where id is the dataset row's line number counted from
-    /// 0, or the row's own `task_id` (else `id` or `uuid`). Prints each item's reward and
-    /// reason, then the mean.
+    /// 0, or the row's own `task_id` as a string (else its `id`, `uuid` or IFEval `key`). Prints
+    /// each item's reward and reason, then the mean.
     ///
     /// Example: chorus env score math_word --dataset gsm8k_test.jsonl --completions answers.jsonl
     Score(ScoreArgs),

@@ -5,6 +5,7 @@ mod calendar;
 mod chat_rm;
 mod code_output;
 mod code_python;
+mod competitive;
 mod countdown;
 mod datasets;
 mod expr;
@@ -31,6 +32,7 @@ pub use calendar::Calendar;
 pub use chat_rm::{ChatRm, FormatRule, RewardRequest, RewardScorer, Rubric, RubricScorer};
 pub use code_output::CodeOutput;
 pub use code_python::CodePython;
+pub use competitive::Competitive;
 pub use countdown::Countdown;
 pub use function_calling::FunctionCalling;
 pub use game::Game;
@@ -76,6 +78,7 @@ pub fn builtin_registry() -> Registry {
         Arc::new(Swe),
         Arc::new(CodePython::generated()),
         Arc::new(CodeOutput),
+        Arc::new(Competitive),
     ];
     for env in builtins {
         // Built-in names are distinct constants, so this never replaces anything.
@@ -117,7 +120,7 @@ mod tests {
     #[test]
     fn every_builtin_passes_the_self_check_at_default_settings() {
         let registry = builtin_registry();
-        assert_eq!(registry.len(), 20);
+        assert_eq!(registry.len(), 21);
         let options = crate::CheckOptions {
             tasks_per_split: 4,
             ..crate::CheckOptions::default()

@@ -118,6 +118,23 @@ fn a_run_uses_a_builtin_served_as_a_plugin() {
         TOKEN,
     ]);
     run_against(&h, &plugin.url);
+    // The self-check runs through the wire too.
+    let out = h.ok(&[
+        "env",
+        "check",
+        "--url",
+        &plugin.url,
+        "--token",
+        TOKEN,
+        "--tasks",
+        "2",
+    ]);
+    assert!(
+        out.starts_with(&plugin.url) && out.contains(" ok "),
+        "{out}"
+    );
+    let err = h.fails(&["env", "check", "--url", &plugin.url, "--token", "wrong"]);
+    assert!(err.contains("refused the token"), "{err}");
 }
 
 #[test]

@@ -21,6 +21,8 @@ pub enum EnvCommand {
     Sample(SampleArgs),
     /// Self-test environments: reference solutions score full reward, corrupted ones do not,
     /// sampling is deterministic and the train and heldout splits are disjoint.
+    ///
+    /// Also checks a plugin server through the wire: chorus env check --url http://HOST:PORT --token T
     Check(CheckArgs),
     /// Score given completions of a dataset with an environment's verifier, offline.
     ///
@@ -111,11 +113,17 @@ pub struct SampleArgs {
 #[derive(Args, Debug)]
 pub struct CheckArgs {
     /// Environment to check.
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    #[arg(required_unless_present_any = ["all", "url"], conflicts_with_all = ["all", "url"])]
     name: Option<String>,
     /// Check every built-in environment.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     all: bool,
+    /// Check an environment plugin server instead, e.g. http://127.0.0.1:50051 (with --token).
+    #[arg(long)]
+    url: Option<String>,
+    /// The plugin's shared token (for --url).
+    #[arg(long, env = "CHORUS_TOKEN")]
+    token: Option<String>,
     /// Tasks sampled per split and difficulty.
     #[arg(long, default_value_t = 8)]
     tasks: usize,
@@ -332,7 +340,17 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
             Ok(())
         }
         EnvCommand::Check(a) => {
+            let mut registry = registry;
             let names: Vec<String> = match (&a.name, a.all) {
+                _ if a.url.is_some() => {
+                    let url = a.url.clone().unwrap_or_default();
+                    let token = a.token.as_deref().with_context(|| {
+                        format!("--url {url}: give the plugin's token with --token or CHORUS_TOKEN")
+                    })?;
+                    let env = chorus_environments::plugin::RemoteEnvironment::connect(&url, token)?;
+                    registry.replace(std::sync::Arc::new(env));
+                    vec![url]
+                }
                 (Some(n), _) => vec![n.clone()],
                 (None, true) => registry.list().into_iter().map(|e| e.name).collect(),
                 (None, false) => bail!("give an environment name or --all"),

@@ -27,9 +27,13 @@
 //! tests.
 //!
 //! Levels: 0, one tiny function shown in the prompt with the failing assertion and the kind of
-//! bug (one `edit` and `submit` solve it); 1, one module of two or three functions, not shown;
-//! 2, two modules, the failing function named; 3, three modules and `app.py`, no hint; 4, more
-//! functions per module.
+//! bug (one `edit` and `submit` solve it); 1, one module of two or three functions, not shown,
+//! with the failing assertion and the kind of bug; 2, two modules, only the failing function
+//! named; 3, three modules of two functions (plus `app.py` when the bug is in an app function
+//! such as `score_text`, which calls a helper with swapped arguments), no hint; 4, three
+//! functions per module and always an `app.py` over the helpers. Prompts list the files and
+//! their functions; the model has to look at code itself from level 1. `search` matches plain
+//! text, not regular expressions.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -51,10 +51,31 @@
 //! | `sql` | data | single | the query's result set against the gold query's, both run read-only by SQLite in the sandbox |
 //! | `swe` | software | multi | hidden tests of a generated Python repository after view/search/edit/run_tests tool calls, in the sandbox |
 //! | `chat_rm` | RLHF | single | a reward model; by default a transparent rubric (key terms, length, format, no refusal, no loops) |
+//! | `code_python` | code | single | fraction of unit tests passed, each run in the sandbox; also HumanEval/MBPP JSONL |
+//! | `code_output` | code | single | a generated program's exact output, ground truth from the sandbox at sample time |
+//! | `competitive` | code | single | fraction of stdin/stdout test cases passed under a CPU limit, in the sandbox |
+//!
+//! # Sandbox
+//!
+//! Model-written code runs only through [`sandbox::Sandbox::run`] (usually the process-wide
+//! [`sandbox::shared`]): no network (a fresh network namespace), a private tmpfs `/tmp` as the
+//! working directory and the only writable place, a read-only view of `/usr`, the interpreter's
+//! prefix, `/etc/ld.so.cache` and a few device nodes and nothing else of the host, a PID
+//! namespace (the program sees and can signal only its own processes), and limits on CPU time,
+//! wall time, memory, processes and output ([`sandbox::Limits`]). Two backends:
+//! bubblewrap (`bwrap`) when installed, else namespaces set up by the crate itself (user,
+//! mount, PID, network, IPC, UTS; `pivot_root` onto a read-only tmpfs). Both add rlimits and,
+//! where this process may create them, cgroup v1 `pids` and `memory` groups; as root the
+//! program runs as a per-run unprivileged host uid, so `RLIMIT_NPROC` caps a fork bomb even
+//! without cgroups. Each [`sandbox::Outcome`] names the backend that ran it, and how the run
+//! ended ([`sandbox::Termination`]) with a reason for the score. `chat::extract_code` is how
+//! code is pulled out of a completion.
 //!
 //! # Invariants
 //!
 //! - Only [`chat`] knows the prompt template and how answers are pulled out of completions.
+//! - Code a model wrote (or a program whose output is a task's answer) runs only through
+//!   [`sandbox::Sandbox::run`], never directly on the host.
 //! - Sampling is a pure function of `(environment, seed, split, difficulty)`, using the
 //!   portable ChaCha8 RNG ([`task_rng`]); nothing reads global randomness.
 //! - The split of a task is a hash of its content ([`split_of`]), so train and heldout never

@@ -27,6 +27,14 @@ fn sandboxes() -> Vec<Sandbox> {
     all
 }
 
+/// The same backends with rlimits alone (no cgroups), for the resource cases.
+fn sandboxes_without_cgroups() -> Vec<Sandbox> {
+    sandboxes()
+        .into_iter()
+        .map(Sandbox::without_cgroups)
+        .collect()
+}
+
 /// A marker unique to one run, passed as an argument so it shows in every process's command
 /// line (forked children included).
 fn marker(case: &str) -> String {
@@ -280,7 +288,8 @@ fn a_fork_bomb_is_capped_and_cleaned_up() {
         wall_time: Duration::from_secs(3),
         ..Limits::default()
     };
-    for sandbox in sandboxes() {
+    for sandbox in sandboxes().into_iter().chain(sandboxes_without_cgroups()) {
+        println!("cgroups (pids, memory): {:?}", sandbox.cgroups());
         let outcome = run(&sandbox, "forkbomb", program, limits.clone());
         assert_contained_failure("fork bomb", &outcome);
         assert!(
@@ -349,7 +358,8 @@ fn a_memory_bomb_hits_the_memory_limit() {
         ..quick()
     };
     let program = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))\n";
-    for sandbox in sandboxes() {
+    for sandbox in sandboxes().into_iter().chain(sandboxes_without_cgroups()) {
+        println!("cgroups (pids, memory): {:?}", sandbox.cgroups());
         let outcome = run(&sandbox, "membomb", program, limits.clone());
         assert_contained_failure("memory bomb", &outcome);
         assert_eq!(outcome.termination, Termination::MemoryLimit, "{outcome:?}");

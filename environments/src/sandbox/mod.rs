@@ -297,6 +297,14 @@ impl Sandbox {
         (self.cgroups.pids.is_some(), self.cgroups.memory.is_some())
     }
 
+    /// The same sandbox without cgroups: processes are capped by `RLIMIT_NPROC` (per-run uid)
+    /// and memory per process by `RLIMIT_AS` only. For hosts where cgroups are slow or shared,
+    /// and for testing that the rlimits alone contain a program.
+    pub fn without_cgroups(mut self) -> Sandbox {
+        self.cgroups = cgroup::CgroupRoots::default();
+        self
+    }
+
     /// Runs one program to completion (or to a limit). Errors mean the sandbox could not start
     /// it (or the request is malformed); whatever the program does ends in an [`Outcome`].
     pub fn run(&self, req: &SandboxRequest) -> Result<Outcome, SandboxError> {

@@ -1212,7 +1212,11 @@ mod tests {
         for (path, bytes) in &request.files {
             std::fs::write(dir.path().join(path), bytes).map_err(|e| e.to_string())?;
         }
-        let mut child = std::process::Command::new("python3")
+        // The interpreter the sandbox found (no shell shims), else whatever `python3` is.
+        let python = crate::sandbox::shared()
+            .map(|sandbox| sandbox.python().to_string())
+            .unwrap_or_else(|_| "python3".into());
+        let mut child = std::process::Command::new(python)
             .args(&request.argv[1..])
             .current_dir(dir.path())
             .stdin(std::process::Stdio::piped())

@@ -745,7 +745,12 @@ fn build(rng: &mut TaskRng, level: u32) -> Option<(String, Verification)> {
                 max_words: 15,
                 format: vec![FormatRule::Sentences { min: 1, max: 1 }],
             };
-            (fill(template, noun), noun.to_string(), Kind::OneSentence, rubric)
+            (
+                fill(template, noun),
+                noun.to_string(),
+                Kind::OneSentence,
+                rubric,
+            )
         }
         1 => {
             let topic = *EXPLAIN_TOPICS.choose(rng)?;
@@ -756,7 +761,12 @@ fn build(rng: &mut TaskRng, level: u32) -> Option<(String, Verification)> {
                 max_words: 70,
                 format: vec![FormatRule::Sentences { min: 2, max: 3 }],
             };
-            (fill(template, topic), topic.to_string(), Kind::Explain, rubric)
+            (
+                fill(template, topic),
+                topic.to_string(),
+                Kind::Explain,
+                rubric,
+            )
         }
         2 => {
             let activity = *ACTIVITIES.choose(rng)?;
@@ -1117,7 +1127,11 @@ mod tests {
         let score = env.score(&task, &long).unwrap();
         assert!(score.reward > 0.3 && score.reward < 1.0, "{score:?}");
         assert_eq!(score.component("format"), Some(0.0));
-        assert!(score.reason.contains("format: 1 sentence"), "{}", score.reason);
+        assert!(
+            score.reason.contains("format: 1 sentence"),
+            "{}",
+            score.reason
+        );
         // Off-topic: no key term.
         let score = env.score(&task, "Zebras are lovely to see.").unwrap();
         assert_eq!(score.component("on_topic"), Some(0.0));

@@ -1295,6 +1295,22 @@ mod tests {
     }
 
     #[test]
+    fn a_sandbox_that_cannot_start_scores_zero_with_the_reason() {
+        fn broken(_: &SandboxRequest) -> Result<Outcome, String> {
+            Err("the sandbox is unavailable: no backend works here".into())
+        }
+        let task = train_task(&Sql, 2, 0);
+        let verification: Verification = task.verification_as().unwrap();
+        let score = score_sql(&task, &verification, &verification.gold, broken).unwrap();
+        assert_eq!(score.reward, 0.0);
+        assert!(
+            score.reason.contains("no backend works"),
+            "{}",
+            score.reason
+        );
+    }
+
+    #[test]
     fn sql_is_pulled_out_of_fences_and_labels() {
         assert_eq!(extract_sql("```sql\nSELECT 1;\n```"), "SELECT 1;");
         assert_eq!(extract_sql("Here:\n```\nSELECT 2\n``` done"), "SELECT 2");

@@ -1652,6 +1652,29 @@ mod tests {
     }
 
     #[test]
+    fn a_sandbox_that_cannot_start_fails_the_run_with_the_reason() {
+        fn broken(_: &SandboxRequest) -> Result<Outcome, String> {
+            Err("the sandbox is unavailable: no backend works here".into())
+        }
+        let task = train_task(&Swe, 2, 0);
+        let expected: Verification = task.verification_as().unwrap();
+        let score = Swe::score_with(&task, &fix_call(&expected.bug), broken).unwrap();
+        assert_eq!(score.reward, 0.0);
+        assert!(
+            score.reason.contains("no backend works"),
+            "{}",
+            score.reason
+        );
+        let mut episode = Swe.start(&task).unwrap();
+        let run = tool_call("run_tests", serde_json::json!({}));
+        let outcome = Swe::step_with(&task, &mut episode, &run, broken).unwrap();
+        let reply = outcome.observation.unwrap().content;
+        assert!(reply.starts_with("could not run the tests"), "{reply}");
+        let state: SweState = serde_json::from_value(episode.state).unwrap();
+        assert_eq!(state.invalid_calls, 0, "not the model's fault");
+    }
+
+    #[test]
     fn splits_are_disjoint() {
         assert_splits_disjoint(&Swe, 0, 200);
         assert_splits_disjoint(&Swe, 3, 100);

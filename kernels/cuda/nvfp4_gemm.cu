@@ -197,7 +197,11 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 // (the lower-indexed element of each pair in the low 16 bits).
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[4],
                                                const unsigned int b[2]) {
-#if __CUDA_ARCH__ >= 800
+#if defined(CHORUS_CUDA_EMULATION)
+    // CPU emulation of the kernels (kernels/cuda/emu/): a warp-collective software MMA that
+    // rebuilds A and B from the 32 lanes' fragments with the layouts above.
+    chorus_emulate_mma_bf16_16816(d, a, b);
+#elif __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"

@@ -99,6 +99,59 @@ fn kernel_sources_compile_with_nvrtc() {
     println!("NVRTC {major}.{minor} compiled the kernels for {checked:?} and compute_80");
 }
 
+#[allow(dead_code)]
+#[path = "../examples/nvfp4_emu_cases.rs"]
+mod emu_cases;
+
+/// Runs the .cu sources on the CPU under emulation (`kernels/cuda/emu/`): every kernel the
+/// GPU tests below run, against the CPU results, with no GPU. Needs `g++` (C++20); skips
+/// without it (`CHORUS_REQUIRE_GXX=1` makes that a failure).
+#[test]
+fn kernels_match_the_cpu_under_emulation() {
+    let gxx = std::process::Command::new("g++").arg("--version").output();
+    if !gxx.is_ok_and(|o| o.status.success()) {
+        assert!(
+            !required("CHORUS_REQUIRE_GXX"),
+            "CHORUS_REQUIRE_GXX=1 but no g++"
+        );
+        println!("skipped: no g++ for the CPU emulation of the CUDA kernels");
+        return;
+    }
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = std::env::temp_dir().join(format!("chorus-cuda-emu-{}", std::process::id()));
+    let cases = work.join("cases");
+    emu_cases::write_cases(&cases);
+    let binary = work.join("emu");
+    let build = std::process::Command::new("g++")
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-ffp-contract=off",
+            "-fno-strict-aliasing",
+            "-pthread",
+            "-o",
+        ])
+        .arg(&binary)
+        .arg(here.join("cuda/emu/emu_main.cpp"))
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "g++ failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let run = std::process::Command::new(&binary)
+        .arg(&cases)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let _ = std::fs::remove_dir_all(&work);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+    println!("{stdout}");
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)

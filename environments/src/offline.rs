@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::builtin::{InstructionFollowing, MathWord, Mcqa};
+use crate::builtin::{CodePython, InstructionFollowing, MathWord, Mcqa};
 use crate::env::Environment;
 use crate::error::EnvError;
 use crate::nemo_gym::NemoGym;
@@ -63,6 +63,26 @@ pub fn dataset_readers() -> Vec<DatasetReader> {
                 Ok(Arc::new(InstructionFollowing::from_ifeval_str(
                     text, source,
                 )?))
+            },
+        },
+        DatasetReader {
+            env: "code_python",
+            format: "HumanEval JSONL (`task_id`, `prompt`, `test`, `entry_point`) or MBPP JSONL \
+                     (`text`, `test_list`)",
+            read: |text, source| {
+                let row: serde_json::Value =
+                    serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+                if row.get("entry_point").is_some() && row.get("test").is_some() {
+                    Ok(Arc::new(CodePython::from_humaneval_str(text, source)?))
+                } else if row.get("test_list").is_some() {
+                    Ok(Arc::new(CodePython::from_mbpp_str(text, source)?))
+                } else {
+                    Err(row_error(
+                        source,
+                        1,
+                        "neither HumanEval (`entry_point`, `test`) nor MBPP (`test_list`) fields",
+                    ))
+                }
             },
         },
     ]
@@ -392,6 +412,32 @@ mod tests {
         let err = data.task(1).err().unwrap().to_string();
         assert!(
             err.contains("if.jsonl line 2") && err.contains("language:response_language"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn humaneval_and_mbpp_rows_run_in_the_sandbox() {
+        let rows = r#"{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n", "canonical_solution": "    return a + b\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n", "entry_point": "add"}
+{"task_id": 11, "text": "Write a function to double a number.", "test_list": ["assert double(2) == 4", "assert double(0) == 0"]}
+{"question": "not code"}"#;
+        let data = OfflineDataset::from_str("code_python", rows, "code.jsonl", None).unwrap();
+        let (env, task) = data
+            .task(data.find(&serde_json::json!("HumanEval/0")).unwrap())
+            .unwrap();
+        assert!(env.score(&task, "    return a + b\n").unwrap().is_full());
+        assert!(!env.score(&task, "    return a - b\n").unwrap().is_full());
+        let (env, task) = data
+            .task(data.find(&serde_json::json!(1)).unwrap())
+            .unwrap();
+        assert!(
+            env.score(&task, "def double(x):\n    return 2 * x\n")
+                .unwrap()
+                .is_full()
+        );
+        let err = data.task(2).err().unwrap().to_string();
+        assert!(
+            err.contains("code.jsonl line 3") && err.contains("MBPP"),
             "{err}"
         );
     }

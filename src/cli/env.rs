@@ -27,8 +27,8 @@ pub enum EnvCommand {
     /// Score given completions of a dataset with an environment's verifier, offline.
     ///
     /// The dataset is a file in a format the environment reads (math_word: GSM8K JSONL; mcqa:
-    /// ARC/MMLU JSONL; instruction_following: IFEval JSONL; nemo_gym: NeMo Gym rows, with --url
-    /// of the resources server). The completions file has one JSON object a line,
+    /// ARC/MMLU JSONL; instruction_following: IFEval JSONL; code_python: HumanEval or MBPP
+    /// JSONL; nemo_gym: NeMo Gym rows, with --url of the resources server). The completions file has one JSON object a line,
     /// {"id": ..., "completion": "..."}, where id is the dataset row's line number counted from
     /// 0, or the row's own `task_id` as a string (else its `id`, `uuid` or IFEval `key`). Prints
     /// each item's reward and reason, then the mean.
@@ -69,7 +69,8 @@ enum Lang {
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Environment whose verifier scores: math_word, mcqa, instruction_following or nemo_gym.
+    /// Environment whose verifier scores: math_word, mcqa, instruction_following, code_python
+    /// or nemo_gym.
     name: String,
     /// The dataset (JSONL) the completions answer.
     #[arg(long)]

@@ -33,14 +33,15 @@ pub enum Command {
     /// Run a staged post-training job (SFT warm-up, RL) from a TOML config, all services in
     /// this process talking gRPC on loopback.
     Run(run::RunArgs),
-    /// Run one service of a run (learner, worker or orchestrator) as its own process.
+    /// Run one service of a run (learner, worker, orchestrator, or an environment as a plugin
+    /// server) as its own process.
     #[command(subcommand)]
     Serve(serve::ServeCommand),
     /// Read a run's ledger: runs, rollouts, one trajectory, learner steps.
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
     Quantize(quantize::QuantizeArgs),
-    /// List, sample and self-check the verifiable environments.
+    /// List, sample and self-check environments, score given completions, scaffold new ones.
     #[command(subcommand)]
     Env(env::EnvCommand),
 }

@@ -665,6 +665,12 @@ impl RunConfig {
             for (j, e) in envs.into_iter().enumerate() {
                 let ek = |f: &str| format!("stages[{i}].environments[{j}].{f}");
                 let source = environment_source(ctx, &ek, e.kind, e.name, e.url, e.dataset)?;
+                if kind == StageKind::Sft && matches!(source, EnvironmentSource::NemoGym { .. }) {
+                    return Err(ctx.err(
+                        ek("kind"),
+                        "NeMo Gym rows have no reference solutions to warm up on; allowed in: rl stages",
+                    ));
+                }
                 let weight = e.weight.unwrap_or(1.0);
                 if !(weight > 0.0 && weight.is_finite()) {
                     return Err(ctx.err(
@@ -916,6 +922,21 @@ sampling = { temperature = 0.9 }
                 .to_string();
             assert!(e.contains(key) && e.contains(allowed), "{envs}: {e}");
         }
+    }
+
+    #[test]
+    fn nemo_gym_entries_are_refused_in_sft_stages() {
+        let text = GOOD.replace(
+            "environments = [{ name = \"arithmetic\" }]",
+            "environments = [{ kind = \"nemo_gym\", url = \"http://h:1\", dataset = \"d.jsonl\" }]",
+        );
+        let e = RunConfig::from_toml_str(&text, "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stages[0].environments[0].kind") && e.contains("rl stages"),
+            "{e}"
+        );
     }
 
     #[test]

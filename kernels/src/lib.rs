@@ -15,7 +15,21 @@
 //! - [`CpuGemm`]: multi-threaded `Y = X . W^T` with NVFP4 weights and f32 or bf16 activations
 //!   (a bandwidth-oriented GEMV for one row, a tiled GEMM otherwise), and an f32 GEMM on the
 //!   same layout for comparison. The instruction set is chosen at run time ([`Backend`]):
-//!   AVX-512, AVX2/FMA, or portable Rust.
+//!   AVX-512, AVX2/FMA, or portable Rust;
+//! - with the `cuda` feature (off by default), module `cuda`: the CUDA kernels in `kernels/cuda/`
+//!   (quantize, dequantize, NVFP4-weight GEMM), compiled at run time with NVRTC.
+//!
+//! # CUDA status
+//!
+//! The CUDA kernels exist and compile (NVRTC 12.8, machine code for sm_75 to sm_120), and
+//! match the CPU kernels when run under the CPU emulation of CUDA in `kernels/cuda/emu/`, but
+//! they have **not yet run on a GPU**: none has been available to this project so far. On a
+//! machine with an NVIDIA GPU, its driver and the NVRTC library, run
+//! `cargo test -p chorus-kernels --features cuda` (set `CHORUS_REQUIRE_GPU=1` so that a
+//! missing device fails instead of skipping); the tests compare the CUDA quantizer with the
+//! CPU one byte for byte (golden vectors included) and each GEMM kernel with the CPU
+//! dequantized product. `cargo bench -p chorus-kernels --features cuda --bench nvfp4_gemm --
+//! --cuda` times them beside the CPU kernels.
 //!
 //! ```
 //! use chorus_kernels::{CpuGemm, Nvfp4Tensor, QuantizeOptions};
@@ -37,9 +51,12 @@
 //!
 //! # Invariants
 //!
-//! - **Pure CPU, no tensor framework.** The crate depends on neither candle nor any GPU
-//!   runtime; tensors cross its boundary as slices and [`Nvfp4Tensor`]. A CUDA path (dequant
-//!   prologue on Hopper, FP4 tensor cores on Blackwell) will come behind a `cuda` feature.
+//! - **No tensor framework.** The crate depends on no candle and, by default, on no GPU
+//!   runtime; tensors cross its boundary as slices and [`Nvfp4Tensor`]. The `cuda` feature
+//!   adds cudarc (driver and NVRTC, loaded dynamically, so building needs no CUDA toolkit) and
+//!   device buffers of its own (`cuda::CudaNvfp4Weight`, ...). On Hopper the GEMM dequantizes
+//!   NVFP4 to BF16 in its prologue for the tensor cores; the Blackwell FP4 tensor-core path is
+//!   not written.
 //! - **Bit-exact format.** Quantization follows TransformerEngine, including its edge cases
 //!   (all-zero blocks get scale 0, an all-zero tensor gets global decode scale 1); the golden
 //!   vectors in `tests/fixtures/nvfp4_vectors.json` are matched byte for byte.

@@ -2,6 +2,7 @@
 # Runs the CUDA kernels on the CPU under emulation (cuda_emu.h) against the CPU kernels'
 # results. Needs only g++ (C++20) and cargo; no CUDA toolkit, driver or GPU.
 #   bash kernels/cuda/emu/run.sh
+# (`cargo test -p chorus-kernels --features cuda` runs the same check.)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)

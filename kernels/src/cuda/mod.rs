@@ -17,10 +17,11 @@
 //!   and newer (Hopper's path: it has no FP4 tensor cores), and a SIMT fallback for older
 //!   GPUs. The Blackwell block-scaled FP4 MMA is not implemented (see `nvfp4_gemm.cu`).
 //!
-//! Status: these kernels compile (NVRTC to machine code for sm_75, sm_80, sm_90 and sm_100,
-//! checked by `tests/cuda.rs` wherever the NVRTC library is present) but have not yet run on
-//! a GPU. `cargo test -p chorus-kernels --features cuda` on a machine with a GPU and driver
-//! runs the comparisons with the CPU kernels.
+//! Status: these kernels compile (NVRTC to machine code for sm_75 up to sm_120, checked by
+//! `tests/cuda.rs` wherever the NVRTC library is present) and match the CPU kernels under the
+//! CPU emulation of CUDA in `kernels/cuda/emu/` (also run by `tests/cuda.rs`, where `g++`
+//! exists), but have not yet run on a GPU. `cargo test -p chorus-kernels --features cuda` on
+//! a machine with a GPU and driver runs the comparisons with the CPU kernels on the device.
 
 use std::ffi::{CString, c_char};
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 """Chorus environments in Python.
 
-Subclass :class:`Environment`, implement ``sample`` and ``score`` (and ``reference`` for SFT
-warm-up and self-checks; ``start``/``step`` for multi-turn episodes), then :func:`serve` it::
+Subclass :class:`Environment`, describe it with class attributes (or override ``describe``),
+implement ``sample`` and ``score`` (and ``reference`` for SFT warm-up and self-checks;
+``start``/``step`` for multi-turn episodes), then :func:`serve` it::
 
     import chorus_env
 

@@ -74,6 +74,20 @@ class Environment:
     default_weight: float = 1.0
     version: str = ""
 
+    def describe(self) -> Dict[str, Any]:
+        """How the environment describes itself to Chorus (the Describe call). By default the
+        class attributes; override to compute them (e.g. from a dataset)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "category": self.category,
+            "multi_turn": self.multi_turn,
+            "max_turns": self.max_turns,
+            "max_level": self.max_level,
+            "default_weight": self.default_weight,
+            "version": self.version,
+        }
+
     def sample(self, seed: int, split: str, level: int) -> Task:
         raise NotImplementedError("sample(seed, split, level) must return a Task")
 

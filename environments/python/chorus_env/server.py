@@ -108,17 +108,20 @@ class _Servicer(environment_pb2_grpc.EnvironmentServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"{self.env.name}: {type(e).__name__}: {e}")
 
     def Describe(self, request, context):
-        env = self.env
-        return environment_pb2.DescribeResponse(
-            name=env.name,
-            version=env.version,
-            description=env.description,
-            multi_turn=env.multi_turn,
-            max_turns=env.max_turns,
-            category=env.category,
-            max_level=env.max_level,
-            default_weight=env.default_weight,
-        )
+        def run():
+            d = self.env.describe()
+            return environment_pb2.DescribeResponse(
+                name=str(d["name"]),
+                version=str(d.get("version", "")),
+                description=str(d.get("description", "")),
+                multi_turn=bool(d.get("multi_turn", False)),
+                max_turns=int(d.get("max_turns", 1)),
+                category=str(d.get("category", "")),
+                max_level=int(d.get("max_level", 0)),
+                default_weight=float(d.get("default_weight", 1.0)),
+            )
+
+        return self._run(context, run)
 
     def Sample(self, request, context):
         def run():
@@ -128,7 +131,8 @@ class _Servicer(environment_pb2_grpc.EnvironmentServicer):
             if request.HasField("level"):
                 level = request.level
             elif request.HasField("difficulty"):
-                level = round(min(max(request.difficulty, 0.0), 1.0) * self.env.max_level)
+                max_level = int(self.env.describe().get("max_level", 0))
+                level = round(min(max(request.difficulty, 0.0), 1.0) * max_level)
             else:
                 level = 0
             task = self.env.sample(request.seed, split, level)
@@ -250,7 +254,7 @@ def serve(env: Environment, port: int = 0, token: Optional[str] = None, host: st
     it serves until interrupted; otherwise it returns the running :class:`Server`."""
     if not isinstance(env, Environment):
         raise TypeError(f"serve() needs a chorus_env.Environment, got {type(env).__name__}")
-    if not env.name:
+    if not env.describe().get("name"):
         raise ValueError("the environment needs a name (set the class attribute `name`)")
     token = token if token is not None else os.environ.get("CHORUS_TOKEN")
     if not token:

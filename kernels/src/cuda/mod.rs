@@ -3,8 +3,8 @@
 //! The kernel sources live in `kernels/cuda/*.cu` and are built into the binary with
 //! `include_str!`; [`CudaNvfp4::new`] compiles them at run time with NVRTC for the device it
 //! opens, so neither building nor running needs a CUDA toolkit: running needs the NVIDIA
-//! driver (`libcuda`) and the NVRTC library (`libnvrtc`, CUDA 12 or newer), both loaded
-//! dynamically. Without them every entry point returns [`KernelError::Cuda`] instead of
+//! driver (`libcuda`) and the NVRTC library (`libnvrtc.so` or `libnvrtc.so.12`), both
+//! loaded dynamically. Without them every entry point returns [`KernelError::Cuda`] instead of
 //! panicking.
 //!
 //! - [`CudaNvfp4::quantize`] / [`CudaNvfp4::dequantize`] are bit-identical to
@@ -95,9 +95,9 @@ fn require_nvrtc() -> Result<(), KernelError> {
         Ok(())
     } else {
         Err(KernelError::cuda(
-            "no NVRTC library found: could not load libnvrtc (CUDA 12 or newer; from a CUDA \
-             toolkit or the nvidia-cuda-nvrtc-cu12 Python wheel, on the library search path); \
-             it compiles the CUDA kernels at run time",
+            "no NVRTC library found: could not load libnvrtc.so or libnvrtc.so.12 (from a CUDA \
+             12 toolkit or the nvidia-cuda-nvrtc-cu12 Python wheel, on the library search \
+             path); it compiles the CUDA kernels at run time",
         ))
     }
 }

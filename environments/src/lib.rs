@@ -43,7 +43,7 @@
 //! | `mcqa` | knowledge | single | choice letter; also ARC/MMLU JSONL |
 //! | `instruction_following` | instruction following | single | every constraint, one component each; also IFEval JSONL |
 //! | `structured_output` | structured output | single | JSON Schema validity |
-//! | `function_calling` | tool use | single | tool name and arguments by value |
+//! | `function_calling` | tool use | single | tool name and arguments by value; also BFCL rows (`Bfcl`) |
 //! | `calendar` | planning | single | a meeting slot that fits every busy block |
 //! | `safety` | safety | single | refuse harmful requests, answer harmless look-alikes |
 //! | `tool_agent` | tool use | multi | final answer after `lookup`/`calc` tool calls |

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::builtin::{CodePython, InstructionFollowing, MathWord, Mcqa};
+use crate::builtin::{Bfcl, CodePython, InstructionFollowing, MathWord, Mcqa};
 use crate::env::Environment;
 use crate::error::EnvError;
 use crate::nemo_gym::NemoGym;
@@ -64,6 +64,12 @@ pub fn dataset_readers() -> Vec<DatasetReader> {
                     text, source,
                 )?))
             },
+        },
+        DatasetReader {
+            env: "function_calling",
+            format: "BFCL JSON lines (`id`, `question`, `function`) joined with their \
+                     possible_answer rows (`ground_truth`)",
+            read: |text, source| Ok(Arc::new(Bfcl::from_jsonl_str(text, source)?)),
         },
         DatasetReader {
             env: "code_python",

@@ -1,6 +1,7 @@
 //! The built-in environments, one per file.
 
 mod arithmetic;
+mod bfcl;
 mod calendar;
 mod chat_rm;
 mod code_output;
@@ -19,8 +20,8 @@ mod multi_hop;
 mod needle;
 mod numeric;
 mod safety;
-mod structured_output;
 mod sql;
+mod structured_output;
 mod sudoku;
 mod swe;
 #[cfg(test)]
@@ -28,6 +29,7 @@ mod testkit;
 mod tool_agent;
 
 pub use arithmetic::Arithmetic;
+pub use bfcl::Bfcl;
 pub use calendar::Calendar;
 pub use chat_rm::{ChatRm, FormatRule, RewardRequest, RewardScorer, Rubric, RubricScorer};
 pub use code_output::CodeOutput;
@@ -43,8 +45,8 @@ pub use mcqa::Mcqa;
 pub use multi_hop::MultiHop;
 pub use needle::{Needle, NeedleConfig};
 pub use safety::Safety;
-pub use structured_output::StructuredOutput;
 pub use sql::Sql;
+pub use structured_output::StructuredOutput;
 pub use sudoku::Sudoku;
 pub use swe::Swe;
 pub use tool_agent::ToolAgent;

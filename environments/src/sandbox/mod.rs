@@ -13,6 +13,40 @@
 //! [`SandboxError`] is for the sandbox failing to start, never for the program misbehaving: a
 //! program that crashes, loops or floods its output ends with a [`Termination`] and
 //! [`Outcome::success`] false.
+//!
+//! # How a run is contained
+//!
+//! - **Namespaces backend.** The parent forks a child that joins the run's cgroups, unshares
+//!   user, mount, PID, network, IPC and UTS namespaces (as root, a helper left outside writes
+//!   the id maps: in-namespace root is host root for the setup, the program's uid 1000 is a
+//!   per-run host uid), and forks the namespace's PID 1. That process mounts a tmpfs root,
+//!   bind-mounts `/usr`, the interpreter's prefix, `/etc/ld.so.cache` and `/dev/{null,zero,
+//!   full,random,urandom}` read-only (devices read-write), mounts a fresh `/proc` and a
+//!   size-limited tmpfs `/tmp` holding the request's files, remounts the root read-only,
+//!   `pivot_root`s into it, and forks the program, which starts a session, sets its rlimits,
+//!   drops to uid 1000 (no capabilities, `no_new_privs`) and executes. When the program ends,
+//!   PID 1 reports its wait status and CPU time and exits, which kills everything left in the
+//!   namespace. The new network namespace has only a loopback interface, and it is down.
+//! - **Bubblewrap backend.** The same rlimits and cgroups are set on a child that, as root,
+//!   becomes a per-run unprivileged uid and executes `bwrap --unshare-all` with the same view
+//!   of the host, `/` and `/dev` remounted read-only, `--die-with-parent` and
+//!   `--disable-userns`; the request's files are passed as memfds (`--file`). bwrap reports a
+//!   program killed by signal N as exit status 128 + N, which is read back as the signal.
+//! - **Limits.** CPU time: `RLIMIT_CPU` per process (`SIGXCPU`, then `SIGKILL`). Wall time and
+//!   output: the parent, which reads stdout and stderr as they come and kills the run.
+//!   Processes: `RLIMIT_NPROC` for the program's uid, which a per-run uid makes count this run
+//!   only (root's own count is never capped, which is why the program never runs as host root),
+//!   plus the cgroup `pids` controller when writable. Memory: the cgroup `memory` controller
+//!   when writable (whole sandbox), and `RLIMIT_AS` per process (the limit itself without a
+//!   cgroup, a backstop at twice it with one). Files: a 64 MiB `/tmp` and `RLIMIT_FSIZE`.
+//! - **Termination.** `SIGXCPU`, or `SIGKILL` after the CPU limit was used, is
+//!   [`Termination::CpuTimeLimit`]; a memory cgroup that hit its limit, or a failed program
+//!   whose stderr says `MemoryError` (the interpreter's report of `RLIMIT_AS`), is
+//!   [`Termination::MemoryLimit`]; `SIGXFSZ` counts as [`Termination::OutputLimit`].
+//! - **Not covered.** cgroup v2 hierarchies are not used (rlimits and namespaces still apply);
+//!   there is no seccomp filter (the kernel's whole system-call surface is reachable, as an
+//!   unprivileged user in fresh namespaces); the namespaces backend run by a non-root user maps
+//!   only that user's own id and is not tested here.
 
 mod cgroup;
 mod layout;

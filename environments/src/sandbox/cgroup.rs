@@ -39,9 +39,34 @@ impl CgroupRoots {
                 .into_iter()
                 .find(|parent| can_create_child(parent, controller))
         };
-        Self {
+        let roots = Self {
             pids: parent_for("pids"),
             memory: parent_for("memory"),
+        };
+        for parent in roots.pids.iter().chain(roots.memory.iter()) {
+            remove_stale_groups(parent);
+        }
+        roots
+    }
+}
+
+/// Removes the (empty) groups of runs whose process no longer exists (killed before it could
+/// clean up).
+fn remove_stale_groups(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let owner = name
+            .strip_prefix("chorus-sandbox-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = owner
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            // Fails harmlessly while a process is still inside.
+            let _ = fs::remove_dir(entry.path());
         }
     }
 }

@@ -28,6 +28,7 @@ use chorus_orchestrator::scheduler::{
 };
 use chorus_orchestrator::service::Directory;
 use chorus_proto::auth::RequireToken;
+use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
@@ -78,13 +79,19 @@ pub async fn serve_learner(
 ) -> anyhow::Result<String> {
     let svc =
         LearnerServer::with_interceptor(LearnerService::new(handle), RequireToken::new(token)?);
+    serve_routes(Routes::new(svc), listen).await
+}
+
+/// Binds `listen` (port 0 picks a free port) and serves `routes` there in the background;
+/// returns the URL clients use.
+pub async fn serve_routes(routes: Routes, listen: &str) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     tokio::spawn(
         chorus_proto::tonic::transport::Server::builder()
-            .add_service(svc)
+            .add_routes(routes)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     Ok(format!("http://{addr}"))
@@ -125,16 +132,7 @@ pub async fn serve_worker(
         RolloutService::new(handle.clone(), worker_id),
         RequireToken::new(token)?,
     );
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(
-        chorus_proto::tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    Ok((format!("http://{addr}"), handle))
+    Ok((serve_routes(Routes::new(svc), listen).await?, handle))
 }
 
 /// The policy's architecture, from the checkpoint's config.json or the init config.

@@ -13,6 +13,7 @@ use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::ledger::Ledger;
 use chorus_orchestrator::service::{Directory, Leases, OrchestratorService};
 use chorus_proto::auth::RequireToken;
+use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
 
@@ -291,16 +292,8 @@ async fn serve_orchestrator(
         OrchestratorService::new(directory.clone(), ledger),
         RequireToken::new(token)?,
     );
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(
-        chorus_proto::tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    Ok((format!("http://{addr}"), directory))
+    let url = super::run::serve_routes(Routes::new(svc), listen).await?;
+    Ok((url, directory))
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

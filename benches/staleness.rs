@@ -20,7 +20,10 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut args = Args {
-        config: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/quickstart.toml")),
+        config: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/configs/quickstart.toml"
+        )),
         eval_every: 20,
         eval_tasks: 64,
         rl_steps: None,
@@ -38,7 +41,9 @@ fn parse_args() -> Args {
             "--eval-tasks" => args.eval_tasks = value("--eval-tasks") as usize,
             "--rl-steps" => args.rl_steps = Some(value("--rl-steps")),
             other if !other.starts_with("--") => args.config = PathBuf::from(other),
-            other => panic!("unknown option {other}; allowed: CONFIG --eval-every N --eval-tasks N --rl-steps N"),
+            other => panic!(
+                "unknown option {other}; allowed: CONFIG --eval-every N --eval-tasks N --rl-steps N"
+            ),
         }
     }
     args
@@ -113,7 +118,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut outcomes = vec![];
     for (label, staleness) in [("max_staleness = 0", Some(0)), ("as configured", None)] {
-        let name = if staleness == Some(0) { "sync" } else { "async" };
+        let name = if staleness == Some(0) {
+            "sync"
+        } else {
+            "async"
+        };
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, variant(&args.config, staleness, args.rl_steps, name)).unwrap();
         eprintln!("== {label}: chorus run {}", path.display());
@@ -156,7 +165,10 @@ fn main() {
             100.0 * o.final_accuracy(),
             o.summary["wall_seconds"].as_f64().unwrap(),
             t.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into()),
-            o.summary["max_lag"].as_u64().map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            o.summary["max_lag"]
+                .as_u64()
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
         );
     }
     if let (Some(sync), Some(asynchronous)) = (times[0], times[1]) {

@@ -96,8 +96,8 @@ mod nemo_gym_http;
 pub mod offline;
 pub mod plugin;
 mod registry;
-pub mod sandbox;
 mod sampling;
+pub mod sandbox;
 mod task;
 
 pub use builtin::builtin_registry;

@@ -12,6 +12,9 @@ use crate::config::{BlockKind, NemotronHConfig};
 use crate::error::{ModelError, Result};
 use crate::params::Params;
 
+/// Adds a tensor by name and shape, its elements from a function of the flat index.
+type AddTensor<'a> = dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32) + 'a;
+
 /// File names of the HF layout.
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -191,10 +194,7 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
         let v = (0..n).map(&mut *f).collect();
         tensors.push((name, shape, v));
     };
-    let block = |prefix: &str,
-                 kind: BlockKind,
-                 add: &mut dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32),
-                 rng: &mut StdRng| {
+    let block = |prefix: &str, kind: BlockKind, add: &mut AddTensor<'_>, rng: &mut StdRng| {
         add(format!("{prefix}.norm.weight"), vec![d], &mut |_| 1.0);
         let mx = format!("{prefix}.mixer");
         match kind {

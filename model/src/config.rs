@@ -315,7 +315,7 @@ fn positive(key: &str, v: Option<usize>, why: &str) -> Result<usize> {
 }
 
 fn divides(key: &str, what: usize, by_key: &str, by: usize) -> Result<()> {
-    if by == 0 || what % by != 0 {
+    if by == 0 || !what.is_multiple_of(by) {
         return Err(ModelError::config(
             key,
             format!("{what} is not divisible by `{by_key}` = {by}"),

@@ -236,6 +236,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // indices mirror the convolution's formula
     fn conv_matches_direct_sum() {
         let dev = Device::Cpu;
         let x = Tensor::arange(0f32, 12.0, &dev)

@@ -172,7 +172,10 @@ pub struct ConversionReport {
 
 /// Whether `name` is a linear projection weight that NVFP4 applies to.
 pub fn is_quantizable(name: &str, t: &RawTensor) -> bool {
-    name.ends_with("_proj.weight") && t.shape.len() == 2 && t.shape[1] % 16 == 0 && t.shape[1] > 0
+    name.ends_with("_proj.weight")
+        && t.shape.len() == 2
+        && t.shape[1].is_multiple_of(16)
+        && t.shape[1] > 0
 }
 
 fn copy_side_files(input: &Path, output: &Path) -> Result<Option<Value>> {

@@ -83,7 +83,7 @@ impl Learning for CountingLearner {
             self.kept.lock().expect("not poisoned").push(g);
         }
         let n = self.groups.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % self.groups_per_step == 0 {
+        if n.is_multiple_of(self.groups_per_step) {
             self.version.send_modify(|v| *v += 1);
         }
         Box::pin(async { Ok(()) })

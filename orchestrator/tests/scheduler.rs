@@ -37,11 +37,15 @@ impl Rollouts for StandInWorkers {
             })
             .unwrap_or((0, 0));
         let index: u64 = r.request_id.rsplit(":r").next().unwrap().parse().unwrap();
-        let answer = if index % 2 == 0 { a + b } else { a + b + 1 };
+        let answer = if index.is_multiple_of(2) {
+            a + b
+        } else {
+            a + b + 1
+        };
         let tokens = self.tokenizer.encode(&format!("{answer}<|end|>")).unwrap();
         let version = *self.version.borrow();
         let mut logprobs = vec![-0.5; tokens.len()];
-        if index == 3 && n % 5 == 0 {
+        if index == 3 && n.is_multiple_of(5) {
             logprobs.pop();
         }
         let resp = GenerateResponse {

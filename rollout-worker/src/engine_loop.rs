@@ -67,11 +67,14 @@ enum Msg {
     Wake,
 }
 
+/// Weights waiting to be installed between decode steps: their version and engine.
+type PendingWeights = Arc<Mutex<Option<(u64, Arc<Engine>)>>>;
+
 /// The handle through which jobs are submitted and weights installed.
 #[derive(Clone)]
 pub struct WorkerHandle {
     inbox: mpsc::Sender<Msg>,
-    pending: Arc<Mutex<Option<(u64, Arc<Engine>)>>>,
+    pending: PendingWeights,
     stats: Arc<WorkerStats>,
     vocab: usize,
 }
@@ -155,7 +158,7 @@ fn failed(msg: &str) -> JobResult {
 /// decode together.
 pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) -> WorkerHandle {
     let (inbox, rx) = mpsc::channel::<Msg>();
-    let pending: Arc<Mutex<Option<(u64, Arc<Engine>)>>> = Arc::new(Mutex::new(None));
+    let pending: PendingWeights = Arc::new(Mutex::new(None));
     let stats = Arc::new(WorkerStats::default());
     stats.version.store(version, Ordering::Relaxed);
     let vocab = engine.vocab_size();

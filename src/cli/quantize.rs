@@ -42,7 +42,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             if i == n {
                 eprintln!();
             }
-        } else if i == n || i % 100 == 0 {
+        } else if i == n || i.is_multiple_of(100) {
             eprintln!("[{i}/{n}] {name}");
         }
     };

@@ -51,7 +51,7 @@ impl Nvfp4Policy {
             .iter()
             .any(|p| weight_name.ends_with(&format!(".{p}.weight")));
         weight_name.ends_with("_proj.weight")
-            && in_dim % 16 == 0
+            && in_dim.is_multiple_of(16)
             && !(self.keep_attention && attention)
             && !self
                 .exclude
@@ -837,6 +837,7 @@ impl Engine {
         }
         let mut x = vec![0f32; n * d];
         mtp.eh_proj.forward(&cat, n, &mut x);
+        #[allow(clippy::single_range_in_vec_init)] // one sequence: the rows 0..n
         let seqs = [0..n];
         for (li, block) in mtp.layers.iter().enumerate() {
             let mut caches = [&mut cache.mtp[li]];

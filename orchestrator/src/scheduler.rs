@@ -358,20 +358,22 @@ fn generation_failure(response: &GenerateResponse) -> Option<String> {
     None
 }
 
-/// What a rollout plays: the environment's name, the environment, `Some(max_turns)` for a
-/// multi-turn one, and the task.
-type Playing = (String, Arc<dyn Environment>, Option<u32>, Arc<Task>);
-
 /// Generates one completion (single-turn) or plays one episode (multi-turn: generate, step the
 /// environment, append its observation, generate again…) and scores it. Environment calls go
 /// through the fault guard, so a misbehaving environment fails this rollout alone.
 async fn play(
     ctx: Arc<StageContext>,
-    drawn: Arc<Playing>,
+    drawn: Arc<Drawn>,
     prompt_ids: Arc<Vec<u32>>,
     m: Member,
 ) -> Rollout {
-    let (env_name, env, multi_turn, task) = &*drawn;
+    let Drawn {
+        env_name,
+        env,
+        multi_turn,
+        task,
+        ..
+    } = &*drawn;
     let mut out = Rollout::new(&m);
     let request = |turn: u32, context: Vec<u32>| {
         let mut sampling = m.sampling;
@@ -552,18 +554,12 @@ async fn run_slot(
         .collect();
     for attempt in 0..MAX_ATTEMPTS {
         let last_attempt = attempt + 1 == MAX_ATTEMPTS;
-        let Drawn {
-            seed,
-            env_name,
-            env,
-            multi_turn,
-            task,
-        } = match draw(ctx, stage, step, slot, attempt).await {
-            Ok(d) => d,
+        let drawn = match draw(ctx, stage, step, slot, attempt).await {
+            Ok(d) => Arc::new(d),
             Err(DrawError::Fatal(e)) => return Err(e),
             Err(DrawError::Fault) => continue,
         };
-        let env_name = &env_name;
+        let (seed, env_name, task) = (drawn.seed, &drawn.env_name, &drawn.task);
         let group_id = format!(
             "{}:s{}:{}:{}:a{}",
             ctx.run_id, ctx.stage_index, step, slot, attempt
@@ -574,7 +570,7 @@ async fn run_slot(
             .tokenizer
             .encode(&prompt_text)
             .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-        let task_json = serde_json::to_string(&*task).expect("tasks serialise");
+        let task_json = serde_json::to_string(&**task).expect("tasks serialise");
         ctx.ledger
             .record_prompts_dispatched(vec![NewPrompt {
                 id: prompt_id.clone(),
@@ -602,7 +598,6 @@ async fn run_slot(
         }
 
         // Generate (and, for multi-turn environments, play) the group, then score it.
-        let drawn = Arc::new((env_name.clone(), env, multi_turn, task));
         let prompt_ids = Arc::new(prompt_ids);
         let members = (0..stage.group_size).map(|i| {
             let m = Member {
@@ -1021,7 +1016,13 @@ pub async fn evaluate(
                 .encode(&chat::render_prompt(&task.prompt))
                 .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
             let multi = (info.turns == Turns::Multi).then_some(info.max_turns.max(1));
-            let drawn = Arc::new((name.clone(), env.clone(), multi, Arc::new(task)));
+            let drawn = Arc::new(Drawn {
+                seed: 0,
+                env_name: name.clone(),
+                env: env.clone(),
+                multi_turn: multi,
+                task: Arc::new(task),
+            });
             let m = Member {
                 trajectory_id: format!("eval:{name}:{min_version}:{i}"),
                 request_id: format!("eval:{name}:{min_version}:{i}"),

@@ -178,39 +178,45 @@ impl Directory {
         n: usize,
         timeout: Duration,
     ) -> Result<Vec<WorkerInfo>, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let notified = self.changed.notified();
+        self.wait_until(timeout, || {
             let live = self.live_workers();
-            if live.len() >= n {
-                return Ok(live);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "{} of {n} rollout workers registered within {:.0} s",
-                    live.len(),
-                    timeout.as_secs_f64()
-                ));
-            }
-            let _ = tokio::time::timeout(left, notified).await;
-        }
+            (live.len() >= n).then_some(live)
+        })
+        .await
+        .ok_or_else(|| {
+            format!(
+                "{} of {n} rollout workers registered within {:.0} s",
+                self.live_workers().len(),
+                timeout.as_secs_f64()
+            )
+        })
     }
 
     /// Waits until the learner has registered, or `timeout` passes.
     pub async fn wait_for_learner(&self, timeout: Duration) -> Result<LearnerInfo, String> {
+        self.wait_until(timeout, || self.learner())
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "no learner registered within {:.0} s",
+                    timeout.as_secs_f64()
+                )
+            })
+    }
+
+    /// Re-checks `ready` after every registration change until it gives a value or `timeout`
+    /// passes.
+    async fn wait_until<T>(&self, timeout: Duration, ready: impl Fn() -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + timeout;
         loop {
+            // Registered before checking, so a change between the check and the wait is seen.
             let notified = self.changed.notified();
-            if let Some(l) = self.learner() {
-                return Ok(l);
+            if let Some(v) = ready() {
+                return Some(v);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "no learner registered within {:.0} s",
-                    timeout.as_secs_f64()
-                ));
+                return None;
             }
             let _ = tokio::time::timeout(left, notified).await;
         }
@@ -553,7 +559,13 @@ impl Orchestrator for OrchestratorService {
         let mut live = self.directory.live.subscribe();
         let backlog = self.directory.events_after(r.after_sequence);
         let mut next = r.after_sequence + backlog.len() as u64 + 1;
-        let stream = async_stream(backlog, move |tx| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for e in backlog {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
             loop {
                 match live.recv().await {
                     Ok(e) if e.sequence >= next => {
@@ -576,28 +588,9 @@ impl Orchestrator for OrchestratorService {
                 }
             }
         });
+        let stream: EventStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
         Ok(Response::new(stream))
     }
-}
-
-/// A stream that yields `backlog`, then what `live` sends into its channel.
-fn async_stream<F, Fut>(backlog: Vec<RunEvent>, live: F) -> EventStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<RunEvent, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let fut = live(tx.clone());
-    tokio::spawn(async move {
-        for e in backlog {
-            if tx.send(Ok(e)).await.is_err() {
-                return;
-            }
-        }
-        drop(tx);
-        fut.await;
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 #[cfg(test)]

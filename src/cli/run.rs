@@ -568,20 +568,13 @@ pub async fn orchestrate(
             json!({"heldout_n": acc.heldout_n, "before": b, "after": acc.accuracy}),
         );
     }
-    let mean = |m: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>| {
-        if m.is_empty() {
-            0.0
-        } else {
-            m.values().map(|x| x.accuracy).sum::<f64>() / m.len() as f64
-        }
-    };
     ledger.flush().await?;
     let consumed = ledger.count_consumed(&run_id).await?;
     let summary = json!({
         "run": run_id,
         "environments": envs,
-        "mean_before": mean(&before),
-        "mean_after": mean(&after),
+        "mean_before": mean_accuracy(&before),
+        "mean_after": mean_accuracy(&after),
         "steps": ctx.learning.version(),
         "trajectories": consumed,
         "wall_seconds": started.elapsed().as_secs_f64(),
@@ -662,21 +655,25 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> anyhow::Result<Regi
     Ok(registry)
 }
 
+/// The mean over environments of held-out accuracy (0 when there are none).
+fn mean_accuracy(acc: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>) -> f64 {
+    if acc.is_empty() {
+        0.0
+    } else {
+        acc.values().map(|x| x.accuracy).sum::<f64>() / acc.len() as f64
+    }
+}
+
 /// One point of the learning curve: a policy version, when it was reached, its accuracies.
 fn curve_point(
     version: u64,
     started: Instant,
     acc: &BTreeMap<String, chorus_orchestrator::scheduler::Accuracy>,
 ) -> serde_json::Value {
-    let mean = if acc.is_empty() {
-        0.0
-    } else {
-        acc.values().map(|x| x.accuracy).sum::<f64>() / acc.len() as f64
-    };
     json!({
         "version": version,
         "seconds": started.elapsed().as_secs_f64(),
-        "mean_accuracy": mean,
+        "mean_accuracy": mean_accuracy(acc),
         "environments": acc.iter().map(|(k, v)| (k.clone(), json!(v.accuracy))).collect::<serde_json::Map<_, _>>(),
     })
 }

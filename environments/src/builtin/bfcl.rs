@@ -268,7 +268,8 @@ impl Bfcl {
 
 /// Whether `given` is the same value as `want`, BFCL-style: strings ignoring case and
 /// surrounding space, numbers by value (a quoted number too), lists and objects element-wise.
-fn same_value(want: &Value, given: &Value) -> bool {
+/// The generated `function_calling` tasks compare their arguments with it too.
+pub(super) fn same_value(want: &Value, given: &Value) -> bool {
     match (want, given) {
         (Value::String(a), Value::String(b)) => a.trim().eq_ignore_ascii_case(b.trim()),
         (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),

@@ -11,6 +11,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::bfcl::same_value;
 use crate::chat::{Message, ToolCall, parse_tool_calls};
 use crate::env::{Category, EnvInfo, Environment, Turns, response_or_zero};
 use crate::error::EnvError;
@@ -168,16 +169,6 @@ fn request(rng: &mut TaskRng, index: usize, level: u32) -> Option<(String, Map<S
     Some((text, args.as_object()?.clone()))
 }
 
-fn values_match(expected: &Value, given: &Value) -> bool {
-    match (expected, given) {
-        (Value::String(a), Value::String(b)) => a.trim().eq_ignore_ascii_case(b.trim()),
-        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        // A model may quote a number: "5" for 5.
-        (Value::Number(a), Value::String(b)) => b.trim().parse::<f64>().ok() == a.as_f64(),
-        (a, b) => a == b,
-    }
-}
-
 fn score_call(expected: &Verification, call: &ToolCall) -> Score {
     if call.name != expected.name {
         return Score::zero(format!("called {}, expected {}", call.name, expected.name))
@@ -190,7 +181,7 @@ fn score_call(expected: &Verification, call: &ToolCall) -> Score {
     let mut right = 0;
     for (key, want) in &expected.arguments {
         match given.get(key) {
-            Some(got) if values_match(want, got) => right += 1,
+            Some(got) if same_value(want, got) => right += 1,
             Some(got) => problems.push(format!("{key}={got}, expected {want}")),
             None => problems.push(format!("missing {key}")),
         }

@@ -1204,42 +1204,6 @@ mod tests {
         assert!(values_equal(&json!(1e12), &json!(1e12 + 1e-4)));
     }
 
-    /// Runs a request with the host's `python3` in a temporary directory, without the sandbox:
-    /// tests the generator and the runner script apart from the sandbox.
-    fn run_directly(request: &SandboxRequest) -> Result<Outcome, String> {
-        use std::io::Write;
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        for (path, bytes) in &request.files {
-            std::fs::write(dir.path().join(path), bytes).map_err(|e| e.to_string())?;
-        }
-        // The interpreter the sandbox found (no shell shims), else whatever `python3` is.
-        let python = crate::sandbox::shared()
-            .map(|sandbox| sandbox.python().to_string())
-            .unwrap_or_else(|_| "python3".into());
-        let mut child = std::process::Command::new(python)
-            .args(&request.argv[1..])
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        child
-            .stdin
-            .take()
-            .ok_or("no stdin")?
-            .write_all(&request.stdin)
-            .map_err(|e| e.to_string())?;
-        let output = child.wait_with_output().map_err(|e| e.to_string())?;
-        Ok(Outcome {
-            termination: crate::sandbox::Termination::Exited(output.status.code().unwrap_or(-1)),
-            stdout: output.stdout,
-            stderr: output.stderr,
-            wall: Duration::ZERO,
-            backend: crate::sandbox::Backend::Namespaces,
-        })
-    }
-
     fn direct_score(task: &Task, completion: &str) -> Score {
         let verification: Verification = task.verification_as().unwrap();
         let response = match response_or_zero(completion) {

@@ -60,3 +60,41 @@ pub(crate) fn train_task(env: &dyn Environment, seed: u64, difficulty: u32) -> T
 pub(crate) fn reward(env: &dyn Environment, task: &Task, completion: &str) -> f64 {
     env.score(task, completion).unwrap().reward
 }
+
+/// Runs a request with the host's `python3` in a temporary directory, without the sandbox:
+/// tests generators, tests and runner scripts apart from the sandbox.
+pub(crate) fn run_directly(
+    request: &crate::sandbox::SandboxRequest,
+) -> Result<crate::sandbox::Outcome, String> {
+    use std::io::Write;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    for (path, bytes) in &request.files {
+        std::fs::write(dir.path().join(path), bytes).map_err(|e| e.to_string())?;
+    }
+    // The interpreter the sandbox found (no shell shims), else whatever `python3` is.
+    let python = crate::sandbox::shared()
+        .map(|sandbox| sandbox.python().to_string())
+        .unwrap_or_else(|_| "python3".into());
+    let mut child = std::process::Command::new(python)
+        .args(&request.argv[1..])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(&request.stdin)
+        .map_err(|e| e.to_string())?;
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    Ok(crate::sandbox::Outcome {
+        termination: crate::sandbox::Termination::Exited(output.status.code().unwrap_or(-1)),
+        stdout: output.stdout,
+        stderr: output.stderr,
+        wall: std::time::Duration::ZERO,
+        backend: crate::sandbox::Backend::Namespaces,
+    })
+}

@@ -138,6 +138,7 @@ fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
 /// Runs the RL stage `stage` to completion.
 pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
     let base = ctx.learning.version();
+    let order = Arc::new(StepOrder::new(base, stage.prompts_per_step));
     let mut tasks = tokio::task::JoinSet::new();
     for step in 0..stage.steps {
         // The staleness gate: tokens of step `step` come from a version >= base + step - bound.
@@ -145,8 +146,10 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         ctx.learning.wait_version(need).await;
         ctx.rollouts.wait_version(need).await;
         for slot in 0..stage.prompts_per_step {
-            let (ctx, stage) = (ctx.clone(), stage.clone());
-            tasks.spawn(async move { run_slot(&ctx, &stage, base + step, need, slot).await });
+            let (ctx, stage, order) = (ctx.clone(), stage.clone(), order.clone());
+            tasks.spawn(
+                async move { run_slot(&ctx, &stage, &order, base + step, need, slot).await },
+            );
         }
         // Keep errors from piling up unseen.
         while let Some(done) = tasks.try_join_next() {
@@ -159,6 +162,45 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
     // The stage ends when the learner has taken its last step.
     ctx.learning.wait_version(base + stage.steps).await;
     Ok(())
+}
+
+/// Hands groups to the learner in step order. The learner closes a step after every
+/// `prompts_per_step` groups, whichever step they came from; if a fast slot of step `s + 1`
+/// could overtake a slow slot of step `s`, the learner would move past `s` before that slot's
+/// group arrived and train on it one version later than the staleness bound allows.
+struct StepOrder {
+    per_step: usize,
+    submitted: std::sync::Mutex<BTreeMap<u64, usize>>,
+    /// Steps (absolute) whose every group has been handed over: the next step may submit.
+    complete: tokio::sync::watch::Sender<u64>,
+}
+
+impl StepOrder {
+    fn new(base: u64, per_step: usize) -> Self {
+        Self {
+            per_step,
+            submitted: Default::default(),
+            complete: tokio::sync::watch::channel(base).0,
+        }
+    }
+
+    /// Resolves once every group of the steps before `step` has been handed over.
+    async fn wait_turn(&self, step: u64) {
+        let mut rx = self.complete.subscribe();
+        let _ = rx.wait_for(|&c| c >= step).await;
+    }
+
+    /// Records that a group of `step` has been handed over.
+    fn submitted(&self, step: u64) {
+        let mut counts = self.submitted.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry(step).or_default() += 1;
+        let mut complete = *self.complete.borrow();
+        while counts.get(&complete).copied().unwrap_or(0) >= self.per_step {
+            counts.remove(&complete);
+            complete += 1;
+        }
+        self.complete.send_replace(complete);
+    }
 }
 
 /// What a prompt slot draws.
@@ -544,6 +586,7 @@ where
 async fn run_slot(
     ctx: &Arc<StageContext>,
     stage: &Stage,
+    order: &StepOrder,
     step: u64,
     min_version: u64,
     slot: usize,
@@ -731,6 +774,7 @@ async fn run_slot(
         let n = trajectories.len() as u64;
         let reward_sum: f64 = trajectories.iter().map(|t| t.reward).sum();
         // The learner trains on this group at its current version.
+        order.wait_turn(step).await;
         let lag = ctx.learning.version().saturating_sub(oldest);
         ctx.learning
             .submit(TrajectoryGroup {
@@ -744,6 +788,7 @@ async fn run_slot(
             })
             .await
             .map_err(SchedulerError::Learner)?;
+        order.submitted(step);
         ctx.ledger.mark_consumed([prompt_id.as_str()], step).await?;
         ctx.stats.groups_submitted.fetch_add(1, Ordering::Relaxed);
         ctx.stats
@@ -755,7 +800,10 @@ async fn run_slot(
         ctx.stats.max_lag.fetch_max(lag, Ordering::Relaxed);
         return Ok(());
     }
-    submit_empty(ctx, stage, step, slot, false).await
+    order.wait_turn(step).await;
+    submit_empty(ctx, stage, step, slot, false).await?;
+    order.submitted(step);
+    Ok(())
 }
 
 /// Hands the learner an empty group for a slot whose every attempt failed, so that the step

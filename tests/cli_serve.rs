@@ -217,3 +217,190 @@ fn services_register_with_the_orchestrator_and_the_run_can_be_watched() {
         "{kinds:?}"
     );
 }
+
+const LONG_RUN: &str = r#"
+name = "churn"
+[model]
+init_config = "model.json"
+[workers]
+count = 2
+max_in_flight = 4
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 1
+prompts_per_step = 4
+environments = [{ name = "arithmetic" }]
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 40
+prompts_per_step = 3
+group_size = 4
+max_new_tokens = 16
+environments = [{ name = "arithmetic" }]
+"#;
+
+/// Workers come and go during a run: one is killed (SIGKILL) in the middle of the RL stage, a
+/// new one registers and joins, then the other first worker is killed too. The requests the
+/// killed workers held go to the others, so the run completes with no trajectory failed, and
+/// the newcomer serves part of it.
+#[test]
+fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
+    use std::io::{BufRead, Read};
+
+    use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
+    use chorus_proto::auth::AttachToken;
+    use chorus_proto::v1::orchestrator_client::OrchestratorClient;
+    use chorus_proto::v1::{WatchRunRequest, run_event};
+
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), LONG_RUN).unwrap();
+    let common = ["--config", "run.toml", "--run-id", "r3", "--token", "tok"];
+    let mut orchestrator = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(
+            [
+                &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+                &["--eval-tasks", "2", "--wait-seconds", "120"],
+                &common,
+            ]
+            .concat(),
+        )
+        .current_dir(h.path("."))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(orchestrator.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut events = rt.block_on(async {
+        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        OrchestratorClient::with_interceptor(channel, AttachToken::new("tok").unwrap())
+            .watch_run(WatchRunRequest {
+                run_id: "r3".into(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    // The stream ends (with an error when the orchestrator exits first) after the run's end.
+    let mut next_event = || {
+        rt.block_on(events.message())
+            .ok()
+            .flatten()
+            .and_then(|e| e.kind)
+    };
+
+    let learner = h.service(&[&["serve", "learner", "--orchestrator", &url][..], &common].concat());
+    let worker = |id: &str| {
+        h.service(
+            &[
+                &["serve", "worker", "--learner", &learner.url, "--id", id][..],
+                &["--orchestrator", &url],
+                &common,
+            ]
+            .concat(),
+        )
+    };
+    let mut w0 = worker("w0");
+    let mut w1 = worker("w1");
+    let mut seen = vec![];
+    // The warm-up is step 1; kill w1 once the second RL step is done.
+    while !seen
+        .iter()
+        .any(|k| matches!(k, run_event::Kind::LearnerStep(s) if s.step == 3))
+    {
+        seen.push(next_event().expect("the run goes on"));
+    }
+    w1.child.kill().unwrap();
+    w1.child.wait().unwrap();
+    let _w2 = worker("w2");
+    while !seen
+        .iter()
+        .any(|k| matches!(k, run_event::Kind::WorkerJoined(j) if j.worker_id == "w2"))
+    {
+        seen.push(next_event().expect("the run goes on"));
+    }
+    // Let w2 take part in a step before w0 goes too.
+    let steps_so_far = seen
+        .iter()
+        .filter(|k| matches!(k, run_event::Kind::LearnerStep(_)))
+        .count();
+    while seen
+        .iter()
+        .filter(|k| matches!(k, run_event::Kind::LearnerStep(_)))
+        .count()
+        < steps_so_far + 2
+    {
+        seen.push(next_event().expect("the run goes on"));
+    }
+    w0.child.kill().unwrap();
+    w0.child.wait().unwrap();
+    while let Some(k) = next_event() {
+        seen.push(k);
+    }
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert!(orchestrator.wait().unwrap().success(), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["steps"], 41, "{summary}");
+
+    let lost: Vec<&str> = seen
+        .iter()
+        .filter_map(|k| match k {
+            run_event::Kind::WorkerLost(l) => Some(l.worker_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, vec!["w1", "w0"], "{seen:?}");
+    assert!(
+        matches!(seen.last(), Some(run_event::Kind::StatusChanged(s)) if s.status == chorus_proto::v1::RunStatus::Succeeded as i32),
+        "{seen:?}"
+    );
+
+    let db = format!("sqlite://{}", h.path("runs/churn/ledger.sqlite").display());
+    rt.block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let rows = ledger
+            .list_rollouts(&RolloutFilter {
+                run_id: Some("r3".into()),
+                environment: None,
+                min_reward: None,
+                limit: 100_000,
+            })
+            .await
+            .unwrap();
+        let failed: Vec<_> = rows
+            .iter()
+            .filter(|r| !matches!(r.status, TrajectoryStatus::Ok))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} failed, e.g. {:?}",
+            failed.len(),
+            failed.first()
+        );
+        let consumed = rows.iter().filter(|r| r.consumed_at_step.is_some()).count() as u64;
+        assert_eq!(consumed, summary["trajectories"].as_u64().unwrap());
+        let by = |w: &str| rows.iter().filter(|r| r.worker_id == w).count();
+        assert!(
+            by("w2") > 0,
+            "the worker that joined mid-run served nothing"
+        );
+        assert!(by("w0") > 0 && by("w1") > 0);
+        eprintln!("served: w0 {} w1 {} w2 {}", by("w0"), by("w1"), by("w2"));
+    });
+}

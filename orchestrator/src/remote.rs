@@ -2,10 +2,17 @@
 //! the least-loaded of several rollout workers with a bounded number in flight per worker, and
 //! [`RemoteLearner`] submits scored groups and follows the learner's step reports (recording
 //! them in the ledger).
+//!
+//! The pool changes during a run. A worker whose `Generate` stream breaks (its process died, its
+//! machine went away) or whose lease the [`Directory`] expires leaves the pool, and every request
+//! it held is dispatched again, with the same ids, to another worker: a lost worker loses no
+//! prompt, and a late answer from it is dropped, so none is doubled. A worker that registers
+//! while the run goes on joins the pool ([`WorkerPool::follow`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use chorus_proto::auth::AttachToken;
 use chorus_proto::tonic::codegen::InterceptedService;
@@ -14,14 +21,15 @@ use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
 use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest,
-    TrajectoryGroup,
+    TrajectoryGroup, run_event,
 };
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::ledger::{LearnerStep, Ledger};
 use crate::scheduler::{BoxFuture, Learning, Rollouts};
+use crate::service::Directory;
 
 /// A connection failure, naming the address.
 #[derive(Debug, thiserror::Error)]
@@ -33,19 +41,101 @@ pub struct ConnectError {
     pub message: String,
 }
 
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<GenerateResponse>>>>;
+type Pending = HashMap<String, oneshot::Sender<GenerateResponse>>;
+
+/// How often one request may be dispatched again after losing its worker before it fails.
+const MAX_REDISPATCH: usize = 4;
 
 struct RemoteWorker {
+    id: String,
     url: String,
     requests: mpsc::Sender<GenerateRequest>,
-    pending: Pending,
+    /// Requests sent and not yet answered. `None` once the worker is lost: nothing more is sent.
+    pending: Mutex<Option<Pending>>,
     in_flight: AtomicUsize,
     slots: Arc<Semaphore>,
 }
 
-/// Rollout workers reached over gRPC.
+/// Why a request did not get an answer from a worker; it goes to another one.
+struct Lost(String);
+
+/// Counts a request waiting on a worker for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl RemoteWorker {
+    fn pending(&self) -> MutexGuard<'_, Option<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn alive(&self) -> bool {
+        self.pending().is_some()
+    }
+
+    /// Marks the worker lost and drops the answers it still owed, which sends each of those
+    /// requests back to the pool. Returns how many there were, or `None` when it was already
+    /// lost.
+    fn lose(&self) -> Option<u32> {
+        let owed = self.pending().take()?;
+        self.slots.close();
+        Some(owed.len() as u32)
+    }
+
+    async fn call(&self, req: &GenerateRequest) -> Result<GenerateResponse, Lost> {
+        let _counted = InFlight::new(&self.in_flight);
+        let _permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Lost(format!("worker {} left the pool", self.id)))?;
+        let (tx, rx) = oneshot::channel();
+        // Checked and inserted under the lock `lose` takes, so an answer is either owed by a
+        // live worker or never asked for.
+        match self.pending().as_mut() {
+            Some(p) => p.insert(req.request_id.clone(), tx),
+            None => return Err(Lost(format!("worker {} left the pool", self.id))),
+        };
+        if self.requests.send(req.clone()).await.is_err() {
+            if let Some(p) = self.pending().as_mut() {
+                p.remove(&req.request_id);
+            }
+            return Err(Lost(format!("worker {} is gone", self.id)));
+        }
+        rx.await
+            .map_err(|_| Lost(format!("worker {} was lost before answering", self.id)))
+    }
+}
+
+/// Called with a lost worker's id and the number of requests it held.
+type LossReport = Box<dyn Fn(&str, u32) + Send + Sync>;
+
+struct PoolInner {
+    token: String,
+    max_in_flight: usize,
+    workers: Mutex<Vec<Arc<RemoteWorker>>>,
+    joined: Notify,
+    /// How long a request waits for a worker to join when none is left.
+    wait_for_worker: Duration,
+    on_lost: Mutex<Option<LossReport>>,
+}
+
+/// Rollout workers reached over gRPC; see the module docs for how it changes during a run.
+#[derive(Clone)]
 pub struct WorkerPool {
-    workers: Vec<Arc<RemoteWorker>>,
+    inner: Arc<PoolInner>,
 }
 
 async fn channel(url: &str) -> Result<Channel, ConnectError> {
@@ -54,6 +144,7 @@ async fn channel(url: &str) -> Result<Channel, ConnectError> {
             url: url.into(),
             message: format!("not a valid address: {e}"),
         })?
+        .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
         .map_err(|e| ConnectError {
@@ -75,104 +166,251 @@ fn failed(req: &GenerateRequest, message: String) -> GenerateResponse {
 }
 
 impl WorkerPool {
-    /// Opens one `Generate` stream to each worker; at most `max_in_flight` requests wait on a
-    /// worker at a time (callers beyond that wait: backpressure).
+    /// An empty pool: at most `max_in_flight` requests wait on a worker at a time (callers
+    /// beyond that wait: backpressure); a request finding no worker waits up to
+    /// `wait_for_worker` for one to join.
+    pub fn new(token: &str, max_in_flight: usize, wait_for_worker: Duration) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                token: token.to_string(),
+                max_in_flight: max_in_flight.max(1),
+                workers: Mutex::new(vec![]),
+                joined: Notify::new(),
+                wait_for_worker,
+                on_lost: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// A pool of the workers at `urls` (each known by its address), one `Generate` stream each.
     pub async fn connect(
         urls: &[String],
         token: &str,
         max_in_flight: usize,
     ) -> Result<Self, ConnectError> {
-        let mut workers = vec![];
+        let pool = Self::new(token, max_in_flight, Duration::from_secs(600));
         for url in urls {
-            let attach = AttachToken::new(token).map_err(|e| ConnectError {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
-            let mut client = RolloutWorkerClient::with_interceptor(channel(url).await?, attach);
-            let (tx, rx) = mpsc::channel::<GenerateRequest>(1024);
-            let mut responses = client
-                .generate(ReceiverStream::new(rx))
-                .await
-                .map_err(|e| ConnectError {
-                    url: url.clone(),
-                    message: format!("Generate: {e}"),
-                })?
-                .into_inner();
-            let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-            let p = pending.clone();
-            let u = url.clone();
-            tokio::spawn(async move {
-                while let Some(msg) = responses.next().await {
-                    match msg {
-                        Ok(r) => {
-                            if let Some(tx) = p.lock().expect("not poisoned").remove(&r.request_id)
-                            {
-                                let _ = tx.send(r);
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("worker {u}: stream ended: {e}");
-                            break;
+            pool.add(url, url).await?;
+        }
+        Ok(pool)
+    }
+
+    fn workers(&self) -> MutexGuard<'_, Vec<Arc<RemoteWorker>>> {
+        self.inner.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a `Generate` stream to the worker `id` at `url` and adds it. A worker of that id
+    /// already in the pool at the same address is kept; at another address (it restarted
+    /// elsewhere) it is replaced and its requests dispatched again.
+    pub async fn add(&self, id: &str, url: &str) -> Result<(), ConnectError> {
+        if self.workers().iter().any(|w| w.id == id && w.url == url) {
+            return Ok(());
+        }
+        let attach = AttachToken::new(&self.inner.token).map_err(|e| ConnectError {
+            url: url.into(),
+            message: e.to_string(),
+        })?;
+        let mut client = RolloutWorkerClient::with_interceptor(channel(url).await?, attach);
+        let (tx, rx) = mpsc::channel::<GenerateRequest>(1024);
+        let mut responses = client
+            .generate(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| ConnectError {
+                url: url.into(),
+                message: format!("Generate: {e}"),
+            })?
+            .into_inner();
+        let worker = Arc::new(RemoteWorker {
+            id: id.to_string(),
+            url: url.to_string(),
+            requests: tx,
+            pending: Mutex::new(Some(HashMap::new())),
+            in_flight: AtomicUsize::new(0),
+            slots: Arc::new(Semaphore::new(self.inner.max_in_flight)),
+        });
+        let replaced = {
+            let mut workers = self.workers();
+            let old = workers
+                .iter()
+                .position(|w| w.id == id)
+                .map(|i| workers.remove(i));
+            workers.push(worker.clone());
+            old
+        };
+        if let Some(old) = replaced {
+            old.lose();
+        }
+        self.inner.joined.notify_waiters();
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let why = loop {
+                match responses.next().await {
+                    Some(Ok(r)) => {
+                        let tx = worker
+                            .pending()
+                            .as_mut()
+                            .and_then(|p| p.remove(&r.request_id));
+                        if let Some(tx) = tx {
+                            let _ = tx.send(r);
                         }
                     }
+                    Some(Err(e)) => break format!("its stream broke: {e}"),
+                    None => break "it closed its stream".to_string(),
                 }
-                // Fail whatever was still waiting on this worker.
-                p.lock().expect("not poisoned").clear();
-            });
-            workers.push(Arc::new(RemoteWorker {
-                url: url.clone(),
-                requests: tx,
-                pending,
-                in_flight: AtomicUsize::new(0),
-                slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
-            }));
-        }
-        Ok(Self { workers })
+            };
+            if let Some(inner) = pool.upgrade()
+                && let Some(n) = Self::remove_worker(&inner, &worker)
+            {
+                eprintln!(
+                    "worker {} lost ({why}); {n} requests it held go to other workers",
+                    worker.id
+                );
+                if let Some(report) = inner
+                    .on_lost
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    report(&worker.id, n);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn remove_worker(inner: &PoolInner, worker: &Arc<RemoteWorker>) -> Option<u32> {
+        inner
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| !Arc::ptr_eq(w, worker));
+        worker.lose()
+    }
+
+    /// Takes the worker `id` out of the pool (its lease ran out); the requests it held are
+    /// dispatched again. Returns how many, or `None` when it was not in the pool.
+    pub fn remove(&self, id: &str) -> Option<u32> {
+        let worker = self.workers().iter().find(|w| w.id == id).cloned()?;
+        Self::remove_worker(&self.inner, &worker)
+    }
+
+    /// Ids of the workers in the pool.
+    pub fn ids(&self) -> Vec<String> {
+        self.workers().iter().map(|w| w.id.clone()).collect()
     }
 
     /// Requests waiting on each worker.
     pub fn loads(&self) -> Vec<(String, usize)> {
-        self.workers
+        self.workers()
             .iter()
-            .map(|w| (w.url.clone(), w.in_flight.load(Ordering::Relaxed)))
+            .map(|w| (w.id.clone(), w.in_flight.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Keeps the pool in step with `directory`: every live registered worker is added now, each
+    /// one that registers later joins, a worker whose lease runs out leaves (its requests
+    /// dispatched again), and a worker whose stream breaks is reported lost there, so that it
+    /// registers again if it still runs.
+    pub async fn follow(&self, directory: Arc<Directory>) {
+        let mut joins = directory.subscribe();
+        let pool = Arc::downgrade(&self.inner);
+        directory.set_loss_handler(Box::new(move |id| {
+            pool.upgrade()
+                .and_then(|inner| WorkerPool { inner }.remove(id))
+                .unwrap_or(0)
+        }));
+        let dir = Arc::downgrade(&directory);
+        *self.inner.on_lost.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Box::new(move |id, n| {
+                if let Some(d) = dir.upgrade() {
+                    d.mark_lost(id, n);
+                }
+            }));
+        for w in directory.live_workers() {
+            self.join(&w.id, &w.endpoint).await;
+        }
+        let pool: Weak<PoolInner> = Arc::downgrade(&self.inner);
+        let dir = Arc::downgrade(&directory);
+        tokio::spawn(async move {
+            loop {
+                let event = match joins.recv().await {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(run_event::Kind::WorkerJoined(j)) = event.kind else {
+                    continue;
+                };
+                let (Some(inner), Some(dir)) = (pool.upgrade(), dir.upgrade()) else {
+                    return;
+                };
+                if let Some(w) = dir.live_workers().into_iter().find(|w| w.id == j.worker_id) {
+                    WorkerPool { inner }.join(&w.id, &w.endpoint).await;
+                }
+            }
+        });
+    }
+
+    async fn join(&self, id: &str, url: &str) {
+        match self.add(id, url).await {
+            Ok(()) => eprintln!("worker {id} at {url} is in the pool"),
+            Err(e) => eprintln!("worker {id} registered but cannot be reached: {e}"),
+        }
+    }
+
+    /// The least-loaded worker, waiting for one to join when none is left.
+    async fn pick(&self) -> Option<Arc<RemoteWorker>> {
+        let deadline = tokio::time::Instant::now() + self.inner.wait_for_worker;
+        loop {
+            let joined = self.inner.joined.notified();
+            let best = self
+                .workers()
+                .iter()
+                .filter(|w| w.alive())
+                .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
+                .cloned();
+            if best.is_some() {
+                return best;
+            }
+            if tokio::time::timeout_at(deadline, joined).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 
 impl Rollouts for WorkerPool {
     fn generate(&self, req: GenerateRequest) -> BoxFuture<GenerateResponse> {
-        let worker = self
-            .workers
-            .iter()
-            .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
-            .expect("at least one worker")
-            .clone();
-        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        let pool = self.clone();
         Box::pin(async move {
-            let _permit = worker
-                .slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore open");
-            let (tx, rx) = oneshot::channel();
-            worker
-                .pending
-                .lock()
-                .expect("not poisoned")
-                .insert(req.request_id.clone(), tx);
-            let resp = if worker.requests.send(req.clone()).await.is_err() {
-                failed(&req, format!("worker {} is gone", worker.url))
-            } else {
-                rx.await.unwrap_or_else(|_| {
-                    failed(
+            let mut lost = vec![];
+            loop {
+                let Some(worker) = pool.pick().await else {
+                    return failed(
                         &req,
-                        format!("worker {} disconnected before answering", worker.url),
-                    )
-                })
-            };
-            worker.in_flight.fetch_sub(1, Ordering::Relaxed);
-            resp
+                        format!(
+                            "no rollout worker left, and none joined within {:.0} s",
+                            pool.inner.wait_for_worker.as_secs_f64()
+                        ),
+                    );
+                };
+                match worker.call(&req).await {
+                    Ok(resp) => return resp,
+                    Err(Lost(why)) => {
+                        lost.push(why);
+                        if lost.len() > MAX_REDISPATCH {
+                            return failed(
+                                &req,
+                                format!(
+                                    "dispatched {} times, lost each time: {}",
+                                    lost.len(),
+                                    lost.join("; ")
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
         })
     }
 
@@ -292,5 +530,251 @@ impl Learning for RemoteLearner {
         Box::pin(async move {
             let _ = rx.wait_for(|v| *v >= version).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicU32;
+
+    use chorus_proto::tonic::{self, Request, Response, Status, Streaming};
+    use chorus_proto::v1::rollout_worker_server::{RolloutWorker, RolloutWorkerServer};
+    use chorus_proto::v1::{RegisterWorkerRequest, RunEvent, WorkerHeartbeatRequest, WorkerLost};
+    use tokio_stream::Stream;
+
+    use super::*;
+    use crate::service::Leases;
+
+    /// A stand-in rollout worker: answers every request with one token when `answers`, else
+    /// holds it until its stream is broken through `breaker`.
+    struct StandIn {
+        id: String,
+        answers: bool,
+        received: Arc<AtomicU32>,
+        breaker: Arc<Notify>,
+    }
+
+    type Out = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl RolloutWorker for StandIn {
+        type GenerateStream = Out;
+
+        async fn generate(
+            &self,
+            request: Request<Streaming<GenerateRequest>>,
+        ) -> Result<Response<Out>, Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(256);
+            let (id, answers, received, breaker) = (
+                self.id.clone(),
+                self.answers,
+                self.received.clone(),
+                self.breaker.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        msg = inbound.next() => {
+                            let Some(Ok(req)) = msg else { return };
+                            received.fetch_add(1, Ordering::SeqCst);
+                            if answers {
+                                let _ = tx.send(Ok(GenerateResponse {
+                                    request_id: req.request_id,
+                                    token_ids: vec![7],
+                                    logprobs: vec![-0.5],
+                                    policy_versions: vec![0],
+                                    finish_reason: FinishReason::Length as i32,
+                                    worker_id: id.clone(),
+                                    ..Default::default()
+                                })).await;
+                            }
+                        }
+                        _ = breaker.notified() => {
+                            let _ = tx.send(Err(Status::unavailable("stand-in killed"))).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    struct Served {
+        url: String,
+        received: Arc<AtomicU32>,
+        breaker: Arc<Notify>,
+    }
+
+    async fn serve(id: &str, answers: bool) -> Served {
+        let received = Arc::new(AtomicU32::new(0));
+        let breaker = Arc::new(Notify::new());
+        let svc = RolloutWorkerServer::new(StandIn {
+            id: id.into(),
+            answers,
+            received: received.clone(),
+            breaker: breaker.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Served {
+            url,
+            received,
+            breaker,
+        }
+    }
+
+    fn request(i: usize) -> GenerateRequest {
+        GenerateRequest {
+            request_id: format!("req-{i}"),
+            max_new_tokens: 1,
+            ..Default::default()
+        }
+    }
+
+    async fn until(mut ready: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if ready() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached within 5 s");
+    }
+
+    fn register(dir: &Directory, id: &str, url: &str) {
+        dir.register_worker(RegisterWorkerRequest {
+            worker_id: id.into(),
+            endpoint: url.into(),
+            capacity: 4,
+            policy_version: 0,
+            model: String::new(),
+        })
+        .unwrap();
+    }
+
+    fn lost_events(events: &[RunEvent]) -> Vec<WorkerLost> {
+        events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(run_event::Kind::WorkerLost(l)) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_held_by_a_worker_whose_stream_breaks_go_to_another_worker() {
+        let (doomed, steady) = (serve("doomed", false).await, serve("steady", true).await);
+        let dir = Directory::new("r", Leases::default());
+        register(&dir, "doomed", &doomed.url);
+        let pool = WorkerPool::new("tok", 2, Duration::from_secs(5));
+        pool.follow(dir.clone()).await;
+        assert_eq!(pool.ids(), vec!["doomed".to_string()]);
+        let calls: Vec<_> = (0..6)
+            .map(|i| tokio::spawn(pool.generate(request(i))))
+            .collect();
+        // Two in flight on the only worker, the rest waiting behind them (backpressure).
+        until(|| doomed.received.load(Ordering::SeqCst) == 2).await;
+        register(&dir, "steady", &steady.url);
+        until(|| pool.ids().len() == 2).await;
+        doomed.breaker.notify_one();
+        let mut answered_by = vec![];
+        for c in calls {
+            let r = c.await.unwrap();
+            assert!(r.error.is_empty(), "{}", r.error);
+            answered_by.push(r.worker_id);
+        }
+        assert!(answered_by.iter().all(|w| w == "steady"), "{answered_by:?}");
+        assert_eq!(pool.ids(), vec!["steady".to_string()]);
+        let lost = lost_events(&dir.events_after(0));
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(
+            (lost[0].worker_id.as_str(), lost[0].redispatched_prompts),
+            ("doomed", 2)
+        );
+        // Its heartbeats now say it is unknown, so a live one would register again.
+        assert!(
+            !dir.worker_heartbeat(WorkerHeartbeatRequest {
+                worker_id: "doomed".into(),
+                sequence: 1,
+                capacity: 4,
+                ..Default::default()
+            })
+            .registered
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_past_its_lease_leaves_the_pool_and_its_requests_are_dispatched_again() {
+        let (silent, steady) = (serve("silent", false).await, serve("steady", true).await);
+        let dir = Directory::new(
+            "r",
+            Leases {
+                heartbeat: Duration::from_millis(10),
+                lease: Duration::from_millis(200),
+            },
+        );
+        register(&dir, "silent", &silent.url);
+        register(&dir, "steady", &steady.url);
+        let pool = WorkerPool::new("tok", 8, Duration::from_secs(5));
+        pool.follow(dir.clone()).await;
+        // Load the silent worker first: it is picked while it has fewer requests.
+        let calls: Vec<_> = (0..4)
+            .map(|i| tokio::spawn(pool.generate(request(i))))
+            .collect();
+        until(|| {
+            silent.received.load(Ordering::SeqCst) + steady.received.load(Ordering::SeqCst) == 4
+        })
+        .await;
+        let held = silent.received.load(Ordering::SeqCst);
+        assert!(held >= 1);
+        // Only `steady` keeps beating.
+        let mut seq = 0;
+        while dir.live_workers().len() == 2 {
+            seq += 1;
+            dir.worker_heartbeat(WorkerHeartbeatRequest {
+                worker_id: "steady".into(),
+                sequence: seq,
+                capacity: 8,
+                ..Default::default()
+            });
+            dir.expire_leases();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for c in calls {
+            let r = c.await.unwrap();
+            assert!(r.error.is_empty(), "{}", r.error);
+            assert_eq!(r.worker_id, "steady");
+        }
+        let lost = lost_events(&dir.events_after(0));
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(lost[0].worker_id, "silent");
+        assert_eq!(lost[0].redispatched_prompts, held);
+        assert_eq!(pool.ids(), vec!["steady".to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_waits_for_a_worker_to_join_or_fails_saying_none_came() {
+        let dir = Directory::new("r", Leases::default());
+        let pool = WorkerPool::new("tok", 2, Duration::from_secs(5));
+        pool.follow(dir.clone()).await;
+        let call = tokio::spawn(pool.generate(request(0)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let late = serve("late", true).await;
+        register(&dir, "late", &late.url);
+        assert_eq!(call.await.unwrap().worker_id, "late");
+
+        let empty = WorkerPool::new("tok", 2, Duration::from_millis(50));
+        let r = empty.generate(request(1)).await;
+        assert_eq!(r.finish_reason, FinishReason::Error as i32);
+        assert!(r.error.contains("no rollout worker"), "{}", r.error);
     }
 }

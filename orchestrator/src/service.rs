@@ -93,7 +93,11 @@ pub struct Directory {
     state: Mutex<State>,
     changed: Notify,
     live: broadcast::Sender<RunEvent>,
+    on_lost: Mutex<Option<LossHandler>>,
 }
+
+/// Takes a lost worker out of the run and returns how many requests it held.
+pub type LossHandler = Box<dyn Fn(&str) -> u32 + Send + Sync>;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -111,7 +115,39 @@ impl Directory {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             live: broadcast::channel(1024).0,
+            on_lost: Mutex::new(None),
         })
+    }
+
+    /// Events from now on, as they are appended.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.live.subscribe()
+    }
+
+    /// What to do with a worker whose lease runs out (the run's worker pool dispatches its
+    /// requests again); its answer is the count reported in the `WorkerLost` event.
+    pub fn set_loss_handler(&self, handler: LossHandler) {
+        *self.on_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler);
+    }
+
+    /// Marks worker `id` lost (once; with a `WorkerLost` event reporting `redispatched`
+    /// requests), because its stream broke before its lease ran out. Its heartbeats are then
+    /// answered `registered = false`, so a worker that still runs registers and joins again.
+    pub fn mark_lost(&self, id: &str, redispatched: u32) {
+        let mut st = self.lock();
+        match st.workers.get_mut(id) {
+            Some(w) if !w.lost => w.lost = true,
+            _ => return,
+        }
+        self.emit_locked(
+            &mut st,
+            run_event::Kind::WorkerLost(WorkerLost {
+                worker_id: id.to_string(),
+                redispatched_prompts: redispatched,
+            }),
+        );
+        drop(st);
+        self.changed.notify_waiters();
     }
 
     /// The run it serves.
@@ -225,29 +261,23 @@ impl Directory {
     /// Marks workers whose lease ran out as lost (each one once, with a `WorkerLost` event);
     /// returns their ids.
     pub fn expire_leases(&self) -> Vec<String> {
-        let mut st = self.lock();
         let now = Instant::now();
-        let expired: Vec<String> = st
+        let expired: Vec<String> = self
+            .lock()
             .workers
             .values()
             .filter(|w| !w.lost && now.duration_since(w.last_seen) > self.leases.lease)
             .map(|w| w.id.clone())
             .collect();
         for id in &expired {
-            if let Some(w) = st.workers.get_mut(id) {
-                w.lost = true;
-            }
-            self.emit_locked(
-                &mut st,
-                run_event::Kind::WorkerLost(WorkerLost {
-                    worker_id: id.clone(),
-                    ..Default::default()
-                }),
-            );
-        }
-        drop(st);
-        if !expired.is_empty() {
-            self.changed.notify_waiters();
+            // Outside the state lock: the handler takes the pool's locks.
+            let redispatched = self
+                .on_lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or(0, |f| f(id));
+            self.mark_lost(id, redispatched);
         }
         expired
     }
@@ -271,7 +301,10 @@ impl Directory {
         });
     }
 
-    fn register_worker(&self, r: RegisterWorkerRequest) -> Result<RegisterWorkerResponse, Status> {
+    pub(crate) fn register_worker(
+        &self,
+        r: RegisterWorkerRequest,
+    ) -> Result<RegisterWorkerResponse, Status> {
         if r.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
         }
@@ -318,7 +351,7 @@ impl Directory {
         })
     }
 
-    fn worker_heartbeat(&self, h: WorkerHeartbeatRequest) -> HeartbeatResponse {
+    pub(crate) fn worker_heartbeat(&self, h: WorkerHeartbeatRequest) -> HeartbeatResponse {
         let mut st = self.lock();
         let latest = st.learner.as_ref().map(|l| l.policy_version).unwrap_or(0);
         let min = st.min_policy_version;
@@ -436,6 +469,14 @@ fn proto_run(r: RunRecord, learner: Option<&LearnerInfo>) -> Run {
 
 fn ledger_status(e: crate::ledger::LedgerError) -> Status {
     Status::unavailable(format!("ledger: {e}"))
+}
+
+/// Whether `e` moves the run to a final status, after which its event stream ends.
+fn ends_run(e: &RunEvent) -> bool {
+    matches!(&e.kind, Some(run_event::Kind::StatusChanged(c))
+        if [ProtoRunStatus::Succeeded, ProtoRunStatus::Failed, ProtoRunStatus::Cancelled]
+            .iter()
+            .any(|s| *s as i32 == c.status))
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<RunEvent, Status>> + Send>>;
@@ -562,7 +603,8 @@ impl Orchestrator for OrchestratorService {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             for e in backlog {
-                if tx.send(Ok(e)).await.is_err() {
+                let last = ends_run(&e);
+                if tx.send(Ok(e)).await.is_err() || last {
                     return;
                 }
             }
@@ -570,7 +612,8 @@ impl Orchestrator for OrchestratorService {
                 match live.recv().await {
                     Ok(e) if e.sequence >= next => {
                         next = e.sequence + 1;
-                        if tx.send(Ok(e)).await.is_err() {
+                        let last = ends_run(&e);
+                        if tx.send(Ok(e)).await.is_err() || last {
                             return;
                         }
                     }

@@ -355,7 +355,12 @@ pub async fn orchestrate(
             status: RunStatus::Running,
         })
         .await?;
-    let pool = Arc::new(WorkerPool::connect(worker_urls, token, cfg.worker_max_in_flight).await?);
+    let pool = WorkerPool::connect(worker_urls, token, cfg.worker_max_in_flight).await?;
+    if let Some(d) = &directory {
+        // Registered workers join (and lost ones leave) while the run goes on.
+        pool.follow(d.clone()).await;
+    }
+    let pool = Arc::new(pool);
     let remote_learner = Arc::new(
         RemoteLearner::connect(learner_url, token, &run_id, 0, Some(ledger.clone())).await?,
     );
@@ -379,7 +384,7 @@ pub async fn orchestrate(
     };
     eprintln!(
         "run {run_id}: {} workers, learner at {learner_url}, ledger {db}",
-        cfg.workers
+        pool.ids().len()
     );
 
     if let Some(d) = &directory {

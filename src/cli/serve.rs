@@ -234,10 +234,9 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                         );
                         d.wait_for_workers(cfg.workers, wait)
                             .await
-                            .map_err(anyhow::Error::msg)?
-                            .into_iter()
-                            .map(|w| w.endpoint)
-                            .collect()
+                            .map_err(anyhow::Error::msg)?;
+                        // The pool takes them, and later ones, from the directory.
+                        vec![]
                     }
                     (true, None) => bail!(
                         "give the workers' addresses (--worker URL, repeated) or --listen ADDR \

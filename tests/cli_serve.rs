@@ -404,3 +404,163 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
         eprintln!("served: w0 {} w1 {} w2 {}", by("w0"), by("w1"), by("w2"));
     });
 }
+
+/// A standing fleet: an orchestrator started without a config, a standby learner and two
+/// standby workers. `chorus launch` hands it runs; they run one after another on the same
+/// services, a repeated launch with the same request id returns the first run, a bad config is
+/// refused naming its key, and a run's service processes die with the standby process that
+/// started them.
+#[test]
+fn a_standing_fleet_serves_launched_runs_one_after_another() {
+    use chorus_orchestrator::ledger::{Ledger, RolloutFilter, RunStatus};
+    use chorus_proto::auth::AttachToken;
+    use chorus_proto::v1::LaunchRunRequest;
+    use chorus_proto::v1::orchestrator_client::OrchestratorClient;
+
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let orchestrator = h.service(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--eval-tasks",
+        "2",
+        "--wait-seconds",
+        "60",
+        "--token",
+        "tok",
+    ]);
+    let url = orchestrator.url.clone();
+    let standby = |role: &str, id: &str| {
+        h.standby(&[
+            "serve",
+            role,
+            "--orchestrator",
+            &url,
+            "--id",
+            id,
+            "--token",
+            "tok",
+        ])
+    };
+    let mut fleet = vec![
+        standby("learner", "L"),
+        standby("worker", "w0"),
+        standby("worker", "w1"),
+    ];
+    let launch = |extra: &[&str]| {
+        let out = h.chorus(
+            &[
+                &[
+                    "launch",
+                    "run.toml",
+                    "--orchestrator",
+                    &url,
+                    "--token",
+                    "tok",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "launch {extra:?} failed: {stderr}");
+        (
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            stderr,
+        )
+    };
+
+    let (first, log) = launch(&[]);
+    assert!(log.contains("succeeded"), "{log}");
+    assert!(
+        log.contains("worker w0 joined") && log.contains("worker w1 joined"),
+        "{log}"
+    );
+    let (second, _) = launch(&["--name", "second", "--request-id", "k2", "--detach"]);
+    assert_ne!(first, second);
+    assert!(second.starts_with("second-"), "{second}");
+    // The same request id again: the same run, followed to its end.
+    let (again, log) = launch(&["--name", "second", "--request-id", "k2"]);
+    assert_eq!(again, second);
+    assert!(
+        log.contains("already launched") && log.contains("succeeded"),
+        "{log}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = format!("sqlite://{}", h.path("runs/ledger.sqlite").display());
+    rt.block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        for run in [&first, &second] {
+            let record = ledger.get_run(run).await.unwrap().unwrap();
+            assert!(matches!(record.status, RunStatus::Succeeded), "{run}");
+            let rows = ledger
+                .list_rollouts(&RolloutFilter {
+                    run_id: Some(run.to_string()),
+                    environment: None,
+                    min_reward: None,
+                    limit: 100_000,
+                })
+                .await
+                .unwrap();
+            for w in ["w0", "w1"] {
+                assert!(
+                    rows.iter().any(|r| r.worker_id == w),
+                    "{w} served nothing in {run}"
+                );
+            }
+        }
+        assert!(h.path(&format!("runs/{second}/summary.json")).exists());
+
+        // The orchestrator checks configs too, naming the key.
+        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client =
+            OrchestratorClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
+        let refused = client
+            .launch_run(LaunchRunRequest {
+                request_id: "bad".into(),
+                name: String::new(),
+                config_toml: RUN.replace("group_size = 4", "group_size = 0"),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), chorus_proto::tonic::Code::InvalidArgument);
+        assert!(
+            refused.message().contains("group_size"),
+            "{}",
+            refused.message()
+        );
+    });
+
+    // A third run starts; killing the standby services kills the processes serving it.
+    let (third, _) = launch(&["--name", "third", "--detach"]);
+    for _ in 0..300 {
+        if processes_with_arg(&third) >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        processes_with_arg(&third) >= 3,
+        "the learner and two workers serve {third}"
+    );
+    fleet.clear();
+    for _ in 0..50 {
+        if processes_with_arg(&third) == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        processes_with_arg(&third),
+        0,
+        "children outlived their standby parent"
+    );
+}

@@ -487,9 +487,14 @@ impl RunConfig {
             key: "<file>".into(),
             message: e.to_string(),
         })?;
-        let mut cfg = Self::from_toml_str(&text, &file)?;
         // Paths in the file are relative to the file.
-        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml_relative_to(&text, &file, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Parses and validates TOML text whose relative paths (model, tokenizer, datasets) are
+    /// relative to `base`; `file` names it in errors.
+    pub fn from_toml_relative_to(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg = Self::from_toml_str(text, file)?;
         for stage in &mut cfg.stages {
             for env in &mut stage.environments {
                 if let EnvironmentSource::NemoGym { dataset, .. } = &mut env.source

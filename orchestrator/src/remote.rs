@@ -656,6 +656,7 @@ mod tests {
             capacity: 4,
             policy_version: 0,
             model: String::new(),
+            run_id: "r".into(),
         })
         .unwrap();
     }

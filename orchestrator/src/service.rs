@@ -1,14 +1,21 @@
 //! The orchestrator's own gRPC service: rollout workers and the learner register and send
 //! heartbeats (capacity, load, policy version held), a worker that misses its lease is marked
-//! lost, and clients get, list and watch runs.
+//! lost, clients launch, get, list and watch runs, and standby services are handed runs.
 //!
-//! [`Directory`] is the state behind it, shared with the process that runs the stages: that
+//! [`Directory`] is the state of one run, shared with the process that runs its stages: that
 //! process waits on it for the workers and learner of the run ([`Directory::wait_for_workers`],
 //! [`Directory::wait_for_learner`]) and appends the run's events to it ([`Directory::emit`]).
 //! Events carry gap-free sequence numbers, so a client that reconnects with the last one it saw
 //! neither misses nor repeats one.
+//!
+//! [`Fleet`] is the state of the orchestrator process: the run it serves now, the runs launched
+//! and waiting for their turn (`LaunchRun`, idempotent by request id), every run's directory for
+//! `WatchRun`, and the standby services. A standby service registered without a run; its
+//! heartbeats are answered with a [`RunAssignment`] once there is a run for it (one learner is
+//! chosen; workers are assigned once that learner serves), and it then registers for that run
+//! like any other service.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,13 +25,15 @@ use chorus_proto::v1::orchestrator_server::Orchestrator;
 use chorus_proto::v1::{
     GetRunRequest, HeartbeatResponse, LaunchRunRequest, LaunchRunResponse, LearnerHeartbeatRequest,
     ListRunsRequest, ListRunsResponse, RegisterLearnerRequest, RegisterLearnerResponse,
-    RegisterWorkerRequest, RegisterWorkerResponse, Run, RunEvent, RunStatus as ProtoRunStatus,
-    WatchRunRequest, WorkerHeartbeatRequest, WorkerJoined, WorkerLost, run_event,
+    RegisterWorkerRequest, RegisterWorkerResponse, Run, RunAssignment, RunEvent,
+    RunStatus as ProtoRunStatus, RunStatusChanged, WatchRunRequest, WorkerHeartbeatRequest,
+    WorkerJoined, WorkerLost, run_event,
 };
 use tokio::sync::{Notify, broadcast};
 use tokio_stream::Stream;
 
-use crate::ledger::{Ledger, RunRecord, RunStatus};
+use crate::config::RunConfig;
+use crate::ledger::{Ledger, NewRun, RunRecord, RunStatus};
 
 /// Timing of registrations.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,6 +93,8 @@ struct State {
     events: Vec<RunEvent>,
     /// Oldest policy version the staleness bound still accepts.
     min_policy_version: u64,
+    /// The run is over: leases are no longer checked.
+    closed: bool,
 }
 
 /// Who serves the run, and what happened in it.
@@ -290,15 +301,20 @@ impl Directory {
             loop {
                 tokio::time::sleep(every).await;
                 match weak.upgrade() {
-                    Some(dir) => {
+                    Some(dir) if !dir.lock().closed => {
                         for id in dir.expire_leases() {
                             eprintln!("worker {id} lost: no heartbeat within its lease");
                         }
                     }
-                    None => return,
+                    _ => return,
                 }
             }
         });
+    }
+
+    /// Ends the run's lease checks (the run is over).
+    pub fn close(&self) {
+        self.lock().closed = true;
     }
 
     pub(crate) fn register_worker(
@@ -373,6 +389,7 @@ impl Directory {
             registered,
             latest_policy_version: latest,
             min_policy_version: min,
+            assignment: None,
         }
     }
 
@@ -427,20 +444,262 @@ impl Directory {
             registered,
             latest_policy_version: latest,
             min_policy_version: min,
+            assignment: None,
         }
     }
 }
 
-/// The `Orchestrator` gRPC service over a [`Directory`] and the ledger.
-pub struct OrchestratorService {
+/// A launched run waiting for its turn.
+#[derive(Clone)]
+pub struct Launched {
+    /// Its id.
+    pub run_id: String,
+    /// Its human name.
+    pub name: String,
+    /// Its configuration, as TOML.
+    pub config_toml: String,
+    /// Its directory (it already holds the run's first event).
+    pub directory: Arc<Directory>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Worker,
+    Learner,
+}
+
+struct Current {
     directory: Arc<Directory>,
+    config_toml: String,
+    /// The standby learner chosen to serve it.
+    learner: Option<String>,
+}
+
+#[derive(Default)]
+struct FleetState {
+    /// Every run this process has served or queued, for `WatchRun`.
+    runs: BTreeMap<String, Arc<Directory>>,
+    current: Option<Current>,
+    /// Standby services, with when they were last heard from.
+    standby: BTreeMap<(Kind, String), Instant>,
+    /// `LaunchRun` request ids and the runs they created.
+    launches: HashMap<String, String>,
+    queue: VecDeque<Launched>,
+}
+
+/// The orchestrator process: the run served now, launched runs waiting, and standby services
+/// (see the module docs).
+pub struct Fleet {
+    leases: Leases,
+    accepts_launches: bool,
+    state: Mutex<FleetState>,
+    launched: Notify,
+}
+
+impl Fleet {
+    /// A fleet; with `accepts_launches`, `LaunchRun` queues runs for [`Fleet::next_launched`],
+    /// otherwise it is refused (the process serves the run of its config).
+    pub fn new(leases: Leases, accepts_launches: bool) -> Arc<Self> {
+        Arc::new(Self {
+            leases,
+            accepts_launches,
+            state: Mutex::new(FleetState::default()),
+            launched: Notify::new(),
+        })
+    }
+
+    /// Registration timing of its runs.
+    pub fn leases(&self) -> Leases {
+        self.leases
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FleetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `directory`'s run from now on: its services' registrations and heartbeats go to
+    /// it, and standby services are assigned to it (`config_toml` is what they are handed).
+    pub fn serve_run(&self, directory: Arc<Directory>, config_toml: String) {
+        let mut st = self.lock();
+        st.runs
+            .insert(directory.run_id().to_string(), directory.clone());
+        st.current = Some(Current {
+            directory,
+            config_toml,
+            learner: None,
+        });
+    }
+
+    /// Ends the current run: its lease checks stop, and standby services serving it are told
+    /// there is no run for them (or the next one) at their next heartbeat.
+    pub fn finish_run(&self) {
+        if let Some(c) = self.lock().current.take() {
+            c.directory.close();
+        }
+    }
+
+    /// The current run's directory, when it is `run_id`.
+    fn current(&self, run_id: &str) -> Option<Arc<Directory>> {
+        self.lock()
+            .current
+            .as_ref()
+            .filter(|c| c.directory.run_id() == run_id)
+            .map(|c| c.directory.clone())
+    }
+
+    fn current_id(&self) -> String {
+        self.lock()
+            .current
+            .as_ref()
+            .map(|c| c.directory.run_id().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The directory of any run this process served or queued.
+    pub fn directory(&self, run_id: &str) -> Option<Arc<Directory>> {
+        self.lock().runs.get(run_id).cloned()
+    }
+
+    /// Queues a run (validated by the caller). Idempotent by `request_id`: a repeat returns the
+    /// run the first call created and `false`.
+    pub fn launch(&self, request_id: &str, name: &str, config_toml: &str) -> (Launched, bool) {
+        let mut st = self.lock();
+        if let Some(run_id) = st.launches.get(request_id)
+            && let Some(directory) = st.runs.get(run_id)
+        {
+            let launched = Launched {
+                run_id: run_id.clone(),
+                name: name.to_string(),
+                config_toml: config_toml.to_string(),
+                directory: directory.clone(),
+            };
+            return (launched, false);
+        }
+        // Names repeat across runs; the launch time and a counter make the id unique.
+        let run_id = format!("{name}-{}-{}", now_ms(), st.runs.len());
+        let directory = Directory::new(run_id.clone(), self.leases);
+        directory.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+            status: ProtoRunStatus::Pending as i32,
+            reason: String::new(),
+        }));
+        let launched = Launched {
+            run_id: run_id.clone(),
+            name: name.to_string(),
+            config_toml: config_toml.to_string(),
+            directory: directory.clone(),
+        };
+        st.runs.insert(run_id.clone(), directory);
+        st.launches.insert(request_id.to_string(), run_id);
+        st.queue.push_back(launched.clone());
+        drop(st);
+        self.launched.notify_one();
+        (launched, true)
+    }
+
+    /// The next launched run, in launch order; waits for one.
+    pub async fn next_launched(&self) -> Launched {
+        loop {
+            let notified = self.launched.notified();
+            if let Some(l) = self.lock().queue.pop_front() {
+                return l;
+            }
+            notified.await;
+        }
+    }
+
+    /// Standby services heard from within their lease.
+    pub fn standby(&self) -> (usize, usize) {
+        let st = self.lock();
+        let live = |kind: Kind| {
+            st.standby
+                .iter()
+                .filter(|((k, _), seen)| *k == kind && seen.elapsed() <= self.leases.lease)
+                .count()
+        };
+        (live(Kind::Learner), live(Kind::Worker))
+    }
+
+    /// A standby service checks in; returns the run it should serve now, if any.
+    fn standby_heartbeat(&self, kind: Kind, id: &str, register: bool) -> Option<RunAssignment> {
+        let mut st = self.lock();
+        let key = (kind, id.to_string());
+        if !register && !st.standby.contains_key(&key) {
+            return None;
+        }
+        st.standby.insert(key, Instant::now());
+        let lease = self.leases.lease;
+        let learner_alive = |st: &FleetState, learner: &str| {
+            st.standby
+                .get(&(Kind::Learner, learner.to_string()))
+                .is_some_and(|seen| seen.elapsed() <= lease)
+        };
+        let claimed = st.current.as_ref().and_then(|c| c.learner.clone());
+        let current = st.current.as_ref()?;
+        let learner_endpoint = current
+            .directory
+            .learner()
+            .map(|l| l.endpoint)
+            .unwrap_or_default();
+        match kind {
+            Kind::Learner => {
+                // One learner serves the run: the first standby learner to ask, unless the
+                // chosen one is still alive.
+                let mine = match &claimed {
+                    Some(c) if c == id => true,
+                    Some(c) if learner_alive(&st, c) || !learner_endpoint.is_empty() => false,
+                    _ => true,
+                };
+                if !mine {
+                    return None;
+                }
+                let c = st.current.as_mut().expect("checked");
+                c.learner = Some(id.to_string());
+                Some(RunAssignment {
+                    run_id: c.directory.run_id().to_string(),
+                    config_toml: c.config_toml.clone(),
+                    learner_endpoint,
+                })
+            }
+            // Workers need the learner's address to fetch weights.
+            Kind::Worker if learner_endpoint.is_empty() => None,
+            Kind::Worker => Some(RunAssignment {
+                run_id: current.directory.run_id().to_string(),
+                config_toml: current.config_toml.clone(),
+                learner_endpoint,
+            }),
+        }
+    }
+
+    fn standby_known(&self, kind: Kind, id: &str) -> bool {
+        self.lock().standby.contains_key(&(kind, id.to_string()))
+    }
+
+    fn heartbeat_interval_ms(&self) -> u64 {
+        self.leases.heartbeat.as_millis() as u64
+    }
+
+    fn no_run(&self, asked: &str) -> Status {
+        match self.current_id() {
+            c if c.is_empty() => Status::failed_precondition(format!(
+                "run `{asked}`: this orchestrator serves no run now"
+            )),
+            c => Status::failed_precondition(format!(
+                "run `{asked}`: this orchestrator serves `{c}` now"
+            )),
+        }
+    }
+}
+
+/// The `Orchestrator` gRPC service over a [`Fleet`] and the ledger.
+pub struct OrchestratorService {
+    fleet: Arc<Fleet>,
     ledger: Ledger,
 }
 
 impl OrchestratorService {
-    /// The service for `directory`'s run, reading runs from `ledger`.
-    pub fn new(directory: Arc<Directory>, ledger: Ledger) -> Self {
-        Self { directory, ledger }
+    /// The service for `fleet`, reading and recording runs in `ledger`.
+    pub fn new(fleet: Arc<Fleet>, ledger: Ledger) -> Self {
+        Self { fleet, ledger }
     }
 }
 
@@ -487,47 +746,147 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
-        self.directory
-            .register_worker(request.into_inner())
-            .map(Response::new)
+        let r = request.into_inner();
+        if r.run_id.is_empty() {
+            if r.worker_id.is_empty() {
+                return Err(Status::invalid_argument("worker_id is empty"));
+            }
+            self.fleet
+                .standby_heartbeat(Kind::Worker, &r.worker_id, true);
+            return Ok(Response::new(RegisterWorkerResponse {
+                worker_id: r.worker_id,
+                heartbeat_interval_ms: self.fleet.heartbeat_interval_ms(),
+                lease_ms: self.fleet.leases.lease.as_millis() as u64,
+                run_id: String::new(),
+            }));
+        }
+        let dir = self
+            .fleet
+            .current(&r.run_id)
+            .ok_or_else(|| self.fleet.no_run(&r.run_id))?;
+        dir.register_worker(r).map(Response::new)
     }
 
     async fn worker_heartbeat(
         &self,
         request: Request<WorkerHeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(
-            self.directory.worker_heartbeat(request.into_inner()),
-        ))
+        let h = request.into_inner();
+        if h.run_id.is_empty() {
+            let registered = self.fleet.standby_known(Kind::Worker, &h.worker_id);
+            let assignment = self
+                .fleet
+                .standby_heartbeat(Kind::Worker, &h.worker_id, false);
+            return Ok(Response::new(HeartbeatResponse {
+                registered,
+                assignment,
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(match self.fleet.current(&h.run_id) {
+            Some(dir) => dir.worker_heartbeat(h),
+            None => HeartbeatResponse::default(),
+        }))
     }
 
     async fn register_learner(
         &self,
         request: Request<RegisterLearnerRequest>,
     ) -> Result<Response<RegisterLearnerResponse>, Status> {
-        self.directory
-            .register_learner(request.into_inner())
-            .map(Response::new)
+        let r = request.into_inner();
+        if r.run_id.is_empty() {
+            if r.learner_id.is_empty() {
+                return Err(Status::invalid_argument("learner_id is empty"));
+            }
+            self.fleet
+                .standby_heartbeat(Kind::Learner, &r.learner_id, true);
+            return Ok(Response::new(RegisterLearnerResponse {
+                learner_id: r.learner_id,
+                heartbeat_interval_ms: self.fleet.heartbeat_interval_ms(),
+                resume_step: 0,
+            }));
+        }
+        let dir = self
+            .fleet
+            .current(&r.run_id)
+            .ok_or_else(|| self.fleet.no_run(&r.run_id))?;
+        dir.register_learner(r).map(Response::new)
     }
 
     async fn learner_heartbeat(
         &self,
         request: Request<LearnerHeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(
-            self.directory.learner_heartbeat(request.into_inner()),
-        ))
+        let h = request.into_inner();
+        if h.run_id.is_empty() {
+            let registered = self.fleet.standby_known(Kind::Learner, &h.learner_id);
+            let assignment = self
+                .fleet
+                .standby_heartbeat(Kind::Learner, &h.learner_id, false);
+            return Ok(Response::new(HeartbeatResponse {
+                registered,
+                assignment,
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(match self.fleet.current(&h.run_id) {
+            Some(dir) => dir.learner_heartbeat(h),
+            None => HeartbeatResponse::default(),
+        }))
     }
 
     async fn launch_run(
         &self,
-        _request: Request<LaunchRunRequest>,
+        request: Request<LaunchRunRequest>,
     ) -> Result<Response<LaunchRunResponse>, Status> {
-        Err(Status::unimplemented(format!(
-            "this orchestrator runs the run of its --config (`{}`); start another run with \
-             `chorus serve orchestrator --config RUN.toml` or `chorus run RUN.toml`",
-            self.directory.run_id()
-        )))
+        let r = request.into_inner();
+        if !self.fleet.accepts_launches {
+            return Err(Status::failed_precondition(format!(
+                "this orchestrator serves the run of its --config (`{}`); launch runs on one \
+                 started without --config (`chorus serve orchestrator --listen ADDR`)",
+                self.fleet.current_id()
+            )));
+        }
+        if r.request_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "request_id is empty; allowed: any client-chosen key, repeated on retries",
+            ));
+        }
+        let cfg = RunConfig::from_toml_str(&r.config_toml, "the launched config")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = if r.name.is_empty() {
+            cfg.name.clone()
+        } else {
+            r.name.clone()
+        };
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(Status::invalid_argument(format!(
+                "name `{name}`: allowed: letters, digits, '-', '_' (it names a directory)"
+            )));
+        }
+        let (launched, created) = self.fleet.launch(&r.request_id, &name, &r.config_toml);
+        if created {
+            self.ledger
+                .insert_run(NewRun {
+                    id: launched.run_id.clone(),
+                    name: name.clone(),
+                    config_toml: r.config_toml.clone(),
+                    status: RunStatus::Pending,
+                })
+                .await
+                .map_err(ledger_status)?;
+            self.ledger.flush().await.map_err(ledger_status)?;
+        }
+        let run = self
+            .ledger
+            .get_run(&launched.run_id)
+            .await
+            .map_err(ledger_status)?
+            .ok_or_else(|| Status::internal("the launched run is missing from the ledger"))?;
+        Ok(Response::new(LaunchRunResponse {
+            run: Some(proto_run(run, None)),
+            created,
+        }))
     }
 
     async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
@@ -538,9 +897,7 @@ impl Orchestrator for OrchestratorService {
             .await
             .map_err(ledger_status)?
             .ok_or_else(|| Status::not_found(format!("no run `{id}` in the ledger")))?;
-        let learner = (id == self.directory.run_id())
-            .then(|| self.directory.learner())
-            .flatten();
+        let learner = self.fleet.directory(&id).and_then(|d| d.learner());
         Ok(Response::new(proto_run(run, learner.as_ref())))
     }
 
@@ -559,7 +916,6 @@ impl Orchestrator for OrchestratorService {
         } else {
             r.limit.min(10_000)
         };
-        let learner = self.directory.learner();
         let runs = self
             .ledger
             .list_runs(limit)
@@ -571,8 +927,8 @@ impl Orchestrator for OrchestratorService {
                     .is_none_or(|s| proto_status(run.status) as i32 == s)
             })
             .map(|run| {
-                let mine = run.id == self.directory.run_id();
-                proto_run(run, if mine { learner.as_ref() } else { None })
+                let learner = self.fleet.directory(&run.id).and_then(|d| d.learner());
+                proto_run(run, learner.as_ref())
             })
             .collect();
         Ok(Response::new(ListRunsResponse {
@@ -588,17 +944,17 @@ impl Orchestrator for OrchestratorService {
         request: Request<WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let r = request.into_inner();
-        if r.run_id != self.directory.run_id() {
-            return Err(Status::not_found(format!(
-                "this orchestrator streams the events of `{}`; finished runs are in the ledger \
-                 (`chorus inspect`)",
-                self.directory.run_id()
-            )));
-        }
+        let directory = self.fleet.directory(&r.run_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "run `{}`: this orchestrator process has not served it; finished runs are in \
+                 the ledger (`chorus inspect`)",
+                r.run_id
+            ))
+        })?;
         // Subscribe before reading the backlog, then skip what the backlog already had, so no
         // event falls between the two.
-        let mut live = self.directory.live.subscribe();
-        let backlog = self.directory.events_after(r.after_sequence);
+        let mut live = directory.subscribe();
+        let backlog = directory.events_after(r.after_sequence);
         let mut next = r.after_sequence + backlog.len() as u64 + 1;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
@@ -647,6 +1003,7 @@ mod tests {
             capacity: 4,
             policy_version: 0,
             model: String::new(),
+            run_id: "r".into(),
         }
     }
 
@@ -681,6 +1038,7 @@ mod tests {
             capacity: 4,
             in_flight: 1,
             policy_version: version,
+            run_id: "r".into(),
         };
         assert!(dir.worker_heartbeat(hb("a", 1, 3)).registered);
         // A repeated sequence number is a retry: ignored.
@@ -755,5 +1113,72 @@ mod tests {
         });
         assert!(hb.registered);
         assert_eq!(hb.latest_policy_version, 4);
+    }
+
+    #[tokio::test]
+    async fn standby_services_are_handed_launched_runs_in_order() {
+        let fleet = Fleet::new(Leases::default(), true);
+        let (first, created) = fleet.launch("req-1", "a", "name = \"a\"");
+        assert!(created);
+        let (again, created) = fleet.launch("req-1", "a", "name = \"a\"");
+        assert!(!created, "a retry returns the first run");
+        assert_eq!(again.run_id, first.run_id);
+        let (second, _) = fleet.launch("req-2", "b", "name = \"b\"");
+        assert_ne!(second.run_id, first.run_id);
+
+        // Standby services get nothing while no run is served.
+        assert!(fleet.standby_heartbeat(Kind::Learner, "L1", true).is_none());
+        assert!(fleet.standby_heartbeat(Kind::Worker, "W", true).is_none());
+        assert!(!fleet.standby_known(Kind::Worker, "stranger"));
+
+        let run = fleet.next_launched().await;
+        assert_eq!(run.run_id, first.run_id);
+        fleet.serve_run(run.directory.clone(), run.config_toml.clone());
+        // One learner is chosen; workers wait until it serves.
+        let to_l1 = fleet.standby_heartbeat(Kind::Learner, "L1", false).unwrap();
+        assert_eq!(to_l1.run_id, first.run_id);
+        assert!(to_l1.learner_endpoint.is_empty());
+        assert!(fleet.standby_heartbeat(Kind::Learner, "L2", true).is_none());
+        assert!(fleet.standby_heartbeat(Kind::Worker, "W", false).is_none());
+        run.directory
+            .register_learner(RegisterLearnerRequest {
+                learner_id: "L1".into(),
+                endpoint: "http://127.0.0.1:9".into(),
+                run_id: first.run_id.clone(),
+                policy_version: 0,
+                devices: 1,
+            })
+            .unwrap();
+        let to_w = fleet.standby_heartbeat(Kind::Worker, "W", false).unwrap();
+        assert_eq!(
+            (to_w.run_id.as_str(), to_w.learner_endpoint.as_str()),
+            (first.run_id.as_str(), "http://127.0.0.1:9")
+        );
+        assert_eq!(to_w.config_toml, "name = \"a\"");
+
+        // The run ends: nothing for anyone until the next one is served.
+        fleet.finish_run();
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L1", false)
+                .is_none()
+        );
+        let run = fleet.next_launched().await;
+        assert_eq!(run.run_id, second.run_id);
+        fleet.serve_run(run.directory, run.config_toml);
+        assert_eq!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L2", false)
+                .unwrap()
+                .run_id,
+            second.run_id
+        );
+        assert_eq!(fleet.standby(), (2, 1));
+        // Both runs keep their event logs for WatchRun; each began pending.
+        let events = fleet.directory(&first.run_id).unwrap().events_after(0);
+        assert!(
+            matches!(&events[0].kind, Some(run_event::Kind::StatusChanged(c))
+            if c.status == ProtoRunStatus::Pending as i32)
+        );
     }
 }

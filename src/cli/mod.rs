@@ -3,11 +3,13 @@
 mod env;
 mod generate;
 mod inspect;
+mod launch;
 mod model;
 mod quantize;
 mod registration;
 mod run;
 mod serve;
+mod standby;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +39,9 @@ pub enum Command {
     /// server) as its own process.
     #[command(subcommand)]
     Serve(serve::ServeCommand),
+    /// Launch a run on an orchestrator that serves launched runs (a standing fleet of learner
+    /// and workers), and follow it to its end.
+    Launch(launch::LaunchArgs),
     /// Read a run's ledger: runs, rollouts, one trajectory, learner steps.
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
@@ -56,7 +61,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(cmd) => serve::run(cmd),
+        Command::Launch(args) => launch::run(args),
     }
+}
+
+/// Reads and validates a run config: a TOML file, whose relative paths are relative to it, or
+/// `-` for standard input, whose relative paths are relative to the working directory. Returns
+/// the config and its text (recorded in the ledger).
+pub fn load_config(
+    path: &std::path::Path,
+) -> anyhow::Result<(chorus_orchestrator::config::RunConfig, String)> {
+    use std::io::Read;
+
+    use anyhow::Context;
+    use chorus_orchestrator::config::RunConfig;
+    if path == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the run config from standard input")?;
+        let cfg = RunConfig::from_toml_relative_to(&text, "<stdin>", std::path::Path::new("."))?;
+        return Ok((cfg, text));
+    }
+    let cfg = RunConfig::from_file(path)?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((cfg, text))
 }
 
 /// The device a command runs on; only the CPU exists in builds without the `cuda` feature.

@@ -14,9 +14,9 @@ use chorus_proto::v1::{
     LearnerHeartbeatRequest, RegisterLearnerRequest, RegisterWorkerRequest, WorkerHeartbeatRequest,
 };
 
-type Client = OrchestratorClient<InterceptedService<Channel, AttachToken>>;
+pub(crate) type Client = OrchestratorClient<InterceptedService<Channel, AttachToken>>;
 
-async fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
+pub(crate) async fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
     let channel = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("orchestrator address `{url}`"))?
         .connect_timeout(Duration::from_secs(5))
@@ -31,10 +31,11 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
 
 /// What a registered service reports in its heartbeats.
 pub enum Reporter {
-    /// A rollout worker: its capacity and the version it holds.
+    /// A rollout worker of `run_id`: its capacity and the version it holds.
     Worker {
         id: String,
         endpoint: String,
+        run_id: String,
         capacity: u32,
         version: Arc<dyn Fn() -> u64 + Send + Sync>,
     },
@@ -53,6 +54,7 @@ impl Reporter {
             Reporter::Worker {
                 id,
                 endpoint,
+                run_id,
                 capacity,
                 version,
             } => {
@@ -63,6 +65,7 @@ impl Reporter {
                         capacity: *capacity,
                         policy_version: version(),
                         model: String::new(),
+                        run_id: run_id.clone(),
                     })
                     .await?
                     .into_inner()
@@ -94,6 +97,7 @@ impl Reporter {
         Ok(match self {
             Reporter::Worker {
                 id,
+                run_id,
                 capacity,
                 version,
                 ..
@@ -105,6 +109,7 @@ impl Reporter {
                         capacity: *capacity,
                         in_flight: 0,
                         policy_version: version(),
+                        run_id: run_id.clone(),
                     })
                     .await?
                     .into_inner()

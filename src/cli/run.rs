@@ -233,15 +233,15 @@ pub async fn start_learner(
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::from_file(&a.config)?;
+    let (cfg, config_toml) = super::load_config(&a.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(cfg, a))
+    rt.block_on(run_async(cfg, config_toml, a))
 }
 
-async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
+async fn run_async(cfg: RunConfig, config_toml: String, a: RunArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     for d in [&cfg.worker_device, &cfg.learner_device] {
         super::parse_device(d)?;
@@ -294,9 +294,9 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
             .0,
         );
     }
-    orchestrate(
+    let summary = orchestrate(
         &cfg,
-        &a.config,
+        &config_toml,
         &run_id,
         &learner_url,
         &worker_urls,
@@ -310,7 +310,9 @@ async fn run_async(cfg: RunConfig, a: RunArgs) -> anyhow::Result<()> {
         started,
         None,
     )
-    .await
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
 }
 
 /// Held-out evaluation of a run: before and after RL, and optionally every `every` RL steps.
@@ -323,11 +325,11 @@ pub struct EvalPlan {
 }
 
 /// Runs the stages of `cfg` against a learner and workers already serving, then evaluates and
-/// writes `summary.json` in `out_dir`.
+/// writes `summary.json` in `out_dir`; returns the summary.
 #[allow(clippy::too_many_arguments)]
 pub async fn orchestrate(
     cfg: &RunConfig,
-    config_path: &std::path::Path,
+    config_toml: &str,
     run_id: &str,
     learner_url: &str,
     worker_urls: &[String],
@@ -337,7 +339,7 @@ pub async fn orchestrate(
     eval: EvalPlan,
     started: Instant,
     directory: Option<Arc<Directory>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     let run_id = run_id.to_string();
     let tokenizer = tokenizer(cfg, &model_config(cfg)?)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -346,15 +348,16 @@ pub async fn orchestrate(
     let ledger = Ledger::open(&db)
         .await
         .with_context(|| format!("opening the ledger {db}"))?;
-    let config_text = std::fs::read_to_string(config_path).unwrap_or_default();
+    // A launched run is already in the ledger, as pending.
     ledger
         .insert_run(NewRun {
             id: run_id.clone(),
             name: cfg.name.clone(),
-            config_toml: config_text,
+            config_toml: config_toml.to_string(),
             status: RunStatus::Running,
         })
         .await?;
+    ledger.set_run_status(&run_id, RunStatus::Running).await?;
     let pool = WorkerPool::connect(worker_urls, token, cfg.worker_max_in_flight).await?;
     if let Some(d) = &directory {
         // Registered workers join (and lost ones leave) while the run goes on.
@@ -597,9 +600,8 @@ pub async fn orchestrate(
         }));
     }
     ledger.close().await?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("wrote {} and the ledger {db}", path.display());
-    Ok(())
+    Ok(summary)
 }
 
 /// The environments of a run: every built-in, plus a [`RemoteEnvironment`] for each plugin entry

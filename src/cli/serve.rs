@@ -1,6 +1,7 @@
 //! `chorus serve learner|worker|orchestrator|environment`: each service of a run as its own
 //! process, for runs across several machines. The learner, workers and environments serve until
-//! stopped; the orchestrator runs the stages against them and exits.
+//! stopped; the orchestrator runs the stages of its config against them and exits, or, without a
+//! config, serves launched runs one after another on standby services (see `standby.rs`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,24 +11,34 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chorus_orchestrator::config::RunConfig;
-use chorus_orchestrator::ledger::Ledger;
-use chorus_orchestrator::service::{Directory, Leases, OrchestratorService};
+use chorus_orchestrator::ledger::{Ledger, RunStatus};
+use chorus_orchestrator::service::{Directory, Fleet, Launched, Leases, OrchestratorService};
 use chorus_proto::auth::RequireToken;
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
 
 use super::registration::{Reporter, register};
+use super::standby::{Role, Standby, stand_by};
 use clap::{Args, Subcommand};
 
 /// Run one service of a post-training run.
 ///
 /// Every service prints `listening on URL` once it serves and checks the shared token (--token
-/// or CHORUS_TOKEN) on every call. Two ways to connect them:
+/// or CHORUS_TOKEN) on every call. Three ways to connect them:
 ///
-/// Registration: start the orchestrator first with --listen; the learner and the workers
-/// register with it (--orchestrator URL) and send heartbeats; it waits for the learner and
-/// `workers.count` workers, then runs:
+/// A standing fleet: start the orchestrator without a config; start learners and workers
+/// without a config, standing by at the orchestrator; launch runs with `chorus launch`. Each
+/// run is handed to one standby learner and every standby worker, one run after another:
+///   chorus serve orchestrator --listen 0.0.0.0:7010 --token T
+///   chorus serve learner --orchestrator http://HOST:7010 --listen 0.0.0.0:7000 --token T
+///   chorus serve worker --orchestrator http://HOST:7010 --listen 0.0.0.0:7001 --id w0 --token T
+///   chorus launch run.toml --orchestrator http://HOST:7010 --token T
+///
+/// Registration for one run: start the orchestrator with the run's config and --listen; the
+/// learner and the workers register with it (--orchestrator URL) and send heartbeats; it waits
+/// for the learner and `workers.count` workers, then runs (workers may join and leave while it
+/// runs):
 ///   chorus serve orchestrator --config run.toml --listen 127.0.0.1:7010 --run-id r1 --token T
 ///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
 ///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
@@ -39,12 +50,16 @@ use clap::{Args, Subcommand};
 ///   chorus serve orchestrator --config run.toml --learner http://127.0.0.1:7000 --worker http://127.0.0.1:7001 --run-id r1 --token T
 #[derive(Subcommand, Debug)]
 pub enum ServeCommand {
-    /// The learner: trains on scored groups and streams new weights.
-    Learner(ServiceArgs),
-    /// A rollout worker: generates with the learner's latest weights.
+    /// The learner: trains on scored groups and streams new weights. Without --config it
+    /// stands by at --orchestrator and serves the runs handed to it.
+    Learner(LearnerArgs),
+    /// A rollout worker: generates with the learner's latest weights. Without --config it
+    /// stands by at --orchestrator and serves the runs handed to it.
     Worker(WorkerArgs),
-    /// The orchestrator: schedules the run's stages against a learner and workers, records the
-    /// ledger and writes summary.json, then exits.
+    /// The orchestrator: with --config, schedules that run's stages against a learner and
+    /// workers, records the ledger and writes summary.json, then exits. Without --config, it
+    /// serves runs launched with `chorus launch`, one after another, on standby services, until
+    /// stopped.
     Orchestrator(OrchestratorArgs),
     /// A built-in environment over the gRPC Environment service, as a plugin server: a run
     /// uses it with `{ url = "http://ADDR" }` in its config and the same --token.
@@ -67,9 +82,11 @@ pub struct EnvironmentArgs {
 
 #[derive(Args, Debug)]
 pub struct ServiceArgs {
-    /// The run configuration (TOML).
+    /// The run configuration (TOML; `-` reads it from standard input, relative paths then
+    /// being relative to the working directory). Without it, the service stands by at
+    /// --orchestrator for launched runs.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Address to serve on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
@@ -85,22 +102,32 @@ pub struct ServiceArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct LearnerArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// This learner's id at the orchestrator.
+    #[arg(long, default_value = "learner")]
+    id: String,
+}
+
+#[derive(Args, Debug)]
 pub struct WorkerArgs {
     #[command(flatten)]
     service: ServiceArgs,
-    /// The learner's address, e.g. http://10.0.0.2:7000.
+    /// The learner's address, e.g. http://10.0.0.2:7000 (standby workers are told it).
     #[arg(long)]
-    learner: String,
-    /// This worker's id in the ledger.
+    learner: Option<String>,
+    /// This worker's id in the ledger and at the orchestrator; unique per worker.
     #[arg(long, default_value = "w0")]
     id: String,
 }
 
 #[derive(Args, Debug)]
 pub struct OrchestratorArgs {
-    /// The run configuration (TOML).
+    /// The run configuration (TOML). Without it, the orchestrator serves launched runs (needs
+    /// --listen).
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// The learner's address; without it, the orchestrator waits for the learner to register
     /// (needs --listen).
     #[arg(long)]
@@ -113,7 +140,8 @@ pub struct OrchestratorArgs {
     /// 127.0.0.1:7010; port 0 picks a free port.
     #[arg(long)]
     listen: Option<String>,
-    /// How long to wait for registrations before giving up, in seconds.
+    /// How long a run waits for its learner and workers to register before it fails, in
+    /// seconds.
     #[arg(long, default_value_t = 600)]
     wait_seconds: u64,
     /// Run id shared by all services of the run (default: the config's name).
@@ -122,15 +150,27 @@ pub struct OrchestratorArgs {
     /// Shared token of the services.
     #[arg(long, env = "CHORUS_TOKEN")]
     token: String,
-    /// Ledger database (default: sqlite://runs/<name>/ledger.sqlite).
+    /// Ledger database (default: sqlite://runs/<name>/ledger.sqlite for a config's run,
+    /// sqlite://runs/ledger.sqlite for launched runs).
     #[arg(long)]
     db: Option<String>,
-    /// Directory for run outputs.
+    /// Directory for run outputs (launched runs: <runs-dir>/<run id>/summary.json).
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
     /// Held-out tasks per environment for the before/after evaluation.
     #[arg(long, default_value_t = 64)]
     eval_tasks: usize,
+}
+
+/// The config of a service, or why it needs one.
+fn config_of(a: &ServiceArgs, role: &str) -> anyhow::Result<(RunConfig, String)> {
+    match &a.config {
+        Some(path) => super::load_config(path),
+        None => bail!(
+            "give the run's --config, or --orchestrator URL so that this {role} stands by for \
+             launched runs"
+        ),
+    }
 }
 
 pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
@@ -140,14 +180,24 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cmd {
-            ServeCommand::Learner(a) => {
-                let cfg = RunConfig::from_file(&a.config)?;
+            ServeCommand::Learner(LearnerArgs { service: a, id }) => {
+                if let (None, Some(orchestrator)) = (&a.config, &a.orchestrator) {
+                    return stand_by(Standby {
+                        role: Role::Learner,
+                        id,
+                        orchestrator: orchestrator.clone(),
+                        token: a.token,
+                        listen: a.listen,
+                    })
+                    .await;
+                }
+                let (cfg, _) = config_of(&a, "learner")?;
                 let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
                 let (handle, url) =
                     super::run::start_learner(&cfg, &run_id, &a.token, &a.listen).await?;
                 if let Some(orchestrator) = &a.orchestrator {
                     let reporter = Reporter::Learner {
-                        id: format!("learner-{run_id}"),
+                        id,
                         endpoint: url.clone(),
                         run_id: run_id.clone(),
                         version: Arc::new(move || handle.version()),
@@ -157,29 +207,45 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 println!("listening on {url}");
                 wait_for_shutdown().await
             }
-            ServeCommand::Worker(a) => {
-                let cfg = RunConfig::from_file(&a.service.config)?;
-                let run_id = a.service.run_id.unwrap_or_else(|| cfg.name.clone());
+            ServeCommand::Worker(w) => {
+                let a = w.service;
+                if let (None, Some(orchestrator)) = (&a.config, &a.orchestrator) {
+                    return stand_by(Standby {
+                        role: Role::Worker,
+                        id: w.id,
+                        orchestrator: orchestrator.clone(),
+                        token: a.token,
+                        listen: a.listen,
+                    })
+                    .await;
+                }
+                let (cfg, _) = config_of(&a, "worker")?;
+                let learner = w.learner.context(
+                    "give the learner's address (--learner URL); only standby workers (no \
+                     --config) are told it",
+                )?;
+                let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
                 let model = super::run::model_config(&cfg)?;
                 let (url, handle) = super::run::serve_worker(
                     &model,
-                    &a.learner,
-                    &a.service.token,
+                    &learner,
+                    &a.token,
                     &run_id,
-                    &a.id,
+                    &w.id,
                     cfg.worker_max_batch,
                     super::run::worker_engine_options(&cfg),
-                    &a.service.listen,
+                    &a.listen,
                 )
                 .await?;
-                if let Some(orchestrator) = &a.service.orchestrator {
+                if let Some(orchestrator) = &a.orchestrator {
                     let reporter = Reporter::Worker {
-                        id: a.id.clone(),
+                        id: w.id.clone(),
                         endpoint: url.clone(),
+                        run_id,
                         capacity: cfg.worker_max_batch as u32,
                         version: Arc::new(move || handle.version()),
                     };
-                    register(orchestrator, &a.service.token, reporter).await?;
+                    register(orchestrator, &a.token, reporter).await?;
                 }
                 println!("listening on {url}");
                 wait_for_shutdown().await
@@ -192,107 +258,213 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 println!("listening on {}", served.url());
                 wait_for_shutdown().await
             }
-            ServeCommand::Orchestrator(a) => {
-                let cfg = RunConfig::from_file(&a.config)?;
-                let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
-                let out_dir = a.runs_dir.join(&cfg.name);
-                let started = Instant::now();
-                let directory = match &a.listen {
-                    Some(listen) => {
-                        let db = a.db.clone().unwrap_or_else(|| {
-                            format!("sqlite://{}", out_dir.join("ledger.sqlite").display())
-                        });
-                        let url =
-                            serve_orchestrator(&run_id, listen, &a.token, &db, &out_dir).await?;
-                        println!("listening on {}", url.0);
-                        std::io::Write::flush(&mut std::io::stdout())?;
-                        Some(url.1)
-                    }
-                    None => None,
-                };
-                let wait = Duration::from_secs(a.wait_seconds);
-                let learner = match (a.learner, &directory) {
-                    (Some(url), _) => url,
-                    (None, Some(d)) => {
-                        eprintln!("waiting for the learner to register ...");
-                        d.wait_for_learner(wait)
-                            .await
-                            .map_err(anyhow::Error::msg)?
-                            .endpoint
-                    }
-                    (None, None) => bail!(
-                        "give the learner's address (--learner URL) or --listen ADDR so that it \
-                         can register"
-                    ),
-                };
-                let workers = match (a.workers.is_empty(), &directory) {
-                    (false, _) => a.workers,
-                    (true, Some(d)) => {
-                        eprintln!(
-                            "waiting for {} rollout workers to register ...",
-                            cfg.workers
-                        );
-                        d.wait_for_workers(cfg.workers, wait)
-                            .await
-                            .map_err(anyhow::Error::msg)?;
-                        // The pool takes them, and later ones, from the directory.
-                        vec![]
-                    }
-                    (true, None) => bail!(
-                        "give the workers' addresses (--worker URL, repeated) or --listen ADDR \
-                         so that they can register"
-                    ),
-                };
-                let result = super::run::orchestrate(
-                    &cfg,
-                    &a.config,
-                    &run_id,
-                    &learner,
-                    &workers,
-                    &a.token,
-                    a.db,
-                    &out_dir,
-                    super::run::EvalPlan {
-                        tasks: a.eval_tasks,
-                        every: 0,
-                    },
-                    started,
-                    directory.clone(),
-                )
-                .await;
-                if let (Err(e), Some(d)) = (&result, &directory) {
-                    d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
-                        status: ProtoRunStatus::Failed as i32,
-                        reason: format!("{e:#}"),
-                    }));
-                }
-                result
-            }
+            ServeCommand::Orchestrator(a) => match a.config.clone() {
+                Some(path) => orchestrate_one(a, &path).await,
+                None => serve_launched_runs(a).await,
+            },
         }
     })
 }
 
-/// Serves the Orchestrator service for `run_id` on `listen` (registrations, heartbeats, runs
-/// from the ledger at `db`, run events); returns its URL and the directory behind it.
+/// `serve orchestrator --config`: the run of that config, then exit.
+async fn orchestrate_one(a: OrchestratorArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    let (cfg, config_toml) = super::load_config(path)?;
+    let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
+    let out_dir = a.runs_dir.join(&cfg.name);
+    let started = Instant::now();
+    let directory = match &a.listen {
+        Some(listen) => {
+            let db = a
+                .db
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", out_dir.join("ledger.sqlite").display()));
+            let (url, fleet, _) =
+                serve_orchestrator(listen, &a.token, &db, &out_dir, false).await?;
+            let directory = Directory::new(&run_id, fleet.leases());
+            directory.spawn_lease_checker();
+            fleet.serve_run(directory.clone(), config_toml.clone());
+            println!("listening on {url}");
+            std::io::Write::flush(&mut std::io::stdout())?;
+            Some(directory)
+        }
+        None => None,
+    };
+    let wait = Duration::from_secs(a.wait_seconds);
+    let learner = match (a.learner, &directory) {
+        (Some(url), _) => url,
+        (None, Some(d)) => {
+            eprintln!("waiting for the learner to register ...");
+            d.wait_for_learner(wait)
+                .await
+                .map_err(anyhow::Error::msg)?
+                .endpoint
+        }
+        (None, None) => bail!(
+            "give the learner's address (--learner URL) or --listen ADDR so that it can register"
+        ),
+    };
+    let workers = match (a.workers.is_empty(), &directory) {
+        (false, _) => a.workers,
+        (true, Some(d)) => {
+            eprintln!(
+                "waiting for {} rollout workers to register ...",
+                cfg.workers
+            );
+            d.wait_for_workers(cfg.workers, wait)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            // The pool takes them, and later ones, from the directory.
+            vec![]
+        }
+        (true, None) => bail!(
+            "give the workers' addresses (--worker URL, repeated) or --listen ADDR so that they \
+             can register"
+        ),
+    };
+    let result = super::run::orchestrate(
+        &cfg,
+        &config_toml,
+        &run_id,
+        &learner,
+        &workers,
+        &a.token,
+        a.db,
+        &out_dir,
+        super::run::EvalPlan {
+            tasks: a.eval_tasks,
+            every: 0,
+        },
+        started,
+        directory.clone(),
+    )
+    .await;
+    if let (Err(e), Some(d)) = (&result, &directory) {
+        d.emit(failed(e));
+    }
+    println!("{}", serde_json::to_string_pretty(&result?)?);
+    Ok(())
+}
+
+fn failed(e: &anyhow::Error) -> run_event::Kind {
+    run_event::Kind::StatusChanged(RunStatusChanged {
+        status: ProtoRunStatus::Failed as i32,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// `serve orchestrator` without a config: launched runs, one after another, until Ctrl-C.
+async fn serve_launched_runs(a: OrchestratorArgs) -> anyhow::Result<()> {
+    let Some(listen) = &a.listen else {
+        bail!(
+            "give --config RUN.toml to run one run, or --listen ADDR to serve runs launched with \
+             `chorus launch`"
+        );
+    };
+    if a.learner.is_some() || !a.workers.is_empty() || a.run_id.is_some() {
+        bail!(
+            "--learner, --worker and --run-id need --config; launched runs are served by \
+             standby services (`chorus serve learner|worker --orchestrator URL`)"
+        );
+    }
+    let db =
+        a.db.clone()
+            .unwrap_or_else(|| format!("sqlite://{}", a.runs_dir.join("ledger.sqlite").display()));
+    let (url, fleet, ledger) = serve_orchestrator(listen, &a.token, &db, &a.runs_dir, true).await?;
+    println!("listening on {url}");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    eprintln!("serving launched runs; ledger {db}");
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        let launched = tokio::select! {
+            l = fleet.next_launched() => l,
+            _ = &mut ctrl_c => {
+                eprintln!("stopping");
+                return Ok(());
+            }
+        };
+        let run_id = launched.run_id.clone();
+        let (learners, workers) = fleet.standby();
+        eprintln!(
+            "run {run_id}: starting; standing by: {learners} learner(s), {workers} worker(s)"
+        );
+        let result = run_launched(&a, &fleet, &launched, &db).await;
+        if let Err(e) = &result {
+            eprintln!("run {run_id} failed: {e:#}");
+            launched.directory.emit(failed(e));
+            ledger.set_run_status(&run_id, RunStatus::Failed).await?;
+            ledger.flush().await?;
+        }
+        fleet.finish_run();
+    }
+}
+
+async fn run_launched(
+    a: &OrchestratorArgs,
+    fleet: &Fleet,
+    launched: &Launched,
+    db: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let run_id = &launched.run_id;
+    let cfg = RunConfig::from_toml_relative_to(
+        &launched.config_toml,
+        &format!("the config of run {run_id}"),
+        std::path::Path::new("."),
+    )?;
+    let directory = launched.directory.clone();
+    directory.spawn_lease_checker();
+    fleet.serve_run(directory.clone(), launched.config_toml.clone());
+    let wait = Duration::from_secs(a.wait_seconds);
+    let learner = directory
+        .wait_for_learner(wait)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .endpoint;
+    directory
+        .wait_for_workers(cfg.workers, wait)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    super::run::orchestrate(
+        &cfg,
+        &launched.config_toml,
+        run_id,
+        &learner,
+        &[],
+        &a.token,
+        Some(db.to_string()),
+        &a.runs_dir.join(run_id),
+        super::run::EvalPlan {
+            tasks: a.eval_tasks,
+            every: 0,
+        },
+        started,
+        Some(directory),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Serves the Orchestrator service on `listen` (registrations, heartbeats, runs from the ledger
+/// at `db`, run events; launches when `accepts_launches`); returns its URL, the fleet behind it
+/// and its ledger.
 async fn serve_orchestrator(
-    run_id: &str,
     listen: &str,
     token: &str,
     db: &str,
     out_dir: &std::path::Path,
-) -> anyhow::Result<(String, Arc<Directory>)> {
+    accepts_launches: bool,
+) -> anyhow::Result<(String, Arc<Fleet>, Ledger)> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let ledger = Ledger::open(db)
         .await
         .with_context(|| format!("opening the ledger {db}"))?;
-    let directory = Directory::new(run_id, Leases::default());
-    directory.spawn_lease_checker();
+    let fleet = Fleet::new(Leases::default(), accepts_launches);
     let svc = OrchestratorServer::with_interceptor(
-        OrchestratorService::new(directory.clone(), ledger),
+        OrchestratorService::new(fleet.clone(), ledger.clone()),
         RequireToken::new(token)?,
     );
     let url = super::run::serve_routes(Routes::new(svc), listen).await?;
-    Ok((url, directory))
+    Ok((url, fleet, ledger))
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

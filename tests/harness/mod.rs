@@ -84,6 +84,33 @@ impl Drop for Service {
 impl Harness {
     /// Starts `chorus ARGS…` in the background and waits for its `listening on URL` line.
     pub fn service(&self, args: &[&str]) -> Service {
+        let (child, line) = self.background(args);
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
+            })
+            .to_string();
+        Service { child, url }
+    }
+
+    /// Starts a standby learner or worker (`chorus serve … --orchestrator URL`, no config) and
+    /// waits for its `standing by` line.
+    pub fn standby(&self, args: &[&str]) -> Service {
+        let (child, line) = self.background(args);
+        assert!(
+            line.starts_with("standing by"),
+            "chorus {args:?} printed {line:?} instead of `standing by …`"
+        );
+        Service {
+            child,
+            url: String::new(),
+        }
+    }
+
+    /// Starts `chorus ARGS…` in the background; returns it and the first line it printed.
+    fn background(&self, args: &[&str]) -> (std::process::Child, String) {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
             .args(args)
@@ -97,13 +124,15 @@ impl Harness {
         std::io::BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read the first line");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
-            })
-            .to_string();
-        Service { child, url }
+        (child, line)
     }
+}
+
+/// Processes whose command line has `arg` as one of its arguments.
+pub fn processes_with_arg(arg: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        .count()
 }

@@ -49,7 +49,9 @@ const MAX_REDISPATCH: usize = 4;
 struct RemoteWorker {
     id: String,
     url: String,
-    requests: mpsc::Sender<GenerateRequest>,
+    /// Taken when the worker is lost, which ends its request stream (and so, at the worker,
+    /// the response stream).
+    requests: Mutex<Option<mpsc::Sender<GenerateRequest>>>,
     /// Requests sent and not yet answered. `None` once the worker is lost: nothing more is sent.
     pending: Mutex<Option<Pending>>,
     in_flight: AtomicUsize,
@@ -90,6 +92,10 @@ impl RemoteWorker {
     fn lose(&self) -> Option<u32> {
         let owed = self.pending().take()?;
         self.slots.close();
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         Some(owed.len() as u32)
     }
 
@@ -108,7 +114,16 @@ impl RemoteWorker {
             Some(p) => p.insert(req.request_id.clone(), tx),
             None => return Err(Lost(format!("worker {} left the pool", self.id))),
         };
-        if self.requests.send(req.clone()).await.is_err() {
+        let sender = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let sent = match sender {
+            Some(tx) => tx.send(req.clone()).await.is_ok(),
+            None => false,
+        };
+        if !sent {
             if let Some(p) = self.pending().as_mut() {
                 p.remove(&req.request_id);
             }
@@ -223,7 +238,7 @@ impl WorkerPool {
         let worker = Arc::new(RemoteWorker {
             id: id.to_string(),
             url: url.to_string(),
-            requests: tx,
+            requests: Mutex::new(Some(tx)),
             pending: Mutex::new(Some(HashMap::new())),
             in_flight: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(self.inner.max_in_flight)),

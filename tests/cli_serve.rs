@@ -408,8 +408,8 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
 /// A standing fleet: an orchestrator started without a config, a standby learner and two
 /// standby workers. `chorus launch` hands it runs; they run one after another on the same
 /// services, a repeated launch with the same request id returns the first run, a bad config is
-/// refused naming its key, and a run's service processes die with the standby process that
-/// started them.
+/// refused naming its key, a run whose learner dies fails without stopping the fleet, and a
+/// run's service processes die with the standby process that started them.
 #[test]
 fn a_standing_fleet_serves_launched_runs_one_after_another() {
     use chorus_orchestrator::ledger::{Ledger, RolloutFilter, RunStatus};
@@ -539,28 +539,69 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         );
     });
 
-    // A third run starts; killing the standby services kills the processes serving it.
-    let (third, _) = launch(&["--name", "third", "--detach"]);
-    for _ in 0..300 {
-        if processes_with_arg(&third) >= 3 {
-            break;
+    // A long run whose learner is killed fails, saying why, and the fleet goes on to the next.
+    std::fs::write(
+        h.path("long.toml"),
+        LONG_RUN.replace("steps = 40", "steps = 100000"),
+    )
+    .unwrap();
+    let long = |name: &str| {
+        let out = h.chorus(&[
+            "launch",
+            "long.toml",
+            "--orchestrator",
+            &url,
+            "--token",
+            "tok",
+            "--name",
+            name,
+            "--detach",
+        ]);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let serving = |run: &str, n: usize| {
+        for _ in 0..300 {
+            if pids_with_args(&["--run-id", run]).len() >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+        panic!("fewer than {n} processes serve {run}");
+    };
+    let doomed = long("doomed");
+    serving(&doomed, 3);
+    let learner = pids_with_args(&["--run-id", &doomed, "learner"]);
+    assert_eq!(learner.len(), 1);
+    std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(
-        processes_with_arg(&third) >= 3,
-        "the learner and two workers serve {third}"
+        std::process::Command::new("kill")
+            .args(["-9", &learner[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
     );
+    let watched = h.chorus(&["watch", &doomed, "--orchestrator", &url, "--token", "tok"]);
+    let log = String::from_utf8_lossy(&watched.stderr);
+    assert!(!watched.status.success(), "{log}");
+    assert!(log.contains("failed") && log.contains("learner"), "{log}");
+    let (after, log) = launch(&["--name", "after"]);
+    assert!(log.contains("succeeded"), "{log}");
+    assert!(after.starts_with("after-"));
+
+    // The standby services' children die with them.
+    let last = long("last");
+    serving(&last, 3);
     fleet.clear();
     for _ in 0..50 {
-        if processes_with_arg(&third) == 0 {
+        if pids_with_args(&["--run-id", &last]).is_empty() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(
-        processes_with_arg(&third),
-        0,
+        pids_with_args(&["--run-id", &last]),
+        Vec::<u32>::new(),
         "children outlived their standby parent"
     );
 }

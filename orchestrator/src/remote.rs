@@ -442,6 +442,7 @@ impl Rollouts for WorkerPool {
 
 /// The learner reached over gRPC.
 pub struct RemoteLearner {
+    url: String,
     client: LearnerClient<InterceptedService<Channel, AttachToken>>,
     version: watch::Receiver<u64>,
     steps: broadcast::Sender<StepReport>,
@@ -508,6 +509,7 @@ impl RemoteLearner {
             }
         });
         Ok(Self {
+            url: url.to_string(),
             client,
             version: rx,
             steps,
@@ -540,10 +542,15 @@ impl Learning for RemoteLearner {
         *self.version.borrow()
     }
 
-    fn wait_version(&self, version: u64) -> BoxFuture<()> {
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>> {
         let mut rx = self.version.clone();
+        let url = self.url.clone();
         Box::pin(async move {
-            let _ = rx.wait_for(|v| *v >= version).await;
+            rx.wait_for(|v| *v >= version).await.map(|_| ()).map_err(|_| {
+                format!(
+                    "the learner at {url} is gone (its step stream ended) before version {version}"
+                )
+            })
         })
     }
 }

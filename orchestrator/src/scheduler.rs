@@ -50,8 +50,9 @@ pub trait Learning: Send + Sync + 'static {
     fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), String>>;
     /// The learner's latest policy version.
     fn version(&self) -> u64;
-    /// Resolves once the learner has published at least `version`.
-    fn wait_version(&self, version: u64) -> BoxFuture<()>;
+    /// Resolves once the learner has published at least `version`; an error when it never will
+    /// (the learner is gone).
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>>;
 }
 
 /// Errors that stop a stage (individual prompts and trajectories fail alone).
@@ -143,7 +144,18 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
     for step in 0..stage.steps {
         // The staleness gate: tokens of step `step` come from a version >= base + step - bound.
         let need = (base + step).saturating_sub(stage.max_staleness);
-        ctx.learning.wait_version(need).await;
+        // Slots that failed are seen while waiting, so a lost learner stops the stage at once.
+        let reached = ctx.learning.wait_version(need);
+        tokio::pin!(reached);
+        loop {
+            tokio::select! {
+                r = &mut reached => {
+                    r.map_err(SchedulerError::Learner)?;
+                    break;
+                }
+                Some(done) = tasks.join_next() => done.expect("slot task panicked")?,
+            }
+        }
         ctx.rollouts.wait_version(need).await;
         for slot in 0..stage.prompts_per_step {
             let (ctx, stage, order) = (ctx.clone(), stage.clone(), order.clone());
@@ -160,7 +172,10 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         done.expect("slot task panicked")?;
     }
     // The stage ends when the learner has taken its last step.
-    ctx.learning.wait_version(base + stage.steps).await;
+    ctx.learning
+        .wait_version(base + stage.steps)
+        .await
+        .map_err(SchedulerError::Learner)?;
     Ok(())
 }
 
@@ -1006,7 +1021,10 @@ pub async fn run_sft_stage(
         ctx.stats
             .trajectories_submitted
             .fetch_add(submitted, Ordering::Relaxed);
-        ctx.learning.wait_version(base + step + 1).await;
+        ctx.learning
+            .wait_version(base + step + 1)
+            .await
+            .map_err(SchedulerError::Learner)?;
     }
     Ok(())
 }

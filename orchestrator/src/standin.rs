@@ -93,10 +93,13 @@ impl Learning for CountingLearner {
         *self.version.borrow()
     }
 
-    fn wait_version(&self, version: u64) -> BoxFuture<()> {
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>> {
         let mut rx = self.version.subscribe();
         Box::pin(async move {
-            let _ = rx.wait_for(|x| *x >= version).await;
+            rx.wait_for(|x| *x >= version)
+                .await
+                .map(|_| ())
+                .map_err(|_| "the stand-in learner is gone".to_string())
         })
     }
 }

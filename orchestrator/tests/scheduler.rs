@@ -195,3 +195,81 @@ async fn synchronous_mode_never_lags() {
     assert_eq!(seen.len(), 12);
     assert_eq!(stats.max_lag.load(Ordering::Relaxed), 0);
 }
+
+/// A learner that takes `alive_for` groups, then is gone: submissions fail and its version never
+/// moves again (it stays silent, as a learner on a dead machine would).
+struct DyingLearner {
+    inner: CountingLearner,
+    alive_for: u64,
+    taken: AtomicU64,
+}
+
+impl chorus_orchestrator::scheduler::Learning for DyingLearner {
+    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
+        if self.taken.fetch_add(1, Ordering::SeqCst) >= self.alive_for {
+            return Box::pin(async { Err("the learner is gone".to_string()) });
+        }
+        self.inner.submit(g)
+    }
+    fn version(&self) -> u64 {
+        self.inner.version()
+    }
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>> {
+        if self.taken.load(Ordering::SeqCst) >= self.alive_for {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.wait_version(version)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
+    let cfg = RunConfig::from_toml_str(
+        &CONFIG
+            .replace("STALENESS", "1")
+            .replace("steps = 4", "steps = 100000"),
+        "test.toml",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.sqlite").display());
+    let ledger = Ledger::open(&url).await.unwrap();
+    let tokenizer = Arc::new(Tokenizer::byte_level());
+    let learner = Arc::new(DyingLearner {
+        inner: CountingLearner::new(3, false),
+        alive_for: 6,
+        taken: AtomicU64::new(0),
+    });
+    let workers = Arc::new(StandInWorkers {
+        tokenizer: tokenizer.clone(),
+        version: learner.inner.subscribe(),
+        calls: AtomicU64::new(0),
+    });
+    let ctx = Arc::new(StageContext {
+        run_id: "run".into(),
+        seed: 7,
+        stage_index: 0,
+        registry: Arc::new(builtin_registry()),
+        tokenizer,
+        ledger,
+        rollouts: workers.clone(),
+        learning: learner,
+        stats: Arc::new(StageStats::default()),
+        faults: Default::default(),
+    });
+    // The guard only keeps a regression from hanging the test suite.
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        run_rl_stage(ctx, Arc::new(cfg.stages[0].clone())),
+    )
+    .await
+    .expect("the stage hung after its learner was lost");
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("the learner is gone"), "{err}");
+    // Only the steps the staleness bound allowed past the learner's last version were started.
+    let calls = workers.calls.load(Ordering::Relaxed);
+    assert!(
+        calls < 500,
+        "{calls} generations after the learner was lost"
+    );
+}

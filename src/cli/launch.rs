@@ -1,5 +1,6 @@
 //! `chorus launch CONFIG --orchestrator URL`: hands a run to an orchestrator that serves launched
-//! runs, then follows its events until it ends.
+//! runs, then follows its events until it ends; `chorus watch RUN --orchestrator URL` follows a
+//! run already launched.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +46,36 @@ pub struct LaunchArgs {
     /// Print the run id and return at once instead of following the run.
     #[arg(long)]
     detach: bool,
+}
+
+/// Follow a run's events (learner steps, workers joining and lost, status) until it ends.
+///
+/// The run must be one the orchestrator process has served or queued (finished runs of earlier
+/// processes are in the ledger: `chorus inspect`). Events already past are shown first. The exit
+/// status is non-zero when the run fails.
+///
+/// Example: chorus watch quickstart-1795939688315-0 --orchestrator http://10.0.0.1:7010 --token T
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// The run's id (printed by `chorus launch`).
+    run_id: String,
+    /// The orchestrator's address, e.g. http://10.0.0.1:7010.
+    #[arg(long)]
+    orchestrator: String,
+    /// Shared token of the services.
+    #[arg(long, env = "CHORUS_TOKEN")]
+    token: String,
+}
+
+pub fn watch(a: WatchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut client = connect(&a.orchestrator, &a.token).await?;
+        follow(&mut client, &a.run_id).await
+    })
 }
 
 pub fn run(a: LaunchArgs) -> anyhow::Result<()> {

@@ -42,6 +42,8 @@ pub enum Command {
     /// Launch a run on an orchestrator that serves launched runs (a standing fleet of learner
     /// and workers), and follow it to its end.
     Launch(launch::LaunchArgs),
+    /// Follow a launched run's events until it ends.
+    Watch(launch::WatchArgs),
     /// Read a run's ledger: runs, rollouts, one trajectory, learner steps.
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
@@ -62,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(cmd) => serve::run(cmd),
         Command::Launch(args) => launch::run(args),
+        Command::Watch(args) => launch::watch(args),
     }
 }
 

@@ -510,7 +510,11 @@ pub async fn orchestrate(
                 curve_task = Some(tokio::spawn(async move {
                     let mut k = eval.every;
                     while k < rl_steps {
-                        shared.learning.wait_version(base + k).await;
+                        shared
+                            .learning
+                            .wait_version(base + k)
+                            .await
+                            .map_err(anyhow::Error::msg)?;
                         let at = started.elapsed().as_secs_f64();
                         let acc = evaluate(
                             &shared,

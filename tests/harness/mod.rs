@@ -128,11 +128,18 @@ impl Harness {
     }
 }
 
-/// Processes whose command line has `arg` as one of its arguments.
-pub fn processes_with_arg(arg: &str) -> usize {
+/// Ids of the processes whose command line has every one of `args` among its arguments.
+pub fn pids_with_args(args: &[&str]) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .expect("/proc")
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|cmdline| cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-        .count()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let have: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.iter()
+                .all(|a| have.contains(&a.as_bytes()))
+                .then_some(pid)
+        })
+        .collect()
 }

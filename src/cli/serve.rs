@@ -99,6 +99,11 @@ pub struct ServiceArgs {
     /// Register with the orchestrator at this address and send it heartbeats.
     #[arg(long)]
     orchestrator: Option<String>,
+    /// The address others use to reach this service, when it differs from --listen: a host name
+    /// or IP (the port is the one served on), HOST:PORT, or a URL. Default: the --listen
+    /// address, with 0.0.0.0 replaced by this machine's host name.
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -188,13 +193,15 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                         orchestrator: orchestrator.clone(),
                         token: a.token,
                         listen: a.listen,
+                        advertise: a.advertise,
                     })
                     .await;
                 }
                 let (cfg, _) = config_of(&a, "learner")?;
                 let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
-                let (handle, url) =
+                let (handle, bound) =
                     super::run::start_learner(&cfg, &run_id, &a.token, &a.listen).await?;
+                let url = super::advertised_url(&bound, a.advertise.as_deref())?;
                 if let Some(orchestrator) = &a.orchestrator {
                     let reporter = Reporter::Learner {
                         id,
@@ -216,6 +223,7 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                         orchestrator: orchestrator.clone(),
                         token: a.token,
                         listen: a.listen,
+                        advertise: a.advertise,
                     })
                     .await;
                 }
@@ -226,7 +234,7 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 )?;
                 let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
                 let model = super::run::model_config(&cfg)?;
-                let (url, handle) = super::run::serve_worker(
+                let (bound, handle) = super::run::serve_worker(
                     &model,
                     &learner,
                     &a.token,
@@ -237,6 +245,7 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                     &a.listen,
                 )
                 .await?;
+                let url = super::advertised_url(&bound, a.advertise.as_deref())?;
                 if let Some(orchestrator) = &a.orchestrator {
                     let reporter = Reporter::Worker {
                         id: w.id.clone(),

@@ -45,6 +45,8 @@ pub struct Standby {
     pub token: String,
     /// Where the child serves.
     pub listen: String,
+    /// How others reach the child (see `serve --advertise`).
+    pub advertise: Option<String>,
 }
 
 struct Serving {
@@ -121,6 +123,9 @@ impl Standby {
             .kill_on_drop(true);
         if self.role == Role::Worker {
             cmd.args(["--learner", &a.learner_endpoint]);
+        }
+        if let Some(advertise) = &self.advertise {
+            cmd.args(["--advertise", advertise]);
         }
         // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
         unsafe {

@@ -106,7 +106,7 @@ pub fn advertised_url(bound: &str, advertise: Option<&str>) -> anyhow::Result<St
         Some(a) if a.starts_with("http://") || a.starts_with("https://") => {
             a.trim_end_matches('/').to_string()
         }
-        Some(a) if a.is_empty() => {
+        Some("") => {
             anyhow::bail!("--advertise is empty; allowed: a host name or IP, HOST:PORT, or a URL")
         }
         Some(a) if a.contains(':') && !a.starts_with('[') => format!("http://{a}"),

@@ -605,3 +605,105 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         "children outlived their standby parent"
     );
 }
+
+/// The orchestrator of a standing fleet is killed while it runs one launched run and holds
+/// another in its queue. Restarted on the same ledger and address, it marks the cut-off run
+/// failed (it cannot resume), queues the waiting one again (a launch retried with the same
+/// request id finds it), and the standby services, registering again, serve it to the end.
+#[test]
+fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
+    use chorus_orchestrator::ledger::{Ledger, RunStatus};
+
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    std::fs::write(
+        h.path("long.toml"),
+        LONG_RUN.replace("steps = 40", "steps = 100000"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let orchestrator = || {
+        h.service(&[
+            "serve",
+            "orchestrator",
+            "--listen",
+            &listen,
+            "--eval-tasks",
+            "2",
+            "--token",
+            "tok",
+        ])
+    };
+    let first = orchestrator();
+    let url = first.url.clone();
+    let _fleet: Vec<Service> = [("learner", "L"), ("worker", "w0"), ("worker", "w1")]
+        .iter()
+        .map(|(role, id)| {
+            h.standby(&[
+                "serve",
+                role,
+                "--orchestrator",
+                &url,
+                "--id",
+                id,
+                "--token",
+                "tok",
+            ])
+        })
+        .collect();
+    let launch = |config: &str, request_id: &str| {
+        let out = h.chorus(&[
+            "launch",
+            config,
+            "--orchestrator",
+            &url,
+            "--token",
+            "tok",
+            "--request-id",
+            request_id,
+            "--detach",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            stderr,
+        )
+    };
+    let (cut_off, _) = launch("long.toml", "k-long");
+    let (waiting, _) = launch("run.toml", "k-short");
+    let db = format!("sqlite://{}", h.path("runs/ledger.sqlite").display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ledger = rt.block_on(Ledger::open(&db)).unwrap();
+    let status = |id: &str| rt.block_on(ledger.get_run(id)).unwrap().map(|r| r.status);
+    // Killed once the long run has started (a run still waiting for its services would be
+    // queued again instead).
+    for _ in 0..300 {
+        if status(&cut_off) == Some(RunStatus::Running) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(status(&cut_off), Some(RunStatus::Running));
+    drop(first);
+
+    let _second = orchestrator();
+    let (again, log) = launch("run.toml", "k-short");
+    assert_eq!(again, waiting, "{log}");
+    assert!(log.contains("already launched"), "{log}");
+    let watched = h.chorus(&["watch", &waiting, "--orchestrator", &url, "--token", "tok"]);
+    let log = String::from_utf8_lossy(&watched.stderr);
+    assert!(watched.status.success(), "{log}");
+    assert!(log.contains("succeeded"), "{log}");
+
+    assert_eq!(status(&cut_off), Some(RunStatus::Failed));
+    assert_eq!(status(&waiting), Some(RunStatus::Succeeded));
+    // The cut-off run's processes were stopped once the new orchestrator did not assign it.
+    assert_eq!(pids_with_args(&["--run-id", &cut_off]), Vec::<u32>::new());
+}

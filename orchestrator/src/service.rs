@@ -491,18 +491,20 @@ struct FleetState {
 /// (see the module docs).
 pub struct Fleet {
     leases: Leases,
-    accepts_launches: bool,
+    /// The name launches are recorded under in the ledger; `None`: launches are refused.
+    launcher: Option<String>,
     state: Mutex<FleetState>,
     launched: Notify,
 }
 
 impl Fleet {
-    /// A fleet; with `accepts_launches`, `LaunchRun` queues runs for [`Fleet::next_launched`],
-    /// otherwise it is refused (the process serves the run of its config).
-    pub fn new(leases: Leases, accepts_launches: bool) -> Arc<Self> {
+    /// A fleet. With a `launcher` name, `LaunchRun` queues runs for [`Fleet::next_launched`]
+    /// and records them in the ledger under that name (orchestrators sharing a ledger need
+    /// different names); without, it is refused (the process serves the run of its config).
+    pub fn new(leases: Leases, launcher: Option<String>) -> Arc<Self> {
         Arc::new(Self {
             leases,
-            accepts_launches,
+            launcher,
             state: Mutex::new(FleetState::default()),
             launched: Notify::new(),
         })
@@ -560,8 +562,13 @@ impl Fleet {
         self.lock().runs.get(run_id).cloned()
     }
 
-    /// Queues a run (validated by the caller). Idempotent by `request_id`: a repeat returns the
-    /// run the first call created and `false`.
+    /// The run an earlier `LaunchRun` with `request_id` created in this process.
+    pub fn launched(&self, request_id: &str) -> Option<String> {
+        self.lock().launches.get(request_id).cloned()
+    }
+
+    /// Queues a new run (validated by the caller) for `request_id` and returns it; a repeat of
+    /// a request this process has seen returns the run the first call created and `false`.
     pub fn launch(&self, request_id: &str, name: &str, config_toml: &str) -> (Launched, bool) {
         let mut st = self.lock();
         if let Some(run_id) = st.launches.get(request_id)
@@ -577,6 +584,27 @@ impl Fleet {
         }
         // Names repeat across runs; the launch time and a counter make the id unique.
         let run_id = format!("{name}-{}-{}", now_ms(), st.runs.len());
+        (
+            self.enqueue(&mut st, request_id, &run_id, name, config_toml),
+            true,
+        )
+    }
+
+    /// Queues again a run launched before this process started (found pending in the ledger).
+    pub fn requeue(&self, request_id: &str, run_id: &str, name: &str, config_toml: &str) {
+        let mut st = self.lock();
+        self.enqueue(&mut st, request_id, run_id, name, config_toml);
+    }
+
+    fn enqueue(
+        &self,
+        st: &mut FleetState,
+        request_id: &str,
+        run_id: &str,
+        name: &str,
+        config_toml: &str,
+    ) -> Launched {
+        let run_id = run_id.to_string();
         let directory = Directory::new(run_id.clone(), self.leases);
         directory.emit(run_event::Kind::StatusChanged(RunStatusChanged {
             status: ProtoRunStatus::Pending as i32,
@@ -591,9 +619,8 @@ impl Fleet {
         st.runs.insert(run_id.clone(), directory);
         st.launches.insert(request_id.to_string(), run_id);
         st.queue.push_back(launched.clone());
-        drop(st);
         self.launched.notify_one();
-        (launched, true)
+        launched
     }
 
     /// The next launched run, in launch order; waits for one.
@@ -840,13 +867,13 @@ impl Orchestrator for OrchestratorService {
         request: Request<LaunchRunRequest>,
     ) -> Result<Response<LaunchRunResponse>, Status> {
         let r = request.into_inner();
-        if !self.fleet.accepts_launches {
+        let Some(launcher) = self.fleet.launcher.clone() else {
             return Err(Status::failed_precondition(format!(
                 "this orchestrator serves the run of its --config (`{}`); launch runs on one \
                  started without --config (`chorus serve orchestrator --listen ADDR`)",
                 self.fleet.current_id()
             )));
-        }
+        };
         if r.request_id.is_empty() {
             return Err(Status::invalid_argument(
                 "request_id is empty; allowed: any client-chosen key, repeated on retries",
@@ -864,22 +891,43 @@ impl Orchestrator for OrchestratorService {
                 "name `{name}`: allowed: letters, digits, '-', '_' (it names a directory)"
             )));
         }
-        let (launched, created) = self.fleet.launch(&r.request_id, &name, &r.config_toml);
-        if created {
-            self.ledger
-                .insert_run(NewRun {
-                    id: launched.run_id.clone(),
-                    name: name.clone(),
-                    config_toml: r.config_toml.clone(),
-                    status: RunStatus::Pending,
-                })
+        // A request seen before, by this process or by an earlier one (before a restart),
+        // returns the run it created.
+        let earlier = match self.fleet.launched(&r.request_id) {
+            Some(run_id) => Some(run_id),
+            None => self
+                .ledger
+                .launched_run(&launcher, &r.request_id)
                 .await
-                .map_err(ledger_status)?;
-            self.ledger.flush().await.map_err(ledger_status)?;
-        }
+                .map_err(ledger_status)?
+                .map(|run| run.id),
+        };
+        let (run_id, created) = match earlier {
+            Some(run_id) => (run_id, false),
+            None => {
+                let (launched, created) = self.fleet.launch(&r.request_id, &name, &r.config_toml);
+                if created {
+                    self.ledger
+                        .record_launch(
+                            NewRun {
+                                id: launched.run_id.clone(),
+                                name: name.clone(),
+                                config_toml: r.config_toml.clone(),
+                                status: RunStatus::Pending,
+                            },
+                            &launcher,
+                            &r.request_id,
+                        )
+                        .await
+                        .map_err(ledger_status)?;
+                    self.ledger.flush().await.map_err(ledger_status)?;
+                }
+                (launched.run_id, created)
+            }
+        };
         let run = self
             .ledger
-            .get_run(&launched.run_id)
+            .get_run(&run_id)
             .await
             .map_err(ledger_status)?
             .ok_or_else(|| Status::internal("the launched run is missing from the ledger"))?;
@@ -1117,7 +1165,7 @@ mod tests {
 
     #[tokio::test]
     async fn standby_services_are_handed_launched_runs_in_order() {
-        let fleet = Fleet::new(Leases::default(), true);
+        let fleet = Fleet::new(Leases::default(), Some("test".into()));
         let (first, created) = fleet.launch("req-1", "a", "name = \"a\"");
         assert!(created);
         let (again, created) = fleet.launch("req-1", "a", "name = \"a\"");

@@ -124,6 +124,7 @@ on_both_backends!(
     batches_commit_by_size_and_by_interval,
     close_makes_everything_durable,
     concurrent_writers_lose_nothing,
+    launches_are_found_by_request_and_by_status,
 );
 
 fn run(id: &str) -> NewRun {
@@ -193,6 +194,92 @@ where
 
 mod cases {
     use super::*;
+
+    pub async fn launches_are_found_by_request_and_by_status(db: &TestDb) {
+        let ledger = db.open().await;
+        let pending = |id: &str| NewRun {
+            status: RunStatus::Pending,
+            ..run(id)
+        };
+        ledger
+            .record_launch(pending("l-1"), "orch-a", "req-1")
+            .await
+            .unwrap();
+        ledger
+            .record_launch(pending("l-2"), "orch-a", "req-2")
+            .await
+            .unwrap();
+        ledger
+            .record_launch(pending("l-3"), "orch-b", "req-1")
+            .await
+            .unwrap();
+        // A repeated launch record changes nothing.
+        ledger
+            .record_launch(pending("l-9"), "orch-a", "req-1")
+            .await
+            .unwrap();
+        ledger
+            .set_run_status("l-2", RunStatus::Running)
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        let found = ledger
+            .launched_run("orch-a", "req-1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (found.id.as_str(), found.status),
+            ("l-1", RunStatus::Pending)
+        );
+        assert_eq!(
+            ledger
+                .launched_run("orch-b", "req-1")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "l-3",
+            "request ids are per orchestrator"
+        );
+        assert!(
+            ledger
+                .launched_run("orch-a", "req-3")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let ids = |v: Vec<(String, chorus_orchestrator::ledger::RunRecord)>| {
+            v.into_iter()
+                .map(|(r, run)| (r, run.id))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(ledger
+                .launched_runs("orch-a", RunStatus::Pending)
+                .await
+                .unwrap()),
+            [("req-1".to_string(), "l-1".to_string())]
+        );
+        assert_eq!(
+            ids(ledger
+                .launched_runs("orch-a", RunStatus::Running)
+                .await
+                .unwrap()),
+            [("req-2".to_string(), "l-2".to_string())]
+        );
+        assert!(
+            ledger.get_run("l-9").await.unwrap().is_none(),
+            "a repeated request writes no run"
+        );
+        assert_eq!(
+            ledger
+                .launched_runs("orch-c", RunStatus::Pending)
+                .await
+                .unwrap(),
+            []
+        );
+    }
 
     pub async fn runs_are_inserted_once_listed_and_finished(db: &TestDb) {
         let ledger = db.open().await;

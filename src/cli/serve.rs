@@ -165,6 +165,11 @@ pub struct OrchestratorArgs {
     /// Held-out tasks per environment for the before/after evaluation.
     #[arg(long, default_value_t = 64)]
     eval_tasks: usize,
+    /// Launched runs only: the name this orchestrator records its launches under in the ledger.
+    /// Restarted with the same name and ledger, it queues again the runs still pending and
+    /// marks failed those it was running. Orchestrators sharing a ledger need different names.
+    #[arg(long, default_value = "default")]
+    name: String,
 }
 
 /// The config of a service, or why it needs one.
@@ -287,8 +292,7 @@ async fn orchestrate_one(a: OrchestratorArgs, path: &std::path::Path) -> anyhow:
                 .db
                 .clone()
                 .unwrap_or_else(|| format!("sqlite://{}", out_dir.join("ledger.sqlite").display()));
-            let (url, fleet, _) =
-                serve_orchestrator(listen, &a.token, &db, &out_dir, false).await?;
+            let (url, fleet, _) = serve_orchestrator(listen, &a.token, &db, &out_dir, None).await?;
             let directory = Directory::new(&run_id, fleet.leases());
             directory.spawn_lease_checker();
             fleet.serve_run(directory.clone(), config_toml.clone());
@@ -378,10 +382,26 @@ async fn serve_launched_runs(a: OrchestratorArgs) -> anyhow::Result<()> {
     let db =
         a.db.clone()
             .unwrap_or_else(|| format!("sqlite://{}", a.runs_dir.join("ledger.sqlite").display()));
-    let (url, fleet, ledger) = serve_orchestrator(listen, &a.token, &db, &a.runs_dir, true).await?;
+    let (url, fleet, ledger) =
+        serve_orchestrator(listen, &a.token, &db, &a.runs_dir, Some(a.name.clone())).await?;
+    // What an earlier process with this name left: runs cut off mid-way cannot resume (yet);
+    // runs that never started are queued again, in launch order.
+    for (_, run) in ledger.launched_runs(&a.name, RunStatus::Running).await? {
+        eprintln!(
+            "run {} was running when this orchestrator last stopped; it cannot resume, so it is \
+             marked failed",
+            run.id
+        );
+        ledger.set_run_status(&run.id, RunStatus::Failed).await?;
+    }
+    for (request_id, run) in ledger.launched_runs(&a.name, RunStatus::Pending).await? {
+        eprintln!("run {} was launched before a restart: queued again", run.id);
+        fleet.requeue(&request_id, &run.id, &run.name, &run.config_toml);
+    }
+    ledger.flush().await?;
     println!("listening on {url}");
     std::io::Write::flush(&mut std::io::stdout())?;
-    eprintln!("serving launched runs; ledger {db}");
+    eprintln!("serving launched runs as `{}`; ledger {db}", a.name);
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let launched = tokio::select! {
@@ -454,20 +474,20 @@ async fn run_launched(
 }
 
 /// Serves the Orchestrator service on `listen` (registrations, heartbeats, runs from the ledger
-/// at `db`, run events; launches when `accepts_launches`); returns its URL, the fleet behind it
-/// and its ledger.
+/// at `db`, run events; launches, recorded under `launcher`, when it is given); returns its URL,
+/// the fleet behind it and its ledger.
 async fn serve_orchestrator(
     listen: &str,
     token: &str,
     db: &str,
     out_dir: &std::path::Path,
-    accepts_launches: bool,
+    launcher: Option<String>,
 ) -> anyhow::Result<(String, Arc<Fleet>, Ledger)> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let ledger = Ledger::open(db)
         .await
         .with_context(|| format!("opening the ledger {db}"))?;
-    let fleet = Fleet::new(Leases::default(), accepts_launches);
+    let fleet = Fleet::new(Leases::default(), launcher);
     let svc = OrchestratorServer::with_interceptor(
         OrchestratorService::new(fleet.clone(), ledger.clone()),
         RequireToken::new(token)?,

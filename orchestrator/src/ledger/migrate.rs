@@ -22,6 +22,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "logprob_mismatch",
         include_str!("../../migrations/sqlite/0002_logprob_mismatch.sql"),
     ),
+    (
+        3,
+        "launches",
+        include_str!("../../migrations/sqlite/0003_launches.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -35,6 +40,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         2,
         "logprob_mismatch",
         include_str!("../../migrations/postgres/0002_logprob_mismatch.sql"),
+    ),
+    (
+        3,
+        "launches",
+        include_str!("../../migrations/postgres/0003_launches.sql"),
     ),
 ];
 
@@ -115,6 +125,6 @@ mod tests {
     #[test]
     fn migrator_orders_versions() {
         let m = migrator(SQLITE);
-        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2, 3]);
     }
 }

@@ -314,6 +314,23 @@ impl Ledger {
         .await
     }
 
+    /// Records a run (as given, normally pending) and the `LaunchRun` request of `orchestrator`
+    /// that created it, in one transaction.
+    pub async fn record_launch(
+        &self,
+        run: NewRun,
+        orchestrator: &str,
+        request_id: &str,
+    ) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::Launch {
+            run,
+            orchestrator: orchestrator.to_owned(),
+            request_id: request_id.to_owned(),
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
     /// Changes a run's status; a terminal status also sets `finished_at_ms`
     /// (once: a repeated terminal change keeps the first time).
     pub async fn set_run_status(&self, run_id: &str, status: RunStatus) -> Result<(), LedgerError> {

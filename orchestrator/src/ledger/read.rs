@@ -92,6 +92,15 @@ impl<'a> Reader<'a> {
 
 const RUN_COLS: &str = "id, name, config_toml, status, created_at_ms, finished_at_ms";
 
+/// [`RUN_COLS`] prefixed by the table, for joins.
+fn qualified_run_cols() -> String {
+    RUN_COLS
+        .split(", ")
+        .map(|c| format!("runs.{c} AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn decode_run(row: &dyn Cols) -> Result<RunRecord, RowError> {
     let r = Reader::new(row, "runs", "id")?;
     Ok(RunRecord {
@@ -306,6 +315,44 @@ impl Ledger {
         ))
         .bind(i64::from(limit));
         self.fetch("list_runs", stmt, decode_run).await
+    }
+
+    /// The run `orchestrator` created for `LaunchRun` request `request_id`, if any.
+    pub async fn launched_run(
+        &self,
+        orchestrator: &str,
+        request_id: &str,
+    ) -> Result<Option<RunRecord>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT {} FROM runs JOIN launches ON launches.run_id = runs.id \
+             WHERE launches.orchestrator = $1 AND launches.request_id = $2",
+            qualified_run_cols()
+        ))
+        .bind(orchestrator)
+        .bind(request_id);
+        Ok(self.fetch("launched_run", stmt, decode_run).await?.pop())
+    }
+
+    /// Runs `orchestrator` launched that are in `status`, oldest launch first, with their
+    /// request ids.
+    pub async fn launched_runs(
+        &self,
+        orchestrator: &str,
+        status: RunStatus,
+    ) -> Result<Vec<(String, RunRecord)>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT launches.request_id AS request_id, {} FROM runs \
+             JOIN launches ON launches.run_id = runs.id \
+             WHERE launches.orchestrator = $1 AND runs.status = $2 \
+             ORDER BY launches.launched_at_ms, runs.id",
+            qualified_run_cols()
+        ))
+        .bind(orchestrator)
+        .bind(status.as_str());
+        self.fetch("launched_runs", stmt, |row| {
+            Ok((row.text("request_id")?, decode_run(row)?))
+        })
+        .await
     }
 
     /// One prompt by id.

@@ -45,6 +45,13 @@ pub(crate) enum WriteOp {
         run: NewRun,
         at_ms: i64,
     },
+    /// A run and the launch that created it, together.
+    Launch {
+        run: NewRun,
+        orchestrator: String,
+        request_id: String,
+        at_ms: i64,
+    },
     SetRunStatus {
         run_id: String,
         status: RunStatus,
@@ -79,6 +86,19 @@ pub(crate) enum WriteOp {
     },
 }
 
+fn insert_run(run: &NewRun, at_ms: i64) -> Stmt {
+    Stmt::new(
+        "INSERT INTO runs (id, name, config_toml, status, created_at_ms, finished_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(run.id.as_str())
+    .bind(run.name.as_str())
+    .bind(run.config_toml.as_str())
+    .bind(run.status.as_str())
+    .bind(at_ms)
+    .bind(run.status.is_terminal().then_some(at_ms))
+}
+
 impl WriteOp {
     /// Rows it writes, for batch sizing.
     fn rows(&self) -> usize {
@@ -94,6 +114,9 @@ impl WriteOp {
     fn describe(&self) -> String {
         match self {
             WriteOp::InsertRun { run, .. } => format!("insert_run({})", run.id),
+            WriteOp::Launch {
+                run, request_id, ..
+            } => format!("record_launch({}, request {request_id})", run.id),
             WriteOp::SetRunStatus { run_id, status, .. } => {
                 format!("set_run_status({run_id}, {status})")
             }
@@ -128,17 +151,36 @@ impl WriteOp {
     /// The statements that perform it.
     pub(crate) fn statements(&self) -> Result<Vec<Stmt>, LedgerError> {
         Ok(match self {
-            WriteOp::InsertRun { run, at_ms } => vec![
+            WriteOp::InsertRun { run, at_ms } => vec![insert_run(run, *at_ms)],
+            WriteOp::Launch {
+                run,
+                orchestrator,
+                request_id,
+                at_ms,
+            } => vec![
+                // A repeated request writes nothing, not even a run without a launch.
                 Stmt::new(
                     "INSERT INTO runs (id, name, config_toml, status, created_at_ms, finished_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                     SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS \
+                     (SELECT 1 FROM launches WHERE orchestrator = $7 AND request_id = $8) \
+                     ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(run.id.as_str())
                 .bind(run.name.as_str())
                 .bind(run.config_toml.as_str())
                 .bind(run.status.as_str())
                 .bind(*at_ms)
-                .bind(run.status.is_terminal().then_some(*at_ms)),
+                .bind(run.status.is_terminal().then_some(*at_ms))
+                .bind(orchestrator.as_str())
+                .bind(request_id.as_str()),
+                Stmt::new(
+                    "INSERT INTO launches (orchestrator, request_id, run_id, launched_at_ms) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (orchestrator, request_id) DO NOTHING",
+                )
+                .bind(orchestrator.as_str())
+                .bind(request_id.as_str())
+                .bind(run.id.as_str())
+                .bind(*at_ms),
             ],
             WriteOp::SetRunStatus {
                 run_id,

@@ -135,6 +135,13 @@ fn a_run_uses_a_builtin_served_as_a_plugin() {
     );
     let err = h.fails(&["env", "check", "--url", &plugin.url, "--token", "wrong"]);
     assert!(err.contains("refused the token"), "{err}");
+
+    // A run the plugin turns away stops, and its ledger row says it failed.
+    let err = h.fails(&["run", "run.toml", "--eval-tasks", "2", "--token", "wrong"]);
+    assert!(err.contains("refused the token"), "{err}");
+    let runs = h.ok(&["inspect", "runs"]);
+    let newest = runs.lines().nth(1).unwrap_or_default();
+    assert!(newest.contains(" failed "), "{runs}");
 }
 
 #[test]

@@ -358,6 +358,7 @@ pub async fn orchestrate(
         })
         .await?;
     ledger.set_run_status(&run_id, RunStatus::Running).await?;
+    let outcome: anyhow::Result<serde_json::Value> = async {
     let pool = WorkerPool::connect(worker_urls, token, cfg.worker_max_in_flight).await?;
     if let Some(d) = &directory {
         // Registered workers join (and lost ones leave) while the run goes on.
@@ -597,6 +598,8 @@ pub async fn orchestrate(
     let path = out_dir.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
     ledger.set_run_status(&run_id, RunStatus::Succeeded).await?;
+    // Durable before it is announced: a client told the run succeeded finds it so.
+    ledger.flush().await?;
     if let Some(d) = &directory {
         d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
             status: ProtoRunStatus::Succeeded as i32,
@@ -606,6 +609,14 @@ pub async fn orchestrate(
     ledger.close().await?;
     eprintln!("wrote {} and the ledger {db}", path.display());
     Ok(summary)
+    }
+    .await;
+    if outcome.is_err() {
+        // The ledger says the run stopped; the caller reports why.
+        let _ = ledger.set_run_status(&run_id, RunStatus::Failed).await;
+        let _ = ledger.flush().await;
+    }
+    outcome
 }
 
 /// The environments of a run: every built-in, plus a [`RemoteEnvironment`] for each plugin entry

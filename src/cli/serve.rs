@@ -419,9 +419,9 @@ async fn serve_launched_runs(a: OrchestratorArgs) -> anyhow::Result<()> {
         let result = run_launched(&a, &fleet, &launched, &db).await;
         if let Err(e) = &result {
             eprintln!("run {run_id} failed: {e:#}");
-            launched.directory.emit(failed(e));
             ledger.set_run_status(&run_id, RunStatus::Failed).await?;
             ledger.flush().await?;
+            launched.directory.emit(failed(e));
         }
         fleet.finish_run();
     }

@@ -92,9 +92,13 @@ impl Environment for SayYes {
     }
 }
 
-/// Misbehaves by seed: panics while scoring, errors, hangs past the deadline, or returns a NaN
-/// reward; otherwise behaves.
-struct Faulty;
+/// Misbehaves in turn, by the order of its scoring calls (not by task, because which of the
+/// concurrent slots scores first is a race, and the error budget counts the first faults):
+/// panics, hangs past the deadline, returns a NaN reward, behaves.
+#[derive(Default)]
+struct Faulty {
+    scored: std::sync::atomic::AtomicU64,
+}
 
 impl Environment for Faulty {
     fn info(&self) -> EnvInfo {
@@ -111,8 +115,12 @@ impl Environment for Faulty {
         }
         Ok(task("faulty", seed))
     }
-    fn score(&self, task: &Task, _: &str) -> Result<Score, EnvError> {
-        match task.seed % 4 {
+    fn score(&self, _: &Task, _: &str) -> Result<Score, EnvError> {
+        match self
+            .scored
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            % 4
+        {
             0 => panic!("scorer bug"),
             1 => {
                 std::thread::sleep(Duration::from_millis(600));
@@ -207,7 +215,7 @@ async fn setup(config: &str, prompts_per_step: u64) -> Setup {
         .unwrap();
     let mut registry: Registry = builtin_registry();
     registry.register(SayYes).unwrap();
-    registry.register(Faulty).unwrap();
+    registry.register(Faulty::default()).unwrap();
     let tokenizer = Arc::new(Tokenizer::byte_level());
     let learner = Arc::new(CountingLearner::new(prompts_per_step, true));
     let workers = Arc::new(YesNoWorkers {

@@ -260,3 +260,30 @@ fn multi_turn_environments_nvfp4_training_and_a_learning_curve() {
         assert!(rl.iter().any(|d| *d < 1e-3), "{rl:?}");
     });
 }
+
+/// Each command's `--help` shows how to use it, with an example to copy.
+#[test]
+fn every_command_shows_an_example_in_its_help() {
+    let h = Harness::new();
+    for cmd in [
+        &["run"][..],
+        &["generate"],
+        &["serve"],
+        &["launch"],
+        &["watch"],
+        &["inspect"],
+        &["quantize"],
+        &["model", "init"],
+        &["env", "sample"],
+        &["env", "score"],
+        &["env", "new"],
+        &["serve", "environment"],
+    ] {
+        let help = h.ok(&[cmd, &["--help"]].concat());
+        assert!(
+            help.contains("Example") || help.contains("  chorus "),
+            "`chorus {} --help` shows no example:\n{help}",
+            cmd.join(" ")
+        );
+    }
+}

@@ -15,6 +15,7 @@ use clap::Args;
 ///   chorus generate --checkpoint runs/init --prompt "12+7=" --temperature 0.8 --top-p 0.95 --seed 1
 ///   chorus generate --checkpoint runs/init --prompt-ids 5,17 --greedy --mtp 3   (speculative)
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct GenerateArgs {
     /// Checkpoint directory (config.json, weights, optional tokenizer.json).
     #[arg(long)]

@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 ///   chorus inspect trajectory 'quickstart-1795925683:s1:61:3:a0:p:t2'
 ///   chorus inspect --db postgres://chorus:chorus@127.0.0.1/chorus runs
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct InspectArgs {
     /// Ledger database: sqlite://PATH or postgres://… (default: the newest runs/*/ledger.sqlite).
     #[arg(long, global = true)]

@@ -27,6 +27,7 @@ use super::registration::{Client, connect};
 ///   chorus launch configs/quickstart.toml --orchestrator http://10.0.0.1:7010 --token T
 ///   chorus launch run.toml --orchestrator http://10.0.0.1:7010 --request-id nightly-42 --detach
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct LaunchArgs {
     /// The run configuration (TOML).
     config: PathBuf,
@@ -56,6 +57,7 @@ pub struct LaunchArgs {
 ///
 /// Example: chorus watch quickstart-1795939688315-0 --orchestrator http://10.0.0.1:7010 --token T
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct WatchArgs {
     /// The run's id (printed by `chorus launch`).
     run_id: String,

@@ -30,23 +30,39 @@ pub enum Command {
     /// Create, inspect and run policy checkpoints (HF NemotronH layout).
     #[command(subcommand)]
     Model(model::ModelCommand),
-    /// Generate tokens from a checkpoint through the incremental (cached) decoding path.
     Generate(generate::GenerateArgs),
-    /// Run a staged post-training job (SFT warm-up, RL) from a TOML config, all services in
-    /// this process talking gRPC on loopback.
     Run(run::RunArgs),
-    /// Run one service of a run (learner, worker, orchestrator, or an environment as a plugin
-    /// server) as its own process.
-    #[command(subcommand)]
+    /// Run one service of a run (learner, worker, orchestrator, or an environment as a plugin server) as its own process.
+    ///
+    /// Every service prints `listening on URL` once it serves and checks the shared token (--token
+    /// or CHORUS_TOKEN) on every call. Three ways to connect them:
+    ///
+    /// A standing fleet: start the orchestrator without a config; start learners and workers
+    /// without a config, standing by at the orchestrator; launch runs with `chorus launch`. Each
+    /// run is handed to one standby learner and every standby worker, one run after another:
+    ///   chorus serve orchestrator --listen 0.0.0.0:7010 --token T
+    ///   chorus serve learner --orchestrator http://HOST:7010 --listen 0.0.0.0:7000 --token T
+    ///   chorus serve worker --orchestrator http://HOST:7010 --listen 0.0.0.0:7001 --id w0 --token T
+    ///   chorus launch run.toml --orchestrator http://HOST:7010 --token T
+    ///
+    /// Registration for one run: start the orchestrator with the run's config and --listen; the
+    /// learner and the workers register with it (--orchestrator URL) and send heartbeats; it waits
+    /// for the learner and `workers.count` workers, then runs (workers may join and leave while it
+    /// runs):
+    ///   chorus serve orchestrator --config run.toml --listen 127.0.0.1:7010 --run-id r1 --token T
+    ///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
+    ///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
+    ///
+    /// Fixed addresses: start the learner, then the workers (pointing at the learner), then the
+    /// orchestrator pointing at both:
+    ///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --run-id r1 --token T
+    ///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --listen 127.0.0.1:7001 --run-id r1 --token T
+    ///   chorus serve orchestrator --config run.toml --learner http://127.0.0.1:7000 --worker http://127.0.0.1:7001 --run-id r1 --token T
+    #[command(subcommand, verbatim_doc_comment)]
     Serve(serve::ServeCommand),
-    /// Launch a run on an orchestrator that serves launched runs (a standing fleet of learner
-    /// and workers), and follow it to its end.
     Launch(launch::LaunchArgs),
-    /// Follow a launched run's events until it ends.
     Watch(launch::WatchArgs),
-    /// Read a run's ledger: runs, rollouts, one trajectory, learner steps.
     Inspect(inspect::InspectArgs),
-    /// Convert a checkpoint to NVFP4 (ModelOpt layout) or back.
     Quantize(quantize::QuantizeArgs),
     /// List, sample and self-check environments, score given completions, scaffold new ones.
     #[command(subcommand)]

@@ -18,6 +18,7 @@ use clap::Args;
 ///   chorus quantize --input runs/nano --output runs/nano-nvfp4 --exclude '*.mixer.q_proj.weight' --exclude 'mtp.*'
 ///   chorus quantize --dequantize --input runs/nano-nvfp4 --output runs/nano-f32
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct QuantizeArgs {
     /// Checkpoint directory (config.json + weights) or a single .safetensors file.
     #[arg(long)]

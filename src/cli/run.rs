@@ -49,6 +49,7 @@ use serde_json::json;
 ///
 /// Example: chorus run configs/quickstart.toml
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct RunArgs {
     /// The run configuration (TOML).
     config: PathBuf,

@@ -22,32 +22,7 @@ use super::registration::{Reporter, register};
 use super::standby::{Role, Standby, stand_by};
 use clap::{Args, Subcommand};
 
-/// Run one service of a post-training run.
-///
-/// Every service prints `listening on URL` once it serves and checks the shared token (--token
-/// or CHORUS_TOKEN) on every call. Three ways to connect them:
-///
-/// A standing fleet: start the orchestrator without a config; start learners and workers
-/// without a config, standing by at the orchestrator; launch runs with `chorus launch`. Each
-/// run is handed to one standby learner and every standby worker, one run after another:
-///   chorus serve orchestrator --listen 0.0.0.0:7010 --token T
-///   chorus serve learner --orchestrator http://HOST:7010 --listen 0.0.0.0:7000 --token T
-///   chorus serve worker --orchestrator http://HOST:7010 --listen 0.0.0.0:7001 --id w0 --token T
-///   chorus launch run.toml --orchestrator http://HOST:7010 --token T
-///
-/// Registration for one run: start the orchestrator with the run's config and --listen; the
-/// learner and the workers register with it (--orchestrator URL) and send heartbeats; it waits
-/// for the learner and `workers.count` workers, then runs (workers may join and leave while it
-/// runs):
-///   chorus serve orchestrator --config run.toml --listen 127.0.0.1:7010 --run-id r1 --token T
-///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
-///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --orchestrator http://127.0.0.1:7010 --run-id r1 --token T
-///
-/// Fixed addresses: start the learner, then the workers (pointing at the learner), then the
-/// orchestrator pointing at both:
-///   chorus serve learner --config run.toml --listen 127.0.0.1:7000 --run-id r1 --token T
-///   chorus serve worker --config run.toml --learner http://127.0.0.1:7000 --listen 127.0.0.1:7001 --run-id r1 --token T
-///   chorus serve orchestrator --config run.toml --learner http://127.0.0.1:7000 --worker http://127.0.0.1:7001 --run-id r1 --token T
+/// The services `chorus serve` runs; how they connect is in the `Serve` command's help.
 #[derive(Subcommand, Debug)]
 pub enum ServeCommand {
     /// The learner: trains on scored groups and streams new weights. Without --config it

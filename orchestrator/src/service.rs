@@ -462,6 +462,10 @@ pub struct Launched {
     pub directory: Arc<Directory>,
 }
 
+/// Finished runs whose event logs a long-lived orchestrator keeps for `WatchRun`; older ones are
+/// in the ledger.
+pub const FINISHED_RUNS_KEPT: usize = 256;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Worker,
@@ -477,8 +481,13 @@ struct Current {
 
 #[derive(Default)]
 struct FleetState {
-    /// Every run this process has served or queued, for `WatchRun`.
+    /// Every run this process has served or queued, for `WatchRun` (the oldest finished ones
+    /// are forgotten past [`FINISHED_RUNS_KEPT`]).
     runs: BTreeMap<String, Arc<Directory>>,
+    /// Finished runs, oldest first.
+    finished: VecDeque<String>,
+    /// Runs launched by this process so far (part of each new run id).
+    launched_count: u64,
     current: Option<Current>,
     /// Standby services, with when they were last heard from.
     standby: BTreeMap<(Kind, String), Instant>,
@@ -535,8 +544,15 @@ impl Fleet {
     /// Ends the current run: its lease checks stop, and standby services serving it are told
     /// there is no run for them (or the next one) at their next heartbeat.
     pub fn finish_run(&self) {
-        if let Some(c) = self.lock().current.take() {
+        let mut st = self.lock();
+        if let Some(c) = st.current.take() {
             c.directory.close();
+            st.finished.push_back(c.directory.run_id().to_string());
+        }
+        while st.finished.len() > FINISHED_RUNS_KEPT {
+            if let Some(old) = st.finished.pop_front() {
+                st.runs.remove(&old);
+            }
         }
     }
 
@@ -583,7 +599,8 @@ impl Fleet {
             return (launched, false);
         }
         // Names repeat across runs; the launch time and a counter make the id unique.
-        let run_id = format!("{name}-{}-{}", now_ms(), st.runs.len());
+        let run_id = format!("{name}-{}-{}", now_ms(), st.launched_count);
+        st.launched_count += 1;
         (
             self.enqueue(&mut st, request_id, &run_id, name, config_toml),
             true,
@@ -1227,6 +1244,25 @@ mod tests {
         assert!(
             matches!(&events[0].kind, Some(run_event::Kind::StatusChanged(c))
             if c.status == ProtoRunStatus::Pending as i32)
+        );
+        // Only the newest finished runs' logs are kept.
+        fleet.finish_run();
+        for i in 0..FINISHED_RUNS_KEPT {
+            let (run, _) = fleet.launch(&format!("more-{i}"), "m", "");
+            assert_eq!(fleet.next_launched().await.run_id, run.run_id);
+            fleet.serve_run(run.directory, String::new());
+            fleet.finish_run();
+        }
+        let ids: std::collections::BTreeSet<String> = (0..FINISHED_RUNS_KEPT)
+            .map(|i| fleet.launched(&format!("more-{i}")).unwrap())
+            .collect();
+        assert_eq!(ids.len(), FINISHED_RUNS_KEPT, "run ids are unique");
+        assert!(fleet.directory(&first.run_id).is_none());
+        assert!(fleet.directory(&second.run_id).is_none());
+        assert!(
+            fleet
+                .directory(&fleet.launched("more-0").unwrap())
+                .is_some()
         );
     }
 }

@@ -36,6 +36,10 @@ prompts_per_step = 4
 group_size = 4
 max_staleness = 1
 max_new_tokens = 4
+lr = 4e-4
+warmup_steps = 1
+lr_decay = "cosine"
+min_lr = 1e-4
 environments = [{ name = "arithmetic" }, { name = "needle" }]
 "#;
 
@@ -83,6 +87,14 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
         }
         let steps = ledger.list_learner_steps(&run_id).await.unwrap();
         assert!(steps.len() >= 6);
+        // Each stage has its own schedule: the RL stage warms up, then decays to min_lr.
+        let rates: Vec<f64> = steps.iter().filter_map(|s| s.step.learning_rate).collect();
+        assert_eq!(rates.len(), 6, "{rates:?}");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(rates[3], 4e-4) && close(rates[4], 4e-4) && close(rates[5], 1e-4),
+            "{rates:?}"
+        );
         // RL steps record how far the (NVFP4) workers' logprobs were from the learner's.
         let rl: Vec<_> = steps
             .iter()

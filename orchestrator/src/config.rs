@@ -95,8 +95,12 @@ pub struct RawStage {
     pub max_staleness: Option<u64>,
     /// Learning rate.
     pub lr: Option<f64>,
-    /// Linear warmup steps of the learning rate.
+    /// Linear warmup steps of the learning rate, from the stage's first step.
     pub warmup_steps: Option<u64>,
+    /// After warmup: `constant`, or `cosine` down to `min_lr` at the stage's last step.
+    pub lr_decay: Option<String>,
+    /// Learning rate at the end of a cosine decay (default: a tenth of `lr`).
+    pub min_lr: Option<f64>,
     /// Prompt token limit; longer prompts are dropped with a reason.
     pub max_prompt_tokens: Option<usize>,
     /// Generated token limit per turn.
@@ -236,6 +240,15 @@ pub enum EnvironmentSource {
     },
 }
 
+/// What a stage's learning rate does after its warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LrDecay {
+    /// Stays at the stage's `lr`.
+    Constant,
+    /// Falls along a half cosine to `min_lr` at the stage's last step.
+    Cosine,
+}
+
 /// A validated stage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stage {
@@ -257,6 +270,10 @@ pub struct Stage {
     pub lr: f64,
     /// Warmup steps.
     pub warmup_steps: u64,
+    /// What the learning rate does after warmup.
+    pub lr_decay: LrDecay,
+    /// Learning rate at the end of a cosine decay.
+    pub min_lr: f64,
     /// Prompt token limit.
     pub max_prompt_tokens: usize,
     /// New-token limit per turn.
@@ -476,6 +493,26 @@ fn device(ctx: &Ctx, key: &str, d: Option<String>) -> Result<String, ConfigError
         return Err(ctx.err(key, format!("`{d}` is not a device; allowed: cpu, cuda:N")));
     }
     Ok(d)
+}
+
+impl Stage {
+    /// The learning rate of the stage's step `step` (0-based): linear warmup to `lr` over
+    /// `warmup_steps`, then constant or a cosine down to `min_lr` at the last step. The
+    /// scheduler sends it with each group, so every stage has its own schedule.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.lr_decay {
+            LrDecay::Constant => self.lr,
+            LrDecay::Cosine => {
+                let span = self.steps.saturating_sub(self.warmup_steps + 1).max(1);
+                let t = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+                self.min_lr
+                    + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
 }
 
 impl RunConfig {
@@ -705,6 +742,26 @@ impl RunConfig {
             if !(lr > 0.0 && lr.is_finite()) {
                 return Err(ctx.err(k("lr"), format!("{lr}; allowed: > 0")));
             }
+            let lr_decay = match s.lr_decay.as_deref() {
+                None | Some("constant") => LrDecay::Constant,
+                Some("cosine") => LrDecay::Cosine,
+                Some(o) => {
+                    return Err(ctx.err(k("lr_decay"), format!("`{o}`; allowed: constant, cosine")));
+                }
+            };
+            let min_lr = s.min_lr.unwrap_or(lr / 10.0);
+            if !(min_lr >= 0.0 && min_lr <= lr) {
+                return Err(ctx.err(
+                    k("min_lr"),
+                    format!("{min_lr}; allowed: from 0 to the stage's lr ({lr})"),
+                ));
+            }
+            if s.min_lr.is_some() && lr_decay == LrDecay::Constant {
+                return Err(ctx.err(
+                    k("min_lr"),
+                    "only used with lr_decay = \"cosine\"; set that too, or drop min_lr",
+                ));
+            }
             let group_size = positive(
                 &k("group_size"),
                 s.group_size.unwrap_or(Defaults::GROUP_SIZE),
@@ -728,6 +785,8 @@ impl RunConfig {
                 max_staleness: s.max_staleness.unwrap_or(Defaults::MAX_STALENESS),
                 lr,
                 warmup_steps: s.warmup_steps.unwrap_or(0),
+                lr_decay,
+                min_lr,
                 max_prompt_tokens: positive(
                     &k("max_prompt_tokens"),
                     s.max_prompt_tokens.unwrap_or(Defaults::MAX_PROMPT_TOKENS),
@@ -861,6 +920,33 @@ sampling = { temperature = 0.9 }
             EnvironmentSource::Remote("http://127.0.0.1:9000".into())
         );
         assert_eq!(c.stages[1].temperature, 0.9);
+    }
+
+    #[test]
+    fn each_stage_has_its_own_warmup_and_decay() {
+        let c = RunConfig::from_toml_str(
+            &GOOD.replace(
+                "steps = 5",
+                "steps = 5\nlr = 1e-3\nwarmup_steps = 2\nlr_decay = \"cosine\"\nmin_lr = 1e-4",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        let rl = &c.stages[1];
+        let lrs: Vec<f64> = (0..5).map(|s| rl.lr_at(s)).collect();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(
+            close(lrs[0], 5e-4) && close(lrs[1], 1e-3),
+            "warmup: {lrs:?}"
+        );
+        assert!(close(lrs[2], 1e-3), "the decay starts at the peak: {lrs:?}");
+        assert!(close(lrs[3], 5.5e-4), "half way down: {lrs:?}");
+        assert!(close(lrs[4], 1e-4), "the last step is at min_lr: {lrs:?}");
+        // Without the keys: no warmup, constant, and the default floor is a tenth of lr.
+        let sft = &c.stages[0];
+        assert_eq!(sft.lr_decay, LrDecay::Constant);
+        assert!((0..3).all(|s| sft.lr_at(s) == sft.lr));
+        assert_eq!(sft.min_lr, sft.lr / 10.0);
     }
 
     #[test]
@@ -1005,6 +1091,24 @@ sampling = { temperature = 0.9 }
                 "steps = 5\nbogus = 1",
                 "`bogus`",
                 "expected one of",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nlr_decay = \"linear\"",
+                "stages[1].lr_decay",
+                "constant, cosine",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nlr = 1e-3\nlr_decay = \"cosine\"\nmin_lr = 0.1",
+                "stages[1].min_lr",
+                "from 0 to the stage's lr",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nmin_lr = 1e-5",
+                "stages[1].min_lr",
+                "lr_decay = \"cosine\"",
             ),
             (
                 "name = \"t\"",

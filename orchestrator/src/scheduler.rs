@@ -159,9 +159,10 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         ctx.rollouts.wait_version(need).await;
         for slot in 0..stage.prompts_per_step {
             let (ctx, stage, order) = (ctx.clone(), stage.clone(), order.clone());
-            tasks.spawn(
-                async move { run_slot(&ctx, &stage, &order, base + step, need, slot).await },
-            );
+            tasks.spawn(async move {
+                let lr = stage.lr_at(step);
+                run_slot(&ctx, &stage, &order, base + step, need, slot, lr).await
+            });
         }
         // Keep errors from piling up unseen.
         while let Some(done) = tasks.try_join_next() {
@@ -605,6 +606,7 @@ async fn run_slot(
     step: u64,
     min_version: u64,
     slot: usize,
+    lr: f64,
 ) -> Result<(), SchedulerError> {
     let stop: Vec<u32> = chat::STOP_SEQUENCES
         .iter()
@@ -799,7 +801,7 @@ async fn run_slot(
                 trajectories,
                 supervised: false,
                 step_groups: stage.prompts_per_step as u32,
-                learning_rate: stage.lr,
+                learning_rate: lr,
             })
             .await
             .map_err(SchedulerError::Learner)?;
@@ -816,7 +818,7 @@ async fn run_slot(
         return Ok(());
     }
     order.wait_turn(step).await;
-    submit_empty(ctx, stage, step, slot, false).await?;
+    submit_empty(ctx, stage, step, slot, false, lr).await?;
     order.submitted(step);
     Ok(())
 }
@@ -829,6 +831,7 @@ async fn submit_empty(
     step: u64,
     slot: usize,
     supervised: bool,
+    lr: f64,
 ) -> Result<(), SchedulerError> {
     eprintln!(
         "stage `{}` step {step} slot {slot}: no usable group after {MAX_ATTEMPTS} attempts",
@@ -845,7 +848,7 @@ async fn submit_empty(
             trajectories: vec![],
             supervised,
             step_groups: stage.prompts_per_step as u32,
-            learning_rate: stage.lr,
+            learning_rate: lr,
         })
         .await
         .map_err(SchedulerError::Learner)
@@ -997,7 +1000,7 @@ pub async fn run_sft_stage(
                 }],
                 supervised: true,
                 step_groups: stage.prompts_per_step as u32,
-                learning_rate: stage.lr,
+                learning_rate: stage.lr_at(step),
             }));
         }
         let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
@@ -1011,7 +1014,7 @@ pub async fn run_sft_stage(
                     .submit(g)
                     .await
                     .map_err(SchedulerError::Learner)?,
-                None => submit_empty(&ctx, &stage, step, slot, true).await?,
+                None => submit_empty(&ctx, &stage, step, slot, true, stage.lr_at(step)).await?,
             }
         }
         ctx.ledger.mark_consumed(ids, base + step).await?;

@@ -88,19 +88,19 @@ max_new_tokens = 8
 environments = [{ name = "arithmetic", difficulty = 0 }]
 "#;
 
-async fn run(
-    staleness: u64,
-) -> (
+type Outcome = (
     Arc<StageStats>,
     Ledger,
     Vec<TrajectoryGroup>,
     tempfile::TempDir,
-) {
-    let cfg = RunConfig::from_toml_str(
-        &CONFIG.replace("STALENESS", &staleness.to_string()),
-        "test.toml",
-    )
-    .unwrap();
+);
+
+async fn run(staleness: u64) -> Outcome {
+    run_config(&CONFIG.replace("STALENESS", &staleness.to_string())).await
+}
+
+async fn run_config(config: &str) -> Outcome {
+    let cfg = RunConfig::from_toml_str(config, "test.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.sqlite").display());
     let ledger = Ledger::open(&url).await.unwrap();
@@ -271,5 +271,30 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
     assert!(
         calls < 500,
         "{calls} generations after the learner was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_group_carries_its_steps_learning_rate() {
+    let config = CONFIG.replace("STALENESS", "1").replace(
+        "max_new_tokens = 8",
+        "max_new_tokens = 8\nlr = 1e-3\nwarmup_steps = 1\nlr_decay = \"cosine\"\nmin_lr = 0",
+    );
+    let stage = RunConfig::from_toml_str(&config, "test.toml")
+        .unwrap()
+        .stages[0]
+        .clone();
+    let (_stats, _ledger, seen, _dir) = run_config(&config).await;
+    assert_eq!(seen.len(), 12);
+    for g in &seen {
+        // Group ids are `run:s<stage>:<step>:<slot>…`.
+        let step: u64 = g.group_id.split(':').nth(2).unwrap().parse().unwrap();
+        assert_eq!(g.learning_rate, stage.lr_at(step), "{}", g.group_id);
+    }
+    let rates: Vec<f64> = (0..4).map(|s| stage.lr_at(s)).collect();
+    assert_eq!(rates[0], 1e-3);
+    assert!(
+        rates[1] == 1e-3 && rates[2] < rates[1] && rates[3] == 0.0,
+        "{rates:?}"
     );
 }

@@ -192,9 +192,10 @@ pub async fn start_learner(
             max_grad_norm: cfg.max_grad_norm,
             ..Default::default()
         },
+        // Each group carries its stage's rate for its step (warmup and decay per stage, see
+        // `Stage::lr_at`), so the learner's own schedule stays flat.
         schedule: LrSchedule {
             peak_lr: first.lr,
-            warmup_steps: first.warmup_steps,
             ..Default::default()
         },
         grpo: GrpoConfig {

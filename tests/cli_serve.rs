@@ -30,6 +30,66 @@ max_new_tokens = 4
 environments = [{ name = "arithmetic" }]
 "#;
 
+type Client = chorus_proto::v1::orchestrator_client::OrchestratorClient<
+    chorus_proto::tonic::codegen::InterceptedService<
+        chorus_proto::tonic::transport::Channel,
+        chorus_proto::auth::AttachToken,
+    >,
+>;
+
+/// A client of the orchestrator at `url` that sends `token`.
+fn orchestrator_client(rt: &tokio::runtime::Runtime, url: &str, token: &str) -> Client {
+    rt.block_on(async {
+        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        chorus_proto::v1::orchestrator_client::OrchestratorClient::with_interceptor(
+            channel,
+            chorus_proto::auth::AttachToken::new(token).unwrap(),
+        )
+    })
+}
+
+/// `chorus launch ARGS… --orchestrator URL --token tok`, which must succeed; returns its stdout
+/// (the run id) and its stderr (the run's events).
+fn launch(h: &Harness, url: &str, args: &[&str]) -> (String, String) {
+    let out = h.chorus(
+        &[
+            &["launch"][..],
+            args,
+            &["--orchestrator", url, "--token", "tok"],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "launch {args:?} failed: {stderr}");
+    (
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        stderr,
+    )
+}
+
+/// A standby learner `L` and standby workers `w0` and `w1` at the orchestrator `url`.
+fn standby_fleet(h: &Harness, url: &str) -> Vec<Service> {
+    [("learner", "L"), ("worker", "w0"), ("worker", "w1")]
+        .iter()
+        .map(|(role, id)| {
+            h.standby(&[
+                "serve",
+                role,
+                "--orchestrator",
+                url,
+                "--id",
+                id,
+                "--token",
+                "tok",
+            ])
+        })
+        .collect()
+}
+
 #[test]
 fn learner_workers_and_orchestrator_as_processes_complete_a_run() {
     let h = Harness::new();
@@ -100,59 +160,35 @@ fn learner_workers_and_orchestrator_as_processes_complete_a_run() {
 /// workers join, every learner step and the run succeed.
 #[test]
 fn services_register_with_the_orchestrator_and_the_run_can_be_watched() {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
 
-    use chorus_proto::auth::AttachToken;
-    use chorus_proto::v1::orchestrator_client::OrchestratorClient;
     use chorus_proto::v1::{GetRunRequest, WatchRunRequest, run_event};
 
     let h = Harness::new();
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     let common = ["--config", "run.toml", "--run-id", "r2", "--token", "tok"];
-    let mut orchestrator = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(
-            [
-                &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
-                &["--eval-tasks", "3", "--wait-seconds", "120"],
-                &common,
-            ]
-            .concat(),
-        )
-        .current_dir(h.path("."))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(orchestrator.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (mut orchestrator, mut stdout) = h.service_with_stdout(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--eval-tasks", "3", "--wait-seconds", "120"],
+            &common,
+        ]
+        .concat(),
+    );
+    let url = orchestrator.url.clone();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = |token: &str| {
-        let (url, token) = (url.clone(), token.to_string());
-        rt.block_on(async move {
-            let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            OrchestratorClient::with_interceptor(channel, AttachToken::new(&token).unwrap())
-        })
-    };
     // The orchestrator checks the token too.
     let denied = rt
-        .block_on(client("wrong").get_run(GetRunRequest {
-            run_id: "r2".into(),
-        }))
+        .block_on(
+            orchestrator_client(&rt, &url, "wrong").get_run(GetRunRequest {
+                run_id: "r2".into(),
+            }),
+        )
         .unwrap_err();
     assert_eq!(denied.code(), chorus_proto::tonic::Code::Unauthenticated);
-    let mut watcher = client("tok");
+    let mut watcher = orchestrator_client(&rt, &url, "tok");
     let watch = rt.spawn(async move {
         let mut stream = watcher
             .watch_run(WatchRunRequest {
@@ -185,7 +221,7 @@ fn services_register_with_the_orchestrator_and_the_run_can_be_watched() {
         .collect();
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
-    assert!(orchestrator.wait().unwrap().success(), "{out}");
+    assert!(orchestrator.child.wait().unwrap().success(), "{out}");
     let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["steps"], 5, "{summary}");
     let rollouts = h.ok(&["inspect", "rollouts", "--run", "r2", "--limit", "1000"]);
@@ -247,55 +283,34 @@ environments = [{ name = "arithmetic" }]
 /// the newcomer serves part of it.
 #[test]
 fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
 
     use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
-    use chorus_proto::auth::AttachToken;
-    use chorus_proto::v1::orchestrator_client::OrchestratorClient;
     use chorus_proto::v1::{WatchRunRequest, run_event};
 
     let h = Harness::new();
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), LONG_RUN).unwrap();
     let common = ["--config", "run.toml", "--run-id", "r3", "--token", "tok"];
-    let mut orchestrator = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(
-            [
-                &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
-                &["--eval-tasks", "2", "--wait-seconds", "120"],
-                &common,
-            ]
-            .concat(),
-        )
-        .current_dir(h.path("."))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(orchestrator.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (mut orchestrator, mut stdout) = h.service_with_stdout(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--eval-tasks", "2", "--wait-seconds", "120"],
+            &common,
+        ]
+        .concat(),
+    );
+    let url = orchestrator.url.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut events = rt.block_on(async {
-        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        OrchestratorClient::with_interceptor(channel, AttachToken::new("tok").unwrap())
-            .watch_run(WatchRunRequest {
+    let mut events = rt
+        .block_on(
+            orchestrator_client(&rt, &url, "tok").watch_run(WatchRunRequest {
                 run_id: "r3".into(),
                 after_sequence: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    });
+            }),
+        )
+        .unwrap()
+        .into_inner();
     // The stream ends (with an error when the orchestrator exits first) after the run's end.
     let mut next_event = || {
         rt.block_on(events.message())
@@ -354,7 +369,7 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
     }
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
-    assert!(orchestrator.wait().unwrap().success(), "{out}");
+    assert!(orchestrator.child.wait().unwrap().success(), "{out}");
     let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["steps"], 41, "{summary}");
 
@@ -413,9 +428,7 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
 #[test]
 fn a_standing_fleet_serves_launched_runs_one_after_another() {
     use chorus_orchestrator::ledger::{Ledger, RolloutFilter, RunStatus};
-    use chorus_proto::auth::AttachToken;
     use chorus_proto::v1::LaunchRunRequest;
-    use chorus_proto::v1::orchestrator_client::OrchestratorClient;
 
     let h = Harness::new();
     std::fs::write(h.path("model.json"), MODEL).unwrap();
@@ -433,45 +446,8 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         "tok",
     ]);
     let url = orchestrator.url.clone();
-    let standby = |role: &str, id: &str| {
-        h.standby(&[
-            "serve",
-            role,
-            "--orchestrator",
-            &url,
-            "--id",
-            id,
-            "--token",
-            "tok",
-        ])
-    };
-    let mut fleet = vec![
-        standby("learner", "L"),
-        standby("worker", "w0"),
-        standby("worker", "w1"),
-    ];
-    let launch = |extra: &[&str]| {
-        let out = h.chorus(
-            &[
-                &[
-                    "launch",
-                    "run.toml",
-                    "--orchestrator",
-                    &url,
-                    "--token",
-                    "tok",
-                ][..],
-                extra,
-            ]
-            .concat(),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "launch {extra:?} failed: {stderr}");
-        (
-            String::from_utf8(out.stdout).unwrap().trim().to_string(),
-            stderr,
-        )
-    };
+    let mut fleet = standby_fleet(&h, &url);
+    let launch = |extra: &[&str]| launch(&h, &url, &[&["run.toml"][..], extra].concat());
 
     let (first, log) = launch(&[]);
     assert!(log.contains("succeeded"), "{log}");
@@ -492,6 +468,7 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = format!("sqlite://{}", h.path("runs/ledger.sqlite").display());
+    let mut client = orchestrator_client(&rt, &url, "tok");
     rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         for run in [&first, &second] {
@@ -516,13 +493,6 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         assert!(h.path(&format!("runs/{second}/summary.json")).exists());
 
         // The orchestrator checks configs too, naming the key.
-        let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client =
-            OrchestratorClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
         let refused = client
             .launch_run(LaunchRunRequest {
                 request_id: "bad".into(),
@@ -545,29 +515,12 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         LONG_RUN.replace("steps = 40", "steps = 100000"),
     )
     .unwrap();
-    let long = |name: &str| {
-        let out = h.chorus(&[
-            "launch",
-            "long.toml",
-            "--orchestrator",
-            &url,
-            "--token",
-            "tok",
-            "--name",
-            name,
-            "--detach",
-        ]);
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let long = |name: &str| crate::launch(&h, &url, &["long.toml", "--name", name, "--detach"]).0;
     let serving = |run: &str, n: usize| {
-        for _ in 0..300 {
-            if pids_with_args(&["--run-id", run]).len() >= n {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("fewer than {n} processes serve {run}");
+        assert!(
+            eventually(30, || pids_with_args(&["--run-id", run]).len() >= n),
+            "fewer than {n} processes serve {run}"
+        );
     };
     let doomed = long("doomed");
     serving(&doomed, 3);
@@ -593,12 +546,7 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
     let last = long("last");
     serving(&last, 3);
     fleet.clear();
-    for _ in 0..50 {
-        if pids_with_args(&["--run-id", &last]).is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(5, || pids_with_args(&["--run-id", &last]).is_empty());
     assert_eq!(
         pids_with_args(&["--run-id", &last]),
         Vec::<u32>::new(),
@@ -642,39 +590,9 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     };
     let first = orchestrator();
     let url = first.url.clone();
-    let _fleet: Vec<Service> = [("learner", "L"), ("worker", "w0"), ("worker", "w1")]
-        .iter()
-        .map(|(role, id)| {
-            h.standby(&[
-                "serve",
-                role,
-                "--orchestrator",
-                &url,
-                "--id",
-                id,
-                "--token",
-                "tok",
-            ])
-        })
-        .collect();
+    let _fleet = standby_fleet(&h, &url);
     let launch = |config: &str, request_id: &str| {
-        let out = h.chorus(&[
-            "launch",
-            config,
-            "--orchestrator",
-            &url,
-            "--token",
-            "tok",
-            "--request-id",
-            request_id,
-            "--detach",
-        ]);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        (
-            String::from_utf8(out.stdout).unwrap().trim().to_string(),
-            stderr,
-        )
+        launch(&h, &url, &[config, "--request-id", request_id, "--detach"])
     };
     let (cut_off, _) = launch("long.toml", "k-long");
     let (waiting, _) = launch("run.toml", "k-short");
@@ -684,12 +602,7 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     let status = |id: &str| rt.block_on(ledger.get_run(id)).unwrap().map(|r| r.status);
     // Killed once the long run has started (a run still waiting for its services would be
     // queued again instead).
-    for _ in 0..300 {
-        if status(&cut_off) == Some(RunStatus::Running) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(30, || status(&cut_off) == Some(RunStatus::Running));
     assert_eq!(status(&cut_off), Some(RunStatus::Running));
     drop(first);
 

@@ -168,6 +168,14 @@ async fn channel(url: &str) -> Result<Channel, ConnectError> {
         })
 }
 
+/// The interceptor that sends `token` to the service at `url`.
+fn attach(url: &str, token: &str) -> Result<AttachToken, ConnectError> {
+    AttachToken::new(token).map_err(|e| ConnectError {
+        url: url.into(),
+        message: e.to_string(),
+    })
+}
+
 fn failed(req: &GenerateRequest, message: String) -> GenerateResponse {
     GenerateResponse {
         request_id: req.request_id.clone(),
@@ -221,10 +229,7 @@ impl WorkerPool {
         if self.workers().iter().any(|w| w.id == id && w.url == url) {
             return Ok(());
         }
-        let attach = AttachToken::new(&self.inner.token).map_err(|e| ConnectError {
-            url: url.into(),
-            message: e.to_string(),
-        })?;
+        let attach = attach(url, &self.inner.token)?;
         let mut client = RolloutWorkerClient::with_interceptor(channel(url).await?, attach);
         let (tx, rx) = mpsc::channel::<GenerateRequest>(1024);
         let mut responses = client
@@ -312,14 +317,6 @@ impl WorkerPool {
     /// Ids of the workers in the pool.
     pub fn ids(&self) -> Vec<String> {
         self.workers().iter().map(|w| w.id.clone()).collect()
-    }
-
-    /// Requests waiting on each worker.
-    pub fn loads(&self) -> Vec<(String, usize)> {
-        self.workers()
-            .iter()
-            .map(|w| (w.id.clone(), w.in_flight.load(Ordering::Relaxed)))
-            .collect()
     }
 
     /// Keeps the pool in step with `directory`: every live registered worker is added now, each
@@ -458,10 +455,7 @@ impl RemoteLearner {
         initial_version: u64,
         ledger: Option<Ledger>,
     ) -> Result<Self, ConnectError> {
-        let attach = AttachToken::new(token).map_err(|e| ConnectError {
-            url: url.into(),
-            message: e.to_string(),
-        })?;
+        let attach = attach(url, token)?;
         let client = LearnerClient::with_interceptor(channel(url).await?, attach);
         let mut stream = client
             .clone()

@@ -722,6 +722,33 @@ impl Fleet {
         self.leases.heartbeat.as_millis() as u64
     }
 
+    /// A standby service registers (again).
+    fn register_standby(&self, kind: Kind, id: &str) -> Result<(), Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument(match kind {
+                Kind::Worker => "worker_id is empty",
+                Kind::Learner => "learner_id is empty",
+            }));
+        }
+        self.standby_heartbeat(kind, id, true);
+        Ok(())
+    }
+
+    /// The answer to a standby service's heartbeat.
+    fn standby_answer(&self, kind: Kind, id: &str) -> HeartbeatResponse {
+        HeartbeatResponse {
+            registered: self.standby_known(kind, id),
+            assignment: self.standby_heartbeat(kind, id, false),
+            ..Default::default()
+        }
+    }
+
+    /// The directory of `run_id` when it is the run served now; otherwise an error saying
+    /// which run is.
+    fn serving(&self, run_id: &str) -> Result<Arc<Directory>, Status> {
+        self.current(run_id).ok_or_else(|| self.no_run(run_id))
+    }
+
     fn no_run(&self, asked: &str) -> Status {
         match self.current_id() {
             c if c.is_empty() => Status::failed_precondition(format!(
@@ -792,11 +819,7 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let r = request.into_inner();
         if r.run_id.is_empty() {
-            if r.worker_id.is_empty() {
-                return Err(Status::invalid_argument("worker_id is empty"));
-            }
-            self.fleet
-                .standby_heartbeat(Kind::Worker, &r.worker_id, true);
+            self.fleet.register_standby(Kind::Worker, &r.worker_id)?;
             return Ok(Response::new(RegisterWorkerResponse {
                 worker_id: r.worker_id,
                 heartbeat_interval_ms: self.fleet.heartbeat_interval_ms(),
@@ -804,10 +827,7 @@ impl Orchestrator for OrchestratorService {
                 run_id: String::new(),
             }));
         }
-        let dir = self
-            .fleet
-            .current(&r.run_id)
-            .ok_or_else(|| self.fleet.no_run(&r.run_id))?;
+        let dir = self.fleet.serving(&r.run_id)?;
         dir.register_worker(r).map(Response::new)
     }
 
@@ -817,15 +837,9 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let h = request.into_inner();
         if h.run_id.is_empty() {
-            let registered = self.fleet.standby_known(Kind::Worker, &h.worker_id);
-            let assignment = self
-                .fleet
-                .standby_heartbeat(Kind::Worker, &h.worker_id, false);
-            return Ok(Response::new(HeartbeatResponse {
-                registered,
-                assignment,
-                ..Default::default()
-            }));
+            return Ok(Response::new(
+                self.fleet.standby_answer(Kind::Worker, &h.worker_id),
+            ));
         }
         Ok(Response::new(match self.fleet.current(&h.run_id) {
             Some(dir) => dir.worker_heartbeat(h),
@@ -839,21 +853,14 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<RegisterLearnerResponse>, Status> {
         let r = request.into_inner();
         if r.run_id.is_empty() {
-            if r.learner_id.is_empty() {
-                return Err(Status::invalid_argument("learner_id is empty"));
-            }
-            self.fleet
-                .standby_heartbeat(Kind::Learner, &r.learner_id, true);
+            self.fleet.register_standby(Kind::Learner, &r.learner_id)?;
             return Ok(Response::new(RegisterLearnerResponse {
                 learner_id: r.learner_id,
                 heartbeat_interval_ms: self.fleet.heartbeat_interval_ms(),
                 resume_step: 0,
             }));
         }
-        let dir = self
-            .fleet
-            .current(&r.run_id)
-            .ok_or_else(|| self.fleet.no_run(&r.run_id))?;
+        let dir = self.fleet.serving(&r.run_id)?;
         dir.register_learner(r).map(Response::new)
     }
 
@@ -863,15 +870,9 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let h = request.into_inner();
         if h.run_id.is_empty() {
-            let registered = self.fleet.standby_known(Kind::Learner, &h.learner_id);
-            let assignment = self
-                .fleet
-                .standby_heartbeat(Kind::Learner, &h.learner_id, false);
-            return Ok(Response::new(HeartbeatResponse {
-                registered,
-                assignment,
-                ..Default::default()
-            }));
+            return Ok(Response::new(
+                self.fleet.standby_answer(Kind::Learner, &h.learner_id),
+            ));
         }
         Ok(Response::new(match self.fleet.current(&h.run_id) {
             Some(dir) => dir.learner_heartbeat(h),

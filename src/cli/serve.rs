@@ -147,6 +147,23 @@ pub struct OrchestratorArgs {
     name: String,
 }
 
+impl ServiceArgs {
+    /// The standby service these arguments ask for: no config, an orchestrator to wait at.
+    fn standby(&self, role: Role, id: &str) -> Option<Standby> {
+        match (&self.config, &self.orchestrator) {
+            (None, Some(orchestrator)) => Some(Standby {
+                role,
+                id: id.to_string(),
+                orchestrator: orchestrator.clone(),
+                token: self.token.clone(),
+                listen: self.listen.clone(),
+                advertise: self.advertise.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The config of a service, or why it needs one.
 fn config_of(a: &ServiceArgs, role: &str) -> anyhow::Result<(RunConfig, String)> {
     match &a.config {
@@ -166,16 +183,8 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
     rt.block_on(async move {
         match cmd {
             ServeCommand::Learner(LearnerArgs { service: a, id }) => {
-                if let (None, Some(orchestrator)) = (&a.config, &a.orchestrator) {
-                    return stand_by(Standby {
-                        role: Role::Learner,
-                        id,
-                        orchestrator: orchestrator.clone(),
-                        token: a.token,
-                        listen: a.listen,
-                        advertise: a.advertise,
-                    })
-                    .await;
+                if let Some(standby) = a.standby(Role::Learner, &id) {
+                    return stand_by(standby).await;
                 }
                 let (cfg, _) = config_of(&a, "learner")?;
                 let run_id = a.run_id.unwrap_or_else(|| cfg.name.clone());
@@ -196,16 +205,8 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
             }
             ServeCommand::Worker(w) => {
                 let a = w.service;
-                if let (None, Some(orchestrator)) = (&a.config, &a.orchestrator) {
-                    return stand_by(Standby {
-                        role: Role::Worker,
-                        id: w.id,
-                        orchestrator: orchestrator.clone(),
-                        token: a.token,
-                        listen: a.listen,
-                        advertise: a.advertise,
-                    })
-                    .await;
+                if let Some(standby) = a.standby(Role::Worker, &w.id) {
+                    return stand_by(standby).await;
                 }
                 let (cfg, _) = config_of(&a, "worker")?;
                 let learner = w.learner.context(

@@ -84,7 +84,15 @@ impl Drop for Service {
 impl Harness {
     /// Starts `chorus ARGS…` in the background and waits for its `listening on URL` line.
     pub fn service(&self, args: &[&str]) -> Service {
-        let (child, line) = self.background(args);
+        self.service_with_stdout(args).0
+    }
+
+    /// Like [`Harness::service`], also returning the rest of its stdout (a run's summary, say).
+    pub fn service_with_stdout(
+        &self,
+        args: &[&str],
+    ) -> (Service, std::io::BufReader<std::process::ChildStdout>) {
+        let (child, line, stdout) = self.background(args);
         let url = line
             .trim()
             .strip_prefix("listening on ")
@@ -92,13 +100,13 @@ impl Harness {
                 panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
             })
             .to_string();
-        Service { child, url }
+        (Service { child, url }, stdout)
     }
 
     /// Starts a standby learner or worker (`chorus serve … --orchestrator URL`, no config) and
     /// waits for its `standing by` line.
     pub fn standby(&self, args: &[&str]) -> Service {
-        let (child, line) = self.background(args);
+        let (child, line, _) = self.background(args);
         assert!(
             line.starts_with("standing by"),
             "chorus {args:?} printed {line:?} instead of `standing by …`"
@@ -109,8 +117,16 @@ impl Harness {
         }
     }
 
-    /// Starts `chorus ARGS…` in the background; returns it and the first line it printed.
-    fn background(&self, args: &[&str]) -> (std::process::Child, String) {
+    /// Starts `chorus ARGS…` in the background; returns it, the first line it printed and the
+    /// rest of its stdout.
+    fn background(
+        &self,
+        args: &[&str],
+    ) -> (
+        std::process::Child,
+        String,
+        std::io::BufReader<std::process::ChildStdout>,
+    ) {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
             .args(args)
@@ -119,13 +135,22 @@ impl Harness {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("start chorus");
-        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the first line");
-        (child, line)
+        stdout.read_line(&mut line).expect("read the first line");
+        (child, line, stdout)
     }
+}
+
+/// Polls `ready` every 100 ms for up to `seconds`; whether it came to hold.
+pub fn eventually(seconds: u64, mut ready: impl FnMut() -> bool) -> bool {
+    for _ in 0..seconds * 10 {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ready()
 }
 
 /// Ids of the processes whose command line has every one of `args` among its arguments.

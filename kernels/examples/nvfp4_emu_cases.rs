@@ -22,39 +22,9 @@ use chorus_kernels::{
 };
 use half::bf16;
 
-fn test_tensor(rows: usize, cols: usize, kind: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut uniform = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
-    (0..rows * cols)
-        .map(|i| {
-            let u = uniform();
-            match kind {
-                0 => u * 3.0,
-                1 => u / (uniform().abs() + 1e-3),
-                2 => {
-                    if (i / 16) % 5 == 0 {
-                        0.0
-                    } else {
-                        u * 10f32.powi((i / cols % 13) as i32 - 6)
-                    }
-                }
-                3 => {
-                    let grid = [
-                        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.25, 0.75, 1.25, 5.0,
-                    ];
-                    let v = grid[((uniform().abs() * 12.0) as usize).min(11)] * 0.125;
-                    if u < 0.0 { -v } else { v }
-                }
-                _ => u * 1e-30 + if i == 7 { 1e30 } else { 0.0 },
-            }
-        })
-        .collect()
-}
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{reference, test_tensor};
 
 fn put_u32(out: &mut Vec<u8>, v: usize) {
     out.extend_from_slice(&(v as u32).to_le_bytes());
@@ -103,24 +73,6 @@ fn quant_case(dir: &Path, id: usize, data: &[f32], rows: usize, cols: usize, til
         .unwrap()
         .write_all(&out)
         .unwrap();
-}
-
-fn reference(deq: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut y = vec![0.0f64; n * m];
-    let mut mag = vec![0.0f64; n * m];
-    for j in 0..n {
-        for r in 0..m {
-            let (mut s, mut a) = (0.0f64, 0.0f64);
-            for c in 0..k {
-                let p = deq[r * k + c] as f64 * x[j * k + c] as f64;
-                s += p;
-                a += p.abs();
-            }
-            y[j * m + r] = s;
-            mag[j * m + r] = a;
-        }
-    }
-    (y, mag)
 }
 
 fn gemm_case(dir: &Path, id: usize, m: usize, k: usize, n: usize, kind: usize) {

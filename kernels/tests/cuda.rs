@@ -9,10 +9,12 @@
 
 #![cfg(feature = "cuda")]
 
+mod support;
+
 use chorus_kernels::cuda::{self, CudaNvfp4, GemmPath};
 use chorus_kernels::{BlockLayout, CpuGemm, Nvfp4Tensor, QuantizeOptions, Rounding};
 use half::bf16;
-use serde_json::Value;
+use support::{golden_cases, reference, test_tensor};
 
 fn required(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
@@ -152,104 +154,35 @@ fn kernels_match_the_cpu_under_emulation() {
     println!("{stdout}");
 }
 
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 #[test]
 fn quantize_matches_golden_vectors_byte_for_byte() {
     let Some(gpu) = gpu() else { return };
-    let text = include_str!("fixtures/nvfp4_vectors.json");
-    let root: Value = serde_json::from_str(text).unwrap();
-    let cases = root["cases"].as_array().unwrap();
+    let cases = golden_cases();
     assert_eq!(cases.len(), 7);
     for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        let input: Vec<f32> = case["input"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let name = case.name.as_str();
         let q = gpu
             .quantize(
                 name,
-                &input,
-                shape[0],
-                shape[1],
+                &case.input,
+                case.rows,
+                case.cols,
                 &QuantizeOptions::default(),
             )
             .unwrap();
+        assert_eq!(q.packed(), &case.packed[..], "{name}: packed");
+        assert_eq!(q.scales(), &case.scales[..], "{name}: scales");
         assert_eq!(
-            q.packed(),
-            &hex(case["packed_hex"].as_str().unwrap())[..],
-            "{name}: packed"
+            q.global_decode_scale(),
+            case.global_decode_scale,
+            "{name}: global scale"
         );
-        assert_eq!(
-            q.scales(),
-            &hex(case["scales_e4m3_hex"].as_str().unwrap())[..],
-            "{name}: scales"
-        );
-        let s_dec = case["global_decode_scale"].as_f64().unwrap() as f32;
-        assert_eq!(q.global_decode_scale(), s_dec, "{name}: global scale");
-
-        let want: Vec<f32> = case["dequantized"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
         let got = gpu.dequantize(&q).unwrap();
-        assert_eq!(got.len(), want.len());
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(got.len(), case.dequantized.len());
+        for (i, (g, w)) in got.iter().zip(&case.dequantized).enumerate() {
             assert_eq!(g, w, "{name}: dequantized[{i}]");
         }
     }
-}
-
-/// Deterministic test data: several distributions, including exact zeros, all-zero blocks,
-/// values on the E2M1 grid (ties) and a huge dynamic range (subnormal block scales).
-fn test_tensor(rows: usize, cols: usize, kind: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut uniform = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
-    (0..rows * cols)
-        .map(|i| {
-            let u = uniform();
-            match kind {
-                0 => u * 3.0,
-                1 => u / (uniform().abs() + 1e-3),
-                2 => {
-                    if (i / 16) % 5 == 0 {
-                        0.0
-                    } else {
-                        u * 10f32.powi((i / cols % 13) as i32 - 6)
-                    }
-                }
-                3 => {
-                    let grid = [
-                        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.25, 0.75, 1.25, 5.0,
-                    ];
-                    let v = grid[((uniform().abs() * 12.0) as usize).min(11)] * 0.125;
-                    if u < 0.0 { -v } else { v }
-                }
-                _ => u * 1e-30 + if i == 7 { 1e30 } else { 0.0 },
-            }
-        })
-        .collect()
 }
 
 #[test]
@@ -332,25 +265,6 @@ fn quantize_errors_match_the_cpu() {
         err.is_cuda() && err.to_string().contains("stochastic"),
         "{err}"
     );
-}
-
-/// `y[j, r] = sum_c deq(W)[r, c] * x[j, c]` in f64, and `sum |w x|` for the tolerance.
-fn reference(deq: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut y = vec![0.0f64; n * m];
-    let mut mag = vec![0.0f64; n * m];
-    for j in 0..n {
-        for r in 0..m {
-            let (mut s, mut a) = (0.0f64, 0.0f64);
-            for c in 0..k {
-                let p = deq[r * k + c] as f64 * x[j * k + c] as f64;
-                s += p;
-                a += p.abs();
-            }
-            y[j * m + r] = s;
-            mag[j * m + r] = a;
-        }
-    }
-    (y, mag)
 }
 
 #[test]

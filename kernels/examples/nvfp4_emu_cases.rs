@@ -23,7 +23,7 @@ use chorus_kernels::{
 use half::bf16;
 
 #[path = "../tests/support/mod.rs"]
-mod support;
+pub mod support;
 use support::{reference, test_tensor};
 
 fn put_u32(out: &mut Vec<u8>, v: usize) {

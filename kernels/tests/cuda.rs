@@ -9,12 +9,11 @@
 
 #![cfg(feature = "cuda")]
 
-mod support;
-
 use chorus_kernels::cuda::{self, CudaNvfp4, GemmPath};
 use chorus_kernels::{BlockLayout, CpuGemm, Nvfp4Tensor, QuantizeOptions, Rounding};
 use half::bf16;
-use support::{golden_cases, reference, test_tensor};
+// The emulation-case generator brings the shared test data (tests/support) with it.
+use emu_cases::support::{golden_cases, reference, test_tensor};
 
 fn required(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")

@@ -3,16 +3,11 @@
 //! run already launched.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chorus_proto::tonic::Code;
-use chorus_proto::v1::{
-    GetRunRequest, LaunchRunRequest, RunEvent, RunStatus, WatchRunRequest, run_event,
-};
+use chorus_proto::v1::{LaunchRunRequest, RunEvent, RunStatus, run_event};
+use chorus_runtime::client::{self, RunEnd, connect};
 use clap::Args;
-
-use super::registration::{Client, connect};
 
 /// Launch a run on an orchestrator that serves launched runs, and follow it to its end.
 ///
@@ -69,49 +64,28 @@ pub struct WatchArgs {
     token: String,
 }
 
+/// Runs `chorus watch`.
 pub fn watch(a: WatchArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
+    super::runtime(1)?.block_on(async move {
         let mut client = connect(&a.orchestrator, &a.token).await?;
         follow(&mut client, &a.run_id).await
     })
 }
 
+/// Runs `chorus launch`.
 pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
     let (_, config_toml) = super::load_config(&a.config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    rt.block_on(launch(a, config_toml))
+    super::runtime(1)?.block_on(launch(a, config_toml))
 }
 
 async fn launch(a: LaunchArgs, config_toml: String) -> anyhow::Result<()> {
     let mut client = connect(&a.orchestrator, &a.token).await?;
     let request = LaunchRunRequest {
-        request_id: a.request_id.clone().unwrap_or_else(new_request_id),
+        request_id: a.request_id.clone().unwrap_or_else(client::new_request_id),
         name: a.name.clone().unwrap_or_default(),
         config_toml,
     };
-    // Retries carry the same request id, so a launch whose answer was lost is not doubled.
-    let mut attempt = 0;
-    let response = loop {
-        attempt += 1;
-        match client.launch_run(request.clone()).await {
-            Ok(r) => break r.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && attempt < 4 => {
-                eprintln!(
-                    "the orchestrator is unavailable ({}); retrying",
-                    s.message()
-                );
-                tokio::time::sleep(Duration::from_secs(attempt)).await;
-            }
-            Err(s) => bail!("launching at {}: {}", a.orchestrator, s.message()),
-        }
-    };
+    let response = client::launch(&mut client, &a.orchestrator, request.clone()).await?;
     let run = response
         .run
         .context("the orchestrator answered without a run")?;
@@ -133,69 +107,17 @@ async fn launch(a: LaunchArgs, config_toml: String) -> anyhow::Result<()> {
     follow(&mut client, &run.run_id).await
 }
 
-/// Prints the run's events until it ends; reconnects where it left off when the stream breaks.
-async fn follow(client: &mut Client, run_id: &str) -> anyhow::Result<()> {
-    let mut last = 0;
-    let mut failures = 0;
-    loop {
-        let stream = client
-            .watch_run(WatchRunRequest {
-                run_id: run_id.to_string(),
-                after_sequence: last,
-            })
-            .await;
-        let mut stream = match stream {
-            Ok(s) => s.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && failures < 10 => {
-                failures += 1;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                continue;
-            }
-            Err(s) => bail!("watching run {run_id}: {}", s.message()),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(e)) => {
-                    last = e.sequence;
-                    failures = 0;
-                    if let Some(end) = describe(&e) {
-                        return end;
-                    }
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    eprintln!("the event stream broke ({}); reconnecting", s.message());
-                    break;
-                }
-            }
-        }
-        // The stream ended without a final status: ask for it.
-        match client
-            .get_run(GetRunRequest {
-                run_id: run_id.to_string(),
-            })
-            .await
-        {
-            Ok(r) if r.get_ref().status == RunStatus::Succeeded as i32 => {
-                eprintln!("run {run_id} succeeded");
-                return Ok(());
-            }
-            Ok(r) if r.get_ref().status == RunStatus::Failed as i32 => {
-                bail!("run {run_id} failed (see the orchestrator's log)")
-            }
-            _ => {}
-        }
-        failures += 1;
-        if failures > 10 {
-            bail!("lost the event stream of run {run_id} and could not reconnect");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+/// Prints the run's events until it ends; fails when the run fails.
+async fn follow(client: &mut client::Client, run_id: &str) -> anyhow::Result<()> {
+    match client::follow(client, run_id, describe).await? {
+        RunEnd::Succeeded => Ok(()),
+        RunEnd::Failed(reason) => bail!("run {run_id} failed: {reason}"),
     }
 }
 
-/// Prints one event; for a final status, returns how the command ends.
-fn describe(e: &RunEvent) -> Option<anyhow::Result<()>> {
-    let Some(kind) = &e.kind else { return None };
+/// Prints one event.
+fn describe(e: &RunEvent) {
+    let Some(kind) = &e.kind else { return };
     match kind {
         run_event::Kind::StatusChanged(c) => {
             let status = RunStatus::try_from(c.status).unwrap_or(RunStatus::Unspecified);
@@ -208,49 +130,23 @@ fn describe(e: &RunEvent) -> Option<anyhow::Result<()>> {
             } else {
                 eprintln!("run {}: {name}: {}", e.run_id, c.reason);
             }
-            match status {
-                RunStatus::Succeeded => Some(Ok(())),
-                RunStatus::Failed | RunStatus::Cancelled => Some(Err(anyhow::anyhow!(
-                    "run {} {name}: {}",
-                    e.run_id,
-                    c.reason
-                ))),
-                _ => None,
-            }
         }
-        run_event::Kind::LearnerStep(s) => {
-            eprintln!(
-                "step {:>5}  loss {:>9.4}  trajectories {:>5}{}",
-                s.step,
-                s.loss,
-                s.trajectories,
-                if s.skipped { "  (skipped)" } else { "" }
-            );
-            None
-        }
+        run_event::Kind::LearnerStep(s) => eprintln!(
+            "step {:>5}  loss {:>9.4}  trajectories {:>5}{}",
+            s.step,
+            s.loss,
+            s.trajectories,
+            if s.skipped { "  (skipped)" } else { "" }
+        ),
         run_event::Kind::WorkerJoined(j) => {
-            eprintln!("worker {} joined (capacity {})", j.worker_id, j.capacity);
-            None
+            eprintln!("worker {} joined (capacity {})", j.worker_id, j.capacity)
         }
-        run_event::Kind::WorkerLost(l) => {
-            eprintln!(
-                "worker {} lost; {} requests it held went to other workers",
-                l.worker_id, l.redispatched_prompts
-            );
-            None
-        }
+        run_event::Kind::WorkerLost(l) => eprintln!(
+            "worker {} lost; {} requests it held went to other workers",
+            l.worker_id, l.redispatched_prompts
+        ),
         run_event::Kind::PolicyPublished(p) => {
-            eprintln!("policy version {} published", p.policy_version);
-            None
+            eprintln!("policy version {} published", p.policy_version)
         }
     }
-}
-
-/// A fresh idempotency key: the time and the process id, which no other launch shares.
-fn new_request_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("launch-{nanos:x}-{:x}", std::process::id())
 }

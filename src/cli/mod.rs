@@ -4,12 +4,11 @@ mod env;
 mod generate;
 mod inspect;
 mod launch;
+mod logging;
 mod model;
 mod quantize;
-mod registration;
 mod run;
 mod serve;
-mod standby;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +22,17 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines on standard error are written: text (for people) or json (one object per
+    /// event, with the run, stage, step and request ids of its spans). Filter them with
+    /// RUST_LOG, e.g. RUST_LOG=debug or RUST_LOG=chorus_orchestrator=debug.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "CHORUS_LOG_FORMAT"
+    )]
+    pub log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +81,7 @@ pub enum Command {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    logging::init(cli.log_format)?;
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(args),
@@ -108,46 +119,34 @@ pub fn load_config(
     Ok((cfg, text))
 }
 
-/// The address other machines reach a service at. `advertise` is a host name or IP (the port is
-/// the bound one), `HOST:PORT`, or a URL; without it, the bound URL, with a wildcard host
-/// (`0.0.0.0`, `[::]`) replaced by this machine's host name, since nobody can connect to those.
-pub fn advertised_url(bound: &str, advertise: Option<&str>) -> anyhow::Result<String> {
-    let rest = bound
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("`{bound}` is not an http:// address"))?;
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow::anyhow!("`{bound}` has no port"))?;
-    Ok(match advertise {
-        Some(a) if a.starts_with("http://") || a.starts_with("https://") => {
-            a.trim_end_matches('/').to_string()
-        }
-        Some("") => {
-            anyhow::bail!("--advertise is empty; allowed: a host name or IP, HOST:PORT, or a URL")
-        }
-        Some(a) if a.contains(':') && !a.starts_with('[') => format!("http://{a}"),
-        Some(a) => format!("http://{a}:{port}"),
-        None if host == "0.0.0.0" || host == "[::]" => format!("http://{}:{port}", host_name()?),
-        None => bound.to_string(),
-    })
+/// A tokio runtime with `threads` worker threads, for one command.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?)
 }
 
-fn host_name() -> anyhow::Result<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    anyhow::ensure!(
-        rc == 0,
-        "this machine's host name: {}",
-        std::io::Error::last_os_error()
+/// The line scripts wait for once a service serves (standard output, flushed at once).
+fn print_listening(url: &str) {
+    use std::io::Write;
+    println!("listening on {url}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Prints the line scripts wait for once the standby service `s` is registered.
+fn print_standing_by(s: &chorus_runtime::Standby) -> impl FnOnce() + use<> {
+    let line = format!(
+        "standing by: {} {} at the orchestrator {}",
+        s.role.name(),
+        s.id,
+        s.orchestrator
     );
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
-    anyhow::ensure!(
-        !name.is_empty(),
-        "this machine has no host name: give --advertise HOST"
-    );
-    Ok(name)
+    move || {
+        use std::io::Write;
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }
 }
 
 /// The device a command runs on; only the CPU exists in builds without the `cuda` feature.
@@ -158,35 +157,5 @@ pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
             "device `{s}`: this build of chorus has no CUDA support (rebuild with `--features cuda` on a machine with the CUDA toolkit); allowed here: cpu"
         ),
         s => anyhow::bail!("unknown device `{s}`; allowed: cpu, cuda:N"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::advertised_url;
-
-    #[test]
-    fn services_advertise_an_address_others_can_reach() {
-        let at = |bound: &str, a: Option<&str>| advertised_url(bound, a).unwrap();
-        assert_eq!(at("http://127.0.0.1:7000", None), "http://127.0.0.1:7000");
-        assert_eq!(
-            at("http://0.0.0.0:7000", Some("10.0.0.3")),
-            "http://10.0.0.3:7000"
-        );
-        assert_eq!(
-            at("http://0.0.0.0:7000", Some("gpu-3:9000")),
-            "http://gpu-3:9000"
-        );
-        assert_eq!(
-            at("http://0.0.0.0:7000", Some("https://w.example/")),
-            "https://w.example"
-        );
-        let wildcard = at("http://0.0.0.0:7000", None);
-        assert!(
-            wildcard.ends_with(":7000") && !wildcard.contains("0.0.0.0"),
-            "{wildcard}"
-        );
-        assert!(!at("http://[::]:7000", None).contains("[::]"));
-        assert!(advertised_url("http://0.0.0.0:7000", Some("")).is_err());
     }
 }

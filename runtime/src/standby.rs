@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use chorus_proto::v1::{
     HeartbeatResponse, LearnerHeartbeatRequest, RegisterLearnerRequest, RegisterWorkerRequest,
     RunAssignment, WorkerHeartbeatRequest,
@@ -18,17 +17,21 @@ use chorus_proto::v1::{
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-use super::registration::{Client, connect};
+use crate::error::{Result, RunError};
+use crate::registration::{Client, connect};
 
 /// Which service stands by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// A learner.
     Learner,
+    /// A rollout worker.
     Worker,
 }
 
 impl Role {
-    fn name(self) -> &'static str {
+    /// `learner` or `worker`, as in `chorus serve`.
+    pub fn name(self) -> &'static str {
         match self {
             Role::Learner => "learner",
             Role::Worker => "worker",
@@ -38,10 +41,13 @@ impl Role {
 
 /// A standby service and what its children get.
 pub struct Standby {
+    /// Which service.
     pub role: Role,
     /// Its id at the orchestrator, passed on to the child.
     pub id: String,
+    /// The orchestrator's URL.
     pub orchestrator: String,
+    /// The shared token, passed on to the child.
     pub token: String,
     /// Where the child serves.
     pub listen: String,
@@ -55,7 +61,7 @@ struct Serving {
 }
 
 impl Standby {
-    async fn register(&self, client: &mut Client) -> anyhow::Result<Duration> {
+    async fn register(&self, client: &mut Client) -> Result<Duration, chorus_proto::tonic::Status> {
         let ms = match self.role {
             Role::Worker => {
                 client
@@ -86,7 +92,7 @@ impl Standby {
         &self,
         client: &mut Client,
         sequence: u64,
-    ) -> anyhow::Result<HeartbeatResponse> {
+    ) -> Result<HeartbeatResponse, chorus_proto::tonic::Status> {
         Ok(match self.role {
             Role::Worker => client
                 .worker_heartbeat(WorkerHeartbeatRequest {
@@ -109,8 +115,8 @@ impl Standby {
     }
 
     /// Starts the service for run `a` as a child process with the run's config on its stdin.
-    async fn start(&self, a: &RunAssignment) -> anyhow::Result<Child> {
-        let exe = std::env::current_exe().context("finding the chorus executable")?;
+    async fn start(&self, a: &RunAssignment) -> Result<Child> {
+        let exe = std::env::current_exe().map_err(RunError::io("finding the chorus executable"))?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", self.role.name(), "--config", "-"])
             .args(["--run-id", &a.run_id, "--orchestrator", &self.orchestrator])
@@ -136,11 +142,20 @@ impl Standby {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting the {} for run {}", self.role.name(), a.run_id))?;
-        let mut stdin = child.stdin.take().context("the child's stdin")?;
-        stdin.write_all(a.config_toml.as_bytes()).await?;
+        let mut child = cmd.spawn().map_err(RunError::io(format!(
+            "starting the {} for run {}",
+            self.role.name(),
+            a.run_id
+        )))?;
+        let mut stdin = child.stdin.take().expect("the child's stdin is piped");
+        stdin
+            .write_all(a.config_toml.as_bytes())
+            .await
+            .map_err(RunError::io(format!(
+                "sending run {}'s config to its {}",
+                a.run_id,
+                self.role.name()
+            )))?;
         drop(stdin);
         Ok(child)
     }
@@ -152,20 +167,23 @@ async fn stop(s: &mut Serving) {
 }
 
 /// Registers as a standby service and serves the runs the orchestrator hands out, until Ctrl-C.
-pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
+/// `ready` is called once the registration succeeded (the binary prints a line for scripts).
+pub async fn stand_by(s: Standby, ready: impl FnOnce()) -> Result<()> {
     let mut client = connect(&s.orchestrator, &s.token).await?;
     let interval = s
         .register(&mut client)
         .await
-        .with_context(|| format!("registering with the orchestrator at {}", s.orchestrator))?;
-    println!(
-        "standing by: {} {} at the orchestrator {}",
-        s.role.name(),
-        s.id,
-        s.orchestrator
+        .map_err(RunError::rpc(format!(
+            "registering with the orchestrator at {}",
+            s.orchestrator
+        )))?;
+    tracing::info!(
+        role = s.role.name(),
+        id = s.id,
+        orchestrator = s.orchestrator,
+        "standing by at the orchestrator"
     );
-    use std::io::Write;
-    std::io::stdout().flush()?;
+    ready();
     let mut serving: Option<Serving> = None;
     // A learner that exits by itself is not restarted for the same run (its state is gone).
     let mut given_up: Option<String> = None;
@@ -179,14 +197,17 @@ pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
                 if let Some(run) = serving.as_mut() {
                     stop(run).await;
                 }
-                eprintln!("stopping");
+                tracing::info!("stopping");
                 return Ok(());
             }
         }
         if let Some(run) = serving.as_mut()
             && let Ok(Some(status)) = run.child.try_wait()
         {
-            eprintln!(
+            tracing::warn!(
+                role = s.role.name(),
+                run_id = run.run_id,
+                %status,
                 "the {} serving run {} exited ({status})",
                 s.role.name(),
                 run.run_id
@@ -204,7 +225,9 @@ pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
             }
             Err(e) => {
                 if !warned {
-                    eprintln!(
+                    tracing::warn!(
+                        orchestrator = s.orchestrator,
+                        error = %e,
                         "heartbeat to the orchestrator at {} failed (will retry): {e}",
                         s.orchestrator
                     );
@@ -214,7 +237,8 @@ pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
             }
         };
         if !hb.registered {
-            eprintln!(
+            tracing::warn!(
+                orchestrator = s.orchestrator,
                 "the orchestrator at {} does not know this service: registering again",
                 s.orchestrator
             );
@@ -225,7 +249,9 @@ pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
         if let Some(run) = serving.as_mut()
             && wanted.as_ref().is_none_or(|a| a.run_id != run.run_id)
         {
-            eprintln!(
+            tracing::info!(
+                run_id = run.run_id,
+                role = s.role.name(),
                 "run {} is over for this {}: standing by",
                 run.run_id,
                 s.role.name()
@@ -236,7 +262,7 @@ pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
         if let (None, Some(a)) = (&serving, wanted)
             && given_up.as_ref() != Some(&a.run_id)
         {
-            eprintln!("serving run {}", a.run_id);
+            tracing::info!(run_id = a.run_id, "serving run {}", a.run_id);
             match s.start(&a).await {
                 Ok(child) => {
                     serving = Some(Serving {
@@ -244,7 +270,7 @@ pub async fn stand_by(s: Standby) -> anyhow::Result<()> {
                         child,
                     })
                 }
-                Err(e) => eprintln!("{e:#}"),
+                Err(e) => tracing::error!(run_id = a.run_id, error = %e, "{e}"),
             }
         }
     }

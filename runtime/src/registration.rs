@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use chorus_proto::auth::AttachToken;
 use chorus_proto::tonic::codegen::InterceptedService;
 use chorus_proto::tonic::transport::{Channel, Endpoint};
@@ -14,15 +13,21 @@ use chorus_proto::v1::{
     LearnerHeartbeatRequest, RegisterLearnerRequest, RegisterWorkerRequest, WorkerHeartbeatRequest,
 };
 
-pub(crate) type Client = OrchestratorClient<InterceptedService<Channel, AttachToken>>;
+use crate::error::{Result, RunError};
 
-pub(crate) async fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
+/// A client of the orchestrator's gRPC service, carrying the shared token.
+pub type Client = OrchestratorClient<InterceptedService<Channel, AttachToken>>;
+
+/// Connects to the orchestrator at `url` with the shared `token`.
+pub async fn connect(url: &str, token: &str) -> Result<Client> {
     let channel = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("orchestrator address `{url}`"))?
+        .map_err(RunError::transport(format!("orchestrator address `{url}`")))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("connecting to the orchestrator at {url}"))?;
+        .map_err(RunError::transport(format!(
+            "connecting to the orchestrator at {url}"
+        )))?;
     Ok(OrchestratorClient::with_interceptor(
         channel,
         AttachToken::new(token)?,
@@ -33,23 +38,32 @@ pub(crate) async fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
 pub enum Reporter {
     /// A rollout worker of `run_id`: its capacity and the version it holds.
     Worker {
+        /// Its id at the orchestrator.
         id: String,
+        /// Where it serves.
         endpoint: String,
+        /// The run it serves.
         run_id: String,
+        /// Sequences it generates at once.
         capacity: u32,
+        /// The policy version it holds now.
         version: Arc<dyn Fn() -> u64 + Send + Sync>,
     },
     /// The learner: its run and latest published version (which is also its step count).
     Learner {
+        /// Its id at the orchestrator.
         id: String,
+        /// Where it serves.
         endpoint: String,
+        /// The run it serves.
         run_id: String,
+        /// Its latest published version.
         version: Arc<dyn Fn() -> u64 + Send + Sync>,
     },
 }
 
 impl Reporter {
-    async fn register(&self, client: &mut Client) -> anyhow::Result<Duration> {
+    async fn register(&self, client: &mut Client) -> Result<Duration, chorus_proto::tonic::Status> {
         let interval_ms = match self {
             Reporter::Worker {
                 id,
@@ -93,7 +107,11 @@ impl Reporter {
         Ok(Duration::from_millis(interval_ms.clamp(100, 60_000)))
     }
 
-    async fn heartbeat(&self, client: &mut Client, sequence: u64) -> anyhow::Result<bool> {
+    async fn heartbeat(
+        &self,
+        client: &mut Client,
+        sequence: u64,
+    ) -> Result<bool, chorus_proto::tonic::Status> {
         Ok(match self {
             Reporter::Worker {
                 id,
@@ -142,12 +160,14 @@ impl Reporter {
 /// Registers with the orchestrator at `url` (failing if that first registration fails, so a
 /// wrong address or token is reported at start-up), then keeps sending heartbeats in the
 /// background.
-pub async fn register(url: &str, token: &str, reporter: Reporter) -> anyhow::Result<()> {
+pub async fn register(url: &str, token: &str, reporter: Reporter) -> Result<()> {
     let mut client = connect(url, token).await?;
     let interval = reporter
         .register(&mut client)
         .await
-        .with_context(|| format!("registering with the orchestrator at {url}"))?;
+        .map_err(RunError::rpc(format!(
+            "registering with the orchestrator at {url}"
+        )))?;
     let url = url.to_string();
     tokio::spawn(async move {
         let mut sequence = 0;
@@ -158,14 +178,17 @@ pub async fn register(url: &str, token: &str, reporter: Reporter) -> anyhow::Res
             match reporter.heartbeat(&mut client, sequence).await {
                 Ok(true) => warned = false,
                 Ok(false) => {
-                    eprintln!(
+                    tracing::warn!(
+                        orchestrator = url,
                         "the orchestrator at {url} does not know this service: registering again"
                     );
                     let _ = reporter.register(&mut client).await;
                 }
                 Err(e) => {
                     if !warned {
-                        eprintln!(
+                        tracing::warn!(
+                            orchestrator = url,
+                            error = %e,
                             "heartbeat to the orchestrator at {url} failed (will retry): {e}"
                         );
                         warned = true;

@@ -1,0 +1,150 @@
+//! Held-out evaluation during a run: before the first RL stage, after the last stage, and, with
+//! `every`, each `every`-th policy version as soon as the learner publishes it, alongside
+//! training (the learning curve).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chorus_orchestrator::scheduler::{Accuracy, StageContext, evaluate};
+use tokio::task::JoinHandle;
+
+use crate::error::{Result, RunError};
+use crate::plan::EvalPlan;
+use crate::summary::{CurvePoint, accuracy_line};
+
+/// The evaluations of one run and the curve they make.
+pub(crate) struct Evaluator {
+    plan: EvalPlan,
+    started: Instant,
+    before: Option<BTreeMap<String, Accuracy>>,
+    curve: Arc<Mutex<Vec<CurvePoint>>>,
+    curve_task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Evaluator {
+    /// Evaluations by `plan`, their times counted from `started`.
+    pub(crate) fn new(plan: EvalPlan, started: Instant) -> Self {
+        Self {
+            plan,
+            started,
+            before: None,
+            curve: Arc::default(),
+            curve_task: None,
+        }
+    }
+
+    async fn evaluate(
+        &self,
+        ctx: &Arc<StageContext>,
+        version: u64,
+    ) -> Result<BTreeMap<String, Accuracy>> {
+        Ok(evaluate(
+            ctx,
+            &self.plan.environments,
+            self.plan.tasks,
+            self.plan.max_new_tokens,
+            self.plan.max_prompt_tokens,
+            version,
+        )
+        .await?)
+    }
+
+    /// Called before each stage; evaluates once, before the first RL stage, and starts
+    /// following the versions for the curve.
+    pub(crate) async fn before_rl(&mut self, ctx: &Arc<StageContext>) -> Result<()> {
+        if self.before.is_some() {
+            return Ok(());
+        }
+        tracing::info!(
+            tasks = self.plan.tasks,
+            "evaluating {} held-out tasks per environment before RL ...",
+            self.plan.tasks
+        );
+        let base = ctx.learning.version();
+        let before = self.evaluate(ctx, base).await?;
+        tracing::info!(version = base, "before RL: {}", accuracy_line(&before));
+        self.push(CurvePoint::new(
+            base,
+            self.started.elapsed().as_secs_f64(),
+            &before,
+        ));
+        self.before = Some(before);
+        if self.plan.every > 0 {
+            self.curve_task = Some(self.spawn_curve(ctx.clone(), base));
+        }
+        Ok(())
+    }
+
+    fn push(&self, point: CurvePoint) {
+        self.curve
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(point);
+    }
+
+    /// Evaluates each `every`-th version after `base` as soon as the learner publishes it.
+    fn spawn_curve(&self, ctx: Arc<StageContext>, base: u64) -> JoinHandle<Result<()>> {
+        let (plan, started, curve) = (self.plan.clone(), self.started, self.curve.clone());
+        tokio::spawn(async move {
+            let mut k = plan.every;
+            while k < plan.rl_steps {
+                ctx.learning.wait_version(base + k).await.map_err(|e| {
+                    RunError::Invalid(format!("waiting for version {}: {e}", base + k))
+                })?;
+                let at = started.elapsed().as_secs_f64();
+                let acc = evaluate(
+                    &ctx,
+                    &plan.environments,
+                    plan.tasks,
+                    plan.max_new_tokens,
+                    plan.max_prompt_tokens,
+                    base + k,
+                )
+                .await?;
+                tracing::info!(
+                    rl_step = k,
+                    version = base + k,
+                    "RL step {k}: {}",
+                    accuracy_line(&acc)
+                );
+                curve
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(CurvePoint::new(base + k, at, &acc));
+                k += plan.every;
+            }
+            Ok(())
+        })
+    }
+
+    /// Evaluates the final policy and returns the accuracies before RL and after, and the curve
+    /// in version order.
+    #[allow(clippy::type_complexity)]
+    pub(crate) async fn finish(
+        mut self,
+        ctx: &Arc<StageContext>,
+    ) -> Result<(
+        BTreeMap<String, Accuracy>,
+        BTreeMap<String, Accuracy>,
+        Vec<CurvePoint>,
+    )> {
+        let version = ctx.learning.version();
+        let after = self.evaluate(ctx, version).await?;
+        tracing::info!(version, "after RL:  {}", accuracy_line(&after));
+        if let Some(task) = self.curve_task.take() {
+            task.await.map_err(|source| RunError::Task {
+                what: "the learning-curve evaluation",
+                source,
+            })??;
+        }
+        self.push(CurvePoint::new(
+            version,
+            self.started.elapsed().as_secs_f64(),
+            &after,
+        ));
+        let mut curve = std::mem::take(&mut *self.curve.lock().unwrap_or_else(|p| p.into_inner()));
+        curve.sort_by_key(|p| p.version);
+        Ok((self.before.unwrap_or_default(), after, curve))
+    }
+}

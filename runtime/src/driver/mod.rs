@@ -1,0 +1,303 @@
+//! Driving a run: [`orchestrate`] runs a plan's stages against a learner and workers that
+//! already serve, in four parts — the ledger lifecycle (`ledger.rs`), live progress
+//! (`progress.rs`), held-out evaluation (`evaluation.rs`) and the stage loop (`stages.rs`) — and
+//! returns the [`Summary`]. [`run_local`] starts the services in this process first.
+
+mod evaluation;
+mod ledger;
+mod progress;
+mod stages;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use chorus_orchestrator::faults::EnvFaults;
+use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
+use chorus_orchestrator::scheduler::{StageContext, StageStats};
+use chorus_orchestrator::service::Directory;
+use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
+use tracing::Instrument;
+
+use crate::error::{Result, RunError};
+use crate::plan::RunPlan;
+use crate::services::{start_learner, start_worker};
+use crate::summary::{EnvironmentResult, Summary, mean_accuracy};
+use evaluation::Evaluator;
+use ledger::RunRecord;
+
+/// Where a run's services are, and the token they share.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    /// The learner's URL.
+    pub learner: String,
+    /// The rollout workers' URLs (empty when they come by registration with `directory`).
+    pub workers: Vec<String>,
+    /// The shared token every call carries.
+    pub token: String,
+}
+
+/// How one run is driven.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// The run's id in the ledger.
+    pub run_id: String,
+    /// Ledger URL (`sqlite://…` or `postgres://…`); default `sqlite://<out_dir>/ledger.sqlite`.
+    pub db: Option<String>,
+    /// Where `summary.json` (and the default ledger) go.
+    pub out_dir: PathBuf,
+    /// When the run started (its services' start-up included), for wall time and the curve.
+    pub started: Instant,
+    /// The run's directory when it is served: registered workers join the pool and lost ones
+    /// leave it, and status and learner-step events go to `WatchRun` clients.
+    pub directory: Option<Arc<Directory>>,
+}
+
+impl RunOptions {
+    /// Options for run `run_id` writing to `out_dir`, started now, with the default ledger and
+    /// no directory.
+    pub fn new(run_id: impl Into<String>, out_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            run_id: run_id.into(),
+            db: None,
+            out_dir: out_dir.into(),
+            started: Instant::now(),
+            directory: None,
+        }
+    }
+
+    fn db(&self) -> String {
+        self.db.clone().unwrap_or_else(|| default_db(&self.out_dir))
+    }
+}
+
+/// The ledger a run writes when none is given: `sqlite://<out_dir>/ledger.sqlite`.
+pub(crate) fn default_db(out_dir: &Path) -> String {
+    format!("sqlite://{}", out_dir.join("ledger.sqlite").display())
+}
+
+/// Runs the stages of `plan` against the learner and workers at `endpoints`, evaluates, writes
+/// `summary.json` in the output directory and returns the summary. The ledger records the run
+/// as running, then succeeded (once the summary is written) or failed.
+pub async fn orchestrate(
+    plan: &RunPlan,
+    endpoints: &Endpoints,
+    options: RunOptions,
+) -> Result<Summary> {
+    let span = tracing::info_span!("run", run_id = options.run_id);
+    async {
+        std::fs::create_dir_all(&options.out_dir).map_err(RunError::io(format!(
+            "creating {}",
+            options.out_dir.display()
+        )))?;
+        let db = options.db();
+        let record =
+            RunRecord::start(&db, &options.run_id, &plan.config.name, &plan.config_toml).await?;
+        let outcome = drive(plan, endpoints, &options, &record).await;
+        match &outcome {
+            Ok(_) => {}
+            Err(_) => record.fail().await,
+        }
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+/// Connects to the services, runs the stages, evaluates and writes the summary.
+async fn drive(
+    plan: &RunPlan,
+    endpoints: &Endpoints,
+    options: &RunOptions,
+    record: &RunRecord,
+) -> Result<Summary> {
+    let cfg = &plan.config;
+    let run_id = &options.run_id;
+    let pool = WorkerPool::connect(
+        &endpoints.workers,
+        &endpoints.token,
+        cfg.worker_max_in_flight,
+    )
+    .await?;
+    if let Some(d) = &options.directory {
+        // Registered workers join (and lost ones leave) while the run goes on.
+        pool.follow(d.clone()).await;
+    }
+    let pool = Arc::new(pool);
+    let learner = Arc::new(
+        RemoteLearner::connect(
+            &endpoints.learner,
+            &endpoints.token,
+            run_id,
+            0,
+            Some(record.ledger.clone()),
+        )
+        .await?,
+    );
+    let registry = {
+        let (cfg, token) = (cfg.clone(), endpoints.token.clone());
+        // Connecting to plugins blocks; environments are called from blocking threads.
+        tokio::task::spawn_blocking(move || crate::environment_registry(&cfg, &token))
+            .await
+            .map_err(|source| RunError::Task {
+                what: "connecting to the run's environments",
+                source,
+            })??
+    };
+    let stats = Arc::new(StageStats::default());
+    let mut ctx = StageContext {
+        run_id: run_id.clone(),
+        seed: cfg.seed,
+        stage_index: 0,
+        registry: Arc::new(registry),
+        tokenizer: plan.tokenizer.clone(),
+        ledger: record.ledger.clone(),
+        rollouts: pool.clone(),
+        learning: learner.clone(),
+        stats: stats.clone(),
+        faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
+    };
+    tracing::info!(
+        workers = pool.ids().len(),
+        learner = endpoints.learner,
+        db = record.db,
+        "run {run_id}: {} workers, learner at {}, ledger {}",
+        pool.ids().len(),
+        endpoints.learner,
+        record.db
+    );
+    announce(options, ProtoRunStatus::Running, String::new());
+    progress::spawn(learner.steps(), stats.clone(), options.directory.clone());
+
+    let mut evaluator = Evaluator::new(plan.evaluation.clone(), options.started);
+    stages::run_stages(plan, &mut ctx, &mut evaluator).await?;
+    let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
+
+    let environments = after
+        .iter()
+        .map(|(name, acc)| {
+            let result = EnvironmentResult {
+                heldout_n: acc.heldout_n,
+                before: before.get(name).map(|x| x.accuracy).unwrap_or(0.0),
+                after: acc.accuracy,
+            };
+            (name.clone(), result)
+        })
+        .collect();
+    let summary = Summary {
+        run: run_id.clone(),
+        environments,
+        mean_before: mean_accuracy(&before),
+        mean_after: mean_accuracy(&after),
+        steps: ctx.learning.version(),
+        trajectories: record.consumed().await?,
+        wall_seconds: options.started.elapsed().as_secs_f64(),
+        max_lag: stats.max_lag.load(Ordering::Relaxed),
+        environment_faults: ctx.faults.report(),
+        curve,
+    };
+    let path = options.out_dir.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary).expect("a summary always serialises");
+    std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
+    record.succeed().await?;
+    announce(options, ProtoRunStatus::Succeeded, String::new());
+    record.close().await?;
+    tracing::info!(
+        summary = %path.display(),
+        db = record.db,
+        "wrote {} and the ledger {}",
+        path.display(),
+        record.db
+    );
+    Ok(summary)
+}
+
+/// Tells `WatchRun` clients (when the run is served) that the run's status changed.
+fn announce(options: &RunOptions, status: ProtoRunStatus, reason: String) {
+    if let Some(d) = &options.directory {
+        d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+            status: status as i32,
+            reason,
+        }));
+    }
+}
+
+/// Settings of a whole run in this process ([`run_local`]).
+#[derive(Clone, Debug)]
+pub struct LocalRun {
+    /// Ledger URL; default `sqlite://<runs_dir>/<name>/ledger.sqlite`.
+    pub db: Option<String>,
+    /// Directory for run outputs; the run writes into `<runs_dir>/<name>/`.
+    pub runs_dir: PathBuf,
+    /// The services' shared token (generated when absent; a run with a plugin needs the
+    /// plugin's).
+    pub token: Option<String>,
+}
+
+/// A whole run in this process: the learner and each rollout worker as gRPC services on
+/// 127.0.0.1 with a shared token, then [`orchestrate`] against them.
+pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
+    let started = Instant::now();
+    let cfg = &plan.config;
+    let out_dir = local.runs_dir.join(&cfg.name);
+    std::fs::create_dir_all(&out_dir)
+        .map_err(RunError::io(format!("creating {}", out_dir.display())))?;
+    if local.token.is_none()
+        && let Some(url) = plan.plugin_url()
+    {
+        return Err(RunError::Invalid(format!(
+            "the config uses the environment plugin at {url}, which checks the run's shared \
+             token: give the token the plugin was started with (--token T or CHORUS_TOKEN=T)"
+        )));
+    }
+    let token = local
+        .token
+        .clone()
+        .unwrap_or_else(|| format!("chorus-{:x}", random_token()));
+    let run_id = format!(
+        "{}-{}",
+        cfg.name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    let (_learner, learner_url) = start_learner(plan, &run_id, &token, "127.0.0.1:0").await?;
+    let mut workers = vec![];
+    for i in 0..cfg.workers {
+        let id = format!("w{i}");
+        let (url, _) =
+            start_worker(plan, &learner_url, &token, &run_id, &id, "127.0.0.1:0").await?;
+        workers.push(url);
+    }
+    let endpoints = Endpoints {
+        learner: learner_url,
+        workers,
+        token,
+    };
+    let options = RunOptions {
+        run_id,
+        db: local.db,
+        out_dir,
+        started,
+        directory: None,
+    };
+    orchestrate(plan, &endpoints, options).await
+}
+
+/// A token nobody guesses: two independently seeded std hashers over the time.
+fn random_token() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    ((h.finish() as u128) << 64)
+        | std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u128
+}

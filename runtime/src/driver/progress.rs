@@ -1,0 +1,65 @@
+//! Live progress of a run: one line per learner step with the scheduler's running counters,
+//! logged as a `tracing` event (its numbers also as fields) and, when the run is served, sent to
+//! `WatchRun` clients as a run event.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use chorus_orchestrator::scheduler::StageStats;
+use chorus_orchestrator::service::Directory;
+use chorus_proto::v1::{LearnerStepCompleted, StepReport, run_event};
+use tokio::sync::broadcast;
+
+/// Follows the learner's step reports until their stream closes.
+pub(crate) fn spawn(
+    mut steps: broadcast::Receiver<StepReport>,
+    stats: Arc<StageStats>,
+    directory: Option<Arc<Directory>>,
+) {
+    let started = Instant::now();
+    tokio::spawn(async move {
+        while let Ok(r) = steps.recv().await {
+            if let Some(d) = &directory {
+                d.emit(run_event::Kind::LearnerStep(LearnerStepCompleted {
+                    step: r.step,
+                    loss: r.loss,
+                    trajectories: r.trajectories,
+                    skipped: !r.skip_reason.is_empty(),
+                }));
+            }
+            let groups = stats.groups_submitted.load(Ordering::Relaxed).max(1);
+            let trajectories = stats.trajectories_submitted.load(Ordering::Relaxed);
+            let reward = stats.reward_micros.load(Ordering::Relaxed) as f64
+                / 1e6
+                / trajectories.max(1) as f64;
+            let max_lag = stats.max_lag.load(Ordering::Relaxed);
+            let dropped = stats.prompts_dropped.load(Ordering::Relaxed);
+            let failed = stats.trajectories_failed.load(Ordering::Relaxed);
+            let seconds = started.elapsed().as_secs_f64();
+            let skipped = if r.skip_reason.is_empty() {
+                String::new()
+            } else {
+                format!("  skipped: {}", r.skip_reason)
+            };
+            tracing::info!(
+                step = r.step,
+                policy_version = r.policy_version,
+                supervised = r.supervised,
+                loss = r.loss,
+                reward,
+                trajectories,
+                groups,
+                max_lag,
+                dropped,
+                failed,
+                seconds,
+                "step {:>4} {} v{:<4} loss {:>8.4} reward {reward:.3} traj {trajectories:>6} groups {groups:>5} lag<={max_lag} dropped {dropped} failed {failed} {seconds:.0}s{skipped}",
+                r.step,
+                if r.supervised { "sft" } else { "rl " },
+                r.policy_version,
+                r.loss,
+            );
+        }
+    });
+}

@@ -1,0 +1,78 @@
+//! The environments of a run: every built-in, plus the plugins and NeMo Gym servers its config
+//! names, each checked before the run starts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chorus_environments::plugin::{RemoteEnvironment, RemoteOptions};
+use chorus_environments::{NemoGym, NemoGymOptions, Registry, builtin_registry};
+use chorus_orchestrator::config::{EnvironmentSource, RunConfig};
+
+use crate::error::{Result, RunError};
+
+/// The environments of a run: every built-in, plus a [`RemoteEnvironment`] for each plugin entry
+/// (registered under its URL, the entry's key) and a [`NemoGym`] for each `nemo_gym` entry
+/// (under its name). Plugins are asked to describe themselves now, so an absent plugin or a
+/// wrong token fails the run before it starts, with the entry and the address named. Each call
+/// to a plugin or NeMo Gym server has the run's environment deadline
+/// (`environment_faults.deadline_seconds`). Blocks while it connects: call it from a blocking
+/// thread in async code.
+pub fn environment_registry(cfg: &RunConfig, token: &str) -> Result<Registry> {
+    let mut registry = builtin_registry();
+    let builtins = registry.names();
+    let mut added: BTreeMap<String, &EnvironmentSource> = BTreeMap::new();
+    for (i, stage) in cfg.stages.iter().enumerate() {
+        for (j, spec) in stage.environments.iter().enumerate() {
+            let at = format!("stages[{i}].environments[{j}]");
+            let error = |at: String| move |source| RunError::Environment { at, source };
+            if let Some(earlier) = added.get(spec.key()) {
+                if *earlier != &spec.source {
+                    return Err(RunError::Invalid(format!(
+                        "{at}: `{}` names two different environments in this config ({earlier:?} \
+                         and {:?}); give them different names",
+                        spec.key(),
+                        spec.source
+                    )));
+                }
+                continue;
+            }
+            match &spec.source {
+                EnvironmentSource::Builtin(name) => {
+                    registry.get(name).map_err(error(format!("{at}.name")))?;
+                }
+                EnvironmentSource::Remote(url) => {
+                    let options = RemoteOptions {
+                        timeout: cfg.environment_faults.deadline,
+                        ..RemoteOptions::default()
+                    };
+                    let env = RemoteEnvironment::connect_with(url, token, options)
+                        .map_err(error(format!("{at}.url: connecting to the plugin")))?;
+                    tracing::info!(
+                        plugin = env.plugin_info().name,
+                        url,
+                        "environment plugin `{}` at {url}",
+                        env.plugin_info().name
+                    );
+                    registry.replace(Arc::new(env));
+                }
+                EnvironmentSource::NemoGym { name, url, dataset } => {
+                    if builtins.contains(name) {
+                        return Err(RunError::Invalid(format!(
+                            "{at}.name: `{name}` is a built-in environment; give the nemo_gym \
+                             entry another name"
+                        )));
+                    }
+                    let env = NemoGym::from_jsonl_file(name.clone(), url, dataset)
+                        .map_err(error(format!("{at}: reading the NeMo Gym dataset")))?
+                        .with_options(NemoGymOptions {
+                            timeout: cfg.environment_faults.deadline,
+                            ..NemoGymOptions::default()
+                        });
+                    registry.replace(Arc::new(env));
+                }
+            }
+            added.insert(spec.key().to_string(), &spec.source);
+        }
+    }
+    Ok(registry)
+}

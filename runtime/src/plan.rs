@@ -1,0 +1,225 @@
+//! [`RunPlan`]: everything a run needs, derived once from its validated config — the policy's
+//! architecture and tokenizer, the learner's settings, the workers' engine options, the
+//! evaluation plan and the stages. The services and the driver read the plan, never the raw
+//! config's strings.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chorus_learner::{AdamWConfig, GrpoConfig, LearnerConfig, LrSchedule};
+use chorus_model::engine::{EngineOptions, Nvfp4Policy};
+use chorus_model::tokenizer::Tokenizer;
+use chorus_model::{NemotronHConfig, checkpoint};
+use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
+
+use crate::error::{Result, RunError};
+
+/// Held-out evaluation of a run: before RL, after the last stage and, optionally, every
+/// `every` RL steps (the learning curve).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalPlan {
+    /// Held-out tasks per environment.
+    pub tasks: usize,
+    /// Evaluate every this many RL steps as well (0: only before and after).
+    pub every: u64,
+    /// The environments evaluated (those of the RL stages, each once) with their difficulty.
+    pub environments: Vec<(String, u32)>,
+    /// New tokens per evaluated answer: the largest of any stage.
+    pub max_new_tokens: usize,
+    /// Prompt tokens allowed: the largest of any stage.
+    pub max_prompt_tokens: usize,
+    /// RL steps in the whole run (the curve stops there).
+    pub rl_steps: u64,
+}
+
+impl EvalPlan {
+    /// The evaluation of `cfg` with `tasks` held-out tasks per environment, also every `every`
+    /// RL steps when it is not 0.
+    pub fn new(cfg: &RunConfig, tasks: usize, every: u64) -> Self {
+        let mut seen = BTreeMap::new();
+        for s in cfg.stages.iter().filter(|s| s.kind == StageKind::Rl) {
+            for e in &s.environments {
+                seen.entry(e.key().to_string()).or_insert(e.difficulty);
+            }
+        }
+        Self {
+            tasks,
+            every,
+            environments: seen.into_iter().collect(),
+            max_new_tokens: cfg
+                .stages
+                .iter()
+                .map(|s| s.max_new_tokens)
+                .max()
+                .unwrap_or(32),
+            max_prompt_tokens: cfg
+                .stages
+                .iter()
+                .map(|s| s.max_prompt_tokens)
+                .max()
+                .unwrap_or(256),
+            rl_steps: cfg
+                .stages
+                .iter()
+                .filter(|s| s.kind == StageKind::Rl)
+                .map(|s| s.steps)
+                .sum(),
+        }
+    }
+}
+
+/// A run, ready to start: built once from its config by [`RunPlan::new`].
+#[derive(Clone)]
+pub struct RunPlan {
+    /// The validated config (stages, environments, scheduling and fault settings).
+    pub config: RunConfig,
+    /// The config's text, recorded in the ledger with the run.
+    pub config_toml: String,
+    /// The policy's architecture.
+    pub model: NemotronHConfig,
+    /// The policy's tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The learner's optimizer, objective and frozen parameters.
+    pub learner: LearnerConfig,
+    /// How the workers store their projections.
+    pub engine: EngineOptions,
+    /// Held-out evaluation and the learning curve.
+    pub evaluation: EvalPlan,
+}
+
+impl RunPlan {
+    /// Derives the plan of `config` (whose text is `config_toml`), evaluating `eval_tasks`
+    /// held-out tasks per environment, also every `eval_every` RL steps when it is not 0.
+    /// Reads the model's `config.json` and the tokenizer.
+    pub fn new(
+        config: RunConfig,
+        config_toml: String,
+        eval_tasks: usize,
+        eval_every: u64,
+    ) -> Result<Self> {
+        for device in [&config.worker_device, &config.learner_device] {
+            check_device(device)?;
+        }
+        let model = model_config(&config)?;
+        let tokenizer = Arc::new(tokenizer(&config, &model)?);
+        let learner = learner_config(&config, &model);
+        let engine = EngineOptions {
+            nvfp4: config.worker_nvfp4.then(|| Nvfp4Policy {
+                keep_attention: config.worker_keep_attention_f32,
+                exclude: vec![],
+            }),
+        };
+        let evaluation = EvalPlan::new(&config, eval_tasks, eval_every);
+        Ok(Self {
+            config,
+            config_toml,
+            model,
+            tokenizer,
+            learner,
+            engine,
+            evaluation,
+        })
+    }
+
+    /// The groups the learner gathers into one step: the first stage's prompts per step.
+    pub fn groups_per_step(&self) -> usize {
+        self.config.stages[0].prompts_per_step
+    }
+
+    /// The plugin environment this run uses, if any (it checks the run's shared token).
+    pub fn plugin_url(&self) -> Option<&str> {
+        self.config
+            .stages
+            .iter()
+            .flat_map(|s| &s.environments)
+            .find_map(|e| match &e.source {
+                EnvironmentSource::Remote(url) => Some(url.as_str()),
+                _ => None,
+            })
+    }
+}
+
+/// Only the CPU exists in builds without CUDA; a CUDA device fails here, naming the fix.
+fn check_device(spec: &str) -> Result<()> {
+    match spec {
+        "cpu" => Ok(()),
+        s if s.starts_with("cuda") => Err(RunError::Invalid(format!(
+            "device `{s}`: this build of chorus has no CUDA support (rebuild with `--features \
+             cuda` on a machine with the CUDA toolkit); allowed here: cpu"
+        ))),
+        s => Err(RunError::Invalid(format!(
+            "unknown device `{s}`; allowed: cpu, cuda:N"
+        ))),
+    }
+}
+
+/// The policy's architecture, from the checkpoint's config.json or the init config.
+fn model_config(cfg: &RunConfig) -> Result<NemotronHConfig> {
+    Ok(match (&cfg.checkpoint, &cfg.init_config) {
+        (Some(dir), _) => NemotronHConfig::from_file(dir.join(checkpoint::CONFIG_FILE))?,
+        (None, Some(c)) => NemotronHConfig::from_file(c)?,
+        (None, None) => {
+            return Err(RunError::Invalid(
+                "the config has no model: give `model.checkpoint` or `model.init_config`".into(),
+            ));
+        }
+    })
+}
+
+/// The policy's tokenizer: the configured file, the checkpoint's, or the byte-level one.
+fn tokenizer(cfg: &RunConfig, model: &NemotronHConfig) -> Result<Tokenizer> {
+    let t = match (&cfg.tokenizer, &cfg.checkpoint) {
+        (Some(t), _) => Tokenizer::from_file(t)?,
+        (None, Some(dir)) if dir.join("tokenizer.json").exists() => {
+            Tokenizer::from_file(&dir.join("tokenizer.json"))?
+        }
+        _ => Tokenizer::byte_level(),
+    };
+    if t.vocab_size() > model.vocab_size {
+        return Err(RunError::Invalid(format!(
+            "the tokenizer has {} ids but the model's vocab_size is {}",
+            t.vocab_size(),
+            model.vocab_size
+        )));
+    }
+    Ok(t)
+}
+
+/// The learner's settings for `cfg`.
+fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
+    LearnerConfig {
+        optimizer: AdamWConfig {
+            max_grad_norm: cfg.max_grad_norm,
+            ..Default::default()
+        },
+        // Each group carries its stage's rate for its step (warmup and decay per stage, see
+        // `Stage::lr_at`), so the learner's own schedule stays flat.
+        schedule: LrSchedule {
+            peak_lr: cfg.stages[0].lr,
+            ..Default::default()
+        },
+        grpo: GrpoConfig {
+            eps_low: cfg.eps_low,
+            eps_high: cfg.eps_high,
+            tis_cap: cfg.tis_cap,
+            aggregation: if cfg.aggregation == "seq_mean" {
+                chorus_learner::Aggregation::SeqMean
+            } else {
+                chorus_learner::Aggregation::TokenMean
+            },
+            ..Default::default()
+        },
+        // The MTP head is trained apart (it drafts for speculation, it is not the policy).
+        freeze: if model.has_mtp() {
+            vec!["mtp.".into()]
+        } else {
+            vec![]
+        },
+        nvfp4_forward: cfg
+            .learner_nvfp4_forward
+            .then(|| chorus_learner::Nvfp4Forward {
+                keep_attention: cfg.worker_keep_attention_f32,
+                exclude: vec![],
+            }),
+    }
+}

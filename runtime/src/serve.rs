@@ -1,0 +1,444 @@
+//! Each service of a run as its own process (`chorus serve …`), for runs across machines: the
+//! learner and a rollout worker (optionally registering with an orchestrator), the orchestrator
+//! of one run, and the orchestrator daemon that serves launched runs one after another on
+//! standby services. Each function serves until its run ends or Ctrl-C.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_orchestrator::config::RunConfig;
+use chorus_orchestrator::ledger::{Ledger, RunStatus};
+use chorus_orchestrator::service::{Directory, Fleet, Launched, Leases, OrchestratorService};
+use chorus_proto::auth::RequireToken;
+use chorus_proto::tonic::service::Routes;
+use chorus_proto::v1::orchestrator_server::OrchestratorServer;
+use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
+
+use crate::driver::default_db;
+use crate::error::{Result, RunError};
+use crate::plan::RunPlan;
+use crate::registration::{Reporter, register};
+use crate::services::{serve_routes, start_learner, start_worker};
+use crate::summary::Summary;
+use crate::{Endpoints, RunOptions, orchestrate};
+
+/// How a learner or worker process serves.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// Its id at the orchestrator (and, for a worker, in the ledger).
+    pub id: String,
+    /// The run's id, shared by all its services.
+    pub run_id: String,
+    /// Address to serve on (port 0 picks a free port).
+    pub listen: String,
+    /// The address others use to reach it, if not the one bound (see [`advertised_url`]).
+    pub advertise: Option<String>,
+    /// The shared token.
+    pub token: String,
+    /// The orchestrator to register with and send heartbeats to.
+    pub orchestrator: Option<String>,
+}
+
+/// Serves the learner of `plan` until Ctrl-C; `listening` gets its URL once it serves.
+pub async fn learner(
+    plan: &RunPlan,
+    s: ServiceOptions,
+    listening: impl FnOnce(&str),
+) -> Result<()> {
+    let (handle, bound) = start_learner(plan, &s.run_id, &s.token, &s.listen).await?;
+    let url = advertised_url(&bound, s.advertise.as_deref())?;
+    if let Some(orchestrator) = &s.orchestrator {
+        let reporter = Reporter::Learner {
+            id: s.id.clone(),
+            endpoint: url.clone(),
+            run_id: s.run_id.clone(),
+            version: Arc::new(move || handle.version()),
+        };
+        register(orchestrator, &s.token, reporter).await?;
+    }
+    listening(&url);
+    shutdown().await
+}
+
+/// Serves a rollout worker of `plan` that follows the learner at `learner_url`, until Ctrl-C;
+/// `listening` gets its URL once it serves.
+pub async fn worker(
+    plan: &RunPlan,
+    learner_url: &str,
+    s: ServiceOptions,
+    listening: impl FnOnce(&str),
+) -> Result<()> {
+    let (bound, handle) =
+        start_worker(plan, learner_url, &s.token, &s.run_id, &s.id, &s.listen).await?;
+    let url = advertised_url(&bound, s.advertise.as_deref())?;
+    if let Some(orchestrator) = &s.orchestrator {
+        let reporter = Reporter::Worker {
+            id: s.id.clone(),
+            endpoint: url.clone(),
+            run_id: s.run_id.clone(),
+            capacity: plan.config.worker_max_batch as u32,
+            version: Arc::new(move || handle.version()),
+        };
+        register(orchestrator, &s.token, reporter).await?;
+    }
+    listening(&url);
+    shutdown().await
+}
+
+/// Waits for Ctrl-C.
+async fn shutdown() -> Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(RunError::io("waiting for Ctrl-C"))?;
+    tracing::info!("stopping");
+    Ok(())
+}
+
+/// How the orchestrator of one run finds its services and records the run.
+#[derive(Clone, Debug)]
+pub struct OrchestratorOptions {
+    /// The run's id, shared by all its services.
+    pub run_id: String,
+    /// Serve the Orchestrator service here, so that services register and clients watch.
+    pub listen: Option<String>,
+    /// The learner's URL; without it, wait for the learner to register (needs `listen`).
+    pub learner: Option<String>,
+    /// The workers' URLs; without any, wait for `workers.count` to register (needs `listen`).
+    pub workers: Vec<String>,
+    /// How long to wait for registrations.
+    pub wait: Duration,
+    /// The shared token.
+    pub token: String,
+    /// Ledger URL; default `sqlite://<runs_dir>/<name>/ledger.sqlite`.
+    pub db: Option<String>,
+    /// Directory for run outputs.
+    pub runs_dir: PathBuf,
+}
+
+/// The orchestrator of one run: waits for its learner and workers (given, or registering),
+/// runs the plan's stages against them and returns the summary. `listening` gets the
+/// Orchestrator service's URL when it serves one.
+pub async fn orchestrator(
+    plan: &RunPlan,
+    o: OrchestratorOptions,
+    listening: impl FnOnce(&str),
+) -> Result<Summary> {
+    let started = Instant::now();
+    let out_dir = o.runs_dir.join(&plan.config.name);
+    let directory = match &o.listen {
+        Some(listen) => {
+            let db = o.db.clone().unwrap_or_else(|| default_db(&out_dir));
+            let (url, fleet, _) = serve_orchestrator(listen, &o.token, &db, &out_dir, None).await?;
+            let directory = Directory::new(&o.run_id, fleet.leases());
+            directory.spawn_lease_checker();
+            fleet.serve_run(directory.clone(), plan.config_toml.clone());
+            listening(&url);
+            Some(directory)
+        }
+        None => None,
+    };
+    let learner = match (o.learner, &directory) {
+        (Some(url), _) => url,
+        (None, Some(d)) => {
+            tracing::info!("waiting for the learner to register ...");
+            d.wait_for_learner(o.wait)
+                .await
+                .map_err(RunError::Unavailable)?
+                .endpoint
+        }
+        (None, None) => {
+            return Err(RunError::Invalid(
+                "give the learner's address (--learner URL) or --listen ADDR so that it can \
+                 register"
+                    .into(),
+            ));
+        }
+    };
+    let workers = match (o.workers.is_empty(), &directory) {
+        (false, _) => o.workers,
+        (true, Some(d)) => {
+            tracing::info!(
+                workers = plan.config.workers,
+                "waiting for {} rollout workers to register ...",
+                plan.config.workers
+            );
+            d.wait_for_workers(plan.config.workers, o.wait)
+                .await
+                .map_err(RunError::Unavailable)?;
+            // The pool takes them, and later ones, from the directory.
+            vec![]
+        }
+        (true, None) => {
+            return Err(RunError::Invalid(
+                "give the workers' addresses (--worker URL, repeated) or --listen ADDR so that \
+                 they can register"
+                    .into(),
+            ));
+        }
+    };
+    let endpoints = Endpoints {
+        learner,
+        workers,
+        token: o.token,
+    };
+    let options = RunOptions {
+        run_id: o.run_id,
+        db: o.db,
+        out_dir,
+        started,
+        directory: directory.clone(),
+    };
+    let result = orchestrate(plan, &endpoints, options).await;
+    if let (Err(e), Some(d)) = (&result, &directory) {
+        d.emit(failed(e));
+    }
+    result
+}
+
+fn failed(e: &RunError) -> run_event::Kind {
+    run_event::Kind::StatusChanged(RunStatusChanged {
+        status: ProtoRunStatus::Failed as i32,
+        reason: e.to_string(),
+    })
+}
+
+/// How the orchestrator daemon serves launched runs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// Where it serves the Orchestrator service.
+    pub listen: String,
+    /// The shared token.
+    pub token: String,
+    /// Ledger URL; default `sqlite://<runs_dir>/ledger.sqlite`.
+    pub db: Option<String>,
+    /// Directory for run outputs (`<runs_dir>/<run id>/summary.json`).
+    pub runs_dir: PathBuf,
+    /// How long a run waits for its learner and workers.
+    pub wait: Duration,
+    /// Held-out tasks per environment in each run's evaluation.
+    pub eval_tasks: usize,
+    /// The name this orchestrator records its launches under in the ledger.
+    pub name: String,
+}
+
+/// The orchestrator daemon: serves runs launched with `LaunchRun`, one after another, on the
+/// standby services registered with it, until Ctrl-C. Restarted under the same name on the
+/// same ledger, it queues again the runs still pending and marks failed the one it was running.
+/// `listening` gets its URL once it serves.
+pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Result<()> {
+    let db =
+        d.db.clone()
+            .unwrap_or_else(|| format!("sqlite://{}", d.runs_dir.join("ledger.sqlite").display()));
+    let (url, fleet, ledger) =
+        serve_orchestrator(&d.listen, &d.token, &db, &d.runs_dir, Some(d.name.clone())).await?;
+    // What an earlier process with this name left: runs cut off mid-way cannot resume (yet);
+    // runs that never started are queued again, in launch order.
+    let at = RunError::ledger(&db);
+    for (_, run) in ledger
+        .launched_runs(&d.name, RunStatus::Running)
+        .await
+        .map_err(at)?
+    {
+        tracing::warn!(
+            run_id = run.id,
+            "run {} was running when this orchestrator last stopped; it cannot resume, so it is \
+             marked failed",
+            run.id
+        );
+        ledger
+            .set_run_status(&run.id, RunStatus::Failed)
+            .await
+            .map_err(RunError::ledger(&db))?;
+    }
+    let pending = ledger
+        .launched_runs(&d.name, RunStatus::Pending)
+        .await
+        .map_err(RunError::ledger(&db))?;
+    for (request_id, run) in pending {
+        tracing::info!(
+            run_id = run.id,
+            "run {} was launched before a restart: queued again",
+            run.id
+        );
+        fleet.requeue(&request_id, &run.id, &run.name, &run.config_toml);
+    }
+    ledger.flush().await.map_err(RunError::ledger(&db))?;
+    listening(&url);
+    tracing::info!(
+        name = d.name,
+        db,
+        "serving launched runs as `{}`; ledger {db}",
+        d.name
+    );
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        let launched = tokio::select! {
+            l = fleet.next_launched() => l,
+            _ = &mut ctrl_c => {
+                tracing::info!("stopping");
+                return Ok(());
+            }
+        };
+        let run_id = launched.run_id.clone();
+        let (learners, workers) = fleet.standby();
+        tracing::info!(
+            run_id,
+            learners,
+            workers,
+            "run {run_id}: starting; standing by: {learners} learner(s), {workers} worker(s)"
+        );
+        let result = run_launched(&d, &fleet, &launched, &db).await;
+        if let Err(e) = &result {
+            tracing::error!(run_id, error = %e, "run {run_id} failed: {e}");
+            ledger
+                .set_run_status(&run_id, RunStatus::Failed)
+                .await
+                .map_err(RunError::ledger(&db))?;
+            ledger.flush().await.map_err(RunError::ledger(&db))?;
+            launched.directory.emit(failed(e));
+        }
+        fleet.finish_run();
+    }
+}
+
+/// One launched run, on the standby services the fleet hands it to.
+async fn run_launched(
+    d: &DaemonOptions,
+    fleet: &Fleet,
+    launched: &Launched,
+    db: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    let run_id = &launched.run_id;
+    let cfg = RunConfig::from_toml_relative_to(
+        &launched.config_toml,
+        &format!("the config of run {run_id}"),
+        std::path::Path::new("."),
+    )?;
+    let plan = RunPlan::new(cfg, launched.config_toml.clone(), d.eval_tasks, 0)?;
+    let directory = launched.directory.clone();
+    directory.spawn_lease_checker();
+    fleet.serve_run(directory.clone(), launched.config_toml.clone());
+    let learner = directory
+        .wait_for_learner(d.wait)
+        .await
+        .map_err(RunError::Unavailable)?
+        .endpoint;
+    directory
+        .wait_for_workers(plan.config.workers, d.wait)
+        .await
+        .map_err(RunError::Unavailable)?;
+    let endpoints = Endpoints {
+        learner,
+        workers: vec![],
+        token: d.token.clone(),
+    };
+    let options = RunOptions {
+        run_id: run_id.clone(),
+        db: Some(db.to_string()),
+        out_dir: d.runs_dir.join(run_id),
+        started,
+        directory: Some(directory),
+    };
+    orchestrate(&plan, &endpoints, options).await.map(|_| ())
+}
+
+/// Serves the Orchestrator service on `listen` (registrations, heartbeats, runs from the ledger
+/// at `db`, run events; launches, recorded under `launcher`, when it is given); returns its URL,
+/// the fleet behind it and its ledger.
+async fn serve_orchestrator(
+    listen: &str,
+    token: &str,
+    db: &str,
+    out_dir: &std::path::Path,
+    launcher: Option<String>,
+) -> Result<(String, Arc<Fleet>, Ledger)> {
+    std::fs::create_dir_all(out_dir)
+        .map_err(RunError::io(format!("creating {}", out_dir.display())))?;
+    let ledger = Ledger::open(db).await.map_err(RunError::ledger(db))?;
+    let fleet = Fleet::new(Leases::default(), launcher);
+    let svc = OrchestratorServer::with_interceptor(
+        OrchestratorService::new(fleet.clone(), ledger.clone()),
+        RequireToken::new(token)?,
+    );
+    let url = serve_routes(Routes::new(svc), listen).await?;
+    Ok((url, fleet, ledger))
+}
+
+/// The address other machines reach a service at. `advertise` is a host name or IP (the port is
+/// the bound one), `HOST:PORT`, or a URL; without it, the bound URL, with a wildcard host
+/// (`0.0.0.0`, `[::]`) replaced by this machine's host name, since nobody can connect to those.
+pub fn advertised_url(bound: &str, advertise: Option<&str>) -> Result<String> {
+    let invalid = |m: String| Err(RunError::Invalid(m));
+    let Some(rest) = bound.strip_prefix("http://") else {
+        return invalid(format!("`{bound}` is not an http:// address"));
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return invalid(format!("`{bound}` has no port"));
+    };
+    Ok(match advertise {
+        Some(a) if a.starts_with("http://") || a.starts_with("https://") => {
+            a.trim_end_matches('/').to_string()
+        }
+        Some("") => {
+            return invalid(
+                "--advertise is empty; allowed: a host name or IP, HOST:PORT, or a URL".into(),
+            );
+        }
+        Some(a) if a.contains(':') && !a.starts_with('[') => format!("http://{a}"),
+        Some(a) => format!("http://{a}:{port}"),
+        None if host == "0.0.0.0" || host == "[::]" => format!("http://{}:{port}", host_name()?),
+        None => bound.to_string(),
+    })
+}
+
+fn host_name() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(RunError::Io {
+            what: "this machine's host name".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    if name.is_empty() {
+        return Err(RunError::Invalid(
+            "this machine has no host name: give --advertise HOST".into(),
+        ));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_url;
+
+    #[test]
+    fn services_advertise_an_address_others_can_reach() {
+        let at = |bound: &str, a: Option<&str>| advertised_url(bound, a).unwrap();
+        assert_eq!(at("http://127.0.0.1:7000", None), "http://127.0.0.1:7000");
+        assert_eq!(
+            at("http://0.0.0.0:7000", Some("10.0.0.3")),
+            "http://10.0.0.3:7000"
+        );
+        assert_eq!(
+            at("http://0.0.0.0:7000", Some("gpu-3:9000")),
+            "http://gpu-3:9000"
+        );
+        assert_eq!(
+            at("http://0.0.0.0:7000", Some("https://w.example/")),
+            "https://w.example"
+        );
+        let wildcard = at("http://0.0.0.0:7000", None);
+        assert!(
+            wildcard.ends_with(":7000") && !wildcard.contains("0.0.0.0"),
+            "{wildcard}"
+        );
+        assert!(!at("http://[::]:7000", None).contains("[::]"));
+        assert!(advertised_url("http://0.0.0.0:7000", Some("")).is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! The learner and a rollout worker as gRPC services in this process, and the one way every
+//! service binds its address.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use chorus_learner::{LearnerHandle, LearnerService, LearnerServiceConfig, Trainer, spawn_learner};
+use chorus_model::checkpoint;
+use chorus_proto::auth::{AttachToken, RequireToken};
+use chorus_proto::tonic::service::Routes;
+use chorus_proto::tonic::transport::{Endpoint, Server};
+use chorus_proto::v1::learner_client::LearnerClient;
+use chorus_proto::v1::learner_server::LearnerServer;
+use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
+use chorus_rollout_worker::{
+    RolloutService, WorkerHandle, fetch_version, follow_learner, spawn_engine_loop,
+};
+
+use crate::error::{Result, RunError};
+use crate::plan::RunPlan;
+
+/// Largest weight chunk the learner streams to workers.
+const MAX_WEIGHT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Binds `listen` (port 0 picks a free port) and serves `routes` there in the background;
+/// returns the URL clients use.
+pub async fn serve_routes(routes: Routes, listen: &str) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(RunError::io(format!("binding {listen}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(RunError::io(format!("the address bound at {listen}")))?;
+    tokio::spawn(
+        Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(format!("http://{addr}"))
+}
+
+/// The learner of run `run_id`: its checkpoint (or a seeded initialisation) loaded, the trainer
+/// on its own thread, serving on `listen`. Returns its handle and URL.
+pub async fn start_learner(
+    plan: &RunPlan,
+    run_id: &str,
+    token: &str,
+    listen: &str,
+) -> Result<(LearnerHandle, String)> {
+    let params = match &plan.config.checkpoint {
+        Some(dir) => checkpoint::load_checkpoint(dir, &Device::Cpu)?.1,
+        None => checkpoint::init_params(&plan.model, plan.config.init_seed, &Device::Cpu)?,
+    };
+    let trainer = Trainer::new(plan.model.clone(), params, plan.learner.clone())?;
+    let handle = spawn_learner(
+        trainer,
+        LearnerServiceConfig {
+            run_id: run_id.to_string(),
+            groups_per_step: plan.groups_per_step(),
+            max_chunk_bytes: MAX_WEIGHT_CHUNK_BYTES,
+        },
+    );
+    let svc = LearnerServer::with_interceptor(
+        LearnerService::new(handle.clone()),
+        RequireToken::new(token)?,
+    );
+    let url = serve_routes(Routes::new(svc), listen).await?;
+    tracing::info!(run_id, url, "learner serving");
+    Ok((handle, url))
+}
+
+/// A rollout worker of run `run_id` with id `worker_id`: fetches the learner's current weights
+/// from `learner_url`, follows its later versions, and serves `Generate` on `listen`. Returns
+/// its URL and handle.
+pub async fn start_worker(
+    plan: &RunPlan,
+    learner_url: &str,
+    token: &str,
+    run_id: &str,
+    worker_id: &str,
+    listen: &str,
+) -> Result<(String, WorkerHandle)> {
+    let channel = Endpoint::from_shared(learner_url.to_string())
+        .map_err(RunError::transport(format!(
+            "the learner's address `{learner_url}`"
+        )))?
+        .connect()
+        .await
+        .map_err(RunError::transport(format!(
+            "connecting to the learner at {learner_url}"
+        )))?;
+    let mut client = LearnerClient::with_interceptor(channel, AttachToken::new(token)?);
+    let (version, engine) =
+        fetch_version(&mut client, &plan.model, &plan.engine, run_id, worker_id, 0)
+            .await
+            .map_err(|message| RunError::Worker {
+                worker: worker_id.to_string(),
+                message,
+            })?;
+    let handle = spawn_engine_loop(Arc::new(engine), version, plan.config.worker_max_batch);
+    tokio::spawn(follow_learner(
+        handle.clone(),
+        client,
+        plan.model.clone(),
+        plan.engine.clone(),
+        run_id.to_string(),
+        worker_id.to_string(),
+    ));
+    let svc = RolloutWorkerServer::with_interceptor(
+        RolloutService::new(handle.clone(), worker_id),
+        RequireToken::new(token)?,
+    );
+    let url = serve_routes(Routes::new(svc), listen).await?;
+    tracing::info!(run_id, worker_id, url, version, "rollout worker serving");
+    Ok((url, handle))
+}

@@ -259,7 +259,7 @@ fn file_edges(
             reexports.get(name).cloned()
         }
     };
-    let mut push = |names: Vec<String>, line: usize, edges: &mut Vec<Edge>| {
+    let push = |names: Vec<String>, line: usize, edges: &mut Vec<Edge>| {
         for n in names {
             if let Some(m) = resolve(&n)
                 && m != own
@@ -454,10 +454,16 @@ fn sources(files: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
 #[test]
 fn a_cycle_through_use_items_inline_paths_and_reexports_is_found() {
     let files = sources(&[
-        ("lib.rs", "mod a; mod b; mod c;\npub use c::{Thing, other::More};"),
+        (
+            "lib.rs",
+            "mod a; mod b; mod c;\npub use c::{Thing, other::More};",
+        ),
         ("a.rs", "use crate::b::X;"),
         ("b/mod.rs", "mod inner;"),
-        ("b/inner.rs", "fn f() { let _ = super::super::Thing::new(); }"),
+        (
+            "b/inner.rs",
+            "fn f() { let _ = super::super::Thing::new(); }",
+        ),
         ("c.rs", "fn g() -> crate::a::Y { todo!() }"),
     ]);
     let graph = graph_of(&files);

@@ -214,12 +214,10 @@ pub async fn start_learner(
         } else {
             vec![]
         },
-        nvfp4_forward: cfg
-            .learner_nvfp4_forward
-            .then(|| chorus_learner::Nvfp4Forward {
-                keep_attention: cfg.worker_keep_attention_f32,
-                exclude: vec![],
-            }),
+        nvfp4_forward: cfg.learner_nvfp4_forward.then(|| Nvfp4Policy {
+            keep_attention: cfg.worker_keep_attention_f32,
+            exclude: vec![],
+        }),
     };
     let trainer = Trainer::new(model_cfg, params, learner_cfg)?;
     let handle = spawn_learner(

@@ -27,4 +27,4 @@ pub use schedule::{Decay, LrSchedule};
 pub use service::{
     LearnerHandle, LearnerService, LearnerServiceConfig, Published, group_sequences, spawn_learner,
 };
-pub use trainer::{LearnerConfig, Nvfp4Forward, OPTIMIZER_FILE, STATE_FILE, StepReport, Trainer};
+pub use trainer::{LearnerConfig, OPTIMIZER_FILE, STATE_FILE, StepReport, Trainer};

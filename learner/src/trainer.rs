@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use chorus_model::engine::Nvfp4Policy;
-use chorus_model::{NemotronH, NemotronHConfig, Params, checkpoint};
+use chorus_model::{NemotronH, NemotronHConfig, Nvfp4Policy, Params, checkpoint};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
@@ -30,29 +29,10 @@ pub struct LearnerConfig {
     pub freeze: Vec<String>,
     /// Run the forward pass through NVFP4 weights with straight-through gradients, quantizing
     /// the projections NVFP4 rollout workers quantize, so the policy being optimised is the one
-    /// the workers sample from. `None`: full precision.
-    pub nvfp4_forward: Option<Nvfp4Forward>,
-}
-
-/// Which projections the learner's NVFP4 forward pass quantizes: the same choice as the
-/// workers' (`workers.quantize = "nvfp4"`, `workers.keep_attention_f32`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Nvfp4Forward {
-    /// Keep attention projections in full precision.
-    pub keep_attention: bool,
-    /// Further weights to keep in full precision, as globs over weight names.
-    pub exclude: Vec<String>,
-}
-
-impl Nvfp4Forward {
-    /// The model's quantization policy with these choices.
-    pub fn policy(&self) -> Nvfp4Policy {
-        Nvfp4Policy {
-            keep_attention: self.keep_attention,
-            exclude: self.exclude.clone(),
-        }
-    }
+    /// the workers sample from; the policy is the workers' own type, so both sides always make
+    /// the same choice (`workers.quantize = "nvfp4"`, `workers.keep_attention_f32`). `None`:
+    /// full precision.
+    pub nvfp4_forward: Option<Nvfp4Policy>,
 }
 
 /// What one step did. `skipped` holds the reason when the update was refused.
@@ -99,7 +79,7 @@ impl Trainer {
     pub fn new(model_cfg: NemotronHConfig, params: Params, config: LearnerConfig) -> Result<Self> {
         config.grpo.validate()?;
         let model = match &config.nvfp4_forward {
-            Some(q) => NemotronH::new_nvfp4(&model_cfg, &params, &q.policy())?,
+            Some(policy) => NemotronH::new_nvfp4(&model_cfg, &params, policy)?,
             None => NemotronH::new(&model_cfg, &params)?,
         };
         let trainable = params
@@ -267,5 +247,28 @@ impl Trainer {
         t.step = st.step;
         t.version = st.version;
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nvfp4_forward_setting_reads_as_the_models_policy() {
+        let cfg: LearnerConfig = serde_json::from_str(
+            r#"{"nvfp4_forward": {"keep_attention": true, "exclude": ["mtp.*"]}}"#,
+        )
+        .expect("parses");
+        let policy = cfg.nvfp4_forward.expect("set");
+        assert!(policy.keep_attention);
+        assert!(!policy.quantizes("mtp.eh_proj.weight", 64));
+        let partial: LearnerConfig =
+            serde_json::from_str(r#"{"nvfp4_forward": {}}"#).expect("defaults fill in");
+        assert_eq!(partial.nvfp4_forward, Some(Nvfp4Policy::default()));
+        assert!(
+            serde_json::from_str::<LearnerConfig>(r#"{"nvfp4_forward": {"keep": true}}"#).is_err(),
+            "unknown keys are refused"
+        );
     }
 }

@@ -26,7 +26,7 @@ fn trainer(nvfp4: bool) -> Trainer {
     let cfg = config();
     let params = checkpoint::init_params(&cfg, 5, &Device::Cpu).unwrap();
     let lc = LearnerConfig {
-        nvfp4_forward: nvfp4.then(Nvfp4Forward::default),
+        nvfp4_forward: nvfp4.then(Nvfp4Policy::default),
         ..Default::default()
     };
     Trainer::new(cfg, params, lc).unwrap()

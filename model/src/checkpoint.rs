@@ -15,10 +15,7 @@ use crate::params::Params;
 /// Adds a tensor by name and shape, its elements from a function of the flat index.
 type AddTensor<'a> = dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32) + 'a;
 
-/// File names of the HF layout.
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub use crate::layout::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
 
 /// Reads every tensor of a checkpoint directory (single file or sharded) or of one
 /// `.safetensors` file, converted to f32 on `device`.

@@ -92,71 +92,123 @@ impl Default for ChorusSettings {
 /// `config.json` as written by HF, every key optional so that errors can name what is missing.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawConfig {
+    /// `"nemotron_h"`; anything else is refused.
     pub model_type: Option<String>,
+    /// Number of token ids.
     pub vocab_size: Option<usize>,
+    /// Width of the residual stream.
     pub hidden_size: Option<usize>,
+    /// Number of blocks; checked against the pattern.
     pub num_hidden_layers: Option<usize>,
+    /// Kind of each block by name (`mamba`, `attention`, `moe`, `mlp`).
     pub layers_block_type: Option<Vec<String>>,
+    /// Kind of each block as one character each (`M`, `*`, `E`, `-`).
     pub hybrid_override_pattern: Option<String>,
+    /// Epsilon of every RMSNorm.
     pub layer_norm_epsilon: Option<f64>,
+    /// Whether `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: Option<bool>,
     // Mamba-2
+    /// Mamba-2 heads.
     pub mamba_num_heads: Option<usize>,
+    /// Width of each Mamba-2 head.
     pub mamba_head_dim: Option<usize>,
+    /// SSM state size per head.
     pub ssm_state_size: Option<usize>,
+    /// Groups sharing B and C.
     pub n_groups: Option<usize>,
+    /// Taps of the causal convolution.
     pub conv_kernel: Option<usize>,
+    /// Chunk length of the SSD scan.
     pub chunk_size: Option<usize>,
+    /// Whether the convolution has a bias.
     pub use_conv_bias: Option<bool>,
+    /// Whether Mamba projections have a bias (HF's older name).
     pub use_bias: Option<bool>,
+    /// Whether Mamba projections have a bias.
     pub mamba_proj_bias: Option<bool>,
+    /// Activation of the Mamba block; only `silu` is supported.
     pub mamba_hidden_act: Option<String>,
+    /// Lower clamp of dt (HF's reference path).
     pub time_step_min: Option<f64>,
+    /// `[min, max]` clamp of dt (HF's fused kernels).
     pub time_step_limit: Option<Value>,
     // attention
+    /// Query heads of attention blocks.
     pub num_attention_heads: Option<usize>,
+    /// Key/value heads of attention blocks.
     pub num_key_value_heads: Option<usize>,
+    /// Width of each attention head.
     pub head_dim: Option<usize>,
+    /// Whether attention projections have a bias; only `false` is supported.
     pub attention_bias: Option<bool>,
     // dense MLP
+    /// Hidden width of dense MLP blocks.
     pub intermediate_size: Option<usize>,
+    /// Activation of MLP and expert blocks; only `relu2` is supported.
     pub mlp_hidden_act: Option<String>,
+    /// Whether MLP projections have a bias; only `false` is supported.
     pub mlp_bias: Option<bool>,
     // MoE
+    /// Routed experts per MoE block.
     pub n_routed_experts: Option<usize>,
+    /// Experts each token is routed to.
     pub num_experts_per_tok: Option<usize>,
+    /// Hidden width of each routed expert.
     pub moe_intermediate_size: Option<usize>,
+    /// Hidden width of the shared expert.
     pub moe_shared_expert_intermediate_size: Option<usize>,
+    /// LatentMoE: width the routed experts run at (`None`: the full width).
     pub moe_latent_size: Option<usize>,
+    /// Scale of the routed experts' combined output.
     pub routed_scaling_factor: Option<f64>,
+    /// Whether the top-k routing weights are renormalised to sum to one.
     pub norm_topk_prob: Option<bool>,
+    /// Expert groups for group-limited routing.
     pub n_group: Option<usize>,
+    /// Groups each token may route into.
     pub topk_group: Option<usize>,
+    /// Number of shared experts; only one is supported.
     pub n_shared_experts: Option<usize>,
     // MTP
+    /// Blocks of the MTP head (0: no head).
     pub num_nextn_predict_layers: Option<usize>,
+    /// Kind of each MTP block by name.
     pub mtp_layers_block_type: Option<Vec<String>>,
     // special tokens
+    /// Beginning-of-sequence token id.
     pub bos_token_id: Option<Value>,
+    /// End-of-sequence token id, or a list of them.
     pub eos_token_id: Option<Value>,
+    /// Padding token id.
     pub pad_token_id: Option<Value>,
+    /// Chorus' own settings (the `"chorus"` key).
     pub chorus: Option<ChorusSettings>,
 }
 
 /// Mamba-2 sizes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MambaConfig {
+    /// Heads.
     pub num_heads: usize,
+    /// Width of each head.
     pub head_dim: usize,
+    /// SSM state size per head.
     pub state_size: usize,
+    /// Groups sharing B and C.
     pub n_groups: usize,
+    /// Taps of the causal convolution.
     pub conv_kernel: usize,
+    /// Chunk length of the SSD scan.
     pub chunk_size: usize,
+    /// Whether the convolution has a bias.
     pub conv_bias: bool,
+    /// Whether `in_proj` and `out_proj` have a bias.
     pub proj_bias: bool,
     /// Lower bound of dt after softplus. HF's reference (PyTorch) path clamps to
     /// `time_step_min`; the fused kernels clamp to `time_step_limit`. Chorus applies both bounds.
     pub dt_min: f64,
+    /// Upper bound of dt after softplus (see `dt_min`).
     pub dt_max: f64,
 }
 
@@ -186,8 +238,11 @@ impl MambaConfig {
 /// Attention sizes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionConfig {
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads (grouped-query attention).
     pub num_kv_heads: usize,
+    /// Width of each head.
     pub head_dim: usize,
 }
 
@@ -201,34 +256,56 @@ impl AttentionConfig {
 /// Mixture-of-experts sizes and routing constants.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
+    /// Routed experts.
     pub num_experts: usize,
+    /// Experts each token is routed to.
     pub top_k: usize,
+    /// Hidden width of each routed expert.
     pub expert_dim: usize,
+    /// Hidden width of the shared expert.
     pub shared_expert_dim: usize,
+    /// LatentMoE: width the routed experts run at (`None`: the full width).
     pub latent_size: Option<usize>,
+    /// Scale of the routed experts' combined output.
     pub routed_scaling_factor: f64,
+    /// Whether the top-k routing weights are renormalised to sum to one.
     pub norm_topk_prob: bool,
+    /// Expert groups for group-limited routing.
     pub n_group: usize,
+    /// Groups each token may route into.
     pub topk_group: usize,
 }
 
 /// A resolved, validated NemotronH configuration.
 #[derive(Debug, Clone)]
 pub struct NemotronHConfig {
+    /// Number of token ids.
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Kind of each backbone block, in order.
     pub layers: Vec<BlockKind>,
+    /// Epsilon of every RMSNorm.
     pub norm_eps: f64,
+    /// Whether `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Mamba-2 sizes, when the model has Mamba blocks.
     pub mamba: Option<MambaConfig>,
+    /// Attention sizes, when the model has attention blocks.
     pub attention: Option<AttentionConfig>,
+    /// Hidden width of dense MLP blocks, when it has any.
     pub mlp_dim: Option<usize>,
+    /// MoE sizes, when the model has MoE blocks.
     pub moe: Option<MoeConfig>,
     /// Blocks of the MTP head; empty when the checkpoint has none.
     pub mtp_layers: Vec<BlockKind>,
+    /// Beginning-of-sequence token id.
     pub bos_token_id: Option<u32>,
+    /// Tokens that end a generation.
     pub eos_token_ids: Vec<u32>,
+    /// Padding token id.
     pub pad_token_id: Option<u32>,
+    /// Chorus' own settings.
     pub chorus: ChorusSettings,
     /// The file's JSON, kept so that saving writes back every key, known or not.
     raw_json: Value,

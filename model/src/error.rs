@@ -7,26 +7,44 @@ use std::path::PathBuf;
 pub enum ModelError {
     /// A `config.json` key is missing, malformed or has a value Chorus does not support.
     #[error("config key `{key}`: {message}")]
-    Config { key: String, message: String },
+    Config {
+        /// The key, as written in `config.json`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A tensor the architecture needs is not in the checkpoint.
     #[error("checkpoint has no tensor `{name}`")]
-    MissingTensor { name: String },
+    MissingTensor {
+        /// The tensor's HF name.
+        name: String,
+    },
     /// A checkpoint tensor has the wrong shape for the config.
     #[error("tensor `{name}` has shape {got:?}, the config implies {expected:?}")]
     Shape {
+        /// The tensor's HF name.
         name: String,
+        /// The shape the config implies.
         expected: Vec<usize>,
+        /// The shape found.
         got: Vec<usize>,
     },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
     /// A file exists but its contents are not what they should be.
     #[error("{path}: {message}")]
-    BadFile { path: PathBuf, message: String },
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        message: String,
+    },
     /// A tokenizer could not be loaded, built or run.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -20,11 +20,14 @@
 //! the engine and [`NemotronH`] agree to 1e-4 on logits; weights are immutable inside the
 //! engine, decode state lives in caches apart from them.
 
+#![deny(missing_docs)]
+
 mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
 mod error;
+mod layout;
 mod mamba2;
 mod moe;
 mod nemotron_h;
@@ -36,6 +39,7 @@ pub mod tokenizer;
 
 pub use config::{BlockKind, ChorusSettings, NemotronHConfig};
 pub use error::{ModelError, Result};
+pub use layout::Nvfp4Policy;
 pub use mamba2::{Mamba2, MambaState, ssd_chunked};
 pub use moe::route;
 pub use nemotron_h::{Block, Mixer, MtpHead, NemotronH};

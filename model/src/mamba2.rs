@@ -35,6 +35,7 @@ pub struct MambaState {
 }
 
 impl Mamba2 {
+    /// Builds the block from the tensors under `p` (`backbone.layers.N.mixer`).
     pub fn new(cfg: &NemotronHConfig, p: &ParamPath) -> Result<Self> {
         let m = cfg.mamba().clone();
         let d = cfg.hidden_size;

@@ -15,9 +15,13 @@ use crate::params::{ParamPath, Params};
 /// The mixer of one block.
 #[derive(Clone, Debug)]
 pub enum Mixer {
+    /// A Mamba-2 mixer.
     Mamba(Mamba2),
+    /// Attention.
     Attention(Attention),
+    /// A (Latent)MoE.
     Moe(Moe),
+    /// A dense relu² MLP.
     Mlp(Mlp),
 }
 
@@ -29,6 +33,7 @@ pub struct Block {
 }
 
 impl Block {
+    /// Builds a block of `kind` from the tensors under `p` (`backbone.layers.N`).
     pub fn new(cfg: &NemotronHConfig, kind: BlockKind, p: &ParamPath) -> Result<Self> {
         let m = p.pp("mixer");
         let mixer = match kind {
@@ -43,6 +48,7 @@ impl Block {
         })
     }
 
+    /// `x: [B, T, d]` → `x + mixer(norm(x))`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(x)?;
         let y = match &self.mixer {
@@ -68,6 +74,7 @@ pub struct MtpHead {
 }
 
 impl MtpHead {
+    /// Builds the head from the tensors under `p` (`mtp`).
     pub fn new(cfg: &NemotronHConfig, p: &ParamPath) -> Result<Self> {
         let d = cfg.hidden_size;
         let layers = cfg
@@ -130,7 +137,7 @@ impl NemotronH {
     pub fn new_nvfp4(
         cfg: &NemotronHConfig,
         params: &Params,
-        policy: &crate::engine::Nvfp4Policy,
+        policy: &crate::Nvfp4Policy,
     ) -> Result<Self> {
         Self::build(cfg, params.root_nvfp4(policy))
     }
@@ -165,6 +172,7 @@ impl NemotronH {
         })
     }
 
+    /// The model's config.
     pub fn config(&self) -> &NemotronHConfig {
         &self.cfg
     }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::engine::Nvfp4Policy;
 use crate::error::{ModelError, Result};
+use crate::layout::Nvfp4Policy;
 
 /// Named model parameters (and buffers such as `e_score_correction_bias`).
 #[derive(Clone, Debug)]

@@ -12,14 +12,18 @@ use chorus_kernels::{Nvfp4Tensor, QuantizeOptions};
 use safetensors::{Dtype, SafeTensors, View};
 use serde_json::{Value, json};
 
-use crate::checkpoint::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
 use crate::error::{ModelError, Result};
+pub use crate::layout::glob_match;
+use crate::layout::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
 
 /// A tensor held as raw little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct RawTensor {
+    /// Element type as stored.
     pub dtype: Dtype,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// The elements' bytes, little-endian.
     pub data: Vec<u8>,
 }
 
@@ -138,35 +142,16 @@ fn f32_tensor(shape: Vec<usize>, v: &[f32]) -> RawTensor {
     }
 }
 
-/// A `*` / `?` glob over tensor names.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
 /// What a conversion did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConversionReport {
+    /// Names of the tensors converted to NVFP4.
     pub converted: Vec<String>,
+    /// Tensors copied unchanged.
     pub copied: usize,
+    /// Bytes of tensor data read.
     pub bytes_in: usize,
+    /// Bytes of tensor data written.
     pub bytes_out: usize,
 }
 
@@ -415,24 +400,6 @@ pub fn dequantize_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match(
-            "*.mixer.q_proj.weight",
-            "backbone.layers.2.mixer.q_proj.weight"
-        ));
-        assert!(glob_match("mtp.*", "mtp.eh_proj.weight"));
-        assert!(!glob_match("mtp.*", "backbone.mtp"));
-        assert!(glob_match(
-            "backbone.layers.?.mixer.*",
-            "backbone.layers.3.mixer.in_proj.weight"
-        ));
-        assert!(!glob_match(
-            "backbone.layers.?.mixer.*",
-            "backbone.layers.13.mixer.in_proj.weight"
-        ));
-    }
 
     #[test]
     fn half_decodes() {

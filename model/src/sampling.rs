@@ -36,6 +36,7 @@ impl SamplingParams {
         }
     }
 
+    /// Whether sampling always picks the most likely token.
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
@@ -111,6 +112,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler with `params`, its randomness seeded by `seed`.
     pub fn new(params: SamplingParams, seed: u64) -> Self {
         Self {
             params,
@@ -118,6 +120,7 @@ impl Sampler {
         }
     }
 
+    /// The settings it samples with.
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

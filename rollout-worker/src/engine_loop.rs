@@ -1,11 +1,16 @@
 //! The engine thread: continuous batching over per-sequence caches.
+//!
+//! The batching itself is the model's [`ContinuousBatch`]; this thread adds what a worker
+//! needs around it: jobs arrive over a channel and wait until the worker holds the policy
+//! version they ask for, new weights are installed between decode steps (sequences keep their
+//! caches), and every token records the version that produced it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use chorus_model::engine::{Engine, LogitsFor, SequenceCache, StepInput};
-use chorus_model::sampling::{Sampler, SamplingParams};
+use chorus_model::engine::{ContinuousBatch, Engine, FinishReason, Finished, GenerationRequest};
+use chorus_model::sampling::SamplingParams;
 use std::sync::mpsc;
 
 /// One generation to run.
@@ -42,12 +47,11 @@ struct Submitted {
     enqueued: Instant,
 }
 
-struct Active {
-    cache: SequenceCache,
-    sampler: Sampler,
-    next: Vec<u32>,
-    result: JobResult,
-    job: Job,
+/// What the engine thread keeps of a job while it decodes.
+struct Running {
+    /// The policy version of each token so far.
+    versions: Vec<u64>,
+    queue_ms: u64,
     started: Instant,
     reply: tokio::sync::oneshot::Sender<JobResult>,
 }
@@ -173,7 +177,7 @@ pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) ->
         .spawn(move || {
             let mut engine = engine;
             let mut version = version;
-            let mut active: Vec<Active> = vec![];
+            let mut batch: ContinuousBatch<Running> = ContinuousBatch::new(max_batch);
             // Jobs that need a newer policy than the one installed.
             let mut waiting: Vec<Submitted> = vec![];
             loop {
@@ -183,113 +187,109 @@ pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) ->
                     version = v;
                     stats.version.store(v, Ordering::Relaxed);
                 }
-                let offer =
-                    |s: Submitted, active: &mut Vec<Active>, waiting: &mut Vec<Submitted>| {
-                        if s.job.min_version > version {
-                            waiting.push(s);
-                        } else {
-                            admit(&engine, active, s, &stats);
-                        }
-                    };
+                let offer = |s: Submitted,
+                             batch: &mut ContinuousBatch<Running>,
+                             waiting: &mut Vec<Submitted>| {
+                    if s.job.min_version > version {
+                        waiting.push(s);
+                    } else {
+                        admit(&engine, batch, s, &stats);
+                    }
+                };
                 for s in std::mem::take(&mut waiting) {
-                    offer(s, &mut active, &mut waiting);
+                    offer(s, &mut batch, &mut waiting);
                 }
-                if active.is_empty() {
+                if batch.is_empty() {
                     // Idle: block until a job or new weights arrive.
                     match rx.recv() {
-                        Ok(Msg::Job(s)) => offer(s, &mut active, &mut waiting),
+                        Ok(Msg::Job(s)) => offer(s, &mut batch, &mut waiting),
                         Ok(Msg::Wake) => continue,
                         Err(_) => return,
                     }
                 }
-                while active.len() < max_batch.max(1) {
+                while batch.has_room() {
                     match rx.try_recv() {
-                        Ok(Msg::Job(s)) => offer(s, &mut active, &mut waiting),
+                        Ok(Msg::Job(s)) => offer(s, &mut batch, &mut waiting),
                         Ok(Msg::Wake) => {}
                         Err(_) => break,
                     }
                 }
-                if active.is_empty() {
+                if batch.is_empty() {
                     continue;
                 }
-                step(&engine, version, &mut active, &stats);
+                step(&engine, version, &mut batch, &stats);
             }
         })
         .expect("spawn the engine thread");
     handle
 }
 
-fn admit(engine: &Engine, active: &mut Vec<Active>, s: Submitted, stats: &WorkerStats) {
+fn admit(engine: &Engine, batch: &mut ContinuousBatch<Running>, s: Submitted, stats: &WorkerStats) {
     stats.queued.fetch_sub(1, Ordering::Relaxed);
-    stats.active.fetch_add(1, Ordering::Relaxed);
-    let queue_ms = s.enqueued.elapsed().as_millis() as u64;
-    active.push(Active {
-        cache: engine.new_cache(),
-        sampler: Sampler::new(s.job.sampling.clone(), s.job.seed),
-        next: s.job.prompt.clone(),
-        result: JobResult {
-            tokens: vec![],
-            logprobs: vec![],
-            versions: vec![],
-            stopped: false,
-            error: None,
-            queue_ms,
-            generate_ms: 0,
-        },
-        job: s.job,
+    let running = Running {
+        versions: vec![],
+        queue_ms: s.enqueued.elapsed().as_millis() as u64,
         started: Instant::now(),
         reply: s.reply,
+    };
+    let job = s.job;
+    let req = GenerationRequest {
+        prompt: job.prompt,
+        max_new_tokens: job.max_new_tokens,
+        sampling: job.sampling,
+        seed: job.seed,
+        stop_tokens: job.stop_tokens,
+    };
+    match batch.admit(engine, req, running) {
+        Ok(()) => {
+            stats.active.fetch_add(1, Ordering::Relaxed);
+        }
+        // Jobs are validated on submission, so this is a fault of the worker, not the job's;
+        // answer it rather than drop its reply.
+        Err((running, e)) => {
+            let mut r = failed(&format!("could not start the job: {e}"));
+            r.queue_ms = running.queue_ms;
+            let _ = running.reply.send(r);
+        }
+    }
+}
+
+/// The answer to a job that left the batch, with `error` when it did not end normally.
+fn answer(done: Finished<Running>, error: Option<String>) {
+    let Finished { tag, generation } = done;
+    // A failed job keeps generate_ms at 0: its time says nothing about generation.
+    let generate_ms = match error {
+        None => tag.started.elapsed().as_millis() as u64,
+        Some(_) => 0,
+    };
+    let _ = tag.reply.send(JobResult {
+        stopped: error.is_none() && generation.finish == FinishReason::Stop,
+        tokens: generation.tokens,
+        logprobs: generation.logprobs,
+        versions: tag.versions,
+        error,
+        queue_ms: tag.queue_ms,
+        generate_ms,
     });
 }
 
-fn step(engine: &Engine, version: u64, active: &mut Vec<Active>, stats: &WorkerStats) {
-    let out = {
-        let mut batch: Vec<StepInput> = active
-            .iter_mut()
-            .map(|a| StepInput {
-                cache: &mut a.cache,
-                tokens: &a.next,
-            })
-            .collect();
-        engine.forward(&mut batch, LogitsFor::Last, false)
-    };
-    let out = match out {
-        Ok(o) => o,
+fn step(engine: &Engine, version: u64, batch: &mut ContinuousBatch<Running>, stats: &WorkerStats) {
+    let stepped = batch.len() as u64;
+    match batch.step(engine, |running, _, _| running.versions.push(version)) {
+        Ok(finished) => {
+            stats.tokens_generated.fetch_add(stepped, Ordering::Relaxed);
+            for done in finished {
+                stats.active.fetch_sub(1, Ordering::Relaxed);
+                answer(done, None);
+            }
+        }
         Err(e) => {
             // Inputs were validated on submission, so this is an engine fault: fail the batch's
             // jobs with the reason rather than the whole worker.
-            for a in active.drain(..) {
+            for done in batch.drain() {
                 stats.active.fetch_sub(1, Ordering::Relaxed);
-                let mut r = a.result;
-                r.error = Some(format!("engine error: {e}"));
-                let _ = a.reply.send(r);
+                answer(done, Some(format!("engine error: {e}")));
             }
-            return;
         }
-    };
-    let v = engine.vocab_size();
-    let mut done = vec![];
-    for (slot, a) in active.iter_mut().enumerate() {
-        let row = out.logit_rows[slot].start;
-        let (tok, lp) = a.sampler.sample(&out.logits[row * v..(row + 1) * v]);
-        a.result.tokens.push(tok);
-        a.result.logprobs.push(lp);
-        a.result.versions.push(version);
-        a.next = vec![tok];
-        let stop = a.job.stop_tokens.contains(&tok);
-        if stop || a.result.tokens.len() >= a.job.max_new_tokens {
-            a.result.stopped = stop;
-            done.push(slot);
-        }
-    }
-    stats
-        .tokens_generated
-        .fetch_add(active.len() as u64, Ordering::Relaxed);
-    for slot in done.into_iter().rev() {
-        let a = active.swap_remove(slot);
-        stats.active.fetch_sub(1, Ordering::Relaxed);
-        let mut r = a.result;
-        r.generate_ms = a.started.elapsed().as_millis() as u64;
-        let _ = a.reply.send(r);
     }
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chorus_learner::{AdamWConfig, GrpoConfig, LearnerConfig, LrSchedule};
-use chorus_model::engine::{EngineOptions, Nvfp4Policy};
+use chorus_model::Nvfp4Policy;
+use chorus_model::engine::EngineOptions;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
 use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
@@ -215,11 +216,9 @@ fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
         } else {
             vec![]
         },
-        nvfp4_forward: cfg
-            .learner_nvfp4_forward
-            .then(|| chorus_learner::Nvfp4Forward {
-                keep_attention: cfg.worker_keep_attention_f32,
-                exclude: vec![],
-            }),
+        nvfp4_forward: cfg.learner_nvfp4_forward.then(|| Nvfp4Policy {
+            keep_attention: cfg.worker_keep_attention_f32,
+            exclude: vec![],
+        }),
     }
 }

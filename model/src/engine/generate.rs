@@ -3,16 +3,21 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Engine, LogitsFor, SequenceCache, StepInput};
+use super::batch::ContinuousBatch;
+use super::{Engine, LogitsFor, StepInput};
 use crate::error::{ModelError, Result};
 use crate::sampling::{Sampler, SamplingParams, argmax};
 
 /// One request to generate.
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
+    /// The prompt's token ids (at least one).
     pub prompt: Vec<u32>,
+    /// At most this many new tokens.
     pub max_new_tokens: usize,
+    /// How tokens are sampled.
     pub sampling: SamplingParams,
+    /// Seed of this request's sampler, so results do not depend on the batch.
     pub seed: u64,
     /// Generation ends after any of these tokens (which is kept).
     pub stop_tokens: Vec<u32>,
@@ -53,34 +58,18 @@ impl MtpStats {
 /// What a request produced: only the new tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
+    /// The new tokens (a stop token that ended it included).
     pub tokens: Vec<u32>,
     /// Log-probability of each token under the distribution it was sampled from.
     pub logprobs: Vec<f32>,
+    /// Why generation ended.
     pub finish: FinishReason,
+    /// Speculative decoding counts, for [`Engine::generate_speculative`].
     pub mtp: Option<MtpStats>,
 }
 
-struct Active {
-    index: usize,
-    cache: SequenceCache,
-    sampler: Sampler,
-    next_input: Vec<u32>,
-    out: Generation,
-}
-
-impl Active {
-    fn push(&mut self, tok: u32, lp: f32, req: &GenerationRequest) -> bool {
-        self.out.tokens.push(tok);
-        self.out.logprobs.push(lp);
-        if req.stop_tokens.contains(&tok) {
-            self.out.finish = FinishReason::Stop;
-            return true;
-        }
-        self.out.tokens.len() >= req.max_new_tokens
-    }
-}
-
-fn check(req: &GenerationRequest) -> Result<()> {
+/// Rejects a request that cannot be generated for, naming why.
+pub(super) fn check(req: &GenerationRequest) -> Result<()> {
     if req.prompt.is_empty() {
         return Err(ModelError::Input(
             "the prompt is empty; give at least one token".into(),
@@ -106,14 +95,14 @@ impl Engine {
         for r in reqs {
             check(r)?;
         }
-        let max_batch = max_batch.max(1);
         let mut results: Vec<Option<Generation>> = vec![None; reqs.len()];
         let mut waiting = (0..reqs.len()).rev().collect::<Vec<_>>();
-        let mut active: Vec<Active> = vec![];
+        let mut batch = ContinuousBatch::new(max_batch);
         loop {
-            while active.len() < max_batch {
+            while batch.has_room() {
                 let Some(i) = waiting.pop() else { break };
                 if reqs[i].max_new_tokens == 0 {
+                    // Nothing to decode: answered without taking a slot.
                     results[i] = Some(Generation {
                         tokens: vec![],
                         logprobs: vec![],
@@ -122,45 +111,13 @@ impl Engine {
                     });
                     continue;
                 }
-                active.push(Active {
-                    index: i,
-                    cache: self.new_cache(),
-                    sampler: Sampler::new(reqs[i].sampling.clone(), reqs[i].seed),
-                    next_input: reqs[i].prompt.clone(),
-                    out: Generation {
-                        tokens: vec![],
-                        logprobs: vec![],
-                        finish: FinishReason::Length,
-                        mtp: None,
-                    },
-                });
+                batch.admit(self, reqs[i].clone(), i).map_err(|(_, e)| e)?;
             }
-            if active.is_empty() {
+            if batch.is_empty() {
                 break;
             }
-            let out = {
-                let mut batch: Vec<StepInput> = active
-                    .iter_mut()
-                    .map(|a| StepInput {
-                        cache: &mut a.cache,
-                        tokens: &a.next_input,
-                    })
-                    .collect();
-                self.forward(&mut batch, LogitsFor::Last, false)?
-            };
-            let v = self.vocab;
-            let mut finished = vec![];
-            for (slot, a) in active.iter_mut().enumerate() {
-                let row = out.logit_rows[slot].start;
-                let (tok, lp) = a.sampler.sample(&out.logits[row * v..(row + 1) * v]);
-                a.next_input = vec![tok];
-                if a.push(tok, lp, &reqs[a.index]) {
-                    finished.push(slot);
-                }
-            }
-            for slot in finished.into_iter().rev() {
-                let a = active.swap_remove(slot);
-                results[a.index] = Some(a.out);
+            for done in batch.step(self, |_, _, _| {})? {
+                results[done.tag] = Some(done.generation);
             }
         }
         Ok(results

@@ -8,13 +8,21 @@ use chorus_kernels::{CpuGemm, Nvfp4Tensor};
 pub enum LinearOp {
     /// Dense f32 weights.
     Dense {
+        /// `[out_dim, in_dim]`, row-major.
         weight: Vec<f32>,
+        /// Output width.
         out_dim: usize,
+        /// Input width.
         in_dim: usize,
     },
     /// NVFP4 weights (E2M1 codes, E4M3 scales per 16 inputs, f32 global scale), multiplied by
     /// the CPU kernels of `chorus-kernels` with f32 activations.
-    Nvfp4 { weight: Nvfp4Tensor, gemm: CpuGemm },
+    Nvfp4 {
+        /// The quantized `[out, in]` weights.
+        weight: Nvfp4Tensor,
+        /// The kernel chosen for this CPU at build time.
+        gemm: CpuGemm,
+    },
 }
 
 /// Below this many weights one thread is faster than several.
@@ -50,6 +58,7 @@ impl LinearOp {
         }
     }
 
+    /// Input width.
     pub fn in_dim(&self) -> usize {
         match self {
             LinearOp::Dense { in_dim, .. } => *in_dim,
@@ -57,6 +66,7 @@ impl LinearOp {
         }
     }
 
+    /// Output width.
     pub fn out_dim(&self) -> usize {
         match self {
             LinearOp::Dense { out_dim, .. } => *out_dim,

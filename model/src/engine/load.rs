@@ -1,0 +1,153 @@
+//! Building an [`Engine`] from named tensors: every weight is read by its HF name, checked
+//! against the config's shape, and stored as the engine keeps it (projections as
+//! [`LinearOp`]s, NVFP4 where a checkpoint or the [`Nvfp4Policy`] says so).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use chorus_kernels::{Nvfp4Tensor, QuantizeOptions};
+
+use super::Engine;
+use super::block::BlockW;
+use super::linear::LinearOp;
+use super::mtp::MtpW;
+use crate::config::NemotronHConfig;
+use crate::error::{ModelError, Result};
+use crate::layout::{CONFIG_FILE, Nvfp4Policy};
+use crate::params::Params;
+use crate::quantize::read_split;
+
+/// How the engine stores its projections.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineOptions {
+    /// Quantize projection weights to NVFP4 on load (checkpoints already in NVFP4 stay so).
+    pub nvfp4: Option<Nvfp4Policy>,
+}
+
+/// Named tensors being read into engine storage, with the NVFP4 policy to apply on the way.
+pub(super) struct Weights<'a> {
+    map: &'a BTreeMap<String, Tensor>,
+    /// Projections that arrive already in NVFP4, by weight name.
+    nvfp4: &'a BTreeMap<String, Nvfp4Tensor>,
+    policy: Option<&'a Nvfp4Policy>,
+}
+
+impl Weights<'_> {
+    /// The tensor `name`, which must have `shape`, flattened.
+    pub(super) fn vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self
+            .map
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The projection `{name}.weight` (`[out_dim, in_dim]`): NVFP4 if it arrived so or the
+    /// policy quantizes it, else dense f32.
+    pub(super) fn linear(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearOp> {
+        let weight_name = format!("{name}.weight");
+        if let Some(q) = self.nvfp4.get(&weight_name) {
+            if (q.rows(), q.cols()) != (out_dim, in_dim) {
+                return Err(ModelError::Shape {
+                    name: weight_name,
+                    expected: vec![out_dim, in_dim],
+                    got: vec![q.rows(), q.cols()],
+                });
+            }
+            return Ok(LinearOp::nvfp4(q.clone()));
+        }
+        let w = self.vec(&weight_name, &[out_dim, in_dim])?;
+        match self.policy {
+            Some(p) if p.quantizes(&weight_name, in_dim) => {
+                let options = QuantizeOptions::default();
+                let q = Nvfp4Tensor::quantize(&weight_name, &w, out_dim, in_dim, &options)
+                    .map_err(|e| ModelError::Input(e.to_string()))?;
+                Ok(LinearOp::nvfp4(q))
+            }
+            _ => Ok(LinearOp::dense(w, out_dim, in_dim)),
+        }
+    }
+
+    /// Whether a tensor `name` exists.
+    pub(super) fn has(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+}
+
+impl Engine {
+    /// Builds the engine from the current values of `params`.
+    pub fn from_params(cfg: &NemotronHConfig, params: &Params) -> Result<Self> {
+        Self::from_tensors(cfg, &params.snapshot()?)
+    }
+
+    /// Builds the engine from named tensors (HF names).
+    pub fn from_tensors(cfg: &NemotronHConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
+        Self::build(cfg, tensors, &BTreeMap::new(), &EngineOptions::default())
+    }
+
+    /// Builds the engine from named tensors with storage options (e.g. NVFP4 on load).
+    pub fn from_tensors_with(
+        cfg: &NemotronHConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        Self::build(cfg, tensors, &BTreeMap::new(), options)
+    }
+
+    /// Loads a checkpoint directory, keeping NVFP4 projections of a quantized checkpoint
+    /// (ModelOpt layout) in NVFP4 and applying `options` to the rest.
+    pub fn from_checkpoint(dir: &Path, options: &EngineOptions) -> Result<Self> {
+        let cfg = NemotronHConfig::from_file(dir.join(CONFIG_FILE))?;
+        let (dense, quantized) = read_split(dir)?;
+        Self::build(&cfg, &dense, &quantized, options)
+    }
+
+    fn build(
+        cfg: &NemotronHConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        nvfp4: &BTreeMap<String, Nvfp4Tensor>,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        let w = Weights {
+            map: tensors,
+            nvfp4,
+            policy: options.nvfp4.as_ref(),
+        };
+        let d = cfg.hidden_size;
+        let layers = cfg
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| BlockW::load(cfg, &w, k, &format!("backbone.layers.{i}")))
+            .collect::<Result<_>>()?;
+        let embeddings = w.vec("backbone.embeddings.weight", &[cfg.vocab_size, d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            LinearOp::dense(embeddings.clone(), cfg.vocab_size, d)
+        } else {
+            w.linear("lm_head", d, cfg.vocab_size)?
+        };
+        let mtp = if cfg.has_mtp() {
+            Some(MtpW::load(cfg, &w)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            d,
+            vocab: cfg.vocab_size,
+            embeddings,
+            layers,
+            norm_f: w.vec("backbone.norm_f.weight", &[d])?,
+            lm_head,
+            mtp,
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! The Mamba-2 mixer of the engine: per token, the causal conv over the cached last `K-1`
+//! inputs, the selective-state update of every head, and the gated RMSNorm — the recurrent form
+//! of what the training side's chunked SSD scan computes over whole sequences.
+
+use super::cache::LayerCache;
+use super::linear::LinearOp;
+use super::load::Weights;
+use super::norm::{silu, softplus};
+use super::simd;
+use crate::config::{MambaConfig, NemotronHConfig};
+use crate::error::Result;
+
+/// The weights of one Mamba-2 mixer.
+pub(super) struct MambaW {
+    cfg: MambaConfig,
+    in_proj: LinearOp,
+    conv_w_t: Vec<f32>, // [K, C]: taps outermost so the per-token loop runs over channels
+    conv_b: Vec<f32>,
+    dt_bias: Vec<f32>,
+    a: Vec<f32>, // -exp(A_log)
+    d: Vec<f32>,
+    norm_w: Vec<f32>,
+    out_proj: LinearOp,
+}
+
+impl MambaW {
+    /// Reads the mixer under `mx` (`backbone.layers.N.mixer`).
+    pub(super) fn load(cfg: &NemotronHConfig, w: &Weights, mx: &str) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let m = cfg.mamba().clone();
+        let conv_b = if m.conv_bias {
+            w.vec(&format!("{mx}.conv1d.bias"), &[m.conv_dim()])?
+        } else {
+            vec![0.0; m.conv_dim()]
+        };
+        Ok(Self {
+            in_proj: w.linear(&format!("{mx}.in_proj"), d, m.in_proj_dim())?,
+            conv_w_t: {
+                let w = w.vec(
+                    &format!("{mx}.conv1d.weight"),
+                    &[m.conv_dim(), 1, m.conv_kernel],
+                )?;
+                let (c, k) = (m.conv_dim(), m.conv_kernel);
+                (0..k * c).map(|i| w[(i % c) * k + i / c]).collect()
+            },
+            conv_b,
+            dt_bias: w.vec(&format!("{mx}.dt_bias"), &[m.num_heads])?,
+            a: w.vec(&format!("{mx}.A_log"), &[m.num_heads])?
+                .iter()
+                .map(|v| -v.exp())
+                .collect(),
+            d: w.vec(&format!("{mx}.D"), &[m.num_heads])?,
+            norm_w: w.vec(&format!("{mx}.norm.weight"), &[m.inner()])?,
+            out_proj: w.linear(&format!("{mx}.out_proj"), m.inner(), d)?,
+            cfg: m,
+        })
+    }
+
+    /// A fresh cache: zero conv inputs and SSM state.
+    pub(super) fn new_cache(&self) -> LayerCache {
+        LayerCache::Mamba {
+            conv: vec![0.0; (self.cfg.conv_kernel - 1) * self.cfg.conv_dim()],
+            ssm: vec![0.0; self.cfg.num_heads * self.cfg.head_dim * self.cfg.state_size],
+            history: vec![],
+        }
+    }
+
+    /// The projections, for counting and sizing.
+    pub(super) fn projections(&self) -> [&LinearOp; 2] {
+        [&self.in_proj, &self.out_proj]
+    }
+
+    /// `h: [rows, d]` → `y_out`, advancing each sequence's conv and SSM state; with `record`,
+    /// the state after every token is kept so a suffix can be rewound.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(
+        &self,
+        h: &[f32],
+        rows: usize,
+        eps: f32,
+        seqs: &[std::ops::Range<usize>],
+        caches: &mut [&mut LayerCache],
+        record: bool,
+        y_out: &mut [f32],
+    ) {
+        let m = &self.cfg;
+        let (inner, cd, nh, hd, ns, kk) = (
+            m.inner(),
+            m.conv_dim(),
+            m.num_heads,
+            m.head_dim,
+            m.state_size,
+            m.conv_kernel,
+        );
+        let hpg = m.heads_per_group();
+        let gs = m.n_groups * ns;
+        let pw = m.in_proj_dim();
+        let mut proj = vec![0f32; rows * pw];
+        self.in_proj.forward(h, rows, &mut proj);
+        let mut ys = vec![0f32; rows * inner];
+        let mut xbc = vec![0f32; cd];
+        let (dt_min, dt_max) = (m.dt_min as f32, m.dt_max as f32);
+        for (range, cache) in seqs.iter().zip(caches.iter_mut()) {
+            let LayerCache::Mamba { conv, ssm, history } = &mut **cache else {
+                unreachable!("Mamba block has a Mamba cache")
+            };
+            if record {
+                history.clear();
+                history.push((conv.clone(), ssm.clone()));
+            }
+            for r in range.clone() {
+                let p = &proj[r * pw..(r + 1) * pw];
+                let (z, xbc_in, dt_raw) = (&p[..inner], &p[inner..inner + cd], &p[inner + cd..]);
+                simd::conv_step(&self.conv_w_t, &self.conv_b, conv, xbc_in, &mut xbc);
+                if kk > 1 {
+                    conv.copy_within(cd.., 0);
+                    conv[(kk - 2) * cd..].copy_from_slice(xbc_in);
+                }
+                let (xs, bm, cm) = (&xbc[..inner], &xbc[inner..inner + gs], &xbc[inner + gs..]);
+                let yr = &mut ys[r * inner..(r + 1) * inner];
+                for head in 0..nh {
+                    let dt = softplus(dt_raw[head] + self.dt_bias[head]).clamp(dt_min, dt_max);
+                    let da = (dt * self.a[head]).exp();
+                    let g = head / hpg;
+                    let (b, c) = (&bm[g * ns..(g + 1) * ns], &cm[g * ns..(g + 1) * ns]);
+                    let span = head * hd..(head + 1) * hd;
+                    simd::ssm_head(
+                        &mut ssm[head * hd * ns..(head + 1) * hd * ns],
+                        da,
+                        dt,
+                        self.d[head],
+                        &xs[span.clone()],
+                        b,
+                        c,
+                        &mut yr[span],
+                    );
+                }
+                // Gated RMSNorm per group.
+                let gsz = m.norm_group_size();
+                for g in 0..m.n_groups {
+                    let seg = g * gsz..(g + 1) * gsz;
+                    for i in seg.clone() {
+                        yr[i] *= silu(z[i]);
+                    }
+                    let ms = yr[seg.clone()].iter().map(|v| v * v).sum::<f32>() / gsz as f32;
+                    let inv = 1.0 / (ms + eps).sqrt();
+                    for i in seg {
+                        yr[i] *= inv * self.norm_w[i];
+                    }
+                }
+                if record {
+                    history.push((conv.clone(), ssm.clone()));
+                }
+            }
+        }
+        self.out_proj.forward(&ys, rows, y_out);
+    }
+}

@@ -202,10 +202,13 @@ pub async fn start_learner(
             eps_low: cfg.eps_low,
             eps_high: cfg.eps_high,
             tis_cap: cfg.tis_cap,
-            aggregation: if cfg.aggregation == "seq_mean" {
-                chorus_learner::Aggregation::SeqMean
-            } else {
-                chorus_learner::Aggregation::TokenMean
+            aggregation: match cfg.aggregation {
+                chorus_orchestrator::config::Aggregation::TokenMean => {
+                    chorus_learner::Aggregation::TokenMean
+                }
+                chorus_orchestrator::config::Aggregation::SeqMean => {
+                    chorus_learner::Aggregation::SeqMean
+                }
             },
             ..Default::default()
         },

@@ -2,9 +2,12 @@
 //! agrees with summary.json, and a bad config is refused with the key named.
 
 mod harness;
+#[path = "../orchestrator/tests/support/postgres.rs"]
+mod postgres;
 
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
 use harness::*;
+use postgres::postgres_url_or_skip;
 
 const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
   "hybrid_override_pattern": "M*E", "mamba_num_heads": 4, "mamba_head_dim": 8,
@@ -161,8 +164,7 @@ fn an_invalid_config_names_the_key() {
 
 #[test]
 fn the_same_run_records_into_postgresql() {
-    let Ok(url) = std::env::var("CHORUS_TEST_POSTGRES_URL") else {
-        println!("skipped: CHORUS_TEST_POSTGRES_URL not set");
+    let Some(url) = postgres_url_or_skip("the_same_run_records_into_postgresql") else {
         return;
     };
     let h = Harness::new();

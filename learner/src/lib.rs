@@ -16,14 +16,13 @@
 mod error;
 mod loss;
 mod optim;
-mod schedule;
 mod service;
 mod trainer;
 
+pub use chorus_proto::schedule::{Decay, LrSchedule};
 pub use error::{LearnerError, Result};
 pub use loss::{Aggregation, GrpoConfig, LossStats, RlSequence, SftSequence, grpo_loss, sft_loss};
 pub use optim::{AdamW, AdamWConfig, StepStats};
-pub use schedule::{Decay, LrSchedule};
 pub use service::{
     LearnerHandle, LearnerService, LearnerServiceConfig, Published, group_sequences, spawn_learner,
 };

@@ -6,12 +6,12 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use chorus_model::{NemotronH, NemotronHConfig, Nvfp4Policy, Params, checkpoint};
+use chorus_proto::schedule::LrSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
 use crate::loss::{GrpoConfig, LossStats, RlSequence, SftSequence, grpo_loss, sft_loss};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::LrSchedule;
 
 /// File names a learner checkpoint adds to the HF layout.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";

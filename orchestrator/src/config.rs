@@ -1,15 +1,21 @@
 //! The run configuration (TOML), read in two stages: [`RawRunConfig`] mirrors the file with every
 //! field optional and documented, [`RunConfig`] is validated and complete. Defaults live in one
-//! place, the `Default` impls of the raw structs' resolved counterparts ([`Defaults`]).
+//! place, [`Defaults`] (the environment fault policy's in [`FaultPolicy`]'s `Default`).
+//!
+//! Every setting with a fixed set of values is a serde enum read through [`Choice`], so the
+//! names a file may use and the names an error lists come from the one derive.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::{DeserializeOwned, Deserializer, IntoDeserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::advantage::AdvantageKind;
+pub use crate::advantage::AdvantageKind;
 use crate::faults::FaultPolicy;
+pub use chorus_proto::schedule::{Decay, LrSchedule};
 
 /// An invalid configuration: names the key and what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +27,81 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong and what is allowed.
     pub message: String,
+}
+
+/// A setting with a fixed set of values, as written: serde reads it into `T`, and a value
+/// outside the set is kept as written. Refusing it here would make the TOML parser report it,
+/// and a parser error only knows the line's key, not the dotted key (`stages[1].kind`) that
+/// [`ConfigError`] names.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Choice<T> {
+    /// One of `T`'s values.
+    Known(T),
+    /// Anything else, as written.
+    Unknown(String),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let parsed: Result<T, serde::de::value::Error> =
+            T::deserialize(text.as_str().into_deserializer());
+        Ok(match parsed {
+            Ok(v) => Choice::Known(v),
+            Err(_) => Choice::Unknown(text),
+        })
+    }
+}
+
+/// The names serde accepts for `T`'s variants, comma-separated in declaration order, read from
+/// the derived `Deserialize` itself (it hands its variant list to `deserialize_enum`), so that
+/// error messages cannot drift from what parses.
+fn allowed<T: DeserializeOwned>() -> String {
+    struct Probe;
+    #[derive(Debug)]
+    struct Variants(&'static [&'static str]);
+    impl fmt::Display for Variants {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0.join(", "))
+        }
+    }
+    impl std::error::Error for Variants {}
+    impl serde::de::Error for Variants {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Variants(&[])
+        }
+    }
+    impl<'de> Deserializer<'de> for Probe {
+        type Error = Variants;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Variants> {
+            Err(Variants(&[]))
+        }
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            variants: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Variants> {
+            Err(Variants(variants))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map struct identifier
+            ignored_any
+        }
+    }
+    match T::deserialize(Probe) {
+        Err(v) => v.to_string(),
+        Ok(_) => String::new(),
+    }
+}
+
+/// How a value of a serde enum is written in the file.
+fn written<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
 }
 
 /// The kinds of stage a run can have.
@@ -43,13 +124,43 @@ pub enum Algorithm {
     Grpo,
 }
 
+/// How a learner averages the per-token loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Over all tokens of the batch (Nemotron 3 RL).
+    TokenMean,
+    /// Over each sequence's tokens, then over sequences.
+    SeqMean,
+}
+
+/// A weight format to quantize to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantize {
+    /// E2M1 elements with E4M3 block scales and an f32 global scale.
+    Nvfp4,
+}
+
+/// Where an environment of a stage's mixture comes from, as written in `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentKind {
+    /// A built-in environment, by `name`.
+    Builtin,
+    /// An environment plugin server, by `url`.
+    Plugin,
+    /// A NeMo Gym resources server at `url` with its `dataset`.
+    NemoGym,
+}
+
 /// One environment of a stage's mixture, as written in the file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEnvironment {
     /// What kind of environment: `builtin` (default when `name` is given), `plugin` (default
     /// when `url` is given) or `nemo_gym` (a NeMo Gym resources server at `url` with `dataset`).
-    pub kind: Option<String>,
+    pub kind: Option<Choice<EnvironmentKind>>,
     /// Name of a built-in environment (see `chorus env list`); for `nemo_gym`, the name it is
     /// registered and reported under (default `nemo_gym:<dataset file stem>`).
     pub name: Option<String>,
@@ -82,9 +193,9 @@ pub struct RawStage {
     /// Stage name, unique within the run.
     pub name: Option<String>,
     /// `sft` or `rl`.
-    pub kind: Option<String>,
+    pub kind: Option<Choice<StageKind>>,
     /// `sft` (for sft stages) or `grpo` (for rl stages).
-    pub algorithm: Option<String>,
+    pub algorithm: Option<Choice<Algorithm>>,
     /// Optimizer steps in the stage.
     pub steps: Option<u64>,
     /// Prompts per step.
@@ -98,7 +209,7 @@ pub struct RawStage {
     /// Linear warmup steps of the learning rate, from the stage's first step.
     pub warmup_steps: Option<u64>,
     /// After warmup: `constant`, or `cosine` down to `min_lr` at the stage's last step.
-    pub lr_decay: Option<String>,
+    pub lr_decay: Option<Choice<Decay>>,
     /// Learning rate at the end of a cosine decay (default: a tenth of `lr`).
     pub min_lr: Option<f64>,
     /// Prompt token limit; longer prompts are dropped with a reason.
@@ -106,7 +217,7 @@ pub struct RawStage {
     /// Generated token limit per turn.
     pub max_new_tokens: Option<usize>,
     /// `group_norm` or `leave_one_out`.
-    pub advantage: Option<String>,
+    pub advantage: Option<Choice<AdvantageKind>>,
     /// Drop groups whose rewards are all equal.
     pub drop_zero_variance: Option<bool>,
     /// The weighted environment mixture.
@@ -173,7 +284,7 @@ pub struct RawWorkers {
     pub device: Option<String>,
     /// Quantize projection weights on load: `nvfp4` (embeddings, lm_head, router gates and norms
     /// stay f32), or absent for f32.
-    pub quantize: Option<String>,
+    pub quantize: Option<Choice<Quantize>>,
     /// With `quantize = "nvfp4"`: keep attention projections in f32.
     pub keep_attention_f32: Option<bool>,
 }
@@ -193,10 +304,10 @@ pub struct RawLearner {
     /// Cap of the importance ratio for stale tokens.
     pub tis_cap: Option<f64>,
     /// `token_mean` or `seq_mean`.
-    pub aggregation: Option<String>,
+    pub aggregation: Option<Choice<Aggregation>>,
     /// `nvfp4`: run the forward pass through the workers' NVFP4 weights (straight-through
     /// gradients); absent: full precision.
-    pub quantize_forward: Option<String>,
+    pub quantize_forward: Option<Choice<Quantize>>,
 }
 
 /// A validated environment entry.
@@ -240,15 +351,6 @@ pub enum EnvironmentSource {
     },
 }
 
-/// What a stage's learning rate does after its warmup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LrDecay {
-    /// Stays at the stage's `lr`.
-    Constant,
-    /// Falls along a half cosine to `min_lr` at the stage's last step.
-    Cosine,
-}
-
 /// A validated stage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stage {
@@ -271,7 +373,7 @@ pub struct Stage {
     /// Warmup steps.
     pub warmup_steps: u64,
     /// What the learning rate does after warmup.
-    pub lr_decay: LrDecay,
+    pub lr_decay: Decay,
     /// Learning rate at the end of a cosine decay.
     pub min_lr: f64,
     /// Prompt token limit.
@@ -331,8 +433,8 @@ pub struct RunConfig {
     pub eps_high: f64,
     /// TIS cap.
     pub tis_cap: f64,
-    /// `token_mean` or `seq_mean`.
-    pub aggregation: String,
+    /// How the loss is averaged.
+    pub aggregation: Aggregation,
     /// Stages in order.
     pub stages: Vec<Stage>,
     /// Deadline and error budget of environment calls.
@@ -362,7 +464,15 @@ impl Defaults {
     /// TIS cap (Nemotron 3 RL).
     pub const TIS_CAP: f64 = 5.0;
     /// Aggregation (Nemotron 3 RL).
-    pub const AGGREGATION: &'static str = "token_mean";
+    pub const AGGREGATION: Aggregation = Aggregation::TokenMean;
+    /// Initialisation seed of a new model.
+    pub const INIT_SEED: u64 = 0;
+    /// Worker weight format (`None`: f32).
+    pub const WORKER_QUANTIZE: Option<Quantize> = None;
+    /// With NVFP4 workers: attention projections are quantized too.
+    pub const KEEP_ATTENTION_F32: bool = false;
+    /// The learner's forward pass format (`None`: full precision).
+    pub const LEARNER_QUANTIZE_FORWARD: Option<Quantize> = None;
     /// Prompts per step.
     pub const PROMPTS_PER_STEP: usize = 16;
     /// Group size.
@@ -371,12 +481,38 @@ impl Defaults {
     pub const MAX_STALENESS: u64 = 1;
     /// Learning rate.
     pub const LR: f64 = 1e-3;
+    /// Warmup steps of a stage's learning rate.
+    pub const WARMUP_STEPS: u64 = 0;
+    /// What the learning rate does after warmup.
+    pub const LR_DECAY: Decay = Decay::Constant;
+    /// A cosine decay ends at the stage's `lr` divided by this.
+    pub const MIN_LR_DIVISOR: f64 = 10.0;
+    /// Advantage estimator (Nemotron's RLOO baseline).
+    pub const ADVANTAGE: AdvantageKind = AdvantageKind::LeaveOneOut;
+    /// Groups whose rewards are all equal carry no signal and are dropped.
+    pub const DROP_ZERO_VARIANCE: bool = true;
+    /// Sampling weight of an environment in its stage's mixture.
+    pub const ENVIRONMENT_WEIGHT: f64 = 1.0;
+    /// Difficulty level of an environment.
+    pub const DIFFICULTY: u32 = 0;
     /// Prompt limit.
     pub const MAX_PROMPT_TOKENS: usize = 256;
     /// New-token limit.
     pub const MAX_NEW_TOKENS: usize = 32;
     /// Temperature.
     pub const TEMPERATURE: f32 = 1.0;
+    /// Nucleus probability (1 = off).
+    pub const TOP_P: f32 = 1.0;
+    /// Top-k (0 = off).
+    pub const TOP_K: usize = 0;
+
+    /// The update rule of a stage of this kind.
+    pub const fn algorithm(kind: StageKind) -> Algorithm {
+        match kind {
+            StageKind::Sft => Algorithm::Sft,
+            StageKind::Rl => Algorithm::Grpo,
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -391,18 +527,33 @@ impl Ctx<'_> {
             message: message.into(),
         }
     }
+
+    /// A choice read into its enum; a value outside it is an error naming `key` and the
+    /// allowed values.
+    fn choice<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        c: Option<Choice<T>>,
+    ) -> Result<Option<T>, ConfigError> {
+        match c {
+            None => Ok(None),
+            Some(Choice::Known(v)) => Ok(Some(v)),
+            Some(Choice::Unknown(o)) => {
+                Err(self.err(key, format!("`{o}`; allowed: {}", allowed::<T>())))
+            }
+        }
+    }
 }
 
 /// The source of one `environments` entry; `ek` makes the entry's dotted keys.
 fn environment_source(
     ctx: &Ctx,
     ek: &dyn Fn(&str) -> String,
-    kind: Option<String>,
+    kind: Option<Choice<EnvironmentKind>>,
     name: Option<String>,
     url: Option<String>,
     dataset: Option<PathBuf>,
 ) -> Result<EnvironmentSource, ConfigError> {
-    const KINDS: &str = "builtin, plugin, nemo_gym";
     let checked_url = |u: String| {
         if u.starts_with("http://") || u.starts_with("https://") {
             Ok(u)
@@ -413,10 +564,10 @@ fn environment_source(
             ))
         }
     };
-    let kind = match (kind.as_deref(), &name, &url) {
-        (Some(k), _, _) => k.to_string(),
-        (None, Some(_), None) => "builtin".into(),
-        (None, None, Some(_)) => "plugin".into(),
+    let kind = match (kind, &name, &url) {
+        (Some(k), _, _) => k,
+        (None, Some(_), None) => Choice::Known(EnvironmentKind::Builtin),
+        (None, None, Some(_)) => Choice::Known(EnvironmentKind::Plugin),
         (None, _, _) => {
             return Err(ctx.err(
                 ek("name"),
@@ -424,9 +575,13 @@ fn environment_source(
             ));
         }
     };
-    if kind != "nemo_gym"
+    if kind != Choice::Known(EnvironmentKind::NemoGym)
         && let Some(d) = &dataset
     {
+        let kind = match &kind {
+            Choice::Known(k) => written(k),
+            Choice::Unknown(o) => o.clone(),
+        };
         return Err(ctx.err(
             ek("dataset"),
             format!(
@@ -435,22 +590,25 @@ fn environment_source(
             ),
         ));
     }
-    match kind.as_str() {
-        "builtin" => match (name, url) {
+    let Some(kind) = ctx.choice(&ek("kind"), Some(kind))? else {
+        unreachable!("a choice that was given reads as one")
+    };
+    match kind {
+        EnvironmentKind::Builtin => match (name, url) {
             (Some(n), None) => Ok(EnvironmentSource::Builtin(n)),
             _ => Err(ctx.err(
                 ek("name"),
                 "a builtin entry gives `name` (see `chorus env list`) and no `url`",
             )),
         },
-        "plugin" => match (name, url) {
+        EnvironmentKind::Plugin => match (name, url) {
             (None, Some(u)) => Ok(EnvironmentSource::Remote(checked_url(u)?)),
             _ => Err(ctx.err(
                 ek("url"),
                 "a plugin entry gives `url` (http://host:port) and no `name`; the plugin names itself",
             )),
         },
-        "nemo_gym" => {
+        EnvironmentKind::NemoGym => {
             let url = url.ok_or_else(|| {
                 ctx.err(
                     ek("url"),
@@ -480,7 +638,6 @@ fn environment_source(
                 dataset,
             })
         }
-        other => Err(ctx.err(ek("kind"), format!("`{other}`; allowed: {KINDS}"))),
     }
 }
 
@@ -500,17 +657,17 @@ impl Stage {
     /// `warmup_steps`, then constant or a cosine down to `min_lr` at the last step. The
     /// scheduler sends it with each group, so every stage has its own schedule.
     pub fn lr_at(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        match self.lr_decay {
-            LrDecay::Constant => self.lr,
-            LrDecay::Cosine => {
-                let span = self.steps.saturating_sub(self.warmup_steps + 1).max(1);
-                let t = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
-                self.min_lr
-                    + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
-            }
+        self.lr_schedule().lr(step)
+    }
+
+    /// The stage's learning-rate schedule over its own steps.
+    pub fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            peak_lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            decay: self.lr_decay,
+            total_steps: self.steps,
+            min_lr: self.min_lr,
         }
     }
 }
@@ -624,15 +781,9 @@ impl RunConfig {
                 Ok(v)
             }
         };
-        let aggregation = l
-            .aggregation
-            .unwrap_or_else(|| Defaults::AGGREGATION.into());
-        if !["token_mean", "seq_mean"].contains(&aggregation.as_str()) {
-            return Err(ctx.err(
-                "learner.aggregation",
-                format!("`{aggregation}`; allowed: token_mean, seq_mean"),
-            ));
-        }
+        let aggregation = ctx
+            .choice("learner.aggregation", l.aggregation)?
+            .unwrap_or(Defaults::AGGREGATION);
         let eps_low = l.eps_low.unwrap_or(Defaults::EPS_LOW);
         if !(0.0..1.0).contains(&eps_low) {
             return Err(ctx.err("learner.eps_low", format!("{eps_low}; allowed: [0, 1)")));
@@ -660,42 +811,39 @@ impl RunConfig {
                     format!("`{name}` is used by an earlier stage; names must be unique"),
                 ));
             }
-            let kind = match s.kind.as_deref() {
-                Some("sft") => StageKind::Sft,
-                Some("rl") => StageKind::Rl,
-                Some(o) => return Err(ctx.err(k("kind"), format!("`{o}`; allowed: sft, rl"))),
-                None => return Err(ctx.err(k("kind"), "missing; allowed: sft, rl")),
-            };
-            let algorithm = match (kind, s.algorithm.as_deref()) {
-                (StageKind::Sft, None | Some("sft")) => Algorithm::Sft,
-                (StageKind::Rl, None | Some("grpo")) => Algorithm::Grpo,
-                (StageKind::Sft, Some(o)) => {
+            let kind = ctx.choice(&k("kind"), s.kind)?.ok_or_else(|| {
+                ctx.err(
+                    k("kind"),
+                    format!("missing; allowed: {}", allowed::<StageKind>()),
+                )
+            })?;
+            // Each kind has exactly one update rule today; `algorithm` may name it.
+            let algorithm = Defaults::algorithm(kind);
+            match s.algorithm {
+                None => {}
+                Some(Choice::Known(a)) if a == algorithm => {}
+                Some(other) => {
+                    let o = match other {
+                        Choice::Known(a) => written(&a),
+                        Choice::Unknown(o) => o,
+                    };
                     return Err(ctx.err(
                         k("algorithm"),
-                        format!("`{o}` for an sft stage; allowed: sft"),
+                        format!(
+                            "`{o}` for an {} stage; allowed: {}",
+                            written(&kind),
+                            written(&algorithm)
+                        ),
                     ));
                 }
-                (StageKind::Rl, Some(o)) => {
-                    return Err(ctx.err(
-                        k("algorithm"),
-                        format!("`{o}` for an rl stage; allowed: grpo"),
-                    ));
-                }
-            };
+            }
             let steps = s.steps.ok_or_else(|| ctx.err(k("steps"), "missing"))?;
             if steps == 0 {
                 return Err(ctx.err(k("steps"), "must be at least 1"));
             }
-            let advantage = match s.advantage.as_deref() {
-                None | Some("leave_one_out") => AdvantageKind::LeaveOneOut,
-                Some("group_norm") => AdvantageKind::GroupNorm,
-                Some(o) => {
-                    return Err(ctx.err(
-                        k("advantage"),
-                        format!("`{o}`; allowed: group_norm, leave_one_out"),
-                    ));
-                }
-            };
+            let advantage = ctx
+                .choice(&k("advantage"), s.advantage)?
+                .unwrap_or(Defaults::ADVANTAGE);
             let envs = s.environments.unwrap_or_default();
             if envs.is_empty() {
                 return Err(ctx.err(
@@ -713,7 +861,7 @@ impl RunConfig {
                         "NeMo Gym rows have no reference solutions to warm up on; allowed in: rl stages",
                     ));
                 }
-                let weight = e.weight.unwrap_or(1.0);
+                let weight = e.weight.unwrap_or(Defaults::ENVIRONMENT_WEIGHT);
                 if !(weight > 0.0 && weight.is_finite()) {
                     return Err(ctx.err(
                         ek("weight"),
@@ -723,7 +871,7 @@ impl RunConfig {
                 environments.push(EnvironmentSpec {
                     source,
                     weight,
-                    difficulty: e.difficulty.unwrap_or(0),
+                    difficulty: e.difficulty.unwrap_or(Defaults::DIFFICULTY),
                 });
             }
             let sampling = s.sampling.unwrap_or_default();
@@ -734,7 +882,7 @@ impl RunConfig {
                     format!("{temperature}; allowed: > 0"),
                 ));
             }
-            let top_p = sampling.top_p.unwrap_or(1.0);
+            let top_p = sampling.top_p.unwrap_or(Defaults::TOP_P);
             if !(top_p > 0.0 && top_p <= 1.0) {
                 return Err(ctx.err(k("sampling.top_p"), format!("{top_p}; allowed: (0, 1]")));
             }
@@ -742,21 +890,17 @@ impl RunConfig {
             if !(lr > 0.0 && lr.is_finite()) {
                 return Err(ctx.err(k("lr"), format!("{lr}; allowed: > 0")));
             }
-            let lr_decay = match s.lr_decay.as_deref() {
-                None | Some("constant") => LrDecay::Constant,
-                Some("cosine") => LrDecay::Cosine,
-                Some(o) => {
-                    return Err(ctx.err(k("lr_decay"), format!("`{o}`; allowed: constant, cosine")));
-                }
-            };
-            let min_lr = s.min_lr.unwrap_or(lr / 10.0);
+            let lr_decay = ctx
+                .choice(&k("lr_decay"), s.lr_decay)?
+                .unwrap_or(Defaults::LR_DECAY);
+            let min_lr = s.min_lr.unwrap_or(lr / Defaults::MIN_LR_DIVISOR);
             if !(min_lr >= 0.0 && min_lr <= lr) {
                 return Err(ctx.err(
                     k("min_lr"),
                     format!("{min_lr}; allowed: from 0 to the stage's lr ({lr})"),
                 ));
             }
-            if s.min_lr.is_some() && lr_decay == LrDecay::Constant {
+            if s.min_lr.is_some() && lr_decay == Decay::Constant {
                 return Err(ctx.err(
                     k("min_lr"),
                     "only used with lr_decay = \"cosine\"; set that too, or drop min_lr",
@@ -784,7 +928,7 @@ impl RunConfig {
                 group_size,
                 max_staleness: s.max_staleness.unwrap_or(Defaults::MAX_STALENESS),
                 lr,
-                warmup_steps: s.warmup_steps.unwrap_or(0),
+                warmup_steps: s.warmup_steps.unwrap_or(Defaults::WARMUP_STEPS),
                 lr_decay,
                 min_lr,
                 max_prompt_tokens: positive(
@@ -796,54 +940,56 @@ impl RunConfig {
                     s.max_new_tokens.unwrap_or(Defaults::MAX_NEW_TOKENS),
                 )?,
                 advantage,
-                drop_zero_variance: s.drop_zero_variance.unwrap_or(true),
+                drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
                 temperature,
                 top_p,
-                top_k: sampling.top_k.unwrap_or(0),
+                top_k: sampling.top_k.unwrap_or(Defaults::TOP_K),
             });
         }
+        // Checked in the order the keys appear in the file's tables, so the first error named
+        // is the first one a reader meets.
+        let workers = positive("workers.count", w.count.unwrap_or(Defaults::WORKERS))?;
+        let worker_max_batch = positive(
+            "workers.max_batch",
+            w.max_batch.unwrap_or(Defaults::WORKER_MAX_BATCH),
+        )?;
+        let worker_max_in_flight = positive(
+            "workers.max_in_flight",
+            w.max_in_flight.unwrap_or(Defaults::WORKER_MAX_IN_FLIGHT),
+        )?;
+        let worker_device = device(ctx, "workers.device", w.device)?;
+        let worker_quantize = ctx
+            .choice("workers.quantize", w.quantize)?
+            .or(Defaults::WORKER_QUANTIZE);
+        let learner_quantize = ctx
+            .choice("learner.quantize_forward", l.quantize_forward)?
+            .or(Defaults::LEARNER_QUANTIZE_FORWARD);
+        let learner_nvfp4_forward = match learner_quantize {
+            None => false,
+            Some(Quantize::Nvfp4) if worker_quantize == Some(Quantize::Nvfp4) => true,
+            Some(Quantize::Nvfp4) => {
+                return Err(ctx.err(
+                    "learner.quantize_forward",
+                    "`nvfp4` trains through the workers' NVFP4 weights, so it needs \
+                     workers.quantize = \"nvfp4\" too",
+                ));
+            }
+        };
         Ok(RunConfig {
             name,
             seed: raw.seed.unwrap_or(Defaults::SEED),
             checkpoint: model.checkpoint,
             init_config: model.init_config,
-            init_seed: model.init_seed.unwrap_or(0),
+            init_seed: model.init_seed.unwrap_or(Defaults::INIT_SEED),
             tokenizer: model.tokenizer,
-            workers: positive("workers.count", w.count.unwrap_or(Defaults::WORKERS))?,
-            worker_max_batch: positive(
-                "workers.max_batch",
-                w.max_batch.unwrap_or(Defaults::WORKER_MAX_BATCH),
-            )?,
-            worker_max_in_flight: positive(
-                "workers.max_in_flight",
-                w.max_in_flight.unwrap_or(Defaults::WORKER_MAX_IN_FLIGHT),
-            )?,
-            worker_device: device(ctx, "workers.device", w.device)?,
-            worker_nvfp4: match w.quantize.as_deref() {
-                None => false,
-                Some("nvfp4") => true,
-                Some(o) => {
-                    return Err(ctx.err("workers.quantize", format!("`{o}`; allowed: nvfp4")));
-                }
-            },
-            worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(false),
-            learner_nvfp4_forward: match l.quantize_forward.as_deref() {
-                None => false,
-                Some("nvfp4") if w.quantize.as_deref() == Some("nvfp4") => true,
-                Some("nvfp4") => {
-                    return Err(ctx.err(
-                        "learner.quantize_forward",
-                        "`nvfp4` trains through the workers' NVFP4 weights, so it needs \
-                         workers.quantize = \"nvfp4\" too",
-                    ));
-                }
-                Some(o) => {
-                    return Err(
-                        ctx.err("learner.quantize_forward", format!("`{o}`; allowed: nvfp4"))
-                    );
-                }
-            },
+            workers,
+            worker_max_batch,
+            worker_max_in_flight,
+            worker_device,
+            worker_nvfp4: worker_quantize == Some(Quantize::Nvfp4),
+            worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(Defaults::KEEP_ATTENTION_F32),
+            learner_nvfp4_forward,
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),
             eps_low,
@@ -944,7 +1090,7 @@ sampling = { temperature = 0.9 }
         assert!(close(lrs[4], 1e-4), "the last step is at min_lr: {lrs:?}");
         // Without the keys: no warmup, constant, and the default floor is a tenth of lr.
         let sft = &c.stages[0];
-        assert_eq!(sft.lr_decay, LrDecay::Constant);
+        assert_eq!(sft.lr_decay, Decay::Constant);
         assert!((0..3).all(|s| sft.lr_at(s) == sft.lr));
         assert_eq!(sft.min_lr, sft.lr / 10.0);
     }
@@ -1054,6 +1200,72 @@ sampling = { temperature = 0.9 }
     }
 
     #[test]
+    fn choices_read_into_their_enums() {
+        let c = RunConfig::from_toml_str(
+            &GOOD
+                .replace(
+                    "name = \"t\"",
+                    "name = \"t\"\n[workers]\nquantize = \"nvfp4\"\n\
+                     [learner]\naggregation = \"seq_mean\"\nquantize_forward = \"nvfp4\"",
+                )
+                .replace(
+                    "steps = 5",
+                    "steps = 5\nadvantage = \"group_norm\"\nalgorithm = \"grpo\"",
+                ),
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.aggregation, Aggregation::SeqMean);
+        assert!(c.worker_nvfp4 && c.learner_nvfp4_forward);
+        assert_eq!(c.stages[1].advantage, AdvantageKind::GroupNorm);
+        assert_eq!(c.stages[1].algorithm, Algorithm::Grpo);
+        // Unwritten choices take their defaults.
+        let d = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
+        assert_eq!(d.aggregation, Defaults::AGGREGATION);
+        assert!(!d.worker_nvfp4 && !d.learner_nvfp4_forward);
+        assert_eq!(d.stages[1].advantage, Defaults::ADVANTAGE);
+        assert_eq!(d.stages[1].lr_decay, Defaults::LR_DECAY);
+        assert_eq!(d.stages[1].top_p, Defaults::TOP_P);
+        assert_eq!(d.stages[1].environments[0].difficulty, Defaults::DIFFICULTY);
+        assert_eq!(
+            d.stages[0].environments[0].weight,
+            Defaults::ENVIRONMENT_WEIGHT
+        );
+        // The lists in errors are serde's own names, in declaration order.
+        assert_eq!(allowed::<Aggregation>(), "token_mean, seq_mean");
+        assert_eq!(allowed::<EnvironmentKind>(), "builtin, plugin, nemo_gym");
+        assert_eq!(allowed::<Decay>(), "constant, cosine");
+        assert_eq!(written(&EnvironmentKind::NemoGym), "nemo_gym");
+    }
+
+    #[test]
+    fn a_stage_schedule_is_the_shared_one() {
+        let c = RunConfig::from_toml_str(
+            &GOOD.replace(
+                "steps = 5",
+                "steps = 7\nlr = 2e-3\nwarmup_steps = 3\nlr_decay = \"cosine\"\nmin_lr = 1e-4",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        let rl = &c.stages[1];
+        let s = rl.lr_schedule();
+        assert_eq!(
+            s,
+            LrSchedule {
+                peak_lr: 2e-3,
+                warmup_steps: 3,
+                decay: Decay::Cosine,
+                total_steps: 7,
+                min_lr: 1e-4,
+            }
+        );
+        for step in 0..10 {
+            assert_eq!(rl.lr_at(step), s.lr(step));
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_allowed_values() {
         for (from, to, key, allowed) in [
             (
@@ -1133,6 +1345,48 @@ sampling = { temperature = 0.9 }
                 "name = \"t\"\n[learner]\nquantize_forward = \"fp8\"",
                 "learner.quantize_forward",
                 "allowed: nvfp4",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\naggregation = \"sum\"",
+                "learner.aggregation",
+                "`sum`; allowed: token_mean, seq_mean",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nquantize = \"int8\"",
+                "workers.quantize",
+                "`int8`; allowed: nvfp4",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nadvantage = \"ppo\"",
+                "stages[1].advantage",
+                "allowed: group_norm, leave_one_out",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nalgorithm = \"sft\"",
+                "stages[1].algorithm",
+                "`sft` for an rl stage; allowed: grpo",
+            ),
+            (
+                "steps = 3",
+                "steps = 3\nalgorithm = \"dpo\"",
+                "stages[0].algorithm",
+                "`dpo` for an sft stage; allowed: sft",
+            ),
+            (
+                "kind = \"sft\"\n",
+                "",
+                "stages[0].kind",
+                "missing; allowed: sft, rl",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\naggregation = 3",
+                "aggregation",
+                "invalid type",
             ),
         ] {
             let text = GOOD.replace(from, to);

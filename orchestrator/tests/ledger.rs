@@ -1,5 +1,6 @@
 //! The ledger's test suite, run against SQLite (a temp file) and, when
-//! `CHORUS_TEST_POSTGRES_URL` is set, against PostgreSQL (a fresh schema per test).
+//! `CHORUS_TEST_POSTGRES_URL` is set, against PostgreSQL (a fresh schema per test). Without
+//! it the PostgreSQL cases print `SKIPPED`, and fail under CI (see `support/postgres.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,9 @@ use chorus_orchestrator::ledger::{
 };
 use chorus_proto::v1::FinishReason;
 
-const PG_ENV: &str = "CHORUS_TEST_POSTGRES_URL";
+#[path = "support/postgres.rs"]
+mod support_postgres;
+use support_postgres::postgres_url_or_skip;
 
 /// A ledger under test, with what is needed to reopen it.
 struct TestDb {
@@ -32,11 +35,9 @@ impl TestDb {
         }
     }
 
-    async fn postgres() -> Option<Self> {
-        let Ok(base) = std::env::var(PG_ENV) else {
-            println!("skipped: {PG_ENV} not set");
-            return None;
-        };
+    /// A fresh schema in the test database, or `None` when `test` is skipped.
+    async fn postgres(test: &str) -> Option<Self> {
+        let base = postgres_url_or_skip(test)?;
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let schema = format!(
             "chorus_test_{}_{}",
@@ -101,7 +102,8 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    let Some(db) = super::TestDb::postgres().await else {
+                    let test = concat!("postgres::", stringify!($case));
+                    let Some(db) = super::TestDb::postgres(test).await else {
                         return;
                     };
                     super::cases::$case(&db).await;

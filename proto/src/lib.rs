@@ -17,7 +17,8 @@
 //! Besides the generated code the crate offers:
 //! - [`auth`]: interceptors that attach and check the shared `Bearer` token;
 //! - [`checksum`]: the digest carried by the last [`WeightChunk`](v1::WeightChunk)
-//!   of a weight stream and a verifier for receivers.
+//!   of a weight stream and a verifier for receivers;
+//! - [`schedule`]: the learning-rate schedule that the orchestrator and the learner share.
 //!
 //! The protobuf files are compiled at build time with `protox`, so building needs
 //! no `protoc`.
@@ -25,6 +26,7 @@
 
 pub mod auth;
 pub mod checksum;
+pub mod schedule;
 pub mod weights;
 
 /// Messages and services of package `chorus.v1` (generated from `proto/chorus/v1/*.proto`).

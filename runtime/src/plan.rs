@@ -11,7 +11,7 @@ use chorus_model::Nvfp4Policy;
 use chorus_model::engine::EngineOptions;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
-use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
+use chorus_orchestrator::config::{Aggregation, EnvironmentSource, RunConfig, StageKind};
 
 use crate::error::{Result, RunError};
 
@@ -203,10 +203,11 @@ fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
             eps_low: cfg.eps_low,
             eps_high: cfg.eps_high,
             tis_cap: cfg.tis_cap,
-            aggregation: if cfg.aggregation == "seq_mean" {
-                chorus_learner::Aggregation::SeqMean
-            } else {
-                chorus_learner::Aggregation::TokenMean
+            // The orchestrator's config cannot name the learner's type (services meet only
+            // through proto), so the choice is mapped here.
+            aggregation: match cfg.aggregation {
+                Aggregation::TokenMean => chorus_learner::Aggregation::TokenMean,
+                Aggregation::SeqMean => chorus_learner::Aggregation::SeqMean,
             },
             ..Default::default()
         },

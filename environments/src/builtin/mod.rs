@@ -20,6 +20,7 @@ mod multi_hop;
 mod needle;
 mod numeric;
 mod safety;
+mod script;
 mod sql;
 mod structured_output;
 mod sudoku;

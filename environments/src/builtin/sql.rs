@@ -27,11 +27,12 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::script::{Runner, Script, run_in_sandbox};
 use crate::chat::{Message, extract_code, final_answer};
 use crate::env::{Category, EnvInfo, Environment, Turns, response_or_zero};
 use crate::error::EnvError;
 use crate::sampling::{TaskOrigin, TaskRng, draw_in_split, make_task};
-use crate::sandbox::{self, Limits, Outcome, SandboxRequest};
+use crate::sandbox::Limits;
 use crate::task::{Score, Split, Task};
 
 const NAME: &str = "sql";
@@ -41,7 +42,10 @@ pub const QUERY_LIMIT_MS: u64 = 2_000;
 /// How long the gold query may run (it is ours and small; this only bounds a broken machine).
 const GOLD_LIMIT_MS: u64 = 5_000;
 /// The script that builds the database and runs the queries inside the sandbox.
-const RUNNER: &str = include_str!("sql/run_sql.py");
+const RUNNER: Script = Script {
+    path: "run_sql.py",
+    source: include_str!("sql/run_sql.py"),
+};
 /// Relative tolerance for comparing non-integer numbers.
 const RELATIVE_TOLERANCE: f64 = 1e-9;
 
@@ -862,21 +866,6 @@ struct Report {
     predicted: QueryResult,
 }
 
-/// How a prepared request is run: the sandbox in production; tests may run it directly.
-type Runner = fn(&SandboxRequest) -> Result<Outcome, String>;
-
-/// Runs `request` in the process-wide sandbox, its `argv[0]` replaced by the sandbox's Python.
-fn run_in_sandbox(request: &SandboxRequest) -> Result<Outcome, String> {
-    let sandbox = sandbox::shared().map_err(|err| format!("the sandbox is unavailable: {err}"))?;
-    let mut request = request.clone();
-    if let Some(program) = request.argv.first_mut() {
-        *program = sandbox.python().to_string();
-    }
-    sandbox
-        .run(&request)
-        .map_err(|err| format!("the sandbox failed to start: {err}"))
-}
-
 /// Runs the gold and the predicted query; `Err` says why nothing could be compared (the sandbox
 /// failed or the run hit a limit).
 fn execute(verification: &Verification, predicted: &str, runner: Runner) -> Result<Report, String> {
@@ -887,23 +876,18 @@ fn execute(verification: &Verification, predicted: &str, runner: Runner) -> Resu
         "limit_ms": QUERY_LIMIT_MS,
         "gold_limit_ms": GOLD_LIMIT_MS,
     });
-    let request = SandboxRequest {
-        argv: vec![
-            "python3".into(),
-            "-I".into(),
-            "-B".into(),
-            "run_sql.py".into(),
-        ],
-        files: vec![("run_sql.py".into(), RUNNER.as_bytes().to_vec())],
-        stdin: input.to_string().into_bytes(),
-        limits: Limits {
+    let request = RUNNER.request(
+        Vec::new(),
+        Vec::new(),
+        input.to_string().into_bytes(),
+        Limits {
             cpu_time: Duration::from_secs(6),
             wall_time: Duration::from_secs(12),
             memory_bytes: 512 << 20,
             max_output_bytes: 4 << 20,
             ..Limits::default()
         },
-    };
+    );
     let outcome = runner(&request)?;
     if !outcome.success() {
         return Err(format!("the query run {}", outcome.reason()));
@@ -1130,6 +1114,7 @@ impl Environment for Sql {
 mod tests {
     use super::*;
     use crate::builtin::testkit::*;
+    use crate::sandbox::{Outcome, SandboxRequest};
 
     fn result(columns: usize, rows: Vec<Vec<Value>>) -> QueryResult {
         QueryResult {

@@ -42,11 +42,12 @@ use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
+use super::script::{Runner, Script, run_in_sandbox};
 use crate::chat::{Message, TOOL_CALL_OPEN, ToolCall, parse_completion, parse_tool_calls};
 use crate::env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns, response_or_zero};
 use crate::error::EnvError;
 use crate::sampling::{TaskOrigin, TaskRng, draw_in_split, make_task, stable_hash};
-use crate::sandbox::{self, Limits, Outcome, SandboxRequest};
+use crate::sandbox::Limits;
 use crate::task::{Score, Split, Task};
 
 const NAME: &str = "swe";
@@ -58,8 +59,10 @@ const INVALID_CALL_PENALTY: f64 = 0.1;
 /// The least reward a passing repository earns, however many invalid calls it took.
 const PASSING_FLOOR: f64 = 0.5;
 /// The test runner written beside the repository.
-const RUNNER: &str = include_str!("swe/run_tests.py");
-const RUNNER_PATH: &str = "run_tests.py";
+const RUNNER: Script = Script {
+    path: "run_tests.py",
+    source: include_str!("swe/run_tests.py"),
+};
 /// Lines `view` shows at most.
 const VIEW_LINES: usize = 80;
 /// Matches `search` shows at most.
@@ -778,21 +781,6 @@ fn build(rng: &mut TaskRng, level: u32) -> Option<(String, Verification)> {
     ))
 }
 
-/// How a prepared request is run: the sandbox in production; tests may run it directly.
-type Runner = fn(&SandboxRequest) -> Result<Outcome, String>;
-
-/// Runs `request` in the process-wide sandbox, its `argv[0]` replaced by the sandbox's Python.
-fn run_in_sandbox(request: &SandboxRequest) -> Result<Outcome, String> {
-    let sandbox = sandbox::shared().map_err(|err| format!("the sandbox is unavailable: {err}"))?;
-    let mut request = request.clone();
-    if let Some(program) = request.argv.first_mut() {
-        *program = sandbox.python().to_string();
-    }
-    sandbox
-        .run(&request)
-        .map_err(|err| format!("the sandbox failed to start: {err}"))
-}
-
 /// One test's result.
 #[derive(Debug, Clone, Deserialize)]
 struct TestResult {
@@ -809,34 +797,28 @@ fn run_tests(
     tests: &[String],
     runner: Runner,
 ) -> Result<Vec<TestResult>, String> {
-    let mut written: Vec<(String, Vec<u8>)> = files
+    let files = files
         .iter()
         .chain(extra)
-        .filter(|(path, _)| path.as_str() != RUNNER_PATH)
         .map(|(path, text)| (path.clone(), text.as_bytes().to_vec()))
         .collect();
-    written.push((RUNNER_PATH.into(), RUNNER.as_bytes().to_vec()));
-    let fingerprint = serde_json::to_string(&written).unwrap_or_default();
-    let nonce = format!("chorus-swe-{:016x}", stable_hash(fingerprint.as_bytes()));
-    let mut argv = vec![
-        "python3".to_string(),
-        "-I".into(),
-        "-B".into(),
-        RUNNER_PATH.into(),
-    ];
-    argv.extend(tests.iter().cloned());
-    let request = SandboxRequest {
-        argv,
-        files: written,
-        stdin: format!("{nonce}\n").into_bytes(),
-        limits: Limits {
+    let mut request = RUNNER.request(
+        tests.iter().cloned(),
+        files,
+        Vec::new(),
+        Limits {
             cpu_time: Duration::from_secs(5),
             wall_time: Duration::from_secs(10),
             memory_bytes: 256 << 20,
             max_output_bytes: 1 << 20,
             ..Limits::default()
         },
-    };
+    );
+    // The marker of the results line depends on every file run, so code under test cannot
+    // print a forged results line ahead of time.
+    let fingerprint = serde_json::to_string(&request.files).unwrap_or_default();
+    let nonce = format!("chorus-swe-{:016x}", stable_hash(fingerprint.as_bytes()));
+    request.stdin = format!("{nonce}\n").into_bytes();
     let outcome = runner(&request)?;
     let stdout = String::from_utf8_lossy(&outcome.stdout);
     let marker = format!("{nonce} ");
@@ -1365,6 +1347,7 @@ impl Environment for Swe {
 mod tests {
     use super::*;
     use crate::builtin::testkit::*;
+    use crate::sandbox::{Outcome, SandboxRequest};
 
     /// Plays the reference policy with the direct runner.
     fn direct_reference_episode(task: &Task) -> (Score, Episode) {

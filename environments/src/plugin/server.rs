@@ -70,7 +70,7 @@ pub async fn serve_environment(
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;
         if let Err(e) = served {
-            eprintln!("environment server for `{name}` at {addr} stopped: {e}");
+            tracing::error!(environment = %name, %addr, error = %e, "environment server stopped");
         }
     });
     Ok(ServedEnvironment { addr, task })

@@ -114,8 +114,8 @@ fn the_cli_only_parses_arguments_and_formats_output() {
     // What a run is made of lives in chorus-runtime; the CLI calls it.
     let forbidden = [
         "tokio::spawn",
-        "chorus_learner",
-        "chorus_rollout_worker",
+        "chorus_learner::",
+        "chorus_rollout_worker::",
         "chorus_orchestrator::scheduler",
         "chorus_orchestrator::remote",
         "chorus_orchestrator::service",

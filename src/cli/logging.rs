@@ -94,18 +94,25 @@ where
         let mut fields = Fields::default();
         event.record(&mut fields);
         write!(writer, "{}", fields.message)?;
-        if level != Level::INFO && !fields.rest.is_empty() {
-            write!(writer, " ({})", fields.rest.join(", "))?;
+        // Fields the message already shows (an error it quotes) are not repeated.
+        let rest: Vec<&str> = fields
+            .rest
+            .iter()
+            .filter(|(_, value)| !fields.message.contains(value.as_str()))
+            .map(|(field, _)| field.as_str())
+            .collect();
+        if level != Level::INFO && !rest.is_empty() {
+            write!(writer, " ({})", rest.join(", "))?;
         }
         writeln!(writer)
     }
 }
 
-/// An event's message, and its other fields as `name=value`.
+/// An event's message, and its other fields as (`name=value`, value).
 #[derive(Default)]
 struct Fields {
     message: String,
-    rest: Vec<String>,
+    rest: Vec<(String, String)>,
 }
 
 impl Visit for Fields {
@@ -113,7 +120,8 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = value.to_string();
         } else {
-            self.rest.push(format!("{}={value}", field.name()));
+            self.rest
+                .push((format!("{}={value}", field.name()), value.to_string()));
         }
     }
 
@@ -121,7 +129,8 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = format!("{value:?}");
         } else {
-            self.rest.push(format!("{}={value:?}", field.name()));
+            self.rest
+                .push((format!("{}={value:?}", field.name()), format!("{value:?}")));
         }
     }
 }
@@ -173,17 +182,19 @@ mod tests {
             let _in = span.enter();
             tracing::info!(step = 3, "step    3 rl  loss 0.1");
             tracing::warn!(env = "sql", "environment paused");
+            tracing::error!(error = "boom", "the run failed: boom");
             tracing::debug!(request_id = "r-1/s0/p2/c1", "dispatched");
         });
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "step    3 rl  loss 0.1");
         assert_eq!(lines[1], "warning: environment paused (env=sql)");
+        assert_eq!(lines[2], "error: the run failed: boom");
         assert!(
-            lines[2].starts_with("DEBUG ")
-                && lines[2].contains("run{run_id=\"r-1\"}: dispatched")
-                && lines[2].contains("request_id=r-1/s0/p2/c1"),
+            lines[3].starts_with("DEBUG ")
+                && lines[3].contains("run{run_id=\"r-1\"}: dispatched")
+                && lines[3].contains("request_id=r-1/s0/p2/c1"),
             "{}",
-            lines[2]
+            lines[3]
         );
     }
 }

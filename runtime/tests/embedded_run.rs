@@ -1,0 +1,143 @@
+//! A whole run driven through the library, as an embedding program would: a `RunPlan` from a
+//! config, `run_local`, and the typed `Summary`, without the CLI.
+
+use chorus_orchestrator::config::RunConfig;
+use chorus_orchestrator::ledger::{Ledger, RunStatus};
+use chorus_runtime::{LocalRun, RunError, RunPlan, run_local};
+
+const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
+  "hybrid_override_pattern": "M*E", "mamba_num_heads": 4, "mamba_head_dim": 8,
+  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+  "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+  "moe_shared_expert_intermediate_size": 16, "eos_token_id": 2}"#;
+
+fn config(environments: &str) -> String {
+    format!(
+        r#"
+name = "embedded"
+seed = 5
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+max_batch = 8
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 2
+prompts_per_step = 2
+environments = {environments}
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 2
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 4
+environments = {environments}
+"#
+    )
+}
+
+fn plan(dir: &std::path::Path, text: &str) -> RunPlan {
+    std::fs::write(dir.join("model.json"), MODEL).unwrap();
+    let cfg = RunConfig::from_toml_relative_to(text, "embedded.toml", dir).unwrap();
+    RunPlan::new(cfg, text.to_string(), 2, 1).unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(dir.path(), &config(r#"[{ name = "arithmetic" }]"#));
+    assert_eq!(
+        plan.evaluation.environments,
+        vec![("arithmetic".to_string(), 1)]
+    );
+    assert_eq!(plan.evaluation.rl_steps, 2);
+    let local = LocalRun {
+        db: None,
+        runs_dir: dir.path().join("runs"),
+        token: None,
+    };
+    let rt = runtime();
+    let summary = rt.block_on(run_local(&plan, local)).unwrap();
+    assert_eq!(summary.steps, 4, "{summary:?}");
+    assert_eq!(summary.environments["arithmetic"].heldout_n, 2);
+    // Before RL, after every RL step (--eval-every 1 above), and after the run; in version order.
+    let versions: Vec<u64> = summary.curve.iter().map(|p| p.version).collect();
+    assert_eq!(versions.first(), Some(&2), "{versions:?}");
+    assert_eq!(versions.last(), Some(&4), "{versions:?}");
+    assert!(versions.windows(2).all(|w| w[0] <= w[1]), "{versions:?}");
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/embedded/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(written, serde_json::to_value(&summary).unwrap());
+    let db = format!(
+        "sqlite://{}",
+        dir.path().join("runs/embedded/ledger.sqlite").display()
+    );
+    rt.block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let run = ledger.get_run(&summary.run).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded);
+        assert_eq!(
+            ledger.count_consumed(&summary.run).await.unwrap(),
+            summary.trajectories
+        );
+    });
+}
+
+#[test]
+fn a_run_whose_environment_cannot_be_reached_fails_naming_it_and_is_marked_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let plan = plan(dir.path(), &config(r#"[{ url = "http://127.0.0.1:1" }]"#));
+    let local = LocalRun {
+        db: None,
+        runs_dir: dir.path().join("runs"),
+        token: Some("t".into()),
+    };
+    let rt = runtime();
+    let err = rt.block_on(run_local(&plan, local)).unwrap_err();
+    assert!(
+        matches!(&err, RunError::Environment { at, .. } if at.starts_with("stages[0].environments[0].url")),
+        "{err}"
+    );
+    rt.block_on(async {
+        let db = format!(
+            "sqlite://{}",
+            dir.path().join("runs/embedded/ledger.sqlite").display()
+        );
+        let ledger = Ledger::open(&db).await.unwrap();
+        let runs = ledger.list_runs(10).await.unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].status, RunStatus::Failed);
+    });
+}
+
+#[test]
+fn a_plugin_run_without_the_plugins_token_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(dir.path(), &config(r#"[{ url = "http://127.0.0.1:1" }]"#));
+    let local = LocalRun {
+        db: None,
+        runs_dir: dir.path().join("runs"),
+        token: None,
+    };
+    let err = runtime().block_on(run_local(&plan, local)).unwrap_err();
+    assert!(
+        matches!(&err, RunError::Invalid(m) if m.contains("--token")),
+        "{err}"
+    );
+    assert!(!dir.path().join("runs/embedded/ledger.sqlite").exists());
+}

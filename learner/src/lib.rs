@@ -12,6 +12,7 @@
 //!
 //! The learner never depends on the rollout worker; the service wrapping [`Trainer`] meets the
 //! rest of Chorus only through `chorus-proto`.
+#![warn(missing_docs)]
 
 mod error;
 mod loss;
@@ -25,6 +26,7 @@ pub use loss::{Aggregation, GrpoConfig, LossStats, RlSequence, SftSequence, grpo
 pub use optim::{AdamW, AdamWConfig, StepStats};
 pub use schedule::{Decay, LrSchedule};
 pub use service::{
-    LearnerHandle, LearnerService, LearnerServiceConfig, Published, group_sequences, spawn_learner,
+    LearnerHandle, LearnerService, LearnerServiceConfig, Published, SubmitError, group_sequences,
+    spawn_learner,
 };
 pub use trainer::{LearnerConfig, Nvfp4Forward, OPTIMIZER_FILE, STATE_FILE, StepReport, Trainer};

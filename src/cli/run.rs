@@ -19,6 +19,7 @@ use chorus_learner::{
 use chorus_model::engine::{EngineOptions, Nvfp4Policy};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
+use chorus_orchestrator::Directory;
 use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
 use chorus_orchestrator::faults::EnvFaults;
 use chorus_orchestrator::ledger::{Ledger, NewRun, RunStatus};
@@ -26,7 +27,6 @@ use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{
     StageContext, StageStats, evaluate, run_rl_stage, run_sft_stage,
 };
-use chorus_orchestrator::service::Directory;
 use chorus_proto::auth::RequireToken;
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::learner_client::LearnerClient;

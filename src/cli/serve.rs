@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::ledger::{Ledger, RunStatus};
-use chorus_orchestrator::service::{Directory, Fleet, Launched, Leases, OrchestratorService};
+use chorus_orchestrator::{Directory, Fleet, Launched, Leases, OrchestratorService};
 use chorus_proto::auth::RequireToken;
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;

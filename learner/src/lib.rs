@@ -12,7 +12,7 @@
 //!
 //! The learner never depends on the rollout worker; the service wrapping [`Trainer`] meets the
 //! rest of Chorus only through `chorus-proto`.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod error;
 mod loss;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decay {
+    /// Stays at the peak.
     Constant,
     /// Cosine from the peak to `min_lr` over `total_steps`.
     Cosine,
@@ -15,10 +16,15 @@ pub enum Decay {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LrSchedule {
+    /// Rate reached at the end of warmup.
     pub peak_lr: f64,
+    /// Steps of linear warmup from 0 to the peak.
     pub warmup_steps: u64,
+    /// What the rate does after warmup.
     pub decay: Decay,
+    /// Steps the decay spans.
     pub total_steps: u64,
+    /// Floor of the decay.
     pub min_lr: f64,
 }
 

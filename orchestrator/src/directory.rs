@@ -326,7 +326,7 @@ impl Directory {
     pub async fn wait_for_learner(&self, timeout: Duration) -> Result<LearnerInfo, WaitError> {
         self.wait_until(timeout, || self.learner())
             .await
-            .ok_or_else(|| WaitError::Learner {
+            .ok_or(WaitError::Learner {
                 waited_s: timeout.as_secs_f64(),
             })
     }
@@ -760,5 +760,131 @@ mod tests {
         });
         assert!(hb.registered);
         assert_eq!(hb.latest_policy_version, 4);
+    }
+
+    #[tokio::test]
+    async fn membership_changes_reach_the_follower_and_its_answer_is_the_loss_event() {
+        let dir = Directory::new(
+            "r",
+            Leases {
+                heartbeat: Duration::from_millis(10),
+                lease: Duration::from_millis(1),
+            },
+        );
+        dir.register_worker(worker("early")).unwrap();
+        let mut changes = dir.membership();
+        assert_eq!(
+            changes.try_recv().unwrap(),
+            Membership::Joined {
+                id: "early".into(),
+                url: "http://127.0.0.1:1".into()
+            },
+            "workers registered before the follower came are announced first"
+        );
+        dir.register_worker(worker("late")).unwrap();
+        assert!(
+            matches!(changes.try_recv().unwrap(), Membership::Joined { id, .. } if id == "late")
+        );
+        let lost = |dir: &Directory| {
+            dir.events_after(0)
+                .into_iter()
+                .filter_map(|e| match e.kind {
+                    Some(run_event::Kind::WorkerLost(l)) => Some(l),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let mut expired = dir.expire_leases();
+        expired.sort();
+        assert_eq!(expired, ["early", "late"]);
+        assert!(dir.live_workers().is_empty(), "lost at once");
+        assert_eq!(
+            [changes.try_recv().unwrap(), changes.try_recv().unwrap()],
+            [
+                Membership::Lost { id: "early".into() },
+                Membership::Lost { id: "late".into() }
+            ]
+        );
+        assert!(
+            lost(&dir).is_empty(),
+            "the event waits for the follower's count"
+        );
+        dir.report_lost("early", 3);
+        dir.report_lost("early", 9);
+        assert_eq!(lost(&dir).len(), 1, "one event per loss");
+        assert_eq!(lost(&dir)[0].redispatched_prompts, 3);
+
+        // Without a follower, the event is appended at once.
+        drop(changes);
+        dir.register_worker(worker("alone")).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(dir.expire_leases(), ["alone"]);
+        let events = lost(&dir);
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (events[1].worker_id.as_str(), events[1].redispatched_prompts),
+            ("alone", 0)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn record_events_copies_the_log_into_the_ledger_until_the_run_ends() {
+        use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged};
+
+        use crate::ledger::{NewRun, RunStatus};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", tmp.path().join("ledger.sqlite").display());
+        let ledger = Ledger::open(&url).await.unwrap();
+        ledger
+            .insert_run(NewRun {
+                id: "r".into(),
+                name: "r".into(),
+                config_toml: String::new(),
+                status: RunStatus::Running,
+            })
+            .await
+            .unwrap();
+        let dir = Directory::new("r", Leases::default());
+        let status = |s: ProtoRunStatus| {
+            run_event::Kind::StatusChanged(RunStatusChanged {
+                status: s as i32,
+                reason: String::new(),
+            })
+        };
+        dir.emit(status(ProtoRunStatus::Running));
+        dir.register_worker(worker("w")).unwrap();
+        let recorder = tokio::spawn(record_events(dir.clone(), ledger.clone()));
+        dir.emit(run_event::Kind::LearnerStep(
+            chorus_proto::v1::LearnerStepCompleted {
+                step: 1,
+                loss: f64::NAN,
+                trajectories: 4,
+                skipped: true,
+            },
+        ));
+        dir.emit(status(ProtoRunStatus::Succeeded));
+        assert_eq!(recorder.await.unwrap().unwrap(), 4);
+        ledger.flush().await.unwrap();
+        let rows = ledger.list_events("r", 0, 100).await.unwrap();
+        let kinds: Vec<&str> = rows.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "status_changed",
+                "worker_joined",
+                "learner_step",
+                "status_changed"
+            ]
+        );
+        let payload = |i: usize| -> serde_json::Value {
+            serde_json::from_str(&rows[i].payload_json).unwrap()
+        };
+        assert_eq!(payload(0)["status"], "RUN_STATUS_RUNNING");
+        assert_eq!(payload(1)["worker_id"], "w");
+        assert_eq!(payload(2)["loss"], serde_json::Value::Null, "NaN is null");
+        assert_eq!(payload(2)["sequence"], 3);
+        assert_eq!(payload(3)["status"], "RUN_STATUS_SUCCEEDED");
     }
 }

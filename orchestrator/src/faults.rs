@@ -120,9 +120,12 @@ impl EnvFaults {
         h.last_fault = fault.to_string();
         if !h.paused && h.faults >= self.policy.error_budget {
             h.paused = true;
-            eprintln!(
-                "environment `{env}` paused after {} faults (error budget {}); last: {fault}",
-                h.faults, self.policy.error_budget
+            tracing::warn!(
+                env = %env,
+                faults = h.faults,
+                error_budget = self.policy.error_budget,
+                last_fault = %fault,
+                "environment paused: its error budget is spent"
             );
         }
     }

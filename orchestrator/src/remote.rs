@@ -840,4 +840,119 @@ mod tests {
         assert_eq!(r.finish_reason, FinishReason::Error as i32);
         assert!(r.error.contains("no rollout worker"), "{}", r.error);
     }
+
+    /// A stand-in learner whose step stream replays `steps`; nothing else is served.
+    struct StepsOnly {
+        steps: Vec<StepReport>,
+    }
+
+    type Steps = Pin<Box<dyn Stream<Item = Result<StepReport, Status>> + Send>>;
+    type Weights =
+        Pin<Box<dyn Stream<Item = Result<chorus_proto::v1::WeightChunk, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl chorus_proto::v1::learner_server::Learner for StepsOnly {
+        type StreamWeightsStream = Weights;
+        type StreamStepsStream = Steps;
+
+        async fn submit_trajectories(
+            &self,
+            _: Request<Streaming<TrajectoryGroup>>,
+        ) -> Result<Response<chorus_proto::v1::SubmitTrajectoriesResponse>, Status> {
+            Err(Status::unimplemented("stand-in"))
+        }
+
+        async fn stream_weights(
+            &self,
+            _: Request<chorus_proto::v1::StreamWeightsRequest>,
+        ) -> Result<Response<Weights>, Status> {
+            Err(Status::unimplemented("stand-in"))
+        }
+
+        async fn stream_steps(
+            &self,
+            _: Request<StreamStepsRequest>,
+        ) -> Result<Response<Steps>, Status> {
+            let steps: Vec<Result<StepReport, Status>> =
+                self.steps.iter().cloned().map(Ok).collect();
+            Ok(Response::new(Box::pin(tokio_stream::iter(steps))))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_remote_learner_records_each_published_version_once() {
+        use crate::ledger::{NewRun, RunStatus};
+
+        let report = |step: u64, version: u64, sha: u8| StepReport {
+            run_id: "r".into(),
+            step,
+            policy_version: version,
+            weights_sha256: vec![sha; 32],
+            weights_bytes: 1000 + step,
+            skip_reason: if step == 2 {
+                "not finite".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        // Step 2 was skipped (a version all the same); the repeated report adds nothing.
+        let steps = vec![report(1, 1, 0xaa), report(2, 2, 0xbb), report(2, 2, 0xcc)];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
+                    StepsOnly { steps },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", tmp.path().join("ledger.sqlite").display());
+        let ledger = Ledger::open(&db).await.unwrap();
+        ledger
+            .insert_run(NewRun {
+                id: "r".into(),
+                name: "r".into(),
+                config_toml: String::new(),
+                status: RunStatus::Running,
+            })
+            .await
+            .unwrap();
+        let learner = RemoteLearner::connect(&url, "tok", "r", 0, Some(ledger.clone()))
+            .await
+            .unwrap();
+        // The stream ends after its last report: waiting for a version past it fails, once
+        // every report has been recorded.
+        let gone = learner.wait_version(3).await.unwrap_err();
+        assert_eq!(
+            gone,
+            LearningError::Gone {
+                learner: url.clone(),
+                version: 3
+            }
+        );
+        ledger.flush().await.unwrap();
+        let versions = ledger.list_policy_versions("r").await.unwrap();
+        assert_eq!(
+            versions,
+            [
+                PolicyVersion {
+                    run_id: "r".into(),
+                    version: 1,
+                    learner_step: 1,
+                    sha256: "aa".repeat(32),
+                    num_bytes: 1001,
+                },
+                PolicyVersion {
+                    run_id: "r".into(),
+                    version: 2,
+                    learner_step: 2,
+                    sha256: "bb".repeat(32),
+                    num_bytes: 1002,
+                },
+            ]
+        );
+        assert_eq!(ledger.list_learner_steps("r").await.unwrap().len(), 2);
+    }
 }

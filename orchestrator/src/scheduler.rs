@@ -1166,121 +1166,119 @@ async fn run_sft_step(
     base: u64,
     step: u64,
 ) -> Result<(), SchedulerError> {
-    {
-        let mut prompts = vec![];
-        let mut trajectories = vec![];
-        let mut groups = vec![];
-        for slot in 0..stage.prompts_per_step {
-            let mut example = None;
-            for attempt in 0..MAX_ATTEMPTS {
-                let drawn = match draw(&ctx, &stage, step, slot, attempt).await {
-                    Ok(d) => d,
-                    Err(DrawError::Fatal(e)) => return Err(e),
-                    Err(DrawError::Fault) => continue,
-                };
-                let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
-                let segments = ctx
-                    .faults
-                    .call(&drawn.env_name, move || {
-                        reference_segments(env.as_ref(), &task, multi)
-                    })
-                    .await;
-                if let Ok(segments) = segments {
-                    example = Some((drawn, segments));
-                    break;
-                }
-            }
-            let Some((drawn, segments)) = example else {
-                groups.push(None);
-                continue;
+    let mut prompts = vec![];
+    let mut trajectories = vec![];
+    let mut groups = vec![];
+    for slot in 0..stage.prompts_per_step {
+        let mut example = None;
+        for attempt in 0..MAX_ATTEMPTS {
+            let drawn = match draw(ctx, stage, step, slot, attempt).await {
+                Ok(d) => d,
+                Err(DrawError::Fatal(e)) => return Err(e),
+                Err(DrawError::Fault) => continue,
             };
-            let env_name = &drawn.env_name;
-            let task = &drawn.task;
-            let prompt_ids = ctx
+            let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
+            let segments = ctx
+                .faults
+                .call(&drawn.env_name, move || {
+                    reference_segments(env.as_ref(), &task, multi)
+                })
+                .await;
+            if let Ok(segments) = segments {
+                example = Some((drawn, segments));
+                break;
+            }
+        }
+        let Some((drawn, segments)) = example else {
+            groups.push(None);
+            continue;
+        };
+        let env_name = &drawn.env_name;
+        let task = &drawn.task;
+        let prompt_ids = ctx
+            .tokenizer
+            .encode(&chat::render_prompt(&task.prompt))
+            .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+        let (mut completion_ids, mut mask) = (vec![], vec![]);
+        for (text, policy) in &segments {
+            let ids = ctx
                 .tokenizer
-                .encode(&chat::render_prompt(&task.prompt))
+                .encode(text)
                 .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-            let (mut completion_ids, mut mask) = (vec![], vec![]);
-            for (text, policy) in &segments {
-                let ids = ctx
-                    .tokenizer
-                    .encode(text)
-                    .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-                mask.extend(std::iter::repeat_n(*policy, ids.len()));
-                completion_ids.extend(ids);
-            }
-            if mask.iter().all(|&m| m) {
-                mask.clear();
-            }
-            let completion_text: String = segments.iter().map(|s| s.0.as_str()).collect();
-            let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
-            let prompt_id = format!("{group_id}:p");
-            prompts.push(NewPrompt {
-                id: prompt_id.clone(),
-                run_id: ctx.run_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
-                split: Split::Train,
-                task_json: serde_json::to_string(&**task).expect("tasks serialise"),
-                step_dispatched: base + step,
-            });
-            trajectories.push(NewTrajectory {
-                id: format!("{prompt_id}:ref"),
-                run_id: ctx.run_id.clone(),
-                prompt_id: prompt_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
+            mask.extend(std::iter::repeat_n(*policy, ids.len()));
+            completion_ids.extend(ids);
+        }
+        if mask.iter().all(|&m| m) {
+            mask.clear();
+        }
+        let completion_text: String = segments.iter().map(|s| s.0.as_str()).collect();
+        let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
+        let prompt_id = format!("{group_id}:p");
+        prompts.push(NewPrompt {
+            id: prompt_id.clone(),
+            run_id: ctx.run_id.clone(),
+            group_id: group_id.clone(),
+            environment: env_name.clone(),
+            split: Split::Train,
+            task_json: serde_json::to_string(&**task).expect("tasks serialise"),
+            step_dispatched: base + step,
+        });
+        trajectories.push(NewTrajectory {
+            id: format!("{prompt_id}:ref"),
+            run_id: ctx.run_id.clone(),
+            prompt_id: prompt_id.clone(),
+            group_id: group_id.clone(),
+            environment: env_name.clone(),
+            worker_id: "reference".into(),
+            prompt_token_ids: prompt_ids.clone(),
+            completion_token_ids: completion_ids.clone(),
+            completion_text,
+            logprobs: vec![],
+            policy_versions: vec![],
+            finish_reason: FinishReason::Stop,
+            reward: Some(1.0),
+            reward_components: BTreeMap::new(),
+            reason: Some("reference solution (supervised warm-up)".into()),
+            status: TrajectoryStatus::Ok,
+            timings: Timings::default(),
+        });
+        groups.push(Some(TrajectoryGroup {
+            run_id: ctx.run_id.clone(),
+            group_id,
+            environment: env_name.clone(),
+            trajectories: vec![Trajectory {
+                trajectory_id: format!("{prompt_id}:ref"),
+                prompt_id,
+                prompt_token_ids: prompt_ids,
+                completion_token_ids: completion_ids,
+                completion_mask: mask,
+                reward: 1.0,
                 worker_id: "reference".into(),
-                prompt_token_ids: prompt_ids.clone(),
-                completion_token_ids: completion_ids.clone(),
-                completion_text,
-                logprobs: vec![],
-                policy_versions: vec![],
-                finish_reason: FinishReason::Stop,
-                reward: Some(1.0),
-                reward_components: BTreeMap::new(),
-                reason: Some("reference solution (supervised warm-up)".into()),
-                status: TrajectoryStatus::Ok,
-                timings: Timings::default(),
-            });
-            groups.push(Some(TrajectoryGroup {
-                run_id: ctx.run_id.clone(),
-                group_id,
-                environment: env_name.clone(),
-                trajectories: vec![Trajectory {
-                    trajectory_id: format!("{prompt_id}:ref"),
-                    prompt_id,
-                    prompt_token_ids: prompt_ids,
-                    completion_token_ids: completion_ids,
-                    completion_mask: mask,
-                    reward: 1.0,
-                    worker_id: "reference".into(),
-                    ..Default::default()
-                }],
-                supervised: true,
-                step_groups: stage.prompts_per_step as u32,
-                learning_rate: stage.lr_at(step),
-            }));
-        }
-        let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
-        let submitted = ids.len() as u64;
-        ctx.ledger.record_prompts_dispatched(prompts).await?;
-        ctx.ledger.insert_trajectories(trajectories).await?;
-        for (slot, g) in groups.into_iter().enumerate() {
-            match g {
-                Some(g) => ctx.learning.submit(g).await?,
-                None => submit_empty(&ctx, &stage, step, slot, true, stage.lr_at(step)).await?,
-            }
-        }
-        ctx.ledger.mark_consumed(ids, base + step).await?;
-        ctx.stats
-            .groups_submitted
-            .fetch_add(submitted, Ordering::Relaxed);
-        ctx.stats
-            .trajectories_submitted
-            .fetch_add(submitted, Ordering::Relaxed);
-        ctx.learning.wait_version(base + step + 1).await?;
+                ..Default::default()
+            }],
+            supervised: true,
+            step_groups: stage.prompts_per_step as u32,
+            learning_rate: stage.lr_at(step),
+        }));
     }
+    let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+    let submitted = ids.len() as u64;
+    ctx.ledger.record_prompts_dispatched(prompts).await?;
+    ctx.ledger.insert_trajectories(trajectories).await?;
+    for (slot, g) in groups.into_iter().enumerate() {
+        match g {
+            Some(g) => ctx.learning.submit(g).await?,
+            None => submit_empty(ctx, stage, step, slot, true, stage.lr_at(step)).await?,
+        }
+    }
+    ctx.ledger.mark_consumed(ids, base + step).await?;
+    ctx.stats
+        .groups_submitted
+        .fetch_add(submitted, Ordering::Relaxed);
+    ctx.stats
+        .trajectories_submitted
+        .fetch_add(submitted, Ordering::Relaxed);
+    ctx.learning.wait_version(base + step + 1).await?;
     Ok(())
 }
 

@@ -10,12 +10,24 @@ pub enum LearnerError {
     Batch(String),
     /// A learner setting is out of range; names the setting.
     #[error("learner setting `{key}`: {message}")]
-    Config { key: String, message: String },
+    Config {
+        /// The setting.
+        key: String,
+        /// What is wrong with its value.
+        message: String,
+    },
     /// A learner checkpoint is missing a file or holds something unexpected.
     #[error("{path}: {message}")]
-    Checkpoint { path: PathBuf, message: String },
+    Checkpoint {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is missing or unexpected.
+        message: String,
+    },
+    /// The model failed (building the policy, loading or saving its weights).
     #[error(transparent)]
     Model(#[from] chorus_model::ModelError),
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

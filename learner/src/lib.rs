@@ -12,6 +12,7 @@
 //!
 //! The learner never depends on the rollout worker; the service wrapping [`Trainer`] meets the
 //! rest of Chorus only through `chorus-proto`.
+#![deny(missing_docs)]
 
 mod error;
 mod loss;
@@ -24,6 +25,7 @@ pub use error::{LearnerError, Result};
 pub use loss::{Aggregation, GrpoConfig, LossStats, RlSequence, SftSequence, grpo_loss, sft_loss};
 pub use optim::{AdamW, AdamWConfig, StepStats};
 pub use service::{
-    LearnerHandle, LearnerService, LearnerServiceConfig, Published, group_sequences, spawn_learner,
+    LearnerHandle, LearnerService, LearnerServiceConfig, Published, SubmitError, group_sequences,
+    spawn_learner,
 };
 pub use trainer::{LearnerConfig, OPTIMIZER_FILE, STATE_FILE, StepReport, Trainer};

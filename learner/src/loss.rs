@@ -31,6 +31,7 @@ pub struct GrpoConfig {
     pub tis_cap: f64,
     /// Weight of the k3 KL estimate to the reference policy (0 = off).
     pub kl_coef: f64,
+    /// How token terms are averaged into the loss.
     pub aggregation: Aggregation,
 }
 
@@ -48,6 +49,7 @@ impl Default for GrpoConfig {
 }
 
 impl GrpoConfig {
+    /// Checks every setting's range; the error names the setting.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.eps_low) {
             return Err(config_err(
@@ -100,7 +102,9 @@ pub struct RlSequence {
 /// One supervised example: only the completion is learned.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SftSequence {
+    /// Prompt followed by completion.
     pub tokens: Vec<u32>,
+    /// How many of `tokens` are the prompt.
     pub prompt_len: usize,
     /// Which completion tokens are learned; `None` means all of them.
     pub loss_mask: Option<Vec<bool>>,
@@ -109,15 +113,18 @@ pub struct SftSequence {
 /// Statistics of an objective over a batch (all means over completion tokens unless noted).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossStats {
+    /// The objective's value.
     pub loss: f64,
     /// k3 estimate of KL to the reference policy, or to the behaviour policy when no reference.
     pub kl: f64,
+    /// Mean entropy of the learner's next-token distribution.
     pub entropy: f64,
     /// Fraction of tokens whose clipped term was the active one.
     pub clip_fraction: f64,
     /// Mean |log π_learner − log π_worker|: how far the learner's view of the samples is from the
     /// worker's (staleness plus numerical mismatch).
     pub mean_abs_logprob_diff: f64,
+    /// Completion tokens the statistics are over.
     pub tokens: usize,
 }
 

@@ -13,9 +13,13 @@ use crate::error::{Result, config_err};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
+    /// Decay of the first-moment estimate.
     pub beta1: f64,
+    /// Decay of the second-moment estimate.
     pub beta2: f64,
+    /// Added to the second moment's square root, against division by zero.
     pub eps: f64,
+    /// Decoupled weight decay, per unit of learning rate.
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value (0 = no clipping).
     pub max_grad_norm: f64,
@@ -35,6 +39,7 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// Checks every setting's range; the error names the setting.
     pub fn validate(&self) -> Result<()> {
         for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {

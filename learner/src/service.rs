@@ -1,5 +1,9 @@
 //! The learner as a service: a training thread that consumes scored groups and publishes each
 //! new policy version, and the gRPC `Learner` service in front of it.
+//!
+//! Every group is logged with its `run_id` and `group_id` (whose prefix is the orchestrator's
+//! prompt id, and so the prefix of its request ids), and every step with its `step` and
+//! `policy_version`, so one rollout can be followed from the orchestrator's logs into these.
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
@@ -20,21 +24,64 @@ use crate::trainer::{StepReport, Trainer};
 
 /// A published policy version, ready to stream.
 pub struct Published {
+    /// Its version number.
     pub version: u64,
+    /// Its weights, as `StreamWeights` sends them (the last chunk carries the checksum).
     pub chunks: Vec<WeightChunk>,
 }
 
-enum Work {
-    Group(TrajectoryGroup),
-    Sft(
-        Vec<SftSequence>,
-        tokio::sync::oneshot::Sender<Result<StepReport, String>>,
-    ),
+impl Published {
+    /// SHA-256 of the stream, from its last chunk.
+    fn sha256(&self) -> Vec<u8> {
+        self.chunks
+            .last()
+            .map(|c| c.sha256.clone())
+            .unwrap_or_default()
+    }
+
+    /// Bytes of tensor data in the stream.
+    fn num_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.data.len() as u64).sum()
+    }
+}
+
+/// Why a group was not queued for training.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The group cannot be trained on (no trajectories, lengths that disagree, …).
+    #[error("run `{run_id}`, group `{group_id}`: {reason}")]
+    Invalid {
+        /// Run the group names.
+        run_id: String,
+        /// The group.
+        group_id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The training thread has stopped; nothing more is trained.
+    #[error("run `{run_id}`, group `{group_id}`: the learner thread has stopped")]
+    Stopped {
+        /// Run the group names.
+        run_id: String,
+        /// The group.
+        group_id: String,
+    },
+}
+
+impl SubmitError {
+    /// What is wrong, without the ids (a `RejectedGroup` names its group already).
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Invalid { reason, .. } => reason,
+            Self::Stopped { .. } => "the learner thread has stopped",
+        }
+    }
 }
 
 /// Settings of the learner service.
 #[derive(Clone, Debug)]
 pub struct LearnerServiceConfig {
+    /// The run it trains.
     pub run_id: String,
     /// Trajectory groups per optimizer step (prompts per step).
     pub groups_per_step: usize,
@@ -45,7 +92,7 @@ pub struct LearnerServiceConfig {
 /// Handle to the training thread.
 #[derive(Clone)]
 pub struct LearnerHandle {
-    work: std::sync::mpsc::Sender<Work>,
+    work: std::sync::mpsc::Sender<TrajectoryGroup>,
     published: watch::Receiver<Arc<Published>>,
     reports: broadcast::Sender<StepReport>,
     step_msgs: broadcast::Sender<StepReportMsg>,
@@ -184,8 +231,11 @@ fn report_msg(
     r: &StepReport,
     trajectories: usize,
     supervised: bool,
+    published: &Published,
 ) -> StepReportMsg {
     StepReportMsg {
+        weights_sha256: published.sha256(),
+        weights_bytes: published.num_bytes(),
         run_id: run_id.to_string(),
         step: r.step,
         policy_version: r.version,
@@ -206,7 +256,7 @@ fn report_msg(
 /// Starts the training thread over `trainer` and publishes its current weights as the first
 /// version.
 pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> LearnerHandle {
-    let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+    let (work_tx, work_rx) = std::sync::mpsc::channel::<TrajectoryGroup>();
     let (pub_tx, pub_rx) = watch::channel(Arc::new(publish(
         &cfg.run_id,
         &trainer,
@@ -222,67 +272,80 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
             let mut rl: Vec<RlSequence> = vec![];
             let mut sft: Vec<SftSequence> = vec![];
             let (mut rl_groups, mut sft_groups) = (0usize, 0usize);
-            while let Ok(w) = work_rx.recv() {
-                let (report, n, supervised) = match w {
-                    Work::Sft(batch, reply) => {
-                        let n = batch.len();
-                        let r = trainer.sft_step(&batch).map_err(|e| e.to_string());
-                        let _ = reply.send(r.clone());
-                        match r {
-                            Ok(r) => (r, n, true),
-                            Err(_) => continue,
-                        }
+            while let Ok(g) = work_rx.recv() {
+                let _group = tracing::info_span!(
+                    "group",
+                    run_id = %g.run_id,
+                    group_id = %g.group_id,
+                    step = trainer.step()
+                )
+                .entered();
+                tracing::debug!(
+                    trajectories = g.trajectories.len(),
+                    supervised = g.supervised,
+                    "training on group"
+                );
+                trainer.set_peak_lr((g.learning_rate > 0.0).then_some(g.learning_rate));
+                let target = if g.step_groups > 0 {
+                    g.step_groups as usize
+                } else {
+                    cfg.groups_per_step.max(1)
+                };
+                let result = if g.supervised {
+                    sft.extend(group_sft(&g).unwrap_or_default());
+                    sft_groups += 1;
+                    if sft_groups < target {
+                        continue;
                     }
-                    Work::Group(g) => {
-                        trainer.set_peak_lr((g.learning_rate > 0.0).then_some(g.learning_rate));
-                        let target = if g.step_groups > 0 {
-                            g.step_groups as usize
-                        } else {
-                            cfg.groups_per_step.max(1)
-                        };
-                        let result = if g.supervised {
-                            sft.extend(group_sft(&g).unwrap_or_default());
-                            sft_groups += 1;
-                            if sft_groups < target {
-                                continue;
-                            }
-                            sft_groups = 0;
-                            let batch = std::mem::take(&mut sft);
-                            (trainer.sft_step(&batch), batch.len(), true)
-                        } else {
-                            rl.extend(group_sequences(&g).unwrap_or_default());
-                            rl_groups += 1;
-                            if rl_groups < target {
-                                continue;
-                            }
-                            rl_groups = 0;
-                            let batch = std::mem::take(&mut rl);
-                            (trainer.rl_step(&batch), batch.len(), false)
-                        };
-                        match result {
-                            (Ok(r), n, sup) => (r, n, sup),
-                            (Err(e), n, sup) => (
-                                StepReport {
-                                    step: trainer.step(),
-                                    version: trainer.version(),
-                                    lr: 0.0,
-                                    grad_norm: f64::NAN,
-                                    stats: Default::default(),
-                                    skipped: Some(e.to_string()),
-                                },
-                                n,
-                                sup,
-                            ),
-                        }
+                    sft_groups = 0;
+                    let batch = std::mem::take(&mut sft);
+                    (trainer.sft_step(&batch), batch.len(), true)
+                } else {
+                    rl.extend(group_sequences(&g).unwrap_or_default());
+                    rl_groups += 1;
+                    if rl_groups < target {
+                        continue;
                     }
+                    rl_groups = 0;
+                    let batch = std::mem::take(&mut rl);
+                    (trainer.rl_step(&batch), batch.len(), false)
+                };
+                let (report, n, supervised) = match result {
+                    (Ok(r), n, sup) => (r, n, sup),
+                    (Err(e), n, sup) => (
+                        StepReport {
+                            step: trainer.step(),
+                            version: trainer.version(),
+                            lr: 0.0,
+                            grad_norm: f64::NAN,
+                            stats: Default::default(),
+                            skipped: Some(e.to_string()),
+                        },
+                        n,
+                        sup,
+                    ),
                 };
                 // Published after skipped steps too: the same weights under the next version.
-                let _ = pub_tx.send(Arc::new(publish(
-                    &cfg.run_id,
-                    &trainer,
-                    cfg.max_chunk_bytes,
-                )));
-                let msg = report_msg(&cfg.run_id, &report, n, supervised);
+                let published = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
+                let msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
+                let _ = pub_tx.send(published);
+                match &report.skipped {
+                    None => tracing::info!(
+                        step = report.step,
+                        policy_version = report.version,
+                        loss = report.stats.loss,
+                        sequences = n,
+                        supervised,
+                        "step done"
+                    ),
+                    Some(why) => tracing::warn!(
+                        step = report.step,
+                        policy_version = report.version,
+                        sequences = n,
+                        reason = %why,
+                        "step skipped"
+                    ),
+                }
                 hist.lock().expect("not poisoned").push(msg.clone());
                 let _ = msgs_tx.send(msg);
                 let _ = reports_tx.send(report);
@@ -301,11 +364,18 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
 
 impl LearnerHandle {
     /// Queues a scored group; a group id seen before is acknowledged and ignored.
-    pub fn submit(&self, g: TrajectoryGroup) -> Result<(), String> {
-        if g.supervised {
-            group_sft(&g)?;
+    pub fn submit(&self, g: TrajectoryGroup) -> Result<(), SubmitError> {
+        let checked = if g.supervised {
+            group_sft(&g).map(drop)
         } else {
-            group_sequences(&g)?;
+            group_sequences(&g).map(drop)
+        };
+        if let Err(reason) = checked {
+            return Err(SubmitError::Invalid {
+                run_id: g.run_id,
+                group_id: g.group_id,
+                reason,
+            });
         }
         if !self
             .seen_groups
@@ -313,21 +383,13 @@ impl LearnerHandle {
             .expect("not poisoned")
             .insert(g.group_id.clone())
         {
+            tracing::debug!(run_id = %g.run_id, group_id = %g.group_id, "group seen before: acknowledged again");
             return Ok(());
         }
-        self.work
-            .send(Work::Group(g))
-            .map_err(|_| "the learner thread has stopped".to_string())
-    }
-
-    /// Runs one supervised step and waits for it.
-    pub async fn sft_step(&self, batch: Vec<SftSequence>) -> Result<StepReport, String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.work
-            .send(Work::Sft(batch, tx))
-            .map_err(|_| "the learner thread has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the learner thread has stopped".to_string())?
+        self.work.send(g).map_err(|e| SubmitError::Stopped {
+            run_id: e.0.run_id,
+            group_id: e.0.group_id,
+        })
     }
 
     /// Reports of every step from now on.
@@ -362,6 +424,7 @@ pub struct LearnerService {
 }
 
 impl LearnerService {
+    /// The service in front of the training thread behind `handle`.
     pub fn new(handle: LearnerHandle) -> Self {
         Self { handle }
     }
@@ -423,12 +486,34 @@ impl Learner for LearnerService {
         while let Some(g) = inbound.next().await {
             let g = g?;
             let id = g.group_id.clone();
+            let span = tracing::info_span!(
+                "submit_trajectories",
+                run_id = %g.run_id,
+                group_id = %id,
+                // Steps taken so far: every step, skipped or not, publishes one version.
+                step = self.handle.version(),
+                // The trajectories' request ids, so that a request id found in the orchestrator's
+                // or a worker's log leads here.
+                request_ids = %g
+                    .trajectories
+                    .iter()
+                    .map(|t| t.request_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let _entered = span.enter();
             match self.handle.submit(g) {
-                Ok(()) => resp.accepted_group_ids.push(id),
-                Err(reason) => resp.rejected.push(RejectedGroup {
-                    group_id: id,
-                    reason,
-                }),
+                Ok(()) => {
+                    tracing::info!("group accepted");
+                    resp.accepted_group_ids.push(id)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "group rejected");
+                    resp.rejected.push(RejectedGroup {
+                        group_id: id,
+                        reason: e.reason().to_string(),
+                    })
+                }
             }
         }
         Ok(Response::new(resp))

@@ -15,14 +15,18 @@ use crate::optim::{AdamW, AdamWConfig};
 
 /// File names a learner checkpoint adds to the HF layout.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The step and version counters of a learner checkpoint.
 pub const STATE_FILE: &str = "trainer_state.json";
 
 /// Learner settings.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LearnerConfig {
+    /// The optimizer.
     pub optimizer: AdamWConfig,
+    /// The learning-rate schedule.
     pub schedule: LrSchedule,
+    /// The RL objective.
     pub grpo: GrpoConfig,
     /// Parameters whose names contain any of these strings are not updated (e.g. `"mtp."`
     /// during RL, `".gate.weight"` to freeze routers).
@@ -42,9 +46,13 @@ pub struct StepReport {
     pub step: u64,
     /// Policy version after the step (advanced even when skipped; the weights are not).
     pub version: u64,
+    /// Learning rate of the step (0 when skipped).
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Statistics of the objective.
     pub stats: LossStats,
+    /// Why the update was refused, when it was.
     pub skipped: Option<String>,
 }
 
@@ -120,14 +128,17 @@ impl Trainer {
         self.step
     }
 
+    /// The parameters being trained.
     pub fn params(&self) -> &Params {
         &self.params
     }
 
+    /// The policy.
     pub fn model(&self) -> &NemotronH {
         &self.model
     }
 
+    /// The policy's architecture.
     pub fn model_config(&self) -> &NemotronHConfig {
         &self.model_cfg
     }

@@ -5,13 +5,26 @@
 //! groups to the learner and keeps workers within the staleness bound of the
 //! learner's newest policy. Everything it decides is recorded in the [`ledger`],
 //! the only module of Chorus that speaks SQL.
-#![warn(missing_docs)]
+//!
+//! Who serves a run is kept in its [`Directory`]; the process's runs and standby services in
+//! the [`Fleet`]; [`OrchestratorService`] is the gRPC face of both.
+#![deny(missing_docs)]
 
 pub mod advantage;
 pub mod config;
+pub mod directory;
 pub mod faults;
+pub mod fleet;
 pub mod ledger;
 pub mod remote;
 pub mod scheduler;
 pub mod service;
 pub mod standin;
+
+pub use directory::{
+    Directory, LearnerInfo, Leases, Membership, RegistrationError, WaitError, WorkerInfo,
+    record_events,
+};
+pub use fleet::{FINISHED_RUNS_KEPT, Fleet, FleetError, Launched};
+pub use remote::{RemoteLearner, WorkerPool};
+pub use service::OrchestratorService;

@@ -7,7 +7,9 @@
 //! machine went away) or whose lease the [`Directory`] expires leaves the pool, and every request
 //! it held is dispatched again, with the same ids, to another worker: a lost worker loses no
 //! prompt, and a late answer from it is dropped, so none is doubled. A worker that registers
-//! while the run goes on joins the pool ([`WorkerPool::follow`]).
+//! while the run goes on joins the pool ([`WorkerPool::follow`], which consumes the directory's
+//! [`Membership`] changes and reports each loss back with the number of requests dispatched
+//! again).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,15 +23,15 @@ use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
 use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest,
-    TrajectoryGroup, run_event,
+    TrajectoryGroup,
 };
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::ledger::{LearnerStep, Ledger};
-use crate::scheduler::{BoxFuture, Learning, Rollouts};
-use crate::service::Directory;
+use crate::directory::{Directory, Membership};
+use crate::ledger::{LearnerStep, Ledger, PolicyVersion};
+use crate::scheduler::{BoxFuture, Learning, LearningError, Rollouts};
 
 /// A connection failure, naming the address.
 #[derive(Debug, thiserror::Error)]
@@ -86,17 +88,16 @@ impl RemoteWorker {
         self.pending().is_some()
     }
 
-    /// Marks the worker lost and drops the answers it still owed, which sends each of those
-    /// requests back to the pool. Returns how many there were, or `None` when it was already
-    /// lost.
-    fn lose(&self) -> Option<u32> {
+    /// Marks the worker lost and returns the answers it still owed (`None` when it was already
+    /// lost); dropping them sends each of those requests back to the pool.
+    fn lose(&self) -> Option<Pending> {
         let owed = self.pending().take()?;
         self.slots.close();
         self.requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        Some(owed.len() as u32)
+        Some(owed)
     }
 
     async fn call(&self, req: &GenerateRequest) -> Result<GenerateResponse, Lost> {
@@ -134,9 +135,6 @@ impl RemoteWorker {
     }
 }
 
-/// Called with a lost worker's id and the number of requests it held.
-type LossReport = Box<dyn Fn(&str, u32) + Send + Sync>;
-
 struct PoolInner {
     token: String,
     max_in_flight: usize,
@@ -144,7 +142,8 @@ struct PoolInner {
     joined: Notify,
     /// How long a request waits for a worker to join when none is left.
     wait_for_worker: Duration,
-    on_lost: Mutex<Option<LossReport>>,
+    /// The run's directory, once the pool follows one: losses are reported there.
+    directory: Mutex<Option<Weak<Directory>>>,
 }
 
 /// Rollout workers reached over gRPC; see the module docs for how it changes during a run.
@@ -200,7 +199,7 @@ impl WorkerPool {
                 workers: Mutex::new(vec![]),
                 joined: Notify::new(),
                 wait_for_worker,
-                on_lost: Mutex::new(None),
+                directory: Mutex::new(None),
             }),
         }
     }
@@ -258,7 +257,8 @@ impl WorkerPool {
             old
         };
         if let Some(old) = replaced {
-            old.lose();
+            // Dropping what it owed dispatches those requests again.
+            drop(old.lose());
         }
         self.inner.joined.notify_waiters();
         let pool = Arc::downgrade(&self.inner);
@@ -279,26 +279,29 @@ impl WorkerPool {
                 }
             };
             if let Some(inner) = pool.upgrade()
-                && let Some(n) = Self::remove_worker(&inner, &worker)
+                && let Some(owed) = Self::take_out(&inner, &worker)
             {
-                eprintln!(
-                    "worker {} lost ({why}); {n} requests it held go to other workers",
-                    worker.id
-                );
-                if let Some(report) = inner
-                    .on_lost
+                let n = owed.len() as u32;
+                tracing::warn!(worker_id = %worker.id, url = %worker.url, redispatched = n, reason = %why, "worker lost; its requests go to other workers");
+                let directory = inner
+                    .directory
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .as_ref()
-                {
-                    report(&worker.id, n);
+                    .and_then(Weak::upgrade);
+                // Reported before the requests go back, so the event precedes their answers.
+                if let Some(d) = directory {
+                    d.report_lost(&worker.id, n);
                 }
+                drop(owed);
             }
         });
         Ok(())
     }
 
-    fn remove_worker(inner: &PoolInner, worker: &Arc<RemoteWorker>) -> Option<u32> {
+    /// Takes `worker` out of the pool; returns the answers it owed, or `None` when it was
+    /// already lost.
+    fn take_out(inner: &PoolInner, worker: &Arc<RemoteWorker>) -> Option<Pending> {
         inner
             .workers
             .lock()
@@ -307,11 +310,21 @@ impl WorkerPool {
         worker.lose()
     }
 
-    /// Takes the worker `id` out of the pool (its lease ran out); the requests it held are
-    /// dispatched again. Returns how many, or `None` when it was not in the pool.
+    /// Takes the worker `id` out of the pool; the requests it held are dispatched again.
+    /// Returns how many, or `None` when it was not in the pool.
     pub fn remove(&self, id: &str) -> Option<u32> {
+        self.remove_then(id, |_| {})
+    }
+
+    /// [`WorkerPool::remove`], calling `before_redispatch` with the count before the requests
+    /// go back to the pool.
+    fn remove_then(&self, id: &str, before_redispatch: impl FnOnce(u32)) -> Option<u32> {
         let worker = self.workers().iter().find(|w| w.id == id).cloned()?;
-        Self::remove_worker(&self.inner, &worker)
+        let owed = Self::take_out(&self.inner, &worker)?;
+        let n = owed.len() as u32;
+        before_redispatch(n);
+        drop(owed);
+        Some(n)
     }
 
     /// Ids of the workers in the pool.
@@ -319,54 +332,56 @@ impl WorkerPool {
         self.workers().iter().map(|w| w.id.clone()).collect()
     }
 
-    /// Keeps the pool in step with `directory`: every live registered worker is added now, each
-    /// one that registers later joins, a worker whose lease runs out leaves (its requests
-    /// dispatched again), and a worker whose stream breaks is reported lost there, so that it
-    /// registers again if it still runs.
+    /// Keeps the pool in step with `directory`'s [`Membership`] changes: every live
+    /// registered worker is in the pool when this returns, each one that registers later joins,
+    /// and one whose lease runs out leaves (its requests dispatched again, their count reported
+    /// back with [`Directory::report_lost`]). A worker whose stream breaks is reported lost
+    /// there too, so that it registers again if it still runs.
     pub async fn follow(&self, directory: Arc<Directory>) {
-        let mut joins = directory.subscribe();
-        let pool = Arc::downgrade(&self.inner);
-        directory.set_loss_handler(Box::new(move |id| {
-            pool.upgrade()
-                .and_then(|inner| WorkerPool { inner }.remove(id))
-                .unwrap_or(0)
-        }));
-        let dir = Arc::downgrade(&directory);
-        *self.inner.on_lost.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Box::new(move |id, n| {
-                if let Some(d) = dir.upgrade() {
-                    d.mark_lost(id, n);
-                }
-            }));
-        for w in directory.live_workers() {
-            self.join(&w.id, &w.endpoint).await;
+        *self
+            .inner
+            .directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&directory));
+        let mut changes = directory.membership();
+        while let Ok(change) = changes.try_recv() {
+            self.apply(&directory, change).await;
         }
         let pool: Weak<PoolInner> = Arc::downgrade(&self.inner);
         let dir = Arc::downgrade(&directory);
         tokio::spawn(async move {
-            loop {
-                let event = match joins.recv().await {
-                    Ok(e) => e,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let Some(run_event::Kind::WorkerJoined(j)) = event.kind else {
-                    continue;
-                };
+            // Ends when the directory (the sender) is dropped.
+            while let Some(change) = changes.recv().await {
                 let (Some(inner), Some(dir)) = (pool.upgrade(), dir.upgrade()) else {
                     return;
                 };
-                if let Some(w) = dir.live_workers().into_iter().find(|w| w.id == j.worker_id) {
-                    WorkerPool { inner }.join(&w.id, &w.endpoint).await;
-                }
+                WorkerPool { inner }.apply(&dir, change).await;
             }
         });
     }
 
+    async fn apply(&self, directory: &Directory, change: Membership) {
+        match change {
+            Membership::Joined { id, url } => self.join(&id, &url).await,
+            Membership::Lost { id } => {
+                let reported = self.remove_then(&id, |n| {
+                    tracing::warn!(run_id = %directory.run_id(), worker_id = %id, redispatched = n, "worker left the pool: lease expired");
+                    directory.report_lost(&id, n);
+                });
+                if reported.is_none() {
+                    // Never reachable, so it held nothing.
+                    directory.report_lost(&id, 0);
+                }
+            }
+        }
+    }
+
     async fn join(&self, id: &str, url: &str) {
         match self.add(id, url).await {
-            Ok(()) => eprintln!("worker {id} at {url} is in the pool"),
-            Err(e) => eprintln!("worker {id} registered but cannot be reached: {e}"),
+            Ok(()) => tracing::info!(worker_id = %id, url = %url, "worker is in the pool"),
+            Err(e) => {
+                tracing::warn!(worker_id = %id, url = %url, error = %e, "worker registered but cannot be reached")
+            }
         }
     }
 
@@ -428,10 +443,6 @@ impl Rollouts for WorkerPool {
 
     /// Workers hold back each request until they have its `min_policy_version`, so the pool
     /// itself never needs to wait.
-    fn policy_version(&self) -> u64 {
-        0
-    }
-
     fn wait_version(&self, _version: u64) -> BoxFuture<()> {
         Box::pin(async {})
     }
@@ -446,8 +457,8 @@ pub struct RemoteLearner {
 }
 
 impl RemoteLearner {
-    /// Connects and follows the learner's steps from `initial_version` on, recording each in
-    /// `ledger` when given.
+    /// Connects and follows the learner's steps from `initial_version` on, recording each step
+    /// and each policy version it publishes in `ledger` when given.
     pub async fn connect(
         url: &str,
         token: &str,
@@ -473,9 +484,29 @@ impl RemoteLearner {
         let (steps, _) = broadcast::channel(1024);
         let steps_tx = steps.clone();
         let run = run_id.to_string();
+        let learner_url = url.to_string();
         tokio::spawn(async move {
+            let mut recorded_version = initial_version;
             while let Some(Ok(r)) = stream.next().await {
+                tracing::info!(run_id = %run, step = r.step, policy_version = r.policy_version, loss = r.loss, trajectories = r.trajectories, skip_reason = %r.skip_reason, "learner step");
                 if let Some(ledger) = &ledger {
+                    // A skipped step publishes the same weights under the next version, so it
+                    // is a version too.
+                    if r.policy_version > recorded_version {
+                        recorded_version = r.policy_version;
+                        let recorded = ledger
+                            .record_policy_version(PolicyVersion {
+                                run_id: run.clone(),
+                                version: r.policy_version,
+                                learner_step: r.step,
+                                sha256: chorus_proto::checksum::to_hex(&r.weights_sha256),
+                                num_bytes: r.weights_bytes,
+                            })
+                            .await;
+                        if let Err(e) = recorded {
+                            tracing::error!(run_id = %run, policy_version = r.policy_version, error = %e, "the ledger refused a policy version");
+                        }
+                    }
                     let opt = |v: f64| v.is_finite().then_some(v);
                     let _ = ledger
                         .insert_learner_step(LearnerStep {
@@ -496,11 +527,15 @@ impl RemoteLearner {
                                 .then_some(r.mean_abs_logprob_diff)
                                 .and_then(opt),
                         })
-                        .await;
+                        .await
+                        .inspect_err(|e| {
+                            tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused a learner step");
+                        });
                 }
                 tx.send_modify(|v| *v = (*v).max(r.policy_version));
                 let _ = steps_tx.send(r);
             }
+            tracing::warn!(run_id = %run, learner = %learner_url, "the learner's step stream ended");
         });
         Ok(Self {
             url: url.to_string(),
@@ -517,16 +552,26 @@ impl RemoteLearner {
 }
 
 impl Learning for RemoteLearner {
-    fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
+    fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), LearningError>> {
         let mut client = self.client.clone();
+        let learner = self.url.clone();
         Box::pin(async move {
+            let group_id = group.group_id.clone();
             let ack = client
                 .submit_trajectories(tokio_stream::iter(vec![group]))
                 .await
-                .map_err(|e| format!("SubmitTrajectories: {e}"))?
+                .map_err(|e| LearningError::Unreachable {
+                    learner: learner.clone(),
+                    group_id: group_id.clone(),
+                    message: format!("SubmitTrajectories: {e}"),
+                })?
                 .into_inner();
-            match ack.rejected.first() {
-                Some(r) => Err(format!("group {} rejected: {}", r.group_id, r.reason)),
+            match ack.rejected.into_iter().next() {
+                Some(r) => Err(LearningError::Rejected {
+                    learner,
+                    group_id: r.group_id,
+                    reason: r.reason,
+                }),
                 None => Ok(()),
             }
         })
@@ -536,15 +581,14 @@ impl Learning for RemoteLearner {
         *self.version.borrow()
     }
 
-    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>> {
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), LearningError>> {
         let mut rx = self.version.clone();
-        let url = self.url.clone();
+        let learner = self.url.clone();
         Box::pin(async move {
-            rx.wait_for(|v| *v >= version).await.map(|_| ()).map_err(|_| {
-                format!(
-                    "the learner at {url} is gone (its step stream ended) before version {version}"
-                )
-            })
+            rx.wait_for(|v| *v >= version)
+                .await
+                .map(|_| ())
+                .map_err(|_| LearningError::Gone { learner, version })
         })
     }
 }
@@ -556,11 +600,13 @@ mod tests {
 
     use chorus_proto::tonic::{self, Request, Response, Status, Streaming};
     use chorus_proto::v1::rollout_worker_server::{RolloutWorker, RolloutWorkerServer};
-    use chorus_proto::v1::{RegisterWorkerRequest, RunEvent, WorkerHeartbeatRequest, WorkerLost};
+    use chorus_proto::v1::{
+        RegisterWorkerRequest, RunEvent, WorkerHeartbeatRequest, WorkerLost, run_event,
+    };
     use tokio_stream::Stream;
 
     use super::*;
-    use crate::service::Leases;
+    use crate::directory::Leases;
 
     /// A stand-in rollout worker: answers every request with one token when `answers`, else
     /// holds it until its stream is broken through `breaker`.
@@ -793,5 +839,120 @@ mod tests {
         let r = empty.generate(request(1)).await;
         assert_eq!(r.finish_reason, FinishReason::Error as i32);
         assert!(r.error.contains("no rollout worker"), "{}", r.error);
+    }
+
+    /// A stand-in learner whose step stream replays `steps`; nothing else is served.
+    struct StepsOnly {
+        steps: Vec<StepReport>,
+    }
+
+    type Steps = Pin<Box<dyn Stream<Item = Result<StepReport, Status>> + Send>>;
+    type Weights =
+        Pin<Box<dyn Stream<Item = Result<chorus_proto::v1::WeightChunk, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl chorus_proto::v1::learner_server::Learner for StepsOnly {
+        type StreamWeightsStream = Weights;
+        type StreamStepsStream = Steps;
+
+        async fn submit_trajectories(
+            &self,
+            _: Request<Streaming<TrajectoryGroup>>,
+        ) -> Result<Response<chorus_proto::v1::SubmitTrajectoriesResponse>, Status> {
+            Err(Status::unimplemented("stand-in"))
+        }
+
+        async fn stream_weights(
+            &self,
+            _: Request<chorus_proto::v1::StreamWeightsRequest>,
+        ) -> Result<Response<Weights>, Status> {
+            Err(Status::unimplemented("stand-in"))
+        }
+
+        async fn stream_steps(
+            &self,
+            _: Request<StreamStepsRequest>,
+        ) -> Result<Response<Steps>, Status> {
+            let steps: Vec<Result<StepReport, Status>> =
+                self.steps.iter().cloned().map(Ok).collect();
+            Ok(Response::new(Box::pin(tokio_stream::iter(steps))))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_remote_learner_records_each_published_version_once() {
+        use crate::ledger::{NewRun, RunStatus};
+
+        let report = |step: u64, version: u64, sha: u8| StepReport {
+            run_id: "r".into(),
+            step,
+            policy_version: version,
+            weights_sha256: vec![sha; 32],
+            weights_bytes: 1000 + step,
+            skip_reason: if step == 2 {
+                "not finite".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        // Step 2 was skipped (a version all the same); the repeated report adds nothing.
+        let steps = vec![report(1, 1, 0xaa), report(2, 2, 0xbb), report(2, 2, 0xcc)];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
+                    StepsOnly { steps },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", tmp.path().join("ledger.sqlite").display());
+        let ledger = Ledger::open(&db).await.unwrap();
+        ledger
+            .insert_run(NewRun {
+                id: "r".into(),
+                name: "r".into(),
+                config_toml: String::new(),
+                status: RunStatus::Running,
+            })
+            .await
+            .unwrap();
+        let learner = RemoteLearner::connect(&url, "tok", "r", 0, Some(ledger.clone()))
+            .await
+            .unwrap();
+        // The stream ends after its last report: waiting for a version past it fails, once
+        // every report has been recorded.
+        let gone = learner.wait_version(3).await.unwrap_err();
+        assert_eq!(
+            gone,
+            LearningError::Gone {
+                learner: url.clone(),
+                version: 3
+            }
+        );
+        ledger.flush().await.unwrap();
+        let versions = ledger.list_policy_versions("r").await.unwrap();
+        assert_eq!(
+            versions,
+            [
+                PolicyVersion {
+                    run_id: "r".into(),
+                    version: 1,
+                    learner_step: 1,
+                    sha256: "aa".repeat(32),
+                    num_bytes: 1001,
+                },
+                PolicyVersion {
+                    run_id: "r".into(),
+                    version: 2,
+                    learner_step: 2,
+                    sha256: "bb".repeat(32),
+                    num_bytes: 1002,
+                },
+            ]
+        );
+        assert_eq!(ledger.list_learner_steps("r").await.unwrap().len(), 2);
     }
 }

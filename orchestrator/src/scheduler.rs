@@ -11,6 +11,11 @@
 //!
 //! The scheduler meets generation and training only through the [`Rollouts`] and [`Learning`]
 //! traits: in a run they are gRPC clients; in tests and benchmarks, stand-ins.
+//!
+//! Logs: a stage runs in a `stage` span (`run_id`, `stage`, `stage_index`), each step in a
+//! `step` span, each attempt of a prompt slot in a `group` span (`group_id`, `env`) and each
+//! rollout in a `rollout` span (`request_id`); the same ids travel in the requests to the
+//! workers and the groups to the learner, which log them too.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,6 +30,7 @@ use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, SamplingParams, Trajectory, TrajectoryGroup,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use tracing::Instrument;
 
 use crate::advantage::group_advantages;
 use crate::config::Stage;
@@ -38,8 +44,6 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait Rollouts: Send + Sync + 'static {
     /// Generates one completion; a failure is reported in the response's `error`.
     fn generate(&self, request: GenerateRequest) -> BoxFuture<GenerateResponse>;
-    /// The oldest policy version any worker would generate with now.
-    fn policy_version(&self) -> u64;
     /// Resolves once every worker holds at least `version`.
     fn wait_version(&self, version: u64) -> BoxFuture<()>;
 }
@@ -47,12 +51,45 @@ pub trait Rollouts: Send + Sync + 'static {
 /// Where scored groups go (the learner, or a stand-in).
 pub trait Learning: Send + Sync + 'static {
     /// Hands over one scored group.
-    fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), String>>;
+    fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), LearningError>>;
     /// The learner's latest policy version.
     fn version(&self) -> u64;
     /// Resolves once the learner has published at least `version`; an error when it never will
     /// (the learner is gone).
-    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>>;
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), LearningError>>;
+}
+
+/// Why the learner did not take a group or will not reach a version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LearningError {
+    /// The group did not reach the learner.
+    #[error("learner at {learner}: group {group_id} not delivered: {message}")]
+    Unreachable {
+        /// The learner's address (or a stand-in's name).
+        learner: String,
+        /// The group.
+        group_id: String,
+        /// What failed.
+        message: String,
+    },
+    /// The learner refused the group.
+    #[error("learner at {learner} rejected group {group_id}: {reason}")]
+    Rejected {
+        /// The learner's address (or a stand-in's name).
+        learner: String,
+        /// The group.
+        group_id: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The learner is gone and will never publish `version`.
+    #[error("the learner at {learner} is gone (its step stream ended) before version {version}")]
+    Gone {
+        /// The learner's address (or a stand-in's name).
+        learner: String,
+        /// The version waited for.
+        version: u64,
+    },
 }
 
 /// Errors that stop a stage (individual prompts and trajectories fail alone).
@@ -69,9 +106,9 @@ pub enum SchedulerError {
     /// The ledger refused a write.
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
-    /// The learner refused a group.
+    /// The learner refused a group or went away.
     #[error("learner: {0}")]
-    Learner(String),
+    Learner(#[from] LearningError),
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -136,33 +173,70 @@ fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
     weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
 
+/// The span of a stage: every log line of the stage carries the run and the stage.
+fn stage_span(ctx: &StageContext, stage: &Stage) -> tracing::Span {
+    tracing::info_span!(
+        "stage",
+        run_id = %ctx.run_id,
+        stage = %stage.name,
+        stage_index = ctx.stage_index
+    )
+}
+
 /// Runs the RL stage `stage` to completion.
 pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
+    let span = stage_span(&ctx, &stage);
+    run_rl_stage_in(ctx, stage).instrument(span).await
+}
+
+async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
     let base = ctx.learning.version();
+    tracing::info!(
+        steps = stage.steps,
+        prompts_per_step = stage.prompts_per_step,
+        group_size = stage.group_size,
+        max_staleness = stage.max_staleness,
+        base_version = base,
+        "RL stage starts"
+    );
     let order = Arc::new(StepOrder::new(base, stage.prompts_per_step));
     let mut tasks = tokio::task::JoinSet::new();
     for step in 0..stage.steps {
         // The staleness gate: tokens of step `step` come from a version >= base + step - bound.
         let need = (base + step).saturating_sub(stage.max_staleness);
+        let step_span = tracing::info_span!("step", step = base + step, min_policy_version = need);
         // Slots that failed are seen while waiting, so a lost learner stops the stage at once.
-        let reached = ctx.learning.wait_version(need);
+        let reached = ctx
+            .learning
+            .wait_version(need)
+            .instrument(step_span.clone());
         tokio::pin!(reached);
         loop {
             tokio::select! {
                 r = &mut reached => {
-                    r.map_err(SchedulerError::Learner)?;
+                    r?;
                     break;
                 }
                 Some(done) = tasks.join_next() => done.expect("slot task panicked")?,
             }
         }
-        ctx.rollouts.wait_version(need).await;
+        ctx.rollouts
+            .wait_version(need)
+            .instrument(step_span.clone())
+            .await;
+        step_span.in_scope(|| tracing::debug!("dispatching the step's prompts"));
         for slot in 0..stage.prompts_per_step {
             let (ctx, stage, order) = (ctx.clone(), stage.clone(), order.clone());
-            tasks.spawn(async move {
-                let lr = stage.lr_at(step);
-                run_slot(&ctx, &stage, &order, base + step, need, slot, lr).await
-            });
+            let slot_at = SlotAt {
+                step: base + step,
+                min_version: need,
+                slot,
+                lr: stage.lr_at(step),
+            };
+            tasks.spawn(
+                async move { run_slot(&ctx, &stage, &order, slot_at).await }
+                    .instrument(step_span.clone()),
+            );
         }
         // Keep errors from piling up unseen.
         while let Some(done) = tasks.try_join_next() {
@@ -173,10 +247,7 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         done.expect("slot task panicked")?;
     }
     // The stage ends when the learner has taken its last step.
-    ctx.learning
-        .wait_version(base + stage.steps)
-        .await
-        .map_err(SchedulerError::Learner)?;
+    ctx.learning.wait_version(base + stage.steps).await?;
     Ok(())
 }
 
@@ -596,230 +667,388 @@ where
     }
 }
 
-/// Fills one prompt slot of a step: sample, generate a group, score; retry on a dropped group.
-/// A slot always hands the learner one group (empty when every attempt failed), because the
-/// learner counts groups to know when a step is complete.
-async fn run_slot(
-    ctx: &Arc<StageContext>,
-    stage: &Stage,
-    order: &StepOrder,
+/// Where a prompt slot sits: its step (absolute), the staleness gate of that step, its index in
+/// the step and the step's learning rate.
+#[derive(Clone, Copy, Debug)]
+struct SlotAt {
     step: u64,
     min_version: u64,
     slot: usize,
     lr: f64,
-) -> Result<(), SchedulerError> {
-    let stop: Vec<u32> = chat::STOP_SEQUENCES
+}
+
+/// The prompt of one attempt, as recorded in the ledger.
+struct Prompt {
+    group_id: String,
+    id: String,
+    token_ids: Arc<Vec<u32>>,
+}
+
+/// A generated and scored group, with the learner's view of it.
+struct ScoredGroup {
+    rollouts: Vec<Rollout>,
+    /// The advantage of each usable rollout, by index into `rollouts` (`None`: unusable).
+    advantages: Vec<Option<f64>>,
+    /// Why the group is dropped instead of submitted.
+    drop_reason: Option<String>,
+}
+
+/// The tokens that end a turn.
+fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
+    chat::STOP_SEQUENCES
         .iter()
-        .filter_map(|s| ctx.tokenizer.token_id(s))
-        .collect();
+        .filter_map(|s| tokenizer.token_id(s))
+        .collect()
+}
+
+/// Fills one prompt slot of a step: draw a task, dispatch its prompt, generate and score a
+/// group, record it, submit it; a dropped group is replaced by a new draw. A slot always hands
+/// the learner one group (empty when every attempt failed), because the learner counts groups
+/// to know when a step is complete.
+async fn run_slot(
+    ctx: &Arc<StageContext>,
+    stage: &Stage,
+    order: &StepOrder,
+    at: SlotAt,
+) -> Result<(), SchedulerError> {
+    let stop = stop_tokens(&ctx.tokenizer);
     for attempt in 0..MAX_ATTEMPTS {
         let last_attempt = attempt + 1 == MAX_ATTEMPTS;
-        let drawn = match draw(ctx, stage, step, slot, attempt).await {
+        let drawn = match draw(ctx, stage, at.step, at.slot, attempt).await {
             Ok(d) => Arc::new(d),
             Err(DrawError::Fatal(e)) => return Err(e),
             Err(DrawError::Fault) => continue,
         };
-        let (seed, env_name, task) = (drawn.seed, &drawn.env_name, &drawn.task);
         let group_id = format!(
             "{}:s{}:{}:{}:a{}",
-            ctx.run_id, ctx.stage_index, step, slot, attempt
+            ctx.run_id, ctx.stage_index, at.step, at.slot, attempt
         );
-        let prompt_id = format!("{group_id}:p");
-        let prompt_text = chat::render_prompt(&task.prompt);
-        let prompt_ids = ctx
-            .tokenizer
-            .encode(&prompt_text)
-            .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-        let task_json = serde_json::to_string(&**task).expect("tasks serialise");
-        ctx.ledger
-            .record_prompts_dispatched(vec![NewPrompt {
-                id: prompt_id.clone(),
-                run_id: ctx.run_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
-                split: Split::Train,
-                task_json,
-                step_dispatched: step,
-            }])
-            .await?;
-        if prompt_ids.len() > stage.max_prompt_tokens {
-            ctx.ledger
-                .mark_dropped(
-                    [prompt_id.as_str()],
-                    &format!(
-                        "prompt has {} tokens, more than max_prompt_tokens = {}",
-                        prompt_ids.len(),
-                        stage.max_prompt_tokens
-                    ),
-                )
-                .await?;
-            ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-
-        // Generate (and, for multi-turn environments, play) the group, then score it.
-        let prompt_ids = Arc::new(prompt_ids);
-        let members = (0..stage.group_size).map(|i| {
-            let m = Member {
-                trajectory_id: format!("{prompt_id}:t{i}"),
-                request_id: format!("{prompt_id}:r{i}"),
-                prompt_id: prompt_id.clone(),
-                sampling: SamplingParams {
-                    temperature: stage.temperature,
-                    top_p: stage.top_p,
-                    top_k: stage.top_k as u32,
-                    seed: Some(seed.wrapping_mul(31).wrapping_add(i as u64)),
-                },
-                max_new_tokens: stage.max_new_tokens,
-                max_context_tokens: stage.max_prompt_tokens,
-                stop: stop.clone(),
-                min_version,
+        let span = tracing::info_span!(
+            "group",
+            group_id = %group_id,
+            env = %drawn.env_name,
+            slot = at.slot,
+            attempt
+        );
+        let submitted = async {
+            let Some(prompt) = dispatch_prompt(ctx, stage, &drawn, at.step, group_id).await? else {
+                return Ok(false);
             };
-            Box::pin(play(ctx.clone(), drawn.clone(), prompt_ids.clone(), m)) as BoxFuture<Rollout>
-        });
-        let rollouts = futures_join(members.collect()).await;
-        ctx.ledger.mark_generated([prompt_id.as_str()]).await?;
-        ctx.ledger.mark_scored([prompt_id.as_str()]).await?;
-
-        let usable: Vec<usize> = (0..rollouts.len())
-            .filter(|&i| rollouts[i].verdict.is_ok())
-            .collect();
-        let rewards: Vec<f64> = usable
-            .iter()
-            .map(|&i| rollouts[i].reward().expect("usable"))
-            .collect();
-        let advantages = group_advantages(&rewards, stage.advantage);
-        let drop_reason = if usable.len() < 2 {
-            Some(format!(
-                "{} of {} completions usable; a group needs 2",
-                usable.len(),
-                rollouts.len()
-            ))
-        } else if advantages.is_none() && stage.drop_zero_variance && !last_attempt {
-            Some("zero reward variance: every completion scored the same".to_string())
-        } else {
-            None
-        };
-        let advantages = advantages.unwrap_or_else(|| vec![0.0; rewards.len()]);
-
-        // Record every trajectory, usable or not.
-        let mut rows = Vec::with_capacity(rollouts.len());
-        for r in &rollouts {
-            let (reward, components, reason, status) = match &r.verdict {
-                Ok(s) => (
-                    Some(s.reward),
-                    s.components_map(),
-                    s.reason.clone(),
-                    TrajectoryStatus::Ok,
-                ),
-                Err(reason) => {
-                    ctx.stats
-                        .trajectories_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    (
-                        None,
-                        BTreeMap::new(),
-                        reason.clone(),
-                        TrajectoryStatus::Failed {
-                            reason: reason.clone(),
-                        },
-                    )
-                }
-            };
-            rows.push(NewTrajectory {
-                id: r.trajectory_id.clone(),
-                run_id: ctx.run_id.clone(),
-                prompt_id: prompt_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
-                worker_id: r.worker_id.clone(),
-                prompt_token_ids: prompt_ids.to_vec(),
-                completion_token_ids: r.tokens.clone(),
-                completion_text: r.text.clone(),
-                logprobs: r.logprobs.clone(),
-                policy_versions: r.versions.clone(),
-                finish_reason: FinishReason::try_from(r.finish_reason)
-                    .unwrap_or(FinishReason::Unspecified),
-                reward,
-                reward_components: components,
-                reason: Some(reason),
-                status,
-                timings: Timings {
-                    queue_ms: r.queue_ms,
-                    generate_ms: r.generate_ms,
-                    score_ms: r.score_ms,
-                },
-            });
-        }
-        ctx.ledger.insert_trajectories(rows).await?;
-        if let Some(reason) = drop_reason {
-            ctx.ledger
-                .mark_dropped([prompt_id.as_str()], &reason)
-                .await?;
-            ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-
-        let trajectories: Vec<Trajectory> = usable
-            .iter()
-            .zip(&advantages)
-            .map(|(&i, &adv)| {
-                let r = &rollouts[i];
-                let score = r.verdict.as_ref().expect("usable");
-                Trajectory {
-                    trajectory_id: r.trajectory_id.clone(),
-                    request_id: r.request_id.clone(),
-                    prompt_id: prompt_id.clone(),
-                    prompt_token_ids: prompt_ids.to_vec(),
-                    completion_token_ids: r.tokens.clone(),
-                    logprobs: r.logprobs.clone(),
-                    policy_versions: r.versions.clone(),
-                    completion_mask: r.mask.clone(),
-                    reward: score.reward,
-                    reward_components: score.components_map().into_iter().collect(),
-                    finish_reason: r.finish_reason,
-                    worker_id: r.worker_id.clone(),
-                    advantage: adv,
-                }
-            })
-            .collect();
-        let oldest = trajectories
-            .iter()
-            .flat_map(|t| t.policy_versions.iter().copied())
-            .min()
-            .unwrap_or(0);
-        let n = trajectories.len() as u64;
-        let reward_sum: f64 = trajectories.iter().map(|t| t.reward).sum();
-        // The learner trains on this group at its current version.
-        order.wait_turn(step).await;
-        let lag = ctx.learning.version().saturating_sub(oldest);
-        ctx.learning
-            .submit(TrajectoryGroup {
-                run_id: ctx.run_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
+            let group = generate_group(ctx, stage, &drawn, &prompt, &stop, at.min_version).await;
+            ctx.ledger.mark_generated([prompt.id.as_str()]).await?;
+            ctx.ledger.mark_scored([prompt.id.as_str()]).await?;
+            let group = score_group(group, stage, last_attempt);
+            let trajectories = record_group(ctx, &drawn.env_name, &prompt, &group).await?;
+            if let Some(reason) = &group.drop_reason {
+                tracing::info!(reason = %reason, "group dropped");
+                ctx.ledger
+                    .mark_dropped([prompt.id.as_str()], reason)
+                    .await?;
+                ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(false);
+            }
+            submit_group(
+                ctx,
+                stage,
+                order,
+                at,
+                &drawn.env_name,
+                &prompt,
                 trajectories,
-                supervised: false,
-                step_groups: stage.prompts_per_step as u32,
-                learning_rate: lr,
-            })
-            .await
-            .map_err(SchedulerError::Learner)?;
-        order.submitted(step);
-        ctx.ledger.mark_consumed([prompt_id.as_str()], step).await?;
-        ctx.stats.groups_submitted.fetch_add(1, Ordering::Relaxed);
-        ctx.stats
-            .trajectories_submitted
-            .fetch_add(n, Ordering::Relaxed);
-        ctx.stats
-            .reward_micros
-            .fetch_add((reward_sum.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-        ctx.stats.max_lag.fetch_max(lag, Ordering::Relaxed);
-        return Ok(());
+            )
+            .await?;
+            Ok::<_, SchedulerError>(true)
+        }
+        .instrument(span)
+        .await?;
+        if submitted {
+            return Ok(());
+        }
     }
-    order.wait_turn(step).await;
-    submit_empty(ctx, stage, step, slot, false, lr).await?;
-    order.submitted(step);
+    order.wait_turn(at.step).await;
+    submit_empty(ctx, stage, at.step, at.slot, false, at.lr).await?;
+    order.submitted(at.step);
+    Ok(())
+}
+
+/// Tokenizes the drawn task's prompt and records it as dispatched; a prompt longer than the
+/// stage allows is recorded as dropped and gives `None`.
+async fn dispatch_prompt(
+    ctx: &StageContext,
+    stage: &Stage,
+    drawn: &Drawn,
+    step: u64,
+    group_id: String,
+) -> Result<Option<Prompt>, SchedulerError> {
+    let id = format!("{group_id}:p");
+    let token_ids = ctx
+        .tokenizer
+        .encode(&chat::render_prompt(&drawn.task.prompt))
+        .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+    ctx.ledger
+        .record_prompts_dispatched(vec![NewPrompt {
+            id: id.clone(),
+            run_id: ctx.run_id.clone(),
+            group_id: group_id.clone(),
+            environment: drawn.env_name.clone(),
+            split: Split::Train,
+            task_json: serde_json::to_string(&*drawn.task).expect("tasks serialise"),
+            step_dispatched: step,
+        }])
+        .await?;
+    if token_ids.len() > stage.max_prompt_tokens {
+        let reason = format!(
+            "prompt has {} tokens, more than max_prompt_tokens = {}",
+            token_ids.len(),
+            stage.max_prompt_tokens
+        );
+        tracing::info!(prompt_id = %id, reason = %reason, "prompt dropped");
+        ctx.ledger.mark_dropped([id.as_str()], &reason).await?;
+        ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
+        return Ok(None);
+    }
+    Ok(Some(Prompt {
+        group_id,
+        id,
+        token_ids: Arc::new(token_ids),
+    }))
+}
+
+/// Generates (and, for multi-turn environments, plays) the group's `group_size` rollouts
+/// concurrently and scores each.
+async fn generate_group(
+    ctx: &Arc<StageContext>,
+    stage: &Stage,
+    drawn: &Arc<Drawn>,
+    prompt: &Prompt,
+    stop: &[u32],
+    min_version: u64,
+) -> Vec<Rollout> {
+    let members = (0..stage.group_size).map(|i| {
+        let m = Member {
+            trajectory_id: format!("{}:t{i}", prompt.id),
+            request_id: format!("{}:r{i}", prompt.id),
+            prompt_id: prompt.id.clone(),
+            sampling: SamplingParams {
+                temperature: stage.temperature,
+                top_p: stage.top_p,
+                top_k: stage.top_k as u32,
+                seed: Some(drawn.seed.wrapping_mul(31).wrapping_add(i as u64)),
+            },
+            max_new_tokens: stage.max_new_tokens,
+            max_context_tokens: stage.max_prompt_tokens,
+            stop: stop.to_vec(),
+            min_version,
+        };
+        play_in_span(ctx.clone(), drawn.clone(), prompt.token_ids.clone(), m)
+    });
+    futures_join(members.collect()).await
+}
+
+/// [`play`] in a `rollout` span carrying the request id.
+fn play_in_span(
+    ctx: Arc<StageContext>,
+    drawn: Arc<Drawn>,
+    prompt_ids: Arc<Vec<u32>>,
+    m: Member,
+) -> BoxFuture<Rollout> {
+    let span = tracing::info_span!(
+        "rollout",
+        request_id = %m.request_id,
+        trajectory_id = %m.trajectory_id,
+        env = %drawn.env_name
+    );
+    Box::pin(
+        async move {
+            let r = play(ctx, drawn, prompt_ids, m).await;
+            match &r.verdict {
+                Ok(s) => tracing::debug!(
+                    worker_id = %r.worker_id,
+                    tokens = r.tokens.len(),
+                    reward = s.reward,
+                    "rollout scored"
+                ),
+                Err(why) => {
+                    tracing::warn!(worker_id = %r.worker_id, reason = %why, "rollout failed")
+                }
+            }
+            r
+        }
+        .instrument(span),
+    )
+}
+
+/// Computes the group's advantages over its usable rollouts and decides whether it is dropped:
+/// fewer than two usable, or (unless this is the slot's last attempt) zero reward variance
+/// when the stage drops those.
+fn score_group(rollouts: Vec<Rollout>, stage: &Stage, last_attempt: bool) -> ScoredGroup {
+    let rewards: Vec<f64> = rollouts.iter().filter_map(Rollout::reward).collect();
+    let usable = rewards.len();
+    let advantages = group_advantages(&rewards, stage.advantage);
+    let drop_reason = if usable < 2 {
+        Some(format!(
+            "{usable} of {} completions usable; a group needs 2",
+            rollouts.len()
+        ))
+    } else if advantages.is_none() && stage.drop_zero_variance && !last_attempt {
+        Some("zero reward variance: every completion scored the same".to_string())
+    } else {
+        None
+    };
+    let mut usable_advantages = advantages.unwrap_or_else(|| vec![0.0; usable]).into_iter();
+    let advantages = rollouts
+        .iter()
+        .map(|r| {
+            r.verdict
+                .is_ok()
+                .then(|| usable_advantages.next().expect("one per usable"))
+        })
+        .collect();
+    ScoredGroup {
+        rollouts,
+        advantages,
+        drop_reason,
+    }
+}
+
+/// Records every rollout of the group in the ledger, usable or not, and returns the proto
+/// trajectories of the usable ones.
+async fn record_group(
+    ctx: &StageContext,
+    env_name: &str,
+    prompt: &Prompt,
+    group: &ScoredGroup,
+) -> Result<Vec<Trajectory>, SchedulerError> {
+    let mut rows = Vec::with_capacity(group.rollouts.len());
+    let mut trajectories = vec![];
+    for (r, advantage) in group.rollouts.iter().zip(&group.advantages) {
+        if r.verdict.is_err() {
+            ctx.stats
+                .trajectories_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let (row, trajectory) = rollout_records(&ctx.run_id, env_name, prompt, r, *advantage);
+        rows.push(row);
+        trajectories.extend(trajectory);
+    }
+    ctx.ledger.insert_trajectories(rows).await?;
+    Ok(trajectories)
+}
+
+/// The ledger row of one rollout and, when it is usable (it has an `advantage`), the proto
+/// `Trajectory` the learner trains on: both from the same fields, so they cannot disagree.
+fn rollout_records(
+    run_id: &str,
+    env_name: &str,
+    prompt: &Prompt,
+    r: &Rollout,
+    advantage: Option<f64>,
+) -> (NewTrajectory, Option<Trajectory>) {
+    let (reward, components, reason, status) = match &r.verdict {
+        Ok(s) => (
+            Some(s.reward),
+            s.components_map(),
+            s.reason.clone(),
+            TrajectoryStatus::Ok,
+        ),
+        Err(reason) => (
+            None,
+            BTreeMap::new(),
+            reason.clone(),
+            TrajectoryStatus::Failed {
+                reason: reason.clone(),
+            },
+        ),
+    };
+    let trajectory = match (reward, advantage) {
+        (Some(reward), Some(advantage)) => Some(Trajectory {
+            trajectory_id: r.trajectory_id.clone(),
+            request_id: r.request_id.clone(),
+            prompt_id: prompt.id.clone(),
+            prompt_token_ids: prompt.token_ids.to_vec(),
+            completion_token_ids: r.tokens.clone(),
+            logprobs: r.logprobs.clone(),
+            policy_versions: r.versions.clone(),
+            completion_mask: r.mask.clone(),
+            reward,
+            reward_components: components.clone().into_iter().collect(),
+            finish_reason: r.finish_reason,
+            worker_id: r.worker_id.clone(),
+            advantage,
+        }),
+        _ => None,
+    };
+    let row = NewTrajectory {
+        id: r.trajectory_id.clone(),
+        run_id: run_id.to_string(),
+        prompt_id: prompt.id.clone(),
+        group_id: prompt.group_id.clone(),
+        environment: env_name.to_string(),
+        worker_id: r.worker_id.clone(),
+        prompt_token_ids: prompt.token_ids.to_vec(),
+        completion_token_ids: r.tokens.clone(),
+        completion_text: r.text.clone(),
+        logprobs: r.logprobs.clone(),
+        policy_versions: r.versions.clone(),
+        finish_reason: FinishReason::try_from(r.finish_reason).unwrap_or(FinishReason::Unspecified),
+        reward,
+        reward_components: components,
+        reason: Some(reason),
+        status,
+        timings: Timings {
+            queue_ms: r.queue_ms,
+            generate_ms: r.generate_ms,
+            score_ms: r.score_ms,
+        },
+    };
+    (row, trajectory)
+}
+
+/// Hands the group to the learner in step order (see [`StepOrder`]), marks its prompt
+/// consumed and counts it.
+async fn submit_group(
+    ctx: &StageContext,
+    stage: &Stage,
+    order: &StepOrder,
+    at: SlotAt,
+    env_name: &str,
+    prompt: &Prompt,
+    trajectories: Vec<Trajectory>,
+) -> Result<(), SchedulerError> {
+    let oldest = trajectories
+        .iter()
+        .flat_map(|t| t.policy_versions.iter().copied())
+        .min()
+        .unwrap_or(0);
+    let n = trajectories.len() as u64;
+    let reward_sum: f64 = trajectories.iter().map(|t| t.reward).sum();
+    // The learner trains on this group at its current version.
+    order.wait_turn(at.step).await;
+    let lag = ctx.learning.version().saturating_sub(oldest);
+    ctx.learning
+        .submit(TrajectoryGroup {
+            run_id: ctx.run_id.clone(),
+            group_id: prompt.group_id.clone(),
+            environment: env_name.to_string(),
+            trajectories,
+            supervised: false,
+            step_groups: stage.prompts_per_step as u32,
+            learning_rate: at.lr,
+        })
+        .await?;
+    order.submitted(at.step);
+    tracing::info!(trajectories = n, lag, "group submitted");
+    ctx.ledger
+        .mark_consumed([prompt.id.as_str()], at.step)
+        .await?;
+    ctx.stats.groups_submitted.fetch_add(1, Ordering::Relaxed);
+    ctx.stats
+        .trajectories_submitted
+        .fetch_add(n, Ordering::Relaxed);
+    ctx.stats
+        .reward_micros
+        .fetch_add((reward_sum.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    ctx.stats.max_lag.fetch_max(lag, Ordering::Relaxed);
     Ok(())
 }
 
@@ -833,9 +1062,12 @@ async fn submit_empty(
     supervised: bool,
     lr: f64,
 ) -> Result<(), SchedulerError> {
-    eprintln!(
-        "stage `{}` step {step} slot {slot}: no usable group after {MAX_ATTEMPTS} attempts",
-        stage.name
+    tracing::warn!(
+        stage = %stage.name,
+        step,
+        slot,
+        attempts = MAX_ATTEMPTS,
+        "no usable group: an empty one goes to the learner"
     );
     ctx.learning
         .submit(TrajectoryGroup {
@@ -850,8 +1082,8 @@ async fn submit_empty(
             step_groups: stage.prompts_per_step as u32,
             learning_rate: lr,
         })
-        .await
-        .map_err(SchedulerError::Learner)
+        .await?;
+    Ok(())
 }
 
 /// Awaits all futures concurrently, keeping their order.
@@ -906,129 +1138,147 @@ pub async fn run_sft_stage(
     ctx: Arc<StageContext>,
     stage: Arc<Stage>,
 ) -> Result<(), SchedulerError> {
+    let span = stage_span(&ctx, &stage);
+    run_sft_stage_in(ctx, stage).instrument(span).await
+}
+
+async fn run_sft_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
     let base = ctx.learning.version();
+    tracing::info!(
+        steps = stage.steps,
+        base_version = base,
+        "supervised stage starts"
+    );
     for step in 0..stage.steps {
-        let mut prompts = vec![];
-        let mut trajectories = vec![];
-        let mut groups = vec![];
-        for slot in 0..stage.prompts_per_step {
-            let mut example = None;
-            for attempt in 0..MAX_ATTEMPTS {
-                let drawn = match draw(&ctx, &stage, step, slot, attempt).await {
-                    Ok(d) => d,
-                    Err(DrawError::Fatal(e)) => return Err(e),
-                    Err(DrawError::Fault) => continue,
-                };
-                let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
-                let segments = ctx
-                    .faults
-                    .call(&drawn.env_name, move || {
-                        reference_segments(env.as_ref(), &task, multi)
-                    })
-                    .await;
-                if let Ok(segments) = segments {
-                    example = Some((drawn, segments));
-                    break;
-                }
-            }
-            let Some((drawn, segments)) = example else {
-                groups.push(None);
-                continue;
-            };
-            let env_name = &drawn.env_name;
-            let task = &drawn.task;
-            let prompt_ids = ctx
-                .tokenizer
-                .encode(&chat::render_prompt(&task.prompt))
-                .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-            let (mut completion_ids, mut mask) = (vec![], vec![]);
-            for (text, policy) in &segments {
-                let ids = ctx
-                    .tokenizer
-                    .encode(text)
-                    .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
-                mask.extend(std::iter::repeat_n(*policy, ids.len()));
-                completion_ids.extend(ids);
-            }
-            if mask.iter().all(|&m| m) {
-                mask.clear();
-            }
-            let completion_text: String = segments.iter().map(|s| s.0.as_str()).collect();
-            let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
-            let prompt_id = format!("{group_id}:p");
-            prompts.push(NewPrompt {
-                id: prompt_id.clone(),
-                run_id: ctx.run_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
-                split: Split::Train,
-                task_json: serde_json::to_string(&**task).expect("tasks serialise"),
-                step_dispatched: base + step,
-            });
-            trajectories.push(NewTrajectory {
-                id: format!("{prompt_id}:ref"),
-                run_id: ctx.run_id.clone(),
-                prompt_id: prompt_id.clone(),
-                group_id: group_id.clone(),
-                environment: env_name.clone(),
-                worker_id: "reference".into(),
-                prompt_token_ids: prompt_ids.clone(),
-                completion_token_ids: completion_ids.clone(),
-                completion_text,
-                logprobs: vec![],
-                policy_versions: vec![],
-                finish_reason: FinishReason::Stop,
-                reward: Some(1.0),
-                reward_components: BTreeMap::new(),
-                reason: Some("reference solution (supervised warm-up)".into()),
-                status: TrajectoryStatus::Ok,
-                timings: Timings::default(),
-            });
-            groups.push(Some(TrajectoryGroup {
-                run_id: ctx.run_id.clone(),
-                group_id,
-                environment: env_name.clone(),
-                trajectories: vec![Trajectory {
-                    trajectory_id: format!("{prompt_id}:ref"),
-                    prompt_id,
-                    prompt_token_ids: prompt_ids,
-                    completion_token_ids: completion_ids,
-                    completion_mask: mask,
-                    reward: 1.0,
-                    worker_id: "reference".into(),
-                    ..Default::default()
-                }],
-                supervised: true,
-                step_groups: stage.prompts_per_step as u32,
-                learning_rate: stage.lr_at(step),
-            }));
-        }
-        let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
-        let submitted = ids.len() as u64;
-        ctx.ledger.record_prompts_dispatched(prompts).await?;
-        ctx.ledger.insert_trajectories(trajectories).await?;
-        for (slot, g) in groups.into_iter().enumerate() {
-            match g {
-                Some(g) => ctx
-                    .learning
-                    .submit(g)
-                    .await
-                    .map_err(SchedulerError::Learner)?,
-                None => submit_empty(&ctx, &stage, step, slot, true, stage.lr_at(step)).await?,
-            }
-        }
-        ctx.ledger.mark_consumed(ids, base + step).await?;
-        ctx.stats
-            .groups_submitted
-            .fetch_add(submitted, Ordering::Relaxed);
-        ctx.stats
-            .trajectories_submitted
-            .fetch_add(submitted, Ordering::Relaxed);
-        ctx.learning
-            .wait_version(base + step + 1)
-            .await
-            .map_err(SchedulerError::Learner)?;
+        let span = tracing::info_span!("step", step = base + step);
+        run_sft_step(&ctx, &stage, base, step)
+            .instrument(span)
+            .await?;
     }
+    Ok(())
+}
+
+/// One step of a supervised stage: draws `prompts_per_step` tasks, records them with their
+/// reference completions, submits one group per task and waits for the learner's step.
+async fn run_sft_step(
+    ctx: &Arc<StageContext>,
+    stage: &Arc<Stage>,
+    base: u64,
+    step: u64,
+) -> Result<(), SchedulerError> {
+    let mut prompts = vec![];
+    let mut trajectories = vec![];
+    let mut groups = vec![];
+    for slot in 0..stage.prompts_per_step {
+        let mut example = None;
+        for attempt in 0..MAX_ATTEMPTS {
+            let drawn = match draw(ctx, stage, step, slot, attempt).await {
+                Ok(d) => d,
+                Err(DrawError::Fatal(e)) => return Err(e),
+                Err(DrawError::Fault) => continue,
+            };
+            let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
+            let segments = ctx
+                .faults
+                .call(&drawn.env_name, move || {
+                    reference_segments(env.as_ref(), &task, multi)
+                })
+                .await;
+            if let Ok(segments) = segments {
+                example = Some((drawn, segments));
+                break;
+            }
+        }
+        let Some((drawn, segments)) = example else {
+            groups.push(None);
+            continue;
+        };
+        let env_name = &drawn.env_name;
+        let task = &drawn.task;
+        let prompt_ids = ctx
+            .tokenizer
+            .encode(&chat::render_prompt(&task.prompt))
+            .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+        let (mut completion_ids, mut mask) = (vec![], vec![]);
+        for (text, policy) in &segments {
+            let ids = ctx
+                .tokenizer
+                .encode(text)
+                .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
+            mask.extend(std::iter::repeat_n(*policy, ids.len()));
+            completion_ids.extend(ids);
+        }
+        if mask.iter().all(|&m| m) {
+            mask.clear();
+        }
+        let completion_text: String = segments.iter().map(|s| s.0.as_str()).collect();
+        let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
+        let prompt_id = format!("{group_id}:p");
+        prompts.push(NewPrompt {
+            id: prompt_id.clone(),
+            run_id: ctx.run_id.clone(),
+            group_id: group_id.clone(),
+            environment: env_name.clone(),
+            split: Split::Train,
+            task_json: serde_json::to_string(&**task).expect("tasks serialise"),
+            step_dispatched: base + step,
+        });
+        trajectories.push(NewTrajectory {
+            id: format!("{prompt_id}:ref"),
+            run_id: ctx.run_id.clone(),
+            prompt_id: prompt_id.clone(),
+            group_id: group_id.clone(),
+            environment: env_name.clone(),
+            worker_id: "reference".into(),
+            prompt_token_ids: prompt_ids.clone(),
+            completion_token_ids: completion_ids.clone(),
+            completion_text,
+            logprobs: vec![],
+            policy_versions: vec![],
+            finish_reason: FinishReason::Stop,
+            reward: Some(1.0),
+            reward_components: BTreeMap::new(),
+            reason: Some("reference solution (supervised warm-up)".into()),
+            status: TrajectoryStatus::Ok,
+            timings: Timings::default(),
+        });
+        groups.push(Some(TrajectoryGroup {
+            run_id: ctx.run_id.clone(),
+            group_id,
+            environment: env_name.clone(),
+            trajectories: vec![Trajectory {
+                trajectory_id: format!("{prompt_id}:ref"),
+                prompt_id,
+                prompt_token_ids: prompt_ids,
+                completion_token_ids: completion_ids,
+                completion_mask: mask,
+                reward: 1.0,
+                worker_id: "reference".into(),
+                ..Default::default()
+            }],
+            supervised: true,
+            step_groups: stage.prompts_per_step as u32,
+            learning_rate: stage.lr_at(step),
+        }));
+    }
+    let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+    let submitted = ids.len() as u64;
+    ctx.ledger.record_prompts_dispatched(prompts).await?;
+    ctx.ledger.insert_trajectories(trajectories).await?;
+    for (slot, g) in groups.into_iter().enumerate() {
+        match g {
+            Some(g) => ctx.learning.submit(g).await?,
+            None => submit_empty(ctx, stage, step, slot, true, stage.lr_at(step)).await?,
+        }
+    }
+    ctx.ledger.mark_consumed(ids, base + step).await?;
+    ctx.stats
+        .groups_submitted
+        .fetch_add(submitted, Ordering::Relaxed);
+    ctx.stats
+        .trajectories_submitted
+        .fetch_add(submitted, Ordering::Relaxed);
+    ctx.learning.wait_version(base + step + 1).await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, TrajectoryGroup};
 use tokio::sync::watch;
 
-use crate::scheduler::{BoxFuture, Learning, Rollouts};
+use crate::scheduler::{BoxFuture, Learning, LearningError, Rollouts};
 
 /// Answers every request with `tokens`, produced by the version the learner has published.
 pub struct FixedWorkers {
@@ -35,10 +35,6 @@ impl Rollouts for FixedWorkers {
             ..Default::default()
         };
         Box::pin(async move { resp })
-    }
-
-    fn policy_version(&self) -> u64 {
-        *self.version.borrow()
     }
 
     fn wait_version(&self, version: u64) -> BoxFuture<()> {
@@ -78,7 +74,7 @@ impl CountingLearner {
 }
 
 impl Learning for CountingLearner {
-    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
+    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), LearningError>> {
         if self.keep {
             self.kept.lock().expect("not poisoned").push(g);
         }
@@ -93,13 +89,16 @@ impl Learning for CountingLearner {
         *self.version.borrow()
     }
 
-    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>> {
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), LearningError>> {
         let mut rx = self.version.subscribe();
         Box::pin(async move {
             rx.wait_for(|x| *x >= version)
                 .await
                 .map(|_| ())
-                .map_err(|_| "the stand-in learner is gone".to_string())
+                .map_err(|_| LearningError::Gone {
+                    learner: "the stand-in learner".into(),
+                    version,
+                })
         })
     }
 }

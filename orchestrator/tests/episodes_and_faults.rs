@@ -179,9 +179,6 @@ impl Rollouts for YesNoWorkers {
         };
         Box::pin(async move { resp })
     }
-    fn policy_version(&self) -> u64 {
-        *self.version.borrow()
-    }
     fn wait_version(&self, v: u64) -> BoxFuture<()> {
         let mut rx = self.version.clone();
         Box::pin(async move {

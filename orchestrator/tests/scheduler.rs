@@ -9,7 +9,9 @@ use chorus_environments::builtin_registry;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus, TrajectoryStatus};
-use chorus_orchestrator::scheduler::{BoxFuture, Rollouts, StageContext, StageStats, run_rl_stage};
+use chorus_orchestrator::scheduler::{
+    BoxFuture, LearningError, Rollouts, StageContext, StageStats, run_rl_stage,
+};
 use chorus_orchestrator::standin::CountingLearner;
 use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, TrajectoryGroup};
 use tokio::sync::watch;
@@ -61,9 +63,6 @@ impl Rollouts for StandInWorkers {
             ..Default::default()
         };
         Box::pin(async move { resp })
-    }
-    fn policy_version(&self) -> u64 {
-        *self.version.borrow()
     }
     fn wait_version(&self, v: u64) -> BoxFuture<()> {
         let mut rx = self.version.clone();
@@ -205,16 +204,22 @@ struct DyingLearner {
 }
 
 impl chorus_orchestrator::scheduler::Learning for DyingLearner {
-    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), String>> {
+    fn submit(&self, g: TrajectoryGroup) -> BoxFuture<Result<(), LearningError>> {
         if self.taken.fetch_add(1, Ordering::SeqCst) >= self.alive_for {
-            return Box::pin(async { Err("the learner is gone".to_string()) });
+            return Box::pin(async move {
+                Err(LearningError::Unreachable {
+                    learner: "the dying stand-in".into(),
+                    group_id: g.group_id,
+                    message: "the learner is gone".into(),
+                })
+            });
         }
         self.inner.submit(g)
     }
     fn version(&self) -> u64 {
         self.inner.version()
     }
-    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), String>> {
+    fn wait_version(&self, version: u64) -> BoxFuture<Result<(), LearningError>> {
         if self.taken.load(Ordering::SeqCst) >= self.alive_for {
             return Box::pin(std::future::pending());
         }

@@ -7,12 +7,15 @@
 //! |---|---|---|
 //! | [`Orchestrator`](v1::orchestrator_server::Orchestrator) | orchestrator | registration and heartbeats of workers and learners, launch / get / list runs, a stream of run events |
 //! | [`RolloutWorker`](v1::rollout_worker_server::RolloutWorker) | rollout worker | `Generate`: a bidirectional stream of generation requests and token chunks |
-//! | [`Learner`](v1::learner_server::Learner) | learner | `SubmitTrajectories` (client stream of scored groups, acknowledged by id), `StreamWeights` (server stream of checksummed weight chunks) |
+//! | [`Learner`](v1::learner_server::Learner) | learner | `SubmitTrajectories` (client stream of scored groups, acknowledged by id), `StreamWeights` (server stream of checksummed weight chunks), `StreamSteps` (server stream of step reports) |
 //! | [`Environment`](v1::environment_server::Environment) | environment plugins (client and server adapters in `chorus-environments`' `plugin` module) | `Describe`, `Sample`, `Step`, `Score`; optional `Reference`, `WrongCompletions`, `Start` |
 //!
-//! Every request carries the ids that make a retry idempotent (`run_id`,
-//! `prompt_id`, `trajectory_id`, `request_id`, `group_id`, heartbeat `sequence`):
-//! a server that sees an id again answers as it did the first time.
+//! Requests carry the ids that make a retry safe (`run_id`, `prompt_id`,
+//! `trajectory_id`, `request_id`, `group_id`, heartbeat `sequence`). Registration,
+//! heartbeats, `LaunchRun` and `SubmitTrajectories` are idempotent by them; a
+//! rollout worker does not deduplicate `Generate` requests, the orchestrator keeps
+//! the first answer per `request_id` instead (see `rollout.proto`). The same ids
+//! appear in every process's logs, so one rollout can be followed across them.
 //!
 //! Besides the generated code the crate offers:
 //! - [`auth`]: interceptors that attach and check the shared `Bearer` token;
@@ -22,7 +25,7 @@
 //!
 //! The protobuf files are compiled at build time with `protox`, so building needs
 //! no `protoc`.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod auth;
 pub mod checksum;

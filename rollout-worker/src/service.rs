@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::engine_loop::{Job, WorkerHandle};
 
@@ -21,6 +22,7 @@ pub struct RolloutService {
 }
 
 impl RolloutService {
+    /// The service over the engine thread behind `handle`, answering as `worker_id`.
     pub fn new(handle: WorkerHandle, worker_id: impl Into<String>) -> Self {
         Self {
             handle,
@@ -65,33 +67,62 @@ impl RolloutWorker for RolloutService {
             while let Some(msg) = inbound.next().await {
                 let req = match msg {
                     Ok(r) => r,
-                    Err(_) => break,
+                    Err(e) => {
+                        tracing::warn!(worker_id = %worker_id, error = %e, "the Generate request stream broke");
+                        break;
+                    }
                 };
                 let (handle, tx, worker_id) = (handle.clone(), tx.clone(), worker_id.clone());
-                tokio::spawn(async move {
-                    let r = handle.generate(job_of(&req)).await;
-                    let finish = match (&r.error, r.stopped) {
-                        (Some(_), _) => FinishReason::Error,
-                        (None, true) => FinishReason::Stop,
-                        (None, false) => FinishReason::Length,
-                    };
-                    let resp = GenerateResponse {
-                        request_id: req.request_id,
-                        run_id: req.run_id,
-                        prompt_id: req.prompt_id,
-                        trajectory_id: req.trajectory_id,
-                        offset: 0,
-                        token_ids: r.tokens,
-                        logprobs: r.logprobs,
-                        policy_versions: r.versions,
-                        finish_reason: finish as i32,
-                        worker_id,
-                        queue_ms: r.queue_ms,
-                        generate_ms: r.generate_ms,
-                        error: r.error.unwrap_or_default(),
-                    };
-                    let _ = tx.send(Ok(resp)).await;
-                });
+                let span = tracing::info_span!(
+                    "generate",
+                    request_id = %req.request_id,
+                    trajectory_id = %req.trajectory_id,
+                    run_id = %req.run_id,
+                    worker_id = %worker_id,
+                    min_policy_version = req.min_policy_version,
+                    policy_version = handle.version()
+                );
+                tokio::spawn(
+                    async move {
+                        tracing::debug!(
+                            prompt_tokens = req.prompt_token_ids.len(),
+                            "request received"
+                        );
+                        let r = handle.generate(job_of(&req)).await;
+                        match &r.error {
+                            None => tracing::debug!(
+                                tokens = r.tokens.len(),
+                                last_policy_version = r.versions.last().copied(),
+                                queue_ms = r.queue_ms,
+                                generate_ms = r.generate_ms,
+                                "generated"
+                            ),
+                            Some(e) => tracing::warn!(error = %e, "generation failed"),
+                        }
+                        let finish = match (&r.error, r.stopped) {
+                            (Some(_), _) => FinishReason::Error,
+                            (None, true) => FinishReason::Stop,
+                            (None, false) => FinishReason::Length,
+                        };
+                        let resp = GenerateResponse {
+                            request_id: req.request_id,
+                            run_id: req.run_id,
+                            prompt_id: req.prompt_id,
+                            trajectory_id: req.trajectory_id,
+                            offset: 0,
+                            token_ids: r.tokens,
+                            logprobs: r.logprobs,
+                            policy_versions: r.versions,
+                            finish_reason: finish as i32,
+                            worker_id,
+                            queue_ms: r.queue_ms,
+                            generate_ms: r.generate_ms,
+                            error: r.error.unwrap_or_default(),
+                        };
+                        let _ = tx.send(Ok(resp)).await;
+                    }
+                    .instrument(span),
+                );
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -15,6 +15,37 @@ use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
 
+/// Why a policy version could not be fetched or built.
+#[derive(Debug, thiserror::Error)]
+#[error("run `{run_id}`, worker `{worker_id}`, policy version {version}: {kind}")]
+pub struct FetchError {
+    /// The run.
+    pub run_id: String,
+    /// The worker that asked.
+    pub worker_id: String,
+    /// The version asked for (at least), or the one received once it is known.
+    pub version: u64,
+    /// What failed.
+    pub kind: FetchErrorKind,
+}
+
+/// What failed while fetching a policy version.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchErrorKind {
+    /// The learner refused or did not answer `StreamWeights`.
+    #[error("StreamWeights: {0}")]
+    Request(tonic::Status),
+    /// The weight stream broke.
+    #[error("weight stream: {0}")]
+    Stream(tonic::Status),
+    /// The chunks do not make a valid version (checksum, shapes).
+    #[error(transparent)]
+    Assemble(#[from] chorus_proto::weights::AssembleError),
+    /// The weights do not fit the model.
+    #[error("building the engine: {0}")]
+    Engine(String),
+}
+
 /// Fetches policy version `at_least` or newer and returns it as an engine.
 pub async fn fetch_version<T>(
     client: &mut LearnerClient<T>,
@@ -23,13 +54,19 @@ pub async fn fetch_version<T>(
     run_id: &str,
     worker_id: &str,
     at_least: u64,
-) -> Result<(u64, Engine), String>
+) -> Result<(u64, Engine), FetchError>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<StdError>,
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
+    let fail = |version: u64, kind: FetchErrorKind| FetchError {
+        run_id: run_id.to_string(),
+        worker_id: worker_id.to_string(),
+        version,
+        kind,
+    };
     let req = StreamWeightsRequest {
         run_id: run_id.into(),
         policy_version: at_least,
@@ -39,28 +76,37 @@ where
     let mut stream = client
         .stream_weights(req)
         .await
-        .map_err(|e| format!("StreamWeights: {e}"))?
+        .map_err(|e| fail(at_least, FetchErrorKind::Request(e)))?
         .into_inner();
     let mut asm = WeightAssembler::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("weight stream: {e}"))?;
-        if asm.push(&chunk).map_err(|e| e.to_string())? {
+        let chunk = chunk.map_err(|e| fail(at_least, FetchErrorKind::Stream(e)))?;
+        if asm
+            .push(&chunk)
+            .map_err(|e| fail(chunk.policy_version, e.into()))?
+        {
             break;
         }
     }
-    let (version, tensors) = asm.finish().map_err(|e| e.to_string())?;
+    let (version, tensors) = asm.finish().map_err(|e| fail(at_least, e.into()))?;
     let mut map = BTreeMap::new();
     for (name, t) in tensors {
-        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| e.to_string())?;
+        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {
+            fail(
+                version,
+                FetchErrorKind::Engine(format!("tensor `{name}`: {e}")),
+            )
+        })?;
         map.insert(name, tensor);
     }
     let engine = Engine::from_tensors_with(cfg, &map, options)
-        .map_err(|e| format!("policy version {version}: {e}"))?;
+        .map_err(|e| fail(version, FetchErrorKind::Engine(e.to_string())))?;
+    tracing::info!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
     Ok((version, engine))
 }
 
 /// Keeps `handle` on the learner's latest version until the learner goes away, building each
-/// version with `options` (e.g. NVFP4 on load). Returns the reason it stopped.
+/// version with `options` (e.g. NVFP4 on load). Returns why it stopped.
 pub async fn follow_learner<T>(
     handle: WorkerHandle,
     mut client: LearnerClient<T>,
@@ -68,7 +114,7 @@ pub async fn follow_learner<T>(
     options: EngineOptions,
     run_id: String,
     worker_id: String,
-) -> String
+) -> FetchError
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<StdError>,
@@ -87,10 +133,14 @@ where
         .await
         {
             Ok((version, engine)) if version > handle.version() => {
+                tracing::info!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
                 handle.install_weights(version, Arc::new(engine))
             }
             Ok(_) => {}
-            Err(e) => return e,
+            Err(e) => {
+                tracing::warn!(error = %e, "stopped following the learner");
+                return e;
+            }
         }
     }
 }

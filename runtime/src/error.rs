@@ -4,11 +4,13 @@
 use chorus_environments::EnvError;
 use chorus_learner::LearnerError;
 use chorus_model::ModelError;
+use chorus_orchestrator::WaitError;
 use chorus_orchestrator::config::ConfigError;
 use chorus_orchestrator::ledger::LedgerError;
 use chorus_orchestrator::remote::ConnectError;
-use chorus_orchestrator::scheduler::SchedulerError;
+use chorus_orchestrator::scheduler::{LearningError, SchedulerError};
 use chorus_proto::auth::TokenError;
+use chorus_rollout_worker::FetchError;
 
 /// Why a run (or one of its services) could not start or did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -63,14 +65,15 @@ pub enum RunError {
         /// What went wrong.
         source: EnvError,
     },
-    /// A rollout worker could not start.
-    #[error("rollout worker {worker}: {message}")]
-    Worker {
-        /// The worker's id.
-        worker: String,
-        /// What went wrong.
-        message: String,
-    },
+    /// A rollout worker could not fetch the learner's weights.
+    #[error("rollout worker: {0}")]
+    Fetch(#[from] FetchError),
+    /// The learner did not take a group, or will not reach a version.
+    #[error(transparent)]
+    Learning(#[from] LearningError),
+    /// The run's learner or workers did not register in time.
+    #[error(transparent)]
+    Wait(#[from] WaitError),
     /// A stage stopped.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),

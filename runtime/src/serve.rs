@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_orchestrator::config::RunConfig;
+use chorus_orchestrator::directory::ends_run;
 use chorus_orchestrator::ledger::{Ledger, RunStatus};
-use chorus_orchestrator::service::{Directory, Fleet, Launched, Leases, OrchestratorService};
+use chorus_orchestrator::{Directory, Fleet, Launched, Leases, OrchestratorService};
 use chorus_proto::auth::RequireToken;
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;
@@ -142,10 +143,7 @@ pub async fn orchestrator(
         (Some(url), _) => url,
         (None, Some(d)) => {
             tracing::info!("waiting for the learner to register ...");
-            d.wait_for_learner(o.wait)
-                .await
-                .map_err(RunError::Unavailable)?
-                .endpoint
+            d.wait_for_learner(o.wait).await?.endpoint
         }
         (None, None) => {
             return Err(RunError::Invalid(
@@ -163,9 +161,7 @@ pub async fn orchestrator(
                 "waiting for {} rollout workers to register ...",
                 plan.config.workers
             );
-            d.wait_for_workers(plan.config.workers, o.wait)
-                .await
-                .map_err(RunError::Unavailable)?;
+            d.wait_for_workers(plan.config.workers, o.wait).await?;
             // The pool takes them, and later ones, from the directory.
             vec![]
         }
@@ -189,18 +185,19 @@ pub async fn orchestrator(
         started,
         directory: directory.clone(),
     };
-    let result = orchestrate(plan, &endpoints, options).await;
-    if let (Err(e), Some(d)) = (&result, &directory) {
-        d.emit(failed(e));
-    }
-    result
+    orchestrate(plan, &endpoints, options).await
 }
 
-fn failed(e: &RunError) -> run_event::Kind {
-    run_event::Kind::StatusChanged(RunStatusChanged {
-        status: ProtoRunStatus::Failed as i32,
-        reason: e.to_string(),
-    })
+/// Tells `WatchRun` clients that the run failed, unless the driver already did (it announces
+/// every failure once the run has started; this covers failures before, like a learner that
+/// never registered).
+fn announce_failure(directory: &Directory, e: &RunError) {
+    if !directory.events_after(0).iter().any(ends_run) {
+        directory.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+            status: ProtoRunStatus::Failed as i32,
+            reason: e.to_string(),
+        }));
+    }
 }
 
 /// How the orchestrator daemon serves launched runs.
@@ -296,7 +293,7 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
                 .await
                 .map_err(RunError::ledger(&db))?;
             ledger.flush().await.map_err(RunError::ledger(&db))?;
-            launched.directory.emit(failed(e));
+            announce_failure(&launched.directory, e);
         }
         fleet.finish_run();
     }
@@ -320,15 +317,10 @@ async fn run_launched(
     let directory = launched.directory.clone();
     directory.spawn_lease_checker();
     fleet.serve_run(directory.clone(), launched.config_toml.clone());
-    let learner = directory
-        .wait_for_learner(d.wait)
-        .await
-        .map_err(RunError::Unavailable)?
-        .endpoint;
+    let learner = directory.wait_for_learner(d.wait).await?.endpoint;
     directory
         .wait_for_workers(plan.config.workers, d.wait)
-        .await
-        .map_err(RunError::Unavailable)?;
+        .await?;
     let endpoints = Endpoints {
         learner,
         workers: vec![],

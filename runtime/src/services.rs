@@ -91,12 +91,7 @@ pub async fn start_worker(
         )))?;
     let mut client = LearnerClient::with_interceptor(channel, AttachToken::new(token)?);
     let (version, engine) =
-        fetch_version(&mut client, &plan.model, &plan.engine, run_id, worker_id, 0)
-            .await
-            .map_err(|message| RunError::Worker {
-                worker: worker_id.to_string(),
-                message,
-            })?;
+        fetch_version(&mut client, &plan.model, &plan.engine, run_id, worker_id, 0).await?;
     let handle = spawn_engine_loop(Arc::new(engine), version, plan.config.worker_max_batch);
     tokio::spawn(follow_learner(
         handle.clone(),

@@ -89,9 +89,7 @@ impl Evaluator {
         tokio::spawn(async move {
             let mut k = plan.every;
             while k < plan.rl_steps {
-                ctx.learning.wait_version(base + k).await.map_err(|e| {
-                    RunError::Invalid(format!("waiting for version {}: {e}", base + k))
-                })?;
+                ctx.learning.wait_version(base + k).await?;
                 let at = started.elapsed().as_secs_f64();
                 let acc = evaluate(
                     &ctx,

@@ -16,7 +16,7 @@ use std::time::Instant;
 use chorus_orchestrator::faults::EnvFaults;
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{StageContext, StageStats};
-use chorus_orchestrator::service::Directory;
+use chorus_orchestrator::{Directory, Leases, record_events};
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
 use tracing::Instrument;
 
@@ -50,7 +50,8 @@ pub struct RunOptions {
     /// When the run started (its services' start-up included), for wall time and the curve.
     pub started: Instant,
     /// The run's directory when it is served: registered workers join the pool and lost ones
-    /// leave it, and status and learner-step events go to `WatchRun` clients.
+    /// leave it, and the run's events also go to `WatchRun` clients. Without one, the run keeps
+    /// its events in a directory of its own; either way they are recorded in the ledger.
     pub directory: Option<Arc<Directory>>,
 }
 
@@ -94,10 +95,30 @@ pub async fn orchestrate(
         let db = options.db();
         let record =
             RunRecord::start(&db, &options.run_id, &plan.config.name, &plan.config_toml).await?;
-        let outcome = drive(plan, endpoints, &options, &record).await;
+        let events = match &options.directory {
+            Some(d) => d.clone(),
+            None => Directory::new(&options.run_id, Leases::default()),
+        };
+        let recorder = tokio::spawn(record_events(events.clone(), record.ledger.clone()));
+        let outcome = drive(plan, endpoints, &options, &record, &events).await;
+        // The ledger has the final status before it is announced: a client told finds it so.
         match &outcome {
-            Ok(_) => {}
-            Err(_) => record.fail().await,
+            Ok(_) => announce(&events, ProtoRunStatus::Succeeded, String::new()),
+            Err(e) => {
+                record.fail().await;
+                announce(&events, ProtoRunStatus::Failed, e.to_string());
+            }
+        }
+        // The announcement ends the recorder, so every event is in the ledger on return.
+        drop(events);
+        match recorder.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the run's events were not all recorded"),
+            Err(e) => tracing::warn!(error = %e, "recording the run's events stopped"),
+        }
+        record.flush().await?;
+        if outcome.is_ok() {
+            record.close().await?;
         }
         outcome
     }
@@ -111,6 +132,7 @@ async fn drive(
     endpoints: &Endpoints,
     options: &RunOptions,
     record: &RunRecord,
+    events: &Arc<Directory>,
 ) -> Result<Summary> {
     let cfg = &plan.config;
     let run_id = &options.run_id;
@@ -167,8 +189,8 @@ async fn drive(
         endpoints.learner,
         record.db
     );
-    announce(options, ProtoRunStatus::Running, String::new());
-    progress::spawn(learner.steps(), stats.clone(), options.directory.clone());
+    announce(events, ProtoRunStatus::Running, String::new());
+    progress::spawn(learner.steps(), stats.clone(), events.clone());
 
     let mut evaluator = Evaluator::new(plan.evaluation.clone(), options.started);
     stages::run_stages(plan, &mut ctx, &mut evaluator).await?;
@@ -201,8 +223,6 @@ async fn drive(
     let text = serde_json::to_string_pretty(&summary).expect("a summary always serialises");
     std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
     record.succeed().await?;
-    announce(options, ProtoRunStatus::Succeeded, String::new());
-    record.close().await?;
     tracing::info!(
         summary = %path.display(),
         db = record.db,
@@ -213,14 +233,13 @@ async fn drive(
     Ok(summary)
 }
 
-/// Tells `WatchRun` clients (when the run is served) that the run's status changed.
-fn announce(options: &RunOptions, status: ProtoRunStatus, reason: String) {
-    if let Some(d) = &options.directory {
-        d.emit(run_event::Kind::StatusChanged(RunStatusChanged {
-            status: status as i32,
-            reason,
-        }));
-    }
+/// Appends a status change to the run's events (the ledger's `events` table, and `WatchRun`
+/// clients when the run is served).
+fn announce(events: &Directory, status: ProtoRunStatus, reason: String) {
+    events.emit(run_event::Kind::StatusChanged(RunStatusChanged {
+        status: status as i32,
+        reason,
+    }));
 }
 
 /// Settings of a whole run in this process ([`run_local`]).

@@ -1,13 +1,13 @@
 //! Live progress of a run: one line per learner step with the scheduler's running counters,
-//! logged as a `tracing` event (its numbers also as fields) and, when the run is served, sent to
-//! `WatchRun` clients as a run event.
+//! logged as a `tracing` event (its numbers also as fields) and appended to the run's events (the
+//! ledger's `events` table, and `WatchRun` clients when the run is served).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use chorus_orchestrator::Directory;
 use chorus_orchestrator::scheduler::StageStats;
-use chorus_orchestrator::service::Directory;
 use chorus_proto::v1::{LearnerStepCompleted, StepReport, run_event};
 use tokio::sync::broadcast;
 
@@ -15,19 +15,17 @@ use tokio::sync::broadcast;
 pub(crate) fn spawn(
     mut steps: broadcast::Receiver<StepReport>,
     stats: Arc<StageStats>,
-    directory: Option<Arc<Directory>>,
+    events: Arc<Directory>,
 ) {
     let started = Instant::now();
     tokio::spawn(async move {
         while let Ok(r) = steps.recv().await {
-            if let Some(d) = &directory {
-                d.emit(run_event::Kind::LearnerStep(LearnerStepCompleted {
-                    step: r.step,
-                    loss: r.loss,
-                    trajectories: r.trajectories,
-                    skipped: !r.skip_reason.is_empty(),
-                }));
-            }
+            events.emit(run_event::Kind::LearnerStep(LearnerStepCompleted {
+                step: r.step,
+                loss: r.loss,
+                trajectories: r.trajectories,
+                skipped: !r.skip_reason.is_empty(),
+            }));
             let groups = stats.groups_submitted.load(Ordering::Relaxed).max(1);
             let trajectories = stats.trajectories_submitted.load(Ordering::Relaxed);
             let reward = stats.reward_micros.load(Ordering::Relaxed) as f64

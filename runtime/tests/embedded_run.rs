@@ -94,6 +94,22 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
             ledger.count_consumed(&summary.run).await.unwrap(),
             summary.trajectories
         );
+        // Every version the learner published, and the run's events, from start to end.
+        let versions = ledger.list_policy_versions(&summary.run).await.unwrap();
+        assert_eq!(
+            versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+            (1..=4).collect::<Vec<_>>()
+        );
+        assert!(versions.iter().all(|v| v.sha256.len() == 64 && v.num_bytes > 0));
+        let events = ledger.list_events(&summary.run, 0, 1000).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds.first(), Some(&"status_changed"), "{kinds:?}");
+        assert_eq!(kinds.iter().filter(|k| **k == "learner_step").count(), 4, "{kinds:?}");
+        let last = events.last().unwrap();
+        assert!(
+            last.kind == "status_changed" && last.payload_json.contains("SUCCEEDED"),
+            "{last:?}"
+        );
     });
 }
 
@@ -122,6 +138,13 @@ fn a_run_whose_environment_cannot_be_reached_fails_naming_it_and_is_marked_faile
         let runs = ledger.list_runs(10).await.unwrap();
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].status, RunStatus::Failed);
+        // The failure and its reason are the run's last event.
+        let events = ledger.list_events(&runs[0].id, 0, 1000).await.unwrap();
+        let last = events.last().unwrap();
+        assert!(
+            last.payload_json.contains("FAILED") && last.payload_json.contains("127.0.0.1:1"),
+            "{events:?}"
+        );
     });
 }
 

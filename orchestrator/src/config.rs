@@ -530,18 +530,20 @@ impl Ctx<'_> {
 
     /// A choice read into its enum; a value outside it is an error naming `key` and the
     /// allowed values.
+    fn known<T: DeserializeOwned>(&self, key: &str, c: Choice<T>) -> Result<T, ConfigError> {
+        match c {
+            Choice::Known(v) => Ok(v),
+            Choice::Unknown(o) => Err(self.err(key, format!("`{o}`; allowed: {}", allowed::<T>()))),
+        }
+    }
+
+    /// [`Ctx::known`] for a setting that may be left out.
     fn choice<T: DeserializeOwned>(
         &self,
         key: &str,
         c: Option<Choice<T>>,
     ) -> Result<Option<T>, ConfigError> {
-        match c {
-            None => Ok(None),
-            Some(Choice::Known(v)) => Ok(Some(v)),
-            Some(Choice::Unknown(o)) => {
-                Err(self.err(key, format!("`{o}`; allowed: {}", allowed::<T>())))
-            }
-        }
+        c.map(|c| self.known(key, c)).transpose()
     }
 }
 
@@ -590,10 +592,7 @@ fn environment_source(
             ),
         ));
     }
-    let Some(kind) = ctx.choice(&ek("kind"), Some(kind))? else {
-        unreachable!("a choice that was given reads as one")
-    };
-    match kind {
+    match ctx.known(&ek("kind"), kind)? {
         EnvironmentKind::Builtin => match (name, url) {
             (Some(n), None) => Ok(EnvironmentSource::Builtin(n)),
             _ => Err(ctx.err(

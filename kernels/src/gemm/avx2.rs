@@ -99,7 +99,7 @@ pub(super) unsafe fn tile(t: &Tile<'_, f32>) {
 pub(super) mod imp {
     use std::arch::x86_64::*;
 
-    use super::super::{MR, NR, Tile};
+    use super::super::{MR, NR};
 
     /// Prefetch distance of the GEMV weight stream, in bytes.
     const PREFETCH: usize = 2048;
@@ -274,89 +274,17 @@ pub(super) mod imp {
         }
     }
 
-    /// `R x C` register-blocked dot products over `kw` (a multiple of 8), added into `y`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro<const R: usize, const C: usize>(
-        x: *const f32,
-        xs: usize,
-        w: *const f32,
-        ws: usize,
-        kw: usize,
-        y: *mut f32,
-        ys: usize,
-    ) {
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut kk = 0;
-            while kk < kw {
-                let mut wv = [_mm256_setzero_ps(); C];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(w.add(j * ws + kk));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.add(i * xs + kk));
-                    for (a, &wj) in row.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xv, wj, *a);
-                    }
-                }
-                kk += 8;
-            }
-            let z = _mm256_setzero_ps();
-            for (i, row) in acc.iter().enumerate() {
-                let get = |j: usize| if j < C { row[j] } else { z };
-                let s = hsum4(get(0), get(1), get(2), z);
-                let mut lanes = [0.0f32; 4];
-                _mm_storeu_ps(lanes.as_mut_ptr(), s);
-                for (j, &v) in lanes.iter().take(C).enumerate() {
-                    *y.add(i * ys + j) += v;
-                }
-            }
-        }
-    }
-
-    /// `micro::<R, c>` for a run-time column count `c` (1..=3).
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro_rows<const R: usize>(
-        c: usize,
-        x: *const f32,
-        xs: usize,
-        w: *const f32,
-        ws: usize,
-        kw: usize,
-        y: *mut f32,
-        ys: usize,
-    ) {
-        unsafe {
-            match c {
-                3 => micro::<R, 3>(x, xs, w, ws, kw, y, ys),
-                2 => micro::<R, 2>(x, xs, w, ws, kw, y, ys),
-                _ => micro::<R, 1>(x, xs, w, ws, kw, y, ys),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(t: &Tile<'_, f32>) {
-        const _: () = assert!(NR == 4 && MR == 3);
-        unsafe {
-            for i0 in (0..t.n).step_by(NR) {
-                let r = NR.min(t.n - i0);
-                let x = t.x.as_ptr().add(i0 * t.xs);
-                for j0 in (0..t.mr).step_by(MR) {
-                    let c = MR.min(t.mr - j0);
-                    let w = t.w.as_ptr().add(j0 * t.ws);
-                    let y = t.y.add(i0 * t.ys + j0);
-                    match r {
-                        4 => micro_rows::<4>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                        3 => micro_rows::<3>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                        2 => micro_rows::<2>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                        _ => micro_rows::<1>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                    }
-                }
-            }
-        }
+    // Four activation rows by three weight rows keep 12 accumulators and 3 weight vectors in
+    // AVX2's 16 registers.
+    const _: () = assert!(NR == 4 && MR == 3);
+    crate::gemm::micro::f32_tile_kernel! {
+        features: "avx2,fma",
+        zero: _mm256_setzero_ps(),
+        load: _mm256_loadu_ps,
+        fmadd: _mm256_fmadd_ps,
+        lanes: 8,
+        fold: |v| v,
+        rows: NR => [4, 3, 2],
+        cols: MR => [3, 2],
     }
 }

@@ -402,103 +402,19 @@ mod imp {
     /// Weight rows per micro-kernel call.
     const TC: usize = 4;
 
-    /// `R x C` (`C <= 4`) register-blocked dot products over `kw` (a multiple of 16), added
-    /// into `y`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn micro<const R: usize, const C: usize>(
-        x: *const f32,
-        xs: usize,
-        w: *const f32,
-        ws: usize,
-        kw: usize,
-        y: *mut f32,
-        ys: usize,
-    ) {
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); C]; R];
-            let mut kk = 0;
-            while kk < kw {
-                let mut wv = [_mm512_setzero_ps(); C];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(w.add(j * ws + kk));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(x.add(i * xs + kk));
-                    for (a, &wj) in row.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xv, wj, *a);
-                    }
-                }
-                kk += 16;
-            }
-            let z = _mm256_setzero_ps();
-            for (i, row) in acc.iter().enumerate() {
-                // Fold each accumulator to 8 lanes, then four horizontal sums at a time.
-                let half = |j: usize| {
-                    if j < C {
-                        let a = row[j];
-                        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-                        _mm256_add_ps(_mm512_castps512_ps256(a), hi)
-                    } else {
-                        z
-                    }
-                };
-                let mut lanes = [0.0f32; 4];
-                let hsum4 = crate::gemm::avx2::imp::hsum4;
-                _mm_storeu_ps(
-                    lanes.as_mut_ptr(),
-                    hsum4(half(0), half(1), half(2), half(3)),
-                );
-                for (j, &v) in lanes.iter().take(C).enumerate() {
-                    *y.add(i * ys + j) += v;
-                }
-            }
-        }
-    }
-
-    /// `micro::<R, c>` for a run-time column count `c` (1..=4).
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn micro_rows<const R: usize>(
-        c: usize,
-        x: *const f32,
-        xs: usize,
-        w: *const f32,
-        ws: usize,
-        kw: usize,
-        y: *mut f32,
-        ys: usize,
-    ) {
-        unsafe {
-            match c {
-                4 => micro::<R, 4>(x, xs, w, ws, kw, y, ys),
-                3 => micro::<R, 3>(x, xs, w, ws, kw, y, ys),
-                2 => micro::<R, 2>(x, xs, w, ws, kw, y, ys),
-                _ => micro::<R, 1>(x, xs, w, ws, kw, y, ys),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn tile(t: &crate::gemm::Tile<'_, f32>) {
-        unsafe {
-            for i0 in (0..t.n).step_by(TR) {
-                let r = TR.min(t.n - i0);
-                let x = t.x.as_ptr().add(i0 * t.xs);
-                for j0 in (0..t.mr).step_by(TC) {
-                    let c = TC.min(t.mr - j0);
-                    let w = t.w.as_ptr().add(j0 * t.ws);
-                    let y = t.y.add(i0 * t.ys + j0);
-                    match r {
-                        4 => micro_rows::<4>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                        3 => micro_rows::<3>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                        2 => micro_rows::<2>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                        _ => micro_rows::<1>(c, x, t.xs, w, t.ws, t.kw, y, t.ys),
-                    }
-                }
-            }
-        }
+    crate::gemm::micro::f32_tile_kernel! {
+        features: "avx512f,avx2,fma",
+        zero: _mm512_setzero_ps(),
+        load: _mm512_loadu_ps,
+        fmadd: _mm512_fmadd_ps,
+        lanes: 16,
+        // The upper eight lanes onto the lower eight.
+        fold: |a| _mm256_add_ps(
+            _mm512_castps512_ps256(a),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))
+        ),
+        rows: TR => [4, 3, 2],
+        cols: TC => [4, 3, 2],
     }
 
     /// `R x C` (`C <= 4`) register-blocked bf16 dot products over `kw` (a multiple of 32),

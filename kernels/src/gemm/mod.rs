@@ -29,6 +29,7 @@
 
 mod avx2;
 mod avx512;
+mod micro;
 mod portable;
 
 use half::bf16;

@@ -16,10 +16,15 @@ use std::sync::mpsc;
 /// One generation to run.
 #[derive(Clone, Debug)]
 pub struct Job {
+    /// The prompt's token ids.
     pub prompt: Vec<u32>,
+    /// How tokens are drawn.
     pub sampling: SamplingParams,
+    /// Seed of this job's sampling, so a job reproduces on any worker.
     pub seed: u64,
+    /// Most tokens generated.
     pub max_new_tokens: usize,
+    /// Tokens that end the generation (kept in the output).
     pub stop_tokens: Vec<u32>,
     /// The job starts only once the worker holds at least this policy version (the
     /// orchestrator's staleness bound).
@@ -29,7 +34,9 @@ pub struct Job {
 /// What a job produced.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobResult {
+    /// The generated token ids.
     pub tokens: Vec<u32>,
+    /// The log-probability of each under the distribution it was sampled from.
     pub logprobs: Vec<f32>,
     /// The policy version that produced each token.
     pub versions: Vec<u64>,
@@ -37,7 +44,9 @@ pub struct JobResult {
     pub stopped: bool,
     /// Why the job could not run, if it could not.
     pub error: Option<String>,
+    /// Milliseconds it waited (for a batch slot or its policy version).
     pub queue_ms: u64,
+    /// Milliseconds from its start to its end.
     pub generate_ms: u64,
 }
 
@@ -59,9 +68,13 @@ struct Running {
 /// Counters of the engine thread.
 #[derive(Default, Debug)]
 pub struct WorkerStats {
+    /// Sequences decoding now.
     pub active: AtomicUsize,
+    /// Jobs waiting for a slot or for their policy version.
     pub queued: AtomicUsize,
+    /// Tokens generated since the start.
     pub tokens_generated: AtomicU64,
+    /// The policy version in use.
     pub version: AtomicU64,
 }
 
@@ -141,6 +154,7 @@ impl WorkerHandle {
         self.stats.version.load(Ordering::Relaxed)
     }
 
+    /// The engine thread's counters.
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
     }

@@ -16,8 +16,6 @@
 //! `run_id` and the `worker_id`, the same ids the orchestrator and the learner log.
 #![deny(missing_docs)]
 
-// Another change documents engine_loop's public fields; until it lands, they are exempt.
-#[allow(missing_docs)]
 mod engine_loop;
 mod service;
 mod sync;

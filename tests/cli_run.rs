@@ -301,3 +301,112 @@ fn every_command_shows_an_example_in_its_help() {
         );
     }
 }
+
+const SHORT_RL: &str = r#"
+name = "logs"
+seed = 4
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+max_batch = 8
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 2
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 4
+environments = [{ name = "arithmetic" }]
+"#;
+
+/// The ids in the spans of one JSON log line (`spans`: outermost first).
+fn span_field(line: &serde_json::Value, field: &str) -> Option<String> {
+    line["spans"]
+        .as_array()?
+        .iter()
+        .find_map(|s| s.get(field).and_then(|v| v.as_str()).map(str::to_string))
+}
+
+#[test]
+fn json_logs_follow_one_request_from_the_scheduler_to_the_worker_and_text_stays_plain() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), SHORT_RL).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "run.toml",
+            "--eval-tasks",
+            "2",
+        ])
+        .env(
+            "RUST_LOG",
+            "info,chorus_orchestrator=debug,chorus_rollout_worker=debug",
+        )
+        .current_dir(h.dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    // A request the worker generated for, found again in the orchestrator's rollout span.
+    let worker_requests: Vec<String> = lines
+        .iter()
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("chorus_rollout_worker")
+        })
+        .filter_map(|l| span_field(l, "request_id"))
+        .collect();
+    assert!(!worker_requests.is_empty(), "{stderr}");
+    let followed = worker_requests.iter().any(|id| {
+        lines.iter().any(|l| {
+            l["target"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("chorus_orchestrator")
+                && span_field(l, "request_id").as_ref() == Some(id)
+        })
+    });
+    assert!(
+        followed,
+        "no request id is in both the worker's and the scheduler's spans"
+    );
+    // The progress lines carry their run and the step's numbers as fields.
+    let step = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("step ")
+        })
+        .expect("a progress line");
+    assert!(
+        span_field(step, "run_id").is_some_and(|r| r.starts_with("logs-")),
+        "{step}"
+    );
+    assert!(step["fields"]["loss"].is_number(), "{step}");
+
+    // The default text format: the same progress as plain lines, nothing per request.
+    let out = h.chorus(&["run", "run.toml", "--eval-tasks", "2"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("step ")).count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        !text.contains("request_id") && !text.contains('{'),
+        "{text}"
+    );
+}

@@ -330,7 +330,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 let msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
                 let _ = pub_tx.send(published);
                 match &report.skipped {
-                    None => tracing::info!(
+                    None => tracing::debug!(
                         step = report.step,
                         policy_version = report.version,
                         loss = report.stats.loss,
@@ -504,7 +504,7 @@ impl Learner for LearnerService {
             let _entered = span.enter();
             match self.handle.submit(g) {
                 Ok(()) => {
-                    tracing::info!("group accepted");
+                    tracing::debug!("group accepted");
                     resp.accepted_group_ids.push(id)
                 }
                 Err(e) => {

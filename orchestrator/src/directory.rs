@@ -832,20 +832,7 @@ mod tests {
     async fn record_events_copies_the_log_into_the_ledger_until_the_run_ends() {
         use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged};
 
-        use crate::ledger::{NewRun, RunStatus};
-
-        let tmp = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", tmp.path().join("ledger.sqlite").display());
-        let ledger = Ledger::open(&url).await.unwrap();
-        ledger
-            .insert_run(NewRun {
-                id: "r".into(),
-                name: "r".into(),
-                config_toml: String::new(),
-                status: RunStatus::Running,
-            })
-            .await
-            .unwrap();
+        let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
         let dir = Directory::new("r", Leases::default());
         let status = |s: ProtoRunStatus| {
             run_event::Kind::StatusChanged(RunStatusChanged {

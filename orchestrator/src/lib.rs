@@ -20,6 +20,8 @@ pub mod remote;
 pub mod scheduler;
 pub mod service;
 pub mod standin;
+#[cfg(test)]
+mod testkit;
 
 pub use directory::{
     Directory, LearnerInfo, Leases, Membership, RegistrationError, WaitError, WorkerInfo,

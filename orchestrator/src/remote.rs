@@ -488,7 +488,7 @@ impl RemoteLearner {
         tokio::spawn(async move {
             let mut recorded_version = initial_version;
             while let Some(Ok(r)) = stream.next().await {
-                tracing::info!(run_id = %run, step = r.step, policy_version = r.policy_version, loss = r.loss, trajectories = r.trajectories, skip_reason = %r.skip_reason, "learner step");
+                tracing::debug!(run_id = %run, step = r.step, policy_version = r.policy_version, loss = r.loss, trajectories = r.trajectories, skip_reason = %r.skip_reason, "learner step");
                 if let Some(ledger) = &ledger {
                     // A skipped step publishes the same weights under the next version, so it
                     // is a version too.
@@ -881,8 +881,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_remote_learner_records_each_published_version_once() {
-        use crate::ledger::{NewRun, RunStatus};
-
         let report = |step: u64, version: u64, sha: u8| StepReport {
             run_id: "r".into(),
             step,
@@ -907,18 +905,7 @@ mod tests {
                 ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let tmp = tempfile::tempdir().unwrap();
-        let db = format!("sqlite://{}", tmp.path().join("ledger.sqlite").display());
-        let ledger = Ledger::open(&db).await.unwrap();
-        ledger
-            .insert_run(NewRun {
-                id: "r".into(),
-                name: "r".into(),
-                config_toml: String::new(),
-                status: RunStatus::Running,
-            })
-            .await
-            .unwrap();
+        let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
         let learner = RemoteLearner::connect(&url, "tok", "r", 0, Some(ledger.clone()))
             .await
             .unwrap();

@@ -191,7 +191,7 @@ pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
 
 async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
     let base = ctx.learning.version();
-    tracing::info!(
+    tracing::debug!(
         steps = stage.steps,
         prompts_per_step = stage.prompts_per_step,
         group_size = stage.group_size,
@@ -740,7 +740,7 @@ async fn run_slot(
             let group = score_group(group, stage, last_attempt);
             let trajectories = record_group(ctx, &drawn.env_name, &prompt, &group).await?;
             if let Some(reason) = &group.drop_reason {
-                tracing::info!(reason = %reason, "group dropped");
+                tracing::debug!(reason = %reason, "group dropped");
                 ctx.ledger
                     .mark_dropped([prompt.id.as_str()], reason)
                     .await?;
@@ -802,7 +802,7 @@ async fn dispatch_prompt(
             token_ids.len(),
             stage.max_prompt_tokens
         );
-        tracing::info!(prompt_id = %id, reason = %reason, "prompt dropped");
+        tracing::debug!(prompt_id = %id, reason = %reason, "prompt dropped");
         ctx.ledger.mark_dropped([id.as_str()], &reason).await?;
         ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
         return Ok(None);
@@ -1037,7 +1037,7 @@ async fn submit_group(
         })
         .await?;
     order.submitted(at.step);
-    tracing::info!(trajectories = n, lag, "group submitted");
+    tracing::debug!(trajectories = n, lag, "group submitted");
     ctx.ledger
         .mark_consumed([prompt.id.as_str()], at.step)
         .await?;
@@ -1144,7 +1144,7 @@ pub async fn run_sft_stage(
 
 async fn run_sft_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
     let base = ctx.learning.version();
-    tracing::info!(
+    tracing::debug!(
         steps = stage.steps,
         base_version = base,
         "supervised stage starts"

@@ -101,7 +101,7 @@ where
     }
     let engine = Engine::from_tensors_with(cfg, &map, options)
         .map_err(|e| fail(version, FetchErrorKind::Engine(e.to_string())))?;
-    tracing::info!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
+    tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
     Ok((version, engine))
 }
 
@@ -133,7 +133,7 @@ where
         .await
         {
             Ok((version, engine)) if version > handle.version() => {
-                tracing::info!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
+                tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
                 handle.install_weights(version, Arc::new(engine))
             }
             Ok(_) => {}

@@ -18,7 +18,8 @@ pub(crate) fn spawn(
     events: Arc<Directory>,
 ) {
     let started = Instant::now();
-    tokio::spawn(async move {
+    // In the run's span, so each step line carries the run id.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         while let Ok(r) = steps.recv().await {
             events.emit(run_event::Kind::LearnerStep(LearnerStepCompleted {
                 step: r.step,
@@ -59,5 +60,5 @@ pub(crate) fn spawn(
                 r.loss,
             );
         }
-    });
+    }));
 }

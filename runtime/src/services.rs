@@ -65,7 +65,7 @@ pub async fn start_learner(
         RequireToken::new(token)?,
     );
     let url = serve_routes(Routes::new(svc), listen).await?;
-    tracing::info!(run_id, url, "learner serving");
+    tracing::info!(run_id, url, "learner serving at {url}");
     Ok((handle, url))
 }
 
@@ -106,6 +106,12 @@ pub async fn start_worker(
         RequireToken::new(token)?,
     );
     let url = serve_routes(Routes::new(svc), listen).await?;
-    tracing::info!(run_id, worker_id, url, version, "rollout worker serving");
+    tracing::info!(
+        run_id,
+        worker_id,
+        url,
+        version,
+        "rollout worker {worker_id} serving at {url}"
+    );
     Ok((url, handle))
 }

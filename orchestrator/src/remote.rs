@@ -84,8 +84,17 @@ impl RemoteWorker {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Still in the pool and still taking requests. A worker whose request stream has closed
+    /// (its connection died) is not picked again even before its response stream reports the
+    /// break and takes it out, or a request could be sent into the closed stream over and over.
     fn alive(&self) -> bool {
         self.pending().is_some()
+            && self
+                .requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|tx| !tx.is_closed())
     }
 
     /// Marks the worker lost and returns the answers it still owed (`None` when it was already
@@ -822,6 +831,29 @@ mod tests {
         assert_eq!(lost[0].worker_id, "silent");
         assert_eq!(lost[0].redispatched_prompts, held);
         assert_eq!(pool.ids(), vec!["steady".to_string()]);
+    }
+
+    #[test]
+    fn a_worker_whose_request_stream_closed_is_not_picked_before_its_loss_is_noticed() {
+        let worker = |open: bool| {
+            let (tx, rx) = mpsc::channel(1);
+            if !open {
+                drop(rx);
+            } else {
+                std::mem::forget(rx);
+            }
+            RemoteWorker {
+                id: "w".into(),
+                url: "http://127.0.0.1:1".into(),
+                requests: Mutex::new(Some(tx)),
+                pending: Mutex::new(Some(HashMap::new())),
+                in_flight: AtomicUsize::new(0),
+                slots: Arc::new(Semaphore::new(1)),
+            }
+        };
+        assert!(worker(true).alive());
+        // Its connection died: the response side has not said so yet, but nothing can be sent.
+        assert!(!worker(false).alive());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,7 @@ mod summary;
 pub use driver::{Endpoints, LocalRun, RunOptions, orchestrate, run_local};
 pub use environments::environment_registry;
 pub use error::RunError;
-pub use plan::{EvalPlan, RunPlan};
+pub use plan::{EvalPlan, RunPlan, device};
 pub use registration::{Reporter, register};
 pub use services::{serve_routes, start_learner, start_worker};
 pub use standby::{Role, Standby, stand_by};

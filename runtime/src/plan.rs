@@ -98,8 +98,8 @@ impl RunPlan {
         eval_tasks: usize,
         eval_every: u64,
     ) -> Result<Self> {
-        for device in [&config.worker_device, &config.learner_device] {
-            check_device(device)?;
+        for spec in [&config.worker_device, &config.learner_device] {
+            device(spec)?;
         }
         let model = model_config(&config)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
@@ -140,10 +140,11 @@ impl RunPlan {
     }
 }
 
-/// Only the CPU exists in builds without CUDA; a CUDA device fails here, naming the fix.
-fn check_device(spec: &str) -> Result<()> {
+/// The device `spec` names (`cpu`, `cuda:N`). Only the CPU exists in builds without CUDA; a
+/// CUDA device fails here, naming the fix.
+pub fn device(spec: &str) -> Result<candle_core::Device> {
     match spec {
-        "cpu" => Ok(()),
+        "cpu" => Ok(candle_core::Device::Cpu),
         s if s.starts_with("cuda") => Err(RunError::Invalid(format!(
             "device `{s}`: this build of chorus has no CUDA support (rebuild with `--features \
              cuda` on a machine with the CUDA toolkit); allowed here: cpu"

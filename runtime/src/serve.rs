@@ -224,9 +224,7 @@ pub struct DaemonOptions {
 /// same ledger, it queues again the runs still pending and marks failed the one it was running.
 /// `listening` gets its URL once it serves.
 pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Result<()> {
-    let db =
-        d.db.clone()
-            .unwrap_or_else(|| format!("sqlite://{}", d.runs_dir.join("ledger.sqlite").display()));
+    let db = d.db.clone().unwrap_or_else(|| default_db(&d.runs_dir));
     let (url, fleet, ledger) =
         serve_orchestrator(&d.listen, &d.token, &db, &d.runs_dir, Some(d.name.clone())).await?;
     // What an earlier process with this name left: runs cut off mid-way cannot resume (yet);

@@ -148,14 +148,3 @@ fn print_standing_by(s: &chorus_runtime::Standby) -> impl FnOnce() + use<> {
         let _ = std::io::stdout().flush();
     }
 }
-
-/// The device a command runs on; only the CPU exists in builds without the `cuda` feature.
-pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
-    match spec {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s.starts_with("cuda") => anyhow::bail!(
-            "device `{s}`: this build of chorus has no CUDA support (rebuild with `--features cuda` on a machine with the CUDA toolkit); allowed here: cpu"
-        ),
-        s => anyhow::bail!("unknown device `{s}`; allowed: cpu, cuda:N"),
-    }
-}

@@ -99,7 +99,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
 }
 
 fn forward(a: ForwardArgs) -> anyhow::Result<()> {
-    let device = super::parse_device(&a.device)?;
+    let device = chorus_runtime::device(&a.device)?;
     let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &device)?;
     let model = NemotronH::new(&cfg, &params)?;
     let inputs = candle_core::safetensors::load(&a.input, &device)

@@ -13,6 +13,23 @@ use crate::error::{Result, RunError};
 use crate::plan::EvalPlan;
 use crate::summary::{CurvePoint, accuracy_line};
 
+/// Held-out accuracy of policy `version` by `plan`.
+async fn held_out(
+    ctx: &Arc<StageContext>,
+    plan: &EvalPlan,
+    version: u64,
+) -> Result<BTreeMap<String, Accuracy>> {
+    Ok(evaluate(
+        ctx,
+        &plan.environments,
+        plan.tasks,
+        plan.max_new_tokens,
+        plan.max_prompt_tokens,
+        version,
+    )
+    .await?)
+}
+
 /// The evaluations of one run and the curve they make.
 pub(crate) struct Evaluator {
     plan: EvalPlan,
@@ -34,22 +51,6 @@ impl Evaluator {
         }
     }
 
-    async fn evaluate(
-        &self,
-        ctx: &Arc<StageContext>,
-        version: u64,
-    ) -> Result<BTreeMap<String, Accuracy>> {
-        Ok(evaluate(
-            ctx,
-            &self.plan.environments,
-            self.plan.tasks,
-            self.plan.max_new_tokens,
-            self.plan.max_prompt_tokens,
-            version,
-        )
-        .await?)
-    }
-
     /// Called before each stage; evaluates once, before the first RL stage, and starts
     /// following the versions for the curve.
     pub(crate) async fn before_rl(&mut self, ctx: &Arc<StageContext>) -> Result<()> {
@@ -62,7 +63,7 @@ impl Evaluator {
             self.plan.tasks
         );
         let base = ctx.learning.version();
-        let before = self.evaluate(ctx, base).await?;
+        let before = held_out(ctx, &self.plan, base).await?;
         tracing::info!(version = base, "before RL: {}", accuracy_line(&before));
         self.push(CurvePoint::new(
             base,
@@ -91,15 +92,7 @@ impl Evaluator {
             while k < plan.rl_steps {
                 ctx.learning.wait_version(base + k).await?;
                 let at = started.elapsed().as_secs_f64();
-                let acc = evaluate(
-                    &ctx,
-                    &plan.environments,
-                    plan.tasks,
-                    plan.max_new_tokens,
-                    plan.max_prompt_tokens,
-                    base + k,
-                )
-                .await?;
+                let acc = held_out(&ctx, &plan, base + k).await?;
                 tracing::info!(
                     rl_step = k,
                     version = base + k,
@@ -128,7 +121,7 @@ impl Evaluator {
         Vec<CurvePoint>,
     )> {
         let version = ctx.learning.version();
-        let after = self.evaluate(ctx, version).await?;
+        let after = held_out(ctx, &self.plan, version).await?;
         tracing::info!(version, "after RL:  {}", accuracy_line(&after));
         if let Some(task) = self.curve_task.take() {
             task.await.map_err(|source| RunError::Task {

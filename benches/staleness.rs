@@ -9,7 +9,8 @@
 //! A full quickstart pair takes about twice the quickstart's own time.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod support;
 
 struct Args {
     config: PathBuf,
@@ -25,7 +26,7 @@ fn parse_args() -> Args {
             "/configs/quickstart.toml"
         )),
         eval_every: 20,
-        eval_tasks: 64,
+        eval_tasks: 256,
         rl_steps: None,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
@@ -49,37 +50,23 @@ fn parse_args() -> Args {
     args
 }
 
-/// The config with every RL stage's staleness bound replaced (when given) and its model paths
-/// made absolute, so it can be written anywhere.
-fn variant(config: &Path, staleness: Option<u64>, rl_steps: Option<u64>, name: &str) -> String {
-    let text = std::fs::read_to_string(config).expect("read the config");
-    let mut doc: toml::Table = toml::from_str(&text).expect("parse the config");
-    let base = config.parent().unwrap_or(Path::new("."));
-    doc.insert("name".into(), toml::Value::String(name.into()));
-    if let Some(model) = doc.get_mut("model").and_then(|m| m.as_table_mut()) {
-        for key in ["init_config", "checkpoint", "tokenizer"] {
-            if let Some(toml::Value::String(p)) = model.get(key) {
-                let abs = base.join(p).canonicalize().expect("model path exists");
-                model.insert(key.into(), toml::Value::String(abs.display().to_string()));
-            }
+/// The config with every RL stage's staleness bound (and step count) replaced when given.
+fn variant(
+    config: &Path,
+    staleness: Option<u64>,
+    rl_steps: Option<u64>,
+    name: &str,
+) -> toml::Table {
+    let mut doc = support::load_variant(config, name);
+    for stage in support::stages_of(&mut doc, "rl") {
+        if let Some(s) = staleness {
+            stage.insert("max_staleness".into(), toml::Value::Integer(s as i64));
+        }
+        if let Some(n) = rl_steps {
+            stage.insert("steps".into(), toml::Value::Integer(n as i64));
         }
     }
-    for stage in doc
-        .get_mut("stages")
-        .and_then(|s| s.as_array_mut())
-        .expect("[[stages]]")
-    {
-        let stage = stage.as_table_mut().expect("a stage is a table");
-        if stage.get("kind").and_then(|k| k.as_str()) == Some("rl") {
-            if let Some(s) = staleness {
-                stage.insert("max_staleness".into(), toml::Value::Integer(s as i64));
-            }
-            if let Some(n) = rl_steps {
-                stage.insert("steps".into(), toml::Value::Integer(n as i64));
-            }
-        }
-    }
-    toml::to_string(&doc).expect("serialise")
+    doc
 }
 
 struct Outcome {
@@ -123,24 +110,15 @@ fn main() {
         } else {
             "async"
         };
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, variant(&args.config, staleness, args.rl_steps, name)).unwrap();
-        eprintln!("== {label}: chorus run {}", path.display());
-        let status = Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .arg("run")
-            .arg(&path)
-            .args(["--eval-every", &args.eval_every.to_string()])
-            .args(["--eval-tasks", &args.eval_tasks.to_string()])
-            .arg("--runs-dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("start chorus");
-        assert!(status.success(), "chorus run failed for {label}");
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join(name).join("summary.json")).unwrap(),
-        )
-        .unwrap();
+        let doc = variant(&args.config, staleness, args.rl_steps, name);
+        eprintln!("== {label}");
+        let run_args = [
+            "--eval-every".to_string(),
+            args.eval_every.to_string(),
+            "--eval-tasks".to_string(),
+            args.eval_tasks.to_string(),
+        ];
+        let summary = support::run(dir.path(), name, &doc, &run_args);
         outcomes.push(Outcome { label, summary });
     }
     let target = outcomes

@@ -78,7 +78,7 @@ mod quant;
 mod scalar;
 
 pub use error::KernelError;
-pub use gemm::{Backend, CpuGemm};
+pub use gemm::{Backend, CpuGemm, cpu_description};
 pub use hadamard::{HADAMARD_SIGNS, hadamard16_forward, hadamard16_inverse, hadamard16_matrix};
 pub use quant::{BLOCK, BlockLayout, Nvfp4Tensor, QuantizeOptions, Rounding};
 pub use scalar::{

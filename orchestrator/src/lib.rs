@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod advantage;
+pub mod confidence;
 pub mod config;
 pub mod directory;
 pub mod faults;

@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use tracing::Instrument;
 
 use crate::advantage::group_advantages;
+use crate::confidence::{self, Interval};
 use crate::config::Stage;
 use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
@@ -1287,10 +1288,32 @@ async fn run_sft_step(
 pub struct Accuracy {
     /// Tasks evaluated.
     pub heldout_n: usize,
+    /// Tasks answered with full reward.
+    pub solved: usize,
     /// Fraction with full reward.
     pub accuracy: f64,
+    /// The accuracy's 95% Wilson interval.
+    pub interval: Interval,
     /// Mean reward.
     pub mean_reward: f64,
+}
+
+impl Accuracy {
+    /// `solved` of `n` tasks, with mean reward `mean_reward`.
+    pub fn new(solved: usize, n: usize, mean_reward: f64) -> Self {
+        Self {
+            heldout_n: n,
+            solved,
+            accuracy: solved as f64 / n.max(1) as f64,
+            interval: confidence::wilson(solved, n),
+            mean_reward,
+        }
+    }
+
+    /// `(solved, n)`, what the interval arithmetic takes.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.solved, self.heldout_n)
+    }
 }
 
 /// Greedy accuracy on `n` held-out tasks of each environment (at its given difficulty), with
@@ -1373,11 +1396,7 @@ pub async fn evaluate(
         }
         out.insert(
             name.clone(),
-            Accuracy {
-                heldout_n: n,
-                accuracy: full as f64 / n.max(1) as f64,
-                mean_reward: total / n.max(1) as f64,
-            },
+            Accuracy::new(full, n, total / n.max(1) as f64),
         );
     }
     Ok(out)

@@ -1,8 +1,13 @@
 //! [`Summary`]: how a run ended, as written to `runs/<run>/summary.json` and returned by
 //! [`orchestrate`](crate::orchestrate).
+//!
+//! Every held-out accuracy carries its 95% interval (Wilson for one environment, Newcombe's for
+//! a change, a normal interval for means over environments; see
+//! [`chorus_orchestrator::confidence`]), so that a reader can tell a gain from noise.
 
 use std::collections::BTreeMap;
 
+use chorus_orchestrator::confidence::{self, Interval};
 use chorus_orchestrator::faults::Health;
 use chorus_orchestrator::scheduler::Accuracy;
 use serde::Serialize;
@@ -16,14 +21,24 @@ pub struct Summary {
     pub environments: BTreeMap<String, EnvironmentResult>,
     /// Mean over environments of the accuracy before RL.
     pub mean_before: f64,
+    /// Its 95% interval.
+    pub mean_before_interval: Interval,
     /// Mean over environments of the accuracy after the last stage.
     pub mean_after: f64,
+    /// Its 95% interval.
+    pub mean_after_interval: Interval,
+    /// `mean_after - mean_before`.
+    pub mean_gain: f64,
+    /// Its 95% interval.
+    pub mean_gain_interval: Interval,
     /// Learner steps taken (the final policy version).
     pub steps: u64,
     /// Trajectories the learner consumed.
     pub trajectories: u64,
     /// Seconds from the start of the run to its end.
     pub wall_seconds: f64,
+    /// The CPU the run's process ran on (model, threads, kernel backend).
+    pub cpu: String,
     /// The largest lag of any trajectory (learner version minus the oldest version among its
     /// tokens).
     pub max_lag: u64,
@@ -40,8 +55,64 @@ pub struct EnvironmentResult {
     pub heldout_n: usize,
     /// Accuracy before RL (0 when the run has no RL stage).
     pub before: f64,
+    /// Its 95% Wilson interval.
+    pub before_interval: Interval,
     /// Accuracy after the last stage.
     pub after: f64,
+    /// Its 95% Wilson interval.
+    pub after_interval: Interval,
+    /// `after - before`.
+    pub gain: f64,
+    /// Its 95% interval (Newcombe's hybrid score method).
+    pub gain_interval: Interval,
+}
+
+/// The accuracies of a run, before RL and after its last stage, with their intervals.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// Per environment (those evaluated after the last stage).
+    pub environments: BTreeMap<String, EnvironmentResult>,
+    /// Mean before, with its interval.
+    pub mean_before: (f64, Interval),
+    /// Mean after, with its interval.
+    pub mean_after: (f64, Interval),
+    /// Mean gain, with its interval.
+    pub mean_gain: (f64, Interval),
+}
+
+impl Outcome {
+    /// Compares `after` with `before` environment by environment; an environment missing
+    /// from `before` (a run without an RL stage) counts as 0 of the same number of tasks.
+    pub fn new(before: &BTreeMap<String, Accuracy>, after: &BTreeMap<String, Accuracy>) -> Self {
+        let mut environments = BTreeMap::new();
+        let (mut counts_before, mut counts_after) = (vec![], vec![]);
+        for (name, acc) in after {
+            let b = before
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| Accuracy::new(0, acc.heldout_n, 0.0));
+            counts_before.push(b.counts());
+            counts_after.push(acc.counts());
+            environments.insert(
+                name.clone(),
+                EnvironmentResult {
+                    heldout_n: acc.heldout_n,
+                    before: b.accuracy,
+                    before_interval: b.interval,
+                    after: acc.accuracy,
+                    after_interval: acc.interval,
+                    gain: acc.accuracy - b.accuracy,
+                    gain_interval: confidence::change(b.counts(), acc.counts()),
+                },
+            );
+        }
+        Self {
+            environments,
+            mean_before: confidence::mean(&counts_before),
+            mean_after: confidence::mean(&counts_after),
+            mean_gain: confidence::mean_change(&counts_before, &counts_after),
+        }
+    }
 }
 
 /// One point of the learning curve.
@@ -53,69 +124,88 @@ pub struct CurvePoint {
     pub seconds: f64,
     /// Mean over environments of its accuracy.
     pub mean_accuracy: f64,
+    /// Its 95% interval.
+    pub mean_interval: Interval,
     /// Accuracy per environment.
     pub environments: BTreeMap<String, f64>,
+    /// Their 95% Wilson intervals.
+    pub intervals: BTreeMap<String, Interval>,
 }
 
 impl CurvePoint {
     /// The point of `version`, reached `seconds` into the run, with these accuracies.
     pub(crate) fn new(version: u64, seconds: f64, acc: &BTreeMap<String, Accuracy>) -> Self {
+        let (mean_accuracy, mean_interval) = mean_accuracy(acc);
         Self {
             version,
             seconds,
-            mean_accuracy: mean_accuracy(acc),
+            mean_accuracy,
+            mean_interval,
             environments: acc.iter().map(|(k, v)| (k.clone(), v.accuracy)).collect(),
+            intervals: acc.iter().map(|(k, v)| (k.clone(), v.interval)).collect(),
         }
     }
 }
 
-/// The mean over environments of held-out accuracy (0 when there are none).
-pub(crate) fn mean_accuracy(acc: &BTreeMap<String, Accuracy>) -> f64 {
-    if acc.is_empty() {
-        0.0
-    } else {
-        acc.values().map(|x| x.accuracy).sum::<f64>() / acc.len() as f64
-    }
+/// The mean over environments of held-out accuracy and its 95% interval (0 when there are
+/// none).
+pub(crate) fn mean_accuracy(acc: &BTreeMap<String, Accuracy>) -> (f64, Interval) {
+    let counts: Vec<_> = acc.values().map(Accuracy::counts).collect();
+    confidence::mean(&counts)
 }
 
-/// One line of accuracies, `name 12.5%, …`, for progress output.
+/// One line of accuracies with their intervals, `name 12.5% [8.4, 18.2], …, mean …`, for
+/// progress output.
 pub(crate) fn accuracy_line(m: &BTreeMap<String, Accuracy>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v.accuracy))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut parts: Vec<String> = m
+        .iter()
+        .map(|(k, v)| format!("{k} {:.1}% {}", 100.0 * v.accuracy, v.interval.percent()))
+        .collect();
+    if m.len() > 1 {
+        let (mean, interval) = mean_accuracy(m);
+        parts.push(format!("mean {:.1}% {}", 100.0 * mean, interval.percent()));
+    }
+    parts.join(", ")
+}
+
+/// The closing line of a run: the mean gain and its interval, `mean 18.0% -> 35.2%: +17.2
+/// points [+12.1, +22.3] (95%)`.
+pub(crate) fn gain_line(outcome: &Outcome) -> String {
+    format!(
+        "mean {:.1}% -> {:.1}%: {:+.1} points {} (95%)",
+        100.0 * outcome.mean_before.0,
+        100.0 * outcome.mean_after.0,
+        100.0 * outcome.mean_gain.0,
+        outcome.mean_gain.1.points()
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn acc(a: f64) -> Accuracy {
-        Accuracy {
-            heldout_n: 4,
-            accuracy: a,
-            mean_reward: a,
-        }
+    fn acc(solved: usize) -> Accuracy {
+        Accuracy::new(solved, 4, solved as f64 / 4.0)
     }
 
     #[test]
     fn summary_json_keeps_the_keys_readers_use() {
-        let after = BTreeMap::from([("countdown".to_string(), acc(0.5))]);
+        let before = BTreeMap::from([("countdown".to_string(), acc(1))]);
+        let after = BTreeMap::from([("countdown".to_string(), acc(2))]);
+        let outcome = Outcome::new(&before, &after);
         let summary = Summary {
             run: "r".into(),
-            environments: BTreeMap::from([(
-                "countdown".into(),
-                EnvironmentResult {
-                    heldout_n: 4,
-                    before: 0.25,
-                    after: 0.5,
-                },
-            )]),
-            mean_before: 0.25,
-            mean_after: mean_accuracy(&after),
+            environments: outcome.environments.clone(),
+            mean_before: outcome.mean_before.0,
+            mean_before_interval: outcome.mean_before.1,
+            mean_after: outcome.mean_after.0,
+            mean_after_interval: outcome.mean_after.1,
+            mean_gain: outcome.mean_gain.0,
+            mean_gain_interval: outcome.mean_gain.1,
             steps: 3,
             trajectories: 12,
             wall_seconds: 1.5,
+            cpu: "test".into(),
             max_lag: 1,
             environment_faults: BTreeMap::new(),
             curve: vec![CurvePoint::new(3, 1.5, &after)],
@@ -125,19 +215,60 @@ mod tests {
             "run",
             "environments",
             "mean_before",
+            "mean_before_interval",
             "mean_after",
+            "mean_after_interval",
+            "mean_gain",
+            "mean_gain_interval",
             "steps",
             "trajectories",
             "wall_seconds",
+            "cpu",
             "max_lag",
             "environment_faults",
             "curve",
         ] {
             assert!(v.get(key).is_some(), "summary.json lacks `{key}`: {v}");
         }
-        assert_eq!(v["environments"]["countdown"]["before"], 0.25);
+        let env = &v["environments"]["countdown"];
+        assert_eq!(env["before"], 0.25);
+        assert_eq!(env["after"], 0.5);
+        assert_eq!(env["gain"], 0.25);
+        for key in ["before_interval", "after_interval", "gain_interval"] {
+            let iv = env[key]
+                .as_array()
+                .unwrap_or_else(|| panic!("{key}: {env}"));
+            assert_eq!(iv.len(), 2, "{key} is [lo, hi]");
+            assert!(iv[0].as_f64() <= iv[1].as_f64());
+        }
         assert_eq!(v["curve"][0]["environments"]["countdown"], 0.5);
         assert_eq!(v["curve"][0]["mean_accuracy"], 0.5);
-        assert_eq!(accuracy_line(&after), "countdown 50.0%");
+        assert_eq!(
+            accuracy_line(&after),
+            format!("countdown 50.0% {}", confidence::wilson(2, 4).percent())
+        );
+    }
+
+    #[test]
+    fn outcome_counts_a_missing_before_as_nothing_solved() {
+        let after = BTreeMap::from([
+            ("a".to_string(), Accuracy::new(64, 256, 0.25)),
+            ("b".to_string(), Accuracy::new(128, 256, 0.5)),
+        ]);
+        let before = BTreeMap::from([("a".to_string(), Accuracy::new(32, 256, 0.125))]);
+        let o = Outcome::new(&before, &after);
+        assert_eq!(o.environments["b"].before, 0.0);
+        assert_eq!(o.environments["a"].gain, 0.125);
+        assert!((o.mean_gain.0 - (0.125 + 0.5) / 2.0).abs() < 1e-12);
+        assert!(o.mean_gain.1.contains(o.mean_gain.0));
+        assert!(
+            o.environments["a"].gain_interval.lo() > 0.0,
+            "32 -> 64 of 256 is a real gain"
+        );
+        let line = gain_line(&o);
+        assert!(
+            line.starts_with("mean 6.2% -> 37.5%: +31.2 points [+"),
+            "{line}"
+        );
     }
 }

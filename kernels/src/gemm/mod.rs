@@ -87,13 +87,32 @@ impl Backend {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The instruction sets the backend uses, e.g. `avx2+fma`.
+    pub fn name(self) -> &'static str {
         match self {
             Backend::Portable => "portable",
             Backend::Avx2Fma => "avx2+fma",
             Backend::Avx512 => "avx512f+avx2+fma",
         }
     }
+}
+
+/// This machine's CPU as reports and benchmarks print it: the model name from `/proc/cpuinfo`
+/// (where there is one), the hardware threads and the backend the kernels dispatch to, e.g.
+/// `Intel(R) Xeon(R) Processor, 2 threads, avx512f+avx2+fma`. Float rounding, and with it
+/// every number a run computes, may differ between backends.
+pub fn cpu_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {threads} threads, {}", Backend::detect().name())
 }
 
 /// A configured CPU GEMM: thread count and instruction set.

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::services::{start_learner, start_worker};
-use crate::summary::{EnvironmentResult, Summary, mean_accuracy};
+use crate::summary::{Outcome, Summary, gain_line};
 use evaluation::Evaluator;
 use ledger::RunRecord;
 
@@ -196,25 +196,29 @@ async fn drive(
     stages::run_stages(plan, &mut ctx, &mut evaluator).await?;
     let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
 
-    let environments = after
-        .iter()
-        .map(|(name, acc)| {
-            let result = EnvironmentResult {
-                heldout_n: acc.heldout_n,
-                before: before.get(name).map(|x| x.accuracy).unwrap_or(0.0),
-                after: acc.accuracy,
-            };
-            (name.clone(), result)
-        })
-        .collect();
+    let outcome = Outcome::new(&before, &after);
+    if !before.is_empty() {
+        tracing::info!(
+            gain = outcome.mean_gain.0,
+            gain_lo = outcome.mean_gain.1.lo(),
+            gain_hi = outcome.mean_gain.1.hi(),
+            "{}",
+            gain_line(&outcome)
+        );
+    }
     let summary = Summary {
         run: run_id.clone(),
-        environments,
-        mean_before: mean_accuracy(&before),
-        mean_after: mean_accuracy(&after),
+        environments: outcome.environments,
+        mean_before: outcome.mean_before.0,
+        mean_before_interval: outcome.mean_before.1,
+        mean_after: outcome.mean_after.0,
+        mean_after_interval: outcome.mean_after.1,
+        mean_gain: outcome.mean_gain.0,
+        mean_gain_interval: outcome.mean_gain.1,
         steps: ctx.learning.version(),
         trajectories: record.consumed().await?,
         wall_seconds: options.started.elapsed().as_secs_f64(),
+        cpu: chorus_kernels::cpu_description(),
         max_lag: stats.max_lag.load(Ordering::Relaxed),
         environment_faults: ctx.faults.report(),
         curve,

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use chorus_environments::{Environment, Registry, Score, Split as EnvSplit, Task, Turns, chat};
+use chorus_environments::{
+    EnvInfo, Environment, Registry, Score, Split as EnvSplit, Task, Turns, chat,
+};
 use chorus_model::tokenizer::Tokenizer;
 use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, SamplingParams, Trajectory, TrajectoryGroup,
@@ -1316,9 +1318,65 @@ impl Accuracy {
     }
 }
 
-/// Greedy accuracy on `n` held-out tasks of each environment (at its given difficulty), with
-/// the policy version `min_version` or newer. Multi-turn environments play whole episodes.
-/// A task the environment fails to sample or score counts as not solved.
+/// Seed of the first held-out draw; held-out seeds are counted up from here.
+const HELDOUT_SEED_BASE: u64 = 1_000_000;
+/// Held-out draws per task asked for, before concluding an environment has no more distinct
+/// held-out tasks at its difficulty.
+const HELDOUT_DRAWS_PER_TASK: usize = 8;
+
+/// Up to `n` distinct held-out tasks of `env` at `difficulty` (distinct by task id), drawn with
+/// seeds counted up from [`HELDOUT_SEED_BASE`], the same on every call. A draw the environment
+/// fails is a slot no policy can solve (`None`). Fewer than `n` come back when the environment's
+/// held-out split at this difficulty is smaller (single-digit addition has about 20 held-out
+/// facts): repeating a task would count one answer many times and make the accuracy's interval
+/// look narrower than the evidence is.
+async fn heldout_tasks(
+    ctx: &StageContext,
+    name: &str,
+    env: &Arc<dyn Environment>,
+    difficulty: u32,
+    n: usize,
+) -> Vec<Option<(Task, EnvInfo)>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    let mut draw = 0;
+    while out.len() < n && draw < n * HELDOUT_DRAWS_PER_TASK {
+        let (env2, seed) = (env.clone(), HELDOUT_SEED_BASE + draw as u64);
+        draw += 1;
+        let sampled = ctx
+            .faults
+            .call(name, move || {
+                let task = env2.sample(seed, EnvSplit::Heldout, difficulty)?;
+                Ok((task, env2.info()))
+            })
+            .await;
+        match sampled {
+            Ok((task, info)) => {
+                if seen.insert(task.id.clone()) {
+                    out.push(Some((task, info)));
+                }
+            }
+            Err(_) => out.push(None),
+        }
+    }
+    if out.len() < n {
+        tracing::warn!(
+            env = name,
+            difficulty,
+            distinct = out.len(),
+            asked = n,
+            "{name} has only {} distinct held-out tasks at difficulty {difficulty} ({n} asked); \
+             its accuracy is measured on those, with a correspondingly wide interval",
+            out.len()
+        );
+    }
+    out
+}
+
+/// Greedy accuracy on `n` distinct held-out tasks of each environment (at its given
+/// difficulty; fewer when its held-out split is smaller, see [`heldout_tasks`]), with the
+/// policy version `min_version` or newer. Multi-turn environments play whole episodes. A task
+/// the environment fails to sample or score counts as not solved.
 pub async fn evaluate(
     ctx: &Arc<StageContext>,
     envs: &[(String, u32)],
@@ -1340,17 +1398,11 @@ pub async fn evaluate(
                 name: name.clone(),
                 message: e.to_string(),
             })?;
+        let tasks = heldout_tasks(ctx, name, &env, *difficulty, n).await;
+        let slots = tasks.len();
         let mut futures = vec![];
-        for i in 0..n {
-            let (env2, difficulty) = (env.clone(), *difficulty);
-            let sampled = ctx
-                .faults
-                .call(name, move || {
-                    let task = env2.sample(1_000_000 + i as u64, EnvSplit::Heldout, difficulty)?;
-                    Ok((task, env2.info()))
-                })
-                .await;
-            let Ok((task, info)) = sampled else {
+        for (i, sampled) in tasks.into_iter().enumerate() {
+            let Some((task, info)) = sampled else {
                 continue;
             };
             let prompt_ids = ctx
@@ -1396,7 +1448,7 @@ pub async fn evaluate(
         }
         out.insert(
             name.clone(),
-            Accuracy::new(full, n, total / n.max(1) as f64),
+            Accuracy::new(full, slots, total / slots.max(1) as f64),
         );
     }
     Ok(out)

@@ -1,4 +1,6 @@
-//! Live progress of a run: one line per learner step with the scheduler's running counters,
+//! Live progress of a run: one line per learner step with the scheduler's running counters
+//! (the reward is the mean over the trajectories submitted since the previous line, so it
+//! follows the policy rather than averaging the whole run),
 //! logged as a `tracing` event (its numbers also as fields) and appended to the run's events (the
 //! ledger's `events` table, and `WatchRun` clients when the run is served).
 
@@ -18,6 +20,7 @@ pub(crate) fn spawn(
     events: Arc<Directory>,
 ) {
     let started = Instant::now();
+    let (mut last_trajectories, mut last_reward_micros) = (0u64, 0u64);
     // In the run's span, so each step line carries the run id.
     tokio::spawn(tracing::Instrument::in_current_span(async move {
         while let Ok(r) = steps.recv().await {
@@ -29,9 +32,17 @@ pub(crate) fn spawn(
             }));
             let groups = stats.groups_submitted.load(Ordering::Relaxed).max(1);
             let trajectories = stats.trajectories_submitted.load(Ordering::Relaxed);
-            let reward = stats.reward_micros.load(Ordering::Relaxed) as f64
-                / 1e6
-                / trajectories.max(1) as f64;
+            let reward_micros = stats.reward_micros.load(Ordering::Relaxed);
+            let new = trajectories.saturating_sub(last_trajectories);
+            let reward =
+                (reward_micros.saturating_sub(last_reward_micros) as f64 / 1e6) / new.max(1) as f64;
+            (last_trajectories, last_reward_micros) = (trajectories, reward_micros);
+            // Supervised steps have references, not rewards.
+            let reward_text = if r.supervised {
+                "    -".to_string()
+            } else {
+                format!("{reward:.3}")
+            };
             let max_lag = stats.max_lag.load(Ordering::Relaxed);
             let dropped = stats.prompts_dropped.load(Ordering::Relaxed);
             let failed = stats.trajectories_failed.load(Ordering::Relaxed);
@@ -53,7 +64,7 @@ pub(crate) fn spawn(
                 dropped,
                 failed,
                 seconds,
-                "step {:>4} {} v{:<4} loss {:>8.4} reward {reward:.3} traj {trajectories:>6} groups {groups:>5} lag<={max_lag} dropped {dropped} failed {failed} {seconds:.0}s{skipped}",
+                "step {:>4} {} v{:<4} loss {:>8.4} reward {reward_text} traj {trajectories:>6} groups {groups:>5} lag<={max_lag} dropped {dropped} failed {failed} {seconds:.0}s{skipped}",
                 r.step,
                 if r.supervised { "sft" } else { "rl " },
                 r.policy_version,

@@ -54,6 +54,7 @@ fn request(i: usize, prompt: Vec<u32>, n: u32) -> GenerateRequest {
         max_new_tokens: n,
         stop_token_ids: vec![],
         min_policy_version: 0,
+        exact_policy_version: None,
     }
 }
 
@@ -154,6 +155,7 @@ async fn weights_change_between_decode_steps_without_dropping_sequences() {
         max_new_tokens: 400,
         stop_tokens: vec![],
         min_version: 0,
+        exact_version: None,
     };
     let h2 = handle.clone();
     let running = tokio::spawn(async move { h2.generate(job).await });
@@ -185,6 +187,7 @@ async fn a_job_waits_for_the_policy_version_it_needs() {
         max_new_tokens: 3,
         stop_tokens: vec![],
         min_version: 1,
+        exact_version: None,
     };
     let waiting = tokio::spawn(async move { h2.generate(job).await });
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

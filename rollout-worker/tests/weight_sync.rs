@@ -47,6 +47,7 @@ async fn new_versions_flow_from_learner_to_worker() {
             run_id: "run".into(),
             groups_per_step: 1,
             max_chunk_bytes: 4096,
+            keep_versions: 1,
         },
     );
     let mut reports = learner.reports();
@@ -94,6 +95,7 @@ async fn new_versions_flow_from_learner_to_worker() {
                 max_new_tokens: 6,
                 stop_tokens: vec![],
                 min_version: 0,
+                exact_version: None,
             })
             .await;
         trajectories.push(Trajectory {
@@ -156,6 +158,7 @@ async fn new_versions_flow_from_learner_to_worker() {
             max_new_tokens: 3,
             stop_tokens: vec![],
             min_version: 0,
+            exact_version: None,
         })
         .await;
     assert_eq!(r.versions, vec![1, 1, 1]);

@@ -55,7 +55,10 @@ fn main() {
             summary["trajectories"].as_u64().unwrap_or(0),
         ));
     }
-    println!("{:<16} {:>10} {:>14}", "deterministic", "wall s", "trajectories");
+    println!(
+        "{:<16} {:>10} {:>14}",
+        "deterministic", "wall s", "trajectories"
+    );
     for (d, wall, n) in &walls {
         println!("{:<16} {wall:>10.1} {n:>14}", d.to_string());
     }

@@ -1062,7 +1062,11 @@ sampling = { temperature = 0.9 }
     #[test]
     fn deterministic_is_a_top_level_switch() {
         let text = format!("deterministic = true\n{GOOD}");
-        assert!(RunConfig::from_toml_str(&text, "x.toml").unwrap().deterministic);
+        assert!(
+            RunConfig::from_toml_str(&text, "x.toml")
+                .unwrap()
+                .deterministic
+        );
     }
 
     #[test]

@@ -208,9 +208,10 @@ impl WorkerHandle {
     pub async fn wanted_versions(&self) -> Vec<u64> {
         loop {
             let notified = self.wanted.notify.notified();
-            let taken: Vec<u64> = std::mem::take(&mut *self.wanted.versions.lock().expect("not poisoned"))
-                .into_iter()
-                .collect();
+            let taken: Vec<u64> =
+                std::mem::take(&mut *self.wanted.versions.lock().expect("not poisoned"))
+                    .into_iter()
+                    .collect();
             if !taken.is_empty() {
                 return taken;
             }
@@ -274,7 +275,12 @@ struct EngineState {
 
 impl EngineState {
     fn active(&self) -> usize {
-        self.floating.len() + self.pinned.values().map(ContinuousBatch::len).sum::<usize>()
+        self.floating.len()
+            + self
+                .pinned
+                .values()
+                .map(ContinuousBatch::len)
+                .sum::<usize>()
     }
 
     fn has_room(&self) -> bool {

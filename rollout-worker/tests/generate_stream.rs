@@ -226,7 +226,10 @@ async fn a_pinned_job_decodes_with_its_version_alone_fetching_it_again_when_gone
     handle.install_weights(1, engine(2));
     let newer = handle.generate(job(None)).await;
     assert_eq!(newer.versions, vec![1; 40]);
-    assert_ne!(newer.tokens, reference.tokens, "version 1 samples other tokens");
+    assert_ne!(
+        newer.tokens, reference.tokens,
+        "version 1 samples other tokens"
+    );
 
     // Keeping one version, the worker dropped version 0: the pinned job asks for it and waits.
     let h2 = handle.clone();
@@ -240,7 +243,11 @@ async fn a_pinned_job_decodes_with_its_version_alone_fetching_it_again_when_gone
         r.logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
     };
     assert_eq!(bits(&pinned), bits(&reference));
-    assert_eq!(handle.version(), 1, "an older version never replaces the newest");
+    assert_eq!(
+        handle.version(),
+        1,
+        "an older version never replaces the newest"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,5 +270,8 @@ async fn a_pinned_version_that_cannot_be_had_fails_its_jobs_with_the_reason() {
     handle.version_unavailable(1, "no longer kept by the learner".into());
     let r = waiting.await.unwrap();
     let error = r.error.expect("failed");
-    assert!(error.contains("policy version 1") && error.contains("no longer kept"), "{error}");
+    assert!(
+        error.contains("policy version 1") && error.contains("no longer kept"),
+        "{error}"
+    );
 }

@@ -232,5 +232,8 @@ async fn a_steps_groups_train_in_id_order_and_recent_versions_stream_exactly() {
     a.submit(scored_group("g4", 13)).unwrap();
     assert_eq!(a.wait_for_exact(2).await.map(|p| p.version), Some(2));
     assert_eq!(a.wait_for_exact(1).await.map(|p| sha(&p)), Some(sha(&va)));
-    assert!(a.wait_for_exact(0).await.is_none(), "only the newest 2 are kept");
+    assert!(
+        a.wait_for_exact(0).await.is_none(),
+        "only the newest 2 are kept"
+    );
 }

@@ -177,7 +177,12 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
 /// held-out evaluations, pinned to a version the learner may have left by the time a worker
 /// takes them.
 fn keep_versions(cfg: &RunConfig) -> usize {
-    let staleness = cfg.stages.iter().map(|s| s.max_staleness).max().unwrap_or(0);
+    let staleness = cfg
+        .stages
+        .iter()
+        .map(|s| s.max_staleness)
+        .max()
+        .unwrap_or(0);
     staleness as usize + 4
 }
 

@@ -170,7 +170,7 @@ fn a_deterministic_run_repeats_bit_for_bit_with_a_slowed_worker() {
     let b = run(Some("w1"));
 
     // The slowed run really ran differently: the slowed worker generated trajectories (each
-    // at least one sleep per token long), and the pool, which prefers the less loaded
+    // at least one sleep per token after the first long), and the pool, which prefers the less loaded
     // worker, spread the rollouts over the workers in another way.
     let slowed: Vec<&String> = b
         .trajectories
@@ -180,10 +180,11 @@ fn a_deterministic_run_repeats_bit_for_bit_with_a_slowed_worker() {
         .collect();
     assert!(!slowed.is_empty(), "the slowed worker generated nothing");
     for id in &slowed {
-        let tokens = b.trajectories[*id].completion_token_ids.len() as u64;
+        // A job is answered within the step of its last token, before that step's sleep.
+        let sleeps = b.trajectories[*id].completion_token_ids.len() as u64 - 1;
         assert!(
-            b.generate_ms[*id] >= tokens * DELAY.as_millis() as u64,
-            "{id}: {} ms for {tokens} tokens",
+            b.generate_ms[*id] >= sleeps * DELAY.as_millis() as u64,
+            "{id}: {} ms with {sleeps} sleeps",
             b.generate_ms[*id]
         );
     }
@@ -233,7 +234,12 @@ fn a_deterministic_run_repeats_bit_for_bit_with_a_slowed_worker() {
     let mut seen_versions = std::collections::BTreeSet::new();
     for t in &rl {
         let v = t.policy_versions[0];
-        assert!(t.policy_versions.iter().all(|&x| x == v), "{}: {:?}", t.id, t.policy_versions);
+        assert!(
+            t.policy_versions.iter().all(|&x| x == v),
+            "{}: {:?}",
+            t.id,
+            t.policy_versions
+        );
         seen_versions.insert(v);
     }
     assert!(seen_versions.len() >= 3, "{seen_versions:?}");
@@ -241,6 +247,9 @@ fn a_deterministic_run_repeats_bit_for_bit_with_a_slowed_worker() {
     assert_eq!(a.steps.len(), 6, "{:?}", a.steps);
     assert_eq!(a.steps, b.steps, "learner steps");
     assert_eq!(a.versions.len(), 6);
-    assert_eq!(a.versions, b.versions, "published versions (the last: the final weights)");
+    assert_eq!(
+        a.versions, b.versions,
+        "published versions (the last: the final weights)"
+    );
     assert_eq!(a.curve, b.curve, "held-out curve");
 }

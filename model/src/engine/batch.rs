@@ -250,12 +250,15 @@ mod tests {
     /// Logits of `prompt` and of `decode` fed after it, run inside a batch with `mates` (each
     /// bringing its whole prompt, then one token), bit patterns compared.
     fn logits_among(engine: &Engine, prompt: &[u32], decode: u32, mates: &[Vec<u32>]) -> Vec<u32> {
-        let mut caches: Vec<SequenceCache> = (0..=mates.len()).map(|_| engine.new_cache()).collect();
+        let mut caches: Vec<SequenceCache> =
+            (0..=mates.len()).map(|_| engine.new_cache()).collect();
         let mut out = vec![];
         let first: Vec<&[u32]> = std::iter::once(prompt)
             .chain(mates.iter().map(Vec::as_slice))
             .collect();
-        let second: Vec<[u32; 1]> = (0..=mates.len()).map(|i| [(decode + i as u32) % 40]).collect();
+        let second: Vec<[u32; 1]> = (0..=mates.len())
+            .map(|i| [(decode + i as u32) % 40])
+            .collect();
         for tokens in [first, second.iter().map(|t| t.as_slice()).collect()] {
             let mut batch: Vec<StepInput> = caches
                 .iter_mut()
@@ -280,8 +283,9 @@ mod tests {
             batch_invariant: true,
             ..Default::default()
         };
-        let engine = Engine::from_tensors_with(&cfg, &params.snapshot().expect("snapshot"), &options)
-            .expect("engine");
+        let engine =
+            Engine::from_tensors_with(&cfg, &params.snapshot().expect("snapshot"), &options)
+                .expect("engine");
         assert!(engine.is_batch_invariant());
         let prompt = [1, 2, 3];
         let alone = logits_among(&engine, &prompt, 9, &[]);
@@ -289,9 +293,23 @@ mod tests {
         // tiled path); prompts of different lengths, so the rows are ragged.
         for mates in [
             vec![vec![4u32]],
-            vec![vec![5, 6, 7, 8, 9], vec![10; 4], vec![11], vec![12, 13], vec![14; 7], vec![15], vec![16; 3], vec![17]],
+            vec![
+                vec![5, 6, 7, 8, 9],
+                vec![10; 4],
+                vec![11],
+                vec![12, 13],
+                vec![14; 7],
+                vec![15],
+                vec![16; 3],
+                vec![17],
+            ],
         ] {
-            assert_eq!(alone, logits_among(&engine, &prompt, 9, &mates), "{} mates", mates.len());
+            assert_eq!(
+                alone,
+                logits_among(&engine, &prompt, 9, &mates),
+                "{} mates",
+                mates.len()
+            );
         }
     }
 

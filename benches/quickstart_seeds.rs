@@ -84,10 +84,10 @@ fn main() {
         let name = format!("seed{seed}");
         let mut doc = support::load_variant(&args.config, &name);
         doc.insert("seed".into(), toml::Value::Integer(seed as i64));
-        if let Some(model) = doc.get_mut("model").and_then(|m| m.as_table_mut()) {
-            if model.contains_key("init_config") {
-                model.insert("init_seed".into(), toml::Value::Integer(seed as i64));
-            }
+        if let Some(model) = doc.get_mut("model").and_then(|m| m.as_table_mut())
+            && model.contains_key("init_config")
+        {
+            model.insert("init_seed".into(), toml::Value::Integer(seed as i64));
         }
         eprintln!("== seed {seed} ({} of {})", i + 1, args.seeds.len());
         let run_args = ["--eval-tasks".to_string(), args.eval_tasks.to_string()];

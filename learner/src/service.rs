@@ -5,7 +5,7 @@
 //! prompt id, and so the prefix of its request ids), and every step with its `step` and
 //! `policy_version`, so one rollout can be followed from the orchestrator's logs into these.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -87,6 +87,9 @@ pub struct LearnerServiceConfig {
     pub groups_per_step: usize,
     /// Largest data payload of one weight chunk.
     pub max_chunk_bytes: usize,
+    /// Most recent policy versions kept to stream exactly (`StreamWeights` with `exact`), for
+    /// workers serving requests pinned to an older version; at least 1 (the newest).
+    pub keep_versions: usize,
 }
 
 /// Handle to the training thread.
@@ -98,6 +101,18 @@ pub struct LearnerHandle {
     step_msgs: broadcast::Sender<StepReportMsg>,
     history: Arc<Mutex<Vec<StepReportMsg>>>,
     seen_groups: Arc<Mutex<HashSet<String>>>,
+    /// The newest `keep_versions` published versions, oldest first.
+    recent: Arc<Mutex<VecDeque<Arc<Published>>>>,
+    keep: usize,
+}
+
+/// Remembers `p` among the newest `keep` versions.
+fn remember(recent: &Mutex<VecDeque<Arc<Published>>>, p: Arc<Published>, keep: usize) {
+    let mut r = recent.lock().expect("not poisoned");
+    r.push_back(p);
+    while r.len() > keep.max(1) {
+        r.pop_front();
+    }
 }
 
 fn publish(run_id: &str, trainer: &Trainer, max_chunk_bytes: usize) -> Published {
@@ -257,11 +272,12 @@ fn report_msg(
 /// version.
 pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> LearnerHandle {
     let (work_tx, work_rx) = std::sync::mpsc::channel::<TrajectoryGroup>();
-    let (pub_tx, pub_rx) = watch::channel(Arc::new(publish(
-        &cfg.run_id,
-        &trainer,
-        cfg.max_chunk_bytes,
-    )));
+    let first = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
+    let recent = Arc::new(Mutex::new(VecDeque::new()));
+    remember(&recent, first.clone(), cfg.keep_versions);
+    let (pub_tx, pub_rx) = watch::channel(first);
+    let kept = recent.clone();
+    let cfg_keep = cfg.keep_versions.max(1);
     let (reports, _) = broadcast::channel(1024);
     let (step_msgs, _) = broadcast::channel(1024);
     let history: Arc<Mutex<Vec<StepReportMsg>>> = Arc::new(Mutex::new(vec![]));
@@ -269,9 +285,10 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
     std::thread::Builder::new()
         .name("chorus-learner".into())
         .spawn(move || {
-            let mut rl: Vec<RlSequence> = vec![];
-            let mut sft: Vec<SftSequence> = vec![];
-            let (mut rl_groups, mut sft_groups) = (0usize, 0usize);
+            // A step's groups arrive in whatever order their slots finish; they are trained in
+            // the order of their ids, so that the step's sums do not depend on timing.
+            let mut rl: Vec<TrajectoryGroup> = vec![];
+            let mut sft: Vec<TrajectoryGroup> = vec![];
             while let Ok(g) = work_rx.recv() {
                 let _group = tracing::info_span!(
                     "group",
@@ -292,22 +309,24 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     cfg.groups_per_step.max(1)
                 };
                 let result = if g.supervised {
-                    sft.extend(group_sft(&g).unwrap_or_default());
-                    sft_groups += 1;
-                    if sft_groups < target {
+                    sft.push(g);
+                    if sft.len() < target {
                         continue;
                     }
-                    sft_groups = 0;
-                    let batch = std::mem::take(&mut sft);
+                    let batch: Vec<SftSequence> = in_id_order(&mut sft)
+                        .iter()
+                        .flat_map(|g| group_sft(g).unwrap_or_default())
+                        .collect();
                     (trainer.sft_step(&batch), batch.len(), true)
                 } else {
-                    rl.extend(group_sequences(&g).unwrap_or_default());
-                    rl_groups += 1;
-                    if rl_groups < target {
+                    rl.push(g);
+                    if rl.len() < target {
                         continue;
                     }
-                    rl_groups = 0;
-                    let batch = std::mem::take(&mut rl);
+                    let batch: Vec<RlSequence> = in_id_order(&mut rl)
+                        .iter()
+                        .flat_map(|g| group_sequences(g).unwrap_or_default())
+                        .collect();
                     (trainer.rl_step(&batch), batch.len(), false)
                 };
                 let (report, n, supervised) = match result {
@@ -328,6 +347,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 // Published after skipped steps too: the same weights under the next version.
                 let published = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
                 let msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
+                remember(&kept, published.clone(), cfg.keep_versions);
                 let _ = pub_tx.send(published);
                 match &report.skipped {
                     None => tracing::debug!(
@@ -359,7 +379,16 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         step_msgs,
         history,
         seen_groups: Arc::new(Mutex::new(HashSet::new())),
+        recent,
+        keep: cfg_keep,
     }
+}
+
+/// Takes the gathered groups out of `groups`, sorted by id.
+fn in_id_order(groups: &mut Vec<TrajectoryGroup>) -> Vec<TrajectoryGroup> {
+    let mut taken = std::mem::take(groups);
+    taken.sort_by(|a, b| a.group_id.cmp(&b.group_id));
+    taken
 }
 
 impl LearnerHandle {
@@ -397,9 +426,26 @@ impl LearnerHandle {
         self.reports.subscribe()
     }
 
+    /// How many of the newest versions are kept to stream exactly.
+    pub fn keep_versions(&self) -> usize {
+        self.keep
+    }
+
     /// The latest published version.
     pub fn version(&self) -> u64 {
         self.published.borrow().version
+    }
+
+    /// Waits until `version` is published and returns exactly it, or `None` when it is no
+    /// longer kept (older than the newest `keep_versions`).
+    pub async fn wait_for_exact(&self, version: u64) -> Option<Arc<Published>> {
+        self.wait_for(version).await;
+        self.recent
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|p| p.version == version)
+            .cloned()
     }
 
     /// Waits until a version of at least `version` is published and returns the latest.
@@ -525,7 +571,22 @@ impl Learner for LearnerService {
         request: Request<StreamWeightsRequest>,
     ) -> Result<Response<Self::StreamWeightsStream>, Status> {
         let req = request.into_inner();
-        let published = self.handle.wait_for(req.policy_version).await;
+        let published = if req.exact {
+            self.handle
+                .wait_for_exact(req.policy_version)
+                .await
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "policy version {} is no longer kept (the learner keeps its newest \
+                         {}); it is at version {}",
+                        req.policy_version,
+                        self.handle.keep_versions(),
+                        self.handle.version()
+                    ))
+                })?
+        } else {
+            self.handle.wait_for(req.policy_version).await
+        };
         let start = req.start_chunk as usize;
         let chunks: Vec<Result<WeightChunk, Status>> = published
             .chunks

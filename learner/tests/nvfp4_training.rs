@@ -36,6 +36,7 @@ fn trainer(nvfp4: bool) -> Trainer {
 fn nvfp4_rollouts(t: &Trainer) -> Vec<RlSequence> {
     let options = EngineOptions {
         nvfp4: Some(Nvfp4Policy::default()),
+        ..Default::default()
     };
     let engine =
         Engine::from_tensors_with(t.model_config(), &t.params().snapshot().unwrap(), &options)

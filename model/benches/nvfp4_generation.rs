@@ -59,6 +59,7 @@ fn main() {
         let dense = Engine::from_tensors(&cfg, &tensors).unwrap();
         let opts = EngineOptions {
             nvfp4: Some(Nvfp4Policy::default()),
+            ..Default::default()
         };
         let q = Engine::from_tensors_with(&cfg, &tensors, &opts).unwrap();
         let mib = |e: &Engine| e.weight_bytes() as f64 / (1 << 20) as f64;

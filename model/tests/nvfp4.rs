@@ -29,6 +29,7 @@ fn nvfp4(keep_attention: bool) -> EngineOptions {
             keep_attention,
             exclude: vec![],
         }),
+        ..Default::default()
     }
 }
 
@@ -74,6 +75,7 @@ fn attention_can_stay_in_f32() {
             keep_attention: false,
             exclude: vec!["*.experts.*".into()],
         }),
+        ..Default::default()
     };
     let e = Engine::from_checkpoint(&fixture_dir("tiny_a"), &excluded).unwrap();
     assert_eq!(e.nvfp4_projection_count(), (18, 50));

@@ -67,6 +67,7 @@ async fn measure(url: &str, label: &str) {
         learning: learner,
         stats: stats.clone(),
         faults: Default::default(),
+        deterministic: false,
     });
     let start = Instant::now();
     run_rl_stage(ctx, stage.clone()).await.unwrap();

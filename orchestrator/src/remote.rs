@@ -450,8 +450,8 @@ impl Rollouts for WorkerPool {
         })
     }
 
-    /// Workers hold back each request until they have its `min_policy_version`, so the pool
-    /// itself never needs to wait.
+    /// Workers hold back each request until they have its `min_policy_version` (or its
+    /// `exact_policy_version`, fetched if need be), so the pool itself never needs to wait.
     fn wait_version(&self, _version: u64) -> BoxFuture<()> {
         Box::pin(async {})
     }

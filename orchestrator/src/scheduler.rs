@@ -157,6 +157,9 @@ pub struct StageContext {
     pub stats: Arc<StageStats>,
     /// Environment deadlines and error budgets, shared by every stage of the run.
     pub faults: Arc<EnvFaults>,
+    /// Pin every generation request to the exact policy version its step (or evaluation) is
+    /// fixed to, so that a run repeats bit for bit (`deterministic = true`).
+    pub deterministic: bool,
 }
 
 /// Replacement prompts tried for one slot before its last group is sent as it is.
@@ -207,7 +210,15 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<()
     for step in 0..stage.steps {
         // The staleness gate: tokens of step `step` come from a version >= base + step - bound.
         let need = (base + step).saturating_sub(stage.max_staleness);
-        let step_span = tracing::info_span!("step", step = base + step, min_policy_version = need);
+        // Deterministic runs generate the whole step with exactly the gate's version (never
+        // older than the stage's first), whichever newer one the workers hold by then.
+        let exact_version = ctx.deterministic.then(|| need.max(base));
+        let step_span = tracing::info_span!(
+            "step",
+            step = base + step,
+            min_policy_version = need,
+            exact_policy_version = exact_version
+        );
         // Slots that failed are seen while waiting, so a lost learner stops the stage at once.
         let reached = ctx
             .learning
@@ -233,6 +244,7 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<()
             let slot_at = SlotAt {
                 step: base + step,
                 min_version: need,
+                exact_version,
                 slot,
                 lr: stage.lr_at(step),
             };
@@ -425,6 +437,8 @@ struct Member {
     max_context_tokens: usize,
     stop: Vec<u32>,
     min_version: u64,
+    /// The one version every token must come from, in deterministic runs.
+    exact_version: Option<u64>,
 }
 
 /// What one group member's rollout (one completion, or a whole multi-turn episode) produced.
@@ -526,6 +540,7 @@ async fn play(
             max_new_tokens: m.max_new_tokens as u32,
             stop_token_ids: m.stop.clone(),
             min_policy_version: m.min_version,
+            exact_policy_version: m.exact_version,
         }
     };
     let decode = |ids: &[u32]| ctx.tokenizer.decode(ids, false).unwrap_or_default();
@@ -670,12 +685,13 @@ where
     }
 }
 
-/// Where a prompt slot sits: its step (absolute), the staleness gate of that step, its index in
-/// the step and the step's learning rate.
+/// Where a prompt slot sits: its step (absolute), the staleness gate of that step (and the exact
+/// version of a deterministic run), its index in the step and the step's learning rate.
 #[derive(Clone, Copy, Debug)]
 struct SlotAt {
     step: u64,
     min_version: u64,
+    exact_version: Option<u64>,
     slot: usize,
     lr: f64,
 }
@@ -737,7 +753,7 @@ async fn run_slot(
             let Some(prompt) = dispatch_prompt(ctx, stage, &drawn, at.step, group_id).await? else {
                 return Ok(false);
             };
-            let group = generate_group(ctx, stage, &drawn, &prompt, &stop, at.min_version).await;
+            let group = generate_group(ctx, stage, &drawn, &prompt, &stop, at).await;
             ctx.ledger.mark_generated([prompt.id.as_str()]).await?;
             ctx.ledger.mark_scored([prompt.id.as_str()]).await?;
             let group = score_group(group, stage, last_attempt);
@@ -825,7 +841,7 @@ async fn generate_group(
     drawn: &Arc<Drawn>,
     prompt: &Prompt,
     stop: &[u32],
-    min_version: u64,
+    at: SlotAt,
 ) -> Vec<Rollout> {
     let members = (0..stage.group_size).map(|i| {
         let m = Member {
@@ -841,7 +857,8 @@ async fn generate_group(
             max_new_tokens: stage.max_new_tokens,
             max_context_tokens: stage.max_prompt_tokens,
             stop: stop.to_vec(),
-            min_version,
+            min_version: at.min_version,
+            exact_version: at.exact_version,
         };
         play_in_span(ctx.clone(), drawn.clone(), prompt.token_ids.clone(), m)
     });
@@ -1375,8 +1392,9 @@ async fn heldout_tasks(
 
 /// Greedy accuracy on `n` distinct held-out tasks of each environment (at its given
 /// difficulty; fewer when its held-out split is smaller, see [`heldout_tasks`]), with the
-/// policy version `min_version` or newer. Multi-turn environments play whole episodes. A task
-/// the environment fails to sample or score counts as not solved.
+/// policy version `min_version` or newer (exactly `min_version` in deterministic runs).
+/// Multi-turn environments play whole episodes. A task the environment fails to sample or score
+/// counts as not solved.
 pub async fn evaluate(
     ctx: &Arc<StageContext>,
     envs: &[(String, u32)],
@@ -1431,6 +1449,7 @@ pub async fn evaluate(
                 max_context_tokens: max_prompt_tokens,
                 stop: stop.clone(),
                 min_version,
+                exact_version: ctx.deterministic.then_some(min_version),
             };
             futures
                 .push(Box::pin(play(ctx.clone(), drawn, Arc::new(prompt_ids), m))

@@ -234,6 +234,7 @@ async fn setup(config: &str, prompts_per_step: u64) -> Setup {
         learning: learner.clone(),
         stats: Arc::new(StageStats::default()),
         faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
+        deterministic: cfg.deterministic,
     });
     Setup {
         ctx,

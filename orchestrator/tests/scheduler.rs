@@ -131,6 +131,7 @@ async fn run_config(config: &str) -> Outcome {
         learning: learner.clone(),
         stats: stats.clone(),
         faults: Default::default(),
+        deterministic: false,
     });
     run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
         .await
@@ -261,6 +262,7 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
         learning: learner,
         stats: Arc::new(StageStats::default()),
         faults: Default::default(),
+        deterministic: false,
     });
     // The guard only keeps a regression from hanging the test suite.
     let result = tokio::time::timeout(

@@ -124,6 +124,7 @@ async fn receive(corrupt: bool) -> (Vec<WeightChunk>, Result<(), ChecksumError>)
             policy_version: 12,
             requester_id: "worker-0".into(),
             start_chunk: 0,
+            exact: false,
         })
         .await
         .unwrap()

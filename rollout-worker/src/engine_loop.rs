@@ -4,10 +4,16 @@
 //! needs around it: jobs arrive over a channel and wait until the worker holds the policy
 //! version they ask for, new weights are installed between decode steps (sequences keep their
 //! caches), and every token records the version that produced it.
+//!
+//! A job pinned to an exact version ([`Job::exact_version`], deterministic runs) decodes in a
+//! batch of its own version with that version's engine from its first token to its last; the
+//! thread keeps the few most recent versions for them and asks for an older one it no longer
+//! holds ([`WorkerHandle::wanted_versions`]), which the follower of the learner fetches.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chorus_model::engine::{ContinuousBatch, Engine, FinishReason, Finished, GenerationRequest};
 use chorus_model::sampling::SamplingParams;
@@ -29,6 +35,30 @@ pub struct Job {
     /// The job starts only once the worker holds at least this policy version (the
     /// orchestrator's staleness bound).
     pub min_version: u64,
+    /// Every token of the job comes from exactly this version (`min_version` is then ignored).
+    pub exact_version: Option<u64>,
+}
+
+/// How the engine thread runs.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Sequences decoding together, pinned or not.
+    pub max_batch: usize,
+    /// Policy versions kept for pinned jobs besides those still in use (at least 1).
+    pub keep_versions: usize,
+    /// Test-only: sleep this long after every decode step, to make one worker slower than the
+    /// others in tests of timing independence. `None` in every real run.
+    pub decode_step_delay: Option<Duration>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            keep_versions: 4,
+            decode_step_delay: None,
+        }
+    }
 }
 
 /// What a job produced.
@@ -84,14 +114,28 @@ enum Msg {
     Wake,
 }
 
-/// Weights waiting to be installed between decode steps: their version and engine.
-type PendingWeights = Arc<Mutex<Option<(u64, Arc<Engine>)>>>;
+/// A policy version handed to the engine thread, or why one asked for could not be had.
+enum Delivery {
+    Weights(u64, Arc<Engine>),
+    Unavailable(u64, String),
+}
+
+/// Deliveries waiting to be taken between decode steps.
+type Pending = Arc<Mutex<Vec<Delivery>>>;
+
+/// Older versions pinned jobs wait for, and the wake-up of whoever fetches them.
+#[derive(Default)]
+struct Wanted {
+    versions: Mutex<BTreeSet<u64>>,
+    notify: tokio::sync::Notify,
+}
 
 /// The handle through which jobs are submitted and weights installed.
 #[derive(Clone)]
 pub struct WorkerHandle {
     inbox: mpsc::Sender<Msg>,
-    pending: PendingWeights,
+    pending: Pending,
+    wanted: Arc<Wanted>,
     stats: Arc<WorkerStats>,
     vocab: usize,
 }
@@ -143,10 +187,36 @@ impl WorkerHandle {
         job.sampling.validate()
     }
 
-    /// Makes `engine` the policy from the next decode step on, as `version`.
+    /// Makes `engine` the policy from the next decode step on, as `version`; an older version
+    /// than the one in use is only kept for the jobs pinned to it.
     pub fn install_weights(&self, version: u64, engine: Arc<Engine>) {
-        *self.pending.lock().expect("not poisoned") = Some((version, engine));
+        self.deliver(Delivery::Weights(version, engine));
+    }
+
+    /// Fails the jobs pinned to `version`, which could not be fetched, with `reason`.
+    pub fn version_unavailable(&self, version: u64, reason: String) {
+        self.deliver(Delivery::Unavailable(version, reason));
+    }
+
+    fn deliver(&self, d: Delivery) {
+        self.pending.lock().expect("not poisoned").push(d);
         let _ = self.inbox.send(Msg::Wake);
+    }
+
+    /// Waits until pinned jobs wait for versions older than the one in use that the worker no
+    /// longer holds, and returns them (each is asked for once until it is delivered).
+    pub async fn wanted_versions(&self) -> Vec<u64> {
+        loop {
+            let notified = self.wanted.notify.notified();
+            let taken: Vec<u64> =
+                std::mem::take(&mut *self.wanted.versions.lock().expect("not poisoned"))
+                    .into_iter()
+                    .collect();
+            if !taken.is_empty() {
+                return taken;
+            }
+            notified.await;
+        }
     }
 
     /// The policy version in use.
@@ -175,63 +245,202 @@ fn failed(msg: &str) -> JobResult {
 /// Starts the engine thread with `engine` as policy `version`; at most `max_batch` sequences
 /// decode together.
 pub fn spawn_engine_loop(engine: Arc<Engine>, version: u64, max_batch: usize) -> WorkerHandle {
+    spawn_engine_loop_with(
+        engine,
+        version,
+        WorkerOptions {
+            max_batch,
+            ..Default::default()
+        },
+    )
+}
+
+/// What the engine thread holds between steps.
+struct EngineState {
+    options: WorkerOptions,
+    /// The newest version installed, used by jobs that are not pinned.
+    engine: Arc<Engine>,
+    version: u64,
+    /// Versions kept for pinned jobs (the newest included).
+    kept: BTreeMap<u64, Arc<Engine>>,
+    /// Jobs that are not pinned: they decode with whatever version is newest at each step.
+    floating: ContinuousBatch<Running>,
+    /// Pinned jobs, one batch per version.
+    pinned: BTreeMap<u64, ContinuousBatch<Running>>,
+    /// Jobs waiting for their version.
+    waiting: Vec<Submitted>,
+    stats: Arc<WorkerStats>,
+    wanted: Arc<Wanted>,
+}
+
+impl EngineState {
+    fn active(&self) -> usize {
+        self.floating.len()
+            + self
+                .pinned
+                .values()
+                .map(ContinuousBatch::len)
+                .sum::<usize>()
+    }
+
+    fn has_room(&self) -> bool {
+        self.active() < self.options.max_batch.max(1)
+    }
+
+    fn take(&mut self, d: Delivery) {
+        match d {
+            Delivery::Weights(v, e) => {
+                if v > self.version {
+                    self.engine = e.clone();
+                    self.version = v;
+                    self.stats.version.store(v, Ordering::Relaxed);
+                }
+                self.kept.insert(v, e);
+            }
+            Delivery::Unavailable(v, reason) => {
+                for s in std::mem::take(&mut self.waiting) {
+                    if s.job.exact_version == Some(v) {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        let _ = s.reply.send(failed(&format!(
+                            "policy version {v}, which the request is pinned to: {reason}"
+                        )));
+                    } else {
+                        self.waiting.push(s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest kept versions beyond `keep_versions`, except those still in use.
+    fn evict(&mut self) {
+        let needed: BTreeSet<u64> = self
+            .waiting
+            .iter()
+            .filter_map(|s| s.job.exact_version)
+            .chain(self.pinned.keys().copied())
+            .chain([self.version])
+            .collect();
+        let keep = self.options.keep_versions.max(1);
+        let old: Vec<u64> = self.kept.keys().rev().skip(keep).copied().collect();
+        for v in old {
+            if !needed.contains(&v) {
+                self.kept.remove(&v);
+            }
+        }
+    }
+
+    fn offer(&mut self, s: Submitted) {
+        match s.job.exact_version {
+            Some(v) => match self.kept.get(&v).cloned() {
+                Some(engine) => {
+                    let batch = self
+                        .pinned
+                        .entry(v)
+                        .or_insert_with(|| ContinuousBatch::new(self.options.max_batch));
+                    admit(&engine, batch, s, &self.stats);
+                }
+                None => {
+                    if v < self.version {
+                        // Installed before this worker held it, or evicted since: fetch it.
+                        let mut wanted = self.wanted.versions.lock().expect("not poisoned");
+                        if wanted.insert(v) {
+                            self.wanted.notify.notify_one();
+                        }
+                    }
+                    self.waiting.push(s);
+                }
+            },
+            None if s.job.min_version > self.version => self.waiting.push(s),
+            None => {
+                let engine = self.engine.clone();
+                admit(&engine, &mut self.floating, s, &self.stats);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        if !self.floating.is_empty() {
+            step(&self.engine, self.version, &mut self.floating, &self.stats);
+        }
+        for (v, batch) in &mut self.pinned {
+            if let Some(engine) = self.kept.get(v) {
+                step(engine, *v, batch, &self.stats);
+            }
+        }
+        self.pinned.retain(|_, b| !b.is_empty());
+        if let Some(d) = self.options.decode_step_delay {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+/// Starts the engine thread with `engine` as policy `version`, run as `options` say.
+pub fn spawn_engine_loop_with(
+    engine: Arc<Engine>,
+    version: u64,
+    options: WorkerOptions,
+) -> WorkerHandle {
     let (inbox, rx) = mpsc::channel::<Msg>();
-    let pending: PendingWeights = Arc::new(Mutex::new(None));
+    let pending: Pending = Arc::new(Mutex::new(vec![]));
+    let wanted = Arc::new(Wanted::default());
     let stats = Arc::new(WorkerStats::default());
     stats.version.store(version, Ordering::Relaxed);
     let vocab = engine.vocab_size();
     let handle = WorkerHandle {
         inbox,
         pending: pending.clone(),
+        wanted: wanted.clone(),
         stats: stats.clone(),
         vocab,
+    };
+    let max_batch = options.max_batch;
+    let mut state = EngineState {
+        options,
+        engine: engine.clone(),
+        version,
+        kept: BTreeMap::from([(version, engine)]),
+        floating: ContinuousBatch::new(max_batch),
+        pinned: BTreeMap::new(),
+        waiting: vec![],
+        stats,
+        wanted,
     };
     std::thread::Builder::new()
         .name("chorus-engine".into())
         .spawn(move || {
-            let mut engine = engine;
-            let mut version = version;
-            let mut batch: ContinuousBatch<Running> = ContinuousBatch::new(max_batch);
-            // Jobs that need a newer policy than the one installed.
-            let mut waiting: Vec<Submitted> = vec![];
             loop {
                 // Install new weights between steps; sequences keep their caches.
-                if let Some((v, e)) = pending.lock().expect("not poisoned").take() {
-                    engine = e;
-                    version = v;
-                    stats.version.store(v, Ordering::Relaxed);
+                let delivered = std::mem::take(&mut *pending.lock().expect("not poisoned"));
+                let any = !delivered.is_empty();
+                for d in delivered {
+                    state.take(d);
                 }
-                let offer = |s: Submitted,
-                             batch: &mut ContinuousBatch<Running>,
-                             waiting: &mut Vec<Submitted>| {
-                    if s.job.min_version > version {
-                        waiting.push(s);
-                    } else {
-                        admit(&engine, batch, s, &stats);
-                    }
-                };
-                for s in std::mem::take(&mut waiting) {
-                    offer(s, &mut batch, &mut waiting);
+                if any {
+                    state.evict();
                 }
-                if batch.is_empty() {
+                for s in std::mem::take(&mut state.waiting) {
+                    state.offer(s);
+                }
+                if state.active() == 0 {
                     // Idle: block until a job or new weights arrive.
                     match rx.recv() {
-                        Ok(Msg::Job(s)) => offer(s, &mut batch, &mut waiting),
+                        Ok(Msg::Job(s)) => state.offer(s),
                         Ok(Msg::Wake) => continue,
                         Err(_) => return,
                     }
                 }
-                while batch.has_room() {
+                while state.has_room() {
                     match rx.try_recv() {
-                        Ok(Msg::Job(s)) => offer(s, &mut batch, &mut waiting),
+                        Ok(Msg::Job(s)) => state.offer(s),
                         Ok(Msg::Wake) => {}
                         Err(_) => break,
                     }
                 }
-                if batch.is_empty() {
+                if state.active() == 0 {
                     continue;
                 }
-                step(&engine, version, &mut batch, &stats);
+                state.step();
             }
         })
         .expect("spawn the engine thread");

@@ -8,7 +8,8 @@
 //!   generation never holds a short one back.
 //! - **In-flight weight updates.** [`WorkerHandle::install_weights`] hands over a new policy
 //!   version; the engine thread switches between two decode steps, sequences keep their caches,
-//!   and every token records the version that produced it.
+//!   and every token records the version that produced it. A request pinned to an exact version
+//!   (deterministic runs) decodes with that version alone, fetched again if need be.
 //! - **Faults stay local.** A malformed request (empty prompt, token out of range, bad sampling
 //!   settings) is answered with `FINISH_REASON_ERROR` and its reason; the others go on.
 //!
@@ -20,6 +21,9 @@ mod engine_loop;
 mod service;
 mod sync;
 
-pub use engine_loop::{Job, JobResult, WorkerHandle, WorkerStats, spawn_engine_loop};
+pub use engine_loop::{
+    Job, JobResult, WorkerHandle, WorkerOptions, WorkerStats, spawn_engine_loop,
+    spawn_engine_loop_with,
+};
 pub use service::RolloutService;
-pub use sync::{FetchError, FetchErrorKind, fetch_version, follow_learner};
+pub use sync::{FetchError, FetchErrorKind, fetch_exact_version, fetch_version, follow_learner};

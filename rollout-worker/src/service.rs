@@ -46,6 +46,7 @@ fn job_of(req: &GenerateRequest) -> Job {
         max_new_tokens: req.max_new_tokens as usize,
         stop_tokens: req.stop_token_ids.clone(),
         min_version: req.min_policy_version,
+        exact_version: req.exact_policy_version,
     }
 }
 
@@ -80,6 +81,7 @@ impl RolloutWorker for RolloutService {
                     run_id = %req.run_id,
                     worker_id = %worker_id,
                     min_policy_version = req.min_policy_version,
+                    exact_policy_version = req.exact_policy_version,
                     policy_version = handle.version()
                 );
                 tokio::spawn(

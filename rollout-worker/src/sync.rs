@@ -44,6 +44,12 @@ pub enum FetchErrorKind {
     /// The weights do not fit the model.
     #[error("building the engine: {0}")]
     Engine(String),
+    /// An exact version was asked for and another one came.
+    #[error("the learner sent version {got} instead")]
+    WrongVersion {
+        /// The version received.
+        got: u64,
+    },
 }
 
 /// Fetches policy version `at_least` or newer and returns it as an engine.
@@ -54,6 +60,51 @@ pub async fn fetch_version<T>(
     run_id: &str,
     worker_id: &str,
     at_least: u64,
+) -> Result<(u64, Engine), FetchError>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    fetch(client, cfg, options, run_id, worker_id, at_least, false).await
+}
+
+/// Fetches exactly policy version `version` (for requests pinned to it) as an engine.
+pub async fn fetch_exact_version<T>(
+    client: &mut LearnerClient<T>,
+    cfg: &NemotronHConfig,
+    options: &EngineOptions,
+    run_id: &str,
+    worker_id: &str,
+    version: u64,
+) -> Result<Engine, FetchError>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let (got, engine) = fetch(client, cfg, options, run_id, worker_id, version, true).await?;
+    if got != version {
+        return Err(FetchError {
+            run_id: run_id.to_string(),
+            worker_id: worker_id.to_string(),
+            version,
+            kind: FetchErrorKind::WrongVersion { got },
+        });
+    }
+    Ok(engine)
+}
+
+async fn fetch<T>(
+    client: &mut LearnerClient<T>,
+    cfg: &NemotronHConfig,
+    options: &EngineOptions,
+    run_id: &str,
+    worker_id: &str,
+    at_least: u64,
+    exact: bool,
 ) -> Result<(u64, Engine), FetchError>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
@@ -72,6 +123,7 @@ where
         policy_version: at_least,
         requester_id: worker_id.into(),
         start_chunk: 0,
+        exact,
     };
     let mut stream = client
         .stream_weights(req)
@@ -106,7 +158,8 @@ where
 }
 
 /// Keeps `handle` on the learner's latest version until the learner goes away, building each
-/// version with `options` (e.g. NVFP4 on load). Returns why it stopped.
+/// version with `options` (e.g. NVFP4 on load), and fetches the older versions that requests
+/// pinned to them wait for ([`WorkerHandle::wanted_versions`]). Returns why it stopped.
 pub async fn follow_learner<T>(
     handle: WorkerHandle,
     mut client: LearnerClient<T>,
@@ -120,7 +173,18 @@ where
     T::Error: Into<StdError>,
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+    T: Clone + Send + 'static,
+    T::Future: Send,
 {
+    let older = tokio::spawn(fetch_wanted(
+        handle.clone(),
+        client.clone(),
+        cfg.clone(),
+        options.clone(),
+        run_id.clone(),
+        worker_id.clone(),
+    ));
+    let _stop_older = AbortOnDrop(older);
     loop {
         match fetch_version(
             &mut client,
@@ -140,6 +204,47 @@ where
             Err(e) => {
                 tracing::warn!(error = %e, "stopped following the learner");
                 return e;
+            }
+        }
+    }
+}
+
+/// Aborts the task when dropped, so the fetcher of older versions ends with its follower.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Fetches each older version pinned requests wait for; one that cannot be had fails them.
+async fn fetch_wanted<T>(
+    handle: WorkerHandle,
+    mut client: LearnerClient<T>,
+    cfg: NemotronHConfig,
+    options: EngineOptions,
+    run_id: String,
+    worker_id: String,
+) where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    loop {
+        for version in handle.wanted_versions().await {
+            match fetch_exact_version(&mut client, &cfg, &options, &run_id, &worker_id, version)
+                .await
+            {
+                Ok(engine) => {
+                    tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "older policy version fetched for pinned requests");
+                    handle.install_weights(version, Arc::new(engine));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an older policy version could not be fetched");
+                    handle.version_unavailable(version, e.to_string());
+                }
             }
         }
     }

@@ -12,7 +12,9 @@ use chorus_proto::auth::{AttachToken, RequireToken};
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
 use chorus_proto::v1::{FinishReason, GenerateRequest};
-use chorus_rollout_worker::{Job, RolloutService, spawn_engine_loop};
+use chorus_rollout_worker::{
+    Job, RolloutService, WorkerOptions, spawn_engine_loop, spawn_engine_loop_with,
+};
 use tokio_stream::StreamExt;
 
 fn config() -> NemotronHConfig {
@@ -54,6 +56,7 @@ fn request(i: usize, prompt: Vec<u32>, n: u32) -> GenerateRequest {
         max_new_tokens: n,
         stop_token_ids: vec![],
         min_policy_version: 0,
+        exact_policy_version: None,
     }
 }
 
@@ -154,6 +157,7 @@ async fn weights_change_between_decode_steps_without_dropping_sequences() {
         max_new_tokens: 400,
         stop_tokens: vec![],
         min_version: 0,
+        exact_version: None,
     };
     let h2 = handle.clone();
     let running = tokio::spawn(async move { h2.generate(job).await });
@@ -185,6 +189,7 @@ async fn a_job_waits_for_the_policy_version_it_needs() {
         max_new_tokens: 3,
         stop_tokens: vec![],
         min_version: 1,
+        exact_version: None,
     };
     let waiting = tokio::spawn(async move { h2.generate(job).await });
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -192,4 +197,81 @@ async fn a_job_waits_for_the_policy_version_it_needs() {
     handle.install_weights(1, engine(2));
     let r = waiting.await.unwrap();
     assert_eq!(r.versions, vec![1, 1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_job_decodes_with_its_version_alone_fetching_it_again_when_gone() {
+    let handle = spawn_engine_loop_with(
+        engine(1),
+        0,
+        WorkerOptions {
+            max_batch: 4,
+            keep_versions: 1,
+            decode_step_delay: None,
+        },
+    );
+    let job = |exact_version| Job {
+        prompt: vec![5, 6, 7],
+        sampling: SamplingParams::default(),
+        seed: 3,
+        max_new_tokens: 40,
+        stop_tokens: vec![],
+        min_version: 0,
+        exact_version,
+    };
+    let reference = handle.generate(job(Some(0))).await;
+    assert!(reference.error.is_none(), "{:?}", reference.error);
+    assert_eq!(reference.versions, vec![0; 40]);
+
+    handle.install_weights(1, engine(2));
+    let newer = handle.generate(job(None)).await;
+    assert_eq!(newer.versions, vec![1; 40]);
+    assert_ne!(
+        newer.tokens, reference.tokens,
+        "version 1 samples other tokens"
+    );
+
+    // Keeping one version, the worker dropped version 0: the pinned job asks for it and waits.
+    let h2 = handle.clone();
+    let pinned = tokio::spawn(async move { h2.generate(job(Some(0))).await });
+    assert_eq!(handle.wanted_versions().await, vec![0]);
+    handle.install_weights(0, engine(1));
+    let pinned = pinned.await.unwrap();
+    assert_eq!(pinned.versions, reference.versions);
+    assert_eq!(pinned.tokens, reference.tokens);
+    let bits = |r: &chorus_rollout_worker::JobResult| {
+        r.logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&pinned), bits(&reference));
+    assert_eq!(
+        handle.version(),
+        1,
+        "an older version never replaces the newest"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_version_that_cannot_be_had_fails_its_jobs_with_the_reason() {
+    let handle = spawn_engine_loop(engine(1), 3, 4);
+    let h2 = handle.clone();
+    let waiting = tokio::spawn(async move {
+        h2.generate(Job {
+            prompt: vec![5],
+            sampling: SamplingParams::greedy(),
+            seed: 0,
+            max_new_tokens: 2,
+            stop_tokens: vec![],
+            min_version: 0,
+            exact_version: Some(1),
+        })
+        .await
+    });
+    assert_eq!(handle.wanted_versions().await, vec![1]);
+    handle.version_unavailable(1, "no longer kept by the learner".into());
+    let r = waiting.await.unwrap();
+    let error = r.error.expect("failed");
+    assert!(
+        error.contains("policy version 1") && error.contains("no longer kept"),
+        "{error}"
+    );
 }

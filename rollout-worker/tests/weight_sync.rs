@@ -47,6 +47,7 @@ async fn new_versions_flow_from_learner_to_worker() {
             run_id: "run".into(),
             groups_per_step: 1,
             max_chunk_bytes: 4096,
+            keep_versions: 1,
         },
     );
     let mut reports = learner.reports();
@@ -94,6 +95,7 @@ async fn new_versions_flow_from_learner_to_worker() {
                 max_new_tokens: 6,
                 stop_tokens: vec![],
                 min_version: 0,
+                exact_version: None,
             })
             .await;
         trajectories.push(Trajectory {
@@ -156,7 +158,82 @@ async fn new_versions_flow_from_learner_to_worker() {
             max_new_tokens: 3,
             stop_tokens: vec![],
             min_version: 0,
+            exact_version: None,
         })
         .await;
     assert_eq!(r.versions, vec![1, 1, 1]);
+}
+
+fn learner(keep_versions: usize) -> chorus_learner::LearnerHandle {
+    let cfg = config();
+    let params = checkpoint::init_params(&cfg, 1, &Device::Cpu).unwrap();
+    let trainer = Trainer::new(
+        cfg,
+        params,
+        LearnerConfig {
+            schedule: LrSchedule {
+                peak_lr: 1e-2,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    spawn_learner(
+        trainer,
+        LearnerServiceConfig {
+            run_id: "run".into(),
+            groups_per_step: 2,
+            max_chunk_bytes: 4096,
+            keep_versions,
+        },
+    )
+}
+
+fn scored_group(id: &str, token: u32) -> TrajectoryGroup {
+    let trajectory = |i: u32| Trajectory {
+        trajectory_id: format!("{id}:t{i}"),
+        prompt_token_ids: vec![3, token],
+        completion_token_ids: vec![token + i, 7, token],
+        logprobs: vec![-1.5, -2.0, -0.5],
+        policy_versions: vec![0, 0, 0],
+        reward: f64::from(i),
+        advantage: f64::from(i) - 0.5,
+        ..Default::default()
+    };
+    TrajectoryGroup {
+        run_id: "run".into(),
+        group_id: id.into(),
+        environment: "test".into(),
+        trajectories: vec![trajectory(0), trajectory(1)],
+        ..Default::default()
+    }
+}
+
+fn sha(p: &chorus_learner::Published) -> Vec<u8> {
+    p.chunks.last().unwrap().sha256.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_groups_train_in_id_order_and_recent_versions_stream_exactly() {
+    let (a, b) = (learner(2), learner(2));
+    let (g1, g2) = (scored_group("g1", 11), scored_group("g2", 20));
+    a.submit(g1.clone()).unwrap();
+    a.submit(g2.clone()).unwrap();
+    b.submit(g2).unwrap();
+    b.submit(g1).unwrap();
+    let (va, vb) = (a.wait_for(1).await, b.wait_for(1).await);
+    assert_eq!(va.version, 1);
+    assert_eq!(sha(&va), sha(&vb), "arrival order changed the step");
+    let v0 = a.wait_for_exact(0).await.expect("version 0 is kept");
+    assert_ne!(sha(&v0), sha(&va), "the step changed the weights");
+
+    a.submit(scored_group("g3", 12)).unwrap();
+    a.submit(scored_group("g4", 13)).unwrap();
+    assert_eq!(a.wait_for_exact(2).await.map(|p| p.version), Some(2));
+    assert_eq!(a.wait_for_exact(1).await.map(|p| sha(&p)), Some(sha(&va)));
+    assert!(
+        a.wait_for_exact(0).await.is_none(),
+        "only the newest 2 are kept"
+    );
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chorus_learner::{AdamWConfig, GrpoConfig, LearnerConfig, LrSchedule};
 use chorus_model::Nvfp4Policy;
@@ -86,6 +87,13 @@ pub struct RunPlan {
     pub engine: EngineOptions,
     /// Held-out evaluation and the learning curve.
     pub evaluation: EvalPlan,
+    /// Policy versions the learner and each worker keep for requests pinned to an older one
+    /// (deterministic runs); 1 (the newest) otherwise.
+    pub keep_versions: usize,
+    /// Test-only: workers (by id) that sleep this long after every decode step, so a test can
+    /// make one worker slower and check that a deterministic run does not notice. Empty from
+    /// [`RunPlan::new`]; no config key sets it.
+    pub test_decode_delay: BTreeMap<String, Duration>,
 }
 
 impl RunPlan {
@@ -109,6 +117,12 @@ impl RunPlan {
                 keep_attention: config.worker_keep_attention_f32,
                 exclude: vec![],
             }),
+            batch_invariant: config.deterministic,
+        };
+        let keep_versions = if config.deterministic {
+            keep_versions(&config)
+        } else {
+            1
         };
         let evaluation = EvalPlan::new(&config, eval_tasks, eval_every);
         Ok(Self {
@@ -119,6 +133,8 @@ impl RunPlan {
             learner,
             engine,
             evaluation,
+            keep_versions,
+            test_decode_delay: BTreeMap::new(),
         })
     }
 
@@ -153,6 +169,21 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
             "unknown device `{s}`; allowed: cpu, cuda:N"
         ))),
     }
+}
+
+/// Versions kept for pinned requests in a deterministic run. A step's requests are pinned to
+/// the learner's version `max_staleness` steps back and the learner cannot step past a step
+/// whose groups are out, so `max_staleness + 1` versions cover training; the rest is slack for
+/// held-out evaluations, pinned to a version the learner may have left by the time a worker
+/// takes them.
+fn keep_versions(cfg: &RunConfig) -> usize {
+    let staleness = cfg
+        .stages
+        .iter()
+        .map(|s| s.max_staleness)
+        .max()
+        .unwrap_or(0);
+    staleness as usize + 4
 }
 
 /// The policy's architecture, from the checkpoint's config.json or the init config.

@@ -13,7 +13,8 @@ use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
 use chorus_rollout_worker::{
-    RolloutService, WorkerHandle, fetch_version, follow_learner, spawn_engine_loop,
+    RolloutService, WorkerHandle, WorkerOptions, fetch_version, follow_learner,
+    spawn_engine_loop_with,
 };
 
 use crate::error::{Result, RunError};
@@ -58,6 +59,7 @@ pub async fn start_learner(
             run_id: run_id.to_string(),
             groups_per_step: plan.groups_per_step(),
             max_chunk_bytes: MAX_WEIGHT_CHUNK_BYTES,
+            keep_versions: plan.keep_versions,
         },
     );
     let svc = LearnerServer::with_interceptor(
@@ -92,7 +94,15 @@ pub async fn start_worker(
     let mut client = LearnerClient::with_interceptor(channel, AttachToken::new(token)?);
     let (version, engine) =
         fetch_version(&mut client, &plan.model, &plan.engine, run_id, worker_id, 0).await?;
-    let handle = spawn_engine_loop(Arc::new(engine), version, plan.config.worker_max_batch);
+    let handle = spawn_engine_loop_with(
+        Arc::new(engine),
+        version,
+        WorkerOptions {
+            max_batch: plan.config.worker_max_batch,
+            keep_versions: plan.keep_versions,
+            decode_step_delay: plan.test_decode_delay.get(worker_id).copied(),
+        },
+    );
     tokio::spawn(follow_learner(
         handle.clone(),
         client,

@@ -74,6 +74,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             keep_attention: a.keep_attention_f32,
             exclude: vec![],
         }),
+        ..Default::default()
     };
     let engine = Engine::from_checkpoint(&a.checkpoint, &options)?;
     let cfg = engine.config().clone();

@@ -247,6 +247,72 @@ mod tests {
         assert!(batch.is_empty());
     }
 
+    /// Logits of `prompt` and of `decode` fed after it, run inside a batch with `mates` (each
+    /// bringing its whole prompt, then one token), bit patterns compared.
+    fn logits_among(engine: &Engine, prompt: &[u32], decode: u32, mates: &[Vec<u32>]) -> Vec<u32> {
+        let mut caches: Vec<SequenceCache> =
+            (0..=mates.len()).map(|_| engine.new_cache()).collect();
+        let mut out = vec![];
+        let first: Vec<&[u32]> = std::iter::once(prompt)
+            .chain(mates.iter().map(Vec::as_slice))
+            .collect();
+        let second: Vec<[u32; 1]> = (0..=mates.len())
+            .map(|i| [(decode + i as u32) % 40])
+            .collect();
+        for tokens in [first, second.iter().map(|t| t.as_slice()).collect()] {
+            let mut batch: Vec<StepInput> = caches
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(cache, tokens)| StepInput { cache, tokens })
+                .collect();
+            let o = engine
+                .forward(&mut batch, LogitsFor::Last, false)
+                .expect("forward");
+            let v = engine.vocab_size();
+            let row = o.logit_rows[0].start;
+            out.extend(o.logits[row * v..(row + 1) * v].iter().map(|x| x.to_bits()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_invariant_engine_gives_a_sequence_the_same_bits_alone_and_in_any_batch() {
+        let cfg = tiny_engine().config().clone();
+        let params = init_params(&cfg, 7, &candle_core::Device::Cpu).expect("init");
+        let options = crate::engine::EngineOptions {
+            batch_invariant: true,
+            ..Default::default()
+        };
+        let engine =
+            Engine::from_tensors_with(&cfg, &params.snapshot().expect("snapshot"), &options)
+                .expect("engine");
+        assert!(engine.is_batch_invariant());
+        let prompt = [1, 2, 3];
+        let alone = logits_among(&engine, &prompt, 9, &[]);
+        // One mate (2 decode rows: the GEMV path) and many (12 prefill rows, 9 decode rows: the
+        // tiled path); prompts of different lengths, so the rows are ragged.
+        for mates in [
+            vec![vec![4u32]],
+            vec![
+                vec![5, 6, 7, 8, 9],
+                vec![10; 4],
+                vec![11],
+                vec![12, 13],
+                vec![14; 7],
+                vec![15],
+                vec![16; 3],
+                vec![17],
+            ],
+        ] {
+            assert_eq!(
+                alone,
+                logits_among(&engine, &prompt, 9, &mates),
+                "{} mates",
+                mates.len()
+            );
+        }
+    }
+
     #[test]
     fn a_stop_token_ends_a_sequence_and_is_kept() {
         let engine = tiny_engine();

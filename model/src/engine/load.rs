@@ -23,6 +23,11 @@ use crate::quantize::read_split;
 pub struct EngineOptions {
     /// Quantize projection weights to NVFP4 on load (checkpoints already in NVFP4 stay so).
     pub nvfp4: Option<Nvfp4Policy>,
+    /// Make each sequence's logits independent of the other sequences in its batch (runs
+    /// with `deterministic = true`): [`Engine::forward`] then runs every sequence of a batch
+    /// on its own, giving up the shared pass over the weights. Prefill is always the whole
+    /// prompt in one call, so chunking cannot vary either.
+    pub batch_invariant: bool,
 }
 
 /// Named tensors being read into engine storage, with the NVFP4 policy to apply on the way.
@@ -148,6 +153,7 @@ impl Engine {
             norm_f: w.vec("backbone.norm_f.weight", &[d])?,
             lm_head,
             mtp,
+            batch_invariant: options.batch_invariant,
         })
     }
 }

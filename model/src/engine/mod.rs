@@ -85,6 +85,8 @@ pub struct Engine {
     norm_f: Vec<f32>,
     lm_head: LinearOp,
     mtp: Option<MtpW>,
+    /// See [`EngineOptions::batch_invariant`].
+    batch_invariant: bool,
 }
 
 impl Engine {
@@ -121,10 +123,48 @@ impl Engine {
             .unwrap_or(0)
     }
 
+    /// Whether each sequence's numbers are independent of its batch-mates
+    /// ([`EngineOptions::batch_invariant`]).
+    pub fn is_batch_invariant(&self) -> bool {
+        self.batch_invariant
+    }
+
     /// Runs a ragged batch: each sequence's `tokens` are appended to its cache. When `record`
     /// is set, Mamba blocks remember their state after each token so that [`Engine::rewind`]
     /// can drop a suffix (speculative decoding).
     pub fn forward(
+        &self,
+        batch: &mut [StepInput],
+        which: LogitsFor,
+        record: bool,
+    ) -> Result<StepOutput> {
+        if !self.batch_invariant || batch.len() <= 1 {
+            return self.forward_together(batch, which, record);
+        }
+        // The projections pick their kernel (GEMV, small-batch, tiled) and loop order from the
+        // number of rows, so a row's rounding depends on how many rows share the call. One
+        // sequence per call makes the rows those of this sequence alone, whatever joins it.
+        let d = self.d;
+        let mut out = StepOutput {
+            logits: vec![],
+            logit_rows: Vec::with_capacity(batch.len()),
+            hidden: vec![],
+            hidden_rows: Vec::with_capacity(batch.len()),
+        };
+        for one in batch.chunks_mut(1) {
+            let o = self.forward_together(one, which, record)?;
+            let (at_logit, at_hidden) = (out.logits.len() / self.vocab, out.hidden.len() / d);
+            out.logit_rows
+                .push(at_logit..at_logit + o.logits.len() / self.vocab);
+            out.hidden_rows
+                .push(at_hidden..at_hidden + o.hidden.len() / d);
+            out.logits.extend(o.logits);
+            out.hidden.extend(o.hidden);
+        }
+        Ok(out)
+    }
+
+    fn forward_together(
         &self,
         batch: &mut [StepInput],
         which: LogitsFor,

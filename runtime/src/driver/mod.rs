@@ -179,6 +179,7 @@ async fn drive(
         learning: learner.clone(),
         stats: stats.clone(),
         faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
+        deterministic: cfg.deterministic,
     };
     tracing::info!(
         workers = pool.ids().len(),

@@ -5,7 +5,7 @@
 //!   cargo bench --bench deterministic -- [CONFIG] [--steps N] [--eval-tasks N]
 //!
 //! `--steps N` (default 10) caps every stage's step count, so the pair takes minutes, not the
-//! quickstart's hour; the ratio is what it measures.
+//! quickstart's quarter of an hour; the ratio is what it measures.
 
 use std::path::PathBuf;
 

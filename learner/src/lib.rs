@@ -1,14 +1,15 @@
 //! # chorus-learner
 //!
-//! Turns scored trajectories into policy updates on candle: the GRPO-family objective (token-level
-//! clipped surrogate with the ratio against the rollout worker's log-probabilities, clip-higher,
-//! truncated importance sampling for stale tokens, optional KL to a reference, token- or
-//! sequence-mean aggregation), supervised warm-up on reference solutions, AdamW with global
-//! grad-norm clipping and a warmup/cosine schedule, and checkpoints (HF weights + optimizer state
-//! + counters) that resume exactly.
+//! Turns scored trajectories into policy updates on candle: the RL objectives of
+//! [`objective`] (GRPO, DAPO, Dr. GRPO, GSPO, CISPO, REINFORCE; off-policy corrections TIS,
+//! IcePop and sequence-masked TIS; k1/k3 KL; three aggregations), evaluated exactly on the
+//! policy's log-probabilities and back-propagated through it, supervised warm-up on reference
+//! solutions, AdamW with global grad-norm clipping and a warmup/cosine schedule, and checkpoints
+//! (HF weights + optimizer state + counters) that resume exactly.
 //!
-//! Invariant: a step whose loss or gradient norm is not finite changes nothing — the weights and
-//! the policy version stay as they were and the [`StepReport`] says why.
+//! Invariant: a step whose loss or gradient norm is not finite leaves the weights as they were;
+//! the policy version still advances (the same weights under the next number, so the
+//! orchestrator's staleness clock never stalls) and the [`StepReport`] says why.
 //!
 //! The learner never depends on the rollout worker; the service wrapping [`Trainer`] meets the
 //! rest of Chorus only through `chorus-proto`.
@@ -16,13 +17,16 @@
 
 mod error;
 mod loss;
+pub mod loss_file;
+pub mod objective;
 mod optim;
 mod service;
 mod trainer;
 
 pub use chorus_proto::schedule::{Decay, LrSchedule};
 pub use error::{LearnerError, Result};
-pub use loss::{Aggregation, GrpoConfig, LossStats, RlSequence, SftSequence, grpo_loss, sft_loss};
+pub use loss::{LossStats, RlSequence, SftSequence, rl_loss, sft_loss};
+pub use objective::Objective;
 pub use optim::{AdamW, AdamWConfig, StepStats};
 pub use service::{
     LearnerHandle, LearnerService, LearnerServiceConfig, Published, SubmitError, group_sequences,

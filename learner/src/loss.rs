@@ -1,83 +1,13 @@
-//! The learner's objectives over a batch of sequences: a GRPO-family clipped surrogate with the
-//! importance ratio against the rollout worker's log-probabilities, and supervised (SFT)
-//! next-token cross-entropy on reference solutions.
+//! The learner's losses over a batch of sequences under the policy: the RL objective of a
+//! stage (evaluated by [`crate::objective`] on the policy's log-probabilities) and supervised
+//! (SFT) next-token cross-entropy on reference solutions.
 
 use candle_core::{D, Device, Tensor};
 use chorus_model::NemotronH;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{LearnerError, Result, config_err};
-
-/// How per-token losses are averaged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Aggregation {
-    /// Mean over all completion tokens of the batch (long answers weigh more; DAPO, Nemotron).
-    TokenMean,
-    /// Mean over each sequence's tokens, then over sequences (GRPO as published).
-    SeqMean,
-}
-
-/// GRPO-family settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GrpoConfig {
-    /// Lower clip: the ratio may fall to `1 - eps_low` before the surrogate stops rewarding it.
-    pub eps_low: f64,
-    /// Upper clip ("clip-higher"): `1 + eps_high`.
-    pub eps_high: f64,
-    /// Truncated importance sampling: for tokens sampled by an older policy version than the
-    /// learner's, the ratio is capped at this value.
-    pub tis_cap: f64,
-    /// Weight of the k3 KL estimate to the reference policy (0 = off).
-    pub kl_coef: f64,
-    /// How token terms are averaged into the loss.
-    pub aggregation: Aggregation,
-}
-
-impl Default for GrpoConfig {
-    /// Nemotron 3's RLVR settings: eps 0.2 / 0.28, TIS cap 5, no KL, token-level averaging.
-    fn default() -> Self {
-        Self {
-            eps_low: 0.2,
-            eps_high: 0.28,
-            tis_cap: 5.0,
-            kl_coef: 0.0,
-            aggregation: Aggregation::TokenMean,
-        }
-    }
-}
-
-impl GrpoConfig {
-    /// Checks every setting's range; the error names the setting.
-    pub fn validate(&self) -> Result<()> {
-        if !(0.0..1.0).contains(&self.eps_low) {
-            return Err(config_err(
-                "eps_low",
-                format!("must be in [0, 1), got {}", self.eps_low),
-            ));
-        }
-        if self.eps_high < 0.0 {
-            return Err(config_err(
-                "eps_high",
-                format!("must be >= 0, got {}", self.eps_high),
-            ));
-        }
-        if self.tis_cap < 1.0 {
-            return Err(config_err(
-                "tis_cap",
-                format!("must be >= 1, got {}", self.tis_cap),
-            ));
-        }
-        if self.kl_coef < 0.0 {
-            return Err(config_err(
-                "kl_coef",
-                format!("must be >= 0, got {}", self.kl_coef),
-            ));
-        }
-        Ok(())
-    }
-}
+use crate::error::{LearnerError, Result};
+use crate::objective::{Objective, TokenBatch, evaluate};
 
 /// One sampled sequence: prompt then completion, with what the rollout worker recorded.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,7 +45,8 @@ pub struct SftSequence {
 pub struct LossStats {
     /// The objective's value.
     pub loss: f64,
-    /// k3 estimate of KL to the reference policy, or to the behaviour policy when no reference.
+    /// KL estimate to the reference policy, or k3 between the sampler and the learner when
+    /// there is no reference.
     pub kl: f64,
     /// Mean entropy of the learner's next-token distribution.
     pub entropy: f64,
@@ -195,39 +126,28 @@ fn token_logprobs(model: &NemotronH, l: &Layout) -> Result<(Tensor, Tensor)> {
     Ok((lp, logp))
 }
 
-fn masked_mean(x: &Tensor, mask: &Tensor, agg: Aggregation) -> Result<Tensor> {
-    Ok(match agg {
-        Aggregation::TokenMean => {
-            ((x * mask)?.sum_all()? / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?
-        }
-        Aggregation::SeqMean => {
-            let per_row = (x * mask)?.sum(1)?;
-            let counts = mask.sum(1)?;
-            let rows_with_tokens = counts.ge(1f32)?.to_dtype(x.dtype())?;
-            let row_mean = (per_row / counts.maximum(1f32)?)?;
-            let n = rows_with_tokens.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-            ((row_mean * rows_with_tokens)?.sum_all()? / n)?
-        }
-    })
+/// Token mean of `x` over the positions where `mask` is 1.
+fn token_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok(((x * mask)?.sum_all()? / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?)
 }
 
 fn entropy(logp: &Tensor, mask: &Tensor) -> Result<f64> {
     let logp = logp.detach();
     let h = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
-    Ok(masked_mean(&h, mask, Aggregation::TokenMean)?.to_scalar::<f32>()? as f64)
+    Ok(token_mean(&h, mask)?.to_scalar::<f32>()? as f64)
 }
 
-/// The GRPO-family loss of `batch` under `model` at learner version `version`, with statistics.
+/// The RL loss of `batch` under `model` for `objective`, with statistics.
 ///
-/// Per completion token with advantage `A`, ratio `r = π(a)/μ(a)` against the worker's
-/// log-probability μ, truncated to `min(r, tis_cap)` for tokens of an older policy version:
-/// `−min(r·A, clip(r, 1−eps_low, 1+eps_high)·A)`, plus `kl_coef · k3(π_ref ‖ π)` when a
-/// reference is given; averaged per [`Aggregation`].
-pub fn grpo_loss(
+/// Returns a surrogate whose gradient is the loss's (`sum(stopgrad(g) * lp)`, with `g` the
+/// exact `d loss / d lp` of [`evaluate`]) and, in the statistics, the loss's value. One
+/// optimizer step is taken per batch, so the learner's log-probabilities at the start of the
+/// step (`old`) are the ones computed here, and the ratio `r = exp(lp - old)` is 1 in value;
+/// the sampler's mismatch enters through the objective's correction (`rho = exp(old - beh)`).
+pub fn rl_loss(
     model: &NemotronH,
     batch: &[RlSequence],
-    version: u64,
-    cfg: &GrpoConfig,
+    objective: &Objective,
 ) -> Result<(Tensor, LossStats)> {
     let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
@@ -236,11 +156,9 @@ pub fn grpo_loss(
         .collect();
     let l = layout(&views, model.config().vocab_size, &device)?;
     let (b, w) = (batch.len(), l.width);
-    let mut behav = vec![0f32; b * w];
-    let mut stale = vec![0f32; b * w];
-    let mut adv = vec![0f32; b * w];
+    let mut behaviour = vec![0f32; b * w];
     let mut reference = vec![0f32; b * w];
-    let with_ref = cfg.kl_coef > 0.0;
+    let with_ref = objective.kl_coef > 0.0;
     for (i, s) in batch.iter().enumerate() {
         let n = s.tokens.len() - s.prompt_len;
         if s.behavior_logprobs.len() != n || s.versions.len() != n {
@@ -255,52 +173,47 @@ pub fn grpo_loss(
                 "sequence {i}: kl_coef > 0 needs one reference logprob per completion token"
             )));
         }
-        for j in 0..n {
-            let p = i * w + s.prompt_len - 1 + j;
-            behav[p] = s.behavior_logprobs[j];
-            stale[p] = if s.versions[j] < version { 1.0 } else { 0.0 };
-            adv[p] = s.advantage;
-            if let Some(r) = &s.ref_logprobs {
-                reference[p] = r[j];
-            }
+        let first = i * w + s.prompt_len - 1;
+        behaviour[first..first + n].copy_from_slice(&s.behavior_logprobs);
+        if let Some(r) = &s.ref_logprobs {
+            reference[first..first + n].copy_from_slice(r);
         }
     }
-    let t = |v: Vec<f32>| Tensor::from_vec(v, (b, w), &device);
-    let (mask, behav, stale, adv) = (t(l.mask.clone())?, t(behav)?, t(stale)?, t(adv)?);
+    let advantages: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
+    let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
     let (lp, logp) = token_logprobs(model, &l)?;
-    let lp_masked = (&lp * &mask)?;
-
-    let ratio = (&lp_masked - &behav)?.exp()?;
-    let ratio = (&ratio - (&stale * (&ratio - cfg.tis_cap)?.relu()?)?)?;
-    let surrogate = (&ratio * &adv)?;
-    let clipped = (ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)? * &adv)?;
-    let objective = surrogate.minimum(&clipped)?;
-    let mut per_token = objective.neg()?;
-    let kl_tensor = if with_ref {
-        let d = (t(reference)? - &lp_masked)?;
-        (d.exp()? - d)? - 1.0
-    } else {
-        let d = (&behav - &lp_masked)?.detach();
-        (d.exp()? - d)? - 1.0
-    }?;
-    if with_ref {
-        per_token = (per_token + (&kl_tensor * cfg.kl_coef)?)?;
-    }
-    let loss = masked_mean(&per_token, &mask, cfg.aggregation)?;
-
-    let clip_active = surrogate.gt(&clipped)?.to_dtype(candle_core::DType::F32)?;
-    let mean = |x: &Tensor| -> Result<f64> {
-        Ok(masked_mean(&x.detach(), &mask, Aggregation::TokenMean)?.to_scalar::<f32>()? as f64)
-    };
+    let current: Vec<f32> = lp.detach().flatten_all()?.to_vec1()?;
+    let evaluation = evaluate(
+        objective,
+        &TokenBatch {
+            batch: b,
+            width: w,
+            logprobs: &current,
+            old_logprobs: &current,
+            behaviour_logprobs: &behaviour,
+            advantages: &advantages,
+            mask: &mask,
+            ref_logprobs: with_ref.then_some(reference.as_slice()),
+        },
+    )
+    .map_err(|e| LearnerError::Batch(e.0))?;
+    let gradient = Tensor::from_vec(evaluation.grad_logprobs, (b, w), &device)?;
+    let surrogate = (&lp * gradient)?.sum_all()?;
+    let masked = mask.iter().filter(|&&m| m).count().max(1) as f64;
+    let abs_diff: f64 = (0..b * w)
+        .filter(|&p| mask[p])
+        .map(|p| (current[p] - behaviour[p]).abs() as f64)
+        .sum();
+    let mask_tensor = Tensor::from_vec(l.mask.clone(), (b, w), &device)?;
     let stats = LossStats {
-        loss: loss.to_scalar::<f32>()? as f64,
-        kl: mean(&kl_tensor)?,
-        entropy: entropy(&logp, &mask)?,
-        clip_fraction: mean(&clip_active)?,
-        mean_abs_logprob_diff: mean(&(&lp_masked - &behav)?.abs()?)?,
-        tokens: l.mask.iter().filter(|&&m| m > 0.0).count(),
+        loss: evaluation.loss,
+        kl: evaluation.kl,
+        entropy: entropy(&logp, &mask_tensor)?,
+        clip_fraction: evaluation.clip_fraction,
+        mean_abs_logprob_diff: abs_diff / masked,
+        tokens: evaluation.tokens,
     };
-    Ok((loss, stats))
+    Ok((surrogate, stats))
 }
 
 /// Next-token cross-entropy on the completion tokens of `batch` (token mean).
@@ -313,7 +226,7 @@ pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, Los
     let l = layout(&views, model.config().vocab_size, &device)?;
     let mask = Tensor::from_vec(l.mask.clone(), (batch.len(), l.width), &device)?;
     let (lp, logp) = token_logprobs(model, &l)?;
-    let loss = masked_mean(&lp.neg()?, &mask, Aggregation::TokenMean)?;
+    let loss = token_mean(&lp.neg()?, &mask)?;
     let stats = LossStats {
         loss: loss.to_scalar::<f32>()? as f64,
         entropy: entropy(&logp, &mask)?,

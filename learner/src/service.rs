@@ -20,6 +20,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::loss::{RlSequence, SftSequence};
+use crate::objective::Objective;
 use crate::trainer::{StepReport, Trainer};
 
 /// A published policy version, ready to stream.
@@ -235,10 +236,19 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
                 versions: t.policy_versions.clone(),
                 advantage: t.advantage as f32,
                 ref_logprobs: None,
-                loss_mask: None,
+                // Observations between a multi-turn episode's turns are not the policy's.
+                loss_mask: completion_mask(t)?,
             })
         })
         .collect()
+}
+
+/// The objective a scored group names, or `None` for the learner's own.
+pub fn group_objective(g: &TrajectoryGroup) -> Result<Option<Objective>, String> {
+    g.objective
+        .as_ref()
+        .map(|o| Objective::from_proto(o).map_err(|e| format!("objective: {e}")))
+        .transpose()
 }
 
 fn report_msg(
@@ -323,11 +333,24 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     if rl.len() < target {
                         continue;
                     }
-                    let batch: Vec<RlSequence> = in_id_order(&mut rl)
-                        .iter()
-                        .flat_map(|g| group_sequences(g).unwrap_or_default())
-                        .collect();
-                    (trainer.rl_step(&batch), batch.len(), false)
+                    // Groups that name the same objective train together; parts keep the order
+                    // of their first group id.
+                    let mut parts: Vec<(Objective, Vec<RlSequence>)> = vec![];
+                    for g in in_id_order(&mut rl) {
+                        let objective = group_objective(&g)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_else(|| trainer.default_objective().clone());
+                        let sequences = group_sequences(&g).unwrap_or_default();
+                        match parts.iter_mut().find(|(o, _)| *o == objective) {
+                            Some((_, part)) => part.extend(sequences),
+                            None => parts.push((objective, sequences)),
+                        }
+                    }
+                    let parts_ref: Vec<(&Objective, &[RlSequence])> =
+                        parts.iter().map(|(o, s)| (o, s.as_slice())).collect();
+                    let n = parts.iter().map(|(_, s)| s.len()).sum();
+                    (trainer.rl_step_mixed(&parts_ref), n, false)
                 };
                 let (report, n, supervised) = match result {
                     (Ok(r), n, sup) => (r, n, sup),
@@ -397,7 +420,9 @@ impl LearnerHandle {
         let checked = if g.supervised {
             group_sft(&g).map(drop)
         } else {
-            group_sequences(&g).map(drop)
+            group_sequences(&g)
+                .and_then(|_| group_objective(&g))
+                .map(drop)
         };
         if let Err(reason) = checked {
             return Err(SubmitError::Invalid {

@@ -10,7 +10,8 @@ use chorus_proto::schedule::LrSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
-use crate::loss::{GrpoConfig, LossStats, RlSequence, SftSequence, grpo_loss, sft_loss};
+use crate::loss::{LossStats, RlSequence, SftSequence, rl_loss, sft_loss};
+use crate::objective::Objective;
 use crate::optim::{AdamW, AdamWConfig};
 
 /// File names a learner checkpoint adds to the HF layout.
@@ -26,8 +27,8 @@ pub struct LearnerConfig {
     pub optimizer: AdamWConfig,
     /// The learning-rate schedule.
     pub schedule: LrSchedule,
-    /// The RL objective.
-    pub grpo: GrpoConfig,
+    /// The RL objective of groups that do not name their own.
+    pub objective: Objective,
     /// Parameters whose names contain any of these strings are not updated (e.g. `"mtp."`
     /// during RL, `".gate.weight"` to freeze routers).
     pub freeze: Vec<String>,
@@ -85,7 +86,10 @@ fn always_frozen(name: &str) -> bool {
 impl Trainer {
     /// Starts training `params` at version 0.
     pub fn new(model_cfg: NemotronHConfig, params: Params, config: LearnerConfig) -> Result<Self> {
-        config.grpo.validate()?;
+        config
+            .objective
+            .validate()
+            .map_err(|e| crate::error::config_err(&e.setting, e.message))?;
         let model = match &config.nvfp4_forward {
             Some(policy) => NemotronH::new_nvfp4(&model_cfg, &params, policy)?,
             None => NemotronH::new(&model_cfg, &params)?,
@@ -138,18 +142,48 @@ impl Trainer {
         &self.model
     }
 
+    /// The objective of RL steps whose groups name none.
+    pub fn default_objective(&self) -> &Objective {
+        &self.config.objective
+    }
+
     /// The policy's architecture.
     pub fn model_config(&self) -> &NemotronHConfig {
         &self.model_cfg
     }
 
-    /// One GRPO-family update on `batch`.
+    /// One RL update on `batch` with the configured objective.
     pub fn rl_step(&mut self, batch: &[RlSequence]) -> Result<StepReport> {
-        if batch.is_empty() {
+        let objective = self.config.objective.clone();
+        self.rl_step_mixed(&[(&objective, batch)])
+    }
+
+    /// One RL update on sequences that follow different objectives (a stage whose
+    /// environments name their own): each part's loss weighs by its share of the sequences.
+    pub fn rl_step_mixed(&mut self, parts: &[(&Objective, &[RlSequence])]) -> Result<StepReport> {
+        let total: usize = parts.iter().map(|(_, b)| b.len()).sum();
+        if total == 0 {
             return Err(LearnerError::Batch("empty batch".into()));
         }
-        let (loss, stats) = grpo_loss(&self.model, batch, self.version, &self.config.grpo)?;
-        self.apply(loss, stats)
+        let mut surrogate: Option<Tensor> = None;
+        let mut stats = LossStats::default();
+        for (objective, batch) in parts.iter().filter(|(_, b)| !b.is_empty()) {
+            let (part, s) = rl_loss(&self.model, batch, objective)?;
+            let share = batch.len() as f64 / total as f64;
+            let part = (part * share)?;
+            surrogate = Some(match surrogate {
+                Some(sum) => (sum + part)?,
+                None => part,
+            });
+            stats.loss += share * s.loss;
+            stats.kl += share * s.kl;
+            stats.entropy += share * s.entropy;
+            stats.clip_fraction += share * s.clip_fraction;
+            stats.mean_abs_logprob_diff += share * s.mean_abs_logprob_diff;
+            stats.tokens += s.tokens;
+        }
+        let surrogate = surrogate.expect("a part is not empty");
+        self.apply(surrogate, stats)
     }
 
     /// One supervised update on reference solutions.
@@ -161,6 +195,7 @@ impl Trainer {
         self.apply(loss, stats)
     }
 
+    /// Steps on the gradient of `loss` (whose value is `stats.loss`).
     fn apply(&mut self, loss: Tensor, stats: LossStats) -> Result<StepReport> {
         self.step += 1;
         let lr = match self.peak_lr_override {

@@ -69,7 +69,7 @@ fn nvfp4_rollouts(t: &Trainer) -> Vec<RlSequence> {
 }
 
 fn mismatch(model: &NemotronH, batch: &[RlSequence]) -> f64 {
-    grpo_loss(model, batch, 0, &GrpoConfig::default())
+    rl_loss(model, batch, &Objective::default())
         .unwrap()
         .1
         .mean_abs_logprob_diff
@@ -96,7 +96,7 @@ fn training_through_nvfp4_shrinks_the_sampling_mismatch() {
 fn straight_through_gradients_reach_every_quantized_projection() {
     let t = trainer(true);
     let batch = nvfp4_rollouts(&t);
-    let (loss, _) = grpo_loss(t.model(), &batch, 0, &GrpoConfig::default()).unwrap();
+    let (loss, _) = rl_loss(t.model(), &batch, &Objective::default()).unwrap();
     let grads = loss.backward().unwrap();
     let mut quantized = 0;
     for (name, var) in t.params().vars() {

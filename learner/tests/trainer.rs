@@ -1,5 +1,6 @@
-//! The learner on a tiny policy: updates move probabilities the right way, stale tokens are
-//! truncated, bad steps change nothing, and checkpoints resume exactly.
+//! The learner on a tiny policy: updates move probabilities the right way, the sampler's
+//! mismatch is corrected as the objective says, bad steps change nothing, and checkpoints resume
+//! exactly.
 
 use candle_core::Device;
 use chorus_learner::*;
@@ -106,7 +107,7 @@ fn on_policy_ratios_are_one_and_nothing_is_clipped() {
         .iter()
         .map(|(p, c, lp)| seq(p, c, lp, 1.0, 0))
         .collect();
-    let (_, stats) = grpo_loss(t.model(), &batch, 0, &GrpoConfig::default()).unwrap();
+    let (_, stats) = rl_loss(t.model(), &batch, &Objective::default()).unwrap();
     // The engine and the candle model agree, so the worker's logprobs are the learner's.
     assert!(stats.mean_abs_logprob_diff < 1e-4, "{stats:?}");
     assert_eq!(stats.clip_fraction, 0.0);
@@ -119,33 +120,32 @@ fn on_policy_ratios_are_one_and_nothing_is_clipped() {
     assert_eq!(stats.tokens, 4 * 6);
 }
 
+/// `objective` with `settings` applied by name.
+fn objective(settings: &[(&str, &str)]) -> Objective {
+    let mut o = Objective::default();
+    for (k, v) in settings {
+        o.set(k, v).unwrap();
+    }
+    o
+}
+
 #[test]
-fn stale_tokens_have_their_ratio_truncated() {
+fn the_samplers_mismatch_is_corrected_as_the_objective_says() {
     let t = trainer(1e-3);
     let (p, c, lp) = rollouts(&t, 1).remove(0);
-    // The worker claims a much lower probability than the learner's: the ratio is huge.
+    // The worker claims a much lower probability than the learner's: rho = e^4 on every token.
     let low: Vec<f32> = lp.iter().map(|x| x - 4.0).collect();
-    let cfg = GrpoConfig {
-        tis_cap: 2.0,
-        ..GrpoConfig::default()
-    };
-    let fresh = grpo_loss(t.model(), &[seq(&p, &c, &low, -1.0, 3)], 3, &cfg)
-        .unwrap()
-        .1;
-    let stale = grpo_loss(t.model(), &[seq(&p, &c, &low, -1.0, 2)], 3, &cfg)
-        .unwrap()
-        .1;
-    // Negative advantage: the surrogate is r·A, unbounded for fresh tokens, capped at 2 for stale.
-    assert!(fresh.loss > 40.0, "{fresh:?}");
-    assert!((stale.loss - 2.0).abs() < 1e-3, "{stale:?}");
-    // Positive advantage with a huge ratio is clipped at 1 + eps_high.
-    let pos = grpo_loss(t.model(), &[seq(&p, &c, &low, 1.0, 3)], 3, &cfg)
-        .unwrap()
-        .1;
+    let loss = |o: &Objective, a: f32| rl_loss(t.model(), &[seq(&p, &c, &low, a, 0)], o).unwrap().1;
+    let none = loss(&objective(&[("correction", "none")]), -1.0);
+    assert!((none.loss - 1.0).abs() < 1e-4, "{none:?}");
+    let tis = loss(&objective(&[("correction", "tis"), ("tis_cap", "2")]), -1.0);
+    assert!((tis.loss - 2.0).abs() < 1e-3, "{tis:?}");
+    let icepop = loss(&objective(&[("correction", "icepop")]), 1.0);
     assert!(
-        (pos.loss + 1.28).abs() < 1e-3 && pos.clip_fraction == 1.0,
-        "{pos:?}"
+        icepop.loss.abs() < 1e-6,
+        "outside [0.5, 2] every token is dropped: {icepop:?}"
     );
+    assert!((tis.mean_abs_logprob_diff - 4.0).abs() < 1e-3, "{tis:?}");
 }
 
 #[test]
@@ -155,27 +155,42 @@ fn token_mean_and_sequence_mean_differ_as_they_should() {
     // Same ratio 1 everywhere; advantages 1 (6 tokens) and -1 (3 tokens).
     let a = seq(&r[0].0, &r[0].1, &r[0].2, 1.0, 0);
     let b = seq(&r[1].0, &r[1].1[..3], &r[1].2[..3], -1.0, 0);
-    let tok = grpo_loss(
+    let tok = rl_loss(
         t.model(),
         &[a.clone(), b.clone()],
-        0,
-        &GrpoConfig::default(),
+        &objective(&[("aggregation", "token_mean")]),
     )
     .unwrap()
     .1;
-    let seqm = grpo_loss(
+    let seqm = rl_loss(
         t.model(),
         &[a, b],
-        0,
-        &GrpoConfig {
-            aggregation: Aggregation::SeqMean,
-            ..Default::default()
-        },
+        &objective(&[("aggregation", "seq_mean_token_mean")]),
     )
     .unwrap()
     .1;
     assert!((tok.loss - (-(6.0 - 3.0) / 9.0)).abs() < 1e-4, "{tok:?}");
     assert!(seqm.loss.abs() < 1e-4, "{seqm:?}");
+}
+
+#[test]
+fn groups_with_different_objectives_share_one_step() {
+    let mut t = trainer(1e-2);
+    let r = rollouts(&t, 2);
+    let a = [seq(&r[0].0, &r[0].1, &r[0].2, 1.0, 0)];
+    let b = [seq(&r[1].0, &r[1].1, &r[1].2, -1.0, 0)];
+    let reinforce = objective(&[("algorithm", "reinforce")]);
+    let dapo = objective(&[("algorithm", "dapo")]);
+    let (_, sa) = rl_loss(t.model(), &a, &reinforce).unwrap();
+    let (_, sb) = rl_loss(t.model(), &b, &dapo).unwrap();
+    let report = t.rl_step_mixed(&[(&reinforce, &a), (&dapo, &b)]).unwrap();
+    assert!(report.skipped.is_none(), "{report:?}");
+    // Each part weighs by its share of the sequences (one each here).
+    assert!(
+        (report.stats.loss - (sa.loss + sb.loss) / 2.0).abs() < 1e-5,
+        "{report:?} vs {sa:?} and {sb:?}"
+    );
+    assert_eq!(report.stats.tokens, sa.tokens + sb.tokens);
 }
 
 #[test]
@@ -273,7 +288,7 @@ fn bad_settings_and_batches_are_named() {
     let cfg = config();
     let params = checkpoint::init_params(&cfg, 1, &Device::Cpu).unwrap();
     let lc = LearnerConfig {
-        grpo: GrpoConfig {
+        objective: Objective {
             eps_low: 1.5,
             ..Default::default()
         },
@@ -328,7 +343,8 @@ fn loss_mask_excludes_observation_tokens() {
     let rl = |last: u32, mask: Option<Vec<bool>>| {
         let mut s = seq(&[3, 4], &[5, 9, last], &[-1.0, -2.0, -3.0], 1.0, 0);
         s.loss_mask = mask;
-        grpo_loss(t.model(), &[s], 0, &GrpoConfig::default())
+        // With `tis` the token's own probability weighs it, so its identity shows in the loss.
+        rl_loss(t.model(), &[s], &objective(&[("correction", "tis")]))
             .unwrap()
             .1
     };

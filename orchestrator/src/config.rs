@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::advantage::AdvantageKind;
 use crate::faults::FaultPolicy;
+pub use chorus_proto::objective::{Aggregation, Correction, KlEstimator, Objective};
 pub use chorus_proto::schedule::{Decay, LrSchedule};
 
 /// An invalid configuration: names the key and what is allowed.
@@ -110,28 +111,47 @@ fn written<T: Serialize>(v: &T) -> String {
 pub enum StageKind {
     /// Supervised warm-up on environments' reference solutions.
     Sft,
-    /// Reinforcement learning with verifiable rewards.
-    Rl,
+    /// Reinforcement learning with verifiable rewards (`rl` is accepted too).
+    #[serde(alias = "rl")]
+    Rlvr,
 }
 
-/// The update rule of a stage.
+/// The update rule of a stage: `sft`, or one of the RL objectives of
+/// [`chorus_proto::objective::Algorithm`] (defined there, with the exact formulas in
+/// `chorus_learner::objective`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
     /// Next-token cross-entropy on reference solutions.
     Sft,
-    /// GRPO-family clipped surrogate with group-relative advantages.
+    /// Clipped surrogate, sequence mean of token means, eps 0.2/0.2.
     Grpo,
+    /// Clipped surrogate with clip-higher, token mean, eps 0.2/0.28 (Nemotron 3's RLVR).
+    Dapo,
+    /// Clipped surrogate, token sum over a constant length.
+    DrGrpo,
+    /// Clipped sequence-level ratio.
+    Gspo,
+    /// Clipped stop-gradient importance weight times the log-probability.
+    Cispo,
+    /// Plain policy gradient (RLOO with `advantage = "leave_one_out"`).
+    Reinforce,
 }
 
-/// How a learner averages the per-token loss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Aggregation {
-    /// Over all tokens of the batch (Nemotron 3 RL).
-    TokenMean,
-    /// Over each sequence's tokens, then over sequences.
-    SeqMean,
+impl Algorithm {
+    /// The RL objective's algorithm; `None` for `sft`.
+    pub fn rl(self) -> Option<chorus_proto::objective::Algorithm> {
+        use chorus_proto::objective::Algorithm as A;
+        Some(match self {
+            Self::Sft => return None,
+            Self::Grpo => A::Grpo,
+            Self::Dapo => A::Dapo,
+            Self::DrGrpo => A::DrGrpo,
+            Self::Gspo => A::Gspo,
+            Self::Cispo => A::Cispo,
+            Self::Reinforce => A::Reinforce,
+        })
+    }
 }
 
 /// A weight format to quantize to.
@@ -194,8 +214,29 @@ pub struct RawStage {
     pub name: Option<String>,
     /// `sft` or `rl`.
     pub kind: Option<Choice<StageKind>>,
-    /// `sft` (for sft stages) or `grpo` (for rl stages).
+    /// `sft` (for sft stages) or an RL objective (for rlvr stages): `grpo`, `dapo`,
+    /// `dr_grpo`, `gspo`, `cispo`, `reinforce`.
     pub algorithm: Option<Choice<Algorithm>>,
+    /// Lower clip of the ratio (overrides `learner.eps_low` and the algorithm's default).
+    pub eps_low: Option<f64>,
+    /// Upper clip of the ratio.
+    pub eps_high: Option<f64>,
+    /// Off-policy correction: `none`, `tis`, `icepop`, `seq_mask_tis`.
+    pub correction: Option<Choice<Correction>>,
+    /// Cap of the importance weight (`tis`, `seq_mask_tis`).
+    pub tis_cap: Option<f64>,
+    /// Lower bound of the importance weight kept by `icepop` and `seq_mask_tis`.
+    pub icepop_low: Option<f64>,
+    /// Upper bound of the importance weight kept by `icepop` and `seq_mask_tis`.
+    pub icepop_high: Option<f64>,
+    /// `token_mean`, `seq_mean_token_mean` or `seq_mean_token_sum_norm`.
+    pub aggregation: Option<Choice<Aggregation>>,
+    /// Constant length of `seq_mean_token_sum_norm` (default: the batch's width).
+    pub norm_length: Option<u32>,
+    /// Weight of a KL penalty to a reference policy.
+    pub kl_coef: Option<f64>,
+    /// `k1` or `k3`.
+    pub kl_estimator: Option<Choice<KlEstimator>>,
     /// Optimizer steps in the stage.
     pub steps: Option<u64>,
     /// Prompts per step.
@@ -299,13 +340,14 @@ pub struct RawLearner {
     pub device: Option<String>,
     /// Clip the global gradient norm to this.
     pub max_grad_norm: Option<f64>,
-    /// Lower clip of the ratio.
+    /// Lower clip of the ratio, for every RL stage that does not set its own.
     pub eps_low: Option<f64>,
-    /// Upper clip of the ratio.
+    /// Upper clip of the ratio, for every RL stage that does not set its own.
     pub eps_high: Option<f64>,
-    /// Cap of the importance ratio for stale tokens.
+    /// Cap of the importance weight, for every RL stage that does not set its own.
     pub tis_cap: Option<f64>,
-    /// `token_mean` or `seq_mean`.
+    /// `token_mean`, `seq_mean_token_mean` or `seq_mean_token_sum_norm`, for every
+    /// RL stage that does not set its own.
     pub aggregation: Option<Choice<Aggregation>>,
     /// `nvfp4`: run the forward pass through the workers' NVFP4 weights (straight-through
     /// gradients); absent: full precision.
@@ -362,6 +404,8 @@ pub struct Stage {
     pub kind: StageKind,
     /// Update rule.
     pub algorithm: Algorithm,
+    /// The RL objective every group of the stage carries to the learner (`None` for SFT).
+    pub objective: Option<Objective>,
     /// Optimizer steps.
     pub steps: u64,
     /// Prompts per step.
@@ -432,14 +476,6 @@ pub struct RunConfig {
     pub learner_nvfp4_forward: bool,
     /// Gradient clip.
     pub max_grad_norm: f64,
-    /// Lower clip.
-    pub eps_low: f64,
-    /// Upper clip.
-    pub eps_high: f64,
-    /// TIS cap.
-    pub tis_cap: f64,
-    /// How the loss is averaged.
-    pub aggregation: Aggregation,
     /// Stages in order.
     pub stages: Vec<Stage>,
     /// Deadline and error budget of environment calls.
@@ -464,14 +500,9 @@ impl Defaults {
     pub const DEVICE: &'static str = "cpu";
     /// Gradient clip (Nemotron 3 RL).
     pub const MAX_GRAD_NORM: f64 = 1.0;
-    /// Lower clip (Nemotron 3 RL).
-    pub const EPS_LOW: f64 = 0.2;
-    /// Upper clip (Nemotron 3 RL).
-    pub const EPS_HIGH: f64 = 0.28;
-    /// TIS cap (Nemotron 3 RL).
-    pub const TIS_CAP: f64 = 5.0;
-    /// Aggregation (Nemotron 3 RL).
-    pub const AGGREGATION: Aggregation = Aggregation::TokenMean;
+    /// The off-policy correction of RL stages: truncated importance sampling at the
+    /// objective's cap (5), as Nemotron 3 trains.
+    pub const CORRECTION: Correction = Correction::Tis;
     /// Initialisation seed of a new model.
     pub const INIT_SEED: u64 = 0;
     /// Worker weight format (`None`: f32).
@@ -513,13 +544,83 @@ impl Defaults {
     /// Top-k (0 = off).
     pub const TOP_K: usize = 0;
 
-    /// The update rule of a stage of this kind.
+    /// The update rule of a stage of this kind: Nemotron 3's RLVR objective (clip 0.2/0.28,
+    /// token mean) for RL.
     pub const fn algorithm(kind: StageKind) -> Algorithm {
         match kind {
             StageKind::Sft => Algorithm::Sft,
-            StageKind::Rl => Algorithm::Grpo,
+            StageKind::Rlvr => Algorithm::Dapo,
         }
     }
+}
+
+/// The RL objective of stage `i`: the algorithm's defaults, the run's correction, then what
+/// `[learner]` sets for every stage, then what the stage sets. An error names the key that
+/// was written (the stage's, or `learner.*` when the stage left it to the run).
+fn stage_objective(
+    ctx: &Ctx<'_>,
+    i: usize,
+    algorithm: chorus_proto::objective::Algorithm,
+    learner: &RawLearner,
+    learner_aggregation: Option<Aggregation>,
+    s: &RawStage,
+) -> Result<Objective, ConfigError> {
+    let k = |f: &str| format!("stages[{i}].{f}");
+    let mut o = Objective::for_algorithm(algorithm);
+    o.correction = Defaults::CORRECTION;
+    let mut from_learner = BTreeSet::new();
+    let mut number = |field: &mut f64, name: &'static str, stage: Option<f64>, run: Option<f64>| {
+        if let Some(v) = stage {
+            *field = v;
+        } else if let Some(v) = run {
+            *field = v;
+            from_learner.insert(name);
+        }
+    };
+    number(&mut o.eps_low, "eps_low", s.eps_low, learner.eps_low);
+    number(&mut o.eps_high, "eps_high", s.eps_high, learner.eps_high);
+    number(&mut o.tis_cap, "tis_cap", s.tis_cap, learner.tis_cap);
+    number(&mut o.icepop_low, "icepop_low", s.icepop_low, None);
+    number(&mut o.icepop_high, "icepop_high", s.icepop_high, None);
+    number(&mut o.kl_coef, "kl_coef", s.kl_coef, None);
+    match ctx.choice(&k("aggregation"), s.aggregation.clone())? {
+        Some(a) => o.aggregation = a,
+        None => {
+            if let Some(a) = learner_aggregation {
+                o.aggregation = a;
+                from_learner.insert("aggregation");
+            }
+        }
+    }
+    if let Some(c) = ctx.choice(&k("correction"), s.correction.clone())? {
+        o.correction = c;
+    }
+    if let Some(e) = ctx.choice(&k("kl_estimator"), s.kl_estimator.clone())? {
+        o.kl_estimator = e;
+    }
+    if s.norm_length.is_some() {
+        o.norm_length = s.norm_length;
+    }
+    let key = |setting: &str| {
+        if from_learner.contains(setting) {
+            format!("learner.{setting}")
+        } else {
+            k(setting)
+        }
+    };
+    o.validate()
+        .map_err(|e| ctx.err(key(&e.setting), e.message))?;
+    if o.kl_coef > 0.0 {
+        return Err(ctx.err(
+            k("kl_coef"),
+            format!(
+                "{}: a KL penalty needs the reference policy's log-probabilities, which runs do \
+                 not compute yet; allowed: 0",
+                o.kl_coef
+            ),
+        ));
+    }
+    Ok(o)
 }
 
 struct Ctx<'a> {
@@ -787,21 +888,7 @@ impl RunConfig {
                 Ok(v)
             }
         };
-        let aggregation = ctx
-            .choice("learner.aggregation", l.aggregation)?
-            .unwrap_or(Defaults::AGGREGATION);
-        let eps_low = l.eps_low.unwrap_or(Defaults::EPS_LOW);
-        if !(0.0..1.0).contains(&eps_low) {
-            return Err(ctx.err("learner.eps_low", format!("{eps_low}; allowed: [0, 1)")));
-        }
-        let eps_high = l.eps_high.unwrap_or(Defaults::EPS_HIGH);
-        if eps_high < 0.0 {
-            return Err(ctx.err("learner.eps_high", format!("{eps_high}; allowed: >= 0")));
-        }
-        let tis_cap = l.tis_cap.unwrap_or(Defaults::TIS_CAP);
-        if tis_cap < 1.0 {
-            return Err(ctx.err("learner.tis_cap", format!("{tis_cap}; allowed: >= 1")));
-        }
+        let learner_aggregation = ctx.choice("learner.aggregation", l.aggregation.clone())?;
         let raw_stages = raw.stages.unwrap_or_default();
         if raw_stages.is_empty() {
             return Err(ctx.err("stages", "missing: give at least one [[stages]] table"));
@@ -810,39 +897,46 @@ impl RunConfig {
         let mut stages = vec![];
         for (i, s) in raw_stages.into_iter().enumerate() {
             let k = |f: &str| format!("stages[{i}].{f}");
-            let name = s.name.ok_or_else(|| ctx.err(k("name"), "missing"))?;
+            let name = s
+                .name
+                .clone()
+                .ok_or_else(|| ctx.err(k("name"), "missing"))?;
             if !names.insert(name.clone()) {
                 return Err(ctx.err(
                     k("name"),
                     format!("`{name}` is used by an earlier stage; names must be unique"),
                 ));
             }
-            let kind = ctx.choice(&k("kind"), s.kind)?.ok_or_else(|| {
+            let kind = ctx.choice(&k("kind"), s.kind.clone())?.ok_or_else(|| {
                 ctx.err(
                     k("kind"),
                     format!("missing; allowed: {}", allowed::<StageKind>()),
                 )
             })?;
-            // Each kind has exactly one update rule today; `algorithm` may name it.
-            let algorithm = Defaults::algorithm(kind);
-            match s.algorithm {
-                None => {}
-                Some(Choice::Known(a)) if a == algorithm => {}
-                Some(other) => {
-                    let o = match other {
-                        Choice::Known(a) => written(&a),
-                        Choice::Unknown(o) => o,
-                    };
+            let algorithm = ctx
+                .choice(&k("algorithm"), s.algorithm.clone())?
+                .unwrap_or(Defaults::algorithm(kind));
+            let objective = match (kind, algorithm.rl()) {
+                (StageKind::Sft, None) => None,
+                (StageKind::Rlvr, Some(rl)) => {
+                    Some(stage_objective(ctx, i, rl, &l, learner_aggregation, &s)?)
+                }
+                (StageKind::Sft, Some(_)) => {
+                    return Err(ctx.err(
+                        k("algorithm"),
+                        format!("`{}` for an sft stage; allowed: sft", written(&algorithm)),
+                    ));
+                }
+                (StageKind::Rlvr, None) => {
                     return Err(ctx.err(
                         k("algorithm"),
                         format!(
-                            "`{o}` for an {} stage; allowed: {}",
-                            written(&kind),
-                            written(&algorithm)
+                            "`sft` for an rlvr stage; allowed: {}",
+                            chorus_proto::objective::Algorithm::NAMES.join(", ")
                         ),
                     ));
                 }
-            }
+            };
             let steps = s.steps.ok_or_else(|| ctx.err(k("steps"), "missing"))?;
             if steps == 0 {
                 return Err(ctx.err(k("steps"), "must be at least 1"));
@@ -916,7 +1010,7 @@ impl RunConfig {
                 &k("group_size"),
                 s.group_size.unwrap_or(Defaults::GROUP_SIZE),
             )?;
-            if kind == StageKind::Rl && group_size < 2 {
+            if kind == StageKind::Rlvr && group_size < 2 {
                 return Err(ctx.err(
                     k("group_size"),
                     "rl stages need at least 2 completions per prompt to compare",
@@ -926,6 +1020,7 @@ impl RunConfig {
                 name,
                 kind,
                 algorithm,
+                objective,
                 steps,
                 prompts_per_step: positive(
                     &k("prompts_per_step"),
@@ -999,10 +1094,6 @@ impl RunConfig {
             learner_nvfp4_forward,
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),
-            eps_low,
-            eps_high,
-            tis_cap,
-            aggregation,
             stages,
             environment_faults: fault_policy(ctx, raw.environment_faults.unwrap_or_default())?,
         })
@@ -1076,7 +1167,7 @@ sampling = { temperature = 0.9 }
         assert_eq!(c.deterministic, Defaults::DETERMINISTIC);
         assert_eq!(c.stages.len(), 2);
         assert_eq!(c.stages[0].algorithm, Algorithm::Sft);
-        assert_eq!(c.stages[1].algorithm, Algorithm::Grpo);
+        assert_eq!(c.stages[1].algorithm, Algorithm::Dapo);
         assert_eq!(c.stages[1].max_staleness, 0);
         assert_eq!(c.stages[0].max_staleness, Defaults::MAX_STALENESS);
         assert_eq!(
@@ -1224,7 +1315,7 @@ sampling = { temperature = 0.9 }
                 .replace(
                     "name = \"t\"",
                     "name = \"t\"\n[workers]\nquantize = \"nvfp4\"\n\
-                     [learner]\naggregation = \"seq_mean\"\nquantize_forward = \"nvfp4\"",
+                     [learner]\naggregation = \"seq_mean_token_mean\"\nquantize_forward = \"nvfp4\"",
                 )
                 .replace(
                     "steps = 5",
@@ -1233,13 +1324,27 @@ sampling = { temperature = 0.9 }
             "x.toml",
         )
         .unwrap();
-        assert_eq!(c.aggregation, Aggregation::SeqMean);
+        let objective = c.stages[1]
+            .objective
+            .clone()
+            .expect("an rl stage has an objective");
+        // The stage names grpo; the run-wide aggregation still applies over its default.
+        assert_eq!(objective.aggregation, Aggregation::SeqMeanTokenMean);
+        assert_eq!((objective.eps_low, objective.eps_high), (0.2, 0.2));
+        assert_eq!(c.stages[0].objective, None, "sft stages have none");
         assert!(c.worker_nvfp4 && c.learner_nvfp4_forward);
         assert_eq!(c.stages[1].advantage, AdvantageKind::GroupNorm);
         assert_eq!(c.stages[1].algorithm, Algorithm::Grpo);
         // Unwritten choices take their defaults.
         let d = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
-        assert_eq!(d.aggregation, Defaults::AGGREGATION);
+        assert_eq!(d.stages[1].algorithm, Defaults::algorithm(StageKind::Rlvr));
+        let objective = d.stages[1].objective.clone().expect("rl");
+        assert_eq!(objective.correction, Defaults::CORRECTION);
+        assert_eq!(
+            (objective.eps_low, objective.eps_high, objective.aggregation),
+            (0.2, 0.28, Aggregation::TokenMean),
+            "Nemotron 3's RLVR settings"
+        );
         assert!(!d.worker_nvfp4 && !d.learner_nvfp4_forward);
         assert_eq!(d.stages[1].advantage, Defaults::ADVANTAGE);
         assert_eq!(d.stages[1].lr_decay, Defaults::LR_DECAY);
@@ -1250,7 +1355,15 @@ sampling = { temperature = 0.9 }
             Defaults::ENVIRONMENT_WEIGHT
         );
         // The lists in errors are serde's own names, in declaration order.
-        assert_eq!(allowed::<Aggregation>(), "token_mean, seq_mean");
+        assert_eq!(
+            allowed::<Aggregation>(),
+            "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"
+        );
+        assert_eq!(
+            allowed::<StageKind>(),
+            "sft, rl, rlvr",
+            "rl is the old name of rlvr"
+        );
         assert_eq!(allowed::<EnvironmentKind>(), "builtin, plugin, nemo_gym");
         assert_eq!(allowed::<Decay>(), "constant, cosine");
         assert_eq!(written(&EnvironmentKind::NemoGym), "nemo_gym");
@@ -1368,7 +1481,7 @@ sampling = { temperature = 0.9 }
                 "name = \"t\"",
                 "name = \"t\"\n[learner]\naggregation = \"sum\"",
                 "learner.aggregation",
-                "`sum`; allowed: token_mean, seq_mean",
+                "`sum`; allowed: token_mean, seq_mean_token_mean",
             ),
             (
                 "name = \"t\"",
@@ -1386,19 +1499,49 @@ sampling = { temperature = 0.9 }
                 "steps = 5",
                 "steps = 5\nalgorithm = \"sft\"",
                 "stages[1].algorithm",
-                "`sft` for an rl stage; allowed: grpo",
+                "`sft` for an rlvr stage; allowed: grpo, dapo, dr_grpo, gspo, cispo, reinforce",
+            ),
+            (
+                "steps = 3",
+                "steps = 3\nalgorithm = \"dapo\"",
+                "stages[0].algorithm",
+                "`dapo` for an sft stage; allowed: sft",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\ncorrection = \"is\"",
+                "stages[1].correction",
+                "`is`; allowed: none, tis, icepop, seq_mask_tis",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\neps_low = 1.5",
+                "stages[1].eps_low",
+                "1.5; allowed: 0 to 1",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\neps_high = -1.0",
+                "learner.eps_high",
+                "allowed: >= 0",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nkl_coef = 0.1",
+                "stages[1].kl_coef",
+                "reference policy",
             ),
             (
                 "steps = 3",
                 "steps = 3\nalgorithm = \"dpo\"",
                 "stages[0].algorithm",
-                "`dpo` for an sft stage; allowed: sft",
+                "`dpo`; allowed: sft, grpo, dapo",
             ),
             (
                 "kind = \"sft\"\n",
                 "",
                 "stages[0].kind",
-                "missing; allowed: sft, rl",
+                "missing; allowed: sft, rl, rlvr",
             ),
             (
                 "name = \"t\"",

@@ -1054,6 +1054,7 @@ async fn submit_group(
             supervised: false,
             step_groups: stage.prompts_per_step as u32,
             learning_rate: at.lr,
+            objective: stage.objective.as_ref().map(|o| o.to_proto()),
         })
         .await?;
     order.submitted(at.step);
@@ -1101,6 +1102,7 @@ async fn submit_empty(
             supervised,
             step_groups: stage.prompts_per_step as u32,
             learning_rate: lr,
+            objective: stage.objective.as_ref().map(|o| o.to_proto()),
         })
         .await?;
     Ok(())
@@ -1279,6 +1281,7 @@ async fn run_sft_step(
             supervised: true,
             step_groups: stage.prompts_per_step as u32,
             learning_rate: stage.lr_at(step),
+            objective: None,
         }));
     }
     let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();

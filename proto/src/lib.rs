@@ -21,7 +21,9 @@
 //! - [`auth`]: interceptors that attach and check the shared `Bearer` token;
 //! - [`checksum`]: the digest carried by the last [`WeightChunk`](v1::WeightChunk)
 //!   of a weight stream and a verifier for receivers;
-//! - [`schedule`]: the learning-rate schedule that the orchestrator and the learner share.
+//! - [`schedule`]: the learning-rate schedule that the orchestrator and the learner share;
+//! - [`objective`]: the RL objective (algorithm, correction, KL, aggregation) a stage names and
+//!   the learner evaluates.
 //!
 //! The protobuf files are compiled at build time with `protox`, so building needs
 //! no `protoc`.
@@ -29,6 +31,7 @@
 
 pub mod auth;
 pub mod checksum;
+pub mod objective;
 pub mod schedule;
 pub mod weights;
 

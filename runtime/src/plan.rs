@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_learner::{AdamWConfig, GrpoConfig, LearnerConfig, LrSchedule};
+use chorus_learner::{AdamWConfig, LearnerConfig, LrSchedule};
 use chorus_model::Nvfp4Policy;
 use chorus_model::engine::EngineOptions;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
-use chorus_orchestrator::config::{Aggregation, EnvironmentSource, RunConfig, StageKind};
+use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
 
 use crate::error::{Result, RunError};
 
@@ -39,7 +39,7 @@ impl EvalPlan {
     /// RL steps when it is not 0.
     pub fn new(cfg: &RunConfig, tasks: usize, every: u64) -> Self {
         let mut seen = BTreeMap::new();
-        for s in cfg.stages.iter().filter(|s| s.kind == StageKind::Rl) {
+        for s in cfg.stages.iter().filter(|s| s.kind == StageKind::Rlvr) {
             for e in &s.environments {
                 seen.entry(e.key().to_string()).or_insert(e.difficulty);
             }
@@ -63,7 +63,7 @@ impl EvalPlan {
             rl_steps: cfg
                 .stages
                 .iter()
-                .filter(|s| s.kind == StageKind::Rl)
+                .filter(|s| s.kind == StageKind::Rlvr)
                 .map(|s| s.steps)
                 .sum(),
         }
@@ -231,18 +231,12 @@ fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
             peak_lr: cfg.stages[0].lr,
             ..Default::default()
         },
-        grpo: GrpoConfig {
-            eps_low: cfg.eps_low,
-            eps_high: cfg.eps_high,
-            tis_cap: cfg.tis_cap,
-            // The orchestrator's config cannot name the learner's type (services meet only
-            // through proto), so the choice is mapped here.
-            aggregation: match cfg.aggregation {
-                Aggregation::TokenMean => chorus_learner::Aggregation::TokenMean,
-                Aggregation::SeqMean => chorus_learner::Aggregation::SeqMean,
-            },
-            ..Default::default()
-        },
+        // Every RL group carries its stage's objective; this one serves groups that name none.
+        objective: cfg
+            .stages
+            .iter()
+            .find_map(|s| s.objective.clone())
+            .unwrap_or_default(),
         // The MTP head is trained apart (it drafts for speculation, it is not the policy).
         freeze: if model.has_mtp() {
             vec!["mtp.".into()]

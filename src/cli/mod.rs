@@ -5,6 +5,7 @@ mod generate;
 mod inspect;
 mod launch;
 mod logging;
+mod loss;
 mod model;
 mod quantize;
 mod run;
@@ -74,6 +75,7 @@ pub enum Command {
     Watch(launch::WatchArgs),
     Inspect(inspect::InspectArgs),
     Quantize(quantize::QuantizeArgs),
+    Loss(loss::LossArgs),
     /// List, sample and self-check environments, score given completions, scaffold new ones.
     #[command(subcommand)]
     Env(env::EnvCommand),
@@ -87,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Env(cmd) => env::run(cmd),
         Command::Quantize(args) => quantize::run(args),
+        Command::Loss(args) => loss::run(args),
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(cmd) => serve::run(cmd),

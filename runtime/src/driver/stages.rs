@@ -20,10 +20,10 @@ pub(crate) async fn run_stages(
     for (i, stage) in plan.config.stages.iter().enumerate() {
         ctx.stage_index = i;
         let shared = Arc::new(ctx.clone());
-        if stage.kind == StageKind::Rl {
+        if stage.kind == StageKind::Rlvr {
             evaluator.before_rl(&shared).await?;
         }
-        let completions = if stage.kind == StageKind::Rl {
+        let completions = if stage.kind == StageKind::Rlvr {
             stage.group_size
         } else {
             1
@@ -48,7 +48,7 @@ pub(crate) async fn run_stages(
         let st = Arc::new(stage.clone());
         match stage.kind {
             StageKind::Sft => run_sft_stage(shared, st).instrument(span).await?,
-            StageKind::Rl => run_rl_stage(shared, st).instrument(span).await?,
+            StageKind::Rlvr => run_rl_stage(shared, st).instrument(span).await?,
         }
     }
     Ok(())

@@ -137,6 +137,40 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
     );
     let steps = h.ok(&["inspect", "--db", &db, "steps", "--run", &run_id]);
     assert!(steps.lines().count() >= 7, "{steps}");
+
+    // Each stage: a row in `inspect stages`, and a checkpoint `chorus generate` loads.
+    let stages = h.ok(&["inspect", "--db", &db, "stages", "--run", &run_id]);
+    let rows: Vec<&str> = stages.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{stages}");
+    assert!(
+        rows[0].contains("warmup") && rows[0].contains("sft") && rows[0].contains("1-3"),
+        "{stages}"
+    );
+    assert!(
+        rows[1].contains("rlvr") && rows[1].contains("succeeded") && rows[1].contains("4-6"),
+        "{stages}"
+    );
+    for stage in ["warmup", "rl"] {
+        let file = h.path(&format!("runs/tiny/stages/{stage}/summary.json"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(v["steps"], 3, "{v}");
+        assert_eq!(v["metric"], "heldout_accuracy", "{v}");
+        let checkpoint = h.path(&format!("runs/tiny/stages/{stage}/checkpoint"));
+        let out = h.ok(&[
+            "generate",
+            "--checkpoint",
+            s(&checkpoint),
+            "--prompt-ids",
+            "5,17,42",
+            "--max-new-tokens",
+            "3",
+            "--greedy",
+        ]);
+        assert!(!out.trim().is_empty(), "{stage}: {out}");
+    }
+    let err = h.fails(&["inspect", "--db", &db, "stages", "--run", "nope"]);
+    assert!(err.contains("run `nope` has no stages"), "{err}");
 }
 
 #[test]

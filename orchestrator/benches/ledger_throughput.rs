@@ -47,6 +47,7 @@ fn trajectory(run_id: &str, i: usize) -> NewTrajectory {
             generate_ms: 900,
             score_ms: 5,
         },
+        stage_index: None,
     }
 }
 

@@ -263,6 +263,11 @@ pub struct RawStage {
     pub drop_zero_variance: Option<bool>,
     /// The weighted environment mixture.
     pub environments: Option<Vec<RawEnvironment>>,
+    /// SFT stages: a JSONL file of chat transcripts (`{"messages": [{"role", "content"}...]}`),
+    /// relative to the config file, learned on the assistant's tokens.
+    pub data: Option<PathBuf>,
+    /// Weight of `data` in the stage's mixture, next to the environments' weights.
+    pub data_weight: Option<f64>,
     /// Sampling settings.
     pub sampling: Option<RawSampling>,
 }
@@ -432,12 +437,23 @@ pub struct Stage {
     pub drop_zero_variance: bool,
     /// Mixture.
     pub environments: Vec<EnvironmentSpec>,
+    /// SFT stages: a user's chat transcripts, drawn next to the environments.
+    pub data: Option<TranscriptData>,
     /// Sampling temperature.
     pub temperature: f32,
     /// Nucleus probability.
     pub top_p: f32,
     /// Top-k (0 = off).
     pub top_k: usize,
+}
+
+/// A file of chat transcripts in an SFT stage's mixture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TranscriptData {
+    /// The JSONL file (`{"messages": [...]}` per line).
+    pub path: PathBuf,
+    /// Its weight in the mixture, next to the environments'.
+    pub weight: f64,
 }
 
 /// A validated run configuration.
@@ -797,6 +813,11 @@ impl RunConfig {
     pub fn from_toml_relative_to(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
         let mut cfg = Self::from_toml_str(text, file)?;
         for stage in &mut cfg.stages {
+            if let Some(data) = &mut stage.data
+                && data.path.is_relative()
+            {
+                data.path = base.join(&data.path);
+            }
             for env in &mut stage.environments {
                 if let EnvironmentSource::NemoGym { dataset, .. } = &mut env.source
                     && dataset.is_relative()
@@ -944,11 +965,41 @@ impl RunConfig {
             let advantage = ctx
                 .choice(&k("advantage"), s.advantage)?
                 .unwrap_or(Defaults::ADVANTAGE);
-            let envs = s.environments.unwrap_or_default();
-            if envs.is_empty() {
+            let data = match (&s.data, kind) {
+                (None, _) => {
+                    if s.data_weight.is_some() {
+                        return Err(
+                            ctx.err(k("data_weight"), "only used with `data`; set that too")
+                        );
+                    }
+                    None
+                }
+                (Some(_), StageKind::Rlvr) => {
+                    return Err(ctx.err(
+                        k("data"),
+                        "transcripts are supervised data; allowed in: sft stages",
+                    ));
+                }
+                (Some(path), StageKind::Sft) => {
+                    let weight = s.data_weight.unwrap_or(Defaults::ENVIRONMENT_WEIGHT);
+                    if !(weight > 0.0 && weight.is_finite()) {
+                        return Err(ctx.err(
+                            k("data_weight"),
+                            format!("{weight}; allowed: a finite number > 0"),
+                        ));
+                    }
+                    Some(TranscriptData {
+                        path: path.clone(),
+                        weight,
+                    })
+                }
+            };
+            let envs = s.environments.clone().unwrap_or_default();
+            if envs.is_empty() && data.is_none() {
                 return Err(ctx.err(
                     k("environments"),
-                    "missing: give at least one { name = \"arithmetic\", weight = 1.0 }",
+                    "missing: give at least one { name = \"arithmetic\", weight = 1.0 } (or, \
+                     in an sft stage, `data`: a JSONL file of chat transcripts)",
                 ));
             }
             let mut environments = vec![];
@@ -1043,6 +1094,7 @@ impl RunConfig {
                 advantage,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
+                data,
                 temperature,
                 top_p,
                 top_k: sampling.top_k.unwrap_or(Defaults::TOP_K),

@@ -23,6 +23,7 @@ pub mod service;
 pub mod standin;
 #[cfg(test)]
 mod testkit;
+pub mod transcripts;
 
 pub use directory::{
     Directory, LearnerInfo, Leases, Membership, RegistrationError, WaitError, WorkerInfo,

@@ -23,8 +23,9 @@ use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
 use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest,
-    TrajectoryGroup,
+    StreamWeightsRequest, TrajectoryGroup,
 };
+use chorus_proto::weights::{HostTensor, WeightAssembler};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -557,6 +558,51 @@ impl RemoteLearner {
     /// Step reports from now on.
     pub fn steps(&self) -> broadcast::Receiver<StepReport> {
         self.steps.subscribe()
+    }
+
+    /// The weights of exactly policy `version` of run `run_id`, verified, by name (a stage's
+    /// final policy, to save as its checkpoint). The learner must still hold that version: its
+    /// newest, or one it keeps for pinned requests.
+    pub async fn fetch_weights(
+        &self,
+        run_id: &str,
+        version: u64,
+    ) -> Result<std::collections::BTreeMap<String, HostTensor>, ConnectError> {
+        let fail = |message: String| ConnectError {
+            url: self.url.clone(),
+            message,
+        };
+        let mut stream = self
+            .client
+            .clone()
+            .stream_weights(StreamWeightsRequest {
+                run_id: run_id.into(),
+                policy_version: version,
+                requester_id: "orchestrator".into(),
+                start_chunk: 0,
+                exact: true,
+            })
+            .await
+            .map_err(|e| fail(format!("StreamWeights (version {version}): {e}")))?
+            .into_inner();
+        let mut assembler = WeightAssembler::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| fail(format!("weight stream of version {version}: {e}")))?;
+            if assembler
+                .push(&chunk)
+                .map_err(|e| fail(format!("weights of version {version}: {e}")))?
+            {
+                break;
+            }
+        }
+        let (got, tensors) = assembler
+            .finish()
+            .map_err(|e| fail(format!("weights of version {version}: {e}")))?;
+        if got != version {
+            return Err(fail(format!("asked for version {version}, got {got}")));
+        }
+        Ok(tensors)
     }
 }
 

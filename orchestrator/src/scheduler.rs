@@ -39,6 +39,7 @@ use crate::confidence::{self, Interval};
 use crate::config::Stage;
 use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
+use crate::transcripts::Transcripts;
 
 /// A boxed future, so the traits stay object-safe.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -115,6 +116,9 @@ pub enum SchedulerError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A stage's transcript file cannot be used.
+    #[error(transparent)]
+    Transcripts(#[from] crate::transcripts::TranscriptError),
 }
 
 /// Counters of a stage, updated as it runs.
@@ -813,6 +817,7 @@ async fn dispatch_prompt(
             split: Split::Train,
             task_json: serde_json::to_string(&*drawn.task).expect("tasks serialise"),
             step_dispatched: step,
+            stage_index: Some(ctx.stage_index as u64),
         }])
         .await?;
     if token_ids.len() > stage.max_prompt_tokens {
@@ -947,7 +952,7 @@ async fn record_group(
                 .trajectories_failed
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let (row, trajectory) = rollout_records(&ctx.run_id, env_name, prompt, r, *advantage);
+        let (row, trajectory) = rollout_records(ctx, env_name, prompt, r, *advantage);
         rows.push(row);
         trajectories.extend(trajectory);
     }
@@ -958,7 +963,7 @@ async fn record_group(
 /// The ledger row of one rollout and, when it is usable (it has an `advantage`), the proto
 /// `Trajectory` the learner trains on: both from the same fields, so they cannot disagree.
 fn rollout_records(
-    run_id: &str,
+    ctx: &StageContext,
     env_name: &str,
     prompt: &Prompt,
     r: &Rollout,
@@ -1000,7 +1005,7 @@ fn rollout_records(
     };
     let row = NewTrajectory {
         id: r.trajectory_id.clone(),
-        run_id: run_id.to_string(),
+        run_id: ctx.run_id.clone(),
         prompt_id: prompt.id.clone(),
         group_id: prompt.group_id.clone(),
         environment: env_name.to_string(),
@@ -1020,6 +1025,7 @@ fn rollout_records(
             generate_ms: r.generate_ms,
             score_ms: r.score_ms,
         },
+        stage_index: Some(ctx.stage_index as u64),
     };
     (row, trajectory)
 }
@@ -1171,20 +1177,130 @@ async fn run_sft_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         base_version = base,
         "supervised stage starts"
     );
+    let transcripts = match &stage.data {
+        Some(data) => {
+            let path = data.path.clone();
+            let loaded = tokio::task::spawn_blocking(move || Transcripts::load(&path))
+                .await
+                .map_err(|e| SchedulerError::Environment {
+                    name: data.path.display().to_string(),
+                    message: format!("reading the transcripts stopped: {e}"),
+                })??;
+            tracing::info!(
+                path = %data.path.display(),
+                transcripts = loaded.rows.len(),
+                "{} transcripts from {}",
+                loaded.rows.len(),
+                data.path.display()
+            );
+            Some(Arc::new(loaded))
+        }
+        None => None,
+    };
     for step in 0..stage.steps {
         let span = tracing::info_span!("step", step = base + step);
-        run_sft_step(&ctx, &stage, base, step)
+        run_sft_step(&ctx, &stage, transcripts.as_deref(), base, step)
             .instrument(span)
             .await?;
     }
     Ok(())
 }
 
-/// One step of a supervised stage: draws `prompts_per_step` tasks, records them with their
-/// reference completions, submits one group per task and waits for the learner's step.
+/// One supervised example: where it came from, its prompt, and its completion as segments
+/// (text, learned).
+struct SftExample {
+    source: String,
+    task_json: String,
+    prompt: Vec<chat::Message>,
+    segments: Vec<(String, bool)>,
+}
+
+/// A transcript for slot `slot` of step `step`, when the stage's mixture picks its data there
+/// (with probability `data.weight` over the total weight of the data and the environments that
+/// are not paused).
+fn pick_transcript(
+    ctx: &StageContext,
+    stage: &Stage,
+    transcripts: &Transcripts,
+    step: u64,
+    slot: usize,
+) -> Option<SftExample> {
+    let data = stage.data.as_ref()?;
+    let seed =
+        ctx.seed ^ ((ctx.stage_index as u64) << 56) ^ (step << 32) ^ ((slot as u64) << 8) ^ 0xda7a;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let environments: f64 = stage
+        .environments
+        .iter()
+        .filter(|e| !ctx.faults.is_paused(e.key()))
+        .map(|e| e.weight)
+        .sum();
+    if rng.random::<f64>() * (data.weight + environments) >= data.weight {
+        return None;
+    }
+    let row = &transcripts.rows[rng.random_range(0..transcripts.rows.len())];
+    Some(SftExample {
+        source: transcript_source(&transcripts.path),
+        task_json: serde_json::json!({
+            "transcripts": transcripts.path.display().to_string(),
+            "line": row.line,
+        })
+        .to_string(),
+        prompt: row.prompt.clone(),
+        segments: row.segments.clone(),
+    })
+}
+
+/// How a transcript file is named in the ledger's `environment` column.
+fn transcript_source(path: &std::path::Path) -> String {
+    format!(
+        "transcripts:{}",
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    )
+}
+
+/// An environment's task with its reference completion, for slot `slot` of step `step`; `None`
+/// when every attempt faulted.
+async fn reference_example(
+    ctx: &Arc<StageContext>,
+    stage: &Arc<Stage>,
+    step: u64,
+    slot: usize,
+) -> Result<Option<SftExample>, SchedulerError> {
+    for attempt in 0..MAX_ATTEMPTS {
+        let drawn = match draw(ctx, stage, step, slot, attempt).await {
+            Ok(d) => d,
+            Err(DrawError::Fatal(e)) => return Err(e),
+            Err(DrawError::Fault) => continue,
+        };
+        let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
+        let segments = ctx
+            .faults
+            .call(&drawn.env_name, move || {
+                reference_segments(env.as_ref(), &task, multi)
+            })
+            .await;
+        if let Ok(segments) = segments {
+            return Ok(Some(SftExample {
+                source: drawn.env_name.clone(),
+                task_json: serde_json::to_string(&*drawn.task).expect("tasks serialise"),
+                prompt: drawn.task.prompt.clone(),
+                segments,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// One step of a supervised stage: draws `prompts_per_step` examples (environments' tasks with
+/// their reference completions, or the stage's transcripts), records them, submits one group
+/// per example and waits for the learner's step.
 async fn run_sft_step(
     ctx: &Arc<StageContext>,
     stage: &Arc<Stage>,
+    transcripts: Option<&Transcripts>,
     base: u64,
     step: u64,
 ) -> Result<(), SchedulerError> {
@@ -1192,37 +1308,20 @@ async fn run_sft_step(
     let mut trajectories = vec![];
     let mut groups = vec![];
     for slot in 0..stage.prompts_per_step {
-        let mut example = None;
-        for attempt in 0..MAX_ATTEMPTS {
-            let drawn = match draw(ctx, stage, step, slot, attempt).await {
-                Ok(d) => d,
-                Err(DrawError::Fatal(e)) => return Err(e),
-                Err(DrawError::Fault) => continue,
-            };
-            let (env, task, multi) = (drawn.env.clone(), drawn.task.clone(), drawn.multi_turn);
-            let segments = ctx
-                .faults
-                .call(&drawn.env_name, move || {
-                    reference_segments(env.as_ref(), &task, multi)
-                })
-                .await;
-            if let Ok(segments) = segments {
-                example = Some((drawn, segments));
-                break;
-            }
-        }
-        let Some((drawn, segments)) = example else {
+        let example = match transcripts.and_then(|t| pick_transcript(ctx, stage, t, step, slot)) {
+            Some(e) => Some(e),
+            None => reference_example(ctx, stage, step, slot).await?,
+        };
+        let Some(example) = example else {
             groups.push(None);
             continue;
         };
-        let env_name = &drawn.env_name;
-        let task = &drawn.task;
         let prompt_ids = ctx
             .tokenizer
-            .encode(&chat::render_prompt(&task.prompt))
+            .encode(&chat::render_prompt(&example.prompt))
             .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
         let (mut completion_ids, mut mask) = (vec![], vec![]);
-        for (text, policy) in &segments {
+        for (text, policy) in &example.segments {
             let ids = ctx
                 .tokenizer
                 .encode(text)
@@ -1233,7 +1332,8 @@ async fn run_sft_step(
         if mask.iter().all(|&m| m) {
             mask.clear();
         }
-        let completion_text: String = segments.iter().map(|s| s.0.as_str()).collect();
+        let completion_text: String = example.segments.iter().map(|s| s.0.as_str()).collect();
+        let env_name = &example.source;
         let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
         let prompt_id = format!("{group_id}:p");
         prompts.push(NewPrompt {
@@ -1242,8 +1342,9 @@ async fn run_sft_step(
             group_id: group_id.clone(),
             environment: env_name.clone(),
             split: Split::Train,
-            task_json: serde_json::to_string(&**task).expect("tasks serialise"),
+            task_json: example.task_json.clone(),
             step_dispatched: base + step,
+            stage_index: Some(ctx.stage_index as u64),
         });
         trajectories.push(NewTrajectory {
             id: format!("{prompt_id}:ref"),
@@ -1263,6 +1364,7 @@ async fn run_sft_step(
             reason: Some("reference solution (supervised warm-up)".into()),
             status: TrajectoryStatus::Ok,
             timings: Timings::default(),
+            stage_index: Some(ctx.stage_index as u64),
         });
         groups.push(Some(TrajectoryGroup {
             run_id: ctx.run_id.clone(),

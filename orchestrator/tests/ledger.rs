@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_orchestrator::ledger::{
-    LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun, NewTrajectory,
-    PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, Timings, TrajectoryCounts,
-    TrajectoryStatus,
+    LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun, NewStage, NewTrajectory,
+    PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, StageEnd, StageStatus, Timings,
+    TrajectoryCounts, TrajectoryStatus,
 };
 use chorus_proto::v1::FinishReason;
 
@@ -127,6 +127,7 @@ on_both_backends!(
     close_makes_everything_durable,
     concurrent_writers_lose_nothing,
     launches_are_found_by_request_and_by_status,
+    stages_record_their_span_and_own_their_steps,
 );
 
 fn run(id: &str) -> NewRun {
@@ -147,6 +148,7 @@ fn prompt(id: &str, run_id: &str, env: &str) -> NewPrompt {
         split: Split::Train,
         task_json: format!(r#"{{"question":"{id}?","answer":42}}"#),
         step_dispatched: 2,
+        stage_index: Some(0),
     }
 }
 
@@ -176,6 +178,7 @@ fn traj(id: &str, run_id: &str, prompt_id: &str, env: &str, reward: f64) -> NewT
             generate_ms: 1500,
             score_ms: 20,
         },
+        stage_index: None,
     }
 }
 
@@ -669,6 +672,116 @@ mod cases {
         assert_eq!(steps[1].step, skipped);
         assert!(steps[0].created_at_ms > 0);
         assert!(ledger.list_learner_steps("other").await.unwrap().is_empty());
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn stages_record_their_span_and_own_their_steps(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        let stage = |index: u64, name: &str, kind: &str, first_step: u64| NewStage {
+            run_id: "r".into(),
+            stage_index: index,
+            name: name.into(),
+            kind: kind.into(),
+            first_step,
+            metric: Some("heldout_accuracy".into()),
+            metric_start: Some(0.1 * index as f64),
+        };
+        let step = |n: u64| LearnerStep {
+            run_id: "r".into(),
+            step: n,
+            policy_version: n,
+            loss: Some(1.0),
+            kl: None,
+            entropy: None,
+            grad_norm: None,
+            learning_rate: None,
+            clip_fraction: None,
+            num_tokens: 10,
+            num_trajectories: 1,
+            skip_reason: None,
+            mean_abs_logprob_diff: None,
+        };
+        // Steps 1-2 belong to the warm-up (begun at version 0), 3-4 to RL (begun at 2).
+        ledger
+            .start_stage(stage(0, "warmup", "sft", 0))
+            .await
+            .unwrap();
+        ledger.insert_learner_step(step(1)).await.unwrap();
+        ledger.insert_learner_step(step(2)).await.unwrap();
+        let end = |index: u64, last_step: u64, status: StageStatus| StageEnd {
+            run_id: "r".into(),
+            stage_index: index,
+            status,
+            last_step,
+            metric_end: Some(0.5),
+            trajectories: 2 * (index + 1),
+            checkpoint_path: Some(format!("runs/r/stages/{index}/checkpoint")),
+        };
+        ledger
+            .start_stage(stage(1, "rlvr", "rlvr", 2))
+            .await
+            .unwrap();
+        ledger
+            .finish_stage(end(0, 2, StageStatus::Succeeded))
+            .await
+            .unwrap();
+        ledger.insert_learner_step(step(3)).await.unwrap();
+        ledger.insert_learner_step(step(4)).await.unwrap();
+        let mut p = prompt("p1", "r", "math");
+        p.stage_index = Some(1);
+        ledger.record_prompts_dispatched(vec![p]).await.unwrap();
+        let mut t = traj("t1", "r", "p1", "math", 1.0);
+        t.stage_index = Some(1);
+        ledger.insert_trajectories(vec![t.clone()]).await.unwrap();
+        ledger.flush().await.unwrap();
+
+        let stages = ledger.list_stages("r").await.unwrap();
+        assert_eq!(stages.len(), 2);
+        assert_eq!(stages[0].stage, stage(0, "warmup", "sft", 0));
+        assert_eq!(stages[0].status, StageStatus::Succeeded);
+        assert_eq!(stages[0].last_step, Some(2));
+        assert_eq!(stages[0].trajectories, Some(2));
+        assert_eq!(stages[0].metric_end, Some(0.5));
+        assert!(stages[0].finished_at_ms.is_some());
+        assert_eq!(stages[1].status, StageStatus::Running);
+        assert_eq!(
+            (stages[1].last_step, stages[1].finished_at_ms),
+            (None, None)
+        );
+        let owners: Vec<(u64, Option<u64>)> = ledger
+            .list_learner_steps("r")
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| (s.step.step, s.stage_index))
+            .collect();
+        assert_eq!(
+            owners,
+            [(1, Some(0)), (2, Some(0)), (3, Some(1)), (4, Some(1))]
+        );
+        let back = ledger.get_trajectory("t1").await.unwrap().unwrap();
+        assert_eq!(back.trajectory, t, "the stage index round-trips");
+
+        // A failed stage, then the same stage begun again (a resumed run): running again.
+        ledger
+            .finish_stage(end(1, 3, StageStatus::Failed))
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        assert_eq!(
+            ledger.list_stages("r").await.unwrap()[1].status,
+            StageStatus::Failed
+        );
+        ledger
+            .start_stage(stage(1, "rlvr", "rlvr", 3))
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        let again = &ledger.list_stages("r").await.unwrap()[1];
+        assert_eq!(again.status, StageStatus::Running);
+        assert_eq!(again.finished_at_ms, None);
+        assert!(ledger.list_stages("other").await.unwrap().is_empty());
         ledger.close().await.unwrap();
     }
 

@@ -17,6 +17,8 @@
 //!   (registering with an orchestrator and sending heartbeats), the orchestrator of one run, the
 //!   orchestrator daemon that serves launched runs, and standby services.
 //! - [`client`] is the launching side: `LaunchRun`, and following a run's events.
+//! - [`objective`] evaluates an RL objective on a batch file (`chorus loss`), with the learner's
+//!   own code.
 //!
 //! Logging goes through `tracing`: every run, stage and step is a span or carries its ids as
 //! fields, so one run's lines can be picked out of several processes' logs. Installing a
@@ -28,6 +30,7 @@ pub mod client;
 mod driver;
 mod environments;
 mod error;
+pub mod objective;
 mod plan;
 mod registration;
 pub mod serve;
@@ -42,4 +45,4 @@ pub use plan::{EvalPlan, RunPlan, device};
 pub use registration::{Reporter, register};
 pub use services::{serve_routes, start_learner, start_worker};
 pub use standby::{Role, Standby, stand_by};
-pub use summary::{CurvePoint, EnvironmentResult, Outcome, Summary};
+pub use summary::{CurvePoint, EnvironmentResult, Outcome, StageSummary, Summary};

@@ -109,6 +109,13 @@ impl RunPlan {
         for spec in [&config.worker_device, &config.learner_device] {
             device(spec)?;
         }
+        // A bad transcript file is named now, not when its stage comes.
+        for (i, stage) in config.stages.iter().enumerate() {
+            if let Some(data) = &stage.data {
+                chorus_orchestrator::transcripts::Transcripts::load(&data.path)
+                    .map_err(|e| RunError::Invalid(format!("stages[{i}].data: {e}")))?;
+            }
+        }
         let model = model_config(&config)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
         let learner = learner_config(&config, &model);

@@ -46,6 +46,43 @@ pub struct Summary {
     pub environment_faults: BTreeMap<String, Health>,
     /// Held-out accuracy by policy version, in version order.
     pub curve: Vec<CurvePoint>,
+    /// Each stage, in order (also written to `runs/<run>/stages/<stage>/summary.json`).
+    pub stages: Vec<StageSummary>,
+}
+
+/// How one stage went: what `runs/<run>/stages/<stage>/summary.json` holds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageSummary {
+    /// The stage's name.
+    pub name: String,
+    /// `sft`, `rlvr`, ...
+    pub kind: String,
+    /// What `start` and `end` measure: `heldout_accuracy`, the mean over the stage's
+    /// environments of the held-out accuracy (`none` for a stage of transcripts alone, which
+    /// has no verifier to measure with).
+    pub metric: String,
+    /// The metric under the policy the stage started from.
+    pub start: Option<f64>,
+    /// Its 95% interval.
+    pub start_interval: Option<Interval>,
+    /// The metric under the policy the stage ended with.
+    pub end: Option<f64>,
+    /// Its 95% interval.
+    pub end_interval: Option<Interval>,
+    /// The metric per environment, at the start and the end.
+    pub environments: BTreeMap<String, (f64, f64)>,
+    /// Learner steps the stage took.
+    pub steps: u64,
+    /// The policy version the stage started from (its steps are the ones after it).
+    pub first_version: u64,
+    /// The policy version it ended with.
+    pub last_version: u64,
+    /// Trajectories it sent to the learner.
+    pub trajectories: u64,
+    /// Seconds from its start to its checkpoint, the evaluations included.
+    pub wall_seconds: f64,
+    /// Its final policy in HF layout (`chorus generate --checkpoint DIR` loads it).
+    pub checkpoint: std::path::PathBuf,
 }
 
 /// One environment's held-out accuracy.
@@ -208,6 +245,7 @@ mod tests {
             cpu: "test".into(),
             max_lag: 1,
             environment_faults: BTreeMap::new(),
+            stages: vec![],
             curve: vec![CurvePoint::new(3, 1.5, &after)],
         };
         let v = serde_json::to_value(&summary).unwrap();

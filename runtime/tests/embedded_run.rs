@@ -85,6 +85,75 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
     )
     .unwrap();
     assert_eq!(written, serde_json::to_value(&summary).unwrap());
+
+    // Each stage: its summary file, its metric at both ends, and its final policy as a
+    // checkpoint that loads and holds exactly the weights of that version.
+    let names: Vec<&str> = summary.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["warmup", "rl"]);
+    let (warmup, rl) = (&summary.stages[0], &summary.stages[1]);
+    assert_eq!((warmup.kind.as_str(), rl.kind.as_str()), ("sft", "rlvr"));
+    assert_eq!((warmup.first_version, warmup.last_version), (0, 2));
+    assert_eq!((rl.first_version, rl.last_version), (2, 4));
+    assert_eq!(warmup.trajectories, 4, "2 steps x 2 prompts x 1 reference");
+    assert!(
+        rl.trajectories > 0 && rl.trajectories <= 2 * 2 * 2,
+        "at most steps x prompts x group size: {}",
+        rl.trajectories
+    );
+    assert!(
+        (rl.start.unwrap() - summary.mean_before).abs() < 1e-12,
+        "the RL stage starts where the run's before-RL evaluation measured"
+    );
+    assert!((rl.end.unwrap() - summary.mean_after).abs() < 1e-12);
+    assert_eq!(warmup.end, rl.start, "one stage ends where the next starts");
+    for stage in &summary.stages {
+        let file = dir
+            .path()
+            .join(format!("runs/embedded/stages/{}/summary.json", stage.name));
+        let on_disk: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(on_disk, serde_json::to_value(stage).unwrap());
+        for key in [
+            "kind",
+            "metric",
+            "start",
+            "end",
+            "steps",
+            "trajectories",
+            "wall_seconds",
+        ] {
+            assert!(
+                on_disk.get(key).is_some(),
+                "{key} missing from {}",
+                file.display()
+            );
+        }
+        let (cfg, params) =
+            chorus_model::checkpoint::load_checkpoint(&stage.checkpoint, &candle_core::Device::Cpu)
+                .unwrap();
+        assert_eq!(cfg.vocab_size, 272);
+        assert!(params.vars().len() > 5);
+    }
+    let warm =
+        chorus_model::checkpoint::load_checkpoint(&warmup.checkpoint, &candle_core::Device::Cpu)
+            .unwrap()
+            .1
+            .snapshot()
+            .unwrap();
+    let last = chorus_model::checkpoint::load_checkpoint(&rl.checkpoint, &candle_core::Device::Cpu)
+        .unwrap()
+        .1
+        .snapshot()
+        .unwrap();
+    let moved = warm.iter().any(|(name, w)| {
+        let diff = (w - &last[name]).unwrap().abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() > 0.0
+    });
+    assert!(
+        moved,
+        "RL changed the policy, so the two checkpoints differ"
+    );
+
     let db = format!(
         "sqlite://{}",
         dir.path().join("runs/embedded/ledger.sqlite").display()
@@ -108,6 +177,30 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
                 .iter()
                 .all(|v| v.sha256.len() == 64 && v.num_bytes > 0)
         );
+        // The ledger's stages agree with the summary, and every step belongs to one.
+        let stages = ledger.list_stages(&summary.run).await.unwrap();
+        assert_eq!(stages.len(), 2);
+        for (row, s) in stages.iter().zip(&summary.stages) {
+            assert_eq!(row.stage.name, s.name);
+            assert_eq!(
+                row.status,
+                chorus_orchestrator::ledger::StageStatus::Succeeded
+            );
+            assert_eq!(
+                (row.stage.first_step, row.last_step),
+                (s.first_version, Some(s.last_version))
+            );
+            assert_eq!((row.stage.metric_start, row.metric_end), (s.start, s.end));
+            assert_eq!(row.trajectories, Some(s.trajectories));
+        }
+        let owners: Vec<Option<u64>> = ledger
+            .list_learner_steps(&summary.run)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.stage_index)
+            .collect();
+        assert_eq!(owners, [Some(0), Some(0), Some(1), Some(1)]);
         let events = ledger.list_events(&summary.run, 0, 1000).await.unwrap();
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds.first(), Some(&"status_changed"), "{kinds:?}");
@@ -122,6 +215,87 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
             "{last:?}"
         );
     });
+}
+
+#[test]
+fn an_sft_stage_learns_a_users_transcripts_on_the_assistants_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("chat.jsonl"),
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}"#,
+            "\n",
+            r#"{"messages": [{"role": "system", "content": "terse"}, {"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let text = config(r#"[{ name = "arithmetic" }]"#).replace(
+        "kind = \"sft\"\nsteps = 2\nprompts_per_step = 2\nenvironments = [{ name = \"arithmetic\" }]",
+        "kind = \"sft\"\nsteps = 2\nprompts_per_step = 2\ndata = \"chat.jsonl\"",
+    );
+    assert!(text.contains("chat.jsonl"), "{text}");
+    let plan = plan(dir.path(), &text);
+    let local = LocalRun {
+        db: None,
+        runs_dir: dir.path().join("runs"),
+        token: None,
+    };
+    let rt = runtime();
+    let summary = rt.block_on(run_local(&plan, local)).unwrap();
+    let warmup = &summary.stages[0];
+    assert_eq!(warmup.metric, "none", "transcripts alone have no verifier");
+    assert_eq!((warmup.start, warmup.end), (None, None));
+    assert_eq!(warmup.trajectories, 4);
+    let db = format!(
+        "sqlite://{}",
+        dir.path().join("runs/embedded/ledger.sqlite").display()
+    );
+    rt.block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let rows = ledger
+            .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
+                run_id: Some(summary.run.clone()),
+                environment: Some("transcripts:chat".into()),
+                min_reward: None,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 4, "every warm-up example came from the file");
+        for r in rows {
+            let t = ledger
+                .get_trajectory(&r.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .trajectory;
+            assert_eq!(t.stage_index, Some(0));
+            assert!(
+                t.completion_text == "hello<|end|><|user|>bye<|end|><|assistant|>ciao<|end|>"
+                    || t.completion_text == "2<|end|>",
+                "{}",
+                t.completion_text
+            );
+        }
+    });
+}
+
+#[test]
+fn a_bad_transcript_file_is_named_before_the_run_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chat.jsonl"), "{\"messages\": []}\n").unwrap();
+    std::fs::write(dir.path().join("model.json"), MODEL).unwrap();
+    let text = config(r#"[{ name = "arithmetic" }]"#).replace(
+        "prompts_per_step = 2\nenvironments = [{ name = \"arithmetic\" }]\n[[stages]]",
+        "prompts_per_step = 2\nenvironments = [{ name = \"arithmetic\" }]\ndata = \"chat.jsonl\"\n[[stages]]",
+    );
+    let cfg = RunConfig::from_toml_relative_to(&text, "embedded.toml", dir.path()).unwrap();
+    let err = RunPlan::new(cfg, text, 2, 0).err().unwrap().to_string();
+    assert!(
+        err.contains("stages[0].data") && err.contains("chat.jsonl:1: no assistant message"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -5,10 +5,12 @@ use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
 use clap::{Args, Subcommand};
 
-/// Inspect the ledger of runs: runs, rollouts of a run, or one trajectory.
+/// Inspect the ledger of runs: runs, the stages of a run, rollouts of a run, the learner's steps,
+/// or one trajectory.
 ///
 /// Examples:
 ///   chorus inspect runs
+///   chorus inspect stages --run quickstart-1795925683
 ///   chorus inspect rollouts --run quickstart-1795925683 --env arithmetic --min-reward 1 --limit 20
 ///   chorus inspect trajectory 'quickstart-1795925683:s1:61:3:a0:p:t2'
 ///   chorus inspect --db postgres://chorus:chorus@127.0.0.1/chorus runs
@@ -50,6 +52,13 @@ pub enum InspectCommand {
     },
     /// The learner's steps of a run.
     Steps {
+        #[arg(long)]
+        run: String,
+    },
+    /// The stages of a run: kind, status, steps, metric at the start and the end, trajectories,
+    /// checkpoint.
+    Stages {
+        /// Run id (see `chorus inspect runs`).
         #[arg(long)]
         run: String,
     },
@@ -135,6 +144,33 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                     TrajectoryStatus::Failed { reason } => println!("  FAILED: {reason}"),
                 }
                 println!("  consumed at step {}", t.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
+            }
+            InspectCommand::Stages { run } => {
+                let stages = ledger.list_stages(&run).await?;
+                if stages.is_empty() {
+                    anyhow::bail!("run `{run}` has no stages in {db} (see `chorus inspect runs`)");
+                }
+                println!("{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  checkpoint", "#", "stage", "kind", "status", "steps", "metric", "start", "end", "trajectories");
+                let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "-".into());
+                for r in stages {
+                    let steps = match r.last_step {
+                        Some(last) => format!("{}-{}", r.stage.first_step + 1, last),
+                        None => format!("{}-", r.stage.first_step + 1),
+                    };
+                    println!(
+                        "{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  {}",
+                        r.stage.stage_index,
+                        r.stage.name,
+                        r.stage.kind,
+                        r.status.as_str(),
+                        steps,
+                        r.stage.metric.as_deref().unwrap_or("-"),
+                        pct(r.stage.metric_start),
+                        pct(r.metric_end),
+                        r.trajectories.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                        r.checkpoint_path.as_deref().unwrap_or("-"),
+                    );
+                }
             }
             InspectCommand::Steps { run } => {
                 println!("{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}  note", "step", "version", "loss", "kl", "entropy", "grad", "lr", "tokens", "|dlogp|");

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use chorus_learner::loss_file::evaluate_file;
-use chorus_learner::objective::{Algorithm, Objective};
+use chorus_runtime::objective::{Algorithm, Objective, evaluate_file};
 use clap::Args;
 
 /// Evaluate an RL objective, and its gradient, on a batch given as tensors: the same code the

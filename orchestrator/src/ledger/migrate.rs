@@ -27,6 +27,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "launches",
         include_str!("../../migrations/sqlite/0003_launches.sql"),
     ),
+    (
+        4,
+        "stages",
+        include_str!("../../migrations/sqlite/0004_stages.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -45,6 +50,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         3,
         "launches",
         include_str!("../../migrations/postgres/0003_launches.sql"),
+    ),
+    (
+        4,
+        "stages",
+        include_str!("../../migrations/postgres/0004_stages.sql"),
     ),
 ];
 
@@ -125,6 +135,9 @@ mod tests {
     #[test]
     fn migrator_orders_versions() {
         let m = migrator(SQLITE);
-        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            m.iter().map(|m| m.version).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
     }
 }

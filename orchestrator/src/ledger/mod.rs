@@ -98,9 +98,10 @@ use tokio::task::JoinHandle;
 
 pub use error::LedgerError;
 pub use types::{
-    EventRecord, LearnerStep, LearnerStepRecord, NewPrompt, NewRun, NewTrajectory, PolicyVersion,
-    PromptRecord, PromptState, RolloutFilter, RolloutSummary, RunRecord, RunStatus, Split, Timings,
-    TrajectoryCounts, TrajectoryRecord, TrajectoryStatus,
+    EventRecord, LearnerStep, LearnerStepRecord, NewPrompt, NewRun, NewStage, NewTrajectory,
+    PolicyVersion, PromptRecord, PromptState, RolloutFilter, RolloutSummary, RunRecord, RunStatus,
+    Split, StageEnd, StageRecord, StageStatus, Timings, TrajectoryCounts, TrajectoryRecord,
+    TrajectoryStatus,
 };
 
 use sql::Pools;
@@ -442,6 +443,26 @@ impl Ledger {
     pub async fn record_policy_version(&self, version: PolicyVersion) -> Result<(), LedgerError> {
         self.enqueue(WriteOp::PolicyVersion {
             version,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Records that a stage began (a stage begun again, as a resumed run does, is running
+    /// again). Record it before any of the stage's groups reach the learner: a learner step
+    /// belongs to the last stage begun before it.
+    pub async fn start_stage(&self, stage: NewStage) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::StageStarted {
+            stage,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Records how a stage ended.
+    pub async fn finish_stage(&self, end: StageEnd) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::StageFinished {
+            end,
             at_ms: now_ms(),
         })
         .await

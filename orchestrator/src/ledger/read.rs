@@ -165,7 +165,7 @@ fn decode_summary(row: &dyn Cols) -> Result<RolloutSummary, RowError> {
 const TRAJECTORY_COLS: &str = "id, run_id, prompt_id, group_id, environment, worker_id, \
     prompt_token_ids, completion_token_ids, completion_text, logprobs, policy_versions, \
     finish_reason, reward, reward_components, reason, status, failure_reason, queue_ms, \
-    generate_ms, score_ms, created_at_ms, consumed_at_step";
+    generate_ms, score_ms, created_at_ms, consumed_at_step, stage_index";
 
 fn decode_trajectory(row: &dyn Cols) -> Result<TrajectoryRecord, RowError> {
     let r = Reader::new(row, "trajectories", "id")?;
@@ -195,6 +195,7 @@ fn decode_trajectory(row: &dyn Cols) -> Result<TrajectoryRecord, RowError> {
                 generate_ms: r.u64("generate_ms")?,
                 score_ms: r.u64("score_ms")?,
             },
+            stage_index: r.opt_u64("stage_index")?,
         },
         created_at_ms: row.int("created_at_ms")?,
         consumed_at_step: r.opt_u64("consumed_at_step")?,
@@ -212,7 +213,37 @@ fn decode_counts(row: &dyn Cols) -> Result<TrajectoryCounts, RowError> {
 
 const STEP_COLS: &str = "run_id, step, policy_version, loss, kl, entropy, grad_norm, \
     learning_rate, clip_fraction, num_tokens, num_trajectories, skipped, skip_reason, \
-    created_at_ms, mean_abs_logprob_diff";
+    created_at_ms, mean_abs_logprob_diff, stage_index";
+
+const STAGE_COLS: &str = "run_id, stage_index, name, kind, status, first_step, last_step, metric, \
+    metric_start, metric_end, trajectories, checkpoint_path, started_at_ms, finished_at_ms";
+
+fn decode_stage(row: &dyn Cols) -> Result<StageRecord, RowError> {
+    let run_id = row.text("run_id")?;
+    let r = Reader::keyed(
+        row,
+        "stages",
+        format!("{run_id}/{}", row.int("stage_index")?),
+    );
+    Ok(StageRecord {
+        stage: NewStage {
+            run_id,
+            stage_index: r.u64("stage_index")?,
+            name: row.text("name")?,
+            kind: row.text("kind")?,
+            first_step: r.u64("first_step")?,
+            metric: row.opt_text("metric")?,
+            metric_start: row.opt_real("metric_start")?,
+        },
+        status: r.parsed("status", StageStatus::parse)?,
+        last_step: r.opt_u64("last_step")?,
+        metric_end: row.opt_real("metric_end")?,
+        trajectories: r.opt_u64("trajectories")?,
+        checkpoint_path: row.opt_text("checkpoint_path")?,
+        started_at_ms: row.int("started_at_ms")?,
+        finished_at_ms: row.opt_int("finished_at_ms")?,
+    })
+}
 
 fn decode_step(row: &dyn Cols) -> Result<LearnerStepRecord, RowError> {
     let run_id = row.text("run_id")?;
@@ -243,6 +274,7 @@ fn decode_step(row: &dyn Cols) -> Result<LearnerStepRecord, RowError> {
             mean_abs_logprob_diff: row.opt_real("mean_abs_logprob_diff")?,
             skip_reason,
         },
+        stage_index: r.opt_u64("stage_index")?,
         created_at_ms: row.int("created_at_ms")?,
     })
 }
@@ -461,6 +493,15 @@ impl Ledger {
         ))
         .bind(run_id);
         self.fetch("list_learner_steps", stmt, decode_step).await
+    }
+
+    /// A run's stages, in order.
+    pub async fn list_stages(&self, run_id: &str) -> Result<Vec<StageRecord>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT {STAGE_COLS} FROM stages WHERE run_id = $1 ORDER BY stage_index"
+        ))
+        .bind(run_id);
+        self.fetch("list_stages", stmt, decode_stage).await
     }
 
     /// A run's published policy versions, by version.

@@ -68,6 +68,77 @@ impl RunStatus {
 }
 
 text_enum! {
+    /// Lifecycle of a stage of a run (`stages.status`).
+    StageStatus {
+        /// Training.
+        Running => "running",
+        /// Ran its steps (or reached its `until`).
+        Succeeded => "succeeded",
+        /// Stopped by an error.
+        Failed => "failed",
+    }
+}
+
+/// A stage that begins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewStage {
+    /// Run it belongs to (must exist).
+    pub run_id: String,
+    /// Position in the run's `[[stages]]`; (run, stage_index) is the key.
+    pub stage_index: u64,
+    /// The stage's name.
+    pub name: String,
+    /// `sft`, `rlvr`, ...
+    pub kind: String,
+    /// The learner's policy version when the stage began: its steps are the ones after it.
+    pub first_step: u64,
+    /// Name of the metric the stage is judged by.
+    pub metric: Option<String>,
+    /// The metric when the stage began.
+    pub metric_start: Option<f64>,
+}
+
+/// How a stage ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageEnd {
+    /// Run.
+    pub run_id: String,
+    /// Position in the run's `[[stages]]`.
+    pub stage_index: u64,
+    /// `succeeded` or `failed`.
+    pub status: StageStatus,
+    /// The learner's policy version when it ended (its last step).
+    pub last_step: u64,
+    /// The metric when it ended.
+    pub metric_end: Option<f64>,
+    /// Trajectories it sent to the learner.
+    pub trajectories: u64,
+    /// Where its final policy was saved.
+    pub checkpoint_path: Option<String>,
+}
+
+/// A row of `stages`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageRecord {
+    /// How it began.
+    pub stage: NewStage,
+    /// Current status.
+    pub status: StageStatus,
+    /// Its last learner step, once it ended.
+    pub last_step: Option<u64>,
+    /// The metric when it ended.
+    pub metric_end: Option<f64>,
+    /// Trajectories it sent to the learner, once it ended.
+    pub trajectories: Option<u64>,
+    /// Where its final policy was saved.
+    pub checkpoint_path: Option<String>,
+    /// When it began (ms since the Unix epoch).
+    pub started_at_ms: i64,
+    /// When it ended.
+    pub finished_at_ms: Option<i64>,
+}
+
+text_enum! {
     /// Task pool a prompt comes from (`prompts.split`).
     Split {
         /// Trained on.
@@ -164,6 +235,8 @@ pub struct NewPrompt {
     pub task_json: String,
     /// Learner step at the time it was dispatched.
     pub step_dispatched: u64,
+    /// The stage it was drawn for (`None` outside stages, e.g. a held-out evaluation).
+    pub stage_index: Option<u64>,
 }
 
 /// A row of `prompts`.
@@ -277,6 +350,8 @@ pub struct NewTrajectory {
     pub status: TrajectoryStatus,
     /// Time spent queued, generating and scoring.
     pub timings: Timings,
+    /// The stage it was generated for (`None` outside stages).
+    pub stage_index: Option<u64>,
 }
 
 /// A row of `trajectories`, arrays decoded.
@@ -425,6 +500,8 @@ pub struct LearnerStep {
 pub struct LearnerStepRecord {
     /// What was inserted.
     pub step: LearnerStep,
+    /// The stage whose policy versions it falls in (the last stage begun before it).
+    pub stage_index: Option<u64>,
     /// When it was recorded.
     pub created_at_ms: i64,
 }

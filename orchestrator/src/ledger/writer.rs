@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use super::error::LedgerError;
 use super::sql::{Pools, Stmt, placeholders};
 use super::types::{
-    LearnerStep, NewPrompt, NewRun, NewTrajectory, PolicyVersion, RunStatus, finish_reason_str,
+    LearnerStep, NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion, RunStatus, StageEnd,
+    finish_reason_str,
 };
 use super::{codec, to_i64};
 
@@ -84,6 +85,14 @@ pub(crate) enum WriteOp {
         payload_json: String,
         at_ms: i64,
     },
+    StageStarted {
+        stage: NewStage,
+        at_ms: i64,
+    },
+    StageFinished {
+        end: StageEnd,
+        at_ms: i64,
+    },
 }
 
 fn insert_run(run: &NewRun, at_ms: i64) -> Stmt {
@@ -145,6 +154,12 @@ impl WriteOp {
                 version.run_id, version.version
             ),
             WriteOp::Event { run_id, kind, .. } => format!("record_event({run_id}, {kind})"),
+            WriteOp::StageStarted { stage, .. } => {
+                format!("start_stage({}, {})", stage.run_id, stage.stage_index)
+            }
+            WriteOp::StageFinished { end, .. } => {
+                format!("finish_stage({}, {})", end.run_id, end.stage_index)
+            }
         }
     }
 
@@ -205,9 +220,9 @@ impl WriteOp {
                 for chunk in prompts.chunks(ROWS_PER_INSERT) {
                     let mut s = Stmt::new(format!(
                         "INSERT INTO prompts (id, run_id, group_id, environment, split, task_json, \
-                         state, step_dispatched, dispatched_at_ms) VALUES {} \
+                         state, step_dispatched, dispatched_at_ms, stage_index) VALUES {} \
                          ON CONFLICT (id) DO NOTHING",
-                        placeholders(1, chunk.len(), 9)
+                        placeholders(1, chunk.len(), 10)
                     ));
                     for p in chunk {
                         s = s
@@ -219,7 +234,8 @@ impl WriteOp {
                             .bind(p.task_json.as_str())
                             .bind("dispatched")
                             .bind(to_i64("step_dispatched", p.step_dispatched)?)
-                            .bind(*at_ms);
+                            .bind(*at_ms)
+                            .bind(opt_i64("stage_index", p.stage_index)?);
                     }
                     out.push(s);
                 }
@@ -243,9 +259,9 @@ impl WriteOp {
                          worker_id, prompt_token_ids, completion_token_ids, num_completion_tokens, \
                          completion_text, logprobs, policy_versions, min_policy_version, \
                          max_policy_version, finish_reason, reward, reward_components, reason, \
-                         status, failure_reason, queue_ms, generate_ms, score_ms, created_at_ms) \
-                         VALUES {} ON CONFLICT (id) DO NOTHING",
-                        placeholders(1, chunk.len(), 24)
+                         status, failure_reason, queue_ms, generate_ms, score_ms, created_at_ms, \
+                         stage_index) VALUES {} ON CONFLICT (id) DO NOTHING",
+                        placeholders(1, chunk.len(), 25)
                     ));
                     for t in chunk {
                         s = bind_trajectory(s, t, *at_ms)?;
@@ -256,10 +272,14 @@ impl WriteOp {
             }
             WriteOp::LearnerStep { step, at_ms } => vec![
                 Stmt::new(
+                    // A step belongs to the last stage that began before it: stages are
+                    // recorded before any of their groups reach the learner, and the writer
+                    // commits in order.
                     "INSERT INTO learner_steps (run_id, step, policy_version, loss, kl, entropy, \
                      grad_norm, learning_rate, clip_fraction, num_tokens, num_trajectories, \
-                     skipped, skip_reason, created_at_ms, mean_abs_logprob_diff) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                     skipped, skip_reason, created_at_ms, mean_abs_logprob_diff, stage_index) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                     (SELECT MAX(stage_index) FROM stages WHERE run_id = $1 AND first_step < $2)) \
                      ON CONFLICT (run_id, step) DO NOTHING",
                 )
                 .bind(step.run_id.as_str())
@@ -290,6 +310,39 @@ impl WriteOp {
                 .bind(version.sha256.as_str())
                 .bind(to_i64("num_bytes", version.num_bytes)?)
                 .bind(*at_ms),
+            ],
+            WriteOp::StageStarted { stage, at_ms } => vec![
+                // A stage begun again (a resumed run) starts over as running.
+                Stmt::new(
+                    "INSERT INTO stages (run_id, stage_index, name, kind, status, first_step, \
+                     metric, metric_start, started_at_ms) \
+                     VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8) \
+                     ON CONFLICT (run_id, stage_index) DO UPDATE SET status = 'running', \
+                     finished_at_ms = NULL",
+                )
+                .bind(stage.run_id.as_str())
+                .bind(to_i64("stage_index", stage.stage_index)?)
+                .bind(stage.name.as_str())
+                .bind(stage.kind.as_str())
+                .bind(to_i64("first_step", stage.first_step)?)
+                .bind(stage.metric.as_deref())
+                .bind(stage.metric_start)
+                .bind(*at_ms),
+            ],
+            WriteOp::StageFinished { end, at_ms } => vec![
+                Stmt::new(
+                    "UPDATE stages SET status = $1, last_step = $2, metric_end = $3, \
+                     trajectories = $4, checkpoint_path = $5, finished_at_ms = $6 \
+                     WHERE run_id = $7 AND stage_index = $8",
+                )
+                .bind(end.status.as_str())
+                .bind(to_i64("last_step", end.last_step)?)
+                .bind(end.metric_end)
+                .bind(to_i64("trajectories", end.trajectories)?)
+                .bind(end.checkpoint_path.as_deref())
+                .bind(*at_ms)
+                .bind(end.run_id.as_str())
+                .bind(to_i64("stage_index", end.stage_index)?),
             ],
             WriteOp::Event {
                 run_id,
@@ -413,7 +466,12 @@ fn bind_trajectory(s: Stmt, t: &NewTrajectory, at_ms: i64) -> Result<Stmt, Ledge
         .bind(to_i64("queue_ms", t.timings.queue_ms)?)
         .bind(to_i64("generate_ms", t.timings.generate_ms)?)
         .bind(to_i64("score_ms", t.timings.score_ms)?)
-        .bind(at_ms))
+        .bind(at_ms)
+        .bind(opt_i64("stage_index", t.stage_index)?))
+}
+
+fn opt_i64(field: &'static str, v: Option<u64>) -> Result<Option<i64>, LedgerError> {
+    v.map(|v| to_i64(field, v)).transpose()
 }
 
 /// What the writer task receives.

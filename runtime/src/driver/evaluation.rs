@@ -1,6 +1,8 @@
-//! Held-out evaluation during a run: before the first RL stage, after the last stage, and, with
-//! `every`, each `every`-th policy version as soon as the learner publishes it, alongside
-//! training (the learning curve).
+//! Held-out evaluation during a run: before the first RL stage, after the last stage, at each
+//! stage's start and end (its metric) and, with `every`, each `every`-th policy version as soon
+//! as the learner publishes it, alongside training (the learning curve). An environment is
+//! evaluated once per policy version: a stage's end is the next stage's start, and the last
+//! stage's end is the run's final evaluation.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,9 +21,20 @@ async fn held_out(
     plan: &EvalPlan,
     version: u64,
 ) -> Result<BTreeMap<String, Accuracy>> {
+    held_out_of(ctx, plan, &plan.environments, version).await
+}
+
+/// Held-out accuracy of policy `version` on `environments` (name, difficulty), with `plan`'s
+/// task count and token limits.
+async fn held_out_of(
+    ctx: &Arc<StageContext>,
+    plan: &EvalPlan,
+    environments: &[(String, u32)],
+    version: u64,
+) -> Result<BTreeMap<String, Accuracy>> {
     Ok(evaluate(
         ctx,
-        &plan.environments,
+        environments,
         plan.tasks,
         plan.max_new_tokens,
         plan.max_prompt_tokens,
@@ -30,6 +43,9 @@ async fn held_out(
     .await?)
 }
 
+/// Accuracies already measured, by (policy version, environment, difficulty).
+type Measured = BTreeMap<(u64, String, u32), Accuracy>;
+
 /// The evaluations of one run and the curve they make.
 pub(crate) struct Evaluator {
     plan: EvalPlan,
@@ -37,6 +53,7 @@ pub(crate) struct Evaluator {
     before: Option<BTreeMap<String, Accuracy>>,
     curve: Arc<Mutex<Vec<CurvePoint>>>,
     curve_task: Option<JoinHandle<Result<()>>>,
+    measured: Measured,
 }
 
 impl Evaluator {
@@ -48,7 +65,49 @@ impl Evaluator {
             before: None,
             curve: Arc::default(),
             curve_task: None,
+            measured: Measured::new(),
         }
+    }
+
+    fn remember(
+        &mut self,
+        version: u64,
+        environments: &[(String, u32)],
+        acc: &BTreeMap<String, Accuracy>,
+    ) {
+        for (name, difficulty) in environments {
+            if let Some(a) = acc.get(name) {
+                self.measured
+                    .insert((version, name.clone(), *difficulty), a.clone());
+            }
+        }
+    }
+
+    /// Held-out accuracy of policy `version` on `environments`, measuring only what was not
+    /// measured at that version before.
+    pub(crate) async fn accuracy_at(
+        &mut self,
+        ctx: &Arc<StageContext>,
+        environments: &[(String, u32)],
+        version: u64,
+    ) -> Result<BTreeMap<String, Accuracy>> {
+        let missing: Vec<(String, u32)> = environments
+            .iter()
+            .filter(|(n, d)| !self.measured.contains_key(&(version, n.clone(), *d)))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let acc = held_out_of(ctx, &self.plan, &missing, version).await?;
+            self.remember(version, &missing, &acc);
+        }
+        Ok(environments
+            .iter()
+            .filter_map(|(n, d)| {
+                self.measured
+                    .get(&(version, n.clone(), *d))
+                    .map(|a| (n.clone(), a.clone()))
+            })
+            .collect())
     }
 
     /// Called before each stage; evaluates once, before the first RL stage, and starts
@@ -63,7 +122,8 @@ impl Evaluator {
             self.plan.tasks
         );
         let base = ctx.learning.version();
-        let before = held_out(ctx, &self.plan, base).await?;
+        let environments = self.plan.environments.clone();
+        let before = self.accuracy_at(ctx, &environments, base).await?;
         tracing::info!(version = base, "before RL: {}", accuracy_line(&before));
         self.push(CurvePoint::new(
             base,
@@ -121,7 +181,8 @@ impl Evaluator {
         Vec<CurvePoint>,
     )> {
         let version = ctx.learning.version();
-        let after = held_out(ctx, &self.plan, version).await?;
+        let environments = self.plan.environments.clone();
+        let after = self.accuracy_at(ctx, &environments, version).await?;
         tracing::info!(version, "after RL:  {}", accuracy_line(&after));
         if let Some(task) = self.curve_task.take() {
             task.await.map_err(|source| RunError::Task {

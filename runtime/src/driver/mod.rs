@@ -194,7 +194,13 @@ async fn drive(
     progress::spawn(learner.steps(), stats.clone(), events.clone());
 
     let mut evaluator = Evaluator::new(plan.evaluation.clone(), options.started);
-    stages::run_stages(plan, &mut ctx, &mut evaluator).await?;
+    let outputs = stages::StageOutputs {
+        out_dir: &options.out_dir,
+        learner: &learner,
+        model: &plan.model,
+        db: &record.db,
+    };
+    let stage_summaries = stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs).await?;
     let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
 
     let outcome = Outcome::new(&before, &after);
@@ -223,6 +229,7 @@ async fn drive(
         max_lag: stats.max_lag.load(Ordering::Relaxed),
         environment_faults: ctx.faults.report(),
         curve,
+        stages: stage_summaries,
     };
     let path = options.out_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a summary always serialises");

@@ -1,55 +1,268 @@
 //! The stage loop: each stage of the plan in order, on one shared context, with the held-out
-//! evaluation before the first RL stage.
+//! evaluation before the first RL stage. Around each stage: its metric at the start and the end
+//! (the held-out accuracy of its environments), its row in the ledger's `stages` table, its
+//! final policy saved as a checkpoint, and `stages/<name>/summary.json`.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use chorus_orchestrator::config::StageKind;
-use chorus_orchestrator::scheduler::{StageContext, run_rl_stage, run_sft_stage};
+use candle_core::{Device, Tensor};
+use chorus_model::{NemotronHConfig, Params, checkpoint};
+use chorus_orchestrator::confidence;
+use chorus_orchestrator::config::{Stage, StageKind};
+use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
+use chorus_orchestrator::remote::RemoteLearner;
+use chorus_orchestrator::scheduler::{Accuracy, StageContext, run_rl_stage, run_sft_stage};
 use tracing::Instrument;
 
 use super::evaluation::Evaluator;
-use crate::error::Result;
+use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
+use crate::summary::{StageSummary, accuracy_line};
+
+/// The metric every stage kind is judged by today.
+const HELDOUT_ACCURACY: &str = "heldout_accuracy";
+/// A stage without environments (transcripts alone) has nothing to measure with.
+const NO_METRIC: &str = "none";
+
+/// Where a stage's outputs go and where its weights come from.
+pub(crate) struct StageOutputs<'a> {
+    /// The run's output directory; stage `s` writes `stages/<s>/`.
+    pub out_dir: &'a Path,
+    /// The learner, for the stages' final weights.
+    pub learner: &'a RemoteLearner,
+    /// The policy's architecture, written with each checkpoint.
+    pub model: &'a NemotronHConfig,
+    /// The ledger's URL, for errors.
+    pub db: &'a str,
+}
 
 /// Runs every stage of `plan`; `ctx.stage_index` follows the stage being run.
 pub(crate) async fn run_stages(
     plan: &RunPlan,
     ctx: &mut StageContext,
     evaluator: &mut Evaluator,
-) -> Result<()> {
+    outputs: &StageOutputs<'_>,
+) -> Result<Vec<StageSummary>> {
+    let mut summaries = vec![];
     for (i, stage) in plan.config.stages.iter().enumerate() {
         ctx.stage_index = i;
         let shared = Arc::new(ctx.clone());
         if stage.kind == StageKind::Rlvr {
             evaluator.before_rl(&shared).await?;
         }
-        let completions = if stage.kind == StageKind::Rlvr {
-            stage.group_size
-        } else {
-            1
-        };
         let span = tracing::info_span!(
             "stage",
             stage = stage.name,
             stage_index = i,
             kind = ?stage.kind
         );
-        tracing::info!(
-            parent: &span,
-            steps = stage.steps,
-            prompts_per_step = stage.prompts_per_step,
-            completions,
-            "stage {} ({:?}): {} steps x {} prompts x {completions}",
-            stage.name,
-            stage.kind,
-            stage.steps,
-            stage.prompts_per_step,
-        );
-        let st = Arc::new(stage.clone());
-        match stage.kind {
-            StageKind::Sft => run_sft_stage(shared, st).instrument(span).await?,
-            StageKind::Rlvr => run_rl_stage(shared, st).instrument(span).await?,
-        }
+        let summary = run_stage(stage, &shared, evaluator, outputs)
+            .instrument(span)
+            .await?;
+        summaries.push(summary);
     }
+    Ok(summaries)
+}
+
+/// The stage's environments as the evaluation names them: (registry key, difficulty).
+fn stage_environments(stage: &Stage) -> Vec<(String, u32)> {
+    let mut seen = BTreeMap::new();
+    for e in &stage.environments {
+        seen.entry(e.key().to_string()).or_insert(e.difficulty);
+    }
+    seen.into_iter().collect()
+}
+
+/// The mean over environments of `acc`, with its interval; `None` without environments.
+fn mean_of(acc: &BTreeMap<String, Accuracy>) -> Option<(f64, confidence::Interval)> {
+    (!acc.is_empty())
+        .then(|| confidence::mean(&acc.values().map(Accuracy::counts).collect::<Vec<_>>()))
+}
+
+async fn run_stage(
+    stage: &Stage,
+    ctx: &Arc<StageContext>,
+    evaluator: &mut Evaluator,
+    outputs: &StageOutputs<'_>,
+) -> Result<StageSummary> {
+    let i = ctx.stage_index;
+    let kind = stage_kind_name(stage.kind);
+    let environments = stage_environments(stage);
+    let metric = if environments.is_empty() {
+        NO_METRIC
+    } else {
+        HELDOUT_ACCURACY
+    };
+    let started = Instant::now();
+    let first_version = ctx.learning.version();
+    let start = evaluator
+        .accuracy_at(ctx, &environments, first_version)
+        .await?;
+    if !start.is_empty() {
+        tracing::info!(
+            version = first_version,
+            "stage {} starts at: {}",
+            stage.name,
+            accuracy_line(&start)
+        );
+    }
+    let ledger_err = RunError::ledger(outputs.db);
+    ctx.ledger
+        .start_stage(NewStage {
+            run_id: ctx.run_id.clone(),
+            stage_index: i as u64,
+            name: stage.name.clone(),
+            kind: kind.into(),
+            first_step: first_version,
+            metric: Some(metric.into()),
+            metric_start: mean_of(&start).map(|m| m.0),
+        })
+        .await
+        .map_err(RunError::ledger(outputs.db))?;
+    let completions = if stage.kind == StageKind::Rlvr {
+        stage.group_size
+    } else {
+        1
+    };
+    tracing::info!(
+        steps = stage.steps,
+        prompts_per_step = stage.prompts_per_step,
+        completions,
+        "stage {} ({kind}): {} steps x {} prompts x {completions}",
+        stage.name,
+        stage.steps,
+        stage.prompts_per_step,
+    );
+    let submitted_before = ctx.stats.trajectories_submitted.load(Ordering::Relaxed);
+    let st = Arc::new(stage.clone());
+    let ran = match stage.kind {
+        StageKind::Sft => run_sft_stage(ctx.clone(), st).await,
+        StageKind::Rlvr => run_rl_stage(ctx.clone(), st).await,
+    };
+    // Every step advances the policy version (a skipped one too), so the stage ends at this one.
+    let last_version = first_version + stage.steps;
+    let finished = match ran {
+        Ok(()) => ctx
+            .learning
+            .wait_version(last_version)
+            .await
+            .map_err(RunError::from),
+        Err(e) => Err(e.into()),
+    };
+    let trajectories = ctx
+        .stats
+        .trajectories_submitted
+        .load(Ordering::Relaxed)
+        .saturating_sub(submitted_before);
+    if let Err(e) = finished {
+        let end = StageEnd {
+            run_id: ctx.run_id.clone(),
+            stage_index: i as u64,
+            status: StageStatus::Failed,
+            last_step: ctx.learning.version(),
+            metric_end: None,
+            trajectories,
+            checkpoint_path: None,
+        };
+        if let Err(le) = ctx.ledger.finish_stage(end).await {
+            tracing::warn!(error = %le, "the ledger did not take the failed stage");
+        }
+        return Err(e);
+    }
+    let end = evaluator
+        .accuracy_at(ctx, &environments, last_version)
+        .await?;
+    if !end.is_empty() {
+        tracing::info!(
+            version = last_version,
+            "stage {} ends at:   {}",
+            stage.name,
+            accuracy_line(&end)
+        );
+    }
+    let dir = outputs.out_dir.join("stages").join(&stage.name);
+    let checkpoint = dir.join("checkpoint");
+    save_checkpoint(outputs, &ctx.run_id, last_version, &checkpoint).await?;
+    let (start_mean, end_mean) = (mean_of(&start), mean_of(&end));
+    let summary = StageSummary {
+        name: stage.name.clone(),
+        kind: kind.into(),
+        metric: metric.into(),
+        start: start_mean.map(|m| m.0),
+        start_interval: start_mean.map(|m| m.1),
+        end: end_mean.map(|m| m.0),
+        end_interval: end_mean.map(|m| m.1),
+        environments: start
+            .iter()
+            .map(|(n, a)| {
+                let after = end.get(n).map_or(f64::NAN, |e| e.accuracy);
+                (n.clone(), (a.accuracy, after))
+            })
+            .collect(),
+        steps: stage.steps,
+        first_version,
+        last_version,
+        trajectories,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        checkpoint: checkpoint.clone(),
+    };
+    let path = dir.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary).expect("a stage summary always serialises");
+    std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
+    ctx.ledger
+        .finish_stage(StageEnd {
+            run_id: ctx.run_id.clone(),
+            stage_index: i as u64,
+            status: StageStatus::Succeeded,
+            last_step: last_version,
+            metric_end: end_mean.map(|m| m.0),
+            trajectories,
+            checkpoint_path: Some(checkpoint.display().to_string()),
+        })
+        .await
+        .map_err(ledger_err)?;
+    let pct = |m: Option<(f64, confidence::Interval)>| {
+        m.map_or_else(|| "-".to_string(), |m| format!("{:.1}%", 100.0 * m.0))
+    };
+    tracing::info!(
+        checkpoint = %checkpoint.display(),
+        "stage {}: {metric} {} -> {} in {:.0} s; checkpoint {}",
+        stage.name,
+        pct(start_mean),
+        pct(end_mean),
+        summary.wall_seconds,
+        checkpoint.display()
+    );
+    Ok(summary)
+}
+
+/// The name a stage kind is written with in configs and the ledger.
+fn stage_kind_name(kind: StageKind) -> &'static str {
+    match kind {
+        StageKind::Sft => "sft",
+        StageKind::Rlvr => "rlvr",
+    }
+}
+
+/// Fetches policy `version` from the learner and writes it to `dir` in HF layout.
+async fn save_checkpoint(
+    outputs: &StageOutputs<'_>,
+    run_id: &str,
+    version: u64,
+    dir: &Path,
+) -> Result<()> {
+    let tensors = outputs.learner.fetch_weights(run_id, version).await?;
+    let mut named = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu)
+            .map_err(|e| RunError::Invalid(format!("weight `{name}` of version {version}: {e}")))?;
+        named.push((name, tensor));
+    }
+    let params = Params::from_tensors(named, &Device::Cpu)?;
+    checkpoint::save_checkpoint(dir, outputs.model, &params, None)?;
     Ok(())
 }

@@ -160,6 +160,82 @@ fn init_then_generate_with_text_and_speculation() {
         "--json",
     ]);
     assert_eq!(a, b);
+
+    // A reasoning budget: the prompt opens a think block; no sample spends more than 3 tokens
+    // in it (the untrained model almost never closes it by itself).
+    let think = |budget: Option<&str>, seed: &str| -> Vec<u64> {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            s(&ckpt),
+            "--prompt",
+            "<|user|>hi<|end|><|assistant|><think>",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--json",
+        ];
+        if let Some(b) = budget {
+            args.extend(["--think-budget", b]);
+        }
+        let v: serde_json::Value = serde_json::from_str(h.ok(&args).trim()).unwrap();
+        v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect()
+    };
+    let close = chorus_model::tokenizer::Tokenizer::byte_level()
+        .token_id("</think>")
+        .unwrap() as u64;
+    let open = chorus_model::tokenizer::Tokenizer::byte_level()
+        .token_id("<think>")
+        .unwrap() as u64;
+    let inside_before_close = |tokens: &[u64]| {
+        let mut longest = 0;
+        let mut inside = Some(0);
+        for &t in tokens {
+            if t == open {
+                inside = Some(0);
+            } else if t == close {
+                inside = None;
+            } else if let Some(n) = &mut inside {
+                *n += 1;
+                longest = longest.max(*n);
+            }
+        }
+        longest
+    };
+    let seeds = ["1", "2", "3"];
+    assert!(
+        seeds
+            .iter()
+            .any(|seed| inside_before_close(&think(None, seed)) > 3),
+        "without a budget some sample thinks longer than 3 tokens"
+    );
+    for seed in seeds {
+        let tokens = think(Some("3"), seed);
+        assert!(inside_before_close(&tokens) <= 3, "{tokens:?}");
+    }
+    let err = h.fails(&[
+        "generate",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt-ids",
+        "20,21",
+        "--think-budget",
+        "3",
+        "--mtp",
+        "2",
+    ]);
+    assert!(
+        err.contains("--think-budget") && err.contains("--mtp"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -50,6 +50,7 @@ fn sampled_speculation_is_seeded_and_respects_the_budget() {
         temperature: 0.8,
         top_p: 0.95,
         top_k: 0,
+        think_budget: None,
     };
     let a = engine
         .generate_speculative(&request(s.clone(), 25), 3)

@@ -204,6 +204,9 @@ pub struct RawSampling {
     pub top_p: Option<f32>,
     /// Keep the k most likely tokens (0 = off).
     pub top_k: Option<usize>,
+    /// At most this many tokens inside `<think>`; then `</think>` is emitted and the model
+    /// answers.
+    pub think_budget: Option<usize>,
 }
 
 /// One stage, as written.
@@ -445,6 +448,8 @@ pub struct Stage {
     pub top_p: f32,
     /// Top-k (0 = off).
     pub top_k: usize,
+    /// Reasoning budget in tokens (`None` = no cap).
+    pub think_budget: Option<usize>,
 }
 
 /// A file of chat transcripts in an SFT stage's mixture.
@@ -1098,6 +1103,7 @@ impl RunConfig {
                 temperature,
                 top_p,
                 top_k: sampling.top_k.unwrap_or(Defaults::TOP_K),
+                think_budget: sampling.think_budget,
             });
         }
         // Checked in the order the keys appear in the file's tables, so the first error named
@@ -1201,6 +1207,47 @@ max_staleness = 0
 environments = [{ name = "arithmetic", weight = 2.0 }, { url = "http://127.0.0.1:9000", weight = 1.0 }]
 sampling = { temperature = 0.9 }
 "#;
+
+    #[test]
+    fn a_think_budget_and_transcripts_belong_to_their_stage() {
+        let c = RunConfig::from_toml_relative_to(
+            &GOOD
+                .replace(
+                    "sampling = { temperature = 0.9 }",
+                    "sampling = { temperature = 0.9, think_budget = 8 }",
+                )
+                .replace(
+                    "steps = 3\nenvironments = [{ name = \"arithmetic\" }]",
+                    "steps = 3\ndata = \"chat.jsonl\"\ndata_weight = 2.0",
+                ),
+            "x.toml",
+            Path::new("/cfg"),
+        )
+        .unwrap();
+        assert_eq!(c.stages[1].think_budget, Some(8));
+        assert_eq!(c.stages[0].think_budget, None);
+        assert!(c.stages[0].environments.is_empty());
+        assert_eq!(
+            c.stages[0].data,
+            Some(TranscriptData {
+                path: PathBuf::from("/cfg/chat.jsonl"),
+                weight: 2.0
+            })
+        );
+        let e = RunConfig::from_toml_str(
+            &GOOD.replace(
+                "max_staleness = 0",
+                "max_staleness = 0\ndata = \"chat.jsonl\"",
+            ),
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("stages[1].data") && e.contains("sft stages"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn deterministic_is_a_top_level_switch() {

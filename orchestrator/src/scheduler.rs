@@ -29,7 +29,8 @@ use chorus_environments::{
 };
 use chorus_model::tokenizer::Tokenizer;
 use chorus_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, SamplingParams, Trajectory, TrajectoryGroup,
+    FinishReason, GenerateRequest, GenerateResponse, SamplingParams, ThinkBudget, Trajectory,
+    TrajectoryGroup,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tracing::Instrument;
@@ -858,6 +859,7 @@ async fn generate_group(
                 top_p: stage.top_p,
                 top_k: stage.top_k as u32,
                 seed: Some(drawn.seed.wrapping_mul(31).wrapping_add(i as u64)),
+                think_budget: think_budget(&ctx.tokenizer, stage),
             },
             max_new_tokens: stage.max_new_tokens,
             max_context_tokens: stage.max_prompt_tokens,
@@ -1028,6 +1030,17 @@ fn rollout_records(
         stage_index: Some(ctx.stage_index as u64),
     };
     (row, trajectory)
+}
+
+/// The stage's reasoning budget as the worker takes it: the tokens of `<think>` and `</think>`
+/// in the run's tokenizer (the plan refuses a budget when they are not single tokens).
+pub fn think_budget(tokenizer: &Tokenizer, stage: &Stage) -> Option<ThinkBudget> {
+    let tokens = stage.think_budget?;
+    Some(ThinkBudget {
+        tokens: tokens as u32,
+        open_token_id: tokenizer.token_id(chat::THINK_OPEN)?,
+        close_token_id: tokenizer.token_id(chat::THINK_CLOSE)?,
+    })
 }
 
 /// Hands the group to the learner in step order (see [`StepOrder`]), marks its prompt
@@ -1549,6 +1562,7 @@ pub async fn evaluate(
                     top_p: 1.0,
                     top_k: 0,
                     seed: Some(0),
+                    think_budget: None,
                 },
                 max_new_tokens,
                 max_context_tokens: max_prompt_tokens,

@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 
-use chorus_model::sampling::SamplingParams;
+use chorus_model::sampling::{SamplingParams, ThinkBudget};
 use chorus_proto::v1::rollout_worker_server::RolloutWorker;
 use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse};
 use tokio::sync::mpsc;
@@ -38,6 +38,11 @@ fn job_of(req: &GenerateRequest) -> Job {
         temperature: s.temperature,
         top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
         top_k: s.top_k as usize,
+        think_budget: s.think_budget.map(|b| ThinkBudget {
+            tokens: b.tokens as usize,
+            open: b.open_token_id,
+            close: b.close_token_id,
+        }),
     };
     Job {
         prompt: req.prompt_token_ids.clone(),

@@ -52,6 +52,7 @@ fn request(i: usize, prompt: Vec<u32>, n: u32) -> GenerateRequest {
             top_p: 1.0,
             top_k: 0,
             seed: Some(i as u64),
+            think_budget: None,
         }),
         max_new_tokens: n,
         stop_token_ids: vec![],
@@ -133,6 +134,52 @@ async fn batched_generation_over_grpc_matches_the_engine_and_isolates_bad_reques
         got["r99"].error.contains("4000") && got["r99"].finish_reason == FinishReason::Error as i32
     );
     assert!(got["r98"].error.contains("empty prompt"));
+
+    // A reasoning budget travels with the request: prompts that open a think block (token 7)
+    // spend at most 2 tokens in it before the worker closes it (token 8).
+    let budgeted: Vec<GenerateRequest> = (0..6)
+        .map(|i| {
+            let mut r = request(50 + i, vec![3, 4, 7], 12);
+            let s = r.sampling.as_mut().unwrap();
+            s.temperature = 1.0;
+            s.think_budget = Some(chorus_proto::v1::ThinkBudget {
+                tokens: 2,
+                open_token_id: 7,
+                close_token_id: 8,
+            });
+            r
+        })
+        .collect();
+    let mut responses = client
+        .generate(tokio_stream::iter(budgeted.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut seen, mut forced) = (0, 0);
+    while let Some(r) = responses.next().await {
+        let r = r.unwrap();
+        assert!(r.error.is_empty(), "{}", r.error);
+        forced += usize::from(r.token_ids.get(2) == Some(&8));
+        let mut inside = Some(0);
+        for &t in &r.token_ids {
+            if t == 7 {
+                inside = Some(0);
+            } else if t == 8 {
+                inside = None;
+            } else if let Some(n) = &mut inside {
+                *n += 1;
+                assert!(*n <= 2, "{:?} thinks longer than 2 tokens", r.token_ids);
+            }
+        }
+        seen += 1;
+        if seen == budgeted.len() {
+            break;
+        }
+    }
+    assert!(
+        forced > 0,
+        "the budget closed no block: it was never reached"
+    );
 
     // Without the token the call is rejected.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -118,6 +118,18 @@ impl RunPlan {
         }
         let model = model_config(&config)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
+        for (i, stage) in config.stages.iter().enumerate() {
+            if stage.think_budget.is_some() {
+                for token in ["<think>", "</think>"] {
+                    if tokenizer.token_id(token).is_none() {
+                        return Err(RunError::Invalid(format!(
+                            "stages[{i}].sampling.think_budget: `{token}` is not one token of \
+                             the run's tokenizer, so the budget cannot be kept"
+                        )));
+                    }
+                }
+            }
+        }
         let learner = learner_config(&config, &model);
         let engine = EngineOptions {
             nvfp4: config.worker_nvfp4.then(|| Nvfp4Policy {

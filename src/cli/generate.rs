@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use chorus_model::engine::{Engine, EngineOptions, GenerationRequest, Nvfp4Policy};
-use chorus_model::sampling::SamplingParams;
+use chorus_model::sampling::{SamplingParams, ThinkBudget};
 use chorus_model::tokenizer::Tokenizer;
 use clap::Args;
 
@@ -14,6 +14,7 @@ use clap::Args;
 ///   chorus generate --checkpoint runs/init --prompt-ids 5,17,42 --max-new-tokens 16 --greedy --json
 ///   chorus generate --checkpoint runs/init --prompt "12+7=" --temperature 0.8 --top-p 0.95 --seed 1
 ///   chorus generate --checkpoint runs/init --prompt-ids 5,17 --greedy --mtp 3   (speculative)
+///   chorus generate --checkpoint runs/init --prompt "<think>" --temperature 1 --think-budget 8
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct GenerateArgs {
@@ -56,6 +57,10 @@ pub struct GenerateArgs {
     /// Stop after the end-of-sequence token of config.json (kept in the output).
     #[arg(long)]
     stop_at_eos: bool,
+    /// Reasoning budget: after N tokens inside `<think>`, emit `</think>` and go on to the
+    /// answer (the tokens are the checkpoint's tokenizer's, or Chorus' byte-level ones).
+    #[arg(long, value_name = "N", conflicts_with = "mtp")]
+    think_budget: Option<usize>,
     /// Print `{"tokens": [...], "logprobs": [...]}` for the generated tokens only.
     #[arg(long)]
     json: bool,
@@ -112,6 +117,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             temperature: a.temperature.unwrap_or(1.0),
             top_p: a.top_p.unwrap_or(1.0),
             top_k: a.top_k.unwrap_or(0),
+            think_budget: None,
         };
         s.validate().map_err(anyhow::Error::msg)?;
         if s.temperature == 0.0 {
@@ -119,6 +125,20 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         s
     };
+    let mut sampling = sampling;
+    if let Some(tokens) = a.think_budget {
+        let t = tokenizer.clone().unwrap_or_else(Tokenizer::byte_level);
+        let id = |token: &str| {
+            t.token_id(token).with_context(|| {
+                format!("--think-budget needs `{token}` to be one token of the tokenizer")
+            })
+        };
+        sampling.think_budget = Some(ThinkBudget {
+            tokens,
+            open: id("<think>")?,
+            close: id("</think>")?,
+        });
+    }
     let req = GenerationRequest {
         prompt,
         max_new_tokens: a.max_new_tokens,

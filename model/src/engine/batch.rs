@@ -102,9 +102,11 @@ impl<T> ContinuousBatch<T> {
         if let Err(e) = super::generate::check(&req) {
             return Err((tag, e));
         }
+        let mut sampler = Sampler::new(req.sampling, req.seed);
+        sampler.observe_prompt(&req.prompt);
         self.active.push(Slot {
             cache: engine.new_cache(),
-            sampler: Sampler::new(req.sampling, req.seed),
+            sampler,
             next_input: req.prompt,
             max_new_tokens: req.max_new_tokens,
             stop_tokens: req.stop_tokens,
@@ -188,7 +190,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::init_params;
     use crate::config::NemotronHConfig;
-    use crate::sampling::SamplingParams;
+    use crate::sampling::{SamplingParams, ThinkBudget};
 
     fn tiny_engine() -> Engine {
         let cfg = NemotronHConfig::from_json_str(
@@ -369,5 +371,71 @@ mod tests {
             ["ok", "bad"]
         );
         assert!(batch.is_empty());
+    }
+
+    /// The longest run of tokens inside a think block: the prompt opens one, the generation
+    /// may close it and open more.
+    fn longest_think(tokens: &[u32], open: u32, close: u32) -> usize {
+        let (mut inside, mut longest) = (Some(0usize), 0);
+        for &t in tokens {
+            if t == open {
+                inside = Some(0);
+            } else if t == close {
+                inside = None;
+            } else if let Some(n) = &mut inside {
+                *n += 1;
+                longest = longest.max(*n);
+            }
+        }
+        longest
+    }
+
+    #[test]
+    fn no_sequence_thinks_longer_than_its_budget() {
+        let engine = tiny_engine();
+        let (open, close) = (5, 6);
+        let requests = |budget: Option<usize>| -> Vec<GenerationRequest> {
+            (0..12)
+                .map(|seed| GenerationRequest {
+                    prompt: vec![1, 2, open],
+                    max_new_tokens: 30,
+                    sampling: SamplingParams {
+                        think_budget: budget.map(|tokens| ThinkBudget {
+                            tokens,
+                            open,
+                            close,
+                        }),
+                        ..SamplingParams::default()
+                    },
+                    seed,
+                    stop_tokens: vec![],
+                })
+                .collect()
+        };
+        let free = engine
+            .generate_batch(&requests(None), 4)
+            .expect("generates");
+        assert!(
+            free.iter()
+                .any(|g| longest_think(&g.tokens, open, close) > 8),
+            "without a budget some sequence should think for more than 8 tokens"
+        );
+        let capped = engine
+            .generate_batch(&requests(Some(8)), 4)
+            .expect("generates");
+        for g in &capped {
+            assert!(
+                longest_think(&g.tokens, open, close) <= 8,
+                "{:?} thinks longer than 8 tokens",
+                g.tokens
+            );
+            assert!(
+                g.logprobs.iter().all(|lp| lp.is_finite()),
+                "{:?}",
+                g.logprobs
+            );
+        }
+        // The ones that would have gone on are closed on their ninth token.
+        assert!(capped.iter().any(|g| g.tokens.get(8) == Some(&close)));
     }
 }

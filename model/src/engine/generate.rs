@@ -144,6 +144,12 @@ impl Engine {
         if drafts == 0 {
             return self.generate(req);
         }
+        if req.sampling.think_budget.is_some() {
+            return Err(ModelError::Input(
+                "a think budget is not supported with speculative decoding; drop one of them"
+                    .into(),
+            ));
+        }
         let v = self.vocab;
         let d = self.d;
         let params = &req.sampling;

@@ -18,8 +18,6 @@ pub struct RlSequence {
     pub prompt_len: usize,
     /// The worker's log-probability of each completion token.
     pub behavior_logprobs: Vec<f32>,
-    /// The policy version that produced each completion token.
-    pub versions: Vec<u64>,
     /// The sequence's advantage (group-normalised reward).
     pub advantage: f32,
     /// The reference policy's log-probability of each completion token, when KL is on.
@@ -161,11 +159,10 @@ pub fn rl_loss(
     let with_ref = objective.kl_coef > 0.0;
     for (i, s) in batch.iter().enumerate() {
         let n = s.tokens.len() - s.prompt_len;
-        if s.behavior_logprobs.len() != n || s.versions.len() != n {
+        if s.behavior_logprobs.len() != n {
             return Err(LearnerError::Batch(format!(
-                "sequence {i}: {n} completion tokens but {} logprobs and {} versions",
-                s.behavior_logprobs.len(),
-                s.versions.len()
+                "sequence {i}: {n} completion tokens but {} logprobs",
+                s.behavior_logprobs.len()
             )));
         }
         if with_ref && s.ref_logprobs.as_ref().map(|r| r.len()) != Some(n) {

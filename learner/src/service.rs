@@ -233,7 +233,6 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
                     .collect(),
                 prompt_len: t.prompt_token_ids.len(),
                 behavior_logprobs: t.logprobs.clone(),
-                versions: t.policy_versions.clone(),
                 advantage: t.advantage as f32,
                 ref_logprobs: None,
                 // Observations between a multi-turn episode's turns are not the policy's.

@@ -59,7 +59,6 @@ fn nvfp4_rollouts(t: &Trainer) -> Vec<RlSequence> {
                 tokens: prompt.iter().chain(&g.tokens).copied().collect(),
                 prompt_len: prompt.len(),
                 behavior_logprobs: g.logprobs.clone(),
-                versions: vec![t.version(); g.tokens.len()],
                 advantage: if i % 2 == 0 { 1.0 } else { -1.0 },
                 ref_logprobs: None,
                 loss_mask: None,

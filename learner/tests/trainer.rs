@@ -53,18 +53,11 @@ fn rollouts(t: &Trainer, n: usize) -> Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> {
         .collect()
 }
 
-fn seq(
-    prompt: &[u32],
-    completion: &[u32],
-    logprobs: &[f32],
-    advantage: f32,
-    version: u64,
-) -> RlSequence {
+fn seq(prompt: &[u32], completion: &[u32], logprobs: &[f32], advantage: f32) -> RlSequence {
     RlSequence {
         tokens: prompt.iter().chain(completion).copied().collect(),
         prompt_len: prompt.len(),
         behavior_logprobs: logprobs.to_vec(),
-        versions: vec![version; completion.len()],
         advantage,
         ref_logprobs: None,
         loss_mask: None,
@@ -87,7 +80,7 @@ fn rewarding_a_token_makes_it_more_likely() {
             .iter()
             .map(|(p, c, lp)| {
                 let hits = c.iter().filter(|&&x| x == 7).count() as f32;
-                seq(p, c, lp, hits - 0.25, t.version())
+                seq(p, c, lp, hits - 0.25)
             })
             .collect();
         let r = t.rl_step(&batch).unwrap();
@@ -105,7 +98,7 @@ fn on_policy_ratios_are_one_and_nothing_is_clipped() {
     let t = trainer(1e-3);
     let batch: Vec<RlSequence> = rollouts(&t, 4)
         .iter()
-        .map(|(p, c, lp)| seq(p, c, lp, 1.0, 0))
+        .map(|(p, c, lp)| seq(p, c, lp, 1.0))
         .collect();
     let (_, stats) = rl_loss(t.model(), &batch, &Objective::default()).unwrap();
     // The engine and the candle model agree, so the worker's logprobs are the learner's.
@@ -135,7 +128,7 @@ fn the_samplers_mismatch_is_corrected_as_the_objective_says() {
     let (p, c, lp) = rollouts(&t, 1).remove(0);
     // The worker claims a much lower probability than the learner's: rho = e^4 on every token.
     let low: Vec<f32> = lp.iter().map(|x| x - 4.0).collect();
-    let loss = |o: &Objective, a: f32| rl_loss(t.model(), &[seq(&p, &c, &low, a, 0)], o).unwrap().1;
+    let loss = |o: &Objective, a: f32| rl_loss(t.model(), &[seq(&p, &c, &low, a)], o).unwrap().1;
     let none = loss(&objective(&[("correction", "none")]), -1.0);
     assert!((none.loss - 1.0).abs() < 1e-4, "{none:?}");
     let tis = loss(&objective(&[("correction", "tis"), ("tis_cap", "2")]), -1.0);
@@ -153,8 +146,8 @@ fn token_mean_and_sequence_mean_differ_as_they_should() {
     let t = trainer(1e-3);
     let r = rollouts(&t, 2);
     // Same ratio 1 everywhere; advantages 1 (6 tokens) and -1 (3 tokens).
-    let a = seq(&r[0].0, &r[0].1, &r[0].2, 1.0, 0);
-    let b = seq(&r[1].0, &r[1].1[..3], &r[1].2[..3], -1.0, 0);
+    let a = seq(&r[0].0, &r[0].1, &r[0].2, 1.0);
+    let b = seq(&r[1].0, &r[1].1[..3], &r[1].2[..3], -1.0);
     let tok = rl_loss(
         t.model(),
         &[a.clone(), b.clone()],
@@ -177,8 +170,8 @@ fn token_mean_and_sequence_mean_differ_as_they_should() {
 fn groups_with_different_objectives_share_one_step() {
     let mut t = trainer(1e-2);
     let r = rollouts(&t, 2);
-    let a = [seq(&r[0].0, &r[0].1, &r[0].2, 1.0, 0)];
-    let b = [seq(&r[1].0, &r[1].1, &r[1].2, -1.0, 0)];
+    let a = [seq(&r[0].0, &r[0].1, &r[0].2, 1.0)];
+    let b = [seq(&r[1].0, &r[1].1, &r[1].2, -1.0)];
     let reinforce = objective(&[("algorithm", "reinforce")]);
     let dapo = objective(&[("algorithm", "dapo")]);
     let (_, sa) = rl_loss(t.model(), &a, &reinforce).unwrap();
@@ -198,7 +191,7 @@ fn a_non_finite_step_is_skipped_and_changes_nothing() {
     let mut t = trainer(1e-2);
     let before = t.params().snapshot().unwrap();
     let (p, c, lp) = rollouts(&t, 1).remove(0);
-    let r = t.rl_step(&[seq(&p, &c, &lp, f32::NAN, 0)]).unwrap();
+    let r = t.rl_step(&[seq(&p, &c, &lp, f32::NAN)]).unwrap();
     assert!(
         r.skipped.as_deref().unwrap_or("").contains("not finite"),
         "{r:?}"
@@ -219,7 +212,7 @@ fn a_non_finite_step_is_skipped_and_changes_nothing() {
         assert_eq!(diff, 0.0, "{name} changed");
     }
     // A good step afterwards applies.
-    let r = t.rl_step(&[seq(&p, &c, &lp, 1.0, 0)]).unwrap();
+    let r = t.rl_step(&[seq(&p, &c, &lp, 1.0)]).unwrap();
     assert!(r.skipped.is_none() && t.version() == 2);
 }
 
@@ -301,7 +294,6 @@ fn bad_settings_and_batches_are_named() {
         tokens: vec![3, 4, 5],
         prompt_len: 1,
         behavior_logprobs: vec![-1.0],
-        versions: vec![0, 0],
         advantage: 1.0,
         ref_logprobs: None,
         loss_mask: None,
@@ -341,7 +333,7 @@ fn loss_mask_excludes_observation_tokens() {
     assert_ne!(c.loss, d.loss);
 
     let rl = |last: u32, mask: Option<Vec<bool>>| {
-        let mut s = seq(&[3, 4], &[5, 9, last], &[-1.0, -2.0, -3.0], 1.0, 0);
+        let mut s = seq(&[3, 4], &[5, 9, last], &[-1.0, -2.0, -3.0], 1.0);
         s.loss_mask = mask;
         // With `tis` the token's own probability weighs it, so its identity shows in the loss.
         rl_loss(t.model(), &[s], &objective(&[("correction", "tis")]))

@@ -68,6 +68,7 @@ async fn measure(url: &str, label: &str) {
         stats: stats.clone(),
         faults: Default::default(),
         deterministic: false,
+        transcripts: None,
     });
     let start = Instant::now();
     run_rl_stage(ctx, stage.clone()).await.unwrap();

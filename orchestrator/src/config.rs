@@ -116,6 +116,16 @@ pub enum StageKind {
     Rlvr,
 }
 
+impl StageKind {
+    /// The name configs and the ledger write it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Rlvr => "rlvr",
+        }
+    }
+}
+
 /// The update rule of a stage: `sft`, or one of the RL objectives of
 /// [`chorus_proto::objective::Algorithm`] (defined there, with the exact formulas in
 /// `chorus_learner::objective`).

@@ -25,7 +25,7 @@ use chorus_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest,
     StreamWeightsRequest, TrajectoryGroup,
 };
-use chorus_proto::weights::{HostTensor, WeightAssembler};
+use chorus_proto::weights::{HostTensor, receive};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -585,19 +585,8 @@ impl RemoteLearner {
             .await
             .map_err(|e| fail(format!("StreamWeights (version {version}): {e}")))?
             .into_inner();
-        let mut assembler = WeightAssembler::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| fail(format!("weight stream of version {version}: {e}")))?;
-            if assembler
-                .push(&chunk)
-                .map_err(|e| fail(format!("weights of version {version}: {e}")))?
-            {
-                break;
-            }
-        }
-        let (got, tensors) = assembler
-            .finish()
+        let (got, tensors) = receive(&mut stream)
+            .await
             .map_err(|e| fail(format!("weights of version {version}: {e}")))?;
         if got != version {
             return Err(fail(format!("asked for version {version}, got {got}")));

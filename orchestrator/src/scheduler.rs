@@ -165,6 +165,9 @@ pub struct StageContext {
     /// Pin every generation request to the exact policy version its step (or evaluation) is
     /// fixed to, so that a run repeats bit for bit (`deterministic = true`).
     pub deterministic: bool,
+    /// The running stage's transcripts (its `data`), read and checked once before the run
+    /// (`RunPlan`); `None` for a stage without.
+    pub transcripts: Option<Arc<Transcripts>>,
 }
 
 /// Replacement prompts tried for one slot before its last group is sent as it is.
@@ -849,6 +852,7 @@ async fn generate_group(
     stop: &[u32],
     at: SlotAt,
 ) -> Vec<Rollout> {
+    let think_budget = think_budget(&ctx.tokenizer, stage);
     let members = (0..stage.group_size).map(|i| {
         let m = Member {
             trajectory_id: format!("{}:t{i}", prompt.id),
@@ -859,7 +863,7 @@ async fn generate_group(
                 top_p: stage.top_p,
                 top_k: stage.top_k as u32,
                 seed: Some(drawn.seed.wrapping_mul(31).wrapping_add(i as u64)),
-                think_budget: think_budget(&ctx.tokenizer, stage),
+                think_budget,
             },
             max_new_tokens: stage.max_new_tokens,
             max_context_tokens: stage.max_prompt_tokens,
@@ -1190,25 +1194,17 @@ async fn run_sft_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         base_version = base,
         "supervised stage starts"
     );
-    let transcripts = match &stage.data {
-        Some(data) => {
-            let path = data.path.clone();
-            let loaded = tokio::task::spawn_blocking(move || Transcripts::load(&path))
-                .await
-                .map_err(|e| SchedulerError::Environment {
-                    name: data.path.display().to_string(),
-                    message: format!("reading the transcripts stopped: {e}"),
-                })??;
-            tracing::info!(
-                path = %data.path.display(),
-                transcripts = loaded.rows.len(),
-                "{} transcripts from {}",
-                loaded.rows.len(),
-                data.path.display()
-            );
-            Some(Arc::new(loaded))
+    let transcripts = match (&stage.data, &ctx.transcripts) {
+        (Some(_), Some(t)) => Some(t.clone()),
+        (Some(data), None) => {
+            return Err(SchedulerError::Environment {
+                name: data.path.display().to_string(),
+                message: "the stage learns these transcripts, but its context holds none: \
+                          load them into `StageContext::transcripts` (a `RunPlan` does)"
+                    .into(),
+            });
         }
-        None => None,
+        (None, _) => None,
     };
     for step in 0..stage.steps {
         let span = tracing::info_span!("step", step = base + step);

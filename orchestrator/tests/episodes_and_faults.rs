@@ -235,6 +235,7 @@ async fn setup(config: &str, prompts_per_step: u64) -> Setup {
         stats: Arc::new(StageStats::default()),
         faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
         deterministic: cfg.deterministic,
+        transcripts: None,
     });
     Setup {
         ctx,

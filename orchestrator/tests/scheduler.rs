@@ -132,6 +132,7 @@ async fn run_config(config: &str) -> Outcome {
         stats: stats.clone(),
         faults: Default::default(),
         deterministic: false,
+        transcripts: None,
     });
     run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
         .await
@@ -263,6 +264,7 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
         stats: Arc::new(StageStats::default()),
         faults: Default::default(),
         deterministic: false,
+        transcripts: None,
     });
     // The guard only keeps a regression from hanging the test suite.
     let result = tokio::time::timeout(

@@ -201,3 +201,42 @@ mod tests {
         );
     }
 }
+
+/// Why a weight stream did not give a version.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The stream failed.
+    #[error("the weight stream failed: {0}")]
+    Stream(tonic::Status),
+    /// The chunks of `version` do not make a valid version (checksum, shapes), or the stream
+    /// ended early.
+    #[error("{source}")]
+    Assemble {
+        /// The version the failing chunk belonged to, when one arrived.
+        version: Option<u64>,
+        /// What is wrong.
+        source: AssembleError,
+    },
+}
+
+/// Reads one version from a `StreamWeights` response to its verified last chunk.
+pub async fn receive(
+    stream: &mut tonic::Streaming<WeightChunk>,
+) -> Result<(u64, BTreeMap<String, HostTensor>), ReceiveError> {
+    let mut assembler = WeightAssembler::new();
+    while let Some(chunk) = stream.message().await.map_err(ReceiveError::Stream)? {
+        if assembler
+            .push(&chunk)
+            .map_err(|source| ReceiveError::Assemble {
+                version: Some(chunk.policy_version),
+                source,
+            })?
+        {
+            break;
+        }
+    }
+    assembler.finish().map_err(|source| ReceiveError::Assemble {
+        version: None,
+        source,
+    })
+}

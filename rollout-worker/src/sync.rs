@@ -9,8 +9,7 @@ use chorus_model::NemotronHConfig;
 use chorus_model::engine::{Engine, EngineOptions};
 use chorus_proto::v1::StreamWeightsRequest;
 use chorus_proto::v1::learner_client::LearnerClient;
-use chorus_proto::weights::WeightAssembler;
-use tokio_stream::StreamExt;
+use chorus_proto::weights::{ReceiveError, receive};
 use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
@@ -130,17 +129,12 @@ where
         .await
         .map_err(|e| fail(at_least, FetchErrorKind::Request(e)))?
         .into_inner();
-    let mut asm = WeightAssembler::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| fail(at_least, FetchErrorKind::Stream(e)))?;
-        if asm
-            .push(&chunk)
-            .map_err(|e| fail(chunk.policy_version, e.into()))?
-        {
-            break;
+    let (version, tensors) = receive(&mut stream).await.map_err(|e| match e {
+        ReceiveError::Stream(status) => fail(at_least, FetchErrorKind::Stream(status)),
+        ReceiveError::Assemble { version, source } => {
+            fail(version.unwrap_or(at_least), source.into())
         }
-    }
-    let (version, tensors) = asm.finish().map_err(|e| fail(at_least, e.into()))?;
+    })?;
     let mut map = BTreeMap::new();
     for (name, t) in tensors {
         let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {

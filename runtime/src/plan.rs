@@ -13,6 +13,7 @@ use chorus_model::engine::EngineOptions;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
 use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
+use chorus_orchestrator::transcripts::Transcripts;
 
 use crate::error::{Result, RunError};
 
@@ -90,6 +91,8 @@ pub struct RunPlan {
     /// Policy versions the learner and each worker keep for requests pinned to an older one
     /// (deterministic runs); 1 (the newest) otherwise.
     pub keep_versions: usize,
+    /// Each stage's transcripts (its `data`), by stage index, read once.
+    pub transcripts: BTreeMap<usize, Arc<Transcripts>>,
     /// Test-only: workers (by id) that sleep this long after every decode step, so a test can
     /// make one worker slower and check that a deterministic run does not notice. Empty from
     /// [`RunPlan::new`]; no config key sets it.
@@ -109,11 +112,20 @@ impl RunPlan {
         for spec in [&config.worker_device, &config.learner_device] {
             device(spec)?;
         }
-        // A bad transcript file is named now, not when its stage comes.
+        // Read once, now: a bad transcript file is named before anything starts.
+        let mut transcripts = BTreeMap::new();
         for (i, stage) in config.stages.iter().enumerate() {
             if let Some(data) = &stage.data {
-                chorus_orchestrator::transcripts::Transcripts::load(&data.path)
+                let loaded = Transcripts::load(&data.path)
                     .map_err(|e| RunError::Invalid(format!("stages[{i}].data: {e}")))?;
+                tracing::info!(
+                    path = %data.path.display(),
+                    transcripts = loaded.rows.len(),
+                    "{} transcripts from {}",
+                    loaded.rows.len(),
+                    data.path.display()
+                );
+                transcripts.insert(i, Arc::new(loaded));
             }
         }
         let model = model_config(&config)?;
@@ -153,6 +165,7 @@ impl RunPlan {
             engine,
             evaluation,
             keep_versions,
+            transcripts,
             test_decode_delay: BTreeMap::new(),
         })
     }

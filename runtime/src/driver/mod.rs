@@ -180,6 +180,7 @@ async fn drive(
         stats: stats.clone(),
         faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
         deterministic: cfg.deterministic,
+        transcripts: None,
     };
     tracing::info!(
         workers = pool.ids().len(),

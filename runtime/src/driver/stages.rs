@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::evaluation::Evaluator;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
-use crate::summary::{StageSummary, accuracy_line};
+use crate::summary::{StageSummary, accuracy_line, mean_accuracy};
 
 /// The metric every stage kind is judged by today.
 const HELDOUT_ACCURACY: &str = "heldout_accuracy";
@@ -50,6 +50,7 @@ pub(crate) async fn run_stages(
     let mut summaries = vec![];
     for (i, stage) in plan.config.stages.iter().enumerate() {
         ctx.stage_index = i;
+        ctx.transcripts = plan.transcripts.get(&i).cloned();
         let shared = Arc::new(ctx.clone());
         if stage.kind == StageKind::Rlvr {
             evaluator.before_rl(&shared).await?;
@@ -79,8 +80,7 @@ fn stage_environments(stage: &Stage) -> Vec<(String, u32)> {
 
 /// The mean over environments of `acc`, with its interval; `None` without environments.
 fn mean_of(acc: &BTreeMap<String, Accuracy>) -> Option<(f64, confidence::Interval)> {
-    (!acc.is_empty())
-        .then(|| confidence::mean(&acc.values().map(Accuracy::counts).collect::<Vec<_>>()))
+    (!acc.is_empty()).then(|| mean_accuracy(acc))
 }
 
 async fn run_stage(
@@ -90,7 +90,7 @@ async fn run_stage(
     outputs: &StageOutputs<'_>,
 ) -> Result<StageSummary> {
     let i = ctx.stage_index;
-    let kind = stage_kind_name(stage.kind);
+    let kind = stage.kind.name();
     let environments = stage_environments(stage);
     let metric = if environments.is_empty() {
         NO_METRIC
@@ -110,7 +110,6 @@ async fn run_stage(
             accuracy_line(&start)
         );
     }
-    let ledger_err = RunError::ledger(outputs.db);
     ctx.ledger
         .start_stage(NewStage {
             run_id: ctx.run_id.clone(),
@@ -224,7 +223,7 @@ async fn run_stage(
             checkpoint_path: Some(checkpoint.display().to_string()),
         })
         .await
-        .map_err(ledger_err)?;
+        .map_err(RunError::ledger(outputs.db))?;
     let pct = |m: Option<(f64, confidence::Interval)>| {
         m.map_or_else(|| "-".to_string(), |m| format!("{:.1}%", 100.0 * m.0))
     };
@@ -238,14 +237,6 @@ async fn run_stage(
         checkpoint.display()
     );
     Ok(summary)
-}
-
-/// The name a stage kind is written with in configs and the ledger.
-fn stage_kind_name(kind: StageKind) -> &'static str {
-    match kind {
-        StageKind::Sft => "sft",
-        StageKind::Rlvr => "rlvr",
-    }
 }
 
 /// Fetches policy `version` from the learner and writes it to `dir` in HF layout.

@@ -198,6 +198,32 @@ pub fn parse_completion(completion: &str) -> Completion {
     }
 }
 
+/// Why a completion's think block is malformed, or `None` when it is well formed: at most one
+/// `<think>` and one `</think>` in the turn, in that order, and a block that is opened is closed.
+/// A lone `</think>` is well formed (the template may pre-fill `<think>`); no think block at all
+/// is too. RL stages give a malformed completion a fixed penalty instead of its reward.
+pub fn malformed_think(completion: &str) -> Option<String> {
+    let end = STOP_SEQUENCES
+        .iter()
+        .filter_map(|stop| completion.find(stop))
+        .min();
+    let turn = &completion[..end.unwrap_or(completion.len())];
+    let opens = turn.matches(THINK_OPEN).count();
+    let closes = turn.matches(THINK_CLOSE).count();
+    if opens > 1 || closes > 1 {
+        return Some(format!(
+            "{opens} `{THINK_OPEN}` and {closes} `{THINK_CLOSE}` in one turn; at most one of each"
+        ));
+    }
+    match (turn.find(THINK_OPEN), turn.find(THINK_CLOSE)) {
+        (Some(_), None) => Some(format!("`{THINK_OPEN}` is never closed")),
+        (Some(open), Some(close)) if close < open => {
+            Some(format!("`{THINK_CLOSE}` comes before `{THINK_OPEN}`"))
+        }
+        _ => None,
+    }
+}
+
 /// The content of the last `\boxed{…}` in `text` (braces balanced), if any.
 pub fn last_boxed(text: &str) -> Option<&str> {
     let start = text.rfind("\\boxed{")? + "\\boxed{".len();
@@ -350,6 +376,28 @@ pub fn strip_tool_calls(response: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn malformed_think_blocks_are_named() {
+        use super::malformed_think;
+        for ok in [
+            "42",
+            "<think>add</think>42",
+            "add</think>42",
+            "<think>a</think>42<|end|><think>",
+        ] {
+            assert_eq!(malformed_think(ok), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("<think>add", "never closed"),
+            ("<think>a</think><think>b</think>42", "at most one"),
+            ("a</think>b</think>", "at most one"),
+            ("</think>x<think>", "comes before"),
+        ] {
+            let reason = malformed_think(bad).unwrap_or_default();
+            assert!(reason.contains(why), "{bad}: {reason}");
+        }
+    }
+
     use super::*;
 
     #[test]

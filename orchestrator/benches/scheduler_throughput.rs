@@ -69,6 +69,7 @@ async fn measure(url: &str, label: &str) {
         faults: Default::default(),
         deterministic: false,
         transcripts: None,
+        goal: None,
     });
     let start = Instant::now();
     run_rl_stage(ctx, stage.clone()).await.unwrap();

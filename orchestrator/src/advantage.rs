@@ -1,5 +1,5 @@
 //! Group-relative advantages: each completion's reward against the other completions of the same
-//! prompt.
+//! prompt, with Nemotron 3's shaping (a fixed penalty for invalid output, a clip).
 
 use serde::{Deserialize, Serialize};
 
@@ -7,39 +7,77 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdvantageKind {
-    /// `(r - mean) / (std + eps)` (GRPO).
+    /// `r - mean` (GRPO).
     GroupNorm,
-    /// `(r - mean of the others) / (std + eps)` (RLOO baseline, Nemotron's choice).
+    /// `r - mean of the others` (the RLOO baseline, Nemotron's choice).
     LeaveOneOut,
 }
 
-/// Advantages are clipped to ±this (Nemotron 3 clips at 50).
-pub const ADVANTAGE_CLIP: f64 = 50.0;
+/// How a stage turns a group's rewards into advantages.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdvantageShaping {
+    /// The baseline.
+    pub kind: AdvantageKind,
+    /// Divide by the group's reward standard deviation (`false` for RLOO proper).
+    pub std_normalize: bool,
+    /// Advantages are clipped to `±clip` (Nemotron 3 clips at 50).
+    pub clip: f64,
+    /// The fixed advantage of an invalid rollout (a malformed `<think>` block, an invalid tool
+    /// call); Nemotron 3 uses -5.
+    pub invalid: f64,
+}
 
-/// The advantages of one group's rewards, or `None` when all rewards are equal (a
-/// zero-variance group carries no learning signal).
-pub fn group_advantages(rewards: &[f64], kind: AdvantageKind) -> Option<Vec<f64>> {
-    let n = rewards.len();
-    if n == 0 {
+/// One usable rollout of a group: its reward and whether its output was invalid.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    /// The environment's reward.
+    pub reward: f64,
+    /// Malformed output: the rollout gets the fixed invalid advantage and stays out of the
+    /// baseline of the others.
+    pub invalid: bool,
+}
+
+/// The advantages of one group's usable rollouts, or `None` when the group carries no learning
+/// signal: every rollout valid and every reward equal.
+///
+/// Valid rollouts are compared only with each other (baseline and standard deviation over the
+/// valid rewards; a lone valid rollout, or valid rewards that are all equal, gets 0); invalid
+/// ones get `shaping.invalid` whatever their reward.
+pub fn group_advantages(group: &[Scored], shaping: &AdvantageShaping) -> Option<Vec<f64>> {
+    let valid: Vec<f64> = group
+        .iter()
+        .filter(|s| !s.invalid)
+        .map(|s| s.reward)
+        .collect();
+    let n = valid.len();
+    let any_invalid = n < group.len();
+    let mean = valid.iter().sum::<f64>() / n.max(1) as f64;
+    let var = valid.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n.max(1) as f64;
+    let flat = n < 2 || var <= 1e-12;
+    if group.is_empty() || (flat && !any_invalid) {
         return None;
     }
-    let mean = rewards.iter().sum::<f64>() / n as f64;
-    let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n as f64;
-    if var <= 1e-12 {
-        return None;
-    }
-    let std = var.sqrt();
-    let sum: f64 = rewards.iter().sum();
+    let sum: f64 = valid.iter().sum();
+    let scale = if shaping.std_normalize {
+        var.sqrt() + 1e-6
+    } else {
+        1.0
+    };
     Some(
-        rewards
+        group
             .iter()
-            .map(|&r| {
-                let baseline = match kind {
+            .map(|s| {
+                if s.invalid {
+                    return shaping.invalid;
+                }
+                if flat {
+                    return 0.0;
+                }
+                let baseline = match shaping.kind {
                     AdvantageKind::GroupNorm => mean,
-                    AdvantageKind::LeaveOneOut if n > 1 => (sum - r) / (n - 1) as f64,
-                    AdvantageKind::LeaveOneOut => mean,
+                    AdvantageKind::LeaveOneOut => (sum - s.reward) / (n - 1) as f64,
                 };
-                ((r - baseline) / (std + 1e-6)).clamp(-ADVANTAGE_CLIP, ADVANTAGE_CLIP)
+                ((s.reward - baseline) / scale).clamp(-shaping.clip, shaping.clip)
             })
             .collect(),
     )
@@ -49,19 +87,119 @@ pub fn group_advantages(rewards: &[f64], kind: AdvantageKind) -> Option<Vec<f64>
 mod tests {
     use super::*;
 
+    /// Nemotron 3's shaping (the run config's defaults) with the given baseline.
+    fn nemotron(kind: AdvantageKind) -> AdvantageShaping {
+        AdvantageShaping {
+            kind,
+            std_normalize: true,
+            clip: 50.0,
+            invalid: -5.0,
+        }
+    }
+
+    fn valid(rewards: &[f64]) -> Vec<Scored> {
+        rewards
+            .iter()
+            .map(|&reward| Scored {
+                reward,
+                invalid: false,
+            })
+            .collect()
+    }
+
+    fn close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-4, "{got:?} vs {want:?}");
+        }
+    }
+
     #[test]
     fn group_norm_and_leave_one_out() {
-        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], AdvantageKind::GroupNorm).unwrap();
-        for (x, w) in a.iter().zip([1.0, -1.0, -1.0, 1.0]) {
-            assert!((x - w).abs() < 1e-5, "{a:?}");
-        }
-        let l = group_advantages(&[1.0, 0.0, 0.0, 0.0], AdvantageKind::LeaveOneOut).unwrap();
-        let std = (0.1875f64).sqrt();
-        assert!(
-            (l[0] - 1.0 / std).abs() < 1e-4 && (l[1] - (-1.0 / 3.0) / std).abs() < 1e-4,
-            "{l:?}"
+        let norm = nemotron(AdvantageKind::GroupNorm);
+        let a = group_advantages(&valid(&[1.0, 0.0, 0.0, 1.0]), &norm).unwrap();
+        close(&a, &[1.0, -1.0, -1.0, 1.0]);
+        let loo = nemotron(AdvantageKind::LeaveOneOut);
+        let l = group_advantages(&valid(&[1.0, 0.0, 0.0, 0.0]), &loo).unwrap();
+        let std = 0.1875f64.sqrt();
+        close(
+            &l,
+            &[
+                1.0 / std,
+                -1.0 / 3.0 / std,
+                -1.0 / 3.0 / std,
+                -1.0 / 3.0 / std,
+            ],
         );
-        assert!(group_advantages(&[0.5, 0.5, 0.5], AdvantageKind::GroupNorm).is_none());
-        assert!(group_advantages(&[], AdvantageKind::GroupNorm).is_none());
+        assert!(group_advantages(&valid(&[0.5, 0.5, 0.5]), &norm).is_none());
+        assert!(group_advantages(&[], &norm).is_none());
+    }
+
+    #[test]
+    fn without_std_normalisation_the_advantage_is_the_reward_gap() {
+        let rloo = AdvantageShaping {
+            std_normalize: false,
+            ..nemotron(AdvantageKind::LeaveOneOut)
+        };
+        let a = group_advantages(&valid(&[1.0, 0.0, 0.5]), &rloo).unwrap();
+        close(&a, &[0.75, -0.75, 0.0]);
+    }
+
+    #[test]
+    fn advantages_are_clipped_on_both_sides() {
+        let shaping = AdvantageShaping {
+            std_normalize: false,
+            clip: 0.5,
+            ..nemotron(AdvantageKind::GroupNorm)
+        };
+        let a = group_advantages(&valid(&[3.0, 0.0, 1.5]), &shaping).unwrap();
+        close(&a, &[0.5, -0.5, 0.0]);
+    }
+
+    #[test]
+    fn invalid_rollouts_get_the_fixed_advantage_and_leave_the_baseline() {
+        let shaping = nemotron(AdvantageKind::LeaveOneOut);
+        let group = [
+            Scored {
+                reward: 1.0,
+                invalid: false,
+            },
+            Scored {
+                reward: 1.0,
+                invalid: true,
+            },
+            Scored {
+                reward: 0.0,
+                invalid: false,
+            },
+        ];
+        // The valid pair alone: LOO baselines 0 and 1, std 0.5.
+        let a = group_advantages(&group, &shaping).unwrap();
+        close(&a, &[2.0, -5.0, -2.0]);
+        // Valid rewards all equal: no signal among them, but the invalid one still has its own.
+        let group = [
+            Scored {
+                reward: 0.0,
+                invalid: false,
+            },
+            Scored {
+                reward: 0.0,
+                invalid: true,
+            },
+            Scored {
+                reward: 0.0,
+                invalid: false,
+            },
+        ];
+        close(
+            &group_advantages(&group, &shaping).unwrap(),
+            &[0.0, -5.0, 0.0],
+        );
+        // Every rollout invalid.
+        let all = [Scored {
+            reward: 0.0,
+            invalid: true,
+        }; 2];
+        close(&group_advantages(&all, &shaping).unwrap(), &[-5.0, -5.0]);
     }
 }

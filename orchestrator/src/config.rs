@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::de::{DeserializeOwned, Deserializer, IntoDeserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
-pub use crate::advantage::AdvantageKind;
+pub use crate::advantage::{AdvantageKind, AdvantageShaping};
 use crate::faults::FaultPolicy;
 pub use chorus_proto::objective::{Aggregation, Correction, KlEstimator, Objective};
 pub use chorus_proto::schedule::{Decay, LrSchedule};
@@ -124,7 +124,17 @@ impl StageKind {
             Self::Rlvr => "rlvr",
         }
     }
+
+    /// The metrics a stage of this kind measures (the first is the one its summary reports).
+    pub fn metrics(self) -> &'static [&'static str] {
+        match self {
+            Self::Sft | Self::Rlvr => &[HELDOUT_ACCURACY],
+        }
+    }
 }
+
+/// Mean held-out accuracy of a stage's environments.
+pub const HELDOUT_ACCURACY: &str = "heldout_accuracy";
 
 /// The update rule of a stage: `sft`, or one of the RL objectives of
 /// [`chorus_proto::objective::Algorithm`] (defined there, with the exact formulas in
@@ -162,6 +172,17 @@ impl Algorithm {
             Self::Reinforce => A::Reinforce,
         })
     }
+}
+
+/// How a step's prompts are split among a stage's environments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainRatios {
+    /// Each prompt's environment is drawn by weight.
+    Sampled,
+    /// Every step holds exact per-environment counts from the weights (largest remainders,
+    /// the leftover prompts rotating among environments from step to step).
+    Fixed,
 }
 
 /// A weight format to quantize to.
@@ -219,6 +240,18 @@ pub struct RawSampling {
     pub think_budget: Option<usize>,
 }
 
+/// An early end of a stage, as written: `until = { metric = "heldout_accuracy", at_least = 0.5 }`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUntil {
+    /// The stage's metric (it is named in the stage's summary).
+    pub metric: Option<String>,
+    /// The stage ends at the first check where the metric is at least this.
+    pub at_least: Option<f64>,
+    /// Steps between checks (default 10); each check waits for the learner and evaluates.
+    pub every: Option<u64>,
+}
+
 /// One stage, as written.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -272,6 +305,21 @@ pub struct RawStage {
     pub max_new_tokens: Option<usize>,
     /// `group_norm` or `leave_one_out`.
     pub advantage: Option<Choice<AdvantageKind>>,
+    /// Divide advantages by the group's reward standard deviation (default: true, false for
+    /// `algorithm = "reinforce"`).
+    pub advantage_std_normalize: Option<bool>,
+    /// Clip advantages to ± this (default 50).
+    pub advantage_clip: Option<f64>,
+    /// The fixed advantage of a rollout with a malformed think block or invalid tool calls
+    /// (default -5).
+    pub invalid_advantage: Option<f64>,
+    /// How a step's prompts are split among the environments: `sampled` by weight, or `fixed`
+    /// (exact counts from the weights).
+    pub domain_ratios: Option<Choice<DomainRatios>>,
+    /// End the stage early once its metric reaches a value.
+    pub until: Option<RawUntil>,
+    /// Most turns of a multi-turn episode (default: the environment's own limit).
+    pub max_turns: Option<u32>,
     /// Drop groups whose rewards are all equal.
     pub drop_zero_variance: Option<bool>,
     /// The weighted environment mixture.
@@ -444,8 +492,14 @@ pub struct Stage {
     pub max_prompt_tokens: usize,
     /// New-token limit per turn.
     pub max_new_tokens: usize,
-    /// Advantage estimator.
-    pub advantage: AdvantageKind,
+    /// How rewards become advantages.
+    pub advantage: AdvantageShaping,
+    /// How a step's prompts are split among the environments.
+    pub domain_ratios: DomainRatios,
+    /// An early end.
+    pub until: Option<Until>,
+    /// Most turns of a multi-turn episode (`None`: the environment's own limit).
+    pub max_turns: Option<u32>,
     /// Drop zero-variance groups.
     pub drop_zero_variance: bool,
     /// Mixture.
@@ -460,6 +514,18 @@ pub struct Stage {
     pub top_k: usize,
     /// Reasoning budget in tokens (`None` = no cap).
     pub think_budget: Option<usize>,
+}
+
+/// A stage ends early at the first check (every `every` steps) where `metric` is at least
+/// `at_least`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Until {
+    /// The stage's metric.
+    pub metric: String,
+    /// The goal.
+    pub at_least: f64,
+    /// Steps between checks.
+    pub every: u64,
 }
 
 /// A file of chat transcripts in an SFT stage's mixture.
@@ -558,6 +624,14 @@ impl Defaults {
     pub const MIN_LR_DIVISOR: f64 = 10.0;
     /// Advantage estimator (Nemotron's RLOO baseline).
     pub const ADVANTAGE: AdvantageKind = AdvantageKind::LeaveOneOut;
+    /// Advantages are clipped to ± this (Nemotron 3).
+    pub const ADVANTAGE_CLIP: f64 = 50.0;
+    /// The advantage of invalid output (Nemotron 3).
+    pub const INVALID_ADVANTAGE: f64 = -5.0;
+    /// Prompts' environments are drawn by weight.
+    pub const DOMAIN_RATIOS: DomainRatios = DomainRatios::Sampled;
+    /// Steps between checks of a stage's `until`.
+    pub const UNTIL_EVERY: u64 = 10;
     /// Groups whose rewards are all equal carry no signal and are dropped.
     pub const DROP_ZERO_VARIANCE: bool = true;
     /// Sampling weight of an environment in its stage's mixture.
@@ -652,6 +726,88 @@ fn stage_objective(
         ));
     }
     Ok(o)
+}
+
+/// How stage `i` turns rewards into advantages: the baseline, Nemotron's clip and invalid-output
+/// penalty, and standard-deviation normalisation (off by default for `reinforce`, which is RLOO
+/// with the leave-one-out baseline).
+fn advantage_shaping(
+    ctx: &Ctx<'_>,
+    i: usize,
+    algorithm: Algorithm,
+    s: &RawStage,
+) -> Result<AdvantageShaping, ConfigError> {
+    let k = |f: &str| format!("stages[{i}].{f}");
+    let kind = ctx
+        .choice(&k("advantage"), s.advantage.clone())?
+        .unwrap_or(Defaults::ADVANTAGE);
+    let clip = s.advantage_clip.unwrap_or(Defaults::ADVANTAGE_CLIP);
+    if !(clip > 0.0 && clip.is_finite()) {
+        return Err(ctx.err(
+            k("advantage_clip"),
+            format!("{clip}; allowed: a finite number > 0"),
+        ));
+    }
+    let invalid = s.invalid_advantage.unwrap_or(Defaults::INVALID_ADVANTAGE);
+    if !invalid.is_finite() || invalid.abs() > clip {
+        return Err(ctx.err(
+            k("invalid_advantage"),
+            format!("{invalid}; allowed: a finite number within ±advantage_clip ({clip})"),
+        ));
+    }
+    Ok(AdvantageShaping {
+        kind,
+        std_normalize: s
+            .advantage_std_normalize
+            .unwrap_or(algorithm != Algorithm::Reinforce),
+        clip,
+        invalid,
+    })
+}
+
+/// Stage `i`'s early end, checked against the metrics a stage of `kind` measures.
+fn stage_until(
+    ctx: &Ctx<'_>,
+    i: usize,
+    kind: StageKind,
+    u: &RawUntil,
+) -> Result<Until, ConfigError> {
+    let k = |f: &str| format!("stages[{i}].until.{f}");
+    let metrics = kind.metrics();
+    let metric = u.metric.clone().ok_or_else(|| {
+        ctx.err(
+            k("metric"),
+            format!("missing; allowed: {}", metrics.join(", ")),
+        )
+    })?;
+    if !metrics.contains(&metric.as_str()) {
+        return Err(ctx.err(
+            k("metric"),
+            format!(
+                "`{metric}` is not measured by {} stages; allowed: {}",
+                kind.name(),
+                metrics.join(", ")
+            ),
+        ));
+    }
+    let at_least = u
+        .at_least
+        .ok_or_else(|| ctx.err(k("at_least"), "missing: the value that ends the stage"))?;
+    if !at_least.is_finite() {
+        return Err(ctx.err(
+            k("at_least"),
+            format!("{at_least}; allowed: a finite number"),
+        ));
+    }
+    let every = u.every.unwrap_or(Defaults::UNTIL_EVERY);
+    if every == 0 {
+        return Err(ctx.err(k("every"), "must be at least 1"));
+    }
+    Ok(Until {
+        metric,
+        at_least,
+        every,
+    })
 }
 
 struct Ctx<'a> {
@@ -977,9 +1133,15 @@ impl RunConfig {
             if steps == 0 {
                 return Err(ctx.err(k("steps"), "must be at least 1"));
             }
-            let advantage = ctx
-                .choice(&k("advantage"), s.advantage)?
-                .unwrap_or(Defaults::ADVANTAGE);
+            let advantage = advantage_shaping(ctx, i, algorithm, &s)?;
+            let until = s
+                .until
+                .as_ref()
+                .map(|u| stage_until(ctx, i, kind, u))
+                .transpose()?;
+            if s.max_turns == Some(0) {
+                return Err(ctx.err(k("max_turns"), "must be at least 1"));
+            }
             let data = match (&s.data, kind) {
                 (None, _) => {
                     if s.data_weight.is_some() {
@@ -1039,6 +1201,13 @@ impl RunConfig {
                     weight,
                     difficulty: e.difficulty.unwrap_or(Defaults::DIFFICULTY),
                 });
+            }
+            if until.is_some() && environments.is_empty() {
+                return Err(ctx.err(
+                    k("until"),
+                    "the stage's metric is the held-out accuracy of its environments, and it has \
+                     none; add environments or drop `until`",
+                ));
             }
             let sampling = s.sampling.unwrap_or_default();
             let temperature = sampling.temperature.unwrap_or(Defaults::TEMPERATURE);
@@ -1107,6 +1276,11 @@ impl RunConfig {
                     s.max_new_tokens.unwrap_or(Defaults::MAX_NEW_TOKENS),
                 )?,
                 advantage,
+                domain_ratios: ctx
+                    .choice(&k("domain_ratios"), s.domain_ratios.clone())?
+                    .unwrap_or(Defaults::DOMAIN_RATIOS),
+                until,
+                max_turns: s.max_turns,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
                 data,
@@ -1217,6 +1391,65 @@ max_staleness = 0
 environments = [{ name = "arithmetic", weight = 2.0 }, { url = "http://127.0.0.1:9000", weight = 1.0 }]
 sampling = { temperature = 0.9 }
 "#;
+
+    #[test]
+    fn advantage_shaping_ratios_and_until_are_read() {
+        let c = RunConfig::from_toml_str(
+            &GOOD.replace(
+                "steps = 5",
+                "steps = 5\nalgorithm = \"reinforce\"\nadvantage_clip = 10\ninvalid_advantage = -2\n\
+                 domain_ratios = \"fixed\"\nmax_turns = 3\n\
+                 until = { metric = \"heldout_accuracy\", at_least = 0.6, every = 4 }",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        let rl = &c.stages[1];
+        assert_eq!(
+            rl.advantage,
+            AdvantageShaping {
+                kind: Defaults::ADVANTAGE,
+                std_normalize: false,
+                clip: 10.0,
+                invalid: -2.0,
+            },
+            "reinforce is RLOO: no std normalisation unless asked"
+        );
+        assert_eq!(rl.domain_ratios, DomainRatios::Fixed);
+        assert_eq!(rl.max_turns, Some(3));
+        assert_eq!(
+            rl.until,
+            Some(Until {
+                metric: HELDOUT_ACCURACY.into(),
+                at_least: 0.6,
+                every: 4,
+            })
+        );
+        let d = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
+        assert_eq!(
+            d.stages[1].advantage,
+            AdvantageShaping {
+                kind: Defaults::ADVANTAGE,
+                std_normalize: true,
+                clip: Defaults::ADVANTAGE_CLIP,
+                invalid: Defaults::INVALID_ADVANTAGE,
+            },
+            "Nemotron 3's shaping by default"
+        );
+        assert_eq!(d.stages[1].domain_ratios, Defaults::DOMAIN_RATIOS);
+        assert_eq!(d.stages[1].until, None);
+        // A stage of transcripts alone has no metric to reach.
+        let err = RunConfig::from_toml_relative_to(
+            &GOOD.replace(
+                "steps = 3\nenvironments = [{ name = \"arithmetic\" }]",
+                "steps = 3\ndata = \"chat.jsonl\"\nuntil = { metric = \"heldout_accuracy\", at_least = 0.5 }",
+            ),
+            "x.toml",
+            Path::new("/data"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "stages[0].until", "{err}");
+    }
 
     #[test]
     fn a_think_budget_and_transcripts_belong_to_their_stage() {
@@ -1442,7 +1675,7 @@ sampling = { temperature = 0.9 }
         assert_eq!((objective.eps_low, objective.eps_high), (0.2, 0.2));
         assert_eq!(c.stages[0].objective, None, "sft stages have none");
         assert!(c.worker_nvfp4 && c.learner_nvfp4_forward);
-        assert_eq!(c.stages[1].advantage, AdvantageKind::GroupNorm);
+        assert_eq!(c.stages[1].advantage.kind, AdvantageKind::GroupNorm);
         assert_eq!(c.stages[1].algorithm, Algorithm::Grpo);
         // Unwritten choices take their defaults.
         let d = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
@@ -1455,7 +1688,7 @@ sampling = { temperature = 0.9 }
             "Nemotron 3's RLVR settings"
         );
         assert!(!d.worker_nvfp4 && !d.learner_nvfp4_forward);
-        assert_eq!(d.stages[1].advantage, Defaults::ADVANTAGE);
+        assert_eq!(d.stages[1].advantage.kind, Defaults::ADVANTAGE);
         assert_eq!(d.stages[1].lr_decay, Defaults::LR_DECAY);
         assert_eq!(d.stages[1].top_p, Defaults::TOP_P);
         assert_eq!(d.stages[1].environments[0].difficulty, Defaults::DIFFICULTY);
@@ -1603,6 +1836,48 @@ sampling = { temperature = 0.9 }
                 "steps = 5\nadvantage = \"ppo\"",
                 "stages[1].advantage",
                 "allowed: group_norm, leave_one_out",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nadvantage_clip = 0",
+                "stages[1].advantage_clip",
+                "0; allowed: a finite number > 0",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\ninvalid_advantage = -80",
+                "stages[1].invalid_advantage",
+                "within ±advantage_clip (50)",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\ndomain_ratios = \"exact\"",
+                "stages[1].domain_ratios",
+                "`exact`; allowed: sampled, fixed",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nuntil = { metric = \"reward\", at_least = 0.5 }",
+                "stages[1].until.metric",
+                "`reward` is not measured by rlvr stages; allowed: heldout_accuracy",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nuntil = { metric = \"heldout_accuracy\" }",
+                "stages[1].until.at_least",
+                "missing",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nuntil = { metric = \"heldout_accuracy\", at_least = 0.5, every = 0 }",
+                "stages[1].until.every",
+                "at least 1",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nmax_turns = 0",
+                "stages[1].max_turns",
+                "at least 1",
             ),
             (
                 "steps = 5",

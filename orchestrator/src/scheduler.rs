@@ -35,9 +35,9 @@ use chorus_proto::v1::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tracing::Instrument;
 
-use crate::advantage::group_advantages;
+use crate::advantage::{Scored, group_advantages};
 use crate::confidence::{self, Interval};
-use crate::config::Stage;
+use crate::config::{DomainRatios, Stage};
 use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
 use crate::transcripts::Transcripts;
@@ -62,6 +62,19 @@ pub trait Learning: Send + Sync + 'static {
     /// Resolves once the learner has published at least `version`; an error when it never will
     /// (the learner is gone).
     fn wait_version(&self, version: u64) -> BoxFuture<Result<(), LearningError>>;
+}
+
+/// A stage's early end (`until`): checked every `every()` steps, on the policy the learner has
+/// once every step before the check is trained.
+pub trait StageGoal: Send + Sync + 'static {
+    /// Steps between checks.
+    fn every(&self) -> u64;
+    /// Whether policy `version` reaches the goal.
+    fn reached(
+        &self,
+        ctx: Arc<StageContext>,
+        version: u64,
+    ) -> BoxFuture<Result<bool, SchedulerError>>;
 }
 
 /// Why the learner did not take a group or will not reach a version.
@@ -117,6 +130,9 @@ pub enum SchedulerError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Checking the stage's goal (`until`) failed.
+    #[error("checking the stage's goal: {0}")]
+    Goal(String),
     /// A stage's transcript file cannot be used.
     #[error(transparent)]
     Transcripts(#[from] crate::transcripts::TranscriptError),
@@ -168,7 +184,44 @@ pub struct StageContext {
     /// The running stage's transcripts (its `data`), read and checked once before the run
     /// (`RunPlan`); `None` for a stage without.
     pub transcripts: Option<Arc<Transcripts>>,
+    /// The running stage's early end, if it has one.
+    pub goal: Option<Arc<dyn StageGoal>>,
 }
+
+/// Whether the goal is checked before step `step`.
+fn checks_goal(ctx: &StageContext, step: u64) -> bool {
+    ctx.goal
+        .as_ref()
+        .is_some_and(|g| step > 0 && step % g.every().max(1) == 0)
+}
+
+/// Whether the stage stops before step `step` (counted in the stage): at each of the goal's
+/// checks, once the learner has trained every earlier step, the goal is asked about that policy.
+async fn goal_reached(
+    ctx: &Arc<StageContext>,
+    base: u64,
+    step: u64,
+) -> Result<bool, SchedulerError> {
+    let Some(goal) = ctx.goal.as_ref().filter(|_| checks_goal(ctx, step)) else {
+        return Ok(false);
+    };
+    ctx.learning.wait_version(base + step).await?;
+    let reached = goal.reached(ctx.clone(), base + step).await?;
+    if reached {
+        tracing::info!(
+            step,
+            version = base + step,
+            "the stage reached its goal; it ends here"
+        );
+    }
+    Ok(reached)
+}
+
+/// The score component in which tool-using environments count invalid tool calls.
+pub const INVALID_CALLS: &str = "invalid_calls";
+
+/// The component the ledger adds (1.0) to a rollout whose output was invalid.
+pub const INVALID_COMPONENT: &str = "invalid";
 
 /// Replacement prompts tried for one slot before its last group is sent as it is.
 const MAX_ATTEMPTS: u32 = 8;
@@ -187,6 +240,43 @@ fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
     weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
 
+/// The environment of prompt slot `slot` of step `step` when a step holds exact counts: each
+/// environment gets the floor of its share of `per_step` slots, and the leftover slots go to the
+/// largest remainders, ties rotating with the step so that no environment is always favoured.
+/// Slots are laid out environment by environment.
+fn fixed_slot_environment(weights: &[f64], per_step: usize, step: u64, slot: usize) -> usize {
+    let total: f64 = weights.iter().sum();
+    let n = weights.len();
+    let quotas: Vec<f64> = weights
+        .iter()
+        .map(|w| w / total * per_step as f64)
+        .collect();
+    let mut counts: Vec<usize> = quotas.iter().map(|q| q.floor() as usize).collect();
+    let mut leftover = per_step.saturating_sub(counts.iter().sum());
+    let mut order: Vec<usize> = (0..n).filter(|&i| weights[i] > 0.0).collect();
+    let rotation = (step as usize) % n.max(1);
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (quotas[a] - quotas[a].floor(), quotas[b] - quotas[b].floor());
+        rb.total_cmp(&ra)
+            .then(((a + n - rotation) % n).cmp(&((b + n - rotation) % n)))
+    });
+    for &i in order.iter().cycle() {
+        if leftover == 0 {
+            break;
+        }
+        counts[i] += 1;
+        leftover -= 1;
+    }
+    let mut end = 0;
+    for (i, c) in counts.iter().enumerate() {
+        end += c;
+        if slot < end {
+            return i;
+        }
+    }
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
+}
+
 /// The span of a stage: every log line of the stage carries the run and the stage.
 fn stage_span(ctx: &StageContext, stage: &Stage) -> tracing::Span {
     tracing::info_span!(
@@ -197,13 +287,17 @@ fn stage_span(ctx: &StageContext, stage: &Stage) -> tracing::Span {
     )
 }
 
-/// Runs the RL stage `stage` to completion.
-pub async fn run_rl_stage(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
+/// Runs the RL stage `stage` to completion (its steps, or its goal) and returns the number of
+/// steps it ran.
+pub async fn run_rl_stage(
+    ctx: Arc<StageContext>,
+    stage: Arc<Stage>,
+) -> Result<u64, SchedulerError> {
     let span = stage_span(&ctx, &stage);
     run_rl_stage_in(ctx, stage).instrument(span).await
 }
 
-async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
+async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<u64, SchedulerError> {
     let base = ctx.learning.version();
     tracing::debug!(
         steps = stage.steps,
@@ -215,7 +309,18 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<()
     );
     let order = Arc::new(StepOrder::new(base, stage.prompts_per_step));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut steps_run = stage.steps;
     for step in 0..stage.steps {
+        if checks_goal(&ctx, step) {
+            // A check sees every earlier step trained: finish the slots in flight first.
+            while let Some(done) = tasks.join_next().await {
+                done.expect("slot task panicked")?;
+            }
+            if goal_reached(&ctx, base, step).await? {
+                steps_run = step;
+                break;
+            }
+        }
         // The staleness gate: tokens of step `step` come from a version >= base + step - bound.
         let need = (base + step).saturating_sub(stage.max_staleness);
         // Deterministic runs generate the whole step with exactly the gate's version (never
@@ -270,8 +375,8 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<()
         done.expect("slot task panicked")?;
     }
     // The stage ends when the learner has taken its last step.
-    ctx.learning.wait_version(base + stage.steps).await?;
-    Ok(())
+    ctx.learning.wait_version(base + steps_run).await?;
+    Ok(steps_run)
 }
 
 /// Hands groups to the learner in step order. The learner closes a step after every
@@ -368,7 +473,11 @@ async fn draw(
             ),
         }));
     }
-    let spec = &stage.environments[pick(&weights, &mut rng)];
+    let index = match stage.domain_ratios {
+        DomainRatios::Sampled => pick(&weights, &mut rng),
+        DomainRatios::Fixed => fixed_slot_environment(&weights, stage.prompts_per_step, step, slot),
+    };
+    let spec = &stage.environments[index];
     let env_name = spec.key().to_string();
     let env = ctx.registry.get(&env_name).map_err(|e| {
         DrawError::Fatal(SchedulerError::Environment {
@@ -396,7 +505,8 @@ async fn draw(
         seed,
         env_name,
         env,
-        multi_turn: (info.turns == Turns::Multi).then_some(info.max_turns.max(1)),
+        multi_turn: (info.turns == Turns::Multi)
+            .then_some(stage.max_turns.unwrap_or(info.max_turns).max(1)),
         task: Arc::new(task),
     })
 }
@@ -467,6 +577,8 @@ struct Rollout {
     text: String,
     /// The score, or why the trajectory failed.
     verdict: Result<Score, String>,
+    /// Why a turn's think block is malformed, if one is.
+    malformed_think: Option<String>,
 }
 
 impl Rollout {
@@ -485,11 +597,23 @@ impl Rollout {
             score_ms: 0,
             text: String::new(),
             verdict: Err("not generated".into()),
+            malformed_think: None,
         }
     }
 
     fn reward(&self) -> Option<f64> {
         self.verdict.as_ref().ok().map(|s| s.reward)
+    }
+
+    /// Why the rollout's output is invalid (it then gets the stage's fixed invalid advantage):
+    /// a malformed think block, or tool calls the environment reports as invalid (its
+    /// `invalid_calls` score component).
+    fn invalid_reason(&self) -> Option<String> {
+        if let Some(why) = &self.malformed_think {
+            return Some(format!("malformed think block: {why}"));
+        }
+        let calls = self.verdict.as_ref().ok()?.component(INVALID_CALLS)?;
+        (calls > 0.0).then(|| format!("{calls} invalid tool call(s)"))
     }
 }
 
@@ -564,6 +688,7 @@ async fn play(
             return out;
         }
         out.text = decode(&response.token_ids);
+        out.malformed_think = chat::malformed_think(&out.text);
         out.tokens = response.token_ids;
         out.logprobs = response.logprobs;
         out.versions = response.policy_versions;
@@ -610,6 +735,10 @@ async fn play(
             .last()
             .is_some_and(|t| m.stop.contains(t));
         let action = decode(&response.token_ids);
+        if out.malformed_think.is_none() {
+            out.malformed_think =
+                chat::malformed_think(&action).map(|why| format!("turn {}: {why}", turn + 1));
+        }
         let last_version = *response.policy_versions.last().expect("checked non-empty");
         context.extend(&response.token_ids);
         out.mask
@@ -909,13 +1038,22 @@ fn play_in_span(
     )
 }
 
-/// Computes the group's advantages over its usable rollouts and decides whether it is dropped:
-/// fewer than two usable, or (unless this is the slot's last attempt) zero reward variance
-/// when the stage drops those.
+/// Computes the group's advantages over its usable rollouts (invalid ones get the stage's fixed
+/// penalty) and decides whether it is dropped: fewer than two usable, or (unless this is the
+/// slot's last attempt) no signal (every rollout valid and scored the same) when the stage drops
+/// those.
 fn score_group(rollouts: Vec<Rollout>, stage: &Stage, last_attempt: bool) -> ScoredGroup {
-    let rewards: Vec<f64> = rollouts.iter().filter_map(Rollout::reward).collect();
-    let usable = rewards.len();
-    let advantages = group_advantages(&rewards, stage.advantage);
+    let scored: Vec<Scored> = rollouts
+        .iter()
+        .filter_map(|r| {
+            Some(Scored {
+                reward: r.reward()?,
+                invalid: r.invalid_reason().is_some(),
+            })
+        })
+        .collect();
+    let usable = scored.len();
+    let advantages = group_advantages(&scored, &stage.advantage);
     let drop_reason = if usable < 2 {
         Some(format!(
             "{usable} of {} completions usable; a group needs 2",
@@ -976,12 +1114,15 @@ fn rollout_records(
     advantage: Option<f64>,
 ) -> (NewTrajectory, Option<Trajectory>) {
     let (reward, components, reason, status) = match &r.verdict {
-        Ok(s) => (
-            Some(s.reward),
-            s.components_map(),
-            s.reason.clone(),
-            TrajectoryStatus::Ok,
-        ),
+        Ok(s) => {
+            let mut components = s.components_map();
+            let mut reason = s.reason.clone();
+            if let Some(why) = r.invalid_reason() {
+                components.insert(INVALID_COMPONENT.to_string(), 1.0);
+                reason = format!("invalid ({why}); {reason}");
+            }
+            (Some(s.reward), components, reason, TrajectoryStatus::Ok)
+        }
         Err(reason) => (
             None,
             BTreeMap::new(),
@@ -1179,15 +1320,19 @@ fn reference_segments(
 /// Runs a supervised warm-up stage: each step sends `prompts_per_step` tasks with the
 /// environment's reference solution (for a multi-turn environment, the reference policy's whole
 /// episode, observations masked out) as the completion, and waits for the learner to apply them.
+/// Returns the number of steps run (fewer than `steps` when the stage reaches its goal).
 pub async fn run_sft_stage(
     ctx: Arc<StageContext>,
     stage: Arc<Stage>,
-) -> Result<(), SchedulerError> {
+) -> Result<u64, SchedulerError> {
     let span = stage_span(&ctx, &stage);
     run_sft_stage_in(ctx, stage).instrument(span).await
 }
 
-async fn run_sft_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(), SchedulerError> {
+async fn run_sft_stage_in(
+    ctx: Arc<StageContext>,
+    stage: Arc<Stage>,
+) -> Result<u64, SchedulerError> {
     let base = ctx.learning.version();
     tracing::debug!(
         steps = stage.steps,
@@ -1207,12 +1352,15 @@ async fn run_sft_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<(
         (None, _) => None,
     };
     for step in 0..stage.steps {
+        if goal_reached(&ctx, base, step).await? {
+            return Ok(step);
+        }
         let span = tracing::info_span!("step", step = base + step);
         run_sft_step(&ctx, &stage, transcripts.as_deref(), base, step)
             .instrument(span)
             .await?;
     }
-    Ok(())
+    Ok(stage.steps)
 }
 
 /// One supervised example: where it came from, its prompt, and its completion as segments
@@ -1586,4 +1734,41 @@ pub async fn evaluate(
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixed_slot_environment;
+
+    fn counts(weights: &[f64], per_step: usize, step: u64) -> Vec<usize> {
+        let mut c = vec![0; weights.len()];
+        for slot in 0..per_step {
+            c[fixed_slot_environment(weights, per_step, step, slot)] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn fixed_ratios_give_exact_counts() {
+        assert_eq!(counts(&[1.0, 1.0], 8, 0), [4, 4]);
+        assert_eq!(counts(&[3.0, 1.0], 8, 5), [6, 2]);
+        assert_eq!(counts(&[2.0, 1.0, 1.0], 16, 0), [8, 4, 4]);
+        // A paused environment (weight 0) gets nothing; the others share its slots.
+        assert_eq!(counts(&[1.0, 0.0, 1.0], 6, 0), [3, 0, 3]);
+    }
+
+    #[test]
+    fn leftover_slots_rotate_so_totals_follow_the_weights() {
+        let weights = [1.0, 1.0, 1.0];
+        let mut total = [0; 3];
+        for step in 0..30 {
+            let c = counts(&weights, 16, step);
+            assert_eq!(c.iter().sum::<usize>(), 16);
+            assert!(c.iter().all(|&n| n == 5 || n == 6), "{c:?}");
+            for (t, n) in total.iter_mut().zip(c) {
+                *t += n;
+            }
+        }
+        assert_eq!(total, [160, 160, 160]);
+    }
 }

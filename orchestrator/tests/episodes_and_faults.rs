@@ -236,6 +236,7 @@ async fn setup(config: &str, prompts_per_step: u64) -> Setup {
         faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
         deterministic: cfg.deterministic,
         transcripts: None,
+        goal: None,
     });
     Setup {
         ctx,

@@ -10,18 +10,21 @@ use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus, TrajectoryStatus};
 use chorus_orchestrator::scheduler::{
-    BoxFuture, LearningError, Rollouts, StageContext, StageStats, run_rl_stage,
+    BoxFuture, INVALID_COMPONENT, LearningError, Rollouts, SchedulerError, StageContext, StageGoal,
+    StageStats, run_rl_stage,
 };
 use chorus_orchestrator::standin::CountingLearner;
 use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, TrajectoryGroup};
 use tokio::sync::watch;
 
 /// Answers "a+b=" prompts: right for even request indices, wrong for odd ones; request 3 of
-/// every fifth group comes back malformed (a logprob missing).
+/// every fifth group comes back malformed (a logprob missing); request `unclosed_think` (when
+/// set) opens a think block it never closes.
 struct StandInWorkers {
     tokenizer: Arc<Tokenizer>,
     version: watch::Receiver<u64>,
     calls: AtomicU64,
+    unclosed_think: Option<u64>,
 }
 
 impl Rollouts for StandInWorkers {
@@ -44,7 +47,15 @@ impl Rollouts for StandInWorkers {
         } else {
             a + b + 1
         };
-        let tokens = self.tokenizer.encode(&format!("{answer}<|end|>")).unwrap();
+        let think = if self.unclosed_think == Some(index) {
+            "<think>"
+        } else {
+            ""
+        };
+        let tokens = self
+            .tokenizer
+            .encode(&format!("{think}{answer}<|end|>"))
+            .unwrap();
         let version = *self.version.borrow();
         let mut logprobs = vec![-0.5; tokens.len()];
         if index == 3 && n.is_multiple_of(5) {
@@ -99,6 +110,15 @@ async fn run(staleness: u64) -> Outcome {
 }
 
 async fn run_config(config: &str) -> Outcome {
+    run_with(config, None, None).await.0
+}
+
+/// Runs the config's first stage with stand-ins; returns the steps it ran too.
+async fn run_with(
+    config: &str,
+    unclosed_think: Option<u64>,
+    goal: Option<Arc<dyn StageGoal>>,
+) -> (Outcome, u64) {
     let cfg = RunConfig::from_toml_str(config, "test.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.sqlite").display());
@@ -118,6 +138,7 @@ async fn run_config(config: &str) -> Outcome {
         tokenizer: tokenizer.clone(),
         version: learner.subscribe(),
         calls: AtomicU64::new(0),
+        unclosed_think,
     });
     let stats = Arc::new(StageStats::default());
     let ctx = Arc::new(StageContext {
@@ -133,13 +154,14 @@ async fn run_config(config: &str) -> Outcome {
         faults: Default::default(),
         deterministic: false,
         transcripts: None,
+        goal,
     });
-    run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
+    let steps = run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
         .await
         .unwrap();
     ledger.flush().await.unwrap();
     let seen = learner.kept.lock().unwrap().clone();
-    (stats, ledger, seen, dir)
+    ((stats, ledger, seen, dir), steps)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +273,7 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
         tokenizer: tokenizer.clone(),
         version: learner.inner.subscribe(),
         calls: AtomicU64::new(0),
+        unclosed_think: None,
     });
     let ctx = Arc::new(StageContext {
         run_id: "run".into(),
@@ -265,6 +288,7 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
         faults: Default::default(),
         deterministic: false,
         transcripts: None,
+        goal: None,
     });
     // The guard only keeps a regression from hanging the test suite.
     let result = tokio::time::timeout(
@@ -306,4 +330,119 @@ async fn every_group_carries_its_steps_learning_rate() {
         rates[1] == 1e-3 && rates[2] < rates[1] && rates[3] == 0.0,
         "{rates:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_think_block_gets_the_fixed_invalid_advantage() {
+    let config = CONFIG.replace("STALENESS", "1").replace(
+        "max_new_tokens = 8",
+        "max_new_tokens = 8\ninvalid_advantage = -3",
+    );
+    let ((_, ledger, seen, _dir), _) = run_with(&config, Some(2), None).await;
+    let mut invalid = 0;
+    for g in &seen {
+        for t in &g.trajectories {
+            let index: u64 = t.request_id.rsplit(":r").next().unwrap().parse().unwrap();
+            if index == 2 {
+                // Its answer is right but never leaves the think block: penalised, whatever
+                // the others did.
+                assert_eq!(t.advantage, -3.0, "{t:?}");
+                invalid += 1;
+            } else {
+                assert_eq!(t.reward > 0.5, t.advantage > 0.0, "{t:?}");
+            }
+        }
+    }
+    assert_eq!(invalid, seen.len(), "one invalid rollout per group");
+    let rows = ledger
+        .list_rollouts(&RolloutFilter {
+            run_id: Some("run".into()),
+            environment: None,
+            min_reward: None,
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    let mut marked = 0;
+    for row in &rows {
+        let t = ledger
+            .get_trajectory(&row.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .trajectory;
+        if t.reward_components.get(INVALID_COMPONENT) == Some(&1.0) {
+            marked += 1;
+            let reason = t.reason.unwrap_or_default();
+            assert!(reason.contains("malformed think block"), "{reason}");
+            assert!(
+                t.completion_text.starts_with("<think>"),
+                "{}",
+                t.completion_text
+            );
+        }
+    }
+    assert!(marked >= invalid, "{marked} marked, {invalid} sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_domain_ratios_fill_every_step_exactly() {
+    let config = CONFIG.replace("STALENESS", "0").replace(
+        "environments = [{ name = \"arithmetic\", difficulty = 0 }]",
+        "domain_ratios = \"fixed\"\nenvironments = [{ name = \"arithmetic\", weight = 2.0 }, \
+         { name = \"countdown\", weight = 1.0 }]",
+    );
+    let ((_, _, seen, _dir), _) = run_with(&config, None, None).await;
+    assert_eq!(seen.len(), 12);
+    // The learner takes a step's groups in order (synchronous stage): 2 + 1 in every step.
+    let mut by_step = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    for g in &seen {
+        // `run:s<stage>:<step>:<slot>:a<attempt>`
+        let step = g.group_id.split(':').nth(2).unwrap().to_string();
+        let e = by_step.entry(step).or_default();
+        if g.environment == "arithmetic" {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    assert_eq!(by_step.len(), 4, "{by_step:?}");
+    assert!(by_step.values().all(|&c| c == (2, 1)), "{by_step:?}");
+}
+
+/// Reached once the policy version is at least `at`; records the versions it was asked about.
+struct VersionGoal {
+    at: u64,
+    asked: std::sync::Mutex<Vec<u64>>,
+}
+
+impl StageGoal for VersionGoal {
+    fn every(&self) -> u64 {
+        2
+    }
+    fn reached(
+        &self,
+        _ctx: Arc<StageContext>,
+        version: u64,
+    ) -> BoxFuture<Result<bool, SchedulerError>> {
+        self.asked.lock().unwrap().push(version);
+        let reached = version >= self.at;
+        Box::pin(async move { Ok(reached) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_ends_at_its_goal() {
+    let config = CONFIG
+        .replace("STALENESS", "1")
+        .replace("steps = 4", "steps = 10");
+    let goal = Arc::new(VersionGoal {
+        at: 5,
+        asked: Default::default(),
+    });
+    let ((_, _, seen, _dir), steps) = run_with(&config, None, Some(goal.clone())).await;
+    // Checked before steps 2, 4 and 6, on the policy after every earlier step.
+    assert_eq!(*goal.asked.lock().unwrap(), [2, 4, 6]);
+    assert_eq!(steps, 6);
+    assert_eq!(seen.len(), 6 * 3, "no group of a step after the goal");
 }

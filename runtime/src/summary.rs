@@ -73,6 +73,10 @@ pub struct StageSummary {
     pub environments: BTreeMap<String, (f64, f64)>,
     /// Learner steps the stage took.
     pub steps: u64,
+    /// Steps it was given (`steps` in the config); it took fewer when it reached its goal.
+    pub planned_steps: u64,
+    /// With `until`: whether the stage ended by reaching it.
+    pub reached_goal: Option<bool>,
     /// The policy version the stage started from (its steps are the ones after it).
     pub first_version: u64,
     /// The policy version it ended with.

@@ -8,12 +8,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use chorus_orchestrator::scheduler::{Accuracy, StageContext, evaluate};
+use chorus_orchestrator::config::Until;
+use chorus_orchestrator::scheduler::{
+    Accuracy, BoxFuture, SchedulerError, StageContext, StageGoal, evaluate,
+};
 use tokio::task::JoinHandle;
 
 use crate::error::{Result, RunError};
 use crate::plan::EvalPlan;
-use crate::summary::{CurvePoint, accuracy_line};
+use crate::summary::{CurvePoint, accuracy_line, mean_accuracy};
 
 /// Held-out accuracy of policy `version` by `plan`.
 async fn held_out(
@@ -46,6 +49,89 @@ async fn held_out_of(
 /// Accuracies already measured, by (policy version, environment, difficulty).
 type Measured = BTreeMap<(u64, String, u32), Accuracy>;
 
+/// Held-out accuracies by `plan`, each (version, environment, difficulty) measured once and
+/// shared by the run's evaluations and its stages' goals.
+pub(crate) struct Measurements {
+    plan: EvalPlan,
+    measured: Mutex<Measured>,
+}
+
+impl Measurements {
+    /// Held-out accuracy of policy `version` on `environments`, measuring only what was not
+    /// measured at that version before.
+    pub(crate) async fn accuracy_at(
+        &self,
+        ctx: &Arc<StageContext>,
+        environments: &[(String, u32)],
+        version: u64,
+    ) -> Result<BTreeMap<String, Accuracy>> {
+        let key = |n: &String, d: &u32| (version, n.clone(), *d);
+        let missing: Vec<(String, u32)> = {
+            let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
+            environments
+                .iter()
+                .filter(|(n, d)| !measured.contains_key(&key(n, d)))
+                .cloned()
+                .collect()
+        };
+        if !missing.is_empty() {
+            let acc = held_out_of(ctx, &self.plan, &missing, version).await?;
+            let mut measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, difficulty) in &missing {
+                if let Some(a) = acc.get(name) {
+                    measured.insert(key(name, difficulty), a.clone());
+                }
+            }
+        }
+        let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(environments
+            .iter()
+            .filter_map(|(n, d)| measured.get(&key(n, d)).map(|a| (n.clone(), a.clone())))
+            .collect())
+    }
+}
+
+/// A stage's `until` on its mean held-out accuracy.
+struct AccuracyGoal {
+    measurements: Arc<Measurements>,
+    environments: Vec<(String, u32)>,
+    at_least: f64,
+    every: u64,
+}
+
+impl StageGoal for AccuracyGoal {
+    fn every(&self) -> u64 {
+        self.every
+    }
+
+    fn reached(
+        &self,
+        ctx: Arc<StageContext>,
+        version: u64,
+    ) -> BoxFuture<std::result::Result<bool, SchedulerError>> {
+        let (measurements, environments, at_least) = (
+            self.measurements.clone(),
+            self.environments.clone(),
+            self.at_least,
+        );
+        Box::pin(async move {
+            let acc = measurements
+                .accuracy_at(&ctx, &environments, version)
+                .await
+                .map_err(|e| SchedulerError::Goal(e.to_string()))?;
+            let mean = mean_accuracy(&acc).0;
+            tracing::info!(
+                version,
+                goal = at_least,
+                "stage goal check: held-out accuracy {:.1}% (goal {:.1}%)",
+                100.0 * mean,
+                100.0 * at_least
+            );
+            Ok(mean >= at_least)
+        })
+    }
+}
+
 /// The evaluations of one run and the curve they make.
 pub(crate) struct Evaluator {
     plan: EvalPlan,
@@ -53,61 +139,50 @@ pub(crate) struct Evaluator {
     before: Option<BTreeMap<String, Accuracy>>,
     curve: Arc<Mutex<Vec<CurvePoint>>>,
     curve_task: Option<JoinHandle<Result<()>>>,
-    measured: Measured,
+    measurements: Arc<Measurements>,
 }
 
 impl Evaluator {
     /// Evaluations by `plan`, their times counted from `started`.
     pub(crate) fn new(plan: EvalPlan, started: Instant) -> Self {
         Self {
+            measurements: Arc::new(Measurements {
+                plan: plan.clone(),
+                measured: Mutex::default(),
+            }),
             plan,
             started,
             before: None,
             curve: Arc::default(),
             curve_task: None,
-            measured: Measured::new(),
         }
     }
 
-    fn remember(
-        &mut self,
-        version: u64,
-        environments: &[(String, u32)],
-        acc: &BTreeMap<String, Accuracy>,
-    ) {
-        for (name, difficulty) in environments {
-            if let Some(a) = acc.get(name) {
-                self.measured
-                    .insert((version, name.clone(), *difficulty), a.clone());
-            }
-        }
-    }
-
-    /// Held-out accuracy of policy `version` on `environments`, measuring only what was not
-    /// measured at that version before.
+    /// Held-out accuracy of policy `version` on `environments` (measured once per version).
     pub(crate) async fn accuracy_at(
-        &mut self,
+        &self,
         ctx: &Arc<StageContext>,
         environments: &[(String, u32)],
         version: u64,
     ) -> Result<BTreeMap<String, Accuracy>> {
-        let missing: Vec<(String, u32)> = environments
-            .iter()
-            .filter(|(n, d)| !self.measured.contains_key(&(version, n.clone(), *d)))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            let acc = held_out_of(ctx, &self.plan, &missing, version).await?;
-            self.remember(version, &missing, &acc);
-        }
-        Ok(environments
-            .iter()
-            .filter_map(|(n, d)| {
-                self.measured
-                    .get(&(version, n.clone(), *d))
-                    .map(|a| (n.clone(), a.clone()))
-            })
-            .collect())
+        self.measurements
+            .accuracy_at(ctx, environments, version)
+            .await
+    }
+
+    /// The goal of a stage that ends once the mean held-out accuracy of `environments` is at
+    /// least `until.at_least`; its measurements are the run's own.
+    pub(crate) fn accuracy_goal(
+        &self,
+        environments: &[(String, u32)],
+        until: &Until,
+    ) -> Arc<dyn StageGoal> {
+        Arc::new(AccuracyGoal {
+            measurements: self.measurements.clone(),
+            environments: environments.to_vec(),
+            at_least: until.at_least,
+            every: until.every,
+        })
     }
 
     /// Called before each stage; evaluates once, before the first RL stage, and starts

@@ -181,6 +181,7 @@ async fn drive(
         faults: Arc::new(EnvFaults::new(cfg.environment_faults)),
         deterministic: cfg.deterministic,
         transcripts: None,
+        goal: None,
     };
     tracing::info!(
         workers = pool.ids().len(),

@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use chorus_model::{NemotronHConfig, Params, checkpoint};
 use chorus_orchestrator::confidence;
-use chorus_orchestrator::config::{Stage, StageKind};
+use chorus_orchestrator::config::{HELDOUT_ACCURACY, Stage, StageKind};
 use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
 use chorus_orchestrator::remote::RemoteLearner;
 use chorus_orchestrator::scheduler::{Accuracy, StageContext, run_rl_stage, run_sft_stage};
@@ -23,8 +23,6 @@ use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::summary::{StageSummary, accuracy_line, mean_accuracy};
 
-/// The metric every stage kind is judged by today.
-const HELDOUT_ACCURACY: &str = "heldout_accuracy";
 /// A stage without environments (transcripts alone) has nothing to measure with.
 const NO_METRIC: &str = "none";
 
@@ -51,6 +49,10 @@ pub(crate) async fn run_stages(
     for (i, stage) in plan.config.stages.iter().enumerate() {
         ctx.stage_index = i;
         ctx.transcripts = plan.transcripts.get(&i).cloned();
+        ctx.goal = stage
+            .until
+            .as_ref()
+            .map(|until| evaluator.accuracy_goal(&stage_environments(stage), until));
         let shared = Arc::new(ctx.clone());
         if stage.kind == StageKind::Rlvr {
             evaluator.before_rl(&shared).await?;
@@ -86,7 +88,7 @@ fn mean_of(acc: &BTreeMap<String, Accuracy>) -> Option<(f64, confidence::Interva
 async fn run_stage(
     stage: &Stage,
     ctx: &Arc<StageContext>,
-    evaluator: &mut Evaluator,
+    evaluator: &Evaluator,
     outputs: &StageOutputs<'_>,
 ) -> Result<StageSummary> {
     let i = ctx.stage_index;
@@ -143,9 +145,10 @@ async fn run_stage(
         StageKind::Rlvr => run_rl_stage(ctx.clone(), st).await,
     };
     // Every step advances the policy version (a skipped one too), so the stage ends at this one.
-    let last_version = first_version + stage.steps;
+    let steps = *ran.as_ref().unwrap_or(&stage.steps);
+    let last_version = first_version + steps;
     let finished = match ran {
-        Ok(()) => ctx
+        Ok(_) => ctx
             .learning
             .wait_version(last_version)
             .await
@@ -202,7 +205,9 @@ async fn run_stage(
                 (n.clone(), (a.accuracy, after))
             })
             .collect(),
-        steps: stage.steps,
+        steps,
+        planned_steps: stage.steps,
+        reached_goal: stage.until.as_ref().map(|_| steps < stage.steps),
         first_version,
         last_version,
         trajectories,

@@ -174,6 +174,25 @@ impl Algorithm {
     }
 }
 
+/// The order an RL stage draws its prompts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CurriculumKind {
+    /// Fresh prompts drawn at random.
+    None,
+    /// From easy to hard by their pass rate under the stage's starting policy.
+    PassRate,
+}
+
+/// A pass-rate curriculum's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CurriculumSettings {
+    /// Candidate prompts estimated.
+    pub pool: usize,
+    /// Completions per candidate.
+    pub samples: usize,
+}
+
 /// How a step's prompts are split among a stage's environments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -318,6 +337,13 @@ pub struct RawStage {
     pub domain_ratios: Option<Choice<DomainRatios>>,
     /// End the stage early once its metric reaches a value.
     pub until: Option<RawUntil>,
+    /// `pass_rate`: estimate each candidate prompt's pass rate under the stage's starting
+    /// policy, drop the always-solved ones and train from easy to hard; `none` (default).
+    pub curriculum: Option<Choice<CurriculumKind>>,
+    /// Candidate prompts the curriculum estimates (default: 8 steps' worth).
+    pub curriculum_pool: Option<usize>,
+    /// Completions per candidate in the estimate (default: the group size).
+    pub curriculum_samples: Option<usize>,
     /// Most turns of a multi-turn episode (default: the environment's own limit).
     pub max_turns: Option<u32>,
     /// Drop groups whose rewards are all equal.
@@ -498,6 +524,8 @@ pub struct Stage {
     pub domain_ratios: DomainRatios,
     /// An early end.
     pub until: Option<Until>,
+    /// A pass-rate curriculum (`None`: prompts drawn at random).
+    pub curriculum: Option<CurriculumSettings>,
     /// Most turns of a multi-turn episode (`None`: the environment's own limit).
     pub max_turns: Option<u32>,
     /// Drop zero-variance groups.
@@ -630,6 +658,8 @@ impl Defaults {
     pub const INVALID_ADVANTAGE: f64 = -5.0;
     /// Prompts' environments are drawn by weight.
     pub const DOMAIN_RATIOS: DomainRatios = DomainRatios::Sampled;
+    /// A curriculum estimates this many steps' worth of prompts.
+    pub const CURRICULUM_POOL_STEPS: usize = 8;
     /// Steps between checks of a stage's `until`.
     pub const UNTIL_EVERY: u64 = 10;
     /// Groups whose rewards are all equal carry no signal and are dropped.
@@ -763,6 +793,53 @@ fn advantage_shaping(
         clip,
         invalid,
     })
+}
+
+/// Stage `i`'s curriculum: only RL stages have one; its pool and samples default to 8 steps of
+/// prompts and a group's completions.
+fn stage_curriculum(
+    ctx: &Ctx<'_>,
+    i: usize,
+    kind: StageKind,
+    s: &RawStage,
+) -> Result<Option<CurriculumSettings>, ConfigError> {
+    let k = |f: &str| format!("stages[{i}].{f}");
+    let chosen = ctx
+        .choice(&k("curriculum"), s.curriculum.clone())?
+        .unwrap_or(CurriculumKind::None);
+    if chosen == CurriculumKind::None {
+        for (key, set) in [
+            ("curriculum_pool", s.curriculum_pool.is_some()),
+            ("curriculum_samples", s.curriculum_samples.is_some()),
+        ] {
+            if set {
+                return Err(ctx.err(
+                    k(key),
+                    "only used with curriculum = \"pass_rate\"; set that too",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    if kind == StageKind::Sft {
+        return Err(ctx.err(
+            k("curriculum"),
+            "a pass-rate curriculum ranks prompts by sampled rewards; allowed in: rlvr stages",
+        ));
+    }
+    let per_step = s.prompts_per_step.unwrap_or(Defaults::PROMPTS_PER_STEP);
+    let pool = s
+        .curriculum_pool
+        .unwrap_or(per_step * Defaults::CURRICULUM_POOL_STEPS);
+    let samples = s
+        .curriculum_samples
+        .unwrap_or(s.group_size.unwrap_or(Defaults::GROUP_SIZE));
+    for (key, v) in [("curriculum_pool", pool), ("curriculum_samples", samples)] {
+        if v == 0 {
+            return Err(ctx.err(k(key), "must be at least 1"));
+        }
+    }
+    Ok(Some(CurriculumSettings { pool, samples }))
 }
 
 /// Stage `i`'s early end, checked against the metrics a stage of `kind` measures.
@@ -1139,6 +1216,7 @@ impl RunConfig {
                 .as_ref()
                 .map(|u| stage_until(ctx, i, kind, u))
                 .transpose()?;
+            let curriculum = stage_curriculum(ctx, i, kind, &s)?;
             if s.max_turns == Some(0) {
                 return Err(ctx.err(k("max_turns"), "must be at least 1"));
             }
@@ -1280,6 +1358,7 @@ impl RunConfig {
                     .choice(&k("domain_ratios"), s.domain_ratios.clone())?
                     .unwrap_or(Defaults::DOMAIN_RATIOS),
                 until,
+                curriculum,
                 max_turns: s.max_turns,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
@@ -1416,6 +1495,7 @@ sampling = { temperature = 0.9 }
             "reinforce is RLOO: no std normalisation unless asked"
         );
         assert_eq!(rl.domain_ratios, DomainRatios::Fixed);
+        assert_eq!(rl.curriculum, None);
         assert_eq!(rl.max_turns, Some(3));
         assert_eq!(
             rl.until,
@@ -1872,6 +1952,24 @@ sampling = { temperature = 0.9 }
                 "steps = 5\nuntil = { metric = \"heldout_accuracy\", at_least = 0.5, every = 0 }",
                 "stages[1].until.every",
                 "at least 1",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\ncurriculum_pool = 10",
+                "stages[1].curriculum_pool",
+                "only used with curriculum = \"pass_rate\"",
+            ),
+            (
+                "steps = 3",
+                "steps = 3\ncurriculum = \"pass_rate\"",
+                "stages[0].curriculum",
+                "allowed in: rlvr stages",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\ncurriculum = \"hardest\"",
+                "stages[1].curriculum",
+                "`hardest`; allowed: none, pass_rate",
             ),
             (
                 "steps = 5",

@@ -13,6 +13,7 @@
 pub mod advantage;
 pub mod confidence;
 pub mod config;
+pub mod curriculum;
 pub mod directory;
 pub mod faults;
 pub mod fleet;

@@ -38,6 +38,7 @@ use tracing::Instrument;
 use crate::advantage::{Scored, group_advantages};
 use crate::confidence::{self, Interval};
 use crate::config::{DomainRatios, Stage};
+use crate::curriculum::Curriculum;
 use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
 use crate::transcripts::Transcripts;
@@ -227,7 +228,7 @@ pub const INVALID_COMPONENT: &str = "invalid";
 const MAX_ATTEMPTS: u32 = 8;
 
 /// Picks an environment index by weight.
-fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
+pub(crate) fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
     let total: f64 = weights.iter().sum();
     let mut u = rng.random::<f64>() * total;
     for (i, w) in weights.iter().enumerate() {
@@ -307,6 +308,12 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<u6
         base_version = base,
         "RL stage starts"
     );
+    let curriculum = match &stage.curriculum {
+        Some(settings) => Some(Arc::new(
+            Curriculum::estimate(&ctx, &stage, settings, base).await?,
+        )),
+        None => None,
+    };
     let order = Arc::new(StepOrder::new(base, stage.prompts_per_step));
     let mut tasks = tokio::task::JoinSet::new();
     let mut steps_run = stage.steps;
@@ -353,16 +360,22 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<u6
             .await;
         step_span.in_scope(|| tracing::debug!("dispatching the step's prompts"));
         for slot in 0..stage.prompts_per_step {
-            let (ctx, stage, order) = (ctx.clone(), stage.clone(), order.clone());
+            let (ctx, stage, order, curriculum) = (
+                ctx.clone(),
+                stage.clone(),
+                order.clone(),
+                curriculum.clone(),
+            );
             let slot_at = SlotAt {
                 step: base + step,
+                progress: step as f64 / stage.steps as f64,
                 min_version: need,
                 exact_version,
                 slot,
                 lr: stage.lr_at(step),
             };
             tasks.spawn(
-                async move { run_slot(&ctx, &stage, &order, slot_at).await }
+                async move { run_slot(&ctx, &stage, &order, curriculum.as_deref(), slot_at).await }
                     .instrument(step_span.clone()),
             );
         }
@@ -419,14 +432,14 @@ impl StepOrder {
 }
 
 /// What a prompt slot draws.
-struct Drawn {
+pub(crate) struct Drawn {
     /// Seed of the draw, also the base of the group's sampling seeds.
-    seed: u64,
-    env_name: String,
-    env: Arc<dyn Environment>,
+    pub(crate) seed: u64,
+    pub(crate) env_name: String,
+    pub(crate) env: Arc<dyn Environment>,
     /// `Some(max_turns)` for a multi-turn environment.
-    multi_turn: Option<u32>,
-    task: Arc<Task>,
+    pub(crate) multi_turn: Option<u32>,
+    pub(crate) task: Arc<Task>,
 }
 
 /// Why a draw produced no task.
@@ -443,6 +456,7 @@ enum DrawError {
 async fn draw(
     ctx: &StageContext,
     stage: &Stage,
+    curriculum: Option<(&Curriculum, f64)>,
     step: u64,
     slot: usize,
     attempt: u32,
@@ -486,6 +500,19 @@ async fn draw(
         })
     })?;
     let (task_seed, difficulty) = (rng.random(), spec.difficulty);
+    if let Some(candidate) =
+        curriculum.and_then(|(c, progress)| c.draw(&env_name, progress, &mut rng))
+    {
+        let info = env.info();
+        return Ok(Drawn {
+            seed,
+            env_name,
+            env,
+            multi_turn: (info.turns == Turns::Multi)
+                .then_some(stage.max_turns.unwrap_or(info.max_turns).max(1)),
+            task: candidate.task.clone(),
+        });
+    }
     let sampled = {
         let env = env.clone();
         ctx.faults
@@ -545,22 +572,22 @@ fn check_score(score: Score) -> Result<Score, EnvFault> {
 }
 
 /// One group member's requests: ids, sampling and limits.
-struct Member {
-    trajectory_id: String,
-    request_id: String,
-    prompt_id: String,
-    sampling: SamplingParams,
-    max_new_tokens: usize,
+pub(crate) struct Member {
+    pub(crate) trajectory_id: String,
+    pub(crate) request_id: String,
+    pub(crate) prompt_id: String,
+    pub(crate) sampling: SamplingParams,
+    pub(crate) max_new_tokens: usize,
     /// Longest conversation a later turn may be generated from.
-    max_context_tokens: usize,
-    stop: Vec<u32>,
-    min_version: u64,
+    pub(crate) max_context_tokens: usize,
+    pub(crate) stop: Vec<u32>,
+    pub(crate) min_version: u64,
     /// The one version every token must come from, in deterministic runs.
-    exact_version: Option<u64>,
+    pub(crate) exact_version: Option<u64>,
 }
 
 /// What one group member's rollout (one completion, or a whole multi-turn episode) produced.
-struct Rollout {
+pub(crate) struct Rollout {
     trajectory_id: String,
     request_id: String,
     worker_id: String,
@@ -576,7 +603,7 @@ struct Rollout {
     score_ms: u64,
     text: String,
     /// The score, or why the trajectory failed.
-    verdict: Result<Score, String>,
+    pub(crate) verdict: Result<Score, String>,
     /// Why a turn's think block is malformed, if one is.
     malformed_think: Option<String>,
 }
@@ -639,7 +666,7 @@ fn generation_failure(response: &GenerateResponse) -> Option<String> {
 /// Generates one completion (single-turn) or plays one episode (multi-turn: generate, step the
 /// environment, append its observation, generate again…) and scores it. Environment calls go
 /// through the fault guard, so a misbehaving environment fails this rollout alone.
-async fn play(
+pub(crate) async fn play(
     ctx: Arc<StageContext>,
     drawn: Arc<Drawn>,
     prompt_ids: Arc<Vec<u32>>,
@@ -827,6 +854,8 @@ where
 #[derive(Clone, Copy, Debug)]
 struct SlotAt {
     step: u64,
+    /// How far through the stage the step is, from 0 (its first step) towards 1.
+    progress: f64,
     min_version: u64,
     exact_version: Option<u64>,
     slot: usize,
@@ -850,7 +879,7 @@ struct ScoredGroup {
 }
 
 /// The tokens that end a turn.
-fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
+pub(crate) fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
     chat::STOP_SEQUENCES
         .iter()
         .filter_map(|s| tokenizer.token_id(s))
@@ -865,12 +894,14 @@ async fn run_slot(
     ctx: &Arc<StageContext>,
     stage: &Stage,
     order: &StepOrder,
+    curriculum: Option<&Curriculum>,
     at: SlotAt,
 ) -> Result<(), SchedulerError> {
     let stop = stop_tokens(&ctx.tokenizer);
     for attempt in 0..MAX_ATTEMPTS {
         let last_attempt = attempt + 1 == MAX_ATTEMPTS;
-        let drawn = match draw(ctx, stage, at.step, at.slot, attempt).await {
+        let curriculum = curriculum.map(|c| (c, at.progress));
+        let drawn = match draw(ctx, stage, curriculum, at.step, at.slot, attempt).await {
             Ok(d) => Arc::new(d),
             Err(DrawError::Fatal(e)) => return Err(e),
             Err(DrawError::Fault) => continue,
@@ -1273,7 +1304,7 @@ async fn submit_empty(
 }
 
 /// Awaits all futures concurrently, keeping their order.
-async fn futures_join<T: Send + 'static>(futures: Vec<BoxFuture<T>>) -> Vec<T> {
+pub(crate) async fn futures_join<T: Send + 'static>(futures: Vec<BoxFuture<T>>) -> Vec<T> {
     let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
@@ -1427,7 +1458,7 @@ async fn reference_example(
     slot: usize,
 ) -> Result<Option<SftExample>, SchedulerError> {
     for attempt in 0..MAX_ATTEMPTS {
-        let drawn = match draw(ctx, stage, step, slot, attempt).await {
+        let drawn = match draw(ctx, stage, None, step, slot, attempt).await {
             Ok(d) => d,
             Err(DrawError::Fatal(e)) => return Err(e),
             Err(DrawError::Fault) => continue,

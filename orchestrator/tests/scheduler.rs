@@ -25,28 +25,36 @@ struct StandInWorkers {
     version: watch::Receiver<u64>,
     calls: AtomicU64,
     unclosed_think: Option<u64>,
+    /// Instead of even indices: request `j` is right when `j < (a + b) mod 5`, so a task's pass
+    /// rate over 4 samples is `min((a + b) mod 5, 4) / 4`.
+    right_below_sum_mod_5: bool,
+}
+
+/// The operands of an "a+b=" prompt.
+fn operands(tokenizer: &Tokenizer, prompt: &[u32]) -> (i64, i64) {
+    let prompt = tokenizer.decode(prompt, true).unwrap();
+    let expr = prompt.trim_end_matches('=');
+    expr.split_once('+')
+        .map(|(a, b)| {
+            (
+                a.trim().parse::<i64>().unwrap_or(0),
+                b.trim().parse::<i64>().unwrap_or(0),
+            )
+        })
+        .unwrap_or((0, 0))
 }
 
 impl Rollouts for StandInWorkers {
     fn generate(&self, r: GenerateRequest) -> BoxFuture<GenerateResponse> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
-        let prompt = self.tokenizer.decode(&r.prompt_token_ids, true).unwrap();
-        let expr = prompt.trim_end_matches('=');
-        let (a, b) = expr
-            .split_once('+')
-            .map(|(a, b)| {
-                (
-                    a.trim().parse::<i64>().unwrap_or(0),
-                    b.trim().parse::<i64>().unwrap_or(0),
-                )
-            })
-            .unwrap_or((0, 0));
+        let (a, b) = operands(&self.tokenizer, &r.prompt_token_ids);
         let index: u64 = r.request_id.rsplit(":r").next().unwrap().parse().unwrap();
-        let answer = if index.is_multiple_of(2) {
-            a + b
+        let right = if self.right_below_sum_mod_5 {
+            index < ((a + b).rem_euclid(5)) as u64
         } else {
-            a + b + 1
+            index.is_multiple_of(2)
         };
+        let answer = if right { a + b } else { a + b + 1 };
         let think = if self.unclosed_think == Some(index) {
             "<think>"
         } else {
@@ -139,6 +147,7 @@ async fn run_with(
         version: learner.subscribe(),
         calls: AtomicU64::new(0),
         unclosed_think,
+        right_below_sum_mod_5: config.contains("curriculum"),
     });
     let stats = Arc::new(StageStats::default());
     let ctx = Arc::new(StageContext {
@@ -274,6 +283,7 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
         version: learner.inner.subscribe(),
         calls: AtomicU64::new(0),
         unclosed_think: None,
+        right_below_sum_mod_5: false,
     });
     let ctx = Arc::new(StageContext {
         run_id: "run".into(),
@@ -445,4 +455,37 @@ async fn a_stage_ends_at_its_goal() {
     assert_eq!(*goal.asked.lock().unwrap(), [2, 4, 6]);
     assert_eq!(steps, 6);
     assert_eq!(seen.len(), 6 * 3, "no group of a step after the goal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_rate_curriculum_drops_solved_prompts_and_goes_from_easy_to_hard() {
+    let config = CONFIG
+        .replace("STALENESS", "1")
+        .replace("steps = 4", "steps = 8")
+        .replace(
+            "max_new_tokens = 8",
+            "max_new_tokens = 8\ndrop_zero_variance = false\ncurriculum = \"pass_rate\"\n\
+             curriculum_pool = 60\ncurriculum_samples = 4",
+        );
+    let ((_, _, seen, _dir), _) = run_with(&config, None, None).await;
+    assert_eq!(seen.len(), 24);
+    let tokenizer = Tokenizer::byte_level();
+    // Solved samples out of 4 by the stand-in's rule, per trained group, by step.
+    let mut by_step = std::collections::BTreeMap::<u64, Vec<i64>>::new();
+    for g in &seen {
+        let (a, b) = operands(&tokenizer, &g.trajectories[0].prompt_token_ids);
+        let solved = (a + b).rem_euclid(5).min(4);
+        assert!(
+            solved < 4,
+            "an always-solved prompt was trained on: {a}+{b}"
+        );
+        let step: u64 = g.group_id.split(':').nth(2).unwrap().parse().unwrap();
+        by_step.entry(step).or_default().push(solved);
+    }
+    let mean = |steps: std::ops::Range<u64>| {
+        let v: Vec<i64> = steps.flat_map(|s| by_step[&s].clone()).collect();
+        v.iter().sum::<i64>() as f64 / v.len() as f64
+    };
+    let (early, late) = (mean(0..3), mean(5..8));
+    assert!(early > late, "easy first: early {early}, late {late}");
 }

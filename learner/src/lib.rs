@@ -5,7 +5,8 @@
 //! IcePop and sequence-masked TIS; k1/k3 KL; three aggregations), evaluated exactly on the
 //! policy's log-probabilities and back-propagated through it, supervised warm-up on reference
 //! solutions, AdamW with global grad-norm clipping and a warmup/cosine schedule, and checkpoints
-//! (HF weights + optimizer state + counters) that resume exactly.
+//! (HF weights + optimizer state + counters) that resume exactly. [`reward_model`] trains a
+//! Bradley–Terry reward model (a scalar head on the policy's backbone) on preference pairs.
 //!
 //! Invariant: a step whose loss or gradient norm is not finite leaves the weights as they were;
 //! the policy version still advances (the same weights under the next number, so the
@@ -20,6 +21,7 @@ mod loss;
 pub mod loss_file;
 pub mod objective;
 mod optim;
+pub mod reward_model;
 mod service;
 mod trainer;
 
@@ -28,6 +30,9 @@ pub use error::{LearnerError, Result};
 pub use loss::{LossStats, RlSequence, SftSequence, rl_loss, sft_loss};
 pub use objective::Objective;
 pub use optim::{AdamW, AdamWConfig, StepStats};
+pub use reward_model::{
+    PreferencePair, RewardModel, RewardTrainer, RmStepReport, bradley_terry_loss,
+};
 pub use service::{
     LearnerHandle, LearnerService, LearnerServiceConfig, Published, SubmitError, group_sequences,
     spawn_learner,

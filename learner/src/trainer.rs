@@ -79,7 +79,7 @@ pub struct Trainer {
 }
 
 /// Routing biases are buffers adjusted by load balancing, never by gradients.
-fn always_frozen(name: &str) -> bool {
+pub(crate) fn always_frozen(name: &str) -> bool {
     name.ends_with("e_score_correction_bias")
 }
 

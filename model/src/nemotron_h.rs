@@ -201,6 +201,12 @@ impl NemotronH {
         Ok(h)
     }
 
+    /// The backbone's final norm (`backbone.norm_f`), which [`NemotronH::logits`] applies before
+    /// `lm_head`: heads other than `lm_head` (a reward model's score) read the same normed state.
+    pub fn norm_f(&self) -> &RmsNorm {
+        &self.norm_f
+    }
+
     /// `norm_f` then `lm_head`: `[B, T, d]` → logits `[B, T, V]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(&self.norm_f.forward(hidden)?)

@@ -1,6 +1,7 @@
 //! The self-check behind `chorus env check`: samples tasks from both splits and confirms that
 //! sampling is deterministic and split-disjoint, that reference solutions earn the full reward
-//! and that corrupted completions do not.
+//! and that corrupted completions do not (full as the environment reads it,
+//! [`Environment::is_solved`]).
 
 use std::collections::BTreeSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -57,9 +58,9 @@ pub enum FailureKind {
     SplitOverlap,
     /// The reference solution (or reference policy) failed to run.
     ReferenceFailed,
-    /// The reference solution did not earn the full reward.
+    /// The reference solution did not earn the full reward ([`Environment::is_solved`]).
     ReferenceNotFull,
-    /// A corrupted completion earned the full reward.
+    /// A corrupted completion earned the full reward ([`Environment::is_solved`]).
     CorruptedScoredFull,
     /// Scoring returned an error or a non-finite reward for model output.
     ScoringFailed,
@@ -221,7 +222,7 @@ impl Checker<'_> {
                 at,
                 err.to_string(),
             ),
-            Ok(Ok(score)) if !score.is_full() => {
+            Ok(Ok(score)) if !env.is_solved(&score) => {
                 let message = format!("reward {} ({})", score.reward, score.reason);
                 self.fail(FailureKind::ReferenceNotFull, Some(&task), at, message);
             }
@@ -263,7 +264,7 @@ impl Checker<'_> {
                     at,
                     format!("non-finite reward for {completion:?}"),
                 ),
-                Ok(Ok(score)) if score.is_full() => self.fail(
+                Ok(Ok(score)) if env.is_solved(&score) => self.fail(
                     FailureKind::CorruptedScoredFull,
                     Some(&task),
                     at,

@@ -176,6 +176,15 @@ pub trait Environment: Send + Sync {
         self.reference(task)
     }
 
+    /// Whether `score` is the best this environment gives, the task solved. Default:
+    /// [`Score::is_full`] (reward 1.0). An environment with a signed reward whose best is not 1.0
+    /// overrides it (the GenRM reward is 0 for a perfect judgement, see
+    /// [`crate::preference::GenRm`]); the self-check asks this of references and wrong
+    /// completions.
+    fn is_solved(&self, score: &Score) -> bool {
+        score.is_full()
+    }
+
     /// Fails unless `task` was made by this environment.
     fn check_task(&self, task: &Task) -> Result<(), EnvError> {
         let name = self.info().name;

@@ -29,6 +29,15 @@
 //! dataset's tasks by row, for scoring given completions (`chorus env score`), and
 //! [`plugin::scaffold`] the templates of `chorus env new`.
 //!
+//! # Preference data and a generative reward model
+//!
+//! [`preference`] reads a user's preference pairs (chosen/rejected, or two responses with
+//! helpfulness scores and a ranking), makes pairs from verifiable environments, and holds the
+//! GenRM judge format (`[[score_1, score_2, ranking]]`), its signed reward (0 is a perfect
+//! judgement), the [`GenRm`] environment that trains a judge on the pairs, and the pairwise
+//! comparisons that turn a judge's verdicts into RLHF rewards. [`GenRm`] needs the user's data,
+//! so it is not in the built-in registry.
+//!
 //! # Built-in environments
 //!
 //! | name | category | turns | verifies |
@@ -80,7 +89,8 @@
 //!   portable ChaCha8 RNG ([`task_rng`]); nothing reads global randomness.
 //! - The split of a task is a hash of its content ([`split_of`]), so train and heldout never
 //!   share a prompt.
-//! - Scoring never panics and never errors on model output: garbage scores 0 with a reason.
+//! - Scoring never panics and never errors on model output: garbage scores 0 with a reason (or,
+//!   for a signed reward such as GenRM's, its fixed penalty).
 //!   Errors ([`EnvError`]) are about tasks, datasets and configuration.
 //! - Difficulty 0 is meant for a freshly initialised tiny model trained for minutes on a CPU:
 //!   prompts of at most a couple of hundred bytes, short plain-text answers.
@@ -95,6 +105,7 @@ pub mod nemo_gym;
 mod nemo_gym_http;
 pub mod offline;
 pub mod plugin;
+pub mod preference;
 mod registry;
 mod sampling;
 pub mod sandbox;
@@ -108,6 +119,7 @@ pub use check::{
 pub use env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns};
 pub use error::EnvError;
 pub use nemo_gym::{NemoGym, NemoGymOptions};
+pub use preference::GenRm;
 pub use registry::Registry;
 pub use sampling::{TaskRng, split_of, stable_hash, task_rng};
 pub use task::{Score, ScoreComponent, Split, Task};

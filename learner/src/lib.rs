@@ -16,6 +16,7 @@
 //! rest of Chorus only through `chorus-proto`.
 #![deny(missing_docs)]
 
+pub mod checkpoints;
 mod error;
 mod loss;
 pub mod loss_file;
@@ -25,6 +26,7 @@ pub mod reward_model;
 mod service;
 mod trainer;
 
+pub use checkpoints::CheckpointPolicy;
 pub use chorus_proto::schedule::{Decay, LrSchedule};
 pub use error::{LearnerError, Result};
 pub use loss::{LossStats, RlSequence, SftSequence, rl_loss, sft_loss};

@@ -19,6 +19,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::checkpoints::{self, CheckpointPolicy};
 use crate::loss::{RlSequence, SftSequence};
 use crate::objective::Objective;
 use crate::trainer::{StepReport, Trainer};
@@ -91,6 +92,27 @@ pub struct LearnerServiceConfig {
     /// Most recent policy versions kept to stream exactly (`StreamWeights` with `exact`), for
     /// workers serving requests pinned to an older version; at least 1 (the newest).
     pub keep_versions: usize,
+    /// Rolling checkpoints for resuming after a crash (`None`: none).
+    pub checkpoints: Option<CheckpointPolicy>,
+}
+
+/// Saves a rolling checkpoint; a failure is logged and training goes on (a run that cannot save
+/// loses only its ability to resume from this version).
+fn save_checkpoint(trainer: &Trainer, policy: &CheckpointPolicy, why: &str) {
+    match checkpoints::save(trainer, policy) {
+        Ok(dir) => tracing::info!(
+            policy_version = trainer.version(),
+            dir = %dir.display(),
+            "learner checkpoint ({why}) at version {}",
+            trainer.version()
+        ),
+        Err(e) => tracing::error!(
+            policy_version = trainer.version(),
+            error = %e,
+            "the learner checkpoint at version {} was not saved",
+            trainer.version()
+        ),
+    }
 }
 
 /// Handle to the training thread.
@@ -298,7 +320,18 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
             // the order of their ids, so that the step's sums do not depend on timing.
             let mut rl: Vec<TrajectoryGroup> = vec![];
             let mut sft: Vec<TrajectoryGroup> = vec![];
+            let mut stage = None;
             while let Ok(g) = work_rx.recv() {
+                // The first group of a new stage: the weights are the last stage's final ones,
+                // saved so a crash in the new stage never has to repeat the finished one.
+                if let Some(policy) = &cfg.checkpoints
+                    && stage.is_some_and(|s| s != g.stage)
+                    && rl.is_empty()
+                    && sft.is_empty()
+                {
+                    save_checkpoint(&trainer, policy, "stage boundary");
+                }
+                stage = Some(g.stage);
                 let _group = tracing::info_span!(
                     "group",
                     run_id = %g.run_id,
@@ -371,6 +404,12 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 let msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
                 remember(&kept, published.clone(), cfg.keep_versions);
                 let _ = pub_tx.send(published);
+                if let Some(policy) = &cfg.checkpoints
+                    && policy.every > 0
+                    && report.version.is_multiple_of(policy.every)
+                {
+                    save_checkpoint(&trainer, policy, "every");
+                }
                 match &report.skipped {
                     None => tracing::debug!(
                         step = report.step,

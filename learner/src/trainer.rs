@@ -115,6 +115,16 @@ impl Trainer {
         })
     }
 
+    /// Numbers the current weights as policy `version` (and the steps taken as that many): a
+    /// run resumed from a stage's checkpoint, which holds weights but no learner counters,
+    /// continues from the version the stage ended at. Never goes back.
+    pub fn skip_to_version(&mut self, version: u64) {
+        if version > self.version {
+            self.step += version - self.version;
+            self.version = version;
+        }
+    }
+
     /// Replaces the schedule's peak learning rate (a stage's own rate); `None` restores it.
     pub fn set_peak_lr(&mut self, peak: Option<f64>) {
         self.peak_lr_override = peak.filter(|p| *p > 0.0 && p.is_finite());

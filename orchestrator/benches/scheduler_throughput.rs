@@ -70,6 +70,8 @@ async fn measure(url: &str, label: &str) {
         deterministic: false,
         transcripts: None,
         goal: None,
+        first_version: None,
+        restart: 0,
     });
     let start = Instant::now();
     run_rl_stage(ctx, stage.clone()).await.unwrap();

@@ -17,7 +17,7 @@ use serde::Serialize;
 const Z95: f64 = 1.959_963_984_540_054;
 
 /// A closed interval `[lo, hi]`, serialised as a two-element array.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Interval(pub f64, pub f64);
 
 impl Interval {

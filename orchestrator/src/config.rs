@@ -444,6 +444,12 @@ pub struct RawLearner {
     /// `nvfp4`: run the forward pass through the workers' NVFP4 weights (straight-through
     /// gradients); absent: full precision.
     pub quantize_forward: Option<Choice<Quantize>>,
+    /// Save the learner (weights, optimizer state, counters) every this many steps, and at
+    /// every stage boundary, so `chorus run --resume` can continue after a crash (0: only at
+    /// stage boundaries).
+    pub checkpoint_every: Option<u64>,
+    /// Learner checkpoints kept (the newest; at least 1).
+    pub checkpoint_keep: Option<usize>,
 }
 
 /// A validated environment entry.
@@ -601,6 +607,10 @@ pub struct RunConfig {
     pub learner_nvfp4_forward: bool,
     /// Gradient clip.
     pub max_grad_norm: f64,
+    /// The learner saves itself every this many steps (0: only at stage boundaries).
+    pub checkpoint_every: u64,
+    /// Learner checkpoints kept.
+    pub checkpoint_keep: usize,
     /// Stages in order.
     pub stages: Vec<Stage>,
     /// Deadline and error budget of environment calls.
@@ -623,6 +633,10 @@ impl Defaults {
     pub const WORKER_MAX_IN_FLIGHT: usize = 128;
     /// Device.
     pub const DEVICE: &'static str = "cpu";
+    /// The learner saves itself every this many steps.
+    pub const CHECKPOINT_EVERY: u64 = 25;
+    /// Learner checkpoints kept.
+    pub const CHECKPOINT_KEEP: usize = 2;
     /// Gradient clip (Nemotron 3 RL).
     pub const MAX_GRAD_NORM: f64 = 1.0;
     /// The off-policy correction of RL stages: truncated importance sampling at the
@@ -1415,6 +1429,11 @@ impl RunConfig {
             learner_nvfp4_forward,
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),
+            checkpoint_every: l.checkpoint_every.unwrap_or(Defaults::CHECKPOINT_EVERY),
+            checkpoint_keep: positive(
+                "learner.checkpoint_keep",
+                l.checkpoint_keep.unwrap_or(Defaults::CHECKPOINT_KEEP),
+            )?,
             stages,
             environment_faults: fault_policy(ctx, raw.environment_faults.unwrap_or_default())?,
         })

@@ -141,7 +141,7 @@ impl Curriculum {
         for (owner, r) in owners.into_iter().zip(&results) {
             if let Ok(score) = &r.verdict {
                 scored[owner] += 1;
-                solved[owner] += usize::from(score.is_full());
+                solved[owner] += usize::from(candidates[owner].env.is_solved(score));
             }
         }
         let mut curriculum = Self {

@@ -187,13 +187,41 @@ pub struct StageContext {
     pub transcripts: Option<Arc<Transcripts>>,
     /// The running stage's early end, if it has one.
     pub goal: Option<Arc<dyn StageGoal>>,
+    /// When the running stage began before this process (a resumed run): the policy version it
+    /// started from. Its steps before the learner's current version are done; the stage goes on
+    /// from there. `None`: the stage starts at the learner's current version.
+    pub first_version: Option<u64>,
+    /// How many times the run was resumed; a resumed run's ids carry it, so that the steps it
+    /// repeats (lost with the learner's state after its last checkpoint) get new ids.
+    pub restart: u32,
+}
+
+/// The id of a prompt slot's group (its prompt's id is this plus `:p`, its requests' ids that
+/// plus `:r<i>`): run, stage, step, slot, the attempt of an RL slot, and the restart of a resumed
+/// run.
+fn group_id(ctx: &StageContext, step: u64, slot: usize, attempt: Option<u32>) -> String {
+    let mut id = format!("{}:s{}:{step}:{slot}", ctx.run_id, ctx.stage_index);
+    if let Some(a) = attempt {
+        id.push_str(&format!(":a{a}"));
+    }
+    if ctx.restart > 0 {
+        id.push_str(&format!(":x{}", ctx.restart));
+    }
+    id
+}
+
+/// The version the running stage started from, and its first step still to run.
+fn stage_start(ctx: &StageContext) -> (u64, u64) {
+    let now = ctx.learning.version();
+    let base = ctx.first_version.unwrap_or(now).min(now);
+    (base, now - base)
 }
 
 /// Whether the goal is checked before step `step`.
 fn checks_goal(ctx: &StageContext, step: u64) -> bool {
     ctx.goal
         .as_ref()
-        .is_some_and(|g| step > 0 && step % g.every().max(1) == 0)
+        .is_some_and(|g| step > 0 && step.is_multiple_of(g.every().max(1)))
 }
 
 /// Whether the stage stops before step `step` (counted in the stage): at each of the goal's
@@ -299,7 +327,7 @@ pub async fn run_rl_stage(
 }
 
 async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<u64, SchedulerError> {
-    let base = ctx.learning.version();
+    let (base, first_step) = stage_start(&ctx);
     tracing::debug!(
         steps = stage.steps,
         prompts_per_step = stage.prompts_per_step,
@@ -309,15 +337,16 @@ async fn run_rl_stage_in(ctx: Arc<StageContext>, stage: Arc<Stage>) -> Result<u6
         "RL stage starts"
     );
     let curriculum = match &stage.curriculum {
+        // A resumed stage estimates under the policy it resumes with (its starting one is gone).
         Some(settings) => Some(Arc::new(
-            Curriculum::estimate(&ctx, &stage, settings, base).await?,
+            Curriculum::estimate(&ctx, &stage, settings, base + first_step).await?,
         )),
         None => None,
     };
-    let order = Arc::new(StepOrder::new(base, stage.prompts_per_step));
+    let order = Arc::new(StepOrder::new(base + first_step, stage.prompts_per_step));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut steps_run = stage.steps;
-    for step in 0..stage.steps {
+    let mut steps_run = stage.steps.max(first_step);
+    for step in first_step..stage.steps {
         if checks_goal(&ctx, step) {
             // A check sees every earlier step trained: finish the slots in flight first.
             while let Some(done) = tasks.join_next().await {
@@ -906,10 +935,7 @@ async fn run_slot(
             Err(DrawError::Fatal(e)) => return Err(e),
             Err(DrawError::Fault) => continue,
         };
-        let group_id = format!(
-            "{}:s{}:{}:{}:a{}",
-            ctx.run_id, ctx.stage_index, at.step, at.slot, attempt
-        );
+        let group_id = group_id(ctx, at.step, at.slot, Some(attempt));
         let span = tracing::info_span!(
             "group",
             group_id = %group_id,
@@ -1250,6 +1276,7 @@ async fn submit_group(
             step_groups: stage.prompts_per_step as u32,
             learning_rate: at.lr,
             objective: stage.objective.as_ref().map(|o| o.to_proto()),
+            stage: ctx.stage_index as u32,
         })
         .await?;
     order.submitted(at.step);
@@ -1298,6 +1325,7 @@ async fn submit_empty(
             step_groups: stage.prompts_per_step as u32,
             learning_rate: lr,
             objective: stage.objective.as_ref().map(|o| o.to_proto()),
+            stage: ctx.stage_index as u32,
         })
         .await?;
     Ok(())
@@ -1364,10 +1392,11 @@ async fn run_sft_stage_in(
     ctx: Arc<StageContext>,
     stage: Arc<Stage>,
 ) -> Result<u64, SchedulerError> {
-    let base = ctx.learning.version();
+    let (base, first_step) = stage_start(&ctx);
     tracing::debug!(
         steps = stage.steps,
         base_version = base,
+        first_step,
         "supervised stage starts"
     );
     let transcripts = match (&stage.data, &ctx.transcripts) {
@@ -1382,7 +1411,7 @@ async fn run_sft_stage_in(
         }
         (None, _) => None,
     };
-    for step in 0..stage.steps {
+    for step in first_step..stage.steps {
         if goal_reached(&ctx, base, step).await? {
             return Ok(step);
         }
@@ -1391,7 +1420,7 @@ async fn run_sft_stage_in(
             .instrument(span)
             .await?;
     }
-    Ok(stage.steps)
+    Ok(stage.steps.max(first_step))
 }
 
 /// One supervised example: where it came from, its prompt, and its completion as segments
@@ -1522,7 +1551,7 @@ async fn run_sft_step(
         }
         let completion_text: String = example.segments.iter().map(|s| s.0.as_str()).collect();
         let env_name = &example.source;
-        let group_id = format!("{}:s{}:{}:{}", ctx.run_id, ctx.stage_index, step, slot);
+        let group_id = group_id(ctx, step, slot, None);
         let prompt_id = format!("{group_id}:p");
         prompts.push(NewPrompt {
             id: prompt_id.clone(),
@@ -1571,6 +1600,7 @@ async fn run_sft_step(
             supervised: true,
             step_groups: stage.prompts_per_step as u32,
             learning_rate: stage.lr_at(step),
+            stage: ctx.stage_index as u32,
             objective: None,
         }));
     }
@@ -1596,7 +1626,7 @@ async fn run_sft_step(
 }
 
 /// Held-out accuracy of one environment: the fraction of tasks answered with full reward.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Accuracy {
     /// Tasks evaluated.
     pub heldout_n: usize,
@@ -1754,7 +1784,7 @@ pub async fn evaluate(
         for r in &rollouts {
             if let Ok(s) = &r.verdict {
                 total += s.reward;
-                if s.is_full() {
+                if env.is_solved(s) {
                     full += 1;
                 }
             }

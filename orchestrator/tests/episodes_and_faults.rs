@@ -237,6 +237,8 @@ async fn setup(config: &str, prompts_per_step: u64) -> Setup {
         deterministic: cfg.deterministic,
         transcripts: None,
         goal: None,
+        first_version: None,
+        restart: 0,
     });
     Setup {
         ctx,

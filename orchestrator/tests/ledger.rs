@@ -128,6 +128,7 @@ on_both_backends!(
     concurrent_writers_lose_nothing,
     launches_are_found_by_request_and_by_status,
     stages_record_their_span_and_own_their_steps,
+    a_rewind_undoes_the_steps_after_a_version,
 );
 
 fn run(id: &str) -> NewRun {
@@ -555,6 +556,102 @@ mod cases {
         assert_eq!(newest.len(), 1);
         assert_eq!(newest[0].id, "t5");
         ledger.close().await.unwrap();
+    }
+
+    pub async fn a_rewind_undoes_the_steps_after_a_version(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        ledger.insert_run(run("other")).await.unwrap();
+        let ids = ["p0", "p1", "p2", "p3"];
+        ledger
+            .record_prompts_dispatched(ids.iter().map(|p| prompt(p, "r", "math")).collect())
+            .await
+            .unwrap();
+        ledger
+            .record_prompts_dispatched(vec![prompt("q2", "other", "math")])
+            .await
+            .unwrap();
+        ledger
+            .insert_trajectories(
+                ids.iter()
+                    .map(|p| traj(&format!("{p}-t"), "r", p, "math", 1.0))
+                    .chain([traj("q2-t", "other", "q2", "math", 1.0)])
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        // p0, p1, p2 trained at steps 0, 1, 2 (into versions 1, 2, 3); p3 still in flight.
+        for (step, p) in ids[..3].iter().enumerate() {
+            ledger.mark_consumed([*p], step as u64).await.unwrap();
+        }
+        ledger.mark_consumed(["q2"], 2).await.unwrap();
+        for step in 1..=3u64 {
+            ledger
+                .insert_learner_step(LearnerStep {
+                    run_id: "r".into(),
+                    step,
+                    policy_version: step,
+                    loss: Some(0.5),
+                    kl: None,
+                    entropy: None,
+                    grad_norm: Some(1.0),
+                    learning_rate: Some(1e-3),
+                    clip_fraction: None,
+                    num_tokens: 10,
+                    num_trajectories: 1,
+                    skip_reason: None,
+                    mean_abs_logprob_diff: None,
+                })
+                .await
+                .unwrap();
+        }
+        ledger.set_run_status("r", RunStatus::Failed).await.unwrap();
+        ledger.rewind("r", 2, "lost in a crash").await.unwrap();
+
+        let state = |p: &'static str| {
+            let ledger = ledger.clone();
+            async move { ledger.get_prompt(p).await.unwrap().unwrap() }
+        };
+        for p in ["p0", "p1"] {
+            let kept = state(p).await;
+            assert_eq!(
+                kept.state,
+                PromptState::Consumed,
+                "{p} was trained into version 2"
+            );
+        }
+        let lost = state("p2").await;
+        assert_eq!(lost.state, PromptState::Dropped);
+        assert_eq!(lost.consumed_at_step, None);
+        assert_eq!(lost.drop_reason.as_deref(), Some("lost in a crash"));
+        let in_flight = state("p3").await;
+        assert_eq!(in_flight.state, PromptState::Dropped);
+        assert!(in_flight.drop_reason.unwrap().starts_with("in flight"));
+        let traj_step = |t: &'static str| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .get_trajectory(t)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .consumed_at_step
+            }
+        };
+        assert_eq!(traj_step("p1-t").await, Some(1));
+        assert_eq!(traj_step("p2-t").await, None);
+        assert_eq!(traj_step("q2-t").await, Some(2), "another run is untouched");
+        let steps: Vec<u64> = ledger
+            .list_learner_steps("r")
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.step.step)
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        let r = ledger.get_run("r").await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Running);
+        assert_eq!(r.finished_at_ms, None);
     }
 
     pub async fn consumption_is_counted_per_run(db: &TestDb) {

@@ -164,6 +164,8 @@ async fn run_with(
         deterministic: false,
         transcripts: None,
         goal,
+        first_version: None,
+        restart: 0,
     });
     let steps = run_rl_stage(ctx, Arc::new(cfg.stages[0].clone()))
         .await
@@ -299,6 +301,8 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
         deterministic: false,
         transcripts: None,
         goal: None,
+        first_version: None,
+        restart: 0,
     });
     // The guard only keeps a regression from hanging the test suite.
     let result = tokio::time::timeout(

@@ -48,6 +48,7 @@ async fn new_versions_flow_from_learner_to_worker() {
             groups_per_step: 1,
             max_chunk_bytes: 4096,
             keep_versions: 1,
+            checkpoints: None,
         },
     );
     let mut reports = learner.reports();
@@ -186,6 +187,7 @@ fn learner(keep_versions: usize) -> chorus_learner::LearnerHandle {
             groups_per_step: 2,
             max_chunk_bytes: 4096,
             keep_versions,
+            checkpoints: None,
         },
     )
 }

@@ -184,6 +184,8 @@ pub async fn orchestrator(
         out_dir,
         started,
         directory: directory.clone(),
+        resumed: None,
+        first_stage: 0,
     };
     orchestrate(plan, &endpoints, options).await
 }
@@ -330,6 +332,8 @@ async fn run_launched(
         out_dir: d.runs_dir.join(run_id),
         started,
         directory: Some(directory),
+        resumed: None,
+        first_stage: 0,
     };
     orchestrate(&plan, &endpoints, options).await.map(|_| ())
 }

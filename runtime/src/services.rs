@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use chorus_learner::{LearnerHandle, LearnerService, LearnerServiceConfig, Trainer, spawn_learner};
+use chorus_learner::{
+    CheckpointPolicy, LearnerHandle, LearnerService, LearnerServiceConfig, Trainer, spawn_learner,
+};
 use chorus_model::checkpoint;
 use chorus_proto::auth::{AttachToken, RequireToken};
 use chorus_proto::tonic::service::Routes;
@@ -17,6 +19,7 @@ use chorus_rollout_worker::{
     spawn_engine_loop_with,
 };
 
+use crate::driver::LearnerFrom;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 
@@ -48,11 +51,40 @@ pub async fn start_learner(
     token: &str,
     listen: &str,
 ) -> Result<(LearnerHandle, String)> {
-    let params = match &plan.config.checkpoint {
-        Some(dir) => checkpoint::load_checkpoint(dir, &Device::Cpu)?.1,
-        None => checkpoint::init_params(&plan.model, plan.config.init_seed, &Device::Cpu)?,
+    start_learner_from(plan, run_id, token, listen, &LearnerFrom::Plan, None).await
+}
+
+/// [`start_learner`] starting from `from`, saving rolling checkpoints by `checkpoints`.
+pub async fn start_learner_from(
+    plan: &RunPlan,
+    run_id: &str,
+    token: &str,
+    listen: &str,
+    from: &LearnerFrom,
+    checkpoints: Option<CheckpointPolicy>,
+) -> Result<(LearnerHandle, String)> {
+    let trainer = match from {
+        LearnerFrom::Plan => {
+            let params = match &plan.config.checkpoint {
+                Some(dir) => checkpoint::load_checkpoint(dir, &Device::Cpu)?.1,
+                None => checkpoint::init_params(&plan.model, plan.config.init_seed, &Device::Cpu)?,
+            };
+            Trainer::new(plan.model.clone(), params, plan.learner.clone())?
+        }
+        LearnerFrom::Checkpoint(dir) => Trainer::resume(dir, &Device::Cpu)?,
+        LearnerFrom::Weights { dir, version } => {
+            let params = checkpoint::load_checkpoint(dir, &Device::Cpu)?.1;
+            let mut t = Trainer::new(plan.model.clone(), params, plan.learner.clone())?;
+            t.skip_to_version(*version);
+            t
+        }
     };
-    let trainer = Trainer::new(plan.model.clone(), params, plan.learner.clone())?;
+    tracing::info!(
+        run_id,
+        version = trainer.version(),
+        "learner starts at version {}",
+        trainer.version()
+    );
     let handle = spawn_learner(
         trainer,
         LearnerServiceConfig {
@@ -60,6 +92,7 @@ pub async fn start_learner(
             groups_per_step: plan.groups_per_step(),
             max_chunk_bytes: MAX_WEIGHT_CHUNK_BYTES,
             keep_versions: plan.keep_versions,
+            checkpoints,
         },
     );
     let svc = LearnerServer::with_interceptor(

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use chorus_orchestrator::confidence::{self, Interval};
 use chorus_orchestrator::faults::Health;
 use chorus_orchestrator::scheduler::Accuracy;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A finished run: held-out accuracy before and after RL, counts, and the learning curve.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -51,7 +51,7 @@ pub struct Summary {
 }
 
 /// How one stage went: what `runs/<run>/stages/<stage>/summary.json` holds.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageSummary {
     /// The stage's name.
     pub name: String,

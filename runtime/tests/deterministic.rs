@@ -77,6 +77,8 @@ fn run(slow: Option<&str>) -> Outcome {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        resume: false,
+        from_stage: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

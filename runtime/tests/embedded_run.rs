@@ -70,6 +70,8 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        resume: false,
+        from_stage: None,
     };
     let rt = runtime();
     let summary = rt.block_on(run_local(&plan, local)).unwrap();
@@ -240,6 +242,8 @@ fn an_sft_stage_learns_a_users_transcripts_on_the_assistants_tokens() {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        resume: false,
+        from_stage: None,
     };
     let rt = runtime();
     let summary = rt.block_on(run_local(&plan, local)).unwrap();
@@ -307,6 +311,8 @@ fn a_run_whose_environment_cannot_be_reached_fails_naming_it_and_is_marked_faile
         db: None,
         runs_dir: dir.path().join("runs"),
         token: Some("t".into()),
+        resume: false,
+        from_stage: None,
     };
     let rt = runtime();
     let err = rt.block_on(run_local(&plan, local)).unwrap_err();
@@ -341,6 +347,8 @@ fn a_plugin_run_without_the_plugins_token_is_refused_before_anything_starts() {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        resume: false,
+        from_stage: None,
     };
     let err = runtime().block_on(run_local(&plan, local)).unwrap_err();
     assert!(

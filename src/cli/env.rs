@@ -173,7 +173,7 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
             Ok(score) => {
                 sum += score.reward;
                 scored += 1;
-                full += usize::from(score.is_full());
+                full += usize::from(env.is_solved(&score));
                 if !a.json {
                     println!(
                         "{id_text:<16} reward {:>6.3}  {}",

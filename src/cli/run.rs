@@ -13,7 +13,15 @@ use clap::Args;
 /// writing runs/<name>/summary.json with held-out accuracy before and after RL. Progress (one
 /// line per learner step) goes to standard error; the summary is printed on standard output.
 ///
-/// Example: chorus run configs/quickstart.toml
+/// The learner saves itself (weights, optimizer state) every `[learner] checkpoint_every` steps
+/// and at each stage boundary, into runs/<name>/learner-checkpoints/. After a crash,
+/// `chorus run CONFIG --resume` continues the unfinished run of that name: finished stages are
+/// not repeated, and the ledger drops the prompts whose updates were lost.
+///
+/// Examples:
+///   chorus run configs/quickstart.toml
+///   chorus run configs/quickstart.toml --resume
+///   chorus run configs/nemotron3-recipe.toml --from-stage rlvr --checkpoint runs/old/stages/warmup/checkpoint
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
@@ -37,16 +45,40 @@ pub struct RunArgs {
     /// Shared token of the services (generated when absent).
     #[arg(long, env = "CHORUS_TOKEN")]
     token: Option<String>,
+    /// Continue the unfinished run of this config's name (same config, same ledger) from the
+    /// learner's newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Start at this stage, skipping the ones before it (with --checkpoint: the policy to start
+    /// from, e.g. an earlier run's runs/<run>/stages/<stage>/checkpoint).
+    #[arg(long, value_name = "NAME")]
+    from_stage: Option<String>,
+    /// Start from this policy checkpoint (HF layout) instead of the config's [model].
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
 }
 
 /// Runs `chorus run`.
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let (cfg, config_toml) = super::load_config(&a.config)?;
+    let (mut cfg, config_toml) = super::load_config(&a.config)?;
+    if let Some(dir) = &a.checkpoint {
+        if !dir.join("config.json").is_file() {
+            anyhow::bail!(
+                "--checkpoint {}: not a policy checkpoint (no config.json there); give a \
+                 directory in HF layout, e.g. runs/<run>/stages/<stage>/checkpoint",
+                dir.display()
+            );
+        }
+        cfg.checkpoint = Some(dir.clone());
+        cfg.init_config = None;
+    }
     let plan = RunPlan::new(cfg, config_toml, a.eval_tasks, a.eval_every)?;
     let local = LocalRun {
         db: a.db,
         runs_dir: a.runs_dir,
         token: a.token,
+        resume: a.resume,
+        from_stage: a.from_stage.clone(),
     };
     let summary = super::runtime(2)?.block_on(run_local(&plan, local))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

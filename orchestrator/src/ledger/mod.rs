@@ -448,6 +448,28 @@ impl Ledger {
         .await
     }
 
+    /// Rewinds run `run_id` to policy `version`, for a run resumed from a learner checkpoint
+    /// at that version: the groups of steps `version` and later were trained into state that
+    /// was lost, so their prompts become `dropped` (with `reason`) and their trajectories
+    /// unconsumed; prompts still in flight are dropped too; learner steps and policy versions
+    /// after `version` are deleted (the resumed learner records them again); the run is
+    /// running again. One transaction.
+    pub async fn rewind(
+        &self,
+        run_id: &str,
+        version: u64,
+        reason: &str,
+    ) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::Rewind {
+            run_id: run_id.to_owned(),
+            version,
+            reason: reason.to_owned(),
+            at_ms: now_ms(),
+        })
+        .await?;
+        self.flush().await
+    }
+
     /// Records that a stage began (a stage begun again, as a resumed run does, is running
     /// again). Record it before any of the stage's groups reach the learner: a learner step
     /// belongs to the last stage begun before it.

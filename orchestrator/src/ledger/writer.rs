@@ -89,6 +89,12 @@ pub(crate) enum WriteOp {
         stage: NewStage,
         at_ms: i64,
     },
+    Rewind {
+        run_id: String,
+        version: u64,
+        reason: String,
+        at_ms: i64,
+    },
     StageFinished {
         end: StageEnd,
         at_ms: i64,
@@ -154,6 +160,9 @@ impl WriteOp {
                 version.run_id, version.version
             ),
             WriteOp::Event { run_id, kind, .. } => format!("record_event({run_id}, {kind})"),
+            WriteOp::Rewind {
+                run_id, version, ..
+            } => format!("rewind({run_id}, {version})"),
             WriteOp::StageStarted { stage, .. } => {
                 format!("start_stage({}, {})", stage.run_id, stage.stage_index)
             }
@@ -344,6 +353,49 @@ impl WriteOp {
                 .bind(end.run_id.as_str())
                 .bind(to_i64("stage_index", end.stage_index)?),
             ],
+            WriteOp::Rewind {
+                run_id,
+                version,
+                reason,
+                at_ms,
+            } => {
+                // Groups of steps `version` and later were trained into state that is gone.
+                let v = to_i64("version", *version)?;
+                vec![
+                    Stmt::new(
+                        "UPDATE trajectories SET consumed_at_step = NULL \
+                         WHERE run_id = $1 AND consumed_at_step >= $2",
+                    )
+                    .bind(run_id.as_str())
+                    .bind(v),
+                    Stmt::new(
+                        "UPDATE prompts SET state = 'dropped', drop_reason = $1, \
+                         consumed_at_step = NULL, consumed_at_ms = NULL, dropped_at_ms = $2 \
+                         WHERE run_id = $3 AND state = 'consumed' AND consumed_at_step >= $4",
+                    )
+                    .bind(reason.as_str())
+                    .bind(*at_ms)
+                    .bind(run_id.as_str())
+                    .bind(v),
+                    Stmt::new(
+                        "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \
+                         WHERE run_id = $3 AND state IN ('dispatched', 'generated', 'scored')",
+                    )
+                    .bind(format!("in flight when the run stopped; {reason}"))
+                    .bind(*at_ms)
+                    .bind(run_id.as_str()),
+                    Stmt::new("DELETE FROM learner_steps WHERE run_id = $1 AND step > $2")
+                        .bind(run_id.as_str())
+                        .bind(v),
+                    Stmt::new("DELETE FROM policy_versions WHERE run_id = $1 AND version > $2")
+                        .bind(run_id.as_str())
+                        .bind(v),
+                    Stmt::new(
+                        "UPDATE runs SET status = 'running', finished_at_ms = NULL WHERE id = $1",
+                    )
+                    .bind(run_id.as_str()),
+                ]
+            }
             WriteOp::Event {
                 run_id,
                 kind,

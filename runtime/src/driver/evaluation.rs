@@ -5,7 +5,10 @@
 //! stage's end is the run's final evaluation.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 use chorus_orchestrator::config::Until;
@@ -50,10 +53,45 @@ async fn held_out_of(
 type Measured = BTreeMap<(u64, String, u32), Accuracy>;
 
 /// Held-out accuracies by `plan`, each (version, environment, difficulty) measured once and
-/// shared by the run's evaluations and its stages' goals.
+/// shared by the run's evaluations and its stages' goals. With a file, every measurement is
+/// also written there, so a resumed run has the ones of policies it can no longer load (a
+/// stage's start, the run's "before RL").
 pub(crate) struct Measurements {
     plan: EvalPlan,
     measured: Mutex<Measured>,
+    file: Option<PathBuf>,
+}
+
+/// One line of the measurements file.
+#[derive(Serialize, Deserialize)]
+struct MeasuredLine {
+    version: u64,
+    environment: String,
+    difficulty: u32,
+    accuracy: Accuracy,
+}
+
+/// The measurements written to `file` by an earlier process of the run (none if it is absent).
+fn read_measured(file: &Path) -> Result<Measured> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Measured::new()),
+        Err(e) => return Err(RunError::io(format!("reading {}", file.display()))(e)),
+    };
+    let mut measured = Measured::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        // A line cut short by a crash is the last one; anything else is damage worth naming.
+        let Ok(m) = serde_json::from_str::<MeasuredLine>(line) else {
+            tracing::warn!(file = %file.display(), line = i + 1, "skipping an unreadable measurement");
+            continue;
+        };
+        measured.insert((m.version, m.environment, m.difficulty), m.accuracy);
+    }
+    Ok(measured)
 }
 
 impl Measurements {
@@ -76,11 +114,31 @@ impl Measurements {
         };
         if !missing.is_empty() {
             let acc = held_out_of(ctx, &self.plan, &missing, version).await?;
-            let mut measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, difficulty) in &missing {
-                if let Some(a) = acc.get(name) {
-                    measured.insert(key(name, difficulty), a.clone());
+            let mut lines = String::new();
+            {
+                let mut measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
+                for (name, difficulty) in &missing {
+                    if let Some(a) = acc.get(name) {
+                        measured.insert(key(name, difficulty), a.clone());
+                        let line = MeasuredLine {
+                            version,
+                            environment: name.clone(),
+                            difficulty: *difficulty,
+                            accuracy: a.clone(),
+                        };
+                        lines.push_str(&serde_json::to_string(&line).expect("serialises"));
+                        lines.push('\n');
+                    }
                 }
+            }
+            if let Some(file) = &self.file {
+                use std::io::Write;
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file)
+                    .and_then(|mut f| f.write_all(lines.as_bytes()));
+                appended.map_err(RunError::io(format!("appending to {}", file.display())))?;
             }
         }
         let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
@@ -143,19 +201,55 @@ pub(crate) struct Evaluator {
 }
 
 impl Evaluator {
-    /// Evaluations by `plan`, their times counted from `started`.
-    pub(crate) fn new(plan: EvalPlan, started: Instant) -> Self {
-        Self {
+    /// Evaluations by `plan`, their times counted from `started`, each measurement also
+    /// appended to `file` (whose earlier measurements, from a run being resumed, are read
+    /// first).
+    pub(crate) fn new(plan: EvalPlan, started: Instant, file: Option<PathBuf>) -> Result<Self> {
+        let measured = match &file {
+            Some(f) => read_measured(f)?,
+            None => Measured::new(),
+        };
+        Ok(Self {
             measurements: Arc::new(Measurements {
                 plan: plan.clone(),
-                measured: Mutex::default(),
+                measured: Mutex::new(measured),
+                file,
             }),
             plan,
             started,
             before: None,
             curve: Arc::default(),
             curve_task: None,
-        }
+        })
+    }
+
+    /// What was measured of policy `version` on `environments` (by this process or one before
+    /// it), without measuring anything: for policies that can no longer be loaded.
+    pub(crate) fn measured_at(
+        &self,
+        environments: &[(String, u32)],
+        version: u64,
+    ) -> BTreeMap<String, Accuracy> {
+        let measured = self
+            .measurements
+            .measured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        environments
+            .iter()
+            .filter_map(|(n, d)| {
+                measured
+                    .get(&(version, n.clone(), *d))
+                    .map(|a| (n.clone(), a.clone()))
+            })
+            .collect()
+    }
+
+    /// A resumed run: the held-out accuracy before RL is what was measured at `version` (where
+    /// its first RL stage began) before the crash.
+    pub(crate) fn resume_before_rl(&mut self, version: u64) {
+        let environments = self.plan.environments.clone();
+        self.before = Some(self.measured_at(&environments, version));
     }
 
     /// Held-out accuracy of policy `version` on `environments` (measured once per version).

@@ -6,7 +6,10 @@
 mod evaluation;
 mod ledger;
 mod progress;
+mod resume;
 mod stages;
+
+pub use resume::{LearnerFrom, Resumed};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +25,9 @@ use tracing::Instrument;
 
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
-use crate::services::{start_learner, start_worker};
+use crate::services::{start_learner_from, start_worker};
 use crate::summary::{Outcome, Summary, gain_line};
+use chorus_learner::CheckpointPolicy;
 use evaluation::Evaluator;
 use ledger::RunRecord;
 
@@ -53,6 +57,11 @@ pub struct RunOptions {
     /// leave it, and the run's events also go to `WatchRun` clients. Without one, the run keeps
     /// its events in a directory of its own; either way they are recorded in the ledger.
     pub directory: Option<Arc<Directory>>,
+    /// A run picked up after a crash: its finished stages are not run again, the running one
+    /// goes on from the learner's version.
+    pub resumed: Option<Resumed>,
+    /// Stages before this index are not run (`--from-stage`).
+    pub first_stage: usize,
 }
 
 impl RunOptions {
@@ -65,6 +74,8 @@ impl RunOptions {
             out_dir: out_dir.into(),
             started: Instant::now(),
             directory: None,
+            resumed: None,
+            first_stage: 0,
         }
     }
 
@@ -152,7 +163,8 @@ async fn drive(
             &endpoints.learner,
             &endpoints.token,
             run_id,
-            0,
+            // A resumed learner starts at the version the run continues from.
+            options.resumed.as_ref().map_or(0, |r| r.version),
             Some(record.ledger.clone()),
         )
         .await?,
@@ -182,6 +194,8 @@ async fn drive(
         deterministic: cfg.deterministic,
         transcripts: None,
         goal: None,
+        first_version: None,
+        restart: 0,
     };
     tracing::info!(
         workers = pool.ids().len(),
@@ -195,14 +209,24 @@ async fn drive(
     announce(events, ProtoRunStatus::Running, String::new());
     progress::spawn(learner.steps(), stats.clone(), events.clone());
 
-    let mut evaluator = Evaluator::new(plan.evaluation.clone(), options.started);
+    ctx.restart = options.resumed.as_ref().map_or(0, |r| r.restart);
+    let mut evaluator = Evaluator::new(
+        plan.evaluation.clone(),
+        options.started,
+        Some(options.out_dir.join(resume::MEASUREMENTS_FILE)),
+    )?;
     let outputs = stages::StageOutputs {
         out_dir: &options.out_dir,
         learner: &learner,
         model: &plan.model,
         db: &record.db,
     };
-    let stage_summaries = stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs).await?;
+    let start = stages::StartAt {
+        first_stage: options.first_stage,
+        resumed: options.resumed.as_ref(),
+    };
+    let stage_summaries =
+        stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs, &start).await?;
     let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
 
     let outcome = Outcome::new(&before, &after);
@@ -266,6 +290,10 @@ pub struct LocalRun {
     /// The services' shared token (generated when absent; a run with a plugin needs the
     /// plugin's).
     pub token: Option<String>,
+    /// Continue the unfinished run of this config's name where it stopped.
+    pub resume: bool,
+    /// Start at this stage (by name), skipping the ones before it.
+    pub from_stage: Option<String>,
 }
 
 /// A whole run in this process: the learner and each rollout worker as gRPC services on
@@ -288,15 +316,57 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
         .token
         .clone()
         .unwrap_or_else(|| format!("chorus-{:x}", random_token()));
-    let run_id = format!(
-        "{}-{}",
-        cfg.name,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    );
-    let (_learner, learner_url) = start_learner(plan, &run_id, &token, "127.0.0.1:0").await?;
+    let first_stage = match &local.from_stage {
+        None => 0,
+        Some(name) => cfg
+            .stages
+            .iter()
+            .position(|s| &s.name == name)
+            .ok_or_else(|| {
+                RunError::Invalid(format!(
+                    "--from-stage `{name}`: the config has no such stage; its stages: {}",
+                    cfg.stages
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+    };
+    let db = local.db.clone().unwrap_or_else(|| default_db(&out_dir));
+    let resumed = if local.resume {
+        Some(resume::prepare(plan, &db, &out_dir, first_stage).await?)
+    } else {
+        None
+    };
+    let run_id = match &resumed {
+        Some(r) => r.run_id.clone(),
+        None => format!(
+            "{}-{}",
+            cfg.name,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        ),
+    };
+    let checkpoints = CheckpointPolicy {
+        dir: out_dir.join(resume::LEARNER_CHECKPOINTS),
+        every: cfg.checkpoint_every,
+        keep: cfg.checkpoint_keep,
+    };
+    let from = resumed
+        .as_ref()
+        .map_or(LearnerFrom::Plan, |r| r.learner.clone());
+    let (_learner, learner_url) = start_learner_from(
+        plan,
+        &run_id,
+        &token,
+        "127.0.0.1:0",
+        &from,
+        Some(checkpoints),
+    )
+    .await?;
     let mut workers = vec![];
     for i in 0..cfg.workers {
         let id = format!("w{i}");
@@ -311,10 +381,12 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
     };
     let options = RunOptions {
         run_id,
-        db: local.db,
+        db: Some(db),
         out_dir,
         started,
         directory: None,
+        resumed,
+        first_stage,
     };
     orchestrate(plan, &endpoints, options).await
 }

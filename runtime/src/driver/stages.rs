@@ -19,6 +19,7 @@ use chorus_orchestrator::scheduler::{Accuracy, StageContext, run_rl_stage, run_s
 use tracing::Instrument;
 
 use super::evaluation::Evaluator;
+use super::resume::Resumed;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::summary::{StageSummary, accuracy_line, mean_accuracy};
@@ -38,16 +39,62 @@ pub(crate) struct StageOutputs<'a> {
     pub db: &'a str,
 }
 
-/// Runs every stage of `plan`; `ctx.stage_index` follows the stage being run.
+/// Where the stage loop begins.
+pub(crate) struct StartAt<'a> {
+    /// Stages before this index are not run (`--from-stage`).
+    pub first_stage: usize,
+    /// A run resumed after a crash.
+    pub resumed: Option<&'a Resumed>,
+}
+
+/// Runs every stage of `plan` from `start`; `ctx.stage_index` follows the stage being run. A
+/// resumed run's finished stages are not run again: their summaries are read back.
 pub(crate) async fn run_stages(
     plan: &RunPlan,
     ctx: &mut StageContext,
     evaluator: &mut Evaluator,
     outputs: &StageOutputs<'_>,
+    start: &StartAt<'_>,
 ) -> Result<Vec<StageSummary>> {
     let mut summaries = vec![];
+    // A resumed run whose first RL stage had begun measured "before RL" there, before the crash.
+    if let Some(r) = start.resumed
+        && let Some(v) = plan
+            .config
+            .stages
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.kind == StageKind::Rlvr)
+            .and_then(|(i, _)| r.first_version(i))
+    {
+        evaluator.resume_before_rl(v);
+    }
     for (i, stage) in plan.config.stages.iter().enumerate() {
+        if i < start.first_stage {
+            tracing::info!("stage {} skipped (--from-stage)", stage.name);
+            continue;
+        }
+        if let Some(r) = start.resumed
+            && r.finished(i)
+        {
+            let path = outputs
+                .out_dir
+                .join("stages")
+                .join(&stage.name)
+                .join("summary.json");
+            let text = std::fs::read_to_string(&path)
+                .map_err(RunError::io(format!("reading {}", path.display())))?;
+            let summary: StageSummary = serde_json::from_str(&text)
+                .map_err(|e| RunError::Invalid(format!("{}: {e}", path.display())))?;
+            tracing::info!(
+                "stage {} finished before the crash; not run again",
+                stage.name
+            );
+            summaries.push(summary);
+            continue;
+        }
         ctx.stage_index = i;
+        ctx.first_version = start.resumed.and_then(|r| r.first_version(i));
         ctx.transcripts = plan.transcripts.get(&i).cloned();
         ctx.goal = stage
             .until
@@ -100,10 +147,15 @@ async fn run_stage(
         HELDOUT_ACCURACY
     };
     let started = Instant::now();
-    let first_version = ctx.learning.version();
-    let start = evaluator
-        .accuracy_at(ctx, &environments, first_version)
-        .await?;
+    let first_version = ctx.first_version.unwrap_or_else(|| ctx.learning.version());
+    // A resumed stage's start was measured before the crash (if at all): its policy is gone.
+    let start = if ctx.first_version.is_some() {
+        evaluator.measured_at(&environments, first_version)
+    } else {
+        evaluator
+            .accuracy_at(ctx, &environments, first_version)
+            .await?
+    };
     if !start.is_empty() {
         tracing::info!(
             version = first_version,

@@ -703,6 +703,34 @@ pub fn pairs_from_environment_with_tasks(
     seed: u64,
     n: usize,
 ) -> Result<Vec<(Task, PreferenceRow)>, EnvError> {
+    collect_pairs(env, split, difficulty, seed, n, n)
+}
+
+/// Like [`pairs_from_environment`], but content with fewer than `n` rows when the environment's
+/// task space at `difficulty` has fewer distinct prompts (an error only when it gives none): for
+/// a reward model that takes what an environment can give.
+pub fn pairs_from_environment_up_to(
+    env: &dyn Environment,
+    split: Split,
+    difficulty: u32,
+    seed: u64,
+    n: usize,
+) -> Result<Vec<PreferenceRow>, EnvError> {
+    Ok(collect_pairs(env, split, difficulty, seed, n, n.min(1))?
+        .into_iter()
+        .map(|(_, row)| row)
+        .collect())
+}
+
+/// Up to `n` rows, an error when fewer than `required` are found.
+fn collect_pairs(
+    env: &dyn Environment,
+    split: Split,
+    difficulty: u32,
+    seed: u64,
+    n: usize,
+    required: usize,
+) -> Result<Vec<(Task, PreferenceRow)>, EnvError> {
     let info = env.info();
     if info.turns == Turns::Multi {
         return Err(EnvError::InvalidConfig {
@@ -764,7 +792,7 @@ pub fn pairs_from_environment_with_tasks(
         let row = PreferenceRow::chosen_rejected(task.prompt.clone(), chosen, rejected)?;
         rows.push((task, row));
     }
-    if rows.len() < n {
+    if rows.len() < required {
         return Err(EnvError::InvalidConfig {
             env: info.name,
             message: format!(

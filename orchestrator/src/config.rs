@@ -114,6 +114,9 @@ pub enum StageKind {
     /// Reinforcement learning with verifiable rewards (`rl` is accepted too).
     #[serde(alias = "rl")]
     Rlvr,
+    /// A reward model trained from the current policy on preference pairs (the policy itself
+    /// is not changed).
+    RewardModel,
 }
 
 impl StageKind {
@@ -122,19 +125,53 @@ impl StageKind {
         match self {
             Self::Sft => "sft",
             Self::Rlvr => "rlvr",
+            Self::RewardModel => "reward_model",
         }
+    }
+
+    /// Whether the stage samples completions and trains the policy with an RL objective.
+    pub fn is_rl(self) -> bool {
+        matches!(self, Self::Rlvr)
     }
 
     /// The metrics a stage of this kind measures (the first is the one its summary reports).
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
             Self::Sft | Self::Rlvr => &[HELDOUT_ACCURACY],
+            Self::RewardModel => &[PAIR_ACCURACY],
         }
     }
 }
 
 /// Mean held-out accuracy of a stage's environments.
 pub const HELDOUT_ACCURACY: &str = "heldout_accuracy";
+/// Fraction of held-out preference pairs a reward model ranks the right way.
+pub const PAIR_ACCURACY: &str = "pair_accuracy";
+
+/// How a `reward_model` stage's model judges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardModelKind {
+    /// A scalar score head on the policy's backbone, trained with `-log sigmoid(s_c - s_r)`.
+    BradleyTerry,
+    /// A generative judge trained with GRPO to write `[[score_1, score_2, ranking]]`.
+    Genrm,
+}
+
+/// What a `reward_model` stage trains on and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RewardModelSpec {
+    /// The kind of model.
+    pub rm: RewardModelKind,
+    /// A user's preference JSONL (relative to the config file).
+    pub preferences: Option<PathBuf>,
+    /// Verifiable environments whose reference answers are chosen and wrong answers rejected.
+    pub pairs_from: Vec<String>,
+    /// Pairs per environment of `pairs_from` drawn for training.
+    pub train_pairs: usize,
+    /// Held-out pairs per source the metric is measured on.
+    pub heldout_pairs: usize,
+}
 
 /// The update rule of a stage: `sft`, or one of the RL objectives of
 /// [`chorus_proto::objective::Algorithm`] (defined there, with the exact formulas in
@@ -346,6 +383,15 @@ pub struct RawStage {
     pub curriculum_samples: Option<usize>,
     /// Most turns of a multi-turn episode (default: the environment's own limit).
     pub max_turns: Option<u32>,
+    /// `reward_model` stages: `bradley_terry` (default) or `genrm`.
+    pub rm: Option<Choice<RewardModelKind>>,
+    /// `reward_model` stages: environments whose reference answer is chosen and a wrong answer
+    /// rejected (single-turn built-ins).
+    pub pairs_from: Option<Vec<String>>,
+    /// `reward_model` stages: training pairs drawn per environment of `pairs_from`.
+    pub train_pairs: Option<usize>,
+    /// `reward_model` stages: held-out pairs per source for the metric.
+    pub heldout_pairs: Option<usize>,
     /// Drop groups whose rewards are all equal.
     pub drop_zero_variance: Option<bool>,
     /// The weighted environment mixture.
@@ -532,6 +578,8 @@ pub struct Stage {
     pub until: Option<Until>,
     /// A pass-rate curriculum (`None`: prompts drawn at random).
     pub curriculum: Option<CurriculumSettings>,
+    /// `reward_model` stages: what the model trains on.
+    pub reward_model: Option<RewardModelSpec>,
     /// Most turns of a multi-turn episode (`None`: the environment's own limit).
     pub max_turns: Option<u32>,
     /// Drop zero-variance groups.
@@ -672,6 +720,12 @@ impl Defaults {
     pub const INVALID_ADVANTAGE: f64 = -5.0;
     /// Prompts' environments are drawn by weight.
     pub const DOMAIN_RATIOS: DomainRatios = DomainRatios::Sampled;
+    /// The reward model a `reward_model` stage trains.
+    pub const REWARD_MODEL: RewardModelKind = RewardModelKind::BradleyTerry;
+    /// Training pairs per environment of `pairs_from`.
+    pub const TRAIN_PAIRS: usize = 512;
+    /// Held-out pairs per source.
+    pub const HELDOUT_PAIRS: usize = 128;
     /// A curriculum estimates this many steps' worth of prompts.
     pub const CURRICULUM_POOL_STEPS: usize = 8;
     /// Steps between checks of a stage's `until`.
@@ -697,7 +751,7 @@ impl Defaults {
     /// token mean) for RL.
     pub const fn algorithm(kind: StageKind) -> Algorithm {
         match kind {
-            StageKind::Sft => Algorithm::Sft,
+            StageKind::Sft | StageKind::RewardModel => Algorithm::Sft,
             StageKind::Rlvr => Algorithm::Dapo,
         }
     }
@@ -854,6 +908,59 @@ fn stage_curriculum(
         }
     }
     Ok(Some(CurriculumSettings { pool, samples }))
+}
+
+/// Stage `i`'s reward model: only `reward_model` stages have one, and they need data
+/// (`data`, `pairs_from` or both).
+fn reward_model_spec(
+    ctx: &Ctx<'_>,
+    i: usize,
+    kind: StageKind,
+    s: &RawStage,
+) -> Result<Option<RewardModelSpec>, ConfigError> {
+    let k = |f: &str| format!("stages[{i}].{f}");
+    if kind != StageKind::RewardModel {
+        for (key, set) in [
+            ("rm", s.rm.is_some()),
+            ("pairs_from", s.pairs_from.is_some()),
+            ("train_pairs", s.train_pairs.is_some()),
+            ("heldout_pairs", s.heldout_pairs.is_some()),
+        ] {
+            if set {
+                return Err(ctx.err(k(key), "allowed in: reward_model stages"));
+            }
+        }
+        return Ok(None);
+    }
+    let rm = ctx
+        .choice(&k("rm"), s.rm.clone())?
+        .unwrap_or(Defaults::REWARD_MODEL);
+    if rm == RewardModelKind::Genrm {
+        return Err(ctx.err(
+            k("rm"),
+            "`genrm` reward-model stages are not built yet (the judge's data, prompt and reward \
+             are, in chorus_environments::preference); allowed today: bradley_terry",
+        ));
+    }
+    let pairs_from = s.pairs_from.clone().unwrap_or_default();
+    if pairs_from.is_empty() && s.data.is_none() {
+        return Err(ctx.err(
+            k("pairs_from"),
+            "missing: a reward_model stage needs pairs: `data = \"prefs.jsonl\"` (a preference \
+             JSONL) and/or `pairs_from = [\"arithmetic\", ...]` (verifiable environments)",
+        ));
+    }
+    let count = |key: &str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
+        0 => Err(ctx.err(k(key), "must be at least 1")),
+        n => Ok(n),
+    };
+    Ok(Some(RewardModelSpec {
+        rm,
+        preferences: s.data.clone(),
+        pairs_from,
+        train_pairs: count("train_pairs", s.train_pairs, Defaults::TRAIN_PAIRS)?,
+        heldout_pairs: count("heldout_pairs", s.heldout_pairs, Defaults::HELDOUT_PAIRS)?,
+    }))
 }
 
 /// Stage `i`'s early end, checked against the metrics a stage of `kind` measures.
@@ -1080,6 +1187,12 @@ impl RunConfig {
             {
                 data.path = base.join(&data.path);
             }
+            if let Some(rm) = &mut stage.reward_model
+                && let Some(path) = &mut rm.preferences
+                && path.is_relative()
+            {
+                *path = base.join(&*path);
+            }
             for env in &mut stage.environments {
                 if let EnvironmentSource::NemoGym { dataset, .. } = &mut env.source
                     && dataset.is_relative()
@@ -1200,6 +1313,16 @@ impl RunConfig {
                 .choice(&k("algorithm"), s.algorithm.clone())?
                 .unwrap_or(Defaults::algorithm(kind));
             let objective = match (kind, algorithm.rl()) {
+                (StageKind::RewardModel, _) => {
+                    if s.algorithm.is_some() {
+                        return Err(ctx.err(
+                            k("algorithm"),
+                            "reward_model stages choose their loss with `rm`; allowed: \
+                             rm = \"bradley_terry\" or \"genrm\"",
+                        ));
+                    }
+                    None
+                }
                 (StageKind::Sft, None) => None,
                 (StageKind::Rlvr, Some(rl)) => {
                     Some(stage_objective(ctx, i, rl, &l, learner_aggregation, &s)?)
@@ -1246,9 +1369,11 @@ impl RunConfig {
                 (Some(_), StageKind::Rlvr) => {
                     return Err(ctx.err(
                         k("data"),
-                        "transcripts are supervised data; allowed in: sft stages",
+                        "transcripts are supervised data; allowed in: sft stages (and preference \
+                         JSONL in reward_model stages)",
                     ));
                 }
+                (Some(_), StageKind::RewardModel) => None,
                 (Some(path), StageKind::Sft) => {
                     let weight = s.data_weight.unwrap_or(Defaults::ENVIRONMENT_WEIGHT);
                     if !(weight > 0.0 && weight.is_finite()) {
@@ -1263,8 +1388,9 @@ impl RunConfig {
                     })
                 }
             };
+            let reward_model = reward_model_spec(ctx, i, kind, &s)?;
             let envs = s.environments.clone().unwrap_or_default();
-            if envs.is_empty() && data.is_none() {
+            if envs.is_empty() && data.is_none() && reward_model.is_none() {
                 return Err(ctx.err(
                     k("environments"),
                     "missing: give at least one { name = \"arithmetic\", weight = 1.0 } (or, \
@@ -1294,7 +1420,7 @@ impl RunConfig {
                     difficulty: e.difficulty.unwrap_or(Defaults::DIFFICULTY),
                 });
             }
-            if until.is_some() && environments.is_empty() {
+            if until.is_some() && environments.is_empty() && kind != StageKind::RewardModel {
                 return Err(ctx.err(
                     k("until"),
                     "the stage's metric is the held-out accuracy of its environments, and it has \
@@ -1373,6 +1499,7 @@ impl RunConfig {
                     .unwrap_or(Defaults::DOMAIN_RATIOS),
                 until,
                 curriculum,
+                reward_model,
                 max_turns: s.max_turns,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
@@ -1802,7 +1929,7 @@ sampling = { temperature = 0.9 }
         );
         assert_eq!(
             allowed::<StageKind>(),
-            "sft, rl, rlvr",
+            "sft, rl, rlvr, reward_model",
             "rl is the old name of rlvr"
         );
         assert_eq!(allowed::<EnvironmentKind>(), "builtin, plugin, nemo_gym");
@@ -1971,6 +2098,18 @@ sampling = { temperature = 0.9 }
                 "steps = 5\nuntil = { metric = \"heldout_accuracy\", at_least = 0.5, every = 0 }",
                 "stages[1].until.every",
                 "at least 1",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\npairs_from = [\"arithmetic\"]",
+                "stages[1].pairs_from",
+                "allowed in: reward_model stages",
+            ),
+            (
+                "kind = \"rl\"",
+                "kind = \"reward_model\"\npairs_from = [\"arithmetic\"]\nalgorithm = \"grpo\"",
+                "stages[1].algorithm",
+                "choose their loss with `rm`",
             ),
             (
                 "steps = 5",

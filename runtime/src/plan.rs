@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_environments::preference::{PreferenceRow, load_preferences};
 use chorus_learner::{AdamWConfig, LearnerConfig, LrSchedule};
 use chorus_model::Nvfp4Policy;
 use chorus_model::engine::EngineOptions;
@@ -93,6 +94,8 @@ pub struct RunPlan {
     pub keep_versions: usize,
     /// Each stage's transcripts (its `data`), by stage index, read once.
     pub transcripts: BTreeMap<usize, Arc<Transcripts>>,
+    /// Each `reward_model` stage's preference rows from its `data`, by stage index, read once.
+    pub preferences: BTreeMap<usize, Arc<Vec<PreferenceRow>>>,
     /// Test-only: workers (by id) that sleep this long after every decode step, so a test can
     /// make one worker slower and check that a deterministic run does not notice. Empty from
     /// [`RunPlan::new`]; no config key sets it.
@@ -128,6 +131,7 @@ impl RunPlan {
                 transcripts.insert(i, Arc::new(loaded));
             }
         }
+        let preferences = reward_model_data(&config)?;
         let model = model_config(&config)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
         for (i, stage) in config.stages.iter().enumerate() {
@@ -166,6 +170,7 @@ impl RunPlan {
             evaluation,
             keep_versions,
             transcripts,
+            preferences,
             test_decode_delay: BTreeMap::new(),
         })
     }
@@ -186,6 +191,42 @@ impl RunPlan {
                 _ => None,
             })
     }
+}
+
+/// The preference files of the run's `reward_model` stages, read and checked now, and their
+/// `pairs_from` environments checked to be single-turn built-ins.
+fn reward_model_data(config: &RunConfig) -> Result<BTreeMap<usize, Arc<Vec<PreferenceRow>>>> {
+    let builtins = chorus_environments::builtin_registry();
+    let mut out = BTreeMap::new();
+    for (i, stage) in config.stages.iter().enumerate() {
+        let Some(spec) = &stage.reward_model else {
+            continue;
+        };
+        for name in &spec.pairs_from {
+            let env = builtins
+                .get(name)
+                .map_err(|e| RunError::Invalid(format!("stages[{i}].pairs_from: {e}")))?;
+            if env.info().turns == chorus_environments::Turns::Multi {
+                return Err(RunError::Invalid(format!(
+                    "stages[{i}].pairs_from: `{name}` is multi-turn, and its reference is only a \
+                     first action; allowed: single-turn environments"
+                )));
+            }
+        }
+        if let Some(path) = &spec.preferences {
+            let rows = load_preferences(path)
+                .map_err(|e| RunError::Invalid(format!("stages[{i}].data: {e}")))?;
+            tracing::info!(
+                path = %path.display(),
+                rows = rows.len(),
+                "{} preference rows from {}",
+                rows.len(),
+                path.display()
+            );
+            out.insert(i, Arc::new(rows));
+        }
+    }
+    Ok(out)
 }
 
 /// The device `spec` names (`cpu`, `cuda:N`). Only the CPU exists in builds without CUDA; a

@@ -7,6 +7,7 @@ mod evaluation;
 mod ledger;
 mod progress;
 mod resume;
+mod reward_model;
 mod stages;
 
 pub use resume::{LearnerFrom, Resumed};

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::evaluation::Evaluator;
 use super::resume::Resumed;
+use super::reward_model::run_reward_model_stage;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::summary::{StageSummary, accuracy_line, mean_accuracy};
@@ -110,9 +111,18 @@ pub(crate) async fn run_stages(
             stage_index = i,
             kind = ?stage.kind
         );
-        let summary = run_stage(stage, &shared, evaluator, outputs)
-            .instrument(span)
-            .await?;
+        let summary = match &stage.reward_model {
+            Some(spec) => {
+                run_reward_model_stage(plan, stage, spec, &shared, outputs)
+                    .instrument(span)
+                    .await?
+            }
+            None => {
+                run_stage(stage, &shared, evaluator, outputs)
+                    .instrument(span)
+                    .await?
+            }
+        };
         summaries.push(summary);
     }
     Ok(summaries)
@@ -192,9 +202,10 @@ async fn run_stage(
     );
     let submitted_before = ctx.stats.trajectories_submitted.load(Ordering::Relaxed);
     let st = Arc::new(stage.clone());
-    let ran = match stage.kind {
-        StageKind::Sft => run_sft_stage(ctx.clone(), st).await,
-        StageKind::Rlvr => run_rl_stage(ctx.clone(), st).await,
+    let ran = if stage.kind.is_rl() {
+        run_rl_stage(ctx.clone(), st).await
+    } else {
+        run_sft_stage(ctx.clone(), st).await
     };
     // Every step advances the policy version (a skipped one too), so the stage ends at this one.
     let steps = *ran.as_ref().unwrap_or(&stage.steps);
@@ -303,6 +314,17 @@ async fn save_checkpoint(
     version: u64,
     dir: &Path,
 ) -> Result<()> {
+    let params = policy_params(outputs, run_id, version).await?;
+    checkpoint::save_checkpoint(dir, outputs.model, &params, None)?;
+    Ok(())
+}
+
+/// The policy's weights at `version`, fetched from the learner.
+pub(crate) async fn policy_params(
+    outputs: &StageOutputs<'_>,
+    run_id: &str,
+    version: u64,
+) -> Result<Params> {
     let tensors = outputs.learner.fetch_weights(run_id, version).await?;
     let mut named = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
@@ -310,7 +332,5 @@ async fn save_checkpoint(
             .map_err(|e| RunError::Invalid(format!("weight `{name}` of version {version}: {e}")))?;
         named.push((name, tensor));
     }
-    let params = Params::from_tensors(named, &Device::Cpu)?;
-    checkpoint::save_checkpoint(dir, outputs.model, &params, None)?;
-    Ok(())
+    Ok(Params::from_tensors(named, &Device::Cpu)?)
 }

@@ -1,0 +1,149 @@
+//! A `reward_model` stage in a run: a Bradley–Terry model trained from the warmed-up policy on
+//! pairs drawn from verifiable environments, its held-out pair accuracy recorded before and
+//! after, its checkpoint loadable as a policy, and the policy itself left unchanged.
+
+mod harness;
+
+use chorus_orchestrator::ledger::{Ledger, StageStatus};
+use harness::*;
+
+const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
+  "hybrid_override_pattern": "M*", "mamba_num_heads": 4, "mamba_head_dim": 8,
+  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+  "intermediate_size": 32, "eos_token_id": 2}"#;
+
+const RUN: &str = r#"
+name = "rm"
+seed = 1
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 10
+prompts_per_step = 16
+lr = 2e-3
+environments = [{ name = "arithmetic" }, { name = "needle" }, { name = "multi_hop" }]
+[[stages]]
+name = "judge"
+kind = "reward_model"
+steps = 80
+prompts_per_step = 16
+lr = 1e-3
+pairs_from = ["arithmetic", "needle", "multi_hop"]
+train_pairs = 128
+heldout_pairs = 48
+"#;
+
+#[test]
+fn a_bradley_terry_stage_learns_to_rank_held_out_pairs() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    // A user's preference rows, next to the environments' pairs.
+    let rows: String = (0..60)
+        .map(|n| {
+            let (yes, no) = if n % 2 == 0 {
+                ("yes", "no")
+            } else {
+                ("no", "yes")
+            };
+            format!(
+                "{{\"prompt\": \"Is {n} even?\", \"chosen\": \"{yes}\", \"rejected\": \"{no}\"}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(h.path("prefs.jsonl"), rows).unwrap();
+    let run = RUN.replace(
+        "train_pairs = 128",
+        "train_pairs = 128\ndata = \"prefs.jsonl\"",
+    );
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
+    let stage: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(h.path("runs/rm/stages/judge/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stage["kind"], "reward_model");
+    assert_eq!(stage["metric"], "pair_accuracy");
+    let (start, end) = (
+        stage["start"].as_f64().unwrap(),
+        stage["end"].as_f64().unwrap(),
+    );
+    assert!(
+        end > start,
+        "training improved the held-out pair accuracy: {stage}"
+    );
+    for env in ["arithmetic", "needle", "multi_hop", "data"] {
+        assert!(stage["environments"][env].is_array(), "{stage}");
+    }
+    // The policy did not move: the stage began and ended at the warm-up's last version.
+    assert_eq!(stage["first_version"], 10);
+    assert_eq!(stage["last_version"], 10);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path("runs/rm/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["steps"], 10);
+    // The reward model's checkpoint is a policy checkpoint plus its score head.
+    let checkpoint = h.path("runs/rm/stages/judge/checkpoint");
+    assert!(checkpoint.join("score_head.safetensors").is_file());
+    let info = h.ok(&["model", "info", "--checkpoint", s(&checkpoint)]);
+    assert!(info.contains("parameters"), "{info}");
+    let db = format!("sqlite://{}", h.path("runs/rm/ledger.sqlite").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let stages = ledger
+            .list_stages(summary["run"].as_str().unwrap())
+            .await
+            .unwrap();
+        let judge = &stages[1];
+        assert_eq!(judge.stage.kind, "reward_model");
+        assert_eq!(judge.status, StageStatus::Succeeded);
+        assert_eq!(judge.stage.metric.as_deref(), Some("pair_accuracy"));
+        assert_eq!(judge.metric_end, Some(end));
+    });
+}
+
+#[test]
+fn reward_model_settings_are_checked_before_the_run() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    let bad = RUN.replace(
+        "pairs_from = [\"arithmetic\", \"needle\", \"multi_hop\"]",
+        "",
+    );
+    std::fs::write(h.path("a.toml"), &bad).unwrap();
+    let err = h.fails(&["run", "a.toml"]);
+    assert!(
+        err.contains("stages[1].pairs_from") && err.contains("needs pairs"),
+        "{err}"
+    );
+    let multi = RUN.replace("\"multi_hop\"]\ntrain", "\"tool_agent\"]\ntrain");
+    std::fs::write(h.path("b.toml"), &multi).unwrap();
+    let err = h.fails(&["run", "b.toml"]);
+    assert!(err.contains("`tool_agent` is multi-turn"), "{err}");
+    let genrm = RUN.replace(
+        "kind = \"reward_model\"",
+        "kind = \"reward_model\"\nrm = \"genrm\"",
+    );
+    std::fs::write(h.path("c.toml"), &genrm).unwrap();
+    let err = h.fails(&["run", "c.toml"]);
+    assert!(err.contains("not built yet"), "{err}");
+    let data = RUN.replace(
+        "train_pairs = 128",
+        "train_pairs = 128\ndata = \"prefs.jsonl\"",
+    );
+    std::fs::write(h.path("d.toml"), &data).unwrap();
+    std::fs::write(
+        h.path("prefs.jsonl"),
+        "{\"prompt\": \"hi\", \"chosen\": \"a\"}\n",
+    )
+    .unwrap();
+    let err = h.fails(&["run", "d.toml"]);
+    assert!(
+        err.contains("stages[1].data") && err.contains("line 1"),
+        "{err}"
+    );
+}

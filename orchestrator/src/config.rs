@@ -117,6 +117,9 @@ pub enum StageKind {
     /// A reward model trained from the current policy on preference pairs (the policy itself
     /// is not changed).
     RewardModel,
+    /// RL on multi-turn software-engineering episodes (the `swe` environment): tool
+    /// observations masked out of the loss, invalid tool calls penalised, a turn limit.
+    SweRl,
 }
 
 impl StageKind {
@@ -126,12 +129,13 @@ impl StageKind {
             Self::Sft => "sft",
             Self::Rlvr => "rlvr",
             Self::RewardModel => "reward_model",
+            Self::SweRl => "swe_rl",
         }
     }
 
     /// Whether the stage samples completions and trains the policy with an RL objective.
     pub fn is_rl(self) -> bool {
-        matches!(self, Self::Rlvr)
+        matches!(self, Self::Rlvr | Self::SweRl)
     }
 
     /// The metrics a stage of this kind measures (the first is the one its summary reports).
@@ -139,12 +143,16 @@ impl StageKind {
         match self {
             Self::Sft | Self::Rlvr => &[HELDOUT_ACCURACY],
             Self::RewardModel => &[PAIR_ACCURACY],
+            Self::SweRl => &[HELDOUT_PASS_RATE],
         }
     }
 }
 
 /// Mean held-out accuracy of a stage's environments.
 pub const HELDOUT_ACCURACY: &str = "heldout_accuracy";
+/// Fraction of held-out episodes whose tests pass after `submit` (a `swe_rl` stage's mean
+/// held-out accuracy, under the name its users know).
+pub const HELDOUT_PASS_RATE: &str = "heldout_pass_rate";
 /// Fraction of held-out preference pairs a reward model ranks the right way.
 pub const PAIR_ACCURACY: &str = "pair_accuracy";
 
@@ -752,7 +760,7 @@ impl Defaults {
     pub const fn algorithm(kind: StageKind) -> Algorithm {
         match kind {
             StageKind::Sft | StageKind::RewardModel => Algorithm::Sft,
-            StageKind::Rlvr => Algorithm::Dapo,
+            StageKind::Rlvr | StageKind::SweRl => Algorithm::Dapo,
         }
     }
 }
@@ -1324,7 +1332,7 @@ impl RunConfig {
                     None
                 }
                 (StageKind::Sft, None) => None,
-                (StageKind::Rlvr, Some(rl)) => {
+                (StageKind::Rlvr | StageKind::SweRl, Some(rl)) => {
                     Some(stage_objective(ctx, i, rl, &l, learner_aggregation, &s)?)
                 }
                 (StageKind::Sft, Some(_)) => {
@@ -1333,7 +1341,7 @@ impl RunConfig {
                         format!("`{}` for an sft stage; allowed: sft", written(&algorithm)),
                     ));
                 }
-                (StageKind::Rlvr, None) => {
+                (StageKind::Rlvr | StageKind::SweRl, None) => {
                     return Err(ctx.err(
                         k("algorithm"),
                         format!(
@@ -1366,7 +1374,7 @@ impl RunConfig {
                     }
                     None
                 }
-                (Some(_), StageKind::Rlvr) => {
+                (Some(_), StageKind::Rlvr | StageKind::SweRl) => {
                     return Err(ctx.err(
                         k("data"),
                         "transcripts are supervised data; allowed in: sft stages (and preference \
@@ -1463,7 +1471,7 @@ impl RunConfig {
                 &k("group_size"),
                 s.group_size.unwrap_or(Defaults::GROUP_SIZE),
             )?;
-            if kind == StageKind::Rlvr && group_size < 2 {
+            if kind.is_rl() && group_size < 2 {
                 return Err(ctx.err(
                     k("group_size"),
                     "rl stages need at least 2 completions per prompt to compare",
@@ -1929,7 +1937,7 @@ sampling = { temperature = 0.9 }
         );
         assert_eq!(
             allowed::<StageKind>(),
-            "sft, rl, rlvr, reward_model",
+            "sft, rl, rlvr, reward_model, swe_rl",
             "rl is the old name of rlvr"
         );
         assert_eq!(allowed::<EnvironmentKind>(), "builtin, plugin, nemo_gym");

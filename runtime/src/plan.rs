@@ -41,7 +41,7 @@ impl EvalPlan {
     /// RL steps when it is not 0.
     pub fn new(cfg: &RunConfig, tasks: usize, every: u64) -> Self {
         let mut seen = BTreeMap::new();
-        for s in cfg.stages.iter().filter(|s| s.kind == StageKind::Rlvr) {
+        for s in cfg.stages.iter().filter(|s| s.kind.is_rl()) {
             for e in &s.environments {
                 seen.entry(e.key().to_string()).or_insert(e.difficulty);
             }
@@ -65,7 +65,7 @@ impl EvalPlan {
             rl_steps: cfg
                 .stages
                 .iter()
-                .filter(|s| s.kind == StageKind::Rlvr)
+                .filter(|s| s.kind.is_rl())
                 .map(|s| s.steps)
                 .sum(),
         }
@@ -132,6 +132,7 @@ impl RunPlan {
             }
         }
         let preferences = reward_model_data(&config)?;
+        check_swe_rl(&config)?;
         let model = model_config(&config)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
         for (i, stage) in config.stages.iter().enumerate() {
@@ -191,6 +192,30 @@ impl RunPlan {
                 _ => None,
             })
     }
+}
+
+/// A `swe_rl` stage trains on multi-turn episodes: a built-in single-turn environment in its
+/// mixture is a mistake worth naming before the run starts.
+fn check_swe_rl(config: &RunConfig) -> Result<()> {
+    let builtins = chorus_environments::builtin_registry();
+    for (i, stage) in config.stages.iter().enumerate() {
+        if stage.kind != StageKind::SweRl {
+            continue;
+        }
+        for (j, e) in stage.environments.iter().enumerate() {
+            if let EnvironmentSource::Builtin(name) = &e.source
+                && let Ok(env) = builtins.get(name)
+                && env.info().turns != chorus_environments::Turns::Multi
+            {
+                return Err(RunError::Invalid(format!(
+                    "stages[{i}].environments[{j}]: `{name}` is single-turn; a swe_rl stage \
+                     plays multi-turn episodes (e.g. `swe`, `tool_agent`); put `{name}` in an \
+                     rlvr stage"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The preference files of the run's `reward_model` stages, read and checked now, and their

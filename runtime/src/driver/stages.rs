@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use chorus_model::{NemotronHConfig, Params, checkpoint};
 use chorus_orchestrator::confidence;
-use chorus_orchestrator::config::{HELDOUT_ACCURACY, Stage, StageKind};
+use chorus_orchestrator::config::Stage;
 use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
 use chorus_orchestrator::remote::RemoteLearner;
 use chorus_orchestrator::scheduler::{Accuracy, StageContext, run_rl_stage, run_sft_stage};
@@ -65,7 +65,7 @@ pub(crate) async fn run_stages(
             .stages
             .iter()
             .enumerate()
-            .find(|(_, s)| s.kind == StageKind::Rlvr)
+            .find(|(_, s)| s.kind.is_rl())
             .and_then(|(i, _)| r.first_version(i))
     {
         evaluator.resume_before_rl(v);
@@ -102,7 +102,7 @@ pub(crate) async fn run_stages(
             .as_ref()
             .map(|until| evaluator.accuracy_goal(&stage_environments(stage), until));
         let shared = Arc::new(ctx.clone());
-        if stage.kind == StageKind::Rlvr {
+        if stage.kind.is_rl() {
             evaluator.before_rl(&shared).await?;
         }
         let span = tracing::info_span!(
@@ -154,7 +154,7 @@ async fn run_stage(
     let metric = if environments.is_empty() {
         NO_METRIC
     } else {
-        HELDOUT_ACCURACY
+        stage.kind.metrics()[0]
     };
     let started = Instant::now();
     let first_version = ctx.first_version.unwrap_or_else(|| ctx.learning.version());
@@ -186,7 +186,7 @@ async fn run_stage(
         })
         .await
         .map_err(RunError::ledger(outputs.db))?;
-    let completions = if stage.kind == StageKind::Rlvr {
+    let completions = if stage.kind.is_rl() {
         stage.group_size
     } else {
         1

@@ -1,6 +1,7 @@
-//! A `reward_model` stage in a run: a Bradley–Terry model trained from the warmed-up policy on
-//! pairs drawn from verifiable environments, its held-out pair accuracy recorded before and
-//! after, its checkpoint loadable as a policy, and the policy itself left unchanged.
+//! Stage kinds beyond `sft` and `rlvr` in a run: a `reward_model` stage (a Bradley–Terry model
+//! trained from the warmed-up policy on pairs drawn from verifiable environments and a user's
+//! file, its held-out pair accuracy recorded before and after, its checkpoint loadable as a
+//! policy, the policy itself left unchanged) and a `swe_rl` stage.
 
 mod harness;
 
@@ -144,6 +145,58 @@ fn reward_model_settings_are_checked_before_the_run() {
     let err = h.fails(&["run", "d.toml"]);
     assert!(
         err.contains("stages[1].data") && err.contains("line 1"),
+        "{err}"
+    );
+}
+
+const SWE_RUN: &str = r#"
+name = "swe"
+seed = 1
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 2
+prompts_per_step = 4
+environments = [{ name = "swe" }]
+[[stages]]
+name = "swe"
+kind = "swe_rl"
+steps = 2
+prompts_per_step = 4
+group_size = 4
+max_turns = 3
+max_new_tokens = 16
+max_prompt_tokens = 2048
+environments = [{ name = "swe" }]
+"#;
+
+#[test]
+fn a_swe_rl_stage_plays_episodes_and_reports_its_pass_rate() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), SWE_RUN).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    let stage: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(h.path("runs/swe/stages/swe/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stage["kind"], "swe_rl");
+    assert_eq!(stage["metric"], "heldout_pass_rate");
+    assert_eq!(stage["steps"], 2);
+    assert!(stage["environments"]["swe"].is_array(), "{stage}");
+    // A single-turn environment in a swe_rl stage is named before the run starts.
+    let wrong = SWE_RUN.replace(
+        "max_prompt_tokens = 2048\nenvironments = [{ name = \"swe\" }]",
+        "max_prompt_tokens = 2048\nenvironments = [{ name = \"arithmetic\" }]",
+    );
+    std::fs::write(h.path("wrong.toml"), wrong).unwrap();
+    let err = h.fails(&["run", "wrong.toml"]);
+    assert!(
+        err.contains("stages[1].environments[0]") && err.contains("single-turn"),
         "{err}"
     );
 }

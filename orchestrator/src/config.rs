@@ -374,6 +374,10 @@ pub struct RawStage {
     pub advantage_std_normalize: Option<bool>,
     /// Clip advantages to ± this (default 50).
     pub advantage_clip: Option<f64>,
+    /// Weight of the group-relative answer-length bonus added to rewards (default 0: off).
+    pub length_coef_answer: Option<f64>,
+    /// Weight of the group-relative reasoning-length bonus added to rewards (default 0: off).
+    pub length_coef_reasoning: Option<f64>,
     /// The fixed advantage of a rollout with a malformed think block or invalid tool calls
     /// (default -5).
     pub invalid_advantage: Option<f64>,
@@ -861,6 +865,10 @@ fn advantage_shaping(
             format!("{invalid}; allowed: a finite number within ±advantage_clip ({clip})"),
         ));
     }
+    let coef = |key: &str, v: Option<f64>| match v.unwrap_or(0.0) {
+        c if c >= 0.0 && c.is_finite() => Ok(c),
+        c => Err(ctx.err(k(key), format!("{c}; allowed: a finite number >= 0"))),
+    };
     Ok(AdvantageShaping {
         kind,
         std_normalize: s
@@ -868,6 +876,8 @@ fn advantage_shaping(
             .unwrap_or(algorithm != Algorithm::Reinforce),
         clip,
         invalid,
+        length_coef_answer: coef("length_coef_answer", s.length_coef_answer)?,
+        length_coef_reasoning: coef("length_coef_reasoning", s.length_coef_reasoning)?,
     })
 }
 
@@ -1645,6 +1655,8 @@ sampling = { temperature = 0.9 }
                 std_normalize: false,
                 clip: 10.0,
                 invalid: -2.0,
+                length_coef_answer: 0.0,
+                length_coef_reasoning: 0.0,
             },
             "reinforce is RLOO: no std normalisation unless asked"
         );
@@ -1667,6 +1679,8 @@ sampling = { temperature = 0.9 }
                 std_normalize: true,
                 clip: Defaults::ADVANTAGE_CLIP,
                 invalid: Defaults::INVALID_ADVANTAGE,
+                length_coef_answer: 0.0,
+                length_coef_reasoning: 0.0,
             },
             "Nemotron 3's shaping by default"
         );

@@ -249,6 +249,19 @@ async fn goal_reached(
 /// The score component in which tool-using environments count invalid tool calls.
 pub const INVALID_CALLS: &str = "invalid_calls";
 
+/// A rollout's reasoning and answer lengths: the policy's tokens (`mask`, empty when all are)
+/// up to and including its last `think_close` token, and after it; observations between turns
+/// are not counted.
+fn policy_lengths(tokens: &[u32], mask: &[bool], think_close: Option<u32>) -> (usize, usize) {
+    let policy = |i: usize| mask.get(i).copied().unwrap_or(true);
+    let end = think_close
+        .and_then(|c| tokens.iter().rposition(|&t| t == c))
+        .map_or(0, |p| p + 1);
+    let reasoning = (0..end).filter(|&i| policy(i)).count();
+    let answer = (end..tokens.len()).filter(|&i| policy(i)).count();
+    (reasoning, answer)
+}
+
 /// The component the ledger adds (1.0) to a rollout whose output was invalid.
 pub const INVALID_COMPONENT: &str = "invalid";
 
@@ -661,6 +674,10 @@ impl Rollout {
         self.verdict.as_ref().ok().map(|s| s.reward)
     }
 
+    fn lengths(&self, think_close: Option<u32>) -> (usize, usize) {
+        policy_lengths(&self.tokens, &self.mask, think_close)
+    }
+
     /// Why the rollout's output is invalid (it then gets the stage's fixed invalid advantage):
     /// a malformed think block, or tool calls the environment reports as invalid (its
     /// `invalid_calls` score component).
@@ -950,7 +967,8 @@ async fn run_slot(
             let group = generate_group(ctx, stage, &drawn, &prompt, &stop, at).await;
             ctx.ledger.mark_generated([prompt.id.as_str()]).await?;
             ctx.ledger.mark_scored([prompt.id.as_str()]).await?;
-            let group = score_group(group, stage, last_attempt);
+            let think_close = ctx.tokenizer.token_id(chat::THINK_CLOSE);
+            let group = score_group(group, stage, think_close, last_attempt);
             let trajectories = record_group(ctx, &drawn.env_name, &prompt, &group).await?;
             if let Some(reason) = &group.drop_reason {
                 tracing::debug!(reason = %reason, "group dropped");
@@ -1099,13 +1117,21 @@ fn play_in_span(
 /// penalty) and decides whether it is dropped: fewer than two usable, or (unless this is the
 /// slot's last attempt) no signal (every rollout valid and scored the same) when the stage drops
 /// those.
-fn score_group(rollouts: Vec<Rollout>, stage: &Stage, last_attempt: bool) -> ScoredGroup {
+fn score_group(
+    rollouts: Vec<Rollout>,
+    stage: &Stage,
+    think_close: Option<u32>,
+    last_attempt: bool,
+) -> ScoredGroup {
     let scored: Vec<Scored> = rollouts
         .iter()
         .filter_map(|r| {
+            let (reasoning_tokens, answer_tokens) = r.lengths(think_close);
             Some(Scored {
                 reward: r.reward()?,
                 invalid: r.invalid_reason().is_some(),
+                answer_tokens,
+                reasoning_tokens,
             })
         })
         .collect();
@@ -1799,7 +1825,24 @@ pub async fn evaluate(
 
 #[cfg(test)]
 mod tests {
-    use super::fixed_slot_environment;
+    use super::{fixed_slot_environment, policy_lengths};
+
+    #[test]
+    fn reasoning_and_answer_lengths_count_only_the_policys_tokens() {
+        const CLOSE: u32 = 9;
+        assert_eq!(
+            policy_lengths(&[1, 2, CLOSE, 3, 4], &[], Some(CLOSE)),
+            (3, 2)
+        );
+        assert_eq!(policy_lengths(&[1, 2, 3], &[], Some(CLOSE)), (0, 3));
+        assert_eq!(policy_lengths(&[1, CLOSE, 3], &[], None), (0, 3));
+        // A tool observation (mask false) between turns counts for neither.
+        let mask = [true, true, false, false, true, true];
+        assert_eq!(
+            policy_lengths(&[1, CLOSE, 5, 5, 2, 3], &mask, Some(CLOSE)),
+            (2, 2)
+        );
+    }
 
     fn counts(weights: &[f64], per_step: usize, step: u64) -> Vec<usize> {
         let mut c = vec![0; weights.len()];

@@ -200,3 +200,85 @@ fn a_swe_rl_stage_plays_episodes_and_reports_its_pass_rate() {
         "{err}"
     );
 }
+
+#[test]
+fn an_rlhf_stage_is_rewarded_by_the_reward_model_and_keeps_its_verifiers() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    let run = RUN.replace("steps = 80", "steps = 20").to_string()
+        + r#"
+[[stages]]
+name = "rlhf"
+kind = "rlhf"
+steps = 3
+prompts_per_step = 4
+group_size = 4
+max_new_tokens = 4
+length_coef_answer = 0.1
+environments = [{ name = "arithmetic" }, { name = "needle" }]
+"#;
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
+    let stage: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(h.path("runs/rm/stages/rlhf/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stage["kind"], "rlhf");
+    assert_eq!(stage["metric"], "heldout_rm_score");
+    assert!(stage["start"].as_f64().is_some() && stage["end"].as_f64().is_some());
+    // The verifiers' held-out accuracy, per environment, beside the reward-model score.
+    for env in ["arithmetic@judge", "needle@judge"] {
+        let pair = stage["environments"][env].as_array().expect("measured");
+        assert!(
+            pair.iter()
+                .all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap()))
+        );
+    }
+    assert_eq!(stage["steps"], 3);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(h.path("runs/rm/summary.json")).unwrap())
+            .unwrap();
+    let db = format!("sqlite://{}", h.path("runs/rm/ledger.sqlite").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let rows = ledger
+            .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
+                run_id: Some(summary["run"].as_str().unwrap().into()),
+                environment: Some("arithmetic@judge".into()),
+                min_reward: None,
+                limit: 1000,
+            })
+            .await
+            .unwrap();
+        assert!(
+            !rows.is_empty(),
+            "the rlhf stage's rollouts are recorded under the judged name"
+        );
+        let t = ledger
+            .get_trajectory(&rows[0].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .trajectory;
+        assert!(
+            t.reward_components.contains_key("verifier"),
+            "{:?}",
+            t.reward_components
+        );
+        assert!(t.reason.unwrap_or_default().starts_with("reward model"));
+    });
+    // An rlhf stage needs an earlier reward model.
+    let alone = RUN
+        .split("[[stages]]\nname = \"judge\"")
+        .next()
+        .unwrap()
+        .to_string()
+        + "[[stages]]\nname = \"rlhf\"\nkind = \"rlhf\"\nsteps = 2\n\
+           environments = [{ name = \"arithmetic\" }]\n";
+    std::fs::write(h.path("alone.toml"), alone).unwrap();
+    let err = h.fails(&["run", "alone.toml"]);
+    assert!(
+        err.contains("stages[1].reward_model") && err.contains("earlier ones: none"),
+        "{err}"
+    );
+}

@@ -120,6 +120,9 @@ pub enum StageKind {
     /// RL on multi-turn software-engineering episodes (the `swe` environment): tool
     /// observations masked out of the loss, invalid tool calls penalised, a turn limit.
     SweRl,
+    /// RL whose reward is an earlier `reward_model` stage's score of each completion; its
+    /// environments give the prompts (and their verifiers the held-out accuracy reported beside).
+    Rlhf,
 }
 
 impl StageKind {
@@ -130,12 +133,13 @@ impl StageKind {
             Self::Rlvr => "rlvr",
             Self::RewardModel => "reward_model",
             Self::SweRl => "swe_rl",
+            Self::Rlhf => "rlhf",
         }
     }
 
     /// Whether the stage samples completions and trains the policy with an RL objective.
     pub fn is_rl(self) -> bool {
-        matches!(self, Self::Rlvr | Self::SweRl)
+        matches!(self, Self::Rlvr | Self::SweRl | Self::Rlhf)
     }
 
     /// The metrics a stage of this kind measures (the first is the one its summary reports).
@@ -144,6 +148,7 @@ impl StageKind {
             Self::Sft | Self::Rlvr => &[HELDOUT_ACCURACY],
             Self::RewardModel => &[PAIR_ACCURACY],
             Self::SweRl => &[HELDOUT_PASS_RATE],
+            Self::Rlhf => &[HELDOUT_RM_SCORE],
         }
     }
 }
@@ -153,6 +158,8 @@ pub const HELDOUT_ACCURACY: &str = "heldout_accuracy";
 /// Fraction of held-out episodes whose tests pass after `submit` (a `swe_rl` stage's mean
 /// held-out accuracy, under the name its users know).
 pub const HELDOUT_PASS_RATE: &str = "heldout_pass_rate";
+/// Mean reward-model score of the policy's held-out completions (an `rlhf` stage's metric).
+pub const HELDOUT_RM_SCORE: &str = "heldout_rm_score";
 /// Fraction of held-out preference pairs a reward model ranks the right way.
 pub const PAIR_ACCURACY: &str = "pair_accuracy";
 
@@ -395,6 +402,9 @@ pub struct RawStage {
     pub curriculum_samples: Option<usize>,
     /// Most turns of a multi-turn episode (default: the environment's own limit).
     pub max_turns: Option<u32>,
+    /// `rlhf` stages: the `reward_model` stage whose model scores the completions (default: the
+    /// last one before this stage).
+    pub reward_model: Option<String>,
     /// `reward_model` stages: `bradley_terry` (default) or `genrm`.
     pub rm: Option<Choice<RewardModelKind>>,
     /// `reward_model` stages: environments whose reference answer is chosen and a wrong answer
@@ -592,6 +602,8 @@ pub struct Stage {
     pub curriculum: Option<CurriculumSettings>,
     /// `reward_model` stages: what the model trains on.
     pub reward_model: Option<RewardModelSpec>,
+    /// `rlhf` stages: the index of the `reward_model` stage whose model gives the reward.
+    pub judge: Option<usize>,
     /// Most turns of a multi-turn episode (`None`: the environment's own limit).
     pub max_turns: Option<u32>,
     /// Drop zero-variance groups.
@@ -764,7 +776,7 @@ impl Defaults {
     pub const fn algorithm(kind: StageKind) -> Algorithm {
         match kind {
             StageKind::Sft | StageKind::RewardModel => Algorithm::Sft,
-            StageKind::Rlvr | StageKind::SweRl => Algorithm::Dapo,
+            StageKind::Rlvr | StageKind::SweRl | StageKind::Rlhf => Algorithm::Dapo,
         }
     }
 }
@@ -981,6 +993,51 @@ fn reward_model_spec(
     }))
 }
 
+/// The reward-model stage an `rlhf` stage `i` is judged by: the one `reward_model` names, or
+/// the last before it; it must come earlier in the run.
+fn rlhf_judge(
+    ctx: &Ctx<'_>,
+    i: usize,
+    kind: StageKind,
+    s: &RawStage,
+    earlier: &[Stage],
+) -> Result<Option<usize>, ConfigError> {
+    let k = |f: &str| format!("stages[{i}].{f}");
+    if kind != StageKind::Rlhf {
+        if s.reward_model.is_some() {
+            return Err(ctx.err(k("reward_model"), "allowed in: rlhf stages"));
+        }
+        return Ok(None);
+    }
+    let models: Vec<(usize, &str)> = earlier
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == StageKind::RewardModel)
+        .map(|(j, e)| (j, e.name.as_str()))
+        .collect();
+    let named = match &s.reward_model {
+        Some(name) => models.iter().find(|(_, n)| n == name),
+        None => models.last(),
+    };
+    match named {
+        Some((j, _)) => Ok(Some(*j)),
+        None => Err(ctx.err(
+            k("reward_model"),
+            format!(
+                "{}; an rlhf stage is judged by an earlier reward_model stage; earlier ones: {}",
+                s.reward_model
+                    .as_deref()
+                    .map_or("missing".to_string(), |n| format!("`{n}`")),
+                if models.is_empty() {
+                    "none".to_string()
+                } else {
+                    models.iter().map(|m| m.1).collect::<Vec<_>>().join(", ")
+                }
+            ),
+        )),
+    }
+}
+
 /// Stage `i`'s early end, checked against the metrics a stage of `kind` measures.
 fn stage_until(
     ctx: &Ctx<'_>,
@@ -989,6 +1046,13 @@ fn stage_until(
     u: &RawUntil,
 ) -> Result<Until, ConfigError> {
     let k = |f: &str| format!("stages[{i}].until.{f}");
+    if kind == StageKind::Rlhf {
+        return Err(ctx.err(
+            format!("stages[{i}].until"),
+            "an early end on the reward-model score is not built yet; allowed in: sft, rlvr, \
+             swe_rl and reward_model stages",
+        ));
+    }
     let metrics = kind.metrics();
     let metric = u.metric.clone().ok_or_else(|| {
         ctx.err(
@@ -1342,7 +1406,7 @@ impl RunConfig {
                     None
                 }
                 (StageKind::Sft, None) => None,
-                (StageKind::Rlvr | StageKind::SweRl, Some(rl)) => {
+                (StageKind::Rlvr | StageKind::SweRl | StageKind::Rlhf, Some(rl)) => {
                     Some(stage_objective(ctx, i, rl, &l, learner_aggregation, &s)?)
                 }
                 (StageKind::Sft, Some(_)) => {
@@ -1351,7 +1415,7 @@ impl RunConfig {
                         format!("`{}` for an sft stage; allowed: sft", written(&algorithm)),
                     ));
                 }
-                (StageKind::Rlvr | StageKind::SweRl, None) => {
+                (StageKind::Rlvr | StageKind::SweRl | StageKind::Rlhf, None) => {
                     return Err(ctx.err(
                         k("algorithm"),
                         format!(
@@ -1384,7 +1448,7 @@ impl RunConfig {
                     }
                     None
                 }
-                (Some(_), StageKind::Rlvr | StageKind::SweRl) => {
+                (Some(_), StageKind::Rlvr | StageKind::SweRl | StageKind::Rlhf) => {
                     return Err(ctx.err(
                         k("data"),
                         "transcripts are supervised data; allowed in: sft stages (and preference \
@@ -1407,6 +1471,7 @@ impl RunConfig {
                 }
             };
             let reward_model = reward_model_spec(ctx, i, kind, &s)?;
+            let judge = rlhf_judge(ctx, i, kind, &s, &stages)?;
             let envs = s.environments.clone().unwrap_or_default();
             if envs.is_empty() && data.is_none() && reward_model.is_none() {
                 return Err(ctx.err(
@@ -1518,6 +1583,7 @@ impl RunConfig {
                 until,
                 curriculum,
                 reward_model,
+                judge,
                 max_turns: s.max_turns,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
@@ -1951,7 +2017,7 @@ sampling = { temperature = 0.9 }
         );
         assert_eq!(
             allowed::<StageKind>(),
-            "sft, rl, rlvr, reward_model, swe_rl",
+            "sft, rl, rlvr, reward_model, swe_rl, rlhf",
             "rl is the old name of rlvr"
         );
         assert_eq!(allowed::<EnvironmentKind>(), "builtin, plugin, nemo_gym");

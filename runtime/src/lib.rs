@@ -30,6 +30,7 @@ pub mod client;
 mod driver;
 mod environments;
 mod error;
+pub mod judge;
 pub mod objective;
 mod plan;
 mod registration;

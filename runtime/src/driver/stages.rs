@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use chorus_model::{NemotronHConfig, Params, checkpoint};
 use chorus_orchestrator::confidence;
-use chorus_orchestrator::config::Stage;
+use chorus_orchestrator::config::{EnvironmentSource, Stage, StageKind};
 use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
 use chorus_orchestrator::remote::RemoteLearner;
 use chorus_orchestrator::scheduler::{Accuracy, StageContext, run_rl_stage, run_sft_stage};
@@ -22,8 +22,11 @@ use super::evaluation::Evaluator;
 use super::resume::Resumed;
 use super::reward_model::run_reward_model_stage;
 use crate::error::{Result, RunError};
+use crate::judge::RewardModelJudge;
 use crate::plan::RunPlan;
 use crate::summary::{StageSummary, accuracy_line, mean_accuracy};
+use chorus_environments::Environment;
+use chorus_learner::RewardModel;
 
 /// A stage without environments (transcripts alone) has nothing to measure with.
 const NO_METRIC: &str = "none";
@@ -111,13 +114,19 @@ pub(crate) async fn run_stages(
             stage_index = i,
             kind = ?stage.kind
         );
-        let summary = match &stage.reward_model {
-            Some(spec) => {
+        let summary = match (&stage.reward_model, stage.judge) {
+            (Some(spec), _) => {
                 run_reward_model_stage(plan, stage, spec, &shared, outputs)
                     .instrument(span)
                     .await?
             }
-            None => {
+            (None, Some(judge)) => {
+                let (judged, ctx) = judged_stage(plan, stage, judge, &shared, outputs)?;
+                run_stage(&judged, &ctx, evaluator, outputs)
+                    .instrument(span)
+                    .await?
+            }
+            (None, None) => {
                 run_stage(stage, &shared, evaluator, outputs)
                     .instrument(span)
                     .await?
@@ -126,6 +135,51 @@ pub(crate) async fn run_stages(
         summaries.push(summary);
     }
     Ok(summaries)
+}
+
+/// An `rlhf` stage as it runs: each environment of its mixture replaced by the same environment
+/// judged by the reward model stage `judge` saved (`<env>@<judge>`), in a context whose registry
+/// holds them.
+fn judged_stage(
+    plan: &RunPlan,
+    stage: &Stage,
+    judge: usize,
+    ctx: &Arc<StageContext>,
+    outputs: &StageOutputs<'_>,
+) -> Result<(Stage, Arc<StageContext>)> {
+    let judge_name = &plan.config.stages[judge].name;
+    let dir = outputs
+        .out_dir
+        .join("stages")
+        .join(judge_name)
+        .join("checkpoint");
+    let model = Arc::new(RewardModel::load(&dir, &Device::Cpu).map_err(|e| {
+        RunError::Invalid(format!(
+            "stage {}: the reward model of stage {judge_name} at {}: {e}",
+            stage.name,
+            dir.display()
+        ))
+    })?);
+    let mut registry = (*ctx.registry).clone();
+    let mut judged = stage.clone();
+    for spec in &mut judged.environments {
+        let inner = registry
+            .get(spec.key())
+            .map_err(|e| RunError::Invalid(format!("stage {}: {e}", stage.name)))?;
+        let env = RewardModelJudge::new(inner, model.clone(), plan.tokenizer.clone(), judge_name);
+        spec.source = EnvironmentSource::Builtin(env.info().name);
+        registry.replace(Arc::new(env));
+    }
+    tracing::info!(
+        "stage {}: rewards from the reward model of stage {judge_name} ({})",
+        stage.name,
+        dir.display()
+    );
+    let mut local = (**ctx).clone();
+    local.registry = Arc::new(registry);
+    // A goal on the reward-model score is not built; `until` on rlhf stages is refused.
+    local.goal = None;
+    Ok((judged, Arc::new(local)))
 }
 
 /// The stage's environments as the evaluation names them: (registry key, difficulty).
@@ -137,9 +191,21 @@ fn stage_environments(stage: &Stage) -> Vec<(String, u32)> {
     seen.into_iter().collect()
 }
 
-/// The mean over environments of `acc`, with its interval; `None` without environments.
-fn mean_of(acc: &BTreeMap<String, Accuracy>) -> Option<(f64, confidence::Interval)> {
-    (!acc.is_empty()).then(|| mean_accuracy(acc))
+/// A stage's metric over `acc` with its interval: the mean held-out accuracy (an `rlhf`
+/// stage: the mean reward-model score, without an interval); `None` without environments.
+fn mean_of(
+    kind: StageKind,
+    acc: &BTreeMap<String, Accuracy>,
+) -> Option<(f64, Option<confidence::Interval>)> {
+    if acc.is_empty() {
+        return None;
+    }
+    if kind == StageKind::Rlhf {
+        let mean = acc.values().map(|a| a.mean_reward).sum::<f64>() / acc.len() as f64;
+        return Some((mean, None));
+    }
+    let (mean, interval) = mean_accuracy(acc);
+    Some((mean, Some(interval)))
 }
 
 async fn run_stage(
@@ -182,7 +248,7 @@ async fn run_stage(
             kind: kind.into(),
             first_step: first_version,
             metric: Some(metric.into()),
-            metric_start: mean_of(&start).map(|m| m.0),
+            metric_start: mean_of(stage.kind, &start).map(|m| m.0),
         })
         .await
         .map_err(RunError::ledger(outputs.db))?;
@@ -252,15 +318,15 @@ async fn run_stage(
     let dir = outputs.out_dir.join("stages").join(&stage.name);
     let checkpoint = dir.join("checkpoint");
     save_checkpoint(outputs, &ctx.run_id, last_version, &checkpoint).await?;
-    let (start_mean, end_mean) = (mean_of(&start), mean_of(&end));
+    let (start_mean, end_mean) = (mean_of(stage.kind, &start), mean_of(stage.kind, &end));
     let summary = StageSummary {
         name: stage.name.clone(),
         kind: kind.into(),
         metric: metric.into(),
         start: start_mean.map(|m| m.0),
-        start_interval: start_mean.map(|m| m.1),
+        start_interval: start_mean.and_then(|m| m.1),
         end: end_mean.map(|m| m.0),
-        end_interval: end_mean.map(|m| m.1),
+        end_interval: end_mean.and_then(|m| m.1),
         environments: start
             .iter()
             .map(|(n, a)| {
@@ -292,8 +358,10 @@ async fn run_stage(
         })
         .await
         .map_err(RunError::ledger(outputs.db))?;
-    let pct = |m: Option<(f64, confidence::Interval)>| {
-        m.map_or_else(|| "-".to_string(), |m| format!("{:.1}%", 100.0 * m.0))
+    let pct = |m: Option<(f64, Option<confidence::Interval>)>| match m {
+        None => "-".to_string(),
+        Some((v, None)) => format!("{v:.4}"),
+        Some((v, Some(_))) => format!("{:.1}%", 100.0 * v),
     };
     tracing::info!(
         checkpoint = %checkpoint.display(),

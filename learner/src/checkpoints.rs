@@ -1,6 +1,7 @@
 //! Rolling learner checkpoints for resuming a run after a crash: the trainer (HF weights,
-//! optimizer state, counters) saved every `every` policy versions, and at each stage boundary,
-//! into `<dir>/version-<N>/`, the newest `keep` kept.
+//! optimizer state, counters and stage, and the KL reference while a KL-penalised stage holds
+//! one) saved every `every` policy versions, and at each stage boundary, into
+//! `<dir>/version-<N>/`, the newest `keep` kept.
 //!
 //! A checkpoint is written into `version-<N>.partial/` and renamed into place once complete, so
 //! a crash while saving never leaves a directory [`latest`] would pick.

@@ -4,8 +4,10 @@
 //! [`objective`] (GRPO, DAPO, Dr. GRPO, GSPO, CISPO, REINFORCE; off-policy corrections TIS,
 //! IcePop and sequence-masked TIS; k1/k3 KL; three aggregations), evaluated exactly on the
 //! policy's log-probabilities and back-propagated through it, supervised warm-up on reference
-//! solutions, AdamW with global grad-norm clipping and a warmup/cosine schedule, and checkpoints
-//! (HF weights + optimizer state + counters) that resume exactly. [`reward_model`] trains a
+//! solutions, AdamW with global grad-norm clipping and a warmup/cosine schedule, a KL penalty to
+//! the policy at the start of each stage (a frozen reference the [`Trainer`] snapshots), the
+//! MoE routers' aux-loss-free load balancing, and checkpoints (HF weights + optimizer state +
+//! counters + the KL reference) that resume exactly. [`reward_model`] trains a
 //! Bradley–Terry reward model (a scalar head on the policy's backbone) on preference pairs.
 //!
 //! Invariant: a step whose loss or gradient norm is not finite leaves the weights as they were;
@@ -29,7 +31,7 @@ mod trainer;
 pub use checkpoints::CheckpointPolicy;
 pub use chorus_proto::schedule::{Decay, LrSchedule};
 pub use error::{LearnerError, Result};
-pub use loss::{LossStats, RlSequence, SftSequence, rl_loss, sft_loss};
+pub use loss::{LossStats, RlSequence, SftSequence, completion_logprobs, rl_loss, sft_loss};
 pub use objective::Objective;
 pub use optim::{AdamW, AdamWConfig, StepStats};
 pub use reward_model::{
@@ -39,4 +41,7 @@ pub use service::{
     LearnerHandle, LearnerService, LearnerServiceConfig, Published, SubmitError, group_sequences,
     spawn_learner,
 };
-pub use trainer::{LearnerConfig, OPTIMIZER_FILE, STATE_FILE, StepReport, Trainer};
+pub use trainer::{
+    DEFAULT_ROUTER_BIAS_RATE, LearnerConfig, OPTIMIZER_FILE, REFERENCE_FILE, STATE_FILE,
+    StepReport, Trainer,
+};

@@ -3,7 +3,7 @@
 //! (SFT) next-token cross-entropy on reference solutions.
 
 use candle_core::{D, Device, Tensor};
-use chorus_model::NemotronH;
+use chorus_model::{ExpertLoad, NemotronH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
@@ -43,8 +43,8 @@ pub struct SftSequence {
 pub struct LossStats {
     /// The objective's value.
     pub loss: f64,
-    /// KL estimate to the reference policy, or k3 between the sampler and the learner when
-    /// there is no reference.
+    /// Token mean of the KL estimate to the reference policy (the objective's estimator) when
+    /// the objective has a KL penalty; otherwise of k3 between the sampler and the learner.
     pub kl: f64,
     /// Mean entropy of the learner's next-token distribution.
     pub entropy: f64,
@@ -62,6 +62,8 @@ struct Layout {
     ids: Tensor,
     targets: Tensor,
     mask: Vec<f32>,
+    /// `[B, T]`: which positions of `ids` hold a real token rather than right padding.
+    real: Vec<bool>,
     width: usize,
 }
 
@@ -77,6 +79,7 @@ fn layout(seqs: &[SeqView<'_>], vocab: usize, device: &Device) -> Result<Layout>
     }
     let width = t - 1;
     let mut ids = vec![0u32; seqs.len() * t];
+    let mut real = vec![false; seqs.len() * t];
     let mut mask = vec![0f32; seqs.len() * width];
     for (b, (tokens, prompt_len, loss_mask)) in seqs.iter().enumerate() {
         if *prompt_len == 0 || *prompt_len >= tokens.len() {
@@ -100,6 +103,7 @@ fn layout(seqs: &[SeqView<'_>], vocab: usize, device: &Device) -> Result<Layout>
             )));
         }
         ids[b * t..b * t + tokens.len()].copy_from_slice(tokens);
+        real[b * t..b * t + tokens.len()].fill(true);
         for j in 0..completion {
             if loss_mask.is_none_or(|m| m[j]) {
                 mask[b * width + prompt_len - 1 + j] = 1.0;
@@ -112,13 +116,22 @@ fn layout(seqs: &[SeqView<'_>], vocab: usize, device: &Device) -> Result<Layout>
         ids,
         targets,
         mask,
+        real,
         width,
     })
 }
 
-/// Log-probabilities `[B, T-1]` of each next token, and the log-softmax `[B, T-1, V]`.
-fn token_logprobs(model: &NemotronH, l: &Layout) -> Result<(Tensor, Tensor)> {
-    let logits = model.forward(&l.ids)?;
+/// Log-probabilities `[B, T-1]` of each next token, and the log-softmax `[B, T-1, V]`. With
+/// `load`, the MoE blocks' routing of the batch's real tokens (padding left out) is added to it.
+fn token_logprobs(
+    model: &NemotronH,
+    l: &Layout,
+    load: Option<&mut ExpertLoad>,
+) -> Result<(Tensor, Tensor)> {
+    let logits = match load {
+        Some(load) => model.forward_counting_experts(&l.ids, Some(&l.real), load)?,
+        None => model.forward(&l.ids)?,
+    };
     let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, l.width)?, D::Minus1)?;
     let lp = logp.gather(&l.targets.unsqueeze(2)?, 2)?.squeeze(2)?;
     Ok((lp, logp))
@@ -135,6 +148,29 @@ fn entropy(logp: &Tensor, mask: &Tensor) -> Result<f64> {
     Ok(token_mean(&h, mask)?.to_scalar::<f32>()? as f64)
 }
 
+/// The log-probability under `model` of each completion token of each sequence of `batch`
+/// (masked or not), computed on the same padded batch and positions as [`rl_loss`]: what a
+/// reference policy contributes to the KL penalty.
+pub fn completion_logprobs(model: &NemotronH, batch: &[RlSequence]) -> Result<Vec<Vec<f32>>> {
+    let device = model_device(model);
+    let views: Vec<SeqView<'_>> = batch
+        .iter()
+        .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
+        .collect();
+    let l = layout(&views, model.config().vocab_size, &device)?;
+    let (lp, _) = token_logprobs(model, &l, None)?;
+    let rows: Vec<Vec<f32>> = lp.detach().to_vec2()?;
+    Ok(batch
+        .iter()
+        .zip(rows)
+        .map(|(s, row)| {
+            // Position `p` predicts token `p + 1`: the completion starts at `prompt_len - 1`.
+            let first = s.prompt_len - 1;
+            row[first..first + s.tokens.len() - s.prompt_len].to_vec()
+        })
+        .collect())
+}
+
 /// The RL loss of `batch` under `model` for `objective`, with statistics.
 ///
 /// Returns a surrogate whose gradient is the loss's (`sum(stopgrad(g) * lp)`, with `g` the
@@ -146,6 +182,16 @@ pub fn rl_loss(
     model: &NemotronH,
     batch: &[RlSequence],
     objective: &Objective,
+) -> Result<(Tensor, LossStats)> {
+    rl_loss_counting(model, batch, objective, &mut ExpertLoad::new())
+}
+
+/// [`rl_loss`], adding the forward pass's expert load (over real tokens) to `load`.
+pub(crate) fn rl_loss_counting(
+    model: &NemotronH,
+    batch: &[RlSequence],
+    objective: &Objective,
+    load: &mut ExpertLoad,
 ) -> Result<(Tensor, LossStats)> {
     let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
@@ -178,7 +224,7 @@ pub fn rl_loss(
     }
     let advantages: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
     let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
-    let (lp, logp) = token_logprobs(model, &l)?;
+    let (lp, logp) = token_logprobs(model, &l, Some(load))?;
     let current: Vec<f32> = lp.detach().flatten_all()?.to_vec1()?;
     let evaluation = evaluate(
         objective,
@@ -215,6 +261,15 @@ pub fn rl_loss(
 
 /// Next-token cross-entropy on the completion tokens of `batch` (token mean).
 pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, LossStats)> {
+    sft_loss_counting(model, batch, &mut ExpertLoad::new())
+}
+
+/// [`sft_loss`], adding the forward pass's expert load (over real tokens) to `load`.
+pub(crate) fn sft_loss_counting(
+    model: &NemotronH,
+    batch: &[SftSequence],
+    load: &mut ExpertLoad,
+) -> Result<(Tensor, LossStats)> {
     let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
         .iter()
@@ -222,7 +277,7 @@ pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, Los
         .collect();
     let l = layout(&views, model.config().vocab_size, &device)?;
     let mask = Tensor::from_vec(l.mask.clone(), (batch.len(), l.width), &device)?;
-    let (lp, logp) = token_logprobs(model, &l)?;
+    let (lp, logp) = token_logprobs(model, &l, Some(load))?;
     let loss = token_mean(&lp.neg()?, &mask)?;
     let stats = LossStats {
         loss: loss.to_scalar::<f32>()? as f64,
@@ -235,4 +290,84 @@ pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, Los
 
 fn model_device(model: &NemotronH) -> Device {
     model.device().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_model::{NemotronHConfig, Params, checkpoint::init_params};
+
+    fn moe_model() -> NemotronH {
+        let cfg = NemotronHConfig::from_json_str(
+            r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
+            "hybrid_override_pattern": "*E", "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+            "moe_shared_expert_intermediate_size": 8}"#,
+        )
+        .unwrap();
+        let params: Params = init_params(&cfg, 5, &Device::Cpu).unwrap();
+        NemotronH::new(&cfg, &params).unwrap()
+    }
+
+    #[test]
+    fn the_expert_load_counts_real_tokens_not_padding() {
+        let model = moe_model();
+        let seq = |tokens: Vec<u32>| RlSequence {
+            behavior_logprobs: vec![-1.0; tokens.len() - 2],
+            tokens,
+            prompt_len: 2,
+            advantage: 1.0,
+            ref_logprobs: None,
+            loss_mask: None,
+        };
+        // 7 + 3 real tokens; the shorter sequence is padded by 4.
+        let batch = [seq(vec![3, 4, 5, 6, 7, 8, 9]), seq(vec![3, 4, 5])];
+        let mut load = ExpertLoad::new();
+        rl_loss_counting(&model, &batch, &Objective::default(), &mut load).unwrap();
+        let counts = load
+            .get("backbone.layers.1.mixer.gate.e_score_correction_bias")
+            .expect("the MoE block counted");
+        assert_eq!(
+            counts.iter().sum::<u64>(),
+            2 * 10,
+            "top-2 of 10 real tokens"
+        );
+        let sft: Vec<SftSequence> = batch
+            .iter()
+            .map(|s| SftSequence {
+                tokens: s.tokens.clone(),
+                prompt_len: 2,
+                loss_mask: None,
+            })
+            .collect();
+        let mut sft_load = ExpertLoad::new();
+        sft_loss_counting(&model, &sft, &mut sft_load).unwrap();
+        assert_eq!(sft_load, load, "the same tokens route the same way");
+    }
+
+    #[test]
+    fn completion_logprobs_are_the_losss_own() {
+        let model = moe_model();
+        let batch = [RlSequence {
+            tokens: vec![3, 4, 5, 6],
+            prompt_len: 2,
+            behavior_logprobs: vec![-1.0, -1.0],
+            advantage: 1.0,
+            ref_logprobs: None,
+            loss_mask: Some(vec![true, false]),
+        }];
+        let lp = completion_logprobs(&model, &batch).unwrap();
+        assert_eq!(lp.len(), 1);
+        assert_eq!(lp[0].len(), 2, "masked tokens included");
+        // With the policy as its own reference, the KL to it is exactly zero.
+        let mut o = Objective::default();
+        o.set("kl_coef", "1").unwrap();
+        let with_ref = [RlSequence {
+            ref_logprobs: Some(lp[0].clone()),
+            ..batch[0].clone()
+        }];
+        let (_, stats) = rl_loss(&model, &with_ref, &o).unwrap();
+        assert_eq!(stats.kl, 0.0);
+    }
 }

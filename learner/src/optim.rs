@@ -101,8 +101,17 @@ impl AdamW {
     /// The global L2 norm of the gradients of the optimised parameters (missing gradients count
     /// as zero).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        self.grad_norm_where(grads, &|_| true)
+    }
+
+    /// [`AdamW::grad_norm`] over the optimised parameters whose names pass `updated`.
+    pub fn grad_norm_where(
+        &self,
+        grads: &GradStore,
+        updated: &dyn Fn(&str) -> bool,
+    ) -> Result<f64> {
         let mut sq = 0f64;
-        for (_, v) in &self.params {
+        for (_, v) in self.params.iter().filter(|(n, _)| updated(n)) {
             if let Some(g) = grads.get(v.as_tensor()) {
                 sq += g
                     .to_dtype(DType::F64)?
@@ -117,7 +126,18 @@ impl AdamW {
     /// One AdamW step at learning rate `lr`, after clipping the global gradient norm. The caller
     /// checks the norm is finite first (see [`AdamW::grad_norm`]).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats> {
-        let grad_norm = self.grad_norm(grads)?;
+        self.step_where(grads, lr, &|_| true)
+    }
+
+    /// [`AdamW::step`] on the parameters whose names pass `updated` (clipping by their norm);
+    /// the others are left exactly as they are, moments included, as if they had no gradient.
+    pub fn step_where(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        updated: &dyn Fn(&str) -> bool,
+    ) -> Result<StepStats> {
+        let grad_norm = self.grad_norm_where(grads, updated)?;
         let clip = self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm;
         let scale = if clip {
             self.cfg.max_grad_norm / (grad_norm + 1e-6)
@@ -129,7 +149,7 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        for (name, v) in &self.params {
+        for (name, v) in self.params.iter().filter(|(n, _)| updated(n)) {
             let Some(g) = grads.get(v.as_tensor()) else {
                 continue;
             };

@@ -355,25 +355,29 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     if sft.len() < target {
                         continue;
                     }
-                    let batch: Vec<SftSequence> = in_id_order(&mut sft)
+                    let groups = in_id_order(&mut sft);
+                    let batch: Vec<SftSequence> = groups
                         .iter()
                         .flat_map(|g| group_sft(g).unwrap_or_default())
                         .collect();
-                    (trainer.sft_step(&batch), batch.len(), true)
+                    let stepped = prepare_step(&mut trainer, &groups, false)
+                        .and_then(|()| trainer.sft_step(&batch));
+                    (stepped, batch.len(), true)
                 } else {
                     rl.push(g);
                     if rl.len() < target {
                         continue;
                     }
+                    let groups = in_id_order(&mut rl);
                     // Groups that name the same objective train together; parts keep the order
                     // of their first group id.
                     let mut parts: Vec<(Objective, Vec<RlSequence>)> = vec![];
-                    for g in in_id_order(&mut rl) {
-                        let objective = group_objective(&g)
+                    for g in &groups {
+                        let objective = group_objective(g)
                             .ok()
                             .flatten()
                             .unwrap_or_else(|| trainer.default_objective().clone());
-                        let sequences = group_sequences(&g).unwrap_or_default();
+                        let sequences = group_sequences(g).unwrap_or_default();
                         match parts.iter_mut().find(|(o, _)| *o == objective) {
                             Some((_, part)) => part.extend(sequences),
                             None => parts.push((objective, sequences)),
@@ -382,7 +386,11 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     let parts_ref: Vec<(&Objective, &[RlSequence])> =
                         parts.iter().map(|(o, s)| (o, s.as_slice())).collect();
                     let n = parts.iter().map(|(_, s)| s.len()).sum();
-                    (trainer.rl_step_mixed(&parts_ref), n, false)
+                    // Empty groups count: they carry their stage's objective all the same.
+                    let kl_penalty = parts.iter().any(|(o, _)| o.kl_coef > 0.0);
+                    let stepped = prepare_step(&mut trainer, &groups, kl_penalty)
+                        .and_then(|()| trainer.rl_step_mixed(&parts_ref));
+                    (stepped, n, false)
                 };
                 let (report, n, supervised) = match result {
                     (Ok(r), n, sup) => (r, n, sup),
@@ -443,6 +451,19 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         recent,
         keep: cfg_keep,
     }
+}
+
+/// Sets the trainer up for a step of `groups`: the step's stage (the newest its groups carry; a
+/// step's groups share one) with its KL reference, and whether the routers are frozen (when any
+/// group asks).
+fn prepare_step(
+    trainer: &mut Trainer,
+    groups: &[TrajectoryGroup],
+    kl_penalty: bool,
+) -> crate::Result<()> {
+    trainer.set_router_frozen(groups.iter().any(|g| g.router_frozen));
+    let stage = groups.iter().map(|g| g.stage).max().unwrap_or_default();
+    trainer.enter_stage(stage, kl_penalty)
 }
 
 /// Takes the gathered groups out of `groups`, sorted by id.
@@ -659,5 +680,128 @@ impl Learner for LearnerService {
             .map(Ok)
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use chorus_model::{NemotronHConfig, checkpoint::init_params};
+    use chorus_proto::v1::Trajectory;
+    use chorus_proto::weights::WeightAssembler;
+
+    use super::*;
+    use crate::trainer::LearnerConfig;
+
+    fn learner() -> LearnerHandle {
+        let cfg = NemotronHConfig::from_json_str(
+            r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
+            "hybrid_override_pattern": "*E", "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+            "moe_shared_expert_intermediate_size": 8}"#,
+        )
+        .unwrap();
+        let params = init_params(&cfg, 2, &Device::Cpu).unwrap();
+        let config = LearnerConfig {
+            schedule: chorus_proto::schedule::LrSchedule {
+                peak_lr: 1e-2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let trainer = Trainer::new(cfg, params, config).unwrap();
+        spawn_learner(
+            trainer,
+            LearnerServiceConfig {
+                run_id: "run".into(),
+                groups_per_step: 1,
+                max_chunk_bytes: 1 << 16,
+                keep_versions: 8,
+                checkpoints: None,
+            },
+        )
+    }
+
+    fn group(id: &str, stage: u32, kl_coef: f64) -> TrajectoryGroup {
+        let objective = Objective {
+            kl_coef,
+            ..Default::default()
+        };
+        let trajectory = |i: u32| Trajectory {
+            trajectory_id: format!("{id}:t{i}"),
+            prompt_token_ids: vec![3, 4 + i],
+            completion_token_ids: vec![7, 9 + i, 7, 11],
+            logprobs: vec![-2.0; 4],
+            policy_versions: vec![0; 4],
+            advantage: f64::from(i) - 0.5,
+            ..Default::default()
+        };
+        TrajectoryGroup {
+            run_id: "run".into(),
+            group_id: id.into(),
+            trajectories: vec![trajectory(0), trajectory(1)],
+            objective: Some(objective.to_proto()),
+            stage,
+            ..Default::default()
+        }
+    }
+
+    fn weights(p: &Published) -> BTreeMap<String, Vec<f32>> {
+        let mut assembler = WeightAssembler::new();
+        for c in &p.chunks {
+            assembler.push(c).unwrap();
+        }
+        let (_, tensors) = assembler.finish().unwrap();
+        tensors.into_iter().map(|(n, t)| (n, t.data)).collect()
+    }
+
+    #[test]
+    fn each_stage_penalises_the_kl_to_its_own_start() {
+        let handle = learner();
+        let mut reports = handle.reports();
+        for (i, stage) in [1, 1, 2, 2].into_iter().enumerate() {
+            handle.submit(group(&format!("g{i}"), stage, 0.1)).unwrap();
+        }
+        let kls: Vec<f64> = (0..4)
+            .map(|_| {
+                let r = reports.blocking_recv().unwrap();
+                assert!(r.skipped.is_none(), "{r:?}");
+                r.stats.kl
+            })
+            .collect();
+        // Exactly 0 at each stage's first step: the reference is the weights stage 2 began with,
+        // not stage 1's (those had moved by then).
+        assert_eq!(kls[0], 0.0);
+        assert!(kls[1] > 0.0, "{kls:?}");
+        assert_eq!(kls[2], 0.0, "{kls:?}");
+        assert!(kls[3] > 0.0, "{kls:?}");
+    }
+
+    #[test]
+    fn a_group_can_freeze_the_router_for_its_step() {
+        let handle = learner();
+        let mut reports = handle.reports();
+        let mut frozen = group("g0", 0, 0.0);
+        frozen.router_frozen = true;
+        handle.submit(frozen).unwrap();
+        handle.submit(group("g1", 0, 0.0)).unwrap();
+        for _ in 0..2 {
+            assert!(reports.blocking_recv().unwrap().skipped.is_none());
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let [v0, v1, v2] =
+            [0, 1, 2].map(|v| weights(&runtime.block_on(handle.wait_for_exact(v)).expect("kept")));
+        let gate = "backbone.layers.1.mixer.gate.weight";
+        let bias = "backbone.layers.1.mixer.gate.e_score_correction_bias";
+        assert_eq!(v1[gate], v0[gate], "the frozen step moved the router");
+        assert_ne!(
+            v1[bias], v0[bias],
+            "the frozen step did not balance the router"
+        );
+        assert_ne!(v1["lm_head.weight"], v0["lm_head.weight"]);
+        assert_ne!(v2[gate], v1[gate], "the next step's router stayed frozen");
     }
 }

@@ -41,6 +41,6 @@ pub use config::{BlockKind, ChorusSettings, NemotronHConfig};
 pub use error::{ModelError, Result};
 pub use layout::Nvfp4Policy;
 pub use mamba2::{Mamba2, MambaState, ssd_chunked};
-pub use moe::route;
+pub use moe::{ExpertLoad, route};
 pub use nemotron_h::{Block, Mixer, MtpHead, NemotronH};
 pub use params::{ParamPath, Params};

@@ -3,11 +3,18 @@
 //!
 //! Routing ([`route`]) is plain Rust over scores so that the training model and the inference
 //! engine choose experts by the same code.
+//!
+//! The training forward pass can also count how many tokens each block routed to each expert
+//! ([`ExpertLoad`]): aux-loss-free load balancing (DeepSeek-V3, Nemotron 3) moves
+//! `e_score_correction_bias` by those counts between steps. Counting reads the routing decisions
+//! the forward pass makes anyway; it changes no number the pass computes.
+
+use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 
 use crate::config::{MoeConfig, NemotronHConfig};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::nn::{Linear, relu2, sigmoid};
 use crate::params::ParamPath;
 
@@ -74,12 +81,72 @@ pub fn route(scores: &[f32], bias: &[f32], cfg: &MoeConfig, chosen: &mut Vec<(us
     }
 }
 
+/// How many tokens each MoE block routed to each of its experts, accumulated over forward
+/// passes; blocks are named by their `e_score_correction_bias` tensor, the parameter that load
+/// balancing moves by these counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExpertLoad {
+    by_block: BTreeMap<String, Vec<u64>>,
+}
+
+impl ExpertLoad {
+    /// No tokens counted yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The counts of every block that routed at least once, by bias tensor name: element `i` is
+    /// the number of (token, slot) choices of expert `i`, so a block's counts sum to `top_k`
+    /// times its counted tokens.
+    pub fn blocks(&self) -> impl Iterator<Item = (&str, &[u64])> {
+        self.by_block
+            .iter()
+            .map(|(name, counts)| (name.as_str(), counts.as_slice()))
+    }
+
+    /// The counts of the block whose bias tensor is `bias_name`.
+    pub fn get(&self, bias_name: &str) -> Option<&[u64]> {
+        self.by_block.get(bias_name).map(Vec::as_slice)
+    }
+
+    /// Whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.by_block.is_empty()
+    }
+
+    /// Adds the counts of `other` (e.g. of another forward pass of the same step).
+    pub fn merge(&mut self, other: &ExpertLoad) {
+        for (name, counts) in &other.by_block {
+            let mine = self.counts_mut(name, counts.len());
+            for (m, c) in mine.iter_mut().zip(counts) {
+                *m += c;
+            }
+        }
+    }
+
+    fn counts_mut(&mut self, bias_name: &str, experts: usize) -> &mut Vec<u64> {
+        self.by_block
+            .entry(bias_name.to_string())
+            .or_insert_with(|| vec![0; experts])
+    }
+}
+
+/// Where a forward pass counts its routing: into `load`, over the token rows (`[B*T]`, row-major
+/// like the input) where `rows` is true (e.g. leaving right padding out), or over every row when
+/// `rows` is `None`.
+pub(crate) struct LoadCounter<'a> {
+    pub(crate) rows: Option<&'a [bool]>,
+    pub(crate) load: &'a mut ExpertLoad,
+}
+
 /// Mixture-of-experts weights of one block.
 #[derive(Clone, Debug)]
 pub struct Moe {
     cfg: MoeConfig,
     gate: Tensor,
     score_bias: Tensor,
+    /// The full name of `score_bias`, which names the block in an [`ExpertLoad`].
+    score_bias_name: String,
     experts: Vec<Mlp>,
     shared: Mlp,
     latent: Option<(Linear, Linear)>,
@@ -130,6 +197,7 @@ impl Moe {
             score_bias: p
                 .pp("gate")
                 .get("e_score_correction_bias", &[m.num_experts])?,
+            score_bias_name: p.pp("gate").name("e_score_correction_bias"),
             experts: load_experts(p, &m, width)?,
             shared: Mlp::new(&p.pp("shared_experts"), d, m.shared_expert_dim)?,
             latent,
@@ -139,10 +207,35 @@ impl Moe {
 
     /// `x: [B, T, d]` → `[B, T, d]`. Gradients reach the router through the chosen scores.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_counting(x, None)
+    }
+
+    /// [`Moe::forward`], also adding the experts each counted token row is routed to into
+    /// `counter`'s load.
+    pub(crate) fn forward_counting(
+        &self,
+        x: &Tensor,
+        counter: Option<&mut LoadCounter<'_>>,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d = *dims.last().expect("rank >= 1");
         let flat = x.reshape(((), d))?;
         let n = flat.dim(0)?;
+        if let Some(rows) = counter.as_ref().and_then(|c| c.rows)
+            && rows.len() != n
+        {
+            return Err(ModelError::Input(format!(
+                "{}: {} rows to count for {n} token rows",
+                self.score_bias_name,
+                rows.len()
+            )));
+        }
+        let mut counts = counter.map(|c| {
+            let counts = c
+                .load
+                .counts_mut(&self.score_bias_name, self.cfg.num_experts);
+            (c.rows, counts)
+        });
         let k = self.cfg.top_k;
         let scores = sigmoid(&flat.matmul(&self.gate.t()?)?)?; // [N, E]
         let host: Vec<Vec<f32>> = scores.detach().to_dtype(DType::F32)?.to_vec2()?;
@@ -155,6 +248,13 @@ impl Moe {
             for (slot, &(e, _)) in chosen.iter().enumerate() {
                 index.push(e as u32);
                 rows_of[e].push((row as u32, (row * k + slot) as u32));
+            }
+            if let Some((rows, counts)) = counts.as_mut()
+                && rows.is_none_or(|r| r[row])
+            {
+                for &(e, _) in &chosen {
+                    counts[e] += 1;
+                }
             }
         }
         let index = Tensor::from_vec(index, (n, k), x.device())?;

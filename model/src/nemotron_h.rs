@@ -8,7 +8,7 @@ use crate::attention::Attention;
 use crate::config::{BlockKind, NemotronHConfig};
 use crate::error::Result;
 use crate::mamba2::Mamba2;
-use crate::moe::{Mlp, Moe};
+use crate::moe::{ExpertLoad, LoadCounter, Mlp, Moe};
 use crate::nn::{Linear, RmsNorm};
 use crate::params::{ParamPath, Params};
 
@@ -50,11 +50,20 @@ impl Block {
 
     /// `x: [B, T, d]` → `x + mixer(norm(x))`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_counting(x, None)
+    }
+
+    /// [`Block::forward`], counting a MoE mixer's routing into `counter`.
+    fn forward_counting(
+        &self,
+        x: &Tensor,
+        counter: Option<&mut LoadCounter<'_>>,
+    ) -> Result<Tensor> {
         let h = self.norm.forward(x)?;
         let y = match &self.mixer {
             Mixer::Mamba(m) => m.forward(&h)?,
             Mixer::Attention(a) => a.forward(&h)?,
-            Mixer::Moe(m) => m.forward(&h)?,
+            Mixer::Moe(m) => m.forward_counting(&h, counter)?,
             Mixer::Mlp(m) => m.forward(&h)?,
         };
         Ok((x + y)?)
@@ -194,9 +203,17 @@ impl NemotronH {
 
     /// `ids: [B, T]` → the last block's output `[B, T, d]` (before `norm_f`).
     pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden_counting(ids, None)
+    }
+
+    fn hidden_counting(
+        &self,
+        ids: &Tensor,
+        mut counter: Option<&mut LoadCounter<'_>>,
+    ) -> Result<Tensor> {
         let mut h = self.embed(ids)?;
         for b in &self.layers {
-            h = b.forward(&h)?;
+            h = b.forward_counting(&h, counter.as_deref_mut())?;
         }
         Ok(h)
     }
@@ -216,6 +233,23 @@ impl NemotronH {
     /// harmless (the model is causal); mask padded positions in the loss.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.logits(&self.hidden(ids)?)
+    }
+
+    /// [`NemotronH::forward`] (the same logits, bit for bit), also adding to `load` how many
+    /// tokens each backbone MoE block routed to each expert: over the positions where `counted`
+    /// (`[B*T]`, row-major like `ids`) is true, or over every position when it is `None`. The
+    /// learner counts only real tokens, not right padding, for load balancing.
+    pub fn forward_counting_experts(
+        &self,
+        ids: &Tensor,
+        counted: Option<&[bool]>,
+        load: &mut ExpertLoad,
+    ) -> Result<Tensor> {
+        let mut counter = LoadCounter {
+            rows: counted,
+            load,
+        };
+        self.logits(&self.hidden_counting(ids, Some(&mut counter))?)
     }
 
     /// The MTP head's predictions at depths 1..=`depth` from the backbone's `hidden` for `ids`:
@@ -240,5 +274,79 @@ impl NemotronH {
     /// Whether the checkpoint has an MTP head.
     pub fn has_mtp(&self) -> bool {
         self.mtp.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::checkpoint::init_params;
+
+    fn tiny_moe() -> (NemotronH, NemotronHConfig) {
+        let cfg = NemotronHConfig::from_json_str(
+            r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
+            "hybrid_override_pattern": "E*E", "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+            "moe_shared_expert_intermediate_size": 8}"#,
+        )
+        .unwrap();
+        let params = init_params(&cfg, 3, &Device::Cpu).unwrap();
+        (NemotronH::new(&cfg, &params).unwrap(), cfg)
+    }
+
+    #[test]
+    fn counting_experts_changes_no_logit_and_counts_only_the_rows_asked() {
+        let (model, _) = tiny_moe();
+        let ids = Tensor::new(&[[1u32, 5, 7, 9, 2], [3, 4, 0, 0, 0]], &Device::Cpu).unwrap();
+        let plain: Vec<f32> = model
+            .forward(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut all = ExpertLoad::new();
+        let counted = model
+            .forward_counting_experts(&ids, None, &mut all)
+            .unwrap();
+        let counted: Vec<f32> = counted.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(plain, counted, "counting changed the forward pass");
+        let names: Vec<&str> = all.blocks().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "backbone.layers.0.mixer.gate.e_score_correction_bias",
+                "backbone.layers.2.mixer.gate.e_score_correction_bias"
+            ]
+        );
+        // Every row chooses top_k = 2 experts in every block.
+        for (_, counts) in all.blocks() {
+            assert_eq!(counts.iter().sum::<u64>(), 10 * 2);
+        }
+        // Right padding left out: 5 + 2 real tokens.
+        let real = [
+            true, true, true, true, true, true, true, false, false, false,
+        ];
+        let mut some = ExpertLoad::new();
+        model
+            .forward_counting_experts(&ids, Some(&real), &mut some)
+            .unwrap();
+        for (_, counts) in some.blocks() {
+            assert_eq!(counts.iter().sum::<u64>(), 7 * 2);
+        }
+        // Passes add up.
+        let mut twice = all.clone();
+        twice.merge(&all);
+        let name = "backbone.layers.0.mixer.gate.e_score_correction_bias";
+        let doubled: Vec<u64> = all.get(name).unwrap().iter().map(|c| 2 * c).collect();
+        assert_eq!(twice.get(name).unwrap(), doubled.as_slice());
+        let e = model
+            .forward_counting_experts(&ids, Some(&real[..4]), &mut ExpertLoad::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4 rows to count for 10"), "{e}");
     }
 }

@@ -141,6 +141,22 @@ impl Params {
         Ok(())
     }
 
+    /// A frozen copy: new `Var`s over copies of every tensor (same dtype and device), so that a
+    /// model built on it keeps today's weights while these train on (a reference policy).
+    pub fn detached_copy(&self) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (k, v) in &self.vars {
+            vars.insert(
+                k.clone(),
+                Var::from_tensor(&v.as_tensor().detach().copy()?)?,
+            );
+        }
+        Ok(Self {
+            vars,
+            device: self.device.clone(),
+        })
+    }
+
     /// A detached copy of every tensor, e.g. to save or to publish a policy version.
     pub fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {
         self.vars

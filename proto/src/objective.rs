@@ -184,7 +184,8 @@ pub struct Objective {
     /// The constant length of `seq_mean_token_sum_norm`; `None` means the batch's width `T`.
     pub norm_length: Option<u32>,
     /// Weight of the KL penalty to the reference policy (0 = off; > 0 needs reference
-    /// log-probabilities).
+    /// log-probabilities, which the learner computes with the policy at the start of the
+    /// group's stage).
     pub kl_coef: f64,
     /// The KL estimator.
     pub kl_estimator: KlEstimator,

@@ -215,6 +215,8 @@ prompts_per_step = 4
 group_size = 4
 max_new_tokens = 4
 length_coef_answer = 0.1
+kl_coef = 0.05
+kl_estimator = "k3"
 environments = [{ name = "arithmetic" }, { name = "needle" }]
 "#;
     std::fs::write(h.path("run.toml"), run).unwrap();
@@ -266,6 +268,21 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
             t.reward_components
         );
         assert!(t.reason.unwrap_or_default().starts_with("reward model"));
+        // The KL to the stage's starting policy: 0 on its first step, then measured.
+        let kl: Vec<f64> = ledger
+            .list_learner_steps(summary["run"].as_str().unwrap())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|s| s.stage_index == Some(2))
+            .map(|s| s.step.kl.expect("a KL estimate"))
+            .collect();
+        assert_eq!(kl.len(), 3, "{kl:?}");
+        assert_eq!(
+            kl[0], 0.0,
+            "the policy is its own reference at the stage's start"
+        );
+        assert!(kl[1..].iter().all(|k| k.is_finite() && *k >= 0.0), "{kl:?}");
     });
     // An rlhf stage needs an earlier reward model.
     let alone = RUN

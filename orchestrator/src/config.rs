@@ -245,6 +245,16 @@ pub struct CurriculumSettings {
     pub samples: usize,
 }
 
+/// Whether an RL stage updates the MoE routers' weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Router {
+    /// `*.gate.weight` is not updated (the load-balancing biases still are).
+    Frozen,
+    /// The routers train with the rest of the policy.
+    Trained,
+}
+
 /// How a step's prompts are split among a stage's environments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -402,6 +412,9 @@ pub struct RawStage {
     pub curriculum_samples: Option<usize>,
     /// Most turns of a multi-turn episode (default: the environment's own limit).
     pub max_turns: Option<u32>,
+    /// RL stages: `frozen` (default, Nemotron 3's choice) leaves the MoE routers' weights as
+    /// they are while their load-balancing biases keep updating; `trained` updates them.
+    pub router: Option<Choice<Router>>,
     /// `rlhf` stages: the `reward_model` stage whose model scores the completions (default: the
     /// last one before this stage).
     pub reward_model: Option<String>,
@@ -518,6 +531,9 @@ pub struct RawLearner {
     pub checkpoint_every: Option<u64>,
     /// Learner checkpoints kept (the newest; at least 1).
     pub checkpoint_keep: Option<usize>,
+    /// Step of the MoE routers' load-balancing biases after every step (aux-loss-free
+    /// balancing: `bias += rate * sign(mean load - load)`); 0 turns it off.
+    pub router_bias_rate: Option<f64>,
 }
 
 /// A validated environment entry.
@@ -604,6 +620,8 @@ pub struct Stage {
     pub reward_model: Option<RewardModelSpec>,
     /// `rlhf` stages: the index of the `reward_model` stage whose model gives the reward.
     pub judge: Option<usize>,
+    /// RL stages: the MoE routers' weights stay as they are.
+    pub router_frozen: bool,
     /// Most turns of a multi-turn episode (`None`: the environment's own limit).
     pub max_turns: Option<u32>,
     /// Drop zero-variance groups.
@@ -683,6 +701,8 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     /// Learner checkpoints kept.
     pub checkpoint_keep: usize,
+    /// Step of the routers' load-balancing biases.
+    pub router_bias_rate: f64,
     /// Stages in order.
     pub stages: Vec<Stage>,
     /// Deadline and error budget of environment calls.
@@ -709,6 +729,10 @@ impl Defaults {
     pub const CHECKPOINT_EVERY: u64 = 25;
     /// Learner checkpoints kept.
     pub const CHECKPOINT_KEEP: usize = 2;
+    /// Step of the routers' load-balancing biases.
+    pub const ROUTER_BIAS_RATE: f64 = 1e-3;
+    /// RL stages freeze the MoE routers (Nemotron 3's choice); their biases still balance.
+    pub const ROUTER: Router = Router::Frozen;
     /// Gradient clip (Nemotron 3 RL).
     pub const MAX_GRAD_NORM: f64 = 1.0;
     /// The off-policy correction of RL stages: truncated importance sampling at the
@@ -837,16 +861,6 @@ fn stage_objective(
     };
     o.validate()
         .map_err(|e| ctx.err(key(&e.setting), e.message))?;
-    if o.kl_coef > 0.0 {
-        return Err(ctx.err(
-            k("kl_coef"),
-            format!(
-                "{}: a KL penalty needs the reference policy's log-probabilities, which runs do \
-                 not compute yet; allowed: 0",
-                o.kl_coef
-            ),
-        ));
-    }
     Ok(o)
 }
 
@@ -1472,6 +1486,12 @@ impl RunConfig {
             };
             let reward_model = reward_model_spec(ctx, i, kind, &s)?;
             let judge = rlhf_judge(ctx, i, kind, &s, &stages)?;
+            let router = ctx.choice(&k("router"), s.router.clone())?;
+            if router.is_some() && !kind.is_rl() {
+                return Err(ctx.err(k("router"), "allowed in: rlvr, swe_rl and rlhf stages"));
+            }
+            let router_frozen =
+                kind.is_rl() && router.unwrap_or(Defaults::ROUTER) == Router::Frozen;
             let envs = s.environments.clone().unwrap_or_default();
             if envs.is_empty() && data.is_none() && reward_model.is_none() {
                 return Err(ctx.err(
@@ -1584,6 +1604,7 @@ impl RunConfig {
                 curriculum,
                 reward_model,
                 judge,
+                router_frozen,
                 max_turns: s.max_turns,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
                 environments,
@@ -1645,6 +1666,15 @@ impl RunConfig {
                 "learner.checkpoint_keep",
                 l.checkpoint_keep.unwrap_or(Defaults::CHECKPOINT_KEEP),
             )?,
+            router_bias_rate: match l.router_bias_rate.unwrap_or(Defaults::ROUTER_BIAS_RATE) {
+                r if r >= 0.0 && r.is_finite() => r,
+                r => {
+                    return Err(ctx.err(
+                        "learner.router_bias_rate",
+                        format!("{r}; allowed: a finite number >= 0 (0: off)"),
+                    ));
+                }
+            },
             stages,
             environment_faults: fault_policy(ctx, raw.environment_faults.unwrap_or_default())?,
         })
@@ -1727,6 +1757,8 @@ sampling = { temperature = 0.9 }
             "reinforce is RLOO: no std normalisation unless asked"
         );
         assert_eq!(rl.domain_ratios, DomainRatios::Fixed);
+        assert!(rl.router_frozen, "Nemotron 3 freezes the router in RL");
+        assert!(!c.stages[0].router_frozen, "an sft stage trains everything");
         assert_eq!(rl.curriculum, None);
         assert_eq!(rl.max_turns, Some(3));
         assert_eq!(
@@ -2255,9 +2287,27 @@ sampling = { temperature = 0.9 }
             ),
             (
                 "steps = 5",
-                "steps = 5\nkl_coef = 0.1",
+                "steps = 5\nkl_coef = -0.1",
                 "stages[1].kl_coef",
-                "reference policy",
+                ">= 0",
+            ),
+            (
+                "steps = 5",
+                "steps = 5\nrouter = \"learned\"",
+                "stages[1].router",
+                "`learned`; allowed: frozen, trained",
+            ),
+            (
+                "steps = 3",
+                "steps = 3\nrouter = \"frozen\"",
+                "stages[0].router",
+                "allowed in: rlvr, swe_rl and rlhf stages",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\nrouter_bias_rate = -1",
+                "learner.router_bias_rate",
+                "allowed: a finite number >= 0",
             ),
             (
                 "steps = 3",

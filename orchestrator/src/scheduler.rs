@@ -1303,6 +1303,7 @@ async fn submit_group(
             learning_rate: at.lr,
             objective: stage.objective.as_ref().map(|o| o.to_proto()),
             stage: ctx.stage_index as u32,
+            router_frozen: stage.router_frozen,
         })
         .await?;
     order.submitted(at.step);
@@ -1352,6 +1353,7 @@ async fn submit_empty(
             learning_rate: lr,
             objective: stage.objective.as_ref().map(|o| o.to_proto()),
             stage: ctx.stage_index as u32,
+            router_frozen: stage.router_frozen,
         })
         .await?;
     Ok(())
@@ -1627,6 +1629,7 @@ async fn run_sft_step(
             step_groups: stage.prompts_per_step as u32,
             learning_rate: stage.lr_at(step),
             stage: ctx.stage_index as u32,
+            router_frozen: false,
             objective: None,
         }));
     }

@@ -345,5 +345,6 @@ fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
             keep_attention: cfg.worker_keep_attention_f32,
             exclude: vec![],
         }),
+        router_bias_rate: cfg.router_bias_rate,
     }
 }

@@ -10,12 +10,6 @@ use std::process::{Command, Stdio};
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, StageStatus};
 use harness::*;
 
-const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
-  "hybrid_override_pattern": "M*", "mamba_num_heads": 4, "mamba_head_dim": 8,
-  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-  "intermediate_size": 32, "eos_token_id": 2}"#;
-
 const WARMUP_STEPS: u64 = 4;
 const RL_STEPS: u64 = 60;
 const PROMPTS_PER_STEP: usize = 4;
@@ -64,7 +58,7 @@ fn newest_checkpoint(h: &Harness) -> Option<u64> {
 #[test]
 fn a_run_killed_mid_stage_resumes_without_repeating_work() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), config()).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
         .args(["run", "run.toml", "--eval-tasks", "4"])
@@ -167,7 +161,7 @@ fn a_run_killed_mid_stage_resumes_without_repeating_work() {
 #[test]
 fn a_recipe_starts_part_way_from_a_checkpoint_a_user_brings() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     let short = config()
         .replace(&format!("steps = {RL_STEPS}"), "steps = 2")
         .replace(&format!("steps = {WARMUP_STEPS}"), "steps = 2");
@@ -233,7 +227,7 @@ fn a_recipe_starts_part_way_from_a_checkpoint_a_user_brings() {
     let (b, e) = (brought[name].as_tensor(), ended[name].as_tensor());
     assert!(diff(b, e) < 1e-6, "{}", diff(b, e));
     let init = chorus_model::checkpoint::init_params(
-        &chorus_model::NemotronHConfig::from_json_str(MODEL).unwrap(),
+        &chorus_model::NemotronHConfig::from_json_str(TINY_DENSE_MODEL).unwrap(),
         0,
         &candle_core::Device::Cpu,
     )

@@ -8,12 +8,6 @@ mod harness;
 use chorus_orchestrator::ledger::{Ledger, StageStatus};
 use harness::*;
 
-const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
-  "hybrid_override_pattern": "M*", "mamba_num_heads": 4, "mamba_head_dim": 8,
-  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-  "intermediate_size": 32, "eos_token_id": 2}"#;
-
 const RUN: &str = r#"
 name = "rm"
 seed = 1
@@ -42,7 +36,7 @@ heldout_pairs = 48
 #[test]
 fn a_bradley_terry_stage_learns_to_rank_held_out_pairs() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     // A user's preference rows, next to the environments' pairs.
     let rows: String = (0..60)
         .map(|n| {
@@ -110,7 +104,7 @@ fn a_bradley_terry_stage_learns_to_rank_held_out_pairs() {
 #[test]
 fn reward_model_settings_are_checked_before_the_run() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     let bad = RUN.replace(
         "pairs_from = [\"arithmetic\", \"needle\", \"multi_hop\"]",
         "",
@@ -177,7 +171,7 @@ environments = [{ name = "swe" }]
 #[test]
 fn a_swe_rl_stage_plays_episodes_and_reports_its_pass_rate() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), SWE_RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
     let stage: serde_json::Value = serde_json::from_str(
@@ -204,7 +198,7 @@ fn a_swe_rl_stage_plays_episodes_and_reports_its_pass_rate() {
 #[test]
 fn an_rlhf_stage_is_rewarded_by_the_reward_model_and_keeps_its_verifiers() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     let run = RUN.replace("steps = 80", "steps = 20").to_string()
         + r#"
 [[stages]]

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::config::{CurriculumSettings, Stage};
 use crate::scheduler::{
     BoxFuture, Drawn, Member, Rollout, SchedulerError, StageContext, futures_join, pick, play,
-    stop_tokens, think_budget,
+    stop_tokens, think_budget, turn_limit,
 };
 
 /// One candidate prompt and its estimated pass rate.
@@ -89,8 +89,7 @@ impl Curriculum {
                 seed,
                 env_name: env_name.clone(),
                 env,
-                multi_turn: (info.turns == Turns::Multi)
-                    .then_some(stage.max_turns.unwrap_or(info.max_turns).max(1)),
+                multi_turn: (info.turns == Turns::Multi).then_some(turn_limit(stage, &info)),
                 task: Arc::new(task),
             });
             let prompt_ids = Arc::new(prompt_ids);

@@ -550,8 +550,7 @@ async fn draw(
             seed,
             env_name,
             env,
-            multi_turn: (info.turns == Turns::Multi)
-                .then_some(stage.max_turns.unwrap_or(info.max_turns).max(1)),
+            multi_turn: (info.turns == Turns::Multi).then_some(turn_limit(stage, &info)),
             task: candidate.task.clone(),
         });
     }
@@ -574,10 +573,15 @@ async fn draw(
         seed,
         env_name,
         env,
-        multi_turn: (info.turns == Turns::Multi)
-            .then_some(stage.max_turns.unwrap_or(info.max_turns).max(1)),
+        multi_turn: (info.turns == Turns::Multi).then_some(turn_limit(stage, &info)),
         task: Arc::new(task),
     })
+}
+
+/// The turn limit of a multi-turn episode in `stage`: the stage's `max_turns`, else the
+/// environment's own, at least 1.
+pub(crate) fn turn_limit(stage: &Stage, info: &EnvInfo) -> u32 {
+    stage.max_turns.unwrap_or(info.max_turns).max(1)
 }
 
 /// A task that breaks the contract (made by another environment, no prompt) is a fault.

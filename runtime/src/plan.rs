@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_environments::Registry;
 use chorus_environments::preference::{PreferenceRow, load_preferences};
 use chorus_learner::{AdamWConfig, LearnerConfig, LrSchedule};
 use chorus_model::Nvfp4Policy;
@@ -131,8 +132,9 @@ impl RunPlan {
                 transcripts.insert(i, Arc::new(loaded));
             }
         }
-        let preferences = reward_model_data(&config)?;
-        check_swe_rl(&config)?;
+        let builtins = chorus_environments::builtin_registry();
+        let preferences = reward_model_data(&config, &builtins)?;
+        check_swe_rl(&config, &builtins)?;
         let model = model_config(&config)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
         for (i, stage) in config.stages.iter().enumerate() {
@@ -196,8 +198,7 @@ impl RunPlan {
 
 /// A `swe_rl` stage trains on multi-turn episodes: a built-in single-turn environment in its
 /// mixture is a mistake worth naming before the run starts.
-fn check_swe_rl(config: &RunConfig) -> Result<()> {
-    let builtins = chorus_environments::builtin_registry();
+fn check_swe_rl(config: &RunConfig, builtins: &Registry) -> Result<()> {
     for (i, stage) in config.stages.iter().enumerate() {
         if stage.kind != StageKind::SweRl {
             continue;
@@ -220,8 +221,10 @@ fn check_swe_rl(config: &RunConfig) -> Result<()> {
 
 /// The preference files of the run's `reward_model` stages, read and checked now, and their
 /// `pairs_from` environments checked to be single-turn built-ins.
-fn reward_model_data(config: &RunConfig) -> Result<BTreeMap<usize, Arc<Vec<PreferenceRow>>>> {
-    let builtins = chorus_environments::builtin_registry();
+fn reward_model_data(
+    config: &RunConfig,
+    builtins: &Registry,
+) -> Result<BTreeMap<usize, Arc<Vec<PreferenceRow>>>> {
     let mut out = BTreeMap::new();
     for (i, stage) in config.stages.iter().enumerate() {
         let Some(spec) = &stage.reward_model else {

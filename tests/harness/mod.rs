@@ -54,6 +54,14 @@ impl Harness {
     }
 }
 
+/// A tiny dense (Mamba and attention, no MoE) policy's `config.json` over the byte-level
+/// vocabulary: fast enough for whole runs in tests.
+pub const TINY_DENSE_MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272,
+  "hidden_size": 32, "hybrid_override_pattern": "M*", "mamba_num_heads": 4, "mamba_head_dim": 8,
+  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+  "intermediate_size": 32, "eos_token_id": 2}"#;
+
 /// The repository root.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

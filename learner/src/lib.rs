@@ -31,7 +31,9 @@ mod trainer;
 pub use checkpoints::CheckpointPolicy;
 pub use chorus_proto::schedule::{Decay, LrSchedule};
 pub use error::{LearnerError, Result};
-pub use loss::{LossStats, RlSequence, SftSequence, completion_logprobs, rl_loss, sft_loss};
+pub use loss::{
+    LossStats, RlSequence, SftSequence, completion_logprobs, mtp_loss, rl_loss, sft_loss,
+};
 pub use objective::Objective;
 pub use optim::{AdamW, AdamWConfig, StepStats};
 pub use reward_model::{

@@ -288,6 +288,75 @@ pub(crate) fn sft_loss_counting(
     Ok((loss, stats))
 }
 
+/// The MTP head's loss on the completion tokens of `batch`: at each depth `k` in
+/// `1..=mtp_depth`, the cross-entropy of the head's prediction of the token `k` places after
+/// the next one, token-mean over the positions whose target is a completion token in the loss;
+/// the depths' losses averaged. The backbone's hidden state is detached, so the gradient reaches
+/// the MTP head alone (healing the head after the backbone moved, Nemotron 3's last stage).
+/// `stats.loss` is that mean; `stats.tokens` counts the depth-1 targets.
+pub fn mtp_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, LossStats)> {
+    if !model.has_mtp() {
+        return Err(LearnerError::Batch(
+            "the policy has no MTP head to train (num_nextn_predict_layers = 0)".into(),
+        ));
+    }
+    let device = model_device(model);
+    let views: Vec<SeqView<'_>> = batch
+        .iter()
+        .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
+        .collect();
+    let l = layout(&views, model.config().vocab_size, &device)?;
+    let (b, t) = l.ids.dims2()?;
+    let hidden = model.hidden(&l.ids)?.detach();
+    let depth = model.config().chorus.mtp_depth.max(1);
+    let mut total: Option<Tensor> = None;
+    let (mut depths, mut tokens) = (0usize, 0usize);
+    for (i, logits) in model.mtp_logits(&l.ids, &hidden, depth)?.iter().enumerate() {
+        let k = i + 1;
+        // Position p predicts token p + k + 1: positions 0..t-k-1 have a target.
+        let Some(width) = t.checked_sub(k + 1).filter(|&w| w > 0) else {
+            break;
+        };
+        // The layout's mask at position q says whether token q + 1 is learned; here the
+        // target of position p is token p + k + 1, so its mask is the layout's at p + k.
+        let mut mask = vec![0f32; b * width];
+        for row in 0..b {
+            for p in 0..width {
+                mask[row * width + p] = l.mask[row * l.width + p + k];
+            }
+        }
+        let n = mask.iter().filter(|&&m| m > 0.0).count();
+        if n == 0 {
+            continue;
+        }
+        if k == 1 {
+            tokens = n;
+        }
+        let mask = Tensor::from_vec(mask, (b, width), &device)?;
+        let targets = l.ids.narrow(1, k + 1, width)?.contiguous()?;
+        let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, width)?, D::Minus1)?;
+        let lp = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
+        let part = token_mean(&lp.neg()?, &mask)?;
+        total = Some(match total {
+            Some(sum) => (sum + part)?,
+            None => part,
+        });
+        depths += 1;
+    }
+    let Some(total) = total else {
+        return Err(LearnerError::Batch(
+            "no completion token has a target for the MTP head (completions of one token?)".into(),
+        ));
+    };
+    let loss = (total / depths as f64)?;
+    let stats = LossStats {
+        loss: loss.to_scalar::<f32>()? as f64,
+        tokens,
+        ..LossStats::default()
+    };
+    Ok((loss, stats))
+}
+
 fn model_device(model: &NemotronH) -> Device {
     model.device().clone()
 }

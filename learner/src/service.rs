@@ -360,8 +360,16 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                         .iter()
                         .flat_map(|g| group_sft(g).unwrap_or_default())
                         .collect();
-                    let stepped = prepare_step(&mut trainer, &groups, false)
-                        .and_then(|()| trainer.sft_step(&batch));
+                    // A step trains the MTP head alone when its groups ask (they all do: a
+                    // step's groups come from one stage).
+                    let mtp_head = groups.iter().any(|g| g.mtp_head);
+                    let stepped = prepare_step(&mut trainer, &groups, false).and_then(|()| {
+                        if mtp_head {
+                            trainer.mtp_step(&batch)
+                        } else {
+                            trainer.sft_step(&batch)
+                        }
+                    });
                     (stepped, batch.len(), true)
                 } else {
                     rl.push(g);

@@ -11,8 +11,9 @@
 //!   counts (aux-loss-free balancing, DeepSeek-V3's rule), whether or not the router's
 //!   `gate.weight` is frozen for the step ([`Trainer::set_router_frozen`]).
 //!
-//! RL steps never move the MTP head (`mtp.*`): it drafts for speculative decoding and is not the
-//! policy the objective is about.
+//! SFT and RL steps never move the MTP head (`mtp.*`): it drafts for speculative decoding and
+//! is not the policy their objectives are about. MTP-healing steps ([`Trainer::mtp_step`]) move
+//! it alone, on the completions the policy wrote.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -28,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result, config_err};
 use crate::loss::{
-    LossStats, RlSequence, SftSequence, completion_logprobs, rl_loss_counting, sft_loss_counting,
+    LossStats, RlSequence, SftSequence, completion_logprobs, mtp_loss, rl_loss_counting,
+    sft_loss_counting,
 };
 use crate::objective::Objective;
 use crate::optim::{AdamW, AdamWConfig};
@@ -54,10 +56,10 @@ pub struct LearnerConfig {
     pub schedule: LrSchedule,
     /// The RL objective of groups that do not name their own.
     pub objective: Objective,
-    /// Parameters whose names contain any of these strings are never updated (e.g. `"mtp."` to
-    /// keep the MTP head out of SFT too; RL steps leave it alone regardless, and
-    /// `".gate.weight"` freezes the routers in every step, where a group's `router_frozen`
-    /// freezes them in its step only).
+    /// Parameters whose names contain any of these strings are never updated (e.g. `"mtp."`
+    /// keeps the MTP head out of MTP-healing steps too, which SFT and RL steps leave alone
+    /// regardless; `".gate.weight"` freezes the routers in every step, where a group's
+    /// `router_frozen` freezes them in its step only).
     pub freeze: Vec<String>,
     /// Run the forward pass through NVFP4 weights with straight-through gradients, quantizing
     /// the projections NVFP4 rollout workers quantize, so the policy being optimised is the one
@@ -127,6 +129,8 @@ struct Reference {
 enum StepKind {
     Rl,
     Sft,
+    /// MTP healing: the MTP head alone moves.
+    Mtp,
 }
 
 /// A policy being trained.
@@ -429,6 +433,17 @@ impl Trainer {
         self.apply(loss, stats, &load, StepKind::Sft)
     }
 
+    /// One update of the MTP head alone on `batch` ([`mtp_loss`]): the backbone, `lm_head` and
+    /// the embeddings the head shares stay as they are, and the routers' biases are not
+    /// balanced (the backbone's routing did not train).
+    pub fn mtp_step(&mut self, batch: &[SftSequence]) -> Result<StepReport> {
+        if batch.is_empty() {
+            return Err(LearnerError::Batch("empty batch".into()));
+        }
+        let (loss, stats) = mtp_loss(&self.model, batch)?;
+        self.apply(loss, stats, &ExpertLoad::new(), StepKind::Mtp)
+    }
+
     /// Aux-loss-free load balancing (DeepSeek-V3): every MoE block's `e_score_correction_bias`
     /// moves by `router_bias_rate` per expert towards balance,
     /// `bias_i += rate * sign(mean_load - load_i)`, from the step's counts. Exact in integers:
@@ -474,12 +489,14 @@ impl Trainer {
         kind: StepKind,
     ) -> Result<StepReport> {
         // Which of the optimised parameters this step may move. The MTP head gets no gradient
-        // from the RL loss today; excluding it by name keeps it untouched should that change.
+        // from the SFT or RL loss today; excluding it by name keeps it untouched should that
+        // change, and the MTP loss reaches only the head (the backbone's state is detached).
         let router_frozen = self.router_frozen;
-        let updated = move |name: &str| {
-            let mtp_in_rl = kind == StepKind::Rl && is_mtp(name);
-            let frozen_router = router_frozen && is_router_weight(name);
-            !(mtp_in_rl || frozen_router)
+        let updated = move |name: &str| match kind {
+            StepKind::Mtp => is_mtp(name),
+            StepKind::Rl | StepKind::Sft => {
+                !is_mtp(name) && !(router_frozen && is_router_weight(name))
+            }
         };
         self.step += 1;
         let lr = match self.peak_lr_override {
@@ -518,7 +535,9 @@ impl Trainer {
             ));
         }
         let st = self.optimizer.step_where(&grads, lr, &updated)?;
-        self.balance_routers(load)?;
+        if kind != StepKind::Mtp {
+            self.balance_routers(load)?;
+        }
         self.version += 1;
         Ok(report(st.grad_norm, self.version, None))
     }

@@ -123,6 +123,10 @@ pub enum StageKind {
     /// RL whose reward is an earlier `reward_model` stage's score of each completion; its
     /// environments give the prompts (and their verifiers the held-out accuracy reported beside).
     Rlhf,
+    /// The MTP head trained alone (the backbone frozen) on completions of this run's own
+    /// rollouts read back from the ledger, so that it drafts for the policy the earlier stages
+    /// made; its environments give the held-out prompts its acceptance rate is measured on.
+    MtpHeal,
 }
 
 impl StageKind {
@@ -134,6 +138,7 @@ impl StageKind {
             Self::RewardModel => "reward_model",
             Self::SweRl => "swe_rl",
             Self::Rlhf => "rlhf",
+            Self::MtpHeal => "mtp_heal",
         }
     }
 
@@ -149,6 +154,7 @@ impl StageKind {
             Self::RewardModel => &[PAIR_ACCURACY],
             Self::SweRl => &[HELDOUT_PASS_RATE],
             Self::Rlhf => &[HELDOUT_RM_SCORE],
+            Self::MtpHeal => &[HELDOUT_MTP_ACCEPTANCE],
         }
     }
 }
@@ -160,6 +166,9 @@ pub const HELDOUT_ACCURACY: &str = "heldout_accuracy";
 pub const HELDOUT_PASS_RATE: &str = "heldout_pass_rate";
 /// Mean reward-model score of the policy's held-out completions (an `rlhf` stage's metric).
 pub const HELDOUT_RM_SCORE: &str = "heldout_rm_score";
+/// Fraction of the MTP head's draft tokens the policy accepts in speculative decoding of
+/// held-out prompts (an `mtp_heal` stage's metric).
+pub const HELDOUT_MTP_ACCEPTANCE: &str = "heldout_mtp_acceptance";
 /// Fraction of held-out preference pairs a reward model ranks the right way.
 pub const PAIR_ACCURACY: &str = "pair_accuracy";
 
@@ -799,7 +808,7 @@ impl Defaults {
     /// token mean) for RL.
     pub const fn algorithm(kind: StageKind) -> Algorithm {
         match kind {
-            StageKind::Sft | StageKind::RewardModel => Algorithm::Sft,
+            StageKind::Sft | StageKind::RewardModel | StageKind::MtpHeal => Algorithm::Sft,
             StageKind::Rlvr | StageKind::SweRl | StageKind::Rlhf => Algorithm::Dapo,
         }
     }
@@ -933,7 +942,7 @@ fn stage_curriculum(
         }
         return Ok(None);
     }
-    if kind == StageKind::Sft {
+    if !kind.is_rl() {
         return Err(ctx.err(
             k("curriculum"),
             "a pass-rate curriculum ranks prompts by sampled rewards; allowed in: rlvr stages",
@@ -1419,6 +1428,16 @@ impl RunConfig {
                     }
                     None
                 }
+                (StageKind::MtpHeal, _) => {
+                    if s.algorithm.is_some() {
+                        return Err(ctx.err(
+                            k("algorithm"),
+                            "mtp_heal stages train the MTP head with its own multi-token \
+                             prediction loss; drop `algorithm`",
+                        ));
+                    }
+                    None
+                }
                 (StageKind::Sft, None) => None,
                 (StageKind::Rlvr | StageKind::SweRl | StageKind::Rlhf, Some(rl)) => {
                     Some(stage_objective(ctx, i, rl, &l, learner_aggregation, &s)?)
@@ -1470,6 +1489,14 @@ impl RunConfig {
                     ));
                 }
                 (Some(_), StageKind::RewardModel) => None,
+                (Some(_), StageKind::MtpHeal) => {
+                    return Err(ctx.err(
+                        k("data"),
+                        "mtp_heal stages learn from this run's own rollouts in the ledger; \
+                         `data` is allowed in: sft stages (transcripts) and reward_model stages \
+                         (preferences)",
+                    ));
+                }
                 (Some(path), StageKind::Sft) => {
                     let weight = s.data_weight.unwrap_or(Defaults::ENVIRONMENT_WEIGHT);
                     if !(weight > 0.0 && weight.is_finite()) {
@@ -2049,7 +2076,7 @@ sampling = { temperature = 0.9 }
         );
         assert_eq!(
             allowed::<StageKind>(),
-            "sft, rl, rlvr, reward_model, swe_rl, rlhf",
+            "sft, rl, rlvr, reward_model, swe_rl, rlhf, mtp_heal",
             "rl is the old name of rlvr"
         );
         assert_eq!(allowed::<EnvironmentKind>(), "builtin, plugin, nemo_gym");

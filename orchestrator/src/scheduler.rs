@@ -137,6 +137,9 @@ pub enum SchedulerError {
     /// A stage's transcript file cannot be used.
     #[error(transparent)]
     Transcripts(#[from] crate::transcripts::TranscriptError),
+    /// A stage has nothing to learn from.
+    #[error("no data: {0}")]
+    NoData(String),
 }
 
 /// Counters of a stage, updated as it runs.
@@ -929,7 +932,7 @@ struct ScoredGroup {
 }
 
 /// The tokens that end a turn.
-pub(crate) fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
+pub fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
     chat::STOP_SEQUENCES
         .iter()
         .filter_map(|s| tokenizer.token_id(s))
@@ -1308,6 +1311,7 @@ async fn submit_group(
             objective: stage.objective.as_ref().map(|o| o.to_proto()),
             stage: ctx.stage_index as u32,
             router_frozen: stage.router_frozen,
+            mtp_head: false,
         })
         .await?;
     order.submitted(at.step);
@@ -1358,6 +1362,7 @@ async fn submit_empty(
             objective: stage.objective.as_ref().map(|o| o.to_proto()),
             stage: ctx.stage_index as u32,
             router_frozen: stage.router_frozen,
+            mtp_head: false,
         })
         .await?;
     Ok(())
@@ -1634,6 +1639,7 @@ async fn run_sft_step(
             learning_rate: stage.lr_at(step),
             stage: ctx.stage_index as u32,
             router_frozen: false,
+            mtp_head: false,
             objective: None,
         }));
     }
@@ -1656,6 +1662,99 @@ async fn run_sft_step(
         .fetch_add(submitted, Ordering::Relaxed);
     ctx.learning.wait_version(base + step + 1).await?;
     Ok(())
+}
+
+/// The most rollouts an `mtp_heal` stage reads back from the ledger.
+pub const MTP_HEAL_ROLLOUTS: u32 = 20_000;
+
+/// Runs the `mtp_heal` stage `stage` (its steps, or its goal) and returns the number of steps
+/// it ran: each step trains the MTP head alone on `prompts_per_step` of this run's own
+/// rollouts, read back from the ledger (up to [`MTP_HEAL_ROLLOUTS`], by id) and taken in an
+/// order shuffled by the run's seed, so a resumed stage continues with the rollouts it had not
+/// yet used. The whole completion is learned, tool observations included: a draft is checked
+/// against whatever follows.
+pub async fn run_mtp_heal_stage(
+    ctx: Arc<StageContext>,
+    stage: Arc<Stage>,
+) -> Result<u64, SchedulerError> {
+    let span = stage_span(&ctx, &stage);
+    run_mtp_heal_stage_in(ctx, stage).instrument(span).await
+}
+
+async fn run_mtp_heal_stage_in(
+    ctx: Arc<StageContext>,
+    stage: Arc<Stage>,
+) -> Result<u64, SchedulerError> {
+    use rand::seq::SliceRandom;
+    let (base, first_step) = stage_start(&ctx);
+    let rollouts = ctx
+        .ledger
+        .policy_rollouts(&ctx.run_id, MTP_HEAL_ROLLOUTS)
+        .await?;
+    if rollouts.is_empty() {
+        return Err(SchedulerError::NoData(format!(
+            "stage {}: run {} has no rollouts of its own in the ledger to heal the MTP head on; \
+             an mtp_heal stage goes after an rlvr, swe_rl or rlhf stage of the same run",
+            stage.name, ctx.run_id
+        )));
+    }
+    tracing::info!(
+        rollouts = rollouts.len(),
+        "stage {}: healing the MTP head on {} of the run's rollouts",
+        stage.name,
+        rollouts.len()
+    );
+    let mut order: Vec<usize> = (0..rollouts.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(
+        ctx.seed ^ ((ctx.stage_index as u64) << 56) ^ 0x4d54_5048,
+    ));
+    let per_step = stage.prompts_per_step;
+    for step in first_step..stage.steps {
+        if goal_reached(&ctx, base, step).await? {
+            return Ok(step);
+        }
+        for slot in 0..per_step {
+            let r = &rollouts[order[(step as usize * per_step + slot) % order.len()]].trajectory;
+            ctx.learning
+                .submit(TrajectoryGroup {
+                    run_id: ctx.run_id.clone(),
+                    group_id: group_id(&ctx, step, slot, None),
+                    environment: r.environment.clone(),
+                    trajectories: vec![Trajectory {
+                        trajectory_id: r.id.clone(),
+                        prompt_id: r.prompt_id.clone(),
+                        prompt_token_ids: r.prompt_token_ids.clone(),
+                        completion_token_ids: r.completion_token_ids.clone(),
+                        worker_id: r.worker_id.clone(),
+                        ..Default::default()
+                    }],
+                    supervised: true,
+                    step_groups: per_step as u32,
+                    learning_rate: stage.lr_at(step),
+                    stage: ctx.stage_index as u32,
+                    router_frozen: false,
+                    mtp_head: true,
+                    objective: None,
+                })
+                .await?;
+        }
+        ctx.stats
+            .groups_submitted
+            .fetch_add(per_step as u64, Ordering::Relaxed);
+        ctx.stats
+            .trajectories_submitted
+            .fetch_add(per_step as u64, Ordering::Relaxed);
+        ctx.learning.wait_version(base + step + 1).await?;
+        if (step + 1) % 10 == 0 || step + 1 == stage.steps {
+            tracing::info!(
+                "stage {}: MTP healing step {}/{}",
+                stage.name,
+                step + 1,
+                stage.steps
+            );
+        }
+    }
+    Ok(stage.steps.max(first_step))
 }
 
 /// Held-out accuracy of one environment: the fraction of tasks answered with full reward.
@@ -1703,7 +1802,7 @@ const HELDOUT_DRAWS_PER_TASK: usize = 8;
 /// held-out split at this difficulty is smaller (single-digit addition has about 20 held-out
 /// facts): repeating a task would count one answer many times and make the accuracy's interval
 /// look narrower than the evidence is.
-async fn heldout_tasks(
+pub async fn heldout_tasks(
     ctx: &StageContext,
     name: &str,
     env: &Arc<dyn Environment>,

@@ -136,6 +136,7 @@ impl RunPlan {
         let preferences = reward_model_data(&config, &builtins)?;
         check_swe_rl(&config, &builtins)?;
         let model = model_config(&config)?;
+        check_mtp_heal(&config, &model)?;
         let tokenizer = Arc::new(tokenizer(&config, &model)?);
         for (i, stage) in config.stages.iter().enumerate() {
             if stage.think_budget.is_some() {
@@ -214,6 +215,37 @@ fn check_swe_rl(config: &RunConfig, builtins: &Registry) -> Result<()> {
                      rlvr stage"
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// An `mtp_heal` stage trains the policy's MTP head on the rollouts of earlier RL stages: a
+/// policy without a head, or a stage with no RL stage before it, is named before the run starts.
+fn check_mtp_heal(config: &RunConfig, model: &NemotronHConfig) -> Result<()> {
+    for (i, stage) in config.stages.iter().enumerate() {
+        if stage.kind != StageKind::MtpHeal {
+            continue;
+        }
+        if !model.has_mtp() {
+            return Err(RunError::Invalid(format!(
+                "stages[{i}] ({}): an mtp_heal stage trains the MTP head, and the policy ({}) \
+                 has none (num_nextn_predict_layers = 0 in its config.json); drop the stage or \
+                 start from a model with an MTP head",
+                stage.name,
+                config
+                    .checkpoint
+                    .as_ref()
+                    .or(config.init_config.as_ref())
+                    .map_or_else(|| "the model".into(), |p| p.display().to_string())
+            )));
+        }
+        if !config.stages[..i].iter().any(|s| s.kind.is_rl()) {
+            return Err(RunError::Invalid(format!(
+                "stages[{i}] ({}): an mtp_heal stage learns from this run's rollouts, and no \
+                 stage before it samples any; put it after an rlvr, swe_rl or rlhf stage",
+                stage.name
+            )));
         }
     }
     Ok(())
@@ -338,12 +370,9 @@ fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
             .iter()
             .find_map(|s| s.objective.clone())
             .unwrap_or_default(),
-        // The MTP head is trained apart (it drafts for speculation, it is not the policy).
-        freeze: if model.has_mtp() {
-            vec!["mtp.".into()]
-        } else {
-            vec![]
-        },
+        // Nothing is frozen for good: SFT and RL steps leave the MTP head alone by themselves,
+        // and `mtp_heal` stages train it alone.
+        freeze: vec![],
         nvfp4_forward: cfg.learner_nvfp4_forward.then(|| Nvfp4Policy {
             keep_attention: cfg.worker_keep_attention_f32,
             exclude: vec![],

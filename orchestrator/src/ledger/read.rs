@@ -472,6 +472,31 @@ impl Ledger {
             .pop())
     }
 
+    /// Up to `limit` of run `run_id`'s own rollouts, by id: trajectories the workers generated
+    /// (not reference solutions) for training prompts (not held-out ones), scored without a
+    /// failure, with at least two completion tokens; arrays decoded. What an `mtp_heal` stage
+    /// learns to draft.
+    pub async fn policy_rollouts(
+        &self,
+        run_id: &str,
+        limit: u32,
+    ) -> Result<Vec<TrajectoryRecord>, LedgerError> {
+        let cols = TRAJECTORY_COLS
+            .split(", ")
+            .map(|c| format!("t.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stmt = Stmt::new(format!(
+            "SELECT {cols} FROM trajectories t JOIN prompts p ON p.id = t.prompt_id \
+             WHERE t.run_id = $1 AND t.status = 'ok' AND t.worker_id <> 'reference' \
+             AND p.split = 'train' AND t.num_completion_tokens >= 2 \
+             ORDER BY t.id LIMIT $2"
+        ))
+        .bind(run_id)
+        .bind(i64::from(limit));
+        self.fetch("policy_rollouts", stmt, decode_trajectory).await
+    }
+
     /// For every run (runs without trajectories included, ordered by id): its
     /// trajectories, and those a learner step consumed.
     pub async fn trajectory_counts(&self) -> Result<Vec<TrajectoryCounts>, LedgerError> {

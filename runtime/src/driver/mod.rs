@@ -3,6 +3,7 @@
 //! (`progress.rs`), held-out evaluation (`evaluation.rs`) and the stage loop (`stages.rs`) — and
 //! returns the [`Summary`]. [`run_local`] starts the services in this process first.
 
+mod acceptance;
 mod evaluation;
 mod ledger;
 mod progress;

@@ -15,9 +15,12 @@ use chorus_orchestrator::confidence;
 use chorus_orchestrator::config::{EnvironmentSource, Stage, StageKind};
 use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
 use chorus_orchestrator::remote::RemoteLearner;
-use chorus_orchestrator::scheduler::{Accuracy, StageContext, run_rl_stage, run_sft_stage};
+use chorus_orchestrator::scheduler::{
+    Accuracy, StageContext, run_mtp_heal_stage, run_rl_stage, run_sft_stage,
+};
 use tracing::Instrument;
 
+use super::acceptance::{AcceptanceProbe, acceptance_line, pooled};
 use super::evaluation::Evaluator;
 use super::resume::Resumed;
 use super::reward_model::run_reward_model_stage;
@@ -36,7 +39,7 @@ pub(crate) struct StageOutputs<'a> {
     /// The run's output directory; stage `s` writes `stages/<s>/`.
     pub out_dir: &'a Path,
     /// The learner, for the stages' final weights.
-    pub learner: &'a RemoteLearner,
+    pub learner: &'a Arc<RemoteLearner>,
     /// The policy's architecture, written with each checkpoint.
     pub model: &'a NemotronHConfig,
     /// The ledger's URL, for errors.
@@ -100,10 +103,19 @@ pub(crate) async fn run_stages(
         ctx.stage_index = i;
         ctx.first_version = start.resumed.and_then(|r| r.first_version(i));
         ctx.transcripts = plan.transcripts.get(&i).cloned();
-        ctx.goal = stage
-            .until
-            .as_ref()
-            .map(|until| evaluator.accuracy_goal(&stage_environments(stage), until));
+        // An mtp_heal stage measures its policies' speculative acceptance, not their accuracy.
+        let probe = (stage.kind == StageKind::MtpHeal).then(|| {
+            AcceptanceProbe::new(
+                outputs.learner.clone(),
+                plan.model.clone(),
+                plan.evaluation.clone(),
+                stage_environments(stage),
+            )
+        });
+        ctx.goal = stage.until.as_ref().map(|until| match &probe {
+            Some(p) => p.goal(until),
+            None => evaluator.accuracy_goal(&stage_environments(stage), until),
+        });
         let shared = Arc::new(ctx.clone());
         if stage.kind.is_rl() {
             evaluator.before_rl(&shared).await?;
@@ -122,12 +134,12 @@ pub(crate) async fn run_stages(
             }
             (None, Some(judge)) => {
                 let (judged, ctx) = judged_stage(plan, stage, judge, &shared, outputs)?;
-                run_stage(&judged, &ctx, evaluator, outputs)
+                run_stage(&judged, &ctx, evaluator, None, outputs)
                     .instrument(span)
                     .await?
             }
             (None, None) => {
-                run_stage(stage, &shared, evaluator, outputs)
+                run_stage(stage, &shared, evaluator, probe.as_ref(), outputs)
                     .instrument(span)
                     .await?
             }
@@ -192,7 +204,8 @@ fn stage_environments(stage: &Stage) -> Vec<(String, u32)> {
 }
 
 /// A stage's metric over `acc` with its interval: the mean held-out accuracy (an `rlhf`
-/// stage: the mean reward-model score, without an interval); `None` without environments.
+/// stage: the mean reward-model score; an `mtp_heal` stage: the acceptance rate over all its
+/// drafts; neither with an interval); `None` without environments.
 fn mean_of(
     kind: StageKind,
     acc: &BTreeMap<String, Accuracy>,
@@ -204,14 +217,47 @@ fn mean_of(
         let mean = acc.values().map(|a| a.mean_reward).sum::<f64>() / acc.len() as f64;
         return Some((mean, None));
     }
+    if kind == StageKind::MtpHeal {
+        return Some((pooled(acc), None));
+    }
     let (mean, interval) = mean_accuracy(acc);
     Some((mean, Some(interval)))
+}
+
+/// The stage's metric of policy `version`: held-out accuracy, or with `probe` (an `mtp_heal`
+/// stage) speculative acceptance.
+async fn measure(
+    ctx: &Arc<StageContext>,
+    evaluator: &Evaluator,
+    probe: Option<&AcceptanceProbe>,
+    environments: &[(String, u32)],
+    version: u64,
+) -> Result<BTreeMap<String, Accuracy>> {
+    match probe {
+        Some(p) => p.at(ctx, version).await,
+        None => evaluator.accuracy_at(ctx, environments, version).await,
+    }
+}
+
+/// What a resumed `mtp_heal` stage measured at its start before the crash: the ledger's
+/// `metric_start` (its policy is gone, and acceptance is not kept per environment).
+async fn resumed_metric_start(ctx: &StageContext, db: &str) -> Result<Option<f64>> {
+    let stages = ctx
+        .ledger
+        .list_stages(&ctx.run_id)
+        .await
+        .map_err(RunError::ledger(db))?;
+    Ok(stages
+        .into_iter()
+        .find(|s| s.stage.stage_index == ctx.stage_index as u64)
+        .and_then(|s| s.stage.metric_start))
 }
 
 async fn run_stage(
     stage: &Stage,
     ctx: &Arc<StageContext>,
     evaluator: &Evaluator,
+    probe: Option<&AcceptanceProbe>,
     outputs: &StageOutputs<'_>,
 ) -> Result<StageSummary> {
     let i = ctx.stage_index;
@@ -223,21 +269,29 @@ async fn run_stage(
         stage.kind.metrics()[0]
     };
     let started = Instant::now();
+    let line = |acc: &BTreeMap<String, Accuracy>| match probe {
+        Some(_) => format!("MTP acceptance {}", acceptance_line(acc)),
+        None => accuracy_line(acc),
+    };
     let first_version = ctx.first_version.unwrap_or_else(|| ctx.learning.version());
     // A resumed stage's start was measured before the crash (if at all): its policy is gone.
-    let start = if ctx.first_version.is_some() {
-        evaluator.measured_at(&environments, first_version)
-    } else {
-        evaluator
-            .accuracy_at(ctx, &environments, first_version)
-            .await?
+    let (start, resumed_start) = match (ctx.first_version.is_some(), probe) {
+        (true, None) => (evaluator.measured_at(&environments, first_version), None),
+        (true, Some(_)) => (
+            BTreeMap::new(),
+            resumed_metric_start(ctx, outputs.db).await?,
+        ),
+        (false, _) => (
+            measure(ctx, evaluator, probe, &environments, first_version).await?,
+            None,
+        ),
     };
     if !start.is_empty() {
         tracing::info!(
             version = first_version,
             "stage {} starts at: {}",
             stage.name,
-            accuracy_line(&start)
+            line(&start)
         );
     }
     ctx.ledger
@@ -270,6 +324,8 @@ async fn run_stage(
     let st = Arc::new(stage.clone());
     let ran = if stage.kind.is_rl() {
         run_rl_stage(ctx.clone(), st).await
+    } else if stage.kind == StageKind::MtpHeal {
+        run_mtp_heal_stage(ctx.clone(), st).await
     } else {
         run_sft_stage(ctx.clone(), st).await
     };
@@ -304,21 +360,20 @@ async fn run_stage(
         }
         return Err(e);
     }
-    let end = evaluator
-        .accuracy_at(ctx, &environments, last_version)
-        .await?;
+    let end = measure(ctx, evaluator, probe, &environments, last_version).await?;
     if !end.is_empty() {
         tracing::info!(
             version = last_version,
             "stage {} ends at:   {}",
             stage.name,
-            accuracy_line(&end)
+            line(&end)
         );
     }
     let dir = outputs.out_dir.join("stages").join(&stage.name);
     let checkpoint = dir.join("checkpoint");
     save_checkpoint(outputs, &ctx.run_id, last_version, &checkpoint).await?;
-    let (start_mean, end_mean) = (mean_of(stage.kind, &start), mean_of(stage.kind, &end));
+    let start_mean = mean_of(stage.kind, &start).or(resumed_start.map(|m| (m, None)));
+    let end_mean = mean_of(stage.kind, &end);
     let summary = StageSummary {
         name: stage.name.clone(),
         kind: kind.into(),
@@ -393,7 +448,16 @@ pub(crate) async fn policy_params(
     run_id: &str,
     version: u64,
 ) -> Result<Params> {
-    let tensors = outputs.learner.fetch_weights(run_id, version).await?;
+    fetch_params(outputs.learner, run_id, version).await
+}
+
+/// The policy's weights at `version`, fetched from `learner`.
+pub(crate) async fn fetch_params(
+    learner: &RemoteLearner,
+    run_id: &str,
+    version: u64,
+) -> Result<Params> {
+    let tensors = learner.fetch_weights(run_id, version).await?;
     let mut named = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu)

@@ -293,3 +293,42 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
         "{err}"
     );
 }
+
+#[test]
+fn an_rlhf_stage_ends_early_once_its_held_out_score_reaches_the_goal() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
+    // Any score is at least -1000: the first check, after one step, ends the stage.
+    let run = RUN.replace("steps = 80", "steps = 10").to_string()
+        + r#"
+[[stages]]
+name = "rlhf"
+kind = "rlhf"
+steps = 6
+prompts_per_step = 4
+group_size = 4
+max_new_tokens = 4
+until = { metric = "heldout_rm_score", at_least = -1000.0, every = 1 }
+environments = [{ name = "arithmetic" }]
+"#;
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
+    let stage: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(h.path("runs/rm/stages/rlhf/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stage["steps"], 1, "{stage}");
+    assert_eq!(stage["planned_steps"], 6);
+    assert_eq!(stage["reached_goal"], true);
+    // A goal on a metric the stage does not measure is refused, naming the one it does.
+    let wrong = RUN.replace("steps = 80", "steps = 10").to_string()
+        + "[[stages]]\nname = \"rlhf\"\nkind = \"rlhf\"\nsteps = 2\n\
+           until = { metric = \"heldout_accuracy\", at_least = 0.5 }\n\
+           environments = [{ name = \"arithmetic\" }]\n";
+    std::fs::write(h.path("wrong.toml"), wrong).unwrap();
+    let err = h.fails(&["run", "wrong.toml"]);
+    assert!(
+        err.contains("stages[2].until.metric") && err.contains("heldout_rm_score"),
+        "{err}"
+    );
+}

@@ -1069,13 +1069,6 @@ fn stage_until(
     u: &RawUntil,
 ) -> Result<Until, ConfigError> {
     let k = |f: &str| format!("stages[{i}].until.{f}");
-    if kind == StageKind::Rlhf {
-        return Err(ctx.err(
-            format!("stages[{i}].until"),
-            "an early end on the reward-model score is not built yet; allowed in: sft, rlvr, \
-             swe_rl and reward_model stages",
-        ));
-    }
     let metrics = kind.metrics();
     let metric = u.metric.clone().ok_or_else(|| {
         ctx.err(

@@ -150,7 +150,7 @@ impl RunPlan {
                 }
             }
         }
-        let learner = learner_config(&config, &model);
+        let learner = learner_config(&config);
         let engine = EngineOptions {
             nvfp4: config.worker_nvfp4.then(|| Nvfp4Policy {
                 keep_attention: config.worker_keep_attention_f32,
@@ -352,7 +352,7 @@ fn tokenizer(cfg: &RunConfig, model: &NemotronHConfig) -> Result<Tokenizer> {
 }
 
 /// The learner's settings for `cfg`.
-fn learner_config(cfg: &RunConfig, model: &NemotronHConfig) -> LearnerConfig {
+fn learner_config(cfg: &RunConfig) -> LearnerConfig {
     LearnerConfig {
         optimizer: AdamWConfig {
             max_grad_norm: cfg.max_grad_norm,

@@ -149,10 +149,21 @@ impl Measurements {
     }
 }
 
-/// A stage's `until` on its mean held-out accuracy.
+/// What a goal compares with its `at_least`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GoalOn {
+    /// The mean held-out accuracy of the environments.
+    Accuracy,
+    /// The mean of the environments' mean held-out reward (an `rlhf` stage's reward-model
+    /// score).
+    MeanReward,
+}
+
+/// A stage's `until` on its mean held-out accuracy or reward.
 struct AccuracyGoal {
     measurements: Arc<Measurements>,
     environments: Vec<(String, u32)>,
+    on: GoalOn,
     at_least: f64,
     every: u64,
 }
@@ -167,24 +178,40 @@ impl StageGoal for AccuracyGoal {
         ctx: Arc<StageContext>,
         version: u64,
     ) -> BoxFuture<std::result::Result<bool, SchedulerError>> {
-        let (measurements, environments, at_least) = (
+        let (measurements, environments, at_least, on) = (
             self.measurements.clone(),
             self.environments.clone(),
             self.at_least,
+            self.on,
         );
         Box::pin(async move {
             let acc = measurements
                 .accuracy_at(&ctx, &environments, version)
                 .await
                 .map_err(|e| SchedulerError::Goal(e.to_string()))?;
-            let mean = mean_accuracy(&acc).0;
-            tracing::info!(
-                version,
-                goal = at_least,
-                "stage goal check: held-out accuracy {:.1}% (goal {:.1}%)",
-                100.0 * mean,
-                100.0 * at_least
-            );
+            let mean = match on {
+                GoalOn::Accuracy => {
+                    let mean = mean_accuracy(&acc).0;
+                    tracing::info!(
+                        version,
+                        goal = at_least,
+                        "stage goal check: held-out accuracy {:.1}% (goal {:.1}%)",
+                        100.0 * mean,
+                        100.0 * at_least
+                    );
+                    mean
+                }
+                GoalOn::MeanReward => {
+                    let mean =
+                        acc.values().map(|a| a.mean_reward).sum::<f64>() / acc.len().max(1) as f64;
+                    tracing::info!(
+                        version,
+                        goal = at_least,
+                        "stage goal check: held-out mean score {mean:.4} (goal {at_least:.4})"
+                    );
+                    mean
+                }
+            };
             Ok(mean >= at_least)
         })
     }
@@ -274,6 +301,23 @@ impl Evaluator {
         Arc::new(AccuracyGoal {
             measurements: self.measurements.clone(),
             environments: environments.to_vec(),
+            on: GoalOn::Accuracy,
+            at_least: until.at_least,
+            every: until.every,
+        })
+    }
+
+    /// The goal of an `rlhf` stage: it ends once the mean held-out score of `environments` (the
+    /// judged ones, `<env>@<reward stage>`) is at least `until.at_least`.
+    pub(crate) fn score_goal(
+        &self,
+        environments: &[(String, u32)],
+        until: &Until,
+    ) -> Arc<dyn StageGoal> {
+        Arc::new(AccuracyGoal {
+            measurements: self.measurements.clone(),
+            environments: environments.to_vec(),
+            on: GoalOn::MeanReward,
             at_least: until.at_least,
             every: until.every,
         })

@@ -133,7 +133,8 @@ pub(crate) async fn run_stages(
                     .await?
             }
             (None, Some(judge)) => {
-                let (judged, ctx) = judged_stage(plan, stage, judge, &shared, outputs)?;
+                let (judged, ctx) =
+                    judged_stage(plan, stage, judge, &shared, evaluator, outputs)?;
                 run_stage(&judged, &ctx, evaluator, None, outputs)
                     .instrument(span)
                     .await?
@@ -157,6 +158,7 @@ fn judged_stage(
     stage: &Stage,
     judge: usize,
     ctx: &Arc<StageContext>,
+    evaluator: &Evaluator,
     outputs: &StageOutputs<'_>,
 ) -> Result<(Stage, Arc<StageContext>)> {
     let judge_name = &plan.config.stages[judge].name;
@@ -189,8 +191,11 @@ fn judged_stage(
     );
     let mut local = (**ctx).clone();
     local.registry = Arc::new(registry);
-    // A goal on the reward-model score is not built; `until` on rlhf stages is refused.
-    local.goal = None;
+    // The goal is on the judged environments' mean score.
+    local.goal = stage
+        .until
+        .as_ref()
+        .map(|until| evaluator.score_goal(&stage_environments(&judged), until));
     Ok((judged, Arc::new(local)))
 }
 

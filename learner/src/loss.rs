@@ -264,8 +264,69 @@ pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, Los
     sft_loss_counting(model, batch, &mut ExpertLoad::new())
 }
 
+/// Sequences in one padded forward pass of [`sft_loss`] are within this factor of the shortest
+/// one's length: a batch mixing short answers with long episodes would otherwise pad every
+/// answer to the longest episode.
+const LENGTH_BUCKET_RATIO: f64 = 1.5;
+
+/// The batch's indices in buckets of similar length (sorted by length, a new bucket once a
+/// sequence is more than [`LENGTH_BUCKET_RATIO`] times its bucket's shortest).
+fn length_buckets(lengths: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (lengths[i], i));
+    let mut buckets: Vec<Vec<usize>> = vec![];
+    for i in order {
+        match buckets.last_mut() {
+            Some(b) if lengths[i] as f64 <= LENGTH_BUCKET_RATIO * lengths[b[0]] as f64 => b.push(i),
+            _ => buckets.push(vec![i]),
+        }
+    }
+    buckets
+}
+
 /// [`sft_loss`], adding the forward pass's expert load (over real tokens) to `load`.
+///
+/// The batch runs as buckets of similar length (one padded pass each) whose token means are
+/// weighted by their share of the batch's learned tokens, so the loss and its gradient are the
+/// token mean over the whole batch, as one padded pass would give, at less padding.
 pub(crate) fn sft_loss_counting(
+    model: &NemotronH,
+    batch: &[SftSequence],
+    load: &mut ExpertLoad,
+) -> Result<(Tensor, LossStats)> {
+    let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
+    let buckets = length_buckets(&lengths);
+    if buckets.len() <= 1 {
+        return sft_loss_padded(model, batch, load);
+    }
+    let parts = buckets
+        .iter()
+        .map(|b| {
+            let part: Vec<SftSequence> = b.iter().map(|&i| batch[i].clone()).collect();
+            sft_loss_padded(model, &part, load)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let total: usize = parts.iter().map(|(_, s)| s.tokens).sum();
+    let mut loss: Option<Tensor> = None;
+    let mut stats = LossStats {
+        tokens: total,
+        ..LossStats::default()
+    };
+    for (part, s) in parts {
+        let share = s.tokens as f64 / total.max(1) as f64;
+        stats.loss += share * s.loss;
+        stats.entropy += share * s.entropy;
+        let weighted = (part * share)?;
+        loss = Some(match loss {
+            Some(sum) => (sum + weighted)?,
+            None => weighted,
+        });
+    }
+    Ok((loss.expect("a batch has a bucket"), stats))
+}
+
+/// [`sft_loss_counting`] as one padded forward pass.
+fn sft_loss_padded(
     model: &NemotronH,
     batch: &[SftSequence],
     load: &mut ExpertLoad,
@@ -367,6 +428,10 @@ mod tests {
     use chorus_model::{NemotronHConfig, Params, checkpoint::init_params};
 
     fn moe_model() -> NemotronH {
+        moe_model_and_params().0
+    }
+
+    fn moe_model_and_params() -> (NemotronH, Params) {
         let cfg = NemotronHConfig::from_json_str(
             r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
             "hybrid_override_pattern": "*E", "num_attention_heads": 2,
@@ -376,7 +441,70 @@ mod tests {
         )
         .unwrap();
         let params: Params = init_params(&cfg, 5, &Device::Cpu).unwrap();
-        NemotronH::new(&cfg, &params).unwrap()
+        (NemotronH::new(&cfg, &params).unwrap(), params)
+    }
+
+    #[test]
+    fn length_buckets_group_similar_lengths() {
+        assert_eq!(
+            length_buckets(&[300, 20, 25, 310, 40, 29]),
+            vec![vec![1, 2, 5], vec![4], vec![0, 3]]
+        );
+        assert_eq!(length_buckets(&[7]), vec![vec![0]]);
+    }
+
+    #[test]
+    fn bucketed_sft_loss_and_gradient_equal_one_padded_pass() {
+        let (model, params) = moe_model_and_params();
+        let seq = |n: usize, prompt_len: usize, off: u32| SftSequence {
+            tokens: (0..n as u32).map(|i| 3 + (i * 5 + off) % 20).collect(),
+            prompt_len,
+            loss_mask: None,
+        };
+        // Three buckets: lengths 4-5, 9 and 30.
+        let batch = [
+            seq(30, 3, 1),
+            seq(4, 2, 2),
+            seq(9, 4, 3),
+            seq(5, 1, 4),
+            SftSequence {
+                loss_mask: Some(vec![true, false, true, true, false, true, true]),
+                ..seq(9, 2, 5)
+            },
+        ];
+        assert_eq!(
+            length_buckets(&batch.iter().map(|s| s.tokens.len()).collect::<Vec<_>>()).len(),
+            3
+        );
+        let (bucketed, bs) = sft_loss_counting(&model, &batch, &mut ExpertLoad::new()).unwrap();
+        let (padded, ps) = sft_loss_padded(&model, &batch, &mut ExpertLoad::new()).unwrap();
+        assert_eq!(bs.tokens, ps.tokens);
+        assert!(
+            (bs.loss - ps.loss).abs() < 1e-5,
+            "{} vs {}",
+            bs.loss,
+            ps.loss
+        );
+        assert!((bs.entropy - ps.entropy).abs() < 1e-4);
+        let (gb, gp) = (bucketed.backward().unwrap(), padded.backward().unwrap());
+        let mut worst = 0f32;
+        for (name, var) in params.vars() {
+            let (Some(b), Some(p)) = (gb.get(var.as_tensor()), gp.get(var.as_tensor())) else {
+                assert!(
+                    name.ends_with("e_score_correction_bias"),
+                    "{name} has no gradient"
+                );
+                continue;
+            };
+            let (b, p): (Vec<f32>, Vec<f32>) = (
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+                p.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            for (x, y) in b.iter().zip(&p) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        assert!(worst < 1e-6, "gradients differ by {worst}");
     }
 
     #[test]

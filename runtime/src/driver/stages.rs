@@ -133,8 +133,7 @@ pub(crate) async fn run_stages(
                     .await?
             }
             (None, Some(judge)) => {
-                let (judged, ctx) =
-                    judged_stage(plan, stage, judge, &shared, evaluator, outputs)?;
+                let (judged, ctx) = judged_stage(plan, stage, judge, &shared, evaluator, outputs)?;
                 run_stage(&judged, &ctx, evaluator, None, outputs)
                     .instrument(span)
                     .await?

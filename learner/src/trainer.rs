@@ -495,7 +495,7 @@ impl Trainer {
         let updated = move |name: &str| match kind {
             StepKind::Mtp => is_mtp(name),
             StepKind::Rl | StepKind::Sft => {
-                !is_mtp(name) && !(router_frozen && is_router_weight(name))
+                !(is_mtp(name) || (router_frozen && is_router_weight(name)))
             }
         };
         self.step += 1;

@@ -27,7 +27,7 @@ fn healing(lr: f64) -> Trainer {
 fn batch() -> Vec<SftSequence> {
     (0..6)
         .map(|i| {
-            let prompt = vec![3, 4 + i as u32 % 3];
+            let prompt = [3, 4 + i as u32 % 3];
             let completion: Vec<u32> = (0..12).map(|j| 8 + ((i + j) % 4) as u32).collect();
             SftSequence {
                 tokens: prompt.iter().chain(&completion).copied().collect(),

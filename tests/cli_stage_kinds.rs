@@ -119,13 +119,6 @@ fn reward_model_settings_are_checked_before_the_run() {
     std::fs::write(h.path("b.toml"), &multi).unwrap();
     let err = h.fails(&["run", "b.toml"]);
     assert!(err.contains("`tool_agent` is multi-turn"), "{err}");
-    let genrm = RUN.replace(
-        "kind = \"reward_model\"",
-        "kind = \"reward_model\"\nrm = \"genrm\"",
-    );
-    std::fs::write(h.path("c.toml"), &genrm).unwrap();
-    let err = h.fails(&["run", "c.toml"]);
-    assert!(err.contains("not built yet"), "{err}");
     let data = RUN.replace(
         "train_pairs = 128",
         "train_pairs = 128\ndata = \"prefs.jsonl\"",

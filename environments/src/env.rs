@@ -176,6 +176,23 @@ pub trait Environment: Send + Sync {
         self.reference(task)
     }
 
+    /// Scores a finished group's completions together, for rewards that compare a prompt's
+    /// completions with one another (a generative judge's pairwise verdicts, see
+    /// [`crate::preference::aggregate_scores`]): given the completions of one task and the
+    /// score [`Environment::score`] gave each alone, the group's scores, one per completion in
+    /// the same order. `None` (the default) keeps each completion's own score. The scheduler
+    /// asks once per training group, after its rollouts are scored and before advantages are
+    /// computed, passing only the rollouts that scored; held-out evaluation never asks.
+    fn score_group(
+        &self,
+        task: &Task,
+        completions: &[String],
+        scores: &[Score],
+    ) -> Result<Option<Vec<Score>>, EnvError> {
+        let _ = (task, completions, scores);
+        Ok(None)
+    }
+
     /// Whether `score` is the best this environment gives, the task solved. Default:
     /// [`Score::is_full`] (reward 1.0). An environment with a signed reward whose best is not 1.0
     /// overrides it (the GenRM reward is 0 for a perfect judgement, see

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::advantage::{AdvantageKind, AdvantageShaping};
 use crate::faults::FaultPolicy;
+pub use chorus_environments::preference::Comparisons;
 pub use chorus_proto::objective::{Aggregation, Correction, KlEstimator, Objective};
 pub use chorus_proto::schedule::{Decay, LrSchedule};
 
@@ -429,6 +430,9 @@ pub struct RawStage {
     pub reward_model: Option<String>,
     /// `reward_model` stages: `bradley_terry` (default) or `genrm`.
     pub rm: Option<Choice<RewardModelKind>>,
+    /// `rlhf` stages judged by a `genrm` stage: which of a group's completions the judge
+    /// compares, `circular` (each against the next: N comparisons; default) or `all_pairs`.
+    pub comparisons: Option<Choice<Comparisons>>,
     /// `reward_model` stages: environments whose reference answer is chosen and a wrong answer
     /// rejected (single-turn built-ins).
     pub pairs_from: Option<Vec<String>>,
@@ -629,6 +633,9 @@ pub struct Stage {
     pub reward_model: Option<RewardModelSpec>,
     /// `rlhf` stages: the index of the `reward_model` stage whose model gives the reward.
     pub judge: Option<usize>,
+    /// `rlhf` stages judged by a `genrm` stage: which completions of a group are compared
+    /// (`None` for every other stage).
+    pub comparisons: Option<Comparisons>,
     /// RL stages: the MoE routers' weights stay as they are.
     pub router_frozen: bool,
     /// Most turns of a multi-turn episode (`None`: the environment's own limit).
@@ -779,6 +786,10 @@ impl Defaults {
     pub const DOMAIN_RATIOS: DomainRatios = DomainRatios::Sampled;
     /// The reward model a `reward_model` stage trains.
     pub const REWARD_MODEL: RewardModelKind = RewardModelKind::BradleyTerry;
+    /// The RL objective a `genrm` reward-model stage trains its judge with.
+    pub const GENRM_ALGORITHM: Algorithm = Algorithm::Grpo;
+    /// Which completions of a group a GenRM compares in an `rlhf` stage.
+    pub const COMPARISONS: Comparisons = Comparisons::Circular;
     /// Training pairs per environment of `pairs_from`.
     pub const TRAIN_PAIRS: usize = 512;
     /// Held-out pairs per source.
@@ -988,13 +999,6 @@ fn reward_model_spec(
     let rm = ctx
         .choice(&k("rm"), s.rm.clone())?
         .unwrap_or(Defaults::REWARD_MODEL);
-    if rm == RewardModelKind::Genrm {
-        return Err(ctx.err(
-            k("rm"),
-            "`genrm` reward-model stages are not built yet (the judge's data, prompt and reward \
-             are, in chorus_environments::preference); allowed today: bradley_terry",
-        ));
-    }
     let pairs_from = s.pairs_from.clone().unwrap_or_default();
     if pairs_from.is_empty() && s.data.is_none() {
         return Err(ctx.err(
@@ -1059,6 +1063,42 @@ fn rlhf_judge(
             ),
         )),
     }
+}
+
+/// Which completions of a group the GenRM of an `rlhf` stage compares: `comparisons` (default
+/// circular) when its judge (`judge`, an index into `earlier`) is a `genrm` stage; the key is
+/// refused everywhere else.
+fn genrm_comparisons(
+    ctx: &Ctx<'_>,
+    i: usize,
+    judge: Option<usize>,
+    s: &RawStage,
+    earlier: &[Stage],
+) -> Result<Option<Comparisons>, ConfigError> {
+    let key = format!("stages[{i}].comparisons");
+    let by_genrm = judge
+        .and_then(|j| earlier[j].reward_model.as_ref())
+        .is_some_and(|spec| spec.rm == RewardModelKind::Genrm);
+    let comparisons = ctx.choice(&key, s.comparisons.clone())?;
+    if !by_genrm {
+        if comparisons.is_some() {
+            let judged_by = judge.map_or(String::new(), |j| {
+                format!(
+                    " (this stage is judged by `{}`, a bradley_terry model)",
+                    earlier[j].name
+                )
+            });
+            return Err(ctx.err(
+                key,
+                format!(
+                    "allowed in: rlhf stages judged by a reward_model stage with rm = \"genrm\"\
+                     {judged_by}"
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(comparisons.unwrap_or(Defaults::COMPARISONS)))
 }
 
 /// Stage `i`'s early end, checked against the metrics a stage of `kind` measures.
@@ -1407,16 +1447,36 @@ impl RunConfig {
                     format!("missing; allowed: {}", allowed::<StageKind>()),
                 )
             })?;
+            // A GenRM is trained with an RL objective (GRPO unless the stage names another).
+            let genrm = kind == StageKind::RewardModel
+                && ctx.choice(&k("rm"), s.rm.clone())? == Some(RewardModelKind::Genrm);
             let algorithm = ctx
                 .choice(&k("algorithm"), s.algorithm.clone())?
-                .unwrap_or(Defaults::algorithm(kind));
+                .unwrap_or(if genrm {
+                    Defaults::GENRM_ALGORITHM
+                } else {
+                    Defaults::algorithm(kind)
+                });
             let objective = match (kind, algorithm.rl()) {
+                (StageKind::RewardModel, Some(rl)) if genrm => {
+                    Some(stage_objective(ctx, i, rl, &l, learner_aggregation, &s)?)
+                }
                 (StageKind::RewardModel, _) => {
                     if s.algorithm.is_some() {
                         return Err(ctx.err(
                             k("algorithm"),
-                            "reward_model stages choose their loss with `rm`; allowed: \
-                             rm = \"bradley_terry\" or \"genrm\"",
+                            if genrm {
+                                format!(
+                                    "`{}` for a genrm stage; allowed: {}",
+                                    written(&algorithm),
+                                    chorus_proto::objective::Algorithm::NAMES.join(", ")
+                                )
+                            } else {
+                                "reward_model stages choose their loss with `rm`; allowed: \
+                                 rm = \"bradley_terry\" (no algorithm) or \"genrm\" (with an \
+                                 RL algorithm, default grpo)"
+                                    .to_string()
+                            },
                         ));
                     }
                     None
@@ -1506,6 +1566,7 @@ impl RunConfig {
             };
             let reward_model = reward_model_spec(ctx, i, kind, &s)?;
             let judge = rlhf_judge(ctx, i, kind, &s, &stages)?;
+            let comparisons = genrm_comparisons(ctx, i, judge, &s, &stages)?;
             let router = ctx.choice(&k("router"), s.router.clone())?;
             if router.is_some() && !kind.is_rl() {
                 return Err(ctx.err(k("router"), "allowed in: rlvr, swe_rl and rlhf stages"));
@@ -1624,6 +1685,7 @@ impl RunConfig {
                 curriculum,
                 reward_model,
                 judge,
+                comparisons,
                 router_frozen,
                 max_turns: s.max_turns,
                 drop_zero_variance: s.drop_zero_variance.unwrap_or(Defaults::DROP_ZERO_VARIANCE),
@@ -2355,6 +2417,92 @@ sampling = { temperature = 0.9 }
             assert!(
                 e.contains(key) && e.contains(allowed),
                 "{from} -> {to}: {e}"
+            );
+        }
+    }
+
+    /// A run with a reward-model stage `judge` (with `rm`) and an rlhf stage judged by it.
+    fn judged(rm: &str, rlhf_extra: &str) -> String {
+        format!(
+            "name = \"t\"\n[model]\ninit_config = \"m.json\"\n\
+             [[stages]]\nname = \"judge\"\nkind = \"reward_model\"\nsteps = 3\n{rm}\n\
+             pairs_from = [\"arithmetic\"]\n\
+             [[stages]]\nname = \"rlhf\"\nkind = \"rlhf\"\nsteps = 2\n{rlhf_extra}\n\
+             environments = [{{ name = \"arithmetic\" }}]\n"
+        )
+    }
+
+    #[test]
+    fn a_genrm_stage_trains_with_an_rl_objective_and_judges_rlhf_by_comparisons() {
+        let c = RunConfig::from_toml_str(&judged("rm = \"genrm\"", ""), "x.toml").unwrap();
+        let judge = &c.stages[0];
+        assert_eq!(
+            judge.reward_model.as_ref().map(|r| r.rm),
+            Some(RewardModelKind::Genrm)
+        );
+        assert_eq!(judge.algorithm, Algorithm::Grpo);
+        assert_eq!(
+            judge.objective,
+            Some({
+                let mut o = Objective::for_algorithm(chorus_proto::objective::Algorithm::Grpo);
+                o.correction = Defaults::CORRECTION;
+                o
+            })
+        );
+        assert_eq!(c.stages[1].judge, Some(0));
+        assert_eq!(c.stages[1].comparisons, Some(Comparisons::Circular));
+        let c = RunConfig::from_toml_str(
+            &judged(
+                "rm = \"genrm\"\nalgorithm = \"dapo\"",
+                "comparisons = \"all_pairs\"",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.stages[0].algorithm, Algorithm::Dapo);
+        assert_eq!(c.stages[1].comparisons, Some(Comparisons::AllPairs));
+        // A Bradley-Terry judge has no comparisons and no objective.
+        let c = RunConfig::from_toml_str(&judged("", ""), "x.toml").unwrap();
+        assert_eq!(
+            (c.stages[0].objective.as_ref(), c.stages[1].comparisons),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn genrm_settings_name_the_key_and_what_is_allowed() {
+        for (rm, extra, key, allowed) in [
+            (
+                "rm = \"genrm\"",
+                "comparisons = \"ring\"",
+                "stages[1].comparisons",
+                "`ring`; allowed: circular, all_pairs",
+            ),
+            (
+                "",
+                "comparisons = \"all_pairs\"",
+                "stages[1].comparisons",
+                "rm = \"genrm\" (this stage is judged by `judge`, a bradley_terry model)",
+            ),
+            (
+                "rm = \"genrm\"\nalgorithm = \"sft\"",
+                "",
+                "stages[0].algorithm",
+                "`sft` for a genrm stage; allowed: grpo",
+            ),
+            (
+                "rm = \"genrm\"\ncomparisons = \"circular\"",
+                "",
+                "stages[0].comparisons",
+                "allowed in: rlhf stages judged by a reward_model stage with rm = \"genrm\"",
+            ),
+        ] {
+            let e = RunConfig::from_toml_str(&judged(rm, extra), "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains(allowed),
+                "{rm} / {extra}: {e}"
             );
         }
     }

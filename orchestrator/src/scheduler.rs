@@ -972,6 +972,7 @@ async fn run_slot(
                 return Ok(false);
             };
             let group = generate_group(ctx, stage, &drawn, &prompt, &stop, at).await;
+            let group = score_together(ctx, &drawn, group).await;
             ctx.ledger.mark_generated([prompt.id.as_str()]).await?;
             ctx.ledger.mark_scored([prompt.id.as_str()]).await?;
             let think_close = ctx.tokenizer.token_id(chat::THINK_CLOSE);
@@ -1118,6 +1119,68 @@ fn play_in_span(
         }
         .instrument(span),
     )
+}
+
+/// The group's scores from [`Environment::score_group`], for environments that score a
+/// prompt's completions together (an rlhf stage's GenRM comparisons); the rollouts that scored
+/// are handed over in order, the others keep their failure. Through the fault guard: a failed
+/// or malformed group score fails every rollout that had scored, like a failed single score.
+async fn score_together(
+    ctx: &StageContext,
+    drawn: &Drawn,
+    mut group: Vec<Rollout>,
+) -> Vec<Rollout> {
+    let scored: Vec<usize> = (0..group.len())
+        .filter(|&i| group[i].verdict.is_ok())
+        .collect();
+    if scored.len() < 2 {
+        return group;
+    }
+    let completions: Vec<String> = scored.iter().map(|&i| group[i].text.clone()).collect();
+    let scores: Vec<Score> = scored
+        .iter()
+        .filter_map(|&i| group[i].verdict.clone().ok())
+        .collect();
+    let (env, task, n) = (drawn.env.clone(), drawn.task.clone(), scored.len());
+    let start = Instant::now();
+    let together = ctx
+        .faults
+        .call(&drawn.env_name, move || {
+            env.score_group(&task, &completions, &scores)
+        })
+        .await
+        .and_then(|new| match new {
+            None => Ok(None),
+            Some(new) if new.len() != n => Err(EnvFault::Malformed(format!(
+                "score_group gave {} scores for {n} completions",
+                new.len()
+            ))),
+            Some(new) => new
+                .into_iter()
+                .map(check_score)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+        });
+    let elapsed = start.elapsed().as_millis() as u64;
+    match together {
+        Ok(None) => {}
+        Ok(Some(new)) => {
+            for (&i, score) in scored.iter().zip(new) {
+                group[i].verdict = Ok(score);
+                group[i].score_ms += elapsed;
+            }
+        }
+        Err(fault) => {
+            if matches!(fault, EnvFault::Malformed(_)) {
+                ctx.faults.record(&drawn.env_name, &fault);
+            }
+            tracing::warn!(reason = %fault, "scoring the group together failed");
+            for &i in &scored {
+                group[i].verdict = Err(format!("scoring the group failed: {fault}"));
+            }
+        }
+    }
+    group
 }
 
 /// Computes the group's advantages over its usable rollouts (invalid ones get the stage's fixed

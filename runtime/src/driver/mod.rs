@@ -5,6 +5,7 @@
 
 mod acceptance;
 mod evaluation;
+mod genrm;
 mod ledger;
 mod progress;
 mod resume;

@@ -6,9 +6,11 @@
 //!
 //! The reward model trains in this process (on the CPU, with the learner's own code), beside
 //! the learner service rather than in it: it is a second model whose weights the workers never
-//! need.
+//! need. A stage with `rm = "genrm"` trains a generative judge instead, on the same pairs
+//! ([`preference_rows`]), in [`super::genrm`].
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,12 +18,13 @@ use chorus_environments::preference::{Preference, PreferenceRow, pairs_from_envi
 use chorus_environments::{Split, builtin_registry, chat};
 use chorus_learner::{PreferencePair, RewardModel, RewardTrainer};
 use chorus_model::tokenizer::Tokenizer;
-use chorus_orchestrator::config::{PAIR_ACCURACY, RewardModelSpec, Stage};
+use chorus_orchestrator::config::{PAIR_ACCURACY, RewardModelKind, RewardModelSpec, Stage};
 use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
 use chorus_orchestrator::scheduler::StageContext;
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 
+use super::genrm::run_genrm_stage;
 use super::stages::{StageOutputs, policy_params};
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
@@ -33,6 +36,9 @@ const USER_DATA: &str = "data";
 /// Tokenized pairs by source.
 type Sources = BTreeMap<String, Vec<PreferencePair>>;
 
+/// Preference rows by source (an environment's name, or `data`).
+pub(crate) type RowSources = BTreeMap<String, Vec<PreferenceRow>>;
+
 /// Runs reward-model stage `i` (`spec` says what it trains on) and returns its summary.
 pub(crate) async fn run_reward_model_stage(
     plan: &RunPlan,
@@ -41,6 +47,9 @@ pub(crate) async fn run_reward_model_stage(
     ctx: &Arc<StageContext>,
     outputs: &StageOutputs<'_>,
 ) -> Result<StageSummary> {
+    if spec.rm == RewardModelKind::Genrm {
+        return run_genrm_stage(plan, stage, spec, ctx, outputs).await;
+    }
     let i = ctx.stage_index;
     let started = Instant::now();
     let version = ctx.learning.version();
@@ -73,23 +82,7 @@ pub(crate) async fn run_reward_model_stage(
         )));
     }
     let params = policy_params(outputs, &ctx.run_id, version).await?;
-    ctx.ledger
-        .start_stage(NewStage {
-            run_id: ctx.run_id.clone(),
-            stage_index: i as u64,
-            name: stage.name.clone(),
-            kind: stage.kind.name().into(),
-            first_step: version,
-            metric: Some(PAIR_ACCURACY.into()),
-            metric_start: None,
-        })
-        .await
-        .map_err(RunError::ledger(outputs.db))?;
-    let checkpoint = outputs
-        .out_dir
-        .join("stages")
-        .join(&stage.name)
-        .join("checkpoint");
+    let checkpoint = begin_stage(stage, ctx, outputs, version).await?;
     let trained = {
         let (stage, plan_model, optimizer) = (
             stage.clone(),
@@ -163,6 +156,49 @@ pub(crate) async fn run_reward_model_stage(
             source,
         })?
     };
+    finish_stage(stage, ctx, outputs, version, started, checkpoint, trained).await
+}
+
+/// Records a reward-model stage begun at policy `version` in the ledger and returns where its
+/// checkpoint goes (`stages/<name>/checkpoint`).
+pub(crate) async fn begin_stage(
+    stage: &Stage,
+    ctx: &StageContext,
+    outputs: &StageOutputs<'_>,
+    version: u64,
+) -> Result<PathBuf> {
+    ctx.ledger
+        .start_stage(NewStage {
+            run_id: ctx.run_id.clone(),
+            stage_index: ctx.stage_index as u64,
+            name: stage.name.clone(),
+            kind: stage.kind.name().into(),
+            first_step: version,
+            metric: Some(PAIR_ACCURACY.into()),
+            metric_start: None,
+        })
+        .await
+        .map_err(RunError::ledger(outputs.db))?;
+    Ok(outputs
+        .out_dir
+        .join("stages")
+        .join(&stage.name)
+        .join("checkpoint"))
+}
+
+/// Ends a reward-model stage begun at policy `version`: a failure is recorded as the stage's
+/// end and returned; a success writes `summary.json` and the ledger's row and returns the
+/// summary. The policy did not move, so the stage ends at `version` too.
+pub(crate) async fn finish_stage(
+    stage: &Stage,
+    ctx: &StageContext,
+    outputs: &StageOutputs<'_>,
+    version: u64,
+    started: Instant,
+    checkpoint: PathBuf,
+    trained: Result<Trained>,
+) -> Result<StageSummary> {
+    let i = ctx.stage_index;
     let trained = match trained {
         Ok(t) => t,
         Err(e) => {
@@ -225,11 +261,18 @@ pub(crate) async fn run_reward_model_stage(
         .map_err(RunError::ledger(outputs.db))?;
     tracing::info!(
         checkpoint = %checkpoint.display(),
-        "stage {}: {PAIR_ACCURACY} {:.1}% -> {:.1}% in {:.0} s; reward model in {}",
+        "stage {}: {PAIR_ACCURACY} {:.1}% -> {:.1}% in {:.0} s; reward model ({}) in {}",
         stage.name,
         100.0 * start,
         100.0 * end,
         summary.wall_seconds,
+        stage
+            .reward_model
+            .as_ref()
+            .map_or("bradley_terry", |spec| match spec.rm {
+                RewardModelKind::BradleyTerry => "bradley_terry",
+                RewardModelKind::Genrm => "genrm",
+            }),
         checkpoint.display()
     );
     Ok(summary)
@@ -237,11 +280,11 @@ pub(crate) async fn run_reward_model_stage(
 
 /// What training left: held-out accuracy per source before and after (with the pair count),
 /// steps taken and whether the goal was reached.
-struct Trained {
-    start: BTreeMap<String, (f64, usize)>,
-    end: BTreeMap<String, (f64, usize)>,
-    steps: u64,
-    reached: bool,
+pub(crate) struct Trained {
+    pub(crate) start: BTreeMap<String, (f64, usize)>,
+    pub(crate) end: BTreeMap<String, (f64, usize)>,
+    pub(crate) steps: u64,
+    pub(crate) reached: bool,
 }
 
 /// Pair accuracy of `model` on each source's held-out pairs.
@@ -254,7 +297,7 @@ fn accuracies(model: &RewardModel, heldout: &Sources) -> Result<BTreeMap<String,
 }
 
 /// The accuracy over all held-out pairs (each source weighted by its pairs).
-fn mean(acc: &BTreeMap<String, (f64, usize)>) -> f64 {
+pub(crate) fn mean(acc: &BTreeMap<String, (f64, usize)>) -> f64 {
     let n: usize = acc.values().map(|a| a.1).sum();
     acc.values().map(|(a, k)| a * *k as f64).sum::<f64>() / n.max(1) as f64
 }
@@ -267,15 +310,37 @@ fn pairs(
     tokenizer: &Tokenizer,
     seed: u64,
 ) -> Result<(Sources, Sources)> {
-    let (mut train, mut heldout) = (Sources::new(), Sources::new());
+    let (train, heldout) = preference_rows(spec, rows, seed)?;
+    let tokenized = |sources: RowSources| -> Result<Sources> {
+        sources
+            .into_iter()
+            .map(|(source, rows)| {
+                let pairs = rows
+                    .iter()
+                    .map(|row| tokenize(row, tokenizer))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((source, pairs))
+            })
+            .collect()
+    };
+    Ok((tokenized(train)?, tokenized(heldout)?))
+}
+
+/// The stage's training and held-out preference rows by source: the user's rows (`data`, split
+/// by [`PreferenceRow::split`]) and, for each `pairs_from` environment, `train_pairs` rows from
+/// its train tasks and `heldout_pairs` from its held-out ones.
+pub(crate) fn preference_rows(
+    spec: &RewardModelSpec,
+    rows: Option<&[PreferenceRow]>,
+    seed: u64,
+) -> Result<(RowSources, RowSources)> {
+    let (mut train, mut heldout) = (RowSources::new(), RowSources::new());
     for row in rows.unwrap_or_default() {
         let into = match row.split() {
             Split::Train => &mut train,
             Split::Heldout => &mut heldout,
         };
-        into.entry(USER_DATA.into())
-            .or_default()
-            .push(tokenize(row, tokenizer)?);
+        into.entry(USER_DATA.into()).or_default().push(row.clone());
     }
     let registry = builtin_registry();
     for name in &spec.pairs_from {
@@ -295,10 +360,7 @@ fn pairs(
                     rows.len()
                 );
             }
-            let list = into.entry(name.clone()).or_default();
-            for row in &rows {
-                list.push(tokenize(row, tokenizer)?);
-            }
+            into.entry(name.clone()).or_default().extend(rows);
         }
     }
     Ok((train, heldout))

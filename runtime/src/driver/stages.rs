@@ -25,11 +25,9 @@ use super::evaluation::Evaluator;
 use super::resume::Resumed;
 use super::reward_model::run_reward_model_stage;
 use crate::error::{Result, RunError};
-use crate::judge::RewardModelJudge;
+use crate::judge::Judging;
 use crate::plan::RunPlan;
 use crate::summary::{StageSummary, accuracy_line, mean_accuracy};
-use chorus_environments::Environment;
-use chorus_learner::RewardModel;
 
 /// A stage without environments (transcripts alone) has nothing to measure with.
 const NO_METRIC: &str = "none";
@@ -166,22 +164,16 @@ fn judged_stage(
         .join("stages")
         .join(judge_name)
         .join("checkpoint");
-    let model = Arc::new(RewardModel::load(&dir, &Device::Cpu).map_err(|e| {
-        RunError::Invalid(format!(
-            "stage {}: the reward model of stage {judge_name} at {}: {e}",
-            stage.name,
-            dir.display()
-        ))
-    })?);
+    let judging = Judging::load(plan, stage, judge, &dir)?;
     let mut registry = (*ctx.registry).clone();
     let mut judged = stage.clone();
     for spec in &mut judged.environments {
         let inner = registry
             .get(spec.key())
             .map_err(|e| RunError::Invalid(format!("stage {}: {e}", stage.name)))?;
-        let env = RewardModelJudge::new(inner, model.clone(), plan.tokenizer.clone(), judge_name);
+        let env = judging.judge(inner);
         spec.source = EnvironmentSource::Builtin(env.info().name);
-        registry.replace(Arc::new(env));
+        registry.replace(env);
     }
     tracing::info!(
         "stage {}: rewards from the reward model of stage {judge_name} ({})",

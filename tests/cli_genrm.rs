@@ -41,7 +41,7 @@ name = "rlhf"
 kind = "rlhf"
 steps = 2
 prompts_per_step = 2
-group_size = 3
+group_size = 4
 max_new_tokens = 4
 drop_zero_variance = false
 comparisons = "all_pairs"
@@ -142,8 +142,8 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
             })
             .await
             .unwrap();
-        // Two steps of two groups of three, every rollout recorded.
-        assert!(rows.len() >= 12, "{} rollouts", rows.len());
+        // Two steps of two groups of four, every rollout recorded.
+        assert!(rows.len() >= 16, "{} rollouts", rows.len());
         for row in &rows {
             let t = ledger
                 .get_trajectory(&row.id)
@@ -153,8 +153,8 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
                 .trajectory;
             let reason = t.reason.clone().unwrap_or_default();
             assert!(
-                reason.starts_with("genrm") && reason.contains("from 3 comparisons"),
-                "each group of three is judged on its three pairs: {reason}"
+                reason.starts_with("genrm") && reason.contains("from 6 comparisons"),
+                "all_pairs judges each group of four on its six pairs (circular: four): {reason}"
             );
             for component in ["verifier", "verified", "vs_reference"] {
                 assert!(

@@ -224,6 +224,10 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
         );
     }
     assert_eq!(stage["steps"], 3);
+    let kl = stage["mean_kl"]
+        .as_f64()
+        .expect("an rl stage reports its mean KL");
+    assert!(kl.is_finite() && kl >= 0.0, "{kl}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(h.path("runs/rm/summary.json")).unwrap())
             .unwrap();

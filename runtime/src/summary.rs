@@ -87,6 +87,11 @@ pub struct StageSummary {
     pub wall_seconds: f64,
     /// Its final policy in HF layout (`chorus generate --checkpoint DIR` loads it).
     pub checkpoint: std::path::PathBuf,
+    /// RL stages: the mean over the stage's recorded learner steps of their KL estimate (to the
+    /// stage's starting policy when the stage penalises it, else between sampler and learner),
+    /// so that a user sees how far RLHF moved the policy beside what it cost in accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_kl: Option<f64>,
 }
 
 /// One environment's held-out accuracy.

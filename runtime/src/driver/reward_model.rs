@@ -239,6 +239,7 @@ pub(crate) async fn finish_stage(
         trajectories: 0,
         wall_seconds: started.elapsed().as_secs_f64(),
         checkpoint: checkpoint.clone(),
+        mean_kl: None,
     };
     let path = outputs
         .out_dir

@@ -370,6 +370,11 @@ async fn run_stage(
     save_checkpoint(outputs, &ctx.run_id, last_version, &checkpoint).await?;
     let start_mean = mean_of(stage.kind, &start).or(resumed_start.map(|m| (m, None)));
     let end_mean = mean_of(stage.kind, &end);
+    let mean_kl = if stage.kind.is_rl() {
+        stage_mean_kl(ctx, outputs.db).await?
+    } else {
+        None
+    };
     let summary = StageSummary {
         name: stage.name.clone(),
         kind: kind.into(),
@@ -393,6 +398,7 @@ async fn run_stage(
         trajectories,
         wall_seconds: started.elapsed().as_secs_f64(),
         checkpoint: checkpoint.clone(),
+        mean_kl,
     };
     let path = dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a stage summary always serialises");
@@ -424,6 +430,23 @@ async fn run_stage(
         checkpoint.display()
     );
     Ok(summary)
+}
+
+/// The mean KL estimate of the running stage's learner steps recorded so far.
+async fn stage_mean_kl(ctx: &StageContext, db: &str) -> Result<Option<f64>> {
+    // The step reports are recorded as they stream in; flushing first takes the last ones.
+    ctx.ledger.flush().await.map_err(RunError::ledger(db))?;
+    let kl: Vec<f64> = ctx
+        .ledger
+        .list_learner_steps(&ctx.run_id)
+        .await
+        .map_err(RunError::ledger(db))?
+        .into_iter()
+        .filter(|s| s.stage_index == Some(ctx.stage_index as u64))
+        .filter_map(|s| s.step.kl)
+        .filter(|k| k.is_finite())
+        .collect();
+    Ok((!kl.is_empty()).then(|| kl.iter().sum::<f64>() / kl.len() as f64))
 }
 
 /// Fetches policy `version` from the learner and writes it to `dir` in HF layout.

@@ -71,10 +71,7 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
     std::fs::write(h.path("prefs.jsonl"), preference_rows()).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
-    let read = |path: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(h.path(path)).unwrap()).unwrap()
-    };
-    let judge = read("runs/genrm/stages/judge/summary.json");
+    let judge = h.json("runs/genrm/stages/judge/summary.json");
     assert_eq!(judge["kind"], "reward_model");
     assert_eq!(judge["metric"], "pair_accuracy");
     for at in ["start", "end"] {
@@ -104,7 +101,7 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
     ]);
     assert!(out.contains("\"tokens\""), "{out}");
 
-    let rlhf = read("runs/genrm/stages/rlhf/summary.json");
+    let rlhf = h.json("runs/genrm/stages/rlhf/summary.json");
     assert_eq!(rlhf["kind"], "rlhf");
     assert_eq!(rlhf["metric"], "heldout_rm_score");
     assert_eq!(rlhf["first_version"], 3);
@@ -124,9 +121,9 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
             .all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap()))
     );
 
-    let summary = read("runs/genrm/summary.json");
+    let summary = h.json("runs/genrm/summary.json");
     let run = summary["run"].as_str().unwrap().to_string();
-    let db = format!("sqlite://{}", h.path("runs/genrm/ledger.sqlite").display());
+    let db = h.ledger_url("genrm");
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let stages = ledger.list_stages(&run).await.unwrap();

@@ -84,10 +84,7 @@ fn an_mtp_heal_stage_trains_the_head_alone_and_raises_its_acceptance() {
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     std::fs::write(h.path("chats.jsonl"), transcripts()).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "6"]);
-    let stage: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(h.path("runs/heal/stages/heal/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let stage: serde_json::Value = h.json("runs/heal/stages/heal/summary.json");
     assert_eq!(stage["kind"], "mtp_heal");
     assert_eq!(stage["metric"], "heldout_mtp_acceptance");
     assert_eq!(stage["steps"], 30);
@@ -122,10 +119,8 @@ fn an_mtp_heal_stage_trains_the_head_alone_and_raises_its_acceptance() {
     }
     assert!(moved > 0, "the MTP head did not move");
 
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/heal/summary.json")).unwrap())
-            .unwrap();
-    let db = format!("sqlite://{}", h.path("runs/heal/ledger.sqlite").display());
+    let summary: serde_json::Value = h.json("runs/heal/summary.json");
+    let db = h.ledger_url("heal");
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let stages = ledger

@@ -62,15 +62,13 @@ fn run_against(h: &Harness, url: &str) {
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), run_config(url)).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2", "--token", TOKEN]);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/plug/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/plug/summary.json");
     assert_eq!(summary["steps"], 4, "{summary}");
     for env in ["arithmetic", url] {
         assert_eq!(summary["environments"][env]["heldout_n"], 2, "{summary}");
     }
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let db = format!("sqlite://{}", h.path("runs/plug/ledger.sqlite").display());
+    let db = h.ledger_url("plug");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let rows = rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
@@ -256,15 +254,13 @@ environments = [{{ name = "arithmetic" }}, {{ kind = "nemo_gym", url = "{}", dat
     );
     std::fs::write(h.path("run.toml"), config).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/gym/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/gym/summary.json");
     assert_eq!(
         summary["environments"]["nemo_gym:gym"]["heldout_n"], 2,
         "{summary}"
     );
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let db = format!("sqlite://{}", h.path("runs/gym/ledger.sqlite").display());
+    let db = h.ledger_url("gym");
     let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
         Ledger::open(&db)
             .await

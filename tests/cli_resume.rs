@@ -84,9 +84,7 @@ fn a_run_killed_mid_stage_resumes_without_repeating_work() {
 
     h.ok(&["run", "run.toml", "--eval-tasks", "4", "--resume"]);
 
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/crash/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/crash/summary.json");
     assert_eq!(summary["steps"], WARMUP_STEPS + RL_STEPS, "{summary}");
     assert_eq!(summary["stages"][1]["steps"], RL_STEPS);
     assert_eq!(
@@ -95,7 +93,7 @@ fn a_run_killed_mid_stage_resumes_without_repeating_work() {
         "the finished warm-up was not run again"
     );
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let db = format!("sqlite://{}", h.path("runs/crash/ledger.sqlite").display());
+    let db = h.ledger_url("crash");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
@@ -194,9 +192,7 @@ fn a_recipe_starts_part_way_from_a_checkpoint_a_user_brings() {
         "--checkpoint",
         s(&checkpoint),
     ]);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/part/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/part/summary.json");
     let stages = summary["stages"].as_array().unwrap();
     assert_eq!(stages.len(), 1, "{summary}");
     assert_eq!(stages[0]["name"], "rl");

@@ -52,9 +52,7 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4", "--token", "secret"]);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/tiny/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/tiny/summary.json");
     assert_eq!(summary["steps"], 6, "{summary}");
     for env in ["arithmetic", "needle"] {
         assert_eq!(summary["environments"][env]["heldout_n"], 4);
@@ -62,7 +60,7 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
     }
     let run_id = summary["run"].as_str().unwrap().to_string();
     let trajectories = summary["trajectories"].as_u64().unwrap();
-    let db = format!("sqlite://{}", h.path("runs/tiny/ledger.sqlite").display());
+    let db = h.ledger_url("tiny");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
@@ -205,9 +203,7 @@ fn the_same_run_records_into_postgresql() {
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2", "--db", &url]);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/tiny/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/tiny/summary.json");
     let run_id = summary["run"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -250,9 +246,7 @@ fn multi_turn_environments_nvfp4_training_and_a_learning_curve() {
         "--token",
         "s",
     ]);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/multi/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/multi/summary.json");
     assert_eq!(summary["steps"], 6, "{summary}");
     // Before RL, after each of the first two RL steps, and after the last.
     let curve = summary["curve"].as_array().unwrap();
@@ -267,7 +261,7 @@ fn multi_turn_environments_nvfp4_training_and_a_learning_curve() {
             .all(|p| p["environments"]["tool_agent"].is_number())
     );
 
-    let db = format!("sqlite://{}", h.path("runs/multi/ledger.sqlite").display());
+    let db = h.ledger_url("multi");
     let run_id = summary["run"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

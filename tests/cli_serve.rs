@@ -386,7 +386,7 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
         "{seen:?}"
     );
 
-    let db = format!("sqlite://{}", h.path("runs/churn/ledger.sqlite").display());
+    let db = h.ledger_url("churn");
     rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let rows = ledger

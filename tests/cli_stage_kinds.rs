@@ -57,10 +57,7 @@ fn a_bradley_terry_stage_learns_to_rank_held_out_pairs() {
     );
     std::fs::write(h.path("run.toml"), run).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
-    let stage: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(h.path("runs/rm/stages/judge/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let stage: serde_json::Value = h.json("runs/rm/stages/judge/summary.json");
     assert_eq!(stage["kind"], "reward_model");
     assert_eq!(stage["metric"], "pair_accuracy");
     let (start, end) = (
@@ -77,16 +74,14 @@ fn a_bradley_terry_stage_learns_to_rank_held_out_pairs() {
     // The policy did not move: the stage began and ended at the warm-up's last version.
     assert_eq!(stage["first_version"], 10);
     assert_eq!(stage["last_version"], 10);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/rm/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = h.json("runs/rm/summary.json");
     assert_eq!(summary["steps"], 10);
     // The reward model's checkpoint is a policy checkpoint plus its score head.
     let checkpoint = h.path("runs/rm/stages/judge/checkpoint");
     assert!(checkpoint.join("score_head.safetensors").is_file());
     let info = h.ok(&["model", "info", "--checkpoint", s(&checkpoint)]);
     assert!(info.contains("parameters"), "{info}");
-    let db = format!("sqlite://{}", h.path("runs/rm/ledger.sqlite").display());
+    let db = h.ledger_url("rm");
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let stages = ledger
@@ -167,10 +162,7 @@ fn a_swe_rl_stage_plays_episodes_and_reports_its_pass_rate() {
     std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), SWE_RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
-    let stage: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(h.path("runs/swe/stages/swe/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let stage: serde_json::Value = h.json("runs/swe/stages/swe/summary.json");
     assert_eq!(stage["kind"], "swe_rl");
     assert_eq!(stage["metric"], "heldout_pass_rate");
     assert_eq!(stage["steps"], 2);
@@ -208,10 +200,7 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
 "#;
     std::fs::write(h.path("run.toml"), run).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
-    let stage: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(h.path("runs/rm/stages/rlhf/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let stage: serde_json::Value = h.json("runs/rm/stages/rlhf/summary.json");
     assert_eq!(stage["kind"], "rlhf");
     assert_eq!(stage["metric"], "heldout_rm_score");
     assert!(stage["start"].as_f64().is_some() && stage["end"].as_f64().is_some());
@@ -228,10 +217,8 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
         .as_f64()
         .expect("an rl stage reports its mean KL");
     assert!(kl.is_finite() && kl >= 0.0, "{kl}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(h.path("runs/rm/summary.json")).unwrap())
-            .unwrap();
-    let db = format!("sqlite://{}", h.path("runs/rm/ledger.sqlite").display());
+    let summary: serde_json::Value = h.json("runs/rm/summary.json");
+    let db = h.ledger_url("rm");
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let rows = ledger
@@ -310,10 +297,7 @@ environments = [{ name = "arithmetic" }]
 "#;
     std::fs::write(h.path("run.toml"), run).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
-    let stage: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(h.path("runs/rm/stages/rlhf/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let stage: serde_json::Value = h.json("runs/rm/stages/rlhf/summary.json");
     assert_eq!(stage["steps"], 1, "{stage}");
     assert_eq!(stage["planned_steps"], 6);
     assert_eq!(stage["reached_goal"], true);

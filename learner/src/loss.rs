@@ -284,30 +284,38 @@ fn length_buckets(lengths: &[usize]) -> Vec<Vec<usize>> {
     buckets
 }
 
-/// [`sft_loss`], adding the forward pass's expert load (over real tokens) to `load`.
-///
-/// The batch runs as buckets of similar length (one padded pass each) whose token means are
-/// weighted by their share of the batch's learned tokens, so the loss and its gradient are the
-/// token mean over the whole batch, as one padded pass would give, at less padding.
+/// [`sft_loss`], adding the forward pass's expert load (over real tokens) to `load`, run in
+/// length buckets ([`in_length_buckets`]).
 pub(crate) fn sft_loss_counting(
     model: &NemotronH,
     batch: &[SftSequence],
     load: &mut ExpertLoad,
 ) -> Result<(Tensor, LossStats)> {
+    let combined = in_length_buckets(batch, |part| sft_loss_padded(model, part, load).map(Some))?;
+    Ok(combined.expect("every SFT bucket has a loss"))
+}
+
+/// `loss` of `batch` run as buckets of similar length ([`length_buckets`], one padded pass
+/// each), whose token means are weighted by their share of the batch's learned tokens
+/// (`LossStats::tokens`). For a token mean that is the token mean over the whole batch, as one
+/// padded pass would give, at less padding. A bucket whose `loss` is `None` (nothing to learn in
+/// it) is left out; `None` when every bucket is.
+fn in_length_buckets(
+    batch: &[SftSequence],
+    mut loss: impl FnMut(&[SftSequence]) -> Result<Option<(Tensor, LossStats)>>,
+) -> Result<Option<(Tensor, LossStats)>> {
     let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
     let buckets = length_buckets(&lengths);
     if buckets.len() <= 1 {
-        return sft_loss_padded(model, batch, load);
+        return loss(batch);
     }
-    let parts = buckets
-        .iter()
-        .map(|b| {
-            let part: Vec<SftSequence> = b.iter().map(|&i| batch[i].clone()).collect();
-            sft_loss_padded(model, &part, load)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut parts = vec![];
+    for bucket in &buckets {
+        let part: Vec<SftSequence> = bucket.iter().map(|&i| batch[i].clone()).collect();
+        parts.extend(loss(&part)?);
+    }
     let total: usize = parts.iter().map(|(_, s)| s.tokens).sum();
-    let mut loss: Option<Tensor> = None;
+    let mut combined: Option<Tensor> = None;
     let mut stats = LossStats {
         tokens: total,
         ..LossStats::default()
@@ -317,12 +325,12 @@ pub(crate) fn sft_loss_counting(
         stats.loss += share * s.loss;
         stats.entropy += share * s.entropy;
         let weighted = (part * share)?;
-        loss = Some(match loss {
+        combined = Some(match combined {
             Some(sum) => (sum + weighted)?,
             None => weighted,
         });
     }
-    Ok((loss.expect("a batch has a bucket"), stats))
+    Ok(combined.map(|loss| (loss, stats)))
 }
 
 /// [`sft_loss_counting`] as one padded forward pass.
@@ -354,13 +362,26 @@ fn sft_loss_padded(
 /// the next one, token-mean over the positions whose target is a completion token in the loss;
 /// the depths' losses averaged. The backbone's hidden state is detached, so the gradient reaches
 /// the MTP head alone (healing the head after the backbone moved, Nemotron 3's last stage).
-/// `stats.loss` is that mean; `stats.tokens` counts the depth-1 targets.
+/// `stats.loss` is that mean; `stats.tokens` counts the depth-1 targets. The batch runs in
+/// length buckets, each weighted by its share of the depth-1 targets ([`in_length_buckets`]).
 pub fn mtp_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, LossStats)> {
     if !model.has_mtp() {
         return Err(LearnerError::Batch(
             "the policy has no MTP head to train (num_nextn_predict_layers = 0)".into(),
         ));
     }
+    in_length_buckets(batch, |part| mtp_loss_padded(model, part))?.ok_or_else(|| {
+        LearnerError::Batch(
+            "no completion token has a target for the MTP head (completions of one token?)".into(),
+        )
+    })
+}
+
+/// [`mtp_loss`] as one padded forward pass; `None` when no completion token has a target.
+fn mtp_loss_padded(
+    model: &NemotronH,
+    batch: &[SftSequence],
+) -> Result<Option<(Tensor, LossStats)>> {
     let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
         .iter()
@@ -405,9 +426,7 @@ pub fn mtp_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, Los
         depths += 1;
     }
     let Some(total) = total else {
-        return Err(LearnerError::Batch(
-            "no completion token has a target for the MTP head (completions of one token?)".into(),
-        ));
+        return Ok(None);
     };
     let loss = (total / depths as f64)?;
     let stats = LossStats {
@@ -415,7 +434,7 @@ pub fn mtp_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, Los
         tokens,
         ..LossStats::default()
     };
-    Ok((loss, stats))
+    Ok(Some((loss, stats)))
 }
 
 fn model_device(model: &NemotronH) -> Device {
@@ -505,6 +524,50 @@ mod tests {
             }
         }
         assert!(worst < 1e-6, "gradients differ by {worst}");
+    }
+
+    #[test]
+    fn bucketed_mtp_loss_at_depth_one_equals_one_padded_pass_and_skips_empty_buckets() {
+        let cfg = NemotronHConfig::from_json_str(
+            r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
+            "hybrid_override_pattern": "*E", "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+            "moe_shared_expert_intermediate_size": 8, "num_nextn_predict_layers": 1,
+            "chorus": {"mtp_depth": 1}}"#,
+        )
+        .unwrap();
+        let params: Params = init_params(&cfg, 5, &Device::Cpu).unwrap();
+        let model = NemotronH::new(&cfg, &params).unwrap();
+        let seq = |n: usize, prompt_len: usize, off: u32| SftSequence {
+            tokens: (0..n as u32).map(|i| 3 + (i * 7 + off) % 20).collect(),
+            prompt_len,
+            loss_mask: None,
+        };
+        let batch = [seq(30, 3, 1), seq(5, 2, 2), seq(9, 4, 3), seq(6, 1, 4)];
+        let (bucketed, bs) = mtp_loss(&model, &batch).unwrap();
+        let (padded, ps) = mtp_loss_padded(&model, &batch).unwrap().unwrap();
+        assert_eq!(
+            (bs.tokens, format!("{:.5}", bs.loss)),
+            (ps.tokens, format!("{:.5}", ps.loss))
+        );
+        let (gb, gp) = (bucketed.backward().unwrap(), padded.backward().unwrap());
+        let mut compared = 0;
+        for (name, var) in params.vars() {
+            let (b, p) = (gb.get(var.as_tensor()), gp.get(var.as_tensor()));
+            assert_eq!(b.is_some(), p.is_some(), "{name}");
+            let (Some(b), Some(p)) = (b, p) else { continue };
+            let diff = (b - p).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{name}");
+            compared += usize::from(name.starts_with("mtp."));
+        }
+        assert!(compared > 0, "the MTP head gets gradients");
+        // A bucket of one-token completions has no MTP target: it is left out, not an error.
+        let with_short = [seq(30, 3, 1), seq(2, 1, 5), seq(2, 1, 6)];
+        let (_, short) = mtp_loss(&model, &with_short).unwrap();
+        let (_, alone) = mtp_loss(&model, &with_short[..1]).unwrap();
+        assert_eq!(short.tokens, alone.tokens);
+        assert!(mtp_loss(&model, &with_short[1..]).is_err());
     }
 
     #[test]

@@ -51,27 +51,52 @@ pub const VERIFIER: &str = "verifier";
 /// The score component that is 1 when the environment's verifier counts the completion solved.
 pub const VERIFIED: &str = "verified";
 
-/// `inner` judged by `model`, registered as `<inner>@<judge>`.
-pub struct RewardModelJudge {
+/// An environment whose reward is replaced by a judge's, registered as `<inner>@<judge>`: the
+/// prompts, references and episodes stay the inner environment's, and its verifier still runs
+/// (components [`VERIFIER`] and [`VERIFIED`]). Only the scoring differs between judges
+/// ([`Scoring`]).
+pub struct Judged<S> {
     inner: Arc<dyn Environment>,
-    model: Arc<RewardModel>,
-    tokenizer: Arc<Tokenizer>,
+    scoring: S,
     name: String,
 }
 
-impl RewardModelJudge {
-    /// `inner` judged by `model` (trained by stage `judge`), reading text with `tokenizer`.
-    pub fn new(
-        inner: Arc<dyn Environment>,
-        model: Arc<RewardModel>,
-        tokenizer: Arc<Tokenizer>,
-        judge: &str,
-    ) -> Self {
-        let name = judged_name(&inner.info().name, judge);
+/// How a [`Judged`] environment turns a completion the inner verifier has scored into its
+/// reward.
+pub trait Scoring: Send + Sync + Sized {
+    /// The reward of `completion` on `task` (an inner task) and why.
+    fn reward(
+        &self,
+        env: &Judged<Self>,
+        task: &Task,
+        completion: &str,
+    ) -> Result<(f64, String), EnvError>;
+
+    /// A group's scores judged together, when this judge compares completions
+    /// ([`Environment::score_group`]); `None` keeps the scores made alone.
+    fn score_group(
+        &self,
+        _env: &Judged<Self>,
+        _task: &Task,
+        _completions: &[String],
+        _scores: &[Score],
+    ) -> Result<Option<Vec<Score>>, EnvError> {
+        Ok(None)
+    }
+}
+
+/// `inner` judged by a Bradley–Terry reward model.
+pub type RewardModelJudge = Judged<BradleyTerry>;
+
+/// `inner` judged by a generative reward model.
+pub type GenRmJudge = Judged<GenRmScoring>;
+
+impl<S: Scoring> Judged<S> {
+    fn with(inner: Arc<dyn Environment>, scoring: S, judge_stage: &str) -> Self {
+        let name = judged_name(&inner.info().name, judge_stage);
         Self {
             inner,
-            model,
-            tokenizer,
+            scoring,
             name,
         }
     }
@@ -84,30 +109,70 @@ impl RewardModelJudge {
         }
     }
 
+    /// An error of this judge, naming the judged environment.
+    fn judge_error(&self, message: String) -> EnvError {
+        EnvError::InvalidConfig {
+            env: self.name.clone(),
+            message,
+        }
+    }
+
+    /// The judged score of a completion the verifier scored `verified`.
+    fn judged(&self, task: &Task, completion: &str, verified: &Score) -> Result<Score, EnvError> {
+        let solved = self.inner.is_solved(verified);
+        let (reward, why) = self.scoring.reward(self, task, completion)?;
+        Ok(Score {
+            reward,
+            components: vec![],
+            reason: format!("{why}; verifier {} ({})", verified.reward, verified.reason),
+        }
+        .with_component(VERIFIER, verified.reward)
+        .with_component(VERIFIED, f64::from(u8::from(solved))))
+    }
+}
+
+impl RewardModelJudge {
+    /// `inner` judged by `model` (trained by stage `judge`), reading text with `tokenizer`.
+    pub fn new(
+        inner: Arc<dyn Environment>,
+        model: Arc<RewardModel>,
+        tokenizer: Arc<Tokenizer>,
+        judge: &str,
+    ) -> Self {
+        Self::with(inner, BradleyTerry { model, tokenizer }, judge)
+    }
+}
+
+/// A Bradley–Terry model's scalar score of each completion alone.
+pub struct BradleyTerry {
+    model: Arc<RewardModel>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl Scoring for BradleyTerry {
     /// The reward model's score of `completion`'s response after the task's prompt, read as the
     /// model was trained: the rendered prompt, the response, the end of the turn.
-    fn judge(&self, task: &Task, completion: &str) -> Result<f64, EnvError> {
+    fn reward(
+        &self,
+        env: &Judged<Self>,
+        task: &Task,
+        completion: &str,
+    ) -> Result<(f64, String), EnvError> {
         let response = chat::parse_completion(completion).response;
         let text = format!(
             "{}{response}{}",
             chat::render_prompt(&task.prompt),
             chat::END_OF_TURN
         );
-        let ids = self
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| EnvError::InvalidConfig {
-                env: self.name.clone(),
-                message: format!("tokenizing a completion for the reward model: {e}"),
-            })?;
+        let ids = self.tokenizer.encode(&text).map_err(|e| {
+            env.judge_error(format!("tokenizing a completion for the reward model: {e}"))
+        })?;
         let scores = self
             .model
             .score(&[ids])
-            .map_err(|e| EnvError::InvalidConfig {
-                env: self.name.clone(),
-                message: format!("the reward model: {e}"),
-            })?;
-        Ok(f64::from(scores[0]))
+            .map_err(|e| env.judge_error(format!("the reward model: {e}")))?;
+        let reward = f64::from(scores[0]);
+        Ok((reward, format!("reward model {reward:.4}")))
     }
 }
 
@@ -196,88 +261,6 @@ pub fn judged_name(env: &str, judge: &str) -> String {
     format!("{env}@{judge}")
 }
 
-impl Environment for RewardModelJudge {
-    fn info(&self) -> EnvInfo {
-        EnvInfo {
-            name: self.name.clone(),
-            ..self.inner.info()
-        }
-    }
-
-    fn sample(&self, seed: u64, split: Split, difficulty: u32) -> Result<Task, EnvError> {
-        let task = self.inner.sample(seed, split, difficulty)?;
-        Ok(Task {
-            env: self.name.clone(),
-            ..task
-        })
-    }
-
-    fn score(&self, task: &Task, completion: &str) -> Result<Score, EnvError> {
-        self.check_task(task)?;
-        let verified = self.inner.score(&self.inner_task(task), completion)?;
-        let solved = self.inner.is_solved(&verified);
-        let reward = self.judge(task, completion)?;
-        Ok(Score {
-            reward,
-            components: vec![],
-            reason: format!(
-                "reward model {reward:.4}; verifier {} ({})",
-                verified.reward, verified.reason
-            ),
-        }
-        .with_component(VERIFIER, verified.reward)
-        .with_component(VERIFIED, f64::from(u8::from(solved))))
-    }
-
-    fn is_solved(&self, score: &Score) -> bool {
-        score.component(VERIFIED) == Some(1.0)
-    }
-
-    fn reference(&self, task: &Task) -> Result<String, EnvError> {
-        self.check_task(task)?;
-        self.inner.reference(&self.inner_task(task))
-    }
-
-    fn wrong_completions(&self, task: &Task) -> Result<Vec<String>, EnvError> {
-        self.check_task(task)?;
-        self.inner.wrong_completions(&self.inner_task(task))
-    }
-
-    fn start(&self, task: &Task) -> Result<Episode, EnvError> {
-        self.check_task(task)?;
-        self.inner.start(&self.inner_task(task))
-    }
-
-    fn step(
-        &self,
-        task: &Task,
-        episode: &mut Episode,
-        action: &str,
-    ) -> Result<StepOutcome, EnvError> {
-        self.check_task(task)?;
-        let mut outcome = self.inner.step(&self.inner_task(task), episode, action)?;
-        // A finished episode is judged on its final answer.
-        if let Some(verified) = outcome.score.take() {
-            let solved = self.inner.is_solved(&verified);
-            let reward = self.judge(task, action)?;
-            outcome.score = Some(
-                Score {
-                    reward,
-                    components: vec![],
-                    reason: format!("reward model {reward:.4}; verifier {}", verified.reward),
-                }
-                .with_component(VERIFIER, verified.reward)
-                .with_component(VERIFIED, f64::from(u8::from(solved))),
-            );
-        }
-        Ok(outcome)
-    }
-
-    fn reference_action(&self, task: &Task, episode: &Episode) -> Result<String, EnvError> {
-        self.inner.reference_action(&self.inner_task(task), episode)
-    }
-}
-
 /// The score component of a [`GenRmJudge`]'s group score holding the completion's score against
 /// the environment's reference.
 pub const VS_REFERENCE: &str = "vs_reference";
@@ -356,12 +339,11 @@ impl Judge for EngineJudge {
     }
 }
 
-/// `inner` judged by a generative reward model, registered as `<inner>@<judge>`.
-pub struct GenRmJudge {
-    inner: Arc<dyn Environment>,
+/// A generative judge's comparisons: a group judged together, a completion alone against the
+/// environment's reference.
+pub struct GenRmScoring {
     judge: Arc<dyn Judge>,
     comparisons: Comparisons,
-    name: String,
 }
 
 /// What a set of comparisons gave: each response's aggregated score, and how many verdicts
@@ -381,46 +363,27 @@ impl GenRmJudge {
         comparisons: Comparisons,
         judge_stage: &str,
     ) -> Self {
-        let name = judged_name(&inner.info().name, judge_stage);
-        Self {
-            inner,
-            judge,
-            comparisons,
-            name,
-        }
+        Self::with(inner, GenRmScoring { judge, comparisons }, judge_stage)
     }
+}
 
-    fn inner_task(&self, task: &Task) -> Task {
-        Task {
-            env: self.inner.info().name,
-            ..task.clone()
-        }
-    }
-
-    fn judge_error(&self, message: String) -> EnvError {
-        EnvError::InvalidConfig {
-            env: self.name.clone(),
-            message: format!("the GenRM judge: {message}"),
-        }
-    }
-
+impl GenRmScoring {
     /// Judges `pairs` of `responses` (response `i` shown first) and aggregates the verdicts.
     fn compare(
         &self,
+        env: &GenRmJudge,
         task: &Task,
         responses: &[String],
         pairs: &[(usize, usize)],
     ) -> Result<Verdicts, EnvError> {
+        let judge_error = |message: String| env.judge_error(format!("the GenRM judge: {message}"));
         let prompts: Vec<Vec<Message>> = pairs
             .iter()
             .map(|&(i, j)| genrm_prompt(&task.prompt, &responses[i], &responses[j]))
             .collect();
-        let completions = self
-            .judge
-            .complete(&prompts)
-            .map_err(|e| self.judge_error(e))?;
+        let completions = self.judge.complete(&prompts).map_err(judge_error)?;
         if completions.len() != pairs.len() {
-            return Err(self.judge_error(format!(
+            return Err(judge_error(format!(
                 "{} verdicts for {} comparisons",
                 completions.len(),
                 pairs.len()
@@ -437,10 +400,17 @@ impl GenRmJudge {
             malformed: pairs.len() - judgements.len(),
         })
     }
+}
 
-    /// `completion` against the environment's reference, in both orders: its score, and why.
-    fn against_reference(&self, task: &Task, completion: &str) -> Result<(f64, String), EnvError> {
-        let reference = match self.inner.reference(&self.inner_task(task)) {
+impl Scoring for GenRmScoring {
+    /// `completion` against the environment's reference, in both orders.
+    fn reward(
+        &self,
+        env: &GenRmJudge,
+        task: &Task,
+        completion: &str,
+    ) -> Result<(f64, String), EnvError> {
+        let reference = match env.inner.reference(&env.inner_task(task)) {
             Ok(r) => chat::parse_completion(&r).response,
             Err(e) => {
                 return Ok((
@@ -451,6 +421,7 @@ impl GenRmJudge {
         };
         let responses = [chat::parse_completion(completion).response, reference];
         let verdicts = self.compare(
+            env,
             task,
             &responses,
             &comparison_pairs(2, Comparisons::Circular),
@@ -465,21 +436,45 @@ impl GenRmJudge {
         ))
     }
 
-    /// The judged score of a completion the verifier scored `verified`.
-    fn judged(&self, task: &Task, completion: &str, verified: &Score) -> Result<Score, EnvError> {
-        let solved = self.inner.is_solved(verified);
-        let (reward, why) = self.against_reference(task, completion)?;
-        Ok(Score {
-            reward,
-            components: vec![],
-            reason: format!("{why}; verifier {} ({})", verified.reward, verified.reason),
-        }
-        .with_component(VERIFIER, verified.reward)
-        .with_component(VERIFIED, f64::from(u8::from(solved))))
+    fn score_group(
+        &self,
+        env: &GenRmJudge,
+        task: &Task,
+        completions: &[String],
+        scores: &[Score],
+    ) -> Result<Option<Vec<Score>>, EnvError> {
+        let responses: Vec<String> = completions
+            .iter()
+            .map(|c| chat::parse_completion(c).response)
+            .collect();
+        let pairs = comparison_pairs(responses.len(), self.comparisons);
+        let verdicts = self.compare(env, task, &responses, &pairs)?;
+        let rescored = verdicts
+            .scores
+            .iter()
+            .zip(scores)
+            .map(|(&reward, alone)| {
+                let mut score = Score {
+                    reward,
+                    components: vec![],
+                    reason: format!(
+                        "genrm {reward:.2} from {} comparisons in the group ({} malformed); {}",
+                        verdicts.compared, verdicts.malformed, alone.reason
+                    ),
+                };
+                for name in [VERIFIER, VERIFIED] {
+                    if let Some(v) = alone.component(name) {
+                        score = score.with_component(name, v);
+                    }
+                }
+                score.with_component(VS_REFERENCE, alone.reward)
+            })
+            .collect();
+        Ok(Some(rescored))
     }
 }
 
-impl Environment for GenRmJudge {
+impl<S: Scoring> Environment for Judged<S> {
     fn info(&self) -> EnvInfo {
         EnvInfo {
             name: self.name.clone(),
@@ -508,34 +503,7 @@ impl Environment for GenRmJudge {
         scores: &[Score],
     ) -> Result<Option<Vec<Score>>, EnvError> {
         self.check_task(task)?;
-        let responses: Vec<String> = completions
-            .iter()
-            .map(|c| chat::parse_completion(c).response)
-            .collect();
-        let pairs = comparison_pairs(responses.len(), self.comparisons);
-        let verdicts = self.compare(task, &responses, &pairs)?;
-        let rescored = verdicts
-            .scores
-            .iter()
-            .zip(scores)
-            .map(|(&reward, alone)| {
-                let mut score = Score {
-                    reward,
-                    components: vec![],
-                    reason: format!(
-                        "genrm {reward:.2} from {} comparisons in the group ({} malformed); {}",
-                        verdicts.compared, verdicts.malformed, alone.reason
-                    ),
-                };
-                for name in [VERIFIER, VERIFIED] {
-                    if let Some(v) = alone.component(name) {
-                        score = score.with_component(name, v);
-                    }
-                }
-                score.with_component(VS_REFERENCE, alone.reward)
-            })
-            .collect();
-        Ok(Some(rescored))
+        self.scoring.score_group(self, task, completions, scores)
     }
 
     fn is_solved(&self, score: &Score) -> bool {
@@ -565,6 +533,7 @@ impl Environment for GenRmJudge {
     ) -> Result<StepOutcome, EnvError> {
         self.check_task(task)?;
         let mut outcome = self.inner.step(&self.inner_task(task), episode, action)?;
+        // A finished episode is judged on its final action.
         if let Some(verified) = outcome.score.take() {
             outcome.score = Some(self.judged(task, action, &verified)?);
         }

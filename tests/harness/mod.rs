@@ -42,6 +42,21 @@ impl Harness {
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
 
+    /// A JSON file inside the temp dir, parsed (a run's or a stage's `summary.json`).
+    pub fn json(&self, rel: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path(rel))
+            .unwrap_or_else(|e| panic!("reading {rel}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{rel} is not JSON: {e}"))
+    }
+
+    /// The URL of the SQLite ledger that run config `name` wrote in the temp dir.
+    pub fn ledger_url(&self, name: &str) -> String {
+        format!(
+            "sqlite://{}",
+            self.path(&format!("runs/{name}/ledger.sqlite")).display()
+        )
+    }
+
     /// Runs `chorus ARGS…`, expecting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.chorus(args);

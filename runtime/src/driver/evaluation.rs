@@ -151,7 +151,7 @@ impl Measurements {
 
 /// What a goal compares with its `at_least`.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum GoalOn {
+pub(crate) enum GoalOn {
     /// The mean held-out accuracy of the environments.
     Accuracy,
     /// The mean of the environments' mean held-out reward (an `rlhf` stage's reward-model
@@ -291,33 +291,19 @@ impl Evaluator {
             .await
     }
 
-    /// The goal of a stage that ends once the mean held-out accuracy of `environments` is at
-    /// least `until.at_least`; its measurements are the run's own.
-    pub(crate) fn accuracy_goal(
+    /// The goal of a stage that ends once the mean held-out measure `on` of `environments` is
+    /// at least `until.at_least`: accuracy, or for an `rlhf` stage the mean score of its judged
+    /// environments (`<env>@<reward stage>`). Its measurements are the run's own.
+    pub(crate) fn goal(
         &self,
         environments: &[(String, u32)],
         until: &Until,
+        on: GoalOn,
     ) -> Arc<dyn StageGoal> {
         Arc::new(AccuracyGoal {
             measurements: self.measurements.clone(),
             environments: environments.to_vec(),
-            on: GoalOn::Accuracy,
-            at_least: until.at_least,
-            every: until.every,
-        })
-    }
-
-    /// The goal of an `rlhf` stage: it ends once the mean held-out score of `environments` (the
-    /// judged ones, `<env>@<reward stage>`) is at least `until.at_least`.
-    pub(crate) fn score_goal(
-        &self,
-        environments: &[(String, u32)],
-        until: &Until,
-    ) -> Arc<dyn StageGoal> {
-        Arc::new(AccuracyGoal {
-            measurements: self.measurements.clone(),
-            environments: environments.to_vec(),
-            on: GoalOn::MeanReward,
+            on,
             at_least: until.at_least,
             every: until.every,
         })

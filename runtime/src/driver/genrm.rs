@@ -27,7 +27,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use chorus_environments::chat;
 use chorus_environments::preference::{
@@ -45,8 +44,10 @@ use chorus_orchestrator::scheduler::StageContext;
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 
-use super::reward_model::{RowSources, Trained, begin_stage, finish_stage, mean, preference_rows};
-use super::stages::{StageOutputs, policy_params};
+use super::reward_model::{
+    RowSources, Trained, begin_training, finish_stage, mean, preference_rows,
+};
+use super::stages::StageOutputs;
 use crate::error::{Result, RunError};
 use crate::judge::stop_tokens;
 use crate::plan::RunPlan;
@@ -64,38 +65,12 @@ pub(crate) async fn run_genrm_stage(
     outputs: &StageOutputs<'_>,
 ) -> Result<StageSummary> {
     let i = ctx.stage_index;
-    let started = Instant::now();
-    let version = ctx.learning.version();
-    let (train, heldout) = {
+    let begun = begin_training(stage, ctx, outputs, "a generative reward model (GenRM)", {
         let rows = plan.preferences.get(&i).cloned();
         let (spec, seed) = (spec.clone(), ctx.seed);
-        tokio::task::spawn_blocking(move || {
-            preference_rows(&spec, rows.as_deref().map(Vec::as_slice), seed)
-        })
-        .await
-        .map_err(|source| RunError::Task {
-            what: "drawing the GenRM's pairs",
-            source,
-        })??
-    };
-    let train_n: usize = train.values().map(Vec::len).sum();
-    let heldout_n: usize = heldout.values().map(Vec::len).sum();
-    tracing::info!(
-        train = train_n,
-        heldout = heldout_n,
-        "stage {}: a generative reward model (GenRM) on {train_n} pairs ({heldout_n} held out), \
-         from policy version {version}",
-        stage.name
-    );
-    if train_n == 0 || heldout_n == 0 {
-        return Err(RunError::Invalid(format!(
-            "stage {}: {train_n} training and {heldout_n} held-out pairs; a GenRM needs both \
-             (add `pairs_from` environments or rows to `data`)",
-            stage.name
-        )));
-    }
-    let params = policy_params(outputs, &ctx.run_id, version).await?;
-    let checkpoint = begin_stage(stage, ctx, outputs, version).await?;
+        move || preference_rows(&spec, rows.as_deref().map(Vec::as_slice), seed)
+    })
+    .await?;
     let setup = Setup {
         stage: stage.clone(),
         model: plan.model.clone(),
@@ -104,7 +79,8 @@ pub(crate) async fn run_genrm_stage(
         seed: ctx.seed ^ ((i as u64) << 48),
     };
     let trained = {
-        let checkpoint = checkpoint.clone();
+        let checkpoint = begun.start.checkpoint.clone();
+        let (train, heldout, params) = (begun.train, begun.heldout, begun.params);
         tokio::task::spawn_blocking(move || setup.train(params, &train, &heldout, &checkpoint))
             .await
             .map_err(|source| RunError::Task {
@@ -112,7 +88,7 @@ pub(crate) async fn run_genrm_stage(
                 source,
             })?
     };
-    finish_stage(stage, ctx, outputs, version, started, checkpoint, trained).await
+    finish_stage(stage, ctx, outputs, begun.start, trained).await
 }
 
 /// What training a judge needs from the plan.

@@ -17,6 +17,7 @@ use std::time::Instant;
 use chorus_environments::preference::{Preference, PreferenceRow, pairs_from_environment_up_to};
 use chorus_environments::{Split, builtin_registry, chat};
 use chorus_learner::{PreferencePair, RewardModel, RewardTrainer};
+use chorus_model::Params;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::config::{PAIR_ACCURACY, RewardModelKind, RewardModelSpec, Stage};
 use chorus_orchestrator::ledger::{NewStage, StageEnd, StageStatus};
@@ -51,45 +52,25 @@ pub(crate) async fn run_reward_model_stage(
         return run_genrm_stage(plan, stage, spec, ctx, outputs).await;
     }
     let i = ctx.stage_index;
-    let started = Instant::now();
-    let version = ctx.learning.version();
-    let (train, heldout) = {
+    let begun = begin_training(stage, ctx, outputs, "a Bradley-Terry reward model", {
         let rows = plan.preferences.get(&i).cloned();
         let (spec, tokenizer, seed) = (spec.clone(), plan.tokenizer.clone(), ctx.seed);
-        tokio::task::spawn_blocking(move || {
-            pairs(&spec, rows.as_deref().map(Vec::as_slice), &tokenizer, seed)
-        })
-        .await
-        .map_err(|source| RunError::Task {
-            what: "drawing the reward model's pairs",
-            source,
-        })??
-    };
-    let train_n: usize = train.values().map(Vec::len).sum();
-    let heldout_n: usize = heldout.values().map(Vec::len).sum();
-    tracing::info!(
-        train = train_n,
-        heldout = heldout_n,
-        "stage {}: a Bradley-Terry reward model on {train_n} pairs ({heldout_n} held out), from \
-         policy version {version}",
-        stage.name
-    );
-    if train_n == 0 || heldout_n == 0 {
-        return Err(RunError::Invalid(format!(
-            "stage {}: {train_n} training and {heldout_n} held-out pairs; a reward model needs \
-             both (add `pairs_from` environments or rows to `data`)",
-            stage.name
-        )));
-    }
-    let params = policy_params(outputs, &ctx.run_id, version).await?;
-    let checkpoint = begin_stage(stage, ctx, outputs, version).await?;
+        move || pairs(&spec, rows.as_deref().map(Vec::as_slice), &tokenizer, seed)
+    })
+    .await?;
+    let Begun {
+        train,
+        heldout,
+        params,
+        start,
+    } = begun;
     let trained = {
         let (stage, plan_model, optimizer) = (
             stage.clone(),
             plan.model.clone(),
             plan.learner.optimizer.clone(),
         );
-        let (seed, checkpoint) = (ctx.seed ^ (i as u64) << 48, checkpoint.clone());
+        let (seed, checkpoint) = (ctx.seed ^ (i as u64) << 48, start.checkpoint.clone());
         tokio::task::spawn_blocking(move || -> Result<Trained> {
             let model = RewardModel::from_policy(plan_model, params, seed)?;
             let start = accuracies(&model, &heldout)?;
@@ -156,7 +137,75 @@ pub(crate) async fn run_reward_model_stage(
             source,
         })?
     };
-    finish_stage(stage, ctx, outputs, version, started, checkpoint, trained).await
+    finish_stage(stage, ctx, outputs, start, trained).await
+}
+
+/// A reward-model stage's training set, held-out set and starting point, once it has begun.
+pub(crate) struct Begun<T> {
+    pub train: BTreeMap<String, Vec<T>>,
+    pub heldout: BTreeMap<String, Vec<T>>,
+    /// The policy's weights the model starts from.
+    pub params: Params,
+    pub start: StageStart,
+}
+
+/// Where and when a reward-model stage began.
+#[derive(Clone)]
+pub(crate) struct StageStart {
+    /// Where the stage's checkpoint goes.
+    pub checkpoint: PathBuf,
+    /// The policy version the stage starts (and, the policy unchanged, ends) at.
+    pub version: u64,
+    pub started: Instant,
+}
+
+/// Begins a reward-model stage training `what`: draws its pairs (`draw`, off the async
+/// runtime), refuses a stage without training or held-out pairs, fetches the policy's weights
+/// and records the stage's start.
+pub(crate) async fn begin_training<T: Send + 'static>(
+    stage: &Stage,
+    ctx: &StageContext,
+    outputs: &StageOutputs<'_>,
+    what: &str,
+    draw: impl FnOnce() -> Result<(BTreeMap<String, Vec<T>>, BTreeMap<String, Vec<T>>)> + Send + 'static,
+) -> Result<Begun<T>> {
+    let started = Instant::now();
+    let version = ctx.learning.version();
+    let (train, heldout) =
+        tokio::task::spawn_blocking(draw)
+            .await
+            .map_err(|source| RunError::Task {
+                what: "drawing a reward model's pairs",
+                source,
+            })??;
+    let train_n: usize = train.values().map(Vec::len).sum();
+    let heldout_n: usize = heldout.values().map(Vec::len).sum();
+    tracing::info!(
+        train = train_n,
+        heldout = heldout_n,
+        "stage {}: {what} on {train_n} pairs ({heldout_n} held out), from policy version \
+         {version}",
+        stage.name
+    );
+    if train_n == 0 || heldout_n == 0 {
+        return Err(RunError::Invalid(format!(
+            "stage {}: {train_n} training and {heldout_n} held-out pairs; {what} needs both \
+             (add `pairs_from` environments or rows to `data`)",
+            stage.name
+        )));
+    }
+    let params = policy_params(outputs, &ctx.run_id, version).await?;
+    let checkpoint = begin_stage(stage, ctx, outputs, version).await?;
+    Ok(Begun {
+        train,
+        heldout,
+        params,
+        start: StageStart {
+            checkpoint,
+            version,
+            started,
+        },
+    })
 }
 
 /// Records a reward-model stage begun at policy `version` in the ledger and returns where its
@@ -193,12 +242,15 @@ pub(crate) async fn finish_stage(
     stage: &Stage,
     ctx: &StageContext,
     outputs: &StageOutputs<'_>,
-    version: u64,
-    started: Instant,
-    checkpoint: PathBuf,
+    start: StageStart,
     trained: Result<Trained>,
 ) -> Result<StageSummary> {
     let i = ctx.stage_index;
+    let StageStart {
+        checkpoint,
+        version,
+        started,
+    } = start;
     let trained = match trained {
         Ok(t) => t,
         Err(e) => {
@@ -217,14 +269,14 @@ pub(crate) async fn finish_stage(
             return Err(e);
         }
     };
-    let (start, end) = (mean(&trained.start), mean(&trained.end));
+    let (metric_start, metric_end) = (mean(&trained.start), mean(&trained.end));
     let summary = StageSummary {
         name: stage.name.clone(),
         kind: stage.kind.name().into(),
         metric: PAIR_ACCURACY.into(),
-        start: Some(start),
+        start: Some(metric_start),
         start_interval: None,
-        end: Some(end),
+        end: Some(metric_end),
         end_interval: None,
         environments: trained
             .start
@@ -254,7 +306,7 @@ pub(crate) async fn finish_stage(
             stage_index: i as u64,
             status: StageStatus::Succeeded,
             last_step: version,
-            metric_end: Some(end),
+            metric_end: Some(metric_end),
             trajectories: 0,
             checkpoint_path: Some(checkpoint.display().to_string()),
         })
@@ -264,8 +316,8 @@ pub(crate) async fn finish_stage(
         checkpoint = %checkpoint.display(),
         "stage {}: {PAIR_ACCURACY} {:.1}% -> {:.1}% in {:.0} s; reward model ({}) in {}",
         stage.name,
-        100.0 * start,
-        100.0 * end,
+        100.0 * metric_start,
+        100.0 * metric_end,
         summary.wall_seconds,
         stage
             .reward_model

@@ -21,7 +21,7 @@ use chorus_orchestrator::scheduler::{
 use tracing::Instrument;
 
 use super::acceptance::{AcceptanceProbe, acceptance_line, pooled};
-use super::evaluation::Evaluator;
+use super::evaluation::{Evaluator, GoalOn};
 use super::resume::Resumed;
 use super::reward_model::run_reward_model_stage;
 use crate::error::{Result, RunError};
@@ -112,7 +112,7 @@ pub(crate) async fn run_stages(
         });
         ctx.goal = stage.until.as_ref().map(|until| match &probe {
             Some(p) => p.goal(until),
-            None => evaluator.accuracy_goal(&stage_environments(stage), until),
+            None => evaluator.goal(&stage_environments(stage), until, GoalOn::Accuracy),
         });
         let shared = Arc::new(ctx.clone());
         if stage.kind.is_rl() {
@@ -186,7 +186,7 @@ fn judged_stage(
     local.goal = stage
         .until
         .as_ref()
-        .map(|until| evaluator.score_goal(&stage_environments(&judged), until));
+        .map(|until| evaluator.goal(&stage_environments(&judged), until, GoalOn::MeanReward));
     Ok((judged, Arc::new(local)))
 }
 

@@ -5,7 +5,7 @@ mod harness;
 #[path = "../orchestrator/tests/support/postgres.rs"]
 mod postgres;
 
-use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
+use chorus_orchestrator::ledger::{Ledger, RolloutFilter, RunStatus, TrajectoryStatus};
 use harness::*;
 use postgres::postgres_url_or_skip;
 
@@ -45,6 +45,80 @@ lr_decay = "cosine"
 min_lr = 1e-4
 environments = [{ name = "arithmetic" }, { name = "needle" }]
 "#;
+
+/// `chorus ARGS…` started in `h`'s directory without waiting for it.
+fn spawn(h: &Harness, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(args)
+        .current_dir(h.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start chorus")
+}
+
+/// Waits for `child`, panicking with its standard error unless it succeeded.
+fn succeeded(child: std::process::Child, what: &str) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn two_runs_of_one_config_started_at_once_both_finish_with_their_own_rows() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let args = ["run", "run.toml", "--eval-tasks", "2"];
+    let (a, b) = (spawn(&h, &args), spawn(&h, &args));
+    succeeded(a, "the first run");
+    succeeded(b, "the second run");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = Ledger::open(&h.ledger_url("tiny")).await.unwrap();
+        let runs = ledger.list_runs(10).await.unwrap();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_ne!(runs[0].id, runs[1].id);
+        for run in &runs {
+            assert_eq!(run.name, "tiny");
+            assert_eq!(run.status, RunStatus::Succeeded, "{}", run.id);
+            let steps = ledger.list_learner_steps(&run.id).await.unwrap();
+            assert_eq!(steps.len(), 6, "run {} has its own six steps", run.id);
+            assert!(ledger.count_consumed(&run.id).await.unwrap() > 0);
+        }
+    });
+    // One run wrote its files where a run of this config goes; the other beside it, under its
+    // own id, naming its run in its summary.
+    let first = h.json("runs/tiny/summary.json");
+    let others: Vec<_> = std::fs::read_dir(h.path("runs/tiny"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("summary.json").is_file())
+        .collect();
+    assert_eq!(others.len(), 1, "{others:?}");
+    let second: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(others[0].join("summary.json")).unwrap())
+            .unwrap();
+    assert_ne!(first["run"], second["run"]);
+    assert_eq!(
+        others[0].file_name().unwrap().to_str(),
+        second["run"].as_str()
+    );
+}
+
+#[test]
+fn four_processes_opening_one_new_sqlite_ledger_at_once_all_succeed() {
+    let h = Harness::new();
+    let db = format!("sqlite://{}", h.path("fresh/ledger.sqlite").display());
+    let children: Vec<_> = (0..4)
+        .map(|_| spawn(&h, &["inspect", "--db", &db, "runs"]))
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        succeeded(child, &format!("process {i}"));
+    }
+}
 
 #[test]
 fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
@@ -167,6 +241,63 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
         ]);
         assert!(!out.trim().is_empty(), "{stage}: {out}");
     }
+    // Every published version, with its stage and the checkpoint a stage ended with.
+    let versions = h.ok(&["inspect", "--db", &db, "versions", "--run", &run_id]);
+    let rows: Vec<&str> = versions.lines().skip(1).collect();
+    assert_eq!(rows.len(), 6, "{versions}");
+    assert!(
+        rows[0].contains("warmup") && rows[0].trim_end().ends_with('-'),
+        "{versions}"
+    );
+    assert!(
+        rows[2].contains("warmup") && rows[2].contains("stages/warmup/checkpoint"),
+        "{versions}"
+    );
+    assert!(
+        rows[5].contains(" rl ") && rows[5].contains("stages/rl/checkpoint"),
+        "{versions}"
+    );
+    // The learning curve from the ledger alone agrees with the summary.
+    let evals = h.ok(&["inspect", "--db", &db, "evals", "--run", &run_id]);
+    let summary = h.json("runs/tiny/summary.json");
+    let last = summary["steps"].as_u64().unwrap();
+    for env in ["arithmetic", "needle"] {
+        let after = 100.0 * summary["environments"][env]["after"].as_f64().unwrap();
+        let row = evals
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&last.to_string()) && l.contains(env))
+            .unwrap_or_else(|| panic!("no evaluation of {env} at version {last}: {evals}"));
+        assert!(row.contains(&format!("{after:.1}%")), "{row} vs {after}");
+    }
+
+    // The trained policy stays: the final version in HF layout, named by the summary, with
+    // the files transformers and vLLM read beside the weights.
+    let final_dir = h.path("runs/tiny/checkpoint");
+    assert_eq!(summary["checkpoint"], "runs/tiny/checkpoint", "{summary}");
+    let rl_weights = std::fs::read(h.path("runs/tiny/stages/rl/checkpoint/model.safetensors"));
+    assert_eq!(
+        std::fs::read(final_dir.join("model.safetensors")).unwrap(),
+        rl_weights.unwrap(),
+        "the last stage ended with the final policy"
+    );
+    let file = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(final_dir.join(name)).unwrap()).unwrap()
+    };
+    assert_eq!(file("tokenizer_config.json")["eos_token"], "</s>");
+    assert_eq!(file("generation_config.json")["eos_token_id"], 2);
+    assert!(final_dir.join("tokenizer.json").is_file());
+    let out = h.ok(&[
+        "generate",
+        "--checkpoint",
+        s(&final_dir),
+        "--prompt",
+        "2+3=",
+        "--max-new-tokens",
+        "3",
+        "--greedy",
+    ]);
+    assert!(!out.trim().is_empty(), "{out}");
+
     let err = h.fails(&["inspect", "--db", &db, "stages", "--run", "nope"]);
     assert!(err.contains("run `nope` has no stages"), "{err}");
 }

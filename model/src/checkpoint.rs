@@ -11,11 +11,15 @@ use serde_json::json;
 use crate::config::{BlockKind, NemotronHConfig};
 use crate::error::{ModelError, Result};
 use crate::params::Params;
+use crate::tokenizer::Tokenizer;
 
 /// Adds a tensor by name and shape, its elements from a function of the flat index.
 type AddTensor<'a> = dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32) + 'a;
 
-pub use crate::layout::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
+pub use crate::layout::{
+    CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+    WEIGHTS_FILE,
+};
 
 /// Reads every tensor of a checkpoint directory (single file or sharded) or of one
 /// `.safetensors` file, converted to f32 on `device`.
@@ -115,6 +119,57 @@ pub fn save_checkpoint(
     let text = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON value serialises");
     std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))?;
     save_tensors(dir, &params.snapshot()?, max_shard_bytes)
+}
+
+/// Writes what a policy checkpoint needs beside its weights and `config.json` to open without
+/// edits in transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and vLLM: `tokenizer.json`,
+/// `tokenizer_config.json` (the BOS, EOS and padding tokens by their text) and
+/// `generation_config.json` (their ids, where generation stops).
+pub fn save_tokenizer_files(
+    dir: &Path,
+    cfg: &NemotronHConfig,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+    let mut special = serde_json::Map::new();
+    special.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    special.insert("clean_up_tokenization_spaces".into(), json!(false));
+    let named = [
+        ("bos_token", cfg.bos_token_id),
+        ("eos_token", cfg.eos_token_ids.first().copied()),
+        ("pad_token", cfg.pad_token_id),
+    ];
+    for (key, id) in named {
+        if let Some(text) = id.and_then(|id| tokenizer.token(id)) {
+            special.insert(key.into(), json!(text));
+        }
+    }
+    let mut generation = serde_json::Map::new();
+    if let Some(id) = cfg.bos_token_id {
+        generation.insert("bos_token_id".into(), json!(id));
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            generation.insert("eos_token_id".into(), json!(one));
+        }
+        many => {
+            generation.insert("eos_token_id".into(), json!(many));
+        }
+    }
+    if let Some(id) = cfg.pad_token_id {
+        generation.insert("pad_token_id".into(), json!(id));
+    }
+    for (file, value) in [
+        (TOKENIZER_CONFIG_FILE, special),
+        (GENERATION_CONFIG_FILE, generation),
+    ] {
+        let path = dir.join(file);
+        let text = serde_json::to_string_pretty(&value).expect("JSON value serialises");
+        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Writes named tensors as `model.safetensors`, or as shards plus an index.

@@ -743,6 +743,20 @@ impl NemotronHConfig {
             );
             map.entry("num_hidden_layers")
                 .or_insert(self.layers.len().into());
+            // Non-finite bounds in the form transformers (5.x) writes and reads; a bare
+            // `Infinity` or the string "Infinity" is refused by transformers and vLLM.
+            if let Some(Value::Array(bounds)) = map.get_mut("time_step_limit") {
+                for bound in bounds.iter_mut() {
+                    if let Some(x) = float_value(bound).filter(|x| !x.is_finite()) {
+                        let word = match x {
+                            x if x > 0.0 => "Infinity",
+                            x if x < 0.0 => "-Infinity",
+                            _ => "NaN",
+                        };
+                        *bound = serde_json::json!({ "__float__": word });
+                    }
+                }
+            }
         }
         v
     }
@@ -779,9 +793,24 @@ mod tests {
             let c = with(tsl).unwrap();
             assert_eq!(c.mamba().dt_max, f64::INFINITY, "{tsl}");
             assert_eq!(c.mamba().dt_min, 0.001, "{tsl}");
+            // Written in transformers' current form, which reads back the same.
+            let written = c.to_json();
+            if tsl != "null" {
+                assert_eq!(
+                    written["time_step_limit"],
+                    serde_json::json!([0.0, {"__float__": "Infinity"}]),
+                    "{tsl}"
+                );
+            }
+            let again = NemotronHConfig::from_json_str(&written.to_string()).unwrap();
+            assert_eq!(again.mamba().dt_max, f64::INFINITY, "{tsl}");
         }
         let c = with("[0.01, 0.5]").unwrap();
         assert_eq!((c.mamba().dt_min, c.mamba().dt_max), (0.01, 0.5));
+        assert_eq!(
+            c.to_json()["time_step_limit"],
+            serde_json::json!([0.01, 0.5])
+        );
         let bad = with("[1.0]").unwrap_err().to_string();
         assert!(bad.contains("time_step_limit"), "{bad}");
     }

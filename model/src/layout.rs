@@ -13,6 +13,12 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The index that lists the shards of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The tokenizer of a checkpoint (HF `tokenizers` format).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The tokenizer's settings for transformers' `AutoTokenizer` (its special tokens).
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// The token ids generation starts, pads and stops with (transformers, vLLM).
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 
 /// Whether `name` matches `pattern`, where `*` stands for any run of characters (including
 /// none) and `?` for exactly one.

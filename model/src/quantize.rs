@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 
 use crate::error::{ModelError, Result};
 pub use crate::layout::glob_match;
-use crate::layout::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
+use crate::layout::{
+    CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+    WEIGHTS_FILE,
+};
 
 /// A tensor held as raw little-endian bytes.
 #[derive(Clone, Debug)]
@@ -170,9 +173,15 @@ fn copy_side_files(input: &Path, output: &Path) -> Result<Option<Value>> {
     } else {
         input.to_path_buf()
     };
-    let tok = dir.join("tokenizer.json");
-    if tok.is_file() {
-        std::fs::copy(&tok, output.join("tokenizer.json")).map_err(|e| ModelError::io(&tok, e))?;
+    for file in [
+        TOKENIZER_FILE,
+        TOKENIZER_CONFIG_FILE,
+        GENERATION_CONFIG_FILE,
+    ] {
+        let from = dir.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, output.join(file)).map_err(|e| ModelError::io(&from, e))?;
+        }
     }
     let cfg = dir.join(CONFIG_FILE);
     if !cfg.is_file() {

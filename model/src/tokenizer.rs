@@ -134,6 +134,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token string of an id, e.g. `"</s>"` for a special token's.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Number of ids, special tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -15,7 +15,7 @@ use chorus_proto::v1::{
 };
 use tokio::sync::Notify;
 
-use crate::directory::{Directory, Leases, now_ms};
+use crate::directory::{Directory, Leases};
 
 /// Why the fleet refuses a request about the run it serves or its standby services.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,8 +76,6 @@ struct FleetState {
     runs: BTreeMap<String, Arc<Directory>>,
     /// Finished runs, oldest first.
     finished: VecDeque<String>,
-    /// Runs launched by this process so far (part of each new run id).
-    launched_count: u64,
     current: Option<Current>,
     /// Standby services, with when they were last heard from.
     standby: BTreeMap<(Kind, String), Instant>,
@@ -189,9 +187,7 @@ impl Fleet {
             };
             return (launched, false);
         }
-        // Names repeat across runs; the launch time and a counter make the id unique.
-        let run_id = format!("{name}-{}-{}", now_ms(), st.launched_count);
-        st.launched_count += 1;
+        let run_id = crate::ledger::new_run_id(name);
         (
             self.enqueue(&mut st, request_id, &run_id, name, config_toml),
             true,

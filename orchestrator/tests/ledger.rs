@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_orchestrator::ledger::{
-    LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun, NewStage, NewTrajectory,
-    PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, StageEnd, StageStatus, Timings,
-    TrajectoryCounts, TrajectoryStatus,
+    Evaluation, LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun, NewStage,
+    NewTrajectory, PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, StageEnd,
+    StageStatus, Timings, TrajectoryCounts, TrajectoryStatus,
 };
 use chorus_proto::v1::FinishReason;
 
@@ -129,7 +129,49 @@ on_both_backends!(
     launches_are_found_by_request_and_by_status,
     stages_record_their_span_and_own_their_steps,
     a_rewind_undoes_the_steps_after_a_version,
+    evaluations_are_kept_once_per_version_and_versions_know_their_stage,
+    the_queries_docs_ledger_md_shows_run,
 );
+
+/// The SQL statements of docs/ledger.md's "Example queries", each with the one backend it is
+/// for (`SQLite` or `PostgreSQL`) where the document marks one.
+fn documented_queries(doc: &str) -> Vec<(Option<&'static str>, String)> {
+    let section = doc
+        .split("## Example queries")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("docs/ledger.md has example queries");
+    let mut out = vec![];
+    let (mut in_block, mut block_on, mut on, mut sql) = (false, None, None, String::new());
+    let mut prose = "";
+    for line in section.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            block_on = prose.contains("PostgreSQL only").then_some("PostgreSQL");
+            on = block_on;
+            continue;
+        }
+        if !in_block {
+            if !line.trim().is_empty() {
+                prose = line;
+            }
+            continue;
+        }
+        match line.trim() {
+            "-- SQLite" => on = Some("SQLite"),
+            "-- PostgreSQL" => on = Some("PostgreSQL"),
+            l if l.starts_with("--") => {}
+            l => {
+                sql.push_str(l);
+                sql.push('\n');
+                if l.ends_with(';') {
+                    out.push((on.or(block_on), std::mem::take(&mut sql)));
+                }
+            }
+        }
+    }
+    out
+}
 
 fn run(id: &str) -> NewRun {
     NewRun {
@@ -293,13 +335,23 @@ mod cases {
         ledger.insert_run(run("run-a")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         ledger.insert_run(run("run-b")).await.unwrap();
+        ledger.flush().await.unwrap();
+        // A second run under a taken id is refused loudly, and the first keeps its row.
         let mut again = run("run-a");
         again.name = "renamed".into();
         ledger.insert_run(again).await.unwrap();
-        ledger.flush().await.unwrap();
+        match ledger.flush().await {
+            Err(LedgerError::WriteFailed { failed: 1, first }) => {
+                assert!(first.contains("insert_run(run-a)"), "{first}")
+            }
+            other => panic!("a second run-a must be refused, got {other:?}"),
+        }
 
         let a = ledger.get_run("run-a").await.unwrap().unwrap();
-        assert_eq!(a.name, "run-a-name", "the second insert must be ignored");
+        assert_eq!(
+            a.name, "run-a-name",
+            "the second insert must change nothing"
+        );
         assert_eq!(a.config_toml, run("run-a").config_toml);
         assert_eq!(a.status, RunStatus::Running);
         assert_eq!(a.finished_at_ms, None);
@@ -772,6 +824,171 @@ mod cases {
         ledger.close().await.unwrap();
     }
 
+    /// Every SQL statement of docs/ledger.md's example queries, on a ledger holding a little of
+    /// everything, on the backends the document says it runs on.
+    pub async fn the_queries_docs_ledger_md_shows_run(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("run-1")).await.unwrap();
+        ledger
+            .start_stage(NewStage {
+                run_id: "run-1".into(),
+                stage_index: 0,
+                name: "rl".into(),
+                kind: "rlvr".into(),
+                first_step: 0,
+                metric: Some("heldout_accuracy".into()),
+                metric_start: Some(0.25),
+            })
+            .await
+            .unwrap();
+        ledger
+            .record_prompts_dispatched(vec![prompt("p1", "run-1", "math")])
+            .await
+            .unwrap();
+        ledger
+            .insert_trajectories(vec![traj("t1", "run-1", "p1", "math", 1.0)])
+            .await
+            .unwrap();
+        ledger.mark_consumed(&["p1".to_string()], 1).await.unwrap();
+        ledger
+            .insert_learner_step(LearnerStep {
+                run_id: "run-1".into(),
+                step: 1,
+                policy_version: 1,
+                loss: Some(0.5),
+                kl: None,
+                entropy: Some(1.0),
+                grad_norm: Some(0.1),
+                learning_rate: Some(1e-4),
+                clip_fraction: None,
+                num_tokens: 5,
+                num_trajectories: 1,
+                skip_reason: None,
+                mean_abs_logprob_diff: Some(0.01),
+            })
+            .await
+            .unwrap();
+        ledger
+            .record_evaluation(Evaluation {
+                run_id: "run-1".into(),
+                policy_version: 1,
+                environment: "math".into(),
+                difficulty: 0,
+                stage_index: Some(0),
+                tasks: 2,
+                correct: 1,
+                accuracy: 0.5,
+                accuracy_lo: 0.1,
+                accuracy_hi: 0.9,
+                mean_reward: 0.5,
+            })
+            .await
+            .unwrap();
+        ledger.close().await.unwrap();
+
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/ledger.md"))
+                .unwrap();
+        let postgres = db.url.starts_with("postgres");
+        let queries = documented_queries(&doc);
+        assert!(queries.len() >= 15, "{queries:?}");
+        let mine: Vec<&String> = queries
+            .iter()
+            .filter(|(on, _)| on.is_none_or(|on| (on == "PostgreSQL") == postgres))
+            .map(|(_, sql)| sql)
+            .collect();
+        // The same loop over either backend's pool type.
+        macro_rules! rows_of_each {
+            ($pool:expr) => {{
+                let pool = $pool;
+                let mut rows = vec![];
+                for sql in &mine {
+                    let got = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}\n{e}"));
+                    rows.push(got.len());
+                }
+                pool.close().await;
+                rows
+            }};
+        }
+        let rows = if postgres {
+            rows_of_each!(sqlx::PgPool::connect(&db.url).await.unwrap())
+        } else {
+            rows_of_each!(sqlx::SqlitePool::connect(&db.url).await.unwrap())
+        };
+        // The learning curve comes first in the document: one version measured.
+        assert!(mine[0].contains("FROM evaluations"), "{}", mine[0]);
+        assert_eq!(rows[0], 1);
+    }
+
+    pub async fn evaluations_are_kept_once_per_version_and_versions_know_their_stage(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("r")).await.unwrap();
+        let eval = |version: u64, env: &str, correct: u64| Evaluation {
+            run_id: "r".into(),
+            policy_version: version,
+            environment: env.into(),
+            difficulty: 0,
+            stage_index: Some(version / 3),
+            tasks: 4,
+            correct,
+            accuracy: correct as f64 / 4.0,
+            accuracy_lo: 0.0625,
+            accuracy_hi: 0.9375,
+            mean_reward: 0.5,
+        };
+        for e in [
+            eval(3, "needle", 2),
+            eval(0, "needle", 1),
+            eval(0, "arithmetic", 0),
+            // Measured again: the first measurement stays.
+            eval(3, "needle", 4),
+        ] {
+            ledger.record_evaluation(e).await.unwrap();
+        }
+        let version = |n: u64| PolicyVersion {
+            run_id: "r".into(),
+            version: n,
+            learner_step: n,
+            sha256: "ab".repeat(32),
+            num_bytes: 10,
+        };
+        ledger.record_policy_version(version(1)).await.unwrap();
+        ledger
+            .start_stage(NewStage {
+                run_id: "r".into(),
+                stage_index: 1,
+                name: "rl".into(),
+                kind: "rlvr".into(),
+                first_step: 1,
+                metric: None,
+                metric_start: None,
+            })
+            .await
+            .unwrap();
+        ledger.record_policy_version(version(2)).await.unwrap();
+        ledger.flush().await.unwrap();
+        assert_eq!(
+            ledger.list_evaluations("r").await.unwrap(),
+            [
+                eval(0, "arithmetic", 0),
+                eval(0, "needle", 1),
+                eval(3, "needle", 2)
+            ]
+        );
+        assert_eq!(ledger.list_evaluations("other").await.unwrap(), []);
+        let stages: Vec<_> = ledger
+            .list_policy_versions("r")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.version.version, r.stage_index))
+            .collect();
+        assert_eq!(stages, [(1, None), (2, Some(1))]);
+    }
+
     pub async fn stages_record_their_span_and_own_their_steps(db: &TestDb) {
         let ledger = db.open().await;
         ledger.insert_run(run("r")).await.unwrap();
@@ -908,9 +1125,19 @@ mod cases {
         }
         ledger.flush().await.unwrap();
 
+        let versions = ledger.list_policy_versions("r").await.unwrap();
         assert_eq!(
-            ledger.list_policy_versions("r").await.unwrap(),
+            versions
+                .iter()
+                .map(|r| r.version.clone())
+                .collect::<Vec<_>>(),
             [v(1, "aa"), v(2, "bb")]
+        );
+        // Recorded before any stage began: no stage; a time.
+        assert!(
+            versions
+                .iter()
+                .all(|r| r.stage_index.is_none() && r.created_at_ms > 0)
         );
         let first = ledger.list_events("r", 0, 3).await.unwrap();
         assert_eq!(

@@ -186,6 +186,7 @@ pub async fn orchestrator(
         directory: directory.clone(),
         resumed: None,
         first_stage: 0,
+        recorded: false,
     };
     orchestrate(plan, &endpoints, options).await
 }
@@ -217,6 +218,9 @@ pub struct DaemonOptions {
     pub wait: Duration,
     /// Held-out tasks per environment in each run's evaluation.
     pub eval_tasks: usize,
+    /// Each run also evaluates every this many RL steps (its learning curve); 0: only at the
+    /// start and end of its stages.
+    pub eval_every: u64,
     /// The name this orchestrator records its launches under in the ledger.
     pub name: String,
 }
@@ -313,7 +317,12 @@ async fn run_launched(
         &format!("the config of run {run_id}"),
         std::path::Path::new("."),
     )?;
-    let plan = RunPlan::new(cfg, launched.config_toml.clone(), d.eval_tasks, 0)?;
+    let plan = RunPlan::new(
+        cfg,
+        launched.config_toml.clone(),
+        d.eval_tasks,
+        d.eval_every,
+    )?;
     let directory = launched.directory.clone();
     directory.spawn_lease_checker();
     fleet.serve_run(directory.clone(), launched.config_toml.clone());
@@ -334,6 +343,7 @@ async fn run_launched(
         directory: Some(directory),
         resumed: None,
         first_stage: 0,
+        recorded: true,
     };
     orchestrate(&plan, &endpoints, options).await.map(|_| ())
 }

@@ -6,6 +6,7 @@
 //! [`chorus_orchestrator::confidence`]), so that a reader can tell a gain from noise.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use chorus_orchestrator::confidence::{self, Interval};
 use chorus_orchestrator::faults::Health;
@@ -48,6 +49,9 @@ pub struct Summary {
     pub curve: Vec<CurvePoint>,
     /// Each stage, in order (also written to `runs/<run>/stages/<stage>/summary.json`).
     pub stages: Vec<StageSummary>,
+    /// The trained policy: the final version in HF layout with its tokenizer
+    /// (`runs/<run>/checkpoint`), which `chorus generate --checkpoint` and transformers open.
+    pub checkpoint: PathBuf,
 }
 
 /// How one stage went: what `runs/<run>/stages/<stage>/summary.json` holds.
@@ -86,7 +90,7 @@ pub struct StageSummary {
     /// Seconds from its start to its checkpoint, the evaluations included.
     pub wall_seconds: f64,
     /// Its final policy in HF layout (`chorus generate --checkpoint DIR` loads it).
-    pub checkpoint: std::path::PathBuf,
+    pub checkpoint: PathBuf,
     /// RL stages: the mean over the stage's recorded learner steps of their KL estimate (to the
     /// stage's starting policy when the stage penalises it, else between sampler and learner),
     /// so that a user sees how far RLHF moved the policy beside what it cost in accuracy.
@@ -256,6 +260,7 @@ mod tests {
             environment_faults: BTreeMap::new(),
             stages: vec![],
             curve: vec![CurvePoint::new(3, 1.5, &after)],
+            checkpoint: "runs/r/checkpoint".into(),
         };
         let v = serde_json::to_value(&summary).unwrap();
         for key in [
@@ -269,6 +274,7 @@ mod tests {
             "mean_gain_interval",
             "steps",
             "trajectories",
+            "checkpoint",
             "wall_seconds",
             "cpu",
             "max_lag",

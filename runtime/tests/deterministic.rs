@@ -150,6 +150,7 @@ fn run(slow: Option<&str>) -> Outcome {
             .await
             .unwrap()
             .into_iter()
+            .map(|r| r.version)
             .map(|v| (v.version, v.learner_step, v.sha256, v.num_bytes))
             .collect();
         Outcome {

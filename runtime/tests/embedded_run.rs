@@ -169,7 +169,8 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
             summary.trajectories
         );
         // Every version the learner published, and the run's events, from start to end.
-        let versions = ledger.list_policy_versions(&summary.run).await.unwrap();
+        let records = ledger.list_policy_versions(&summary.run).await.unwrap();
+        let versions: Vec<_> = records.iter().map(|r| r.version.clone()).collect();
         assert_eq!(
             versions.iter().map(|v| v.version).collect::<Vec<_>>(),
             (1..=4).collect::<Vec<_>>()

@@ -5,14 +5,17 @@ use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
 use clap::{Args, Subcommand};
 
-/// Inspect the ledger of runs: runs, the stages of a run, rollouts of a run, the learner's steps,
+/// Inspect the ledger of runs: runs, the stages of a run, its policy versions, its held-out
+/// evaluations (the learning curve), rollouts of a run, the learner's steps,
 /// or one trajectory.
 ///
 /// Examples:
 ///   chorus inspect runs
-///   chorus inspect stages --run quickstart-1795925683
-///   chorus inspect rollouts --run quickstart-1795925683 --env arithmetic --min-reward 1 --limit 20
-///   chorus inspect trajectory 'quickstart-1795925683:s1:61:3:a0:p:t2'
+///   chorus inspect stages --run quickstart-20261204-011918-3fa2b1c0
+///   chorus inspect versions --run quickstart-20261204-011918-3fa2b1c0
+///   chorus inspect evals --run quickstart-20261204-011918-3fa2b1c0
+///   chorus inspect rollouts --run quickstart-20261204-011918-3fa2b1c0 --env arithmetic --min-reward 1 --limit 20
+///   chorus inspect trajectory 'quickstart-20261204-011918-3fa2b1c0:s1:61:3:a0:p:t2'
 ///   chorus inspect --db postgres://chorus:chorus@127.0.0.1/chorus runs
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -62,6 +65,22 @@ pub enum InspectCommand {
         #[arg(long)]
         run: String,
     },
+    /// The policy versions the learner published in a run: learner step, stage, the weights'
+    /// SHA-256 and size, seconds since the run began, and the checkpoint of a stage that ended
+    /// with that version.
+    Versions {
+        /// Run id (see `chorus inspect runs`).
+        #[arg(long)]
+        run: String,
+    },
+    /// The held-out evaluations of a run, version by version (its learning curve): per
+    /// environment the distinct tasks, those solved, the accuracy with its 95% interval and the
+    /// mean reward.
+    Evals {
+        /// Run id (see `chorus inspect runs`).
+        #[arg(long)]
+        run: String,
+    },
 }
 
 fn default_db() -> anyhow::Result<String> {
@@ -90,11 +109,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         let ledger = Ledger::open(&db).await.with_context(|| format!("opening {db}"))?;
         match a.what {
             InspectCommand::Runs { limit } => {
-                println!("{:<32} {:<16} {:<10} {:>10} {:>8}", "run", "name", "status", "consumed", "steps");
+                println!("{:<40} {:<16} {:<10} {:>10} {:>8}", "run", "name", "status", "consumed", "steps");
                 for r in ledger.list_runs(limit).await? {
                     let consumed = ledger.count_consumed(&r.id).await?;
                     let steps = ledger.list_learner_steps(&r.id).await?.len();
-                    println!("{:<32} {:<16} {:<10} {:>10} {:>8}", r.id, r.name, r.status.as_str(), consumed, steps);
+                    println!("{:<40} {:<16} {:<10} {:>10} {:>8}", r.id, r.name, r.status.as_str(), consumed, steps);
                 }
             }
             InspectCommand::Rollouts { run, env, min_reward, limit } => {
@@ -169,6 +188,58 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                         pct(r.metric_end),
                         r.trajectories.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
                         r.checkpoint_path.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            InspectCommand::Versions { run } => {
+                let Some(record) = ledger.get_run(&run).await? else {
+                    anyhow::bail!("no run `{run}` in {db} (see `chorus inspect runs`)");
+                };
+                let versions = ledger.list_policy_versions(&run).await?;
+                if versions.is_empty() {
+                    anyhow::bail!("run `{run}` has no policy versions in {db}");
+                }
+                let stages = ledger.list_stages(&run).await?;
+                let stage_name = |i: Option<u64>| {
+                    i.and_then(|i| stages.iter().find(|s| s.stage.stage_index == i))
+                        .map_or("-".to_string(), |s| s.stage.name.clone())
+                };
+                println!("{:>8} {:>6} {:<16} {:<16} {:>10} {:>9}  checkpoint", "version", "step", "stage", "sha256", "MB", "at (s)");
+                for v in versions {
+                    // A reward-model stage's checkpoint is its judge's, not this policy's.
+                    let checkpoint = stages
+                        .iter()
+                        .find(|s| s.last_step == Some(v.version.version) && s.stage.kind != "reward_model")
+                        .and_then(|s| s.checkpoint_path.clone());
+                    println!(
+                        "{:>8} {:>6} {:<16} {:<16} {:>10.2} {:>9.1}  {}",
+                        v.version.version,
+                        v.version.learner_step,
+                        stage_name(v.stage_index),
+                        &v.version.sha256[..v.version.sha256.len().min(16)],
+                        v.version.num_bytes as f64 / 1e6,
+                        (v.created_at_ms - record.created_at_ms) as f64 / 1000.0,
+                        checkpoint.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            InspectCommand::Evals { run } => {
+                let evals = ledger.list_evaluations(&run).await?;
+                if evals.is_empty() {
+                    anyhow::bail!("run `{run}` has no held-out evaluations in {db} (was it run with --eval-tasks 0?)");
+                }
+                println!("{:>8} {:>5} {:<24} {:>6} {:>7} {:>9} {:>16} {:>11}", "version", "stage", "environment", "tasks", "correct", "accuracy", "95% interval", "mean reward");
+                for e in evals {
+                    println!(
+                        "{:>8} {:>5} {:<24} {:>6} {:>7} {:>8.1}% {:>16} {:>11.3}",
+                        e.policy_version,
+                        e.stage_index.map_or("-".to_string(), |i| i.to_string()),
+                        if e.difficulty == 0 { e.environment.clone() } else { format!("{} (level {})", e.environment, e.difficulty) },
+                        e.tasks,
+                        e.correct,
+                        100.0 * e.accuracy,
+                        format!("[{:.1}, {:.1}]", 100.0 * e.accuracy_lo, 100.0 * e.accuracy_hi),
+                        e.mean_reward,
                     );
                 }
             }

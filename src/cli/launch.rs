@@ -50,7 +50,7 @@ pub struct LaunchArgs {
 /// processes are in the ledger: `chorus inspect`). Events already past are shown first. The exit
 /// status is non-zero when the run fails.
 ///
-/// Example: chorus watch quickstart-1795939688315-0 --orchestrator http://10.0.0.1:7010 --token T
+/// Example: chorus watch quickstart-20261204-011918-3fa2b1c0 --orchestrator http://10.0.0.1:7010 --token T
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct WatchArgs {

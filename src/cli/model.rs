@@ -85,8 +85,8 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     let params = checkpoint::init_params(&cfg, a.seed, &candle_core::Device::Cpu)?;
     checkpoint::save_checkpoint(&a.out, &cfg, &params, a.shard_mib.map(|m| m << 20))?;
     let tokenizer_note = if cfg.vocab_size >= BYTE_LEVEL_VOCAB {
-        Tokenizer::byte_level().save(&a.out.join("tokenizer.json"))?;
-        "byte-level tokenizer.json written"
+        checkpoint::save_tokenizer_files(&a.out, &cfg, &Tokenizer::byte_level())?;
+        "byte-level tokenizer.json, tokenizer_config.json and generation_config.json written"
     } else {
         "no tokenizer written (the byte-level tokenizer needs vocab_size >= 270)"
     };

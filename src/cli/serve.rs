@@ -130,6 +130,10 @@ pub struct OrchestratorArgs {
     /// printed with its 95% interval: about ±6 points at 256 tasks, ±12 at 64.
     #[arg(long, default_value_t = 256)]
     eval_tasks: usize,
+    /// Also evaluate every N RL steps while training, recording a learning curve (the ledger's
+    /// `evaluations`, and summary.json); 0 turns it off.
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
     /// Launched runs only: the name this orchestrator records its launches under in the ledger.
     /// Restarted with the same name and ledger, it queues again the runs still pending and
     /// marks failed those it was running. Orchestrators sharing a ledger need different names.
@@ -249,12 +253,13 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
             runs_dir: a.runs_dir,
             wait,
             eval_tasks: a.eval_tasks,
+            eval_every: a.eval_every,
             name: a.name,
         };
         return Ok(chorus_runtime::serve::launched_runs(daemon, super::print_listening).await?);
     };
     let (cfg, config_toml) = super::load_config(path)?;
-    let plan = RunPlan::new(cfg, config_toml, a.eval_tasks, 0)?;
+    let plan = RunPlan::new(cfg, config_toml, a.eval_tasks, a.eval_every)?;
     let options = OrchestratorOptions {
         run_id: a.run_id.unwrap_or_else(|| plan.config.name.clone()),
         listen: a.listen,

@@ -23,6 +23,15 @@ pub enum LedgerError {
         #[source]
         source: std::io::Error,
     },
+    /// The lock that keeps processes from migrating one SQLite file at once could not be taken.
+    #[error("cannot lock {} to migrate the SQLite ledger", path.display())]
+    MigrationLock {
+        /// The lock file beside the ledger.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Connecting failed.
     #[error("cannot connect to the {backend} ledger at {url}")]
     Connect {

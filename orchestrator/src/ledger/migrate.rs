@@ -32,6 +32,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "stages",
         include_str!("../../migrations/sqlite/0004_stages.sql"),
     ),
+    (
+        5,
+        "evaluations",
+        include_str!("../../migrations/sqlite/0005_evaluations.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -55,6 +60,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         4,
         "stages",
         include_str!("../../migrations/postgres/0004_stages.sql"),
+    ),
+    (
+        5,
+        "evaluations",
+        include_str!("../../migrations/postgres/0005_evaluations.sql"),
     ),
 ];
 
@@ -137,7 +147,7 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4]
+            [1, 2, 3, 4, 5]
         );
     }
 }

@@ -98,10 +98,10 @@ use tokio::task::JoinHandle;
 
 pub use error::LedgerError;
 pub use types::{
-    EventRecord, LearnerStep, LearnerStepRecord, NewPrompt, NewRun, NewStage, NewTrajectory,
-    PolicyVersion, PromptRecord, PromptState, RolloutFilter, RolloutSummary, RunRecord, RunStatus,
-    Split, StageEnd, StageRecord, StageStatus, Timings, TrajectoryCounts, TrajectoryRecord,
-    TrajectoryStatus,
+    Evaluation, EventRecord, LearnerStep, LearnerStepRecord, NewPrompt, NewRun, NewStage,
+    NewTrajectory, PolicyVersion, PolicyVersionRecord, PromptRecord, PromptState, RolloutFilter,
+    RolloutSummary, RunRecord, RunStatus, Split, StageEnd, StageRecord, StageStatus, Timings,
+    TrajectoryCounts, TrajectoryRecord, TrajectoryStatus,
 };
 
 use sql::Pools;
@@ -195,9 +195,13 @@ impl Ledger {
     ///
     /// Must be called within a Tokio runtime: it spawns the writer task.
     pub async fn open_with(url: &str, options: LedgerOptions) -> Result<Self, LedgerError> {
+        // PostgreSQL's migrations hold an advisory lock (sqlx takes it); SQLite has none, so
+        // processes opening one new file at once take turns on a lock file beside it.
+        let mut migration_lock = None;
         let pools = match parse_url(url)? {
             Target::SqliteFile(path) => {
                 create_parent(&path)?;
+                migration_lock = Some(lock_for_migration(&path).await?);
                 let opts = sqlite_options(SqliteConnectOptions::new().filename(&path));
                 let pool = SqlitePoolOptions::new()
                     .max_connections(options.max_connections.max(1))
@@ -242,6 +246,7 @@ impl Ledger {
             Pools::Sqlite(p) => migrate::migrator(migrate::SQLITE).run(p).await,
             Pools::Postgres(p) => migrate::migrator(migrate::POSTGRES).run(p).await,
         };
+        drop(migration_lock);
         if let Err(source) = migrated {
             pools.close().await;
             return Err(LedgerError::Migrate { backend, source });
@@ -306,7 +311,8 @@ impl Ledger {
         result
     }
 
-    /// Records a new run. A second run with the same id is ignored.
+    /// Records a new run. A run whose id is already in the ledger is refused, and the next
+    /// [`flush`](Self::flush) reports it: rows of two runs never mix under one id.
     pub async fn insert_run(&self, run: NewRun) -> Result<(), LedgerError> {
         self.enqueue(WriteOp::InsertRun {
             run,
@@ -490,6 +496,16 @@ impl Ledger {
         .await
     }
 
+    /// Records a held-out evaluation (the first of a run, version, environment and difficulty
+    /// wins: a version is measured once).
+    pub async fn record_evaluation(&self, evaluation: Evaluation) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::Evaluation {
+            evaluation,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
     /// Appends an event to a run's log (`payload_json` is stored as given).
     pub async fn record_event(
         &self,
@@ -515,6 +531,28 @@ fn sqlite_options(opts: SqliteConnectOptions) -> SqliteConnectOptions {
         .busy_timeout(Duration::from_secs(30))
 }
 
+/// An exclusive lock on `<ledger>-migrate.lock`, held until the returned file is dropped; waits
+/// while another process holds it.
+async fn lock_for_migration(ledger: &Path) -> Result<std::fs::File, LedgerError> {
+    let mut name = ledger.as_os_str().to_owned();
+    name.push("-migrate.lock");
+    let path = PathBuf::from(name);
+    let locking = path.clone();
+    let locked = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&locking)?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    locked.map_err(|source| LedgerError::MigrationLock { path, source })
+}
+
 fn create_parent(path: &Path) -> Result<(), LedgerError> {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => {
@@ -533,6 +571,44 @@ fn connect_error(backend: &'static str, url: &str, source: sqlx::Error) -> Ledge
         url: error::redact(url),
         source,
     }
+}
+
+/// A new run's id: `<name>-<UTC date>-<UTC time>-<8 random hex digits>`, e.g.
+/// `quickstart-20261204-011918-3fa2b1c0`. Ids of one name sort by their start time, and two runs
+/// started in the same second (two processes, one config) still get different ids.
+pub fn new_run_id(name: &str) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{name}-{}-{:08x}", utc_stamp(secs), rand::random::<u32>())
+}
+
+/// `YYYYMMDD-HHMMSS` of `secs` seconds after the Unix epoch, in UTC.
+fn utc_stamp(secs: u64) -> String {
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days to a proleptic Gregorian date, counting in 400-year eras that start on 1 March
+    // (so the leap day ends a year).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3_600,
+        rest % 3_600 / 60,
+        rest % 60
+    )
 }
 
 /// Milliseconds since the Unix epoch.
@@ -580,6 +656,32 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn utc_stamps_are_calendar_dates() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        // 2000-02-29 (a leap day of a year divisible by 400) and the day after.
+        assert_eq!(utc_stamp(951_782_400 + 3_661), "20000229-010101");
+        assert_eq!(utc_stamp(951_868_800), "20000301-000000");
+        // 2026-12-04 23:59:59, and the last second of a year.
+        assert_eq!(utc_stamp(1_796_428_799), "20261204-235959");
+        assert_eq!(utc_stamp(1_798_761_599), "20261231-235959");
+    }
+
+    #[test]
+    fn run_ids_carry_the_name_and_differ_within_a_second() {
+        let (a, b) = (new_run_id("quickstart"), new_run_id("quickstart"));
+        assert_ne!(a, b);
+        let rest = a.strip_prefix("quickstart-").expect("the name first");
+        let parts: Vec<&str> = rest.split('-').collect();
+        assert_eq!(parts.len(), 3, "{a}");
+        assert_eq!(
+            (parts[0].len(), parts[1].len(), parts[2].len()),
+            (8, 6, 8),
+            "{a}"
+        );
+        assert!(parts[2].chars().all(|c| c.is_ascii_hexdigit()), "{a}");
     }
 
     #[test]

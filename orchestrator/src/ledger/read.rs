@@ -57,6 +57,12 @@ impl<'a> Reader<'a> {
         u64::try_from(v).map_err(|_| self.corrupt(col, format!("negative value {v}")))
     }
 
+    fn real(&self, col: &'static str) -> Result<f64, RowError> {
+        self.row
+            .opt_real(col)?
+            .ok_or_else(|| self.corrupt(col, "NULL where a number belongs"))
+    }
+
     fn opt_u64(&self, col: &'static str) -> Result<Option<u64>, RowError> {
         match self.row.opt_int(col)? {
             None => Ok(None),
@@ -279,14 +285,37 @@ fn decode_step(row: &dyn Cols) -> Result<LearnerStepRecord, RowError> {
     })
 }
 
-fn decode_version(row: &dyn Cols) -> Result<PolicyVersion, RowError> {
+fn decode_version(row: &dyn Cols) -> Result<PolicyVersionRecord, RowError> {
     let r = Reader::new(row, "policy_versions", "run_id")?;
-    Ok(PolicyVersion {
+    Ok(PolicyVersionRecord {
+        version: PolicyVersion {
+            run_id: r.id.clone(),
+            version: r.u64("version")?,
+            learner_step: r.u64("learner_step")?,
+            sha256: row.text("sha256")?,
+            num_bytes: r.u64("num_bytes")?,
+        },
+        stage_index: r.opt_u64("stage_index")?,
+        created_at_ms: row.int("created_at_ms")?,
+    })
+}
+
+fn decode_evaluation(row: &dyn Cols) -> Result<Evaluation, RowError> {
+    let r = Reader::new(row, "evaluations", "run_id")?;
+    let difficulty = r.u64("difficulty")?;
+    Ok(Evaluation {
         run_id: r.id.clone(),
-        version: r.u64("version")?,
-        learner_step: r.u64("learner_step")?,
-        sha256: row.text("sha256")?,
-        num_bytes: r.u64("num_bytes")?,
+        policy_version: r.u64("policy_version")?,
+        environment: row.text("environment")?,
+        difficulty: u32::try_from(difficulty)
+            .map_err(|_| r.corrupt("difficulty", format!("{difficulty} is not a level")))?,
+        stage_index: r.opt_u64("stage_index")?,
+        tasks: r.u64("tasks")?,
+        correct: r.u64("correct")?,
+        accuracy: r.real("accuracy")?,
+        accuracy_lo: r.real("accuracy_lo")?,
+        accuracy_hi: r.real("accuracy_hi")?,
+        mean_reward: r.real("mean_reward")?,
     })
 }
 
@@ -533,13 +562,26 @@ impl Ledger {
     pub async fn list_policy_versions(
         &self,
         run_id: &str,
-    ) -> Result<Vec<PolicyVersion>, LedgerError> {
+    ) -> Result<Vec<PolicyVersionRecord>, LedgerError> {
         let stmt = Stmt::new(
-            "SELECT run_id, version, learner_step, sha256, num_bytes FROM policy_versions \
-             WHERE run_id = $1 ORDER BY version",
+            "SELECT run_id, version, learner_step, sha256, num_bytes, stage_index, \
+             created_at_ms FROM policy_versions WHERE run_id = $1 ORDER BY version",
         )
         .bind(run_id);
         self.fetch("list_policy_versions", stmt, decode_version)
+            .await
+    }
+
+    /// A run's held-out evaluations, by policy version, then environment and difficulty: its
+    /// learning curve.
+    pub async fn list_evaluations(&self, run_id: &str) -> Result<Vec<Evaluation>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT run_id, policy_version, environment, difficulty, stage_index, tasks, \
+             correct, accuracy, accuracy_lo, accuracy_hi, mean_reward FROM evaluations \
+             WHERE run_id = $1 ORDER BY policy_version, environment, difficulty",
+        )
+        .bind(run_id);
+        self.fetch("list_evaluations", stmt, decode_evaluation)
             .await
     }
 

@@ -521,6 +521,44 @@ pub struct PolicyVersion {
     pub num_bytes: u64,
 }
 
+/// A row of `policy_versions`, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersionRecord {
+    /// What was recorded.
+    pub version: PolicyVersion,
+    /// The stage it was trained in (the last stage begun before it); `None` before any stage.
+    pub stage_index: Option<u64>,
+    /// When it was recorded.
+    pub created_at_ms: i64,
+}
+
+/// A held-out evaluation of one policy version on one environment (a row of `evaluations`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// Run.
+    pub run_id: String,
+    /// The policy version evaluated.
+    pub policy_version: u64,
+    /// The environment (as registered in the run, e.g. `needle` or `needle@judge`).
+    pub environment: String,
+    /// Its difficulty level.
+    pub difficulty: u32,
+    /// The stage the run was in when it measured.
+    pub stage_index: Option<u64>,
+    /// Distinct held-out tasks answered.
+    pub tasks: u64,
+    /// Of those, the ones solved.
+    pub correct: u64,
+    /// `correct / tasks`.
+    pub accuracy: f64,
+    /// Lower end of its 95% (Wilson) interval.
+    pub accuracy_lo: f64,
+    /// Upper end of its 95% interval.
+    pub accuracy_hi: f64,
+    /// Mean reward over the tasks.
+    pub mean_reward: f64,
+}
+
 /// A row of `events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRecord {

@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use super::error::LedgerError;
 use super::sql::{Pools, Stmt, placeholders};
 use super::types::{
-    LearnerStep, NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion, RunStatus, StageEnd,
-    finish_reason_str,
+    Evaluation, LearnerStep, NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion, RunStatus,
+    StageEnd, finish_reason_str,
 };
 use super::{codec, to_i64};
 
@@ -75,6 +75,10 @@ pub(crate) enum WriteOp {
         step: LearnerStep,
         at_ms: i64,
     },
+    Evaluation {
+        evaluation: Evaluation,
+        at_ms: i64,
+    },
     PolicyVersion {
         version: PolicyVersion,
         at_ms: i64,
@@ -104,7 +108,7 @@ pub(crate) enum WriteOp {
 fn insert_run(run: &NewRun, at_ms: i64) -> Stmt {
     Stmt::new(
         "INSERT INTO runs (id, name, config_toml, status, created_at_ms, finished_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(run.id.as_str())
     .bind(run.name.as_str())
@@ -155,6 +159,10 @@ impl WriteOp {
             WriteOp::LearnerStep { step, .. } => {
                 format!("insert_learner_step({}, step {})", step.run_id, step.step)
             }
+            WriteOp::Evaluation { evaluation, .. } => format!(
+                "record_evaluation({}, version {}, {})",
+                evaluation.run_id, evaluation.policy_version, evaluation.environment
+            ),
             WriteOp::PolicyVersion { version, .. } => format!(
                 "record_policy_version({}, version {})",
                 version.run_id, version.version
@@ -309,8 +317,10 @@ impl WriteOp {
             ],
             WriteOp::PolicyVersion { version, at_ms } => vec![
                 Stmt::new(
+                    // A version belongs to the stage its step does (see learner steps).
                     "INSERT INTO policy_versions (run_id, version, learner_step, sha256, \
-                     num_bytes, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                     num_bytes, created_at_ms, stage_index) VALUES ($1, $2, $3, $4, $5, $6, \
+                     (SELECT MAX(stage_index) FROM stages WHERE run_id = $1 AND first_step < $3)) \
                      ON CONFLICT (run_id, version) DO NOTHING",
                 )
                 .bind(version.run_id.as_str())
@@ -318,6 +328,27 @@ impl WriteOp {
                 .bind(to_i64("learner_step", version.learner_step)?)
                 .bind(version.sha256.as_str())
                 .bind(to_i64("num_bytes", version.num_bytes)?)
+                .bind(*at_ms),
+            ],
+            WriteOp::Evaluation { evaluation: e, at_ms } => vec![
+                Stmt::new(
+                    "INSERT INTO evaluations (run_id, policy_version, environment, difficulty, \
+                     stage_index, tasks, correct, accuracy, accuracy_lo, accuracy_hi, \
+                     mean_reward, created_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                     ON CONFLICT (run_id, policy_version, environment, difficulty) DO NOTHING",
+                )
+                .bind(e.run_id.as_str())
+                .bind(to_i64("policy_version", e.policy_version)?)
+                .bind(e.environment.as_str())
+                .bind(i64::from(e.difficulty))
+                .bind(opt_i64("stage_index", e.stage_index)?)
+                .bind(to_i64("tasks", e.tasks)?)
+                .bind(to_i64("correct", e.correct)?)
+                .bind(e.accuracy)
+                .bind(e.accuracy_lo)
+                .bind(e.accuracy_hi)
+                .bind(e.mean_reward)
                 .bind(*at_ms),
             ],
             WriteOp::StageStarted { stage, at_ms } => vec![

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 use chorus_orchestrator::config::Until;
+use chorus_orchestrator::ledger::Evaluation;
 use chorus_orchestrator::scheduler::{
     Accuracy, BoxFuture, SchedulerError, StageContext, StageGoal, evaluate,
 };
@@ -115,11 +116,25 @@ impl Measurements {
         if !missing.is_empty() {
             let acc = held_out_of(ctx, &self.plan, &missing, version).await?;
             let mut lines = String::new();
+            let mut rows = vec![];
             {
                 let mut measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());
                 for (name, difficulty) in &missing {
                     if let Some(a) = acc.get(name) {
                         measured.insert(key(name, difficulty), a.clone());
+                        rows.push(Evaluation {
+                            run_id: ctx.run_id.clone(),
+                            policy_version: version,
+                            environment: name.clone(),
+                            difficulty: *difficulty,
+                            stage_index: Some(ctx.stage_index as u64),
+                            tasks: a.heldout_n as u64,
+                            correct: a.solved as u64,
+                            accuracy: a.accuracy,
+                            accuracy_lo: a.interval.lo(),
+                            accuracy_hi: a.interval.hi(),
+                            mean_reward: a.mean_reward,
+                        });
                         let line = MeasuredLine {
                             version,
                             environment: name.clone(),
@@ -139,6 +154,12 @@ impl Measurements {
                     .open(file)
                     .and_then(|mut f| f.write_all(lines.as_bytes()));
                 appended.map_err(RunError::io(format!("appending to {}", file.display())))?;
+            }
+            for row in rows {
+                ctx.ledger
+                    .record_evaluation(row)
+                    .await
+                    .map_err(RunError::ledger("the run's ledger"))?;
             }
         }
         let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner());

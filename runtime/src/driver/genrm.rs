@@ -226,7 +226,7 @@ impl Setup {
         }
         let end = self.accuracies(&self.engine(&trainer)?, &heldout)?;
         checkpoint::save_checkpoint(checkpoint, &self.model, trainer.params(), None)?;
-        self.tokenizer.save(&checkpoint.join("tokenizer.json"))?;
+        checkpoint::save_tokenizer_files(checkpoint, &self.model, &self.tokenizer)?;
         Ok(Trained {
             start,
             end,

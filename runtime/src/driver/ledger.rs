@@ -15,24 +15,41 @@ pub(crate) struct RunRecord {
 }
 
 impl RunRecord {
-    /// Opens the ledger at `db` and records run `run_id` as running. A launched run is already
-    /// there (pending); recording it again is a no-op before its status changes.
+    /// Opens the ledger at `db` and records run `run_id` as running. A run already in the
+    /// ledger (`recorded`: launched, pending, or resumed) gets its status changed; a new one is
+    /// inserted, and refused if its id is taken.
     pub(crate) async fn start(
         db: &str,
         run_id: &str,
         name: &str,
         config_toml: &str,
+        recorded: bool,
     ) -> Result<Self> {
         let ledger = Ledger::open(db).await.map_err(RunError::ledger(db))?;
-        ledger
-            .insert_run(NewRun {
-                id: run_id.to_string(),
-                name: name.to_string(),
-                config_toml: config_toml.to_string(),
-                status: RunStatus::Running,
-            })
-            .await
-            .map_err(RunError::ledger(db))?;
+        if recorded {
+            let found = ledger.get_run(run_id).await.map_err(RunError::ledger(db))?;
+            if found.is_none() {
+                return Err(RunError::Invalid(format!(
+                    "run {run_id} is not in the ledger {db}, which should already hold it"
+                )));
+            }
+        } else {
+            ledger
+                .insert_run(NewRun {
+                    id: run_id.to_string(),
+                    name: name.to_string(),
+                    config_toml: config_toml.to_string(),
+                    status: RunStatus::Running,
+                })
+                .await
+                .map_err(RunError::ledger(db))?;
+            ledger.flush().await.map_err(|e| {
+                RunError::Invalid(format!(
+                    "run {run_id} could not be recorded in the ledger {db} (is a run with this \
+                     id already there? give the run another id): {e}"
+                ))
+            })?;
+        }
         ledger
             .set_run_status(run_id, RunStatus::Running)
             .await

@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use chorus_orchestrator::faults::EnvFaults;
+use chorus_orchestrator::ledger::new_run_id;
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{StageContext, StageStats};
 use chorus_orchestrator::{Directory, Leases, record_events};
@@ -65,6 +66,9 @@ pub struct RunOptions {
     pub resumed: Option<Resumed>,
     /// Stages before this index are not run (`--from-stage`).
     pub first_stage: usize,
+    /// The run is already in the ledger (launched through `LaunchRun`); a resumed run is too.
+    /// Otherwise it is new, and its id must not be taken.
+    pub recorded: bool,
 }
 
 impl RunOptions {
@@ -79,6 +83,7 @@ impl RunOptions {
             directory: None,
             resumed: None,
             first_stage: 0,
+            recorded: false,
         }
     }
 
@@ -107,8 +112,14 @@ pub async fn orchestrate(
             options.out_dir.display()
         )))?;
         let db = options.db();
-        let record =
-            RunRecord::start(&db, &options.run_id, &plan.config.name, &plan.config_toml).await?;
+        let record = RunRecord::start(
+            &db,
+            &options.run_id,
+            &plan.config.name,
+            &plan.config_toml,
+            options.recorded || options.resumed.is_some(),
+        )
+        .await?;
         let events = match &options.directory {
             Some(d) => d.clone(),
             None => Directory::new(&options.run_id, Leases::default()),
@@ -222,6 +233,7 @@ async fn drive(
         out_dir: &options.out_dir,
         learner: &learner,
         model: &plan.model,
+        tokenizer: &plan.tokenizer,
         db: &record.db,
     };
     let start = stages::StartAt {
@@ -231,6 +243,15 @@ async fn drive(
     let stage_summaries =
         stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs, &start).await?;
     let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
+    // The trained policy outlives the run's processes: its final version, in HF layout.
+    let checkpoint = options.out_dir.join(FINAL_CHECKPOINT);
+    stages::save_checkpoint(&outputs, run_id, ctx.learning.version(), &checkpoint).await?;
+    tracing::info!(
+        checkpoint = %checkpoint.display(),
+        "the trained policy (version {}) is in {}",
+        ctx.learning.version(),
+        checkpoint.display()
+    );
 
     let outcome = Outcome::new(&before, &after);
     if !before.is_empty() {
@@ -259,6 +280,7 @@ async fn drive(
         environment_faults: ctx.faults.report(),
         curve,
         stages: stage_summaries,
+        checkpoint,
     };
     let path = options.out_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a summary always serialises");
@@ -304,9 +326,9 @@ pub struct LocalRun {
 pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
     let started = Instant::now();
     let cfg = &plan.config;
-    let out_dir = local.runs_dir.join(&cfg.name);
-    std::fs::create_dir_all(&out_dir)
-        .map_err(RunError::io(format!("creating {}", out_dir.display())))?;
+    let name_dir = local.runs_dir.join(&cfg.name);
+    std::fs::create_dir_all(&name_dir)
+        .map_err(RunError::io(format!("creating {}", name_dir.display())))?;
     if local.token.is_none()
         && let Some(url) = plan.plugin_url()
     {
@@ -336,23 +358,17 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
                 ))
             })?,
     };
-    let db = local.db.clone().unwrap_or_else(|| default_db(&out_dir));
+    let db = local.db.clone().unwrap_or_else(|| default_db(&name_dir));
     let resumed = if local.resume {
-        Some(resume::prepare(plan, &db, &out_dir, first_stage).await?)
+        Some(resume::prepare(plan, &db, &name_dir, first_stage).await?)
     } else {
         None
     };
     let run_id = match &resumed {
         Some(r) => r.run_id.clone(),
-        None => format!(
-            "{}-{}",
-            cfg.name,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        ),
+        None => new_run_id(&cfg.name),
     };
+    let (out_dir, _files_lock) = claim_files(&name_dir, &run_id, resumed.as_ref())?;
     let checkpoints = CheckpointPolicy {
         dir: out_dir.join(resume::LEARNER_CHECKPOINTS),
         every: cfg.checkpoint_every,
@@ -390,9 +406,63 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
         directory: None,
         resumed,
         first_stage,
+        recorded: false,
     };
     orchestrate(plan, &endpoints, options).await
 }
+
+/// The directory run `run_id` writes its files to (summary, stages, learner checkpoints), with
+/// the lock that keeps it the run's own while the run lives. That is `name_dir`
+/// (`<runs>/<name>/`) unless another process's run of the same name holds it; then
+/// `<name_dir>/<run id>/`, so two runs of one config started at once keep their files apart
+/// while sharing the name's ledger. A resumed run goes back to where its files are.
+fn claim_files(
+    name_dir: &Path,
+    run_id: &str,
+    resumed: Option<&Resumed>,
+) -> Result<(PathBuf, std::fs::File)> {
+    let lock_file = |dir: &Path| {
+        let path = dir.join(FILES_LOCK);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(RunError::io(format!("opening {}", path.display())))
+    };
+    let held = |dir: &Path| {
+        RunError::Invalid(format!(
+            "another run is writing to {}; wait for it to end before resuming this one",
+            dir.display()
+        ))
+    };
+    if let Some(r) = resumed {
+        let lock = lock_file(&r.files)?;
+        lock.try_lock().map_err(|_| held(&r.files))?;
+        return Ok((r.files.clone(), lock));
+    }
+    let lock = lock_file(name_dir)?;
+    if lock.try_lock().is_ok() {
+        return Ok((name_dir.to_path_buf(), lock));
+    }
+    let own = name_dir.join(run_id);
+    std::fs::create_dir_all(&own).map_err(RunError::io(format!("creating {}", own.display())))?;
+    tracing::info!(
+        "another run of this config is writing to {}; run {run_id} writes its files to {} and \
+         shares the ledger",
+        name_dir.display(),
+        own.display()
+    );
+    let lock = lock_file(&own)?;
+    lock.try_lock().map_err(|_| held(&own))?;
+    Ok((own, lock))
+}
+
+/// Where in its output directory a run writes its final policy.
+pub const FINAL_CHECKPOINT: &str = "checkpoint";
+
+/// The lock file a live run holds in the directory its files go to.
+const FILES_LOCK: &str = ".run.lock";
 
 /// A token nobody guesses: two independently seeded std hashers over the time.
 fn random_token() -> u128 {

@@ -49,6 +49,9 @@ pub struct Resumed {
     pub restart: u32,
     /// What the learner starts from.
     pub learner: LearnerFrom,
+    /// Where the run's files are: `<runs>/<name>/`, or `<runs>/<name>/<run id>/` for a run
+    /// that started while another run of its name was writing to `<runs>/<name>/`.
+    pub files: PathBuf,
 }
 
 impl Resumed {
@@ -137,7 +140,10 @@ async fn decide(
         (None, Some(p)) => p.last_step.unwrap_or(p.stage.first_step),
         (None, None) => 0,
     };
-    let dir = out_dir.join(LEARNER_CHECKPOINTS);
+    let files = Some(out_dir.join(&run.id))
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(|| out_dir.to_path_buf());
+    let dir = files.join(LEARNER_CHECKPOINTS);
     let latest = checkpoints::latest(&dir)?;
     let (version, learner) = match (latest, previous) {
         (Some((v, path)), _) if v >= floor => (v, LearnerFrom::Checkpoint(path)),
@@ -201,5 +207,6 @@ async fn decide(
         version,
         restart,
         learner,
+        files,
     })
 }

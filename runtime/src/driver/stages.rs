@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, Params, checkpoint};
 use chorus_orchestrator::confidence;
 use chorus_orchestrator::config::{EnvironmentSource, Stage, StageKind};
@@ -40,6 +41,8 @@ pub(crate) struct StageOutputs<'a> {
     pub learner: &'a Arc<RemoteLearner>,
     /// The policy's architecture, written with each checkpoint.
     pub model: &'a NemotronHConfig,
+    /// The run's tokenizer, written with each checkpoint.
+    pub tokenizer: &'a Tokenizer,
     /// The ledger's URL, for errors.
     pub db: &'a str,
 }
@@ -449,8 +452,9 @@ async fn stage_mean_kl(ctx: &StageContext, db: &str) -> Result<Option<f64>> {
     Ok((!kl.is_empty()).then(|| kl.iter().sum::<f64>() / kl.len() as f64))
 }
 
-/// Fetches policy `version` from the learner and writes it to `dir` in HF layout.
-async fn save_checkpoint(
+/// Fetches policy `version` from the learner and writes it to `dir` in HF layout, with the
+/// run's tokenizer and the tokenizer and generation configs transformers and vLLM read.
+pub(crate) async fn save_checkpoint(
     outputs: &StageOutputs<'_>,
     run_id: &str,
     version: u64,
@@ -458,6 +462,7 @@ async fn save_checkpoint(
 ) -> Result<()> {
     let params = policy_params(outputs, run_id, version).await?;
     checkpoint::save_checkpoint(dir, outputs.model, &params, None)?;
+    checkpoint::save_tokenizer_files(dir, outputs.model, outputs.tokenizer)?;
     Ok(())
 }
 

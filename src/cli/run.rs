@@ -10,8 +10,10 @@ use clap::Args;
 ///
 /// The learner, each rollout worker and the orchestrator talk gRPC on 127.0.0.1 with a shared
 /// token. Everything is recorded in runs/<name>/ledger.sqlite (or --db), and the run ends by
-/// writing runs/<name>/summary.json with held-out accuracy before and after RL. Progress (one
-/// line per learner step) goes to standard error; the summary is printed on standard output.
+/// writing the trained policy to runs/<name>/checkpoint/ (HF layout, with its tokenizer) and
+/// runs/<name>/summary.json with held-out accuracy before and after RL. Progress (one line per
+/// learner step) goes to standard error; the summary is printed on standard output. A second
+/// run of a config started while one is going writes to runs/<name>/<run id>/ instead.
 ///
 /// The learner saves itself (weights, optimizer state) every `[learner] checkpoint_every` steps
 /// and at each stage boundary, into runs/<name>/learner-checkpoints/. After a crash,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use chorus_orchestrator::config::StageKind;
 use chorus_orchestrator::faults::EnvFaults;
 use chorus_orchestrator::ledger::new_run_id;
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
@@ -243,9 +244,22 @@ async fn drive(
     let stage_summaries =
         stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs, &start).await?;
     let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
-    // The trained policy outlives the run's processes: its final version, in HF layout.
+    // The trained policy outlives the run's processes: its final version, in HF layout. The
+    // last policy stage normally saved that version already; its files are copied rather than
+    // the weights fetched from the learner and written again.
     let checkpoint = options.out_dir.join(FINAL_CHECKPOINT);
-    stages::save_checkpoint(&outputs, run_id, ctx.learning.version(), &checkpoint).await?;
+    let version = ctx.learning.version();
+    let saved = stage_summaries.iter().rev().find(|s| {
+        s.last_version == version
+            && s.kind != StageKind::RewardModel.name()
+            && s.checkpoint
+                .join(chorus_model::checkpoint::CONFIG_FILE)
+                .is_file()
+    });
+    match saved {
+        Some(stage) => copy_files(&stage.checkpoint, &checkpoint)?,
+        None => stages::save_checkpoint(&outputs, run_id, version, &checkpoint).await?,
+    }
     tracing::info!(
         checkpoint = %checkpoint.display(),
         "the trained policy (version {}) is in {}",
@@ -456,6 +470,28 @@ fn claim_files(
     let lock = lock_file(&own)?;
     lock.try_lock().map_err(|_| held(&own))?;
     Ok((own, lock))
+}
+
+/// Copies every file of directory `from` into `to`, replacing what `to` held (an earlier run's
+/// files there could otherwise be read with the new ones).
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() {
+        std::fs::remove_dir_all(to).map_err(RunError::io(format!("replacing {}", to.display())))?;
+    }
+    std::fs::create_dir_all(to).map_err(RunError::io(format!("creating {}", to.display())))?;
+    let entries =
+        std::fs::read_dir(from).map_err(RunError::io(format!("reading {}", from.display())))?;
+    for entry in entries {
+        let path = entry
+            .map_err(RunError::io(format!("reading {}", from.display())))?
+            .path();
+        if path.is_file() {
+            let target = to.join(path.file_name().expect("a file has a name"));
+            std::fs::copy(&path, &target)
+                .map_err(RunError::io(format!("copying {}", path.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where in its output directory a run writes its final policy.

@@ -379,13 +379,13 @@ fn multi_turn_environments_nvfp4_training_and_a_learning_curve() {
     ]);
     let summary: serde_json::Value = h.json("runs/multi/summary.json");
     assert_eq!(summary["steps"], 6, "{summary}");
-    // Before RL, after each of the first two RL steps, and after the last.
+    // The warm-up's start, before RL, after each of the first two RL steps, and after the last.
     let curve = summary["curve"].as_array().unwrap();
     let versions: Vec<u64> = curve
         .iter()
         .map(|p| p["version"].as_u64().unwrap())
         .collect();
-    assert_eq!(versions, vec![3, 4, 5, 6], "{summary}");
+    assert_eq!(versions, vec![0, 3, 4, 5, 6], "{summary}");
     assert!(
         curve
             .iter()

@@ -455,7 +455,18 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         log.contains("worker w0 joined") && log.contains("worker w1 joined"),
         "{log}"
     );
-    let (second, _) = launch(&["--name", "second", "--request-id", "k2", "--detach"]);
+    // This launch brings its own evaluation: 3 tasks, every RL step (the daemon's: 2, none).
+    let (second, _) = launch(&[
+        "--name",
+        "second",
+        "--request-id",
+        "k2",
+        "--detach",
+        "--eval-every",
+        "1",
+        "--eval-tasks",
+        "3",
+    ]);
     assert_ne!(first, second);
     assert!(second.starts_with("second-"), "{second}");
     // The same request id again: the same run, followed to its end.
@@ -491,6 +502,15 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
             }
         }
         assert!(h.path(&format!("runs/{second}/summary.json")).exists());
+        // Each run evaluated as launched: the first by the daemon's settings (before RL at
+        // version 2 and at the end, 5), the second also at every RL step in between.
+        for (run, tasks, curve) in [(&first, 2, false), (&second, 3, true)] {
+            let evals = ledger.list_evaluations(run).await.unwrap();
+            assert!(evals.iter().all(|e| e.tasks == tasks), "{run}: {evals:?}");
+            let at = |v: u64| evals.iter().any(|e| e.policy_version == v);
+            assert!(at(2) && at(5), "{run}: {evals:?}");
+            assert_eq!((at(3), at(4)), (curve, curve), "{run}: {evals:?}");
+        }
 
         // The orchestrator checks configs too, naming the key.
         let refused = client
@@ -498,6 +518,7 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
                 request_id: "bad".into(),
                 name: String::new(),
                 config_toml: RUN.replace("group_size = 4", "group_size = 0"),
+                ..Default::default()
             })
             .await
             .unwrap_err();

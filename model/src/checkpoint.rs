@@ -21,10 +21,10 @@ pub use crate::layout::{
     WEIGHTS_FILE,
 };
 
-/// Reads every tensor of a checkpoint directory (single file or sharded) or of one
-/// `.safetensors` file, converted to f32 on `device`.
-pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
-    let files: Vec<PathBuf> = if path.is_file() {
+/// The safetensors files of a checkpoint directory (single file or shards listed by the index),
+/// or `path` itself when it is one file.
+fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
+    Ok(if path.is_file() {
         vec![path.to_path_buf()]
     } else if path.join(INDEX_FILE).is_file() {
         let index_path = path.join(INDEX_FILE);
@@ -57,9 +57,66 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
             path: path.to_path_buf(),
             message: format!("no {WEIGHTS_FILE} or {INDEX_FILE} here"),
         });
-    };
+    })
+}
+
+/// The tensor names of a checkpoint, read from the safetensors headers alone.
+pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+    use std::io::Read;
+    let mut names = vec![];
+    for f in weight_files(path)? {
+        let bad = |message: String| ModelError::BadFile {
+            path: f.clone(),
+            message,
+        };
+        let mut file = std::fs::File::open(&f).map_err(|e| ModelError::io(&f, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|e| ModelError::io(&f, e))?;
+        let len = u64::from_le_bytes(len);
+        // The format caps its header at 100 MB.
+        if len > 100_000_000 {
+            return Err(bad(format!("a safetensors header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| ModelError::io(&f, e))?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
+        names.extend(
+            header
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| k != "__metadata__"),
+        );
+    }
+    Ok(names)
+}
+
+/// `config.json` of checkpoint `dir`, as the weights beside it allow. transformers'
+/// `save_pretrained` keeps `num_nextn_predict_layers` but writes no `mtp.*` tensor (its
+/// NemotronH has no MTP head), so such a checkpoint loads without the head, with a warning,
+/// instead of failing on the missing tensors.
+pub fn load_config(dir: &Path) -> Result<NemotronHConfig> {
+    let mut cfg = NemotronHConfig::from_file(dir.join(CONFIG_FILE))?;
+    if cfg.has_mtp() && !tensor_names(dir)?.iter().any(|n| n.starts_with("mtp.")) {
+        tracing::warn!(
+            checkpoint = %dir.display(),
+            "{}: config.json declares an MTP head but the weights hold no mtp.* tensor (as \
+             transformers saves NemotronH); loaded without it, so MTP speculation and MTP \
+             training are off",
+            dir.display()
+        );
+        cfg.drop_mtp();
+    }
+    Ok(cfg)
+}
+
+/// Reads every tensor of a checkpoint directory (single file or sharded) or of one
+/// `.safetensors` file, converted to f32 on `device`.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
-    for f in files {
+    for f in weight_files(path)? {
         let bytes = std::fs::read(&f).map_err(|e| ModelError::io(&f, e))?;
         let names = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| ModelError::BadFile {
@@ -101,7 +158,7 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
 
 /// Reads `config.json` and the weights of a checkpoint directory.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<(NemotronHConfig, Params)> {
-    let cfg = NemotronHConfig::from_file(dir.join(CONFIG_FILE))?;
+    let cfg = load_config(dir)?;
     let params = Params::from_tensors(load_tensors(dir, device)?, device)?;
     Ok((cfg, params))
 }

@@ -733,6 +733,16 @@ impl NemotronHConfig {
         self.layers.iter().map(|b| b.letter()).collect()
     }
 
+    /// The same policy without its MTP head (for weights that have none): `config.json` then
+    /// says so too (`num_nextn_predict_layers = 0`).
+    pub fn drop_mtp(&mut self) {
+        self.mtp_layers.clear();
+        if let Value::Object(map) = &mut self.raw_json {
+            map.insert("num_nextn_predict_layers".into(), 0.into());
+            map.remove("mtp_layers_block_type");
+        }
+    }
+
     /// The JSON to write as `config.json`: the original keys, with the Chorus settings in force.
     pub fn to_json(&self) -> Value {
         let mut v = self.raw_json.clone();

@@ -87,3 +87,42 @@ fn missing_tensor_is_named() {
         .to_string();
     assert!(err.contains("backbone.layers.3.mixer.dt_bias"), "{err}");
 }
+
+/// What transformers' `save_pretrained` leaves of a Chorus policy: `config.json` still declares
+/// the MTP head, the weights hold no `mtp.*` tensor. It loads without the head (both the
+/// training model and the engine), and says so in the config; the backbone is untouched.
+#[test]
+fn a_checkpoint_whose_mtp_tensors_are_gone_loads_without_the_head() {
+    let cfg = small_config("ME*-", Some(16), true);
+    assert!(cfg.has_mtp());
+    let params = init_params(&cfg, 3, &Device::Cpu).unwrap();
+    let full = tempfile::tempdir().unwrap();
+    save_checkpoint(full.path(), &cfg, &params, None).unwrap();
+    let (kept, _) = load_checkpoint(full.path(), &Device::Cpu).unwrap();
+    assert!(kept.has_mtp(), "the head stays where its tensors are");
+
+    let mut tensors = params.snapshot().unwrap();
+    tensors.retain(|name, _| !name.starts_with("mtp."));
+    let cut = tempfile::tempdir().unwrap();
+    chorus_model::checkpoint::save_tensors(cut.path(), &tensors, None).unwrap();
+    std::fs::write(cut.path().join("config.json"), cfg.to_json().to_string()).unwrap();
+    let (cfg2, params2) = load_checkpoint(cut.path(), &Device::Cpu).unwrap();
+    assert!(!cfg2.has_mtp());
+    assert_eq!(cfg2.to_json()["num_nextn_predict_layers"], 0);
+    assert_eq!(cfg2.layers, cfg.layers);
+    chorus_model::NemotronH::new(&cfg2, &params2).unwrap();
+    let engine = Engine::from_checkpoint(cut.path(), &Default::default()).unwrap();
+    let request = GenerationRequest {
+        prompt: vec![3, 4],
+        max_new_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        seed: 0,
+        stop_tokens: vec![],
+    };
+    let full_engine = Engine::from_checkpoint(full.path(), &Default::default()).unwrap();
+    assert_eq!(
+        engine.generate(&request).unwrap().tokens,
+        full_engine.generate(&request).unwrap().tokens,
+        "the backbone decodes as before"
+    );
+}

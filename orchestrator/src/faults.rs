@@ -64,7 +64,7 @@ impl fmt::Display for EnvFault {
 }
 
 /// An environment's fault record.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Health {
     /// Faults so far.
     pub faults: u64,

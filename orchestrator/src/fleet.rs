@@ -16,6 +16,7 @@ use chorus_proto::v1::{
 use tokio::sync::Notify;
 
 use crate::directory::{Directory, Leases};
+use crate::ledger::LaunchEval;
 
 /// Why the fleet refuses a request about the run it serves or its standby services.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +46,8 @@ pub struct Launched {
     pub name: String,
     /// Its configuration, as TOML.
     pub config_toml: String,
+    /// Its own evaluation settings, where the launch gave them.
+    pub eval: LaunchEval,
     /// Its directory (it already holds the run's first event).
     pub directory: Arc<Directory>,
 }
@@ -174,7 +177,13 @@ impl Fleet {
 
     /// Queues a new run (validated by the caller) for `request_id` and returns it; a repeat of
     /// a request this process has seen returns the run the first call created and `false`.
-    pub fn launch(&self, request_id: &str, name: &str, config_toml: &str) -> (Launched, bool) {
+    pub fn launch(
+        &self,
+        request_id: &str,
+        name: &str,
+        config_toml: &str,
+        eval: LaunchEval,
+    ) -> (Launched, bool) {
         let mut st = self.lock();
         if let Some(run_id) = st.launches.get(request_id)
             && let Some(directory) = st.runs.get(run_id)
@@ -183,21 +192,29 @@ impl Fleet {
                 run_id: run_id.clone(),
                 name: name.to_string(),
                 config_toml: config_toml.to_string(),
+                eval,
                 directory: directory.clone(),
             };
             return (launched, false);
         }
         let run_id = crate::ledger::new_run_id(name);
         (
-            self.enqueue(&mut st, request_id, &run_id, name, config_toml),
+            self.enqueue(&mut st, request_id, &run_id, name, config_toml, eval),
             true,
         )
     }
 
     /// Queues again a run launched before this process started (found pending in the ledger).
-    pub fn requeue(&self, request_id: &str, run_id: &str, name: &str, config_toml: &str) {
+    pub fn requeue(
+        &self,
+        request_id: &str,
+        run_id: &str,
+        name: &str,
+        config_toml: &str,
+        eval: LaunchEval,
+    ) {
         let mut st = self.lock();
-        self.enqueue(&mut st, request_id, run_id, name, config_toml);
+        self.enqueue(&mut st, request_id, run_id, name, config_toml, eval);
     }
 
     fn enqueue(
@@ -207,6 +224,7 @@ impl Fleet {
         run_id: &str,
         name: &str,
         config_toml: &str,
+        eval: LaunchEval,
     ) -> Launched {
         let run_id = run_id.to_string();
         let directory = Directory::new(run_id.clone(), self.leases);
@@ -218,6 +236,7 @@ impl Fleet {
             run_id: run_id.clone(),
             name: name.to_string(),
             config_toml: config_toml.to_string(),
+            eval,
             directory: directory.clone(),
         };
         st.runs.insert(run_id.clone(), directory);
@@ -359,12 +378,12 @@ mod tests {
     #[tokio::test]
     async fn standby_services_are_handed_launched_runs_in_order() {
         let fleet = Fleet::new(Leases::default(), Some("test".into()));
-        let (first, created) = fleet.launch("req-1", "a", "name = \"a\"");
+        let (first, created) = fleet.launch("req-1", "a", "name = \"a\"", LaunchEval::default());
         assert!(created);
-        let (again, created) = fleet.launch("req-1", "a", "name = \"a\"");
+        let (again, created) = fleet.launch("req-1", "a", "name = \"a\"", LaunchEval::default());
         assert!(!created, "a retry returns the first run");
         assert_eq!(again.run_id, first.run_id);
-        let (second, _) = fleet.launch("req-2", "b", "name = \"b\"");
+        let (second, _) = fleet.launch("req-2", "b", "name = \"b\"", LaunchEval::default());
         assert_ne!(second.run_id, first.run_id);
 
         // Standby services get nothing while no run is served.
@@ -424,7 +443,7 @@ mod tests {
         // Only the newest finished runs' logs are kept.
         fleet.finish_run();
         for i in 0..FINISHED_RUNS_KEPT {
-            let (run, _) = fleet.launch(&format!("more-{i}"), "m", "");
+            let (run, _) = fleet.launch(&format!("more-{i}"), "m", "", LaunchEval::default());
             assert_eq!(fleet.next_launched().await.run_id, run.run_id);
             fleet.serve_run(run.directory, String::new());
             fleet.finish_run();

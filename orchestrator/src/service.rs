@@ -20,7 +20,7 @@ use tokio_stream::Stream;
 use crate::config::RunConfig;
 use crate::directory::{LearnerInfo, RegistrationError, ends_run};
 use crate::fleet::{Fleet, FleetError, Kind};
-use crate::ledger::{Ledger, NewRun, RunRecord, RunStatus};
+use crate::ledger::{LaunchEval, Ledger, NewRun, RunRecord, RunStatus};
 
 /// The `Orchestrator` gRPC service over a [`Fleet`] and the ledger.
 pub struct OrchestratorService {
@@ -198,7 +198,13 @@ impl Orchestrator for OrchestratorService {
         let (run_id, created) = match earlier {
             Some(run_id) => (run_id, false),
             None => {
-                let (launched, created) = self.fleet.launch(&r.request_id, &name, &r.config_toml);
+                let eval = LaunchEval {
+                    tasks: r.eval_tasks,
+                    every: r.eval_every,
+                };
+                let (launched, created) =
+                    self.fleet
+                        .launch(&r.request_id, &name, &r.config_toml, eval);
                 if created {
                     self.ledger
                         .record_launch(
@@ -210,6 +216,7 @@ impl Orchestrator for OrchestratorService {
                             },
                             &launcher,
                             &r.request_id,
+                            eval,
                         )
                         .await
                         .map_err(ledger_status)?;

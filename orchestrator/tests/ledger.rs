@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_orchestrator::ledger::{
-    Evaluation, LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun, NewStage,
-    NewTrajectory, PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, StageEnd,
+    Evaluation, LaunchEval, LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun,
+    NewStage, NewTrajectory, PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, StageEnd,
     StageStatus, Timings, TrajectoryCounts, TrajectoryStatus,
 };
 use chorus_proto::v1::FinishReason;
@@ -249,21 +249,26 @@ mod cases {
             status: RunStatus::Pending,
             ..run(id)
         };
+        let own = LaunchEval {
+            tasks: Some(8),
+            every: Some(2),
+        };
+        let daemons = LaunchEval::default();
         ledger
-            .record_launch(pending("l-1"), "orch-a", "req-1")
+            .record_launch(pending("l-1"), "orch-a", "req-1", own)
             .await
             .unwrap();
         ledger
-            .record_launch(pending("l-2"), "orch-a", "req-2")
+            .record_launch(pending("l-2"), "orch-a", "req-2", daemons)
             .await
             .unwrap();
         ledger
-            .record_launch(pending("l-3"), "orch-b", "req-1")
+            .record_launch(pending("l-3"), "orch-b", "req-1", daemons)
             .await
             .unwrap();
         // A repeated launch record changes nothing.
         ledger
-            .record_launch(pending("l-9"), "orch-a", "req-1")
+            .record_launch(pending("l-9"), "orch-a", "req-1", daemons)
             .await
             .unwrap();
         ledger
@@ -297,9 +302,9 @@ mod cases {
                 .unwrap()
                 .is_none()
         );
-        let ids = |v: Vec<(String, chorus_orchestrator::ledger::RunRecord)>| {
+        let ids = |v: Vec<(String, LaunchEval, chorus_orchestrator::ledger::RunRecord)>| {
             v.into_iter()
-                .map(|(r, run)| (r, run.id))
+                .map(|(r, eval, run)| (r, eval, run.id))
                 .collect::<Vec<_>>()
         };
         assert_eq!(
@@ -307,14 +312,15 @@ mod cases {
                 .launched_runs("orch-a", RunStatus::Pending)
                 .await
                 .unwrap()),
-            [("req-1".to_string(), "l-1".to_string())]
+            [("req-1".to_string(), own, "l-1".to_string())],
+            "a launch keeps its own evaluation settings"
         );
         assert_eq!(
             ids(ledger
                 .launched_runs("orch-a", RunStatus::Running)
                 .await
                 .unwrap()),
-            [("req-2".to_string(), "l-2".to_string())]
+            [("req-2".to_string(), daemons, "l-2".to_string())]
         );
         assert!(
             ledger.get_run("l-9").await.unwrap().is_none(),
@@ -1031,6 +1037,7 @@ mod cases {
             metric_end: Some(0.5),
             trajectories: 2 * (index + 1),
             checkpoint_path: Some(format!("runs/r/stages/{index}/checkpoint")),
+            summary_json: Some(format!("{{\"stage\": {index}}}")),
         };
         ledger
             .start_stage(stage(1, "rlvr", "rlvr", 2))
@@ -1057,6 +1064,7 @@ mod cases {
         assert_eq!(stages[0].last_step, Some(2));
         assert_eq!(stages[0].trajectories, Some(2));
         assert_eq!(stages[0].metric_end, Some(0.5));
+        assert_eq!(stages[0].summary_json.as_deref(), Some("{\"stage\": 0}"));
         assert!(stages[0].finished_at_ms.is_some());
         assert_eq!(stages[1].status, StageStatus::Running);
         assert_eq!(
@@ -1355,6 +1363,63 @@ async fn sqlite_file_and_parents_are_created_in_wal_mode() {
         .await
         .unwrap();
     again.close().await.unwrap();
+}
+
+/// A reader of the ledger of a run in progress (`chorus inspect`, a dashboard: another process
+/// with its own connection) that holds a read transaction open neither blocks the run's writes
+/// nor sees half of them. WAL gives the reader a snapshot while the writer commits; in SQLite's
+/// default rollback journal the writer's commit would wait for the reader and fail.
+#[tokio::test]
+async fn a_reader_holding_a_snapshot_neither_blocks_the_writer_nor_sees_it_mid_way() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.sqlite").display());
+    let writer = Ledger::open(&url).await.unwrap();
+    writer.insert_run(run("live")).await.unwrap();
+    writer
+        .insert_trajectories(vec![traj("t0", "live", "p", "math", 1.0)])
+        .await
+        .unwrap();
+    writer.flush().await.unwrap();
+
+    let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    async fn count(c: &mut sqlx::SqliteConnection) -> i64 {
+        let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM trajectories")
+            .fetch_one(c)
+            .await
+            .unwrap();
+        n.0
+    }
+    sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+    assert_eq!(count(&mut reader).await, 1);
+    for i in 1..=20 {
+        writer
+            .insert_trajectories(vec![traj(&format!("t{i}"), "live", "p", "math", 0.5)])
+            .await
+            .unwrap();
+    }
+    // Without WAL the writer waits on the reader for good (it retries a busy database); the
+    // bound only turns that hang into a failure, a WAL ledger does not wait at all.
+    tokio::time::timeout(std::time::Duration::from_secs(120), writer.flush())
+        .await
+        .expect("a reader's open snapshot blocked the run's writes")
+        .expect("the writes succeed");
+    assert_eq!(count(&mut reader).await, 1, "the reader keeps its snapshot");
+    sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+    assert_eq!(count(&mut reader).await, 21, "and sees the rows afterwards");
+    reader.close().await.unwrap();
+
+    // A second ledger handle on the live file, as `chorus inspect` opens it, reads while the
+    // run's handle is open and writing.
+    let inspect = Ledger::open(&url).await.unwrap();
+    writer
+        .insert_trajectories(vec![traj("t21", "live", "p", "math", 0.0)])
+        .await
+        .unwrap();
+    writer.flush().await.unwrap();
+    assert_eq!(inspect.count_total("live").await, 22);
+    inspect.close().await.unwrap();
+    writer.close().await.unwrap();
 }
 
 #[tokio::test]

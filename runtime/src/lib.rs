@@ -46,4 +46,4 @@ pub use plan::{EvalPlan, RunPlan, device};
 pub use registration::{Reporter, register};
 pub use services::{serve_routes, start_learner, start_worker};
 pub use standby::{Role, Standby, stand_by};
-pub use summary::{CurvePoint, EnvironmentResult, Outcome, StageSummary, Summary};
+pub use summary::{CurvePoint, EnvironmentResult, Outcome, StageSummary, Summary, from_ledger};

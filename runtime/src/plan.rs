@@ -322,7 +322,7 @@ fn keep_versions(cfg: &RunConfig) -> usize {
 /// The policy's architecture, from the checkpoint's config.json or the init config.
 fn model_config(cfg: &RunConfig) -> Result<NemotronHConfig> {
     Ok(match (&cfg.checkpoint, &cfg.init_config) {
-        (Some(dir), _) => NemotronHConfig::from_file(dir.join(checkpoint::CONFIG_FILE))?,
+        (Some(dir), _) => checkpoint::load_config(dir)?,
         (None, Some(c)) => NemotronHConfig::from_file(c)?,
         (None, None) => {
             return Err(RunError::Invalid(

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::directory::ends_run;
@@ -125,7 +125,6 @@ pub async fn orchestrator(
     o: OrchestratorOptions,
     listening: impl FnOnce(&str),
 ) -> Result<Summary> {
-    let started = Instant::now();
     let out_dir = o.runs_dir.join(&plan.config.name);
     let directory = match &o.listen {
         Some(listen) => {
@@ -182,7 +181,6 @@ pub async fn orchestrator(
         run_id: o.run_id,
         db: o.db,
         out_dir,
-        started,
         directory: directory.clone(),
         resumed: None,
         first_stage: 0,
@@ -236,7 +234,7 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
     // What an earlier process with this name left: runs cut off mid-way cannot resume (yet);
     // runs that never started are queued again, in launch order.
     let at = RunError::ledger(&db);
-    for (_, run) in ledger
+    for (_, _, run) in ledger
         .launched_runs(&d.name, RunStatus::Running)
         .await
         .map_err(at)?
@@ -256,13 +254,13 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
         .launched_runs(&d.name, RunStatus::Pending)
         .await
         .map_err(RunError::ledger(&db))?;
-    for (request_id, run) in pending {
+    for (request_id, eval, run) in pending {
         tracing::info!(
             run_id = run.id,
             "run {} was launched before a restart: queued again",
             run.id
         );
-        fleet.requeue(&request_id, &run.id, &run.name, &run.config_toml);
+        fleet.requeue(&request_id, &run.id, &run.name, &run.config_toml, eval);
     }
     ledger.flush().await.map_err(RunError::ledger(&db))?;
     listening(&url);
@@ -310,18 +308,18 @@ async fn run_launched(
     launched: &Launched,
     db: &str,
 ) -> Result<()> {
-    let started = Instant::now();
     let run_id = &launched.run_id;
     let cfg = RunConfig::from_toml_relative_to(
         &launched.config_toml,
         &format!("the config of run {run_id}"),
         std::path::Path::new("."),
     )?;
+    // The launch's own evaluation settings, else the daemon's.
     let plan = RunPlan::new(
         cfg,
         launched.config_toml.clone(),
-        d.eval_tasks,
-        d.eval_every,
+        launched.eval.tasks.map_or(d.eval_tasks, |t| t as usize),
+        launched.eval.every.unwrap_or(d.eval_every),
     )?;
     let directory = launched.directory.clone();
     directory.spawn_lease_checker();
@@ -339,7 +337,6 @@ async fn run_launched(
         run_id: run_id.clone(),
         db: Some(db.to_string()),
         out_dir: d.runs_dir.join(run_id),
-        started,
         directory: Some(directory),
         resumed: None,
         first_stage: 0,

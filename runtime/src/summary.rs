@@ -9,9 +9,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use chorus_orchestrator::confidence::{self, Interval};
+use chorus_orchestrator::config::StageKind;
 use chorus_orchestrator::faults::Health;
+use chorus_orchestrator::ledger::Ledger;
 use chorus_orchestrator::scheduler::Accuracy;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RunError};
 
 /// A finished run: held-out accuracy before and after RL, counts, and the learning curve.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -40,8 +44,9 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// The CPU the run's process ran on (model, threads, kernel backend).
     pub cpu: String,
-    /// The largest lag of any trajectory (learner version minus the oldest version among its
-    /// tokens).
+    /// The largest lag of any trajectory trained on: the version of the weights the learner
+    /// trained it against (the step that consumed it) minus the oldest policy version among its
+    /// tokens.
     pub max_lag: u64,
     /// Every environment that faulted, with its record.
     pub environment_faults: BTreeMap<String, Health>,
@@ -195,6 +200,150 @@ impl CurvePoint {
             intervals: acc.iter().map(|(k, v)| (k.clone(), v.interval)).collect(),
         }
     }
+}
+
+/// The summary of run `run_id` as the ledger at `db` holds it, for the held-out environments
+/// `environments` (name, difficulty; the run's [`EvalPlan`](crate::EvalPlan)): `summary.json`
+/// is this, serialised, so that it can never disagree with the ledger.
+///
+/// - before RL: the `evaluations` rows at the version the first RL stage began from (nothing
+///   when the run has no RL stage); after: those at the final version;
+/// - the curve: every version at which each of `environments` was measured, timed by when the
+///   version was published (`policy_versions`) since the run began;
+/// - steps: the final version; trajectories: those a learner step consumed;
+/// - `max_lag`: [`Ledger::max_trained_lag`];
+/// - the stages: their `summary_json`; the CPU, checkpoint and environment faults: what the run
+///   recorded at its end ([`Ledger::record_run_outputs`]);
+/// - wall seconds: from the run's creation to its end (to now while it is running).
+pub async fn from_ledger(
+    ledger: &Ledger,
+    db: &str,
+    run_id: &str,
+    environments: &[(String, u32)],
+) -> Result<Summary> {
+    let run = ledger
+        .get_run(run_id)
+        .await
+        .map_err(RunError::ledger(db))?
+        .ok_or_else(|| RunError::Invalid(format!("run {run_id} is not in the ledger {db}")))?;
+    let versions = ledger
+        .list_policy_versions(run_id)
+        .await
+        .map_err(RunError::ledger(db))?;
+    let stages = ledger
+        .list_stages(run_id)
+        .await
+        .map_err(RunError::ledger(db))?;
+    let mut measured: BTreeMap<(u64, String, u32), Accuracy> = BTreeMap::new();
+    for e in ledger
+        .list_evaluations(run_id)
+        .await
+        .map_err(RunError::ledger(db))?
+    {
+        let accuracy = Accuracy::new(e.correct as usize, e.tasks as usize, e.mean_reward);
+        measured.insert((e.policy_version, e.environment, e.difficulty), accuracy);
+    }
+    // Every environment measured at `version`, or nothing.
+    let at = |version: u64| -> Option<BTreeMap<String, Accuracy>> {
+        environments
+            .iter()
+            .map(|(name, difficulty)| {
+                measured
+                    .get(&(version, name.clone(), *difficulty))
+                    .map(|a| (name.clone(), a.clone()))
+            })
+            .collect()
+    };
+    let final_version = versions
+        .iter()
+        .map(|v| v.version.version)
+        .chain(stages.iter().filter_map(|s| s.last_step))
+        .max()
+        .unwrap_or(0);
+    let is_rl = |kind: &str| {
+        serde_json::from_value::<StageKind>(serde_json::Value::from(kind))
+            .is_ok_and(StageKind::is_rl)
+    };
+    let before = stages
+        .iter()
+        .find(|s| is_rl(&s.stage.kind))
+        .and_then(|s| at(s.stage.first_step))
+        .unwrap_or_default();
+    let after = at(final_version).unwrap_or_default();
+    let published: BTreeMap<u64, i64> = versions
+        .iter()
+        .map(|v| (v.version.version, v.created_at_ms))
+        .collect();
+    let seconds = |ms: i64| (ms - run.created_at_ms).max(0) as f64 / 1e3;
+    let mut curve_versions: Vec<u64> = measured.keys().map(|(v, _, _)| *v).collect();
+    curve_versions.dedup();
+    let curve = if environments.is_empty() {
+        vec![]
+    } else {
+        curve_versions
+            .into_iter()
+            .filter_map(|v| {
+                let acc = at(v)?;
+                let published_at = published.get(&v).map_or(0.0, |ms| seconds(*ms));
+                Some(CurvePoint::new(v, published_at, &acc))
+            })
+            .collect()
+    };
+    let mut stage_summaries = vec![];
+    for s in &stages {
+        if let Some(text) = &s.summary_json {
+            let summary = serde_json::from_str(text).map_err(|e| {
+                RunError::Invalid(format!(
+                    "the ledger {db} holds an unreadable summary of stage {} of run {run_id}: {e}",
+                    s.stage.name
+                ))
+            })?;
+            stage_summaries.push(summary);
+        }
+    }
+    let environment_faults = match &run.outputs.environment_faults {
+        None => BTreeMap::new(),
+        Some(text) => serde_json::from_str(text).map_err(|e| {
+            RunError::Invalid(format!(
+                "the ledger {db} holds unreadable environment faults for run {run_id}: {e}"
+            ))
+        })?,
+    };
+    let ended_ms = run.finished_at_ms.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(run.created_at_ms, |d| d.as_millis() as i64)
+    });
+    let outcome = Outcome::new(&before, &after);
+    Ok(Summary {
+        run: run.id.clone(),
+        environments: outcome.environments,
+        mean_before: outcome.mean_before.0,
+        mean_before_interval: outcome.mean_before.1,
+        mean_after: outcome.mean_after.0,
+        mean_after_interval: outcome.mean_after.1,
+        mean_gain: outcome.mean_gain.0,
+        mean_gain_interval: outcome.mean_gain.1,
+        steps: final_version,
+        trajectories: ledger
+            .count_consumed(run_id)
+            .await
+            .map_err(RunError::ledger(db))?,
+        wall_seconds: seconds(ended_ms),
+        cpu: run.outputs.cpu.clone().unwrap_or_default(),
+        max_lag: ledger
+            .max_trained_lag(run_id)
+            .await
+            .map_err(RunError::ledger(db))?,
+        environment_faults,
+        curve,
+        stages: stage_summaries,
+        checkpoint: run
+            .outputs
+            .checkpoint_path
+            .clone()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+    })
 }
 
 /// The mean over environments of held-out accuracy and its 95% interval (0 when there are

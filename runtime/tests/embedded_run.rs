@@ -77,11 +77,18 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
     let summary = rt.block_on(run_local(&plan, local)).unwrap();
     assert_eq!(summary.steps, 4, "{summary:?}");
     assert_eq!(summary.environments["arithmetic"].heldout_n, 2);
-    // Before RL, after every RL step (--eval-every 1 above), and after the run; in version order.
+    // The warm-up's start, before RL (the warm-up's end), after every RL step (--eval-every 1
+    // above) and after the run; in version order.
     let versions: Vec<u64> = summary.curve.iter().map(|p| p.version).collect();
-    assert_eq!(versions.first(), Some(&2), "{versions:?}");
-    assert_eq!(versions.last(), Some(&4), "{versions:?}");
-    assert!(versions.windows(2).all(|w| w[0] <= w[1]), "{versions:?}");
+    assert_eq!(versions, [0, 2, 3, 4]);
+    assert!(
+        summary
+            .curve
+            .windows(2)
+            .all(|w| w[0].seconds <= w[1].seconds),
+        "{:?}",
+        summary.curve
+    );
     let written: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("runs/embedded/summary.json")).unwrap(),
     )
@@ -164,6 +171,16 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
         let ledger = Ledger::open(&db).await.unwrap();
         let run = ledger.get_run(&summary.run).await.unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Succeeded);
+        // The summary is the ledger's: read back after the run, it is the same but for the
+        // wall time, which now ends where the run was marked succeeded.
+        let mut again =
+            chorus_runtime::from_ledger(&ledger, &db, &summary.run, &plan.evaluation.environments)
+                .await
+                .unwrap();
+        assert!((again.wall_seconds - summary.wall_seconds).abs() < 5.0);
+        again.wall_seconds = summary.wall_seconds;
+        assert_eq!(again, summary);
+        assert!(!summary.cpu.is_empty() && summary.checkpoint.ends_with("checkpoint"));
         assert_eq!(
             ledger.count_consumed(&summary.run).await.unwrap(),
             summary.trajectories

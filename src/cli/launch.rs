@@ -21,6 +21,7 @@ use clap::Args;
 /// Examples:
 ///   chorus launch configs/quickstart.toml --orchestrator http://10.0.0.1:7010 --token T
 ///   chorus launch run.toml --orchestrator http://10.0.0.1:7010 --request-id nightly-42 --detach
+///   chorus launch run.toml --orchestrator http://10.0.0.1:7010 --eval-every 20 --eval-tasks 64
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct LaunchArgs {
@@ -39,6 +40,14 @@ pub struct LaunchArgs {
     /// created instead of starting another (default: a new key).
     #[arg(long)]
     request_id: Option<String>,
+    /// Held-out tasks per environment in this run's evaluations (default: the orchestrator's
+    /// `--eval-tasks`).
+    #[arg(long, value_name = "N")]
+    eval_tasks: Option<u64>,
+    /// Also evaluate this run every N RL steps, its learning curve (default: the
+    /// orchestrator's `--eval-every`; 0: only before RL and at the end).
+    #[arg(long, value_name = "N")]
+    eval_every: Option<u64>,
     /// Print the run id and return at once instead of following the run.
     #[arg(long)]
     detach: bool,
@@ -84,6 +93,8 @@ async fn launch(a: LaunchArgs, config_toml: String) -> anyhow::Result<()> {
         request_id: a.request_id.clone().unwrap_or_else(client::new_request_id),
         name: a.name.clone().unwrap_or_default(),
         config_toml,
+        eval_tasks: a.eval_tasks,
+        eval_every: a.eval_every,
     };
     let response = client::launch(&mut client, &a.orchestrator, request.clone()).await?;
     let run = response

@@ -14,7 +14,7 @@ use super::linear::LinearOp;
 use super::mtp::MtpW;
 use crate::config::NemotronHConfig;
 use crate::error::{ModelError, Result};
-use crate::layout::{CONFIG_FILE, Nvfp4Policy};
+use crate::layout::Nvfp4Policy;
 use crate::params::Params;
 use crate::quantize::read_split;
 
@@ -110,7 +110,7 @@ impl Engine {
     /// Loads a checkpoint directory, keeping NVFP4 projections of a quantized checkpoint
     /// (ModelOpt layout) in NVFP4 and applying `options` to the rest.
     pub fn from_checkpoint(dir: &Path, options: &EngineOptions) -> Result<Self> {
-        let cfg = NemotronHConfig::from_file(dir.join(CONFIG_FILE))?;
+        let cfg = crate::checkpoint::load_config(dir)?;
         let (dense, quantized) = read_split(dir)?;
         Self::build(&cfg, &dense, &quantized, options)
     }

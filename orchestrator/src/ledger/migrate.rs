@@ -37,6 +37,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "evaluations",
         include_str!("../../migrations/sqlite/0005_evaluations.sql"),
     ),
+    (
+        6,
+        "run_outputs",
+        include_str!("../../migrations/sqlite/0006_run_outputs.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -65,6 +70,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         5,
         "evaluations",
         include_str!("../../migrations/postgres/0005_evaluations.sql"),
+    ),
+    (
+        6,
+        "run_outputs",
+        include_str!("../../migrations/postgres/0006_run_outputs.sql"),
     ),
 ];
 
@@ -147,7 +157,7 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5]
+            [1, 2, 3, 4, 5, 6]
         );
     }
 }

@@ -98,10 +98,10 @@ use tokio::task::JoinHandle;
 
 pub use error::LedgerError;
 pub use types::{
-    Evaluation, EventRecord, LearnerStep, LearnerStepRecord, NewPrompt, NewRun, NewStage,
-    NewTrajectory, PolicyVersion, PolicyVersionRecord, PromptRecord, PromptState, RolloutFilter,
-    RolloutSummary, RunRecord, RunStatus, Split, StageEnd, StageRecord, StageStatus, Timings,
-    TrajectoryCounts, TrajectoryRecord, TrajectoryStatus,
+    Evaluation, EventRecord, LaunchEval, LearnerStep, LearnerStepRecord, NewPrompt, NewRun,
+    NewStage, NewTrajectory, PolicyVersion, PolicyVersionRecord, PromptRecord, PromptState,
+    RolloutFilter, RolloutSummary, RunOutputs, RunRecord, RunStatus, Split, StageEnd, StageRecord,
+    StageStatus, Timings, TrajectoryCounts, TrajectoryRecord, TrajectoryStatus,
 };
 
 use sql::Pools;
@@ -322,18 +322,34 @@ impl Ledger {
     }
 
     /// Records a run (as given, normally pending) and the `LaunchRun` request of `orchestrator`
-    /// that created it, in one transaction.
+    /// that created it, with the request's own evaluation settings, in one transaction.
     pub async fn record_launch(
         &self,
         run: NewRun,
         orchestrator: &str,
         request_id: &str,
+        eval: LaunchEval,
     ) -> Result<(), LedgerError> {
         self.enqueue(WriteOp::Launch {
             run,
             orchestrator: orchestrator.to_owned(),
             request_id: request_id.to_owned(),
+            eval,
             at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Records what a run leaves behind (the CPU it ran on, its final policy's directory, its
+    /// environments' faults), which with the other tables makes its summary.
+    pub async fn record_run_outputs(
+        &self,
+        run_id: &str,
+        outputs: RunOutputs,
+    ) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::RunOutputs {
+            run_id: run_id.to_owned(),
+            outputs,
         })
         .await
     }

@@ -96,7 +96,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-const RUN_COLS: &str = "id, name, config_toml, status, created_at_ms, finished_at_ms";
+const RUN_COLS: &str = "id, name, config_toml, status, created_at_ms, finished_at_ms, cpu, \
+    checkpoint_path, environment_faults";
 
 /// [`RUN_COLS`] prefixed by the table, for joins.
 fn qualified_run_cols() -> String {
@@ -116,6 +117,11 @@ fn decode_run(row: &dyn Cols) -> Result<RunRecord, RowError> {
         status: r.parsed("status", RunStatus::parse)?,
         created_at_ms: row.int("created_at_ms")?,
         finished_at_ms: row.opt_int("finished_at_ms")?,
+        outputs: RunOutputs {
+            cpu: row.opt_text("cpu")?,
+            checkpoint_path: row.opt_text("checkpoint_path")?,
+            environment_faults: row.opt_text("environment_faults")?,
+        },
     })
 }
 
@@ -222,7 +228,8 @@ const STEP_COLS: &str = "run_id, step, policy_version, loss, kl, entropy, grad_n
     created_at_ms, mean_abs_logprob_diff, stage_index";
 
 const STAGE_COLS: &str = "run_id, stage_index, name, kind, status, first_step, last_step, metric, \
-    metric_start, metric_end, trajectories, checkpoint_path, started_at_ms, finished_at_ms";
+    metric_start, metric_end, trajectories, checkpoint_path, started_at_ms, finished_at_ms, \
+    summary_json";
 
 fn decode_stage(row: &dyn Cols) -> Result<StageRecord, RowError> {
     let run_id = row.text("run_id")?;
@@ -246,6 +253,7 @@ fn decode_stage(row: &dyn Cols) -> Result<StageRecord, RowError> {
         metric_end: row.opt_real("metric_end")?,
         trajectories: r.opt_u64("trajectories")?,
         checkpoint_path: row.opt_text("checkpoint_path")?,
+        summary_json: row.opt_text("summary_json")?,
         started_at_ms: row.int("started_at_ms")?,
         finished_at_ms: row.opt_int("finished_at_ms")?,
     })
@@ -400,9 +408,10 @@ impl Ledger {
         &self,
         orchestrator: &str,
         status: RunStatus,
-    ) -> Result<Vec<(String, RunRecord)>, LedgerError> {
+    ) -> Result<Vec<(String, LaunchEval, RunRecord)>, LedgerError> {
         let stmt = Stmt::new(format!(
-            "SELECT launches.request_id AS request_id, {} FROM runs \
+            "SELECT launches.request_id AS request_id, launches.eval_tasks AS eval_tasks, \
+             launches.eval_every AS eval_every, {} FROM runs \
              JOIN launches ON launches.run_id = runs.id \
              WHERE launches.orchestrator = $1 AND runs.status = $2 \
              ORDER BY launches.launched_at_ms, runs.id",
@@ -411,7 +420,12 @@ impl Ledger {
         .bind(orchestrator)
         .bind(status.as_str());
         self.fetch("launched_runs", stmt, |row| {
-            Ok((row.text("request_id")?, decode_run(row)?))
+            let r = Reader::new(row, "runs", "id")?;
+            let eval = LaunchEval {
+                tasks: r.opt_u64("eval_tasks")?,
+                every: r.opt_u64("eval_every")?,
+            };
+            Ok((row.text("request_id")?, eval, decode_run(row)?))
         })
         .await
     }
@@ -601,6 +615,24 @@ impl Ledger {
         .bind(after_id)
         .bind(i64::from(limit));
         self.fetch("list_events", stmt, decode_event).await
+    }
+
+    /// The largest lag of any trajectory one run trained on: the step that consumed it (the
+    /// version of the weights the learner trained it against, into the next version) minus the
+    /// oldest policy version among its tokens. 0 when no generated trajectory was trained on.
+    pub async fn max_trained_lag(&self, run_id: &str) -> Result<u64, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT MAX(consumed_at_step - min_policy_version) AS lag FROM trajectories \
+             WHERE run_id = $1 AND consumed_at_step IS NOT NULL \
+             AND min_policy_version IS NOT NULL",
+        )
+        .bind(run_id);
+        let lags = self
+            .fetch("max_trained_lag", stmt, |row| {
+                Ok(row.opt_int("lag")?.unwrap_or(0).max(0) as u64)
+            })
+            .await?;
+        Ok(lags.first().copied().unwrap_or(0))
     }
 
     /// Trajectories consumed by learner steps of one run (0 for an unknown run).

@@ -115,6 +115,8 @@ pub struct StageEnd {
     pub trajectories: u64,
     /// Where its final policy was saved.
     pub checkpoint_path: Option<String>,
+    /// Its summary (what `runs/<run>/stages/<stage>/summary.json` holds), as JSON text.
+    pub summary_json: Option<String>,
 }
 
 /// A row of `stages`.
@@ -132,6 +134,8 @@ pub struct StageRecord {
     pub trajectories: Option<u64>,
     /// Where its final policy was saved.
     pub checkpoint_path: Option<String>,
+    /// Its summary as JSON text, once it succeeded.
+    pub summary_json: Option<String>,
     /// When it began (ms since the Unix epoch).
     pub started_at_ms: i64,
     /// When it ended.
@@ -216,6 +220,30 @@ pub struct RunRecord {
     pub created_at_ms: i64,
     /// Time it reached a terminal status.
     pub finished_at_ms: Option<i64>,
+    /// What it left behind, once recorded at its end.
+    pub outputs: RunOutputs,
+}
+
+/// What a run records at its end besides its rows in the other tables: with them, everything
+/// its `summary.json` holds (`chorus_runtime::summary::from_ledger`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunOutputs {
+    /// The CPU its process ran on (model, threads, kernel backend).
+    pub cpu: Option<String>,
+    /// The directory of its final policy, in HF layout.
+    pub checkpoint_path: Option<String>,
+    /// Its environments' fault records as JSON (`{"env": {"faults", "paused", "last_fault"}}`).
+    pub environment_faults: Option<String>,
+}
+
+/// A launched run's own evaluation settings (`LaunchRunRequest.eval_tasks`, `eval_every`);
+/// `None` takes the orchestrator daemon's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaunchEval {
+    /// Held-out tasks per environment.
+    pub tasks: Option<u64>,
+    /// Evaluate every this many RL steps as well.
+    pub every: Option<u64>,
 }
 
 /// A prompt sent to a rollout worker.

@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use super::error::LedgerError;
 use super::sql::{Pools, Stmt, placeholders};
 use super::types::{
-    Evaluation, LearnerStep, NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion, RunStatus,
-    StageEnd, finish_reason_str,
+    Evaluation, LaunchEval, LearnerStep, NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion,
+    RunOutputs, RunStatus, StageEnd, finish_reason_str,
 };
 use super::{codec, to_i64};
 
@@ -51,6 +51,7 @@ pub(crate) enum WriteOp {
         run: NewRun,
         orchestrator: String,
         request_id: String,
+        eval: LaunchEval,
         at_ms: i64,
     },
     SetRunStatus {
@@ -102,6 +103,10 @@ pub(crate) enum WriteOp {
     StageFinished {
         end: StageEnd,
         at_ms: i64,
+    },
+    RunOutputs {
+        run_id: String,
+        outputs: RunOutputs,
     },
 }
 
@@ -177,6 +182,7 @@ impl WriteOp {
             WriteOp::StageFinished { end, .. } => {
                 format!("finish_stage({}, {})", end.run_id, end.stage_index)
             }
+            WriteOp::RunOutputs { run_id, .. } => format!("record_run_outputs({run_id})"),
         }
     }
 
@@ -188,6 +194,7 @@ impl WriteOp {
                 run,
                 orchestrator,
                 request_id,
+                eval,
                 at_ms,
             } => vec![
                 // A repeated request writes nothing, not even a run without a launch.
@@ -206,13 +213,16 @@ impl WriteOp {
                 .bind(orchestrator.as_str())
                 .bind(request_id.as_str()),
                 Stmt::new(
-                    "INSERT INTO launches (orchestrator, request_id, run_id, launched_at_ms) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (orchestrator, request_id) DO NOTHING",
+                    "INSERT INTO launches (orchestrator, request_id, run_id, launched_at_ms, \
+                     eval_tasks, eval_every) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (orchestrator, request_id) DO NOTHING",
                 )
                 .bind(orchestrator.as_str())
                 .bind(request_id.as_str())
                 .bind(run.id.as_str())
-                .bind(*at_ms),
+                .bind(*at_ms)
+                .bind(opt_i64("eval_tasks", eval.tasks)?)
+                .bind(opt_i64("eval_every", eval.every)?),
             ],
             WriteOp::SetRunStatus {
                 run_id,
@@ -372,8 +382,8 @@ impl WriteOp {
             WriteOp::StageFinished { end, at_ms } => vec![
                 Stmt::new(
                     "UPDATE stages SET status = $1, last_step = $2, metric_end = $3, \
-                     trajectories = $4, checkpoint_path = $5, finished_at_ms = $6 \
-                     WHERE run_id = $7 AND stage_index = $8",
+                     trajectories = $4, checkpoint_path = $5, finished_at_ms = $6, \
+                     summary_json = $7 WHERE run_id = $8 AND stage_index = $9",
                 )
                 .bind(end.status.as_str())
                 .bind(to_i64("last_step", end.last_step)?)
@@ -381,8 +391,19 @@ impl WriteOp {
                 .bind(to_i64("trajectories", end.trajectories)?)
                 .bind(end.checkpoint_path.as_deref())
                 .bind(*at_ms)
+                .bind(end.summary_json.as_deref())
                 .bind(end.run_id.as_str())
                 .bind(to_i64("stage_index", end.stage_index)?),
+            ],
+            WriteOp::RunOutputs { run_id, outputs } => vec![
+                Stmt::new(
+                    "UPDATE runs SET cpu = $1, checkpoint_path = $2, environment_faults = $3 \
+                     WHERE id = $4",
+                )
+                .bind(outputs.cpu.as_deref())
+                .bind(outputs.checkpoint_path.as_deref())
+                .bind(outputs.environment_faults.as_deref())
+                .bind(run_id.as_str()),
             ],
             WriteOp::Rewind {
                 run_id,

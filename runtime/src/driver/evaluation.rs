@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 use chorus_orchestrator::config::Until;
 use chorus_orchestrator::ledger::Evaluation;
@@ -20,16 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Result, RunError};
 use crate::plan::EvalPlan;
-use crate::summary::{CurvePoint, accuracy_line, mean_accuracy};
-
-/// Held-out accuracy of policy `version` by `plan`.
-async fn held_out(
-    ctx: &Arc<StageContext>,
-    plan: &EvalPlan,
-    version: u64,
-) -> Result<BTreeMap<String, Accuracy>> {
-    held_out_of(ctx, plan, &plan.environments, version).await
-}
+use crate::summary::{accuracy_line, mean_accuracy};
 
 /// Held-out accuracy of policy `version` on `environments` (name, difficulty), with `plan`'s
 /// task count and token limits.
@@ -238,21 +229,21 @@ impl StageGoal for AccuracyGoal {
     }
 }
 
-/// The evaluations of one run and the curve they make.
+/// The evaluations of one run: before RL, every `every` RL steps (the learning curve) and at
+/// the end, each recorded in the ledger (where the run's summary reads them).
 pub(crate) struct Evaluator {
     plan: EvalPlan,
-    started: Instant,
     before: Option<BTreeMap<String, Accuracy>>,
-    curve: Arc<Mutex<Vec<CurvePoint>>>,
     curve_task: Option<JoinHandle<Result<()>>>,
     measurements: Arc<Measurements>,
+    /// The stage the run is in, for the curve's ledger rows (the curve task outlives stages).
+    stage: Arc<AtomicUsize>,
 }
 
 impl Evaluator {
-    /// Evaluations by `plan`, their times counted from `started`, each measurement also
-    /// appended to `file` (whose earlier measurements, from a run being resumed, are read
-    /// first).
-    pub(crate) fn new(plan: EvalPlan, started: Instant, file: Option<PathBuf>) -> Result<Self> {
+    /// Evaluations by `plan`, each measurement also appended to `file` (whose earlier
+    /// measurements, from a run being resumed, are read first).
+    pub(crate) fn new(plan: EvalPlan, file: Option<PathBuf>) -> Result<Self> {
         let measured = match &file {
             Some(f) => read_measured(f)?,
             None => Measured::new(),
@@ -264,11 +255,15 @@ impl Evaluator {
                 file,
             }),
             plan,
-            started,
             before: None,
-            curve: Arc::default(),
             curve_task: None,
+            stage: Arc::default(),
         })
+    }
+
+    /// The run entered stage `index`: the curve's measurements from now on belong to it.
+    pub(crate) fn enter_stage(&self, index: usize) {
+        self.stage.store(index, Ordering::Relaxed);
     }
 
     /// What was measured of policy `version` on `environments` (by this process or one before
@@ -345,11 +340,6 @@ impl Evaluator {
         let environments = self.plan.environments.clone();
         let before = self.accuracy_at(ctx, &environments, base).await?;
         tracing::info!(version = base, "before RL: {}", accuracy_line(&before));
-        self.push(CurvePoint::new(
-            base,
-            self.started.elapsed().as_secs_f64(),
-            &before,
-        ));
         self.before = Some(before);
         if self.plan.every > 0 {
             self.curve_task = Some(self.spawn_curve(ctx.clone(), base));
@@ -357,49 +347,38 @@ impl Evaluator {
         Ok(())
     }
 
-    fn push(&self, point: CurvePoint) {
-        self.curve
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(point);
-    }
-
-    /// Evaluates each `every`-th version after `base` as soon as the learner publishes it.
+    /// Evaluates each `every`-th version after `base` as soon as the learner publishes it,
+    /// recording each measurement like every other (ledger, measurements file).
     fn spawn_curve(&self, ctx: Arc<StageContext>, base: u64) -> JoinHandle<Result<()>> {
-        let (plan, started, curve) = (self.plan.clone(), self.started, self.curve.clone());
+        let plan = self.plan.clone();
+        let (measurements, stage) = (self.measurements.clone(), self.stage.clone());
         tokio::spawn(async move {
             let mut k = plan.every;
             while k < plan.rl_steps {
                 ctx.learning.wait_version(base + k).await?;
-                let at = started.elapsed().as_secs_f64();
-                let acc = held_out(&ctx, &plan, base + k).await?;
+                let mut in_stage = (*ctx).clone();
+                in_stage.stage_index = stage.load(Ordering::Relaxed);
+                let acc = measurements
+                    .accuracy_at(&Arc::new(in_stage), &plan.environments, base + k)
+                    .await?;
                 tracing::info!(
                     rl_step = k,
                     version = base + k,
                     "RL step {k}: {}",
                     accuracy_line(&acc)
                 );
-                curve
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(CurvePoint::new(base + k, at, &acc));
                 k += plan.every;
             }
             Ok(())
         })
     }
 
-    /// Evaluates the final policy and returns the accuracies before RL and after, and the curve
-    /// in version order.
-    #[allow(clippy::type_complexity)]
+    /// Evaluates the final policy and returns the accuracies before RL and after, once the
+    /// curve's measurements are all in.
     pub(crate) async fn finish(
         mut self,
         ctx: &Arc<StageContext>,
-    ) -> Result<(
-        BTreeMap<String, Accuracy>,
-        BTreeMap<String, Accuracy>,
-        Vec<CurvePoint>,
-    )> {
+    ) -> Result<(BTreeMap<String, Accuracy>, BTreeMap<String, Accuracy>)> {
         let version = ctx.learning.version();
         let environments = self.plan.environments.clone();
         let after = self.accuracy_at(ctx, &environments, version).await?;
@@ -410,13 +389,6 @@ impl Evaluator {
                 source,
             })??;
         }
-        self.push(CurvePoint::new(
-            version,
-            self.started.elapsed().as_secs_f64(),
-            &after,
-        ));
-        let mut curve = std::mem::take(&mut *self.curve.lock().unwrap_or_else(|p| p.into_inner()));
-        curve.sort_by_key(|p| p.version);
-        Ok((self.before.unwrap_or_default(), after, curve))
+        Ok((self.before.unwrap_or_default(), after))
     }
 }

@@ -69,15 +69,6 @@ impl RunRecord {
             .map_err(RunError::ledger(&self.db))
     }
 
-    /// Trajectories the learner consumed in this run.
-    pub(crate) async fn consumed(&self) -> Result<u64> {
-        self.flush().await?;
-        self.ledger
-            .count_consumed(&self.run_id)
-            .await
-            .map_err(RunError::ledger(&self.db))
-    }
-
     /// The run succeeded: durable before it returns, so a client told so finds it so.
     pub(crate) async fn succeed(&self) -> Result<()> {
         self.ledger

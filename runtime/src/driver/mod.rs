@@ -16,12 +16,10 @@ pub use resume::{LearnerFrom, Resumed};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use chorus_orchestrator::config::StageKind;
 use chorus_orchestrator::faults::EnvFaults;
-use chorus_orchestrator::ledger::new_run_id;
+use chorus_orchestrator::ledger::{RunOutputs, new_run_id};
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{StageContext, StageStats};
 use chorus_orchestrator::{Directory, Leases, record_events};
@@ -31,7 +29,7 @@ use tracing::Instrument;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::services::{start_learner_from, start_worker};
-use crate::summary::{Outcome, Summary, gain_line};
+use crate::summary::{self, Outcome, Summary, gain_line};
 use chorus_learner::CheckpointPolicy;
 use evaluation::Evaluator;
 use ledger::RunRecord;
@@ -56,8 +54,6 @@ pub struct RunOptions {
     pub db: Option<String>,
     /// Where `summary.json` (and the default ledger) go.
     pub out_dir: PathBuf,
-    /// When the run started (its services' start-up included), for wall time and the curve.
-    pub started: Instant,
     /// The run's directory when it is served: registered workers join the pool and lost ones
     /// leave it, and the run's events also go to `WatchRun` clients. Without one, the run keeps
     /// its events in a directory of its own; either way they are recorded in the ledger.
@@ -73,14 +69,13 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// Options for run `run_id` writing to `out_dir`, started now, with the default ledger and
+    /// Options for run `run_id` writing to `out_dir`, with the default ledger and
     /// no directory.
     pub fn new(run_id: impl Into<String>, out_dir: impl Into<PathBuf>) -> Self {
         Self {
             run_id: run_id.into(),
             db: None,
             out_dir: out_dir.into(),
-            started: Instant::now(),
             directory: None,
             resumed: None,
             first_stage: 0,
@@ -227,7 +222,6 @@ async fn drive(
     ctx.restart = options.resumed.as_ref().map_or(0, |r| r.restart);
     let mut evaluator = Evaluator::new(
         plan.evaluation.clone(),
-        options.started,
         Some(options.out_dir.join(resume::MEASUREMENTS_FILE)),
     )?;
     let outputs = stages::StageOutputs {
@@ -243,7 +237,7 @@ async fn drive(
     };
     let stage_summaries =
         stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs, &start).await?;
-    let (before, after, curve) = evaluator.finish(&Arc::new(ctx.clone())).await?;
+    let (before, after) = evaluator.finish(&Arc::new(ctx.clone())).await?;
     // The trained policy outlives the run's processes: its final version, in HF layout. The
     // last policy stage normally saved that version already; its files are copied rather than
     // the weights fetched from the learner and written again.
@@ -277,25 +271,29 @@ async fn drive(
             gain_line(&outcome)
         );
     }
-    let summary = Summary {
-        run: run_id.clone(),
-        environments: outcome.environments,
-        mean_before: outcome.mean_before.0,
-        mean_before_interval: outcome.mean_before.1,
-        mean_after: outcome.mean_after.0,
-        mean_after_interval: outcome.mean_after.1,
-        mean_gain: outcome.mean_gain.0,
-        mean_gain_interval: outcome.mean_gain.1,
-        steps: ctx.learning.version(),
-        trajectories: record.consumed().await?,
-        wall_seconds: options.started.elapsed().as_secs_f64(),
-        cpu: chorus_kernels::cpu_description(),
-        max_lag: stats.max_lag.load(Ordering::Relaxed),
-        environment_faults: ctx.faults.report(),
-        curve,
-        stages: stage_summaries,
-        checkpoint,
-    };
+    // summary.json is what the ledger holds, so the two cannot disagree: the run records what
+    // no other table has, then the summary is read back.
+    let faults = serde_json::to_string(&ctx.faults.report()).expect("fault records serialise");
+    record
+        .ledger
+        .record_run_outputs(
+            run_id,
+            RunOutputs {
+                cpu: Some(chorus_kernels::cpu_description()),
+                checkpoint_path: Some(checkpoint.display().to_string()),
+                environment_faults: Some(faults),
+            },
+        )
+        .await
+        .map_err(RunError::ledger(&record.db))?;
+    record.flush().await?;
+    let summary = summary::from_ledger(
+        &record.ledger,
+        &record.db,
+        run_id,
+        &plan.evaluation.environments,
+    )
+    .await?;
     let path = options.out_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a summary always serialises");
     std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
@@ -338,7 +336,6 @@ pub struct LocalRun {
 /// A whole run in this process: the learner and each rollout worker as gRPC services on
 /// 127.0.0.1 with a shared token, then [`orchestrate`] against them.
 pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
-    let started = Instant::now();
     let cfg = &plan.config;
     let name_dir = local.runs_dir.join(&cfg.name);
     std::fs::create_dir_all(&name_dir)
@@ -416,7 +413,6 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
         run_id,
         db: Some(db),
         out_dir,
-        started,
         directory: None,
         resumed,
         first_stage,

@@ -262,6 +262,7 @@ pub(crate) async fn finish_stage(
                 metric_end: None,
                 trajectories: 0,
                 checkpoint_path: None,
+                summary_json: None,
             };
             if let Err(le) = ctx.ledger.finish_stage(end).await {
                 tracing::warn!(error = %le, "the ledger did not take the failed stage");
@@ -299,7 +300,7 @@ pub(crate) async fn finish_stage(
         .join(&stage.name)
         .join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a stage summary always serialises");
-    std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
+    std::fs::write(&path, &text).map_err(RunError::io(format!("writing {}", path.display())))?;
     ctx.ledger
         .finish_stage(StageEnd {
             run_id: ctx.run_id.clone(),
@@ -309,6 +310,7 @@ pub(crate) async fn finish_stage(
             metric_end: Some(metric_end),
             trajectories: 0,
             checkpoint_path: Some(checkpoint.display().to_string()),
+            summary_json: Some(text),
         })
         .await
         .map_err(RunError::ledger(outputs.db))?;

@@ -102,6 +102,7 @@ pub(crate) async fn run_stages(
             continue;
         }
         ctx.stage_index = i;
+        evaluator.enter_stage(i);
         ctx.first_version = start.resumed.and_then(|r| r.first_version(i));
         ctx.transcripts = plan.transcripts.get(&i).cloned();
         // An mtp_heal stage measures its policies' speculative acceptance, not their accuracy.
@@ -353,6 +354,7 @@ async fn run_stage(
             metric_end: None,
             trajectories,
             checkpoint_path: None,
+            summary_json: None,
         };
         if let Err(le) = ctx.ledger.finish_stage(end).await {
             tracing::warn!(error = %le, "the ledger did not take the failed stage");
@@ -405,7 +407,7 @@ async fn run_stage(
     };
     let path = dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a stage summary always serialises");
-    std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
+    std::fs::write(&path, &text).map_err(RunError::io(format!("writing {}", path.display())))?;
     ctx.ledger
         .finish_stage(StageEnd {
             run_id: ctx.run_id.clone(),
@@ -415,6 +417,7 @@ async fn run_stage(
             metric_end: end_mean.map(|m| m.0),
             trajectories,
             checkpoint_path: Some(checkpoint.display().to_string()),
+            summary_json: Some(text),
         })
         .await
         .map_err(RunError::ledger(outputs.db))?;

@@ -85,15 +85,26 @@ pub(crate) async fn run_stages(
         if let Some(r) = start.resumed
             && r.finished(i)
         {
+            // The ledger's copy of its summary; a ledger older than migration 0006 has none,
+            // and then the stage's summary.json is read.
             let path = outputs
                 .out_dir
                 .join("stages")
                 .join(&stage.name)
                 .join("summary.json");
-            let text = std::fs::read_to_string(&path)
-                .map_err(RunError::io(format!("reading {}", path.display())))?;
+            let (text, from) = match r.stages.get(&i).and_then(|s| s.summary_json.clone()) {
+                Some(text) => (
+                    text,
+                    format!("the ledger's summary of stage {}", stage.name),
+                ),
+                None => (
+                    std::fs::read_to_string(&path)
+                        .map_err(RunError::io(format!("reading {}", path.display())))?,
+                    path.display().to_string(),
+                ),
+            };
             let summary: StageSummary = serde_json::from_str(&text)
-                .map_err(|e| RunError::Invalid(format!("{}: {e}", path.display())))?;
+                .map_err(|e| RunError::Invalid(format!("{from}: {e}")))?;
             tracing::info!(
                 "stage {} finished before the crash; not run again",
                 stage.name

@@ -175,9 +175,10 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
                 scored += 1;
                 full += usize::from(env.is_solved(&score));
                 if !a.json {
-                    println!(
+                    outln!(
                         "{id_text:<16} reward {:>6.3}  {}",
-                        score.reward, score.reason
+                        score.reward,
+                        score.reason
                     );
                 }
                 out.push(
@@ -188,7 +189,7 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
             Err(e) => {
                 failed += 1;
                 if !a.json {
-                    println!("{id_text:<16} FAILED  {e}");
+                    outln!("{id_text:<16} FAILED  {e}");
                 }
                 out.push(
                     json!({"id": id, "line": row, "task_id": task.id, "error": e.to_string()}),
@@ -198,14 +199,14 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     }
     let mean = if scored > 0 { sum / scored as f64 } else { 0.0 };
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"items": out, "mean": mean, "count": scored, "full": full, "failed": failed})
             )?
         );
     } else {
-        println!("mean reward {mean:.4} over {scored} completions ({full} with full reward)");
+        outln!("mean reward {mean:.4} over {scored} completions ({full} with full reward)");
     }
     if failed > 0 {
         bail!(
@@ -259,17 +260,17 @@ fn new(a: NewArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     let ty = scaffold::type_name(&a.name);
     match a.lang {
-        Lang::Rust => println!(
+        Lang::Rust => outln!(
             "next: add the file to a crate depending on chorus-environments, rand, serde and serde_json, \
              register it with `registry.register({ty})?` and use {{ name = \"{}\" }} in a run config; \
              `cargo test` runs its self-check",
             a.name
         ),
-        Lang::Python => println!(
+        Lang::Python => outln!(
             "next: pip install environments/python (the chorus-env SDK), then in {dir}: \
              python test_{name}.py, and serve it with python {name}.py --port 50051 --token T; \
              a run uses it with {{ url = \"http://127.0.0.1:50051\" }} and --token T",
@@ -295,11 +296,13 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
                     .iter()
                     .map(|e| json!({"name": e.name, "category": e.category, "turns": e.turns, "description": e.description, "max_turns": e.max_turns, "default_weight": e.default_weight, "max_difficulty": e.max_difficulty}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                outln!(
                     "{:<24} {:<24} {:<7} description",
-                    "name", "category", "turns"
+                    "name",
+                    "category",
+                    "turns"
                 );
                 for e in list {
                     let cat = serde_json::to_value(e.category)?
@@ -310,7 +313,7 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
                         .as_str()
                         .unwrap_or_default()
                         .to_string();
-                    println!("{:<24} {:<24} {:<7} {}", e.name, cat, turns, e.description);
+                    outln!("{:<24} {:<24} {:<7} {}", e.name, cat, turns, e.description);
                 }
             }
             Ok(())
@@ -326,17 +329,17 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
             let reference = env.reference(&task)?;
             let score = env.score(&task, &reference)?;
             if a.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &json!({"task": task, "prompt": prompt, "reference": reference, "reference_score": score})
                     )?
                 );
             } else {
-                println!("task       {}", task.id);
-                println!("prompt     {prompt:?}");
-                println!("reference  {reference:?}");
-                println!("score      {} ({})", score.reward, score.reason);
+                outln!("task       {}", task.id);
+                outln!("prompt     {prompt:?}");
+                outln!("reference  {reference:?}");
+                outln!("score      {} ({})", score.reward, score.reason);
             }
             Ok(())
         }
@@ -366,7 +369,7 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
                     .get(n)
                     .with_context(|| format!("environment `{n}`"))?;
                 let r = check_environment(env.as_ref() as &dyn Environment, &opts);
-                println!(
+                outln!(
                     "{:<24} {:<4} {} tasks, difficulties {:?}",
                     r.env,
                     if r.passed { "ok" } else { "FAIL" },
@@ -374,9 +377,13 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
                     r.difficulties
                 );
                 for f in r.failures.iter().take(10) {
-                    println!(
+                    outln!(
                         "    {:?} (seed {}, {:?}, difficulty {}): {}",
-                        f.kind, f.seed, f.split, f.difficulty, f.message
+                        f.kind,
+                        f.seed,
+                        f.split,
+                        f.difficulty,
+                        f.message
                     );
                 }
                 if !r.passed {

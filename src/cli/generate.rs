@@ -161,24 +161,24 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if let Some(s) = out.mtp {
             v["mtp"] = serde_json::json!({"drafted": s.drafted, "accepted": s.accepted, "acceptance_rate": s.acceptance_rate()});
         }
-        println!("{v}");
+        outln!("{v}");
         return Ok(());
     }
-    println!("tokens    {:?}", out.tokens);
+    outln!("tokens    {:?}", out.tokens);
     if let Some(t) = &tokenizer {
-        println!("text      {:?}", t.decode(&out.tokens, false)?);
+        outln!("text      {:?}", t.decode(&out.tokens, false)?);
     }
-    println!("finish    {:?}", out.finish);
-    println!(
+    outln!("finish    {:?}", out.finish);
+    outln!(
         "speed     {:.1} tokens/s",
         out.tokens.len() as f64 / secs.max(1e-9)
     );
     let (q, total) = engine.nvfp4_projection_count();
     if q > 0 {
-        println!("nvfp4     {q} of {total} projections");
+        outln!("nvfp4     {q} of {total} projections");
     }
     if let Some(s) = out.mtp {
-        println!(
+        outln!(
             "mtp       {} of {} drafts accepted ({:.1}%), {} verification passes",
             s.accepted,
             s.drafted,

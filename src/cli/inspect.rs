@@ -109,16 +109,16 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         let ledger = Ledger::open(&db).await.with_context(|| format!("opening {db}"))?;
         match a.what {
             InspectCommand::Runs { limit } => {
-                println!("{:<40} {:<16} {:<10} {:>10} {:>8}", "run", "name", "status", "consumed", "steps");
+                outln!("{:<40} {:<16} {:<10} {:>10} {:>8}", "run", "name", "status", "consumed", "steps");
                 for r in ledger.list_runs(limit).await? {
                     let consumed = ledger.count_consumed(&r.id).await?;
                     let steps = ledger.list_learner_steps(&r.id).await?.len();
-                    println!("{:<40} {:<16} {:<10} {:>10} {:>8}", r.id, r.name, r.status.as_str(), consumed, steps);
+                    outln!("{:<40} {:<16} {:<10} {:>10} {:>8}", r.id, r.name, r.status.as_str(), consumed, steps);
                 }
             }
             InspectCommand::Rollouts { run, env, min_reward, limit } => {
                 let rows = ledger.list_rollouts(&RolloutFilter { run_id: Some(run), environment: env, min_reward, limit }).await?;
-                println!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  status", "trajectory", "environment", "worker", "reward", "tokens", "versions", "step");
+                outln!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  status", "trajectory", "environment", "worker", "reward", "tokens", "versions", "step");
                 for r in rows {
                     let versions = match (r.min_policy_version, r.max_policy_version) {
                         (Some(a), Some(b)) if a == b => format!("{a}"),
@@ -131,7 +131,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                     };
                     let reward = r.reward.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
                     let step = r.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
-                    println!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  {status}", r.id, r.environment, r.worker_id, reward, r.num_completion_tokens, versions, step);
+                    outln!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  {status}", r.id, r.environment, r.worker_id, reward, r.num_completion_tokens, versions, step);
                 }
             }
             InspectCommand::Trajectory { id } => {
@@ -139,44 +139,44 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 let tr = &t.trajectory;
                 let tok = Tokenizer::byte_level();
                 let prompt = tok.decode(&tr.prompt_token_ids, false).unwrap_or_else(|_| format!("{:?}", tr.prompt_token_ids));
-                println!("trajectory  {}\nrun         {}\nenvironment {}\nworker      {}\ngroup       {}", tr.id, tr.run_id, tr.environment, tr.worker_id, tr.group_id);
-                println!("\n--- prompt ({} tokens)\n{prompt}", tr.prompt_token_ids.len());
-                println!("\n--- completion ({} tokens, {:?})\n{}", tr.completion_token_ids.len(), tr.finish_reason, tr.completion_text);
+                outln!("trajectory  {}\nrun         {}\nenvironment {}\nworker      {}\ngroup       {}", tr.id, tr.run_id, tr.environment, tr.worker_id, tr.group_id);
+                outln!("\n--- prompt ({} tokens)\n{prompt}", tr.prompt_token_ids.len());
+                outln!("\n--- completion ({} tokens, {:?})\n{}", tr.completion_token_ids.len(), tr.finish_reason, tr.completion_text);
                 if !tr.policy_versions.is_empty() {
-                    println!("\n--- tokens");
+                    outln!("\n--- tokens");
                     for (i, id) in tr.completion_token_ids.iter().enumerate() {
                         let text = tok.decode(&[*id], false).unwrap_or_default();
                         let lp = tr.logprobs.get(i).map(|x| format!("{x:.3}")).unwrap_or_default();
                         let v = tr.policy_versions.get(i).map(|x| x.to_string()).unwrap_or_default();
-                        println!("{i:>4} {:<10} logprob {lp:>8} version {v}", format!("{text:?}"));
+                        outln!("{i:>4} {:<10} logprob {lp:>8} version {v}", format!("{text:?}"));
                     }
                 }
-                println!("\n--- reward {}", tr.reward.map(|x| format!("{x:.3}")).unwrap_or_else(|| "none".into()));
+                outln!("\n--- reward {}", tr.reward.map(|x| format!("{x:.3}")).unwrap_or_else(|| "none".into()));
                 for (k, v) in &tr.reward_components {
-                    println!("  {k}: {v:.3}");
+                    outln!("  {k}: {v:.3}");
                 }
                 if let Some(r) = &tr.reason {
-                    println!("  reason: {r}");
+                    outln!("  reason: {r}");
                 }
                 match &tr.status {
                     TrajectoryStatus::Ok => {}
-                    TrajectoryStatus::Failed { reason } => println!("  FAILED: {reason}"),
+                    TrajectoryStatus::Failed { reason } => outln!("  FAILED: {reason}"),
                 }
-                println!("  consumed at step {}", t.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
+                outln!("  consumed at step {}", t.consumed_at_step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
             }
             InspectCommand::Stages { run } => {
                 let stages = ledger.list_stages(&run).await?;
                 if stages.is_empty() {
                     anyhow::bail!("run `{run}` has no stages in {db} (see `chorus inspect runs`)");
                 }
-                println!("{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  checkpoint", "#", "stage", "kind", "status", "steps", "metric", "start", "end", "trajectories");
+                outln!("{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  checkpoint", "#", "stage", "kind", "status", "steps", "metric", "start", "end", "trajectories");
                 let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "-".into());
                 for r in stages {
                     let steps = match r.last_step {
                         Some(last) => format!("{}-{}", r.stage.first_step + 1, last),
                         None => format!("{}-", r.stage.first_step + 1),
                     };
-                    println!(
+                    outln!(
                         "{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  {}",
                         r.stage.stage_index,
                         r.stage.name,
@@ -204,14 +204,14 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                     i.and_then(|i| stages.iter().find(|s| s.stage.stage_index == i))
                         .map_or("-".to_string(), |s| s.stage.name.clone())
                 };
-                println!("{:>8} {:>6} {:<16} {:<16} {:>10} {:>9}  checkpoint", "version", "step", "stage", "sha256", "MB", "at (s)");
+                outln!("{:>8} {:>6} {:<16} {:<16} {:>10} {:>9}  checkpoint", "version", "step", "stage", "sha256", "MB", "at (s)");
                 for v in versions {
                     // A reward-model stage's checkpoint is its judge's, not this policy's.
                     let checkpoint = stages
                         .iter()
                         .find(|s| s.last_step == Some(v.version.version) && s.stage.kind != "reward_model")
                         .and_then(|s| s.checkpoint_path.clone());
-                    println!(
+                    outln!(
                         "{:>8} {:>6} {:<16} {:<16} {:>10.2} {:>9.1}  {}",
                         v.version.version,
                         v.version.learner_step,
@@ -228,9 +228,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 if evals.is_empty() {
                     anyhow::bail!("run `{run}` has no held-out evaluations in {db} (was it run with --eval-tasks 0?)");
                 }
-                println!("{:>8} {:>5} {:<24} {:>6} {:>7} {:>9} {:>16} {:>11}", "version", "stage", "environment", "tasks", "correct", "accuracy", "95% interval", "mean reward");
+                outln!("{:>8} {:>5} {:<24} {:>6} {:>7} {:>9} {:>16} {:>11}", "version", "stage", "environment", "tasks", "correct", "accuracy", "95% interval", "mean reward");
                 for e in evals {
-                    println!(
+                    outln!(
                         "{:>8} {:>5} {:<24} {:>6} {:>7} {:>8.1}% {:>16} {:>11.3}",
                         e.policy_version,
                         e.stage_index.map_or("-".to_string(), |i| i.to_string()),
@@ -244,11 +244,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 }
             }
             InspectCommand::Steps { run } => {
-                println!("{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}  note", "step", "version", "loss", "kl", "entropy", "grad", "lr", "tokens", "|dlogp|");
+                outln!("{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}  note", "step", "version", "loss", "kl", "entropy", "grad", "lr", "tokens", "|dlogp|");
                 for s in ledger.list_learner_steps(&run).await? {
                     let s = s.step;
                     let f = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
-                    println!(
+                    outln!(
                         "{:>6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}  {}",
                         s.step,
                         s.policy_version,

@@ -100,7 +100,7 @@ async fn launch(a: LaunchArgs, config_toml: String) -> anyhow::Result<()> {
     let run = response
         .run
         .context("the orchestrator answered without a run")?;
-    println!("{}", run.run_id);
+    outln!("{}", run.run_id);
     std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!(
         "{} run {} (request id {})",

@@ -51,7 +51,7 @@ pub fn run(a: LossArgs) -> anyhow::Result<()> {
         objective.set(key.trim(), value)?;
     }
     let e = evaluate_file(&objective, &a.input, &a.output)?;
-    println!(
+    outln!(
         "{}: loss {:.6} over {} tokens (clip fraction {:.3}, mean weight {:.3}); wrote {}",
         objective.algorithm,
         e.loss,

@@ -1,5 +1,25 @@
 //! Argument definitions (clap) and one function per subcommand.
 
+/// `println!` for command output: a reader that went away (`chorus inspect ... | head`) ends
+/// the command quietly with success, as ripgrep does, instead of a panic about a broken pipe.
+/// Any other failure to write standard output still panics, as `println!` would.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let written = writeln!(std::io::stdout().lock(), $($arg)*);
+        $crate::cli::written(written);
+    }};
+}
+
+/// The end of a write to standard output: a broken pipe exits the process with success.
+pub(crate) fn written(result: std::io::Result<()>) {
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => panic!("failed printing to stdout: {e}"),
+    }
+}
+
 mod env;
 mod generate;
 mod inspect;
@@ -130,11 +150,12 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// The line scripts wait for once a service serves (standard output, flushed at once).
+/// The line scripts wait for once a service serves (standard output, flushed at once). A
+/// service whose reader went away once it had the line (`... | head -1`) goes on serving.
 fn print_listening(url: &str) {
     use std::io::Write;
-    println!("listening on {url}");
-    let _ = std::io::stdout().flush();
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "listening on {url}").and_then(|()| stdout.flush());
 }
 
 /// Prints the line scripts wait for once the standby service `s` is registered.
@@ -147,7 +168,7 @@ fn print_standing_by(s: &chorus_runtime::Standby) -> impl FnOnce() + use<> {
     );
     move || {
         use std::io::Write;
-        println!("{line}");
-        let _ = std::io::stdout().flush();
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
     }
 }

@@ -90,7 +90,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     } else {
         "no tokenizer written (the byte-level tokenizer needs vocab_size >= 270)"
     };
-    println!(
+    outln!(
         "wrote {} ({} parameters); {tokenizer_note}",
         a.out.display(),
         params.num_elements()
@@ -143,16 +143,16 @@ fn forward(a: ForwardArgs) -> anyhow::Result<()> {
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
     let (cfg, params) = checkpoint::load_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
-    println!("checkpoint   {}", a.checkpoint.display());
-    println!("config       {}", a.checkpoint.join(CONFIG_FILE).display());
-    println!(
+    outln!("checkpoint   {}", a.checkpoint.display());
+    outln!("config       {}", a.checkpoint.join(CONFIG_FILE).display());
+    outln!(
         "pattern      {} ({} blocks)",
         cfg.pattern(),
         cfg.layers.len()
     );
-    println!("hidden size  {}", cfg.hidden_size);
-    println!("vocabulary   {}", cfg.vocab_size);
-    println!("MTP head     {}", if cfg.has_mtp() { "yes" } else { "no" });
-    println!("parameters   {}", params.num_elements());
+    outln!("hidden size  {}", cfg.hidden_size);
+    outln!("vocabulary   {}", cfg.vocab_size);
+    outln!("MTP head     {}", if cfg.has_mtp() { "yes" } else { "no" });
+    outln!("parameters   {}", params.num_elements());
     Ok(())
 }

@@ -52,7 +52,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         quantize_checkpoint(&a.input, &a.output, &a.exclude, progress)?
     };
-    println!(
+    outln!(
         "{} {} tensors, copied {}; {:.2} MiB -> {:.2} MiB in {}",
         if a.dequantize {
             "dequantized"

@@ -83,6 +83,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         from_stage: a.from_stage.clone(),
     };
     let summary = super::runtime(2)?.block_on(run_local(&plan, local))?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

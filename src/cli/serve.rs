@@ -272,6 +272,6 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
     };
     let summary =
         chorus_runtime::serve::orchestrator(&plan, options, super::print_listening).await?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

@@ -129,6 +129,25 @@ fn chorus_greedy(h: &Harness, checkpoint: &str) -> Decode {
     Decode::from_json(&serde_json::from_str(out.trim()).expect("generate --json prints JSON"))
 }
 
+/// Runs `tests/python/SCRIPT ARGS…` with `python` in `h`'s directory, which must succeed;
+/// returns the JSON object it prints last.
+fn python_json(h: &Harness, python: &str, script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python)
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .current_dir(h.path(""))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+}
+
 /// Chorus' greedy tokens equal transformers', with log-probabilities within float32 noise. Two
 /// correct implementations may only part where transformers' two best logits are nearly tied;
 /// after such a step the rest is not compared.
@@ -168,20 +187,12 @@ fn a_trained_checkpoint_round_trips_through_transformers() {
     let checkpoint = "runs/interop/checkpoint";
     let chorus = chorus_greedy(&h, checkpoint);
 
-    let out = Command::new(&python)
-        .arg(repo().join("tests/python/hf_interop.py"))
-        .args([checkpoint, PROMPT, &NEW_TOKENS.to_string(), "saved_by_hf"])
-        .current_dir(h.path(""))
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "hf_interop.py failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let hf = python_json(
+        &h,
+        &python,
+        "hf_interop.py",
+        &[checkpoint, PROMPT, &NEW_TOKENS.to_string(), "saved_by_hf"],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let hf: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("hf_interop.py printed no JSON ({e}): {stdout}"));
 
     assert_eq!(hf["model_class"], "NemotronHForCausalLM", "{hf}");
     assert_eq!(
@@ -259,20 +270,12 @@ fn a_trained_dense_checkpoint_serves_in_vllm_with_the_same_greedy_tokens() {
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
     let checkpoint = "runs/interop/checkpoint";
     let chorus = chorus_greedy(&h, checkpoint);
-    let out = Command::new(&python)
-        .arg(repo().join("tests/python/vllm_greedy.py"))
-        .args([checkpoint, PROMPT, &NEW_TOKENS.to_string()])
-        .current_dir(h.path(""))
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "vllm_greedy.py failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let vllm = python_json(
+        &h,
+        &python,
+        "vllm_greedy.py",
+        &[checkpoint, PROMPT, &NEW_TOKENS.to_string()],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let vllm: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("vllm_greedy.py printed no JSON ({e}): {stdout}"));
     let vllm = Decode::from_json(&vllm);
     // vLLM reports no logit margins: tokens must agree outright.
     assert_eq!(

@@ -59,6 +59,18 @@ pub struct Summary {
     pub checkpoint: PathBuf,
 }
 
+impl Summary {
+    /// Its accuracies before RL and after, as an [`Outcome`].
+    pub fn outcome(&self) -> Outcome {
+        Outcome {
+            environments: self.environments.clone(),
+            mean_before: (self.mean_before, self.mean_before_interval),
+            mean_after: (self.mean_after, self.mean_after_interval),
+            mean_gain: (self.mean_gain, self.mean_gain_interval),
+        }
+    }
+}
+
 /// How one stage went: what `runs/<run>/stages/<stage>/summary.json` holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageSummary {

@@ -373,12 +373,9 @@ impl Evaluator {
         })
     }
 
-    /// Evaluates the final policy and returns the accuracies before RL and after, once the
-    /// curve's measurements are all in.
-    pub(crate) async fn finish(
-        mut self,
-        ctx: &Arc<StageContext>,
-    ) -> Result<(BTreeMap<String, Accuracy>, BTreeMap<String, Accuracy>)> {
+    /// Evaluates the final policy once the curve's measurements are all in; returns whether
+    /// the run measured its policy before RL (it had an RL stage).
+    pub(crate) async fn finish(mut self, ctx: &Arc<StageContext>) -> Result<bool> {
         let version = ctx.learning.version();
         let environments = self.plan.environments.clone();
         let after = self.accuracy_at(ctx, &environments, version).await?;
@@ -389,6 +386,6 @@ impl Evaluator {
                 source,
             })??;
         }
-        Ok((self.before.unwrap_or_default(), after))
+        Ok(self.before.is_some_and(|b| !b.is_empty()))
     }
 }

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::services::{start_learner_from, start_worker};
-use crate::summary::{self, Outcome, Summary, gain_line};
+use crate::summary::{self, Summary, gain_line};
 use chorus_learner::CheckpointPolicy;
 use evaluation::Evaluator;
 use ledger::RunRecord;
@@ -237,7 +237,7 @@ async fn drive(
     };
     let stage_summaries =
         stages::run_stages(plan, &mut ctx, &mut evaluator, &outputs, &start).await?;
-    let (before, after) = evaluator.finish(&Arc::new(ctx.clone())).await?;
+    let measured_before_rl = evaluator.finish(&Arc::new(ctx.clone())).await?;
     // The trained policy outlives the run's processes: its final version, in HF layout. The
     // last policy stage normally saved that version already; its files are copied rather than
     // the weights fetched from the learner and written again.
@@ -261,16 +261,6 @@ async fn drive(
         checkpoint.display()
     );
 
-    let outcome = Outcome::new(&before, &after);
-    if !before.is_empty() {
-        tracing::info!(
-            gain = outcome.mean_gain.0,
-            gain_lo = outcome.mean_gain.1.lo(),
-            gain_hi = outcome.mean_gain.1.hi(),
-            "{}",
-            gain_line(&outcome)
-        );
-    }
     // summary.json is what the ledger holds, so the two cannot disagree: the run records what
     // no other table has, then the summary is read back.
     let faults = serde_json::to_string(&ctx.faults.report()).expect("fault records serialise");
@@ -294,6 +284,16 @@ async fn drive(
         &plan.evaluation.environments,
     )
     .await?;
+    if measured_before_rl {
+        let outcome = summary.outcome();
+        tracing::info!(
+            gain = outcome.mean_gain.0,
+            gain_lo = outcome.mean_gain.1.lo(),
+            gain_hi = outcome.mean_gain.1.hi(),
+            "{}",
+            gain_line(&outcome)
+        );
+    }
     let path = options.out_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("a summary always serialises");
     std::fs::write(&path, text).map_err(RunError::io(format!("writing {}", path.display())))?;

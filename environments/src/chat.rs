@@ -317,6 +317,37 @@ impl ToolCall {
     }
 }
 
+/// Opens the tool section of a system message: the functions the model may call follow, one
+/// JSON object (`name`, `description`, `parameters` as JSON Schema) a line.
+pub const TOOLS_HEADER: &str = "You can call these functions:";
+
+/// The template's tool section: [`TOOLS_HEADER`], then each function's definition as one line
+/// of JSON. Environments that offer tools put it in the system message (after any instructions),
+/// so every dataset's tools reach the model in the same form.
+pub fn tool_section<'a>(functions: impl IntoIterator<Item = &'a serde_json::Value>) -> String {
+    let mut out = String::from(TOOLS_HEADER);
+    for function in functions {
+        out.push('\n');
+        out.push_str(&function.to_string());
+    }
+    out
+}
+
+/// `messages` with [`tool_section`] of `functions` appended to the first system message, or
+/// as a new first system message when there is none.
+pub fn with_tool_section(mut messages: Vec<Message>, section: String) -> Vec<Message> {
+    match messages.first_mut() {
+        Some(first) if first.role == Role::System => {
+            if !first.content.is_empty() {
+                first.content.push_str("\n\n");
+            }
+            first.content.push_str(&section);
+        }
+        _ => messages.insert(0, Message::system(section)),
+    }
+    messages
+}
+
 /// Why a tool call in a response could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ToolCallError {

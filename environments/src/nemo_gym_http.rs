@@ -66,10 +66,11 @@ pub(crate) struct Failure {
     pub retryable: bool,
 }
 
-async fn post_once(
+/// One request: a POST of `body`, or a GET when there is none.
+async fn send_once(
     base: &BaseUrl,
     path: &str,
-    body: Bytes,
+    body: Option<Bytes>,
     cookie: Option<&str>,
 ) -> Result<Answer, Failure> {
     let transient = |message: String| Failure {
@@ -83,16 +84,21 @@ async fn post_once(
         .await
         .map_err(|e| transient(format!("HTTP handshake: {e}")))?;
     tokio::spawn(connection);
-    let mut request = Request::post(format!("{}{path}", base.prefix))
-        .header(HOST, &base.authority)
-        .header(CONTENT_TYPE, "application/json");
+    let uri = format!("{}{path}", base.prefix);
+    let mut request = match body {
+        Some(_) => Request::post(uri).header(CONTENT_TYPE, "application/json"),
+        None => Request::get(uri),
+    }
+    .header(HOST, &base.authority);
     if let Some(cookie) = cookie {
         request = request.header(COOKIE, cookie);
     }
-    let request = request.body(Full::new(body)).map_err(|e| Failure {
-        message: format!("building the request: {e}"),
-        retryable: false,
-    })?;
+    let request = request
+        .body(Full::new(body.unwrap_or_default()))
+        .map_err(|e| Failure {
+            message: format!("building the request: {e}"),
+            retryable: false,
+        })?;
     let response = sender
         .send_request(request)
         .await
@@ -120,22 +126,33 @@ async fn post_once(
     })
 }
 
-/// POSTs `body` (JSON) to `path`, each attempt within `timeout`, retrying connection errors,
-/// timeouts and 5xx answers up to `retries` more times; any other non-2xx answer is a failure
-/// carrying the start of its body.
-pub(crate) async fn post_json(
+/// Which answers a request takes as its result rather than as a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accept {
+    /// Only 2xx.
+    Success,
+    /// 2xx and 4xx: a tool route's 4xx (arguments the route's schema refuses, a route that does
+    /// not exist) is an answer the model reads, as NeMo Gym's own agents pass it on.
+    ClientErrors,
+}
+
+/// POSTs `body` (JSON) to `path`, or GETs it when `body` is `None`, each attempt within
+/// `timeout`, retrying connection errors, timeouts and 5xx answers up to `retries` more times;
+/// any other answer that `accept` does not take is a failure carrying the start of its body.
+pub(crate) async fn request_json(
     base: &BaseUrl,
     path: &str,
-    body: Bytes,
+    body: Option<Bytes>,
     cookie: Option<&str>,
     timeout: Duration,
     retries: u32,
+    accept: Accept,
 ) -> Result<Answer, String> {
     let mut attempt = 0;
     loop {
         let failure: Failure = match tokio::time::timeout(
             timeout,
-            post_once(base, path, body.clone(), cookie),
+            send_once(base, path, body.clone(), cookie),
         )
         .await
         {
@@ -144,6 +161,11 @@ pub(crate) async fn post_json(
                 retryable: true,
             },
             Ok(Ok(answer)) if (200..300).contains(&answer.status) => return Ok(answer),
+            Ok(Ok(answer))
+                if accept == Accept::ClientErrors && (400..500).contains(&answer.status) =>
+            {
+                return Ok(answer);
+            }
             Ok(Ok(answer)) => Failure {
                 message: format!("HTTP {}: {}", answer.status, snippet(&answer.body)),
                 retryable: answer.status >= 500,
@@ -164,7 +186,7 @@ pub(crate) async fn post_json(
 }
 
 /// The start of a body, for error messages.
-fn snippet(body: &[u8]) -> String {
+pub(crate) fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     match text.char_indices().nth(400) {

@@ -80,7 +80,11 @@ fn what_the_contract_rejects_fails_the_completion_with_the_server_and_status_nam
     assert_eq!(server.seen("/verify").len(), 1);
     // The stand-in itself rejects a response missing a required field, as NeMo Gym does.
     let mut body = row(1);
-    let mut response = chorus_environments::nemo_gym::response_object("x", "1");
+    let mut response = chorus_environments::nemo_gym::response_object(
+        chorus_environments::nemo_gym::output_items("x", "1", 0),
+        "1",
+        &Value::Null,
+    );
     response.as_object_mut().unwrap().remove("tools");
     body["response"] = response;
     let port = server.url.trim_start_matches("http://");

@@ -310,6 +310,9 @@ pub struct RawEnvironment {
     pub url: Option<String>,
     /// For `nemo_gym`: the NeMo Gym JSONL data file (relative to the config file).
     pub dataset: Option<PathBuf>,
+    /// For `nemo_gym`: policy turns per episode (default 1). Above 1, tool calls go to the
+    /// server's tool routes and their results back to the policy until it answers without one.
+    pub max_turns: Option<u32>,
     /// Relative sampling weight (> 0).
     pub weight: Option<f64>,
     /// Difficulty level (0 = learnable by a freshly initialised tiny model).
@@ -587,6 +590,8 @@ pub enum EnvironmentSource {
         url: String,
         /// The data rows.
         dataset: PathBuf,
+        /// Policy turns per episode (1 = the answer is verified as it is).
+        max_turns: u32,
     },
 }
 
@@ -1186,6 +1191,7 @@ fn environment_source(
     name: Option<String>,
     url: Option<String>,
     dataset: Option<PathBuf>,
+    max_turns: Option<u32>,
 ) -> Result<EnvironmentSource, ConfigError> {
     let checked_url = |u: String| {
         if u.starts_with("http://") || u.starts_with("https://") {
@@ -1208,20 +1214,25 @@ fn environment_source(
             ));
         }
     };
-    if kind != Choice::Known(EnvironmentKind::NemoGym)
-        && let Some(d) = &dataset
-    {
-        let kind = match &kind {
+    if kind != Choice::Known(EnvironmentKind::NemoGym) {
+        let written_kind = match &kind {
             Choice::Known(k) => written(k),
             Choice::Unknown(o) => o.clone(),
         };
-        return Err(ctx.err(
-            ek("dataset"),
-            format!(
-                "`{}` is only read by kind = \"nemo_gym\" (this entry is kind `{kind}`)",
-                d.display()
-            ),
-        ));
+        let only_nemo_gym = |key: &str, value: String| {
+            ctx.err(
+                ek(key),
+                format!(
+                    "`{value}` is only read by kind = \"nemo_gym\" (this entry is kind `{written_kind}`)"
+                ),
+            )
+        };
+        if let Some(d) = &dataset {
+            return Err(only_nemo_gym("dataset", d.display().to_string()));
+        }
+        if let Some(t) = max_turns {
+            return Err(only_nemo_gym("max_turns", t.to_string()));
+        }
     }
     match ctx.known(&ek("kind"), kind)? {
         EnvironmentKind::Builtin => match (name, url) {
@@ -1262,10 +1273,19 @@ fn environment_source(
                         .unwrap_or_default()
                 ),
             };
+            let max_turns = max_turns.unwrap_or(1);
+            let limit = chorus_environments::nemo_gym::MAX_TURNS_LIMIT;
+            if !(1..=limit).contains(&max_turns) {
+                return Err(ctx.err(
+                    ek("max_turns"),
+                    format!("{max_turns}; allowed: 1 to {limit}"),
+                ));
+            }
             Ok(EnvironmentSource::NemoGym {
                 name,
                 url: checked_url(url)?,
                 dataset,
+                max_turns,
             })
         }
     }
@@ -1584,7 +1604,8 @@ impl RunConfig {
             let mut environments = vec![];
             for (j, e) in envs.into_iter().enumerate() {
                 let ek = |f: &str| format!("stages[{i}].environments[{j}].{f}");
-                let source = environment_source(ctx, &ek, e.kind, e.name, e.url, e.dataset)?;
+                let source =
+                    environment_source(ctx, &ek, e.kind, e.name, e.url, e.dataset, e.max_turns)?;
                 if kind == StageKind::Sft && matches!(source, EnvironmentSource::NemoGym { .. }) {
                     return Err(ctx.err(
                         ek("kind"),
@@ -1985,7 +2006,7 @@ sampling = { temperature = 0.9 }
         let c = RunConfig::from_toml_str(
             &with(
                 "{ kind = \"nemo_gym\", url = \"http://h:8000\", dataset = \"data/mcqa.jsonl\" }, \
-                 { kind = \"nemo_gym\", url = \"http://h:8001\", dataset = \"x.jsonl\", name = \"gym_x\" }, \
+                 { kind = \"nemo_gym\", url = \"http://h:8001\", dataset = \"x.jsonl\", name = \"gym_x\", max_turns = 8 }, \
                  { kind = \"plugin\", url = \"http://p:1\" }, { kind = \"builtin\", name = \"needle\" }",
             ),
             "x.toml",
@@ -1998,9 +2019,14 @@ sampling = { temperature = 0.9 }
             EnvironmentSource::NemoGym {
                 name: "nemo_gym:mcqa".into(),
                 url: "http://h:8000".into(),
-                dataset: "data/mcqa.jsonl".into()
+                dataset: "data/mcqa.jsonl".into(),
+                max_turns: 1,
             }
         );
+        assert!(matches!(
+            c.stages[1].environments[1].source,
+            EnvironmentSource::NemoGym { max_turns: 8, .. }
+        ));
         for (envs, key, allowed) in [
             (
                 "{ kind = \"gym\", url = \"http://h:1\" }",
@@ -2026,6 +2052,16 @@ sampling = { temperature = 0.9 }
                 "{ name = \"mcqa\", dataset = \"d.jsonl\" }",
                 "environments[0].dataset",
                 "nemo_gym",
+            ),
+            (
+                "{ name = \"mcqa\", max_turns = 3 }",
+                "environments[0].max_turns",
+                "nemo_gym",
+            ),
+            (
+                "{ kind = \"nemo_gym\", url = \"http://h:1\", dataset = \"d.jsonl\", max_turns = 0 }",
+                "environments[0].max_turns",
+                "1 to 256",
             ),
             (
                 "{ kind = \"plugin\", name = \"x\" }",

@@ -55,7 +55,12 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> Result<Registry> {
                     );
                     registry.replace(Arc::new(env));
                 }
-                EnvironmentSource::NemoGym { name, url, dataset } => {
+                EnvironmentSource::NemoGym {
+                    name,
+                    url,
+                    dataset,
+                    max_turns,
+                } => {
                     if builtins.contains(name) {
                         return Err(RunError::Invalid(format!(
                             "{at}.name: `{name}` is a built-in environment; give the nemo_gym \
@@ -67,7 +72,9 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> Result<Registry> {
                         .with_options(NemoGymOptions {
                             timeout: cfg.environment_faults.deadline,
                             ..NemoGymOptions::default()
-                        });
+                        })
+                        .with_max_turns(*max_turns)
+                        .map_err(error(format!("{at}.max_turns")))?;
                     registry.replace(Arc::new(env));
                 }
             }

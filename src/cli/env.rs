@@ -23,6 +23,12 @@ pub enum EnvCommand {
     /// sampling is deterministic and the train and heldout splits are disjoint.
     ///
     /// Also checks a plugin server through the wire: chorus env check --url http://HOST:PORT --token T
+    ///
+    /// and a NeMo Gym resources server against its data rows:
+    /// chorus env check --kind nemo_gym --url http://HOST:PORT --dataset rows.jsonl [--max-turns N]
+    /// (health route, sampling, and on some rows: a session, /verify accepting Chorus' responses
+    /// for a non-answer, a text answer and a tool call with a finite reward, no full reward for
+    /// the non-answer; with --max-turns above 1, a route for every tool the rows offer).
     Check(CheckArgs),
     /// Score given completions of a dataset with an environment's verifier, offline.
     ///
@@ -119,15 +125,79 @@ pub struct CheckArgs {
     /// Check every built-in environment.
     #[arg(long, conflicts_with = "url")]
     all: bool,
-    /// Check an environment plugin server instead, e.g. http://127.0.0.1:50051 (with --token).
+    /// Check a server instead: an environment plugin, e.g. http://127.0.0.1:50051 (with
+    /// --token), or with --kind nemo_gym a NeMo Gym resources server (with --dataset).
     #[arg(long)]
     url: Option<String>,
+    /// What --url serves.
+    #[arg(long, value_enum, default_value = "plugin", requires = "url")]
+    kind: ServerKind,
     /// The plugin's shared token (for --url).
     #[arg(long, env = "CHORUS_TOKEN")]
     token: Option<String>,
-    /// Tasks sampled per split and difficulty.
+    /// For --kind nemo_gym: the NeMo Gym JSONL data rows the server verifies.
+    #[arg(long, requires = "url")]
+    dataset: Option<PathBuf>,
+    /// For --kind nemo_gym: policy turns per episode, as the run config's `max_turns`.
+    #[arg(long, default_value_t = 1)]
+    max_turns: u32,
+    /// Tasks sampled per split and difficulty (for --kind nemo_gym: rows checked).
     #[arg(long, default_value_t = 8)]
     tasks: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerKind {
+    /// An environment plugin (gRPC `Environment` service).
+    Plugin,
+    /// A NeMo Gym resources server (HTTP, with its data rows).
+    #[value(name = "nemo_gym")]
+    NemoGym,
+}
+
+/// `chorus env check --kind nemo_gym`: the server's self-check, a line per check.
+fn check_nemo_gym(a: &CheckArgs) -> anyhow::Result<()> {
+    let url = a.url.clone().unwrap_or_default();
+    let dataset = a.dataset.as_ref().with_context(|| {
+        format!("--kind nemo_gym: give --dataset, the JSONL rows {url} verifies")
+    })?;
+    let env = chorus_environments::NemoGym::from_jsonl_file(
+        chorus_environments::offline::NEMO_GYM,
+        &url,
+        dataset,
+    )?
+    .with_max_turns(a.max_turns)
+    .map_err(|e| anyhow::anyhow!("--max-turns: {e}"))?;
+    let report = env.check_server(a.tasks);
+    outln!(
+        "{} {}: {} rows ({} train, {} heldout), max_turns {}",
+        url,
+        dataset.display(),
+        report.rows,
+        report.train_rows,
+        report.heldout_rows,
+        report.max_turns
+    );
+    for line in &report.lines {
+        outln!(
+            "  {:<4} {:<20} {}",
+            if line.ok { "ok" } else { "FAIL" },
+            line.check,
+            line.detail
+        );
+    }
+    if report.verify_calls > 0 {
+        outln!(
+            "  {} verify calls, {:.0} ms each on average (session included)",
+            report.verify_calls,
+            report.verify_ms / report.verify_calls as f64
+        );
+    }
+    let failed = report.lines.iter().filter(|l| !l.ok).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks of {url} failed", report.lines.len());
+    }
+    Ok(())
 }
 
 /// `chorus env score`: every completion's reward and reason, then the mean.
@@ -343,7 +413,11 @@ pub fn run(cmd: EnvCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        EnvCommand::Check(a) if a.kind == ServerKind::NemoGym => check_nemo_gym(&a),
         EnvCommand::Check(a) => {
+            if a.dataset.is_some() {
+                bail!("--dataset is only read with --kind nemo_gym");
+            }
             let mut registry = registry;
             let names: Vec<String> = match (&a.name, a.all) {
                 _ if a.url.is_some() => {

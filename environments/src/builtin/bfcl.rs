@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::datasets::{Row, parse_jsonl, read_jsonl, row_error};
-use crate::chat::{Message, Role, ToolCall, parse_tool_calls};
+use crate::chat::{self, Message, Role, ToolCall, parse_tool_calls};
 use crate::env::{Category, EnvInfo, Environment, Turns, response_or_zero};
 use crate::error::EnvError;
 use crate::sampling::{TaskOrigin, make_task, split_of, task_rng};
@@ -147,7 +147,6 @@ fn item(row: &Row, ground_truth: &Value, source: &str) -> Result<Item, EnvError>
         .filter(|f| !f.is_empty())
         .ok_or_else(|| row_error(source, line, "missing `function` (the function docs)"))?;
     let mut parameters = BTreeMap::new();
-    let mut listing = String::from("You can call these functions:");
     for f in functions {
         let name = f
             .get("name")
@@ -159,10 +158,8 @@ fn item(row: &Row, ground_truth: &Value, source: &str) -> Result<Item, EnvError>
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
         parameters.insert(name.to_string(), declared);
-        listing.push('\n');
-        listing.push_str(&serde_json::to_string(f).expect("JSON re-serialises"));
     }
-    let mut prompt = vec![Message::system(listing)];
+    let mut prompt = vec![Message::system(chat::tool_section(functions))];
     for message in turns[0].as_array().into_iter().flatten() {
         let content = message
             .get("content")

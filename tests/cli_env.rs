@@ -57,9 +57,6 @@ fn check_all_passes_and_bad_names_are_explained() {
     assert!(err.contains("split"), "{err}");
 }
 
-#[path = "../environments/tests/nemo_gym_standin/mod.rs"]
-mod nemo_gym_standin;
-
 const GSM8K: &str = r#"{"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=<<3+4=7>>7 apples.\n#### 7"}
 {"question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "2*12=24\n#### 24", "task_id": "eggs"}
 "#;
@@ -156,43 +153,6 @@ fn score_explains_bad_ids_lines_and_datasets() {
         let err = run(&completions, env);
         assert!(err.contains(wanted), "{env} {completions:?}: {err}");
     }
-}
-
-#[test]
-fn score_works_with_a_nemo_gym_server() {
-    let server = nemo_gym_standin::StandIn::start();
-    let h = Harness::new();
-    std::fs::write(
-        h.path("rows.jsonl"),
-        "{\"responses_create_params\": {\"input\": [{\"role\": \"user\", \"content\": \"Blue? A) sun B) sky\"}]}, \"expected_answer\": \"B\", \"uuid\": \"q1\"}\n\
-         {\"responses_create_params\": {\"input\": \"Hot? A) sun B) ice\"}, \"expected_answer\": \"A\", \"uuid\": \"q2\"}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        h.path("answers.jsonl"),
-        "{\"id\": \"q1\", \"completion\": \"\\\\boxed{B}\"}\n{\"id\": 1, \"completion\": \"\\\\boxed{B}\"}\n",
-    )
-    .unwrap();
-    let out = h.ok(&[
-        "env",
-        "score",
-        "nemo_gym",
-        "--url",
-        &server.url,
-        "--dataset",
-        "rows.jsonl",
-        "--completions",
-        "answers.jsonl",
-    ]);
-    assert!(
-        out.contains("q1") && out.contains("extracted_answer \"B\""),
-        "{out}"
-    );
-    assert!(
-        out.contains("mean reward 0.5000 over 2 completions"),
-        "{out}"
-    );
-    assert_eq!(server.seen("/verify").len(), 2);
 }
 
 #[test]

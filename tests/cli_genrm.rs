@@ -71,6 +71,7 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
     std::fs::write(h.path("prefs.jsonl"), preference_rows()).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    h.audit_clean(&h.ledger_url("genrm"));
     let judge = h.json("runs/genrm/stages/judge/summary.json");
     assert_eq!(judge["kind"], "reward_model");
     assert_eq!(judge["metric"], "pair_accuracy");

@@ -84,6 +84,7 @@ fn an_mtp_heal_stage_trains_the_head_alone_and_raises_its_acceptance() {
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     std::fs::write(h.path("chats.jsonl"), transcripts()).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "6"]);
+    h.audit_clean(&h.ledger_url("heal"));
     let stage: serde_json::Value = h.json("runs/heal/stages/heal/summary.json");
     assert_eq!(stage["kind"], "mtp_heal");
     assert_eq!(stage["metric"], "heldout_mtp_acceptance");

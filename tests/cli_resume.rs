@@ -83,6 +83,7 @@ fn a_run_killed_mid_stage_resumes_without_repeating_work() {
         .expect("the warm-up finished before the kill");
 
     h.ok(&["run", "run.toml", "--eval-tasks", "4", "--resume"]);
+    h.audit_clean(&h.ledger_url("crash"));
 
     let summary: serde_json::Value = h.json("runs/crash/summary.json");
     assert_eq!(summary["steps"], WARMUP_STEPS + RL_STEPS, "{summary}");
@@ -165,6 +166,7 @@ fn a_recipe_starts_part_way_from_a_checkpoint_a_user_brings() {
         .replace(&format!("steps = {WARMUP_STEPS}"), "steps = 2");
     std::fs::write(h.path("run.toml"), &short).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    h.audit_clean(&h.ledger_url("crash"));
     let checkpoint = h.path("runs/crash/stages/warmup/checkpoint");
     let part = short
         .replace("\"crash\"", "\"part\"")

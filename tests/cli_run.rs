@@ -76,6 +76,7 @@ fn two_runs_of_one_config_started_at_once_both_finish_with_their_own_rows() {
     let (a, b) = (spawn(&h, &args), spawn(&h, &args));
     succeeded(a, "the first run");
     succeeded(b, "the second run");
+    h.audit_clean(&h.ledger_url("tiny"));
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&h.ledger_url("tiny")).await.unwrap();
         let runs = ledger.list_runs(10).await.unwrap();
@@ -126,6 +127,7 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4", "--token", "secret"]);
+    h.audit_clean(&h.ledger_url("tiny"));
     let summary: serde_json::Value = h.json("runs/tiny/summary.json");
     assert_eq!(summary["steps"], 6, "{summary}");
     for env in ["arithmetic", "needle"] {
@@ -336,6 +338,9 @@ fn the_same_run_records_into_postgresql() {
     h.ok(&["run", "run.toml", "--eval-tasks", "2", "--db", &url]);
     let summary: serde_json::Value = h.json("runs/tiny/summary.json");
     let run_id = summary["run"].as_str().unwrap().to_string();
+    // Other tests share this database: audit this run alone.
+    let audit = h.ok(&["audit", &run_id, "--db", &url]);
+    assert!(!audit.contains("FAIL"), "{audit}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ledger = Ledger::open(&url).await.unwrap();

@@ -387,6 +387,8 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
     );
 
     let db = h.ledger_url("churn");
+    // Workers lost mid-run left nothing half-done in the ledger.
+    h.audit_clean(&db);
     rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let rows = ledger
@@ -479,6 +481,7 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = format!("sqlite://{}", h.path("runs/ledger.sqlite").display());
+    h.audit_clean(&db);
     let mut client = orchestrator_client(&rt, &url, "tok");
     rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
@@ -638,6 +641,8 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
 
     assert_eq!(status(&cut_off), Some(RunStatus::Failed));
     assert_eq!(status(&waiting), Some(RunStatus::Succeeded));
+    // The run cut off by the restart left no prompt in flight either.
+    h.audit_clean(&db);
     // The cut-off run's processes were stopped once the new orchestrator did not assign it.
     assert_eq!(pids_with_args(&["--run-id", &cut_off]), Vec::<u32>::new());
 }

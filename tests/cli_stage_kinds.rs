@@ -57,6 +57,7 @@ fn a_bradley_terry_stage_learns_to_rank_held_out_pairs() {
     );
     std::fs::write(h.path("run.toml"), run).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
+    h.audit_clean(&h.ledger_url("rm"));
     let stage: serde_json::Value = h.json("runs/rm/stages/judge/summary.json");
     assert_eq!(stage["kind"], "reward_model");
     assert_eq!(stage["metric"], "pair_accuracy");
@@ -162,6 +163,7 @@ fn a_swe_rl_stage_plays_episodes_and_reports_its_pass_rate() {
     std::fs::write(h.path("model.json"), TINY_DENSE_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), SWE_RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    h.audit_clean(&h.ledger_url("swe"));
     let stage: serde_json::Value = h.json("runs/swe/stages/swe/summary.json");
     assert_eq!(stage["kind"], "swe_rl");
     assert_eq!(stage["metric"], "heldout_pass_rate");
@@ -200,6 +202,7 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
 "#;
     std::fs::write(h.path("run.toml"), run).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
+    h.audit_clean(&h.ledger_url("rm"));
     let stage: serde_json::Value = h.json("runs/rm/stages/rlhf/summary.json");
     assert_eq!(stage["kind"], "rlhf");
     assert_eq!(stage["metric"], "heldout_rm_score");
@@ -297,6 +300,7 @@ environments = [{ name = "arithmetic" }]
 "#;
     std::fs::write(h.path("run.toml"), run).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "4"]);
+    h.audit_clean(&h.ledger_url("rm"));
     let stage: serde_json::Value = h.json("runs/rm/stages/rlhf/summary.json");
     assert_eq!(stage["steps"], 1, "{stage}");
     assert_eq!(stage["planned_steps"], 6);

@@ -184,6 +184,7 @@ fn a_trained_checkpoint_round_trips_through_transformers() {
     std::fs::write(h.path("model.json"), MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    h.audit_clean(&h.ledger_url("interop"));
     let checkpoint = "runs/interop/checkpoint";
     let chorus = chorus_greedy(&h, checkpoint);
 

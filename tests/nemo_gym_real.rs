@@ -152,12 +152,21 @@ fn chorus_rewards_equal_the_real_servers_own_verdicts() {
         let server = GymServer::start(&h, &python, name);
         let verdicts = server_verdicts(&python, &server.url, &server.rows());
         assert!(!verdicts.is_empty(), "{name}: no answers");
+        // Items name their row by line number from 0, or (mcqa) by the row's own `uuid`.
+        let rows_text = std::fs::read_to_string(server.rows()).unwrap();
+        let rows: Vec<Value> = rows_text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         let completions: String = verdicts
             .iter()
             .map(|v| {
-                json!({"id": v["line"].as_u64().unwrap() - 1, "completion": v["completion"]})
-                    .to_string()
-                    + "\n"
+                let line = v["line"].as_u64().unwrap() as usize - 1;
+                let id = match rows[line].get("uuid") {
+                    Some(uuid) => uuid.clone(),
+                    None => json!(line),
+                };
+                json!({"id": id, "completion": v["completion"]}).to_string() + "\n"
             })
             .collect();
         let file = h.path(&format!("{name}.completions.jsonl"));
@@ -424,6 +433,7 @@ environments = [
     );
     std::fs::write(h.path("run.toml"), config).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    h.audit_clean(&h.ledger_url("gym"));
     let summary = h.json("runs/gym/summary.json");
     let run_id = summary["run"].as_str().unwrap().to_string();
     let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {

@@ -1,6 +1,8 @@
-//! The `nemo_gym` environment against a stand-in server that follows NeMo Gym's HTTP contract:
-//! sessions and cookies, the exact verify body, 422 for what the contract rejects, bounded
-//! retries of 5xx answers.
+//! The `nemo_gym` environment against a stand-in server that follows NeMo Gym's HTTP contract,
+//! for what a real server cannot be made to show: the exact verify body and cookies Chorus sends
+//! (a real server ignores fields it does not know), and bounded retries of 5xx answers. The
+//! real servers' verdicts, tool calls, multi-turn episodes and runs are tested in the
+//! workspace's `tests/nemo_gym_real.rs`.
 
 mod nemo_gym_standin;
 

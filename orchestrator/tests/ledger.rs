@@ -131,6 +131,7 @@ on_both_backends!(
     a_rewind_undoes_the_steps_after_a_version,
     evaluations_are_kept_once_per_version_and_versions_know_their_stage,
     the_queries_docs_ledger_md_shows_run,
+    the_audit_finds_each_kind_of_breach,
 );
 
 /// The SQL statements of docs/ledger.md's "Example queries", each with the one backend it is
@@ -1104,6 +1105,177 @@ mod cases {
         assert_eq!(again.status, StageStatus::Running);
         assert_eq!(again.finished_at_ms, None);
         assert!(ledger.list_stages("other").await.unwrap().is_empty());
+        ledger.close().await.unwrap();
+    }
+
+    /// A run the audit finds clean: two prompts of stage 0, each with one trajectory
+    /// sampled at versions 0-1, consumed by steps 1 and 2; `tweak` changes what is written.
+    async fn audited_run(ledger: &Ledger, id: &str, tweak: &str) {
+        ledger.insert_run(run(id)).await.unwrap();
+        let mut prompts = vec![];
+        for p in ["p1", "p2", "p3"] {
+            let mut np = prompt(&format!("{id}-{p}"), id, "arithmetic");
+            np.stage_index = Some(0);
+            prompts.push(np);
+        }
+        if tweak != "in_flight" {
+            prompts.pop();
+        }
+        ledger.record_prompts_dispatched(prompts).await.unwrap();
+        for (n, p) in ["p1", "p2"].iter().enumerate() {
+            let prompt_id = format!("{id}-{p}");
+            let mut t = traj(&format!("{id}-t{n}"), id, &prompt_id, "arithmetic", 1.0);
+            t.stage_index = Some(0);
+            t.policy_versions = match (tweak, n) {
+                (_, 0) => vec![0, 0, 0],
+                ("future_version", _) => vec![0, 7],
+                _ => vec![0, 0, 1],
+            };
+            if n == 1 {
+                // Sampled after version 1 was published.
+                ledger
+                    .record_policy_version(PolicyVersion {
+                        run_id: id.into(),
+                        version: 1,
+                        learner_step: 1,
+                        sha256: "aa".into(),
+                        num_bytes: 8,
+                    })
+                    .await
+                    .unwrap();
+                ledger.flush().await.unwrap();
+            }
+            ledger.insert_trajectories(vec![t]).await.unwrap();
+            ledger.mark_scored([prompt_id.clone()]).await.unwrap();
+            ledger.mark_consumed([prompt_id], n as u64).await.unwrap();
+        }
+        let steps: &[u64] = if tweak == "gap" { &[1, 3] } else { &[1, 2] };
+        for &step in steps {
+            ledger
+                .insert_learner_step(LearnerStep {
+                    run_id: id.into(),
+                    step,
+                    policy_version: step,
+                    loss: Some(0.5),
+                    kl: None,
+                    entropy: None,
+                    grad_norm: None,
+                    learning_rate: None,
+                    clip_fraction: None,
+                    num_tokens: 6,
+                    // A learner that trained step 2's group a second time reports 2.
+                    num_trajectories: if tweak == "trained_twice" && step == 2 {
+                        2
+                    } else {
+                        1
+                    },
+                    mean_abs_logprob_diff: None,
+                    skip_reason: None,
+                })
+                .await
+                .unwrap();
+        }
+        if tweak != "gap" {
+            ledger
+                .record_policy_version(PolicyVersion {
+                    run_id: id.into(),
+                    version: 2,
+                    learner_step: 2,
+                    sha256: "bb".into(),
+                    num_bytes: 8,
+                })
+                .await
+                .unwrap();
+        }
+        ledger
+            .set_run_status(id, RunStatus::Succeeded)
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+    }
+
+    pub async fn the_audit_finds_each_kind_of_breach(db: &TestDb) {
+        let ledger = db.open().await;
+        let bound = BTreeMap::from([(0, 1)]);
+        let breaches =
+            |report: &chorus_orchestrator::ledger::AuditReport| -> Vec<(&'static str, u64)> {
+                report
+                    .checks
+                    .iter()
+                    .filter(|c| c.breaches > 0)
+                    .map(|c| (c.name, c.breaches))
+                    .collect()
+            };
+        audited_run(&ledger, "clean", "").await;
+        let report = ledger.audit("clean", &bound).await.unwrap();
+        assert!(report.clean(), "{report:#?}");
+        let checked: Vec<(&str, u64)> = report.checks.iter().map(|c| (c.name, c.checked)).collect();
+        assert_eq!(
+            checked,
+            [
+                ("prompts_final", 2),
+                ("consumed_once", 2),
+                ("trained_once", 2),
+                ("steps_contiguous", 2),
+                ("versions_monotone", 2),
+                ("lag_bounded", 2),
+            ]
+        );
+        // The trajectory consumed at step 1 was sampled from version 0: a lag of 1, which a
+        // bound of 0 refuses.
+        let strict = ledger
+            .audit("clean", &BTreeMap::from([(0, 0)]))
+            .await
+            .unwrap();
+        assert_eq!(breaches(&strict), [("lag_bounded", 1)]);
+        assert!(
+            strict.checks[5].detail.contains("clean-t1 lagged 1"),
+            "{strict:#?}"
+        );
+
+        for (tweak, expected) in [
+            ("in_flight", vec![("prompts_final", 1)]),
+            ("trained_twice", vec![("trained_once", 1)]),
+            // Step 2 missing: step 3 stands where 2 belongs, and consumed nothing of its own.
+            ("gap", vec![("trained_once", 1), ("steps_contiguous", 1)]),
+            ("future_version", vec![("versions_monotone", 1)]),
+        ] {
+            audited_run(&ledger, tweak, tweak).await;
+            let report = ledger.audit(tweak, &bound).await.unwrap();
+            assert_eq!(breaches(&report), expected, "{tweak}: {report:#?}");
+        }
+        // A prompt still in flight is no breach while its run is running.
+        ledger
+            .set_run_status("in_flight", RunStatus::Running)
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        let running = ledger.audit("in_flight", &bound).await.unwrap();
+        assert!(
+            running.clean() && running.checks[0].detail.contains("1 in flight"),
+            "{running:#?}"
+        );
+
+        // A trajectory whose consumption disagrees with its prompt's (which the writer never
+        // does: made here behind its back).
+        let sql = "UPDATE trajectories SET consumed_at_step = 1 WHERE id = 'clean-t0'";
+        if db.url.starts_with("postgres") {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        } else {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        let report = ledger.audit("clean", &bound).await.unwrap();
+        let found = breaches(&report);
+        assert!(found.contains(&("consumed_once", 1)), "{report:#?}");
+        // Two trajectories now count against step 2, which trained one.
+        assert!(found.contains(&("trained_once", 2)), "{report:#?}");
+
+        let err = ledger.audit("nope", &bound).await.unwrap_err().to_string();
+        assert!(err.contains("no run `nope`"), "{err}");
         ledger.close().await.unwrap();
     }
 

@@ -83,7 +83,7 @@ pub enum InspectCommand {
     },
 }
 
-fn default_db() -> anyhow::Result<String> {
+pub(super) fn default_db() -> anyhow::Result<String> {
     let mut newest: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
     for entry in std::fs::read_dir("runs").context("no --db given and no runs/ directory here")? {
         let p = entry?.path().join("ledger.sqlite");

@@ -20,6 +20,7 @@ pub(crate) fn written(result: std::io::Result<()>) {
     }
 }
 
+mod audit;
 mod env;
 mod generate;
 mod inspect;
@@ -94,6 +95,7 @@ pub enum Command {
     Launch(launch::LaunchArgs),
     Watch(launch::WatchArgs),
     Inspect(inspect::InspectArgs),
+    Audit(audit::AuditArgs),
     Quantize(quantize::QuantizeArgs),
     Loss(loss::LossArgs),
     /// List, sample and self-check environments, score given completions, scaffold new ones.
@@ -112,6 +114,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loss(args) => loss::run(args),
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Audit(args) => audit::run(args),
         Command::Serve(cmd) => serve::run(cmd),
         Command::Launch(args) => launch::run(args),
         Command::Watch(args) => launch::watch(args),

@@ -57,6 +57,17 @@ impl Harness {
         )
     }
 
+    /// `chorus audit --all` over ledger `db` (a URL of a ledger this test alone writes): every
+    /// run's invariants hold.
+    pub fn audit_clean(&self, db: &str) -> String {
+        let out = self.ok(&["audit", "--all", "--db", db]);
+        assert!(
+            out.contains("ok   lag_bounded") && !out.contains("FAIL"),
+            "{out}"
+        );
+        out
+    }
+
     /// Runs `chorus ARGS…`, expecting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.chorus(args);

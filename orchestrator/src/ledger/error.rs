@@ -94,6 +94,9 @@ pub enum LedgerError {
     /// The ledger was closed; nothing more can be written.
     #[error("the ledger is closed")]
     Closed,
+    /// No run has this id (`chorus inspect runs` lists them).
+    #[error("no run `{0}` in the ledger (chorus inspect runs lists the runs)")]
+    UnknownRun(String),
 }
 
 impl LedgerError {

@@ -78,6 +78,7 @@
 //! # Ok(()) }
 //! ```
 
+mod audit;
 mod codec;
 mod error;
 mod migrate;
@@ -96,6 +97,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+pub use audit::{AuditCheck, AuditReport};
 pub use error::LedgerError;
 pub use types::{
     Evaluation, EventRecord, LaunchEval, LearnerStep, LearnerStepRecord, NewPrompt, NewRun,

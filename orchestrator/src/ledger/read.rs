@@ -10,7 +10,7 @@ use super::types::{parse_finish_reason, *};
 use super::{Ledger, LedgerError};
 
 /// Failure to turn a row into a record.
-enum RowError {
+pub(super) enum RowError {
     Sql(sqlx::Error),
     Corrupt {
         table: &'static str,
@@ -27,7 +27,7 @@ impl From<sqlx::Error> for RowError {
 }
 
 /// A row of a known table and key, with checked conversions.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     row: &'a dyn Cols,
     table: &'static str,
     id: String,
@@ -39,7 +39,7 @@ impl<'a> Reader<'a> {
         Ok(Self::keyed(row, table, id))
     }
 
-    fn keyed(row: &'a dyn Cols, table: &'static str, id: String) -> Self {
+    pub(super) fn keyed(row: &'a dyn Cols, table: &'static str, id: String) -> Self {
         Self { row, table, id }
     }
 
@@ -52,7 +52,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn u64(&self, col: &'static str) -> Result<u64, RowError> {
+    pub(super) fn u64(&self, col: &'static str) -> Result<u64, RowError> {
         let v = self.row.int(col)?;
         u64::try_from(v).map_err(|_| self.corrupt(col, format!("negative value {v}")))
     }
@@ -63,7 +63,7 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| self.corrupt(col, "NULL where a number belongs"))
     }
 
-    fn opt_u64(&self, col: &'static str) -> Result<Option<u64>, RowError> {
+    pub(super) fn opt_u64(&self, col: &'static str) -> Result<Option<u64>, RowError> {
         match self.row.opt_int(col)? {
             None => Ok(None),
             Some(v) => u64::try_from(v)
@@ -338,7 +338,7 @@ fn decode_event(row: &dyn Cols) -> Result<EventRecord, RowError> {
 }
 
 impl Ledger {
-    async fn fetch<T>(
+    pub(super) async fn fetch<T>(
         &self,
         operation: &'static str,
         stmt: Stmt,

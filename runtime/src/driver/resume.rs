@@ -144,7 +144,32 @@ async fn decide(
         .filter(|d| d.is_dir())
         .unwrap_or_else(|| out_dir.to_path_buf());
     let dir = files.join(LEARNER_CHECKPOINTS);
-    let latest = checkpoints::latest(&dir)?;
+    // A checkpoint can reach the disk before the ledger's batched rows of its step do (the
+    // learner saves, the orchestrator records): resuming from one ahead of the ledger would lose
+    // those steps' rows for good. So resume from the newest checkpoint the ledger has recorded
+    // every step of, and train the steps after it again.
+    let recorded = ledger
+        .list_learner_steps(&run.id)
+        .await
+        .map_err(RunError::ledger(db))?
+        .iter()
+        .map(|s| s.step.step)
+        .max()
+        .unwrap_or(0);
+    let saved = checkpoints::list(&dir)?;
+    let latest = newest_recorded(&saved, recorded);
+    if let Some((v, _)) = &latest
+        && *v > recorded
+    {
+        tracing::warn!(
+            run_id = run.id,
+            checkpoint = v,
+            recorded,
+            "every learner checkpoint is ahead of the ledger (last step recorded: {recorded}); \
+             resuming from version {v} loses the ledger rows of steps {} to {v}",
+            recorded + 1
+        );
+    }
     let (version, learner) = match (latest, previous) {
         (Some((v, path)), _) if v >= floor => (v, LearnerFrom::Checkpoint(path)),
         (_, Some(p)) => {
@@ -209,4 +234,37 @@ async fn decide(
         learner,
         files,
     })
+}
+
+/// The checkpoint to resume from: the newest of `saved` (version, directory; oldest first) whose
+/// version the ledger has recorded every step of (`recorded`, the last step it holds), else the
+/// newest of all.
+fn newest_recorded(saved: &[(u64, PathBuf)], recorded: u64) -> Option<(u64, PathBuf)> {
+    saved
+        .iter()
+        .rev()
+        .find(|(v, _)| *v <= recorded)
+        .or(saved.last())
+        .cloned()
+}
+
+#[cfg(test)]
+mod checkpoint_choice_tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_ahead_of_the_ledger_is_passed_over_for_one_it_recorded() {
+        let saved = |vs: &[u64]| -> Vec<(u64, PathBuf)> {
+            vs.iter()
+                .map(|v| (*v, PathBuf::from(format!("v{v}"))))
+                .collect()
+        };
+        // Killed after version 12 was saved but before the ledger recorded step 12.
+        assert_eq!(newest_recorded(&saved(&[9, 12]), 11).unwrap().0, 9);
+        assert_eq!(newest_recorded(&saved(&[9, 12]), 12).unwrap().0, 12);
+        assert_eq!(newest_recorded(&saved(&[9, 12]), 14).unwrap().0, 12);
+        // Nothing recorded that far: the newest, with the loss warned about.
+        assert_eq!(newest_recorded(&saved(&[12]), 11).unwrap().0, 12);
+        assert_eq!(newest_recorded(&[], 11), None);
+    }
 }

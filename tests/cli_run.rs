@@ -574,3 +574,60 @@ fn json_logs_follow_one_request_from_the_scheduler_to_the_worker_and_text_stays_
         "{text}"
     );
 }
+
+#[test]
+fn slots_whose_every_attempt_fails_reach_the_real_learner_as_empty_groups_and_steps_complete() {
+    // Every prompt is longer than max_prompt_tokens, so every attempt of every slot is dropped
+    // and each slot hands the learner an empty group: the real learner service (not a stand-in)
+    // must take them, skip the steps with nothing to train, and the run must finish.
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    let config = r#"
+name = "empty"
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+max_batch = 16
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 2
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 4
+max_prompt_tokens = 4
+environments = [{ name = "arithmetic" }]
+"#;
+    std::fs::write(h.path("run.toml"), config).unwrap();
+    h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
+    h.audit_clean(&h.ledger_url("empty"));
+    let summary: serde_json::Value = h.json("runs/empty/summary.json");
+    let run_id = summary["run"].as_str().unwrap().to_string();
+    let steps = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        Ledger::open(&h.ledger_url("empty"))
+            .await
+            .unwrap()
+            .list_learner_steps(&run_id)
+            .await
+            .unwrap()
+    });
+    let seen: Vec<(u64, u64, Option<String>)> = steps
+        .iter()
+        .map(|s| {
+            (
+                s.step.step,
+                s.step.num_trajectories,
+                s.step.skip_reason.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (i, (step, trained, reason)) in seen.iter().enumerate() {
+        assert_eq!((*step, *trained), (i as u64 + 1, 0), "{seen:?}");
+        assert!(
+            reason.as_deref().is_some_and(|r| r.contains("empty batch")),
+            "{seen:?}"
+        );
+    }
+}

@@ -402,18 +402,22 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 };
                 let (report, n, supervised) = match result {
                     (Ok(r), n, sup) => (r, n, sup),
-                    (Err(e), n, sup) => (
-                        StepReport {
-                            step: trainer.step(),
-                            version: trainer.version(),
-                            lr: 0.0,
-                            grad_norm: f64::NAN,
-                            stats: Default::default(),
-                            skipped: Some(e.to_string()),
-                        },
-                        n,
-                        sup,
-                    ),
+                    (Err(e), n, sup) => {
+                        // No update, but the step counts: the orchestrator waits for its version.
+                        trainer.skip_step();
+                        (
+                            StepReport {
+                                step: trainer.step(),
+                                version: trainer.version(),
+                                lr: 0.0,
+                                grad_norm: f64::NAN,
+                                stats: Default::default(),
+                                skipped: Some(e.to_string()),
+                            },
+                            n,
+                            sup,
+                        )
+                    }
                 };
                 // Published after skipped steps too: the same weights under the next version.
                 let published = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
@@ -482,9 +486,14 @@ fn in_id_order(groups: &mut Vec<TrajectoryGroup>) -> Vec<TrajectoryGroup> {
 }
 
 impl LearnerHandle {
-    /// Queues a scored group; a group id seen before is acknowledged and ignored.
+    /// Queues a scored group; a group id seen before is acknowledged and ignored. A group with
+    /// no trajectories is accepted: the orchestrator sends one for a prompt slot whose every
+    /// attempt failed, so that the step (which counts its groups) still completes; it adds
+    /// nothing to the step, and a step of empty groups only is skipped.
     pub fn submit(&self, g: TrajectoryGroup) -> Result<(), SubmitError> {
-        let checked = if g.supervised {
+        let checked = if g.trajectories.is_empty() {
+            group_objective(&g).map(drop)
+        } else if g.supervised {
             group_sft(&g).map(drop)
         } else {
             group_sequences(&g)
@@ -784,6 +793,42 @@ mod tests {
         assert!(kls[1] > 0.0, "{kls:?}");
         assert_eq!(kls[2], 0.0, "{kls:?}");
         assert!(kls[3] > 0.0, "{kls:?}");
+    }
+
+    #[test]
+    fn empty_groups_of_failed_slots_complete_their_step_and_add_nothing() {
+        let handle = learner();
+        let mut reports = handle.reports();
+        let empty = |id: &str, supervised: bool| TrajectoryGroup {
+            run_id: "run".into(),
+            group_id: id.into(),
+            supervised,
+            step_groups: 2,
+            ..Default::default()
+        };
+        // One slot failed, one delivered: the step trains on the one group.
+        let mut delivered = group("a1", 0, 0.0);
+        delivered.step_groups = 2;
+        handle.submit(empty("a0:empty", false)).unwrap();
+        handle.submit(delivered).unwrap();
+        let first = reports.blocking_recv().unwrap();
+        assert!(first.skipped.is_none(), "{first:?}");
+        assert_eq!(first.version, 1);
+        // Every slot failed: the step is skipped, and still publishes the next version.
+        handle.submit(empty("b0:empty", false)).unwrap();
+        handle.submit(empty("b1:empty", false)).unwrap();
+        let second = reports.blocking_recv().unwrap();
+        assert!(second.skipped.is_some(), "{second:?}");
+        assert_eq!(second.version, 2);
+        // The same for a supervised step.
+        handle.submit(empty("c0:empty", true)).unwrap();
+        handle.submit(empty("c1:empty", true)).unwrap();
+        let third = reports.blocking_recv().unwrap();
+        assert!(third.skipped.is_some(), "{third:?}");
+        assert_eq!(third.version, 3);
+        let history = handle.history.lock().unwrap().clone();
+        let trained: Vec<u32> = history.iter().map(|m| m.trajectories).collect();
+        assert_eq!(trained, [2, 0, 0]);
     }
 
     #[test]

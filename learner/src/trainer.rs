@@ -230,6 +230,14 @@ impl Trainer {
         }
     }
 
+    /// Counts a step that could not be taken at all (an empty batch, an error before the
+    /// update): the clock advances as for any skipped step (see [`Trainer::version`]), the
+    /// weights stay.
+    pub fn skip_step(&mut self) {
+        self.step += 1;
+        self.version += 1;
+    }
+
     /// Replaces the schedule's peak learning rate (a stage's own rate); `None` restores it.
     pub fn set_peak_lr(&mut self, peak: Option<f64>) {
         self.peak_lr_override = peak.filter(|p| *p > 0.0 && p.is_finite());

@@ -39,7 +39,27 @@ fn commands_end_quietly_when_their_reader_has_gone() {
     // The commands need what the earlier ones write, so make it with a reader first.
     h.ok(&["model", "init", "--config", "model.json", "--out", "m"]);
     let db = format!("sqlite://{}", h.path("ledger.sqlite").display());
+    std::fs::write(
+        h.path("gsm8k.jsonl"),
+        "{\"question\": \"2+2?\", \"answer\": \"4\\n#### 4\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        h.path("answers.jsonl"),
+        "{\"id\": 0, \"completion\": \"4\"}\n",
+    )
+    .unwrap();
     for args in [
+        &[
+            "env",
+            "score",
+            "math_word",
+            "--dataset",
+            "gsm8k.jsonl",
+            "--completions",
+            "answers.jsonl",
+        ][..],
+        &["env", "check", "arithmetic", "--tasks", "1"],
         &["--help"][..],
         &["env", "list"],
         &["env", "sample", "arithmetic", "--seed", "3"],

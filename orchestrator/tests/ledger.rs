@@ -132,6 +132,7 @@ on_both_backends!(
     evaluations_are_kept_once_per_version_and_versions_know_their_stage,
     the_queries_docs_ledger_md_shows_run,
     the_audit_finds_each_kind_of_breach,
+    the_views_answer_the_common_questions,
 );
 
 /// The SQL statements of docs/ledger.md's "Example queries", each with the one backend it is
@@ -1106,6 +1107,182 @@ mod cases {
         assert_eq!(again.finished_at_ms, None);
         assert!(ledger.list_stages("other").await.unwrap().is_empty());
         ledger.close().await.unwrap();
+    }
+
+    /// Rows of `sql` on `db`'s backend, decoded as the tuple `$t`.
+    macro_rules! view_rows {
+        ($db:expr, $sql:expr, $t:ty) => {{
+            let sql = $sql;
+            if $db.url.starts_with("postgres") {
+                let pool = sqlx::PgPool::connect(&$db.url).await.unwrap();
+                let rows: Vec<$t> = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}\n{e}"));
+                pool.close().await;
+                rows
+            } else {
+                let pool = sqlx::SqlitePool::connect(&$db.url).await.unwrap();
+                let rows: Vec<$t> = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}\n{e}"));
+                pool.close().await;
+                rows
+            }
+        }};
+    }
+
+    pub async fn the_views_answer_the_common_questions(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("v")).await.unwrap();
+        ledger
+            .start_stage(NewStage {
+                run_id: "v".into(),
+                stage_index: 0,
+                name: "rl".into(),
+                kind: "rlvr".into(),
+                first_step: 0,
+                metric: Some("heldout_accuracy".into()),
+                metric_start: Some(0.25),
+            })
+            .await
+            .unwrap();
+        let mut prompts = vec![];
+        for (id, env, step) in [
+            ("p1", "arithmetic", 0),
+            ("p2", "arithmetic", 1),
+            ("p3", "needle", 1),
+        ] {
+            let mut p = prompt(id, "v", env);
+            p.step_dispatched = step;
+            prompts.push(p);
+        }
+        ledger.record_prompts_dispatched(prompts).await.unwrap();
+        let mut trajectories = vec![];
+        for (id, prompt_id, env, reward, versions) in [
+            ("t1", "p1", "arithmetic", 1.0, vec![0, 0, 0]),
+            ("t2", "p1", "arithmetic", 0.0, vec![0, 0, 0]),
+            ("t3", "p2", "arithmetic", 0.5, vec![0, 1, 1]),
+        ] {
+            let mut t = traj(id, "v", prompt_id, env, reward);
+            t.policy_versions = versions;
+            t.completion_token_ids = vec![10, 11, 12];
+            t.logprobs = vec![-0.5; 3];
+            t.stage_index = Some(0);
+            trajectories.push(t);
+        }
+        let mut failed = traj("t4", "v", "p3", "needle", 0.0);
+        failed.reward = None;
+        failed.status = TrajectoryStatus::Failed {
+            reason: "environment deadline".into(),
+        };
+        trajectories.push(failed);
+        ledger.insert_trajectories(trajectories).await.unwrap();
+        ledger.mark_scored(["p1", "p2"]).await.unwrap();
+        ledger.mark_consumed(["p1"], 0).await.unwrap();
+        ledger.mark_consumed(["p2"], 1).await.unwrap();
+        ledger
+            .mark_dropped(["p3"], "every attempt failed")
+            .await
+            .unwrap();
+        for (step, loss) in [(1, 0.5), (2, 0.25)] {
+            ledger
+                .insert_learner_step(LearnerStep {
+                    run_id: "v".into(),
+                    step,
+                    policy_version: step,
+                    loss: Some(loss),
+                    kl: None,
+                    entropy: None,
+                    grad_norm: None,
+                    learning_rate: None,
+                    clip_fraction: None,
+                    num_tokens: 6,
+                    num_trajectories: 2,
+                    mean_abs_logprob_diff: None,
+                    skip_reason: None,
+                })
+                .await
+                .unwrap();
+        }
+        ledger
+            .finish_stage(StageEnd {
+                run_id: "v".into(),
+                stage_index: 0,
+                status: StageStatus::Succeeded,
+                last_step: 2,
+                metric_end: Some(0.75),
+                trajectories: 3,
+                checkpoint_path: Some("runs/v/stages/rl/checkpoint".into()),
+                summary_json: None,
+            })
+            .await
+            .unwrap();
+        ledger.close().await.unwrap();
+
+        let rewards = view_rows!(
+            db,
+            "SELECT step, environment, trajectories, mean_reward, solved FROM reward_by_step \
+             WHERE run_id = 'v' ORDER BY step, environment",
+            (i64, String, i64, f64, f64)
+        );
+        assert_eq!(
+            rewards,
+            [
+                (0, "arithmetic".to_string(), 2, 0.5, 0.5),
+                (1, "arithmetic".to_string(), 1, 0.5, 0.0)
+            ]
+        );
+        let hardest = view_rows!(
+            db,
+            "SELECT environment, prompts, trajectories, mean_reward FROM task_difficulty \
+             WHERE run_id = 'v' ORDER BY mean_reward, environment",
+            (String, i64, i64, f64)
+        );
+        // p1 and p2 carry the same task content (the test's prompt() derives it from the id).
+        assert_eq!(hardest.len(), 2, "{hardest:?}");
+        assert_eq!(hardest[0].3, 0.5);
+        let stale = view_rows!(
+            db,
+            "SELECT lag, trajectories, tokens FROM trained_staleness WHERE run_id = 'v' ORDER BY lag",
+            (i64, i64, i64)
+        );
+        assert_eq!(stale, [(0, 2, 6), (1, 1, 3)]);
+        let faults = view_rows!(
+            db,
+            "SELECT environment, trajectories, failed_trajectories, dropped_prompts, last_failure \
+             FROM faults_by_environment WHERE run_id = 'v' ORDER BY environment",
+            (String, i64, i64, i64, Option<String>)
+        );
+        assert_eq!(
+            faults,
+            [
+                ("arithmetic".to_string(), 3, 0, 0, None),
+                (
+                    "needle".to_string(),
+                    1,
+                    1,
+                    1,
+                    Some("environment deadline".to_string())
+                )
+            ]
+        );
+        let stages = view_rows!(
+            db,
+            "SELECT name, kind, steps, metric_gain, trajectories, mean_loss, mean_trained_reward, \
+             wall_seconds FROM stage_summary WHERE run_id = 'v'",
+            (String, String, i64, f64, i64, f64, f64, f64)
+        );
+        assert_eq!(stages.len(), 1);
+        let (name, kind, steps, gain, trajectories, loss, reward, seconds) = stages[0].clone();
+        // The mean reward of the three trained trajectories (1, 0, 0.5).
+        assert_eq!(
+            (name.as_str(), kind.as_str(), steps, trajectories),
+            ("rl", "rlvr", 2, 3)
+        );
+        assert_eq!((gain, loss, reward), (0.5, 0.375, 0.5));
+        assert!(seconds >= 0.0, "{seconds}");
     }
 
     /// A run the audit finds clean: two prompts of stage 0, each with one trajectory

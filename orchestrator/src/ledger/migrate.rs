@@ -42,6 +42,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "run_outputs",
         include_str!("../../migrations/sqlite/0006_run_outputs.sql"),
     ),
+    (
+        7,
+        "views",
+        include_str!("../../migrations/sqlite/0007_views.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -75,6 +80,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         6,
         "run_outputs",
         include_str!("../../migrations/postgres/0006_run_outputs.sql"),
+    ),
+    (
+        7,
+        "views",
+        include_str!("../../migrations/postgres/0007_views.sql"),
     ),
 ];
 
@@ -157,7 +167,7 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6]
+            [1, 2, 3, 4, 5, 6, 7]
         );
     }
 }

@@ -456,6 +456,9 @@ fn every_command_shows_an_example_in_its_help() {
         &["env", "score"],
         &["env", "new"],
         &["serve", "environment"],
+        &["audit"],
+        &["completions"],
+        &["man"],
     ] {
         let help = h.ok(&[cmd, &["--help"]].concat());
         assert!(

@@ -31,6 +31,7 @@ mod model;
 mod quantize;
 mod run;
 mod serve;
+mod shell;
 
 use clap::{Parser, Subcommand};
 
@@ -101,6 +102,8 @@ pub enum Command {
     /// List, sample and self-check environments, score given completions, scaffold new ones.
     #[command(subcommand)]
     Env(env::EnvCommand),
+    Completions(shell::CompletionsArgs),
+    Man(shell::ManArgs),
 }
 
 /// Runs the parsed command.
@@ -118,6 +121,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(cmd) => serve::run(cmd),
         Command::Launch(args) => launch::run(args),
         Command::Watch(args) => launch::watch(args),
+        Command::Completions(args) => shell::completions(args),
+        Command::Man(args) => shell::man(args),
     }
 }
 

@@ -22,6 +22,7 @@ pub mod checkpoints;
 mod error;
 mod loss;
 pub mod loss_file;
+pub mod metrics;
 pub mod objective;
 mod optim;
 pub mod reward_model;

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::checkpoints::{self, CheckpointPolicy};
 use crate::loss::{RlSequence, SftSequence};
+use crate::metrics as names;
 use crate::objective::Objective;
 use crate::trainer::{StepReport, Trainer};
 
@@ -345,6 +346,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     "training on group"
                 );
                 trainer.set_peak_lr((g.learning_rate > 0.0).then_some(g.learning_rate));
+                let started = std::time::Instant::now();
                 let target = if g.step_groups > 0 {
                     g.step_groups as usize
                 } else {
@@ -353,6 +355,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 let result = if g.supervised {
                     sft.push(g);
                     if sft.len() < target {
+                        metrics::gauge!(names::QUEUED_GROUPS).set(sft.len() as f64);
                         continue;
                     }
                     let groups = in_id_order(&mut sft);
@@ -374,6 +377,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 } else {
                     rl.push(g);
                     if rl.len() < target {
+                        metrics::gauge!(names::QUEUED_GROUPS).set(rl.len() as f64);
                         continue;
                     }
                     let groups = in_id_order(&mut rl);
@@ -422,6 +426,21 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 // Published after skipped steps too: the same weights under the next version.
                 let published = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
                 let msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
+                let outcome = if report.skipped.is_some() {
+                    "skipped"
+                } else {
+                    "trained"
+                };
+                metrics::counter!(names::STEPS, "outcome" => outcome).increment(1);
+                metrics::histogram!(names::STEP_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::counter!(names::TRAINED_SEQUENCES).increment(n as u64);
+                metrics::counter!(names::TRAINED_TOKENS).increment(msg.tokens);
+                metrics::counter!(names::PUBLISHED_BYTES).increment(msg.weights_bytes);
+                metrics::gauge!(names::POLICY_VERSION).set(report.version as f64);
+                metrics::gauge!(names::QUEUED_GROUPS).set(0.0);
+                if report.stats.loss.is_finite() {
+                    metrics::gauge!(names::LOSS).set(report.stats.loss);
+                }
                 remember(&kept, published.clone(), cfg.keep_versions);
                 let _ = pub_tx.send(published);
                 if let Some(policy) = &cfg.checkpoints

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use chorus_environments::EnvError;
 
+use crate::metrics as names;
+
 /// How much misbehaviour an environment is allowed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FaultPolicy {
@@ -59,6 +61,19 @@ impl fmt::Display for EnvFault {
             }
             EnvFault::Malformed(m) => write!(f, "environment returned malformed data: {m}"),
             EnvFault::Paused => write!(f, "environment is paused: its error budget is spent"),
+        }
+    }
+}
+
+impl EnvFault {
+    /// A short name of the fault's kind (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EnvFault::Error(_) => "error",
+            EnvFault::Panicked(_) => "panicked",
+            EnvFault::TimedOut(_) => "timed_out",
+            EnvFault::Malformed(_) => "malformed",
+            EnvFault::Paused => "paused",
         }
     }
 }
@@ -137,8 +152,20 @@ impl EnvFaults {
         T: Send + 'static,
         F: FnOnce() -> Result<T, EnvError> + Send + 'static,
     {
+        let started = std::time::Instant::now();
         let result = self.call_uncounted(env, call).await;
+        let environment = env.to_string();
+        metrics::counter!(names::ENVIRONMENT_CALLS, "environment" => environment.clone())
+            .increment(1);
+        metrics::histogram!(names::ENVIRONMENT_CALL_SECONDS, "environment" => environment.clone())
+            .record(started.elapsed().as_secs_f64());
         if let Err(fault) = &result {
+            metrics::counter!(
+                names::ENVIRONMENT_FAULTS,
+                "environment" => environment,
+                "kind" => fault.kind()
+            )
+            .increment(1);
             self.record(env, fault);
         }
         result

@@ -18,6 +18,7 @@ pub mod directory;
 pub mod faults;
 pub mod fleet;
 pub mod ledger;
+pub mod metrics;
 pub mod remote;
 pub mod scheduler;
 pub mod service;

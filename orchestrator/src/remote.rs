@@ -543,6 +543,7 @@ impl RemoteLearner {
                         });
                 }
                 tx.send_modify(|v| *v = (*v).max(r.policy_version));
+                metrics::gauge!(crate::metrics::POLICY_VERSION).set(r.policy_version as f64);
                 let _ = steps_tx.send(r);
             }
             tracing::warn!(run_id = %run, learner = %learner_url, "the learner's step stream ended");

@@ -41,6 +41,7 @@ use crate::config::{DomainRatios, Stage};
 use crate::curriculum::Curriculum;
 use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
+use crate::metrics as names;
 use crate::transcripts::Transcripts;
 
 /// A boxed future, so the traits stay object-safe.
@@ -757,7 +758,7 @@ pub(crate) async fn play(
     };
     let decode = |ids: &[u32]| ctx.tokenizer.decode(ids, false).unwrap_or_default();
     let Some(max_turns) = *multi_turn else {
-        let response = ctx.rollouts.generate(request(0, prompt_ids.to_vec())).await;
+        let response = generate_counted(&ctx, request(0, prompt_ids.to_vec())).await;
         out.worker_id = response.worker_id.clone();
         out.finish_reason = response.finish_reason;
         out.queue_ms = response.queue_ms;
@@ -801,7 +802,7 @@ pub(crate) async fn play(
             ))));
             break;
         }
-        let response = ctx.rollouts.generate(request(turn, context.clone())).await;
+        let response = generate_counted(&ctx, request(turn, context.clone())).await;
         out.worker_id = response.worker_id.clone();
         out.finish_reason = response.finish_reason;
         out.queue_ms += response.queue_ms;
@@ -884,6 +885,17 @@ pub(crate) async fn play(
         )))
     });
     out
+}
+
+/// One generation request through the rollout pool, counted in the in-flight gauge and the
+/// queue-time histogram.
+async fn generate_counted(ctx: &StageContext, request: GenerateRequest) -> GenerateResponse {
+    let in_flight = metrics::gauge!(names::ROLLOUT_REQUESTS_IN_FLIGHT);
+    in_flight.increment(1.0);
+    let response = ctx.rollouts.generate(request).await;
+    in_flight.decrement(1.0);
+    metrics::histogram!(names::ROLLOUT_QUEUE_SECONDS).record(response.queue_ms as f64 / 1e3);
+    response
 }
 
 /// Scores through the fault guard and checks the score.
@@ -984,6 +996,8 @@ async fn run_slot(
                     .mark_dropped([prompt.id.as_str()], reason)
                     .await?;
                 ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::PROMPTS_DROPPED, "environment" => drawn.env_name.clone())
+                    .increment(1);
                 return Ok(false);
             }
             submit_group(
@@ -1020,6 +1034,8 @@ async fn dispatch_prompt(
     group_id: String,
 ) -> Result<Option<Prompt>, SchedulerError> {
     let id = format!("{group_id}:p");
+    metrics::counter!(names::PROMPTS_DISPATCHED, "environment" => drawn.env_name.clone())
+        .increment(1);
     let token_ids = ctx
         .tokenizer
         .encode(&chat::render_prompt(&drawn.task.prompt))
@@ -1045,6 +1061,8 @@ async fn dispatch_prompt(
         tracing::debug!(prompt_id = %id, reason = %reason, "prompt dropped");
         ctx.ledger.mark_dropped([id.as_str()], &reason).await?;
         ctx.stats.prompts_dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::PROMPTS_DROPPED, "environment" => drawn.env_name.clone())
+            .increment(1);
         return Ok(None);
     }
     Ok(Some(Prompt {
@@ -1249,6 +1267,17 @@ async fn record_group(
                 .trajectories_failed
                 .fetch_add(1, Ordering::Relaxed);
         }
+        let status = if r.verdict.is_err() { "failed" } else { "ok" };
+        metrics::counter!(names::TRAJECTORIES, "environment" => env_name.to_string(), "status" => status)
+            .increment(1);
+        // The policy's own tokens: a multi-turn mask leaves the observations out.
+        let generated = if r.mask.is_empty() {
+            r.tokens.len()
+        } else {
+            r.mask.iter().filter(|m| **m).count()
+        };
+        metrics::counter!(names::GENERATED_TOKENS, "environment" => env_name.to_string())
+            .increment(generated as u64);
         let (row, trajectory) = rollout_records(ctx, env_name, prompt, r, *advantage);
         rows.push(row);
         trajectories.extend(trajectory);
@@ -1379,6 +1408,8 @@ async fn submit_group(
         .await?;
     order.submitted(at.step);
     tracing::debug!(trajectories = n, lag, "group submitted");
+    metrics::counter!(names::GROUPS_SUBMITTED).increment(1);
+    metrics::histogram!(names::TRAJECTORY_LAG).record(lag as f64);
     ctx.ledger
         .mark_consumed([prompt.id.as_str()], at.step)
         .await?;
@@ -1410,6 +1441,7 @@ async fn submit_empty(
         attempts = MAX_ATTEMPTS,
         "no usable group: an empty one goes to the learner"
     );
+    metrics::counter!(names::GROUPS_SUBMITTED).increment(1);
     ctx.learning
         .submit(TrajectoryGroup {
             run_id: ctx.run_id.clone(),

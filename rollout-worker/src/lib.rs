@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod engine_loop;
+pub mod metrics;
 mod service;
 mod sync;
 

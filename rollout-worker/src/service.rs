@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::engine_loop::{Job, WorkerHandle};
+use crate::metrics as names;
 
 /// The `RolloutWorker` service over an engine thread.
 #[derive(Clone)]
@@ -95,7 +96,15 @@ impl RolloutWorker for RolloutService {
                             prompt_tokens = req.prompt_token_ids.len(),
                             "request received"
                         );
+                        let in_flight = metrics::gauge!(names::REQUESTS_IN_FLIGHT);
+                        in_flight.increment(1.0);
                         let r = handle.generate(job_of(&req)).await;
+                        in_flight.decrement(1.0);
+                        let outcome = if r.error.is_some() { "error" } else { "ok" };
+                        metrics::counter!(names::REQUESTS, "outcome" => outcome).increment(1);
+                        metrics::counter!(names::GENERATED_TOKENS).increment(r.tokens.len() as u64);
+                        metrics::histogram!(names::GENERATE_SECONDS)
+                            .record(r.generate_ms as f64 / 1e3);
                         match &r.error {
                             None => tracing::debug!(
                                 tokens = r.tokens.len(),

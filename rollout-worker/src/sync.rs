@@ -13,6 +13,7 @@ use chorus_proto::weights::{ReceiveError, receive};
 use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
+use crate::metrics as names;
 
 /// Why a policy version could not be fetched or built.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,35 @@ where
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
+    let started = std::time::Instant::now();
+    let fetched =
+        fetch_version_untimed(client, cfg, options, run_id, worker_id, at_least, exact).await;
+    match &fetched {
+        Ok((_, _, bytes)) => {
+            metrics::counter!(names::WEIGHT_SYNC_BYTES).increment(*bytes);
+            metrics::histogram!(names::WEIGHT_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        }
+        Err(_) => metrics::counter!(names::WEIGHT_SYNC_FAILURES).increment(1),
+    }
+    fetched.map(|(version, engine, _)| (version, engine))
+}
+
+/// [`fetch`] without the metrics; also the bytes received.
+async fn fetch_version_untimed<T>(
+    client: &mut LearnerClient<T>,
+    cfg: &NemotronHConfig,
+    options: &EngineOptions,
+    run_id: &str,
+    worker_id: &str,
+    at_least: u64,
+    exact: bool,
+) -> Result<(u64, Engine, u64), FetchError>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
     let fail = |version: u64, kind: FetchErrorKind| FetchError {
         run_id: run_id.to_string(),
         worker_id: worker_id.to_string(),
@@ -136,7 +166,9 @@ where
         }
     })?;
     let mut map = BTreeMap::new();
+    let mut bytes = 0u64;
     for (name, t) in tensors {
+        bytes += (t.data.len() * std::mem::size_of::<f32>()) as u64;
         let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {
             fail(
                 version,
@@ -148,7 +180,7 @@ where
     let engine = Engine::from_tensors_with(cfg, &map, options)
         .map_err(|e| fail(version, FetchErrorKind::Engine(e.to_string())))?;
     tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
-    Ok((version, engine))
+    Ok((version, engine, bytes))
 }
 
 /// Keeps `handle` on the learner's latest version until the learner goes away, building each
@@ -192,7 +224,8 @@ where
         {
             Ok((version, engine)) if version > handle.version() => {
                 tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
-                handle.install_weights(version, Arc::new(engine))
+                handle.install_weights(version, Arc::new(engine));
+                metrics::gauge!(names::POLICY_VERSION).set(version as f64);
             }
             Ok(_) => {}
             Err(e) => {

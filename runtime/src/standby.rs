@@ -53,6 +53,8 @@ pub struct Standby {
     pub listen: String,
     /// How others reach the child (see `serve --advertise`).
     pub advertise: Option<String>,
+    /// Where the child serves Prometheus metrics (see `--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct Serving {
@@ -132,6 +134,10 @@ impl Standby {
         }
         if let Some(advertise) = &self.advertise {
             cmd.args(["--advertise", advertise]);
+        }
+        // The address is free again once the previous run's child has stopped.
+        if let Some(metrics) = &self.metrics {
+            cmd.args(["--metrics", &metrics.to_string()]);
         }
         // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
         unsafe {

@@ -27,6 +27,7 @@ mod inspect;
 mod launch;
 mod logging;
 mod loss;
+mod metrics;
 mod model;
 mod quantize;
 mod run;
@@ -56,6 +57,12 @@ pub struct Cli {
         env = "CHORUS_LOG_FORMAT"
     )]
     pub log_format: logging::LogFormat,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9100) while the command
+    /// runs: queue depths, requests in flight, tokens and trajectories, learner steps,
+    /// staleness, weight syncs, environment calls and faults, ledger write lag (docs/metrics.md).
+    /// A standby learner or worker hands the address to the service it starts for each run.
+    #[arg(long, global = true, env = "CHORUS_METRICS", value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,6 +116,12 @@ pub enum Command {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     logging::init(cli.log_format)?;
+    // A standby service exports nothing itself: the service it starts per run does.
+    if let Some(addr) = cli.metrics
+        && !matches!(&cli.command, Command::Serve(cmd) if serve::stands_by(cmd))
+    {
+        metrics::install(addr)?;
+    }
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(args),
@@ -118,7 +131,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Audit(args) => audit::run(args),
-        Command::Serve(cmd) => serve::run(cmd),
+        Command::Serve(cmd) => serve::run(cmd, cli.metrics),
         Command::Launch(args) => launch::run(args),
         Command::Watch(args) => launch::watch(args),
         Command::Completions(args) => shell::completions(args),

@@ -152,6 +152,7 @@ impl ServiceArgs {
                 token: self.token.clone(),
                 listen: self.listen.clone(),
                 advertise: self.advertise.clone(),
+                metrics: None,
             }),
             _ => None,
         }
@@ -181,12 +182,24 @@ impl ServiceArgs {
     }
 }
 
-/// Runs `chorus serve …`.
-pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
+/// Whether `cmd` is a standby learner or worker (no config, an orchestrator to wait at).
+pub fn stands_by(cmd: &ServeCommand) -> bool {
+    match cmd {
+        ServeCommand::Learner(LearnerArgs { service, .. })
+        | ServeCommand::Worker(WorkerArgs { service, .. }) => {
+            service.config.is_none() && service.orchestrator.is_some()
+        }
+        _ => false,
+    }
+}
+
+/// Runs `chorus serve …`; a standby service passes `metrics` on to the service it starts.
+pub fn run(cmd: ServeCommand, metrics: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     super::runtime(2)?.block_on(async move {
         match cmd {
             ServeCommand::Learner(LearnerArgs { service: a, id }) => {
-                if let Some(standby) = a.standby(Role::Learner, &id) {
+                if let Some(mut standby) = a.standby(Role::Learner, &id) {
+                    standby.metrics = metrics;
                     let ready = super::print_standing_by(&standby);
                     return Ok(stand_by(standby, ready).await?);
                 }
@@ -199,7 +212,8 @@ pub fn run(cmd: ServeCommand) -> anyhow::Result<()> {
                 learner,
                 id,
             }) => {
-                if let Some(standby) = a.standby(Role::Worker, &id) {
+                if let Some(mut standby) = a.standby(Role::Worker, &id) {
+                    standby.metrics = metrics;
                     let ready = super::print_standing_by(&standby);
                     return Ok(stand_by(standby, ready).await?);
                 }

@@ -24,6 +24,7 @@ use super::types::{
     RunOutputs, RunStatus, StageEnd, finish_reason_str,
 };
 use super::{codec, to_i64};
+use crate::metrics as names;
 
 /// Rows per multi-row `INSERT` (keeps well under SQLite's 32766 parameters).
 const ROWS_PER_INSERT: usize = 100;
@@ -625,6 +626,8 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
     let mut rows = 0;
     let mut deadline = Instant::now();
     let mut failures = Failures::default();
+    // When the oldest write of the batch arrived: its wait is the ledger's write lag.
+    let mut oldest = std::time::Instant::now();
     loop {
         let cmd = if batch.is_empty() {
             rx.recv().await
@@ -632,7 +635,14 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(cmd) => cmd,
                 Err(_elapsed) => {
-                    commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                    commit_counted(
+                        &pools,
+                        std::mem::take(&mut batch),
+                        &mut failures,
+                        oldest,
+                        rx.len(),
+                    )
+                    .await;
                     rows = 0;
                     continue;
                 }
@@ -642,16 +652,32 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
             Some(Command::Write(op)) => {
                 if batch.is_empty() {
                     deadline = Instant::now() + limits.interval;
+                    oldest = std::time::Instant::now();
                 }
                 rows += op.rows();
                 batch.push(op);
+                metrics::gauge!(names::LEDGER_PENDING_WRITES).set((batch.len() + rx.len()) as f64);
                 if rows >= limits.max_rows {
-                    commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                    commit_counted(
+                        &pools,
+                        std::mem::take(&mut batch),
+                        &mut failures,
+                        oldest,
+                        rx.len(),
+                    )
+                    .await;
                     rows = 0;
                 }
             }
             Some(Command::Flush(reply)) => {
-                commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                commit_counted(
+                    &pools,
+                    std::mem::take(&mut batch),
+                    &mut failures,
+                    oldest,
+                    rx.len(),
+                )
+                .await;
                 rows = 0;
                 let _ = reply.send(failures.take());
             }
@@ -665,7 +691,14 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
                         Command::Flush(r) | Command::Close(r) => flushes.push(r),
                     }
                 }
-                commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                commit_counted(
+                    &pools,
+                    std::mem::take(&mut batch),
+                    &mut failures,
+                    oldest,
+                    rx.len(),
+                )
+                .await;
                 let result = failures.take();
                 for r in flushes {
                     let _ = r.send(Ok(()));
@@ -674,11 +707,35 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
                 return;
             }
             None => {
-                commit(&pools, std::mem::take(&mut batch), &mut failures).await;
+                commit_counted(
+                    &pools,
+                    std::mem::take(&mut batch),
+                    &mut failures,
+                    oldest,
+                    rx.len(),
+                )
+                .await;
                 return;
             }
         }
     }
+}
+
+/// [`commit`], then the write-lag histogram (from `oldest`, when the batch's first write
+/// arrived) and the pending-writes gauge (`queued` still waiting).
+async fn commit_counted(
+    pools: &Pools,
+    batch: Vec<WriteOp>,
+    failures: &mut Failures,
+    oldest: std::time::Instant,
+    queued: usize,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    commit(pools, batch, failures).await;
+    metrics::histogram!(names::LEDGER_WRITE_LAG_SECONDS).record(oldest.elapsed().as_secs_f64());
+    metrics::gauge!(names::LEDGER_PENDING_WRITES).set(queued as f64);
 }
 
 /// Commits `batch` in one transaction, falling back to one transaction per op.

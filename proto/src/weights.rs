@@ -217,14 +217,46 @@ pub enum ReceiveError {
         /// What is wrong.
         source: AssembleError,
     },
+    /// The transfer began but its next chunk did not come within the deadline.
+    #[error(
+        "the weight transfer stalled: no chunk for {deadline:?} after {chunks} of them; it was \
+         abandoned"
+    )]
+    Stalled {
+        /// The longest wait allowed for the next chunk.
+        deadline: std::time::Duration,
+        /// Chunks received before the stall.
+        chunks: usize,
+    },
 }
 
 /// Reads one version from a `StreamWeights` response to its verified last chunk.
 pub async fn receive(
     stream: &mut tonic::Streaming<WeightChunk>,
 ) -> Result<(u64, BTreeMap<String, HostTensor>), ReceiveError> {
+    receive_within(stream, None).await
+}
+
+/// [`receive`], abandoning a transfer whose next chunk takes longer than `chunk_deadline` once
+/// the first has come (the wait for the first is the learner's long poll for a new version,
+/// which may rightly take as long as a step).
+pub async fn receive_within(
+    stream: &mut tonic::Streaming<WeightChunk>,
+    chunk_deadline: Option<std::time::Duration>,
+) -> Result<(u64, BTreeMap<String, HostTensor>), ReceiveError> {
     let mut assembler = WeightAssembler::new();
-    while let Some(chunk) = stream.message().await.map_err(ReceiveError::Stream)? {
+    let mut chunks = 0;
+    loop {
+        let next = match chunk_deadline.filter(|_| chunks > 0) {
+            None => stream.message().await,
+            Some(deadline) => tokio::time::timeout(deadline, stream.message())
+                .await
+                .map_err(|_| ReceiveError::Stalled { deadline, chunks })?,
+        };
+        let Some(chunk) = next.map_err(ReceiveError::Stream)? else {
+            break;
+        };
+        chunks += 1;
         if assembler
             .push(&chunk)
             .map_err(|source| ReceiveError::Assemble {

@@ -27,4 +27,7 @@ pub use engine_loop::{
     spawn_engine_loop_with,
 };
 pub use service::RolloutService;
-pub use sync::{FetchError, FetchErrorKind, fetch_exact_version, fetch_version, follow_learner};
+pub use sync::{
+    FetchError, FetchErrorKind, SyncPolicy, fetch_exact_version, fetch_version, follow_learner,
+    follow_learner_with,
+};

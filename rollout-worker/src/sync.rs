@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use chorus_model::NemotronHConfig;
 use chorus_model::engine::{Engine, EngineOptions};
 use chorus_proto::v1::StreamWeightsRequest;
 use chorus_proto::v1::learner_client::LearnerClient;
-use chorus_proto::weights::{ReceiveError, receive};
+use chorus_proto::weights::{ReceiveError, receive_within};
 use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
@@ -44,12 +45,37 @@ pub enum FetchErrorKind {
     /// The weights do not fit the model.
     #[error("building the engine: {0}")]
     Engine(String),
+    /// The transfer began and then stalled past its deadline; nothing was installed.
+    #[error("{0}")]
+    Stalled(String),
     /// An exact version was asked for and another one came.
     #[error("the learner sent version {got} instead")]
     WrongVersion {
         /// The version received.
         got: u64,
     },
+}
+
+/// How a worker keeps up with the learner's weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SyncPolicy {
+    /// Longest wait for the next chunk once a transfer has begun; a transfer that stalls longer
+    /// is abandoned (the worker keeps its version) and tried again.
+    pub chunk_deadline: Duration,
+    /// The first wait before trying a failed transfer again; it doubles up to `max_backoff`.
+    pub first_backoff: Duration,
+    /// The longest wait between tries.
+    pub max_backoff: Duration,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        Self {
+            chunk_deadline: Duration::from_secs(60),
+            first_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Fetches policy version `at_least` or newer and returns it as an engine.
@@ -67,7 +93,11 @@ where
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
-    fetch(client, cfg, options, run_id, worker_id, at_least, false).await
+    let deadline = SyncPolicy::default().chunk_deadline;
+    fetch(
+        client, cfg, options, run_id, worker_id, at_least, false, deadline,
+    )
+    .await
 }
 
 /// Fetches exactly policy version `version` (for requests pinned to it) as an engine.
@@ -85,7 +115,11 @@ where
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
-    let (got, engine) = fetch(client, cfg, options, run_id, worker_id, version, true).await?;
+    let deadline = SyncPolicy::default().chunk_deadline;
+    let (got, engine) = fetch(
+        client, cfg, options, run_id, worker_id, version, true, deadline,
+    )
+    .await?;
     if got != version {
         return Err(FetchError {
             run_id: run_id.to_string(),
@@ -97,6 +131,7 @@ where
     Ok(engine)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn fetch<T>(
     client: &mut LearnerClient<T>,
     cfg: &NemotronHConfig,
@@ -105,6 +140,7 @@ async fn fetch<T>(
     worker_id: &str,
     at_least: u64,
     exact: bool,
+    chunk_deadline: Duration,
 ) -> Result<(u64, Engine), FetchError>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
@@ -113,8 +149,17 @@ where
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
     let started = std::time::Instant::now();
-    let fetched =
-        fetch_version_untimed(client, cfg, options, run_id, worker_id, at_least, exact).await;
+    let fetched = fetch_version_untimed(
+        client,
+        cfg,
+        options,
+        run_id,
+        worker_id,
+        at_least,
+        exact,
+        chunk_deadline,
+    )
+    .await;
     match &fetched {
         Ok((_, _, bytes)) => {
             metrics::counter!(names::WEIGHT_SYNC_BYTES).increment(*bytes);
@@ -126,6 +171,7 @@ where
 }
 
 /// [`fetch`] without the metrics; also the bytes received.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_version_untimed<T>(
     client: &mut LearnerClient<T>,
     cfg: &NemotronHConfig,
@@ -134,6 +180,7 @@ async fn fetch_version_untimed<T>(
     worker_id: &str,
     at_least: u64,
     exact: bool,
+    chunk_deadline: Duration,
 ) -> Result<(u64, Engine, u64), FetchError>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
@@ -159,12 +206,17 @@ where
         .await
         .map_err(|e| fail(at_least, FetchErrorKind::Request(e)))?
         .into_inner();
-    let (version, tensors) = receive(&mut stream).await.map_err(|e| match e {
-        ReceiveError::Stream(status) => fail(at_least, FetchErrorKind::Stream(status)),
-        ReceiveError::Assemble { version, source } => {
-            fail(version.unwrap_or(at_least), source.into())
-        }
-    })?;
+    let (version, tensors) = receive_within(&mut stream, Some(chunk_deadline))
+        .await
+        .map_err(|e| match e {
+            ReceiveError::Stream(status) => fail(at_least, FetchErrorKind::Stream(status)),
+            stalled @ ReceiveError::Stalled { .. } => {
+                fail(at_least, FetchErrorKind::Stalled(stalled.to_string()))
+            }
+            ReceiveError::Assemble { version, source } => {
+                fail(version.unwrap_or(at_least), source.into())
+            }
+        })?;
     let mut map = BTreeMap::new();
     let mut bytes = 0u64;
     for (name, t) in tensors {
@@ -183,18 +235,51 @@ where
     Ok((version, engine, bytes))
 }
 
-/// Keeps `handle` on the learner's latest version until the learner goes away, building each
-/// version with `options` (e.g. NVFP4 on load), and fetches the older versions that requests
-/// pinned to them wait for ([`WorkerHandle::wanted_versions`]). Returns why it stopped.
+/// Keeps `handle` on the learner's latest version with the default [`SyncPolicy`]; see
+/// [`follow_learner_with`].
 pub async fn follow_learner<T>(
+    handle: WorkerHandle,
+    client: LearnerClient<T>,
+    cfg: NemotronHConfig,
+    options: EngineOptions,
+    run_id: String,
+    worker_id: String,
+) where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+    T: Clone + Send + 'static,
+    T::Future: Send,
+{
+    follow_learner_with(
+        handle,
+        client,
+        cfg,
+        options,
+        run_id,
+        worker_id,
+        SyncPolicy::default(),
+    )
+    .await
+}
+
+/// Keeps `handle` on the learner's latest version, building each version with `options`
+/// (e.g. NVFP4 on load), and fetches the older versions that requests pinned to them wait for
+/// ([`WorkerHandle::wanted_versions`]). A transfer that fails, breaks off, stalls past
+/// `policy.chunk_deadline` or does not verify installs nothing: the worker keeps sampling from
+/// the version it has, says why, and tries again after a backoff that doubles up to
+/// `policy.max_backoff` (a learner that restarts is followed again). Runs until its task is
+/// dropped.
+pub async fn follow_learner_with<T>(
     handle: WorkerHandle,
     mut client: LearnerClient<T>,
     cfg: NemotronHConfig,
     options: EngineOptions,
     run_id: String,
     worker_id: String,
-) -> FetchError
-where
+    policy: SyncPolicy,
+) where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<StdError>,
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
@@ -211,26 +296,38 @@ where
         worker_id.clone(),
     ));
     let _stop_older = AbortOnDrop(older);
+    let mut backoff = policy.first_backoff;
     loop {
-        match fetch_version(
+        match fetch(
             &mut client,
             &cfg,
             &options,
             &run_id,
             &worker_id,
             handle.version() + 1,
+            false,
+            policy.chunk_deadline,
         )
         .await
         {
-            Ok((version, engine)) if version > handle.version() => {
-                tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
-                handle.install_weights(version, Arc::new(engine));
-                metrics::gauge!(names::POLICY_VERSION).set(version as f64);
+            Ok((version, engine)) => {
+                backoff = policy.first_backoff;
+                if version > handle.version() {
+                    tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
+                    handle.install_weights(version, Arc::new(engine));
+                    metrics::gauge!(names::POLICY_VERSION).set(version as f64);
+                }
             }
-            Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "stopped following the learner");
-                return e;
+                tracing::warn!(
+                    error = %e,
+                    policy_version = handle.version(),
+                    retry_in = ?backoff,
+                    "weight sync failed; the worker stays on version {} and tries again in {backoff:?}",
+                    handle.version()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(policy.max_backoff);
             }
         }
     }

@@ -239,3 +239,145 @@ async fn a_steps_groups_train_in_id_order_and_recent_versions_stream_exactly() {
         "only the newest 2 are kept"
     );
 }
+
+/// A learner whose first two transfers of a new version go wrong: the first stalls after one
+/// chunk, the second ends before its last (checksum) chunk; later ones are whole.
+struct FlakyLearner {
+    inner: LearnerService,
+    bad_transfers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type ChunkStream = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<chorus_proto::v1::WeightChunk, tonic::Status>>
+            + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl chorus_proto::v1::learner_server::Learner for FlakyLearner {
+    type StreamWeightsStream = ChunkStream;
+    type StreamStepsStream =
+        <LearnerService as chorus_proto::v1::learner_server::Learner>::StreamStepsStream;
+
+    async fn submit_trajectories(
+        &self,
+        request: tonic::Request<tonic::Streaming<TrajectoryGroup>>,
+    ) -> Result<tonic::Response<chorus_proto::v1::SubmitTrajectoriesResponse>, tonic::Status> {
+        self.inner.submit_trajectories(request).await
+    }
+
+    async fn stream_steps(
+        &self,
+        request: tonic::Request<chorus_proto::v1::StreamStepsRequest>,
+    ) -> Result<tonic::Response<Self::StreamStepsStream>, tonic::Status> {
+        self.inner.stream_steps(request).await
+    }
+
+    async fn stream_weights(
+        &self,
+        request: tonic::Request<chorus_proto::v1::StreamWeightsRequest>,
+    ) -> Result<tonic::Response<Self::StreamWeightsStream>, tonic::Status> {
+        use tokio_stream::StreamExt;
+        let new_version = request.get_ref().policy_version >= 1;
+        let stream = self.inner.stream_weights(request).await?.into_inner();
+        let chunks: Vec<_> = stream.collect().await;
+        let n = if new_version {
+            self.bad_transfers
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        } else {
+            usize::MAX
+        };
+        let out: ChunkStream = match n {
+            0 => Box::pin(
+                tokio_stream::iter(chunks.into_iter().take(1)).chain(tokio_stream::pending()),
+            ),
+            1 => {
+                let keep = chunks.len() - 1;
+                Box::pin(tokio_stream::iter(chunks.into_iter().take(keep)))
+            }
+            _ => Box::pin(tokio_stream::iter(chunks)),
+        };
+        Ok(tonic::Response::new(out))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_torn_transfer_installs_nothing_and_the_worker_tries_again() {
+    let cfg = config();
+    let learner = learner(4);
+    let bad_transfers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = LearnerServer::with_interceptor(
+        FlakyLearner {
+            inner: LearnerService::new(learner.clone()),
+            bad_transfers: bad_transfers.clone(),
+        },
+        RequireToken::new("tok").unwrap(),
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = LearnerClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
+    let (v0, engine) = fetch_version(&mut client, &cfg, &Default::default(), "run", "w0", 0)
+        .await
+        .unwrap();
+    let worker = spawn_engine_loop(std::sync::Arc::new(engine), v0, 4);
+    tokio::spawn(chorus_rollout_worker::follow_learner_with(
+        worker.clone(),
+        client,
+        cfg.clone(),
+        Default::default(),
+        "run".into(),
+        "w0".into(),
+        chorus_rollout_worker::SyncPolicy {
+            // Far beyond a local chunk's time, far below the test's patience.
+            chunk_deadline: Duration::from_secs(5),
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+        },
+    ));
+
+    // Version 1: the first transfer stalls, the second is torn; the worker waits on version 0.
+    learner.submit(scored_group("g1", 11)).unwrap();
+    learner.submit(scored_group("g2", 20)).unwrap();
+    let mut installed = false;
+    for _ in 0..600 {
+        if worker.version() == 1 {
+            installed = true;
+            break;
+        }
+        // Nothing is installed before a whole, verified transfer.
+        assert!(
+            worker.version() == 0 || bad_transfers.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+            "a version was installed from a bad transfer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(installed, "the worker never installed version 1");
+    assert!(
+        bad_transfers.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "version 1 came without going through the two bad transfers"
+    );
+    // What it installed is the learner's version 1, and it samples from it.
+    let r = worker
+        .generate(Job {
+            prompt: vec![3, 4],
+            sampling: SamplingParams::default(),
+            seed: 1,
+            max_new_tokens: 3,
+            stop_tokens: vec![],
+            min_version: 1,
+            exact_version: None,
+        })
+        .await;
+    assert_eq!(r.versions, vec![1, 1, 1]);
+}

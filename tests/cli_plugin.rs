@@ -274,3 +274,115 @@ fn python_with_sdk() -> Option<String> {
         }
     }
 }
+
+#[test]
+fn a_plugin_killed_mid_run_is_paused_and_used_again_once_it_is_back() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    let plugin_args = |listen: &str| {
+        vec![
+            "serve".to_string(),
+            "environment".into(),
+            "countdown".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--token".into(),
+            TOKEN.into(),
+        ]
+    };
+    let plugin = h.service(
+        &plugin_args("127.0.0.1:0")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let url = plugin.url.clone();
+    let config = format!(
+        r#"
+name = "revive"
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+max_batch = 16
+[environment_faults]
+error_budget = 2
+probe_seconds = 0.5
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 30
+prompts_per_step = 4
+group_size = 2
+max_new_tokens = 4
+drop_zero_variance = false
+environments = [{{ url = "{url}" }}]
+"#
+    );
+    // The plugin is the stage's only environment: while it is down every slot fails and the
+    // paused environment is probed every 0.5 s, so the stage cannot outrun the restart; the run
+    // finishes only through the plugin that came back.
+    std::fs::write(h.path("run.toml"), config).unwrap();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["run", "run.toml", "--eval-tasks", "2", "--token", TOKEN])
+        .current_dir(h.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = h.ledger_url("revive");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let plugin_rows = |ledger: &Ledger| {
+        rt.block_on(ledger.list_rollouts(&RolloutFilter {
+            run_id: None,
+            environment: Some(url.clone()),
+            min_reward: None,
+            limit: 100_000,
+        }))
+        .unwrap()
+    };
+    // The ledger exists once the run has started.
+    assert!(eventually(300, || h
+        .path("runs/revive/ledger.sqlite")
+        .exists()));
+    let ledger = rt.block_on(Ledger::open(&db)).unwrap();
+    // Killed (SIGKILL) once the run has used it, then started again at the same address.
+    assert!(
+        eventually(300, || plugin_rows(&ledger)
+            .iter()
+            .any(|r| matches!(r.status, TrajectoryStatus::Ok))),
+        "the plugin was never used"
+    );
+    drop(plugin);
+    let killed_at = plugin_rows(&ledger).len();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let address = url.trim_start_matches("http://").to_string();
+    let _back = h.service(
+        &plugin_args(&address)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let status = run.wait().unwrap();
+    assert!(
+        status.success(),
+        "the run failed after the plugin came back"
+    );
+    h.audit_clean(&db);
+
+    let summary = h.json("runs/revive/summary.json");
+    let faults = &summary["environment_faults"][url.as_str()];
+    assert!(faults["faults"].as_u64() >= Some(2), "{summary}");
+    assert!(faults["resumed"].as_u64() >= Some(1), "{summary}");
+    assert_eq!(faults["paused"], false, "{summary}");
+    // Scored trajectories of the plugin's environment after it came back.
+    let rows = plugin_rows(&ledger);
+    let after: Vec<_> = rows[..rows.len() - killed_at]
+        .iter()
+        .filter(|r| matches!(r.status, TrajectoryStatus::Ok) && r.consumed_at_step.is_some())
+        .collect();
+    assert!(
+        !after.is_empty(),
+        "no trajectory of the plugin after it came back"
+    );
+}

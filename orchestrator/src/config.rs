@@ -484,8 +484,11 @@ pub struct RawRunConfig {
 pub struct RawEnvironmentFaults {
     /// Longest one environment call may take, in seconds.
     pub deadline_seconds: Option<f64>,
-    /// Faults an environment may cause before it is paused for the rest of the run.
+    /// Faults an environment may cause before it is paused.
     pub error_budget: Option<u64>,
+    /// Seconds a paused environment rests before a call probes it (a probe that succeeds
+    /// resumes it); 0 keeps it paused for the rest of the run. Default 30.
+    pub probe_seconds: Option<f64>,
 }
 
 /// The policy, as written: an existing checkpoint or a new one from a config.
@@ -1806,9 +1809,23 @@ fn fault_policy(ctx: &Ctx<'_>, raw: RawEnvironmentFaults) -> Result<FaultPolicy,
         }
         Some(n) => n,
     };
+    let probe_after = match raw.probe_seconds {
+        None => d.probe_after,
+        Some(0.0) => None,
+        Some(s) if s > 0.0 && s.is_finite() && s <= 86_400.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return Err(ctx.err(
+                "environment_faults.probe_seconds",
+                format!(
+                    "{s}; allowed: 0 (never resume a paused environment) or seconds in (0, 86400]"
+                ),
+            ));
+        }
+    };
     Ok(FaultPolicy {
         deadline,
         error_budget,
+        probe_after,
     })
 }
 

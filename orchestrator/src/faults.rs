@@ -21,6 +21,10 @@ pub struct FaultPolicy {
     pub deadline: Duration,
     /// Faults an environment may cause before it is paused.
     pub error_budget: u64,
+    /// How long a paused environment rests before one call probes it; a probe that succeeds
+    /// resumes it with a fresh budget (a plugin process that died and came back at its address
+    /// is used again). `None`: paused for the rest of the run.
+    pub probe_after: Option<Duration>,
 }
 
 impl Default for FaultPolicy {
@@ -28,6 +32,7 @@ impl Default for FaultPolicy {
         Self {
             deadline: Duration::from_secs(30),
             error_budget: 20,
+            probe_after: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -87,6 +92,26 @@ pub struct Health {
     pub paused: bool,
     /// The latest fault, for the report.
     pub last_fault: String,
+    /// Times a probe found it working again after a pause.
+    #[serde(default)]
+    pub resumed: u64,
+    /// Faults counted before the last resumption (the budget applies to the ones after).
+    #[serde(skip)]
+    faults_before_resume: u64,
+    /// When it was paused, or last probed while paused.
+    #[serde(skip)]
+    rested_since: Option<std::time::Instant>,
+}
+
+impl Health {
+    /// Whether it is paused and not yet due for a probe under `policy`.
+    fn resting(&self, policy: &FaultPolicy) -> bool {
+        self.paused
+            && match (policy.probe_after, self.rested_since) {
+                (Some(after), Some(since)) => since.elapsed() < after,
+                _ => true,
+            }
+    }
 }
 
 /// Fault accounting shared by every stage of a run.
@@ -110,9 +135,22 @@ impl EnvFaults {
         self.policy
     }
 
-    /// Whether `env` has been paused.
+    /// Whether `env` is paused and resting: not to be drawn until its next probe is due.
     pub fn is_paused(&self, env: &str) -> bool {
-        self.lock().get(env).is_some_and(|h| h.paused)
+        let policy = self.policy;
+        self.lock().get(env).is_some_and(|h| h.resting(&policy))
+    }
+
+    /// How long until the first of `envs` that is resting is due for a probe; `None` when a
+    /// paused one will never be probed (no `probe_after`).
+    pub fn next_probe_in<'a>(&self, envs: impl IntoIterator<Item = &'a str>) -> Option<Duration> {
+        let after = self.policy.probe_after?;
+        let health = self.lock();
+        envs.into_iter()
+            .filter_map(|e| health.get(e))
+            .filter(|h| h.paused)
+            .map(|h| after.saturating_sub(h.rested_since.map_or(after, |s| s.elapsed())))
+            .min()
     }
 
     /// Every environment that has faulted, with its record.
@@ -133,8 +171,9 @@ impl EnvFaults {
         let h = health.entry(env.to_string()).or_default();
         h.faults += 1;
         h.last_fault = fault.to_string();
-        if !h.paused && h.faults >= self.policy.error_budget {
+        if !h.paused && h.faults - h.faults_before_resume >= self.policy.error_budget {
             h.paused = true;
+            h.rested_since = Some(std::time::Instant::now());
             tracing::warn!(
                 env = %env,
                 faults = h.faults,
@@ -176,18 +215,46 @@ impl EnvFaults {
         T: Send + 'static,
         F: FnOnce() -> Result<T, EnvError> + Send + 'static,
     {
-        if self.is_paused(env) {
-            return Err(EnvFault::Paused);
-        }
+        // A paused environment answers Paused while it rests; once a probe is due, this call
+        // is the probe (the others keep resting until it tells).
+        let probe = {
+            let policy = self.policy;
+            let mut health = self.lock();
+            match health.get_mut(env) {
+                Some(h) if h.resting(&policy) => return Err(EnvFault::Paused),
+                Some(h) if h.paused => {
+                    h.rested_since = Some(std::time::Instant::now());
+                    true
+                }
+                _ => false,
+            }
+        };
         let task =
             tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(call)));
-        match tokio::time::timeout(self.policy.deadline, task).await {
+        let result = match tokio::time::timeout(self.policy.deadline, task).await {
             Err(_) => Err(EnvFault::TimedOut(self.policy.deadline)),
             Ok(Err(join)) => Err(EnvFault::Panicked(join.to_string())),
             Ok(Ok(Err(panic))) => Err(EnvFault::Panicked(panic_message(&panic))),
             Ok(Ok(Ok(Err(e)))) => Err(EnvFault::Error(e.to_string())),
             Ok(Ok(Ok(Ok(v)))) => Ok(v),
+        };
+        if probe && result.is_ok() {
+            let mut health = self.lock();
+            if let Some(h) = health.get_mut(env)
+                && h.paused
+            {
+                h.paused = false;
+                h.rested_since = None;
+                h.resumed += 1;
+                h.faults_before_resume = h.faults;
+                tracing::warn!(
+                    env = %env,
+                    faults = h.faults,
+                    "environment resumed: a probe call succeeded after its pause"
+                );
+            }
         }
+        result
     }
 }
 
@@ -211,7 +278,46 @@ mod tests {
             // capture its backtrace, and must not be mistaken for a hang.
             deadline: Duration::from_secs(3),
             error_budget: budget,
+            probe_after: None,
         })
+    }
+
+    #[tokio::test]
+    async fn a_paused_environment_is_probed_and_resumes_when_a_call_succeeds() {
+        let f = EnvFaults::new(FaultPolicy {
+            deadline: Duration::from_secs(3),
+            error_budget: 2,
+            // Zero rest: every call after the pause is a probe, so the test needs no clock.
+            probe_after: Some(Duration::ZERO),
+        });
+        let down = || Err::<(), _>(EnvError::UnknownSplit("plugin down".into()));
+        for _ in 0..2 {
+            assert!(f.call("plugin", down).await.is_err());
+        }
+        assert!(f.report()["plugin"].paused);
+        assert_eq!(f.next_probe_in(["plugin"]), Some(Duration::ZERO));
+        // The probe fails: still paused, the fault counted.
+        assert!(matches!(
+            f.call("plugin", down).await,
+            Err(EnvFault::Error(_))
+        ));
+        assert!(f.report()["plugin"].paused);
+        assert_eq!(f.report()["plugin"].faults, 3);
+        // The plugin is back: the probe succeeds and the environment resumes with a fresh
+        // budget (one more fault does not pause it again).
+        assert_eq!(f.call("plugin", || Ok(5)).await, Ok(5));
+        let h = &f.report()["plugin"];
+        assert!(!h.paused && h.resumed == 1, "{h:?}");
+        assert!(f.call("plugin", down).await.is_err());
+        assert!(!f.is_paused("plugin"));
+        assert!(f.call("plugin", down).await.is_err());
+        assert!(f.report()["plugin"].paused);
+
+        // Without probes a pause lasts.
+        let f = faults(1);
+        assert!(f.call("e", down).await.is_err());
+        assert_eq!(f.call("e", || Ok(1)).await, Err(EnvFault::Paused));
+        assert_eq!(f.next_probe_in(["e"]), None);
     }
 
     #[tokio::test]

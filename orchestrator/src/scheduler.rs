@@ -513,26 +513,43 @@ async fn draw(
         ^ ((slot as u64) << 8)
         ^ attempt as u64;
     let mut rng = StdRng::seed_from_u64(seed);
-    let weights: Vec<f64> = stage
-        .environments
-        .iter()
-        .map(|e| {
-            if ctx.faults.is_paused(e.key()) {
-                0.0
-            } else {
-                e.weight
+    let weights = loop {
+        let weights: Vec<f64> = stage
+            .environments
+            .iter()
+            .map(|e| {
+                if ctx.faults.is_paused(e.key()) {
+                    0.0
+                } else {
+                    e.weight
+                }
+            })
+            .collect();
+        if weights.iter().any(|&w| w > 0.0) {
+            break weights;
+        }
+        // Every environment rests: wait for the first probe, or give up if none will come.
+        let keys = stage.environments.iter().map(|e| e.key());
+        match ctx.faults.next_probe_in(keys) {
+            Some(wait) => {
+                tracing::warn!(
+                    stage = %stage.name,
+                    "every environment of the stage is paused; probing again in {wait:?}"
+                );
+                tokio::time::sleep(wait.max(std::time::Duration::from_millis(10))).await;
             }
-        })
-        .collect();
-    if weights.iter().all(|&w| w == 0.0) {
-        return Err(DrawError::Fatal(SchedulerError::Environment {
-            name: stage.name.clone(),
-            message: format!(
-                "every environment of the stage is paused after spending its error budget: {:?}",
-                ctx.faults.report()
-            ),
-        }));
-    }
+            None => {
+                return Err(DrawError::Fatal(SchedulerError::Environment {
+                    name: stage.name.clone(),
+                    message: format!(
+                        "every environment of the stage is paused after spending its error \
+                         budget: {:?}",
+                        ctx.faults.report()
+                    ),
+                }));
+            }
+        }
+    };
     let index = match stage.domain_ratios {
         DomainRatios::Sampled => pick(&weights, &mut rng),
         DomainRatios::Fixed => fixed_slot_environment(&weights, stage.prompts_per_step, step, slot),

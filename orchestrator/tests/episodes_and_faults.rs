@@ -359,6 +359,7 @@ init_config = "unused.json"
 [environment_faults]
 deadline_seconds = 3.0
 error_budget = 6
+probe_seconds = 0
 [[stages]]
 name = "rl"
 kind = "rl"
@@ -429,4 +430,15 @@ fn the_fault_policy_defaults_and_parses() {
     let cfg = RunConfig::from_toml_str(FAULTS, "t.toml").unwrap();
     assert_eq!(cfg.environment_faults.error_budget, 6);
     assert_eq!(cfg.environment_faults.deadline, Duration::from_secs(3));
+    assert_eq!(cfg.environment_faults.probe_after, None);
+    for (bad, wanted) in [("-1", "allowed: 0"), ("1e9", "86400")] {
+        let text = FAULTS.replace("probe_seconds = 0", &format!("probe_seconds = {bad}"));
+        let err = RunConfig::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("environment_faults.probe_seconds") && err.contains(wanted),
+            "{err}"
+        );
+    }
 }

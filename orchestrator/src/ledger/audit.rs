@@ -224,27 +224,24 @@ impl Ledger {
                 ));
             }
         }
-        // No token of a trained trajectory was sampled by a version the learner had not
-        // published yet. (Trajectories of a timeline a resume rewound were sampled by versions
-        // whose rows the rewind replaced; they are dropped, never trained, and not looked at.)
+        // A trajectory trained at step s + 1 (consumed at s) was trained from version s, so
+        // none of its tokens can come from a later version. (The ledger's clocks cannot order
+        // this: a worker may sample from a version before the orchestrator records it.)
         let stmt = Stmt::new(
-            "SELECT t.id AS k, t.max_policy_version AS a, \
-             COALESCE((SELECT MAX(v.version) FROM policy_versions v WHERE v.run_id = t.run_id \
-                       AND v.created_at_ms <= t.created_at_ms), 0) AS b \
-             FROM trajectories t WHERE t.run_id = $1 AND t.max_policy_version IS NOT NULL \
-             AND t.consumed_at_step IS NOT NULL AND t.max_policy_version > COALESCE((SELECT MAX(v.version) FROM policy_versions v \
-                 WHERE v.run_id = t.run_id AND v.created_at_ms <= t.created_at_ms), 0) \
+            "SELECT t.id AS k, t.max_policy_version AS a, t.consumed_at_step AS b \
+             FROM trajectories t WHERE t.run_id = $1 AND t.consumed_at_step IS NOT NULL \
+             AND t.max_policy_version IS NOT NULL AND t.max_policy_version > t.consumed_at_step \
              ORDER BY t.id",
         )
         .bind(run_id);
-        for (id, sampled, published) in self.fetch("audit versions_monotone", stmt, triple).await? {
+        for (id, sampled, consumed) in self.fetch("audit versions_monotone", stmt, triple).await? {
             backwards.push(format!(
-                "{id} has tokens of version {sampled} while only {published} was published"
+                "{id} has tokens of version {sampled} but was trained from version {consumed}"
             ));
         }
         checks.push(AuditCheck {
             name: "versions_monotone",
-            invariant: "versions increase with learner steps and in time; no trained token was sampled by an unpublished version",
+            invariant: "versions increase with learner steps and in time; no trained token comes from a version newer than the one it was trained from",
             checked: versions.len() as u64,
             breaches: backwards.len() as u64,
             detail: named(&backwards),

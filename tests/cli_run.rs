@@ -634,3 +634,53 @@ environments = [{ name = "arithmetic" }]
         );
     }
 }
+
+#[test]
+fn the_shared_token_is_never_logged_nor_written_to_the_runs_files() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let secret = "tok-3f9a1c-never-print-me";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "run",
+            "run.toml",
+            "--eval-tasks",
+            "2",
+            "--log-format",
+            "json",
+        ])
+        .env("CHORUS_TOKEN", secret)
+        .env("RUST_LOG", "debug")
+        .current_dir(h.dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    // Debug logs of every service, with request spans, were written: the test looks at a lot.
+    assert!(stderr.lines().count() > 50, "{stderr}");
+    assert!(!stdout.contains(secret) && !stderr.contains(secret));
+    // Nor any file the run left: summaries, configs, checkpoints, the ledger.
+    let mut stack = vec![h.path("runs")];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            files += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds the token",
+                path.display()
+            );
+        }
+    }
+    assert!(files > 5, "{files} files");
+}

@@ -1,0 +1,141 @@
+//! The Kubernetes manifests under `deploy/k8s/`: valid against the Kubernetes API schemas
+//! (offline, with PyPI's `kubernetes-validate`, strict), every `chorus` command line in them
+//! accepted by this binary's argument parser, and the run config and model they mount valid.
+//!
+//! The schema check needs `CHORUS_TEST_PYTHON` with `kubernetes-validate` installed (`.ci/run`
+//! installs it into the SDK venv); without it that part says it was skipped (and fails under
+//! CI). The other checks always run.
+
+mod harness;
+
+use std::process::Command;
+
+use harness::*;
+
+fn manifests() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(repo().join("deploy/k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "{files:?}");
+    files
+}
+
+#[test]
+fn the_manifests_validate_against_the_kubernetes_schemas() {
+    let python = std::env::var("CHORUS_TEST_PYTHON").ok().filter(|p| {
+        Command::new(p)
+            .args(["-c", "import kubernetes_validate"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(python) = python else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "under CI the manifest validation must run: CHORUS_TEST_PYTHON lacks kubernetes-validate"
+        );
+        println!("SKIPPED: CHORUS_TEST_PYTHON with kubernetes-validate is not available");
+        return;
+    };
+    let out = Command::new(&python)
+        .args(["-m", "kubernetes_validate", "--strict", "-k", "1.31.0"])
+        .args(manifests())
+        .output()
+        .expect("run kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for kind in [
+        "deployment",
+        "service",
+        "statefulset",
+        "job",
+        "secret",
+        "configmap",
+    ] {
+        assert!(
+            text.contains(&format!("for resource {kind}/")),
+            "{kind}: {text}"
+        );
+    }
+}
+
+/// The `args:` list of each container whose image is chorus, with `$(VAR)` references filled.
+fn chorus_command_lines(text: &str) -> Vec<Vec<String>> {
+    let mut out = vec![];
+    let mut lines = text.lines().peekable();
+    let mut in_chorus = false;
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("image:") {
+            in_chorus = trimmed.contains("chorus:");
+        }
+        if in_chorus && trimmed == "args:" {
+            let mut args = vec![];
+            while let Some(next) = lines.peek() {
+                let Some(arg) = next.trim().strip_prefix("- ") else {
+                    break;
+                };
+                args.push(
+                    arg.replace("$(POD_IP)", "10.0.0.5")
+                        .replace("$(POD_NAME)", "chorus-worker-0")
+                        .replace("$(POSTGRES_PASSWORD)", "pw"),
+                );
+                lines.next();
+            }
+            out.push(args);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_chorus_command_line_in_the_manifests_parses() {
+    let h = Harness::new();
+    let mut commands = 0;
+    for file in manifests() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for args in chorus_command_lines(&text) {
+            // --help last: clap rejects any unknown or malformed argument before it.
+            let mut with_help: Vec<&str> = args.iter().map(String::as_str).collect();
+            with_help.push("--help");
+            let out = h.chorus(&with_help);
+            assert!(
+                out.status.success(),
+                "{}: chorus {args:?}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            commands += 1;
+        }
+    }
+    // Orchestrator, learner, workers, an environment and the launch Job.
+    assert_eq!(commands, 5);
+}
+
+#[test]
+fn the_mounted_run_config_and_model_are_valid() {
+    let text = std::fs::read_to_string(repo().join("deploy/k8s/01-config.yaml")).unwrap();
+    let block = |key: &str| -> String {
+        let start = text
+            .find(&format!("  {key}: |\n"))
+            .unwrap_or_else(|| panic!("no {key}"));
+        text[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let config =
+        chorus_orchestrator::config::RunConfig::from_toml_str(&block("run.toml"), "run.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.stages.len(), 2);
+    chorus_model::NemotronHConfig::from_json_str(&block("model.json")).unwrap();
+}

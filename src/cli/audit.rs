@@ -11,8 +11,8 @@ use clap::Args;
 /// consumed or dropped once the run has ended, every consumed trajectory consumed once with its
 /// prompt, each learner step trained exactly the trajectories consumed for it (a group trained
 /// twice shows here), learner steps 1..N without gaps, versions increasing with steps and in
-/// time (no trained token from a version newer than the one it was trained from), and every trained trajectory's lag within
-/// its stage's max_staleness. One line per invariant: rows checked, breaches, the first breaches.
+/// time (no trained token from a version newer than the one it was trained from), and every
+/// trained trajectory's lag within its stage's max_staleness. One line per invariant: rows checked, breaches, the first breaches.
 /// Audit runs that have ended: on a running one, prompts in flight are reported (not counted)
 /// and the newest step may be caught between its rows.
 ///

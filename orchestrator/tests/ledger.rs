@@ -1432,6 +1432,26 @@ mod cases {
             running.clean() && running.checks[0].detail.contains("1 in flight"),
             "{running:#?}"
         );
+        // Once it has failed, the prompt in flight is a breach, until the ledger drops it (as
+        // a failing run and a restarted orchestrator do).
+        ledger
+            .set_run_status("in_flight", RunStatus::Failed)
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        let failed = ledger.audit("in_flight", &bound).await.unwrap();
+        assert_eq!(breaches(&failed), [("prompts_final", 1)]);
+        ledger
+            .drop_in_flight("in_flight", "in flight when the run failed")
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        assert!(ledger.audit("in_flight", &bound).await.unwrap().clean());
+        let dropped = ledger.get_prompt("in_flight-p3").await.unwrap().unwrap();
+        assert_eq!(
+            dropped.drop_reason.as_deref(),
+            Some("in flight when the run failed")
+        );
 
         // A trajectory whose consumption disagrees with its prompt's (which the writer never
         // does: made here behind its back).

@@ -249,6 +249,10 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
             .set_run_status(&run.id, RunStatus::Failed)
             .await
             .map_err(RunError::ledger(&db))?;
+        ledger
+            .drop_in_flight(&run.id, "in flight when the orchestrator stopped")
+            .await
+            .map_err(RunError::ledger(&db))?;
     }
     let pending = ledger
         .launched_runs(&d.name, RunStatus::Pending)
@@ -292,6 +296,10 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
             tracing::error!(run_id, error = %e, "run {run_id} failed: {e}");
             ledger
                 .set_run_status(&run_id, RunStatus::Failed)
+                .await
+                .map_err(RunError::ledger(&db))?;
+            ledger
+                .drop_in_flight(&run_id, "in flight when the run failed")
                 .await
                 .map_err(RunError::ledger(&db))?;
             ledger.flush().await.map_err(RunError::ledger(&db))?;

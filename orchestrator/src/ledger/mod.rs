@@ -494,6 +494,17 @@ impl Ledger {
         self.flush().await
     }
 
+    /// Drops every prompt of `run_id` still in flight (dispatched, generated or scored), with
+    /// `reason`: a run that stopped leaves none behind. A later `--resume` rewinds as usual.
+    pub async fn drop_in_flight(&self, run_id: &str, reason: &str) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::DropInFlight {
+            run_id: run_id.to_owned(),
+            reason: reason.to_owned(),
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
     /// Records that a stage began (a stage begun again, as a resumed run does, is running
     /// again). Record it before any of the stage's groups reach the learner: a learner step
     /// belongs to the last stage begun before it.

@@ -101,6 +101,11 @@ pub(crate) enum WriteOp {
         reason: String,
         at_ms: i64,
     },
+    DropInFlight {
+        run_id: String,
+        reason: String,
+        at_ms: i64,
+    },
     StageFinished {
         end: StageEnd,
         at_ms: i64,
@@ -177,6 +182,7 @@ impl WriteOp {
             WriteOp::Rewind {
                 run_id, version, ..
             } => format!("rewind({run_id}, {version})"),
+            WriteOp::DropInFlight { run_id, .. } => format!("drop_in_flight({run_id})"),
             WriteOp::StageStarted { stage, .. } => {
                 format!("start_stage({}, {})", stage.run_id, stage.stage_index)
             }
@@ -449,6 +455,19 @@ impl WriteOp {
                     .bind(run_id.as_str()),
                 ]
             }
+            WriteOp::DropInFlight {
+                run_id,
+                reason,
+                at_ms,
+            } => vec![
+                Stmt::new(
+                    "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \
+                     WHERE run_id = $3 AND state IN ('dispatched', 'generated', 'scored')",
+                )
+                .bind(reason.as_str())
+                .bind(*at_ms)
+                .bind(run_id.as_str()),
+            ],
             WriteOp::Event {
                 run_id,
                 kind,

@@ -87,6 +87,10 @@ impl RunRecord {
         {
             tracing::warn!(run_id = self.run_id, error = %e, "could not mark the run failed");
         }
+        let _ = self
+            .ledger
+            .drop_in_flight(&self.run_id, "in flight when the run failed")
+            .await;
         let _ = self.ledger.flush().await;
     }
 

@@ -9,11 +9,6 @@ use std::io::{Read, Write};
 
 use harness::*;
 
-const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
-  "hybrid_override_pattern": "M*-", "mamba_num_heads": 4, "mamba_head_dim": 8,
-  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32}"#;
-
 const RUN: &str = r#"
 name = "metered"
 [model]
@@ -83,7 +78,7 @@ fn value(metrics: &str, name: &str, labels: &str) -> f64 {
 #[test]
 fn the_learner_and_a_worker_serve_metrics_that_move_with_the_run() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     let (learner_metrics, worker_metrics) = (free_address(), free_address());
     let common = ["--config", "run.toml", "--run-id", "m1", "--token", "tok"];
@@ -163,7 +158,7 @@ fn the_learner_and_a_worker_serve_metrics_that_move_with_the_run() {
 #[test]
 fn the_orchestrator_daemon_serves_metrics_of_the_runs_it_schedules() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     let daemon_metrics = free_address();
     let orchestrator = h.service(&[

@@ -19,11 +19,6 @@ use chorus_environments::{CheckOptions, Environment, Split, check_environment};
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
 use harness::*;
 
-const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
-  "hybrid_override_pattern": "M*-", "mamba_num_heads": 4, "mamba_head_dim": 8,
-  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32}"#;
-
 const TOKEN: &str = "plugin-run-token";
 
 fn run_config(url: &str) -> String {
@@ -56,7 +51,7 @@ environments = [{{ name = "arithmetic" }}, {{ url = "{url}", weight = 3.0 }}]
 /// Runs the tiny config against the plugin at `url` and checks that the plugin's trajectories
 /// were trained on (warm-up references and RL samples) and it was evaluated.
 fn run_against(h: &Harness, url: &str) {
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), run_config(url)).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2", "--token", TOKEN]);
     h.audit_clean(&h.ledger_url("plug"));
@@ -244,41 +239,20 @@ fn python_plugin(python: &str, example: &str) -> Service {
     Service { child, url }
 }
 
-/// `CHORUS_TEST_PYTHON` when it can import the SDK; otherwise says why the test is skipped.
+/// `CHORUS_TEST_PYTHON` when it can import the SDK.
 fn python_with_sdk() -> Option<String> {
-    let Ok(python) = std::env::var("CHORUS_TEST_PYTHON") else {
-        println!(
-            "skipped: CHORUS_TEST_PYTHON is not set (point it at a Python with \
-             `pip install ./environments/python` done, as .ci/run does)"
-        );
-        return None;
-    };
-    match Command::new(&python)
-        .args(["-c", "import grpc, chorus_env"])
-        .output()
-    {
-        Ok(out) if out.status.success() => Some(python),
-        Ok(out) => {
-            println!(
-                "skipped: {python} cannot import grpc and chorus_env (run `{python} -m pip install ./environments/python`): {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-            );
-            None
-        }
-        Err(e) => {
-            println!("skipped: CHORUS_TEST_PYTHON={python} cannot be run: {e}");
-            None
-        }
-    }
+    python_importing(
+        "CHORUS_TEST_PYTHON",
+        "grpc, chorus_env",
+        "a Python with `pip install ./environments/python` done, as .ci/run does",
+        Missing::Skips,
+    )
 }
 
 #[test]
 fn a_plugin_killed_mid_run_is_paused_and_used_again_once_it_is_back() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     let plugin_args = |listen: &str| {
         vec![
             "serve".to_string(),

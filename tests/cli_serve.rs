@@ -5,11 +5,6 @@ mod harness;
 
 use harness::*;
 
-const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
-  "hybrid_override_pattern": "M*-", "mamba_num_heads": 4, "mamba_head_dim": 8,
-  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32}"#;
-
 const RUN: &str = r#"
 name = "multi"
 [model]
@@ -93,7 +88,7 @@ fn standby_fleet(h: &Harness, url: &str) -> Vec<Service> {
 #[test]
 fn learner_workers_and_orchestrator_as_processes_complete_a_run() {
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     let common = ["--config", "run.toml", "--run-id", "r1", "--token", "tok"];
     let learner = h.service(&[&["serve", "learner"][..], &common].concat());
@@ -165,7 +160,7 @@ fn services_register_with_the_orchestrator_and_the_run_can_be_watched() {
     use chorus_proto::v1::{GetRunRequest, WatchRunRequest, run_event};
 
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     let common = ["--config", "run.toml", "--run-id", "r2", "--token", "tok"];
     let (mut orchestrator, mut stdout) = h.service_with_stdout(
@@ -289,7 +284,7 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
     use chorus_proto::v1::{WatchRunRequest, run_event};
 
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), LONG_RUN).unwrap();
     let common = ["--config", "run.toml", "--run-id", "r3", "--token", "tok"];
     let (mut orchestrator, mut stdout) = h.service_with_stdout(
@@ -433,7 +428,7 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
     use chorus_proto::v1::LaunchRunRequest;
 
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     let orchestrator = h.service(&[
         "serve",
@@ -587,7 +582,7 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     use chorus_orchestrator::ledger::{Ledger, RunStatus};
 
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     std::fs::write(
         h.path("long.toml"),

@@ -25,18 +25,12 @@ fn manifests() -> Vec<std::path::PathBuf> {
 
 #[test]
 fn the_manifests_validate_against_the_kubernetes_schemas() {
-    let python = std::env::var("CHORUS_TEST_PYTHON").ok().filter(|p| {
-        Command::new(p)
-            .args(["-c", "import kubernetes_validate"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    let Some(python) = python else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "under CI the manifest validation must run: CHORUS_TEST_PYTHON lacks kubernetes-validate"
-        );
-        println!("SKIPPED: CHORUS_TEST_PYTHON with kubernetes-validate is not available");
+    let Some(python) = python_importing(
+        "CHORUS_TEST_PYTHON",
+        "kubernetes_validate",
+        "the SDK venv with kubernetes-validate installed, as .ci/run makes",
+        Missing::FailsUnderCi,
+    ) else {
         return;
     };
     let out = Command::new(&python)

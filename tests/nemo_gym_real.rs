@@ -26,34 +26,14 @@ use chorus_orchestrator::ledger::{Ledger, RolloutFilter};
 use harness::*;
 use serde_json::{Value, json};
 
-/// `CHORUS_TEST_NEMO_GYM_PYTHON` when it imports nemo_gym; otherwise why not (under CI a
-/// panic, elsewhere a "skipped" line).
+/// `CHORUS_TEST_NEMO_GYM_PYTHON` when it imports nemo_gym.
 fn gym_python() -> Option<String> {
-    let why = match std::env::var("CHORUS_TEST_NEMO_GYM_PYTHON") {
-        Err(_) => "CHORUS_TEST_NEMO_GYM_PYTHON is not set (point it at a Python with nemo-gym \
-                   installed: scripts/install-nemo-gym.sh, as .ci/run does)"
-            .to_string(),
-        Ok(python) => match Command::new(&python)
-            .args(["-c", "import nemo_gym, resources_servers"])
-            .output()
-        {
-            Ok(out) if out.status.success() => return Some(python),
-            Ok(out) => format!(
-                "{python} cannot import nemo_gym: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-            ),
-            Err(e) => format!("CHORUS_TEST_NEMO_GYM_PYTHON={python} cannot be run: {e}"),
-        },
-    };
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "under CI the NeMo Gym tests must run: {why}"
-    );
-    println!("SKIPPED: {why}");
-    None
+    python_importing(
+        "CHORUS_TEST_NEMO_GYM_PYTHON",
+        "nemo_gym, resources_servers",
+        "a Python with nemo-gym installed: scripts/install-nemo-gym.sh, as .ci/run does",
+        Missing::FailsUnderCi,
+    )
 }
 
 /// A real resources server, killed when dropped.
@@ -344,11 +324,6 @@ fn a_multi_turn_episode_runs_the_tool_on_the_server_and_verifies_every_item() {
     assert_eq!(plain.score.unwrap().reward, 0.0);
 }
 
-const MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
-  "hybrid_override_pattern": "M*-", "mamba_num_heads": 4, "mamba_head_dim": 8,
-  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32}"#;
-
 /// structured_outputs rows of the package's own shape whose text and schema are short enough
 /// for a tiny policy's context (the example rows are 25-50 kB each).
 fn short_structured_rows(example: &std::path::Path) -> String {
@@ -399,7 +374,7 @@ fn a_short_run_trains_against_four_real_servers() {
         short_structured_rows(&structured.rows()),
     )
     .unwrap();
-    std::fs::write(h.path("model.json"), MODEL).unwrap();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     let config = format!(
         r#"
 name = "gym"

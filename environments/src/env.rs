@@ -154,20 +154,7 @@ pub trait Environment: Send + Sync {
         episode: &mut Episode,
         action: &str,
     ) -> Result<StepOutcome, EnvError> {
-        if episode.done {
-            return Err(EnvError::EpisodeFinished {
-                task_id: task.id.clone(),
-            });
-        }
-        let score = self.score(task, action)?;
-        episode.messages.push(Message::assistant(action));
-        episode.turn += 1;
-        episode.done = true;
-        Ok(StepOutcome {
-            observation: None,
-            done: true,
-            score: Some(score),
-        })
+        step_once(self, task, episode, action)
     }
 
     /// The reference policy's next action in an episode. Default: the reference completion.
@@ -215,6 +202,31 @@ pub trait Environment: Send + Sync {
             })
         }
     }
+}
+
+/// A one-step episode's step: scores `action` as the completion and ends the episode (the
+/// default [`Environment::step`], and what an environment that is single-turn only in some
+/// configurations falls back to).
+pub(crate) fn step_once<E: Environment + ?Sized>(
+    env: &E,
+    task: &Task,
+    episode: &mut Episode,
+    action: &str,
+) -> Result<StepOutcome, EnvError> {
+    if episode.done {
+        return Err(EnvError::EpisodeFinished {
+            task_id: task.id.clone(),
+        });
+    }
+    let score = env.score(task, action)?;
+    episode.messages.push(Message::assistant(action));
+    episode.turn += 1;
+    episode.done = true;
+    Ok(StepOutcome {
+        observation: None,
+        done: true,
+        score: Some(score),
+    })
 }
 
 /// The response of a completion, or the zero score to return when there is none (an empty

@@ -41,7 +41,9 @@ use serde_json::{Map, Value, json};
 use crate::chat::{
     self, Message, Role, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_completion,
 };
-use crate::env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns, response_or_zero};
+use crate::env::{
+    Category, EnvInfo, Environment, Episode, StepOutcome, Turns, response_or_zero, step_once,
+};
 use crate::error::EnvError;
 use crate::nemo_gym_http::{Accept, Answer, BaseUrl, request_json, snippet};
 use crate::plugin::runtime::BlockingRuntime;
@@ -911,20 +913,12 @@ impl Environment for NemoGym {
         action: &str,
     ) -> Result<StepOutcome, EnvError> {
         self.check_task(task)?;
+        if self.max_turns <= 1 {
+            return step_once(self, task, episode, action);
+        }
         if episode.done {
             return Err(EnvError::EpisodeFinished {
                 task_id: task.id.clone(),
-            });
-        }
-        if self.max_turns <= 1 {
-            let score = self.score(task, action)?;
-            episode.messages.push(Message::assistant(action));
-            episode.turn += 1;
-            episode.done = true;
-            return Ok(StepOutcome {
-                observation: None,
-                done: true,
-                score: Some(score),
             });
         }
         let mut state: EpisodeState = serde_json::from_value(episode.state.clone())

@@ -197,6 +197,26 @@ fn prompt(id: &str, run_id: &str, env: &str) -> NewPrompt {
     }
 }
 
+/// Learner step `step` of `run_id` publishing version `step`, trained on `trajectories` (6
+/// tokens), with only its loss measured.
+fn learner_step(run_id: &str, step: u64, loss: f64, trajectories: u64) -> LearnerStep {
+    LearnerStep {
+        run_id: run_id.into(),
+        step,
+        policy_version: step,
+        loss: Some(loss),
+        kl: None,
+        entropy: None,
+        grad_norm: None,
+        learning_rate: None,
+        clip_fraction: None,
+        num_tokens: 6,
+        num_trajectories: trajectories,
+        mean_abs_logprob_diff: None,
+        skip_reason: None,
+    }
+}
+
 fn traj(id: &str, run_id: &str, prompt_id: &str, env: &str, reward: f64) -> NewTrajectory {
     NewTrajectory {
         id: id.into(),
@@ -1188,21 +1208,7 @@ mod cases {
             .unwrap();
         for (step, loss) in [(1, 0.5), (2, 0.25)] {
             ledger
-                .insert_learner_step(LearnerStep {
-                    run_id: "v".into(),
-                    step,
-                    policy_version: step,
-                    loss: Some(loss),
-                    kl: None,
-                    entropy: None,
-                    grad_norm: None,
-                    learning_rate: None,
-                    clip_fraction: None,
-                    num_tokens: 6,
-                    num_trajectories: 2,
-                    mean_abs_logprob_diff: None,
-                    skip_reason: None,
-                })
+                .insert_learner_step(learner_step("v", step, loss, 2))
                 .await
                 .unwrap();
         }
@@ -1328,27 +1334,14 @@ mod cases {
         }
         let steps: &[u64] = if tweak == "gap" { &[1, 3] } else { &[1, 2] };
         for &step in steps {
+            // A learner that trained step 2's group a second time reports 2.
+            let trained = if tweak == "trained_twice" && step == 2 {
+                2
+            } else {
+                1
+            };
             ledger
-                .insert_learner_step(LearnerStep {
-                    run_id: id.into(),
-                    step,
-                    policy_version: step,
-                    loss: Some(0.5),
-                    kl: None,
-                    entropy: None,
-                    grad_norm: None,
-                    learning_rate: None,
-                    clip_fraction: None,
-                    num_tokens: 6,
-                    // A learner that trained step 2's group a second time reports 2.
-                    num_trajectories: if tweak == "trained_twice" && step == 2 {
-                        2
-                    } else {
-                        1
-                    },
-                    mean_abs_logprob_diff: None,
-                    skip_reason: None,
-                })
+                .insert_learner_step(learner_step(id, step, 0.5, trained))
                 .await
                 .unwrap();
         }

@@ -29,5 +29,4 @@ pub use engine_loop::{
 pub use service::RolloutService;
 pub use sync::{
     FetchError, FetchErrorKind, SyncPolicy, fetch_exact_version, fetch_version, follow_learner,
-    follow_learner_with,
 };

@@ -149,16 +149,53 @@ where
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
     let started = std::time::Instant::now();
-    let fetched = fetch_version_untimed(
-        client,
-        cfg,
-        options,
-        run_id,
-        worker_id,
-        at_least,
-        exact,
-        chunk_deadline,
-    )
+    let fetched: Result<(u64, Engine, u64), FetchError> = async {
+        let fail = |version: u64, kind: FetchErrorKind| FetchError {
+            run_id: run_id.to_string(),
+            worker_id: worker_id.to_string(),
+            version,
+            kind,
+        };
+        let req = StreamWeightsRequest {
+            run_id: run_id.into(),
+            policy_version: at_least,
+            requester_id: worker_id.into(),
+            start_chunk: 0,
+            exact,
+        };
+        let mut stream = client
+            .stream_weights(req)
+            .await
+            .map_err(|e| fail(at_least, FetchErrorKind::Request(e)))?
+            .into_inner();
+        let (version, tensors) = receive_within(&mut stream, Some(chunk_deadline))
+            .await
+            .map_err(|e| match e {
+                ReceiveError::Stream(status) => fail(at_least, FetchErrorKind::Stream(status)),
+                stalled @ ReceiveError::Stalled { .. } => {
+                    fail(at_least, FetchErrorKind::Stalled(stalled.to_string()))
+                }
+                ReceiveError::Assemble { version, source } => {
+                    fail(version.unwrap_or(at_least), source.into())
+                }
+            })?;
+        let mut map = BTreeMap::new();
+        let mut bytes = 0u64;
+        for (name, t) in tensors {
+            bytes += (t.data.len() * std::mem::size_of::<f32>()) as u64;
+            let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {
+                fail(
+                    version,
+                    FetchErrorKind::Engine(format!("tensor `{name}`: {e}")),
+                )
+            })?;
+            map.insert(name, tensor);
+        }
+        let engine = Engine::from_tensors_with(cfg, &map, options)
+            .map_err(|e| fail(version, FetchErrorKind::Engine(e.to_string())))?;
+        tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
+        Ok((version, engine, bytes))
+    }
     .await;
     match &fetched {
         Ok((_, _, bytes)) => {
@@ -170,100 +207,6 @@ where
     fetched.map(|(version, engine, _)| (version, engine))
 }
 
-/// [`fetch`] without the metrics; also the bytes received.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_version_untimed<T>(
-    client: &mut LearnerClient<T>,
-    cfg: &NemotronHConfig,
-    options: &EngineOptions,
-    run_id: &str,
-    worker_id: &str,
-    at_least: u64,
-    exact: bool,
-    chunk_deadline: Duration,
-) -> Result<(u64, Engine, u64), FetchError>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<StdError>,
-    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
-{
-    let fail = |version: u64, kind: FetchErrorKind| FetchError {
-        run_id: run_id.to_string(),
-        worker_id: worker_id.to_string(),
-        version,
-        kind,
-    };
-    let req = StreamWeightsRequest {
-        run_id: run_id.into(),
-        policy_version: at_least,
-        requester_id: worker_id.into(),
-        start_chunk: 0,
-        exact,
-    };
-    let mut stream = client
-        .stream_weights(req)
-        .await
-        .map_err(|e| fail(at_least, FetchErrorKind::Request(e)))?
-        .into_inner();
-    let (version, tensors) = receive_within(&mut stream, Some(chunk_deadline))
-        .await
-        .map_err(|e| match e {
-            ReceiveError::Stream(status) => fail(at_least, FetchErrorKind::Stream(status)),
-            stalled @ ReceiveError::Stalled { .. } => {
-                fail(at_least, FetchErrorKind::Stalled(stalled.to_string()))
-            }
-            ReceiveError::Assemble { version, source } => {
-                fail(version.unwrap_or(at_least), source.into())
-            }
-        })?;
-    let mut map = BTreeMap::new();
-    let mut bytes = 0u64;
-    for (name, t) in tensors {
-        bytes += (t.data.len() * std::mem::size_of::<f32>()) as u64;
-        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {
-            fail(
-                version,
-                FetchErrorKind::Engine(format!("tensor `{name}`: {e}")),
-            )
-        })?;
-        map.insert(name, tensor);
-    }
-    let engine = Engine::from_tensors_with(cfg, &map, options)
-        .map_err(|e| fail(version, FetchErrorKind::Engine(e.to_string())))?;
-    tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
-    Ok((version, engine, bytes))
-}
-
-/// Keeps `handle` on the learner's latest version with the default [`SyncPolicy`]; see
-/// [`follow_learner_with`].
-pub async fn follow_learner<T>(
-    handle: WorkerHandle,
-    client: LearnerClient<T>,
-    cfg: NemotronHConfig,
-    options: EngineOptions,
-    run_id: String,
-    worker_id: String,
-) where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<StdError>,
-    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
-    T: Clone + Send + 'static,
-    T::Future: Send,
-{
-    follow_learner_with(
-        handle,
-        client,
-        cfg,
-        options,
-        run_id,
-        worker_id,
-        SyncPolicy::default(),
-    )
-    .await
-}
-
 /// Keeps `handle` on the learner's latest version, building each version with `options`
 /// (e.g. NVFP4 on load), and fetches the older versions that requests pinned to them wait for
 /// ([`WorkerHandle::wanted_versions`]). A transfer that fails, breaks off, stalls past
@@ -271,7 +214,7 @@ pub async fn follow_learner<T>(
 /// the version it has, says why, and tries again after a backoff that doubles up to
 /// `policy.max_backoff` (a learner that restarts is followed again). Runs until its task is
 /// dropped.
-pub async fn follow_learner_with<T>(
+pub async fn follow_learner<T>(
     handle: WorkerHandle,
     mut client: LearnerClient<T>,
     cfg: NemotronHConfig,

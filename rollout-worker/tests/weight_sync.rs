@@ -52,23 +52,7 @@ async fn new_versions_flow_from_learner_to_worker() {
         },
     );
     let mut reports = learner.reports();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = LearnerServer::with_interceptor(
-        LearnerService::new(learner.clone()),
-        RequireToken::new("tok").unwrap(),
-    );
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = LearnerClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
+    let mut client = serve(LearnerService::new(learner.clone())).await;
 
     // The worker starts from the learner's version 0 and follows it.
     let (v0, engine) = fetch_version(&mut client, &cfg, &Default::default(), "run", "w0", 0)
@@ -83,6 +67,7 @@ async fn new_versions_flow_from_learner_to_worker() {
         Default::default(),
         "run".into(),
         "w0".into(),
+        Default::default(),
     ));
 
     let mut trajectories = vec![];
@@ -163,6 +148,28 @@ async fn new_versions_flow_from_learner_to_worker() {
         })
         .await;
     assert_eq!(r.versions, vec![1, 1, 1]);
+}
+
+/// Serves `learner` on a free local port behind the token `tok`; a client of it.
+async fn serve<S: chorus_proto::v1::learner_server::Learner>(
+    learner: S,
+) -> LearnerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AttachToken>,
+> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = LearnerServer::with_interceptor(learner, RequireToken::new("tok").unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    LearnerClient::with_interceptor(channel, AttachToken::new("tok").unwrap())
 }
 
 fn learner(keep_versions: usize) -> chorus_learner::LearnerHandle {
@@ -307,31 +314,16 @@ async fn a_stalled_or_torn_transfer_installs_nothing_and_the_worker_tries_again(
     let cfg = config();
     let learner = learner(4);
     let bad_transfers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = LearnerServer::with_interceptor(
-        FlakyLearner {
-            inner: LearnerService::new(learner.clone()),
-            bad_transfers: bad_transfers.clone(),
-        },
-        RequireToken::new("tok").unwrap(),
-    );
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = LearnerClient::with_interceptor(channel, AttachToken::new("tok").unwrap());
+    let mut client = serve(FlakyLearner {
+        inner: LearnerService::new(learner.clone()),
+        bad_transfers: bad_transfers.clone(),
+    })
+    .await;
     let (v0, engine) = fetch_version(&mut client, &cfg, &Default::default(), "run", "w0", 0)
         .await
         .unwrap();
     let worker = spawn_engine_loop(std::sync::Arc::new(engine), v0, 4);
-    tokio::spawn(chorus_rollout_worker::follow_learner_with(
+    tokio::spawn(chorus_rollout_worker::follow_learner(
         worker.clone(),
         client,
         cfg.clone(),

@@ -15,7 +15,7 @@ use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
 use chorus_rollout_worker::{
-    RolloutService, WorkerHandle, WorkerOptions, fetch_version, follow_learner,
+    RolloutService, SyncPolicy, WorkerHandle, WorkerOptions, fetch_version, follow_learner,
     spawn_engine_loop_with,
 };
 
@@ -143,6 +143,7 @@ pub async fn start_worker(
         plan.engine.clone(),
         run_id.to_string(),
         worker_id.to_string(),
+        SyncPolicy::default(),
     ));
     let svc = RolloutWorkerServer::with_interceptor(
         RolloutService::new(handle.clone(), worker_id),

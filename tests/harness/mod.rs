@@ -82,6 +82,59 @@ impl Harness {
 
 /// A tiny dense (Mamba and attention, no MoE) policy's `config.json` over the byte-level
 /// vocabulary: fast enough for whole runs in tests.
+/// A hybrid policy of a few thousand parameters (Mamba-2, attention and an MLP block) over the
+/// byte-level vocabulary: what the service and deployment tests run.
+pub const TINY_HYBRID_MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 32,
+  "hybrid_override_pattern": "M*-", "mamba_num_heads": 4, "mamba_head_dim": 8,
+  "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32}"#;
+
+/// Says why a test cannot run on this machine: under CI (`CI` set) that fails the test, so a
+/// green run cannot hide that it never ran; elsewhere the test reports itself skipped.
+pub fn cannot_run(why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "under CI this test must run: {why}"
+    );
+    println!("SKIPPED: {why}");
+}
+
+/// Whether a test may do without what it needs, or must have it under CI.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// Under CI a failure, elsewhere a skip ([`cannot_run`]).
+    FailsUnderCi,
+    /// Always a skip (for what CI does not install).
+    Skips,
+}
+
+/// The Python named by environment variable `var` when it runs `import {modules}`; otherwise
+/// `None`, having said why (`how`: how to get one) as `missing` asks.
+pub fn python_importing(var: &str, modules: &str, how: &str, missing: Missing) -> Option<String> {
+    let why = match std::env::var(var) {
+        Err(_) => format!("{var} is not set ({how})"),
+        Ok(python) => match Command::new(&python)
+            .args(["-c", &format!("import {modules}")])
+            .output()
+        {
+            Ok(out) if out.status.success() => return Some(python),
+            Ok(out) => format!(
+                "{python} cannot import {modules} ({how}): {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            ),
+            Err(e) => format!("{var}={python} cannot be run: {e}"),
+        },
+    };
+    match missing {
+        Missing::FailsUnderCi => cannot_run(&why),
+        Missing::Skips => println!("SKIPPED: {why}"),
+    }
+    None
+}
+
 pub const TINY_DENSE_MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size": 272,
   "hidden_size": 32, "hybrid_override_pattern": "M*", "mamba_num_heads": 4, "mamba_head_dim": 8,
   "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,

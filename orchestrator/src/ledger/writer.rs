@@ -436,13 +436,7 @@ impl WriteOp {
                     .bind(*at_ms)
                     .bind(run_id.as_str())
                     .bind(v),
-                    Stmt::new(
-                        "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \
-                         WHERE run_id = $3 AND state IN ('dispatched', 'generated', 'scored')",
-                    )
-                    .bind(format!("in flight when the run stopped; {reason}"))
-                    .bind(*at_ms)
-                    .bind(run_id.as_str()),
+                    drop_in_flight(run_id, &format!("in flight when the run stopped; {reason}"), *at_ms),
                     Stmt::new("DELETE FROM learner_steps WHERE run_id = $1 AND step > $2")
                         .bind(run_id.as_str())
                         .bind(v),
@@ -459,15 +453,7 @@ impl WriteOp {
                 run_id,
                 reason,
                 at_ms,
-            } => vec![
-                Stmt::new(
-                    "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \
-                     WHERE run_id = $3 AND state IN ('dispatched', 'generated', 'scored')",
-                )
-                .bind(reason.as_str())
-                .bind(*at_ms)
-                .bind(run_id.as_str()),
-            ],
+            } => vec![drop_in_flight(run_id, reason, *at_ms)],
             WriteOp::Event {
                 run_id,
                 kind,
@@ -485,6 +471,17 @@ impl WriteOp {
             ],
         })
     }
+}
+
+/// Drops every prompt of `run_id` still in flight, with `reason`.
+fn drop_in_flight(run_id: &str, reason: &str, at_ms: i64) -> Stmt {
+    Stmt::new(
+        "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \
+         WHERE run_id = $3 AND state IN ('dispatched', 'generated', 'scored')",
+    )
+    .bind(reason)
+    .bind(at_ms)
+    .bind(run_id)
 }
 
 fn id_list(first: usize, n: usize) -> String {
@@ -639,65 +636,64 @@ pub(crate) struct BatchLimits {
     pub interval: Duration,
 }
 
+/// The writes gathered since the last commit.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<WriteOp>,
+    rows: usize,
+    /// When its first write arrived: the batch commits `interval` later at the latest, and
+    /// the wait until its commit is the ledger's write lag.
+    opened: Option<Instant>,
+}
+
+impl Batch {
+    fn push(&mut self, op: WriteOp) {
+        self.opened.get_or_insert_with(Instant::now);
+        self.rows += op.rows();
+        self.ops.push(op);
+    }
+
+    /// Commits what is gathered (nothing when empty), then records the write lag and the
+    /// writes still `queued` behind it.
+    async fn commit(&mut self, pools: &Pools, failures: &mut Failures, queued: usize) {
+        let Some(opened) = self.opened.take() else {
+            return;
+        };
+        self.rows = 0;
+        commit(pools, std::mem::take(&mut self.ops), failures).await;
+        metrics::histogram!(names::LEDGER_WRITE_LAG_SECONDS).record(opened.elapsed().as_secs_f64());
+        metrics::gauge!(names::LEDGER_PENDING_WRITES).set(queued as f64);
+    }
+}
+
 /// The writer task: runs until a `Close` command or until every sender is gone.
 pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: BatchLimits) {
-    let mut batch: Vec<WriteOp> = Vec::new();
-    let mut rows = 0;
-    let mut deadline = Instant::now();
+    let mut batch = Batch::default();
     let mut failures = Failures::default();
-    // When the oldest write of the batch arrived: its wait is the ledger's write lag.
-    let mut oldest = std::time::Instant::now();
     loop {
-        let cmd = if batch.is_empty() {
-            rx.recv().await
-        } else {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(cmd) => cmd,
-                Err(_elapsed) => {
-                    commit_counted(
-                        &pools,
-                        std::mem::take(&mut batch),
-                        &mut failures,
-                        oldest,
-                        rx.len(),
-                    )
-                    .await;
-                    rows = 0;
-                    continue;
+        let cmd = match batch.opened {
+            None => rx.recv().await,
+            Some(opened) => {
+                match tokio::time::timeout_at(opened + limits.interval, rx.recv()).await {
+                    Ok(cmd) => cmd,
+                    Err(_elapsed) => {
+                        batch.commit(&pools, &mut failures, rx.len()).await;
+                        continue;
+                    }
                 }
             }
         };
         match cmd {
             Some(Command::Write(op)) => {
-                if batch.is_empty() {
-                    deadline = Instant::now() + limits.interval;
-                    oldest = std::time::Instant::now();
-                }
-                rows += op.rows();
                 batch.push(op);
-                metrics::gauge!(names::LEDGER_PENDING_WRITES).set((batch.len() + rx.len()) as f64);
-                if rows >= limits.max_rows {
-                    commit_counted(
-                        &pools,
-                        std::mem::take(&mut batch),
-                        &mut failures,
-                        oldest,
-                        rx.len(),
-                    )
-                    .await;
-                    rows = 0;
+                metrics::gauge!(names::LEDGER_PENDING_WRITES)
+                    .set((batch.ops.len() + rx.len()) as f64);
+                if batch.rows >= limits.max_rows {
+                    batch.commit(&pools, &mut failures, rx.len()).await;
                 }
             }
             Some(Command::Flush(reply)) => {
-                commit_counted(
-                    &pools,
-                    std::mem::take(&mut batch),
-                    &mut failures,
-                    oldest,
-                    rx.len(),
-                )
-                .await;
-                rows = 0;
+                batch.commit(&pools, &mut failures, rx.len()).await;
                 let _ = reply.send(failures.take());
             }
             Some(Command::Close(reply)) => {
@@ -710,14 +706,7 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
                         Command::Flush(r) | Command::Close(r) => flushes.push(r),
                     }
                 }
-                commit_counted(
-                    &pools,
-                    std::mem::take(&mut batch),
-                    &mut failures,
-                    oldest,
-                    rx.len(),
-                )
-                .await;
+                batch.commit(&pools, &mut failures, 0).await;
                 let result = failures.take();
                 for r in flushes {
                     let _ = r.send(Ok(()));
@@ -726,35 +715,11 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
                 return;
             }
             None => {
-                commit_counted(
-                    &pools,
-                    std::mem::take(&mut batch),
-                    &mut failures,
-                    oldest,
-                    rx.len(),
-                )
-                .await;
+                batch.commit(&pools, &mut failures, 0).await;
                 return;
             }
         }
     }
-}
-
-/// [`commit`], then the write-lag histogram (from `oldest`, when the batch's first write
-/// arrived) and the pending-writes gauge (`queued` still waiting).
-async fn commit_counted(
-    pools: &Pools,
-    batch: Vec<WriteOp>,
-    failures: &mut Failures,
-    oldest: std::time::Instant,
-    queued: usize,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    commit(pools, batch, failures).await;
-    metrics::histogram!(names::LEDGER_WRITE_LAG_SECONDS).record(oldest.elapsed().as_secs_f64());
-    metrics::gauge!(names::LEDGER_PENDING_WRITES).set(queued as f64);
 }
 
 /// Commits `batch` in one transaction, falling back to one transaction per op.

@@ -5,7 +5,7 @@
 //! Every setting with a fixed set of values is a serde enum read through [`Choice`], so the
 //! names a file may use and the names an error lists come from the one derive.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -522,6 +522,102 @@ pub struct RawWorkers {
     pub quantize: Option<Choice<Quantize>>,
     /// With `quantize = "nvfp4"`: keep attention projections in f32.
     pub keep_attention_f32: Option<bool>,
+    /// What generates: `chorus` (Chorus' own engine, default) or `vllm` (each worker fronts a
+    /// vLLM server; see `[workers.vllm]`).
+    pub backend: Option<Choice<WorkerBackend>>,
+    /// The vLLM servers of `backend = "vllm"`.
+    pub vllm: Option<RawVllm>,
+}
+
+/// What a rollout worker generates with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerBackend {
+    /// Chorus' own engine (continuous batching, NVFP4 on load).
+    Chorus,
+    /// A vLLM server per worker, driven over its HTTP routes.
+    Vllm,
+}
+
+/// `[workers.vllm]`, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVllm {
+    /// How many of the workers front vLLM (default: all); the others run Chorus' engine.
+    pub count: Option<usize>,
+    /// Python with vLLM installed; Chorus starts `PYTHON -m vllm.entrypoints.openai.api_server`
+    /// per worker (default `python3`).
+    pub python: Option<String>,
+    /// Reach running servers instead, one URL per vLLM worker; they must be able to read
+    /// `weights_dir`.
+    pub urls: Option<Vec<String>>,
+    /// Where published versions are written for the servers to reload (default: the run's
+    /// directory, `vllm/<worker>`); with `urls`, a directory the servers can read.
+    pub weights_dir: Option<PathBuf>,
+    /// Extra server arguments, after Chorus' own (a repeated flag overrides Chorus').
+    pub args: Option<Vec<String>>,
+    /// Extra environment variables of the servers.
+    pub env: Option<BTreeMap<String, String>>,
+    /// `--max-model-len` (default 2048).
+    pub max_model_len: Option<usize>,
+    /// Longest wait for a server to start (default 600 s).
+    pub start_timeout_seconds: Option<u64>,
+    /// Longest wait for each call of a weight update (default 120 s).
+    pub update_timeout_seconds: Option<u64>,
+    /// Longest wait for one completion (default 600 s).
+    pub request_timeout_seconds: Option<u64>,
+    /// Faults injected into weight updates, to drill recovery: `{ version = N, fault =
+    /// "corrupt_weights" | "stall_reload" | "kill_server" }`.
+    pub inject_faults: Option<Vec<RawVllmFault>>,
+}
+
+/// One injected fault, as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVllmFault {
+    /// The policy version whose update fails.
+    pub version: u64,
+    /// How it fails.
+    pub fault: Choice<VllmFaultKind>,
+}
+
+/// A fault a vLLM worker can inject into one of its weight updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VllmFaultKind {
+    /// The version's weight file is written truncated: the server's reload fails.
+    CorruptWeights,
+    /// The server is frozen before the reload: the reload times out.
+    StallReload,
+    /// The server is killed in the middle of the update.
+    KillServer,
+}
+
+/// `[workers.vllm]`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VllmWorkers {
+    /// How many of the workers front vLLM (the first ones: `w0`…).
+    pub count: usize,
+    /// The interpreter that has vLLM.
+    pub python: String,
+    /// Running servers to use instead of starting them.
+    pub urls: Vec<String>,
+    /// Where versions are written for the servers.
+    pub weights_dir: Option<PathBuf>,
+    /// Extra server arguments.
+    pub args: Vec<String>,
+    /// Extra server environment.
+    pub env: BTreeMap<String, String>,
+    /// `--max-model-len`.
+    pub max_model_len: usize,
+    /// Longest wait for a server to start.
+    pub start_timeout: Duration,
+    /// Longest wait for each call of an update.
+    pub update_timeout: Duration,
+    /// Longest wait for one completion.
+    pub request_timeout: Duration,
+    /// Injected faults: (version, fault).
+    pub inject_faults: Vec<(u64, VllmFaultKind)>,
 }
 
 /// The learner, as written.
@@ -715,6 +811,8 @@ pub struct RunConfig {
     pub worker_nvfp4: bool,
     /// With NVFP4: attention projections stay f32.
     pub worker_keep_attention_f32: bool,
+    /// Workers that front vLLM servers (`[workers] backend = "vllm"`).
+    pub vllm: Option<VllmWorkers>,
     /// Learner device.
     pub learner_device: String,
     /// The learner's forward pass runs through the workers' NVFP4 weights.
@@ -1294,6 +1392,115 @@ fn environment_source(
     }
 }
 
+/// `[workers.vllm]` checked against `[workers]`.
+fn vllm_workers(
+    ctx: &Ctx,
+    backend: WorkerBackend,
+    raw: Option<RawVllm>,
+    workers: usize,
+    deterministic: bool,
+    quantize: bool,
+) -> Result<Option<VllmWorkers>, ConfigError> {
+    if backend == WorkerBackend::Chorus {
+        return match raw {
+            Some(_) => Err(ctx.err(
+                "workers.vllm",
+                "[workers.vllm] applies to vLLM workers only: set workers.backend = \"vllm\"",
+            )),
+            None => Ok(None),
+        };
+    }
+    let v = raw.unwrap_or_default();
+    let count = v.count.unwrap_or(workers);
+    if count == 0 || count > workers {
+        return Err(ctx.err(
+            "workers.vllm.count",
+            format!("{count}; allowed: 1 to workers.count ({workers})"),
+        ));
+    }
+    if deterministic {
+        return Err(ctx.err(
+            "workers.backend",
+            "`vllm` cannot run a deterministic run (a vLLM server holds one policy version and \
+             its batches are not bit-reproducible); use backend = \"chorus\" or deterministic = false",
+        ));
+    }
+    if quantize && count == workers {
+        return Err(ctx.err(
+            "workers.quantize",
+            "applies to Chorus' engine; vLLM workers take their precision from \
+             workers.vllm.args (e.g. [\"--dtype\", \"bfloat16\"])",
+        ));
+    }
+    let urls = v.urls.unwrap_or_default();
+    if !urls.is_empty() {
+        if urls.len() != count {
+            return Err(ctx.err(
+                "workers.vllm.urls",
+                format!(
+                    "{} URLs for {count} vLLM workers; give one per worker",
+                    urls.len()
+                ),
+            ));
+        }
+        if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+            return Err(ctx.err(
+                "workers.vllm.urls",
+                format!("`{bad}` is not an address; allowed: http://host:port"),
+            ));
+        }
+        if v.weights_dir.is_none() {
+            return Err(ctx.err(
+                "workers.vllm.weights_dir",
+                "missing: with `urls`, name a directory the servers can read (published \
+                 versions are written there for them to reload)",
+            ));
+        }
+    }
+    let seconds = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+        match v.unwrap_or(default) {
+            0 => Err(ctx.err(
+                format!("workers.vllm.{key}"),
+                "0; allowed: 1 or more seconds",
+            )),
+            n => Ok(Duration::from_secs(n)),
+        }
+    };
+    let inject_faults = v
+        .inject_faults
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            Ok((
+                f.version,
+                ctx.known("workers.vllm.inject_faults.fault", f.fault)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    if let Some((0, _)) = inject_faults.iter().find(|(v, _)| *v == 0) {
+        return Err(ctx.err(
+            "workers.vllm.inject_faults.version",
+            "0; faults apply to updates, from version 1 on",
+        ));
+    }
+    Ok(Some(VllmWorkers {
+        count,
+        python: v.python.unwrap_or_else(|| "python3".into()),
+        urls,
+        weights_dir: v.weights_dir,
+        args: v.args.unwrap_or_default(),
+        env: v.env.unwrap_or_default(),
+        max_model_len: match v.max_model_len.unwrap_or(2048) {
+            0 => return Err(ctx.err("workers.vllm.max_model_len", "0; allowed: 1 or more tokens")),
+            n => n,
+        },
+        start_timeout: seconds("start_timeout_seconds", v.start_timeout_seconds, 600)?,
+        update_timeout: seconds("update_timeout_seconds", v.update_timeout_seconds, 120)?,
+        request_timeout: seconds("request_timeout_seconds", v.request_timeout_seconds, 600)?,
+        inject_faults,
+    }))
+}
+
 fn device(ctx: &Ctx, key: &str, d: Option<String>) -> Result<String, ConfigError> {
     let d = d.unwrap_or_else(|| Defaults::DEVICE.to_string());
     let ok = d == "cpu"
@@ -1362,10 +1569,12 @@ impl RunConfig {
                 }
             }
         }
+        let vllm_weights = cfg.vllm.as_mut().and_then(|v| v.weights_dir.as_mut());
         for p in [
-            &mut cfg.checkpoint,
-            &mut cfg.init_config,
-            &mut cfg.tokenizer,
+            cfg.checkpoint.as_mut(),
+            cfg.init_config.as_mut(),
+            cfg.tokenizer.as_mut(),
+            vllm_weights,
         ]
         .into_iter()
         .flatten()
@@ -1736,6 +1945,17 @@ impl RunConfig {
         let worker_quantize = ctx
             .choice("workers.quantize", w.quantize)?
             .or(Defaults::WORKER_QUANTIZE);
+        let backend = ctx
+            .choice("workers.backend", w.backend)?
+            .unwrap_or(WorkerBackend::Chorus);
+        let vllm = vllm_workers(
+            ctx,
+            backend,
+            w.vllm,
+            workers,
+            raw.deterministic.unwrap_or(Defaults::DETERMINISTIC),
+            worker_quantize.is_some(),
+        )?;
         let learner_quantize = ctx
             .choice("learner.quantize_forward", l.quantize_forward)?
             .or(Defaults::LEARNER_QUANTIZE_FORWARD);
@@ -1764,6 +1984,7 @@ impl RunConfig {
             worker_device,
             worker_nvfp4: worker_quantize == Some(Quantize::Nvfp4),
             worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(Defaults::KEEP_ATTENTION_F32),
+            vllm,
             learner_nvfp4_forward,
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),

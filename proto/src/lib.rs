@@ -21,6 +21,8 @@
 //! - [`auth`]: interceptors that attach and check the shared `Bearer` token;
 //! - [`checksum`]: the digest carried by the last [`WeightChunk`](v1::WeightChunk)
 //!   of a weight stream and a verifier for receivers;
+//! - [`http`]: a small HTTP/1.1 JSON client for the non-gRPC services Chorus drives (NeMo Gym
+//!   resources servers, vLLM);
 //! - [`schedule`]: the learning-rate schedule that the orchestrator and the learner share;
 //! - [`objective`]: the RL objective (algorithm, correction, KL, aggregation) a stage names and
 //!   the learner evaluates.
@@ -31,6 +33,7 @@
 
 pub mod auth;
 pub mod checksum;
+pub mod http;
 pub mod objective;
 pub mod schedule;
 pub mod weights;

@@ -1,7 +1,10 @@
 //! The gRPC face of the worker: `RolloutWorker.Generate`, a bidirectional stream. Each request
-//! runs as its own job; responses return in completion order, each carrying its ids.
+//! runs as its own job on the worker's [`Generator`] (Chorus' engine thread or a vLLM server);
+//! responses return in completion order, each carrying its ids.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use chorus_model::sampling::{SamplingParams, ThinkBudget};
 use chorus_proto::v1::rollout_worker_server::RolloutWorker;
@@ -12,21 +15,53 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::engine_loop::{Job, WorkerHandle};
+use crate::engine_loop::{Job, JobResult, WorkerHandle};
 use crate::metrics as names;
 
-/// The `RolloutWorker` service over an engine thread.
+/// What generates for a worker: Chorus' engine thread ([`WorkerHandle`]) or a vLLM server
+/// ([`VllmWorker`](crate::VllmWorker)).
+pub trait Generator: Send + Sync + 'static {
+    /// Runs `job`; an error in the result fails this request alone.
+    fn generate(&self, job: Job) -> Pin<Box<dyn Future<Output = JobResult> + Send + '_>>;
+
+    /// The policy version in use.
+    fn version(&self) -> u64;
+
+    /// Why the backend can serve nothing now, if it cannot (its server is gone): the worker then
+    /// ends its `Generate` streams instead of failing requests one by one, so the orchestrator
+    /// dispatches them to other workers.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Generator for WorkerHandle {
+    fn generate(&self, job: Job) -> Pin<Box<dyn Future<Output = JobResult> + Send + '_>> {
+        Box::pin(WorkerHandle::generate(self, job))
+    }
+
+    fn version(&self) -> u64 {
+        WorkerHandle::version(self)
+    }
+}
+
+/// The `RolloutWorker` service over a [`Generator`].
 #[derive(Clone)]
 pub struct RolloutService {
-    handle: WorkerHandle,
+    generator: Arc<dyn Generator>,
     worker_id: String,
 }
 
 impl RolloutService {
-    /// The service over the engine thread behind `handle`, answering as `worker_id`.
-    pub fn new(handle: WorkerHandle, worker_id: impl Into<String>) -> Self {
+    /// The service over `generator`, answering as `worker_id`.
+    pub fn new(generator: impl Generator, worker_id: impl Into<String>) -> Self {
+        Self::shared(Arc::new(generator), worker_id)
+    }
+
+    /// The service over a generator shared with others (the follower of the learner).
+    pub fn shared(generator: Arc<dyn Generator>, worker_id: impl Into<String>) -> Self {
         Self {
-            handle,
+            generator,
             worker_id: worker_id.into(),
         }
     }
@@ -68,7 +103,7 @@ impl RolloutWorker for RolloutService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
-        let handle = self.handle.clone();
+        let handle = self.generator.clone();
         let worker_id = self.worker_id.clone();
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
@@ -100,6 +135,13 @@ impl RolloutWorker for RolloutService {
                         in_flight.increment(1.0);
                         let r = handle.generate(job_of(&req)).await;
                         in_flight.decrement(1.0);
+                        if r.error.is_some()
+                            && let Some(why) = handle.unavailable()
+                        {
+                            tracing::warn!(reason = %why, "the worker cannot generate; ending its Generate stream so its requests go to other workers");
+                            let _ = tx.send(Err(Status::unavailable(why))).await;
+                            return;
+                        }
                         let outcome = if r.error.is_some() { "error" } else { "ok" };
                         metrics::counter!(names::REQUESTS, "outcome" => outcome).increment(1);
                         metrics::counter!(names::GENERATED_TOKENS).increment(r.tokens.len() as u64);

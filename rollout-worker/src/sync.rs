@@ -15,6 +15,8 @@ use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
 use crate::metrics as names;
+use crate::service::Generator;
+use crate::vllm::VllmWorker;
 
 /// Why a policy version could not be fetched or built.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,10 @@ pub enum FetchErrorKind {
     /// The transfer began and then stalled past its deadline; nothing was installed.
     #[error("{0}")]
     Stalled(String),
+    /// The backend could not install the version (a vLLM server's reload failed); it keeps the
+    /// version it had.
+    #[error("installing it: {0}")]
+    Install(String),
     /// An exact version was asked for and another one came.
     #[error("the learner sent version {got} instead")]
     WrongVersion {
@@ -148,8 +154,38 @@ where
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
+    let (version, tensors) =
+        fetch_tensors(client, run_id, worker_id, at_least, exact, chunk_deadline).await?;
+    let engine = Engine::from_tensors_with(cfg, &tensors, options).map_err(|e| {
+        metrics::counter!(names::WEIGHT_SYNC_FAILURES).increment(1);
+        FetchError {
+            run_id: run_id.to_string(),
+            worker_id: worker_id.to_string(),
+            version,
+            kind: FetchErrorKind::Engine(e.to_string()),
+        }
+    })?;
+    Ok((version, engine))
+}
+
+/// Fetches policy version `at_least` or newer (exactly `at_least` when `exact`) and returns its
+/// tensors by their HF names, verified against the stream's checksum.
+pub async fn fetch_tensors<T>(
+    client: &mut LearnerClient<T>,
+    run_id: &str,
+    worker_id: &str,
+    at_least: u64,
+    exact: bool,
+    chunk_deadline: Duration,
+) -> Result<(u64, BTreeMap<String, Tensor>), FetchError>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
     let started = std::time::Instant::now();
-    let fetched: Result<(u64, Engine, u64), FetchError> = async {
+    let fetched: Result<(u64, BTreeMap<String, Tensor>, u64), FetchError> = async {
         let fail = |version: u64, kind: FetchErrorKind| FetchError {
             run_id: run_id.to_string(),
             worker_id: worker_id.to_string(),
@@ -191,10 +227,8 @@ where
             })?;
             map.insert(name, tensor);
         }
-        let engine = Engine::from_tensors_with(cfg, &map, options)
-            .map_err(|e| fail(version, FetchErrorKind::Engine(e.to_string())))?;
         tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
-        Ok((version, engine, bytes))
+        Ok((version, map, bytes))
     }
     .await;
     match &fetched {
@@ -204,7 +238,7 @@ where
         }
         Err(_) => metrics::counter!(names::WEIGHT_SYNC_FAILURES).increment(1),
     }
-    fetched.map(|(version, engine, _)| (version, engine))
+    fetched.map(|(version, tensors, _)| (version, tensors))
 }
 
 /// Keeps `handle` on the learner's latest version, building each version with `options`
@@ -216,7 +250,7 @@ where
 /// dropped.
 pub async fn follow_learner<T>(
     handle: WorkerHandle,
-    mut client: LearnerClient<T>,
+    client: LearnerClient<T>,
     cfg: NemotronHConfig,
     options: EngineOptions,
     run_id: String,
@@ -239,35 +273,130 @@ pub async fn follow_learner<T>(
         worker_id.clone(),
     ));
     let _stop_older = AbortOnDrop(older);
+    let version = {
+        let handle = handle.clone();
+        move || handle.version()
+    };
+    follow(
+        client,
+        &run_id,
+        &worker_id,
+        policy,
+        version,
+        |version, tensors| {
+            let engine = Engine::from_tensors_with(&cfg, &tensors, &options)
+                .map_err(|e| FetchErrorKind::Engine(e.to_string()));
+            let handle = handle.clone();
+            async move {
+                handle.install_weights(version, Arc::new(engine?));
+                Ok(())
+            }
+        },
+    )
+    .await
+}
+
+/// Keeps a vLLM worker on the learner's latest version: each new version is fetched, written as
+/// an HF checkpoint and reloaded by the server ([`VllmWorker::install`]). A failed fetch or
+/// update leaves the worker on its version and is tried again after a backoff, as in
+/// [`follow_learner`]. Runs until its task is dropped.
+pub async fn follow_learner_vllm<T>(
+    worker: VllmWorker,
+    client: LearnerClient<T>,
+    run_id: String,
+    worker_id: String,
+    policy: SyncPolicy,
+) where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let version = {
+        let worker = worker.clone();
+        move || Generator::version(&worker)
+    };
+    follow(
+        client,
+        &run_id,
+        &worker_id,
+        policy,
+        version,
+        |version, tensors| {
+            let worker = worker.clone();
+            async move {
+                worker
+                    .install(version, tensors)
+                    .await
+                    .map_err(FetchErrorKind::Install)
+            }
+        },
+    )
+    .await
+}
+
+/// Keeps a backend on the learner's latest version: fetches the version after the one
+/// `version()` reports and hands it to `install`. A fetch or an install that fails keeps the
+/// backend on its version: the failure is logged and tried again after a backoff that doubles
+/// from `policy.first_backoff` up to `policy.max_backoff`. Runs until its task is dropped.
+pub(crate) async fn follow<T, F, Fut>(
+    mut client: LearnerClient<T>,
+    run_id: &str,
+    worker_id: &str,
+    policy: SyncPolicy,
+    version: impl Fn() -> u64,
+    mut install: F,
+) where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+    F: FnMut(u64, BTreeMap<String, Tensor>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), FetchErrorKind>>,
+{
     let mut backoff = policy.first_backoff;
     loop {
-        match fetch(
+        let held = version();
+        let outcome = match fetch_tensors(
             &mut client,
-            &cfg,
-            &options,
-            &run_id,
-            &worker_id,
-            handle.version() + 1,
+            run_id,
+            worker_id,
+            held + 1,
             false,
             policy.chunk_deadline,
         )
         .await
         {
-            Ok((version, engine)) => {
-                backoff = policy.first_backoff;
-                if version > handle.version() {
-                    tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "installing policy version");
-                    handle.install_weights(version, Arc::new(engine));
-                    metrics::gauge!(names::POLICY_VERSION).set(version as f64);
+            Ok((got, _)) if got <= version() => Ok(()),
+            Ok((got, tensors)) => {
+                tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = got, "installing policy version");
+                match install(got, tensors).await {
+                    Ok(()) => {
+                        metrics::gauge!(names::POLICY_VERSION).set(got as f64);
+                        Ok(())
+                    }
+                    Err(kind) => {
+                        metrics::counter!(names::WEIGHT_SYNC_FAILURES).increment(1);
+                        Err(FetchError {
+                            run_id: run_id.to_string(),
+                            worker_id: worker_id.to_string(),
+                            version: got,
+                            kind,
+                        })
+                    }
                 }
             }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => backoff = policy.first_backoff,
             Err(e) => {
+                let held = version();
                 tracing::warn!(
                     error = %e,
-                    policy_version = handle.version(),
+                    policy_version = held,
                     retry_in = ?backoff,
-                    "weight sync failed; the worker stays on version {} and tries again in {backoff:?}",
-                    handle.version()
+                    "weight sync failed; the worker stays on version {held} and tries again in {backoff:?}"
                 );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(policy.max_backoff);

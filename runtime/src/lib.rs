@@ -44,6 +44,6 @@ pub use environments::environment_registry;
 pub use error::RunError;
 pub use plan::{EvalPlan, RunPlan, device};
 pub use registration::{Reporter, register};
-pub use services::{serve_routes, start_learner, start_worker};
+pub use services::{Backend, serve_routes, start_learner, start_worker};
 pub use standby::{Role, Standby, stand_by};
 pub use summary::{CurvePoint, EnvironmentResult, Outcome, StageSummary, Summary, from_ledger};

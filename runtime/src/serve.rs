@@ -20,7 +20,7 @@ use crate::driver::default_db;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::registration::{Reporter, register};
-use crate::services::{serve_routes, start_learner, start_worker};
+use crate::services::{Backend, serve_routes, start_learner, start_worker};
 use crate::summary::Summary;
 use crate::{Endpoints, RunOptions, orchestrate};
 
@@ -67,11 +67,20 @@ pub async fn learner(
 pub async fn worker(
     plan: &RunPlan,
     learner_url: &str,
+    backend: &Backend,
     s: ServiceOptions,
     listening: impl FnOnce(&str),
 ) -> Result<()> {
-    let (bound, handle) =
-        start_worker(plan, learner_url, &s.token, &s.run_id, &s.id, &s.listen).await?;
+    let (bound, handle) = start_worker(
+        plan,
+        learner_url,
+        &s.token,
+        &s.run_id,
+        &s.id,
+        &s.listen,
+        backend,
+    )
+    .await?;
     let url = advertised_url(&bound, s.advertise.as_deref())?;
     if let Some(orchestrator) = &s.orchestrator {
         let reporter = Reporter::Worker {

@@ -8,15 +8,18 @@ use chorus_learner::{
     CheckpointPolicy, LearnerHandle, LearnerService, LearnerServiceConfig, Trainer, spawn_learner,
 };
 use chorus_model::checkpoint;
+use chorus_orchestrator::config::{VllmFaultKind, VllmWorkers};
 use chorus_proto::auth::{AttachToken, RequireToken};
 use chorus_proto::tonic::service::Routes;
-use chorus_proto::tonic::transport::{Endpoint, Server};
+use chorus_proto::tonic::service::interceptor::InterceptedService;
+use chorus_proto::tonic::transport::{Channel, Endpoint, Server};
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
+use chorus_rollout_worker::vllm::{VllmFault, VllmLaunch, VllmOptions, VllmServer};
 use chorus_rollout_worker::{
-    RolloutService, SyncPolicy, WorkerHandle, WorkerOptions, fetch_version, follow_learner,
-    spawn_engine_loop_with,
+    Generator, RolloutService, SyncPolicy, VllmWorker, WorkerHandle, WorkerOptions, fetch_tensors,
+    fetch_version, follow_learner, follow_learner_vllm, spawn_engine_loop_with,
 };
 
 use crate::driver::LearnerFrom;
@@ -104,9 +107,24 @@ pub async fn start_learner_from(
     Ok((handle, url))
 }
 
+/// What a worker generates with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Backend {
+    /// Chorus' own engine.
+    Chorus,
+    /// A vLLM server (`[workers.vllm]`): reached at `url`, or started by the worker; versions
+    /// and the server's log go under `work_dir`.
+    Vllm {
+        /// A running server, if the worker does not start one.
+        url: Option<String>,
+        /// The worker's directory.
+        work_dir: std::path::PathBuf,
+    },
+}
+
 /// A rollout worker of run `run_id` with id `worker_id`: fetches the learner's current weights
-/// from `learner_url`, follows its later versions, and serves `Generate` on `listen`. Returns
-/// its URL and handle.
+/// from `learner_url`, follows its later versions, and serves `Generate` on `listen` with
+/// `backend`. Returns its URL and its generator.
 pub async fn start_worker(
     plan: &RunPlan,
     learner_url: &str,
@@ -114,7 +132,8 @@ pub async fn start_worker(
     run_id: &str,
     worker_id: &str,
     listen: &str,
-) -> Result<(String, WorkerHandle)> {
+    backend: &Backend,
+) -> Result<(String, Arc<dyn Generator>)> {
     let channel = Endpoint::from_shared(learner_url.to_string())
         .map_err(RunError::transport(format!(
             "the learner's address `{learner_url}`"
@@ -125,6 +144,101 @@ pub async fn start_worker(
             "connecting to the learner at {learner_url}"
         )))?;
     let mut client = LearnerClient::with_interceptor(channel, AttachToken::new(token)?);
+    let generator: Arc<dyn Generator> = match backend {
+        Backend::Chorus => Arc::new(start_engine(plan, client, run_id, worker_id).await?),
+        Backend::Vllm { url, work_dir } => {
+            let settings = plan.config.vllm.as_ref().ok_or_else(|| {
+                RunError::Invalid(
+                    "a vLLM worker needs [workers] backend = \"vllm\" in the run config".into(),
+                )
+            })?;
+            let (version, tensors) = fetch_tensors(
+                &mut client,
+                run_id,
+                worker_id,
+                0,
+                false,
+                SyncPolicy::default().chunk_deadline,
+            )
+            .await?;
+            let options = vllm_options(plan, settings, url.clone(), work_dir.clone());
+            let worker =
+                VllmWorker::start(worker_id, plan.model.clone(), version, tensors, options)
+                    .await
+                    .map_err(|e| {
+                        RunError::Unavailable(format!("rollout worker {worker_id}: {e}"))
+                    })?;
+            tokio::spawn(follow_learner_vllm(
+                worker.clone(),
+                client,
+                run_id.to_string(),
+                worker_id.to_string(),
+                SyncPolicy::default(),
+            ));
+            Arc::new(worker)
+        }
+    };
+    let version = generator.version();
+    let svc = RolloutWorkerServer::with_interceptor(
+        RolloutService::shared(generator.clone(), worker_id),
+        RequireToken::new(token)?,
+    );
+    let url = serve_routes(Routes::new(svc), listen).await?;
+    tracing::info!(
+        run_id,
+        worker_id,
+        url,
+        version,
+        "rollout worker {worker_id} serving at {url}"
+    );
+    Ok((url, generator))
+}
+
+/// The settings of one vLLM worker.
+fn vllm_options(
+    plan: &RunPlan,
+    v: &VllmWorkers,
+    url: Option<String>,
+    work_dir: std::path::PathBuf,
+) -> VllmOptions {
+    let server = match url {
+        Some(url) => VllmServer::Url(url),
+        None => VllmServer::Launch(VllmLaunch {
+            python: v.python.clone(),
+            args: v.args.clone(),
+            env: v.env.iter().map(|(k, x)| (k.clone(), x.clone())).collect(),
+            start_timeout: v.start_timeout,
+            max_model_len: v.max_model_len,
+            max_num_seqs: plan.config.worker_max_batch,
+        }),
+    };
+    VllmOptions {
+        server,
+        work_dir,
+        update_timeout: v.update_timeout,
+        request_timeout: v.request_timeout,
+        faults: v
+            .inject_faults
+            .iter()
+            .map(|(version, f)| {
+                let fault = match f {
+                    VllmFaultKind::CorruptWeights => VllmFault::CorruptWeights,
+                    VllmFaultKind::StallReload => VllmFault::StallReload,
+                    VllmFaultKind::KillServer => VllmFault::KillServer,
+                };
+                (*version, fault)
+            })
+            .collect(),
+    }
+}
+
+/// Chorus' engine thread on the learner's current version, following its later ones.
+async fn start_engine(
+    plan: &RunPlan,
+    mut client: LearnerClient<InterceptedService<Channel, AttachToken>>,
+    run_id: &str,
+    worker_id: &str,
+) -> Result<WorkerHandle> {
     let (version, engine) =
         fetch_version(&mut client, &plan.model, &plan.engine, run_id, worker_id, 0).await?;
     let handle = spawn_engine_loop_with(
@@ -145,17 +259,5 @@ pub async fn start_worker(
         worker_id.to_string(),
         SyncPolicy::default(),
     ));
-    let svc = RolloutWorkerServer::with_interceptor(
-        RolloutService::new(handle.clone(), worker_id),
-        RequireToken::new(token)?,
-    );
-    let url = serve_routes(Routes::new(svc), listen).await?;
-    tracing::info!(
-        run_id,
-        worker_id,
-        url,
-        version,
-        "rollout worker {worker_id} serving at {url}"
-    );
-    Ok((url, handle))
+    Ok(handle)
 }

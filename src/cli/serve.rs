@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chorus_runtime::serve::{DaemonOptions, OrchestratorOptions, ServiceOptions};
-use chorus_runtime::{Role, RunPlan, Standby, stand_by};
+use chorus_runtime::{Backend, Role, RunPlan, Standby, stand_by};
 use clap::{Args, Subcommand};
 
 /// The services `chorus serve` runs; how they connect is in the `Serve` command's help.
@@ -89,6 +89,17 @@ pub struct WorkerArgs {
     /// This worker's id in the ledger and at the orchestrator; unique per worker.
     #[arg(long, default_value = "w0")]
     id: String,
+    /// What generates: `chorus` (Chorus' engine) or `vllm` (a vLLM server per
+    /// `[workers.vllm]`); default: the config's `workers.backend`.
+    #[arg(long, value_parser = ["chorus", "vllm"])]
+    backend: Option<String>,
+    /// With the vLLM backend: a running vLLM server to drive instead of starting one.
+    #[arg(long)]
+    vllm_url: Option<String>,
+    /// With the vLLM backend: where published versions (and a started server's log) go
+    /// [default: workers.vllm.weights_dir/ID, else a directory under the system's temp dir].
+    #[arg(long)]
+    vllm_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -182,6 +193,45 @@ impl ServiceArgs {
     }
 }
 
+/// The backend of `serve worker`: the flag, else the config's.
+fn worker_backend(
+    plan: &RunPlan,
+    id: &str,
+    flag: Option<String>,
+    vllm_url: Option<String>,
+    vllm_dir: Option<PathBuf>,
+) -> anyhow::Result<Backend> {
+    let vllm = match flag.as_deref() {
+        Some("vllm") => true,
+        Some(_) => false,
+        None => plan.config.vllm.is_some(),
+    };
+    if !vllm {
+        if vllm_url.is_some() || vllm_dir.is_some() {
+            bail!("--vllm-url and --vllm-dir apply to vLLM workers: add --backend vllm");
+        }
+        return Ok(Backend::Chorus);
+    }
+    let Some(settings) = &plan.config.vllm else {
+        bail!(
+            "--backend vllm needs [workers] backend = \"vllm\" and its [workers.vllm] settings \
+             in the run config"
+        );
+    };
+    let work_dir = vllm_dir.unwrap_or_else(|| {
+        settings
+            .weights_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("chorus-vllm"))
+            .join(&plan.config.name)
+            .join(id)
+    });
+    Ok(Backend::Vllm {
+        url: vllm_url,
+        work_dir,
+    })
+}
+
 /// Whether `cmd` is a standby learner or worker (no config, an orchestrator to wait at).
 pub fn stands_by(cmd: &ServeCommand) -> bool {
     match cmd {
@@ -211,6 +261,9 @@ pub fn run(cmd: ServeCommand, metrics: Option<std::net::SocketAddr>) -> anyhow::
                 service: a,
                 learner,
                 id,
+                backend,
+                vllm_url,
+                vllm_dir,
             }) => {
                 if let Some(mut standby) = a.standby(Role::Worker, &id) {
                     standby.metrics = metrics;
@@ -222,11 +275,16 @@ pub fn run(cmd: ServeCommand, metrics: Option<std::net::SocketAddr>) -> anyhow::
                     "give the learner's address (--learner URL); only standby workers (no \
                      --config) are told it",
                 )?;
+                let backend = worker_backend(&plan, &id, backend, vllm_url, vllm_dir)?;
                 let options = a.options(id, &plan);
-                Ok(
-                    chorus_runtime::serve::worker(&plan, &learner, options, super::print_listening)
-                        .await?,
+                Ok(chorus_runtime::serve::worker(
+                    &plan,
+                    &learner,
+                    &backend,
+                    options,
+                    super::print_listening,
                 )
+                .await?)
             }
             ServeCommand::Environment(a) => {
                 let env = chorus_environments::builtin_registry().get(&a.name)?;

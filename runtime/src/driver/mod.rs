@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
-use crate::services::{start_learner_from, start_worker};
+use crate::services::{Backend, start_learner_from, start_worker};
 use crate::summary::{self, Summary, gain_line};
 use chorus_learner::CheckpointPolicy;
 use evaluation::Evaluator;
@@ -400,8 +400,27 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
     let mut workers = vec![];
     for i in 0..cfg.workers {
         let id = format!("w{i}");
-        let (url, _) =
-            start_worker(plan, &learner_url, &token, &run_id, &id, "127.0.0.1:0").await?;
+        let backend = match &cfg.vllm {
+            Some(v) if i < v.count => Backend::Vllm {
+                url: v.urls.get(i).cloned(),
+                work_dir: v
+                    .weights_dir
+                    .clone()
+                    .unwrap_or_else(|| out_dir.join("vllm"))
+                    .join(&id),
+            },
+            _ => Backend::Chorus,
+        };
+        let (url, _) = start_worker(
+            plan,
+            &learner_url,
+            &token,
+            &run_id,
+            &id,
+            "127.0.0.1:0",
+            &backend,
+        )
+        .await?;
         workers.push(url);
     }
     let endpoints = Endpoints {

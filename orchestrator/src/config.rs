@@ -575,7 +575,7 @@ pub struct RawVllm {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVllmFault {
-    /// The policy version whose update fails.
+    /// The first update to this policy version or a later one fails.
     pub version: u64,
     /// How it fails.
     pub fault: Choice<VllmFaultKind>,
@@ -2073,6 +2073,41 @@ sampling = { temperature = 0.9 }
 "#;
 
     #[test]
+    fn vllm_workers_are_read_with_their_defaults() {
+        let c = RunConfig::from_toml_str(
+            &GOOD.replace(
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\ncount = 3\nbackend = \"vllm\"\n[workers.vllm]\n\
+                 count = 2\nargs = [\"--dtype\", \"bfloat16\"]\nenv = { VLLM_CPU_KVCACHE_SPACE = \"4\" }\n\
+                 inject_faults = [{ version = 4, fault = \"stall_reload\" }]",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        let v = c.vllm.unwrap();
+        assert_eq!((c.workers, v.count), (3, 2));
+        assert_eq!(v.python, "python3");
+        assert_eq!(v.args, ["--dtype", "bfloat16"]);
+        assert_eq!(v.env["VLLM_CPU_KVCACHE_SPACE"], "4");
+        assert_eq!(v.max_model_len, 2048);
+        assert_eq!(v.update_timeout, Duration::from_secs(120));
+        assert_eq!(v.inject_faults, [(4, VllmFaultKind::StallReload)]);
+        assert!(v.urls.is_empty() && v.weights_dir.is_none());
+        // Chorus' engine by default, with no vLLM settings.
+        assert_eq!(RunConfig::from_toml_str(GOOD, "x.toml").unwrap().vllm, None);
+        // A weights directory is relative to the config file, as every path is.
+        let text = GOOD.replace(
+            "name = \"t\"",
+            "name = \"t\"\n[workers]\ncount = 1\nbackend = \"vllm\"\n[workers.vllm]\n\
+             urls = [\"http://gpu1:8000\"]\nweights_dir = \"shared/w\"",
+        );
+        let c = RunConfig::from_toml_relative_to(&text, "x.toml", Path::new("/cfg")).unwrap();
+        let v = c.vllm.unwrap();
+        assert_eq!(v.weights_dir.unwrap(), Path::new("/cfg/shared/w"));
+        assert_eq!(v.urls, ["http://gpu1:8000"]);
+    }
+
+    #[test]
     fn advantage_shaping_ratios_and_until_are_read() {
         let c = RunConfig::from_toml_str(
             &GOOD.replace(
@@ -2526,6 +2561,60 @@ sampling = { temperature = 0.9 }
                 "name = \"t\"\n[learner]\naggregation = \"sum\"",
                 "learner.aggregation",
                 "`sum`; allowed: token_mean, seq_mean_token_mean",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nbackend = \"sglang\"",
+                "workers.backend",
+                "`sglang`; allowed: chorus, vllm",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers.vllm]\npython = \"p\"",
+                "workers.vllm",
+                "set workers.backend = \"vllm\"",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\ncount = 2\nbackend = \"vllm\"\n[workers.vllm]\ncount = 3",
+                "workers.vllm.count",
+                "3; allowed: 1 to workers.count (2)",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\ndeterministic = true\n[workers]\nbackend = \"vllm\"",
+                "workers.backend",
+                "cannot run a deterministic run",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\ncount = 2\nbackend = \"vllm\"\n[workers.vllm]\nurls = [\"http://a:1\"]",
+                "workers.vllm.urls",
+                "1 URLs for 2 vLLM workers",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\ncount = 1\nbackend = \"vllm\"\n[workers.vllm]\nurls = [\"http://a:1\"]",
+                "workers.vllm.weights_dir",
+                "a directory the servers can read",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nbackend = \"vllm\"\n[workers.vllm]\nupdate_timeout_seconds = 0",
+                "workers.vllm.update_timeout_seconds",
+                "allowed: 1 or more seconds",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nbackend = \"vllm\"\n[workers.vllm]\ninject_faults = [{ version = 2, fault = \"oops\" }]",
+                "workers.vllm.inject_faults.fault",
+                "`oops`; allowed: corrupt_weights, stall_reload, kill_server",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nbackend = \"vllm\"\nquantize = \"nvfp4\"",
+                "workers.quantize",
+                "vLLM workers take their precision from",
             ),
             (
                 "name = \"t\"",

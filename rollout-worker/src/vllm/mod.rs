@@ -71,7 +71,7 @@ pub struct VllmOptions {
     pub update_timeout: Duration,
     /// Longest wait for one completion.
     pub request_timeout: Duration,
-    /// Faults to inject, each once, into the update to the given version.
+    /// Faults to inject, each once, into the first update to the given version or a later one.
     pub faults: Vec<(u64, VllmFault)>,
 }
 
@@ -249,7 +249,9 @@ impl VllmWorker {
     ) -> Result<(), String> {
         let fault = {
             let mut faults = self.inner.faults.lock().expect("not poisoned");
-            let i = faults.iter().position(|(v, _)| *v == version);
+            // The follower may skip versions (it installs the newest): a fault planned for a
+            // version hits the first update to it or a later one.
+            let i = faults.iter().position(|(v, _)| *v <= version);
             i.map(|i| faults.remove(i).1)
         };
         let corrupt = fault == Some(VllmFault::CorruptWeights);

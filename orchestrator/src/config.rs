@@ -649,6 +649,44 @@ pub struct RawLearner {
     /// Step of the MoE routers' load-balancing biases after every step (aux-loss-free
     /// balancing: `bias += rate * sign(mean load - load)`); 0 turns it off.
     pub router_bias_rate: Option<f64>,
+    /// What trains: `chorus` (Chorus' candle learner, default) or `torch` (the `chorus_learner`
+    /// Python package on PyTorch; see `[learner.torch]`).
+    pub backend: Option<Choice<LearnerBackend>>,
+    /// The PyTorch learner of `backend = "torch"`.
+    pub torch: Option<RawTorchLearner>,
+}
+
+/// What trains the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LearnerBackend {
+    /// Chorus' learner (candle, CPU).
+    Chorus,
+    /// The `chorus_learner` Python package (PyTorch, HF transformers).
+    Torch,
+}
+
+/// `[learner.torch]`, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTorchLearner {
+    /// A Python with torch, transformers and `chorus-learner` installed (default `python3`).
+    pub python: Option<String>,
+    /// Extra arguments of `python -m chorus_learner` (e.g. `["--threads", "4"]`).
+    pub args: Option<Vec<String>>,
+    /// Longest wait for it to serve (default 300 s).
+    pub start_timeout_seconds: Option<u64>,
+}
+
+/// `[learner.torch]`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TorchLearner {
+    /// The interpreter.
+    pub python: String,
+    /// Extra arguments.
+    pub args: Vec<String>,
+    /// Longest wait for it to serve.
+    pub start_timeout: Duration,
 }
 
 /// A validated environment entry.
@@ -813,6 +851,8 @@ pub struct RunConfig {
     pub worker_keep_attention_f32: bool,
     /// Workers that front vLLM servers (`[workers] backend = "vllm"`).
     pub vllm: Option<VllmWorkers>,
+    /// The PyTorch learner (`[learner] backend = "torch"`), when it trains instead of Chorus'.
+    pub torch_learner: Option<TorchLearner>,
     /// Learner device.
     pub learner_device: String,
     /// The learner's forward pass runs through the workers' NVFP4 weights.
@@ -1392,6 +1432,52 @@ fn environment_source(
     }
 }
 
+/// `[learner.torch]` checked against the stages (what the PyTorch learner trains).
+fn torch_learner(
+    ctx: &Ctx,
+    backend: LearnerBackend,
+    raw: Option<RawTorchLearner>,
+    stages: &[Stage],
+) -> Result<Option<TorchLearner>, ConfigError> {
+    if backend == LearnerBackend::Chorus {
+        return match raw {
+            Some(_) => Err(ctx.err(
+                "learner.torch",
+                "[learner.torch] applies to the PyTorch learner only: set learner.backend = \"torch\"",
+            )),
+            None => Ok(None),
+        };
+    }
+    if let Some((i, s)) = stages
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !matches!(s.kind, StageKind::Sft | StageKind::Rlvr | StageKind::SweRl))
+    {
+        return Err(ctx.err(
+            format!("stages[{i}].kind"),
+            format!(
+                "`{}` stages are trained by Chorus' learner only; the PyTorch learner trains \
+                 sft, rlvr and swe_rl stages (set learner.backend = \"chorus\")",
+                s.kind.name()
+            ),
+        ));
+    }
+    let t = raw.unwrap_or_default();
+    Ok(Some(TorchLearner {
+        python: t.python.unwrap_or_else(|| "python3".into()),
+        args: t.args.unwrap_or_default(),
+        start_timeout: match t.start_timeout_seconds.unwrap_or(300) {
+            0 => {
+                return Err(ctx.err(
+                    "learner.torch.start_timeout_seconds",
+                    "0; allowed: 1 or more seconds",
+                ));
+            }
+            n => Duration::from_secs(n),
+        },
+    }))
+}
+
 /// `[workers.vllm]` checked against `[workers]`.
 fn vllm_workers(
     ctx: &Ctx,
@@ -1959,6 +2045,13 @@ impl RunConfig {
         let learner_quantize = ctx
             .choice("learner.quantize_forward", l.quantize_forward)?
             .or(Defaults::LEARNER_QUANTIZE_FORWARD);
+        let torch_learner = torch_learner(
+            ctx,
+            ctx.choice("learner.backend", l.backend.clone())?
+                .unwrap_or(LearnerBackend::Chorus),
+            l.torch.clone(),
+            &stages,
+        )?;
         let learner_nvfp4_forward = match learner_quantize {
             None => false,
             Some(Quantize::Nvfp4) if worker_quantize == Some(Quantize::Nvfp4) => true,
@@ -1985,6 +2078,7 @@ impl RunConfig {
             worker_nvfp4: worker_quantize == Some(Quantize::Nvfp4),
             worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(Defaults::KEEP_ATTENTION_F32),
             vllm,
+            torch_learner,
             learner_nvfp4_forward,
             learner_device: device(ctx, "learner.device", l.device)?,
             max_grad_norm: l.max_grad_norm.unwrap_or(Defaults::MAX_GRAD_NORM),

@@ -261,3 +261,116 @@ async fn start_engine(
     ));
     Ok(handle)
 }
+
+/// A PyTorch learner (the `chorus_learner` Python package) serving as a child process; killed
+/// when dropped, and with this process (`PR_SET_PDEATHSIG`).
+pub struct TorchLearnerProcess {
+    _child: tokio::process::Child,
+}
+
+/// Starts the PyTorch learner of `[learner] backend = "torch"` for run `run_id` from `from`
+/// (the plan's model, or the weights of a policy checkpoint), its files under `work_dir`
+/// (the initial checkpoint it loads, its learner checkpoints); returns it and its URL once it
+/// serves.
+pub async fn start_torch_learner(
+    plan: &RunPlan,
+    run_id: &str,
+    token: &str,
+    work_dir: &std::path::Path,
+    from: &LearnerFrom,
+) -> Result<(TorchLearnerProcess, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let settings = plan.config.torch_learner.as_ref().ok_or_else(|| {
+        RunError::Invalid("the PyTorch learner needs [learner] backend = \"torch\"".into())
+    })?;
+    let model_dir = match (from, &plan.config.checkpoint) {
+        (LearnerFrom::Plan, Some(dir)) => dir.clone(),
+        (LearnerFrom::Plan, None) => {
+            let dir = work_dir.join("init");
+            let params =
+                checkpoint::init_params(&plan.model, plan.config.init_seed, &Device::Cpu)?;
+            checkpoint::save_checkpoint(&dir, &plan.model, &params, None)?;
+            dir
+        }
+        (LearnerFrom::Weights { .. } | LearnerFrom::Checkpoint(_), _) => {
+            return Err(RunError::Invalid(
+                "resuming a run trained by the PyTorch learner is not supported yet; start the \
+                 run again, or use learner.backend = \"chorus\""
+                    .into(),
+            ));
+        }
+    };
+    let stage = &plan.config.stages[0];
+    let algorithm = plan
+        .config
+        .stages
+        .iter()
+        .find_map(|s| s.objective.as_ref())
+        .map(|o| o.algorithm.to_string())
+        .unwrap_or_else(|| "grpo".into());
+    let mut cmd = tokio::process::Command::new(&settings.python);
+    cmd.args(["-m", "chorus_learner", "--model"])
+        .arg(&model_dir)
+        .args(["--run-id", run_id, "--listen", "127.0.0.1:0"])
+        .args(["--lr", &stage.lr.to_string()])
+        .args(["--max-grad-norm", &plan.config.max_grad_norm.to_string()])
+        .args(["--algorithm", &algorithm])
+        .args(["--groups-per-step", &plan.groups_per_step().to_string()])
+        .args(["--keep-versions", &plan.keep_versions.to_string()])
+        .args(["--max-chunk-bytes", &MAX_WEIGHT_CHUNK_BYTES.to_string()])
+        .arg("--checkpoints")
+        .arg(work_dir.join("checkpoints"))
+        .args(["--checkpoint-every", &plan.config.checkpoint_every.to_string()])
+        .args(&settings.args)
+        // Not on the command line, where `ps` would show it.
+        .env("CHORUS_TOKEN", token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    tracing::info!(run_id, python = %settings.python, "starting the PyTorch learner");
+    let mut child = cmd.spawn().map_err(RunError::io(format!(
+        "starting the PyTorch learner with `{} -m chorus_learner`",
+        settings.python
+    )))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let waited = tokio::time::timeout(settings.start_timeout, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                return Some(url.trim().to_string());
+            }
+        }
+        None
+    })
+    .await;
+    let url = match waited {
+        Ok(Some(url)) => url,
+        Ok(None) => {
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            return Err(RunError::Unavailable(format!(
+                "the PyTorch learner exited ({status}) before serving; its log is above (is \
+                 chorus-learner installed in {}? pip install ./learner/python)",
+                settings.python
+            )));
+        }
+        Err(_) => {
+            return Err(RunError::Unavailable(format!(
+                "the PyTorch learner did not serve within {:?} (learner.torch.start_timeout_seconds)",
+                settings.start_timeout
+            )));
+        }
+    };
+    // Keep reading, so that a full pipe never stops it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tracing::info!(run_id, url, "PyTorch learner serving at {url}");
+    Ok((TorchLearnerProcess { _child: child }, url))
+}

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
-use crate::services::{Backend, start_learner_from, start_worker};
+use crate::services::{Backend, start_learner_from, start_torch_learner, start_worker};
 use crate::summary::{self, Summary, gain_line};
 use chorus_learner::CheckpointPolicy;
 use evaluation::Evaluator;
@@ -388,15 +388,24 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
     let from = resumed
         .as_ref()
         .map_or(LearnerFrom::Plan, |r| r.learner.clone());
-    let (_learner, learner_url) = start_learner_from(
-        plan,
-        &run_id,
-        &token,
-        "127.0.0.1:0",
-        &from,
-        Some(checkpoints),
-    )
-    .await?;
+    // Whichever learner trains, it lives as long as the run.
+    let (_learner, _torch_learner, learner_url) = if cfg.torch_learner.is_some() {
+        let (process, url) =
+            start_torch_learner(plan, &run_id, &token, &out_dir.join("torch-learner"), &from)
+                .await?;
+        (None, Some(process), url)
+    } else {
+        let (handle, url) = start_learner_from(
+            plan,
+            &run_id,
+            &token,
+            "127.0.0.1:0",
+            &from,
+            Some(checkpoints),
+        )
+        .await?;
+        (Some(handle), None, url)
+    };
     let mut workers = vec![];
     for i in 0..cfg.workers {
         let id = format!("w{i}");

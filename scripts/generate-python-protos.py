@@ -1,13 +1,15 @@
-"""Regenerates chorus_env/_proto/ from ../../proto/chorus/v1/*.proto.
+"""Regenerates the gRPC stubs of Chorus' Python packages from proto/chorus/v1/*.proto:
+chorus_env/_proto/ (the environment SDK) and chorus_learner/_proto/ (the PyTorch learner).
 
 The generated modules are committed so that `pip install` needs only grpcio and protobuf
-from PyPI. Run this after changing a .proto file (it needs grpcio-tools):
+from PyPI. Run this after changing a .proto file (it needs grpcio-tools 1.85.1, the version
+the committed stubs were made with):
 
-    python -m pip install grpcio-tools
-    python environments/python/generate_protos.py
+    python -m pip install grpcio-tools==1.85.1
+    python scripts/generate-python-protos.py
 
 The generated code imports its siblings as `from chorus.v1 import ...`; this script rewrites
-those imports to be relative so the modules live inside the chorus_env package.
+those imports to be relative so the modules live inside each package.
 """
 
 import pathlib
@@ -16,13 +18,29 @@ import sys
 
 from grpc_tools import protoc
 
-HERE = pathlib.Path(__file__).resolve().parent
-PROTO_ROOT = HERE.parent.parent / "proto"
-OUT = HERE / "chorus_env" / "_proto"
-PROTOS = ["chorus/v1/common.proto", "chorus/v1/environment.proto"]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "proto"
+TARGETS = {
+    ROOT / "environments/python/chorus_env/_proto": [
+        "chorus/v1/common.proto",
+        "chorus/v1/environment.proto",
+    ],
+    ROOT / "learner/python/chorus_learner/_proto": [
+        "chorus/v1/common.proto",
+        "chorus/v1/learner.proto",
+        "chorus/v1/orchestrator.proto",
+    ],
+}
 
 
 def main() -> int:
+    for out, protos in TARGETS.items():
+        if generate(out, protos) != 0:
+            return 1
+    return 0
+
+
+def generate(OUT, PROTOS) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     args = [
@@ -42,7 +60,7 @@ def main() -> int:
         text = re.sub(r"^from chorus\.v1 import ", "from . import ", text, flags=re.M)
         target = OUT / path.name
         target.write_text(text)
-        print(f"wrote {target.relative_to(HERE)}")
+        print(f"wrote {target.relative_to(ROOT)}")
     for path in sorted(generated.glob("*.py")):
         path.unlink()
     for directory in (generated, OUT / "chorus"):

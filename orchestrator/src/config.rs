@@ -2167,6 +2167,36 @@ sampling = { temperature = 0.9 }
 "#;
 
     #[test]
+    fn the_torch_learner_is_read_and_refuses_stages_it_cannot_train() {
+        let torch = GOOD.replace(
+            "name = \"t\"",
+            "name = \"t\"\n[learner]\nbackend = \"torch\"\n[learner.torch]\nargs = [\"--threads\", \"4\"]",
+        );
+        let c = RunConfig::from_toml_str(&torch, "x.toml").unwrap();
+        let t = c.torch_learner.unwrap();
+        assert_eq!(t.python, "python3");
+        assert_eq!(t.args, ["--threads", "4"]);
+        assert_eq!(t.start_timeout, Duration::from_secs(300));
+        assert_eq!(
+            RunConfig::from_toml_str(GOOD, "x.toml")
+                .unwrap()
+                .torch_learner,
+            None
+        );
+        let e = RunConfig::from_toml_str(
+            &torch.replace("kind = \"rl\"", "kind = \"mtp_heal\""),
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "stages[1].kind", "{e}");
+        assert!(
+            e.to_string()
+                .contains("`mtp_heal` stages are trained by Chorus' learner only"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn vllm_workers_are_read_with_their_defaults() {
         let c = RunConfig::from_toml_str(
             &GOOD.replace(
@@ -2655,6 +2685,18 @@ sampling = { temperature = 0.9 }
                 "name = \"t\"\n[learner]\naggregation = \"sum\"",
                 "learner.aggregation",
                 "`sum`; allowed: token_mean, seq_mean_token_mean",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\nbackend = \"jax\"",
+                "learner.backend",
+                "`jax`; allowed: chorus, torch",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner.torch]\npython = \"p\"",
+                "learner.torch",
+                "set learner.backend = \"torch\"",
             ),
             (
                 "name = \"t\"",

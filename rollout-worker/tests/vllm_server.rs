@@ -23,12 +23,7 @@ use chorus_rollout_worker::vllm::{VllmFault, VllmLaunch, VllmOptions, VllmServer
 use chorus_rollout_worker::{Generator, Job, JobResult, VllmWorker, spawn_engine_loop};
 
 /// vLLM's CPU build serves NemotronH without MoE layers, with attention heads of 32 and up.
-const DENSE: &str = r#"{"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"],
-  "vocab_size": 270, "hidden_size": 64, "hybrid_override_pattern": "M*M-",
-  "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1,
-  "conv_kernel": 4, "chunk_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
-  "head_dim": 32, "intermediate_size": 128, "bos_token_id": 1, "eos_token_id": 2,
-  "pad_token_id": 0}"#;
+const DENSE: &str = include_str!("../../tests/fixtures/vllm_dense.json");
 
 const PROMPT: [u32; 5] = [1, 65, 57, 66, 75];
 const NEW_TOKENS: usize = 12;

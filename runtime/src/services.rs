@@ -287,8 +287,7 @@ pub async fn start_torch_learner(
         (LearnerFrom::Plan, Some(dir)) => dir.clone(),
         (LearnerFrom::Plan, None) => {
             let dir = work_dir.join("init");
-            let params =
-                checkpoint::init_params(&plan.model, plan.config.init_seed, &Device::Cpu)?;
+            let params = checkpoint::init_params(&plan.model, plan.config.init_seed, &Device::Cpu)?;
             checkpoint::save_checkpoint(&dir, &plan.model, &params, None)?;
             dir
         }
@@ -320,7 +319,10 @@ pub async fn start_torch_learner(
         .args(["--max-chunk-bytes", &MAX_WEIGHT_CHUNK_BYTES.to_string()])
         .arg("--checkpoints")
         .arg(work_dir.join("checkpoints"))
-        .args(["--checkpoint-every", &plan.config.checkpoint_every.to_string()])
+        .args([
+            "--checkpoint-every",
+            &plan.config.checkpoint_every.to_string(),
+        ])
         .args(&settings.args)
         // Not on the command line, where `ps` would show it.
         .env("CHORUS_TOKEN", token)
@@ -355,7 +357,11 @@ pub async fn start_torch_learner(
     let url = match waited {
         Ok(Some(url)) => url,
         Ok(None) => {
-            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             return Err(RunError::Unavailable(format!(
                 "the PyTorch learner exited ({status}) before serving; its log is above (is \
                  chorus-learner installed in {}? pip install ./learner/python)",

@@ -141,6 +141,10 @@ pub const TINY_DENSE_MODEL: &str = r#"{"model_type": "nemotron_h", "vocab_size":
   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
   "intermediate_size": 32, "eos_token_id": 2}"#;
 
+/// A dense NemotronH miniature that vLLM's CPU build serves (no MoE layers, attention heads of
+/// 32), shared by the vLLM, transformers and PyTorch-learner tests.
+pub const VLLM_DENSE_MODEL: &str = include_str!("../fixtures/vllm_dense.json");
+
 /// The repository root.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -243,7 +243,7 @@ class Trainer:
         m = l.mask.to(lp.dtype)
         tokens = int(l.mask.sum())
         loss = -(lp * m).sum() / max(tokens, 1)
-        r = StepReport(step=0, version=0, loss=float(loss), entropy=entropy(logp, l.mask),
+        r = StepReport(step=0, version=0, loss=float(loss.detach()), entropy=entropy(logp, l.mask),
                        tokens=tokens)
         if math.isfinite(r.loss):
             loss.backward()

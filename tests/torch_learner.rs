@@ -1,0 +1,167 @@
+//! The PyTorch learner (`learner/python`, `[learner] backend = "torch"`): its objectives agree
+//! with Chorus' (`chorus loss`), its trainer keeps Chorus' learner's contracts (gradients reach
+//! every parameter, non-finite steps refused, exact resume), and `chorus run` trains with it
+//! behind Chorus' workers with a clean audit.
+//!
+//! Needs `CHORUS_TEST_HF_PYTHON` with torch, transformers, grpcio and this repository's
+//! `chorus-learner` installed (`.ci/run` installs them); skipped without, a failure under CI.
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use chorus_orchestrator::ledger::{Ledger, RolloutFilter};
+use harness::{Harness, Missing, VLLM_DENSE_MODEL, pids_with_args, python_importing, repo};
+
+fn torch_python() -> Option<String> {
+    python_importing(
+        "CHORUS_TEST_HF_PYTHON",
+        "torch, transformers, grpc, chorus_learner",
+        "a Python with torch, transformers and chorus-learner: pip install ./learner/python",
+        Missing::FailsUnderCi,
+    )
+}
+
+fn python_ok(h: &Harness, python: &str, script: &str, args: &[&str]) -> String {
+    let out = Command::new(python)
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .current_dir(h.path(""))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_torch_objectives_agree_with_chorus_loss() {
+    let Some(python) = torch_python() else { return };
+    let h = Harness::new();
+    let out = python_ok(
+        &h,
+        &python,
+        "torch_objective_agree.py",
+        &[env!("CARGO_BIN_EXE_chorus"), "agree"],
+    );
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["cases"], 28, "{summary}");
+}
+
+#[test]
+fn the_torch_trainer_reaches_every_parameter_refuses_non_finite_steps_and_resumes_exactly() {
+    let Some(python) = torch_python() else { return };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
+    h.ok(&[
+        "model",
+        "init",
+        "--config",
+        "model.json",
+        "--out",
+        "base",
+        "--seed",
+        "3",
+    ]);
+    let out = python_ok(&h, &python, "torch_learner_steps.py", &["base", "work"]);
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["resume_max_diff"], 0.0, "{summary}");
+}
+
+const RUN: &str = r#"
+name = "torch"
+seed = 5
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+max_batch = 8
+[learner]
+backend = "torch"
+[learner.torch]
+python = "PYTHON"
+args = ["--threads", "1"]
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 3
+prompts_per_step = 4
+environments = [{ name = "arithmetic" }]
+[[stages]]
+name = "rl"
+kind = "rlvr"
+steps = 4
+prompts_per_step = 4
+group_size = 4
+max_new_tokens = 8
+max_staleness = 1
+environments = [{ name = "arithmetic" }]
+"#;
+
+#[test]
+fn chorus_run_trains_with_the_torch_learner_behind_chorus_workers() {
+    let Some(python) = torch_python() else { return };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN.replace("PYTHON", &python)).unwrap();
+    let out = h.chorus(&[
+        "run",
+        "run.toml",
+        "--eval-tasks",
+        "2",
+        "--token",
+        "secret-token",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("PyTorch learner serving at"), "{stderr}");
+    assert!(
+        !stderr.contains("secret-token"),
+        "the token was logged: {stderr}"
+    );
+    let summary = h.json("runs/torch/summary.json");
+    assert_eq!(summary["steps"], 7, "{summary}");
+    let db = h.ledger_url("torch");
+    h.audit_clean(&db);
+    let run_id = summary["run"].as_str().unwrap().to_string();
+    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        ledger
+            .list_rollouts(&RolloutFilter {
+                run_id: Some(run_id),
+                environment: None,
+                min_reward: None,
+                limit: 100_000,
+            })
+            .await
+            .unwrap()
+    });
+    // The worker followed the PyTorch learner's versions (it verified each one's checksum).
+    let versions: BTreeSet<u64> = rows
+        .iter()
+        .filter(|r| r.worker_id == "w0")
+        .filter_map(|r| r.max_policy_version)
+        .collect();
+    assert!(
+        versions.iter().any(|&v| v > 3),
+        "the worker never sampled from an RL version: {versions:?}"
+    );
+    // The stage boundary saved a learner checkpoint with optimizer state.
+    let saved = h.path("runs/torch/torch-learner/checkpoints/step-00000003");
+    assert!(
+        saved.join("optimizer.pt").exists() && saved.join("trainer_state.json").exists(),
+        "no learner checkpoint at the stage boundary"
+    );
+    assert!(
+        pids_with_args(&["-m", "chorus_learner"]).iter().all(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmd).contains(&*h.path("").to_string_lossy())
+        }),
+        "the PyTorch learner outlived the run"
+    );
+}

@@ -73,6 +73,52 @@ fn the_torch_trainer_reaches_every_parameter_refuses_non_finite_steps_and_resume
     assert_eq!(summary["resume_max_diff"], 0.0, "{summary}");
 }
 
+#[test]
+fn two_fsdp2_processes_on_gloo_train_to_the_weights_of_one() {
+    let Some(python) = torch_python() else { return };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
+    h.ok(&[
+        "model",
+        "init",
+        "--config",
+        "model.json",
+        "--out",
+        "base",
+        "--seed",
+        "3",
+    ]);
+    let script = repo().join("tests/python/torch_fsdp_agree.py");
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+        ])
+        .arg(&script)
+        .arg("base")
+        .current_dir(h.path(""))
+        .output()
+        .expect("run torchrun");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .expect("a summary");
+    let summary: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(summary["ranks"], 2, "{summary}");
+    assert!(
+        summary["max_weight_diff"].as_f64().unwrap() <= 1e-5,
+        "{summary}"
+    );
+}
+
 const RUN: &str = r#"
 name = "torch"
 seed = 5
@@ -105,10 +151,25 @@ environments = [{ name = "arithmetic" }]
 
 #[test]
 fn chorus_run_trains_with_the_torch_learner_behind_chorus_workers() {
+    torch_run(1);
+}
+
+/// The same run with the learner sharded over two processes (`torchrun`, FSDP2 on gloo).
+#[test]
+fn chorus_run_trains_with_a_two_process_torch_learner() {
+    torch_run(2);
+}
+
+fn torch_run(processes: usize) {
     let Some(python) = torch_python() else { return };
     let h = Harness::new();
     std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
-    std::fs::write(h.path("run.toml"), RUN.replace("PYTHON", &python)).unwrap();
+    let run = RUN.replace("PYTHON", &python).replace(
+        "args = [\"--threads\", \"1\"]",
+        &format!("args = [\"--threads\", \"1\"]\nprocesses = {processes}"),
+    );
+    assert!(run.contains("processes = "));
+    std::fs::write(h.path("run.toml"), run).unwrap();
     let out = h.chorus(&[
         "run",
         "run.toml",
@@ -151,10 +212,11 @@ fn chorus_run_trains_with_the_torch_learner_behind_chorus_workers() {
         versions.iter().any(|&v| v > 3),
         "the worker never sampled from an RL version: {versions:?}"
     );
-    // The stage boundary saved a learner checkpoint with optimizer state.
+    // The stage boundary saved a learner checkpoint (with optimizer state in one process).
     let saved = h.path("runs/torch/torch-learner/checkpoints/step-00000003");
     assert!(
-        saved.join("optimizer.pt").exists() && saved.join("trainer_state.json").exists(),
+        saved.join("trainer_state.json").exists()
+            && (processes > 1 || saved.join("optimizer.pt").exists()),
         "no learner checkpoint at the stage boundary"
     );
     assert!(

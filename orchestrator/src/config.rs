@@ -676,6 +676,8 @@ pub struct RawTorchLearner {
     pub args: Option<Vec<String>>,
     /// Longest wait for it to serve (default 300 s).
     pub start_timeout_seconds: Option<u64>,
+    /// Processes to train over with FSDP2 (`torchrun --nproc-per-node N`; default 1).
+    pub processes: Option<usize>,
 }
 
 /// `[learner.torch]`, validated.
@@ -687,6 +689,8 @@ pub struct TorchLearner {
     pub args: Vec<String>,
     /// Longest wait for it to serve.
     pub start_timeout: Duration,
+    /// Processes it trains over (FSDP2 when more than 1).
+    pub processes: usize,
 }
 
 /// A validated environment entry.
@@ -1463,7 +1467,12 @@ fn torch_learner(
         ));
     }
     let t = raw.unwrap_or_default();
+    let processes = match t.processes.unwrap_or(1) {
+        0 => return Err(ctx.err("learner.torch.processes", "0; allowed: 1 or more")),
+        n => n,
+    };
     Ok(Some(TorchLearner {
+        processes,
         python: t.python.unwrap_or_else(|| "python3".into()),
         args: t.args.unwrap_or_default(),
         start_timeout: match t.start_timeout_seconds.unwrap_or(300) {
@@ -2177,6 +2186,7 @@ sampling = { temperature = 0.9 }
         assert_eq!(t.python, "python3");
         assert_eq!(t.args, ["--threads", "4"]);
         assert_eq!(t.start_timeout, Duration::from_secs(300));
+        assert_eq!(t.processes, 1);
         assert_eq!(
             RunConfig::from_toml_str(GOOD, "x.toml")
                 .unwrap()

@@ -262,10 +262,61 @@ async fn start_engine(
     Ok(handle)
 }
 
-/// A PyTorch learner (the `chorus_learner` Python package) serving as a child process; killed
-/// when dropped, and with this process (`PR_SET_PDEATHSIG`).
+/// A PyTorch learner (the `chorus_learner` Python package) serving as a child process; its
+/// process group is killed when dropped, and it dies with this process (`PR_SET_PDEATHSIG`).
 pub struct TorchLearnerProcess {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
+}
+
+impl Drop for TorchLearnerProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // torchrun's ranks may leave the group: their ids are found first, by parent.
+            let mut doomed = descendants(pid);
+            doomed.push(pid);
+            // SAFETY: kill(2) on the child's process group and on the processes found under
+            // it; no memory is involved.
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+                for p in doomed {
+                    libc::kill(p as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Every process under `root`, from `/proc`.
+fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = vec![];
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p && !found.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found
 }
 
 /// Starts the PyTorch learner of `[learner] backend = "torch"` for run `run_id` from `from`
@@ -308,6 +359,11 @@ pub async fn start_torch_learner(
         .map(|o| o.algorithm.to_string())
         .unwrap_or_else(|| "grpo".into());
     let mut cmd = tokio::process::Command::new(&settings.python);
+    if settings.processes > 1 {
+        // FSDP2 over that many processes; rank 0 serves and prints the address.
+        cmd.args(["-m", "torch.distributed.run", "--standalone"])
+            .arg(format!("--nproc-per-node={}", settings.processes));
+    }
     cmd.args(["-m", "chorus_learner", "--model"])
         .arg(&model_dir)
         .args(["--run-id", run_id, "--listen", "127.0.0.1:0"])
@@ -328,6 +384,8 @@ pub async fn start_torch_learner(
         .env("CHORUS_TOKEN", token)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
+        // Its own process group, killed whole when the run ends (torchrun's ranks included).
+        .process_group(0)
         .kill_on_drop(true);
     // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
     unsafe {
@@ -338,7 +396,7 @@ pub async fn start_torch_learner(
             Ok(())
         });
     }
-    tracing::info!(run_id, python = %settings.python, "starting the PyTorch learner");
+    tracing::info!(run_id, python = %settings.python, processes = settings.processes, "starting the PyTorch learner");
     let mut child = cmd.spawn().map_err(RunError::io(format!(
         "starting the PyTorch learner with `{} -m chorus_learner`",
         settings.python
@@ -378,5 +436,5 @@ pub async fn start_torch_learner(
     // Keep reading, so that a full pipe never stops it.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     tracing::info!(run_id, url, "PyTorch learner serving at {url}");
-    Ok((TorchLearnerProcess { _child: child }, url))
+    Ok((TorchLearnerProcess { child }, url))
 }

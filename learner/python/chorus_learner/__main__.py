@@ -5,8 +5,13 @@ Starts from an HF checkpoint (`--model DIR`) or a learner checkpoint of this pac
 serves, and, with `--orchestrator URL`, registers there and sends heartbeats like Chorus' own
 learner. `chorus run` starts it for `[learner] backend = "torch"`.
 
+Under `torchrun --nproc-per-node N -m chorus_learner ...` it trains over N processes with
+FSDP2 (parameters, gradients and optimizer state sharded; gloo on CPUs, NCCL on GPUs): rank 0
+serves and publishes, the others follow its steps.
+
 Examples:
   python -m chorus_learner --model runs/base --run-id demo --token T --listen 0.0.0.0:7000
+  torchrun --nproc-per-node 8 -m chorus_learner --model /models/nano --run-id demo --token T
   python -m chorus_learner --resume runs/demo/torch-learner/step-00000040 --run-id demo --token T
 """
 
@@ -99,11 +104,50 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     objective = Objective.for_algorithm(args.algorithm)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return main_distributed(args, objective)
     if args.resume:
         trainer = Trainer.resume(args.resume, objective=objective)
     else:
         trainer = Trainer(load_model(args.model), lr=args.lr, max_grad_norm=args.max_grad_norm,
                           objective=objective, weight_decay=args.weight_decay)
+    return serve_until_stopped(args, trainer, trainer)
+
+
+def exit_with_parent():
+    """Ends this rank when torchrun, its parent, is gone (killed with the run that started it)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main_distributed(args, objective):
+    import torch.distributed as dist
+    from .distributed import Leader, follow
+    exit_with_parent()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if args.resume:
+        sys.exit("--resume is not supported under torchrun yet (sharded checkpoints hold no "
+                 "optimizer state); start from the checkpoint's weights with --model")
+    trainer = Trainer(load_model(args.model), lr=args.lr, max_grad_norm=args.max_grad_norm,
+                      objective=objective, weight_decay=args.weight_decay, shard=True)
+    if dist.get_rank() != 0:
+        follow(trainer)
+        return 0
+    logging.info("training over %d processes (FSDP2, %s)", dist.get_world_size(), backend)
+    return serve_until_stopped(args, Leader(trainer), trainer)
+
+
+def serve_until_stopped(args, trainer, local_trainer):
     state = LearnerState(trainer, args.run_id, groups_per_step=args.groups_per_step,
                          keep_versions=args.keep_versions, max_chunk_bytes=args.max_chunk_bytes,
                          checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
@@ -113,7 +157,7 @@ def main(argv=None):
         import socket
         host = socket.gethostname()
     endpoint = f"http://{host}:{port}"
-    logging.info("learner of run %s at version %d serving at %s", args.run_id, trainer.version, endpoint)
+    logging.info("learner of run %s at version %d serving at %s", args.run_id, local_trainer.version, endpoint)
     if args.orchestrator:
         register(args, endpoint, state)
     print(f"listening on {endpoint}", flush=True)

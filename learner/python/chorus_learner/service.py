@@ -170,7 +170,7 @@ class LearnerState:
             held.clear()
             lr = groups[0].learning_rate or None
             t = self.trainer
-            t.router_frozen = any(x.router_frozen for x in groups)
+            t.set_router_frozen(any(x.router_frozen for x in groups))
             started = time.monotonic()
             try:
                 if groups[0].supervised:

@@ -119,6 +119,21 @@ def entropy(logp, mask):
         return masked_mean(h, mask)
 
 
+def decoder_layers(model):
+    """The blocks FSDP2 shards one by one (NemotronH's `layers`, or any model's first
+    `layers` list)."""
+    for m in model.modules():
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    return []
+
+
+def local(t):
+    """A tensor's local part (its shard, for an FSDP2 DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def is_mtp(name):
     return name.startswith("mtp.")
 
@@ -158,7 +173,25 @@ def load_model(model_dir, device="cpu"):
 class Trainer:
     """A policy being trained, its optimizer, and the step and version counters."""
 
-    def __init__(self, model, lr=1e-3, max_grad_norm=1.0, objective=None, weight_decay=0.0):
+    def __init__(self, model, lr=1e-3, max_grad_norm=1.0, objective=None, weight_decay=0.0,
+                 shard=False):
+        """`shard`: split parameters, gradients and optimizer state over the ranks of the
+        initialised `torch.distributed` process group with FSDP2 (`fully_shard`); every rank
+        then makes the same calls, each computing its share of the batch."""
+        self.world = 1
+        self.rank = 0
+        if shard:
+            import torch.distributed as dist
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+            names = getattr(model, "chorus_names", {})
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            mesh = init_device_mesh(device, (self.world,))
+            for layer in decoder_layers(model):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            model.chorus_names = names
         self.model = model
         self.vocab = model.config.vocab_size
         self.default_lr = lr
@@ -186,6 +219,9 @@ class Trainer:
             self.reference = self._frozen_copy()
 
     def _frozen_copy(self):
+        if self.world > 1:
+            raise BatchError("KL penalties are not supported by the sharded (FSDP2) learner yet; "
+                             "run it in one process, or set kl_coef = 0")
         self.reference = None
         ref = copy.deepcopy(self.model)
         for p in ref.parameters():
@@ -193,6 +229,40 @@ class Trainer:
         return ref
 
     # -- steps ------------------------------------------------------------------------------
+
+    def _mine(self, n):
+        """The batch rows this rank computes (all of them without sharding)."""
+        return list(range(self.rank, n, self.world))
+
+    def _forward_rows(self, model, l, rows):
+        """Log-probabilities (and log-softmax) of `rows` of layout `l`. A rank with no rows still
+        runs a forward pass on one row, scaled by 0 later, because FSDP2's gathers are
+        collective."""
+        pick = rows or [0]
+        sub = Layout(ids=l.ids[pick], targets=l.targets[pick], mask=l.mask[pick], width=l.width)
+        lp, logp = token_logprobs(model, sub)
+        return lp, logp, sub.mask
+
+    def _gather_rows(self, part, rows, shape):
+        """Every rank's rows of a [B, T] tensor, assembled in batch order (no gradient)."""
+        if self.world == 1:
+            return part.detach()
+        import torch.distributed as dist
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (rows, part.detach()))
+        full = torch.zeros(shape, dtype=part.dtype)
+        for rs, t in gathered:
+            if rs:
+                full[rs] = t
+        return full
+
+    def _all_sum(self, *values):
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return tuple(t.tolist())
 
     def rl_step(self, parts, lr=None):
         """One RL update on `parts`: a list of (Objective, [RlSequence])."""
@@ -213,23 +283,32 @@ class Trainer:
                     raise BatchError(
                         f"sequence {i}: {n} completion tokens but {len(s.behaviour_logprobs)} logprobs")
                 beh[i, l.firsts[i]:l.firsts[i] + n] = torch.tensor(s.behaviour_logprobs)
+            rows = self._mine(len(batch))
             ref = None
             if o.kl_coef > 0 and self.reference is not None:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(self.reference, l)
+                    ref_part, _, _ = self._forward_rows(self.reference, l, rows)
+                ref = self._gather_rows(ref_part, rows, beh.shape)
             adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32)
-            lp, logp = token_logprobs(self.model, l)
-            ev = evaluate(o, lp, lp, beh, adv, l.mask, ref)
-            (lp * ev.grad_logprobs.to(lp.dtype)).sum().mul(share).backward()
+            lp, logp, mask = self._forward_rows(self.model, l, rows)
+            full = self._gather_rows(lp, rows, beh.shape)
+            ev = evaluate(o, full, full, beh, adv, l.mask, ref)
+            # FSDP2 averages gradients over the ranks: each rank's part of the sum is scaled
+            # back up by the world size.
+            grad = ev.grad_logprobs[rows or [0]].to(lp.dtype) * (1.0 if rows else 0.0)
+            (lp * grad).sum().mul(share * self.world).backward()
             r.loss += share * ev.loss
             if penalised == 0:
                 r.kl += share * ev.kl
             elif o.kl_coef > 0:
                 r.kl += share / penalised * ev.kl
-            r.entropy += share * entropy(logp, l.mask)
+            with torch.no_grad():
+                h = -(logp.exp() * logp).sum(-1)
+                m = mask.to(h.dtype) * (1.0 if rows else 0.0)
+                h_sum, count = self._all_sum(float((h * m).sum()), float(m.sum()))
+            r.entropy += share * h_sum / max(count, 1)
             r.clip_fraction += share * ev.clip_fraction
-            diff = (lp.detach() - beh).abs()
-            r.mean_abs_logprob_diff += share * masked_mean(diff, l.mask)
+            r.mean_abs_logprob_diff += share * masked_mean((full - beh).abs(), l.mask)
             r.tokens += ev.tokens
         return self._apply(r, lr, mtp=False)
 
@@ -239,15 +318,23 @@ class Trainer:
             raise BatchError("empty batch")
         self.optimizer.zero_grad(set_to_none=True)
         l = layout(batch, self.vocab)
-        lp, logp = token_logprobs(self.model, l)
-        m = l.mask.to(lp.dtype)
+        rows = self._mine(len(batch))
+        lp, logp, mask = self._forward_rows(self.model, l, rows)
+        m = mask.to(lp.dtype) * (1.0 if rows else 0.0)
         tokens = int(l.mask.sum())
-        loss = -(lp * m).sum() / max(tokens, 1)
-        r = StepReport(step=0, version=0, loss=float(loss.detach()), entropy=entropy(logp, l.mask),
-                       tokens=tokens)
+        local_sum = -(lp * m).sum()
+        with torch.no_grad():
+            h = -(logp.exp() * logp).sum(-1)
+            loss_sum, h_sum = self._all_sum(float(local_sum.detach()), float((h * m).sum()))
+        r = StepReport(step=0, version=0, loss=loss_sum / max(tokens, 1),
+                       entropy=h_sum / max(tokens, 1), tokens=tokens)
         if math.isfinite(r.loss):
-            loss.backward()
+            (local_sum * (self.world / max(tokens, 1))).backward()
         return self._apply(r, lr, mtp=False)
+
+    def set_router_frozen(self, frozen):
+        """Leaves the MoE routers' `gate.weight` out of the following steps' updates."""
+        self.router_frozen = frozen
 
     def skip_step(self):
         """A step that could not be taken still counts: the orchestrator waits for its version."""
@@ -271,8 +358,9 @@ class Trainer:
             if not self._updated(name, mtp):
                 p.grad = None
         grads = [p.grad for _, p in self.named if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))) if grads else 0.0
+        # Squares of the local shards, summed over the ranks: the global norm.
+        (squares,) = self._all_sum(sum(float((local(g).double() ** 2).sum()) for g in grads))
+        norm = math.sqrt(squares)
         r.grad_norm = norm
         if not math.isfinite(norm):
             self.version += 1
@@ -294,11 +382,34 @@ class Trainer:
     def tensors(self):
         """The weights by their HF names, as published to workers."""
         names = getattr(self.model, "chorus_names", {})
-        return {names.get(k, k): v for k, v in self.model.state_dict().items()
-                if v.is_floating_point()}
+        if self.world > 1:
+            # Collective: every rank calls it; each gets the full tensors.
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_model_state_dict)
+            state = get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                     broadcast_from_rank0=False))
+        else:
+            state = self.model.state_dict()
+        return {names.get(k, k): v for k, v in state.items() if v.is_floating_point()}
 
     def save(self, directory):
-        """HF checkpoint (config and weights) plus optimizer state and counters."""
+        """HF checkpoint (config and weights) plus optimizer state and counters. Sharded: a
+        collective call; rank 0 writes the full weights, without optimizer state (not yet)."""
+        if self.world > 1:
+            tensors = self.tensors()
+            if self.rank == 0:
+                from safetensors.torch import save_file
+                os.makedirs(directory, exist_ok=True)
+                self.model.config.save_pretrained(directory)
+                save_file({k: v.contiguous() for k, v in tensors.items()},
+                          os.path.join(directory, "model.safetensors"))
+                with open(os.path.join(directory, STATE_FILE), "w") as f:
+                    json.dump({"step": self.step, "version": self.version, "stage": self.stage,
+                               "default_lr": self.default_lr,
+                               "max_grad_norm": self.max_grad_norm, "reference": False,
+                               "optimizer": False}, f, indent=2)
+            return
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory)
         torch.save(self.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
@@ -315,6 +426,9 @@ class Trainer:
         """The trainer `save` wrote, exactly: weights, optimizer moments, counters, reference."""
         with open(os.path.join(directory, STATE_FILE)) as f:
             state = json.load(f)
+        if state.get("optimizer") is False:
+            raise ValueError(f"{directory} was saved by the sharded learner without optimizer "
+                             "state; it cannot be resumed exactly (start from it with --model)")
         t = Trainer(load_model(directory, device), lr=state["default_lr"],
                     max_grad_norm=state["max_grad_norm"], objective=objective)
         t.optimizer.load_state_dict(

@@ -227,3 +227,82 @@ fn torch_run(processes: usize) {
         "the PyTorch learner outlived the run"
     );
 }
+
+/// `chorus serve` with the PyTorch learner started by hand: it registers with the orchestrator
+/// and sends heartbeats like Chorus' learner, a Chorus worker follows it, and the run completes.
+#[test]
+fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
+    use std::io::{BufRead, Read};
+
+    let Some(python) = torch_python() else { return };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
+    h.ok(&[
+        "model",
+        "init",
+        "--config",
+        "model.json",
+        "--out",
+        "base",
+        "--seed",
+        "3",
+    ]);
+    let run = RUN
+        .replace(
+            "[learner]\nbackend = \"torch\"\n[learner.torch]\npython = \"PYTHON\"\n",
+            "",
+        )
+        .replace("args = [\"--threads\", \"1\"]\n", "");
+    assert!(!run.contains("backend"), "{run}");
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    let common = ["--config", "run.toml", "--run-id", "r1", "--token", "tok"];
+    let (mut orchestrator, mut stdout) = h.service_with_stdout(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--eval-tasks", "2", "--wait-seconds", "120"],
+            &common,
+        ]
+        .concat(),
+    );
+    let mut learner = Command::new(&python)
+        .args(["-m", "chorus_learner", "--model", "base", "--run-id", "r1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--orchestrator",
+            &orchestrator.url,
+        ])
+        .args(["--threads", "1", "--groups-per-step", "4"])
+        .env("CHORUS_TOKEN", "tok")
+        .current_dir(h.path(""))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the PyTorch learner");
+    let mut first = String::new();
+    std::io::BufReader::new(learner.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let learner_url = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the learner printed {first:?}"))
+        .to_string();
+    let _worker = h.service(
+        &[
+            &["serve", "worker", "--learner", &learner_url, "--id", "w0"][..],
+            &["--orchestrator", &orchestrator.url],
+            &common,
+        ]
+        .concat(),
+    );
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    let finished = orchestrator.child.wait().unwrap();
+    let _ = learner.kill();
+    let _ = learner.wait();
+    assert!(finished.success(), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["steps"], 7, "{summary}");
+    let learners = h.ok(&["inspect", "runs"]);
+    assert!(learners.contains("r1"), "{learners}");
+}

@@ -21,6 +21,7 @@ pub(crate) fn written(result: std::io::Result<()>) {
 }
 
 mod audit;
+mod dashboard;
 mod env;
 mod generate;
 mod inspect;
@@ -103,6 +104,7 @@ pub enum Command {
     Launch(launch::LaunchArgs),
     Watch(launch::WatchArgs),
     Inspect(inspect::InspectArgs),
+    Dashboard(dashboard::DashboardArgs),
     Audit(audit::AuditArgs),
     Quantize(quantize::QuantizeArgs),
     Loss(loss::LossArgs),
@@ -130,6 +132,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loss(args) => loss::run(args),
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Dashboard(args) => dashboard::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Serve(cmd) => serve::run(cmd, cli.metrics),
         Command::Launch(args) => launch::run(args),

@@ -152,13 +152,21 @@ async fn runs(State(s): AppState) -> ApiResult {
     Ok(axum::Json(Value::Array(out)))
 }
 
-/// Everything a run's charts draw, by learner step (x) or policy version.
 async fn curves(State(s): AppState, Path(id): Path<String>) -> ApiResult {
-    let steps = s.ledger.list_learner_steps(&id).await?;
-    let evals = s.ledger.list_evaluations(&id).await?;
-    let versions = s.ledger.list_policy_versions(&id).await?;
-    let rollouts = s
-        .ledger
+    Ok(axum::Json(curves_json(&s.ledger, &id).await?))
+}
+
+/// Everything a run's charts draw, by learner step (x) or policy version: what the page and
+/// `chorus plot` draw.
+pub(super) async fn curves_json(
+    ledger: &Ledger,
+    id: &str,
+) -> Result<Value, chorus_orchestrator::ledger::LedgerError> {
+    let id = id.to_string();
+    let steps = ledger.list_learner_steps(&id).await?;
+    let evals = ledger.list_evaluations(&id).await?;
+    let versions = ledger.list_policy_versions(&id).await?;
+    let rollouts = ledger
         .list_rollouts(&RolloutFilter {
             run_id: Some(id.clone()),
             environment: None,
@@ -229,11 +237,11 @@ async fn curves(State(s): AppState, Path(id): Path<String>) -> ApiResult {
         .iter()
         .map(|v| json!({"version": v.version.version, "bytes": v.version.num_bytes, "created_at_ms": v.created_at_ms}))
         .collect();
-    Ok(axum::Json(json!({
+    Ok(json!({
         "run": id, "steps": step_rows, "reward": by_env, "accuracy": accuracy,
         "lag": lags.into_iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
         "faults": faults, "versions": published, "rollouts": rollouts.len(),
-    })))
+    }))
 }
 
 /// Filters of the rollout browser.

@@ -30,6 +30,7 @@ mod logging;
 mod loss;
 mod metrics;
 mod model;
+mod plot;
 mod quantize;
 mod run;
 mod serve;
@@ -105,6 +106,7 @@ pub enum Command {
     Watch(launch::WatchArgs),
     Inspect(inspect::InspectArgs),
     Dashboard(dashboard::DashboardArgs),
+    Plot(plot::PlotArgs),
     Audit(audit::AuditArgs),
     Quantize(quantize::QuantizeArgs),
     Loss(loss::LossArgs),
@@ -133,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Dashboard(args) => dashboard::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Serve(cmd) => serve::run(cmd, cli.metrics),
         Command::Launch(args) => launch::run(args),

@@ -1,5 +1,5 @@
 """Regenerates the gRPC stubs of Chorus' Python packages from proto/chorus/v1/*.proto:
-chorus_env/_proto/ (the environment SDK) and chorus_learner/_proto/ (the PyTorch learner).
+chorus_env/_proto/ (the environment SDK and the orchestrator client) and chorus_learner/_proto/ (the PyTorch learner).
 
 The generated modules are committed so that `pip install` needs only grpcio and protobuf
 from PyPI. Run this after changing a .proto file (it needs grpcio-tools 1.85.1, the version
@@ -24,6 +24,7 @@ TARGETS = {
     ROOT / "environments/python/chorus_env/_proto": [
         "chorus/v1/common.proto",
         "chorus/v1/environment.proto",
+        "chorus/v1/orchestrator.proto",
     ],
     ROOT / "learner/python/chorus_learner/_proto": [
         "chorus/v1/common.proto",

@@ -641,3 +641,97 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     // The cut-off run's processes were stopped once the new orchestrator did not assign it.
     assert_eq!(pids_with_args(&["--run-id", &cut_off]), Vec::<u32>::new());
 }
+
+/// The Python client (`chorus_env.client`) against a real orchestrator and standing fleet:
+/// it launches a run, follows its events, and reads its summary and rollouts.
+#[test]
+fn the_python_client_launches_follows_and_reads_a_run() {
+    let Some(python) = python_importing(
+        "CHORUS_TEST_PYTHON",
+        "chorus_env.client",
+        "a Python with the chorus-env SDK: pip install ./environments/python",
+        Missing::FailsUnderCi,
+    ) else {
+        return;
+    };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let orchestrator = h.service(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--wait-seconds",
+        "60",
+        "--token",
+        "tok",
+    ]);
+    let _fleet = standby_fleet(&h, &orchestrator.url);
+    let out = std::process::Command::new(&python)
+        .arg(repo().join("tests/python/orchestrator_client.py"))
+        .args([&orchestrator.url, "tok", "run.toml"])
+        .current_dir(h.path(""))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let run_id = seen["run_id"].as_str().unwrap();
+    assert!(run_id.starts_with("from-python-"), "{seen}");
+    assert_eq!(seen["created"], true);
+    assert_eq!(seen["status"], "succeeded", "{seen}");
+    assert_eq!(
+        (seen["again"].as_str(), &seen["again_created"]),
+        (Some(run_id), &serde_json::json!(false))
+    );
+    assert_eq!(seen["learner_step"], 5, "{seen}");
+    let kinds: Vec<&str> = seen["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "learner_step").count(),
+        5,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"status_changed"), "{kinds:?}");
+    assert!(
+        seen["listed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == run_id)
+    );
+    assert_eq!(
+        seen["stages"],
+        serde_json::json!([
+            ["warmup", "sft", "succeeded", true],
+            ["rl", "rlvr", "succeeded", true]
+        ]),
+        "{seen}"
+    );
+    assert_eq!(seen["learner_steps"], 5);
+    assert!(seen["evaluations"].as_u64().unwrap() >= 2, "{seen}");
+    // The rollouts are the ledger's.
+    let rows = seen["rollouts"].as_array().unwrap();
+    assert_eq!(rows.len(), 20);
+    let first = &rows[0];
+    let id = first["trajectory_id"].as_str().unwrap();
+    let db = format!("sqlite://{}", h.path("runs/ledger.sqlite").display());
+    let shown = h.ok(&["inspect", "trajectory", id, "--db", &db]);
+    assert!(
+        shown.contains(first["completion_text"].as_str().unwrap()),
+        "{first}\n{shown}"
+    );
+    assert!(seen["min_scored_reward"].as_f64().unwrap() >= 0.0);
+    if !seen["frame_rows"].is_null() {
+        assert_eq!(seen["frame_rows"], 20);
+    }
+}

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use chorus_proto::tonic::{self, Request, Response, Status};
 use chorus_proto::v1::orchestrator_server::Orchestrator;
 use chorus_proto::v1::{
-    GetRunRequest, HeartbeatResponse, LaunchRunRequest, LaunchRunResponse, LearnerHeartbeatRequest,
-    ListRunsRequest, ListRunsResponse, RegisterLearnerRequest, RegisterLearnerResponse,
-    RegisterWorkerRequest, RegisterWorkerResponse, Run, RunEvent, RunStatus as ProtoRunStatus,
-    WatchRunRequest, WorkerHeartbeatRequest,
+    GetRunRequest, HeartbeatResponse, HeldOutEvaluation, LaunchRunRequest, LaunchRunResponse,
+    LearnerHeartbeatRequest, ListRolloutsRequest, ListRolloutsResponse, ListRunsRequest,
+    ListRunsResponse, RegisterLearnerRequest, RegisterLearnerResponse, RegisterWorkerRequest,
+    RegisterWorkerResponse, RolloutRecord, Run, RunEvent, RunStatus as ProtoRunStatus, RunSummary,
+    StageSummary, WatchRunRequest, WorkerHeartbeatRequest,
 };
 use tokio::sync::broadcast;
 use tokio_stream::Stream;
@@ -20,7 +21,9 @@ use tokio_stream::Stream;
 use crate::config::RunConfig;
 use crate::directory::{LearnerInfo, RegistrationError, ends_run};
 use crate::fleet::{Fleet, FleetError, Kind};
-use crate::ledger::{LaunchEval, Ledger, NewRun, RunRecord, RunStatus};
+use crate::ledger::{
+    LaunchEval, Ledger, NewRun, RolloutFilter, RunRecord, RunStatus, TrajectoryStatus,
+};
 
 /// The `Orchestrator` gRPC service over a [`Fleet`] and the ledger.
 pub struct OrchestratorService {
@@ -45,7 +48,12 @@ fn proto_status(s: RunStatus) -> ProtoRunStatus {
     }
 }
 
-fn proto_run(r: RunRecord, learner: Option<&LearnerInfo>) -> Run {
+/// A run as the service reports it: its step and version, the newer of what its live learner
+/// last reported and the ledger's last learner step (a finished run, or one this process no
+/// longer serves, has only the latter).
+fn proto_run(r: RunRecord, learner: Option<&LearnerInfo>, recorded: Option<(u64, u64)>) -> Run {
+    let live = learner.map(|l| (l.step, l.policy_version));
+    let (learner_step, policy_version) = live.max(recorded).unwrap_or((0, 0));
     Run {
         run_id: r.id,
         name: r.name,
@@ -53,8 +61,8 @@ fn proto_run(r: RunRecord, learner: Option<&LearnerInfo>) -> Run {
         status: proto_status(r.status) as i32,
         created_at_ms: r.created_at_ms,
         finished_at_ms: r.finished_at_ms,
-        learner_step: learner.map(|l| l.step).unwrap_or(0),
-        policy_version: learner.map(|l| l.policy_version).unwrap_or(0),
+        learner_step,
+        policy_version,
     }
 }
 
@@ -77,6 +85,21 @@ fn fleet_status(e: FleetError) -> Status {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<RunEvent, Status>> + Send>>;
+
+impl OrchestratorService {
+    /// `r` as reported, with its progress from its live learner or the ledger.
+    async fn reported(&self, r: RunRecord) -> Result<Run, Status> {
+        let learner = self.fleet.directory(&r.id).and_then(|d| d.learner());
+        let recorded = self
+            .ledger
+            .list_learner_steps(&r.id)
+            .await
+            .map_err(ledger_status)?
+            .last()
+            .map(|s| (s.step.step, s.step.policy_version));
+        Ok(proto_run(r, learner.as_ref(), recorded))
+    }
+}
 
 #[tonic::async_trait]
 impl Orchestrator for OrchestratorService {
@@ -232,7 +255,7 @@ impl Orchestrator for OrchestratorService {
             .map_err(ledger_status)?
             .ok_or_else(|| Status::internal("the launched run is missing from the ledger"))?;
         Ok(Response::new(LaunchRunResponse {
-            run: Some(proto_run(run, None)),
+            run: Some(proto_run(run, None, None)),
             created,
         }))
     }
@@ -245,8 +268,7 @@ impl Orchestrator for OrchestratorService {
             .await
             .map_err(ledger_status)?
             .ok_or_else(|| Status::not_found(format!("no run `{id}` in the ledger")))?;
-        let learner = self.fleet.directory(&id).and_then(|d| d.learner());
-        Ok(Response::new(proto_run(run, learner.as_ref())))
+        Ok(Response::new(self.reported(run).await?))
     }
 
     async fn list_runs(
@@ -264,25 +286,135 @@ impl Orchestrator for OrchestratorService {
         } else {
             r.limit.min(10_000)
         };
-        let runs = self
-            .ledger
-            .list_runs(limit)
-            .await
-            .map_err(ledger_status)?
-            .into_iter()
-            .filter(|run| {
-                r.status
-                    .is_none_or(|s| proto_status(run.status) as i32 == s)
-            })
-            .map(|run| {
-                let learner = self.fleet.directory(&run.id).and_then(|d| d.learner());
-                proto_run(run, learner.as_ref())
-            })
-            .collect();
+        let mut runs = vec![];
+        for run in self.ledger.list_runs(limit).await.map_err(ledger_status)? {
+            if r.status
+                .is_none_or(|s| proto_status(run.status) as i32 == s)
+            {
+                runs.push(self.reported(run).await?);
+            }
+        }
         Ok(Response::new(ListRunsResponse {
             runs,
             next_page_token: String::new(),
         }))
+    }
+
+    async fn get_run_summary(
+        &self,
+        request: Request<GetRunRequest>,
+    ) -> Result<Response<RunSummary>, Status> {
+        let id = request.into_inner().run_id;
+        let run = self
+            .ledger
+            .get_run(&id)
+            .await
+            .map_err(ledger_status)?
+            .ok_or_else(|| Status::not_found(format!("no run `{id}` in the ledger")))?;
+        let stages = self
+            .ledger
+            .list_stages(&id)
+            .await
+            .map_err(ledger_status)?
+            .into_iter()
+            .map(|st| StageSummary {
+                index: st.stage.stage_index as u32,
+                name: st.stage.name,
+                kind: st.stage.kind,
+                status: st.status.as_str().to_string(),
+                metric: st.stage.metric.unwrap_or_default(),
+                start: st.stage.metric_start,
+                end: st.metric_end,
+                trajectories: st.trajectories,
+                summary_json: st.summary_json.unwrap_or_default(),
+                first_step: st.stage.first_step,
+                last_step: st.last_step,
+            })
+            .collect();
+        let evaluations = self
+            .ledger
+            .list_evaluations(&id)
+            .await
+            .map_err(ledger_status)?
+            .into_iter()
+            .map(|e| HeldOutEvaluation {
+                policy_version: e.policy_version,
+                environment: e.environment,
+                accuracy: e.accuracy,
+                accuracy_lo: e.accuracy_lo,
+                accuracy_hi: e.accuracy_hi,
+                tasks: e.tasks,
+                correct: e.correct,
+            })
+            .collect();
+        let learner_steps = self
+            .ledger
+            .list_learner_steps(&id)
+            .await
+            .map_err(ledger_status)?
+            .len() as u64;
+        Ok(Response::new(RunSummary {
+            run: Some(self.reported(run).await?),
+            stages,
+            evaluations,
+            learner_steps,
+        }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<ListRolloutsRequest>,
+    ) -> Result<Response<ListRolloutsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let rows = self
+            .ledger
+            .list_rollouts(&RolloutFilter {
+                run_id: Some(r.run_id.clone()),
+                environment: (!r.environment.is_empty()).then_some(r.environment),
+                min_reward: r.min_reward,
+                limit,
+            })
+            .await
+            .map_err(ledger_status)?;
+        let mut rollouts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Some(t) = self
+                .ledger
+                .get_trajectory(&row.id)
+                .await
+                .map_err(ledger_status)?
+            else {
+                continue;
+            };
+            let tr = t.trajectory;
+            let failure = match &tr.status {
+                TrajectoryStatus::Ok => String::new(),
+                TrajectoryStatus::Failed { reason } => reason.clone(),
+            };
+            rollouts.push(RolloutRecord {
+                trajectory_id: tr.id,
+                prompt_id: tr.prompt_id,
+                group_id: tr.group_id,
+                environment: tr.environment,
+                worker_id: tr.worker_id,
+                reward: tr.reward,
+                reward_components: tr.reward_components.into_iter().collect(),
+                reason: tr.reason.unwrap_or_default(),
+                completion_text: tr.completion_text,
+                completion_tokens: row.num_completion_tokens,
+                min_policy_version: row.min_policy_version,
+                max_policy_version: row.max_policy_version,
+                finish_reason: tr.finish_reason as i32,
+                failure,
+                consumed_at_step: t.consumed_at_step,
+                stage: tr.stage_index,
+            });
+        }
+        Ok(Response::new(ListRolloutsResponse { rollouts }))
     }
 
     type WatchRunStream = EventStream;

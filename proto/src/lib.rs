@@ -5,7 +5,7 @@
 //!
 //! | service | implemented by | calls |
 //! |---|---|---|
-//! | [`Orchestrator`](v1::orchestrator_server::Orchestrator) | orchestrator | registration and heartbeats of workers and learners, launch / get / list runs, a stream of run events |
+//! | [`Orchestrator`](v1::orchestrator_server::Orchestrator) | orchestrator | registration and heartbeats of workers and learners, launch / get / list runs, a stream of run events, a run's summary and rollouts from the ledger |
 //! | [`RolloutWorker`](v1::rollout_worker_server::RolloutWorker) | rollout worker | `Generate`: a bidirectional stream of generation requests and token chunks |
 //! | [`Learner`](v1::learner_server::Learner) | learner | `SubmitTrajectories` (client stream of scored groups, acknowledged by id), `StreamWeights` (server stream of checksummed weight chunks), `StreamSteps` (server stream of step reports) |
 //! | [`Environment`](v1::environment_server::Environment) | environment plugins (client and server adapters in `chorus-environments`' `plugin` module) | `Describe`, `Sample`, `Step`, `Score`; optional `Reference`, `WrongCompletions`, `Start` |

@@ -22,59 +22,76 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import common_pb2 as chorus_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63horus/v1/orchestrator.proto\x12\tchorus.v1\"\x85\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"l\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"\x8a\x01\n\x16WorkerHeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"\x8c\x01\n\x17LearnerHeartbeatRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x15\n\rqueued_groups\x18\x06 \x01(\r\"\x90\x01\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x1d\n\x15latest_policy_version\x18\x02 \x01(\x04\x12\x1a\n\x12min_policy_version\x18\x03 \x01(\x04\x12,\n\nassignment\x18\x04 \x01(\x0b\x32\x18.chorus.v1.RunAssignment\"N\n\rRunAssignment\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x18\n\x10learner_endpoint\x18\x03 \x01(\t\"w\n\x16RegisterLearnerRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\r\"a\n\x17RegisterLearnerResponse\x12\x12\n\nlearner_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x04\x12\x13\n\x0bresume_step\x18\x03 \x01(\x04\"\xd3\x01\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.chorus.v1.RunStatus\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x1b\n\x0e\x66inished_at_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0clearner_step\x18\x07 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\x42\x11\n\x0f_finished_at_ms\"\x99\x01\n\x10LaunchRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\x12\x17\n\neval_tasks\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\neval_every\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\r\n\x0b_eval_tasksB\r\n\x0b_eval_every\"A\n\x11LaunchRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chorus.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"j\n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x14.chorus.v1.RunStatusH\x00\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\tB\t\n\x07_status\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.chorus.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\xd2\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x35\n\x0estatus_changed\x18\n \x01(\x0b\x32\x1b.chorus.v1.RunStatusChangedH\x00\x12\x36\n\x10policy_published\x18\x0b \x01(\x0b\x32\x1a.chorus.v1.PolicyPublishedH\x00\x12\x37\n\x0clearner_step\x18\x0c \x01(\x0b\x32\x1f.chorus.v1.LearnerStepCompletedH\x00\x12\x30\n\rworker_joined\x18\r \x01(\x0b\x32\x17.chorus.v1.WorkerJoinedH\x00\x12,\n\x0bworker_lost\x18\x0e \x01(\x0b\x32\x15.chorus.v1.WorkerLostH\x00\x42\x06\n\x04kind\"H\n\x10RunStatusChanged\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.chorus.v1.RunStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\"O\n\x0fPolicyPublished\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x14\n\x0clearner_step\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"Y\n\x14LearnerStepCompleted\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x14\n\x0ctrajectories\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x01(\x08\"3\n\x0cWorkerJoined\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\"=\n\nWorkerLost\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14redispatched_prompts\x18\x02 \x01(\r*\xa2\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_PENDING\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11RUN_STATUS_FAILED\x10\x04\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x05\x32\xe9\x04\n\x0cOrchestrator\x12U\n\x0eRegisterWorker\x12 .chorus.v1.RegisterWorkerRequest\x1a!.chorus.v1.RegisterWorkerResponse\x12R\n\x0fWorkerHeartbeat\x12!.chorus.v1.WorkerHeartbeatRequest\x1a\x1c.chorus.v1.HeartbeatResponse\x12X\n\x0fRegisterLearner\x12!.chorus.v1.RegisterLearnerRequest\x1a\".chorus.v1.RegisterLearnerResponse\x12T\n\x10LearnerHeartbeat\x12\".chorus.v1.LearnerHeartbeatRequest\x1a\x1c.chorus.v1.HeartbeatResponse\x12\x46\n\tLaunchRun\x12\x1b.chorus.v1.LaunchRunRequest\x1a\x1c.chorus.v1.LaunchRunResponse\x12\x32\n\x06GetRun\x12\x18.chorus.v1.GetRunRequest\x1a\x0e.chorus.v1.Run\x12\x43\n\x08ListRuns\x12\x1a.chorus.v1.ListRunsRequest\x1a\x1b.chorus.v1.ListRunsResponse\x12=\n\x08WatchRun\x12\x1a.chorus.v1.WatchRunRequest\x1a\x13.chorus.v1.RunEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63horus/v1/orchestrator.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"\x85\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"l\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"\x8a\x01\n\x16WorkerHeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"\x8c\x01\n\x17LearnerHeartbeatRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x15\n\rqueued_groups\x18\x06 \x01(\r\"\x90\x01\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x1d\n\x15latest_policy_version\x18\x02 \x01(\x04\x12\x1a\n\x12min_policy_version\x18\x03 \x01(\x04\x12,\n\nassignment\x18\x04 \x01(\x0b\x32\x18.chorus.v1.RunAssignment\"N\n\rRunAssignment\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x18\n\x10learner_endpoint\x18\x03 \x01(\t\"w\n\x16RegisterLearnerRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\r\"a\n\x17RegisterLearnerResponse\x12\x12\n\nlearner_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x04\x12\x13\n\x0bresume_step\x18\x03 \x01(\x04\"\xd3\x01\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.chorus.v1.RunStatus\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x1b\n\x0e\x66inished_at_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0clearner_step\x18\x07 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\x42\x11\n\x0f_finished_at_ms\"\x99\x01\n\x10LaunchRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\x12\x17\n\neval_tasks\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\neval_every\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\r\n\x0b_eval_tasksB\r\n\x0b_eval_every\"A\n\x11LaunchRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chorus.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"j\n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x14.chorus.v1.RunStatusH\x00\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\tB\t\n\x07_status\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.chorus.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\xd2\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x35\n\x0estatus_changed\x18\n \x01(\x0b\x32\x1b.chorus.v1.RunStatusChangedH\x00\x12\x36\n\x10policy_published\x18\x0b \x01(\x0b\x32\x1a.chorus.v1.PolicyPublishedH\x00\x12\x37\n\x0clearner_step\x18\x0c \x01(\x0b\x32\x1f.chorus.v1.LearnerStepCompletedH\x00\x12\x30\n\rworker_joined\x18\r \x01(\x0b\x32\x17.chorus.v1.WorkerJoinedH\x00\x12,\n\x0bworker_lost\x18\x0e \x01(\x0b\x32\x15.chorus.v1.WorkerLostH\x00\x42\x06\n\x04kind\"H\n\x10RunStatusChanged\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.chorus.v1.RunStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\"O\n\x0fPolicyPublished\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x14\n\x0clearner_step\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"Y\n\x14LearnerStepCompleted\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x14\n\x0ctrajectories\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x01(\x08\"3\n\x0cWorkerJoined\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\"=\n\nWorkerLost\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14redispatched_prompts\x18\x02 \x01(\r\"\x9c\x01\n\nRunSummary\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chorus.v1.Run\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.chorus.v1.StageSummary\x12\x31\n\x0b\x65valuations\x18\x03 \x03(\x0b\x32\x1c.chorus.v1.HeldOutEvaluation\x12\x15\n\rlearner_steps\x18\x04 \x01(\x04\"\x8d\x02\n\x0cStageSummary\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x12\n\x05start\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03\x65nd\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0ctrajectories\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x14\n\x0csummary_json\x18\t \x01(\t\x12\x12\n\nfirst_step\x18\n \x01(\x04\x12\x16\n\tlast_step\x18\x0b \x01(\x04H\x03\x88\x01\x01\x42\x08\n\x06_startB\x06\n\x04_endB\x0f\n\r_trajectoriesB\x0c\n\n_last_step\"\x9c\x01\n\x11HeldOutEvaluation\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x13\n\x0b\x61\x63\x63uracy_lo\x18\x04 \x01(\x01\x12\x13\n\x0b\x61\x63\x63uracy_hi\x18\x05 \x01(\x01\x12\r\n\x05tasks\x18\x06 \x01(\x04\x12\x0f\n\x07\x63orrect\x18\x07 \x01(\x04\"q\n\x13ListRolloutsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x17\n\nmin_reward\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05limit\x18\x04 \x01(\rB\r\n\x0b_min_reward\"B\n\x14ListRolloutsResponse\x12*\n\x08rollouts\x18\x01 \x03(\x0b\x32\x18.chorus.v1.RolloutRecord\"\xde\x04\n\rRolloutRecord\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x13\n\x06reward\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12I\n\x11reward_components\x18\x07 \x03(\x0b\x32..chorus.v1.RolloutRecord.RewardComponentsEntry\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x17\n\x0f\x63ompletion_text\x18\t \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\x04\x12\x1f\n\x12min_policy_version\x18\x0b \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12max_policy_version\x18\x0c \x01(\x04H\x02\x88\x01\x01\x12.\n\rfinish_reason\x18\r \x01(\x0e\x32\x17.chorus.v1.FinishReason\x12\x0f\n\x07\x66\x61ilure\x18\x0e \x01(\t\x12\x1d\n\x10\x63onsumed_at_step\x18\x0f \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05stage\x18\x10 \x01(\x04H\x04\x88\x01\x01\x1a\x37\n\x15RewardComponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_rewardB\x15\n\x13_min_policy_versionB\x15\n\x13_max_policy_versionB\x13\n\x11_consumed_at_stepB\x08\n\x06_stage*\xa2\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_PENDING\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11RUN_STATUS_FAILED\x10\x04\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x05\x32\xfc\x05\n\x0cOrchestrator\x12U\n\x0eRegisterWorker\x12 .chorus.v1.RegisterWorkerRequest\x1a!.chorus.v1.RegisterWorkerResponse\x12R\n\x0fWorkerHeartbeat\x12!.chorus.v1.WorkerHeartbeatRequest\x1a\x1c.chorus.v1.HeartbeatResponse\x12X\n\x0fRegisterLearner\x12!.chorus.v1.RegisterLearnerRequest\x1a\".chorus.v1.RegisterLearnerResponse\x12T\n\x10LearnerHeartbeat\x12\".chorus.v1.LearnerHeartbeatRequest\x1a\x1c.chorus.v1.HeartbeatResponse\x12\x46\n\tLaunchRun\x12\x1b.chorus.v1.LaunchRunRequest\x1a\x1c.chorus.v1.LaunchRunResponse\x12\x32\n\x06GetRun\x12\x18.chorus.v1.GetRunRequest\x1a\x0e.chorus.v1.Run\x12\x43\n\x08ListRuns\x12\x1a.chorus.v1.ListRunsRequest\x1a\x1b.chorus.v1.ListRunsResponse\x12=\n\x08WatchRun\x12\x1a.chorus.v1.WatchRunRequest\x1a\x13.chorus.v1.RunEvent0\x01\x12@\n\rGetRunSummary\x12\x18.chorus.v1.GetRunRequest\x1a\x15.chorus.v1.RunSummary\x12O\n\x0cListRollouts\x12\x1e.chorus.v1.ListRolloutsRequest\x1a\x1f.chorus.v1.ListRolloutsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chorus.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=2436
-  _globals['_RUNSTATUS']._serialized_end=2598
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=44
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=177
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=179
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=287
-  _globals['_WORKERHEARTBEATREQUEST']._serialized_start=290
-  _globals['_WORKERHEARTBEATREQUEST']._serialized_end=428
-  _globals['_LEARNERHEARTBEATREQUEST']._serialized_start=431
-  _globals['_LEARNERHEARTBEATREQUEST']._serialized_end=571
-  _globals['_HEARTBEATRESPONSE']._serialized_start=574
-  _globals['_HEARTBEATRESPONSE']._serialized_end=718
-  _globals['_RUNASSIGNMENT']._serialized_start=720
-  _globals['_RUNASSIGNMENT']._serialized_end=798
-  _globals['_REGISTERLEARNERREQUEST']._serialized_start=800
-  _globals['_REGISTERLEARNERREQUEST']._serialized_end=919
-  _globals['_REGISTERLEARNERRESPONSE']._serialized_start=921
-  _globals['_REGISTERLEARNERRESPONSE']._serialized_end=1018
-  _globals['_RUN']._serialized_start=1021
-  _globals['_RUN']._serialized_end=1232
-  _globals['_LAUNCHRUNREQUEST']._serialized_start=1235
-  _globals['_LAUNCHRUNREQUEST']._serialized_end=1388
-  _globals['_LAUNCHRUNRESPONSE']._serialized_start=1390
-  _globals['_LAUNCHRUNRESPONSE']._serialized_end=1455
-  _globals['_GETRUNREQUEST']._serialized_start=1457
-  _globals['_GETRUNREQUEST']._serialized_end=1488
-  _globals['_LISTRUNSREQUEST']._serialized_start=1490
-  _globals['_LISTRUNSREQUEST']._serialized_end=1596
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1598
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1671
-  _globals['_WATCHRUNREQUEST']._serialized_start=1673
-  _globals['_WATCHRUNREQUEST']._serialized_end=1730
-  _globals['_RUNEVENT']._serialized_start=1733
-  _globals['_RUNEVENT']._serialized_end=2071
-  _globals['_RUNSTATUSCHANGED']._serialized_start=2073
-  _globals['_RUNSTATUSCHANGED']._serialized_end=2145
-  _globals['_POLICYPUBLISHED']._serialized_start=2147
-  _globals['_POLICYPUBLISHED']._serialized_end=2226
-  _globals['_LEARNERSTEPCOMPLETED']._serialized_start=2228
-  _globals['_LEARNERSTEPCOMPLETED']._serialized_end=2317
-  _globals['_WORKERJOINED']._serialized_start=2319
-  _globals['_WORKERJOINED']._serialized_end=2370
-  _globals['_WORKERLOST']._serialized_start=2372
-  _globals['_WORKERLOST']._serialized_end=2433
-  _globals['_ORCHESTRATOR']._serialized_start=2601
-  _globals['_ORCHESTRATOR']._serialized_end=3218
+  _globals['_ROLLOUTRECORD_REWARDCOMPONENTSENTRY']._loaded_options = None
+  _globals['_ROLLOUTRECORD_REWARDCOMPONENTSENTRY']._serialized_options = b'8\001'
+  _globals['_RUNSTATUS']._serialized_start=3842
+  _globals['_RUNSTATUS']._serialized_end=4004
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=68
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=201
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=203
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=311
+  _globals['_WORKERHEARTBEATREQUEST']._serialized_start=314
+  _globals['_WORKERHEARTBEATREQUEST']._serialized_end=452
+  _globals['_LEARNERHEARTBEATREQUEST']._serialized_start=455
+  _globals['_LEARNERHEARTBEATREQUEST']._serialized_end=595
+  _globals['_HEARTBEATRESPONSE']._serialized_start=598
+  _globals['_HEARTBEATRESPONSE']._serialized_end=742
+  _globals['_RUNASSIGNMENT']._serialized_start=744
+  _globals['_RUNASSIGNMENT']._serialized_end=822
+  _globals['_REGISTERLEARNERREQUEST']._serialized_start=824
+  _globals['_REGISTERLEARNERREQUEST']._serialized_end=943
+  _globals['_REGISTERLEARNERRESPONSE']._serialized_start=945
+  _globals['_REGISTERLEARNERRESPONSE']._serialized_end=1042
+  _globals['_RUN']._serialized_start=1045
+  _globals['_RUN']._serialized_end=1256
+  _globals['_LAUNCHRUNREQUEST']._serialized_start=1259
+  _globals['_LAUNCHRUNREQUEST']._serialized_end=1412
+  _globals['_LAUNCHRUNRESPONSE']._serialized_start=1414
+  _globals['_LAUNCHRUNRESPONSE']._serialized_end=1479
+  _globals['_GETRUNREQUEST']._serialized_start=1481
+  _globals['_GETRUNREQUEST']._serialized_end=1512
+  _globals['_LISTRUNSREQUEST']._serialized_start=1514
+  _globals['_LISTRUNSREQUEST']._serialized_end=1620
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1622
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1695
+  _globals['_WATCHRUNREQUEST']._serialized_start=1697
+  _globals['_WATCHRUNREQUEST']._serialized_end=1754
+  _globals['_RUNEVENT']._serialized_start=1757
+  _globals['_RUNEVENT']._serialized_end=2095
+  _globals['_RUNSTATUSCHANGED']._serialized_start=2097
+  _globals['_RUNSTATUSCHANGED']._serialized_end=2169
+  _globals['_POLICYPUBLISHED']._serialized_start=2171
+  _globals['_POLICYPUBLISHED']._serialized_end=2250
+  _globals['_LEARNERSTEPCOMPLETED']._serialized_start=2252
+  _globals['_LEARNERSTEPCOMPLETED']._serialized_end=2341
+  _globals['_WORKERJOINED']._serialized_start=2343
+  _globals['_WORKERJOINED']._serialized_end=2394
+  _globals['_WORKERLOST']._serialized_start=2396
+  _globals['_WORKERLOST']._serialized_end=2457
+  _globals['_RUNSUMMARY']._serialized_start=2460
+  _globals['_RUNSUMMARY']._serialized_end=2616
+  _globals['_STAGESUMMARY']._serialized_start=2619
+  _globals['_STAGESUMMARY']._serialized_end=2888
+  _globals['_HELDOUTEVALUATION']._serialized_start=2891
+  _globals['_HELDOUTEVALUATION']._serialized_end=3047
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=3049
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=3162
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=3164
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=3230
+  _globals['_ROLLOUTRECORD']._serialized_start=3233
+  _globals['_ROLLOUTRECORD']._serialized_end=3839
+  _globals['_ROLLOUTRECORD_REWARDCOMPONENTSENTRY']._serialized_start=3696
+  _globals['_ROLLOUTRECORD_REWARDCOMPONENTSENTRY']._serialized_end=3751
+  _globals['_ORCHESTRATOR']._serialized_start=4007
+  _globals['_ORCHESTRATOR']._serialized_end=4771
 # @@protoc_insertion_point(module_scope)

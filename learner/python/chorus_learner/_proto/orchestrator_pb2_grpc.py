@@ -75,6 +75,16 @@ class OrchestratorStub:
                 request_serializer=chorus_dot_v1_dot_orchestrator__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=chorus_dot_v1_dot_orchestrator__pb2.RunEvent.FromString,
                 _registered_method=True)
+        self.GetRunSummary = channel.unary_unary(
+                '/chorus.v1.Orchestrator/GetRunSummary',
+                request_serializer=chorus_dot_v1_dot_orchestrator__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=chorus_dot_v1_dot_orchestrator__pb2.RunSummary.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/chorus.v1.Orchestrator/ListRollouts',
+                request_serializer=chorus_dot_v1_dot_orchestrator__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=chorus_dot_v1_dot_orchestrator__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -137,6 +147,21 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunSummary(self, request, context):
+        """What the ledger holds of one run: its stages (each with its summary) and its held-out
+        evaluations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Trajectories of one run, newest first, with their text and scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +204,16 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=chorus_dot_v1_dot_orchestrator__pb2.WatchRunRequest.FromString,
                     response_serializer=chorus_dot_v1_dot_orchestrator__pb2.RunEvent.SerializeToString,
+            ),
+            'GetRunSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunSummary,
+                    request_deserializer=chorus_dot_v1_dot_orchestrator__pb2.GetRunRequest.FromString,
+                    response_serializer=chorus_dot_v1_dot_orchestrator__pb2.RunSummary.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=chorus_dot_v1_dot_orchestrator__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=chorus_dot_v1_dot_orchestrator__pb2.ListRolloutsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +433,60 @@ class Orchestrator:
             '/chorus.v1.Orchestrator/WatchRun',
             chorus_dot_v1_dot_orchestrator__pb2.WatchRunRequest.SerializeToString,
             chorus_dot_v1_dot_orchestrator__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chorus.v1.Orchestrator/GetRunSummary',
+            chorus_dot_v1_dot_orchestrator__pb2.GetRunRequest.SerializeToString,
+            chorus_dot_v1_dot_orchestrator__pb2.RunSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chorus.v1.Orchestrator/ListRollouts',
+            chorus_dot_v1_dot_orchestrator__pb2.ListRolloutsRequest.SerializeToString,
+            chorus_dot_v1_dot_orchestrator__pb2.ListRolloutsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,5 +28,7 @@ pub const ENVIRONMENT_CALL_SECONDS: &str = "chorus_environment_call_seconds";
 pub const LEDGER_PENDING_WRITES: &str = "chorus_ledger_pending_writes";
 /// Seconds from a ledger write's enqueueing to its commit (the ledger's write lag).
 pub const LEDGER_WRITE_LAG_SECONDS: &str = "chorus_ledger_write_lag_seconds";
+/// Ledger batches tried again after a failure that may pass (the database restarting).
+pub const LEDGER_WRITE_RETRIES: &str = "chorus_ledger_write_retries_total";
 /// The newest policy version the orchestrator knows of.
 pub const POLICY_VERSION: &str = "chorus_orchestrator_policy_version";

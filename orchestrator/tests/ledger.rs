@@ -3,7 +3,6 @@
 //! it the PostgreSQL cases print `SKIPPED`, and fail under CI (see `support/postgres.rs`).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_orchestrator::ledger::{
@@ -16,6 +15,9 @@ use chorus_proto::v1::FinishReason;
 #[path = "support/postgres.rs"]
 mod support_postgres;
 use support_postgres::postgres_url_or_skip;
+#[path = "support/schema.rs"]
+mod support_schema;
+use support_schema::{drop_schema, fresh_schema};
 
 /// A ledger under test, with what is needed to reopen it.
 struct TestDb {
@@ -38,26 +40,9 @@ impl TestDb {
     /// A fresh schema in the test database, or `None` when `test` is skipped.
     async fn postgres(test: &str) -> Option<Self> {
         let base = postgres_url_or_skip(test)?;
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let schema = format!(
-            "chorus_test_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = sqlx::PgPool::connect(&base).await.unwrap();
-        for sql in [
-            format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
-            format!("CREATE SCHEMA {schema}"),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&admin)
-                .await
-                .unwrap();
-        }
-        admin.close().await;
-        let sep = if base.contains('?') { '&' } else { '?' };
+        let (url, schema) = fresh_schema(&base).await;
         Some(Self {
-            url: format!("{base}{sep}options[search_path]={schema}"),
+            url,
             _dir: None,
             pg_cleanup: Some((base, schema)),
         })
@@ -73,14 +58,7 @@ impl TestDb {
 
     async fn cleanup(self) {
         if let Some((base, schema)) = self.pg_cleanup {
-            let admin = sqlx::PgPool::connect(&base).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE"
-            )))
-            .execute(&admin)
-            .await
-            .unwrap();
-            admin.close().await;
+            drop_schema(&base, &schema).await;
         }
     }
 }

@@ -120,6 +120,12 @@ pub struct LedgerOptions {
     pub flush_interval: Duration,
     /// Connections in the pool (an in-memory SQLite ledger always uses one).
     pub max_connections: u32,
+    /// How long a batch is tried again while the database cannot be written for a reason that
+    /// may pass (it restarts, a connection drops); writers wait meanwhile.
+    pub retry_for: Duration,
+    /// Longest wait for a pooled connection (PostgreSQL) before a write counts as failed and
+    /// is tried again.
+    pub acquire_timeout: Duration,
 }
 
 impl Default for LedgerOptions {
@@ -129,6 +135,8 @@ impl Default for LedgerOptions {
             max_batch_rows: 1000,
             flush_interval: Duration::from_millis(50),
             max_connections: 4,
+            retry_for: Duration::from_secs(600),
+            acquire_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -237,6 +245,7 @@ impl Ledger {
                     })?;
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
+                    .acquire_timeout(options.acquire_timeout)
                     .connect_with(opts)
                     .await
                     .map_err(|source| connect_error("postgres", url, source))?;
@@ -257,6 +266,7 @@ impl Ledger {
         let limits = BatchLimits {
             max_rows: options.max_batch_rows.max(1),
             interval: options.flush_interval,
+            retry_for: options.retry_for,
         };
         let writer = tokio::spawn(writer::run(pools.clone(), rx, limits));
         Ok(Self {

@@ -634,6 +634,10 @@ impl Failures {
 pub(crate) struct BatchLimits {
     pub max_rows: usize,
     pub interval: Duration,
+    /// How long a batch whose commit fails for a reason that may pass (the database restarting,
+    /// a dropped connection) is tried again before its writes count as failed. Meanwhile the
+    /// queue fills and writers wait: backpressure, not lost rows.
+    pub retry_for: Duration,
 }
 
 /// The writes gathered since the last commit.
@@ -641,6 +645,7 @@ pub(crate) struct BatchLimits {
 struct Batch {
     ops: Vec<WriteOp>,
     rows: usize,
+    retry_for: Duration,
     /// When its first write arrived: the batch commits `interval` later at the latest, and
     /// the wait until its commit is the ledger's write lag.
     opened: Option<Instant>,
@@ -660,7 +665,13 @@ impl Batch {
             return;
         };
         self.rows = 0;
-        commit(pools, std::mem::take(&mut self.ops), failures).await;
+        commit(
+            pools,
+            std::mem::take(&mut self.ops),
+            failures,
+            self.retry_for,
+        )
+        .await;
         metrics::histogram!(names::LEDGER_WRITE_LAG_SECONDS).record(opened.elapsed().as_secs_f64());
         metrics::gauge!(names::LEDGER_PENDING_WRITES).set(queued as f64);
     }
@@ -668,7 +679,10 @@ impl Batch {
 
 /// The writer task: runs until a `Close` command or until every sender is gone.
 pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: BatchLimits) {
-    let mut batch = Batch::default();
+    let mut batch = Batch {
+        retry_for: limits.retry_for,
+        ..Batch::default()
+    };
     let mut failures = Failures::default();
     loop {
         let cmd = match batch.opened {
@@ -722,8 +736,32 @@ pub(crate) async fn run(pools: Pools, mut rx: mpsc::Receiver<Command>, limits: B
     }
 }
 
-/// Commits `batch` in one transaction, falling back to one transaction per op.
-async fn commit(pools: &Pools, batch: Vec<WriteOp>, failures: &mut Failures) {
+/// Whether a failed commit may succeed if tried again: the connection or the server went away
+/// (a restart, a network blip, a busy SQLite file), as opposed to a write the database refuses.
+pub(crate) fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: connection exceptions (08...), shutdown and recovery (57P01-57P03),
+            // too many connections (53300). SQLite: busy (5) and locked (6).
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "53300" | "5" | "6"
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Commits `batch` in one transaction, trying again with backoff for up to `retry_for` while
+/// the failure is [`transient`], then falling back to one transaction per op.
+async fn commit(pools: &Pools, batch: Vec<WriteOp>, failures: &mut Failures, retry_for: Duration) {
     if batch.is_empty() {
         return;
     }
@@ -738,9 +776,27 @@ async fn commit(pools: &Pools, batch: Vec<WriteOp>, failures: &mut Failures) {
         return;
     }
     let all: Vec<Stmt> = ops.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
-    let err = match pools.execute_in_transaction(all).await {
-        Ok(()) => return,
-        Err(e) => e,
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    let err = loop {
+        match pools.execute_in_transaction(all.clone()).await {
+            Ok(()) => {
+                if started.elapsed() > backoff {
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        "the ledger is writable again; the held batch is committed"
+                    );
+                }
+                return;
+            }
+            Err(e) if transient(&e) && started.elapsed() < retry_for => {
+                tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, rows = ops.iter().map(|(o, _)| o.rows()).sum::<usize>(), "the ledger cannot be written now; holding the batch (writers wait) and trying again");
+                metrics::counter!(names::LEDGER_WRITE_RETRIES).increment(1);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => break e,
+        }
     };
     if ops.len() == 1 {
         failures.record(format!("{}: {}", ops[0].0.describe(), error_chain(&err)));

@@ -40,6 +40,22 @@ pub fn init(format: LogFormat) -> anyhow::Result<()> {
         })?,
         _ => EnvFilter::new(DEFAULT_FILTER),
     };
+    if format == LogFormat::Text && super::progress::interactive() {
+        // On a terminal: stage bars, with log lines printed above them.
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(Human)
+                    .with_ansi(true)
+                    .with_writer(super::progress::AboveBars),
+            )
+            .with(super::progress::StageBars)
+            .try_init();
+        return Ok(());
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

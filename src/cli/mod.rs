@@ -31,6 +31,7 @@ mod loss;
 mod metrics;
 mod model;
 mod plot;
+mod progress;
 mod quantize;
 mod run;
 mod serve;

@@ -1,6 +1,5 @@
 //! `chorus quantize`: convert a checkpoint to NVFP4 (ModelOpt layout) and back.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use chorus_model::quantize::{dequantize_checkpoint, quantize_checkpoint};
@@ -35,17 +34,19 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
-    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let progress = |i: usize, n: usize, name: &str| {
-        if interactive {
-            eprint!("\r\x1b[2K[{i}/{n}] {name}");
-            let _ = std::io::stderr().flush();
+    let bar: std::cell::OnceCell<Option<indicatif::ProgressBar>> = std::cell::OnceCell::new();
+    let progress = |i: usize, n: usize, name: &str| match bar
+        .get_or_init(|| super::progress::bar(n as u64, "quantize", "tensors"))
+    {
+        Some(b) => {
+            b.set_position(i as u64);
+            b.set_message(name.to_string());
             if i == n {
-                eprintln!();
+                b.finish_and_clear();
             }
-        } else if i == n || i.is_multiple_of(100) {
-            eprintln!("[{i}/{n}] {name}");
         }
+        None if i == n || i.is_multiple_of(100) => eprintln!("[{i}/{n}] {name}"),
+        None => {}
     };
     let report = if a.dequantize {
         dequantize_checkpoint(&a.input, &a.output, progress)?

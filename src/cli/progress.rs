@@ -1,0 +1,163 @@
+//! Progress bars on a terminal (indicatif); plain lines everywhere else.
+//!
+//! When standard error is a terminal and logs are text, a `chorus run` stage shows a bar of its
+//! steps (its start event carries `steps`; each learner step's event carries `step`, `loss` and
+//! `reward`), and log lines print above it. Commands with their own loops (quantize) take a
+//! [`bar`] directly.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Layer};
+
+/// Whether bars are drawn: standard error is a terminal.
+pub fn interactive() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// A bar of `len` items named `prefix`, or `None` off a terminal (the caller prints lines).
+pub fn bar(len: u64, prefix: &str, unit: &str) -> Option<ProgressBar> {
+    interactive().then(|| {
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{prefix}} [{{bar:32}}] {{pos}}/{{len}} {unit} {{elapsed_precise}} eta {{eta}} {{msg}}"
+            ))
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix.to_string());
+        bar.enable_steady_tick(Duration::from_millis(250));
+        bar
+    })
+}
+
+/// The stage bar of `chorus run`, with the global step its stage started after.
+#[derive(Default)]
+struct StageBar {
+    bar: Option<ProgressBar>,
+    first_step: Option<u64>,
+}
+
+fn current() -> &'static Arc<Mutex<StageBar>> {
+    static BAR: OnceLock<Arc<Mutex<StageBar>>> = OnceLock::new();
+    BAR.get_or_init(Default::default)
+}
+
+/// Log lines written above the bar (the bar is hidden while a line prints).
+#[derive(Clone, Copy, Default)]
+pub struct AboveBars;
+
+/// One event's text, printed whole when the formatter is done with it.
+pub struct LineWriter(Vec<u8>);
+
+impl Write for LineWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        let text = std::mem::take(&mut self.0);
+        let print = || {
+            let _ = std::io::stderr().lock().write_all(&text);
+        };
+        let state = current().lock().unwrap_or_else(|p| p.into_inner());
+        match &state.bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for AboveBars {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter(Vec::new())
+    }
+}
+
+/// Drives the stage bar from the run's events.
+pub struct StageBars;
+
+#[derive(Default)]
+struct Numbers {
+    message: String,
+    steps: Option<u64>,
+    prompts_per_step: Option<u64>,
+    step: Option<u64>,
+    loss: Option<f64>,
+    reward: Option<f64>,
+    supervised: Option<bool>,
+}
+
+impl Visit for Numbers {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "steps" => self.steps = Some(value),
+            "prompts_per_step" => self.prompts_per_step = Some(value),
+            "step" => self.step = Some(value),
+            _ => {}
+        }
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        match field.name() {
+            "loss" => self.loss = Some(value),
+            "reward" => self.reward = Some(value),
+            _ => {}
+        }
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if field.name() == "supervised" {
+            self.supervised = Some(value);
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for StageBars {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut n = Numbers::default();
+        event.record(&mut n);
+        let mut state = current().lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(steps), Some(_)) = (n.steps, n.prompts_per_step) {
+            // A stage starts: "stage NAME (KIND): …".
+            if let Some(old) = state.bar.take() {
+                old.finish_and_clear();
+            }
+            let name = n.message.split(':').next().unwrap_or("stage").to_string();
+            *state = StageBar {
+                bar: bar(steps, &name, "steps"),
+                first_step: None,
+            };
+        } else if let (Some(step), Some(loss)) = (n.step, n.loss) {
+            let first = *state.first_step.get_or_insert(step.saturating_sub(1));
+            if let Some(bar) = &state.bar {
+                bar.set_position(step - first);
+                let reward = match (n.supervised, n.reward) {
+                    (Some(false), Some(r)) => format!(" reward {r:.3}"),
+                    _ => String::new(),
+                };
+                bar.set_message(format!("loss {loss:.4}{reward}"));
+                if bar.position() >= bar.length().unwrap_or(u64::MAX) {
+                    bar.finish_and_clear();
+                    state.bar = None;
+                }
+            }
+        }
+    }
+}

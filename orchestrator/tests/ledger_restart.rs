@@ -18,7 +18,7 @@ use chorus_orchestrator::ledger::{LearnerStep, Ledger, LedgerOptions, NewRun, Ru
 use support_postgres::postgres_url_or_skip;
 use support_schema::{drop_schema, fresh_schema};
 
-const STEPS: u64 = 300;
+const STEPS: u64 = 1000;
 
 async fn postmaster_start(url: &str) -> String {
     let pool = sqlx::PgPool::connect(url).await.unwrap();

@@ -154,7 +154,8 @@ impl<S: Subscriber> Layer<S> for StageBars {
                 };
                 bar.set_message(format!("loss {loss:.4}{reward}"));
                 if bar.position() >= bar.length().unwrap_or(u64::MAX) {
-                    bar.finish_and_clear();
+                    // `finish` draws the full bar whatever the refresh rate skipped, and leaves it.
+                    bar.finish();
                     state.bar = None;
                 }
             }

@@ -42,7 +42,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             b.set_position(i as u64);
             b.set_message(name.to_string());
             if i == n {
-                b.finish_and_clear();
+                b.finish();
             }
         }
         None if i == n || i.is_multiple_of(100) => eprintln!("[{i}/{n}] {name}"),

@@ -1,5 +1,6 @@
-//! `chorus run` with a vLLM rollout worker beside a Chorus one: vLLM's tokens advance through
-//! the learner's versions within the staleness bound, a vLLM server killed in the middle of a
+//! `chorus run` with a vLLM rollout worker beside a Chorus one: vLLM's tokens (single-turn
+//! answers and episodes of a multi-turn environment) advance through the learner's versions within the
+//! staleness bound, a vLLM server killed in the middle of a
 //! weight update is restarted while the run goes on, the ledger's audit is clean, and no
 //! server outlives the run.
 //!
@@ -25,7 +26,7 @@ backend = "vllm"
 [workers.vllm]
 count = 1
 python = "PYTHON"
-max_model_len = 256
+max_model_len = 1024
 inject_faults = [{ version = 5, fault = "kill_server" }]
 [[stages]]
 name = "warmup"
@@ -41,7 +42,7 @@ prompts_per_step = 4
 group_size = 4
 max_new_tokens = 8
 max_staleness = 1
-environments = [{ name = "arithmetic" }]
+environments = [{ name = "arithmetic" }, { name = "tool_agent" }]
 "#;
 
 #[test]
@@ -101,10 +102,21 @@ fn a_run_mixes_vllm_and_chorus_workers_and_survives_a_server_killed_mid_update()
         "no vLLM token after the update the drill broke: {vllm:?}"
     );
     assert!(!chorus.is_empty(), "the Chorus worker generated nothing");
-    // One version per vLLM completion: the server never changes weights under a request.
-    for r in rows.iter().filter(|r| r.worker_id == "w0") {
+    // One version per single-turn vLLM completion: the server never changes weights under a
+    // request (a multi-turn episode's turns may each see a newer one).
+    for r in rows
+        .iter()
+        .filter(|r| r.worker_id == "w0" && r.environment == "arithmetic")
+    {
         assert_eq!(r.min_policy_version, r.max_policy_version, "{r:?}");
     }
+    // Episodes of a multi-turn environment ran on vLLM too (whether a tiny policy calls a tool,
+    // and so gets a second turn, is up to it).
+    assert!(
+        rows.iter()
+            .any(|r| r.worker_id == "w0" && r.environment == "tool_agent"),
+        "no tool_agent episode on the vLLM worker"
+    );
     assert!(
         pids_with_args(&["vllm.entrypoints.openai.api_server"])
             .iter()

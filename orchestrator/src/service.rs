@@ -92,10 +92,9 @@ impl OrchestratorService {
         let learner = self.fleet.directory(&r.id).and_then(|d| d.learner());
         let recorded = self
             .ledger
-            .list_learner_steps(&r.id)
+            .last_learner_step(&r.id)
             .await
             .map_err(ledger_status)?
-            .last()
             .map(|s| (s.step.step, s.step.policy_version));
         Ok(proto_run(r, learner.as_ref(), recorded))
     }
@@ -347,17 +346,18 @@ impl Orchestrator for OrchestratorService {
                 correct: e.correct,
             })
             .collect();
-        let learner_steps = self
+        let steps = self
             .ledger
             .list_learner_steps(&id)
             .await
-            .map_err(ledger_status)?
-            .len() as u64;
+            .map_err(ledger_status)?;
+        let learner = self.fleet.directory(&id).and_then(|d| d.learner());
+        let recorded = steps.last().map(|s| (s.step.step, s.step.policy_version));
         Ok(Response::new(RunSummary {
-            run: Some(self.reported(run).await?),
+            run: Some(proto_run(run, learner.as_ref(), recorded)),
+            learner_steps: steps.len() as u64,
             stages,
             evaluations,
-            learner_steps,
         }))
     }
 

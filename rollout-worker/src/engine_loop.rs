@@ -39,6 +39,24 @@ pub struct Job {
     pub exact_version: Option<u64>,
 }
 
+impl Job {
+    /// Why the job cannot run on a policy of `vocab` tokens, if it cannot.
+    pub fn validate(&self, vocab: usize) -> Result<(), String> {
+        if self.prompt.is_empty() {
+            return Err("empty prompt: give at least one token id".into());
+        }
+        if let Some(bad) = self.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!(
+                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return Err("max_new_tokens must be at least 1".into());
+        }
+        self.sampling.validate()
+    }
+}
+
 /// How the engine thread runs.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -143,7 +161,7 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Runs `job`, returning when it is finished (or rejected).
     pub async fn generate(&self, job: Job) -> JobResult {
-        if let Err(e) = self.validate(&job) {
+        if let Err(e) = job.validate(self.vocab) {
             return JobResult {
                 tokens: vec![],
                 logprobs: vec![],
@@ -169,22 +187,6 @@ impl WorkerHandle {
         }
         rx.await
             .unwrap_or_else(|_| failed("the worker's engine thread has stopped"))
-    }
-
-    fn validate(&self, job: &Job) -> Result<(), String> {
-        if job.prompt.is_empty() {
-            return Err("empty prompt: give at least one token id".into());
-        }
-        if let Some(bad) = job.prompt.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(format!(
-                "prompt token id {bad} is outside the vocabulary (size {})",
-                self.vocab
-            ));
-        }
-        if job.max_new_tokens == 0 {
-            return Err("max_new_tokens must be at least 1".into());
-        }
-        job.sampling.validate()
     }
 
     /// Makes `engine` the policy from the next decode step on, as `version`; an older version

@@ -387,15 +387,7 @@ pub async fn start_torch_learner(
         // Its own process group, killed whole when the run ends (torchrun's ranks included).
         .process_group(0)
         .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    dies_with_parent(&mut cmd);
     tracing::info!(run_id, python = %settings.python, processes = settings.processes, "starting the PyTorch learner");
     let mut child = cmd.spawn().map_err(RunError::io(format!(
         "starting the PyTorch learner with `{} -m chorus_learner`",
@@ -437,4 +429,18 @@ pub async fn start_torch_learner(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     tracing::info!(run_id, url, "PyTorch learner serving at {url}");
     Ok((TorchLearnerProcess { child }, url))
+}
+
+/// Makes the child `cmd` starts die with this process (`PR_SET_PDEATHSIG`), so a Chorus killed
+/// outright leaves no service behind.
+pub(crate) fn dies_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

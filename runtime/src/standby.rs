@@ -139,15 +139,7 @@ impl Standby {
         if let Some(metrics) = &self.metrics {
             cmd.args(["--metrics", &metrics.to_string()]);
         }
-        // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::services::dies_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(RunError::io(format!(
             "starting the {} for run {}",
             self.role.name(),

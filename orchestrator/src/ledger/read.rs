@@ -563,6 +563,21 @@ impl Ledger {
         self.fetch("list_learner_steps", stmt, decode_step).await
     }
 
+    /// A run's newest learner step, if it has one.
+    pub async fn last_learner_step(
+        &self,
+        run_id: &str,
+    ) -> Result<Option<LearnerStepRecord>, LedgerError> {
+        let stmt = Stmt::new(format!(
+            "SELECT {STEP_COLS} FROM learner_steps WHERE run_id = $1 ORDER BY step DESC LIMIT 1"
+        ))
+        .bind(run_id);
+        Ok(self
+            .fetch("last_learner_step", stmt, decode_step)
+            .await?
+            .pop())
+    }
+
     /// A run's stages, in order.
     pub async fn list_stages(&self, run_id: &str) -> Result<Vec<StageRecord>, LedgerError> {
         let stmt = Stmt::new(format!(

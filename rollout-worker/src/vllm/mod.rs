@@ -549,18 +549,8 @@ fn prune_versions(work_dir: &Path, keep: u64) {
     }
 }
 
+/// [`Job::validate`], and what vLLM cannot do.
 fn validate(job: &Job, vocab: usize) -> Result<(), String> {
-    if job.prompt.is_empty() {
-        return Err("empty prompt: give at least one token id".into());
-    }
-    if let Some(bad) = job.prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(format!(
-            "prompt token id {bad} is outside the vocabulary (size {vocab})"
-        ));
-    }
-    if job.max_new_tokens == 0 {
-        return Err("max_new_tokens must be at least 1".into());
-    }
     if job.sampling.think_budget.is_some() {
         return Err(
             "a thinking budget is not supported by vLLM workers; allowed there: temperature, \
@@ -568,7 +558,7 @@ fn validate(job: &Job, vocab: usize) -> Result<(), String> {
                 .into(),
         );
     }
-    job.sampling.validate()
+    job.validate(vocab)
 }
 
 /// The `/v1/completions` body of `job`: token ids in, token ids and log-probabilities out,

@@ -289,7 +289,7 @@ fn a_fork_bomb_is_capped_and_cleaned_up() {
         ..Limits::default()
     };
     for sandbox in sandboxes().into_iter().chain(sandboxes_without_cgroups()) {
-        println!("cgroups (pids, memory): {:?}", sandbox.cgroups());
+        println!("{}", sandbox.describe());
         let outcome = run(&sandbox, "forkbomb", program, limits.clone());
         assert_contained_failure("fork bomb", &outcome);
         assert!(
@@ -359,11 +359,21 @@ fn a_memory_bomb_hits_the_memory_limit() {
     };
     let program = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))\n";
     for sandbox in sandboxes().into_iter().chain(sandboxes_without_cgroups()) {
-        println!("cgroups (pids, memory): {:?}", sandbox.cgroups());
+        println!("{}", sandbox.describe());
         let outcome = run(&sandbox, "membomb", program, limits.clone());
         assert_contained_failure("memory bomb", &outcome);
         assert_eq!(outcome.termination, Termination::MemoryLimit, "{outcome:?}");
         assert!(outcome.reason().contains("memory"), "{}", outcome.reason());
+        // With a memory cgroup (v1 or v2), the group's OOM kill stops the bomb long before
+        // the address-space backstop (twice the limit) makes the interpreter raise
+        // MemoryError; without one, that MemoryError is the limit.
+        let memory_error = String::from_utf8_lossy(&outcome.stderr).contains("MemoryError");
+        assert_eq!(
+            memory_error,
+            !sandbox.cgroups().1,
+            "{}: {outcome:?}",
+            sandbox.describe()
+        );
     }
 }
 
@@ -408,4 +418,118 @@ fn signalling_the_parent_or_everyone_reaches_nobody_outside() {
     }
     sentinel.kill().unwrap();
     sentinel.wait().unwrap();
+}
+
+/// A program trying the calls the seccomp filter denies, each in a form whose error without
+/// the filter differs from `EPERM` (`ptrace(PTRACE_CONT)` on a process it does not trace:
+/// `ESRCH`; `mount` onto a missing directory: `ENOENT`; `bpf` with an unknown command:
+/// `EINVAL`; `clone3` with a zero size: `EINVAL`; `keyctl` and `unshare(CLONE_NEWUSER)`,
+/// `clone(CLONE_NEWUSER)`: allowed, or refused otherwise than `EPERM`), then what a judge
+/// needs: `os.fork`, `subprocess`, threads. Prints one JSON object.
+fn syscalls_program() -> String {
+    format!(
+        r#"import ctypes, json, os, subprocess, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+L = ctypes.c_long
+def err(result):
+    return ctypes.get_errno() if result == -1 else 0
+out = {{}}
+out['seccomp_mode'] = [l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')][0]
+ctypes.set_errno(0)
+out['ptrace'] = err(libc.ptrace(7, os.getppid(), None, None))
+out['mount'] = err(libc.mount(b'none', b'/no-such-mount-point', b'tmpfs', L(0), None))
+out['bpf'] = err(libc.syscall(L({bpf}), L(9999), None, L(0)))
+out['keyctl'] = err(libc.syscall(L({keyctl}), L(0), L(-3), L(0)))
+pid = libc.syscall(L({clone}), L(0x10000000 | 17), None, None, None, None)
+if pid == 0:
+    os._exit(0)
+out['clone_newuser'] = err(pid)
+if pid > 0:
+    os.waitpid(pid, 0)
+out['clone3'] = err(libc.syscall(L({clone3}), None, L(0)))
+# Last: a new user namespace would change what the calls above see.
+out['unshare_newuser'] = err(libc.unshare(0x10000000))
+child = os.fork()
+if child == 0:
+    os._exit(7)
+out['fork'] = os.WEXITSTATUS(os.waitpid(child, 0)[1])
+out['subprocess'] = subprocess.run([sys.executable, '-c', 'print(1)'], capture_output=True, text=True).stdout
+popen = subprocess.Popen([sys.executable, '-c', 'import sys; print(int(sys.stdin.read()) * 2)'], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+out['popen'] = popen.communicate(b'21')[0].decode()
+results = []
+threads = [threading.Thread(target=lambda i=i: results.append(i * i)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+out['threads'] = sorted(results)
+print(json.dumps(out))
+"#,
+        bpf = libc::SYS_bpf,
+        keyctl = libc::SYS_keyctl,
+        clone = libc::SYS_clone,
+        clone3 = libc::SYS_clone3,
+    )
+}
+
+fn syscall_results(sandbox: &Sandbox, case: &str) -> std::collections::BTreeMap<String, String> {
+    let outcome = run(sandbox, case, &syscalls_program(), quick());
+    assert!(
+        outcome.success(),
+        "{case} on {}: {outcome:?}",
+        sandbox.backend()
+    );
+    let text = String::from_utf8_lossy(&outcome.stdout);
+    let value: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(text.trim()).unwrap_or_else(|err| panic!("{err}: {text}"));
+    value.into_iter().map(|(k, v)| (k, v.to_string())).collect()
+}
+
+#[test]
+fn seccomp_denies_debugging_mounts_bpf_keyrings_and_namespaces_but_not_fork_or_threads() {
+    let denied = [
+        "ptrace",
+        "mount",
+        "bpf",
+        "keyctl",
+        "clone_newuser",
+        "unshare_newuser",
+    ];
+    for sandbox in sandboxes() {
+        assert!(sandbox.seccomp(), "{}", sandbox.describe());
+        println!("{}", sandbox.describe());
+        let filtered = syscall_results(&sandbox, "seccomp");
+        println!("with the filter on {}: {filtered:?}", sandbox.backend());
+        // Mode 2: a filter.
+        assert_eq!(filtered["seccomp_mode"], "\"2\"", "{filtered:?}");
+        for call in denied {
+            assert_eq!(
+                filtered[call],
+                libc::EPERM.to_string(),
+                "{call} on {}: {filtered:?}",
+                sandbox.backend()
+            );
+        }
+        assert_eq!(filtered["clone3"], libc::ENOSYS.to_string(), "{filtered:?}");
+        assert_eq!(filtered["fork"], "7");
+        assert_eq!(filtered["subprocess"], "\"1\\n\"");
+        assert_eq!(filtered["popen"], "\"42\\n\"");
+        assert_eq!(filtered["threads"], "[0,1,4,9]");
+
+        // Without the filter the same calls fail otherwise (or succeed): the EPERMs above are
+        // the filter's.
+        let unfiltered = syscall_results(&sandbox.without_seccomp(), "no-seccomp");
+        println!("without the filter: {unfiltered:?}");
+        assert_eq!(unfiltered["seccomp_mode"], "\"0\"", "{unfiltered:?}");
+        for call in denied.iter().chain(&["clone3"]) {
+            assert_ne!(
+                unfiltered[*call], filtered[*call],
+                "{call} without the filter: {unfiltered:?}"
+            );
+        }
+        assert_eq!(unfiltered["subprocess"], "\"1\\n\"");
+    }
 }

@@ -200,7 +200,12 @@ pub(crate) fn run(sandbox: &Sandbox, req: &SandboxRequest) -> Result<Outcome, Sa
                 .map(|(_, contents)| memfd(contents))
                 .collect::<Result<Vec<_>, _>>()?;
             let run_as = sandbox.privileged.then(run_uid);
-            let args = bwrap_args(sandbox, req, &program, &env, &memfds);
+            let seccomp = sandbox
+                .seccomp
+                .as_ref()
+                .map(|filter| memfd(&filter.to_bytes()))
+                .transpose()?;
+            let args = bwrap_args(sandbox, req, &program, &env, &memfds, seccomp.as_ref());
             let exec = exec_spec(
                 &bwrap.display().to_string(),
                 &args,
@@ -210,7 +215,11 @@ pub(crate) fn run(sandbox: &Sandbox, req: &SandboxRequest) -> Result<Outcome, Sa
             // user it would count all of the user's processes, so only a cgroup can cap it.
             let nproc = run_as.map(|_| max_processes + 2);
             let rlimits = rlimits(limits, nproc, cgroup.has_memory());
-            let inherit: Vec<RawFd> = memfds.iter().map(|fd| fd.as_raw_fd()).collect();
+            let inherit: Vec<RawFd> = memfds
+                .iter()
+                .chain(seccomp.iter())
+                .map(|fd| fd.as_raw_fd())
+                .collect();
             let mut keep: Vec<RawFd> = pipes.child.iter().map(|fd| fd.as_raw_fd()).collect();
             keep.extend(&cgroup_fds);
             keep.extend(&inherit);
@@ -586,6 +595,7 @@ fn bwrap_args(
     program: &str,
     env: &[String],
     memfds: &[OwnedFd],
+    seccomp: Option<&OwnedFd>,
 ) -> Vec<String> {
     let mut args: Vec<String> = [
         "--unshare-all",
@@ -638,6 +648,10 @@ fn bwrap_args(
             push(&["--setenv", key, value]);
         }
     }
+    if let Some(fd) = seccomp {
+        // bwrap installs it last, right before executing the program.
+        push(&["--seccomp", &fd.as_raw_fd().to_string()]);
+    }
     push(&[
         "--remount-ro",
         "/",
@@ -652,7 +666,7 @@ fn bwrap_args(
 }
 
 fn namespaces_plan<'a>(
-    sandbox: &Sandbox,
+    sandbox: &'a Sandbox,
     req: &'a SandboxRequest,
     run_uid: u32,
 ) -> Result<NsPlan<'a>, SandboxError> {
@@ -771,5 +785,6 @@ fn namespaces_plan<'a>(
         hostname: host("sandbox")?,
         workdir: host(WORKDIR)?,
         oom_score_adj: host("1000")?,
+        seccomp: sandbox.seccomp.as_ref().map(|filter| filter.instructions()),
     })
 }

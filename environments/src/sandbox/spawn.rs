@@ -45,7 +45,7 @@ impl Record {
 }
 
 /// The setup steps a child reports failure of.
-pub(crate) const STAGES: [&str; 24] = [
+pub(crate) const STAGES: [&str; 25] = [
     "(unknown step)",
     "joining the cgroups",
     "setting rlimits",
@@ -70,6 +70,7 @@ pub(crate) const STAGES: [&str; 24] = [
     "dropping privileges",
     "changing directory",
     "executing the program",
+    "installing the seccomp filter",
 ];
 const JOIN_CGROUP: u32 = 1;
 const RLIMIT: u32 = 2;
@@ -93,6 +94,7 @@ const DUP: u32 = 20;
 const SET_IDS: u32 = 21;
 const CHDIR: u32 = 22;
 const EXEC: u32 = 23;
+const SECCOMP: u32 = 24;
 
 /// A program to execute: path, argv and environment as C strings with their pointer arrays.
 #[derive(Debug)]
@@ -185,6 +187,8 @@ pub(crate) struct NsPlan<'a> {
     pub hostname: CString,
     pub workdir: CString,
     pub oom_score_adj: CString,
+    /// The system-call filter installed right before the program executes (none: no filter).
+    pub seccomp: Option<&'a [libc::sock_filter]>,
 }
 
 /// The in-namespace uid and gid programs run as when the host side is root.
@@ -701,7 +705,8 @@ unsafe fn build_root(plan: &NsPlan<'_>, report_w: RawFd) {
     }
 }
 
-/// The program itself: a new session, the pipes as stdio, rlimits, no privileges, exec.
+/// The program itself: a new session, the pipes as stdio, rlimits, no privileges, the seccomp
+/// filter, exec.
 unsafe fn program_child(io: ChildIo, plan: &NsPlan<'_>, rlimits: &[Rlimit], exec: &ExecSpec) -> ! {
     // SAFETY: raw system calls on descriptors and buffers prepared by the parent.
     unsafe {
@@ -758,6 +763,12 @@ unsafe fn program_child(io: ChildIo, plan: &NsPlan<'_>, rlimits: &[Rlimit], exec
         }
         if libc::chdir(plan.workdir.as_ptr()) != 0 {
             fail(io.report_w, CHDIR);
+        }
+        // Last, so that nothing above needs a call the filter denies.
+        if let Some(filter) = plan.seccomp
+            && !super::seccomp::install(filter)
+        {
+            fail(io.report_w, SECCOMP);
         }
         libc::execve(
             exec.path.as_ptr(),

@@ -234,3 +234,50 @@ fn new_python_writes_a_plugin_project_that_compiles_and_passes_its_test() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `chorus env score` on HumanEval-format data: every trick of the reward-hacking corpus
+/// (`environments/tests/reward_hacking/function_hacks.py`) earns 0, the correct body 1.
+#[test]
+fn score_gives_forged_humaneval_solutions_nothing() {
+    let h = Harness::new();
+    // A row in HumanEval's format, written for this test.
+    let row = r#"{"task_id": "Chorus/1", "prompt": "def count_vowels(text):\n    \"\"\"How many of the letters are vowels.\"\"\"\n", "entry_point": "count_vowels", "canonical_solution": "    return sum(c in 'aeiouAEIOU' for c in text)\n", "test": "def check(candidate):\n    assert candidate('') == 0\n    assert candidate('banana') == 3\n    assert candidate('RhythM') == 0\n"}"#;
+    std::fs::write(h.path("humaneval.jsonl"), format!("{row}\n")).unwrap();
+    let corpus =
+        std::fs::read_to_string(repo().join("environments/tests/reward_hacking/function_hacks.py"))
+            .unwrap();
+    let mut names = vec!["correct".to_string()];
+    let mut lines = vec![
+        serde_json::json!({
+            "id": 0,
+            "completion": "    return sum(c in 'aeiouAEIOU' for c in text)\n",
+        })
+        .to_string(),
+    ];
+    for block in corpus.split("\n# --- ").skip(1) {
+        let (name, code) = block.split_once('\n').unwrap();
+        names.push(name.trim().to_string());
+        let completion = format!("```python\n{}\n```", code.replace("ENTRY", "count_vowels"));
+        lines.push(serde_json::json!({"id": 0, "completion": completion}).to_string());
+    }
+    std::fs::write(h.path("completions.jsonl"), lines.join("\n") + "\n").unwrap();
+    let out = h.ok(&[
+        "env",
+        "score",
+        "code_python",
+        "--dataset",
+        "humaneval.jsonl",
+        "--completions",
+        "completions.jsonl",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), names.len(), "{out}");
+    assert!(names.len() > 10);
+    for (name, item) in names.iter().zip(items) {
+        let want = if name == "correct" { 1.0 } else { 0.0 };
+        assert_eq!(item["reward"], want, "{name}: {item}");
+    }
+    assert_eq!(v["full"], 1, "{out}");
+}

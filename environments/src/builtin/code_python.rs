@@ -24,13 +24,13 @@ use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
 
 use super::datasets::{Row, parse_jsonl, read_jsonl, row_error, string_field};
+use super::judge::{JudgeRequest, JudgeTest, Solution, TestKind, judge};
+use super::script::run_in_sandbox;
 use crate::chat::{Message, extract_code};
 use crate::env::{Category, EnvInfo, Environment, Turns, response_or_zero};
 use crate::error::EnvError;
-use crate::sampling::{
-    TaskOrigin, TaskRng, draw_in_split, make_task, split_of, stable_hash, task_rng,
-};
-use crate::sandbox::{self, Limits, Sandbox, SandboxRequest};
+use crate::sampling::{TaskOrigin, TaskRng, draw_in_split, make_task, split_of, task_rng};
+use crate::sandbox::{self, Limits, Sandbox};
 use crate::task::{Score, Split, Task};
 
 const NAME: &str = "code_python";
@@ -706,39 +706,8 @@ fn generate(rng: &mut TaskRng, level: u32) -> Option<(String, Verification)> {
     ))
 }
 
-/// The harness run in the sandbox: executes `solution.py`, then the setup, then each test on
-/// its own, printing one line per result prefixed with the run's nonce.
-const HARNESS: &str = r#"import json, sys
-cfg = json.load(open('tests.json'))
-nonce = cfg['nonce']
-out = sys.stdout
-def emit(kind, value):
-    out.write(nonce + ' ' + kind + ' ' + json.dumps(value) + '\n')
-    out.flush()
-def describe(err):
-    return (type(err).__name__ + ': ' + str(err))[:200]
-ns = {'__name__': '__solution__'}
-try:
-    exec(compile(open('solution.py').read(), 'solution.py', 'exec'), ns)
-except BaseException as err:
-    emit('error', 'the code does not run: ' + describe(err))
-    sys.exit(0)
-if not callable(ns.get(cfg['entry_point'])):
-    emit('error', 'the code defines no function ' + cfg['entry_point'])
-    sys.exit(0)
-try:
-    exec(compile(cfg['setup'], 'tests', 'exec'), ns)
-except BaseException as err:
-    emit('error', 'the test setup fails: ' + describe(err))
-    sys.exit(0)
-for index, test in enumerate(cfg['tests']):
-    try:
-        exec(compile(test, 'test', 'exec'), ns)
-        emit('pass', index)
-    except BaseException as err:
-        emit('fail', [index, describe(err)])
-emit('done', len(cfg['tests']))
-"#;
+/// How long one call of the solution's function may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The limits tests run under.
 fn test_limits() -> Limits {
@@ -792,66 +761,54 @@ fn run_tests(env: &str, verification: &Verification, code: &str) -> Result<Score
         .with_component("compiled", 0.0)
         .with_component("pass_fraction", 0.0));
     }
-    let nonce = format!(
-        "@@{:016x}",
-        stable_hash(format!("{env}\0{solution}").as_bytes())
-    );
-    let config = serde_json::json!({
-        "nonce": nonce,
-        "entry_point": verification.entry_point,
-        "setup": verification.setup,
-        "tests": verification.tests,
-    });
-    let sandbox = code_sandbox(env)?;
-    let request = SandboxRequest {
-        argv: vec![sandbox.python().to_string(), "harness.py".into()],
-        files: vec![
-            ("harness.py".into(), HARNESS.as_bytes().to_vec()),
-            ("solution.py".into(), solution.into_bytes()),
-            ("tests.json".into(), config.to_string().into_bytes()),
-        ],
-        stdin: Vec::new(),
+    let request = JudgeRequest {
+        files: vec![("solution.py".into(), solution.into_bytes())],
+        solution: Solution::File {
+            path: "solution.py".into(),
+            bind: vec![verification.entry_point.clone()],
+        },
+        setup: verification.setup.clone(),
+        tests: verification
+            .tests
+            .iter()
+            .enumerate()
+            .map(|(index, test)| JudgeTest {
+                label: index.to_string(),
+                source: test.clone(),
+                kind: TestKind::Statement,
+            })
+            .collect(),
         limits: test_limits(),
+        call_timeout: CALL_TIMEOUT,
     };
-    let outcome = sandbox
-        .run(&request)
-        .map_err(|err| EnvError::InvalidConfig {
-            env: env.to_string(),
-            message: format!("the sandbox failed to start: {err}"),
-        })?;
-    let stdout = String::from_utf8_lossy(&outcome.stdout);
+    let verdict = judge(&request, run_in_sandbox).map_err(|message| EnvError::InvalidConfig {
+        env: env.to_string(),
+        message,
+    })?;
     let total = verification.tests.len().max(1);
-    let mut passed = std::collections::BTreeSet::new();
-    let mut first_failure: Option<String> = None;
-    let mut error: Option<String> = None;
-    let mut done = false;
-    for line in stdout.lines() {
-        let Some(rest) = line.strip_prefix(&nonce).and_then(|r| r.strip_prefix(' ')) else {
-            continue;
-        };
-        let (kind, value) = rest.split_once(' ').unwrap_or((rest, ""));
-        let value: serde_json::Value = serde_json::from_str(value).unwrap_or_default();
-        match kind {
-            "pass" => {
-                if let Some(index) = value.as_u64() {
-                    passed.insert(index);
-                }
-            }
-            "fail" if first_failure.is_none() => {
-                let index = value[0].as_u64().unwrap_or(0) as usize;
-                let test = verification.tests.get(index).map_or("", String::as_str);
-                first_failure = Some(format!(
-                    "{} failed: {}",
-                    test.chars().take(120).collect::<String>(),
-                    value[1].as_str().unwrap_or("")
-                ));
-            }
-            "error" => error = value.as_str().map(str::to_string),
-            "done" => done = true,
-            _ => {}
-        }
-    }
-    let count = passed.iter().filter(|i| (**i as usize) < total).count();
+    let passed: std::collections::BTreeSet<usize> = verdict
+        .results
+        .iter()
+        .filter(|r| r.ok)
+        .filter_map(|r| r.test.parse().ok())
+        .collect();
+    let first_failure = verdict.results.iter().find(|r| !r.ok).map(|r| {
+        let test = r
+            .test
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| verification.tests.get(i))
+            .map_or("", String::as_str);
+        format!(
+            "{} failed: {}",
+            test.chars().take(120).collect::<String>(),
+            r.error
+        )
+    });
+    let done = verdict.done;
+    let error = verdict.error.clone();
+    let outcome = verdict.outcome;
+    let count = passed.iter().filter(|i| **i < total).count();
     let fraction = count as f64 / total as f64;
     let compiled = error.is_none() && (done || count > 0 || first_failure.is_some());
     let reason = if let Some(error) = error {

@@ -13,6 +13,7 @@ mod expr;
 mod function_calling;
 mod game;
 mod instruction_following;
+mod judge;
 mod knights_knaves;
 mod math_word;
 mod mcqa;

@@ -42,6 +42,7 @@ use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
+use super::judge::{JudgeRequest, JudgeTest, Solution, TestKind, judge};
 use super::script::{Runner, Script, run_in_sandbox};
 use crate::chat::{Message, TOOL_CALL_OPEN, ToolCall, parse_completion, parse_tool_calls};
 use crate::env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns, response_or_zero};
@@ -781,6 +782,17 @@ fn build(rng: &mut TaskRng, level: u32) -> Option<(String, Verification)> {
     ))
 }
 
+/// The limits a test run gets (the visible tests, or the judge and the repository together).
+fn test_limits() -> Limits {
+    Limits {
+        cpu_time: Duration::from_secs(5),
+        wall_time: Duration::from_secs(10),
+        memory_bytes: 256 << 20,
+        max_output_bytes: 1 << 20,
+        ..Limits::default()
+    }
+}
+
 /// One test's result.
 #[derive(Debug, Clone, Deserialize)]
 struct TestResult {
@@ -802,18 +814,7 @@ fn run_tests(
         .chain(extra)
         .map(|(path, text)| (path.clone(), text.as_bytes().to_vec()))
         .collect();
-    let mut request = RUNNER.request(
-        tests.iter().cloned(),
-        files,
-        Vec::new(),
-        Limits {
-            cpu_time: Duration::from_secs(5),
-            wall_time: Duration::from_secs(10),
-            memory_bytes: 256 << 20,
-            max_output_bytes: 1 << 20,
-            ..Limits::default()
-        },
-    );
+    let mut request = RUNNER.request(tests.iter().cloned(), files, Vec::new(), test_limits());
     // The marker of the results line depends on every file run, so code under test cannot
     // print a forged results line ahead of time.
     let fingerprint = serde_json::to_string(&request.files).unwrap_or_default();
@@ -830,6 +831,60 @@ fn run_tests(
     };
     serde_json::from_str(&line[marker.len()..])
         .map_err(|err| format!("the test results are unreadable: {err}"))
+}
+
+/// Runs the hidden tests through the [judge](super::judge): they live on the judge's side
+/// only (never a file in the sandbox), and call into the repository's modules, imported in a
+/// process of their own. `Err` unless the judge ran every test.
+fn judge_hidden(
+    files: &BTreeMap<String, String>,
+    hidden_tests: &BTreeMap<String, String>,
+    runner: Runner,
+) -> Result<Vec<TestResult>, String> {
+    let modules = files
+        .keys()
+        .filter_map(|path| path.strip_suffix(".py"))
+        .filter(|stem| !stem.contains('/'))
+        .map(str::to_string)
+        .collect();
+    let request = JudgeRequest {
+        files: files
+            .iter()
+            .map(|(path, text)| (path.clone(), text.as_bytes().to_vec()))
+            .collect(),
+        solution: Solution::Repository { modules },
+        setup: String::new(),
+        tests: hidden_tests
+            .iter()
+            .map(|(path, source)| JudgeTest {
+                label: path.strip_suffix(".py").unwrap_or(path).to_string(),
+                source: source.clone(),
+                kind: TestKind::Module,
+            })
+            .collect(),
+        limits: test_limits(),
+        call_timeout: Duration::from_secs(4),
+    };
+    let verdict = judge(&request, runner)?;
+    if let Some(error) = verdict.error {
+        return Err(error);
+    }
+    if !verdict.done {
+        let passed = verdict.passed();
+        return Err(format!(
+            "the tests did not finish ({passed} passed before the run {})",
+            verdict.outcome.reason()
+        ));
+    }
+    Ok(verdict
+        .results
+        .into_iter()
+        .map(|r| TestResult {
+            test: r.test,
+            ok: r.ok,
+            error: r.error,
+        })
+        .collect())
 }
 
 fn summarise(results: &[TestResult]) -> String {
@@ -859,8 +914,7 @@ fn hidden_score(
         ))
         .with_component("hidden_passed", 0.0);
     }
-    let tests: Vec<String> = expected.hidden_tests.keys().cloned().collect();
-    let results = match run_tests(files, &expected.hidden_tests, &tests, runner) {
+    let results = match judge_hidden(files, &expected.hidden_tests, runner) {
         Ok(results) => results,
         Err(why) => {
             return Score::zero(format!("hidden tests could not run: {why}"))

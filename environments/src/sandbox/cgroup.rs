@@ -35,6 +35,17 @@ const V2_PARENT: &str = "chorus-sandbox";
 const V2_SUPERVISOR: &str = "chorus-supervisor";
 /// Run groups are named `chorus-sandbox-<pid>-<n>`.
 const RUN_PREFIX: &str = "chorus-sandbox-";
+/// Probe groups (created and removed at once) are named `chorus-probe-<pid>-<n>`.
+const PROBE_PREFIX: &str = "chorus-probe-";
+
+/// A probe group's name, unique within this process (sandboxes may be probed concurrently).
+fn probe_name() -> String {
+    format!(
+        "{PROBE_PREFIX}{}-{}",
+        std::process::id(),
+        NEXT_GROUP.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// Where runs' groups are created.
 #[derive(Debug, Clone, Default)]
@@ -126,7 +137,7 @@ fn can_create_child_v1(parent: &Path, controller: &str) -> bool {
         "pids" => "pids.max",
         _ => "memory.limit_in_bytes",
     };
-    let probe = parent.join(format!("chorus-probe-{}", std::process::id()));
+    let probe = parent.join(probe_name());
     let ok = make_group(&probe)
         && probe.join(limit_file).exists()
         && OpenOptions::new()
@@ -207,7 +218,7 @@ fn probe_v2(fs_root: &Path, own: &str) -> Option<CgroupRoots> {
     if !(make_group(&parent) || parent.is_dir()) || !enable(&parent, &wanted) {
         return None;
     }
-    let probe = parent.join(format!("chorus-probe-{}", std::process::id()));
+    let probe = parent.join(probe_name());
     let memory = wanted.contains(&"memory");
     let pids = wanted.contains(&"pids");
     let ok = make_group(&probe)
@@ -229,8 +240,8 @@ fn probe_v2(fs_root: &Path, own: &str) -> Option<CgroupRoots> {
     })
 }
 
-/// Removes the (empty) groups of runs whose process no longer exists (killed before it could
-/// clean up).
+/// Removes the (empty) groups of runs and probes whose process no longer exists (killed before
+/// it could clean up).
 fn remove_stale_groups(parent: &Path) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
@@ -239,6 +250,7 @@ fn remove_stale_groups(parent: &Path) {
         let name = entry.file_name().to_string_lossy().to_string();
         let owner = name
             .strip_prefix(RUN_PREFIX)
+            .or_else(|| name.strip_prefix(PROBE_PREFIX))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok());
         if let Some(pid) = owner
@@ -581,8 +593,13 @@ mod tests {
     #[test]
     fn v2_is_chosen_and_each_run_group_gets_its_limits_and_is_removed() {
         let root = fake_v2_root("cpuset cpu io memory hugetlb pids rdma misc");
-        let roots = CgroupRoots::probe_at(root.path(), "0::/\n");
         let parent = root.path().join(V2_PARENT);
+        // Left by a process that no longer exists (no pid reaches 999999999).
+        assert!(make_group(&parent));
+        let stale = parent.join(format!("{RUN_PREFIX}999999999-0"));
+        assert!(make_group(&stale));
+        let roots = CgroupRoots::probe_at(root.path(), "0::/\n");
+        assert!(!stale.exists(), "a dead process's group was left");
         let CgroupRoots::V2 {
             parent: found,
             pids: true,

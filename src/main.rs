@@ -9,6 +9,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    cli::forget_credentials();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -112,6 +112,54 @@ fn every_chorus_command_line_in_the_manifests_parses() {
     assert_eq!(commands, 5);
 }
 
+/// Issue 14: the token and the TLS material come from Secrets; every Chorus process speaks
+/// mutual TLS with the mounted certificate, and every URL it is given is https://.
+#[test]
+fn every_chorus_process_speaks_mutual_tls_with_the_mounted_secret() {
+    let secrets = std::fs::read_to_string(repo().join("deploy/k8s/00-secret.yaml")).unwrap();
+    assert!(secrets.contains("name: chorus-tls"), "no TLS Secret");
+    for key in ["tls.crt:", "tls.key:", "ca.crt:"] {
+        assert!(secrets.contains(key), "the TLS Secret has no {key}");
+    }
+    let mut processes = 0;
+    for file in manifests() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for args in chorus_command_lines(&text) {
+            for flag in [
+                "--tls-cert=/tls/tls.crt",
+                "--tls-key=/tls/tls.key",
+                "--tls-ca=/tls/ca.crt",
+                "--tls-server-name=chorus",
+            ] {
+                assert!(
+                    args.iter().any(|a| a == flag),
+                    "{}: no {flag}: {args:?}",
+                    file.display()
+                );
+            }
+            assert!(
+                !args.iter().any(|a| a.contains("http://")),
+                "{}: a plain URL in {args:?}",
+                file.display()
+            );
+            processes += 1;
+        }
+        if !chorus_command_lines(&text).is_empty() {
+            assert!(
+                text.contains("mountPath: /tls") && text.contains("secretName: chorus-tls"),
+                "{}: the TLS Secret is not mounted at /tls",
+                file.display()
+            );
+        }
+    }
+    assert_eq!(processes, 5);
+    let config = std::fs::read_to_string(repo().join("deploy/k8s/01-config.yaml")).unwrap();
+    assert!(
+        !config.contains("http://"),
+        "the run config names a plain URL"
+    );
+}
+
 #[test]
 fn the_mounted_run_config_and_model_are_valid() {
     let text = std::fs::read_to_string(repo().join("deploy/k8s/01-config.yaml")).unwrap();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use chorus_proto::auth::AttachToken;
 use chorus_proto::tonic::codegen::InterceptedService;
-use chorus_proto::tonic::transport::{Channel, Endpoint};
+use chorus_proto::tonic::transport::Channel;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
 use chorus_proto::v1::{
@@ -162,19 +162,32 @@ pub struct WorkerPool {
     inner: Arc<PoolInner>,
 }
 
+/// A channel to `url`: `https://` with the process's TLS settings (`chorus_proto::tls`).
 async fn channel(url: &str) -> Result<Channel, ConnectError> {
-    Endpoint::from_shared(url.to_string())
+    chorus_proto::tls::endpoint(url)
         .map_err(|e| ConnectError {
             url: url.into(),
-            message: format!("not a valid address: {e}"),
+            message: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
         .map_err(|e| ConnectError {
             url: url.into(),
-            message: format!("cannot connect: {e}"),
+            message: format!("cannot connect: {}", error_chain(&e)),
         })
+}
+
+/// An error and its causes, `a: b: c` (a TLS failure is in the causes of a transport error).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }
 
 /// The interceptor that sends `token` to the service at `url`.

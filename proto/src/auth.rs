@@ -57,19 +57,28 @@ fn validate(token: &str) -> Result<(), TokenError> {
     }
 }
 
-/// Client-side interceptor adding `authorization: Bearer <token>` to every call.
-#[derive(Clone, Debug)]
+/// Client-side interceptor adding `authorization: Bearer <token>` to every call. Its `Debug`
+/// never shows the token, and the header is marked sensitive (never indexed by HPACK, shown as
+/// `Sensitive` by `http`'s `Debug`).
+#[derive(Clone)]
 pub struct AttachToken {
     value: MetadataValue<Ascii>,
+}
+
+impl std::fmt::Debug for AttachToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachToken").finish_non_exhaustive()
+    }
 }
 
 impl AttachToken {
     /// An interceptor sending `token`.
     pub fn new(token: &str) -> Result<Self, TokenError> {
         validate(token)?;
-        let value = format!("{BEARER}{token}")
+        let mut value: MetadataValue<Ascii> = format!("{BEARER}{token}")
             .parse()
             .expect("visible ASCII is valid metadata");
+        value.set_sensitive(true);
         Ok(Self { value })
     }
 }
@@ -80,6 +89,50 @@ impl Interceptor for AttachToken {
             .metadata_mut()
             .insert(AUTHORIZATION, self.value.clone());
         Ok(request)
+    }
+}
+
+/// A credential (the shared token) whose `Debug` and `Display` print `***`, so a struct
+/// holding one can derive `Debug` and be logged without leaking it. [`Secret::expose`] gives
+/// the value to the code that sends or checks it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret value, for the code that sends or checks it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -184,6 +237,20 @@ mod tests {
             AttachToken::new("é").unwrap_err(),
             TokenError::InvalidCharacter { position: 0 }
         );
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let attach = AttachToken::new("tok-secret-123").unwrap();
+        let require = RequireToken::new("tok-secret-123").unwrap();
+        let shown = format!(
+            "{attach:?} {require:?} {:?}",
+            Secret::from("tok-secret-123")
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+        let r = attach.clone().call(Request::new(())).unwrap();
+        let header = format!("{:?}", r.metadata());
+        assert!(!header.contains("secret"), "{header}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - [`auth`]: interceptors that attach and check the shared `Bearer` token;
 //! - [`checksum`]: the digest carried by the last [`WeightChunk`](v1::WeightChunk)
 //!   of a weight stream and a verifier for receivers;
+//! - [`tls`]: TLS (rustls) for every service and client: `--tls-cert`, `--tls-key`, `--tls-ca`;
 //! - [`http`]: a small HTTP/1.1 JSON client for the non-gRPC services Chorus drives (NeMo Gym
 //!   resources servers, vLLM);
 //! - [`schedule`]: the learning-rate schedule that the orchestrator and the learner share;
@@ -36,6 +37,7 @@ pub mod checksum;
 pub mod http;
 pub mod objective;
 pub mod schedule;
+pub mod tls;
 pub mod weights;
 
 /// Messages and services of package `chorus.v1` (generated from `proto/chorus/v1/*.proto`).

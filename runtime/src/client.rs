@@ -38,7 +38,12 @@ pub async fn launch(
                 );
                 tokio::time::sleep(Duration::from_secs(attempt)).await;
             }
-            Err(s) => return Err(RunError::rpc(format!("launching at {orchestrator}"))(s)),
+            Err(s) => {
+                let hint = chorus_proto::tls::refusal_hint(orchestrator, &s);
+                return Err(RunError::rpc(format!("launching at {orchestrator}{hint}"))(
+                    s,
+                ));
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chorus_proto::auth::AttachToken;
 use chorus_proto::tonic::codegen::InterceptedService;
-use chorus_proto::tonic::transport::{Channel, Endpoint};
+use chorus_proto::tonic::transport::Channel;
 use chorus_proto::v1::orchestrator_client::OrchestratorClient;
 use chorus_proto::v1::{
     LearnerHeartbeatRequest, RegisterLearnerRequest, RegisterWorkerRequest, WorkerHeartbeatRequest,
@@ -18,10 +18,11 @@ use crate::error::{Result, RunError};
 /// A client of the orchestrator's gRPC service, carrying the shared token.
 pub type Client = OrchestratorClient<InterceptedService<Channel, AttachToken>>;
 
-/// Connects to the orchestrator at `url` with the shared `token`.
+/// Connects to the orchestrator at `url` with the shared `token` (`https://` with the process's
+/// TLS settings, see `chorus_proto::tls`).
 pub async fn connect(url: &str, token: &str) -> Result<Client> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .map_err(RunError::transport(format!("orchestrator address `{url}`")))?
+    let channel = chorus_proto::tls::endpoint(url)
+        .map_err(|e| RunError::Invalid(format!("the orchestrator's address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

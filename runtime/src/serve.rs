@@ -11,7 +11,7 @@ use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::directory::ends_run;
 use chorus_orchestrator::ledger::{Ledger, RunStatus};
 use chorus_orchestrator::{Directory, Fleet, Launched, Leases, OrchestratorService};
-use chorus_proto::auth::RequireToken;
+use chorus_proto::auth::{RequireToken, Secret};
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
@@ -35,8 +35,8 @@ pub struct ServiceOptions {
     pub listen: String,
     /// The address others use to reach it, if not the one bound (see [`advertised_url`]).
     pub advertise: Option<String>,
-    /// The shared token.
-    pub token: String,
+    /// The shared token (`Debug` prints `***`).
+    pub token: Secret,
     /// The orchestrator to register with and send heartbeats to.
     pub orchestrator: Option<String>,
 }
@@ -47,7 +47,7 @@ pub async fn learner(
     s: ServiceOptions,
     listening: impl FnOnce(&str),
 ) -> Result<()> {
-    let (handle, bound) = start_learner(plan, &s.run_id, &s.token, &s.listen).await?;
+    let (handle, bound) = start_learner(plan, &s.run_id, s.token.expose(), &s.listen).await?;
     let url = advertised_url(&bound, s.advertise.as_deref())?;
     if let Some(orchestrator) = &s.orchestrator {
         let reporter = Reporter::Learner {
@@ -56,7 +56,7 @@ pub async fn learner(
             run_id: s.run_id.clone(),
             version: Arc::new(move || handle.version()),
         };
-        register(orchestrator, &s.token, reporter).await?;
+        register(orchestrator, s.token.expose(), reporter).await?;
     }
     listening(&url);
     shutdown().await
@@ -74,7 +74,7 @@ pub async fn worker(
     let (bound, handle) = start_worker(
         plan,
         learner_url,
-        &s.token,
+        s.token.expose(),
         &s.run_id,
         &s.id,
         &s.listen,
@@ -90,7 +90,7 @@ pub async fn worker(
             capacity: plan.config.worker_max_batch as u32,
             version: Arc::new(move || handle.version()),
         };
-        register(orchestrator, &s.token, reporter).await?;
+        register(orchestrator, s.token.expose(), reporter).await?;
     }
     listening(&url);
     shutdown().await
@@ -118,8 +118,8 @@ pub struct OrchestratorOptions {
     pub workers: Vec<String>,
     /// How long to wait for registrations.
     pub wait: Duration,
-    /// The shared token.
-    pub token: String,
+    /// The shared token (`Debug` prints `***`).
+    pub token: Secret,
     /// Ledger URL; default `sqlite://<runs_dir>/<name>/ledger.sqlite`.
     pub db: Option<String>,
     /// Directory for run outputs.
@@ -138,7 +138,8 @@ pub async fn orchestrator(
     let directory = match &o.listen {
         Some(listen) => {
             let db = o.db.clone().unwrap_or_else(|| default_db(&out_dir));
-            let (url, fleet, _) = serve_orchestrator(listen, &o.token, &db, &out_dir, None).await?;
+            let (url, fleet, _) =
+                serve_orchestrator(listen, o.token.expose(), &db, &out_dir, None).await?;
             let directory = Directory::new(&o.run_id, fleet.leases());
             directory.spawn_lease_checker();
             fleet.serve_run(directory.clone(), plan.config_toml.clone());
@@ -184,7 +185,7 @@ pub async fn orchestrator(
     let endpoints = Endpoints {
         learner,
         workers,
-        token: o.token,
+        token: o.token.expose().to_string(),
     };
     let options = RunOptions {
         run_id: o.run_id,
@@ -215,8 +216,8 @@ fn announce_failure(directory: &Directory, e: &RunError) {
 pub struct DaemonOptions {
     /// Where it serves the Orchestrator service.
     pub listen: String,
-    /// The shared token.
-    pub token: String,
+    /// The shared token (`Debug` prints `***`).
+    pub token: Secret,
     /// Ledger URL; default `sqlite://<runs_dir>/ledger.sqlite`.
     pub db: Option<String>,
     /// Directory for run outputs (`<runs_dir>/<run id>/summary.json`).
@@ -238,8 +239,14 @@ pub struct DaemonOptions {
 /// `listening` gets its URL once it serves.
 pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Result<()> {
     let db = d.db.clone().unwrap_or_else(|| default_db(&d.runs_dir));
-    let (url, fleet, ledger) =
-        serve_orchestrator(&d.listen, &d.token, &db, &d.runs_dir, Some(d.name.clone())).await?;
+    let (url, fleet, ledger) = serve_orchestrator(
+        &d.listen,
+        d.token.expose(),
+        &db,
+        &d.runs_dir,
+        Some(d.name.clone()),
+    )
+    .await?;
     // What an earlier process with this name left: runs cut off mid-way cannot resume (yet);
     // runs that never started are queued again, in launch order.
     let at = RunError::ledger(&db);
@@ -348,7 +355,7 @@ async fn run_launched(
     let endpoints = Endpoints {
         learner,
         workers: vec![],
-        token: d.token.clone(),
+        token: d.token.expose().to_string(),
     };
     let options = RunOptions {
         run_id: run_id.clone(),
@@ -389,8 +396,12 @@ async fn serve_orchestrator(
 /// (`0.0.0.0`, `[::]`) replaced by this machine's host name, since nobody can connect to those.
 pub fn advertised_url(bound: &str, advertise: Option<&str>) -> Result<String> {
     let invalid = |m: String| Err(RunError::Invalid(m));
-    let Some(rest) = bound.strip_prefix("http://") else {
-        return invalid(format!("`{bound}` is not an http:// address"));
+    // A service serving TLS is bound at https://; what it advertises keeps the scheme.
+    let Some((scheme, rest)) = bound
+        .split_once("://")
+        .filter(|(s, _)| ["http", "https"].contains(s))
+    else {
+        return invalid(format!("`{bound}` is not an http:// or https:// address"));
     };
     let Some((host, port)) = rest.rsplit_once(':') else {
         return invalid(format!("`{bound}` has no port"));
@@ -404,9 +415,11 @@ pub fn advertised_url(bound: &str, advertise: Option<&str>) -> Result<String> {
                 "--advertise is empty; allowed: a host name or IP, HOST:PORT, or a URL".into(),
             );
         }
-        Some(a) if a.contains(':') && !a.starts_with('[') => format!("http://{a}"),
-        Some(a) => format!("http://{a}:{port}"),
-        None if host == "0.0.0.0" || host == "[::]" => format!("http://{}:{port}", host_name()?),
+        Some(a) if a.contains(':') && !a.starts_with('[') => format!("{scheme}://{a}"),
+        Some(a) => format!("{scheme}://{a}:{port}"),
+        None if host == "0.0.0.0" || host == "[::]" => {
+            format!("{scheme}://{}:{port}", host_name()?)
+        }
         None => bound.to_string(),
     })
 }
@@ -458,5 +471,12 @@ mod tests {
         );
         assert!(!at("http://[::]:7000", None).contains("[::]"));
         assert!(advertised_url("http://0.0.0.0:7000", Some("")).is_err());
+        // A TLS service advertises https://.
+        assert_eq!(at("https://127.0.0.1:7000", None), "https://127.0.0.1:7000");
+        assert_eq!(
+            at("https://0.0.0.0:7000", Some("gpu-3")),
+            "https://gpu-3:7000"
+        );
+        assert!(advertised_url("ftp://0.0.0.0:7000", None).is_err());
     }
 }

@@ -12,7 +12,7 @@ use chorus_orchestrator::config::{VllmFaultKind, VllmWorkers};
 use chorus_proto::auth::{AttachToken, RequireToken};
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::tonic::service::interceptor::InterceptedService;
-use chorus_proto::tonic::transport::{Channel, Endpoint, Server};
+use chorus_proto::tonic::transport::Channel;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
 use chorus_proto::v1::rollout_worker_server::RolloutWorkerServer;
@@ -30,8 +30,11 @@ use crate::plan::RunPlan;
 const MAX_WEIGHT_CHUNK_BYTES: usize = 1 << 20;
 
 /// Binds `listen` (port 0 picks a free port) and serves `routes` there in the background;
-/// returns the URL clients use.
+/// returns the URL clients use: `https://` when the process serves TLS (its certificate
+/// installed with `chorus_proto::tls::install`; mutual TLS with a CA), else `http://`.
 pub async fn serve_routes(routes: Routes, listen: &str) -> Result<String> {
+    let mut server = chorus_proto::tls::server()
+        .map_err(|e| RunError::Invalid(format!("serving TLS on {listen}: {e}")))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(RunError::io(format!("binding {listen}")))?;
@@ -39,11 +42,11 @@ pub async fn serve_routes(routes: Routes, listen: &str) -> Result<String> {
         .local_addr()
         .map_err(RunError::io(format!("the address bound at {listen}")))?;
     tokio::spawn(
-        Server::builder()
+        server
             .add_routes(routes)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    Ok(format!("http://{addr}"))
+    Ok(format!("{}://{addr}", chorus_proto::tls::scheme()))
 }
 
 /// The learner of run `run_id`: its checkpoint (or a seeded initialisation) loaded, the trainer
@@ -134,10 +137,8 @@ pub async fn start_worker(
     listen: &str,
     backend: &Backend,
 ) -> Result<(String, Arc<dyn Generator>)> {
-    let channel = Endpoint::from_shared(learner_url.to_string())
-        .map_err(RunError::transport(format!(
-            "the learner's address `{learner_url}`"
-        )))?
+    let channel = chorus_proto::tls::endpoint(learner_url)
+        .map_err(|e| RunError::Invalid(format!("the learner's address: {e}")))?
         .connect()
         .await
         .map_err(RunError::transport(format!(

@@ -124,6 +124,7 @@ impl Standby {
             .args(["--run-id", &a.run_id, "--orchestrator", &self.orchestrator])
             .args(["--listen", &self.listen, "--id", &self.id])
             .env("CHORUS_TOKEN", &self.token)
+            .envs(chorus_proto::tls::installed().map_or_else(Vec::new, |t| t.files().child_env()))
             .stdin(std::process::Stdio::piped())
             // The child's `listening on` line is a log line here; this process's stdout is
             // its own.

@@ -133,7 +133,7 @@ pub struct CheckArgs {
     #[arg(long, value_enum, default_value = "plugin", requires = "url")]
     kind: ServerKind,
     /// The plugin's shared token (for --url).
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// For --kind nemo_gym: the NeMo Gym JSONL data rows the server verifies.
     #[arg(long, requires = "url")]

@@ -31,7 +31,7 @@ pub struct LaunchArgs {
     #[arg(long)]
     orchestrator: String,
     /// Shared token of the services.
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: String,
     /// Name of the run (default: the config's name); the run id adds the launch time.
     #[arg(long)]
@@ -69,7 +69,7 @@ pub struct WatchArgs {
     #[arg(long)]
     orchestrator: String,
     /// Shared token of the services.
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: String,
 }
 
@@ -77,7 +77,7 @@ pub struct WatchArgs {
 pub fn watch(a: WatchArgs) -> anyhow::Result<()> {
     super::runtime(1)?.block_on(async move {
         let mut client = connect(&a.orchestrator, &a.token).await?;
-        follow(&mut client, &a.run_id).await
+        follow(&mut client, &a.orchestrator, &a.run_id).await
     })
 }
 
@@ -115,12 +115,24 @@ async fn launch(a: LaunchArgs, config_toml: String) -> anyhow::Result<()> {
     if a.detach {
         return Ok(());
     }
-    follow(&mut client, &run.run_id).await
+    follow(&mut client, &a.orchestrator, &run.run_id).await
 }
 
 /// Prints the run's events until it ends; fails when the run fails.
-async fn follow(client: &mut client::Client, run_id: &str) -> anyhow::Result<()> {
-    match client::follow(client, run_id, describe).await? {
+async fn follow(client: &mut client::Client, url: &str, run_id: &str) -> anyhow::Result<()> {
+    let followed = client::follow(client, run_id, describe).await;
+    let end = match followed {
+        Err(chorus_runtime::RunError::Rpc { what, status }) => {
+            let hint = chorus_proto::tls::refusal_hint(url, &status);
+            return Err(chorus_runtime::RunError::Rpc {
+                what: format!("{what}{hint}"),
+                status,
+            }
+            .into());
+        }
+        other => other?,
+    };
+    match end {
         RunEnd::Succeeded => Ok(()),
         RunEnd::Failed(reason) => bail!("run {run_id} failed: {reason}"),
     }

@@ -66,6 +66,49 @@ pub struct Cli {
     /// A standby learner or worker hands the address to the service it starts for each run.
     #[arg(long, global = true, env = "CHORUS_METRICS", value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS for every service this command serves and every `https://` service it calls
+/// (`chorus_proto::tls`): the same three flags on every command.
+#[derive(clap::Args, Debug, Default)]
+pub struct TlsArgs {
+    /// This process's TLS certificate chain (PEM). With --tls-key, every service it serves
+    /// speaks TLS (its URL is https://…), and it presents this certificate to https:// services
+    /// that ask for one (mutual TLS).
+    #[arg(long, global = true, env = "CHORUS_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, global = true, env = "CHORUS_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// A CA certificate (PEM). Services served here require clients to present a certificate
+    /// signed by it (mutual TLS); https:// services called from here must have a certificate
+    /// signed by it (without it: the system's roots).
+    #[arg(long, global = true, env = "CHORUS_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Check https:// services' certificates against this DNS name instead of the host of the
+    /// URL dialed: for services reached at addresses no certificate names in advance (pod
+    /// IPs), all serving a certificate for this name.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The files, as `chorus_proto::tls` takes them.
+    pub fn files(&self) -> chorus_proto::tls::TlsFiles {
+        chorus_proto::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -118,9 +161,29 @@ pub enum Command {
     Man(shell::ManArgs),
 }
 
+/// Removes the shared token from this process's environment once the arguments are parsed, so
+/// that no process it starts (a vLLM server, a sandboxed program, a plugin) inherits it; the
+/// services that need it (a standby's child, the PyTorch learner) are handed it explicitly.
+///
+/// Call it from `main` before any thread starts.
+pub fn forget_credentials() {
+    // SAFETY: called from `main` before any other thread exists, so nothing reads the
+    // environment concurrently.
+    unsafe { std::env::remove_var("CHORUS_TOKEN") };
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     logging::init(cli.log_format)?;
+    if let Some(tls) = cli.tls.files().load()? {
+        if matches!(cli.command, Command::Serve(_)) && tls.files().ca.is_some() && !tls.serves() {
+            anyhow::bail!(
+                "--tls-ca makes a service require client certificates signed by that CA: give \
+                 the service's own --tls-cert and --tls-key too"
+            );
+        }
+        chorus_proto::tls::install(tls)?;
+    }
     // A standby service exports nothing itself: the service it starts per run does.
     if let Some(addr) = cli.metrics
         && !matches!(&cli.command, Command::Serve(cmd) if serve::stands_by(cmd))

@@ -45,7 +45,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     eval_every: u64,
     /// Shared token of the services (generated when absent).
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Continue the unfinished run of this config's name (same config, same ledger) from the
     /// learner's newest checkpoint.

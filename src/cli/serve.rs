@@ -40,7 +40,7 @@ pub struct EnvironmentArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
     /// Shared token every call must carry.
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: String,
 }
 
@@ -58,7 +58,7 @@ pub struct ServiceArgs {
     #[arg(long)]
     run_id: Option<String>,
     /// Shared token of the services.
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: String,
     /// Register with the orchestrator at this address and send it heartbeats.
     #[arg(long)]
@@ -128,7 +128,7 @@ pub struct OrchestratorArgs {
     #[arg(long)]
     run_id: Option<String>,
     /// Shared token of the services.
-    #[arg(long, env = "CHORUS_TOKEN")]
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: String,
     /// Ledger database (default: sqlite://runs/<name>/ledger.sqlite for a config's run,
     /// sqlite://runs/ledger.sqlite for launched runs).
@@ -187,7 +187,7 @@ impl ServiceArgs {
             run_id: self.run_id.unwrap_or_else(|| plan.config.name.clone()),
             listen: self.listen,
             advertise: self.advertise,
-            token: self.token,
+            token: self.token.into(),
             orchestrator: self.orchestrator,
         }
     }
@@ -320,7 +320,7 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
         }
         let daemon = DaemonOptions {
             listen,
-            token: a.token,
+            token: a.token.into(),
             db: a.db,
             runs_dir: a.runs_dir,
             wait,
@@ -338,7 +338,7 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
         learner: a.learner,
         workers: a.workers,
         wait,
-        token: a.token,
+        token: a.token.into(),
         db: a.db,
         runs_dir: a.runs_dir,
     };

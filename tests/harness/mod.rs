@@ -208,6 +208,27 @@ impl Harness {
         }
     }
 
+    /// Like [`Harness::service_with_stdout`], with `env` added to its environment and its
+    /// standard error written to the file `stderr` (a path in the temp dir), for tests that
+    /// read a service's logs.
+    pub fn service_logged(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: &str,
+    ) -> (Service, std::io::BufReader<std::process::ChildStdout>) {
+        let log = std::fs::File::create(self.path(stderr)).expect("create the log file");
+        let (child, line, stdout) = self.background_with(args, env, log.into());
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
+            })
+            .to_string();
+        (Service { child, url }, stdout)
+    }
+
     /// Starts `chorus ARGS…` in the background; returns it, the first line it printed and the
     /// rest of its stdout.
     fn background(
@@ -218,12 +239,26 @@ impl Harness {
         String,
         std::io::BufReader<std::process::ChildStdout>,
     ) {
+        self.background_with(args, &[], std::process::Stdio::inherit())
+    }
+
+    fn background_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> (
+        std::process::Child,
+        String,
+        std::io::BufReader<std::process::ChildStdout>,
+    ) {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(self.dir.path())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start chorus");
         let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chorus_proto::auth::AttachToken;
 use chorus_proto::tonic::service::interceptor::InterceptedService;
-use chorus_proto::tonic::transport::{Channel, Endpoint};
+use chorus_proto::tonic::transport::Channel;
 use chorus_proto::tonic::{Code, Request, Response, Status};
 use chorus_proto::v1;
 use chorus_proto::v1::environment_client::EnvironmentClient;
@@ -80,7 +80,8 @@ impl std::fmt::Debug for RemoteEnvironment {
 }
 
 impl RemoteEnvironment {
-    /// Connects to the server at `url` (`http://host:port`) with default deadlines and asks it
+    /// Connects to the server at `url` (`http://host:port`, or `https://host:port` with the
+    /// process's TLS settings from `chorus_proto::tls`) with default deadlines and asks it
     /// to describe itself; fails with the URL named when it is unreachable or refuses `token`.
     pub fn connect(url: &str, token: &str) -> Result<Self, EnvError> {
         Self::connect_with(url, token, RemoteOptions::default())
@@ -100,7 +101,8 @@ impl RemoteEnvironment {
             ));
         }
         let attach = AttachToken::new(token).map_err(|e| fail("connecting", e.to_string()))?;
-        let endpoint = Endpoint::from_shared(url.to_string())
+        // `https://` with this process's TLS settings (`chorus_proto::tls`).
+        let endpoint = chorus_proto::tls::endpoint(url)
             .map_err(|e| fail("connecting", e.to_string()))?
             .connect_timeout(options.connect_timeout)
             .timeout(options.timeout);

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use chorus_proto::auth::RequireToken;
-use chorus_proto::tonic::transport::Server;
 use chorus_proto::tonic::{Request, Response, Status};
 use chorus_proto::v1;
 use chorus_proto::v1::environment_server::{self, EnvironmentServer};
@@ -26,9 +25,10 @@ impl ServedEnvironment {
         self.addr
     }
 
-    /// `http://ADDR`, what a client (or a run config's `url`) connects to.
+    /// `http://ADDR` (`https://ADDR` when this process serves TLS, see `chorus_proto::tls`),
+    /// what a client (or a run config's `url`) connects to.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", chorus_proto::tls::scheme(), self.addr)
     }
 }
 
@@ -39,7 +39,8 @@ impl Drop for ServedEnvironment {
 }
 
 /// Serves `env` on `listen` (e.g. `127.0.0.1:0`, port 0 picks a free port), admitting only calls
-/// that carry `token`. Must be called inside a tokio runtime, which runs the server; each call
+/// that carry `token`, over TLS when this process has a certificate installed
+/// (`chorus_proto::tls::install`; mutual TLS with a CA). Must be called inside a tokio runtime, which runs the server; each call
 /// to the environment runs on a blocking thread, so slow environments do not stall the server,
 /// and a panic in one fails only that call (`INTERNAL`).
 ///
@@ -64,8 +65,9 @@ pub async fn serve_environment(
         .local_addr()
         .map_err(|e| fail("binding", e.to_string()))?;
     let service = EnvironmentServer::with_interceptor(EnvironmentService { env }, guard);
+    let mut server = chorus_proto::tls::server().map_err(|e| fail("serving", e.to_string()))?;
     let task = tokio::spawn(async move {
-        let served = Server::builder()
+        let served = server
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;

@@ -1,0 +1,564 @@
+//! TLS between Chorus' services, and credentials that never show: certificates made here with
+//! rcgen (a CA, a certificate for 127.0.0.1 that every service uses as its server and client
+//! identity, a client certificate from the CA, and clients from a stranger CA or self-signed).
+//!
+//! - An orchestrator serving mutual TLS answers a client presenting a certificate from its CA
+//!   (`chorus launch` and a gRPC call) and refuses, with a TLS error rather than a hang, a client
+//!   without a certificate, one from another CA, a self-signed one, and plain text.
+//! - A run over mutual TLS between separate processes (orchestrator, learner, worker, all
+//!   registering over https) completes; with every log at `trace` its token appears nowhere:
+//!   not in any process's output or log, nor in any file the run wrote.
+//! - `chorus run` with an environment plugin reached over https completes, and neither the run
+//!   nor the plugin writes the token anywhere.
+
+mod harness;
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use chorus_proto::tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use harness::*;
+
+/// A token that no log line, file or output may contain.
+const SECRET: &str = "SECRET-tls-7f3a9c";
+
+/// The PEM files of the test's PKI, written into the harness's directory.
+struct Pki;
+
+impl Pki {
+    /// Writes `ca.pem`; `node.pem`/`node.key` (signed by the CA, for 127.0.0.1 and localhost,
+    /// server and client use); `client.pem`/`client.key` (signed by the CA, client use);
+    /// `stranger.pem`/`stranger.key` (signed by another CA); `self.pem`/`self.key` (self-signed).
+    fn write(h: &Harness) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let ca = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+        };
+        let leaf = |names: &[&str], eku: Vec<ExtendedKeyUsagePurpose>| {
+            let mut p =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            p.distinguished_name.push(DnType::CommonName, names[0]);
+            p.extended_key_usages = eku;
+            (p, KeyPair::generate().unwrap())
+        };
+        let write = |name: &str, text: String| std::fs::write(h.path(name), text).unwrap();
+        let chorus_ca = ca("chorus test CA");
+        let other_ca = ca("another CA");
+        write("ca.pem", chorus_ca.pem());
+        let both = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let client = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        for (name, names, eku, issuer) in [
+            ("node", &["127.0.0.1", "localhost"][..], both, &chorus_ca),
+            ("client", &["client"][..], client.clone(), &chorus_ca),
+            ("stranger", &["client"][..], client.clone(), &other_ca),
+            (
+                "named",
+                &["chorus.internal"][..],
+                vec![ExtendedKeyUsagePurpose::ServerAuth],
+                &chorus_ca,
+            ),
+        ] {
+            let (params, key) = leaf(names, eku);
+            let cert = params.signed_by(&key, issuer).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        let (params, key) = leaf(&["client"], client);
+        write("self.pem", params.self_signed(&key).unwrap().pem());
+        write("self.key", key.serialize_pem());
+        Pki
+    }
+
+    /// The flags of a service (or client) with the node identity and mutual TLS.
+    fn node_flags(&self) -> [&'static str; 6] {
+        [
+            "--tls-cert",
+            "node.pem",
+            "--tls-key",
+            "node.key",
+            "--tls-ca",
+            "ca.pem",
+        ]
+    }
+}
+
+/// An error and its causes, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+/// Calls `GetRun(run_id)` on the orchestrator at `url` over TLS trusting `ca.pem`, presenting
+/// `identity` (`NAME.pem`/`NAME.key`) if given. The outcome, or the whole error chain. The call
+/// has a deadline far beyond a handshake, so a refusal that hung would fail the test as a hang.
+fn get_run(h: &Harness, url: &str, identity: Option<&str>, run_id: &str) -> Result<String, String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(h.path("ca.pem")).unwrap(),
+        ))
+        .domain_name("127.0.0.1");
+    if let Some(name) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(h.path(&format!("{name}.pem"))).unwrap(),
+            std::fs::read(h.path(&format!("{name}.key"))).unwrap(),
+        ));
+    }
+    let call = async {
+        let channel = Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {}", chain(&e)))?;
+        let mut client =
+            chorus_proto::v1::orchestrator_client::OrchestratorClient::with_interceptor(
+                channel,
+                chorus_proto::auth::AttachToken::new(SECRET).unwrap(),
+            );
+        client
+            .get_run(chorus_proto::v1::GetRunRequest {
+                run_id: run_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner().run_id)
+            .map_err(|s| format!("{:?}: {}: {}", s.code(), s.message(), chain(&s)))
+    };
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(120), call)
+            .await
+            .unwrap_or_else(|_| panic!("GetRun at {url} hung for 120 s instead of failing"))
+    })
+}
+
+/// Whether an error is the connection's, not an answer of the service: a TLS failure (an alert,
+/// a certificate check) or the connection closed under the call. With TLS 1.3 a client learns
+/// that the server refused its certificate only as the closed connection.
+fn is_transport_refusal(e: &str) -> bool {
+    let e = e.to_lowercase();
+    (e.contains("certificate") || e.contains("alert") || e.contains("transport error"))
+        && !e.contains("notfound")
+        && !e.contains("unauthenticated")
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn mutual_tls_admits_only_clients_with_a_certificate_from_its_ca() {
+    let h = Harness::new();
+    let pki = Pki::write(&h);
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    std::fs::write(
+        h.path("run.toml"),
+        "name = \"queued\"\n[model]\ninit_config = \"model.json\"\n[[stages]]\nname = \"sft\"\n\
+         kind = \"sft\"\nsteps = 1\nprompts_per_step = 2\nenvironments = [{ name = \"arithmetic\" }]\n",
+    )
+    .unwrap();
+    let orchestrator = h.service(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--token", SECRET],
+            &pki.node_flags(),
+        ]
+        .concat(),
+    );
+    let url = orchestrator.url.clone();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    // `chorus launch` with a client certificate from the CA: a real LaunchRun, answered.
+    let launched = h.ok(&[
+        "launch",
+        "run.toml",
+        "--orchestrator",
+        &url,
+        "--token",
+        SECRET,
+        "--detach",
+        "--tls-cert",
+        "client.pem",
+        "--tls-key",
+        "client.key",
+        "--tls-ca",
+        "ca.pem",
+    ]);
+    let run_id = launched.trim();
+    assert!(run_id.starts_with("queued-"), "{launched}");
+    // And a gRPC client of the test's own with the same certificate reads the run back.
+    assert_eq!(get_run(&h, &url, Some("client"), run_id).unwrap(), run_id);
+
+    // Without a certificate, with one from another CA, or self-signed: refused in the TLS
+    // handshake, before any call.
+    for who in [None, Some("stranger"), Some("self")] {
+        let err = get_run(&h, &url, who, run_id).unwrap_err();
+        assert!(
+            is_transport_refusal(&err),
+            "{who:?}: not a TLS error: {err}"
+        );
+    }
+    // The CLI the same: no certificate, a stranger's.
+    let err = h.fails(&[
+        "watch",
+        run_id,
+        "--orchestrator",
+        &url,
+        "--token",
+        SECRET,
+        "--tls-ca",
+        "ca.pem",
+    ]);
+    assert!(
+        is_transport_refusal(&err) && err.contains("give this command a --tls-cert"),
+        "{err}"
+    );
+    let err = h.fails(&[
+        "watch",
+        run_id,
+        "--orchestrator",
+        &url,
+        "--token",
+        SECRET,
+        "--tls-ca",
+        "ca.pem",
+        "--tls-cert",
+        "stranger.pem",
+        "--tls-key",
+        "stranger.key",
+    ]);
+    assert!(is_transport_refusal(&err), "{err}");
+    // Plain text to the TLS port is refused too.
+    let plain = url.replace("https://", "http://");
+    let err = h.fails(&[
+        "launch",
+        "run.toml",
+        "--orchestrator",
+        &plain,
+        "--token",
+        SECRET,
+        "--detach",
+    ]);
+    assert!(err.contains(&plain), "{err}");
+    // A client that does not trust the CA refuses the server.
+    let err = h.fails(&["watch", run_id, "--orchestrator", &url, "--token", SECRET]);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // A service whose certificate names no address, only a DNS name, is reached at its IP by
+    // clients told that name (--tls-server-name), and refused by clients that are not.
+    let named = h.service(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        SECRET,
+        "--tls-cert",
+        "named.pem",
+        "--tls-key",
+        "named.key",
+    ]);
+    let at_named = [
+        "--orchestrator",
+        &named.url,
+        "--token",
+        SECRET,
+        "--tls-ca",
+        "ca.pem",
+    ];
+    let err = h.fails(&[&["watch", "nope"][..], &at_named].concat());
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let err = h.fails(
+        &[
+            &["watch", "nope"][..],
+            &at_named,
+            &["--tls-server-name", "chorus.internal"],
+        ]
+        .concat(),
+    );
+    assert!(
+        err.contains("nope") && !is_transport_refusal(&err),
+        "an answer of the service: {err}"
+    );
+
+    // Bad TLS files are refused before anything starts, naming the file and the problem.
+    let err = h.fails(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "t",
+        "--tls-cert",
+        "node.pem",
+        "--tls-key",
+        "client.key",
+    ]);
+    assert!(
+        err.contains("client.key") && err.contains("not the private key"),
+        "{err}"
+    );
+    let err = h.fails(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "t",
+        "--tls-cert",
+        "node.pem",
+    ]);
+    assert!(err.contains("--tls-cert needs --tls-key"), "{err}");
+    let err = h.fails(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "t",
+        "--tls-cert",
+        "missing.pem",
+        "--tls-key",
+        "node.key",
+    ]);
+    assert!(
+        err.contains("missing.pem") && err.contains("cannot read"),
+        "{err}"
+    );
+    let err = h.fails(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "t",
+        "--tls-cert",
+        "node.key",
+        "--tls-key",
+        "node.key",
+    ]);
+    assert!(
+        err.contains("node.key") && err.contains("no certificate"),
+        "{err}"
+    );
+    let err = h.fails(&[
+        "serve",
+        "orchestrator",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "t",
+        "--tls-ca",
+        "ca.pem",
+    ]);
+    assert!(err.contains("--tls-cert and --tls-key"), "{err}");
+}
+
+const RUN: &str = r#"
+name = "tls"
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 1
+prompts_per_step = 2
+environments = [{ name = "arithmetic" }]
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 2
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 4
+environments = [{ name = "arithmetic" }]
+"#;
+
+#[test]
+fn a_run_over_mutual_tls_between_processes_completes_and_logs_no_token() {
+    let h = Harness::new();
+    let pki = Pki::write(&h);
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    // The token from the environment, every log at its most verbose.
+    let env = [("CHORUS_TOKEN", SECRET), ("RUST_LOG", "trace")];
+    let common = [
+        &["--config", "run.toml", "--run-id", "r1"][..],
+        &pki.node_flags(),
+    ]
+    .concat();
+    let (mut orchestrator, mut stdout) = h.service_logged(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--eval-tasks", "2", "--wait-seconds", "300"],
+            &common,
+        ]
+        .concat(),
+        &env,
+        "orchestrator.log",
+    );
+    let url = orchestrator.url.clone();
+    assert!(url.starts_with("https://"), "{url}");
+    let (learner, _) = h.service_logged(
+        &[&["serve", "learner", "--orchestrator", &url][..], &common].concat(),
+        &env,
+        "learner.log",
+    );
+    assert!(learner.url.starts_with("https://"), "{}", learner.url);
+    let (_worker, _) = h.service_logged(
+        &[
+            &[
+                "serve",
+                "worker",
+                "--learner",
+                &learner.url,
+                "--orchestrator",
+                &url,
+            ][..],
+            &common,
+        ]
+        .concat(),
+        &env,
+        "worker.log",
+    );
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert!(orchestrator.child.wait().unwrap().success(), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["steps"], 3, "{summary}");
+    assert!(summary["trajectories"].as_u64().unwrap() > 0, "{summary}");
+
+    // The logs are there and verbose (the check below would pass on empty files otherwise).
+    for log in ["orchestrator.log", "learner.log", "worker.log"] {
+        let text = std::fs::read_to_string(h.path(log)).unwrap();
+        assert!(
+            text.contains("TRACE") || text.contains("DEBUG"),
+            "{log} is not verbose"
+        );
+    }
+    assert!(!out.contains(SECRET));
+    assert_eq!(files_containing(h.dir.path(), SECRET), Vec::<String>::new());
+
+    // Help does not show the token it would take from the environment either.
+    let help = h.chorus(&["serve", "learner", "--help"]);
+    let help_text = String::from_utf8_lossy(&help.stdout);
+    assert!(help_text.contains("CHORUS_TOKEN"), "{help_text}");
+    assert!(!help_text.contains(SECRET), "{help_text}");
+    let with_env = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["run", "--help"])
+        .env("CHORUS_TOKEN", SECRET)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&with_env.stdout).contains(SECRET));
+}
+
+#[test]
+fn a_local_run_reaches_its_plugin_over_tls_and_neither_logs_the_token() {
+    let h = Harness::new();
+    let pki = Pki::write(&h);
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    let env = [("CHORUS_TOKEN", SECRET), ("RUST_LOG", "trace")];
+    let (plugin, _) = h.service_logged(
+        &[
+            &[
+                "serve",
+                "environment",
+                "countdown",
+                "--listen",
+                "127.0.0.1:0",
+            ][..],
+            &pki.node_flags(),
+        ]
+        .concat(),
+        &env,
+        "plugin.log",
+    );
+    assert!(plugin.url.starts_with("https://"), "{}", plugin.url);
+    std::fs::write(
+        h.path("run.toml"),
+        RUN.replace("name = \"tls\"", "name = \"plugged\"").replace(
+            "{ name = \"arithmetic\" }",
+            &format!("{{ url = \"{}\" }}", plugin.url),
+        ),
+    )
+    .unwrap();
+    // `chorus run` serves its own learner and worker over TLS too (it has a certificate) and
+    // calls the plugin with its node identity.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(
+            [
+                &["run", "run.toml", "--eval-tasks", "2"][..],
+                &pki.node_flags(),
+            ]
+            .concat(),
+        )
+        .envs(env)
+        .current_dir(h.dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("TRACE") || stderr.contains("DEBUG"),
+        "not verbose"
+    );
+    assert!(
+        stderr.contains("https://127.0.0.1:"),
+        "no TLS service: {stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"], 3, "{summary}");
+    assert!(!stderr.contains(SECRET) && !String::from_utf8_lossy(&out.stdout).contains(SECRET));
+    assert_eq!(files_containing(h.dir.path(), SECRET), Vec::<String>::new());
+
+    // Without a certificate the plugin, which requires one, turns the run away at the start.
+    let err = h.fails(&[
+        "run",
+        "run.toml",
+        "--eval-tasks",
+        "2",
+        "--token",
+        SECRET,
+        "--tls-ca",
+        "ca.pem",
+    ]);
+    assert!(
+        err.contains(&plugin.url) && is_transport_refusal(&err),
+        "{err}"
+    );
+}

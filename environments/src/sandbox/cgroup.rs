@@ -498,6 +498,40 @@ fn remove_group(dir: &Path) -> bool {
     fs::remove_dir(dir).is_ok()
 }
 
+/// For tests elsewhere in the sandbox module.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::path::{Path, PathBuf};
+
+    /// This host's cgroup2 mount and a fresh group in this process's own v2 group to create
+    /// runs' groups under, when there is a mount and this process (root) can write it.
+    pub fn real_v2_parent() -> Option<(PathBuf, PathBuf)> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let mount = [
+            PathBuf::from(super::CGROUP_FS),
+            Path::new(super::CGROUP_FS).join("unified"),
+        ]
+        .into_iter()
+        .find(|m| m.join("cgroup.controllers").is_file())?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let own_path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))?
+            .trim()
+            .trim_start_matches('/')
+            .to_string();
+        let parent = mount.join(own_path).join(format!(
+            "chorus-test-{}-{}",
+            std::process::id(),
+            super::NEXT_GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        super::make_group(&parent).then_some((mount, parent))
+    }
+}
+
 /// A fake cgroup v2 filesystem in a temporary directory: what the kernel does on `mkdir` and
 /// `rmdir` in a registered fake root is emulated here, and nothing else.
 #[cfg(test)]
@@ -792,32 +826,10 @@ mod tests {
     /// not have (on a hybrid host they are bound to v1).
     #[test]
     fn a_process_joins_and_is_killed_in_a_real_v2_group() {
-        let mount = [
-            PathBuf::from(CGROUP_FS),
-            Path::new(CGROUP_FS).join("unified"),
-        ]
-        .into_iter()
-        .find(|m| m.join("cgroup.controllers").is_file());
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        let Some(mount) = mount.filter(|_| root) else {
-            println!("SKIPPED: no cgroup2 mount, or not root");
+        let Some((mount, parent)) = tests_support::real_v2_parent() else {
+            println!("SKIPPED: no writable cgroup2 mount, or not root");
             return;
         };
-        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
-        let own_path = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap()
-            .trim()
-            .trim_start_matches('/');
-        let parent = mount
-            .join(own_path)
-            .join(format!("chorus-test-{}", std::process::id()));
-        if !(make_group(&parent) || parent.is_dir()) {
-            println!("SKIPPED: cannot create {}", parent.display());
-            return;
-        }
         let roots = CgroupRoots::V2 {
             parent: parent.clone(),
             pids: false,

@@ -405,7 +405,11 @@ impl Sandbox {
                     .into_iter()
                     .filter_map(|(name, on)| on.then_some(name))
                     .collect();
-                format!("{version} ({})", controllers.join(", "))
+                if controllers.is_empty() {
+                    format!("{version} (no controllers)")
+                } else {
+                    format!("{version} ({})", controllers.join(", "))
+                }
             }
             None => "no cgroups (rlimits only)".to_string(),
         };
@@ -451,5 +455,121 @@ pub fn shared() -> Result<&'static Sandbox, SandboxError> {
     match SHARED.get_or_init(|| Sandbox::detect().map_err(|err| err.to_string())) {
         Ok(sandbox) => Ok(sandbox),
         Err(message) => Err(SandboxError::Unavailable(message.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whole runs in a real cgroup v2 group, where this host has a writable cgroup2 mount (as
+    /// root): the program shows in the run's group, a run killed at its wall time leaves the
+    /// group empty, and the group is removed. Only membership and killing: the hierarchy's
+    /// controllers may be bound to v1 (as on hybrid hosts), so no limit is tested here.
+    #[test]
+    fn runs_join_a_real_cgroup_v2_group_and_leave_nothing_behind() {
+        let Some((mount, parent)) = cgroup::tests_support::real_v2_parent() else {
+            println!("SKIPPED: no writable cgroup2 mount, or not root");
+            return;
+        };
+        for backend in [Backend::Namespaces, Backend::Bubblewrap] {
+            let sandbox = match Sandbox::with_backend(backend) {
+                Ok(sandbox) => sandbox,
+                Err(err) => {
+                    println!("SKIPPED {backend}: {err}");
+                    continue;
+                }
+            };
+            let sandbox = Sandbox {
+                cgroups: cgroup::CgroupRoots::V2 {
+                    parent: parent.clone(),
+                    pids: false,
+                    memory: false,
+                },
+                ..sandbox
+            };
+            assert_eq!(sandbox.cgroup_version(), Some(CgroupVersion::V2));
+            let request = SandboxRequest {
+                argv: vec![
+                    sandbox.python().to_string(),
+                    "-c".into(),
+                    "print(open('/proc/self/cgroup').read())".into(),
+                ],
+                ..SandboxRequest::default()
+            };
+            let outcome = sandbox.run(&request).unwrap();
+            assert!(outcome.success(), "{outcome:?}");
+            let text = String::from_utf8_lossy(&outcome.stdout);
+            let relative = parent.strip_prefix(&mount).unwrap().display().to_string();
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or_else(|| panic!("no v2 line in {text:?}"));
+            if backend == Backend::Namespaces {
+                let group = line
+                    .strip_prefix(&format!("/{relative}/"))
+                    .unwrap_or_else(|| panic!("{line} is not under /{relative}"));
+                assert!(group.starts_with("chorus-sandbox-"), "{line}");
+            } else {
+                // bwrap's own cgroup namespace: its root is the group bwrap started in.
+                assert_eq!(line, "/", "{text}");
+            }
+
+            // The whole sandbox is in the run's group: killing the group from outside (as
+            // soon as it has members) ends the run, forked children and all, long before the
+            // wall time.
+            let sleeper = SandboxRequest {
+                argv: vec![
+                    sandbox.python().to_string(),
+                    "-c".into(),
+                    "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        break\ntime.sleep(600)\n".into(),
+                ],
+                limits: Limits {
+                    wall_time: Duration::from_secs(120),
+                    cpu_time: Duration::from_secs(60),
+                    ..Limits::default()
+                },
+                ..SandboxRequest::default()
+            };
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let (outcome, killed) = std::thread::scope(|scope| {
+                let watcher = scope.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        for entry in std::fs::read_dir(&parent).unwrap().flatten() {
+                            let members =
+                                std::fs::read_to_string(entry.path().join("cgroup.procs"))
+                                    .unwrap_or_default();
+                            // Four Python processes and the backend's own.
+                            if members.lines().count() >= 5 {
+                                std::fs::write(entry.path().join("cgroup.kill"), "1").unwrap();
+                                return Some(members.lines().count());
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    None
+                });
+                let outcome = sandbox.run(&sleeper).unwrap();
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                (outcome, watcher.join().unwrap())
+            });
+            assert!(
+                killed.is_some(),
+                "{backend}: the group never held the run: {outcome:?}"
+            );
+            assert_eq!(
+                outcome.termination,
+                Termination::Signaled(libc::SIGKILL),
+                "{backend}: {outcome:?}"
+            );
+            let left: Vec<_> = std::fs::read_dir(&parent)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect();
+            assert!(left.is_empty(), "{backend}: groups left behind: {left:?}");
+        }
+        std::fs::remove_dir(&parent).unwrap();
     }
 }

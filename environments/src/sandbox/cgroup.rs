@@ -503,9 +503,21 @@ fn remove_group(dir: &Path) -> bool {
 pub(crate) mod tests_support {
     use std::path::{Path, PathBuf};
 
-    /// This host's cgroup2 mount and a fresh group in this process's own v2 group to create
-    /// runs' groups under, when there is a mount and this process (root) can write it.
-    pub fn real_v2_parent() -> Option<(PathBuf, PathBuf)> {
+    /// A fresh group in this process's own group of this host's cgroup2 mount, removed when
+    /// dropped (a failed test included).
+    pub struct RealV2 {
+        pub mount: PathBuf,
+        pub parent: PathBuf,
+    }
+
+    impl Drop for RealV2 {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.parent);
+        }
+    }
+
+    /// A [`RealV2`] group, when there is a cgroup2 mount and this process (root) can write it.
+    pub fn real_v2_parent() -> Option<RealV2> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return None;
@@ -528,7 +540,7 @@ pub(crate) mod tests_support {
             std::process::id(),
             super::NEXT_GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        super::make_group(&parent).then_some((mount, parent))
+        super::make_group(&parent).then_some(RealV2 { mount, parent })
     }
 }
 
@@ -826,10 +838,11 @@ mod tests {
     /// not have (on a hybrid host they are bound to v1).
     #[test]
     fn a_process_joins_and_is_killed_in_a_real_v2_group() {
-        let Some((mount, parent)) = tests_support::real_v2_parent() else {
+        let Some(v2) = tests_support::real_v2_parent() else {
             println!("SKIPPED: no writable cgroup2 mount, or not root");
             return;
         };
+        let (mount, parent) = (v2.mount.clone(), v2.parent.clone());
         let roots = CgroupRoots::V2 {
             parent: parent.clone(),
             pids: false,
@@ -872,6 +885,7 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
         drop(group);
         assert!(!dir.exists(), "the group was not removed");
-        let _ = fs::remove_dir(&parent);
+        drop(v2);
+        assert!(!parent.exists());
     }
 }

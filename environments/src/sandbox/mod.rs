@@ -468,10 +468,11 @@ mod tests {
     /// controllers may be bound to v1 (as on hybrid hosts), so no limit is tested here.
     #[test]
     fn runs_join_a_real_cgroup_v2_group_and_leave_nothing_behind() {
-        let Some((mount, parent)) = cgroup::tests_support::real_v2_parent() else {
+        let Some(v2) = cgroup::tests_support::real_v2_parent() else {
             println!("SKIPPED: no writable cgroup2 mount, or not root");
             return;
         };
+        let (mount, parent) = (v2.mount.clone(), v2.parent.clone());
         for backend in [Backend::Namespaces, Backend::Bubblewrap] {
             let sandbox = match Sandbox::with_backend(backend) {
                 Ok(sandbox) => sandbox,
@@ -570,6 +571,7 @@ mod tests {
                 .collect();
             assert!(left.is_empty(), "{backend}: groups left behind: {left:?}");
         }
-        std::fs::remove_dir(&parent).unwrap();
+        drop(v2);
+        assert!(!parent.exists());
     }
 }

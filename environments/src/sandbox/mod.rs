@@ -61,15 +61,18 @@
 //!   an OOM kill; v2 `oom`/`oom_kill` in `memory.events`), or a failed program whose stderr
 //!   says `MemoryError` (the interpreter's report of `RLIMIT_AS`), is
 //!   [`Termination::MemoryLimit`]; `SIGXFSZ` counts as [`Termination::OutputLimit`].
-//! - **Not covered.** Under cgroup v2 the process moves itself into a leaf group
+//! - **Not covered.** Under cgroup v2 this process moves itself into a leaf group
 //!   (`chorus-supervisor`) only when it is alone in its group; sharing it with other processes
-//!   (started from a login shell's session scope, say) means no v2 limits, so run it as its own
-//!   service (systemd `Delegate=yes`) or container. v2 limits are tested against a fake cgroup
-//!   filesystem only (the machine the tests ran on has v1 controllers; its v2 hierarchy served
-//!   a real test of joining, `cgroup.kill` and removal, without limits). The system calls the
+//!   (started from a login shell's session scope, say) means no v2 group (v1 if the host has
+//!   it, else rlimits only), so run it as its own service (systemd `Delegate=yes`) or
+//!   container. The v2 limits (`memory.max`, `memory.swap.max`, `pids.max`, `memory.events`)
+//!   are tested against a fake cgroup filesystem only: the test machine's controllers are
+//!   bound to v1, and its cgroup2 mount served real tests of membership, `cgroup.kill` and
+//!   removal without limits; the v1 limits are tested for real. Where no filter is written
+//!   (architectures other than x86_64 and aarch64) there is no seccomp. The system calls the
 //!   filter allows (`io_uring` among them) remain reachable, as an unprivileged user in fresh
-//!   namespaces. The namespaces backend run by a non-root user maps only that user's own
-//!   id and is not tested here.
+//!   namespaces. The namespaces backend run by a non-root user maps only that user's own id
+//!   and is not tested here.
 
 mod cgroup;
 mod layout;

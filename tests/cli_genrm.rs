@@ -137,6 +137,7 @@ fn a_genrm_stage_trains_a_judge_and_an_rlhf_stage_compares_groups_with_it() {
                 environment: Some("arithmetic@judge".into()),
                 min_reward: None,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap();

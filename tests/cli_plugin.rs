@@ -71,6 +71,7 @@ fn run_against(h: &Harness, url: &str) {
                 environment: Some(url.to_string()),
                 min_reward: None,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -312,6 +313,7 @@ environments = [{{ url = "{url}" }}]
             environment: Some(url.clone()),
             min_reward: None,
             limit: 100_000,
+            ..Default::default()
         }))
         .unwrap()
     };

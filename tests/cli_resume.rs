@@ -132,6 +132,7 @@ fn a_run_killed_mid_stage_resumes_without_repeating_work() {
                 environment: None,
                 min_reward: None,
                 limit: 100_000,
+                ..Default::default()
             })
             .await
             .unwrap();

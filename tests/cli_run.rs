@@ -147,6 +147,7 @@ fn a_tiny_run_completes_and_the_ledger_agrees_with_the_summary() {
                 environment: None,
                 min_reward: None,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -408,6 +409,7 @@ fn multi_turn_environments_nvfp4_training_and_a_learning_curve() {
                 environment: Some("tool_agent".into()),
                 min_reward: None,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap();

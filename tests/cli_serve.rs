@@ -392,6 +392,7 @@ fn killed_workers_lose_no_prompt_and_a_worker_that_registers_mid_run_joins() {
                 environment: None,
                 min_reward: None,
                 limit: 100_000,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -489,6 +490,7 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
                     environment: None,
                     min_reward: None,
                     limit: 100_000,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

@@ -230,6 +230,7 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
                 environment: Some("arithmetic@judge".into()),
                 min_reward: None,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -151,6 +151,65 @@ fn the_dashboard_shows_a_real_runs_curves_rollouts_and_tokens_in_chromium() {
         "rollout {newest} not listed"
     );
 
+    // The JSON API: curves from the ledger's views, rollout filters applied in SQL.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let get = |path: String| {
+        rt.block_on(async {
+            let base = chorus_proto::http::BaseUrl::parse(&dashboard.url).unwrap();
+            let answer = chorus_proto::http::send_once(&base, &path, None, None)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+            (answer.status, body)
+        })
+    };
+    let (by_step, staleness, stage1, unsolved) = rt.block_on(async {
+        let ledger = Ledger::open(&db).await.unwrap();
+        let filter = RolloutFilter::default().run(run_id.clone()).limit(1000);
+        (
+            ledger.reward_by_step(&run_id).await.unwrap(),
+            ledger.trained_staleness(&run_id).await.unwrap(),
+            ledger
+                .list_rollouts(&filter.clone().stage(1))
+                .await
+                .unwrap(),
+            ledger.list_rollouts(&filter.max_reward(0.0)).await.unwrap(),
+        )
+    });
+    let (status, curves) = get(format!("/api/runs/{run_id}/curves"));
+    assert_eq!(status, 200, "{curves}");
+    let points: usize = curves["reward"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_array().unwrap().len())
+        .sum();
+    assert_eq!(points, by_step.len(), "{curves}");
+    let lagged: u64 = curves["lag"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        lagged,
+        staleness.iter().map(|s| s.trajectories).sum::<u64>()
+    );
+    assert!(lagged > 0, "{curves}");
+    let (_, rows) = get(format!("/api/rollouts?run={run_id}&stage=1&limit=1000"));
+    assert_eq!(rows.as_array().unwrap().len(), stage1.len(), "{rows}");
+    assert!(!stage1.is_empty());
+    let (_, rows) = get(format!(
+        "/api/rollouts?run={run_id}&max_reward=0&limit=1000"
+    ));
+    assert_eq!(rows.as_array().unwrap().len(), unsolved.len(), "{rows}");
+    let (status, error) = get(format!("/api/rollouts?run={run_id}&finish=sideways"));
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("stop, length"),
+        "{error}"
+    );
+
     // One trajectory token by token, each with its log-probability and version.
     let tr = &one.trajectory;
     let page = format!("{}/#run={run_id}&trajectory={}", dashboard.url, tr.id);

@@ -420,6 +420,7 @@ environments = [
                 environment: None,
                 min_reward: None,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -377,6 +377,7 @@ impl Orchestrator for OrchestratorService {
                 environment: (!r.environment.is_empty()).then_some(r.environment),
                 min_reward: r.min_reward,
                 limit,
+                ..Default::default()
             })
             .await
             .map_err(ledger_status)?;

@@ -340,6 +340,7 @@ async fn multi_turn_episodes_alternate_actions_and_observations() {
             environment: Some("say_yes".into()),
             min_reward: Some(1.0),
             limit: 100,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -395,8 +396,8 @@ async fn a_faulty_environment_fails_alone_and_is_paused_when_its_budget_is_spent
         .list_rollouts(&RolloutFilter {
             run_id: Some("run".into()),
             environment: Some("faulty".into()),
-            min_reward: None,
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -552,10 +552,14 @@ mod cases {
             ("t5", "rb", "code", 1.0),
         ];
         for (id, r, env, reward) in rows {
-            ledger
-                .insert_trajectories(vec![traj(id, r, "p", env, reward)])
-                .await
-                .unwrap();
+            let mut t = traj(id, r, "p", env, reward);
+            match id {
+                "t1" => t.policy_versions = vec![1, 1, 2, 2, 2],
+                "t3" => t.stage_index = Some(1),
+                "t4" => t.finish_reason = FinishReason::Length,
+                _ => {}
+            }
+            ledger.insert_trajectories(vec![t]).await.unwrap();
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
         let mut unscored = traj("t6", "ra", "p", "math", 0.0);
@@ -606,6 +610,28 @@ mod cases {
         assert_eq!(
             ids(RolloutFilter::default().run("nope")).await,
             Vec::<String>::new()
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().max_reward(0.5)).await,
+            ["t1", "t3"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().min_reward(0.5).max_reward(0.9)).await,
+            ["t3", "t4"]
+        );
+        assert_eq!(ids(RolloutFilter::default().stage(1)).await, ["t3"]);
+        // Versions 4-5 everywhere but t1 (1-2).
+        assert_eq!(
+            ids(RolloutFilter::default().policy_version(2)).await,
+            ["t1"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().run("ra").policy_version(4)).await,
+            ["t2", "t3", "t6"]
+        );
+        assert_eq!(
+            ids(RolloutFilter::default().finish_reason(FinishReason::Length)).await,
+            ["t4"]
         );
         let newest = ledger
             .list_rollouts(&RolloutFilter::default().run("rb").limit(1))
@@ -1267,6 +1293,50 @@ mod cases {
         );
         assert_eq!((gain, loss, reward), (0.5, 0.375, 0.5));
         assert!(seconds >= 0.0, "{seconds}");
+
+        // The ledger's readers of the views (what the dashboard draws) agree with them.
+        let ledger = db.open().await;
+        let by_step: Vec<_> = ledger
+            .reward_by_step("v")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.step as i64,
+                    r.environment,
+                    r.trajectories as i64,
+                    r.mean_reward,
+                    r.solved,
+                )
+            })
+            .collect();
+        assert_eq!(by_step, rewards);
+        let lags: Vec<_> = ledger
+            .trained_staleness("v")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.lag, s.trajectories as i64, s.tokens as i64))
+            .collect();
+        assert_eq!(lags, stale);
+        let env_faults: Vec<_> = ledger
+            .faults_by_environment("v")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                (
+                    f.environment,
+                    f.trajectories as i64,
+                    f.failed_trajectories as i64,
+                    f.dropped_prompts as i64,
+                    f.last_failure,
+                )
+            })
+            .collect();
+        assert_eq!(env_faults, faults);
+        ledger.close().await.unwrap();
     }
 
     /// A run the audit finds clean: two prompts of stage 0, each with one trajectory

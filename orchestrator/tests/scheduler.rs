@@ -195,6 +195,7 @@ async fn groups_reach_the_learner_and_the_ledger_agrees() {
             environment: None,
             min_reward: None,
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -374,6 +375,7 @@ async fn a_malformed_think_block_gets_the_fixed_invalid_advantage() {
             environment: None,
             min_reward: None,
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();

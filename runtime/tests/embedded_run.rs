@@ -279,8 +279,8 @@ fn an_sft_stage_learns_a_users_transcripts_on_the_assistants_tokens() {
             .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
                 run_id: Some(summary.run.clone()),
                 environment: Some("transcripts:chat".into()),
-                min_reward: None,
                 limit: 100,
+                ..Default::default()
             })
             .await
             .unwrap();

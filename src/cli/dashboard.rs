@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
+use chorus_proto::v1::FinishReason;
 use clap::Args;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -42,8 +43,8 @@ const INDEX: &str = include_str!("dashboard/index.html");
 const SCRIPT: &str = include_str!("dashboard/app.js");
 const STYLE: &str = include_str!("dashboard/style.css");
 
-/// Trajectories a run's curves read at most.
-const CURVE_ROLLOUTS: u32 = 200_000;
+/// The newest matching trajectories a text search of the rollout browser reads at most.
+const SEARCH_WINDOW: u32 = 5_000;
 
 struct Shared {
     ledger: Ledger,
@@ -117,6 +118,12 @@ impl<E: std::fmt::Display> From<E> for ApiError {
     }
 }
 
+impl ApiError {
+    fn bad_request(message: String) -> Self {
+        Self(StatusCode::BAD_REQUEST, message)
+    }
+}
+
 type ApiResult = Result<axum::Json<Value>, ApiError>;
 
 async fn runs(State(s): AppState) -> ApiResult {
@@ -166,42 +173,30 @@ pub(super) async fn curves_json(
     let steps = ledger.list_learner_steps(&id).await?;
     let evals = ledger.list_evaluations(&id).await?;
     let versions = ledger.list_policy_versions(&id).await?;
-    let rollouts = ledger
-        .list_rollouts(&RolloutFilter {
-            run_id: Some(id.clone()),
-            environment: None,
-            min_reward: None,
-            limit: CURVE_ROLLOUTS,
-        })
-        .await?;
-    // Mean reward per step and environment, lags of trained tokens, failures per environment.
-    let mut reward: BTreeMap<(String, u64), (f64, u64)> = BTreeMap::new();
-    let mut lags: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &rollouts {
-        if let TrajectoryStatus::Failed { .. } = r.status {
-            *faults.entry(r.environment.clone()).or_default() += 1;
-        }
-        // `consumed_at_step` is the version a learner step trained from: step s trains
-        // version s - 1 into s.
-        let Some(from) = r.consumed_at_step else {
-            continue;
-        };
-        if let Some(x) = r.reward {
-            let e = reward.entry((r.environment.clone(), from + 1)).or_default();
-            e.0 += x;
-            e.1 += 1;
-        }
-        if let Some(v) = r.min_policy_version {
-            *lags.entry(from.saturating_sub(v)).or_default() += 1;
-        }
-    }
+    // Reward per step, lags and failures come from the ledger's views, aggregated in SQL
+    // (a page polled every few seconds must not read every rollout of a long run).
     let mut by_env: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for ((env, step), (sum, n)) in reward {
+    let mut scored = 0;
+    for r in ledger.reward_by_step(&id).await? {
+        scored += r.trajectories;
         by_env
-            .entry(env)
+            .entry(r.environment)
             .or_default()
-            .push(json!([step, sum / n as f64]));
+            .push(json!([r.step, r.mean_reward]));
+    }
+    let lags: Vec<Value> = ledger
+        .trained_staleness(&id)
+        .await?
+        .into_iter()
+        .map(|s| json!([s.lag, s.trajectories]))
+        .collect();
+    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
+    let mut rollouts = 0;
+    for f in ledger.faults_by_environment(&id).await? {
+        rollouts += f.trajectories;
+        if f.failed_trajectories > 0 {
+            faults.insert(f.environment, f.failed_trajectories);
+        }
     }
     let mut accuracy: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for e in &evals {
@@ -239,8 +234,8 @@ pub(super) async fn curves_json(
         .collect();
     Ok(json!({
         "run": id, "steps": step_rows, "reward": by_env, "accuracy": accuracy,
-        "lag": lags.into_iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-        "faults": faults, "versions": published, "rollouts": rollouts.len(),
+        "lag": lags, "faults": faults, "versions": published, "rollouts": rollouts,
+        "scored": scored,
     }))
 }
 
@@ -259,55 +254,65 @@ struct RolloutQuery {
 }
 
 async fn rollouts(State(s): AppState, Query(f): Query<RolloutQuery>) -> ApiResult {
-    let limit = f.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    let limit = f.limit.unwrap_or(100).clamp(1, 1000);
+    let finish_reason = match f.finish.as_deref().filter(|w| !w.is_empty()) {
+        None => None,
+        Some(want) => Some(
+            [
+                FinishReason::Stop,
+                FinishReason::Length,
+                FinishReason::Aborted,
+                FinishReason::Error,
+                FinishReason::Unspecified,
+            ]
+            .into_iter()
+            .find(|r| format!("{r:?}").eq_ignore_ascii_case(want))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "finish={want:?}: not a finish reason (stop, length, aborted, error, unspecified)"
+                ))
+            })?,
+        ),
+    };
+    let needle =
+        f.q.as_deref()
+            .map(str::to_lowercase)
+            .filter(|q| !q.is_empty());
+    // Every filter but the text runs in SQL; the text needs the prompt decoded, so a search
+    // reads a bounded window of the newest matching rows and filters them here.
     let rows = s
         .ledger
         .list_rollouts(&RolloutFilter {
             run_id: f.run.clone().filter(|r| !r.is_empty()),
             environment: f.env.clone().filter(|e| !e.is_empty()),
             min_reward: f.min_reward,
-            limit: CURVE_ROLLOUTS,
+            max_reward: f.max_reward,
+            stage_index: f.stage,
+            policy_version: f.version,
+            finish_reason,
+            limit: if needle.is_some() {
+                SEARCH_WINDOW
+            } else {
+                limit
+            },
         })
         .await?;
-    let needle =
-        f.q.as_deref()
-            .map(str::to_lowercase)
-            .filter(|q| !q.is_empty());
     let mut out = vec![];
     for r in rows {
-        if out.len() >= limit {
+        if out.len() >= limit as usize {
             break;
         }
-        if f.max_reward.is_some_and(|m| r.reward.is_none_or(|x| x > m))
-            || f.version.is_some_and(|v| {
-                !(r.min_policy_version.is_some_and(|a| a <= v)
-                    && r.max_policy_version.is_some_and(|b| b >= v))
-            })
-            || f.finish.as_deref().is_some_and(|want| {
-                !want.is_empty() && !format!("{:?}", r.finish_reason).eq_ignore_ascii_case(want)
-            })
-        {
-            continue;
-        }
-        // Stage and text need the trajectory itself.
-        if f.stage.is_some() || needle.is_some() {
+        if let Some(q) = &needle {
             let Some(t) = s.ledger.get_trajectory(&r.id).await? else {
                 continue;
             };
-            if f.stage
-                .is_some_and(|st| t.trajectory.stage_index != Some(st))
-            {
+            let prompt = s
+                .tokenizer
+                .decode(&t.trajectory.prompt_token_ids, false)
+                .unwrap_or_default();
+            let hay = format!("{prompt}\n{}", t.trajectory.completion_text).to_lowercase();
+            if !hay.contains(q.as_str()) {
                 continue;
-            }
-            if let Some(q) = &needle {
-                let prompt = s
-                    .tokenizer
-                    .decode(&t.trajectory.prompt_token_ids, false)
-                    .unwrap_or_default();
-                let hay = format!("{prompt}\n{}", t.trajectory.completion_text).to_lowercase();
-                if !hay.contains(q.as_str()) {
-                    continue;
-                }
             }
         }
         let (status, failure) = match &r.status {

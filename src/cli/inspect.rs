@@ -117,7 +117,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 }
             }
             InspectCommand::Rollouts { run, env, min_reward, limit } => {
-                let rows = ledger.list_rollouts(&RolloutFilter { run_id: Some(run), environment: env, min_reward, limit }).await?;
+                let rows = ledger.list_rollouts(&RolloutFilter { run_id: Some(run), environment: env, min_reward, limit, ..Default::default() }).await?;
                 outln!("{:<44} {:<16} {:<10} {:>7} {:>6} {:>9} {:>6}  status", "trajectory", "environment", "worker", "reward", "tokens", "versions", "step");
                 for r in rows {
                     let versions = match (r.min_policy_version, r.max_policy_version) {

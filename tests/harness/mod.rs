@@ -339,12 +339,11 @@ pub fn rollouts_of(db: &str, run_id: &str) -> Vec<chorus_orchestrator::ledger::R
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = chorus_orchestrator::ledger::Ledger::open(db).await.unwrap();
         ledger
-            .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
-                run_id: Some(run_id.to_string()),
-                environment: None,
-                min_reward: None,
-                limit: 100_000,
-            })
+            .list_rollouts(
+                &chorus_orchestrator::ledger::RolloutFilter::default()
+                    .run(run_id)
+                    .limit(100_000),
+            )
             .await
             .unwrap()
     })

@@ -482,6 +482,21 @@ impl Ledger {
         if filter.min_reward.is_some() {
             sql.push_str(&format!(" AND reward >= ${}", next()));
         }
+        if filter.max_reward.is_some() {
+            sql.push_str(&format!(" AND reward <= ${}", next()));
+        }
+        if filter.stage_index.is_some() {
+            sql.push_str(&format!(" AND stage_index = ${}", next()));
+        }
+        if filter.policy_version.is_some() {
+            let (low, high) = (next(), next());
+            sql.push_str(&format!(
+                " AND min_policy_version <= ${low} AND max_policy_version >= ${high}"
+            ));
+        }
+        if filter.finish_reason.is_some() {
+            sql.push_str(&format!(" AND finish_reason = ${}", next()));
+        }
         sql.push_str(&format!(
             " ORDER BY created_at_ms DESC, id DESC LIMIT ${}",
             next()
@@ -495,6 +510,18 @@ impl Ledger {
         }
         if let Some(min) = filter.min_reward {
             stmt = stmt.bind(min);
+        }
+        if let Some(max) = filter.max_reward {
+            stmt = stmt.bind(max);
+        }
+        if let Some(stage) = filter.stage_index {
+            stmt = stmt.bind(stage as i64);
+        }
+        if let Some(version) = filter.policy_version {
+            stmt = stmt.bind(version as i64).bind(version as i64);
+        }
+        if let Some(reason) = filter.finish_reason {
+            stmt = stmt.bind(finish_reason_str(reason));
         }
         stmt = stmt.bind(i64::from(filter.limit));
         self.fetch("list_rollouts", stmt, decode_summary).await
@@ -599,6 +626,74 @@ impl Ledger {
         .bind(run_id);
         self.fetch("list_policy_versions", stmt, decode_version)
             .await
+    }
+
+    /// A run's mean reward per step and environment (the `reward_by_step` view), by step.
+    pub async fn reward_by_step(&self, run_id: &str) -> Result<Vec<RewardByStep>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT run_id, stage_index, step, environment, trajectories, mean_reward, solved \
+             FROM reward_by_step WHERE run_id = $1 AND step IS NOT NULL \
+             ORDER BY step, environment",
+        )
+        .bind(run_id);
+        self.fetch("reward_by_step", stmt, |row| {
+            let r = Reader::new(row, "reward_by_step", "run_id")?;
+            Ok(RewardByStep {
+                stage_index: r.opt_u64("stage_index")?,
+                step: r.u64("step")?,
+                environment: row.text("environment")?,
+                trajectories: r.u64("trajectories")?,
+                mean_reward: r.real("mean_reward")?,
+                solved: r.real("solved")?,
+            })
+        })
+        .await
+    }
+
+    /// A run's trained trajectories and tokens by lag (the `trained_staleness` view, over all
+    /// its stages and environments), by lag.
+    pub async fn trained_staleness(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<StalenessCount>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT run_id, lag, CAST(SUM(trajectories) AS BIGINT) AS trajectories, \
+             CAST(SUM(tokens) AS BIGINT) AS tokens FROM trained_staleness \
+             WHERE run_id = $1 GROUP BY run_id, lag ORDER BY lag",
+        )
+        .bind(run_id);
+        self.fetch("trained_staleness", stmt, |row| {
+            let r = Reader::new(row, "trained_staleness", "run_id")?;
+            Ok(StalenessCount {
+                lag: row.int("lag")?,
+                trajectories: r.u64("trajectories")?,
+                tokens: r.u64("tokens")?,
+            })
+        })
+        .await
+    }
+
+    /// A run's failures per environment (the `faults_by_environment` view), by environment.
+    pub async fn faults_by_environment(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<EnvironmentFaults>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT run_id, environment, trajectories, failed_trajectories, dropped_prompts, \
+             last_failure FROM faults_by_environment WHERE run_id = $1 ORDER BY environment",
+        )
+        .bind(run_id);
+        self.fetch("faults_by_environment", stmt, |row| {
+            let r = Reader::new(row, "faults_by_environment", "run_id")?;
+            Ok(EnvironmentFaults {
+                environment: row.text("environment")?,
+                trajectories: r.u64("trajectories")?,
+                failed_trajectories: r.u64("failed_trajectories")?,
+                dropped_prompts: r.u64("dropped_prompts")?,
+                last_failure: row.opt_text("last_failure")?,
+            })
+        })
+        .await
     }
 
     /// A run's held-out evaluations, by policy version, then environment and difficulty: its

@@ -437,6 +437,15 @@ pub struct RolloutFilter {
     pub environment: Option<String>,
     /// Only rewards at least this high (trajectories without a reward are excluded).
     pub min_reward: Option<f64>,
+    /// Only rewards at most this high (trajectories without a reward are excluded).
+    pub max_reward: Option<f64>,
+    /// Only trajectories of this stage (by index).
+    pub stage_index: Option<u64>,
+    /// Only trajectories with a token sampled by this policy version (between their oldest
+    /// and newest token's versions).
+    pub policy_version: Option<u64>,
+    /// Only trajectories that ended this way.
+    pub finish_reason: Option<FinishReason>,
     /// At most this many rows.
     pub limit: u32,
 }
@@ -447,6 +456,10 @@ impl Default for RolloutFilter {
             run_id: None,
             environment: None,
             min_reward: None,
+            max_reward: None,
+            stage_index: None,
+            policy_version: None,
+            finish_reason: None,
             limit: 100,
         }
     }
@@ -468,6 +481,30 @@ impl RolloutFilter {
     /// Only rewards at least this high.
     pub fn min_reward(mut self, min_reward: f64) -> Self {
         self.min_reward = Some(min_reward);
+        self
+    }
+
+    /// Only rewards at most this high.
+    pub fn max_reward(mut self, max_reward: f64) -> Self {
+        self.max_reward = Some(max_reward);
+        self
+    }
+
+    /// Only this stage.
+    pub fn stage(mut self, stage_index: u64) -> Self {
+        self.stage_index = Some(stage_index);
+        self
+    }
+
+    /// Only trajectories with a token sampled by this policy version.
+    pub fn policy_version(mut self, version: u64) -> Self {
+        self.policy_version = Some(version);
+        self
+    }
+
+    /// Only trajectories that ended this way.
+    pub fn finish_reason(mut self, reason: FinishReason) -> Self {
+        self.finish_reason = Some(reason);
         self
     }
 
@@ -630,4 +667,49 @@ mod tests {
         assert_eq!(parse_finish_reason("eos"), None);
         assert!(RunStatus::Cancelled.is_terminal() && !RunStatus::Running.is_terminal());
     }
+}
+
+/// One row of the `reward_by_step` view: a step's scored trajectories of one environment
+/// (by the step their prompts were dispatched at).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardByStep {
+    /// The stage the prompts belong to.
+    pub stage_index: Option<u64>,
+    /// The learner step the prompts were dispatched at.
+    pub step: u64,
+    /// The environment.
+    pub environment: String,
+    /// Scored trajectories.
+    pub trajectories: u64,
+    /// Their mean reward.
+    pub mean_reward: f64,
+    /// The fraction with full reward.
+    pub solved: f64,
+}
+
+/// Trained trajectories by lag (the `trained_staleness` view, summed over stages and
+/// environments): how many versions their oldest token lagged the weights that trained on them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StalenessCount {
+    /// Versions of lag (0: sampled by the weights that trained on it).
+    pub lag: i64,
+    /// Trajectories with that lag.
+    pub trajectories: u64,
+    /// Their completion tokens.
+    pub tokens: u64,
+}
+
+/// One row of the `faults_by_environment` view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentFaults {
+    /// The environment.
+    pub environment: String,
+    /// Its trajectories.
+    pub trajectories: u64,
+    /// Those that failed.
+    pub failed_trajectories: u64,
+    /// Its prompts dropped.
+    pub dropped_prompts: u64,
+    /// The newest failure's reason.
+    pub last_failure: Option<String>,
 }

@@ -94,3 +94,44 @@ fn runs_and_quantization_draw_bars_on_a_terminal_and_lines_elsewhere() {
         "{tty}"
     );
 }
+
+/// `chorus env score` counts its items on a terminal; off one it prints only the results.
+#[test]
+fn env_score_draws_a_bar_of_its_completions_on_a_terminal() {
+    let h = Harness::new();
+    std::fs::write(
+        h.path("data.jsonl"),
+        (0..6)
+            .map(|i| {
+                format!(
+                    "{{\"question\": \"What is {i} plus 1?\", \"answer\": \"#### {}\"}}\n",
+                    i + 1
+                )
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        h.path("answers.jsonl"),
+        (0..6)
+            .map(|i| format!("{{\"id\": {i}, \"completion\": \"#### {}\"}}\n", i + 1))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let args = "env score math_word --dataset data.jsonl --completions answers.jsonl";
+    let Some(tty) = on_a_terminal(&h, args) else {
+        return;
+    };
+    assert!(
+        tty.contains("score [") && tty.contains("6/6 completions"),
+        "no bar: {tty}"
+    );
+    assert!(tty.contains("mean reward 1.0000 over 6"), "{tty}");
+    let out = h.chorus(&args.split(' ').collect::<Vec<_>>());
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("completions"),
+        "a bar off a terminal: {stderr}"
+    );
+}

@@ -233,7 +233,13 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     }
     let mut out = Vec::new();
     let (mut sum, mut scored, mut full, mut failed) = (0.0, 0usize, 0usize, 0usize);
+    // On a terminal a bar counts the items (scoring code runs each in the sandbox); the
+    // results still go to standard output, one line each.
+    let bar = super::progress::bar(items.len() as u64, "score", "completions");
     for (id, row, completion) in items {
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
         let (env, task) = data.task(row)?;
         let id_text = match &id {
             serde_json::Value::String(s) => s.clone(),
@@ -266,6 +272,10 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    if let Some(bar) = bar {
+        // Drawn whole, whatever the refresh rate skipped, and left above the mean.
+        bar.finish();
     }
     let mean = if scored > 0 { sum / scored as f64 } else { 0.0 };
     if a.json {

@@ -10,6 +10,8 @@
 //!   not in any process's output or log, nor in any file the run wrote.
 //! - `chorus run` with an environment plugin reached over https completes, and neither the run
 //!   nor the plugin writes the token anywhere.
+//! - A process Chorus starts that is not one of its services (a worker's vLLM server) inherits
+//!   nothing of the token the worker was given in its environment.
 
 mod harness;
 
@@ -561,4 +563,71 @@ fn a_local_run_reaches_its_plugin_over_tls_and_neither_logs_the_token() {
         err.contains(&plugin.url) && is_transport_refusal(&err),
         "{err}"
     );
+}
+
+/// The shared token reaches only Chorus' own services: a process Chorus starts for something
+/// else inherits nothing of it. Here a worker given the token in `CHORUS_TOKEN` starts its
+/// vLLM server (a stand-in script that records its environment and arguments, then exits).
+#[test]
+fn processes_chorus_starts_do_not_inherit_the_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    let script = h.path("fake-python");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nenv > {dir}/child.env\necho \"$@\" > {dir}/child.args\nexit 3\n",
+            dir = h.dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        h.path("vllm.toml"),
+        format!(
+            "name = \"v\"\n[model]\ninit_config = \"model.json\"\n[workers]\ncount = 1\n\
+             backend = \"vllm\"\n[workers.vllm]\ncount = 1\npython = \"{}\"\n\
+             max_model_len = 64\n[[stages]]\nname = \"sft\"\nkind = \"sft\"\nsteps = 1\n\
+             prompts_per_step = 2\nenvironments = [{{ name = \"arithmetic\" }}]\n",
+            script.display()
+        ),
+    )
+    .unwrap();
+    let env = [("CHORUS_TOKEN", SECRET)];
+    let (learner, _) = h.service_logged(
+        &["serve", "learner", "--config", "vllm.toml"],
+        &env,
+        "learner.log",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "serve",
+            "worker",
+            "--config",
+            "vllm.toml",
+            "--learner",
+            &learner.url,
+        ])
+        .args(["--vllm-dir", "vllm"])
+        .envs(env)
+        .current_dir(h.dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the stand-in server cannot serve: {stderr}"
+    );
+    assert!(stderr.contains("exited"), "{stderr}");
+    // The stand-in ran, with the worker's environment less the token.
+    let child_env = std::fs::read_to_string(h.path("child.env")).unwrap();
+    assert!(child_env.contains("VLLM_SERVER_DEV_MODE=1"), "{child_env}");
+    assert!(
+        !child_env.contains(SECRET) && !child_env.contains("CHORUS_TOKEN"),
+        "{child_env}"
+    );
+    let child_args = std::fs::read_to_string(h.path("child.args")).unwrap();
+    assert!(child_args.contains("vllm.entrypoints") && !child_args.contains(SECRET));
+    assert!(!stderr.contains(SECRET));
 }

@@ -26,7 +26,8 @@ pub enum ServeCommand {
     /// stopped.
     Orchestrator(OrchestratorArgs),
     /// A built-in environment over the gRPC Environment service, as a plugin server: a run
-    /// uses it with `{ url = "http://ADDR" }` in its config and the same --token.
+    /// uses it with `{ url = "http://ADDR" }` in its config and the same --token
+    /// (`https://ADDR` when served with --tls-cert and --tls-key).
     ///
     /// Example: chorus serve environment countdown --listen 127.0.0.1:7100 --token T
     Environment(EnvironmentArgs),

@@ -8,6 +8,8 @@
 //! - A run over mutual TLS between separate processes (orchestrator, learner, worker, all
 //!   registering over https) completes; with every log at `trace` its token appears nowhere:
 //!   not in any process's output or log, nor in any file the run wrote.
+//! - A standing fleet over mutual TLS: standby services hand their TLS settings to the services
+//!   they start per run, which register https:// addresses and complete a launched run.
 //! - `chorus run` with an environment plugin reached over https completes, and neither the run
 //!   nor the plugin writes the token anywhere.
 //! - A process Chorus starts that is not one of its services (a worker's vLLM server) inherits
@@ -630,4 +632,110 @@ fn processes_chorus_starts_do_not_inherit_the_token() {
     let child_args = std::fs::read_to_string(h.path("child.args")).unwrap();
     assert!(child_args.contains("vllm.entrypoints") && !child_args.contains(SECRET));
     assert!(!stderr.contains(SECRET));
+}
+
+/// A standing fleet over mutual TLS: the standby learner and worker hand their TLS settings to
+/// the service each starts for a launched run, which serves https:// (its registration says so)
+/// and completes the run.
+#[test]
+fn a_standing_fleet_over_mutual_tls_serves_a_launched_run() {
+    let h = Harness::new();
+    let pki = Pki::write(&h);
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let (orchestrator, _) = h.service_logged(
+        &[
+            &[
+                "serve",
+                "orchestrator",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ][..],
+            &[
+                "--eval-tasks",
+                "2",
+                "--wait-seconds",
+                "300",
+                "--token",
+                SECRET,
+            ],
+            &pki.node_flags(),
+        ]
+        .concat(),
+        &[],
+        "orchestrator.log",
+    );
+    let url = orchestrator.url.clone();
+    let _fleet: Vec<Service> = [("learner", "L"), ("worker", "w0")]
+        .iter()
+        .map(|(role, id)| {
+            h.standby(
+                &[
+                    &[
+                        "serve",
+                        role,
+                        "--orchestrator",
+                        &url,
+                        "--id",
+                        id,
+                        "--token",
+                        SECRET,
+                    ][..],
+                    &pki.node_flags(),
+                ]
+                .concat(),
+            )
+        })
+        .collect();
+    let out = h.chorus(
+        &[
+            &[
+                "launch",
+                "run.toml",
+                "--orchestrator",
+                &url,
+                "--token",
+                SECRET,
+            ][..],
+            &[
+                "--tls-cert",
+                "client.pem",
+                "--tls-key",
+                "client.key",
+                "--tls-ca",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    let events = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{events}");
+    assert!(events.contains("succeeded"), "{events}");
+    let run_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // The run's learner and worker registered https:// addresses.
+    let log = std::fs::read_to_string(h.path("orchestrator.log")).unwrap();
+    let endpoints: Vec<(String, String)> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["fields"]["run_id"] == run_id.as_str())
+        .filter_map(|e| {
+            let message = e["fields"]["message"].as_str()?.to_string();
+            let endpoint = e["fields"]["endpoint"].as_str()?.to_string();
+            Some((message, endpoint))
+        })
+        .collect();
+    for service in ["learner registered", "worker registered"] {
+        assert!(
+            endpoints
+                .iter()
+                .any(|(m, e)| m == service && e.starts_with("https://127.0.0.1:")),
+            "{service}: {endpoints:?}"
+        );
+    }
+    assert!(
+        endpoints.iter().all(|(_, e)| e.starts_with("https://")),
+        "{endpoints:?}"
+    );
 }

@@ -40,7 +40,7 @@ fn plot_writes_every_curve_as_svg_and_png_with_the_ledgers_points() {
     h.ok(&["run", "run.toml", "--eval-tasks", "2"]);
     let db = h.ledger_url("plots");
     let out = h.ok(&["plot", "--db", &db, "--out", "plots"]);
-    assert!(out.contains("wrote 12 curves"), "{out}");
+    assert!(out.contains("wrote 13 curves"), "{out}");
     for key in [
         "reward",
         "accuracy",
@@ -53,6 +53,7 @@ fn plot_writes_every_curve_as_svg_and_png_with_the_ledgers_points() {
         "mismatch",
         "trajectories_per_second",
         "tokens_per_second",
+        "weight_sync",
         "lag",
     ] {
         let svg = std::fs::read_to_string(h.path(&format!("plots/{key}.svg"))).unwrap();
@@ -63,10 +64,25 @@ fn plot_writes_every_curve_as_svg_and_png_with_the_ledgers_points() {
     // The loss curve is the first series: one point per learner step that has a loss.
     let summary = h.json("runs/plots/summary.json");
     let run_id = summary["run"].as_str().unwrap().to_string();
-    let steps = tokio::runtime::Runtime::new().unwrap().block_on(async {
+    let (steps, syncs) = tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
-        ledger.list_learner_steps(&run_id).await.unwrap()
+        (
+            ledger.list_learner_steps(&run_id).await.unwrap(),
+            ledger.weight_sync(&run_id).await.unwrap(),
+        )
     });
+    // The workers' weight transfers reached the ledger, one series point per version.
+    assert!(!syncs.is_empty(), "no weight transfers recorded");
+    let sync_svg = std::fs::read_to_string(h.path("plots/weight_sync.svg")).unwrap();
+    let sync_series = sync_svg
+        .split("<polyline")
+        .find(|p| p.contains("stroke=\"#3461E0\""))
+        .expect("the mean transfer series");
+    let start = sync_series.find("points=\"").unwrap() + "points=\"".len();
+    let sync_points = sync_series[start..start + sync_series[start..].find('"').unwrap()]
+        .split_whitespace()
+        .count();
+    assert_eq!(sync_points, syncs.len(), "{sync_series}");
     let with_loss = steps.iter().filter(|s| s.step.loss.is_some()).count();
     let svg = std::fs::read_to_string(h.path("plots/loss.svg")).unwrap();
     let series = svg

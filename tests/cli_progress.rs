@@ -135,3 +135,57 @@ fn env_score_draws_a_bar_of_its_completions_on_a_terminal() {
         "a bar off a terminal: {stderr}"
     );
 }
+
+/// A rollout worker serving on its own draws a bar of each weight transfer on a terminal.
+#[test]
+fn a_serving_worker_draws_its_weight_transfers_on_a_terminal() {
+    use std::os::unix::process::CommandExt;
+
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    std::fs::write(h.path("run.toml"), RUN).unwrap();
+    let common = ["--config", "run.toml", "--run-id", "r1", "--token", "tok"];
+    let learner = h.service(&[&["serve", "learner"][..], &common].concat());
+    let log = h.path("worker-tty.log");
+    // The worker serves until stopped: `timeout` is only a backstop; the test stops it as soon
+    // as the first transfer is drawn (or gives up after two minutes).
+    let worker = format!(
+        "timeout 600 {} serve worker --learner {} --id w0 {}",
+        env!("CARGO_BIN_EXE_chorus"),
+        learner.url,
+        common.join(" ")
+    );
+    let Ok(mut child) = Command::new("script")
+        // -f: the typescript is written as output comes, so it can be read while it runs.
+        .arg("-qefc")
+        .arg(&worker)
+        .arg(&log)
+        .current_dir(h.path(""))
+        .env("TERM", "xterm")
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+    else {
+        cannot_run("no `script` to make a pseudo-terminal (util-linux)");
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut drawn = String::new();
+    while std::time::Instant::now() < deadline {
+        drawn = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+        if drawn.contains("weights v0") && drawn.contains("received") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
+    assert!(
+        drawn.contains("weights v0") && drawn.contains("received"),
+        "no transfer bar: {drawn}"
+    );
+    // The progress events feed the bar only: they never print as log lines.
+    assert!(!drawn.contains("receiving weights"), "{drawn}");
+}

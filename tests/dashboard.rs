@@ -163,7 +163,7 @@ fn the_dashboard_shows_a_real_runs_curves_rollouts_and_tokens_in_chromium() {
             (answer.status, body)
         })
     };
-    let (by_step, staleness, stage1, unsolved) = rt.block_on(async {
+    let (by_step, staleness, stage1, unsolved, syncs) = rt.block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let filter = RolloutFilter::default().run(run_id.clone()).limit(1000);
         (
@@ -174,6 +174,7 @@ fn the_dashboard_shows_a_real_runs_curves_rollouts_and_tokens_in_chromium() {
                 .await
                 .unwrap(),
             ledger.list_rollouts(&filter.max_reward(0.0)).await.unwrap(),
+            ledger.weight_sync(&run_id).await.unwrap(),
         )
     });
     let (status, curves) = get(format!("/api/runs/{run_id}/curves"));
@@ -196,6 +197,13 @@ fn the_dashboard_shows_a_real_runs_curves_rollouts_and_tokens_in_chromium() {
         staleness.iter().map(|s| s.trajectories).sum::<u64>()
     );
     assert!(lagged > 0, "{curves}");
+    // Weight transfers: the ledger holds some, and the page draws two points per version.
+    assert!(!syncs.is_empty(), "no weight transfers recorded");
+    assert_eq!(curves["weight_sync"].as_array().unwrap().len(), syncs.len());
+    assert_eq!(
+        attr(&dom, "weight_sync", "data-points"),
+        (2 * syncs.len()).to_string()
+    );
     let (_, rows) = get(format!("/api/rollouts?run={run_id}&stage=1&limit=1000"));
     assert_eq!(rows.as_array().unwrap().len(), stage1.len(), "{rows}");
     assert!(!stage1.is_empty());

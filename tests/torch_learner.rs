@@ -181,6 +181,17 @@ fn torch_run(processes: usize) {
         versions.iter().any(|&v| v > 3),
         "the worker never sampled from an RL version: {versions:?}"
     );
+    // Its weight transfers reached the ledger with its step reports, as Chorus' learner's do.
+    let syncs = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ledger = chorus_orchestrator::ledger::Ledger::open(&db)
+            .await
+            .unwrap();
+        ledger.weight_sync(&run_id).await.unwrap()
+    });
+    assert!(
+        syncs.iter().any(|s| s.transfers > 0 && s.bytes > 0),
+        "no weight transfer recorded: {syncs:?}"
+    );
     // The stage boundary saved a learner checkpoint (with optimizer state in one process).
     let saved = h.path("runs/torch/torch-learner/checkpoints/step-00000003");
     assert!(

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use chorus_proto::v1::learner_server::Learner;
 use chorus_proto::v1::{
     RejectedGroup, StepReport as StepReportMsg, StreamStepsRequest, StreamWeightsRequest,
-    SubmitTrajectoriesResponse, TrajectoryGroup, WeightChunk,
+    SubmitTrajectoriesResponse, TrajectoryGroup, WeightChunk, WeightTransfer,
 };
 use chorus_proto::weights::{HostTensor, encode};
 use tokio::sync::{broadcast, watch};
@@ -125,6 +125,9 @@ pub struct LearnerHandle {
     step_msgs: broadcast::Sender<StepReportMsg>,
     history: Arc<Mutex<Vec<StepReportMsg>>>,
     seen_groups: Arc<Mutex<HashSet<String>>>,
+    /// Weight transfers served since the last step report, which carries them to the
+    /// orchestrator (and its ledger).
+    transfers: Arc<Mutex<Vec<WeightTransfer>>>,
     /// The newest `keep_versions` published versions, oldest first.
     recent: Arc<Mutex<VecDeque<Arc<Published>>>>,
     keep: usize,
@@ -297,6 +300,7 @@ fn report_msg(
         skip_reason: r.skipped.clone().unwrap_or_default(),
         mean_abs_logprob_diff: r.stats.mean_abs_logprob_diff,
         supervised,
+        transfers: Vec::new(),
     }
 }
 
@@ -314,6 +318,8 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
     let (step_msgs, _) = broadcast::channel(1024);
     let history: Arc<Mutex<Vec<StepReportMsg>>> = Arc::new(Mutex::new(vec![]));
     let (reports_tx, msgs_tx, hist) = (reports.clone(), step_msgs.clone(), history.clone());
+    let transfers: Arc<Mutex<Vec<WeightTransfer>>> = Arc::default();
+    let served = transfers.clone();
     std::thread::Builder::new()
         .name("chorus-learner".into())
         .spawn(move || {
@@ -425,7 +431,8 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 };
                 // Published after skipped steps too: the same weights under the next version.
                 let published = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
-                let msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
+                let mut msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
+                msg.transfers = std::mem::take(&mut *served.lock().expect("not poisoned"));
                 let outcome = if report.skipped.is_some() {
                     "skipped"
                 } else {
@@ -479,6 +486,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         step_msgs,
         history,
         seen_groups: Arc::new(Mutex::new(HashSet::new())),
+        transfers,
         recent,
         keep: cfg_keep,
     }
@@ -715,7 +723,35 @@ impl Learner for LearnerService {
             .cloned()
             .map(Ok)
             .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        // Timed from here (the version is available) until the transport has taken the last
+        // chunk, when the stream is polled past it; a transfer cut off before is not recorded.
+        let bytes: u64 = chunks
+            .iter()
+            .filter_map(|c| c.as_ref().ok())
+            .map(|c| c.data.len() as u64)
+            .sum();
+        let started = std::time::Instant::now();
+        let transfers = self.handle.transfers.clone();
+        let (requester_id, policy_version) = (req.requester_id, published.version);
+        let finished = tokio_stream::once(()).filter_map(move |()| {
+            let finished_at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            transfers
+                .lock()
+                .expect("not poisoned")
+                .push(WeightTransfer {
+                    requester_id: requester_id.clone(),
+                    policy_version,
+                    bytes,
+                    seconds: started.elapsed().as_secs_f64(),
+                    finished_at_ms,
+                });
+            None
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(chunks).chain(finished),
+        )))
     }
 }
 

@@ -31,7 +31,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::directory::{Directory, Membership};
-use crate::ledger::{LearnerStep, Ledger, PolicyVersion};
+use crate::ledger::{LearnerStep, Ledger, PolicyVersion, WeightTransfer};
 use crate::scheduler::{BoxFuture, Learning, LearningError, Rollouts};
 
 /// A connection failure, naming the address.
@@ -553,6 +553,24 @@ impl RemoteLearner {
                         .await
                         .inspect_err(|e| {
                             tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused a learner step");
+                        });
+                    let transfers = r
+                        .transfers
+                        .iter()
+                        .map(|t| WeightTransfer {
+                            run_id: run.clone(),
+                            requester_id: t.requester_id.clone(),
+                            policy_version: t.policy_version,
+                            num_bytes: t.bytes,
+                            seconds: t.seconds,
+                            finished_at_ms: t.finished_at_ms,
+                        })
+                        .collect();
+                    let _ = ledger
+                        .record_weight_transfers(transfers)
+                        .await
+                        .inspect_err(|e| {
+                            tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused weight transfers");
                         });
                 }
                 tx.send_modify(|v| *v = (*v).max(r.policy_version));

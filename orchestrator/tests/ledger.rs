@@ -8,7 +8,7 @@ use std::time::Duration;
 use chorus_orchestrator::ledger::{
     Evaluation, LaunchEval, LearnerStep, Ledger, LedgerError, LedgerOptions, NewPrompt, NewRun,
     NewStage, NewTrajectory, PolicyVersion, PromptState, RolloutFilter, RunStatus, Split, StageEnd,
-    StageStatus, Timings, TrajectoryCounts, TrajectoryStatus,
+    StageStatus, Timings, TrajectoryCounts, TrajectoryStatus, WeightTransfer,
 };
 use chorus_proto::v1::FinishReason;
 
@@ -111,6 +111,7 @@ on_both_backends!(
     the_queries_docs_ledger_md_shows_run,
     the_audit_finds_each_kind_of_breach,
     the_views_answer_the_common_questions,
+    weight_transfers_are_summed_per_version_and_rewound,
 );
 
 /// The SQL statements of docs/ledger.md's "Example queries", each with the one backend it is
@@ -804,6 +805,48 @@ mod cases {
         );
         let a2 = ledger.get_trajectory("a2-0").await.unwrap().unwrap();
         assert_eq!(a2.consumed_at_step, None);
+        ledger.close().await.unwrap();
+    }
+
+    pub async fn weight_transfers_are_summed_per_version_and_rewound(db: &TestDb) {
+        let ledger = db.open().await;
+        ledger.insert_run(run("w")).await.unwrap();
+        let transfer =
+            |worker: &str, version: u64, seconds: f64, finished_at_ms: i64| WeightTransfer {
+                run_id: "w".into(),
+                requester_id: worker.into(),
+                policy_version: version,
+                num_bytes: 1000,
+                seconds,
+                finished_at_ms,
+            };
+        ledger
+            .record_weight_transfers(vec![
+                transfer("w0", 1, 0.5, 10_500),
+                transfer("w1", 1, 1.5, 12_000),
+                transfer("w0", 2, 0.25, 20_250),
+            ])
+            .await
+            .unwrap();
+        // Nothing to record is no write at all.
+        ledger.record_weight_transfers(vec![]).await.unwrap();
+        ledger.flush().await.unwrap();
+        let sync = ledger.weight_sync("w").await.unwrap();
+        assert_eq!(sync.len(), 2, "{sync:?}");
+        let v1 = &sync[0];
+        assert_eq!((v1.policy_version, v1.transfers, v1.bytes), (1, 2, 2000));
+        assert_eq!((v1.mean_seconds, v1.max_seconds), (1.0, 1.5));
+        // From the first start (10.0 s and 10.5 s) to the last end (12.0 s).
+        assert!((v1.seconds_to_last_worker - 2.0).abs() < 1e-9, "{v1:?}");
+        assert_eq!((sync[1].policy_version, sync[1].transfers), (2, 1));
+        // A rewind to version 1 forgets the transfers of the versions after it.
+        ledger.rewind("w", 1, "test").await.unwrap();
+        ledger.flush().await.unwrap();
+        let sync = ledger.weight_sync("w").await.unwrap();
+        assert_eq!(
+            sync.iter().map(|s| s.policy_version).collect::<Vec<_>>(),
+            [1]
+        );
         ledger.close().await.unwrap();
     }
 

@@ -244,8 +244,19 @@ pub async fn receive_within(
     stream: &mut tonic::Streaming<WeightChunk>,
     chunk_deadline: Option<std::time::Duration>,
 ) -> Result<(u64, BTreeMap<String, HostTensor>), ReceiveError> {
+    receive_with_progress(stream, chunk_deadline, |_, _| {}).await
+}
+
+/// [`receive_within`], calling `progress(version, bytes received so far)` after each chunk
+/// (for a progress bar).
+pub async fn receive_with_progress(
+    stream: &mut tonic::Streaming<WeightChunk>,
+    chunk_deadline: Option<std::time::Duration>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(u64, BTreeMap<String, HostTensor>), ReceiveError> {
     let mut assembler = WeightAssembler::new();
     let mut chunks = 0;
+    let mut received = 0u64;
     loop {
         let next = match chunk_deadline.filter(|_| chunks > 0) {
             None => stream.message().await,
@@ -257,6 +268,8 @@ pub async fn receive_within(
             break;
         };
         chunks += 1;
+        received += chunk.data.len() as u64;
+        progress(chunk.policy_version, received);
         if assembler
             .push(&chunk)
             .map_err(|source| ReceiveError::Assemble {

@@ -10,7 +10,7 @@ use chorus_model::NemotronHConfig;
 use chorus_model::engine::{Engine, EngineOptions};
 use chorus_proto::v1::StreamWeightsRequest;
 use chorus_proto::v1::learner_client::LearnerClient;
-use chorus_proto::weights::{ReceiveError, receive_within};
+use chorus_proto::weights::{ReceiveError, receive_with_progress};
 use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
@@ -168,6 +168,9 @@ where
     Ok((version, engine))
 }
 
+/// Bytes between two progress events of a weight transfer.
+const PROGRESS_EVERY: u64 = 4 << 20;
+
 /// Fetches policy version `at_least` or newer (exactly `at_least` when `exact`) and returns its
 /// tensors by their HF names, verified against the stream's checksum.
 pub async fn fetch_tensors<T>(
@@ -204,8 +207,22 @@ where
             .await
             .map_err(|e| fail(at_least, FetchErrorKind::Request(e)))?
             .into_inner();
-        let (version, tensors) = receive_within(&mut stream, Some(chunk_deadline))
-            .await
+        // Progress events for a terminal's transfer bar (`chorus serve worker`), one per
+        // PROGRESS_EVERY bytes; the CLI's bars read the `chorus_progress` target.
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let (reported, total) = (AtomicU64::new(0), AtomicU64::new(0));
+        let progress = |version: u64, bytes: u64| {
+            total.store(bytes, Relaxed);
+            if bytes >= reported.load(Relaxed) + PROGRESS_EVERY {
+                reported.store(bytes, Relaxed);
+                tracing::trace!(target: "chorus_progress::weights", worker_id = %worker_id, policy_version = version, received_bytes = bytes, "receiving weights");
+            }
+        };
+        let received = receive_with_progress(&mut stream, Some(chunk_deadline), progress).await;
+        if let Ok((version, _)) = &received {
+            tracing::trace!(target: "chorus_progress::weights", worker_id = %worker_id, policy_version = *version, received_bytes = total.load(Relaxed), done = true, "weights received");
+        }
+        let (version, tensors) = received
             .map_err(|e| match e {
                 ReceiveError::Stream(status) => fail(at_least, FetchErrorKind::Stream(status)),
                 stalled @ ReceiveError::Stalled { .. } => {

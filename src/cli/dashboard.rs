@@ -190,6 +190,22 @@ pub(super) async fn curves_json(
         .into_iter()
         .map(|s| json!([s.lag, s.trajectories]))
         .collect();
+    // Per version: mean transfer seconds, the slowest, and the span to the last worker.
+    let weight_sync: Vec<Value> = ledger
+        .weight_sync(&id)
+        .await?
+        .into_iter()
+        .map(|w| {
+            json!([
+                w.policy_version,
+                w.mean_seconds,
+                w.max_seconds,
+                w.seconds_to_last_worker,
+                w.transfers,
+                w.bytes
+            ])
+        })
+        .collect();
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let mut rollouts = 0;
     for f in ledger.faults_by_environment(&id).await? {
@@ -235,6 +251,7 @@ pub(super) async fn curves_json(
     Ok(json!({
         "run": id, "steps": step_rows, "reward": by_env, "accuracy": accuracy,
         "lag": lags, "faults": faults, "versions": published, "rollouts": rollouts,
+        "weight_sync": weight_sync,
         "scored": scored,
     }))
 }

@@ -27,6 +27,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The target of events only the progress bars read (e.g. bytes of a weight transfer).
+pub const PROGRESS_TARGET: &str = "chorus_progress";
+
 /// The filter when `RUST_LOG` is unset.
 const DEFAULT_FILTER: &str = "warn,chorus=info,chorus_runtime=info,chorus_orchestrator=info,\
 chorus_learner=info,chorus_rollout_worker=info,chorus_environments=info,chorus_model=info,\
@@ -34,25 +37,29 @@ chorus_kernels=info,chorus_proto=info";
 
 /// Installs the process's subscriber. Fails on a malformed `RUST_LOG`, naming it.
 pub fn init(format: LogFormat) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec).map_err(|e| {
-            anyhow::anyhow!("RUST_LOG=`{spec}` is not a valid filter ({e}); e.g. RUST_LOG=debug or RUST_LOG=chorus_orchestrator=debug")
-        })?,
-        _ => EnvFilter::new(DEFAULT_FILTER),
-    };
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_FILTER.to_string());
+    let filter = EnvFilter::try_new(&spec).map_err(|e| {
+        anyhow::anyhow!("RUST_LOG=`{spec}` is not a valid filter ({e}); e.g. RUST_LOG=debug or RUST_LOG=chorus_orchestrator=debug")
+    })?;
     if format == LogFormat::Text && super::progress::interactive() {
-        // On a terminal: stage bars, with log lines printed above them.
+        // On a terminal: progress bars, with log lines printed above them. The bars also read
+        // the `chorus_progress` events (weight transfers), which the log lines leave out.
+        use tracing_subscriber::Layer;
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
+        let bars = EnvFilter::try_new(format!("{spec},{PROGRESS_TARGET}=trace"))?;
         let _ = tracing_subscriber::registry()
-            .with(filter)
             .with(
                 tracing_subscriber::fmt::layer()
                     .event_format(Human)
                     .with_ansi(true)
-                    .with_writer(super::progress::AboveBars),
+                    .with_writer(super::progress::AboveBars)
+                    .with_filter(filter),
             )
-            .with(super::progress::StageBars)
+            .with(super::progress::StageBars.with_filter(bars))
             .try_init();
         return Ok(());
     }

@@ -148,8 +148,8 @@ fn curves_of(data: &Value) -> Vec<Curve> {
     let mut out = vec![
         Curve {
             key: "reward".into(),
-            title: "mean reward of trained rollouts".into(),
-            x_label: "learner step",
+            title: "mean reward of scored rollouts".into(),
+            x_label: "learner step (dispatched at)",
             series: by_env("reward"),
             bars: false,
         },
@@ -190,6 +190,24 @@ fn curves_of(data: &Value) -> Vec<Curve> {
             bars: false,
         });
     }
+    let sync = |column: usize| -> Vec<(f64, f64)> {
+        data["weight_sync"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| Some((w[0].as_f64()?, w[column].as_f64()?)))
+            .collect()
+    };
+    out.push(Curve {
+        key: "weight_sync".into(),
+        title: "weight sync seconds".into(),
+        x_label: "policy version",
+        series: vec![
+            ("mean transfer".into(), sync(1)),
+            ("to the last worker".into(), sync(3)),
+        ],
+        bars: false,
+    });
     out.push(Curve {
         key: "lag".into(),
         title: "staleness of trained rollouts (count)".into(),

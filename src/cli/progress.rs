@@ -2,8 +2,9 @@
 //!
 //! When standard error is a terminal and logs are text, a `chorus run` stage shows a bar of its
 //! steps (its start event carries `steps`; each learner step's event carries `step`, `loss` and
-//! `reward`), and log lines print above it. Commands with their own loops (quantize) take a
-//! [`bar`] directly.
+//! `reward`), a rollout worker serving on its own (`chorus serve worker`) shows the bytes of each
+//! weight transfer (events of the `chorus_progress` target), and log lines print above them.
+//! Commands with their own loops (quantize, env score) take a [`bar`] directly.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,6 +15,8 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
+
+use super::logging::PROGRESS_TARGET;
 
 /// Whether bars are drawn: standard error is a terminal.
 pub fn interactive() -> bool {
@@ -37,11 +40,27 @@ pub fn bar(len: u64, prefix: &str, unit: &str) -> Option<ProgressBar> {
     })
 }
 
-/// The stage bar of `chorus run`, with the global step its stage started after.
+/// The stage bar of `chorus run`, with the global step its stage started after, and the bar of
+/// the weight transfer under way (drawn only where no stage bar is: `chorus serve worker`).
 #[derive(Default)]
 struct StageBar {
     bar: Option<ProgressBar>,
     first_step: Option<u64>,
+    transfer: Option<(u64, ProgressBar)>,
+}
+
+/// A bar of bytes without a known total (a weight stream's size comes with its end).
+fn transfer_bar(version: u64) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {spinner} {bytes} {binary_bytes_per_sec} {elapsed_precise} {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_prefix(format!("weights v{version}"));
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
 }
 
 fn current() -> &'static Arc<Mutex<StageBar>> {
@@ -73,9 +92,9 @@ impl Drop for LineWriter {
             let _ = std::io::stderr().lock().write_all(&text);
         };
         let state = current().lock().unwrap_or_else(|p| p.into_inner());
-        match &state.bar {
-            Some(bar) => bar.suspend(print),
-            None => print(),
+        match (&state.bar, &state.transfer) {
+            (Some(bar), _) | (None, Some((_, bar))) => bar.suspend(print),
+            (None, None) => print(),
         }
     }
 }
@@ -93,6 +112,9 @@ pub struct StageBars;
 #[derive(Default)]
 struct Numbers {
     message: String,
+    policy_version: Option<u64>,
+    received_bytes: Option<u64>,
+    done: bool,
     steps: Option<u64>,
     prompts_per_step: Option<u64>,
     step: Option<u64>,
@@ -107,6 +129,8 @@ impl Visit for Numbers {
             "steps" => self.steps = Some(value),
             "prompts_per_step" => self.prompts_per_step = Some(value),
             "step" => self.step = Some(value),
+            "policy_version" => self.policy_version = Some(value),
+            "received_bytes" => self.received_bytes = Some(value),
             _ => {}
         }
     }
@@ -118,8 +142,10 @@ impl Visit for Numbers {
         }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if field.name() == "supervised" {
-            self.supervised = Some(value);
+        match field.name() {
+            "supervised" => self.supervised = Some(value),
+            "done" => self.done = value,
+            _ => {}
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
@@ -134,15 +160,42 @@ impl<S: Subscriber> Layer<S> for StageBars {
         let mut n = Numbers::default();
         event.record(&mut n);
         let mut state = current().lock().unwrap_or_else(|p| p.into_inner());
+        if event.metadata().target().starts_with(PROGRESS_TARGET) {
+            let (Some(version), Some(bytes)) = (n.policy_version, n.received_bytes) else {
+                return;
+            };
+            // Inside `chorus run` transfers are local and quick: the stage bar is what to watch.
+            if state.bar.is_some() {
+                return;
+            }
+            if state.transfer.as_ref().is_none_or(|(v, _)| *v != version) {
+                if let Some((_, old)) = state.transfer.take() {
+                    old.finish_and_clear();
+                }
+                state.transfer = Some((version, transfer_bar(version)));
+            }
+            if let Some((_, bar)) = &state.transfer {
+                bar.set_position(bytes);
+                if n.done {
+                    bar.finish_with_message("received");
+                    state.transfer = None;
+                }
+            }
+            return;
+        }
         if let (Some(steps), Some(_)) = (n.steps, n.prompts_per_step) {
             // A stage starts: "stage NAME (KIND): …".
             if let Some(old) = state.bar.take() {
                 old.finish_and_clear();
             }
             let name = n.message.split(':').next().unwrap_or("stage").to_string();
+            if let Some((_, transfer)) = state.transfer.take() {
+                transfer.finish_and_clear();
+            }
             *state = StageBar {
                 bar: bar(steps, &name, "steps"),
                 first_step: None,
+                transfer: None,
             };
         } else if let (Some(step), Some(loss)) = (n.step, n.loss) {
             let first = *state.first_step.get_or_insert(step.saturating_sub(1));

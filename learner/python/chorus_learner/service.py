@@ -94,6 +94,8 @@ class LearnerState:
         self.recent = []
         self.history = []
         self.seen = set()
+        # Weight transfers served since the last step report, which carries them on.
+        self.transfers = []
         self.work = queue.Queue()
         self._publish()
         threading.Thread(target=self._train, name="chorus-learner", daemon=True).start()
@@ -206,6 +208,9 @@ class LearnerState:
                 mean_abs_logprob_diff=report.mean_abs_logprob_diff, supervised=supervised,
                 weights_sha256=published.chunks[-1].sha256 if published.chunks else b"",
                 weights_bytes=sum(len(c.data) for c in published.chunks))
+            with self.cond:
+                msg.transfers.extend(self.transfers)
+                self.transfers = []
             if self.checkpoint_every and report.version % self.checkpoint_every == 0:
                 self._save("every")
             with self.cond:
@@ -243,8 +248,17 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                           f"policy version {request.policy_version} is no longer kept (the "
                           f"learner keeps its newest {self.state.keep}); it is at version "
                           f"{self.state.newest().version}")
+        # Timed as Chorus' learner times it: from the version being available to the last
+        # chunk handed to the transport; a transfer cut off before is not recorded.
+        started, sent = time.monotonic(), 0
         for c in p.chunks[request.start_chunk:]:
+            sent += len(c.data)
             yield c
+        done = learner_pb2.WeightTransfer(
+            requester_id=request.requester_id, policy_version=p.version, bytes=sent,
+            seconds=time.monotonic() - started, finished_at_ms=int(time.time() * 1000))
+        with self.state.cond:
+            self.state.transfers.append(done)
 
     def StreamSteps(self, request, context):
         context.send_initial_metadata(())

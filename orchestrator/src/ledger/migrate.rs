@@ -47,6 +47,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "views",
         include_str!("../../migrations/sqlite/0007_views.sql"),
     ),
+    (
+        8,
+        "weight_transfers",
+        include_str!("../../migrations/sqlite/0008_weight_transfers.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -85,6 +90,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         7,
         "views",
         include_str!("../../migrations/postgres/0007_views.sql"),
+    ),
+    (
+        8,
+        "weight_transfers",
+        include_str!("../../migrations/postgres/0008_weight_transfers.sql"),
     ),
 ];
 

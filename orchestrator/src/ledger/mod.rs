@@ -100,10 +100,11 @@ use tokio::task::JoinHandle;
 pub use audit::{AuditCheck, AuditReport};
 pub use error::LedgerError;
 pub use types::{
-    Evaluation, EventRecord, LaunchEval, LearnerStep, LearnerStepRecord, NewPrompt, NewRun,
-    NewStage, NewTrajectory, PolicyVersion, PolicyVersionRecord, PromptRecord, PromptState,
-    RolloutFilter, RolloutSummary, RunOutputs, RunRecord, RunStatus, Split, StageEnd, StageRecord,
-    StageStatus, Timings, TrajectoryCounts, TrajectoryRecord, TrajectoryStatus,
+    EnvironmentFaults, Evaluation, EventRecord, LaunchEval, LearnerStep, LearnerStepRecord,
+    NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion, PolicyVersionRecord, PromptRecord,
+    PromptState, RewardByStep, RolloutFilter, RolloutSummary, RunOutputs, RunRecord, RunStatus,
+    Split, StageEnd, StageRecord, StageStatus, StalenessCount, Timings, TrajectoryCounts,
+    TrajectoryRecord, TrajectoryStatus, WeightSync, WeightTransfer,
 };
 
 use sql::Pools;
@@ -480,6 +481,17 @@ impl Ledger {
             at_ms: now_ms(),
         })
         .await
+    }
+
+    /// Records weight transfers the learner served (rows of `weight_transfers`).
+    pub async fn record_weight_transfers(
+        &self,
+        transfers: Vec<WeightTransfer>,
+    ) -> Result<(), LedgerError> {
+        if transfers.is_empty() {
+            return Ok(());
+        }
+        self.enqueue(WriteOp::WeightTransfers { transfers }).await
     }
 
     /// Rewinds run `run_id` to policy `version`, for a run resumed from a learner checkpoint

@@ -696,6 +696,28 @@ impl Ledger {
         .await
     }
 
+    /// How each of a run's policy versions reached the workers (the `weight_sync` view), by
+    /// version.
+    pub async fn weight_sync(&self, run_id: &str) -> Result<Vec<WeightSync>, LedgerError> {
+        let stmt = Stmt::new(
+            "SELECT run_id, policy_version, transfers, bytes, mean_seconds, max_seconds, \
+             seconds_to_last_worker FROM weight_sync WHERE run_id = $1 ORDER BY policy_version",
+        )
+        .bind(run_id);
+        self.fetch("weight_sync", stmt, |row| {
+            let r = Reader::new(row, "weight_sync", "run_id")?;
+            Ok(WeightSync {
+                policy_version: r.u64("policy_version")?,
+                transfers: r.u64("transfers")?,
+                bytes: r.u64("bytes")?,
+                mean_seconds: r.real("mean_seconds")?,
+                max_seconds: r.real("max_seconds")?,
+                seconds_to_last_worker: r.real("seconds_to_last_worker")?,
+            })
+        })
+        .await
+    }
+
     /// A run's held-out evaluations, by policy version, then environment and difficulty: its
     /// learning curve.
     pub async fn list_evaluations(&self, run_id: &str) -> Result<Vec<Evaluation>, LedgerError> {

@@ -586,6 +586,40 @@ pub struct PolicyVersion {
     pub num_bytes: u64,
 }
 
+/// A weight transfer the learner served (a row of `weight_transfers`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightTransfer {
+    /// Run.
+    pub run_id: String,
+    /// Who fetched (a worker's id).
+    pub requester_id: String,
+    /// The version sent.
+    pub policy_version: u64,
+    /// Bytes of tensor data.
+    pub num_bytes: u64,
+    /// Seconds from the version being available to the last chunk handed to the transport.
+    pub seconds: f64,
+    /// When the last chunk went out (ms since the Unix epoch).
+    pub finished_at_ms: i64,
+}
+
+/// One row of the `weight_sync` view: how a policy version reached the workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightSync {
+    /// The version.
+    pub policy_version: u64,
+    /// Transfers of it.
+    pub transfers: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Their mean seconds.
+    pub mean_seconds: f64,
+    /// The slowest one's seconds.
+    pub max_seconds: f64,
+    /// From the first transfer's start to the last one's end.
+    pub seconds_to_last_worker: f64,
+}
+
 /// A row of `policy_versions`, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyVersionRecord {

@@ -21,7 +21,7 @@ use super::error::LedgerError;
 use super::sql::{Pools, Stmt, placeholders};
 use super::types::{
     Evaluation, LaunchEval, LearnerStep, NewPrompt, NewRun, NewStage, NewTrajectory, PolicyVersion,
-    RunOutputs, RunStatus, StageEnd, finish_reason_str,
+    RunOutputs, RunStatus, StageEnd, WeightTransfer, finish_reason_str,
 };
 use super::{codec, to_i64};
 use crate::metrics as names;
@@ -84,6 +84,9 @@ pub(crate) enum WriteOp {
     PolicyVersion {
         version: PolicyVersion,
         at_ms: i64,
+    },
+    WeightTransfers {
+        transfers: Vec<WeightTransfer>,
     },
     Event {
         run_id: String,
@@ -178,6 +181,9 @@ impl WriteOp {
                 "record_policy_version({}, version {})",
                 version.run_id, version.version
             ),
+            WriteOp::WeightTransfers { transfers } => {
+                format!("record_weight_transfers({} rows)", transfers.len())
+            }
             WriteOp::Event { run_id, kind, .. } => format!("record_event({run_id}, {kind})"),
             WriteOp::Rewind {
                 run_id, version, ..
@@ -347,6 +353,21 @@ impl WriteOp {
                 .bind(to_i64("num_bytes", version.num_bytes)?)
                 .bind(*at_ms),
             ],
+            WriteOp::WeightTransfers { transfers } => transfers
+                .iter()
+                .map(|t| {
+                    Ok(Stmt::new(
+                        "INSERT INTO weight_transfers (run_id, requester_id, policy_version, \
+                         num_bytes, seconds, finished_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(t.run_id.as_str())
+                    .bind(t.requester_id.as_str())
+                    .bind(to_i64("policy_version", t.policy_version)?)
+                    .bind(to_i64("num_bytes", t.num_bytes)?)
+                    .bind(t.seconds)
+                    .bind(t.finished_at_ms))
+                })
+                .collect::<Result<_, LedgerError>>()?,
             WriteOp::Evaluation { evaluation: e, at_ms } => vec![
                 Stmt::new(
                     "INSERT INTO evaluations (run_id, policy_version, environment, difficulty, \
@@ -443,6 +464,11 @@ impl WriteOp {
                     Stmt::new("DELETE FROM policy_versions WHERE run_id = $1 AND version > $2")
                         .bind(run_id.as_str())
                         .bind(v),
+                    Stmt::new(
+                        "DELETE FROM weight_transfers WHERE run_id = $1 AND policy_version > $2",
+                    )
+                    .bind(run_id.as_str())
+                    .bind(v),
                     Stmt::new(
                         "UPDATE runs SET status = 'running', finished_at_ms = NULL WHERE id = $1",
                     )
@@ -748,11 +774,13 @@ pub(crate) fn transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: connection exceptions (08...), shutdown and recovery (57P01-57P03),
-            // too many connections (53300). SQLite: busy (5) and locked (6).
+            // too many connections (53300), disk full (53100). SQLite: busy (5), locked (6)
+            // and disk full (13). A full disk is an operator's to fix, and a run that waits
+            // for the space loses nothing; one that gives up loses its unwritten rows.
             code.starts_with("08")
                 || matches!(
                     code.as_ref(),
-                    "57P01" | "57P02" | "57P03" | "53300" | "5" | "6"
+                    "57P01" | "57P02" | "57P03" | "53300" | "53100" | "5" | "6" | "13"
                 )
         }
         _ => false,

@@ -89,7 +89,7 @@ function renderRun() {
 
 // Each chart: a title, and how to read its series out of one run's curves.
 const CHARTS = [
-  ["reward", "mean reward (trained rollouts)", (c) => Object.entries(c.reward).map(([env, pts]) => [env, pts])],
+  ["reward", "mean reward (scored rollouts, by the step their prompts were dispatched at)", (c) => Object.entries(c.reward).map(([env, pts]) => [env, pts])],
   ["accuracy", "held-out accuracy (by version)", (c) => Object.entries(c.accuracy).map(([env, pts]) => [env, pts.map((p) => [p[0], p[1]])])],
   ...["loss", "kl", "entropy", "grad_norm", "learning_rate", "clip_fraction", "mismatch",
     "trajectories_per_second", "tokens_per_second"].map((k) => [k, {
@@ -98,6 +98,9 @@ const CHARTS = [
       mismatch: "sampling mismatch |log π_learner − log π_worker|",
       trajectories_per_second: "trajectories / s", tokens_per_second: "trained tokens / s",
     }[k], (c) => [[k, c.steps.filter((s) => s[k] !== null && s[k] !== undefined).map((s) => [s.step, s[k]])]]]),
+  ["weight_sync", "weight sync seconds (by version)", (c) => [
+    ["mean transfer", c.weight_sync.map((w) => [w[0], w[1]])],
+    ["to the last worker", c.weight_sync.map((w) => [w[0], w[3]])]]],
   ["lag", "staleness of trained rollouts (versions behind; count)", (c) => [["rollouts", c.lag]]],
   ["faults", "failed rollouts per environment", (c) => [["failed", Object.values(c.faults).map((v, i) => [i, v])]]],
 ];

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use chorus_proto::limits::{MAX_GROUP_SIZE, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STEP_GROUPS};
 use chorus_proto::v1::learner_server::Learner;
 use chorus_proto::v1::{
     RejectedGroup, StepReport as StepReportMsg, StreamStepsRequest, StreamWeightsRequest,
@@ -131,6 +132,8 @@ pub struct LearnerHandle {
     /// The newest `keep_versions` published versions, oldest first.
     recent: Arc<Mutex<VecDeque<Arc<Published>>>>,
     keep: usize,
+    /// The policy's vocabulary size: token ids of submitted groups are below it.
+    vocab: usize,
 }
 
 /// Remembers `p` among the newest `keep` versions.
@@ -173,6 +176,7 @@ pub fn group_sft(g: &TrajectoryGroup) -> Result<Vec<SftSequence>, String> {
     if g.trajectories.is_empty() {
         return Err("the group has no trajectories".into());
     }
+    check_sizes(g)?;
     g.trajectories
         .iter()
         .map(|t| {
@@ -226,6 +230,7 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
     if g.trajectories.is_empty() {
         return Err("the group has no trajectories".into());
     }
+    check_sizes(g)?;
     g.trajectories
         .iter()
         .map(|t| {
@@ -250,6 +255,12 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
                     t.trajectory_id
                 ));
             }
+            if let Some(i) = t.logprobs.iter().position(|lp| !lp.is_finite()) {
+                return Err(format!(
+                    "trajectory {}: logprobs[{i}] is {}; allowed: finite log-probabilities",
+                    t.trajectory_id, t.logprobs[i]
+                ));
+            }
             Ok(RlSequence {
                 tokens: t
                     .prompt_token_ids
@@ -266,6 +277,66 @@ pub fn group_sequences(g: &TrajectoryGroup) -> Result<Vec<RlSequence>, String> {
             })
         })
         .collect()
+}
+
+/// Checks the counts of a group against the limits of `chorus_proto::limits` and its settings
+/// (before anything is copied out of it), naming the field that is out of bounds.
+fn check_sizes(g: &TrajectoryGroup) -> Result<(), String> {
+    if g.trajectories.len() > MAX_GROUP_SIZE {
+        return Err(format!(
+            "trajectories: {} in one group; allowed: at most {MAX_GROUP_SIZE}",
+            g.trajectories.len()
+        ));
+    }
+    if g.step_groups as usize > MAX_STEP_GROUPS {
+        return Err(format!(
+            "step_groups is {}; allowed: at most {MAX_STEP_GROUPS} (0: the learner's own)",
+            g.step_groups
+        ));
+    }
+    if !(g.learning_rate.is_finite() && g.learning_rate >= 0.0) {
+        return Err(format!(
+            "learning_rate is {}; allowed: a finite rate > 0 (0: the learner's own schedule)",
+            g.learning_rate
+        ));
+    }
+    for t in &g.trajectories {
+        let (p, c) = (t.prompt_token_ids.len(), t.completion_token_ids.len());
+        if p > MAX_PROMPT_TOKENS {
+            return Err(format!(
+                "trajectory {}: prompt_token_ids has {p} tokens; allowed: at most \
+                 {MAX_PROMPT_TOKENS}",
+                t.trajectory_id
+            ));
+        }
+        if c > MAX_NEW_TOKENS {
+            return Err(format!(
+                "trajectory {}: completion_token_ids has {c} tokens; allowed: at most \
+                 {MAX_NEW_TOKENS}",
+                t.trajectory_id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every token id of the group is in the policy's vocabulary of `vocab` tokens.
+fn check_vocabulary(g: &TrajectoryGroup, vocab: usize) -> Result<(), String> {
+    for t in &g.trajectories {
+        for (field, ids) in [
+            ("prompt_token_ids", &t.prompt_token_ids),
+            ("completion_token_ids", &t.completion_token_ids),
+        ] {
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(format!(
+                    "trajectory {}: {field}: token id {bad} is outside the vocabulary (size \
+                     {vocab})",
+                    t.trajectory_id
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The objective a scored group names, or `None` for the learner's own.
@@ -308,6 +379,7 @@ fn report_msg(
 /// version.
 pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> LearnerHandle {
     let (work_tx, work_rx) = std::sync::mpsc::channel::<TrajectoryGroup>();
+    let vocab = trainer.model_config().vocab_size;
     let first = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
     let recent = Arc::new(Mutex::new(VecDeque::new()));
     remember(&recent, first.clone(), cfg.keep_versions);
@@ -489,6 +561,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         transfers,
         recent,
         keep: cfg_keep,
+        vocab,
     }
 }
 
@@ -519,14 +592,15 @@ impl LearnerHandle {
     /// nothing to the step, and a step of empty groups only is skipped.
     pub fn submit(&self, g: TrajectoryGroup) -> Result<(), SubmitError> {
         let checked = if g.trajectories.is_empty() {
-            group_objective(&g).map(drop)
+            check_sizes(&g).and_then(|()| group_objective(&g).map(drop))
         } else if g.supervised {
             group_sft(&g).map(drop)
         } else {
             group_sequences(&g)
                 .and_then(|_| group_objective(&g))
                 .map(drop)
-        };
+        }
+        .and_then(|()| check_vocabulary(&g, self.vocab));
         if let Err(reason) = checked {
             return Err(SubmitError::Invalid {
                 run_id: g.run_id,
@@ -716,6 +790,13 @@ impl Learner for LearnerService {
             self.handle.wait_for(req.policy_version).await
         };
         let start = req.start_chunk as usize;
+        if start > published.chunks.len() {
+            return Err(Status::out_of_range(format!(
+                "start_chunk is {start}; version {} has {} chunks",
+                published.version,
+                published.chunks.len()
+            )));
+        }
         let chunks: Vec<Result<WeightChunk, Status>> = published
             .chunks
             .iter()

@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`; and new random weights from a config and a seed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -14,15 +14,31 @@ use crate::params::Params;
 use crate::tokenizer::Tokenizer;
 
 /// Adds a tensor by name and shape, its elements from a function of the flat index.
-type AddTensor<'a> = dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32) + 'a;
+/// Returns whether the model is still within [`MAX_INIT_PARAMETERS`] (a loop over experts
+/// stops when it is not).
+type AddTensor<'a> = dyn FnMut(String, Vec<usize>, &mut dyn FnMut(usize) -> f32) -> bool + 'a;
 
 pub use crate::layout::{
     CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
     WEIGHTS_FILE,
 };
 
+/// Most tensors one checkpoint may hold, all shards together (Nemotron 3 Super, NVFP4 with its
+/// scales, holds about 200,000). A checkpoint with more is refused before its tensors are read.
+pub const MAX_TENSORS: usize = 1 << 20;
+
+/// Most parameters [`init_params`] creates: a `config.json` whose sizes ask for more (or whose
+/// shapes overflow) is refused before anything is allocated. Tensors read from a file are
+/// bounded by the file itself (safetensors checks that each shape times its dtype's size is
+/// its byte range, without overflow).
+pub const MAX_INIT_PARAMETERS: usize = 1 << 37;
+
+/// The largest safetensors header (the format's own cap).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 /// The safetensors files of a checkpoint directory (single file or shards listed by the index),
-/// or `path` itself when it is one file.
+/// or `path` itself when it is one file. Shards listed by the index must be regular files inside
+/// the directory: an index naming `/dev/zero` or `../elsewhere` is refused.
 fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(if path.is_file() {
         vec![path.to_path_buf()]
@@ -42,13 +58,33 @@ fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
                 path: index_path.clone(),
                 message: "no `weight_map` object".into(),
             })?;
-        let mut shards: Vec<PathBuf> = map
-            .values()
-            .filter_map(|v| v.as_str())
-            .map(|s| path.join(s))
-            .collect();
+        let mut shards = vec![];
+        for (tensor, v) in map {
+            let bad = |message: String| ModelError::BadFile {
+                path: index_path.clone(),
+                message: format!("weight_map: `{tensor}`: {message}"),
+            };
+            let shard = v
+                .as_str()
+                .ok_or_else(|| bad(format!("{v} is not a shard's file name")))?;
+            let inside = Path::new(shard)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            if !inside || shard.is_empty() {
+                return Err(bad(format!(
+                    "shard `{shard}` is not a file inside the checkpoint directory"
+                )));
+            }
+            shards.push(path.join(shard));
+        }
         shards.sort();
         shards.dedup();
+        if shards.is_empty() {
+            return Err(ModelError::BadFile {
+                path: index_path,
+                message: "weight_map lists no shard".into(),
+            });
+        }
         shards
     } else if path.join(WEIGHTS_FILE).is_file() {
         vec![path.join(WEIGHTS_FILE)]
@@ -69,13 +105,14 @@ pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
             path: f.clone(),
             message,
         };
+        regular_file(&f)?;
         let mut file = std::fs::File::open(&f).map_err(|e| ModelError::io(&f, e))?;
         let mut len = [0u8; 8];
         file.read_exact(&mut len)
             .map_err(|e| ModelError::io(&f, e))?;
         let len = u64::from_le_bytes(len);
         // The format caps its header at 100 MB.
-        if len > 100_000_000 {
+        if len > MAX_HEADER_BYTES {
             return Err(bad(format!("a safetensors header of {len} bytes")));
         }
         let mut header = vec![0u8; len as usize];
@@ -89,8 +126,33 @@ pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
                 .map(|(k, _)| k)
                 .filter(|k| k != "__metadata__"),
         );
+        if names.len() > MAX_TENSORS {
+            return Err(too_many(&f, names.len()));
+        }
     }
     Ok(names)
+}
+
+/// Refuses a path that is not a regular file (a device, a FIFO, a directory) before it is read.
+fn regular_file(f: &Path) -> Result<()> {
+    let meta = std::fs::metadata(f).map_err(|e| ModelError::io(f, e))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(ModelError::BadFile {
+            path: f.to_path_buf(),
+            message: "not a regular file".into(),
+        })
+    }
+}
+
+fn too_many(f: &Path, n: usize) -> ModelError {
+    ModelError::BadFile {
+        path: f.to_path_buf(),
+        message: format!(
+            "the checkpoint holds {n} tensors with this file; allowed: at most {MAX_TENSORS}"
+        ),
+    }
 }
 
 /// `config.json` of checkpoint `dir`, as the weights beside it allow. transformers'
@@ -116,7 +178,9 @@ pub fn load_config(dir: &Path) -> Result<NemotronHConfig> {
 /// `.safetensors` file, converted to f32 on `device`.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
+    let mut count = 0usize;
     for f in weight_files(path)? {
+        regular_file(&f)?;
         let bytes = std::fs::read(&f).map_err(|e| ModelError::io(&f, e))?;
         let names = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| ModelError::BadFile {
@@ -124,6 +188,10 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
                 message: e.to_string(),
             })?
             .1;
+        count += names.tensors().len();
+        if count > MAX_TENSORS {
+            return Err(too_many(&f, count));
+        }
         if names
             .tensors()
             .keys()
@@ -298,10 +366,30 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
     let d = cfg.hidden_size;
     let out_scale = 1.0 / (cfg.layers.len() as f32).sqrt();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
+    // Parameters so far; past MAX_INIT_PARAMETERS (or on an overflow) nothing more is
+    // allocated and the first tensor that went past is the error.
+    let mut total = 0usize;
+    let mut too_big: Option<String> = None;
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(usize) -> f32| {
-        let n: usize = shape.iter().product();
-        let v = (0..n).map(&mut *f).collect();
-        tensors.push((name, shape, v));
+        if too_big.is_some() {
+            return false;
+        }
+        let n = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        match n.and_then(|n| Some((n, total.checked_add(n)?))) {
+            Some((n, t)) if t <= MAX_INIT_PARAMETERS => {
+                total = t;
+                let v = (0..n).map(&mut *f).collect();
+                tensors.push((name, shape, v));
+                true
+            }
+            _ => {
+                too_big = Some(format!(
+                    "`{name}` of shape {shape:?} takes the model past {MAX_INIT_PARAMETERS} \
+                     parameters; allowed: at most {MAX_INIT_PARAMETERS}"
+                ));
+                false
+            }
+        }
     };
     let block = |prefix: &str, kind: BlockKind, add: &mut AddTensor<'_>, rng: &mut StdRng| {
         add(format!("{prefix}.norm.weight"), vec![d], &mut |_| 1.0);
@@ -350,13 +438,13 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
                 ] {
                     add(
                         format!("{mx}.{n}.weight"),
-                        vec![rows * a.head_dim, d],
+                        vec![rows.saturating_mul(a.head_dim), d],
                         &mut |_| normal(rng) * std,
                     );
                 }
                 add(
                     format!("{mx}.o_proj.weight"),
-                    vec![d, a.num_heads * a.head_dim],
+                    vec![d, a.num_heads.saturating_mul(a.head_dim)],
                     &mut |_| normal(rng) * std * out_scale,
                 );
             }
@@ -374,16 +462,19 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
                     &mut |_| 0.0,
                 );
                 for e in 0..m.num_experts {
-                    add(
+                    let up = add(
                         format!("{mx}.experts.{e}.up_proj.weight"),
                         vec![m.expert_dim, width],
                         &mut |_| normal(rng) * std,
                     );
-                    add(
+                    let down = add(
                         format!("{mx}.experts.{e}.down_proj.weight"),
                         vec![width, m.expert_dim],
                         &mut |_| normal(rng) * std * out_scale,
                     );
+                    if !(up && down) {
+                        break;
+                    }
                 }
                 add(
                     format!("{mx}.shared_experts.up_proj.weight"),
@@ -439,12 +530,17 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
         for n in ["enorm", "hnorm", "norm_f"] {
             add(format!("mtp.{n}.weight"), vec![d], &mut |_| 1.0);
         }
-        add("mtp.eh_proj.weight".into(), vec![d, 2 * d], &mut |_| {
-            normal(&mut rng) * std
-        });
+        add(
+            "mtp.eh_proj.weight".into(),
+            vec![d, d.saturating_mul(2)],
+            &mut |_| normal(&mut rng) * std,
+        );
         for (i, &k) in cfg.mtp_layers.iter().enumerate() {
             block(&format!("mtp.layers.{i}"), k, &mut add, &mut rng);
         }
+    }
+    if let Some(message) = too_big {
+        return Err(ModelError::Input(message));
     }
     let mut params = Params::new(device.clone());
     for (name, shape, v) in tensors {

@@ -144,3 +144,143 @@ proptest! {
         }
     }
 }
+
+/// A valid one-tensor safetensors file.
+fn small_file() -> Vec<u8> {
+    let text =
+        json!({"backbone.norm_f.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+            .to_string();
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend(text.as_bytes());
+    file.extend([0u8; 8]);
+    file
+}
+
+/// What an index's `weight_map` may name as a tensor's shard.
+#[derive(Clone, Debug)]
+enum Shard {
+    /// A valid shard inside the directory.
+    Inside,
+    /// A file inside that does not exist.
+    Missing,
+    /// A valid file outside the directory, reached by `..`.
+    Parent,
+    /// The same file by its absolute path.
+    Absolute,
+    /// A directory, not a file.
+    Directory,
+    /// Not a string at all.
+    NotAString(Value),
+    /// The empty name.
+    Empty,
+}
+
+fn shard() -> impl Strategy<Value = Shard> {
+    prop_oneof![
+        3 => Just(Shard::Inside),
+        1 => Just(Shard::Missing),
+        1 => Just(Shard::Parent),
+        1 => Just(Shard::Absolute),
+        1 => Just(Shard::Directory),
+        1 => prop_oneof![Just(Value::Null), Just(json!(7)), Just(json!(["a"]))].prop_map(Shard::NotAString),
+        1 => Just(Shard::Empty),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, .. ProptestConfig::default() })]
+
+    /// An index whose `weight_map` names shards outside the checkpoint directory, missing
+    /// ones, directories or non-strings is refused naming the index or the shard, and nothing
+    /// outside the directory is read.
+    #[test]
+    fn an_index_naming_shards_outside_the_directory_is_refused(shards in prop::collection::vec(shard(), 1..4)) {
+        let outer = tempfile::tempdir().unwrap();
+        let dir = outer.path().join("ckpt");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(outer.path().join("outside.safetensors"), small_file()).unwrap();
+        std::fs::write(dir.join("inside.safetensors"), small_file()).unwrap();
+        let mut map = Map::new();
+        for (i, s) in shards.iter().enumerate() {
+            let v = match s {
+                Shard::Inside => json!("inside.safetensors"),
+                Shard::Missing => json!("missing.safetensors"),
+                Shard::Parent => json!("../outside.safetensors"),
+                Shard::Absolute => json!(outer.path().join("outside.safetensors").display().to_string()),
+                Shard::Directory => json!("sub"),
+                Shard::NotAString(v) => v.clone(),
+                Shard::Empty => json!(""),
+            };
+            map.insert(format!("t{i}"), v);
+        }
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            json!({"weight_map": map}).to_string(),
+        )
+        .unwrap();
+        let all_inside = shards.iter().all(|s| matches!(s, Shard::Inside));
+        for result in [
+            tensor_names(&dir).map(drop),
+            load_tensors(&dir, &Device::Cpu).map(drop),
+        ] {
+            match result {
+                Ok(()) => prop_assert!(all_inside, "{shards:?} was read"),
+                Err(e) => {
+                    prop_assert!(!all_inside, "{e}");
+                    let message = e.to_string();
+                    prop_assert!(
+                        message.contains("model.safetensors.index.json")
+                            || message.contains("missing.safetensors")
+                            || message.contains("sub"),
+                        "{message}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A `config.json` size: tiny, or big enough that its tensors overflow or pass the limit.
+fn size() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        6 => 1u64..5,
+        1 => Just(1 << 20),
+        1 => Just(1 << 40),
+        1 => Just(u64::MAX / 3),
+        1 => Just(u64::MAX),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, .. ProptestConfig::default() })]
+
+    /// A `config.json` of any sizes is refused, or initialises a model; one whose tensors would
+    /// pass `MAX_INIT_PARAMETERS` (or overflow) is refused before anything is allocated.
+    #[test]
+    fn a_config_of_absurd_sizes_is_refused_before_allocating(
+        (vocab, hidden, heads, head_dim, inter) in (size(), size(), size(), size(), size()),
+    ) {
+        let text = json!({
+            "model_type": "nemotron_h", "vocab_size": vocab, "hidden_size": hidden,
+            "hybrid_override_pattern": "*-", "num_attention_heads": heads,
+            "num_key_value_heads": 1, "head_dim": head_dim, "intermediate_size": inter,
+        })
+        .to_string();
+        let Ok(cfg) = chorus_model::NemotronHConfig::from_json_str(&text) else {
+            return Ok(());
+        };
+        // The largest tensors: embeddings and head, the query and output projections, the MLP.
+        let product = |dims: &[u64]| dims.iter().fold(2u128, |a, &d| a.saturating_mul(d as u128));
+        let parameters = product(&[vocab, hidden])
+            .saturating_add(product(&[heads, head_dim, hidden]))
+            .saturating_add(product(&[inter, hidden]));
+        match chorus_model::checkpoint::init_params(&cfg, 0, &Device::Cpu) {
+            Ok(_) => prop_assert!(parameters < 1 << 37, "{parameters} parameters were allocated"),
+            Err(e) => {
+                let message = e.to_string();
+                prop_assert!(parameters >= chorus_model::checkpoint::MAX_INIT_PARAMETERS as u128, "{message}");
+                prop_assert!(message.contains("parameters") && message.contains('`'), "{message}");
+            }
+        }
+    }
+}

@@ -25,6 +25,11 @@ use crate::ledger::{
     LaunchEval, Ledger, NewRun, RolloutFilter, RunRecord, RunStatus, TrajectoryStatus,
 };
 
+/// The largest `eval_tasks` (held-out tasks per environment) and `eval_every` (RL steps
+/// between evaluations) a `LaunchRun` may ask for. Message sizes are in
+/// `chorus_proto::limits`.
+pub const MAX_EVAL_SETTING: u64 = 1 << 20;
+
 /// The `Orchestrator` gRPC service over a [`Fleet`] and the ledger.
 pub struct OrchestratorService {
     fleet: Arc<Fleet>,
@@ -155,6 +160,9 @@ impl Orchestrator for OrchestratorService {
                 resume_step: 0,
             }));
         }
+        if r.learner_id.is_empty() {
+            return Err(Status::invalid_argument("learner_id is empty"));
+        }
         let dir = self.fleet.serving(&r.run_id).map_err(fleet_status)?;
         dir.register_learner(r)
             .map(Response::new)
@@ -193,6 +201,15 @@ impl Orchestrator for OrchestratorService {
             return Err(Status::invalid_argument(
                 "request_id is empty; allowed: any client-chosen key, repeated on retries",
             ));
+        }
+        for (field, value) in [("eval_tasks", r.eval_tasks), ("eval_every", r.eval_every)] {
+            if let Some(v) = value
+                && v > MAX_EVAL_SETTING
+            {
+                return Err(Status::invalid_argument(format!(
+                    "{field} is {v}; allowed: at most {MAX_EVAL_SETTING}"
+                )));
+            }
         }
         let cfg = RunConfig::from_toml_str(&r.config_toml, "the launched config")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -370,6 +387,25 @@ impl Orchestrator for OrchestratorService {
             0 => 100,
             n => n.min(1000),
         };
+        if let Some(m) = r.min_reward
+            && !m.is_finite()
+        {
+            return Err(Status::invalid_argument(format!(
+                "min_reward is {m}; allowed: a finite number, or unset for every reward"
+            )));
+        }
+        if self
+            .ledger
+            .get_run(&r.run_id)
+            .await
+            .map_err(ledger_status)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "run_id: no run `{}` in the ledger",
+                r.run_id
+            )));
+        }
         let rows = self
             .ledger
             .list_rollouts(&RolloutFilter {
@@ -436,7 +472,11 @@ impl Orchestrator for OrchestratorService {
         // event falls between the two.
         let mut live = directory.subscribe();
         let backlog = directory.events_after(r.after_sequence);
-        let mut next = r.after_sequence + backlog.len() as u64 + 1;
+        // Saturating: any `after_sequence` a client sends, even past every event there will be.
+        let mut next = r
+            .after_sequence
+            .saturating_add(backlog.len() as u64)
+            .saturating_add(1);
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             for e in backlog {

@@ -35,6 +35,7 @@
 pub mod auth;
 pub mod checksum;
 pub mod http;
+pub mod limits;
 pub mod objective;
 pub mod schedule;
 pub mod tls;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use chorus_model::engine::{ContinuousBatch, Engine, FinishReason, Finished, GenerationRequest};
 use chorus_model::sampling::SamplingParams;
+use chorus_proto::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
 use std::sync::mpsc;
 
 /// One generation to run.
@@ -40,18 +41,40 @@ pub struct Job {
 }
 
 impl Job {
-    /// Why the job cannot run on a policy of `vocab` tokens, if it cannot.
+    /// Why the job cannot run on a policy of `vocab` tokens, if it cannot: the message names
+    /// the field and what is allowed. Lengths are bounded by [`MAX_PROMPT_TOKENS`] and
+    /// [`MAX_NEW_TOKENS`], and every token id the job may feed the model (the prompt's, and the
+    /// think budget's `</think>`, which the sampler forces) must be in the vocabulary.
     pub fn validate(&self, vocab: usize) -> Result<(), String> {
         if self.prompt.is_empty() {
-            return Err("empty prompt: give at least one token id".into());
+            return Err("empty prompt: prompt_token_ids has no token; give at least one".into());
+        }
+        if self.prompt.len() > MAX_PROMPT_TOKENS {
+            return Err(format!(
+                "prompt_token_ids has {} tokens; allowed: at most {MAX_PROMPT_TOKENS}",
+                self.prompt.len()
+            ));
         }
         if let Some(bad) = self.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(format!(
-                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+                "prompt_token_ids: token id {bad} is outside the vocabulary (size {vocab})"
             ));
         }
-        if self.max_new_tokens == 0 {
-            return Err("max_new_tokens must be at least 1".into());
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
+            return Err(format!(
+                "max_new_tokens is {}; allowed: 1 to {MAX_NEW_TOKENS}",
+                self.max_new_tokens
+            ));
+        }
+        if let Some(b) = &self.sampling.think_budget {
+            for (field, id) in [("open_token_id", b.open), ("close_token_id", b.close)] {
+                if id as usize >= vocab {
+                    return Err(format!(
+                        "think_budget.{field}: token id {id} is outside the vocabulary (size \
+                         {vocab})"
+                    ));
+                }
+            }
         }
         self.sampling.validate()
     }

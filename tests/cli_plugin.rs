@@ -53,7 +53,17 @@ environments = [{{ name = "arithmetic" }}, {{ url = "{url}", weight = 3.0 }}]
 fn run_against(h: &Harness, url: &str) {
     std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
     std::fs::write(h.path("run.toml"), run_config(url)).unwrap();
-    h.ok(&["run", "run.toml", "--eval-tasks", "2", "--token", TOKEN]);
+    // The services' token differs from the plugin's: the plugin gets only its own.
+    h.ok(&[
+        "run",
+        "run.toml",
+        "--eval-tasks",
+        "2",
+        "--token",
+        "the-services-token",
+        "--plugin-token",
+        TOKEN,
+    ]);
     h.audit_clean(&h.ledger_url("plug"));
     let summary: serde_json::Value = h.json("runs/plug/summary.json");
     assert_eq!(summary["steps"], 4, "{summary}");
@@ -129,8 +139,18 @@ fn a_run_uses_a_builtin_served_as_a_plugin() {
     assert!(err.contains("refused the token"), "{err}");
 
     // A run the plugin turns away stops, and its ledger row says it failed.
-    let err = h.fails(&["run", "run.toml", "--eval-tasks", "2", "--token", "wrong"]);
+    let err = h.fails(&[
+        "run",
+        "run.toml",
+        "--eval-tasks",
+        "2",
+        "--plugin-token",
+        "wrong",
+    ]);
     assert!(err.contains("refused the token"), "{err}");
+    // The services' token is never offered to the plugin in its place.
+    let err = h.fails(&["run", "run.toml", "--eval-tasks", "2", "--token", TOKEN]);
+    assert!(err.contains("--plugin-token"), "{err}");
     let runs = h.ok(&["inspect", "runs"]);
     let newest = runs.lines().nth(1).unwrap_or_default();
     assert!(newest.contains(" failed "), "{runs}");
@@ -147,7 +167,14 @@ fn a_run_uses_the_python_example_plugin() {
 
     // The wrong token is refused by the plugin; no token at all is refused before starting.
     std::fs::write(h.path("run.toml"), run_config(&plugin.url)).unwrap();
-    let err = h.fails(&["run", "run.toml", "--eval-tasks", "2", "--token", "wrong"]);
+    let err = h.fails(&[
+        "run",
+        "run.toml",
+        "--eval-tasks",
+        "2",
+        "--plugin-token",
+        "wrong",
+    ]);
     assert!(
         err.contains(&plugin.url) && err.contains("refused the token"),
         "{err}"
@@ -156,11 +183,12 @@ fn a_run_uses_the_python_example_plugin() {
         .args(["run", "run.toml"])
         .current_dir(h.dir.path())
         .env_remove("CHORUS_TOKEN")
+        .env_remove("CHORUS_PLUGIN_TOKEN")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains(&plugin.url) && err.contains("--token"),
+        !out.status.success() && err.contains(&plugin.url) && err.contains("--plugin-token"),
         "{err}"
     );
 }
@@ -299,7 +327,14 @@ environments = [{{ url = "{url}" }}]
     // finishes only through the plugin that came back.
     std::fs::write(h.path("run.toml"), config).unwrap();
     let mut run = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(["run", "run.toml", "--eval-tasks", "2", "--token", TOKEN])
+        .args([
+            "run",
+            "run.toml",
+            "--eval-tasks",
+            "2",
+            "--plugin-token",
+            TOKEN,
+        ])
         .current_dir(h.dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -496,7 +496,12 @@ fn a_local_run_reaches_its_plugin_over_tls_and_neither_logs_the_token() {
     let h = Harness::new();
     let pki = Pki::write(&h);
     std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
-    let env = [("CHORUS_TOKEN", SECRET), ("RUST_LOG", "trace")];
+    // The plugin's token is the services' one here, so that a leak of either shows.
+    let env = [
+        ("CHORUS_TOKEN", SECRET),
+        ("CHORUS_PLUGIN_TOKEN", SECRET),
+        ("RUST_LOG", "trace"),
+    ];
     let (plugin, _) = h.service_logged(
         &[
             &[
@@ -557,6 +562,8 @@ fn a_local_run_reaches_its_plugin_over_tls_and_neither_logs_the_token() {
         "--eval-tasks",
         "2",
         "--token",
+        SECRET,
+        "--plugin-token",
         SECRET,
         "--tls-ca",
         "ca.pem",

@@ -181,3 +181,36 @@ fn the_mounted_run_config_and_model_are_valid() {
     assert_eq!(config.stages.len(), 2);
     chorus_model::NemotronHConfig::from_json_str(&block("model.json")).unwrap();
 }
+
+/// Issue 13: the environment plugin holds a token of its own, never the services' shared one,
+/// and the orchestrator sends it that one (CHORUS_PLUGIN_TOKEN).
+#[test]
+fn the_plugin_gets_its_own_token_and_never_the_shared_one() {
+    let read = |name: &str| std::fs::read_to_string(repo().join("deploy/k8s").join(name)).unwrap();
+    assert!(
+        read("00-secret.yaml").contains("plugin-token:"),
+        "no plugin token in the Secret"
+    );
+    let keys_of = |text: &str, var: &str| -> Vec<String> {
+        // The `key:` of each env entry named `var` (its secretKeyRef four lines below).
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == format!("- name: {var}"))
+            .filter_map(|(i, _)| {
+                lines[i..(i + 6).min(lines.len())]
+                    .iter()
+                    .find_map(|l| l.trim().strip_prefix("key: ").map(str::to_string))
+            })
+            .collect()
+    };
+    let plugin = read("06-environment.yaml");
+    assert_eq!(keys_of(&plugin, "CHORUS_TOKEN"), ["plugin-token"]);
+    let orchestrator = read("03-orchestrator.yaml");
+    assert_eq!(keys_of(&orchestrator, "CHORUS_TOKEN"), ["token"]);
+    assert_eq!(
+        keys_of(&orchestrator, "CHORUS_PLUGIN_TOKEN"),
+        ["plugin-token"]
+    );
+}

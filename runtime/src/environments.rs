@@ -13,11 +13,12 @@ use crate::error::{Result, RunError};
 /// The environments of a run: every built-in, plus a [`RemoteEnvironment`] for each plugin entry
 /// (registered under its URL, the entry's key) and a [`NemoGym`] for each `nemo_gym` entry
 /// (under its name). Plugins are asked to describe themselves now, so an absent plugin or a
-/// wrong token fails the run before it starts, with the entry and the address named. Each call
-/// to a plugin or NeMo Gym server has the run's environment deadline
-/// (`environment_faults.deadline_seconds`). Blocks while it connects: call it from a blocking
-/// thread in async code.
-pub fn environment_registry(cfg: &RunConfig, token: &str) -> Result<Registry> {
+/// wrong token fails the run before it starts, with the entry and the address named. Plugins
+/// are called with `plugin_token`, their own credential, never with the run's shared token (a
+/// plugin is often someone else's code). Each call to a plugin or NeMo Gym server has the run's
+/// environment deadline (`environment_faults.deadline_seconds`). Blocks while it connects: call
+/// it from a blocking thread in async code.
+pub fn environment_registry(cfg: &RunConfig, plugin_token: Option<&str>) -> Result<Registry> {
     let mut registry = builtin_registry();
     let builtins = registry.names();
     let mut added: BTreeMap<String, &EnvironmentSource> = BTreeMap::new();
@@ -41,6 +42,14 @@ pub fn environment_registry(cfg: &RunConfig, token: &str) -> Result<Registry> {
                     registry.get(name).map_err(error(format!("{at}.name")))?;
                 }
                 EnvironmentSource::Remote(url) => {
+                    let token = plugin_token.ok_or_else(|| {
+                        RunError::Invalid(format!(
+                            "{at}.url: the environment plugin at {url} checks a token of its \
+                             own: give it with --plugin-token T or CHORUS_PLUGIN_TOKEN=T (the \
+                             token the plugin was started with); the run's own token is never \
+                             sent to plugins"
+                        ))
+                    })?;
                     let options = RemoteOptions {
                         timeout: cfg.environment_faults.deadline,
                         ..RemoteOptions::default()

@@ -120,6 +120,8 @@ pub struct OrchestratorOptions {
     pub wait: Duration,
     /// The shared token (`Debug` prints `***`).
     pub token: Secret,
+    /// The token the run's environment plugins check (their own, never the shared token).
+    pub plugin_token: Option<Secret>,
     /// Ledger URL; default `sqlite://<runs_dir>/<name>/ledger.sqlite`.
     pub db: Option<String>,
     /// Directory for run outputs.
@@ -186,6 +188,7 @@ pub async fn orchestrator(
         learner,
         workers,
         token: o.token.expose().to_string(),
+        plugin_token: o.plugin_token.clone(),
     };
     let options = RunOptions {
         run_id: o.run_id,
@@ -218,6 +221,8 @@ pub struct DaemonOptions {
     pub listen: String,
     /// The shared token (`Debug` prints `***`).
     pub token: Secret,
+    /// The token launched runs' environment plugins check (their own, never the shared token).
+    pub plugin_token: Option<Secret>,
     /// Ledger URL; default `sqlite://<runs_dir>/ledger.sqlite`.
     pub db: Option<String>,
     /// Directory for run outputs (`<runs_dir>/<run id>/summary.json`).
@@ -356,6 +361,7 @@ async fn run_launched(
         learner,
         workers: vec![],
         token: d.token.expose().to_string(),
+        plugin_token: d.plugin_token.clone(),
     };
     let options = RunOptions {
         run_id: run_id.clone(),

@@ -77,6 +77,7 @@ fn run(slow: Option<&str>) -> Outcome {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        plugin_token: None,
         resume: false,
         from_stage: None,
     };

@@ -70,6 +70,7 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        plugin_token: None,
         resume: false,
         from_stage: None,
     };
@@ -260,6 +261,7 @@ fn an_sft_stage_learns_a_users_transcripts_on_the_assistants_tokens() {
         db: None,
         runs_dir: dir.path().join("runs"),
         token: None,
+        plugin_token: None,
         resume: false,
         from_stage: None,
     };
@@ -329,6 +331,7 @@ fn a_run_whose_environment_cannot_be_reached_fails_naming_it_and_is_marked_faile
         db: None,
         runs_dir: dir.path().join("runs"),
         token: Some("t".into()),
+        plugin_token: Some("p".into()),
         resume: false,
         from_stage: None,
     };
@@ -364,13 +367,15 @@ fn a_plugin_run_without_the_plugins_token_is_refused_before_anything_starts() {
     let local = LocalRun {
         db: None,
         runs_dir: dir.path().join("runs"),
-        token: None,
+        // The run's own token is no substitute: it is never sent to plugins.
+        token: Some("t".into()),
+        plugin_token: None,
         resume: false,
         from_stage: None,
     };
     let err = runtime().block_on(run_local(&plan, local)).unwrap_err();
     assert!(
-        matches!(&err, RunError::Invalid(m) if m.contains("--token")),
+        matches!(&err, RunError::Invalid(m) if m.contains("--plugin-token")),
         "{err}"
     );
     assert!(!dir.path().join("runs/embedded/ledger.sqlite").exists());

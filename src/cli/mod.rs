@@ -161,7 +161,7 @@ pub enum Command {
     Man(shell::ManArgs),
 }
 
-/// Removes the shared token from this process's environment once the arguments are parsed, so
+/// Removes the credentials (the shared token, the plugins' token) from this process's environment once the arguments are parsed, so
 /// that no process it starts (a vLLM server, a sandboxed program, a plugin) inherits it; the
 /// services that need it (a standby's child, the PyTorch learner) are handed it explicitly.
 ///
@@ -169,7 +169,10 @@ pub enum Command {
 pub fn forget_credentials() {
     // SAFETY: called from `main` before any other thread exists, so nothing reads the
     // environment concurrently.
-    unsafe { std::env::remove_var("CHORUS_TOKEN") };
+    unsafe {
+        std::env::remove_var("CHORUS_TOKEN");
+        std::env::remove_var("CHORUS_PLUGIN_TOKEN");
+    }
 }
 
 /// Runs the parsed command.

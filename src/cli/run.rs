@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// Shared token of the services (generated when absent).
     #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The token the run's environment plugins check: the one each plugin was started with
+    /// (`chorus serve environment --token T`). The services' own token is never sent to plugins.
+    #[arg(long, env = "CHORUS_PLUGIN_TOKEN", hide_env_values = true)]
+    plugin_token: Option<String>,
     /// Continue the unfinished run of this config's name (same config, same ledger) from the
     /// learner's newest checkpoint.
     #[arg(long)]
@@ -79,6 +83,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         db: a.db,
         runs_dir: a.runs_dir,
         token: a.token,
+        plugin_token: a.plugin_token.map(Into::into),
         resume: a.resume,
         from_stage: a.from_stage.clone(),
     };

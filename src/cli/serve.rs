@@ -131,6 +131,10 @@ pub struct OrchestratorArgs {
     /// Shared token of the services.
     #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
     token: String,
+    /// The token the run's environment plugins check: the one each plugin was started with
+    /// (`chorus serve environment --token T`). The services' own token is never sent to plugins.
+    #[arg(long, env = "CHORUS_PLUGIN_TOKEN", hide_env_values = true)]
+    plugin_token: Option<String>,
     /// Ledger database (default: sqlite://runs/<name>/ledger.sqlite for a config's run,
     /// sqlite://runs/ledger.sqlite for launched runs).
     #[arg(long)]
@@ -322,6 +326,7 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
         let daemon = DaemonOptions {
             listen,
             token: a.token.into(),
+            plugin_token: a.plugin_token.clone().map(Into::into),
             db: a.db,
             runs_dir: a.runs_dir,
             wait,
@@ -340,6 +345,7 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
         workers: a.workers,
         wait,
         token: a.token.into(),
+        plugin_token: a.plugin_token.map(Into::into),
         db: a.db,
         runs_dir: a.runs_dir,
     };

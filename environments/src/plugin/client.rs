@@ -163,12 +163,27 @@ impl RemoteEnvironment {
     fn status_error(&self, call: &str, status: &Status) -> EnvError {
         let message = match status.code() {
             Code::Unauthenticated => format!(
-                "the server refused the token ({}); give the plugin's token with --token or CHORUS_TOKEN",
+                "the server refused the token ({}); give the plugin's own token (chorus run and \
+                 serve orchestrator: --plugin-token or CHORUS_PLUGIN_TOKEN; chorus env check: \
+                 --token)",
                 status.message()
             ),
-            Code::DeadlineExceeded | Code::Cancelled => format!(
+            // tonic reports its own deadline as a cancellation ("Timeout expired"); any other
+            // cancellation is the connection closing under the call, which is how a TLS
+            // server refusing the client's certificate shows to the client.
+            Code::DeadlineExceeded => format!(
                 "no answer within {:?} ({})",
                 self.options.timeout,
+                status.message()
+            ),
+            Code::Cancelled if status.message().contains("Timeout expired") => format!(
+                "no answer within {:?} ({})",
+                self.options.timeout,
+                status.message()
+            ),
+            Code::Cancelled => format!(
+                "transport error: the connection closed under the call ({}); a TLS server \
+                 closes it on a client without a certificate it accepts",
                 status.message()
             ),
             code => format!("{code:?}: {}", status.message()),

@@ -23,6 +23,7 @@ use chorus_orchestrator::ledger::{RunOutputs, new_run_id};
 use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{StageContext, StageStats};
 use chorus_orchestrator::{Directory, Leases, record_events};
+use chorus_proto::auth::Secret;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
 use tracing::Instrument;
 
@@ -43,6 +44,8 @@ pub struct Endpoints {
     pub workers: Vec<String>,
     /// The shared token every call carries.
     pub token: String,
+    /// The token the run's environment plugins check (their own; never the shared token).
+    pub plugin_token: Option<Secret>,
 }
 
 /// How one run is driven.
@@ -180,14 +183,16 @@ async fn drive(
         .await?,
     );
     let registry = {
-        let (cfg, token) = (cfg.clone(), endpoints.token.clone());
+        let (cfg, plugin_token) = (cfg.clone(), endpoints.plugin_token.clone());
         // Connecting to plugins blocks; environments are called from blocking threads.
-        tokio::task::spawn_blocking(move || crate::environment_registry(&cfg, &token))
-            .await
-            .map_err(|source| RunError::Task {
-                what: "connecting to the run's environments",
-                source,
-            })??
+        tokio::task::spawn_blocking(move || {
+            crate::environment_registry(&cfg, plugin_token.as_ref().map(Secret::expose))
+        })
+        .await
+        .map_err(|source| RunError::Task {
+            what: "connecting to the run's environments",
+            source,
+        })??
     };
     let stats = Arc::new(StageStats::default());
     let mut ctx = StageContext {
@@ -324,9 +329,10 @@ pub struct LocalRun {
     pub db: Option<String>,
     /// Directory for run outputs; the run writes into `<runs_dir>/<name>/`.
     pub runs_dir: PathBuf,
-    /// The services' shared token (generated when absent; a run with a plugin needs the
-    /// plugin's).
+    /// The services' shared token (generated when absent).
     pub token: Option<String>,
+    /// The token the config's environment plugins check (needed when it names one).
+    pub plugin_token: Option<Secret>,
     /// Continue the unfinished run of this config's name where it stopped.
     pub resume: bool,
     /// Start at this stage (by name), skipping the ones before it.
@@ -340,12 +346,13 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
     let name_dir = local.runs_dir.join(&cfg.name);
     std::fs::create_dir_all(&name_dir)
         .map_err(RunError::io(format!("creating {}", name_dir.display())))?;
-    if local.token.is_none()
+    if local.plugin_token.is_none()
         && let Some(url) = plan.plugin_url()
     {
         return Err(RunError::Invalid(format!(
-            "the config uses the environment plugin at {url}, which checks the run's shared \
-             token: give the token the plugin was started with (--token T or CHORUS_TOKEN=T)"
+            "the config uses the environment plugin at {url}, which checks a token of its own: \
+             give the token the plugin was started with (--plugin-token T or \
+             CHORUS_PLUGIN_TOKEN=T); the run's own token is never sent to plugins"
         )));
     }
     let token = local
@@ -436,6 +443,7 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
         learner: learner_url,
         workers,
         token,
+        plugin_token: local.plugin_token.clone(),
     };
     let options = RunOptions {
         run_id,

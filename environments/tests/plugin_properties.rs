@@ -23,10 +23,8 @@ use serde_json::{Value, json};
 const TOKEN: &str = "props";
 
 /// Built-ins that verify in-process (the code environments run a sandbox, the judges a model).
-/// Left out until they are fixed, because this test finds them panicking on a mutated
-/// `task_json` (about once in a thousand cases): `knights_knaves` (`wrong_completions`
-/// indexes an empty list, `knights_knaves.rs`, `flipped[0]`) and `mcqa` (`wrong_completions`
-/// takes a remainder by the number of choices, zero). Add them back with the fix.
+/// This test found `knights_knaves` and `mcqa` panicking in `wrong_completions` on a mutated
+/// `task_json` (an empty list of islanders, of choices); they now refuse such a task.
 const ENVIRONMENTS: &[&str] = &[
     "arithmetic",
     "countdown",
@@ -44,6 +42,8 @@ const ENVIRONMENTS: &[&str] = &[
     "numeric",
     "safety",
     "bfcl",
+    "knights_knaves",
+    "mcqa",
 ];
 
 struct Served {

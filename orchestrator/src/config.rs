@@ -1112,7 +1112,7 @@ fn stage_curriculum(
     let per_step = s.prompts_per_step.unwrap_or(Defaults::PROMPTS_PER_STEP);
     let pool = s
         .curriculum_pool
-        .unwrap_or(per_step * Defaults::CURRICULUM_POOL_STEPS);
+        .unwrap_or(per_step.saturating_mul(Defaults::CURRICULUM_POOL_STEPS));
     let samples = s
         .curriculum_samples
         .unwrap_or(s.group_size.unwrap_or(Defaults::GROUP_SIZE));

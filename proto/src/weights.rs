@@ -126,7 +126,17 @@ impl WeightAssembler {
         self.verifier.finish()?;
         let mut out = BTreeMap::new();
         for (name, (shape, bytes)) in self.tensors {
-            let n: usize = shape.iter().product();
+            // A checksum proves the stream is whole, not that its shapes are sane.
+            let n = shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|n| n.checked_mul(4).is_some());
+            let Some(n) = n else {
+                return Err(AssembleError::Tensor {
+                    name,
+                    message: format!("shape {shape:?} has more elements than fit in memory"),
+                });
+            };
             if bytes.len() != n * 4 {
                 return Err(AssembleError::Tensor {
                     name,

@@ -284,6 +284,9 @@ impl Environment for KnightsKnaves {
     fn wrong_completions(&self, task: &Task) -> Result<Vec<String>, EnvError> {
         self.check_task(task)?;
         let knights = task.verification_as::<Verification>()?.knights;
+        if knights.is_empty() {
+            return Err(task.invalid_verification("no islanders to answer about"));
+        }
         let mut flipped = knights.clone();
         flipped[0] = !flipped[0];
         let all_knights = vec![true; knights.len()];
@@ -299,6 +302,15 @@ impl Environment for KnightsKnaves {
 mod tests {
     use super::*;
     use crate::builtin::testkit::*;
+
+    #[test]
+    fn a_task_without_islanders_is_refused_not_a_panic() {
+        let env = KnightsKnaves;
+        let mut task = env.sample(1, Split::Train, 1).unwrap();
+        task.verification["knights"] = serde_json::json!([]);
+        let err = env.wrong_completions(&task).unwrap_err();
+        assert!(err.to_string().contains("no islanders"), "{err}");
+    }
 
     #[test]
     fn self_check_passes() {

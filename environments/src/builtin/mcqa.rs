@@ -472,6 +472,9 @@ impl Environment for Mcqa {
     fn wrong_completions(&self, task: &Task) -> Result<Vec<String>, EnvError> {
         self.check_task(task)?;
         let expected: Verification = task.verification_as()?;
+        if expected.choices.is_empty() {
+            return Err(task.invalid_verification("no choices"));
+        }
         let wrong = (expected.answer + 1) % expected.choices.len();
         let all: String = (0..expected.choices.len())
             .map(|i| format!("{} ", letter(i)))
@@ -488,6 +491,15 @@ impl Environment for Mcqa {
 mod tests {
     use super::*;
     use crate::builtin::testkit::*;
+
+    #[test]
+    fn a_task_without_choices_is_refused_not_a_panic() {
+        let env = Mcqa::default();
+        let mut task = env.sample(1, Split::Train, 0).unwrap();
+        task.verification["choices"] = serde_json::json!([]);
+        let err = env.wrong_completions(&task).unwrap_err();
+        assert!(err.to_string().contains("no choices"), "{err}");
+    }
 
     #[test]
     fn self_check_passes() {

@@ -11,6 +11,7 @@
 //! [`Membership`] changes and reports each loss back with the number of requests dispatched
 //! again).
 
+use chorus_proto::limits::{LEARNER_MAX_MESSAGE_BYTES, ROLLOUT_WORKER_MAX_MESSAGE_BYTES};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -252,7 +253,9 @@ impl WorkerPool {
             return Ok(());
         }
         let attach = attach(url, &self.inner.token)?;
-        let mut client = RolloutWorkerClient::with_interceptor(channel(url).await?, attach);
+        let mut client = RolloutWorkerClient::with_interceptor(channel(url).await?, attach)
+            .max_decoding_message_size(ROLLOUT_WORKER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ROLLOUT_WORKER_MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel::<GenerateRequest>(1024);
         let mut responses = client
             .generate(ReceiverStream::new(rx))
@@ -490,7 +493,9 @@ impl RemoteLearner {
         ledger: Option<Ledger>,
     ) -> Result<Self, ConnectError> {
         let attach = attach(url, token)?;
-        let client = LearnerClient::with_interceptor(channel(url).await?, attach);
+        let client = LearnerClient::with_interceptor(channel(url).await?, attach)
+            .max_decoding_message_size(LEARNER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(LEARNER_MAX_MESSAGE_BYTES);
         let mut stream = client
             .clone()
             .stream_steps(StreamStepsRequest {

@@ -2,6 +2,7 @@
 //! registration alive with heartbeats. A lost orchestrator is retried, never fatal: the service
 //! keeps serving, and registers again when the orchestrator answers that it does not know it.
 
+use chorus_proto::limits::ORCHESTRATOR_MAX_MESSAGE_BYTES;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,10 +30,11 @@ pub async fn connect(url: &str, token: &str) -> Result<Client> {
         .map_err(RunError::transport(format!(
             "connecting to the orchestrator at {url}"
         )))?;
-    Ok(OrchestratorClient::with_interceptor(
-        channel,
-        AttachToken::new(token)?,
-    ))
+    Ok(
+        OrchestratorClient::with_interceptor(channel, AttachToken::new(token)?)
+            .max_decoding_message_size(ORCHESTRATOR_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ORCHESTRATOR_MAX_MESSAGE_BYTES),
+    )
 }
 
 /// What a registered service reports in its heartbeats.

@@ -3,6 +3,7 @@
 //! of one run, and the orchestrator daemon that serves launched runs one after another on
 //! standby services. Each function serves until its run ends or Ctrl-C.
 
+use chorus_proto::limits::ORCHESTRATOR_MAX_MESSAGE_BYTES;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -389,8 +390,10 @@ async fn serve_orchestrator(
         .map_err(RunError::io(format!("creating {}", out_dir.display())))?;
     let ledger = Ledger::open(db).await.map_err(RunError::ledger(db))?;
     let fleet = Fleet::new(Leases::default(), launcher);
-    let svc = OrchestratorServer::with_interceptor(
-        OrchestratorService::new(fleet.clone(), ledger.clone()),
+    let svc = chorus_proto::tonic::service::interceptor::InterceptedService::new(
+        OrchestratorServer::new(OrchestratorService::new(fleet.clone(), ledger.clone()))
+            .max_decoding_message_size(ORCHESTRATOR_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ORCHESTRATOR_MAX_MESSAGE_BYTES),
         RequireToken::new(token)?,
     );
     let url = serve_routes(Routes::new(svc), listen).await?;

@@ -1,6 +1,7 @@
 //! The learner and a rollout worker as gRPC services in this process, and the one way every
 //! service binds its address.
 
+use chorus_proto::limits::{LEARNER_MAX_MESSAGE_BYTES, ROLLOUT_WORKER_MAX_MESSAGE_BYTES};
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -101,8 +102,10 @@ pub async fn start_learner_from(
             checkpoints,
         },
     );
-    let svc = LearnerServer::with_interceptor(
-        LearnerService::new(handle.clone()),
+    let svc = InterceptedService::new(
+        LearnerServer::new(LearnerService::new(handle.clone()))
+            .max_decoding_message_size(LEARNER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(LEARNER_MAX_MESSAGE_BYTES),
         RequireToken::new(token)?,
     );
     let url = serve_routes(Routes::new(svc), listen).await?;
@@ -144,7 +147,9 @@ pub async fn start_worker(
         .map_err(RunError::transport(format!(
             "connecting to the learner at {learner_url}"
         )))?;
-    let mut client = LearnerClient::with_interceptor(channel, AttachToken::new(token)?);
+    let mut client = LearnerClient::with_interceptor(channel, AttachToken::new(token)?)
+        .max_decoding_message_size(LEARNER_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(LEARNER_MAX_MESSAGE_BYTES);
     let generator: Arc<dyn Generator> = match backend {
         Backend::Chorus => Arc::new(start_engine(plan, client, run_id, worker_id).await?),
         Backend::Vllm { url, work_dir } => {
@@ -180,8 +185,10 @@ pub async fn start_worker(
         }
     };
     let version = generator.version();
-    let svc = RolloutWorkerServer::with_interceptor(
-        RolloutService::shared(generator.clone(), worker_id),
+    let svc = InterceptedService::new(
+        RolloutWorkerServer::new(RolloutService::shared(generator.clone(), worker_id))
+            .max_decoding_message_size(ROLLOUT_WORKER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ROLLOUT_WORKER_MAX_MESSAGE_BYTES),
         RequireToken::new(token)?,
     );
     let url = serve_routes(Routes::new(svc), listen).await?;

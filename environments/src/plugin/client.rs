@@ -1,6 +1,7 @@
 //! [`RemoteEnvironment`]: an environment served by another process over the gRPC `Environment`
 //! service (a plugin in any language, or a built-in behind `chorus serve environment`).
 
+use chorus_proto::limits::ENVIRONMENT_MAX_MESSAGE_BYTES;
 use std::future::Future;
 use std::time::Duration;
 
@@ -115,7 +116,9 @@ impl RemoteEnvironment {
                     format!("{} (is the environment server running?)", error_chain(&e)),
                 )
             })?;
-        let client = EnvironmentClient::with_interceptor(channel, attach);
+        let client = EnvironmentClient::with_interceptor(channel, attach)
+            .max_decoding_message_size(ENVIRONMENT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ENVIRONMENT_MAX_MESSAGE_BYTES);
         let mut env = Self {
             url: url.to_string(),
             info: placeholder_info(url),

@@ -1,5 +1,6 @@
 //! [`serve_environment`]: any Rust [`Environment`] behind the gRPC `Environment` service.
 
+use chorus_proto::limits::ENVIRONMENT_MAX_MESSAGE_BYTES;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -64,7 +65,12 @@ pub async fn serve_environment(
     let addr = listener
         .local_addr()
         .map_err(|e| fail("binding", e.to_string()))?;
-    let service = EnvironmentServer::with_interceptor(EnvironmentService { env }, guard);
+    let service = chorus_proto::tonic::service::interceptor::InterceptedService::new(
+        EnvironmentServer::new(EnvironmentService { env })
+            .max_decoding_message_size(ENVIRONMENT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ENVIRONMENT_MAX_MESSAGE_BYTES),
+        guard,
+    );
     let mut server = chorus_proto::tls::server().map_err(|e| fail("serving", e.to_string()))?;
     let task = tokio::spawn(async move {
         let served = server

@@ -68,12 +68,27 @@ pub struct Failure {
     pub retryable: bool,
 }
 
+/// The largest answer body read (NeMo Gym verdicts and vLLM completions are far smaller; a
+/// longer one is an error, not an allocation).
+pub const MAX_ANSWER_BYTES: usize = 256 << 20;
+
 /// One request: a POST of `body` (JSON), or a GET when there is none, with `cookie` when given.
 pub async fn send_once(
     base: &BaseUrl,
     path: &str,
     body: Option<Bytes>,
     cookie: Option<&str>,
+) -> Result<Answer, Failure> {
+    send_limited(base, path, body, cookie, MAX_ANSWER_BYTES).await
+}
+
+/// [`send_once`], reading at most `max_answer_bytes` of the answer's body.
+async fn send_limited(
+    base: &BaseUrl,
+    path: &str,
+    body: Option<Bytes>,
+    cookie: Option<&str>,
+    max_answer_bytes: usize,
 ) -> Result<Answer, Failure> {
     let transient = |message: String| Failure {
         message,
@@ -115,11 +130,20 @@ pub async fn send_once(
         .map(|v| v.trim().to_string())
         .filter(|v| v.contains('='))
         .collect();
-    let body = response
-        .into_body()
+    // A server that never stops sending must not exhaust this process's memory.
+    let body = http_body_util::Limited::new(response.into_body(), max_answer_bytes)
         .collect()
         .await
-        .map_err(|e| transient(format!("reading the answer: {e}")))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Failure {
+                    message: format!("the answer is longer than {max_answer_bytes} bytes"),
+                    retryable: false,
+                }
+            } else {
+                transient(format!("reading the answer: {e}"))
+            }
+        })?
         .to_bytes();
     Ok(Answer {
         status,
@@ -161,5 +185,35 @@ mod tests {
         assert!(BaseUrl::parse("https://gym").unwrap_err().contains("https"));
         assert!(BaseUrl::parse("gym:80").unwrap_err().contains("http://"));
         assert!(BaseUrl::parse("http:///x").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_limit_is_an_error_not_an_allocation() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                let body = vec![b'x'; 10_000];
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(&body).await;
+            }
+        });
+        let base = BaseUrl::parse(&format!("http://{addr}")).unwrap();
+        let err = send_limited(&base, "/", None, None, 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("longer than 1000 bytes"),
+            "{}",
+            err.message
+        );
+        assert!(!err.retryable);
+        let answer = send_limited(&base, "/", None, None, 20_000).await.unwrap();
+        assert_eq!(answer.body.len(), 10_000);
     }
 }

@@ -10,7 +10,8 @@
 set -euo pipefail
 venv="${1:-$HOME/.cache/chorus-vllm}"
 python="${PYTHON:-python3.12}"
-command -v "$python" >/dev/null || python=python3
+# `command -v` is not enough: a pyenv shim exists for versions pyenv does not activate.
+"$python" -c "" >/dev/null 2>&1 || python=python3
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install -q torch==2.13.0

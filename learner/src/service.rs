@@ -9,11 +9,14 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use chorus_proto::limits::{MAX_GROUP_SIZE, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STEP_GROUPS};
+use chorus_proto::limits::{
+    MAX_GROUP_SIZE, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STEP_GROUPS, MAX_STEPS_AHEAD,
+};
 use chorus_proto::v1::learner_server::Learner;
 use chorus_proto::v1::{
-    RejectedGroup, StepReport as StepReportMsg, StreamStepsRequest, StreamWeightsRequest,
-    SubmitTrajectoriesResponse, TrajectoryGroup, WeightChunk, WeightTransfer,
+    LearnerStatus, LearnerStatusRequest, RejectedGroup, StepReport as StepReportMsg,
+    StreamStepsRequest, StreamWeightsRequest, SubmitTrajectoriesResponse, TrajectoryGroup,
+    WeightChunk, WeightTransfer,
 };
 use chorus_proto::weights::{HostTensor, encode};
 use tokio::sync::{broadcast, watch};
@@ -98,22 +101,28 @@ pub struct LearnerServiceConfig {
     pub checkpoints: Option<CheckpointPolicy>,
 }
 
-/// Saves a rolling checkpoint; a failure is logged and training goes on (a run that cannot save
-/// loses only its ability to resume from this version).
-fn save_checkpoint(trainer: &Trainer, policy: &CheckpointPolicy, why: &str) {
+/// Saves a rolling checkpoint and says whether it was saved; a failure is logged and training
+/// goes on (a run that cannot save loses only its ability to resume from this version).
+fn save_checkpoint(trainer: &Trainer, policy: &CheckpointPolicy, why: &str) -> bool {
     match checkpoints::save(trainer, policy) {
-        Ok(dir) => tracing::info!(
-            policy_version = trainer.version(),
-            dir = %dir.display(),
-            "learner checkpoint ({why}) at version {}",
-            trainer.version()
-        ),
-        Err(e) => tracing::error!(
-            policy_version = trainer.version(),
-            error = %e,
-            "the learner checkpoint at version {} was not saved",
-            trainer.version()
-        ),
+        Ok(dir) => {
+            tracing::info!(
+                policy_version = trainer.version(),
+                dir = %dir.display(),
+                "learner checkpoint ({why}) at version {}",
+                trainer.version()
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(
+                policy_version = trainer.version(),
+                error = %e,
+                "the learner checkpoint at version {} was not saved",
+                trainer.version()
+            );
+            false
+        }
     }
 }
 
@@ -129,11 +138,15 @@ pub struct LearnerHandle {
     /// Weight transfers served since the last step report, which carries them to the
     /// orchestrator (and its ledger).
     transfers: Arc<Mutex<Vec<WeightTransfer>>>,
+    /// The newest version saved in a checkpoint (a restart resumes from it).
+    checkpoint_version: Arc<Mutex<Option<u64>>>,
     /// The newest `keep_versions` published versions, oldest first.
     recent: Arc<Mutex<VecDeque<Arc<Published>>>>,
     keep: usize,
     /// The policy's vocabulary size: token ids of submitted groups are below it.
     vocab: usize,
+    /// The run it trains.
+    run_id: String,
 }
 
 /// Remembers `p` among the newest `keep` versions.
@@ -372,6 +385,7 @@ fn report_msg(
         mean_abs_logprob_diff: r.stats.mean_abs_logprob_diff,
         supervised,
         transfers: Vec::new(),
+        checkpoint_version: None,
     }
 }
 
@@ -392,57 +406,81 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
     let (reports_tx, msgs_tx, hist) = (reports.clone(), step_msgs.clone(), history.clone());
     let transfers: Arc<Mutex<Vec<WeightTransfer>>> = Arc::default();
     let served = transfers.clone();
+    // A learner resumed from a checkpoint starts out saved at its version.
+    let saved_at_start = cfg
+        .checkpoints
+        .as_ref()
+        .and_then(|p| checkpoints::latest(&p.dir).ok().flatten())
+        .map(|(v, _)| v)
+        .filter(|&v| v <= trainer.version());
+    let checkpoint_version = Arc::new(Mutex::new(saved_at_start));
+    let saved = checkpoint_version.clone();
+    let run_id = cfg.run_id.clone();
     std::thread::Builder::new()
         .name("chorus-learner".into())
         .spawn(move || {
             // A step's groups arrive in whatever order their slots finish; they are trained in
-            // the order of their ids, so that the step's sums do not depend on timing.
-            let mut rl: Vec<TrajectoryGroup> = vec![];
-            let mut sft: Vec<TrajectoryGroup> = vec![];
+            // the order of their ids, so that the step's sums do not depend on timing. Groups
+            // are gathered by the step they name, so a group of a later step (an orchestrator
+            // sending again after this learner restarted, while its new groups also arrive)
+            // never counts towards an earlier one.
+            let mut waiting: BTreeMap<u64, Vec<TrajectoryGroup>> = BTreeMap::new();
             let mut stage = None;
+            let mut checkpointed = saved_at_start;
             while let Ok(g) = work_rx.recv() {
-                // The first group of a new stage: the weights are the last stage's final ones,
+                let step = g.step.unwrap_or_else(|| trainer.version());
+                if step < trainer.version() {
+                    tracing::debug!(group_id = %g.group_id, step, "group of a step already trained: ignored");
+                    continue;
+                }
+                waiting.entry(step).or_default().push(g);
+                metrics::gauge!(names::QUEUED_GROUPS)
+                    .set(waiting.values().map(Vec::len).sum::<usize>() as f64);
+                // Every step whose groups are all here trains: the one just completed, then any
+                // later one whose groups came first (new groups that overtook the ones an
+                // orchestrator sent again after this learner restarted).
+                loop {
+                let version = trainer.version();
+                let ready = waiting.get(&version).is_some_and(|gathered| {
+                    let target = match gathered[0].step_groups {
+                        0 => cfg.groups_per_step.max(1),
+                        n => n as usize,
+                    };
+                    gathered.len() >= target
+                });
+                if !ready {
+                    break;
+                }
+                let mut groups = waiting.remove(&version).unwrap_or_default();
+                let groups = in_id_order(&mut groups);
+                let g_stage = groups.iter().map(|g| g.stage).max().unwrap_or_default();
+                // The first step of a new stage: the weights are the last stage's final ones,
                 // saved so a crash in the new stage never has to repeat the finished one.
                 if let Some(policy) = &cfg.checkpoints
-                    && stage.is_some_and(|s| s != g.stage)
-                    && rl.is_empty()
-                    && sft.is_empty()
+                    && stage.is_some_and(|s| s != g_stage)
                 {
-                    save_checkpoint(&trainer, policy, "stage boundary");
+                    if save_checkpoint(&trainer, policy, "stage boundary") {
+                        checkpointed = Some(trainer.version());
+                    }
                 }
-                stage = Some(g.stage);
-                let _group = tracing::info_span!(
-                    "group",
-                    run_id = %g.run_id,
-                    group_id = %g.group_id,
-                    step = trainer.step()
+                stage = Some(g_stage);
+                let _step_span = tracing::info_span!(
+                    "step",
+                    run_id = %cfg.run_id,
+                    step = trainer.step(),
+                    groups = %groups.iter().map(|g| g.group_id.as_str()).collect::<Vec<_>>().join(",")
                 )
                 .entered();
-                tracing::debug!(
-                    trajectories = g.trajectories.len(),
-                    supervised = g.supervised,
-                    "training on group"
-                );
-                trainer.set_peak_lr((g.learning_rate > 0.0).then_some(g.learning_rate));
+                let first_lr = groups.first().map(|g| g.learning_rate).unwrap_or_default();
+                trainer.set_peak_lr((first_lr > 0.0).then_some(first_lr));
                 let started = std::time::Instant::now();
-                let target = if g.step_groups > 0 {
-                    g.step_groups as usize
-                } else {
-                    cfg.groups_per_step.max(1)
-                };
-                let result = if g.supervised {
-                    sft.push(g);
-                    if sft.len() < target {
-                        metrics::gauge!(names::QUEUED_GROUPS).set(sft.len() as f64);
-                        continue;
-                    }
-                    let groups = in_id_order(&mut sft);
+                // A step's groups come from one stage, so they are all supervised or all not.
+                let result = if groups.iter().all(|g| g.supervised) {
                     let batch: Vec<SftSequence> = groups
                         .iter()
                         .flat_map(|g| group_sft(g).unwrap_or_default())
                         .collect();
-                    // A step trains the MTP head alone when its groups ask (they all do: a
-                    // step's groups come from one stage).
+                    // A step trains the MTP head alone when its groups ask.
                     let mtp_head = groups.iter().any(|g| g.mtp_head);
                     let stepped = prepare_step(&mut trainer, &groups, false).and_then(|()| {
                         if mtp_head {
@@ -453,12 +491,6 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     });
                     (stepped, batch.len(), true)
                 } else {
-                    rl.push(g);
-                    if rl.len() < target {
-                        metrics::gauge!(names::QUEUED_GROUPS).set(rl.len() as f64);
-                        continue;
-                    }
-                    let groups = in_id_order(&mut rl);
                     // Groups that name the same objective train together; parts keep the order
                     // of their first group id.
                     let mut parts: Vec<(Objective, Vec<RlSequence>)> = vec![];
@@ -467,7 +499,11 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                             .ok()
                             .flatten()
                             .unwrap_or_else(|| trainer.default_objective().clone());
-                        let sequences = group_sequences(g).unwrap_or_default();
+                        let sequences = if g.supervised {
+                            vec![]
+                        } else {
+                            group_sequences(g).unwrap_or_default()
+                        };
                         match parts.iter_mut().find(|(o, _)| *o == objective) {
                             Some((_, part)) => part.extend(sequences),
                             None => parts.push((objective, sequences)),
@@ -520,14 +556,17 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 if report.stats.loss.is_finite() {
                     metrics::gauge!(names::LOSS).set(report.stats.loss);
                 }
-                remember(&kept, published.clone(), cfg.keep_versions);
-                let _ = pub_tx.send(published);
                 if let Some(policy) = &cfg.checkpoints
                     && policy.every > 0
                     && report.version.is_multiple_of(policy.every)
+                    && save_checkpoint(&trainer, policy, "every")
                 {
-                    save_checkpoint(&trainer, policy, "every");
+                    checkpointed = Some(report.version);
                 }
+                msg.checkpoint_version = checkpointed;
+                *saved.lock().expect("not poisoned") = checkpointed;
+                remember(&kept, published.clone(), cfg.keep_versions);
+                let _ = pub_tx.send(published);
                 match &report.skipped {
                     None => tracing::debug!(
                         step = report.step,
@@ -548,6 +587,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 hist.lock().expect("not poisoned").push(msg.clone());
                 let _ = msgs_tx.send(msg);
                 let _ = reports_tx.send(report);
+                }
             }
         })
         .expect("spawn the learner thread");
@@ -559,9 +599,11 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         history,
         seen_groups: Arc::new(Mutex::new(HashSet::new())),
         transfers,
+        checkpoint_version,
         recent,
         keep: cfg_keep,
         vocab,
+        run_id,
     }
 }
 
@@ -600,13 +642,20 @@ impl LearnerHandle {
                 .and_then(|_| group_objective(&g))
                 .map(drop)
         }
-        .and_then(|()| check_vocabulary(&g, self.vocab));
+        .and_then(|()| check_vocabulary(&g, self.vocab))
+        .and_then(|()| self.check_step(&g));
         if let Err(reason) = checked {
             return Err(SubmitError::Invalid {
                 run_id: g.run_id,
                 group_id: g.group_id,
                 reason,
             });
+        }
+        // Trained into a version this learner holds already: the orchestrator sent it again
+        // after this learner restarted from a checkpoint at or past its step.
+        if g.step.is_some_and(|s| s < self.version()) {
+            tracing::debug!(run_id = %g.run_id, group_id = %g.group_id, step = g.step, "group of a step already trained: acknowledged, not trained again");
+            return Ok(());
         }
         if !self
             .seen_groups
@@ -621,6 +670,28 @@ impl LearnerHandle {
             run_id: e.0.run_id,
             group_id: e.0.group_id,
         })
+    }
+
+    /// A group's `step` is at most [`MAX_STEPS_AHEAD`] past this learner's version.
+    fn check_step(&self, g: &TrajectoryGroup) -> Result<(), String> {
+        let version = self.version();
+        match g.step {
+            Some(step) if step > version.saturating_add(MAX_STEPS_AHEAD) => Err(format!(
+                "step is {step}, but this learner is at version {version} and holds groups at \
+                 most {MAX_STEPS_AHEAD} steps ahead (a learner restarted from an older \
+                 checkpoint than the orchestrator kept groups for?)"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where this learner stands, as `Status` answers.
+    pub fn status(&self) -> LearnerStatus {
+        LearnerStatus {
+            run_id: self.run_id.clone(),
+            policy_version: self.version(),
+            checkpoint_version: *self.checkpoint_version.lock().expect("not poisoned"),
+        }
     }
 
     /// Reports of every step from now on.
@@ -723,6 +794,21 @@ impl Learner for LearnerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn status(
+        &self,
+        request: Request<LearnerStatusRequest>,
+    ) -> Result<Response<LearnerStatus>, Status> {
+        let run_id = request.into_inner().run_id;
+        let status = self.handle.status();
+        if !run_id.is_empty() && run_id != status.run_id {
+            return Err(Status::not_found(format!(
+                "this learner trains run `{}`, not `{run_id}`",
+                status.run_id
+            )));
+        }
+        Ok(Response::new(status))
     }
 
     async fn submit_trajectories(
@@ -965,6 +1051,37 @@ mod tests {
         let history = handle.history.lock().unwrap().clone();
         let trained: Vec<u32> = history.iter().map(|m| m.trajectories).collect();
         assert_eq!(trained, [2, 0, 0]);
+    }
+
+    #[test]
+    fn groups_train_at_the_step_they_name_whatever_order_they_arrive_in() {
+        let handle = learner();
+        let mut reports = handle.reports();
+        let at = |id: &str, step: u64| TrajectoryGroup {
+            step: Some(step),
+            ..group(id, 0, 0.0)
+        };
+        // Step 1's group overtakes step 0's (as new groups overtake the ones an orchestrator
+        // sends again after a restart): it waits, then trains right after step 0.
+        handle.submit(at("b", 1)).unwrap();
+        handle.submit(at("a", 0)).unwrap();
+        let versions: Vec<u64> = (0..2)
+            .map(|_| reports.blocking_recv().unwrap().version)
+            .collect();
+        assert_eq!(versions, [1, 2]);
+        // A group of a step already trained is acknowledged and not trained again.
+        handle.submit(at("c", 0)).unwrap();
+        handle.submit(at("d", 2)).unwrap();
+        assert_eq!(reports.blocking_recv().unwrap().version, 3);
+        let history = handle.history.lock().unwrap().clone();
+        assert_eq!(history.len(), 3);
+        // A step far past the learner's version is refused, naming the limit.
+        let err = handle
+            .submit(at("e", 3 + MAX_STEPS_AHEAD + 1))
+            .unwrap_err();
+        assert!(err.reason().contains("steps ahead"), "{err}");
+        assert_eq!(handle.status().policy_version, 3);
+        assert_eq!(handle.status().checkpoint_version, None);
     }
 
     #[test]

@@ -32,3 +32,5 @@ pub const LEDGER_WRITE_LAG_SECONDS: &str = "chorus_ledger_write_lag_seconds";
 pub const LEDGER_WRITE_RETRIES: &str = "chorus_ledger_write_retries_total";
 /// The newest policy version the orchestrator knows of.
 pub const POLICY_VERSION: &str = "chorus_orchestrator_policy_version";
+/// Times the learner came back after its step stream broke and was sent its lost groups again.
+pub const LEARNER_RECOVERIES: &str = "chorus_orchestrator_learner_recoveries_total";

@@ -12,7 +12,8 @@
 //! again).
 
 use chorus_proto::limits::{LEARNER_MAX_MESSAGE_BYTES, ROLLOUT_WORKER_MAX_MESSAGE_BYTES};
-use std::collections::HashMap;
+use chorus_proto::prost::Message as _;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -23,8 +24,8 @@ use chorus_proto::tonic::transport::Channel;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::rollout_worker_client::RolloutWorkerClient;
 use chorus_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, StepReport, StreamStepsRequest,
-    StreamWeightsRequest, TrajectoryGroup,
+    FinishReason, GenerateRequest, GenerateResponse, LearnerStatusRequest, StepReport,
+    StreamStepsRequest, StreamWeightsRequest, TrajectoryGroup,
 };
 use chorus_proto::weights::{HostTensor, receive};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
@@ -475,28 +476,346 @@ impl Rollouts for WorkerPool {
 }
 
 /// The learner reached over gRPC.
+///
+/// It survives the learner's death. Every group submitted is kept until the learner reports a
+/// checkpoint at or past its step ([`StepReport::checkpoint_version`]); when the learner's step
+/// stream breaks, its follower asks the learner's `Status` again (retrying for the
+/// [`LearnerLink::recover_for`] a restart may take), rewinds the ledger's learner steps and
+/// policy versions to the version the learner came back at, follows its steps again and sends it
+/// every kept group of that step and later. Groups carry their step, so the learner trains none
+/// of them twice; a submit that meets a dead learner retries until it is back. A learner that
+/// comes back below the oldest kept step (it restarted from older state than the groups kept
+/// reach back to) or not at all ends the run's wait with [`LearningError::Gone`].
 pub struct RemoteLearner {
     url: String,
     client: LearnerClient<InterceptedService<Channel, AttachToken>>,
     version: watch::Receiver<u64>,
     steps: broadcast::Sender<StepReport>,
+    kept: Arc<Mutex<Kept>>,
+    link: LearnerLink,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RemoteLearner {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// How the orchestrator keeps its learner.
+#[derive(Clone, Debug)]
+pub struct LearnerLink {
+    /// How long a learner may be gone (restarting) before the run gives up on it.
+    pub recover_for: Duration,
+    /// Most bytes of groups kept for sending again while the learner saves no checkpoint; past
+    /// it the oldest steps are let go (and a restart before them can no longer be recovered).
+    pub max_kept_bytes: usize,
+}
+
+impl Default for LearnerLink {
+    fn default() -> Self {
+        Self {
+            recover_for: Duration::from_secs(600),
+            max_kept_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Groups submitted since the learner's newest checkpoint, by step.
+#[derive(Default)]
+struct Kept {
+    /// The oldest step kept: a learner restarted before it cannot be given what it lost.
+    floor: u64,
+    groups: BTreeMap<u64, Vec<TrajectoryGroup>>,
+    bytes: usize,
+    /// Whether the warning about letting groups go was given.
+    warned: bool,
+}
+
+impl Kept {
+    fn keep(&mut self, group: &TrajectoryGroup, max_bytes: usize) {
+        let Some(step) = group.step else { return };
+        if step < self.floor {
+            return;
+        }
+        self.bytes += group.encoded_len();
+        self.groups.entry(step).or_default().push(group.clone());
+        while self.bytes > max_bytes && self.groups.len() > 1 {
+            let Some((oldest, gone)) = self.groups.pop_first() else {
+                break;
+            };
+            self.bytes -= gone.iter().map(|g| g.encoded_len()).sum::<usize>();
+            self.floor = oldest + 1;
+            if !std::mem::replace(&mut self.warned, true) {
+                tracing::warn!(
+                    kept_from_step = self.floor,
+                    max_kept_bytes = max_bytes,
+                    "the learner has saved no checkpoint for a while: groups before step {} are \
+                     no longer kept, so a learner restart from before it cannot be recovered \
+                     (set [learner] checkpoint_every)",
+                    self.floor
+                );
+            }
+        }
+    }
+
+    /// The learner saved version `version`: groups of earlier steps are in it.
+    fn checkpointed(&mut self, version: u64) {
+        if version <= self.floor {
+            return;
+        }
+        self.floor = version;
+        let later = self.groups.split_off(&version);
+        let gone = std::mem::replace(&mut self.groups, later);
+        self.bytes -= gone
+            .values()
+            .flatten()
+            .map(|g| g.encoded_len())
+            .sum::<usize>();
+        self.warned = false;
+    }
+
+    /// Every kept group of step `from` and later, in step order.
+    fn since(&self, from: u64) -> Vec<TrajectoryGroup> {
+        self.groups
+            .range(from..)
+            .flat_map(|(_, g)| g.clone())
+            .collect()
+    }
+}
+
+/// Whether a failed call may succeed once the learner is back (it died, restarts, or the
+/// connection broke), as opposed to an answer it gave.
+fn learner_down(status: &chorus_proto::tonic::Status) -> bool {
+    use chorus_proto::tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Cancelled | Code::Unknown
+    )
+}
+
+type Client = LearnerClient<InterceptedService<Channel, AttachToken>>;
+
+/// What the follower needs to record steps and recover the learner.
+struct Follower {
+    run: String,
+    url: String,
+    client: Client,
+    ledger: Option<Ledger>,
+    version: watch::Sender<u64>,
+    steps: broadcast::Sender<StepReport>,
+    kept: Arc<Mutex<Kept>>,
+    link: LearnerLink,
+    /// The newest version in the ledger's `policy_versions`.
+    recorded_version: u64,
+}
+
+impl Follower {
+    async fn run(mut self, mut stream: chorus_proto::tonic::Streaming<StepReport>) {
+        loop {
+            while let Some(Ok(r)) = stream.next().await {
+                self.record(r).await;
+            }
+            tracing::warn!(run_id = %self.run, learner = %self.url, "the learner's step stream ended; waiting for it to come back");
+            match self.recover().await {
+                Some(s) => stream = s,
+                None => return,
+            }
+        }
+    }
+
+    async fn record(&mut self, r: StepReport) {
+        tracing::debug!(run_id = %self.run, step = r.step, policy_version = r.policy_version, loss = r.loss, trajectories = r.trajectories, skip_reason = %r.skip_reason, "learner step");
+        let run = &self.run;
+        if let Some(ledger) = &self.ledger {
+            // A skipped step publishes the same weights under the next version, so it
+            // is a version too.
+            if r.policy_version > self.recorded_version {
+                self.recorded_version = r.policy_version;
+                let recorded = ledger
+                    .record_policy_version(PolicyVersion {
+                        run_id: run.clone(),
+                        version: r.policy_version,
+                        learner_step: r.step,
+                        sha256: chorus_proto::checksum::to_hex(&r.weights_sha256),
+                        num_bytes: r.weights_bytes,
+                    })
+                    .await;
+                if let Err(e) = recorded {
+                    tracing::error!(run_id = %run, policy_version = r.policy_version, error = %e, "the ledger refused a policy version");
+                }
+            }
+            let opt = |v: f64| v.is_finite().then_some(v);
+            let _ = ledger
+                .insert_learner_step(LearnerStep {
+                    run_id: run.clone(),
+                    step: r.step,
+                    policy_version: r.policy_version,
+                    loss: opt(r.loss),
+                    kl: opt(r.kl),
+                    entropy: opt(r.entropy),
+                    grad_norm: opt(r.grad_norm),
+                    learning_rate: opt(r.learning_rate),
+                    clip_fraction: opt(r.clip_fraction),
+                    num_tokens: r.tokens,
+                    num_trajectories: r.trajectories as u64,
+                    skip_reason: (!r.skip_reason.is_empty()).then(|| r.skip_reason.clone()),
+                    // Supervised steps have no sampled tokens to compare.
+                    mean_abs_logprob_diff: (!r.supervised)
+                        .then_some(r.mean_abs_logprob_diff)
+                        .and_then(opt),
+                })
+                .await
+                .inspect_err(|e| {
+                    tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused a learner step");
+                });
+            let transfers = r
+                .transfers
+                .iter()
+                .map(|t| WeightTransfer {
+                    run_id: run.clone(),
+                    requester_id: t.requester_id.clone(),
+                    policy_version: t.policy_version,
+                    num_bytes: t.bytes,
+                    seconds: t.seconds,
+                    finished_at_ms: t.finished_at_ms,
+                })
+                .collect();
+            let _ = ledger
+                .record_weight_transfers(transfers)
+                .await
+                .inspect_err(|e| {
+                    tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused weight transfers");
+                });
+        }
+        if let Some(c) = r.checkpoint_version {
+            self.kept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .checkpointed(c);
+        }
+        self.version
+            .send_modify(|v| *v = (*v).max(r.policy_version));
+        metrics::gauge!(crate::metrics::POLICY_VERSION).set(r.policy_version as f64);
+        let _ = self.steps.send(r);
+    }
+
+    /// Waits for the learner to answer again, and brings it up to date: returns its step stream,
+    /// or `None` when it did not come back in time or cannot be given what it lost.
+    async fn recover(&mut self) -> Option<chorus_proto::tonic::Streaming<StepReport>> {
+        let started = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let status = loop {
+            if started.elapsed() >= self.link.recover_for {
+                tracing::error!(run_id = %self.run, learner = %self.url, waited_s = started.elapsed().as_secs_f64(), "the learner did not come back within {:.0} s; the run stops waiting for it", self.link.recover_for.as_secs_f64());
+                return None;
+            }
+            let asked = self
+                .client
+                .status(LearnerStatusRequest {
+                    run_id: self.run.clone(),
+                })
+                .await;
+            match asked {
+                Ok(s) => break s.into_inner(),
+                Err(e) if learner_down(&e) => {}
+                Err(e) => {
+                    tracing::error!(run_id = %self.run, learner = %self.url, error = %e, "the learner answered, but not where it stands: it cannot be brought up to date");
+                    return None;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        };
+        let at = status.policy_version;
+        let (floor, resend) = {
+            let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            (kept.floor, kept.since(at))
+        };
+        if at < floor {
+            tracing::error!(run_id = %self.run, learner = %self.url, policy_version = at, kept_from_step = floor, "the learner came back at version {at}, but the groups of steps before {floor} are no longer kept (it checkpointed later, or saves none): the run cannot go on with it");
+            return None;
+        }
+        let held = *self.version.borrow();
+        if at < self.recorded_version
+            && let Some(ledger) = &self.ledger
+            && let Err(e) = ledger.forget_learner_steps(&self.run, at).await
+        {
+            tracing::error!(run_id = %self.run, error = %e, "the ledger did not forget the steps the learner lost");
+        }
+        self.recorded_version = self.recorded_version.min(at);
+        let stream = loop {
+            match self
+                .client
+                .stream_steps(StreamStepsRequest {
+                    run_id: self.run.clone(),
+                    after_step: 0,
+                })
+                .await
+            {
+                Ok(s) => break s.into_inner(),
+                Err(e) if learner_down(&e) && started.elapsed() < self.link.recover_for => {
+                    tokio::time::sleep(backoff).await;
+                }
+                Err(e) => {
+                    tracing::error!(run_id = %self.run, learner = %self.url, error = %e, "StreamSteps failed after the learner came back");
+                    return None;
+                }
+            }
+        };
+        tracing::warn!(
+            run_id = %self.run,
+            learner = %self.url,
+            policy_version = at,
+            checkpoint_version = status.checkpoint_version,
+            run_version = held,
+            groups = resend.len(),
+            down_s = started.elapsed().as_secs_f64(),
+            "the learner is back at version {at} (the run had reached {held}); sending it the {} groups of steps {at} and later again",
+            resend.len()
+        );
+        metrics::counter!(crate::metrics::LEARNER_RECOVERIES).increment(1);
+        // In step order, in one stream: the learner gathers groups by their step, so these and
+        // the scheduler's new ones (retrying meanwhile) never mix across steps.
+        if !resend.is_empty() {
+            let sent = self
+                .client
+                .submit_trajectories(tokio_stream::iter(resend))
+                .await;
+            match sent {
+                Ok(ack) => {
+                    for r in ack.into_inner().rejected {
+                        tracing::error!(run_id = %self.run, group_id = %r.group_id, reason = %r.reason, "the restarted learner refused a group sent again");
+                    }
+                }
+                // The learner died again: its step stream breaks too, and the next recovery
+                // sends them.
+                Err(e) => {
+                    tracing::warn!(run_id = %self.run, error = %e, "sending the kept groups again failed")
+                }
+            }
+        }
+        Some(stream)
+    }
 }
 
 impl RemoteLearner {
     /// Connects and follows the learner's steps from `initial_version` on, recording each step
-    /// and each policy version it publishes in `ledger` when given.
+    /// and each policy version it publishes in `ledger` when given, and keeping the learner as
+    /// `link` says (see the type's docs).
     pub async fn connect(
         url: &str,
         token: &str,
         run_id: &str,
         initial_version: u64,
         ledger: Option<Ledger>,
+        link: LearnerLink,
     ) -> Result<Self, ConnectError> {
         let attach = attach(url, token)?;
         let client = LearnerClient::with_interceptor(channel(url).await?, attach)
             .max_decoding_message_size(LEARNER_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(LEARNER_MAX_MESSAGE_BYTES);
-        let mut stream = client
+        let stream = client
             .clone()
             .stream_steps(StreamStepsRequest {
                 run_id: run_id.into(),
@@ -510,85 +829,30 @@ impl RemoteLearner {
             .into_inner();
         let (tx, rx) = watch::channel(initial_version);
         let (steps, _) = broadcast::channel(1024);
-        let steps_tx = steps.clone();
-        let run = run_id.to_string();
-        let learner_url = url.to_string();
-        tokio::spawn(async move {
-            let mut recorded_version = initial_version;
-            while let Some(Ok(r)) = stream.next().await {
-                tracing::debug!(run_id = %run, step = r.step, policy_version = r.policy_version, loss = r.loss, trajectories = r.trajectories, skip_reason = %r.skip_reason, "learner step");
-                if let Some(ledger) = &ledger {
-                    // A skipped step publishes the same weights under the next version, so it
-                    // is a version too.
-                    if r.policy_version > recorded_version {
-                        recorded_version = r.policy_version;
-                        let recorded = ledger
-                            .record_policy_version(PolicyVersion {
-                                run_id: run.clone(),
-                                version: r.policy_version,
-                                learner_step: r.step,
-                                sha256: chorus_proto::checksum::to_hex(&r.weights_sha256),
-                                num_bytes: r.weights_bytes,
-                            })
-                            .await;
-                        if let Err(e) = recorded {
-                            tracing::error!(run_id = %run, policy_version = r.policy_version, error = %e, "the ledger refused a policy version");
-                        }
-                    }
-                    let opt = |v: f64| v.is_finite().then_some(v);
-                    let _ = ledger
-                        .insert_learner_step(LearnerStep {
-                            run_id: run.clone(),
-                            step: r.step,
-                            policy_version: r.policy_version,
-                            loss: opt(r.loss),
-                            kl: opt(r.kl),
-                            entropy: opt(r.entropy),
-                            grad_norm: opt(r.grad_norm),
-                            learning_rate: opt(r.learning_rate),
-                            clip_fraction: opt(r.clip_fraction),
-                            num_tokens: r.tokens,
-                            num_trajectories: r.trajectories as u64,
-                            skip_reason: (!r.skip_reason.is_empty()).then(|| r.skip_reason.clone()),
-                            // Supervised steps have no sampled tokens to compare.
-                            mean_abs_logprob_diff: (!r.supervised)
-                                .then_some(r.mean_abs_logprob_diff)
-                                .and_then(opt),
-                        })
-                        .await
-                        .inspect_err(|e| {
-                            tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused a learner step");
-                        });
-                    let transfers = r
-                        .transfers
-                        .iter()
-                        .map(|t| WeightTransfer {
-                            run_id: run.clone(),
-                            requester_id: t.requester_id.clone(),
-                            policy_version: t.policy_version,
-                            num_bytes: t.bytes,
-                            seconds: t.seconds,
-                            finished_at_ms: t.finished_at_ms,
-                        })
-                        .collect();
-                    let _ = ledger
-                        .record_weight_transfers(transfers)
-                        .await
-                        .inspect_err(|e| {
-                            tracing::error!(run_id = %run, step = r.step, error = %e, "the ledger refused weight transfers");
-                        });
-                }
-                tx.send_modify(|v| *v = (*v).max(r.policy_version));
-                metrics::gauge!(crate::metrics::POLICY_VERSION).set(r.policy_version as f64);
-                let _ = steps_tx.send(r);
-            }
-            tracing::warn!(run_id = %run, learner = %learner_url, "the learner's step stream ended");
-        });
+        let kept = Arc::new(Mutex::new(Kept {
+            floor: initial_version,
+            ..Default::default()
+        }));
+        let follower = Follower {
+            run: run_id.to_string(),
+            url: url.to_string(),
+            client: client.clone(),
+            ledger,
+            version: tx,
+            steps: steps.clone(),
+            kept: kept.clone(),
+            link: link.clone(),
+            recorded_version: initial_version,
+        };
+        let follower = tokio::spawn(follower.run(stream));
         Ok(Self {
             url: url.to_string(),
             client,
             version: rx,
             steps,
+            kept,
+            link,
+            follower,
         })
     }
 
@@ -634,26 +898,53 @@ impl RemoteLearner {
 
 impl Learning for RemoteLearner {
     fn submit(&self, group: TrajectoryGroup) -> BoxFuture<Result<(), LearningError>> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let learner = self.url.clone();
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keep(&group, self.link.max_kept_bytes);
+        let recover_for = self.link.recover_for;
+        let version = self.version.clone();
         Box::pin(async move {
             let group_id = group.group_id.clone();
-            let ack = client
-                .submit_trajectories(tokio_stream::iter(vec![group]))
-                .await
-                .map_err(|e| LearningError::Unreachable {
-                    learner: learner.clone(),
-                    group_id: group_id.clone(),
-                    message: format!("SubmitTrajectories: {e}"),
-                })?
-                .into_inner();
-            match ack.rejected.into_iter().next() {
-                Some(r) => Err(LearningError::Rejected {
-                    learner,
-                    group_id: r.group_id,
-                    reason: r.reason,
-                }),
-                None => Ok(()),
+            let started = std::time::Instant::now();
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let sent = client
+                    .clone()
+                    .submit_trajectories(tokio_stream::iter(vec![group.clone()]))
+                    .await;
+                let ack = match sent {
+                    Ok(ack) => ack.into_inner(),
+                    // The learner is down: it gets the group again once it is back (kept above),
+                    // and this one is tried until then, so a step's groups all reach it.
+                    Err(e)
+                        if learner_down(&e)
+                            && started.elapsed() < recover_for
+                            && version.has_changed().is_ok() =>
+                    {
+                        tracing::debug!(group_id, error = %e, "the learner is unreachable; trying again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(LearningError::Unreachable {
+                            learner: learner.clone(),
+                            group_id: group_id.clone(),
+                            message: format!("SubmitTrajectories: {e}"),
+                        });
+                    }
+                };
+                return match ack.rejected.into_iter().next() {
+                    Some(r) => Err(LearningError::Rejected {
+                        learner,
+                        group_id: r.group_id,
+                        reason: r.reason,
+                    }),
+                    None => Ok(()),
+                };
             }
         })
     }
@@ -973,6 +1264,13 @@ mod tests {
             Err(Status::unimplemented("stand-in"))
         }
 
+        async fn status(
+            &self,
+            _: tonic::Request<chorus_proto::v1::LearnerStatusRequest>,
+        ) -> Result<tonic::Response<chorus_proto::v1::LearnerStatus>, tonic::Status> {
+            Err(tonic::Status::unimplemented("a stand-in without Status"))
+        }
+
         async fn stream_steps(
             &self,
             _: Request<StreamStepsRequest>,
@@ -1010,7 +1308,11 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
-        let learner = RemoteLearner::connect(&url, "tok", "r", 0, Some(ledger.clone()))
+        let link = LearnerLink {
+            recover_for: Duration::ZERO,
+            ..Default::default()
+        };
+        let learner = RemoteLearner::connect(&url, "tok", "r", 0, Some(ledger.clone()), link)
             .await
             .unwrap();
         // The stream ends after its last report: waiting for a version past it fails, once

@@ -1421,6 +1421,7 @@ async fn submit_group(
             stage: ctx.stage_index as u32,
             router_frozen: stage.router_frozen,
             mtp_head: false,
+            step: Some(at.step),
         })
         .await?;
     order.submitted(at.step);
@@ -1442,7 +1443,7 @@ async fn submit_group(
 }
 
 /// Hands the learner an empty group for a slot whose every attempt failed, so that the step
-/// still completes (the learner counts groups).
+/// (absolute: the policy version it updates) still completes (the learner counts groups).
 async fn submit_empty(
     ctx: &StageContext,
     stage: &Stage,
@@ -1475,6 +1476,7 @@ async fn submit_empty(
             stage: ctx.stage_index as u32,
             router_frozen: stage.router_frozen,
             mtp_head: false,
+            step: Some(step),
         })
         .await?;
     Ok(())
@@ -1753,6 +1755,7 @@ async fn run_sft_step(
             router_frozen: false,
             mtp_head: false,
             objective: None,
+            step: Some(base + step),
         }));
     }
     let ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
@@ -1762,7 +1765,7 @@ async fn run_sft_step(
     for (slot, g) in groups.into_iter().enumerate() {
         match g {
             Some(g) => ctx.learning.submit(g).await?,
-            None => submit_empty(ctx, stage, step, slot, true, stage.lr_at(step)).await?,
+            None => submit_empty(ctx, stage, base + step, slot, true, stage.lr_at(step)).await?,
         }
     }
     ctx.ledger.mark_consumed(ids, base + step).await?;
@@ -1847,6 +1850,7 @@ async fn run_mtp_heal_stage_in(
                     router_frozen: false,
                     mtp_head: true,
                     objective: None,
+                    step: Some(base + step),
                 })
                 .await?;
         }

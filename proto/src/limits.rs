@@ -50,3 +50,8 @@ pub const MAX_GROUP_SIZE: usize = 4096;
 /// Most groups one optimizer step may gather (`step_groups`, the stage's prompts per step): the
 /// learner queues groups until it holds that many.
 pub const MAX_STEP_GROUPS: usize = 1 << 16;
+
+/// Most steps ahead of its current version a group's `step` may be: the learner holds groups of
+/// later steps until it reaches them, and an orchestrator is never further ahead than its
+/// staleness bound.
+pub const MAX_STEPS_AHEAD: u64 = 1024;

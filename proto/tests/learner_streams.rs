@@ -69,6 +69,13 @@ impl Learner for FakeLearner {
     type StreamStepsStream =
         Pin<Box<dyn Stream<Item = Result<chorus_proto::v1::StepReport, Status>> + Send>>;
 
+    async fn status(
+        &self,
+        _: tonic::Request<chorus_proto::v1::LearnerStatusRequest>,
+    ) -> Result<tonic::Response<chorus_proto::v1::LearnerStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("a stand-in without Status"))
+    }
+
     async fn stream_steps(
         &self,
         _: Request<chorus_proto::v1::StreamStepsRequest>,

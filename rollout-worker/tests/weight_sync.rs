@@ -274,6 +274,13 @@ impl chorus_proto::v1::learner_server::Learner for FlakyLearner {
         self.inner.submit_trajectories(request).await
     }
 
+    async fn status(
+        &self,
+        _: tonic::Request<chorus_proto::v1::LearnerStatusRequest>,
+    ) -> Result<tonic::Response<chorus_proto::v1::LearnerStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("a stand-in without Status"))
+    }
+
     async fn stream_steps(
         &self,
         request: tonic::Request<chorus_proto::v1::StreamStepsRequest>,

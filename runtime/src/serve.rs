@@ -17,13 +17,15 @@ use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
 
+use crate::driver::LearnerFrom;
 use crate::driver::default_db;
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::registration::{Reporter, register};
-use crate::services::{Backend, serve_routes, start_learner, start_worker};
+use crate::services::{Backend, serve_routes, start_learner_from, start_worker};
 use crate::summary::Summary;
 use crate::{Endpoints, RunOptions, orchestrate};
+use chorus_learner::checkpoints::CheckpointPolicy;
 
 /// How a learner or worker process serves.
 #[derive(Clone, Debug)]
@@ -43,12 +45,42 @@ pub struct ServiceOptions {
 }
 
 /// Serves the learner of `plan` until Ctrl-C; `listening` gets its URL once it serves.
+///
+/// With `checkpoints`, it saves rolling checkpoints there (every `[learner] checkpoint_every`
+/// versions and at stage boundaries) and starts from the newest one it finds: a learner killed
+/// and started again with the same directory resumes where it saved, and the orchestrator sends
+/// it the groups of the steps after that again.
 pub async fn learner(
     plan: &RunPlan,
     s: ServiceOptions,
+    checkpoints: Option<PathBuf>,
     listening: impl FnOnce(&str),
 ) -> Result<()> {
-    let (handle, bound) = start_learner(plan, &s.run_id, s.token.expose(), &s.listen).await?;
+    let (from, policy) = match checkpoints {
+        Some(dir) => {
+            let latest = chorus_learner::checkpoints::latest(&dir)?;
+            let from = match latest {
+                Some((version, path)) => {
+                    tracing::info!(
+                        policy_version = version,
+                        dir = %path.display(),
+                        "resuming from the learner checkpoint at version {version}"
+                    );
+                    LearnerFrom::Checkpoint(path)
+                }
+                None => LearnerFrom::Plan,
+            };
+            let policy = CheckpointPolicy {
+                dir,
+                every: plan.config.checkpoint_every,
+                keep: plan.config.checkpoint_keep,
+            };
+            (from, Some(policy))
+        }
+        None => (LearnerFrom::Plan, None),
+    };
+    let (handle, bound) =
+        start_learner_from(plan, &s.run_id, s.token.expose(), &s.listen, &from, policy).await?;
     let url = advertised_url(&bound, s.advertise.as_deref())?;
     if let Some(orchestrator) = &s.orchestrator {
         let reporter = Reporter::Learner {

@@ -78,6 +78,13 @@ pub struct LearnerArgs {
     /// This learner's id at the orchestrator.
     #[arg(long, default_value = "learner")]
     id: String,
+    /// Save rolling checkpoints (weights, optimizer state, counters) in DIR, every `[learner]
+    /// checkpoint_every` versions and at stage boundaries, and start from the newest one found
+    /// there: a learner killed mid-run and started again with the same DIR resumes where it
+    /// saved, and the orchestrator sends it the groups of the later steps again. One DIR per
+    /// run.
+    #[arg(long, value_name = "DIR")]
+    checkpoints: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -252,7 +259,11 @@ pub fn stands_by(cmd: &ServeCommand) -> bool {
 pub fn run(cmd: ServeCommand, metrics: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     super::runtime(2)?.block_on(async move {
         match cmd {
-            ServeCommand::Learner(LearnerArgs { service: a, id }) => {
+            ServeCommand::Learner(LearnerArgs {
+                service: a,
+                id,
+                checkpoints,
+            }) => {
                 if let Some(mut standby) = a.standby(Role::Learner, &id) {
                     standby.metrics = metrics;
                     let ready = super::print_standing_by(&standby);
@@ -260,7 +271,13 @@ pub fn run(cmd: ServeCommand, metrics: Option<std::net::SocketAddr>) -> anyhow::
                 }
                 let plan = a.plan("learner")?;
                 let options = a.options(id, &plan);
-                Ok(chorus_runtime::serve::learner(&plan, options, super::print_listening).await?)
+                Ok(chorus_runtime::serve::learner(
+                    &plan,
+                    options,
+                    checkpoints,
+                    super::print_listening,
+                )
+                .await?)
             }
             ServeCommand::Worker(WorkerArgs {
                 service: a,

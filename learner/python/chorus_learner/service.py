@@ -18,6 +18,9 @@ from .objective import Objective
 from .trainer import BatchError, RlSequence, SftSequence, StepReport
 from .weights import encode
 
+# Most steps ahead of its version a group's `step` may be (chorus_proto::limits::MAX_STEPS_AHEAD).
+MAX_STEPS_AHEAD = 1024
+
 log = logging.getLogger("chorus_learner")
 
 
@@ -94,6 +97,8 @@ class LearnerState:
         self.recent = []
         self.history = []
         self.seen = set()
+        # The newest version saved in a checkpoint (a restart resumes from it), or None.
+        self.checkpointed = None
         # Weight transfers served since the last step report, which carries them on.
         self.transfers = []
         self.work = queue.Queue()
@@ -132,6 +137,15 @@ class LearnerState:
             group_sft(g) if g.supervised else group_sequences(g)
         group_objective(g)
         with self.cond:
+            version = self.recent[-1].version
+            if g.HasField("step") and g.step > version + MAX_STEPS_AHEAD:
+                raise BatchError(
+                    f"step is {g.step}, but this learner is at version {version} and holds "
+                    f"groups at most {MAX_STEPS_AHEAD} steps ahead (a learner restarted from "
+                    "an older checkpoint than the orchestrator kept groups for?)")
+            # Trained into a version held already: sent again after a restart.
+            if g.HasField("step") and g.step < version:
+                return
             if g.group_id in self.seen:
                 return
             self.seen.add(g.group_id)
@@ -154,22 +168,27 @@ class LearnerState:
         import os
         path = os.path.join(self.checkpoints, f"step-{self.trainer.step:08}")
         self.trainer.save(path)
+        self.checkpointed = self.trainer.version
         log.info("learner checkpoint (%s) at version %d: %s", why, self.trainer.version, path)
 
     def _train(self):
-        rl, sft, stage = [], [], None
+        # Groups gathered by the step they name, so that groups sent again after a restart and
+        # new ones never count towards each other's step.
+        waiting, stage = {}, None
         while True:
             g = self.work.get()
-            if stage is not None and stage != g.stage and not rl and not sft:
-                self._save("stage boundary")
-            stage = g.stage
-            target = g.step_groups or self.groups_per_step
-            held = sft if g.supervised else rl
-            held.append(g)
-            if len(held) < target:
+            version = self.trainer.version
+            step = g.step if g.HasField("step") else version
+            if step < version:
                 continue
-            groups = sorted(held, key=lambda x: x.group_id)
-            held.clear()
+            target = g.step_groups or self.groups_per_step
+            waiting.setdefault(step, []).append(g)
+            if step != version or len(waiting[step]) < target:
+                continue
+            groups = sorted(waiting.pop(step), key=lambda x: x.group_id)
+            if stage is not None and stage != groups[0].stage:
+                self._save("stage boundary")
+            stage = groups[0].stage
             lr = groups[0].learning_rate or None
             t = self.trainer
             t.set_router_frozen(any(x.router_frozen for x in groups))
@@ -213,6 +232,8 @@ class LearnerState:
                 self.transfers = []
             if self.checkpoint_every and report.version % self.checkpoint_every == 0:
                 self._save("every")
+            if self.checkpointed is not None:
+                msg.checkpoint_version = self.checkpointed
             with self.cond:
                 self.history.append(msg)
                 self.cond.notify_all()
@@ -259,6 +280,16 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             seconds=time.monotonic() - started, finished_at_ms=int(time.time() * 1000))
         with self.state.cond:
             self.state.transfers.append(done)
+
+    def Status(self, request, context):
+        if request.run_id and request.run_id != self.state.run_id:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"this learner trains run `{self.state.run_id}`, not `{request.run_id}`")
+        status = learner_pb2.LearnerStatus(run_id=self.state.run_id,
+                                           policy_version=self.state.newest().version)
+        if self.state.checkpointed is not None:
+            status.checkpoint_version = self.state.checkpointed
+        return status
 
     def StreamSteps(self, request, context):
         context.send_initial_metadata(())

@@ -177,7 +177,7 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6, 7]
+            [1, 2, 3, 4, 5, 6, 7, 8]
         );
     }
 }

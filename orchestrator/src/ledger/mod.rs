@@ -516,6 +516,23 @@ impl Ledger {
         self.flush().await
     }
 
+    /// Forgets run `run_id`'s learner steps, policy versions and weight transfers after
+    /// `version`, for a learner that died and came back from a checkpoint at `version`: it trains
+    /// those steps again (on the same groups, sent again) and they are recorded as it reports
+    /// them. Prompts and trajectories stay as they are: their groups are trained at the same
+    /// steps as before.
+    pub async fn forget_learner_steps(
+        &self,
+        run_id: &str,
+        version: u64,
+    ) -> Result<(), LedgerError> {
+        self.enqueue(WriteOp::ForgetLearnerSteps {
+            run_id: run_id.to_owned(),
+            version,
+        })
+        .await
+    }
+
     /// Drops every prompt of `run_id` still in flight (dispatched, generated or scored), with
     /// `reason`: a run that stopped leaves none behind. A later `--resume` rewinds as usual.
     pub async fn drop_in_flight(&self, run_id: &str, reason: &str) -> Result<(), LedgerError> {

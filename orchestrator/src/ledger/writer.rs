@@ -109,6 +109,10 @@ pub(crate) enum WriteOp {
         reason: String,
         at_ms: i64,
     },
+    ForgetLearnerSteps {
+        run_id: String,
+        version: u64,
+    },
     StageFinished {
         end: StageEnd,
         at_ms: i64,
@@ -189,6 +193,9 @@ impl WriteOp {
                 run_id, version, ..
             } => format!("rewind({run_id}, {version})"),
             WriteOp::DropInFlight { run_id, .. } => format!("drop_in_flight({run_id})"),
+            WriteOp::ForgetLearnerSteps { run_id, version } => {
+                format!("forget_learner_steps({run_id}, {version})")
+            }
             WriteOp::StageStarted { stage, .. } => {
                 format!("start_stage({}, {})", stage.run_id, stage.stage_index)
             }
@@ -480,6 +487,23 @@ impl WriteOp {
                 reason,
                 at_ms,
             } => vec![drop_in_flight(run_id, reason, *at_ms)],
+            WriteOp::ForgetLearnerSteps { run_id, version } => {
+                // The learner restarted from `version` and records the later steps again.
+                let v = to_i64("version", *version)?;
+                vec![
+                    Stmt::new("DELETE FROM learner_steps WHERE run_id = $1 AND step > $2")
+                        .bind(run_id.as_str())
+                        .bind(v),
+                    Stmt::new("DELETE FROM policy_versions WHERE run_id = $1 AND version > $2")
+                        .bind(run_id.as_str())
+                        .bind(v),
+                    Stmt::new(
+                        "DELETE FROM weight_transfers WHERE run_id = $1 AND policy_version > $2",
+                    )
+                    .bind(run_id.as_str())
+                    .bind(v),
+                ]
+            }
             WriteOp::Event {
                 run_id,
                 kind,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use chorus_orchestrator::config::StageKind;
 use chorus_orchestrator::faults::EnvFaults;
 use chorus_orchestrator::ledger::{RunOutputs, new_run_id};
-use chorus_orchestrator::remote::{RemoteLearner, WorkerPool};
+use chorus_orchestrator::remote::{LearnerLink, RemoteLearner, WorkerPool};
 use chorus_orchestrator::scheduler::{StageContext, StageStats};
 use chorus_orchestrator::{Directory, Leases, record_events};
 use chorus_proto::auth::Secret;
@@ -179,6 +179,7 @@ async fn drive(
             // A resumed learner starts at the version the run continues from.
             options.resumed.as_ref().map_or(0, |r| r.version),
             Some(record.ledger.clone()),
+            LearnerLink::default(),
         )
         .await?,
     );

@@ -50,6 +50,11 @@ class LearnerStub:
                 request_serializer=chorus_dot_v1_dot_learner__pb2.StreamStepsRequest.SerializeToString,
                 response_deserializer=chorus_dot_v1_dot_learner__pb2.StepReport.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/chorus.v1.Learner/Status',
+                request_serializer=chorus_dot_v1_dot_learner__pb2.LearnerStatusRequest.SerializeToString,
+                response_deserializer=chorus_dot_v1_dot_learner__pb2.LearnerStatus.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -80,6 +85,15 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Where the learner stands: the version it holds and the newest one it saved. An orchestrator
+        asks when it reconnects, to learn where a restarted learner resumed and which groups to
+        send again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +111,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.StreamSteps,
                     request_deserializer=chorus_dot_v1_dot_learner__pb2.StreamStepsRequest.FromString,
                     response_serializer=chorus_dot_v1_dot_learner__pb2.StepReport.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=chorus_dot_v1_dot_learner__pb2.LearnerStatusRequest.FromString,
+                    response_serializer=chorus_dot_v1_dot_learner__pb2.LearnerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +200,33 @@ class Learner:
             '/chorus.v1.Learner/StreamSteps',
             chorus_dot_v1_dot_learner__pb2.StreamStepsRequest.SerializeToString,
             chorus_dot_v1_dot_learner__pb2.StepReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chorus.v1.Learner/Status',
+            chorus_dot_v1_dot_learner__pb2.LearnerStatusRequest.SerializeToString,
+            chorus_dot_v1_dot_learner__pb2.LearnerStatus.FromString,
             options,
             channel_credentials,
             insecure,

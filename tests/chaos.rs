@@ -1,0 +1,220 @@
+//! Chaos: a run as separate processes (orchestrator, learner, two rollout workers and an
+//! environment plugin) in which the learner, a worker and the plugin are each killed once with
+//! SIGKILL, at a moment drawn at random (the seed is printed; `CHORUS_CHAOS_SEED` repeats it),
+//! and started again at the same address. The run completes with every step trained once, and
+//! `chorus audit` is clean.
+
+mod harness;
+
+use std::io::Read;
+
+use chorus_proto::v1::{WatchRunRequest, run_event};
+use harness::*;
+
+const RL_STEPS: u64 = 16;
+
+fn config(plugin: &str) -> String {
+    format!(
+        r#"
+name = "chaos"
+[model]
+init_config = "model.json"
+[workers]
+count = 2
+max_in_flight = 4
+[learner]
+checkpoint_every = 3
+[environment_faults]
+error_budget = 1000
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = {RL_STEPS}
+prompts_per_step = 3
+group_size = 4
+max_new_tokens = 8
+max_staleness = 1
+environments = [{{ url = "{plugin}" }}]
+"#
+    )
+}
+
+/// A free port on 127.0.0.1, for a service that must come back at the same address.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The seed of this test's kill moments.
+fn seed() -> u64 {
+    let seed = std::env::var("CHORUS_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("chaos seed {seed} (CHORUS_CHAOS_SEED={seed} repeats it)");
+    seed
+}
+
+/// A small generator of kill moments (splitmix64).
+struct Moments(u64);
+
+impl Moments {
+    /// A number of steps in `lo..=hi`.
+    fn steps(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        lo + (z ^ (z >> 31)) % (hi - lo + 1)
+    }
+}
+
+fn kill(service: &mut Service) {
+    service.child.kill().unwrap();
+    service.child.wait().unwrap();
+}
+
+#[test]
+fn a_run_survives_its_learner_a_worker_and_its_plugin_killed_mid_run() {
+    let h = Harness::new();
+    let mut moments = Moments(seed());
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    let plugin_listen = format!("127.0.0.1:{}", free_port());
+    let plugin_args = [
+        "serve",
+        "environment",
+        "arithmetic",
+        "--listen",
+        &plugin_listen,
+        "--token",
+        "plugin-tok",
+    ];
+    let mut plugin = h.service(&plugin_args);
+    std::fs::write(h.path("run.toml"), config(&plugin.url)).unwrap();
+    let common = ["--config", "run.toml", "--run-id", "c1", "--token", "tok"];
+    let (orchestrator, mut stdout) = h.service_logged(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--eval-tasks", "2", "--wait-seconds", "120"],
+            &["--plugin-token", "plugin-tok"],
+            &common,
+        ]
+        .concat(),
+        &[("RUST_LOG", "info")],
+        "orchestrator.log",
+    );
+    let url = orchestrator.url.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut events = rt
+        .block_on(async {
+            let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            chorus_proto::v1::orchestrator_client::OrchestratorClient::with_interceptor(
+                channel,
+                chorus_proto::auth::AttachToken::new("tok").unwrap(),
+            )
+            .watch_run(WatchRunRequest {
+                run_id: "c1".into(),
+                after_sequence: 0,
+            })
+            .await
+        })
+        .unwrap()
+        .into_inner();
+    let mut newest_step = 0;
+    // Follows the run's events until the learner reports `step` (or the run ends).
+    let mut until_step = |step: u64| {
+        while newest_step < step {
+            match rt
+                .block_on(events.message())
+                .ok()
+                .flatten()
+                .and_then(|e| e.kind)
+            {
+                Some(run_event::Kind::LearnerStep(s)) => newest_step = newest_step.max(s.step),
+                Some(_) => {}
+                None => panic!("the run's events ended before step {step}"),
+            }
+        }
+        newest_step
+    };
+
+    let learner_listen = format!("127.0.0.1:{}", free_port());
+    let learner_args = [
+        &["serve", "learner", "--listen", &learner_listen][..],
+        &[
+            "--checkpoints",
+            "learner-checkpoints",
+            "--orchestrator",
+            &url,
+        ],
+        &common,
+    ]
+    .concat();
+    let mut learner = h.service(&learner_args);
+    let learner_url = learner.url.clone();
+    let worker_args = |id: &'static str| {
+        [
+            &["serve", "worker", "--learner", &learner_url, "--id", id][..],
+            &["--orchestrator", &url],
+            &common,
+        ]
+        .concat()
+    };
+    let w0_args = worker_args("w0");
+    let w1_args = worker_args("w1");
+    let _w0 = h.service(&w0_args);
+    let mut w1 = h.service(&w1_args);
+
+    // The learner: killed mid-run, after at least one checkpoint, and started again on the same
+    // directory; it resumes from its newest checkpoint and is sent the groups it lost.
+    let at = until_step(moments.steps(4, 7));
+    eprintln!("killing the learner after step {at}");
+    kill(&mut learner);
+    learner = h.service(&learner_args);
+    let at = until_step(at + moments.steps(1, 3));
+    eprintln!("killing worker w1 after step {at}");
+    kill(&mut w1);
+    w1 = h.service(&w1_args);
+    let at = until_step(at + moments.steps(1, 3));
+    eprintln!("killing the environment plugin after step {at}");
+    kill(&mut plugin);
+    plugin = h.service(&plugin_args);
+
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    let log = std::fs::read_to_string(h.path("orchestrator.log")).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("no summary ({e}): {out}\norchestrator log:\n{log}"));
+    assert_eq!(summary["steps"], RL_STEPS, "{summary}");
+    assert!(
+        log.contains("the learner is back at version"),
+        "the orchestrator never saw the learner come back:\n{log}"
+    );
+
+    let db = h.ledger_url("chaos");
+    let audit = h.audit_clean(&db);
+    eprintln!("{audit}");
+    rt.block_on(async {
+        let ledger = chorus_orchestrator::ledger::Ledger::open(&db)
+            .await
+            .unwrap();
+        let steps = ledger.list_learner_steps("c1").await.unwrap();
+        let numbers: Vec<u64> = steps.iter().map(|s| s.step.step).collect();
+        assert_eq!(numbers, (1..=RL_STEPS).collect::<Vec<_>>());
+        let versions = ledger.list_policy_versions("c1").await.unwrap();
+        assert_eq!(versions.len() as u64, RL_STEPS, "{versions:?}");
+    });
+    drop((learner, w1, plugin));
+}

@@ -1,6 +1,6 @@
 //! Chaos: a run as separate processes (orchestrator, learner, two rollout workers and an
-//! environment plugin) in which the learner, a worker and the plugin are each killed once with
-//! SIGKILL, at a moment drawn at random (the seed is printed; `CHORUS_CHAOS_SEED` repeats it),
+//! environment plugin) in which the learner, a worker, the plugin and the orchestrator are each
+//! killed once with SIGKILL, at a moment drawn at random (the seed is printed; `CHORUS_CHAOS_SEED` repeats it),
 //! and started again at the same address. The run completes with every step trained once, and
 //! `chorus audit` is clean.
 
@@ -8,7 +8,6 @@ mod harness;
 
 use std::io::Read;
 
-use chorus_proto::v1::{WatchRunRequest, run_event};
 use harness::*;
 
 const RL_STEPS: u64 = 16;
@@ -83,7 +82,7 @@ fn kill(service: &mut Service) {
 }
 
 #[test]
-fn a_run_survives_its_learner_a_worker_and_its_plugin_killed_mid_run() {
+fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mid_run() {
     let h = Harness::new();
     let mut moments = Moments(seed());
     std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
@@ -100,54 +99,41 @@ fn a_run_survives_its_learner_a_worker_and_its_plugin_killed_mid_run() {
     let mut plugin = h.service(&plugin_args);
     std::fs::write(h.path("run.toml"), config(&plugin.url)).unwrap();
     let common = ["--config", "run.toml", "--run-id", "c1", "--token", "tok"];
-    let (orchestrator, mut stdout) = h.service_logged(
-        &[
-            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
-            &["--eval-tasks", "2", "--wait-seconds", "120"],
-            &["--plugin-token", "plugin-tok"],
-            &common,
-        ]
-        .concat(),
+    let orchestrator_listen = format!("127.0.0.1:{}", free_port());
+    let orchestrator_args = [
+        &["serve", "orchestrator", "--listen", &orchestrator_listen][..],
+        &["--eval-tasks", "2", "--wait-seconds", "120"],
+        &["--plugin-token", "plugin-tok"],
+        &common,
+    ]
+    .concat();
+    let (mut orchestrator, _) = h.service_logged(
+        &orchestrator_args,
         &[("RUST_LOG", "info")],
-        "orchestrator.log",
+        "orchestrator-1.log",
     );
     let url = orchestrator.url.clone();
+    let db = h.ledger_url("chaos");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut events = rt
-        .block_on(async {
-            let channel = chorus_proto::tonic::transport::Endpoint::from_shared(url.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            chorus_proto::v1::orchestrator_client::OrchestratorClient::with_interceptor(
-                channel,
-                chorus_proto::auth::AttachToken::new("tok").unwrap(),
-            )
-            .watch_run(WatchRunRequest {
-                run_id: "c1".into(),
-                after_sequence: 0,
-            })
+    let ledger = rt.block_on(async {
+        // The orchestrator creates the ledger as it starts.
+        assert!(eventually(30, || h
+            .path("runs/chaos/ledger.sqlite")
+            .exists()));
+        chorus_orchestrator::ledger::Ledger::open(&db)
             .await
-        })
-        .unwrap()
-        .into_inner();
-    let mut newest_step = 0;
-    // Follows the run's events until the learner reports `step` (or the run ends).
-    let mut until_step = |step: u64| {
-        while newest_step < step {
-            match rt
-                .block_on(events.message())
-                .ok()
-                .flatten()
-                .and_then(|e| e.kind)
-            {
-                Some(run_event::Kind::LearnerStep(s)) => newest_step = newest_step.max(s.step),
-                Some(_) => {}
-                None => panic!("the run's events ended before step {step}"),
-            }
-        }
-        newest_step
+            .unwrap()
+    });
+    // Waits until the ledger holds learner step `step`: the ledger, not an orchestrator's event
+    // stream, since the orchestrator is among what gets killed.
+    let until_step = |step: u64| {
+        let reached = eventually(600, || {
+            rt.block_on(ledger.list_learner_steps("c1"))
+                .map(|s| s.iter().any(|s| s.step.step >= step))
+                .unwrap_or(false)
+        });
+        assert!(reached, "the run never reached step {step}");
+        step
     };
 
     let learner_listen = format!("127.0.0.1:{}", free_port());
@@ -179,42 +165,76 @@ fn a_run_survives_its_learner_a_worker_and_its_plugin_killed_mid_run() {
 
     // The learner: killed mid-run, after at least one checkpoint, and started again on the same
     // directory; it resumes from its newest checkpoint and is sent the groups it lost.
-    let at = until_step(moments.steps(4, 7));
+    let at = until_step(moments.steps(4, 6));
     eprintln!("killing the learner after step {at}");
     kill(&mut learner);
     learner = h.service(&learner_args);
-    let at = until_step(at + moments.steps(1, 3));
+    let at = until_step(at + moments.steps(1, 2));
     eprintln!("killing worker w1 after step {at}");
     kill(&mut w1);
     w1 = h.service(&w1_args);
-    let at = until_step(at + moments.steps(1, 3));
+    let at = until_step(at + moments.steps(1, 2));
     eprintln!("killing the environment plugin after step {at}");
     kill(&mut plugin);
     plugin = h.service(&plugin_args);
+    // The orchestrator: started again on the same ledger, run id and address; the services
+    // register with it again, and it picks the run up where the learner is.
+    let at = until_step(at + moments.steps(1, 2));
+    eprintln!("killing the orchestrator after step {at}");
+    kill(&mut orchestrator);
+    let (orchestrator, mut stdout) = h.service_logged(
+        &orchestrator_args,
+        &[("RUST_LOG", "info")],
+        "orchestrator-2.log",
+    );
 
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
-    let log = std::fs::read_to_string(h.path("orchestrator.log")).unwrap();
-    let summary: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("no summary ({e}): {out}\norchestrator log:\n{log}"));
+    let logs = ["orchestrator-1.log", "orchestrator-2.log"]
+        .map(|f| std::fs::read_to_string(h.path(f)).unwrap());
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "no summary ({e}): {out}\nfirst orchestrator:\n{}\nsecond orchestrator:\n{}",
+            logs[0], logs[1]
+        )
+    });
     assert_eq!(summary["steps"], RL_STEPS, "{summary}");
     assert!(
-        log.contains("the learner is back at version"),
-        "the orchestrator never saw the learner come back:\n{log}"
+        logs[0].contains("the learner is back at version"),
+        "the orchestrator never saw the learner come back:\n{}",
+        logs[0]
+    );
+    assert!(
+        logs[1].contains("picking run c1 up at policy version"),
+        "the second orchestrator did not pick the run up:\n{}",
+        logs[1]
     );
 
-    let db = h.ledger_url("chaos");
     let audit = h.audit_clean(&db);
     eprintln!("{audit}");
     rt.block_on(async {
-        let ledger = chorus_orchestrator::ledger::Ledger::open(&db)
-            .await
-            .unwrap();
         let steps = ledger.list_learner_steps("c1").await.unwrap();
         let numbers: Vec<u64> = steps.iter().map(|s| s.step.step).collect();
         assert_eq!(numbers, (1..=RL_STEPS).collect::<Vec<_>>());
         let versions = ledger.list_policy_versions("c1").await.unwrap();
         assert_eq!(versions.len() as u64, RL_STEPS, "{versions:?}");
+        // Nothing lost, nothing counted twice: the trajectories the ledger has consumed are
+        // exactly the ones the learner reports having trained.
+        let trained: u64 = steps.iter().map(|s| s.step.num_trajectories).sum();
+        let rows = ledger
+            .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
+                run_id: Some("c1".into()),
+                limit: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let consumed = rows.iter().filter(|r| r.consumed_at_step.is_some()).count() as u64;
+        assert_eq!(
+            consumed, trained,
+            "consumed in the ledger vs trained by the learner"
+        );
+        ledger.close().await.unwrap();
     });
-    drop((learner, w1, plugin));
+    drop((orchestrator, learner, w1, plugin));
 }

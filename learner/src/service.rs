@@ -126,10 +126,18 @@ fn save_checkpoint(trainer: &Trainer, policy: &CheckpointPolicy, why: &str) -> b
     }
 }
 
+/// What the training thread is handed.
+enum Work {
+    /// A group to train.
+    Group(TrajectoryGroup),
+    /// Drop the groups held for steps not yet trained, then answer.
+    DiscardPending(std::sync::mpsc::SyncSender<()>),
+}
+
 /// Handle to the training thread.
 #[derive(Clone)]
 pub struct LearnerHandle {
-    work: std::sync::mpsc::Sender<TrajectoryGroup>,
+    work: std::sync::mpsc::Sender<Work>,
     published: watch::Receiver<Arc<Published>>,
     reports: broadcast::Sender<StepReport>,
     step_msgs: broadcast::Sender<StepReportMsg>,
@@ -147,6 +155,8 @@ pub struct LearnerHandle {
     vocab: usize,
     /// The run it trains.
     run_id: String,
+    /// The version it started at.
+    start_version: u64,
 }
 
 /// Remembers `p` among the newest `keep` versions.
@@ -386,13 +396,15 @@ fn report_msg(
         supervised,
         transfers: Vec::new(),
         checkpoint_version: None,
+        group_ids: Vec::new(),
     }
 }
 
 /// Starts the training thread over `trainer` and publishes its current weights as the first
 /// version.
 pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> LearnerHandle {
-    let (work_tx, work_rx) = std::sync::mpsc::channel::<TrajectoryGroup>();
+    let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+    let start_version = trainer.version();
     let vocab = trainer.model_config().vocab_size;
     let first = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
     let recent = Arc::new(Mutex::new(VecDeque::new()));
@@ -427,7 +439,23 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
             let mut waiting: BTreeMap<u64, Vec<TrajectoryGroup>> = BTreeMap::new();
             let mut stage = None;
             let mut checkpointed = saved_at_start;
-            while let Ok(g) = work_rx.recv() {
+            while let Ok(work) = work_rx.recv() {
+                let g = match work {
+                    Work::Group(g) => g,
+                    Work::DiscardPending(done) => {
+                        let dropped: usize = waiting.values().map(Vec::len).sum();
+                        waiting.clear();
+                        if dropped > 0 {
+                            tracing::warn!(
+                                groups = dropped,
+                                "dropped the groups held for steps not yet trained (a restarted \
+                                 orchestrator sends them anew)"
+                            );
+                        }
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
                 let step = g.step.unwrap_or_else(|| trainer.version());
                 if step < trainer.version() {
                     tracing::debug!(group_id = %g.group_id, step, "group of a step already trained: ignored");
@@ -540,6 +568,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 // Published after skipped steps too: the same weights under the next version.
                 let published = Arc::new(publish(&cfg.run_id, &trainer, cfg.max_chunk_bytes));
                 let mut msg = report_msg(&cfg.run_id, &report, n, supervised, &published);
+                msg.group_ids = groups.iter().map(|g| g.group_id.clone()).collect();
                 msg.transfers = std::mem::take(&mut *served.lock().expect("not poisoned"));
                 let outcome = if report.skipped.is_some() {
                     "skipped"
@@ -604,6 +633,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
         keep: cfg_keep,
         vocab,
         run_id,
+        start_version,
     }
 }
 
@@ -666,10 +696,10 @@ impl LearnerHandle {
             tracing::debug!(run_id = %g.run_id, group_id = %g.group_id, "group seen before: acknowledged again");
             return Ok(());
         }
-        self.work.send(g).map_err(|e| SubmitError::Stopped {
-            run_id: e.0.run_id,
-            group_id: e.0.group_id,
-        })
+        let (run_id, group_id) = (g.run_id.clone(), g.group_id.clone());
+        self.work
+            .send(Work::Group(g))
+            .map_err(|_| SubmitError::Stopped { run_id, group_id })
     }
 
     /// A group's `step` is at most [`MAX_STEPS_AHEAD`] past this learner's version.
@@ -691,6 +721,16 @@ impl LearnerHandle {
             run_id: self.run_id.clone(),
             policy_version: self.version(),
             checkpoint_version: *self.checkpoint_version.lock().expect("not poisoned"),
+            start_version: self.start_version,
+        }
+    }
+
+    /// Drops the groups held for steps not yet trained, once the step in training (if any) is
+    /// done; returns when they are gone. Blocks: call it off the async runtime.
+    pub fn discard_pending(&self) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.work.send(Work::DiscardPending(done)).is_ok() {
+            let _ = wait.recv();
         }
     }
 
@@ -800,7 +840,20 @@ impl Learner for LearnerService {
         &self,
         request: Request<LearnerStatusRequest>,
     ) -> Result<Response<LearnerStatus>, Status> {
-        let run_id = request.into_inner().run_id;
+        let request = request.into_inner();
+        let run_id = request.run_id;
+        if !run_id.is_empty() && run_id != self.handle.run_id {
+            return Err(Status::not_found(format!(
+                "this learner trains run `{}`, not `{run_id}`",
+                self.handle.run_id
+            )));
+        }
+        if request.discard_pending {
+            let handle = self.handle.clone();
+            tokio::task::spawn_blocking(move || handle.discard_pending())
+                .await
+                .map_err(|e| Status::internal(format!("dropping the pending groups: {e}")))?;
+        }
         let status = self.handle.status();
         if !run_id.is_empty() && run_id != status.run_id {
             return Err(Status::not_found(format!(
@@ -1076,12 +1129,26 @@ mod tests {
         let history = handle.history.lock().unwrap().clone();
         assert_eq!(history.len(), 3);
         // A step far past the learner's version is refused, naming the limit.
-        let err = handle
-            .submit(at("e", 3 + MAX_STEPS_AHEAD + 1))
-            .unwrap_err();
+        let err = handle.submit(at("e", 3 + MAX_STEPS_AHEAD + 1)).unwrap_err();
         assert!(err.reason().contains("steps ahead"), "{err}");
         assert_eq!(handle.status().policy_version, 3);
         assert_eq!(handle.status().checkpoint_version, None);
+        assert_eq!(handle.status().start_version, 0);
+
+        // A restarted orchestrator has the groups held for an untrained step dropped, and sends
+        // that step anew: the step trains on the new groups only, and says which.
+        let pair = |id: &str| TrajectoryGroup {
+            step_groups: 2,
+            ..at(id, 3)
+        };
+        handle.submit(pair("f")).unwrap();
+        handle.discard_pending();
+        handle.submit(pair("g")).unwrap();
+        handle.submit(pair("h")).unwrap();
+        assert_eq!(reports.blocking_recv().unwrap().version, 4);
+        let last = handle.history.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last.group_ids, ["g", "h"]);
+        assert_eq!(last.trajectories, 4);
     }
 
     #[test]

@@ -32,5 +32,5 @@ pub use directory::{
     record_events,
 };
 pub use fleet::{FINISHED_RUNS_KEPT, Fleet, FleetError, Launched};
-pub use remote::{LearnerLink, RemoteLearner, WorkerPool};
+pub use remote::{LearnerLink, RemoteLearner, WorkerPool, take_over_learner};
 pub use service::OrchestratorService;

@@ -714,6 +714,7 @@ impl Follower {
                 .client
                 .status(LearnerStatusRequest {
                     run_id: self.run.clone(),
+                    discard_pending: false,
                 })
                 .await;
             match asked {
@@ -797,6 +798,105 @@ impl Follower {
         }
         Some(stream)
     }
+}
+
+/// For an orchestrator restarted on a run whose learner lived on: has the learner drop the
+/// groups it held for steps not yet trained (the run sends those steps anew), records in
+/// `ledger` every step the learner's history holds (the steps trained while no orchestrator
+/// recorded them, with their policy versions) and marks the prompts of the groups each trained
+/// consumed at its step. Returns the learner's version, where the run continues. Waits up to
+/// `wait` for the learner to answer.
+pub async fn take_over_learner(
+    url: &str,
+    token: &str,
+    run_id: &str,
+    ledger: &Ledger,
+    wait: Duration,
+) -> Result<u64, ConnectError> {
+    let fail = |message: String| ConnectError {
+        url: url.into(),
+        message,
+    };
+    let attach = attach(url, token)?;
+    let client = LearnerClient::with_interceptor(channel(url).await?, attach)
+        .max_decoding_message_size(LEARNER_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(LEARNER_MAX_MESSAGE_BYTES);
+    let started = std::time::Instant::now();
+    let status = loop {
+        let asked = client
+            .clone()
+            .status(LearnerStatusRequest {
+                run_id: run_id.into(),
+                discard_pending: true,
+            })
+            .await;
+        match asked {
+            Ok(s) => break s.into_inner(),
+            Err(e) if learner_down(&e) && started.elapsed() < wait => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(fail(format!("Status: {e}"))),
+        }
+    };
+    let version = status.policy_version;
+    if version > status.start_version {
+        let mut stream = client
+            .clone()
+            .stream_steps(StreamStepsRequest {
+                run_id: run_id.into(),
+                after_step: 0,
+            })
+            .await
+            .map_err(|e| fail(format!("StreamSteps: {e}")))?
+            .into_inner();
+        let (version_tx, _) = watch::channel(0);
+        let (steps, _) = broadcast::channel(1);
+        let mut follower = Follower {
+            run: run_id.into(),
+            url: url.into(),
+            client,
+            ledger: Some(ledger.clone()),
+            version: version_tx,
+            steps,
+            kept: Arc::default(),
+            link: LearnerLink::default(),
+            recorded_version: 0,
+        };
+        loop {
+            let next = tokio::time::timeout(wait, stream.next())
+                .await
+                .map_err(|_| fail(format!("its step history stopped before version {version}")))?;
+            let r = match next {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => return Err(fail(format!("StreamSteps: {e}"))),
+                None => {
+                    return Err(fail(format!(
+                        "its step history ended before version {version}"
+                    )));
+                }
+            };
+            let at = r.policy_version;
+            let prompts: Vec<String> = r
+                .group_ids
+                .iter()
+                .filter(|g| !g.ends_with(":empty"))
+                .map(|g| format!("{g}:p"))
+                .collect();
+            follower.record(r).await;
+            ledger
+                .mark_consumed(prompts, at.saturating_sub(1))
+                .await
+                .map_err(|e| fail(format!("recording the groups it trained: {e}")))?;
+            if at >= version {
+                break;
+            }
+        }
+    }
+    ledger
+        .flush()
+        .await
+        .map_err(|e| fail(format!("recording its steps: {e}")))?;
+    Ok(version)
 }
 
 impl RemoteLearner {

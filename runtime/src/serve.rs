@@ -11,14 +11,16 @@ use std::time::Duration;
 use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::directory::ends_run;
 use chorus_orchestrator::ledger::{Ledger, RunStatus};
-use chorus_orchestrator::{Directory, Fleet, Launched, Leases, OrchestratorService};
+use chorus_orchestrator::{
+    Directory, Fleet, Launched, Leases, OrchestratorService, take_over_learner,
+};
 use chorus_proto::auth::{RequireToken, Secret};
 use chorus_proto::tonic::service::Routes;
 use chorus_proto::v1::orchestrator_server::OrchestratorServer;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
 
-use crate::driver::LearnerFrom;
 use crate::driver::default_db;
+use crate::driver::{LearnerFrom, rejoin};
 use crate::error::{Result, RunError};
 use crate::plan::RunPlan;
 use crate::registration::{Reporter, register};
@@ -217,6 +219,27 @@ pub async fn orchestrator(
             ));
         }
     };
+    // An orchestrator started again on a run of its ledger (it died, its services lived on)
+    // picks the run up where the learner is.
+    let resumed = {
+        let db = o.db.clone().unwrap_or_else(|| default_db(&out_dir));
+        let ledger = Ledger::open(&db).await.map_err(RunError::ledger(&db))?;
+        let found = ledger
+            .get_run(&o.run_id)
+            .await
+            .map_err(RunError::ledger(&db))?;
+        let resumed = match found {
+            Some(_) => {
+                let version =
+                    take_over_learner(&learner, o.token.expose(), &o.run_id, &ledger, o.wait)
+                        .await?;
+                Some(rejoin(plan, &ledger, &db, &o.run_id, version, &out_dir).await?)
+            }
+            None => None,
+        };
+        ledger.close().await.map_err(RunError::ledger(&db))?;
+        resumed
+    };
     let endpoints = Endpoints {
         learner,
         workers,
@@ -228,9 +251,9 @@ pub async fn orchestrator(
         db: o.db,
         out_dir,
         directory: directory.clone(),
-        resumed: None,
+        recorded: resumed.is_some(),
+        resumed,
         first_stage: 0,
-        recorded: false,
     };
     orchestrate(plan, &endpoints, options).await
 }

@@ -102,6 +102,7 @@ class LearnerState:
         # Weight transfers served since the last step report, which carries them on.
         self.transfers = []
         self.work = queue.Queue()
+        self.start_version = trainer.version
         self._publish()
         threading.Thread(target=self._train, name="chorus-learner", daemon=True).start()
 
@@ -153,6 +154,12 @@ class LearnerState:
 
     # -- the training thread ----------------------------------------------------------------
 
+    def discard_pending(self):
+        """Drops the groups held for steps not yet trained, once the step in training is done."""
+        done = threading.Event()
+        self.work.put(done)
+        done.wait()
+
     def _publish(self):
         t = self.trainer
         p = Published(t.version, encode(self.run_id, t.version, t.tensors(), self.max_chunk_bytes))
@@ -177,6 +184,14 @@ class LearnerState:
         waiting, stage = {}, None
         while True:
             g = self.work.get()
+            if isinstance(g, threading.Event):
+                # A restarted orchestrator sends the untrained steps anew.
+                dropped = sum(len(v) for v in waiting.values())
+                waiting.clear()
+                if dropped:
+                    log.warning("dropped %d groups held for steps not yet trained", dropped)
+                g.set()
+                continue
             version = self.trainer.version
             step = g.step if g.HasField("step") else version
             if step < version:
@@ -226,7 +241,8 @@ class LearnerState:
                 skip_reason=report.skipped or "",
                 mean_abs_logprob_diff=report.mean_abs_logprob_diff, supervised=supervised,
                 weights_sha256=published.chunks[-1].sha256 if published.chunks else b"",
-                weights_bytes=sum(len(c.data) for c in published.chunks))
+                weights_bytes=sum(len(c.data) for c in published.chunks),
+                group_ids=[x.group_id for x in groups])
             with self.cond:
                 msg.transfers.extend(self.transfers)
                 self.transfers = []
@@ -285,8 +301,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         if request.run_id and request.run_id != self.state.run_id:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"this learner trains run `{self.state.run_id}`, not `{request.run_id}`")
+        if request.discard_pending:
+            self.state.discard_pending()
         status = learner_pb2.LearnerStatus(run_id=self.state.run_id,
-                                           policy_version=self.state.newest().version)
+                                           policy_version=self.state.newest().version,
+                                           start_version=self.state.start_version)
         if self.state.checkpointed is not None:
             status.checkpoint_version = self.state.checkpointed
         return status

@@ -12,7 +12,7 @@ mod resume;
 mod reward_model;
 mod stages;
 
-pub use resume::{LearnerFrom, Resumed};
+pub use resume::{LearnerFrom, Resumed, rejoin};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -236,6 +236,85 @@ async fn decide(
     })
 }
 
+/// Picks up run `run_id` in the ledger at `db` for an orchestrator restarted on it while its
+/// learner lived on (`chorus serve orchestrator` started again with the same run id and
+/// ledger): the learner, already brought to `version` and its untrained groups dropped
+/// (`take_over_learner`), decides where the run continues; the ledger is rewound there, so the
+/// prompts that were in flight or held for untrained steps become `dropped` and those steps are
+/// sent anew with ids carrying the restart.
+pub async fn rejoin(
+    plan: &RunPlan,
+    ledger: &Ledger,
+    db: &str,
+    run_id: &str,
+    version: u64,
+    files: &Path,
+) -> Result<Resumed> {
+    let run = ledger
+        .get_run(run_id)
+        .await
+        .map_err(RunError::ledger(db))?
+        .ok_or_else(|| RunError::Invalid(format!("run {run_id} is not in the ledger {db}")))?;
+    if run.status == RunStatus::Succeeded {
+        return Err(RunError::Invalid(format!(
+            "run {run_id} already succeeded in the ledger {db}; give a new run another --run-id"
+        )));
+    }
+    if run.config_toml != plan.config_toml {
+        return Err(RunError::Invalid(format!(
+            "run {run_id} started with another config (recorded in the ledger's runs.config_toml); \
+             restart its orchestrator with that config, or give a new run another --run-id"
+        )));
+    }
+    let stages: BTreeMap<usize, StageRecord> = ledger
+        .list_stages(run_id)
+        .await
+        .map_err(RunError::ledger(db))?
+        .into_iter()
+        .map(|s| (s.stage.stage_index as usize, s))
+        .collect();
+    let restart = 1 + ledger
+        .list_events(run_id, 0, u32::MAX)
+        .await
+        .map_err(RunError::ledger(db))?
+        .iter()
+        .filter(|e| e.kind == RESUMED_EVENT)
+        .count() as u32;
+    let reason = format!(
+        "lost with the orchestrator: the run was picked up (restart {restart}) at policy version \
+         {version}"
+    );
+    ledger
+        .rewind(run_id, version, &reason)
+        .await
+        .map_err(RunError::ledger(db))?;
+    ledger
+        .record_event(
+            run_id,
+            RESUMED_EVENT,
+            serde_json::json!({ "version": version, "from": "the learner", "restart": restart })
+                .to_string(),
+        )
+        .await
+        .map_err(RunError::ledger(db))?;
+    ledger.flush().await.map_err(RunError::ledger(db))?;
+    tracing::warn!(
+        run_id,
+        version,
+        restart,
+        "picking run {run_id} up at policy version {version}, where its learner is (restart \
+         {restart})"
+    );
+    Ok(Resumed {
+        run_id: run_id.to_string(),
+        stages,
+        version,
+        restart,
+        learner: LearnerFrom::Plan,
+        files: files.to_path_buf(),
+    })
+}
+
 /// The checkpoint to resume from: the newest of `saved` (version, directory; oldest first) whose
 /// version the ledger has recorded every step of (`recorded`, the last step it holds), else the
 /// newest of all.

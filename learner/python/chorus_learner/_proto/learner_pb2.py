@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as chorus_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63horus/v1/learner.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"&\n\x14LearnerStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"o\n\rLearnerStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x1f\n\x12\x63heckpoint_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x15\n\x13_checkpoint_version\"8\n\x12StreamStepsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nafter_step\x18\x02 \x01(\x04\"\xb1\x03\n\nStepReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\n\n\x02kl\x18\x05 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x01\x12\x11\n\tgrad_norm\x18\x07 \x01(\x01\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x15\n\rclip_fraction\x18\t \x01(\x01\x12\x0e\n\x06tokens\x18\n \x01(\x04\x12\x14\n\x0ctrajectories\x18\x0b \x01(\r\x12\x13\n\x0bskip_reason\x18\x0c \x01(\t\x12\x1d\n\x15mean_abs_logprob_diff\x18\r \x01(\x01\x12\x12\n\nsupervised\x18\x0e \x01(\x08\x12\x16\n\x0eweights_sha256\x18\x0f \x01(\x0c\x12\x15\n\rweights_bytes\x18\x10 \x01(\x04\x12,\n\ttransfers\x18\x11 \x03(\x0b\x32\x19.chorus.v1.WeightTransfer\x12\x1f\n\x12\x63heckpoint_version\x18\x12 \x01(\x04H\x00\x88\x01\x01\x42\x15\n\x13_checkpoint_version\"v\n\x0eWeightTransfer\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x66inished_at_ms\x18\x05 \x01(\x03\"\xad\x03\n\nTrajectory\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x05 \x03(\r\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x17\n\x0fpolicy_versions\x18\x07 \x03(\x04\x12\x17\n\x0f\x63ompletion_mask\x18\x08 \x03(\x08\x12\x0e\n\x06reward\x18\t \x01(\x01\x12\x46\n\x11reward_components\x18\n \x03(\x0b\x32+.chorus.v1.Trajectory.RewardComponentsEntry\x12.\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x17.chorus.v1.FinishReason\x12\x11\n\tworker_id\x18\x0c \x01(\t\x12\x11\n\tadvantage\x18\r \x01(\x01\x1a\x37\n\x15RewardComponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x02\n\x0fTrajectoryGroup\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12+\n\x0ctrajectories\x18\x04 \x03(\x0b\x32\x15.chorus.v1.Trajectory\x12\x12\n\nsupervised\x18\x05 \x01(\x08\x12\x13\n\x0bstep_groups\x18\x06 \x01(\r\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\'\n\tobjective\x18\x08 \x01(\x0b\x32\x14.chorus.v1.Objective\x12\r\n\x05stage\x18\t \x01(\r\x12\x15\n\rrouter_frozen\x18\n \x01(\x08\x12\x10\n\x08mtp_head\x18\x0b \x01(\x08\x12\x11\n\x04step\x18\x0c \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"\xe0\x01\n\tObjective\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0f\n\x07\x65ps_low\x18\x02 \x01(\x01\x12\x10\n\x08\x65ps_high\x18\x03 \x01(\x01\x12\x12\n\ncorrection\x18\x04 \x01(\t\x12\x0f\n\x07tis_cap\x18\x05 \x01(\x01\x12\x12\n\nicepop_low\x18\x06 \x01(\x01\x12\x13\n\x0bicepop_high\x18\x07 \x01(\x01\x12\x13\n\x0b\x61ggregation\x18\x08 \x01(\t\x12\x13\n\x0bnorm_length\x18\t \x01(\r\x12\x0f\n\x07kl_coef\x18\n \x01(\x01\x12\x14\n\x0ckl_estimator\x18\x0b \x01(\t\"d\n\x1aSubmitTrajectoriesResponse\x12\x1a\n\x12\x61\x63\x63\x65pted_group_ids\x18\x01 \x03(\t\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.chorus.v1.RejectedGroup\"1\n\rRejectedGroup\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"x\n\x14StreamWeightsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x14\n\x0crequester_id\x18\x03 \x01(\t\x12\x13\n\x0bstart_chunk\x18\x04 \x01(\r\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\"\xcb\x01\n\x0bWeightChunk\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\x13\n\x0btensor_name\x18\x04 \x01(\t\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.chorus.v1.Dtype\x12\r\n\x05shape\x18\x06 \x03(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0c\n\x04last\x18\t \x01(\x08\x12\x0e\n\x06sha256\x18\n \x01(\x0c\x32\xbc\x02\n\x07Learner\x12Y\n\x12SubmitTrajectories\x12\x1a.chorus.v1.TrajectoryGroup\x1a%.chorus.v1.SubmitTrajectoriesResponse(\x01\x12J\n\rStreamWeights\x12\x1f.chorus.v1.StreamWeightsRequest\x1a\x16.chorus.v1.WeightChunk0\x01\x12\x45\n\x0bStreamSteps\x12\x1d.chorus.v1.StreamStepsRequest\x1a\x15.chorus.v1.StepReport0\x01\x12\x43\n\x06Status\x12\x1f.chorus.v1.LearnerStatusRequest\x1a\x18.chorus.v1.LearnerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63horus/v1/learner.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"?\n\x14LearnerStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64iscard_pending\x18\x02 \x01(\x08\"\x86\x01\n\rLearnerStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x1f\n\x12\x63heckpoint_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rstart_version\x18\x04 \x01(\x04\x42\x15\n\x13_checkpoint_version\"8\n\x12StreamStepsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nafter_step\x18\x02 \x01(\x04\"\xc4\x03\n\nStepReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\n\n\x02kl\x18\x05 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x01\x12\x11\n\tgrad_norm\x18\x07 \x01(\x01\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x15\n\rclip_fraction\x18\t \x01(\x01\x12\x0e\n\x06tokens\x18\n \x01(\x04\x12\x14\n\x0ctrajectories\x18\x0b \x01(\r\x12\x13\n\x0bskip_reason\x18\x0c \x01(\t\x12\x1d\n\x15mean_abs_logprob_diff\x18\r \x01(\x01\x12\x12\n\nsupervised\x18\x0e \x01(\x08\x12\x16\n\x0eweights_sha256\x18\x0f \x01(\x0c\x12\x15\n\rweights_bytes\x18\x10 \x01(\x04\x12,\n\ttransfers\x18\x11 \x03(\x0b\x32\x19.chorus.v1.WeightTransfer\x12\x1f\n\x12\x63heckpoint_version\x18\x12 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tgroup_ids\x18\x13 \x03(\tB\x15\n\x13_checkpoint_version\"v\n\x0eWeightTransfer\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x66inished_at_ms\x18\x05 \x01(\x03\"\xad\x03\n\nTrajectory\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x05 \x03(\r\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x17\n\x0fpolicy_versions\x18\x07 \x03(\x04\x12\x17\n\x0f\x63ompletion_mask\x18\x08 \x03(\x08\x12\x0e\n\x06reward\x18\t \x01(\x01\x12\x46\n\x11reward_components\x18\n \x03(\x0b\x32+.chorus.v1.Trajectory.RewardComponentsEntry\x12.\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x17.chorus.v1.FinishReason\x12\x11\n\tworker_id\x18\x0c \x01(\t\x12\x11\n\tadvantage\x18\r \x01(\x01\x1a\x37\n\x15RewardComponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x02\n\x0fTrajectoryGroup\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12+\n\x0ctrajectories\x18\x04 \x03(\x0b\x32\x15.chorus.v1.Trajectory\x12\x12\n\nsupervised\x18\x05 \x01(\x08\x12\x13\n\x0bstep_groups\x18\x06 \x01(\r\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\'\n\tobjective\x18\x08 \x01(\x0b\x32\x14.chorus.v1.Objective\x12\r\n\x05stage\x18\t \x01(\r\x12\x15\n\rrouter_frozen\x18\n \x01(\x08\x12\x10\n\x08mtp_head\x18\x0b \x01(\x08\x12\x11\n\x04step\x18\x0c \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"\xe0\x01\n\tObjective\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0f\n\x07\x65ps_low\x18\x02 \x01(\x01\x12\x10\n\x08\x65ps_high\x18\x03 \x01(\x01\x12\x12\n\ncorrection\x18\x04 \x01(\t\x12\x0f\n\x07tis_cap\x18\x05 \x01(\x01\x12\x12\n\nicepop_low\x18\x06 \x01(\x01\x12\x13\n\x0bicepop_high\x18\x07 \x01(\x01\x12\x13\n\x0b\x61ggregation\x18\x08 \x01(\t\x12\x13\n\x0bnorm_length\x18\t \x01(\r\x12\x0f\n\x07kl_coef\x18\n \x01(\x01\x12\x14\n\x0ckl_estimator\x18\x0b \x01(\t\"d\n\x1aSubmitTrajectoriesResponse\x12\x1a\n\x12\x61\x63\x63\x65pted_group_ids\x18\x01 \x03(\t\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.chorus.v1.RejectedGroup\"1\n\rRejectedGroup\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"x\n\x14StreamWeightsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x14\n\x0crequester_id\x18\x03 \x01(\t\x12\x13\n\x0bstart_chunk\x18\x04 \x01(\r\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\"\xcb\x01\n\x0bWeightChunk\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\x13\n\x0btensor_name\x18\x04 \x01(\t\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.chorus.v1.Dtype\x12\r\n\x05shape\x18\x06 \x03(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0c\n\x04last\x18\t \x01(\x08\x12\x0e\n\x06sha256\x18\n \x01(\x0c\x32\xbc\x02\n\x07Learner\x12Y\n\x12SubmitTrajectories\x12\x1a.chorus.v1.TrajectoryGroup\x1a%.chorus.v1.SubmitTrajectoriesResponse(\x01\x12J\n\rStreamWeights\x12\x1f.chorus.v1.StreamWeightsRequest\x1a\x16.chorus.v1.WeightChunk0\x01\x12\x45\n\x0bStreamSteps\x12\x1d.chorus.v1.StreamStepsRequest\x1a\x15.chorus.v1.StepReport0\x01\x12\x43\n\x06Status\x12\x1f.chorus.v1.LearnerStatusRequest\x1a\x18.chorus.v1.LearnerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,31 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAJECTORY_REWARDCOMPONENTSENTRY']._loaded_options = None
   _globals['_TRAJECTORY_REWARDCOMPONENTSENTRY']._serialized_options = b'8\001'
   _globals['_LEARNERSTATUSREQUEST']._serialized_start=62
-  _globals['_LEARNERSTATUSREQUEST']._serialized_end=100
-  _globals['_LEARNERSTATUS']._serialized_start=102
-  _globals['_LEARNERSTATUS']._serialized_end=213
-  _globals['_STREAMSTEPSREQUEST']._serialized_start=215
-  _globals['_STREAMSTEPSREQUEST']._serialized_end=271
-  _globals['_STEPREPORT']._serialized_start=274
-  _globals['_STEPREPORT']._serialized_end=707
-  _globals['_WEIGHTTRANSFER']._serialized_start=709
-  _globals['_WEIGHTTRANSFER']._serialized_end=827
-  _globals['_TRAJECTORY']._serialized_start=830
-  _globals['_TRAJECTORY']._serialized_end=1259
-  _globals['_TRAJECTORY_REWARDCOMPONENTSENTRY']._serialized_start=1204
-  _globals['_TRAJECTORY_REWARDCOMPONENTSENTRY']._serialized_end=1259
-  _globals['_TRAJECTORYGROUP']._serialized_start=1262
-  _globals['_TRAJECTORYGROUP']._serialized_end=1568
-  _globals['_OBJECTIVE']._serialized_start=1571
-  _globals['_OBJECTIVE']._serialized_end=1795
-  _globals['_SUBMITTRAJECTORIESRESPONSE']._serialized_start=1797
-  _globals['_SUBMITTRAJECTORIESRESPONSE']._serialized_end=1897
-  _globals['_REJECTEDGROUP']._serialized_start=1899
-  _globals['_REJECTEDGROUP']._serialized_end=1948
-  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=1950
-  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=2070
-  _globals['_WEIGHTCHUNK']._serialized_start=2073
-  _globals['_WEIGHTCHUNK']._serialized_end=2276
-  _globals['_LEARNER']._serialized_start=2279
-  _globals['_LEARNER']._serialized_end=2595
+  _globals['_LEARNERSTATUSREQUEST']._serialized_end=125
+  _globals['_LEARNERSTATUS']._serialized_start=128
+  _globals['_LEARNERSTATUS']._serialized_end=262
+  _globals['_STREAMSTEPSREQUEST']._serialized_start=264
+  _globals['_STREAMSTEPSREQUEST']._serialized_end=320
+  _globals['_STEPREPORT']._serialized_start=323
+  _globals['_STEPREPORT']._serialized_end=775
+  _globals['_WEIGHTTRANSFER']._serialized_start=777
+  _globals['_WEIGHTTRANSFER']._serialized_end=895
+  _globals['_TRAJECTORY']._serialized_start=898
+  _globals['_TRAJECTORY']._serialized_end=1327
+  _globals['_TRAJECTORY_REWARDCOMPONENTSENTRY']._serialized_start=1272
+  _globals['_TRAJECTORY_REWARDCOMPONENTSENTRY']._serialized_end=1327
+  _globals['_TRAJECTORYGROUP']._serialized_start=1330
+  _globals['_TRAJECTORYGROUP']._serialized_end=1636
+  _globals['_OBJECTIVE']._serialized_start=1639
+  _globals['_OBJECTIVE']._serialized_end=1863
+  _globals['_SUBMITTRAJECTORIESRESPONSE']._serialized_start=1865
+  _globals['_SUBMITTRAJECTORIESRESPONSE']._serialized_end=1965
+  _globals['_REJECTEDGROUP']._serialized_start=1967
+  _globals['_REJECTEDGROUP']._serialized_end=2016
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=2018
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=2138
+  _globals['_WEIGHTCHUNK']._serialized_start=2141
+  _globals['_WEIGHTCHUNK']._serialized_end=2344
+  _globals['_LEARNER']._serialized_start=2347
+  _globals['_LEARNER']._serialized_end=2663
 # @@protoc_insertion_point(module_scope)

@@ -5,12 +5,14 @@
 //! `chorus audit` is clean.
 
 mod harness;
+#[path = "../orchestrator/tests/support/postgres.rs"]
+mod support_postgres;
 
 use std::io::Read;
 
 use harness::*;
 
-const RL_STEPS: u64 = 16;
+const RL_STEPS: u64 = 32;
 
 fn config(plugin: &str) -> String {
     format!(
@@ -83,6 +85,49 @@ fn kill(service: &mut Service) {
 
 #[test]
 fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mid_run() {
+    chaos(None);
+}
+
+/// The same on a PostgreSQL ledger, which also crashes once (stopped in immediate mode: no
+/// shutdown checkpoint, recovery from its log on the next start) and is started again while
+/// the run goes on. Needs `CHORUS_TEST_POSTGRES_URL` and `pg_ctlcluster` (as `.ci/run` starts
+/// PostgreSQL); the other tests of this binary do not use PostgreSQL, and cargo runs test
+/// binaries one at a time, so the restart breaks no other test's connections.
+#[test]
+fn a_run_on_postgres_survives_its_database_crashing_too() {
+    let Some(base) = support_postgres::postgres_url_or_skip("chaos on PostgreSQL") else {
+        return;
+    };
+    if std::process::Command::new("pg_ctlcluster")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "pg_ctlcluster is missing under CI, where .ci/run starts PostgreSQL with it"
+        );
+        eprintln!("SKIPPED: chaos on PostgreSQL (no pg_ctlcluster to restart it with)");
+        return;
+    }
+    chaos(Some(&base));
+}
+
+fn pg_ctlcluster(action: &str, mode: &[&str]) {
+    let out = std::process::Command::new("pg_ctlcluster")
+        .args(["15", "main", action])
+        .args(mode)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_ctlcluster {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One chaotic run, on the PostgreSQL ledger at `postgres` (crashed once too) or on SQLite.
+fn chaos(postgres: Option<&str>) {
     let h = Harness::new();
     let mut moments = Moments(seed());
     std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
@@ -98,12 +143,24 @@ fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mi
     ];
     let mut plugin = h.service(&plugin_args);
     std::fs::write(h.path("run.toml"), config(&plugin.url)).unwrap();
-    let common = ["--config", "run.toml", "--run-id", "c1", "--token", "tok"];
+    // Unique: a PostgreSQL ledger is shared with other tests and earlier runs of this one.
+    let run_id = format!(
+        "chaos-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let common = [
+        "--config", "run.toml", "--run-id", &run_id, "--token", "tok",
+    ];
     let orchestrator_listen = format!("127.0.0.1:{}", free_port());
+    let db = postgres.map_or_else(|| h.ledger_url("chaos"), str::to_string);
     let orchestrator_args = [
         &["serve", "orchestrator", "--listen", &orchestrator_listen][..],
         &["--eval-tasks", "2", "--wait-seconds", "120"],
-        &["--plugin-token", "plugin-tok"],
+        &["--plugin-token", "plugin-tok", "--db", &db],
         &common,
     ]
     .concat();
@@ -113,13 +170,11 @@ fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mi
         "orchestrator-1.log",
     );
     let url = orchestrator.url.clone();
-    let db = h.ledger_url("chaos");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ledger = rt.block_on(async {
         // The orchestrator creates the ledger as it starts.
-        assert!(eventually(30, || h
-            .path("runs/chaos/ledger.sqlite")
-            .exists()));
+        assert!(eventually(30, || postgres.is_some()
+            || h.path("runs/chaos/ledger.sqlite").exists()));
         chorus_orchestrator::ledger::Ledger::open(&db)
             .await
             .unwrap()
@@ -128,7 +183,7 @@ fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mi
     // stream, since the orchestrator is among what gets killed.
     let until_step = |step: u64| {
         let reached = eventually(600, || {
-            rt.block_on(ledger.list_learner_steps("c1"))
+            rt.block_on(ledger.list_learner_steps(&run_id))
                 .map(|s| s.iter().any(|s| s.step.step >= step))
                 .unwrap_or(false)
         });
@@ -187,6 +242,15 @@ fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mi
         &[("RUST_LOG", "info")],
         "orchestrator-2.log",
     );
+    // PostgreSQL last, once the second orchestrator writes (the ledger is up to date before
+    // each kill above, which the moments are read from).
+    if postgres.is_some() {
+        let at = until_step(at + moments.steps(1, 2));
+        eprintln!("crashing PostgreSQL after step {at}");
+        pg_ctlcluster("stop", &["-m", "immediate"]);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        pg_ctlcluster("start", &[]);
+    }
 
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
@@ -205,25 +269,30 @@ fn a_run_survives_its_learner_a_worker_its_plugin_and_its_orchestrator_killed_mi
         logs[0]
     );
     assert!(
-        logs[1].contains("picking run c1 up at policy version"),
+        logs[1].contains(&format!("picking run {run_id} up at policy version")),
         "the second orchestrator did not pick the run up:\n{}",
         logs[1]
     );
 
-    let audit = h.audit_clean(&db);
+    // This run alone: a PostgreSQL ledger holds other tests' runs too.
+    let audit = h.ok(&["audit", &run_id, "--db", &db]);
+    assert!(
+        audit.contains("ok   lag_bounded") && !audit.contains("FAIL"),
+        "{audit}"
+    );
     eprintln!("{audit}");
     rt.block_on(async {
-        let steps = ledger.list_learner_steps("c1").await.unwrap();
+        let steps = ledger.list_learner_steps(&run_id).await.unwrap();
         let numbers: Vec<u64> = steps.iter().map(|s| s.step.step).collect();
         assert_eq!(numbers, (1..=RL_STEPS).collect::<Vec<_>>());
-        let versions = ledger.list_policy_versions("c1").await.unwrap();
+        let versions = ledger.list_policy_versions(&run_id).await.unwrap();
         assert_eq!(versions.len() as u64, RL_STEPS, "{versions:?}");
         // Nothing lost, nothing counted twice: the trajectories the ledger has consumed are
         // exactly the ones the learner reports having trained.
         let trained: u64 = steps.iter().map(|s| s.step.num_trajectories).sum();
         let rows = ledger
             .list_rollouts(&chorus_orchestrator::ledger::RolloutFilter {
-                run_id: Some("c1".into()),
+                run_id: Some(run_id.clone()),
                 limit: 1_000_000,
                 ..Default::default()
             })

@@ -1405,6 +1405,10 @@ async fn submit_group(
         .unwrap_or(0);
     let n = trajectories.len() as u64;
     let reward_sum: f64 = trajectories.iter().map(|t| t.reward).sum();
+    // The group's rows are durable before the learner can train it: an orchestrator killed
+    // after the submit leaves no trained group the ledger never heard of (its successor marks
+    // them consumed from the learner's history).
+    ctx.ledger.flush().await?;
     // The learner trains on this group at its current version.
     order.wait_turn(at.step).await;
     let lag = ctx.learning.version().saturating_sub(oldest);
@@ -1762,6 +1766,8 @@ async fn run_sft_step(
     let submitted = ids.len() as u64;
     ctx.ledger.record_prompts_dispatched(prompts).await?;
     ctx.ledger.insert_trajectories(trajectories).await?;
+    // Durable before the learner can train them (see `submit_group`).
+    ctx.ledger.flush().await?;
     for (slot, g) in groups.into_iter().enumerate() {
         match g {
             Some(g) => ctx.learning.submit(g).await?,

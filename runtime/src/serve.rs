@@ -12,7 +12,7 @@ use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::directory::ends_run;
 use chorus_orchestrator::ledger::{Ledger, RunStatus};
 use chorus_orchestrator::{
-    Directory, Fleet, Launched, Leases, OrchestratorService, take_over_learner,
+    Directory, Fleet, Launched, LearnerLink, Leases, OrchestratorService, take_over_learner,
 };
 use chorus_proto::auth::{RequireToken, Secret};
 use chorus_proto::tonic::service::Routes;
@@ -161,6 +161,8 @@ pub struct OrchestratorOptions {
     pub db: Option<String>,
     /// Directory for run outputs.
     pub runs_dir: PathBuf,
+    /// How long the run waits for a learner that died to come back (0: it fails at once).
+    pub learner_restart: Duration,
 }
 
 /// The orchestrator of one run: waits for its learner and workers (given, or registering),
@@ -254,6 +256,10 @@ pub async fn orchestrator(
         recorded: resumed.is_some(),
         resumed,
         first_stage: 0,
+        learner_link: LearnerLink {
+            recover_for: o.learner_restart,
+            ..LearnerLink::default()
+        },
     };
     orchestrate(plan, &endpoints, options).await
 }
@@ -427,6 +433,12 @@ async fn run_launched(
         resumed: None,
         first_stage: 0,
         recorded: true,
+        // A standby learner's child dies with the run's learner: nothing restarts it, and the
+        // fleet goes on to the next run.
+        learner_link: LearnerLink {
+            recover_for: Duration::ZERO,
+            ..LearnerLink::default()
+        },
     };
     orchestrate(&plan, &endpoints, options).await.map(|_| ())
 }

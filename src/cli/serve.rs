@@ -132,6 +132,11 @@ pub struct OrchestratorArgs {
     /// seconds.
     #[arg(long, default_value_t = 600)]
     wait_seconds: u64,
+    /// How long the run waits for its learner to come back when it dies (a learner served with
+    /// --checkpoints and started again at the same address resumes the run), in seconds; 0
+    /// fails the run at once.
+    #[arg(long, default_value_t = 600)]
+    learner_restart_seconds: u64,
     /// Run id shared by all services of the run (default: the config's name).
     #[arg(long)]
     run_id: Option<String>,
@@ -365,6 +370,7 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
         plugin_token: a.plugin_token.map(Into::into),
         db: a.db,
         runs_dir: a.runs_dir,
+        learner_restart: Duration::from_secs(a.learner_restart_seconds),
     };
     let summary =
         chorus_runtime::serve::orchestrator(&plan, options, super::print_listening).await?;

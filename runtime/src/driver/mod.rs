@@ -25,6 +25,7 @@ use chorus_orchestrator::scheduler::{StageContext, StageStats};
 use chorus_orchestrator::{Directory, Leases, record_events};
 use chorus_proto::auth::Secret;
 use chorus_proto::v1::{RunStatus as ProtoRunStatus, RunStatusChanged, run_event};
+use std::time::Duration;
 use tracing::Instrument;
 
 use crate::error::{Result, RunError};
@@ -69,6 +70,8 @@ pub struct RunOptions {
     /// The run is already in the ledger (launched through `LaunchRun`); a resumed run is too.
     /// Otherwise it is new, and its id must not be taken.
     pub recorded: bool,
+    /// How the run keeps its learner: how long it waits for one that died to come back.
+    pub learner_link: LearnerLink,
 }
 
 impl RunOptions {
@@ -83,6 +86,7 @@ impl RunOptions {
             resumed: None,
             first_stage: 0,
             recorded: false,
+            learner_link: LearnerLink::default(),
         }
     }
 
@@ -179,7 +183,7 @@ async fn drive(
             // A resumed learner starts at the version the run continues from.
             options.resumed.as_ref().map_or(0, |r| r.version),
             Some(record.ledger.clone()),
-            LearnerLink::default(),
+            options.learner_link.clone(),
         )
         .await?,
     );
@@ -454,6 +458,11 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
         resumed,
         first_stage,
         recorded: false,
+        // The learner lives and dies with this process (or its child): nothing restarts it.
+        learner_link: LearnerLink {
+            recover_for: Duration::ZERO,
+            ..LearnerLink::default()
+        },
     };
     orchestrate(plan, &endpoints, options).await
 }

@@ -275,6 +275,15 @@ async fn a_lost_learner_stops_the_stage_instead_of_hanging_it() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.sqlite").display());
     let ledger = Ledger::open(&url).await.unwrap();
+    ledger
+        .insert_run(NewRun {
+            id: "run".into(),
+            name: "dying".into(),
+            config_toml: CONFIG.into(),
+            status: RunStatus::Running,
+        })
+        .await
+        .unwrap();
     let tokenizer = Arc::new(Tokenizer::byte_level());
     let learner = Arc::new(DyingLearner {
         inner: CountingLearner::new(3, false),

@@ -40,15 +40,6 @@ environments = [{{ url = "{plugin}" }}]
     )
 }
 
-/// A free port on 127.0.0.1, for a service that must come back at the same address.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The seed of this test's kill moments.
 fn seed() -> u64 {
     let seed = std::env::var("CHORUS_CHAOS_SEED")

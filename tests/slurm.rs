@@ -61,14 +61,6 @@ impl Drop for Cluster {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sh(script: &str) -> String {
     let out = Command::new("sh").args(["-c", script]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()

@@ -268,6 +268,16 @@ impl Harness {
     }
 }
 
+/// A free port on 127.0.0.1, for a service that must listen at an address known in advance
+/// (or come back at the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `ready` every 100 ms for up to `seconds`; whether it came to hold.
 pub fn eventually(seconds: u64, mut ready: impl FnMut() -> bool) -> bool {
     for _ in 0..seconds * 10 {

@@ -465,22 +465,14 @@ impl WriteOp {
                     .bind(run_id.as_str())
                     .bind(v),
                     drop_in_flight(run_id, &format!("in flight when the run stopped; {reason}"), *at_ms),
-                    Stmt::new("DELETE FROM learner_steps WHERE run_id = $1 AND step > $2")
-                        .bind(run_id.as_str())
-                        .bind(v),
-                    Stmt::new("DELETE FROM policy_versions WHERE run_id = $1 AND version > $2")
-                        .bind(run_id.as_str())
-                        .bind(v),
-                    Stmt::new(
-                        "DELETE FROM weight_transfers WHERE run_id = $1 AND policy_version > $2",
-                    )
-                    .bind(run_id.as_str())
-                    .bind(v),
-                    Stmt::new(
-                        "UPDATE runs SET status = 'running', finished_at_ms = NULL WHERE id = $1",
-                    )
-                    .bind(run_id.as_str()),
                 ]
+                .into_iter()
+                .chain(forget_steps_after(run_id, v))
+                .chain([Stmt::new(
+                    "UPDATE runs SET status = 'running', finished_at_ms = NULL WHERE id = $1",
+                )
+                .bind(run_id.as_str())])
+                .collect()
             }
             WriteOp::DropInFlight {
                 run_id,
@@ -489,20 +481,7 @@ impl WriteOp {
             } => vec![drop_in_flight(run_id, reason, *at_ms)],
             WriteOp::ForgetLearnerSteps { run_id, version } => {
                 // The learner restarted from `version` and records the later steps again.
-                let v = to_i64("version", *version)?;
-                vec![
-                    Stmt::new("DELETE FROM learner_steps WHERE run_id = $1 AND step > $2")
-                        .bind(run_id.as_str())
-                        .bind(v),
-                    Stmt::new("DELETE FROM policy_versions WHERE run_id = $1 AND version > $2")
-                        .bind(run_id.as_str())
-                        .bind(v),
-                    Stmt::new(
-                        "DELETE FROM weight_transfers WHERE run_id = $1 AND policy_version > $2",
-                    )
-                    .bind(run_id.as_str())
-                    .bind(v),
-                ]
+                forget_steps_after(run_id, to_i64("version", *version)?).to_vec()
             }
             WriteOp::Event {
                 run_id,
@@ -524,6 +503,22 @@ impl WriteOp {
 }
 
 /// Drops every prompt of `run_id` still in flight, with `reason`.
+/// Deletes run `run_id`'s learner steps, policy versions and weight transfers after version `v`
+/// (a rewind, or a learner that came back from a checkpoint at `v`).
+fn forget_steps_after(run_id: &str, v: i64) -> [Stmt; 3] {
+    [
+        Stmt::new("DELETE FROM learner_steps WHERE run_id = $1 AND step > $2")
+            .bind(run_id)
+            .bind(v),
+        Stmt::new("DELETE FROM policy_versions WHERE run_id = $1 AND version > $2")
+            .bind(run_id)
+            .bind(v),
+        Stmt::new("DELETE FROM weight_transfers WHERE run_id = $1 AND policy_version > $2")
+            .bind(run_id)
+            .bind(v),
+    ]
+}
+
 fn drop_in_flight(run_id: &str, reason: &str, at_ms: i64) -> Stmt {
     Stmt::new(
         "UPDATE prompts SET state = 'dropped', drop_reason = $1, dropped_at_ms = $2 \

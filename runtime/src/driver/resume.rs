@@ -189,13 +189,7 @@ async fn decide(
         }
         (_, None) => (0, LearnerFrom::Plan),
     };
-    let restart = 1 + ledger
-        .list_events(&run.id, 0, u32::MAX)
-        .await
-        .map_err(RunError::ledger(db))?
-        .iter()
-        .filter(|e| e.kind == RESUMED_EVENT)
-        .count() as u32;
+    let restart = next_restart(ledger, db, &run.id).await?;
     let reason = format!(
         "lost in a crash: the run resumed (restart {restart}) from policy version {version}"
     );
@@ -273,13 +267,7 @@ pub async fn rejoin(
         .into_iter()
         .map(|s| (s.stage.stage_index as usize, s))
         .collect();
-    let restart = 1 + ledger
-        .list_events(run_id, 0, u32::MAX)
-        .await
-        .map_err(RunError::ledger(db))?
-        .iter()
-        .filter(|e| e.kind == RESUMED_EVENT)
-        .count() as u32;
+    let restart = next_restart(ledger, db, run_id).await?;
     let reason = format!(
         "lost with the orchestrator: the run was picked up (restart {restart}) at policy version \
          {version}"
@@ -313,6 +301,15 @@ pub async fn rejoin(
         learner: LearnerFrom::Plan,
         files: files.to_path_buf(),
     })
+}
+
+/// The number of this restart of run `run_id`: one more than the `resumed` events it has.
+async fn next_restart(ledger: &Ledger, db: &str, run_id: &str) -> Result<u32> {
+    let events = ledger
+        .list_events(run_id, 0, u32::MAX)
+        .await
+        .map_err(RunError::ledger(db))?;
+    Ok(1 + events.iter().filter(|e| e.kind == RESUMED_EVENT).count() as u32)
 }
 
 /// The checkpoint to resume from: the newest of `saved` (version, directory; oldest first) whose

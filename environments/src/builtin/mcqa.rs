@@ -466,15 +466,12 @@ impl Environment for Mcqa {
 
     fn reference(&self, task: &Task) -> Result<String, EnvError> {
         self.check_task(task)?;
-        Ok(letter(task.verification_as::<Verification>()?.answer).to_string())
+        Ok(letter(answer_of(task)?.answer).to_string())
     }
 
     fn wrong_completions(&self, task: &Task) -> Result<Vec<String>, EnvError> {
         self.check_task(task)?;
-        let expected: Verification = task.verification_as()?;
-        if expected.choices.is_empty() {
-            return Err(task.invalid_verification("no choices"));
-        }
+        let expected = answer_of(task)?;
         let wrong = (expected.answer + 1) % expected.choices.len();
         let all: String = (0..expected.choices.len())
             .map(|i| format!("{} ", letter(i)))
@@ -485,6 +482,19 @@ impl Environment for Mcqa {
             all,
         ])
     }
+}
+
+/// The task's verification, checked to name one of its choices as the answer.
+fn answer_of(task: &Task) -> Result<Verification, EnvError> {
+    let expected: Verification = task.verification_as()?;
+    if expected.answer >= expected.choices.len() {
+        return Err(task.invalid_verification(&format!(
+            "answer {} is not one of its {} choices",
+            expected.answer,
+            expected.choices.len()
+        )));
+    }
+    Ok(expected)
 }
 
 #[cfg(test)]
@@ -498,7 +508,21 @@ mod tests {
         let mut task = env.sample(1, Split::Train, 0).unwrap();
         task.verification["choices"] = serde_json::json!([]);
         let err = env.wrong_completions(&task).unwrap_err();
-        assert!(err.to_string().contains("no choices"), "{err}");
+        assert!(err.to_string().contains("0 choices"), "{err}");
+    }
+
+    /// Found by the plugin property test: an answer index of u64::MAX overflowed.
+    #[test]
+    fn an_answer_outside_the_choices_is_refused_not_a_panic() {
+        let env = Mcqa::default();
+        let mut task = env.sample(1, Split::Train, 0).unwrap();
+        task.verification["answer"] = serde_json::json!(u64::MAX);
+        for err in [
+            env.wrong_completions(&task).unwrap_err(),
+            env.reference(&task).unwrap_err(),
+        ] {
+            assert!(err.to_string().contains("is not one of its"), "{err}");
+        }
     }
 
     #[test]

@@ -397,3 +397,95 @@ environments = [{{ url = "{url}" }}]
         "no trajectory of the plugin after it came back"
     );
 }
+
+/// Each plugin may check a token of its own: an entry's `token_env` names the variable that
+/// holds it (the config never holds the secret); entries without one get `--plugin-token`. A
+/// variable that is not set, or holds a token the plugin refuses, stops the run naming the entry.
+#[test]
+fn each_plugin_checks_its_own_token() {
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), TINY_HYBRID_MODEL).unwrap();
+    let serve = |env: &str, token: &str| {
+        h.service(&[
+            "serve",
+            "environment",
+            env,
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            token,
+        ])
+    };
+    let own = serve("countdown", "countdown-token");
+    let shared = serve("arithmetic", TOKEN);
+    let entries = format!(
+        r#"[{{ url = "{}", token_env = "COUNTDOWN_PLUGIN_TOKEN" }}, {{ url = "{}" }}]"#,
+        own.url, shared.url
+    );
+    std::fs::write(
+        h.path("run.toml"),
+        format!(
+            r#"
+name = "tokens"
+[model]
+init_config = "model.json"
+[workers]
+count = 1
+[[stages]]
+name = "warmup"
+kind = "sft"
+steps = 1
+prompts_per_step = 4
+environments = {entries}
+[[stages]]
+name = "rl"
+kind = "rl"
+steps = 1
+prompts_per_step = 4
+group_size = 2
+max_new_tokens = 4
+environments = {entries}
+"#
+        ),
+    )
+    .unwrap();
+    let run = |countdown_token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chorus"));
+        cmd.args(["run", "run.toml", "--eval-tasks", "1"])
+            .args(["--plugin-token", TOKEN])
+            .env_remove("COUNTDOWN_PLUGIN_TOKEN")
+            .current_dir(h.path(""));
+        if let Some(t) = countdown_token {
+            cmd.env("COUNTDOWN_PLUGIN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some("countdown-token"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = h.json("runs/tokens/summary.json");
+    for url in [&own.url, &shared.url] {
+        assert_eq!(summary["environments"][url]["heldout_n"], 1, "{summary}");
+    }
+    h.audit_clean(&h.ledger_url("tokens"));
+
+    let out = run(None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("stages[0].environments[0].token_env")
+            && err.contains("COUNTDOWN_PLUGIN_TOKEN")
+            && err.contains("not set"),
+        "{err}"
+    );
+    let out = run(Some(TOKEN));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&own.url) && err.contains("refused the token"),
+        "{err}"
+    );
+}

@@ -66,12 +66,14 @@ fn launch(h: &Harness, url: &str, args: &[&str]) -> (String, String) {
     )
 }
 
-/// A standby learner `L` and standby workers `w0` and `w1` at the orchestrator `url`.
+/// A standby learner `L` (its runs' checkpoints under `checkpoints/`) and standby workers `w0`
+/// and `w1` at the orchestrator `url`.
 fn standby_fleet(h: &Harness, url: &str) -> Vec<Service> {
+    let checkpoints = h.path("checkpoints").display().to_string();
     [("learner", "L"), ("worker", "w0"), ("worker", "w1")]
         .iter()
         .map(|(role, id)| {
-            h.standby(&[
+            let mut args = vec![
                 "serve",
                 role,
                 "--orchestrator",
@@ -80,9 +82,29 @@ fn standby_fleet(h: &Harness, url: &str) -> Vec<Service> {
                 id,
                 "--token",
                 "tok",
-            ])
+            ];
+            if *role == "learner" {
+                args.extend(["--checkpoints", &checkpoints]);
+            }
+            h.standby(&args)
         })
         .collect()
+}
+
+/// `LONG_RUN` with its learner saving a checkpoint every 4 versions.
+fn long_run_with_checkpoints() -> String {
+    LONG_RUN.replace("[workers]", "[learner]\ncheckpoint_every = 4\n[workers]")
+}
+
+/// The newest learner step `ledger` holds of `run`.
+fn last_step(
+    rt: &tokio::runtime::Runtime,
+    ledger: &chorus_orchestrator::ledger::Ledger,
+    run: &str,
+) -> u64 {
+    rt.block_on(ledger.last_learner_step(run))
+        .unwrap()
+        .map_or(0, |s| s.step.step)
 }
 
 #[test]
@@ -530,24 +552,18 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
         );
     });
 
-    // A long run whose learner is killed fails, saying why, and the fleet goes on to the next.
-    std::fs::write(
-        h.path("long.toml"),
-        LONG_RUN.replace("steps = 40", "steps = 100000"),
-    )
-    .unwrap();
-    let long = |name: &str| crate::launch(&h, &url, &["long.toml", "--name", name, "--detach"]).0;
-    let serving = |run: &str, n: usize| {
-        assert!(
-            eventually(30, || pids_with_args(&["--run-id", run]).len() >= n),
-            "fewer than {n} processes serve {run}"
-        );
-    };
-    let doomed = long("doomed");
-    serving(&doomed, 3);
-    let learner = pids_with_args(&["--run-id", &doomed, "learner"]);
+    // A run whose learner is killed (SIGKILL) goes on: its standby learner starts it again at
+    // the same address from its newest checkpoint, the orchestrator sends it the groups of the
+    // later steps again, and the run finishes with every step trained once.
+    std::fs::write(h.path("revived.toml"), long_run_with_checkpoints()).unwrap();
+    let revived = crate::launch(&h, &url, &["revived.toml", "--name", "revived", "--detach"]).0;
+    let ledger = rt.block_on(Ledger::open(&db)).unwrap();
+    assert!(
+        eventually(120, || last_step(&rt, &ledger, &revived) >= 6),
+        "run {revived} did not reach step 6"
+    );
+    let learner = pids_with_args(&["--run-id", &revived, "learner"]);
     assert_eq!(learner.len(), 1);
-    std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(
         std::process::Command::new("kill")
             .args(["-9", &learner[0].to_string()])
@@ -555,16 +571,36 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
             .unwrap()
             .success()
     );
-    let watched = h.chorus(&["watch", &doomed, "--orchestrator", &url, "--token", "tok"]);
+    let watched = h.chorus(&["watch", &revived, "--orchestrator", &url, "--token", "tok"]);
     let log = String::from_utf8_lossy(&watched.stderr);
-    assert!(!watched.status.success(), "{log}");
-    assert!(log.contains("failed") && log.contains("learner"), "{log}");
+    assert!(watched.status.success(), "{log}");
+    assert!(log.contains("succeeded"), "{log}");
+    let record = rt.block_on(ledger.get_run(&revived)).unwrap().unwrap();
+    assert!(matches!(record.status, RunStatus::Succeeded));
+    // 1 SFT step and 40 RL steps, each once (the audit checks they are contiguous).
+    assert_eq!(last_step(&rt, &ledger, &revived), 41);
+    h.audit_clean(&db);
+    assert!(
+        h.path(&format!("checkpoints/{revived}")).is_dir(),
+        "the standby learner kept no checkpoints for {revived}"
+    );
     let (after, log) = launch(&["--name", "after"]);
     assert!(log.contains("succeeded"), "{log}");
     assert!(after.starts_with("after-"));
 
     // The standby services' children die with them.
-    let last = long("last");
+    std::fs::write(
+        h.path("long.toml"),
+        LONG_RUN.replace("steps = 40", "steps = 100000"),
+    )
+    .unwrap();
+    let last = crate::launch(&h, &url, &["long.toml", "--name", "last", "--detach"]).0;
+    let serving = |run: &str, n: usize| {
+        assert!(
+            eventually(30, || pids_with_args(&["--run-id", run]).len() >= n),
+            "fewer than {n} processes serve {run}"
+        );
+    };
     serving(&last, 3);
     fleet.clear();
     eventually(5, || pids_with_args(&["--run-id", &last]).is_empty());
@@ -575,10 +611,11 @@ fn a_standing_fleet_serves_launched_runs_one_after_another() {
     );
 }
 
-/// The orchestrator of a standing fleet is killed while it runs one launched run and holds
-/// another in its queue. Restarted on the same ledger and address, it marks the cut-off run
-/// failed (it cannot resume), queues the waiting one again (a launch retried with the same
-/// request id finds it), and the standby services, registering again, serve it to the end.
+/// The orchestrator of a standing fleet is killed (SIGKILL) while it runs one launched run and
+/// holds another in its queue. Restarted on the same ledger and address, it picks the cut-off
+/// run up where its learner is, handing it back to the standby services still serving it (the
+/// same learner process goes on), and queues the waiting one again (a launch retried with the
+/// same request id finds it). Both runs finish, with every step once and a clean audit.
 #[test]
 fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     use chorus_orchestrator::ledger::{Ledger, RunStatus};
@@ -588,15 +625,10 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     std::fs::write(h.path("run.toml"), RUN).unwrap();
     std::fs::write(
         h.path("long.toml"),
-        LONG_RUN.replace("steps = 40", "steps = 100000"),
+        long_run_with_checkpoints().replace("steps = 40", "steps = 80"),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", free_port());
     let orchestrator = || {
         h.service(&[
             "serve",
@@ -621,26 +653,37 @@ fn a_restarted_orchestrator_picks_up_the_runs_launched_before_it_stopped() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ledger = rt.block_on(Ledger::open(&db)).unwrap();
     let status = |id: &str| rt.block_on(ledger.get_run(id)).unwrap().map(|r| r.status);
-    // Killed once the long run has started (a run still waiting for its services would be
-    // queued again instead).
-    eventually(30, || status(&cut_off) == Some(RunStatus::Running));
+    // Killed part-way through the long run's RL stage.
+    assert!(
+        eventually(120, || last_step(&rt, &ledger, &cut_off) >= 6),
+        "run {cut_off} did not reach step 6"
+    );
     assert_eq!(status(&cut_off), Some(RunStatus::Running));
+    let learner = pids_with_args(&["--run-id", &cut_off, "learner"]);
+    assert_eq!(learner.len(), 1);
+    let killed_at = last_step(&rt, &ledger, &cut_off);
     drop(first);
 
     let _second = orchestrator();
+    // The run goes on with the learner that served it before: its standby kept it.
+    assert!(
+        eventually(120, || last_step(&rt, &ledger, &cut_off) >= killed_at + 4),
+        "run {cut_off} did not go on past step {killed_at}"
+    );
+    assert_eq!(pids_with_args(&["--run-id", &cut_off, "learner"]), learner);
     let (again, log) = launch("run.toml", "k-short");
     assert_eq!(again, waiting, "{log}");
     assert!(log.contains("already launched"), "{log}");
-    let watched = h.chorus(&["watch", &waiting, "--orchestrator", &url, "--token", "tok"]);
-    let log = String::from_utf8_lossy(&watched.stderr);
-    assert!(watched.status.success(), "{log}");
-    assert!(log.contains("succeeded"), "{log}");
-
-    assert_eq!(status(&cut_off), Some(RunStatus::Failed));
+    for run in [&cut_off, &waiting] {
+        let watched = h.chorus(&["watch", run, "--orchestrator", &url, "--token", "tok"]);
+        let log = String::from_utf8_lossy(&watched.stderr);
+        assert!(watched.status.success(), "{run}: {log}");
+        assert!(log.contains("succeeded"), "{run}: {log}");
+    }
+    assert_eq!(status(&cut_off), Some(RunStatus::Succeeded));
     assert_eq!(status(&waiting), Some(RunStatus::Succeeded));
-    // The run cut off by the restart left no prompt in flight either.
+    assert_eq!(last_step(&rt, &ledger, &cut_off), 81);
     h.audit_clean(&db);
-    // The cut-off run's processes were stopped once the new orchestrator did not assign it.
     assert_eq!(pids_with_args(&["--run-id", &cut_off]), Vec::<u32>::new());
 }
 

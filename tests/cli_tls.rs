@@ -27,77 +27,6 @@ use harness::*;
 /// A token that no log line, file or output may contain.
 const SECRET: &str = "SECRET-tls-7f3a9c";
 
-/// The PEM files of the test's PKI, written into the harness's directory.
-struct Pki;
-
-impl Pki {
-    /// Writes `ca.pem`; `node.pem`/`node.key` (signed by the CA, for 127.0.0.1 and localhost,
-    /// server and client use); `client.pem`/`client.key` (signed by the CA, client use);
-    /// `stranger.pem`/`stranger.key` (signed by another CA); `self.pem`/`self.key` (self-signed).
-    fn write(h: &Harness) -> Pki {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let ca = |name: &str| {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.distinguished_name.push(DnType::CommonName, name);
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
-        };
-        let leaf = |names: &[&str], eku: Vec<ExtendedKeyUsagePurpose>| {
-            let mut p =
-                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                    .unwrap();
-            p.distinguished_name.push(DnType::CommonName, names[0]);
-            p.extended_key_usages = eku;
-            (p, KeyPair::generate().unwrap())
-        };
-        let write = |name: &str, text: String| std::fs::write(h.path(name), text).unwrap();
-        let chorus_ca = ca("chorus test CA");
-        let other_ca = ca("another CA");
-        write("ca.pem", chorus_ca.pem());
-        let both = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let client = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        for (name, names, eku, issuer) in [
-            ("node", &["127.0.0.1", "localhost"][..], both, &chorus_ca),
-            ("client", &["client"][..], client.clone(), &chorus_ca),
-            ("stranger", &["client"][..], client.clone(), &other_ca),
-            (
-                "named",
-                &["chorus.internal"][..],
-                vec![ExtendedKeyUsagePurpose::ServerAuth],
-                &chorus_ca,
-            ),
-        ] {
-            let (params, key) = leaf(names, eku);
-            let cert = params.signed_by(&key, issuer).unwrap();
-            write(&format!("{name}.pem"), cert.pem());
-            write(&format!("{name}.key"), key.serialize_pem());
-        }
-        let (params, key) = leaf(&["client"], client);
-        write("self.pem", params.self_signed(&key).unwrap().pem());
-        write("self.key", key.serialize_pem());
-        Pki
-    }
-
-    /// The flags of a service (or client) with the node identity and mutual TLS.
-    fn node_flags(&self) -> [&'static str; 6] {
-        [
-            "--tls-cert",
-            "node.pem",
-            "--tls-key",
-            "node.key",
-            "--tls-ca",
-            "ca.pem",
-        ]
-    }
-}
-
 /// An error and its causes, `a: b: c`.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -745,4 +674,96 @@ fn a_standing_fleet_over_mutual_tls_serves_a_launched_run() {
         endpoints.iter().all(|(_, e)| e.starts_with("https://")),
         "{endpoints:?}"
     );
+}
+
+/// The Python SDK speaks TLS as Chorus' services do. A plugin served with a certificate and a CA
+/// (mutual TLS) answers `chorus env check` presenting a certificate from that CA and turns away
+/// one presenting none; `chorus_env.Client` reaches an orchestrator serving mutual TLS with a
+/// client certificate and is refused without one.
+#[test]
+fn python_plugins_and_clients_speak_mutual_tls() {
+    use std::io::BufRead;
+
+    let Some(python) = python_importing(
+        "CHORUS_TEST_PYTHON",
+        "grpc, chorus_env",
+        "a Python with `pip install ./environments/python` done, as .ci/run does",
+        Missing::FailsUnderCi,
+    ) else {
+        return;
+    };
+    let h = Harness::new();
+    let pki = Pki::write(&h);
+    let mut child = std::process::Command::new(&python)
+        .args(["-m", "chorus_env.examples.word_count", "--port", "0"])
+        .args(["--token", SECRET])
+        .args(pki.node_flags())
+        .current_dir(h.path(""))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the Python plugin");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the plugin printed {line:?}"))
+        .to_string();
+    let _plugin = Service {
+        child,
+        url: url.clone(),
+    };
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let check = ["env", "check", "--url", &url, "--token", SECRET];
+    let client_identity = [
+        "--tls-ca",
+        "ca.pem",
+        "--tls-cert",
+        "client.pem",
+        "--tls-key",
+        "client.key",
+    ];
+    h.ok(&[&check[..], &client_identity].concat());
+    let err = h.fails(&[&check[..], &["--tls-ca", "ca.pem"]].concat());
+    assert!(is_transport_refusal(&err), "{err}");
+
+    let orchestrator = h.service(
+        &[
+            &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
+            &["--token", SECRET],
+            &pki.node_flags(),
+        ]
+        .concat(),
+    );
+    assert!(orchestrator.url.starts_with("https://"));
+    let script = r#"
+import json, sys
+import grpc
+from chorus_env import TlsFiles
+from chorus_env.client import Client
+url, token = sys.argv[1], sys.argv[2]
+with Client(url, token=token, tls=TlsFiles(ca="ca.pem", cert="client.pem", key="client.key")) as c:
+    runs = c.runs()
+try:
+    Client(url, token=token, tls=TlsFiles(ca="ca.pem"), timeout=20).runs()
+    refused = None
+except grpc.RpcError as e:
+    refused = e.code().name
+print(json.dumps({"runs": len(runs), "refused": refused}))
+"#;
+    let out = std::process::Command::new(&python)
+        .args(["-c", script, &orchestrator.url, SECRET])
+        .current_dir(h.path(""))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["runs"], 0, "{answer}");
+    assert_eq!(answer["refused"], "UNAVAILABLE", "{answer}");
 }

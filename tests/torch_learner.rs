@@ -207,6 +207,8 @@ fn torch_run(processes: usize) {
 
 /// `chorus serve` with the PyTorch learner started by hand: it registers with the orchestrator
 /// and sends heartbeats like Chorus' learner, a Chorus worker follows it, and the run completes.
+/// Every service speaks mutual TLS, the PyTorch learner's server and its client of the
+/// orchestrator included.
 #[test]
 fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
     use std::io::{BufRead, Read};
@@ -215,6 +217,7 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
         return;
     };
     let h = Harness::new();
+    let tls = Pki::write(&h).node_flags();
     std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
     h.ok(&[
         "model",
@@ -240,9 +243,11 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
             &["serve", "orchestrator", "--listen", "127.0.0.1:0"][..],
             &["--eval-tasks", "2", "--wait-seconds", "120"],
             &common,
+            &tls,
         ]
         .concat(),
     );
+    assert!(orchestrator.url.starts_with("https://"));
     let mut learner = Command::new(&python)
         .args(["-m", "chorus_learner", "--model", "base", "--run-id", "r1"])
         .args([
@@ -252,6 +257,7 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
             &orchestrator.url,
         ])
         .args(["--threads", "1", "--groups-per-step", "4"])
+        .args(tls)
         .env("CHORUS_TOKEN", "tok")
         .current_dir(h.path(""))
         .stdout(std::process::Stdio::piped())
@@ -266,17 +272,49 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("the learner printed {first:?}"))
         .to_string();
+    assert!(learner_url.starts_with("https://"), "{learner_url}");
     let _worker = h.service(
         &[
             &["serve", "worker", "--learner", &learner_url, "--id", "w0"][..],
             &["--orchestrator", &orchestrator.url],
             &common,
+            &tls,
         ]
         .concat(),
     );
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
     let finished = orchestrator.child.wait().unwrap();
+    // It refuses a group of another run, naming both runs (over mutual TLS, as this process's
+    // client).
+    let files = chorus_proto::tls::TlsFiles {
+        cert: Some(h.path("node.pem")),
+        key: Some(h.path("node.key")),
+        ca: Some(h.path("ca.pem")),
+        server_name: None,
+    };
+    chorus_proto::tls::install(files.load().unwrap().unwrap()).unwrap();
+    let answer = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use chorus_proto::v1::{TrajectoryGroup, learner_client::LearnerClient};
+        let channel = chorus_proto::tls::endpoint(&learner_url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token = chorus_proto::auth::AttachToken::new("tok").unwrap();
+        let other = TrajectoryGroup {
+            run_id: "another-run".into(),
+            group_id: "g-other".into(),
+            ..Default::default()
+        };
+        LearnerClient::with_interceptor(channel, token)
+            .submit_trajectories(chorus_proto::tonic::codegen::tokio_stream::iter(vec![
+                other,
+            ]))
+            .await
+            .unwrap()
+            .into_inner()
+    });
     let _ = learner.kill();
     let _ = learner.wait();
     assert!(finished.success(), "{out}");
@@ -284,4 +322,10 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
     assert_eq!(summary["steps"], 7, "{summary}");
     let learners = h.ok(&["inspect", "runs"]);
     assert!(learners.contains("r1"), "{learners}");
+    assert!(answer.accepted_group_ids.is_empty(), "{answer:?}");
+    let reason = &answer.rejected[0].reason;
+    assert!(
+        reason.contains("`r1`") && reason.contains("`another-run`"),
+        "{reason}"
+    );
 }

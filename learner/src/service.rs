@@ -889,6 +889,18 @@ impl Learner for LearnerService {
                     .join(",")
             );
             let _entered = span.enter();
+            if !g.run_id.is_empty() && g.run_id != self.handle.run_id {
+                let reason = format!(
+                    "this learner trains run `{}`, not `{}`",
+                    self.handle.run_id, g.run_id
+                );
+                tracing::warn!(reason, "group rejected");
+                resp.rejected.push(RejectedGroup {
+                    group_id: id,
+                    reason,
+                });
+                continue;
+            }
             match self.handle.submit(g) {
                 Ok(()) => {
                     tracing::debug!("group accepted");

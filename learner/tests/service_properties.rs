@@ -1,7 +1,7 @@
 //! Property tests of what the learner service is sent: any `TrajectoryGroup` (empty or
 //! oversized token lists, token ids outside the vocabulary, lengths that disagree, NaN
 //! advantages and log-probabilities, absurd step sizes and learning rates, more trajectories than
-//! a group may hold, bad objectives) is acknowledged or rejected with a reason that names the
+//! a group may hold, bad objectives, another run's id) is acknowledged or rejected with a reason that names the
 //! field, never panics the service or its training thread, and a good group afterwards still
 //! trains. `StreamWeights` with any chunk offset answers the version's chunks from there or
 //! says the offset is past its end.
@@ -123,6 +123,7 @@ enum Defect {
     LearningRate(f64),
     Objective(String),
     Supervised,
+    RunId(String),
 }
 
 fn defect() -> impl Strategy<Value = Defect> {
@@ -158,6 +159,8 @@ fn defect() -> impl Strategy<Value = Defect> {
         4 => prop_oneof![Just("grpo".to_string()), Just("bogus".to_string()), Just(String::new())]
             .prop_map(Defect::Objective),
         4 => Just(Defect::Supervised),
+        2 => prop_oneof![Just("run".to_string()), Just(String::new()), Just("another-run".to_string())]
+            .prop_map(Defect::RunId),
     ]
 }
 
@@ -175,6 +178,7 @@ fn apply(g: &mut TrajectoryGroup, d: &Defect) {
             g.objective = Some(o);
         }
         Defect::Supervised => g.supervised = true,
+        Defect::RunId(id) => g.run_id = id.clone(),
         Defect::EmptyPrompt(i)
         | Defect::EmptyCompletion(i)
         | Defect::LongPrompt(i)
@@ -227,6 +231,10 @@ fn apply_to(t: &mut Trajectory, d: &Defect) {
 /// learner must accept it.
 fn defects(g: &TrajectoryGroup) -> Vec<&'static str> {
     let mut out = vec![];
+    // Another run's group is refused whatever else it holds (an empty id means this run).
+    if !g.run_id.is_empty() && g.run_id != "run" {
+        return vec!["not `another-run`"];
+    }
     if g.trajectories.len() > MAX_GROUP_SIZE {
         out.push("trajectories");
     }

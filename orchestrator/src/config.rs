@@ -308,6 +308,10 @@ pub struct RawEnvironment {
     pub name: Option<String>,
     /// Address of an environment plugin server or NeMo Gym server (`http://host:port`).
     pub url: Option<String>,
+    /// For a plugin: the environment variable that holds this plugin's own token (default: the
+    /// token given with `--plugin-token`, shared by every plugin without `token_env`). The
+    /// config names the variable, never the secret.
+    pub token_env: Option<String>,
     /// For `nemo_gym`: the NeMo Gym JSONL data file (relative to the config file).
     pub dataset: Option<PathBuf>,
     /// For `nemo_gym`: policy turns per episode (default 1). Above 1, tool calls go to the
@@ -710,7 +714,7 @@ impl EnvironmentSpec {
     pub fn key(&self) -> &str {
         match &self.source {
             EnvironmentSource::Builtin(name) => name,
-            EnvironmentSource::Remote(url) => url,
+            EnvironmentSource::Remote { url, .. } => url,
             EnvironmentSource::NemoGym { name, .. } => name,
         }
     }
@@ -722,7 +726,12 @@ pub enum EnvironmentSource {
     /// A built-in environment.
     Builtin(String),
     /// A plugin server implementing the gRPC `Environment` service.
-    Remote(String),
+    Remote {
+        /// Its address.
+        url: String,
+        /// The environment variable holding its own token; `None`: the run's plugin token.
+        token_env: Option<String>,
+    },
     /// A NeMo Gym resources server (`POST /seed_session`, `POST /verify`) and its JSONL data.
     NemoGym {
         /// The registry key: the entry's `name`, or `nemo_gym:<dataset file stem>`.
@@ -1332,12 +1341,17 @@ impl Ctx<'_> {
 fn environment_source(
     ctx: &Ctx,
     ek: &dyn Fn(&str) -> String,
-    kind: Option<Choice<EnvironmentKind>>,
-    name: Option<String>,
-    url: Option<String>,
-    dataset: Option<PathBuf>,
-    max_turns: Option<u32>,
+    e: RawEnvironment,
 ) -> Result<EnvironmentSource, ConfigError> {
+    let RawEnvironment {
+        kind,
+        name,
+        url,
+        token_env,
+        dataset,
+        max_turns,
+        ..
+    } = e;
     let checked_url = |u: String| {
         if u.starts_with("http://") || u.starts_with("https://") {
             Ok(u)
@@ -1379,6 +1393,37 @@ fn environment_source(
             return Err(only_nemo_gym("max_turns", t.to_string()));
         }
     }
+    if let Some(var) = &token_env {
+        if kind != Choice::Known(EnvironmentKind::Plugin) {
+            return Err(ctx.err(
+                ek("token_env"),
+                format!("`{var}` is only read by plugin entries (`url` without `kind`)"),
+            ));
+        }
+        let well_formed = var
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+            && var
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !well_formed {
+            return Err(ctx.err(
+                ek("token_env"),
+                format!(
+                    "`{var}`; allowed: the name of an environment variable (A-Z, 0-9, _; not \
+                     starting with a digit) that holds the plugin's token"
+                ),
+            ));
+        }
+        if var == "CHORUS_TOKEN" {
+            return Err(ctx.err(
+                ek("token_env"),
+                "`CHORUS_TOKEN` is the run's own token, which is never sent to plugins; give the \
+                 plugin a token of its own",
+            ));
+        }
+    }
     match ctx.known(&ek("kind"), kind)? {
         EnvironmentKind::Builtin => match (name, url) {
             (Some(n), None) => Ok(EnvironmentSource::Builtin(n)),
@@ -1388,7 +1433,10 @@ fn environment_source(
             )),
         },
         EnvironmentKind::Plugin => match (name, url) {
-            (None, Some(u)) => Ok(EnvironmentSource::Remote(checked_url(u)?)),
+            (None, Some(u)) => Ok(EnvironmentSource::Remote {
+                url: checked_url(u)?,
+                token_env,
+            }),
             _ => Err(ctx.err(
                 ek("url"),
                 "a plugin entry gives `url` (http://host:port) and no `name`; the plugin names itself",
@@ -1911,15 +1959,15 @@ impl RunConfig {
             let mut environments = vec![];
             for (j, e) in envs.into_iter().enumerate() {
                 let ek = |f: &str| format!("stages[{i}].environments[{j}].{f}");
-                let source =
-                    environment_source(ctx, &ek, e.kind, e.name, e.url, e.dataset, e.max_turns)?;
+                let (weight, difficulty) = (e.weight, e.difficulty);
+                let source = environment_source(ctx, &ek, e)?;
                 if kind == StageKind::Sft && matches!(source, EnvironmentSource::NemoGym { .. }) {
                     return Err(ctx.err(
                         ek("kind"),
                         "NeMo Gym rows have no reference solutions to warm up on; allowed in: rl stages",
                     ));
                 }
-                let weight = e.weight.unwrap_or(Defaults::ENVIRONMENT_WEIGHT);
+                let weight = weight.unwrap_or(Defaults::ENVIRONMENT_WEIGHT);
                 if !(weight > 0.0 && weight.is_finite()) {
                     return Err(ctx.err(
                         ek("weight"),
@@ -1929,7 +1977,7 @@ impl RunConfig {
                 environments.push(EnvironmentSpec {
                     source,
                     weight,
-                    difficulty: e.difficulty.unwrap_or(Defaults::DIFFICULTY),
+                    difficulty: difficulty.unwrap_or(Defaults::DIFFICULTY),
                 });
             }
             if until.is_some() && environments.is_empty() && kind != StageKind::RewardModel {
@@ -2359,6 +2407,47 @@ sampling = { temperature = 0.9 }
     }
 
     #[test]
+    fn a_plugin_names_the_variable_of_its_own_token() {
+        let with = |entry: &str| {
+            RunConfig::from_toml_str(
+                &format!(
+                    "name = \"t\"\n[model]\ninit_config = \"m.json\"\n[[stages]]\nname = \"rl\"\n\
+                     kind = \"rl\"\nsteps = 1\nenvironments = [{entry}]\n"
+                ),
+                "x.toml",
+            )
+        };
+        let c = with(r#"{ url = "http://127.0.0.1:9", token_env = "MY_PLUGIN_TOKEN" }"#).unwrap();
+        assert_eq!(
+            c.stages[0].environments[0].source,
+            EnvironmentSource::Remote {
+                url: "http://127.0.0.1:9".into(),
+                token_env: Some("MY_PLUGIN_TOKEN".into()),
+            }
+        );
+        for (entry, says) in [
+            (
+                r#"{ url = "http://127.0.0.1:9", token_env = "my token" }"#,
+                "the name of an environment variable",
+            ),
+            (
+                r#"{ url = "http://127.0.0.1:9", token_env = "CHORUS_TOKEN" }"#,
+                "never sent to plugins",
+            ),
+            (
+                r#"{ name = "arithmetic", token_env = "MY_PLUGIN_TOKEN" }"#,
+                "only read by plugin entries",
+            ),
+        ] {
+            let e = with(entry).unwrap_err().to_string();
+            assert!(
+                e.contains("stages[0].environments[0].token_env") && e.contains(says),
+                "{entry}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_fill_what_is_not_written() {
         let c = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
         assert_eq!(c.workers, Defaults::WORKERS);
@@ -2370,7 +2459,10 @@ sampling = { temperature = 0.9 }
         assert_eq!(c.stages[0].max_staleness, Defaults::MAX_STALENESS);
         assert_eq!(
             c.stages[1].environments[1].source,
-            EnvironmentSource::Remote("http://127.0.0.1:9000".into())
+            EnvironmentSource::Remote {
+                url: "http://127.0.0.1:9000".into(),
+                token_env: None,
+            }
         );
         assert_eq!(c.stages[1].temperature, 0.9);
     }

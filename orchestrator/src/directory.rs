@@ -686,6 +686,7 @@ mod tests {
             in_flight: 1,
             policy_version: version,
             run_id: "r".into(),
+            serving_run_id: String::new(),
         };
         assert!(dir.worker_heartbeat(hb("a", 1, 3)).registered);
         // A repeated sequence number is a retry: ignored.
@@ -757,6 +758,7 @@ mod tests {
             step: 4,
             policy_version: 4,
             queued_groups: 0,
+            serving_run_id: String::new(),
         });
         assert!(hb.registered);
         assert_eq!(hb.latest_policy_version, 4);

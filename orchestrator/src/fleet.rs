@@ -70,6 +70,9 @@ struct Current {
     config_toml: String,
     /// The standby learner chosen to serve it.
     learner: Option<String>,
+    /// When a run picked up after a restart of this process began to be served again: for a
+    /// lease from then, no standby learner is chosen but one whose learner still serves it.
+    picked_up: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -122,13 +125,31 @@ impl Fleet {
     /// Serves `directory`'s run from now on: its services' registrations and heartbeats go to
     /// it, and standby services are assigned to it (`config_toml` is what they are handed).
     pub fn serve_run(&self, directory: Arc<Directory>, config_toml: String) {
+        self.serve(directory, config_toml, None);
+    }
+
+    /// Serves again the run an earlier process serving this fleet was running when it stopped
+    /// (see [`Fleet::serve_run`]). Its standby services may still serve it: they say so in their
+    /// heartbeats and are handed it back, and for a lease no other standby learner is chosen.
+    pub fn pick_up_run(&self, directory: Arc<Directory>, config_toml: String) {
+        self.serve(directory, config_toml, Some(Instant::now()));
+    }
+
+    fn serve(&self, directory: Arc<Directory>, config_toml: String, picked_up: Option<Instant>) {
         let mut st = self.lock();
+        if let Some(c) = &st.current
+            && c.directory.run_id() == directory.run_id()
+        {
+            // Served already (picked up before this process served anything).
+            return;
+        }
         st.runs
             .insert(directory.run_id().to_string(), directory.clone());
         st.current = Some(Current {
             directory,
             config_toml,
             learner: None,
+            picked_up,
         });
     }
 
@@ -204,7 +225,8 @@ impl Fleet {
         )
     }
 
-    /// Queues again a run launched before this process started (found pending in the ledger).
+    /// Queues again a run launched before this process started (found pending or running in
+    /// the ledger).
     pub fn requeue(
         &self,
         request_id: &str,
@@ -212,9 +234,9 @@ impl Fleet {
         name: &str,
         config_toml: &str,
         eval: LaunchEval,
-    ) {
+    ) -> Launched {
         let mut st = self.lock();
-        self.enqueue(&mut st, request_id, run_id, name, config_toml, eval);
+        self.enqueue(&mut st, request_id, run_id, name, config_toml, eval)
     }
 
     fn enqueue(
@@ -269,9 +291,15 @@ impl Fleet {
         (live(Kind::Learner), live(Kind::Worker))
     }
 
-    /// A standby service checks in (`register`: for the first time, or again); returns the
-    /// run it should serve now, if any.
-    pub fn standby_heartbeat(&self, kind: Kind, id: &str, register: bool) -> Option<RunAssignment> {
+    /// A standby service checks in (`register`: for the first time, or again; `serving`: the
+    /// run the service it started serves, if any); returns the run it should serve now, if any.
+    pub fn standby_heartbeat(
+        &self,
+        kind: Kind,
+        id: &str,
+        register: bool,
+        serving: &str,
+    ) -> Option<RunAssignment> {
         let mut st = self.lock();
         let key = (kind, id.to_string());
         if !register && !st.standby.contains_key(&key) {
@@ -291,13 +319,20 @@ impl Fleet {
             .learner()
             .map(|l| l.endpoint)
             .unwrap_or_default();
+        let serves_it = !serving.is_empty() && serving == current.directory.run_id();
+        let picked_up_lately = current
+            .picked_up
+            .is_some_and(|at| at.elapsed() <= self.leases.lease);
         match kind {
             Kind::Learner => {
-                // One learner serves the run: the first standby learner to ask, unless the
-                // chosen one is still alive.
+                // One learner serves the run: the one whose learner serves it already, else
+                // the first standby learner to ask, unless the chosen one is still alive (or,
+                // for a run picked up after a restart, its learner may yet say it serves it).
                 let mine = match &claimed {
                     Some(c) if c == id => true,
+                    _ if serves_it => true,
                     Some(c) if learner_alive(&st, c) || !learner_endpoint.is_empty() => false,
+                    None if picked_up_lately => false,
                     _ => true,
                 };
                 if !mine {
@@ -311,8 +346,8 @@ impl Fleet {
                     learner_endpoint,
                 })
             }
-            // Workers need the learner's address to fetch weights.
-            Kind::Worker if learner_endpoint.is_empty() => None,
+            // Workers need the learner's address to fetch weights (one serving the run has it).
+            Kind::Worker if learner_endpoint.is_empty() && !serves_it => None,
             Kind::Worker => Some(RunAssignment {
                 run_id: current.directory.run_id().to_string(),
                 config_toml: current.config_toml.clone(),
@@ -339,15 +374,16 @@ impl Fleet {
                 Kind::Learner => "learner_id",
             }));
         }
-        self.standby_heartbeat(kind, id, true);
+        self.standby_heartbeat(kind, id, true, "");
         Ok(())
     }
 
-    /// The answer to a standby service's heartbeat.
-    pub fn standby_answer(&self, kind: Kind, id: &str) -> HeartbeatResponse {
+    /// The answer to a standby service's heartbeat (`serving`: the run the service it started
+    /// serves, if any).
+    pub fn standby_answer(&self, kind: Kind, id: &str, serving: &str) -> HeartbeatResponse {
         HeartbeatResponse {
             registered: self.standby_known(kind, id),
-            assignment: self.standby_heartbeat(kind, id, false),
+            assignment: self.standby_heartbeat(kind, id, false, serving),
             ..Default::default()
         }
     }
@@ -387,19 +423,37 @@ mod tests {
         assert_ne!(second.run_id, first.run_id);
 
         // Standby services get nothing while no run is served.
-        assert!(fleet.standby_heartbeat(Kind::Learner, "L1", true).is_none());
-        assert!(fleet.standby_heartbeat(Kind::Worker, "W", true).is_none());
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L1", true, "")
+                .is_none()
+        );
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Worker, "W", true, "")
+                .is_none()
+        );
         assert!(!fleet.standby_known(Kind::Worker, "stranger"));
 
         let run = fleet.next_launched().await;
         assert_eq!(run.run_id, first.run_id);
         fleet.serve_run(run.directory.clone(), run.config_toml.clone());
         // One learner is chosen; workers wait until it serves.
-        let to_l1 = fleet.standby_heartbeat(Kind::Learner, "L1", false).unwrap();
+        let to_l1 = fleet
+            .standby_heartbeat(Kind::Learner, "L1", false, "")
+            .unwrap();
         assert_eq!(to_l1.run_id, first.run_id);
         assert!(to_l1.learner_endpoint.is_empty());
-        assert!(fleet.standby_heartbeat(Kind::Learner, "L2", true).is_none());
-        assert!(fleet.standby_heartbeat(Kind::Worker, "W", false).is_none());
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L2", true, "")
+                .is_none()
+        );
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Worker, "W", false, "")
+                .is_none()
+        );
         run.directory
             .register_learner(RegisterLearnerRequest {
                 learner_id: "L1".into(),
@@ -409,7 +463,9 @@ mod tests {
                 devices: 1,
             })
             .unwrap();
-        let to_w = fleet.standby_heartbeat(Kind::Worker, "W", false).unwrap();
+        let to_w = fleet
+            .standby_heartbeat(Kind::Worker, "W", false, "")
+            .unwrap();
         assert_eq!(
             (to_w.run_id.as_str(), to_w.learner_endpoint.as_str()),
             (first.run_id.as_str(), "http://127.0.0.1:9")
@@ -420,7 +476,7 @@ mod tests {
         fleet.finish_run();
         assert!(
             fleet
-                .standby_heartbeat(Kind::Learner, "L1", false)
+                .standby_heartbeat(Kind::Learner, "L1", false, "")
                 .is_none()
         );
         let run = fleet.next_launched().await;
@@ -428,7 +484,7 @@ mod tests {
         fleet.serve_run(run.directory, run.config_toml);
         assert_eq!(
             fleet
-                .standby_heartbeat(Kind::Learner, "L2", false)
+                .standby_heartbeat(Kind::Learner, "L2", false, "")
                 .unwrap()
                 .run_id,
             second.run_id
@@ -458,6 +514,76 @@ mod tests {
             fleet
                 .directory(&fleet.launched("more-0").unwrap())
                 .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_picked_up_run_goes_back_to_the_standby_services_still_serving_it() {
+        let fleet = Fleet::new(Leases::default(), Some("test".into()));
+        let (run, _) = fleet.launch("req-1", "a", "name = \"a\"", LaunchEval::default());
+        fleet.pick_up_run(run.directory.clone(), run.config_toml.clone());
+        let id = run.run_id.as_str();
+        // Another standby learner asks first: it is not chosen while the run's own learner may
+        // still say it serves it.
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L2", true, "")
+                .is_none()
+        );
+        let back = fleet
+            .standby_heartbeat(Kind::Learner, "L1", true, id)
+            .unwrap();
+        assert_eq!(back.run_id, id);
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L2", false, "")
+                .is_none()
+        );
+        // A worker still serving it keeps it before the learner has registered again; a new
+        // one waits for the learner's address.
+        assert_eq!(
+            fleet
+                .standby_heartbeat(Kind::Worker, "W1", true, id)
+                .unwrap()
+                .run_id,
+            id
+        );
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Worker, "W2", true, "")
+                .is_none()
+        );
+        // Serving it again once it is popped from the queue keeps the choice.
+        let popped = fleet.next_launched().await;
+        fleet.serve_run(popped.directory, popped.config_toml);
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L1", false, id)
+                .is_some()
+        );
+        assert!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L2", false, "")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_picked_up_run_nobody_serves_gets_a_standby_learner_after_a_lease() {
+        let leases = Leases {
+            lease: std::time::Duration::ZERO,
+            ..Leases::default()
+        };
+        let fleet = Fleet::new(leases, Some("test".into()));
+        let (run, _) = fleet.launch("req-1", "a", "name = \"a\"", LaunchEval::default());
+        fleet.pick_up_run(run.directory.clone(), run.config_toml.clone());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(
+            fleet
+                .standby_heartbeat(Kind::Learner, "L2", true, "")
+                .unwrap()
+                .run_id,
+            run.run_id
         );
     }
 }

@@ -135,9 +135,11 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let h = request.into_inner();
         if h.run_id.is_empty() {
-            return Ok(Response::new(
-                self.fleet.standby_answer(Kind::Worker, &h.worker_id),
-            ));
+            return Ok(Response::new(self.fleet.standby_answer(
+                Kind::Worker,
+                &h.worker_id,
+                &h.serving_run_id,
+            )));
         }
         Ok(Response::new(match self.fleet.current(&h.run_id) {
             Some(dir) => dir.worker_heartbeat(h),
@@ -175,9 +177,11 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let h = request.into_inner();
         if h.run_id.is_empty() {
-            return Ok(Response::new(
-                self.fleet.standby_answer(Kind::Learner, &h.learner_id),
-            ));
+            return Ok(Response::new(self.fleet.standby_answer(
+                Kind::Learner,
+                &h.learner_id,
+                &h.serving_run_id,
+            )));
         }
         Ok(Response::new(match self.fleet.current(&h.run_id) {
             Some(dir) => dir.learner_heartbeat(h),

@@ -14,8 +14,8 @@ use crate::error::{Result, RunError};
 /// (registered under its URL, the entry's key) and a [`NemoGym`] for each `nemo_gym` entry
 /// (under its name). Plugins are asked to describe themselves now, so an absent plugin or a
 /// wrong token fails the run before it starts, with the entry and the address named. Plugins
-/// are called with `plugin_token`, their own credential, never with the run's shared token (a
-/// plugin is often someone else's code). Each call to a plugin or NeMo Gym server has the run's
+/// are called with their own credential: the variable an entry's `token_env` names, else
+/// `plugin_token`; never with the run's shared token (a plugin is often someone else's code). Each call to a plugin or NeMo Gym server has the run's
 /// environment deadline (`environment_faults.deadline_seconds`). Blocks while it connects: call
 /// it from a blocking thread in async code.
 pub fn environment_registry(cfg: &RunConfig, plugin_token: Option<&str>) -> Result<Registry> {
@@ -41,15 +41,28 @@ pub fn environment_registry(cfg: &RunConfig, plugin_token: Option<&str>) -> Resu
                 EnvironmentSource::Builtin(name) => {
                     registry.get(name).map_err(error(format!("{at}.name")))?;
                 }
-                EnvironmentSource::Remote(url) => {
-                    let token = plugin_token.ok_or_else(|| {
-                        RunError::Invalid(format!(
-                            "{at}.url: the environment plugin at {url} checks a token of its \
-                             own: give it with --plugin-token T or CHORUS_PLUGIN_TOKEN=T (the \
-                             token the plugin was started with); the run's own token is never \
-                             sent to plugins"
-                        ))
-                    })?;
+                EnvironmentSource::Remote { url, token_env } => {
+                    let own_token;
+                    let token = match token_env {
+                        Some(var) => {
+                            own_token = std::env::var(var).ok().filter(|t| !t.is_empty());
+                            own_token.as_deref().ok_or_else(|| {
+                                RunError::Invalid(format!(
+                                    "{at}.token_env: the environment variable {var} (the token \
+                                     of the plugin at {url}) is not set in this process"
+                                ))
+                            })?
+                        }
+                        None => plugin_token.ok_or_else(|| {
+                            RunError::Invalid(format!(
+                                "{at}.url: the environment plugin at {url} checks a token of \
+                                 its own: give it with --plugin-token T or \
+                                 CHORUS_PLUGIN_TOKEN=T (the token the plugin was started with), \
+                                 or name a variable holding it with `token_env`; the run's own \
+                                 token is never sent to plugins"
+                            ))
+                        })?,
+                    };
                     let options = RemoteOptions {
                         timeout: cfg.environment_faults.deadline,
                         ..RemoteOptions::default()

@@ -184,14 +184,18 @@ impl RunPlan {
         self.config.stages[0].prompts_per_step
     }
 
-    /// The plugin environment this run uses, if any (it checks the run's shared token).
+    /// A plugin environment this run uses that checks the run's plugin token (`--plugin-token`:
+    /// one without a `token_env` of its own), if any.
     pub fn plugin_url(&self) -> Option<&str> {
         self.config
             .stages
             .iter()
             .flat_map(|s| &s.environments)
             .find_map(|e| match &e.source {
-                EnvironmentSource::Remote(url) => Some(url.as_str()),
+                EnvironmentSource::Remote {
+                    url,
+                    token_env: None,
+                } => Some(url.as_str()),
                 _ => None,
             })
     }

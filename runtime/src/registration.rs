@@ -131,6 +131,7 @@ impl Reporter {
                         in_flight: 0,
                         policy_version: version(),
                         run_id: run_id.clone(),
+                        serving_run_id: String::new(),
                     })
                     .await?
                     .into_inner()
@@ -151,6 +152,7 @@ impl Reporter {
                         step: v,
                         policy_version: v,
                         queued_groups: 0,
+                        serving_run_id: String::new(),
                     })
                     .await?
                     .into_inner()

@@ -4,6 +4,7 @@
 //! standby services. Each function serves until its run ends or Ctrl-C.
 
 use chorus_proto::limits::ORCHESTRATOR_MAX_MESSAGE_BYTES;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,8 +178,8 @@ pub async fn orchestrator(
     let directory = match &o.listen {
         Some(listen) => {
             let db = o.db.clone().unwrap_or_else(|| default_db(&out_dir));
-            let (url, fleet, _) =
-                serve_orchestrator(listen, o.token.expose(), &db, &out_dir, None).await?;
+            let (fleet, ledger) = open_orchestrator(&db, &out_dir, None).await?;
+            let url = serve_orchestrator(listen, o.token.expose(), &fleet, &ledger).await?;
             let directory = Directory::new(&o.run_id, fleet.leases());
             directory.spawn_lease_checker();
             fleet.serve_run(directory.clone(), plan.config_toml.clone());
@@ -230,17 +231,22 @@ pub async fn orchestrator(
             .get_run(&o.run_id)
             .await
             .map_err(RunError::ledger(&db))?;
-        let resumed = match found {
-            Some(_) => {
-                let version =
-                    take_over_learner(&learner, o.token.expose(), &o.run_id, &ledger, o.wait)
-                        .await?;
-                Some(rejoin(plan, &ledger, &db, &o.run_id, version, &out_dir).await?)
-            }
-            None => None,
-        };
         ledger.close().await.map_err(RunError::ledger(&db))?;
-        resumed
+        match found {
+            Some(_) => Some(
+                pick_up_run(
+                    plan,
+                    &learner,
+                    o.token.expose(),
+                    &o.run_id,
+                    &db,
+                    &out_dir,
+                    o.wait,
+                )
+                .await?,
+            ),
+            None => None,
+        }
     };
     let endpoints = Endpoints {
         learner,
@@ -262,6 +268,25 @@ pub async fn orchestrator(
         },
     };
     orchestrate(plan, &endpoints, options).await
+}
+
+/// Picks up run `run_id` of the ledger at `db`, cut off by a restart of its orchestrator: the
+/// learner at `learner` drops what it held for untrained steps and its history goes into the
+/// ledger, which is rewound to the learner's version (see [`rejoin`]).
+async fn pick_up_run(
+    plan: &RunPlan,
+    learner: &str,
+    token: &str,
+    run_id: &str,
+    db: &str,
+    out_dir: &std::path::Path,
+    wait: Duration,
+) -> Result<crate::driver::Resumed> {
+    let ledger = Ledger::open(db).await.map_err(RunError::ledger(db))?;
+    let version = take_over_learner(learner, token, run_id, &ledger, wait).await?;
+    let resumed = rejoin(plan, &ledger, db, run_id, version, out_dir).await?;
+    ledger.close().await.map_err(RunError::ledger(db))?;
+    Ok(resumed)
 }
 
 /// Tells `WatchRun` clients that the run failed, unless the driver already did (it announces
@@ -298,44 +323,39 @@ pub struct DaemonOptions {
     pub eval_every: u64,
     /// The name this orchestrator records its launches under in the ledger.
     pub name: String,
+    /// How long a run waits for its learner to come back when it dies (its standby learner
+    /// starts it again from its checkpoints); 0: the run fails at once.
+    pub learner_restart: Duration,
 }
 
 /// The orchestrator daemon: serves runs launched with `LaunchRun`, one after another, on the
 /// standby services registered with it, until Ctrl-C. Restarted under the same name on the
-/// same ledger, it queues again the runs still pending and marks failed the one it was running.
+/// same ledger, it picks up the run it was running where the run's learner is (its standby
+/// services, still serving it, are handed it back) and queues again the runs still pending.
 /// `listening` gets its URL once it serves.
 pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Result<()> {
     let db = d.db.clone().unwrap_or_else(|| default_db(&d.runs_dir));
-    let (url, fleet, ledger) = serve_orchestrator(
-        &d.listen,
-        d.token.expose(),
-        &db,
-        &d.runs_dir,
-        Some(d.name.clone()),
-    )
-    .await?;
-    // What an earlier process with this name left: runs cut off mid-way cannot resume (yet);
-    // runs that never started are queued again, in launch order.
+    let (fleet, ledger) = open_orchestrator(&db, &d.runs_dir, Some(d.name.clone())).await?;
+    // What an earlier process with this name left: the run cut off mid-way is picked up first
+    // (it is served before this process answers anyone, so that the standby services serving it
+    // keep it), then the runs that never started, in launch order.
     let at = RunError::ledger(&db);
-    for (_, _, run) in ledger
+    let mut picked_up = HashSet::new();
+    for (request_id, eval, run) in ledger
         .launched_runs(&d.name, RunStatus::Running)
         .await
         .map_err(at)?
     {
         tracing::warn!(
             run_id = run.id,
-            "run {} was running when this orchestrator last stopped; it cannot resume, so it is \
-             marked failed",
+            "run {} was running when this orchestrator last stopped: picking it up",
             run.id
         );
-        ledger
-            .set_run_status(&run.id, RunStatus::Failed)
-            .await
-            .map_err(RunError::ledger(&db))?;
-        ledger
-            .drop_in_flight(&run.id, "in flight when the orchestrator stopped")
-            .await
-            .map_err(RunError::ledger(&db))?;
+        let launched = fleet.requeue(&request_id, &run.id, &run.name, &run.config_toml, eval);
+        if picked_up.is_empty() {
+            fleet.pick_up_run(launched.directory.clone(), launched.config_toml.clone());
+        }
+        picked_up.insert(run.id);
     }
     let pending = ledger
         .launched_runs(&d.name, RunStatus::Pending)
@@ -350,6 +370,7 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
         fleet.requeue(&request_id, &run.id, &run.name, &run.config_toml, eval);
     }
     ledger.flush().await.map_err(RunError::ledger(&db))?;
+    let url = serve_orchestrator(&d.listen, d.token.expose(), &fleet, &ledger).await?;
     listening(&url);
     tracing::info!(
         name = d.name,
@@ -374,7 +395,8 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
             workers,
             "run {run_id}: starting; standing by: {learners} learner(s), {workers} worker(s)"
         );
-        let result = run_launched(&d, &fleet, &launched, &db).await;
+        let pick_up = picked_up.remove(&run_id);
+        let result = run_launched(&d, &fleet, &launched, &db, pick_up).await;
         if let Err(e) = &result {
             tracing::error!(run_id, error = %e, "run {run_id} failed: {e}");
             ledger
@@ -393,11 +415,14 @@ pub async fn launched_runs(d: DaemonOptions, listening: impl FnOnce(&str)) -> Re
 }
 
 /// One launched run, on the standby services the fleet hands it to.
+/// With `pick_up`, the run was cut off by a restart of this process: it continues where its
+/// learner is (see [`rejoin`]).
 async fn run_launched(
     d: &DaemonOptions,
     fleet: &Fleet,
     launched: &Launched,
     db: &str,
+    pick_up: bool,
 ) -> Result<()> {
     let run_id = &launched.run_id;
     let cfg = RunConfig::from_toml_relative_to(
@@ -419,6 +444,22 @@ async fn run_launched(
     directory
         .wait_for_workers(plan.config.workers, d.wait)
         .await?;
+    let out_dir = d.runs_dir.join(run_id);
+    let resumed = match pick_up {
+        true => Some(
+            pick_up_run(
+                &plan,
+                &learner,
+                d.token.expose(),
+                run_id,
+                db,
+                &out_dir,
+                d.wait,
+            )
+            .await?,
+        ),
+        false => None,
+    };
     let endpoints = Endpoints {
         learner,
         workers: vec![],
@@ -428,43 +469,48 @@ async fn run_launched(
     let options = RunOptions {
         run_id: run_id.clone(),
         db: Some(db.to_string()),
-        out_dir: d.runs_dir.join(run_id),
+        out_dir,
         directory: Some(directory),
-        resumed: None,
+        resumed,
         first_stage: 0,
         recorded: true,
-        // A standby learner's child dies with the run's learner: nothing restarts it, and the
-        // fleet goes on to the next run.
+        // The run's standby learner starts its learner again from its checkpoints.
         learner_link: LearnerLink {
-            recover_for: Duration::ZERO,
+            recover_for: d.learner_restart,
             ..LearnerLink::default()
         },
     };
     orchestrate(&plan, &endpoints, options).await.map(|_| ())
 }
 
-/// Serves the Orchestrator service on `listen` (registrations, heartbeats, runs from the ledger
-/// at `db`, run events; launches, recorded under `launcher`, when it is given); returns its URL,
-/// the fleet behind it and its ledger.
-async fn serve_orchestrator(
-    listen: &str,
-    token: &str,
+/// Opens the ledger at `db` and an empty fleet for an orchestrator (launches, recorded under
+/// `launcher`, when it is given).
+async fn open_orchestrator(
     db: &str,
     out_dir: &std::path::Path,
     launcher: Option<String>,
-) -> Result<(String, Arc<Fleet>, Ledger)> {
+) -> Result<(Arc<Fleet>, Ledger)> {
     std::fs::create_dir_all(out_dir)
         .map_err(RunError::io(format!("creating {}", out_dir.display())))?;
     let ledger = Ledger::open(db).await.map_err(RunError::ledger(db))?;
-    let fleet = Fleet::new(Leases::default(), launcher);
+    Ok((Fleet::new(Leases::default(), launcher), ledger))
+}
+
+/// Serves the Orchestrator service of `fleet` on `listen` (registrations, heartbeats, runs from
+/// `ledger`, run events, launches); returns its URL.
+async fn serve_orchestrator(
+    listen: &str,
+    token: &str,
+    fleet: &Arc<Fleet>,
+    ledger: &Ledger,
+) -> Result<String> {
     let svc = chorus_proto::tonic::service::interceptor::InterceptedService::new(
         OrchestratorServer::new(OrchestratorService::new(fleet.clone(), ledger.clone()))
             .max_decoding_message_size(ORCHESTRATOR_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(ORCHESTRATOR_MAX_MESSAGE_BYTES),
         RequireToken::new(token)?,
     );
-    let url = serve_routes(Routes::new(svc), listen).await?;
-    Ok((url, fleet, ledger))
+    serve_routes(Routes::new(svc), listen).await
 }
 
 /// The address other machines reach a service at. `advertise` is a host name or IP (the port is

@@ -7,7 +7,14 @@
 //!
 //! Each run gets a fresh process, so nothing of one run (weights, optimizer state, sockets)
 //! leaks into the next, and the child dies with its parent (`PR_SET_PDEATHSIG`).
+//!
+//! A standby learner's child saves rolling checkpoints under `<checkpoints>/<run id>`. When it
+//! dies while its run goes on, the standby starts it again (up to [`MAX_LEARNER_RESTARTS`] times
+//! per run) at the address it served at, from its newest checkpoint; the orchestrator sends it
+//! the groups of the steps after that again. Heartbeats name the run the child serves, so an
+//! orchestrator restarted mid-run hands that run back to this standby instead of stopping it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chorus_proto::v1::{
@@ -55,11 +62,22 @@ pub struct Standby {
     pub advertise: Option<String>,
     /// Where the child serves Prometheus metrics (see `--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// For a learner: where each run's rolling checkpoints go (`<checkpoints>/<run id>`).
+    pub checkpoints: PathBuf,
 }
+
+/// How many times a standby learner starts the learner of one run again after it died.
+pub const MAX_LEARNER_RESTARTS: u32 = 5;
 
 struct Serving {
     run_id: String,
     child: Child,
+}
+
+/// The run a standby learner's child died in, and how often it was started again.
+struct Restarts {
+    run_id: String,
+    count: u32,
 }
 
 impl Standby {
@@ -94,6 +112,7 @@ impl Standby {
         &self,
         client: &mut Client,
         sequence: u64,
+        serving: &str,
     ) -> Result<HeartbeatResponse, chorus_proto::tonic::Status> {
         Ok(match self.role {
             Role::Worker => client
@@ -101,6 +120,7 @@ impl Standby {
                     worker_id: self.id.clone(),
                     sequence,
                     capacity: 1,
+                    serving_run_id: serving.to_string(),
                     ..Default::default()
                 })
                 .await?
@@ -109,6 +129,7 @@ impl Standby {
                 .learner_heartbeat(LearnerHeartbeatRequest {
                     learner_id: self.id.clone(),
                     sequence,
+                    serving_run_id: serving.to_string(),
                     ..Default::default()
                 })
                 .await?
@@ -117,12 +138,17 @@ impl Standby {
     }
 
     /// Starts the service for run `a` as a child process with the run's config on its stdin.
+    /// A learner started again for its run serves where the run knows it (`learner_endpoint`).
     async fn start(&self, a: &RunAssignment) -> Result<Child> {
         let exe = std::env::current_exe().map_err(RunError::io("finding the chorus executable"))?;
         let mut cmd = Command::new(exe);
+        let listen = match (self.role, port_of(&a.learner_endpoint)) {
+            (Role::Learner, Some(port)) => with_port(&self.listen, port),
+            _ => self.listen.clone(),
+        };
         cmd.args(["serve", self.role.name(), "--config", "-"])
             .args(["--run-id", &a.run_id, "--orchestrator", &self.orchestrator])
-            .args(["--listen", &self.listen, "--id", &self.id])
+            .args(["--listen", &listen, "--id", &self.id])
             .env("CHORUS_TOKEN", &self.token)
             .envs(chorus_proto::tls::installed().map_or_else(Vec::new, |t| t.files().child_env()))
             .stdin(std::process::Stdio::piped())
@@ -130,8 +156,14 @@ impl Standby {
             // its own.
             .stdout(std::io::stderr())
             .kill_on_drop(true);
-        if self.role == Role::Worker {
-            cmd.args(["--learner", &a.learner_endpoint]);
+        match self.role {
+            Role::Worker => {
+                cmd.args(["--learner", &a.learner_endpoint]);
+            }
+            Role::Learner => {
+                cmd.arg("--checkpoints")
+                    .arg(self.checkpoints.join(&a.run_id));
+            }
         }
         if let Some(advertise) = &self.advertise {
             cmd.args(["--advertise", advertise]);
@@ -184,8 +216,9 @@ pub async fn stand_by(s: Standby, ready: impl FnOnce()) -> Result<()> {
     );
     ready();
     let mut serving: Option<Serving> = None;
-    // A learner that exits by itself is not restarted for the same run (its state is gone).
-    let mut given_up: Option<String> = None;
+    // A learner that exits by itself is started again for its run from its checkpoints, a
+    // bounded number of times.
+    let mut restarts: Option<Restarts> = None;
     let mut sequence = 0;
     let mut warned = false;
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
@@ -212,12 +245,32 @@ pub async fn stand_by(s: Standby, ready: impl FnOnce()) -> Result<()> {
                 run.run_id
             );
             if s.role == Role::Learner {
-                given_up = Some(run.run_id.clone());
+                let r = restarts.get_or_insert(Restarts {
+                    run_id: run.run_id.clone(),
+                    count: 0,
+                });
+                if r.run_id != run.run_id {
+                    *r = Restarts {
+                        run_id: run.run_id.clone(),
+                        count: 0,
+                    };
+                }
+                r.count += 1;
+                if r.count > MAX_LEARNER_RESTARTS {
+                    tracing::error!(
+                        run_id = run.run_id,
+                        restarts = MAX_LEARNER_RESTARTS,
+                        "the learner of run {} died again after {MAX_LEARNER_RESTARTS} restarts: \
+                         it is not started again for this run",
+                        run.run_id
+                    );
+                }
             }
             serving = None;
         }
         sequence += 1;
-        let hb = match s.heartbeat(&mut client, sequence).await {
+        let serving_run = serving.as_ref().map_or("", |r| r.run_id.as_str());
+        let hb = match s.heartbeat(&mut client, sequence, serving_run).await {
             Ok(hb) => {
                 warned = false;
                 hb
@@ -258,10 +311,25 @@ pub async fn stand_by(s: Standby, ready: impl FnOnce()) -> Result<()> {
             stop(run).await;
             serving = None;
         }
+        let given_up = |a: &RunAssignment| {
+            restarts
+                .as_ref()
+                .is_some_and(|r| r.run_id == a.run_id && r.count > MAX_LEARNER_RESTARTS)
+        };
         if let (None, Some(a)) = (&serving, wanted)
-            && given_up.as_ref() != Some(&a.run_id)
+            && !given_up(&a)
         {
-            tracing::info!(run_id = a.run_id, "serving run {}", a.run_id);
+            match restarts.as_ref().filter(|r| r.run_id == a.run_id) {
+                Some(r) => tracing::warn!(
+                    run_id = a.run_id,
+                    restart = r.count,
+                    "starting the learner of run {} again from its checkpoints (restart {} of \
+                     at most {MAX_LEARNER_RESTARTS})",
+                    a.run_id,
+                    r.count
+                ),
+                None => tracing::info!(run_id = a.run_id, "serving run {}", a.run_id),
+            }
             match s.start(&a).await {
                 Ok(child) => {
                     serving = Some(Serving {
@@ -272,5 +340,34 @@ pub async fn stand_by(s: Standby, ready: impl FnOnce()) -> Result<()> {
                 Err(e) => tracing::error!(run_id = a.run_id, error = %e, "{e}"),
             }
         }
+    }
+}
+
+/// The port of a service URL such as `http://10.0.0.2:7000`; `None` when it names none.
+fn port_of(url: &str) -> Option<u16> {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = authority.split('/').next()?;
+    authority.rsplit_once(':')?.1.parse().ok()
+}
+
+/// `listen` (HOST:PORT) with its port replaced.
+fn with_port(listen: &str, port: u16) -> String {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    format!("{host}:{port}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_learner_serves_at_the_port_its_run_knows() {
+        assert_eq!(port_of("http://10.0.0.2:7000"), Some(7000));
+        assert_eq!(port_of("https://learner.example:7443/"), Some(7443));
+        assert_eq!(port_of("http://[::1]:7001"), Some(7001));
+        assert_eq!(port_of(""), None);
+        assert_eq!(port_of("http://learner"), None);
+        assert_eq!(with_port("0.0.0.0:0", 7000), "0.0.0.0:7000");
+        assert_eq!(with_port("[::]:0", 7000), "[::]:7000");
     }
 }

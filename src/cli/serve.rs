@@ -82,7 +82,9 @@ pub struct LearnerArgs {
     /// checkpoint_every` versions and at stage boundaries, and start from the newest one found
     /// there: a learner killed mid-run and started again with the same DIR resumes where it
     /// saved, and the orchestrator sends it the groups of the later steps again. One DIR per
-    /// run.
+    /// run. A standby learner (no --config) keeps each run's checkpoints in DIR/RUN_ID and
+    /// starts a run's learner again from them when it dies [standby default: a directory under
+    /// the system's temp dir]; give a persistent DIR for runs that must survive a reboot.
     #[arg(long, value_name = "DIR")]
     checkpoints: Option<PathBuf>,
 }
@@ -132,9 +134,9 @@ pub struct OrchestratorArgs {
     /// seconds.
     #[arg(long, default_value_t = 600)]
     wait_seconds: u64,
-    /// How long the run waits for its learner to come back when it dies (a learner served with
-    /// --checkpoints and started again at the same address resumes the run), in seconds; 0
-    /// fails the run at once.
+    /// How long a run waits for its learner to come back when it dies (a learner served with
+    /// --checkpoints and started again at the same address resumes the run; a standby learner
+    /// starts a launched run's learner again by itself), in seconds; 0 fails the run at once.
     #[arg(long, default_value_t = 600)]
     learner_restart_seconds: u64,
     /// Run id shared by all services of the run (default: the config's name).
@@ -181,6 +183,7 @@ impl ServiceArgs {
                 listen: self.listen.clone(),
                 advertise: self.advertise.clone(),
                 metrics: None,
+                checkpoints: PathBuf::new(),
             }),
             _ => None,
         }
@@ -271,6 +274,11 @@ pub fn run(cmd: ServeCommand, metrics: Option<std::net::SocketAddr>) -> anyhow::
             }) => {
                 if let Some(mut standby) = a.standby(Role::Learner, &id) {
                     standby.metrics = metrics;
+                    standby.checkpoints = checkpoints.unwrap_or_else(|| {
+                        std::env::temp_dir()
+                            .join("chorus-learner-checkpoints")
+                            .join(&id)
+                    });
                     let ready = super::print_standing_by(&standby);
                     return Ok(stand_by(standby, ready).await?);
                 }
@@ -355,6 +363,7 @@ async fn orchestrator(a: OrchestratorArgs) -> anyhow::Result<()> {
             eval_tasks: a.eval_tasks,
             eval_every: a.eval_every,
             name: a.name,
+            learner_restart: Duration::from_secs(a.learner_restart_seconds),
         };
         return Ok(chorus_runtime::serve::launched_runs(daemon, super::print_listening).await?);
     };

@@ -2,6 +2,10 @@
 //! commands, so a test body reads as its steps.
 #![allow(dead_code)]
 
+mod pki;
+#[allow(unused_imports)]
+pub use pki::Pki;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -35,6 +35,7 @@ from .env import (
     split_of,
 )
 from .server import Server, serve, main_for
+from .tls import TlsFiles
 
 __all__ = [
     "Environment",
@@ -42,6 +43,7 @@ __all__ = [
     "Server",
     "StepResult",
     "Task",
+    "TlsFiles",
     "final_answer",
     "main_for",
     "response_text",

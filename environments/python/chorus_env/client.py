@@ -18,10 +18,10 @@ import json
 import os
 import uuid
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
 from ._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from .tls import TlsFiles
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -54,16 +54,20 @@ def _dict(message):
 
 
 class Client:
-    """The orchestrator at `url` (`http://host:port`), with the run's shared `token` (default
-    `$CHORUS_TOKEN`)."""
+    """The orchestrator at `url` (`http://host:port`, or `https://host:port` for one serving
+    TLS), with the run's shared `token` (default `$CHORUS_TOKEN`). `tls`
+    (:class:`chorus_env.tls.TlsFiles`, default: the `CHORUS_TLS_*` environment variables) gives
+    the CA to trust and the client certificate an orchestrator with mutual TLS asks for."""
 
-    def __init__(self, url, token=None, timeout=30.0):
+    def __init__(self, url, token=None, timeout=30.0, tls=None):
         token = token or os.environ.get("CHORUS_TOKEN")
         if not token:
             raise ValueError("give the orchestrator's token: Client(url, token=...) or CHORUS_TOKEN")
-        if not url.startswith("http://"):
-            raise ValueError(f"`{url}` is not an orchestrator address; allowed: http://host:port")
-        self._channel = grpc.insecure_channel(url.removeprefix("http://"))
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"`{url}` is not an orchestrator address; allowed: http://host:port "
+                             "or https://host:port")
+        self._channel = (tls or TlsFiles()).or_env().channel(
+            url, options=[("grpc.max_receive_message_length", 4 << 20)])
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")]
         self.timeout = timeout

@@ -16,6 +16,9 @@ import grpc
 
 from ._proto import common_pb2, environment_pb2, environment_pb2_grpc
 from .env import ROLES, Environment, Score, StepResult, Task
+from .tls import TlsFiles, add_port
+from .tls import add_arguments as add_tls_arguments
+from .tls import from_arguments as tls_from_arguments
 
 _SPLIT_TO_WIRE = {"train": common_pb2.SPLIT_TRAIN, "heldout": common_pb2.SPLIT_HELDOUT}
 _SPLIT_FROM_WIRE = {v: k for k, v in _SPLIT_TO_WIRE.items()}
@@ -230,14 +233,15 @@ class _RequireToken(grpc.ServerInterceptor):
 class Server:
     """A running environment server."""
 
-    def __init__(self, grpc_server: grpc.Server, host: str, port: int):
+    def __init__(self, grpc_server: grpc.Server, host: str, port: int, scheme: str = "http"):
         self.grpc_server = grpc_server
         self.host = host
         self.port = port
+        self.scheme = scheme
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
@@ -246,12 +250,20 @@ class Server:
         self.grpc_server.stop(grace)
 
 
+# Chorus' limit on an Environment message (`chorus_proto::limits::ENVIRONMENT_MAX_MESSAGE_BYTES`):
+# a larger request is refused by gRPC before it reaches the environment.
+MAX_MESSAGE_BYTES = 64 << 20
+
+
 def serve(env: Environment, port: int = 0, token: Optional[str] = None, host: str = "127.0.0.1",
-          max_workers: int = 8, block: bool = True) -> Server:
+          max_workers: int = 8, block: bool = True, tls: Optional[TlsFiles] = None) -> Server:
     """Serves ``env`` on ``host:port`` (port 0 picks a free one) and prints
-    ``listening on http://host:port``. Every call must carry ``token`` (default: the
-    ``CHORUS_TOKEN`` environment variable), the run's shared token. With ``block`` (the default)
-    it serves until interrupted; otherwise it returns the running :class:`Server`."""
+    ``listening on URL``. Every call must carry ``token`` (default: the ``CHORUS_TOKEN``
+    environment variable), the plugin token the run was given. With ``tls`` (default: the
+    ``CHORUS_TLS_*`` environment variables) holding a certificate and key it serves TLS at
+    ``https://host:port``, and with a CA too, mutual TLS (see :mod:`chorus_env.tls`). Messages
+    over 64 MiB are refused. With ``block`` (the default) it serves until interrupted; otherwise
+    it returns the running :class:`Server`."""
     if not isinstance(env, Environment):
         raise TypeError(f"serve() needs a chorus_env.Environment, got {type(env).__name__}")
     if not env.describe().get("name"):
@@ -261,14 +273,17 @@ def serve(env: Environment, port: int = 0, token: Optional[str] = None, host: st
         raise ValueError("give the run's shared token: serve(env, token=...) or CHORUS_TOKEN")
     if any(not (33 <= ord(c) <= 126) for c in token):
         raise ValueError("the token must be visible ASCII without spaces")
+    tls = (tls or TlsFiles()).or_env()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[_RequireToken(token)])
+                         interceptors=[_RequireToken(token)],
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     environment_pb2_grpc.add_EnvironmentServicer_to_server(_Servicer(env), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound, scheme = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
-    running = Server(server, host, bound)
+    running = Server(server, host, bound, scheme)
     print(f"listening on {running.url}", flush=True)
     if block:
         try:
@@ -279,14 +294,16 @@ def serve(env: Environment, port: int = 0, token: Optional[str] = None, host: st
 
 
 def main_for(make_env: Callable[[], Environment], argv=None) -> None:
-    """A command line for a plugin: ``--host``, ``--port``, ``--token`` (or CHORUS_TOKEN)."""
+    """A command line for a plugin: ``--host``, ``--port``, ``--token`` (or CHORUS_TOKEN) and
+    the TLS flags of :func:`chorus_env.tls.add_arguments`."""
     env = make_env()
     parser = argparse.ArgumentParser(description=f"Serve the `{env.name}` environment to Chorus runs over gRPC.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default 0: a free port, printed on start)")
     parser.add_argument("--token", default=None, help="the run's shared token (default: $CHORUS_TOKEN)")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        serve(env, port=args.port, token=args.token, host=args.host)
+        serve(env, port=args.port, token=args.token, host=args.host, tls=tls_from_arguments(args))
     except ValueError as e:
         parser.error(str(e))

@@ -1,7 +1,8 @@
 """`python -m chorus_learner`: Chorus' `Learner` service on PyTorch.
 
 Starts from an HF checkpoint (`--model DIR`) or a learner checkpoint of this package
-(`--resume DIR`), serves `Learner` on `--listen`, prints `listening on http://HOST:PORT` once it
+(`--resume DIR`), serves `Learner` on `--listen` (TLS with `--tls-cert`/`--tls-key`, mutual with
+`--tls-ca`), prints `listening on http://HOST:PORT` (`https://`) once it
 serves, and, with `--orchestrator URL`, registers there and sends heartbeats like Chorus' own
 learner. `chorus run` starts it for `[learner] backend = "torch"`.
 
@@ -27,6 +28,8 @@ import torch
 
 from .objective import Objective
 from .service import LearnerState, serve
+from .tls import Tls
+from .tls import add_arguments as add_tls_arguments
 from .trainer import Trainer, load_model
 
 
@@ -61,13 +64,13 @@ def parse_args(argv):
     p.add_argument("--id", default="learner", help="this learner's id at the orchestrator")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="torch seed")
+    add_tls_arguments(p)
     return p.parse_args(argv)
 
 
-def register(args, endpoint, state):
+def register(args, endpoint, state, tls):
     from ._proto import orchestrator_pb2, orchestrator_pb2_grpc
-    target = args.orchestrator.removeprefix("http://")
-    stub = orchestrator_pb2_grpc.OrchestratorStub(grpc.insecure_channel(target))
+    stub = orchestrator_pb2_grpc.OrchestratorStub(tls.channel(args.orchestrator))
     metadata = [("authorization", f"Bearer {args.token}")]
     reply = stub.RegisterLearner(orchestrator_pb2.RegisterLearnerRequest(
         learner_id=args.id, endpoint=endpoint, run_id=args.run_id,
@@ -151,15 +154,16 @@ def serve_until_stopped(args, trainer, local_trainer):
     state = LearnerState(trainer, args.run_id, groups_per_step=args.groups_per_step,
                          keep_versions=args.keep_versions, max_chunk_bytes=args.max_chunk_bytes,
                          checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
-    server, port = serve(state, args.listen, args.token)
+    tls = Tls(args)
+    server, port = serve(state, args.listen, args.token, tls=tls)
     host = args.advertise or args.listen.rsplit(":", 1)[0]
     if host in ("0.0.0.0", "[::]"):
         import socket
         host = socket.gethostname()
-    endpoint = f"http://{host}:{port}"
+    endpoint = f"{tls.scheme}://{host}:{port}"
     logging.info("learner of run %s at version %d serving at %s", args.run_id, local_trainer.version, endpoint)
     if args.orchestrator:
-        register(args, endpoint, state)
+        register(args, endpoint, state, tls)
     print(f"listening on {endpoint}", flush=True)
     try:
         server.wait_for_termination()

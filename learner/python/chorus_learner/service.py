@@ -267,6 +267,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
     def SubmitTrajectories(self, request_iterator, context):
         resp = learner_pb2.SubmitTrajectoriesResponse()
         for g in request_iterator:
+            if g.run_id and g.run_id != self.state.run_id:
+                reason = f"this learner trains run `{self.state.run_id}`, not `{g.run_id}`"
+                log.warning("group %s rejected: %s", g.group_id, reason)
+                resp.rejected.add(group_id=g.group_id, reason=reason)
+                continue
             try:
                 self.state.submit(g)
                 resp.accepted_group_ids.append(g.group_id)
@@ -347,8 +352,9 @@ class RequireToken(grpc.ServerInterceptor):
         return continuation(details)
 
 
-def serve(state, listen, token, max_workers=16):
-    """Serves the learner on `listen` (port 0 picks one); returns the server and its port."""
+def serve(state, listen, token, max_workers=16, tls=None):
+    """Serves the learner on `listen` (port 0 picks one), with TLS when `tls`
+    (`chorus_learner.tls.Tls`) has an identity; returns the server and its port."""
     from concurrent import futures
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
@@ -356,7 +362,7 @@ def serve(state, listen, token, max_workers=16):
         options=[("grpc.max_send_message_length", 64 << 20),
                  ("grpc.max_receive_message_length", 256 << 20)])
     learner_pb2_grpc.add_LearnerServicer_to_server(LearnerServicer(state), server)
-    port = server.add_insecure_port(listen)
+    port = tls.add_port(server, listen) if tls is not None else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")
     server.start()

@@ -129,7 +129,7 @@ fn save_checkpoint(trainer: &Trainer, policy: &CheckpointPolicy, why: &str) -> b
 /// What the training thread is handed.
 enum Work {
     /// A group to train.
-    Group(TrajectoryGroup),
+    Group(Box<TrajectoryGroup>),
     /// Drop the groups held for steps not yet trained, then answer.
     DiscardPending(std::sync::mpsc::SyncSender<()>),
 }
@@ -441,7 +441,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
             let mut checkpointed = saved_at_start;
             while let Ok(work) = work_rx.recv() {
                 let g = match work {
-                    Work::Group(g) => g,
+                    Work::Group(g) => *g,
                     Work::DiscardPending(done) => {
                         let dropped: usize = waiting.values().map(Vec::len).sum();
                         waiting.clear();
@@ -486,10 +486,9 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 // saved so a crash in the new stage never has to repeat the finished one.
                 if let Some(policy) = &cfg.checkpoints
                     && stage.is_some_and(|s| s != g_stage)
+                    && save_checkpoint(&trainer, policy, "stage boundary")
                 {
-                    if save_checkpoint(&trainer, policy, "stage boundary") {
-                        checkpointed = Some(trainer.version());
-                    }
+                    checkpointed = Some(trainer.version());
                 }
                 stage = Some(g_stage);
                 let _step_span = tracing::info_span!(
@@ -698,7 +697,7 @@ impl LearnerHandle {
         }
         let (run_id, group_id) = (g.run_id.clone(), g.group_id.clone());
         self.work
-            .send(Work::Group(g))
+            .send(Work::Group(Box::new(g)))
             .map_err(|_| SubmitError::Stopped { run_id, group_id })
     }
 

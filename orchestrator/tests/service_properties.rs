@@ -90,8 +90,8 @@ fn call() -> impl Strategy<Value = Call> {
                 })
             }
         ),
-        (id(), big(), small(), small(), big(), run_id()).prop_map(
-            |(worker_id, sequence, capacity, in_flight, policy_version, run_id)| {
+        (id(), big(), small(), small(), big(), run_id(), run_id()).prop_map(
+            |(worker_id, sequence, capacity, in_flight, policy_version, run_id, serving_run_id)| {
                 Call::WorkerHeartbeat(WorkerHeartbeatRequest {
                     worker_id,
                     sequence,
@@ -99,6 +99,7 @@ fn call() -> impl Strategy<Value = Call> {
                     in_flight,
                     policy_version,
                     run_id,
+                    serving_run_id,
                 })
             }
         ),
@@ -113,8 +114,16 @@ fn call() -> impl Strategy<Value = Call> {
                 })
             }
         ),
-        (id(), big(), run_id(), big(), big(), small()).prop_map(
-            |(learner_id, sequence, run_id, step, policy_version, queued_groups)| {
+        (id(), big(), run_id(), big(), big(), small(), run_id()).prop_map(
+            |(
+                learner_id,
+                sequence,
+                run_id,
+                step,
+                policy_version,
+                queued_groups,
+                serving_run_id,
+            )| {
                 Call::LearnerHeartbeat(LearnerHeartbeatRequest {
                     learner_id,
                     sequence,
@@ -122,6 +131,7 @@ fn call() -> impl Strategy<Value = Call> {
                     step,
                     policy_version,
                     queued_groups,
+                    serving_run_id,
                 })
             }
         ),

@@ -488,7 +488,7 @@ impl Environment for Mcqa {
 fn answer_of(task: &Task) -> Result<Verification, EnvError> {
     let expected: Verification = task.verification_as()?;
     if expected.answer >= expected.choices.len() {
-        return Err(task.invalid_verification(&format!(
+        return Err(task.invalid_verification(format!(
             "answer {} is not one of its {} choices",
             expected.answer,
             expected.choices.len()

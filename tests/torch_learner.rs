@@ -329,3 +329,87 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
         "{reason}"
     );
 }
+
+/// `chorus run`'s PyTorch learner killed (SIGKILL) mid-run: its supervisor starts it again at
+/// the same address from its newest learner checkpoint, the orchestrator sends it the groups of
+/// the later steps again (the PyTorch learner answers `Status` and gathers groups by step as
+/// Chorus' does), and the run finishes with every step once and a clean audit.
+#[test]
+fn a_killed_torch_learner_is_started_again_and_the_run_finishes() {
+    let Some(python) = torch_learner_python() else {
+        return;
+    };
+    let h = Harness::new();
+    std::fs::write(h.path("model.json"), VLLM_DENSE_MODEL).unwrap();
+    let run = RUN
+        .replace("PYTHON", &python)
+        .replace(
+            "backend = \"torch\"\n",
+            "backend = \"torch\"\ncheckpoint_every = 2\n",
+        )
+        .replace("steps = 4\n", "steps = 12\n");
+    assert!(run.contains("checkpoint_every = 2") && run.contains("steps = 12"));
+    std::fs::write(h.path("run.toml"), run).unwrap();
+    let mut chorus = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["run", "run.toml", "--eval-tasks", "2"])
+        .current_dir(h.path(""))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(h.path("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // This run's learner: a chorus_learner process working in this test's directory.
+    let here = h.path("").canonicalize().unwrap();
+    let learner = || {
+        pids_with_args(&["-m", "chorus_learner"])
+            .into_iter()
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).ok() == Some(here.clone()))
+            .collect::<Vec<_>>()
+    };
+    let checkpoints = h.path("runs/torch/torch-learner/checkpoints");
+    let saved_at_least = |step: u32| {
+        std::fs::read_dir(&checkpoints)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("step-")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n >= step)
+                    && e.path().join("trainer_state.json").is_file()
+            })
+    };
+    assert!(
+        eventually(600, || saved_at_least(7)),
+        "the learner saved no checkpoint past step 7: {}",
+        std::fs::read_to_string(h.path("run.log")).unwrap_or_default()
+    );
+    let killed = learner();
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &killed[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // A guard against a run that never finishes (far beyond this run's minute or so).
+    let ended = eventually(900, || chorus.try_wait().unwrap().is_some());
+    let log = std::fs::read_to_string(h.path("run.log")).unwrap();
+    if !ended {
+        let _ = chorus.kill();
+        panic!("the run did not finish after its learner was killed: {log}");
+    }
+    assert!(chorus.wait().unwrap().success(), "{log}");
+    assert!(log.contains("starting it again"), "{log}");
+    assert!(log.contains("the learner is back at version"), "{log}");
+    let summary = h.json("runs/torch/summary.json");
+    // 3 SFT steps and 12 RL steps, each once (the audit checks they are contiguous and that
+    // the learner trained exactly the trajectories the ledger consumed).
+    assert_eq!(summary["steps"], 15, "{summary}");
+    h.audit_clean(&h.ledger_url("torch"));
+    assert!(
+        !left_running(&h, &["-m", "chorus_learner"]) && learner().is_empty(),
+        "the PyTorch learner outlived the run"
+    );
+}

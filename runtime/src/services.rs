@@ -270,26 +270,46 @@ async fn start_engine(
     Ok(handle)
 }
 
-/// A PyTorch learner (the `chorus_learner` Python package) serving as a child process; its
-/// process group is killed when dropped, and it dies with this process (`PR_SET_PDEATHSIG`).
+/// How many times `chorus run` starts its PyTorch learner again after it died mid-run.
+pub const MAX_TORCH_LEARNER_RESTARTS: u32 = 5;
+
+/// A PyTorch learner (the `chorus_learner` Python package) serving as a child process, under a
+/// supervisor: when it dies while the run goes on, it is started again at the same address
+/// from its newest learner checkpoint (`--resume`; from the run's start when it saved none yet),
+/// up to [`MAX_TORCH_LEARNER_RESTARTS`] times, and the orchestrator sends it the groups of the
+/// later steps again. A learner sharded over several processes is not restarted (its
+/// checkpoints hold no optimizer state yet). Dropped, it stops the supervisor and kills the
+/// process group; it also dies with this process (`PR_SET_PDEATHSIG`).
 pub struct TorchLearnerProcess {
-    child: tokio::process::Child,
+    /// The process serving now (0 while none does).
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for TorchLearnerProcess {
     fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            // torchrun's ranks may leave the group: their ids are found first, by parent.
-            let mut doomed = descendants(pid);
-            doomed.push(pid);
-            // SAFETY: kill(2) on the child's process group and on the processes found under
-            // it; no memory is involved.
-            unsafe {
-                libc::kill(-(pid as i32), libc::SIGKILL);
-                for p in doomed {
-                    libc::kill(p as i32, libc::SIGKILL);
-                }
-            }
+        use std::sync::atomic::Ordering;
+        self.stopping.store(true, Ordering::SeqCst);
+        self.supervisor.abort();
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid != 0 {
+            kill_tree(pid);
+        }
+    }
+}
+
+/// SIGKILL to process `pid`, its process group and every process under it.
+fn kill_tree(pid: u32) {
+    // torchrun's ranks may leave the group: their ids are found first, by parent.
+    let mut doomed = descendants(pid);
+    doomed.push(pid);
+    // SAFETY: kill(2) on the child's process group and on the processes found under it; no
+    // memory is involved.
+    unsafe {
+        libc::kill(-(pid as i32), libc::SIGKILL);
+        for p in doomed {
+            libc::kill(p as i32, libc::SIGKILL);
         }
     }
 }
@@ -329,8 +349,8 @@ fn descendants(root: u32) -> Vec<u32> {
 
 /// Starts the PyTorch learner of `[learner] backend = "torch"` for run `run_id` from `from`
 /// (the plan's model, or the weights of a policy checkpoint), its files under `work_dir`
-/// (the initial checkpoint it loads, its learner checkpoints); returns it and its URL once it
-/// serves.
+/// (the initial checkpoint it loads, its learner checkpoints); returns it, supervised (see
+/// [`TorchLearnerProcess`]), and its URL once it serves.
 pub async fn start_torch_learner(
     plan: &RunPlan,
     run_id: &str,
@@ -338,7 +358,7 @@ pub async fn start_torch_learner(
     work_dir: &std::path::Path,
     from: &LearnerFrom,
 ) -> Result<(TorchLearnerProcess, String)> {
-    use tokio::io::AsyncBufReadExt;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     let settings = plan.config.torch_learner.as_ref().ok_or_else(|| {
         RunError::Invalid("the PyTorch learner needs [learner] backend = \"torch\"".into())
     })?;
@@ -358,85 +378,197 @@ pub async fn start_torch_learner(
             ));
         }
     };
-    let stage = &plan.config.stages[0];
-    let algorithm = plan
-        .config
-        .stages
-        .iter()
-        .find_map(|s| s.objective.as_ref())
-        .map(|o| o.algorithm.to_string())
-        .unwrap_or_else(|| "grpo".into());
-    let mut cmd = tokio::process::Command::new(&settings.python);
-    if settings.processes > 1 {
-        // FSDP2 over that many processes; rank 0 serves and prints the address.
-        cmd.args(["-m", "torch.distributed.run", "--standalone"])
-            .arg(format!("--nproc-per-node={}", settings.processes));
-    }
-    cmd.args(["-m", "chorus_learner", "--model"])
-        .arg(&model_dir)
-        .args(["--run-id", run_id, "--listen", "127.0.0.1:0"])
-        .args(["--lr", &stage.lr.to_string()])
-        .args(["--max-grad-norm", &plan.config.max_grad_norm.to_string()])
-        .args(["--algorithm", &algorithm])
-        .args(["--groups-per-step", &plan.groups_per_step().to_string()])
-        .args(["--keep-versions", &plan.keep_versions.to_string()])
-        .args(["--max-chunk-bytes", &MAX_WEIGHT_CHUNK_BYTES.to_string()])
-        .arg("--checkpoints")
-        .arg(work_dir.join("checkpoints"))
-        .args([
-            "--checkpoint-every",
-            &plan.config.checkpoint_every.to_string(),
-        ])
-        .args(&settings.args)
-        // Not on the command line, where `ps` would show it.
-        .env("CHORUS_TOKEN", token)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        // Its own process group, killed whole when the run ends (torchrun's ranks included).
-        .process_group(0)
-        .kill_on_drop(true);
-    dies_with_parent(&mut cmd);
-    tracing::info!(run_id, python = %settings.python, processes = settings.processes, "starting the PyTorch learner");
-    let mut child = cmd.spawn().map_err(RunError::io(format!(
-        "starting the PyTorch learner with `{} -m chorus_learner`",
-        settings.python
-    )))?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let waited = tokio::time::timeout(settings.start_timeout, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(url) = line.strip_prefix("listening on ") {
-                return Some(url.trim().to_string());
-            }
-        }
-        None
-    })
-    .await;
-    let url = match waited {
-        Ok(Some(url)) => url,
-        Ok(None) => {
-            let status = child
-                .wait()
-                .await
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            return Err(RunError::Unavailable(format!(
-                "the PyTorch learner exited ({status}) before serving; its log is above (is \
-                 chorus-learner installed in {}? pip install ./learner/python)",
-                settings.python
-            )));
-        }
-        Err(_) => {
-            return Err(RunError::Unavailable(format!(
-                "the PyTorch learner did not serve within {:?} (learner.torch.start_timeout_seconds)",
-                settings.start_timeout
-            )));
-        }
+    let launch = TorchLaunch {
+        plan: plan.clone(),
+        run_id: run_id.to_string(),
+        token: token.to_string(),
+        model_dir,
+        checkpoints: work_dir.join("checkpoints"),
     };
-    // Keep reading, so that a full pipe never stops it.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (child, url) = launch.start(None, "127.0.0.1:0").await?;
     tracing::info!(run_id, url, "PyTorch learner serving at {url}");
-    Ok((TorchLearnerProcess { child }, url))
+    let pid = Arc::new(AtomicU32::new(child.id().unwrap_or(0)));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let listen = url
+        .rsplit_once("://")
+        .map_or(url.as_str(), |(_, address)| address)
+        .to_string();
+    let supervisor = {
+        let (pid, stopping) = (pid.clone(), stopping.clone());
+        tokio::spawn(async move {
+            let mut child = child;
+            let mut restarts = 0;
+            loop {
+                let status = child.wait().await;
+                pid.store(0, Ordering::SeqCst);
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let status = status.map(|s| s.to_string()).unwrap_or_default();
+                if launch
+                    .plan
+                    .config
+                    .torch_learner
+                    .as_ref()
+                    .map_or(1, |t| t.processes)
+                    > 1
+                    || restarts >= MAX_TORCH_LEARNER_RESTARTS
+                {
+                    tracing::error!(run_id = launch.run_id, %status, restarts, "the PyTorch learner exited ({status}); it is not started again (a sharded learner cannot resume exactly, or it died {restarts} times already)");
+                    return;
+                }
+                restarts += 1;
+                let newest = newest_torch_checkpoint(&launch.checkpoints);
+                tracing::warn!(run_id = launch.run_id, %status, restart = restarts, from = ?newest, "the PyTorch learner exited ({status}); starting it again at {listen} from {} (restart {restarts} of at most {MAX_TORCH_LEARNER_RESTARTS})", newest.as_ref().map_or("the run's start".to_string(), |p| p.display().to_string()));
+                match launch.start(newest.as_deref(), &listen).await {
+                    Ok((next, _)) => {
+                        pid.store(next.id().unwrap_or(0), Ordering::SeqCst);
+                        if stopping.load(Ordering::SeqCst) {
+                            kill_tree(next.id().unwrap_or(0));
+                            return;
+                        }
+                        child = next;
+                    }
+                    Err(e) => {
+                        tracing::error!(run_id = launch.run_id, error = %e, "starting the PyTorch learner again failed: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    Ok((
+        TorchLearnerProcess {
+            pid,
+            stopping,
+            supervisor,
+        },
+        url,
+    ))
+}
+
+/// The newest complete learner checkpoint the PyTorch learner saved under `dir`
+/// (`step-NNNNNNNN`, complete once its `trainer_state.json` is there).
+fn newest_torch_checkpoint(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+                && p.join("trainer_state.json").is_file()
+        })
+        .max()
+}
+
+/// How `chorus run` starts its PyTorch learner, the first time and again.
+struct TorchLaunch {
+    plan: RunPlan,
+    run_id: String,
+    token: String,
+    model_dir: std::path::PathBuf,
+    checkpoints: std::path::PathBuf,
+}
+
+impl TorchLaunch {
+    /// Starts the learner on `listen`, from `resume` (a learner checkpoint) or the model;
+    /// returns the process once it serves, and its URL.
+    async fn start(
+        &self,
+        resume: Option<&std::path::Path>,
+        listen: &str,
+    ) -> Result<(tokio::process::Child, String)> {
+        use tokio::io::AsyncBufReadExt;
+        let plan = &self.plan;
+        let settings = plan
+            .config
+            .torch_learner
+            .as_ref()
+            .expect("checked by start_torch_learner");
+        let stage = &plan.config.stages[0];
+        let algorithm = plan
+            .config
+            .stages
+            .iter()
+            .find_map(|s| s.objective.as_ref())
+            .map(|o| o.algorithm.to_string())
+            .unwrap_or_else(|| "grpo".into());
+        let mut cmd = tokio::process::Command::new(&settings.python);
+        if settings.processes > 1 {
+            // FSDP2 over that many processes; rank 0 serves and prints the address.
+            cmd.args(["-m", "torch.distributed.run", "--standalone"])
+                .arg(format!("--nproc-per-node={}", settings.processes));
+        }
+        cmd.args(["-m", "chorus_learner"]);
+        match resume {
+            Some(dir) => cmd.arg("--resume").arg(dir),
+            None => cmd.arg("--model").arg(&self.model_dir),
+        };
+        cmd.args(["--run-id", &self.run_id, "--listen", listen])
+            .args(["--lr", &stage.lr.to_string()])
+            .args(["--max-grad-norm", &plan.config.max_grad_norm.to_string()])
+            .args(["--algorithm", &algorithm])
+            .args(["--groups-per-step", &plan.groups_per_step().to_string()])
+            .args(["--keep-versions", &plan.keep_versions.to_string()])
+            .args(["--max-chunk-bytes", &MAX_WEIGHT_CHUNK_BYTES.to_string()])
+            .arg("--checkpoints")
+            .arg(&self.checkpoints)
+            .args([
+                "--checkpoint-every",
+                &plan.config.checkpoint_every.to_string(),
+            ])
+            .args(&settings.args)
+            // Not on the command line, where `ps` would show it.
+            .env("CHORUS_TOKEN", &self.token)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            // Its own process group, killed whole when the run ends (torchrun's ranks included).
+            .process_group(0)
+            .kill_on_drop(true);
+        dies_with_parent(&mut cmd);
+        tracing::info!(run_id = self.run_id, python = %settings.python, processes = settings.processes, "starting the PyTorch learner");
+        let mut child = cmd.spawn().map_err(RunError::io(format!(
+            "starting the PyTorch learner with `{} -m chorus_learner`",
+            settings.python
+        )))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let waited = tokio::time::timeout(settings.start_timeout, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    return Some(url.trim().to_string());
+                }
+            }
+            None
+        })
+        .await;
+        let url = match waited {
+            Ok(Some(url)) => url,
+            Ok(None) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                return Err(RunError::Unavailable(format!(
+                    "the PyTorch learner exited ({status}) before serving; its log is above (is \
+                     chorus-learner installed in {}? pip install ./learner/python)",
+                    settings.python
+                )));
+            }
+            Err(_) => {
+                return Err(RunError::Unavailable(format!(
+                    "the PyTorch learner did not serve within {:?} (learner.torch.start_timeout_seconds)",
+                    settings.start_timeout
+                )));
+            }
+        };
+        // Keep reading, so that a full pipe never stops it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((child, url))
+    }
 }
 
 /// Makes the child `cmd` starts die with this process (`PR_SET_PDEATHSIG`), so a Chorus killed

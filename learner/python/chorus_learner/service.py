@@ -196,68 +196,77 @@ class LearnerState:
             step = g.step if g.HasField("step") else version
             if step < version:
                 continue
-            target = g.step_groups or self.groups_per_step
             waiting.setdefault(step, []).append(g)
-            if step != version or len(waiting[step]) < target:
-                continue
-            groups = sorted(waiting.pop(step), key=lambda x: x.group_id)
-            if stage is not None and stage != groups[0].stage:
-                self._save("stage boundary")
-            stage = groups[0].stage
-            lr = groups[0].learning_rate or None
-            t = self.trainer
-            t.set_router_frozen(any(x.router_frozen for x in groups))
-            started = time.monotonic()
-            try:
-                if groups[0].supervised:
-                    batch = [s for x in groups for s in group_sft(x)]
-                    n, supervised = len(batch), True
-                    t.enter_stage(max(x.stage for x in groups), False)
-                    report = t.sft_step(batch, lr)
-                else:
-                    parts = []
-                    for x in groups:
-                        o = group_objective(x) or t.objective
-                        seqs = group_sequences(x)
-                        for part in parts:
-                            if part[0] == o:
-                                part[1].extend(seqs)
-                                break
-                        else:
-                            parts.append((o, seqs))
-                    n, supervised = sum(len(s) for _, s in parts), False
-                    t.enter_stage(max(x.stage for x in groups), any(o.kl_coef > 0 for o, _ in parts))
-                    report = t.rl_step(parts, lr)
-            except (BatchError, ValueError, RuntimeError) as e:
-                t.skip_step()
-                report = StepReport(step=t.step, version=t.version, skipped=str(e))
-                supervised = groups[0].supervised
-            published = self._publish()
-            msg = learner_pb2.StepReport(
-                run_id=self.run_id, step=report.step, policy_version=report.version,
-                loss=report.loss, kl=report.kl, entropy=report.entropy,
-                grad_norm=report.grad_norm, learning_rate=report.lr,
-                clip_fraction=report.clip_fraction, tokens=report.tokens, trajectories=n,
-                skip_reason=report.skipped or "",
-                mean_abs_logprob_diff=report.mean_abs_logprob_diff, supervised=supervised,
-                weights_sha256=published.chunks[-1].sha256 if published.chunks else b"",
-                weights_bytes=sum(len(c.data) for c in published.chunks),
-                group_ids=[x.group_id for x in groups])
-            with self.cond:
-                msg.transfers.extend(self.transfers)
-                self.transfers = []
-            if self.checkpoint_every and report.version % self.checkpoint_every == 0:
-                self._save("every")
-            if self.checkpointed is not None:
-                msg.checkpoint_version = self.checkpointed
-            with self.cond:
-                self.history.append(msg)
-                self.cond.notify_all()
-            if report.skipped:
-                log.warning("step %d skipped: %s", report.step, report.skipped)
+            # Every step whose groups are all here, in order: the groups of the next step may
+            # have come while this one trained (groups sent again after a restart do).
+            while True:
+                ready = waiting.get(self.trainer.version)
+                if not ready or len(ready) < (ready[0].step_groups or self.groups_per_step):
+                    break
+                groups = sorted(waiting.pop(self.trainer.version), key=lambda x: x.group_id)
+                stage = self._step(groups, stage)
+
+    def _step(self, groups, stage):
+        """Trains one step on `groups` (all of one step), publishes and reports it; returns the
+        stage it trained in."""
+        if stage is not None and stage != groups[0].stage:
+            self._save("stage boundary")
+        stage = groups[0].stage
+        lr = groups[0].learning_rate or None
+        t = self.trainer
+        t.set_router_frozen(any(x.router_frozen for x in groups))
+        started = time.monotonic()
+        try:
+            if groups[0].supervised:
+                batch = [s for x in groups for s in group_sft(x)]
+                n, supervised = len(batch), True
+                t.enter_stage(max(x.stage for x in groups), False)
+                report = t.sft_step(batch, lr)
             else:
-                log.info("step %d -> version %d: loss %.4f, %d sequences, %.2f s", report.step,
-                         report.version, report.loss, n, time.monotonic() - started)
+                parts = []
+                for x in groups:
+                    o = group_objective(x) or t.objective
+                    seqs = group_sequences(x)
+                    for part in parts:
+                        if part[0] == o:
+                            part[1].extend(seqs)
+                            break
+                    else:
+                        parts.append((o, seqs))
+                n, supervised = sum(len(s) for _, s in parts), False
+                t.enter_stage(max(x.stage for x in groups), any(o.kl_coef > 0 for o, _ in parts))
+                report = t.rl_step(parts, lr)
+        except (BatchError, ValueError, RuntimeError) as e:
+            t.skip_step()
+            report = StepReport(step=t.step, version=t.version, skipped=str(e))
+            supervised = groups[0].supervised
+        published = self._publish()
+        msg = learner_pb2.StepReport(
+            run_id=self.run_id, step=report.step, policy_version=report.version,
+            loss=report.loss, kl=report.kl, entropy=report.entropy,
+            grad_norm=report.grad_norm, learning_rate=report.lr,
+            clip_fraction=report.clip_fraction, tokens=report.tokens, trajectories=n,
+            skip_reason=report.skipped or "",
+            mean_abs_logprob_diff=report.mean_abs_logprob_diff, supervised=supervised,
+            weights_sha256=published.chunks[-1].sha256 if published.chunks else b"",
+            weights_bytes=sum(len(c.data) for c in published.chunks),
+            group_ids=[x.group_id for x in groups])
+        with self.cond:
+            msg.transfers.extend(self.transfers)
+            self.transfers = []
+        if self.checkpoint_every and report.version % self.checkpoint_every == 0:
+            self._save("every")
+        if self.checkpointed is not None:
+            msg.checkpoint_version = self.checkpointed
+        with self.cond:
+            self.history.append(msg)
+            self.cond.notify_all()
+        if report.skipped:
+            log.warning("step %d skipped: %s", report.step, report.skipped)
+        else:
+            log.info("step %d -> version %d: loss %.4f, %d sequences, %.2f s", report.step,
+                     report.version, report.loss, n, time.monotonic() - started)
+        return stage
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServicer):

@@ -404,11 +404,10 @@ class Trainer:
                 self.model.config.save_pretrained(directory)
                 save_file({k: v.contiguous() for k, v in tensors.items()},
                           os.path.join(directory, "model.safetensors"))
-                with open(os.path.join(directory, STATE_FILE), "w") as f:
-                    json.dump({"step": self.step, "version": self.version, "stage": self.stage,
-                               "default_lr": self.default_lr,
-                               "max_grad_norm": self.max_grad_norm, "reference": False,
-                               "optimizer": False}, f, indent=2)
+                _write_state(directory, {"step": self.step, "version": self.version,
+                                         "stage": self.stage, "default_lr": self.default_lr,
+                                         "max_grad_norm": self.max_grad_norm,
+                                         "reference": False, "optimizer": False})
             return
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory)
@@ -418,8 +417,7 @@ class Trainer:
                  "reference": self.reference is not None}
         if self.reference is not None:
             self.reference.save_pretrained(os.path.join(directory, "reference"))
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+        _write_state(directory, state)
 
     @staticmethod
     def resume(directory, device="cpu", objective=None):
@@ -439,3 +437,12 @@ class Trainer:
             for p in t.reference.parameters():
                 p.requires_grad_(False)
         return t
+
+
+def _write_state(directory, state):
+    """Writes the counters last and whole (renamed into place): a checkpoint directory with
+    them is complete, so a learner killed mid-save leaves none that looks resumable."""
+    path = os.path.join(directory, STATE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(path + ".tmp", path)

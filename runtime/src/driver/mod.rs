@@ -458,9 +458,12 @@ pub async fn run_local(plan: &RunPlan, local: LocalRun) -> Result<Summary> {
         resumed,
         first_stage,
         recorded: false,
-        // The learner lives and dies with this process (or its child): nothing restarts it.
+        // Chorus' learner lives and dies with this process; the PyTorch learner, a child, is
+        // started again by its supervisor, which may take as long as its first start.
         learner_link: LearnerLink {
-            recover_for: Duration::ZERO,
+            recover_for: cfg.torch_learner.as_ref().map_or(Duration::ZERO, |t| {
+                t.start_timeout + Duration::from_secs(60)
+            }),
             ..LearnerLink::default()
         },
     };

@@ -170,8 +170,8 @@ async fn run(model: PathBuf, repeats: usize) {
     );
 }
 
-/// Seconds to move `bytes` through one loopback TCP connection in chunk-sized writes.
-async fn plain_tcp(bytes: u64) -> f64 {
+/// The time to move `bytes` through one loopback TCP connection in chunk-sized writes.
+async fn plain_tcp(bytes: u64) -> Duration {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -198,7 +198,7 @@ async fn plain_tcp(bytes: u64) -> f64 {
         sent += n as u64;
     }
     reader.await.expect("reader");
-    t.elapsed().as_secs_f64()
+    t.elapsed()
 }
 
 fn median(times: &mut [Duration]) -> f64 {

@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .emit_rerun_if_changed(false)
+        // Weight chunks are shared, not copied, between the learner's published version and
+        // every stream of it, and decoded as slices of the receive buffer.
+        .bytes(".chorus.v1.WeightChunk.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -947,20 +947,18 @@ impl Learner for LearnerService {
                 published.chunks.len()
             )));
         }
-        let chunks: Vec<Result<WeightChunk, Status>> = published
-            .chunks
-            .iter()
-            .skip(start)
-            .cloned()
-            .map(Ok)
-            .collect();
         // Timed from here (the version is available) until the transport has taken the last
         // chunk, when the stream is polled past it; a transfer cut off before is not recorded.
-        let bytes: u64 = chunks
+        let bytes: u64 = published.chunks[start..]
             .iter()
-            .filter_map(|c| c.as_ref().ok())
             .map(|c| c.data.len() as u64)
             .sum();
+        // Chunks are taken as the transport asks for them; their data is shared, not copied.
+        let chunks = {
+            let published = published.clone();
+            tokio_stream::iter(start..published.chunks.len())
+                .map(move |i| Ok::<_, Status>(published.chunks[i].clone()))
+        };
         let started = std::time::Instant::now();
         let transfers = self.handle.transfers.clone();
         let (requester_id, policy_version) = (req.requester_id, published.version);
@@ -980,9 +978,7 @@ impl Learner for LearnerService {
                 });
             None
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::iter(chunks).chain(finished),
-        )))
+        Ok(Response::new(Box::pin(chunks.chain(finished))))
     }
 }
 

@@ -224,7 +224,7 @@ mod tests {
             dtype: Dtype::Bf16 as i32,
             shape: vec![2, 3],
             offset,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             ..Default::default()
         }
     }
@@ -286,7 +286,9 @@ mod tests {
     #[test]
     fn flipped_byte_is_a_mismatch() {
         let mut chunks = sealed();
-        chunks[1].data[0] ^= 1;
+        let mut torn = chunks[1].data.to_vec();
+        torn[0] ^= 1;
+        chunks[1].data = torn.into();
         assert!(matches!(
             verify(&chunks),
             Err(ChecksumError::Mismatch {

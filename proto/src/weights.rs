@@ -41,7 +41,7 @@ pub fn encode(
                 dtype: Dtype::F32 as i32,
                 shape: t.shape.iter().map(|&d| d as u64).collect(),
                 offset: (start * 4) as u64,
-                data,
+                data: data.into(),
                 last: false,
                 sha256: vec![],
             });
@@ -74,11 +74,25 @@ pub enum AssembleError {
     Incomplete,
 }
 
+/// Values a tensor's buffer is given before its data arrives, at most: a stream's shapes are
+/// not trusted (an absurd shape must not allocate before the data is there to fill it).
+const MAX_PREALLOCATED_VALUES: usize = 16 << 20;
+
+/// One tensor being received: its shape, the number of values it should hold (when the shape's
+/// product fits in memory) and the values so far.
+struct Receiving {
+    shape: Vec<usize>,
+    expected: Option<usize>,
+    values: Vec<f32>,
+}
+
 /// Collects the chunks of one version and returns the tensors once the last chunk verified.
+/// Values are decoded into each tensor's buffer as its chunks come (each chunk holds whole f32
+/// values, in order), so a stream is copied once on arrival.
 #[derive(Default)]
 pub struct WeightAssembler {
     verifier: WeightVerifier,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+    tensors: BTreeMap<String, Receiving>,
     version: Option<u64>,
     complete: bool,
 }
@@ -93,25 +107,54 @@ impl WeightAssembler {
     pub fn push(&mut self, chunk: &WeightChunk) -> Result<bool, AssembleError> {
         let last = self.verifier.push(chunk)?;
         self.version = Some(chunk.policy_version);
-        let bad = |m: &str| AssembleError::Tensor {
+        let bad = |m: String| AssembleError::Tensor {
             name: chunk.tensor_name.clone(),
-            message: m.into(),
+            message: m,
         };
         if chunk.dtype != Dtype::F32 as i32 {
-            return Err(bad("only f32 weights are supported"));
+            return Err(bad("only f32 weights are supported".into()));
         }
         let shape: Vec<usize> = chunk.shape.iter().map(|&d| d as usize).collect();
         let entry = self
             .tensors
             .entry(chunk.tensor_name.clone())
-            .or_insert_with(|| (shape.clone(), vec![]));
-        if entry.0 != shape {
-            return Err(bad("chunks disagree on the shape"));
+            .or_insert_with(|| {
+                // A checksum proves the stream is whole, not that its shapes are sane.
+                let expected = shape
+                    .iter()
+                    .try_fold(1usize, |n, &d| n.checked_mul(d))
+                    .filter(|n| n.checked_mul(4).is_some());
+                Receiving {
+                    values: Vec::with_capacity(expected.unwrap_or(0).min(MAX_PREALLOCATED_VALUES)),
+                    shape: shape.clone(),
+                    expected,
+                }
+            });
+        if entry.shape != shape {
+            return Err(bad("chunks disagree on the shape".into()));
         }
-        if chunk.offset as usize != entry.1.len() {
-            return Err(bad("chunk offset does not follow the previous chunk"));
+        if chunk.offset != entry.values.len() as u64 * 4 {
+            return Err(bad("chunk offset does not follow the previous chunk".into()));
         }
-        entry.1.extend_from_slice(&chunk.data);
+        if !chunk.data.len().is_multiple_of(4) {
+            return Err(bad(format!(
+                "a chunk of {} bytes does not hold whole f32 values",
+                chunk.data.len()
+            )));
+        }
+        let n = chunk.data.len() / 4;
+        if entry.expected.is_some_and(|e| entry.values.len() + n > e) {
+            return Err(bad(format!(
+                "more values than its shape {:?} holds",
+                entry.shape
+            )));
+        }
+        entry.values.extend(
+            chunk
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
         if last {
             self.complete = true;
         }
@@ -125,29 +168,26 @@ impl WeightAssembler {
         }
         self.verifier.finish()?;
         let mut out = BTreeMap::new();
-        for (name, (shape, bytes)) in self.tensors {
-            // A checksum proves the stream is whole, not that its shapes are sane.
-            let n = shape
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .filter(|n| n.checked_mul(4).is_some());
-            let Some(n) = n else {
+        for (name, t) in self.tensors {
+            let Some(n) = t.expected else {
                 return Err(AssembleError::Tensor {
                     name,
-                    message: format!("shape {shape:?} has more elements than fit in memory"),
+                    message: format!("shape {:?} has more elements than fit in memory", t.shape),
                 });
             };
-            if bytes.len() != n * 4 {
+            if t.values.len() != n {
                 return Err(AssembleError::Tensor {
                     name,
-                    message: format!("{} bytes for {n} f32 values", bytes.len()),
+                    message: format!("{} bytes for {n} f32 values", t.values.len() * 4),
                 });
             }
-            let data = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            out.insert(name, HostTensor { shape, data });
+            out.insert(
+                name,
+                HostTensor {
+                    shape: t.shape,
+                    data: t.values,
+                },
+            );
         }
         Ok((self.version.unwrap_or(0), out))
     }
@@ -194,7 +234,9 @@ mod tests {
     #[test]
     fn a_changed_byte_or_a_missing_chunk_is_caught() {
         let mut chunks = encode("run", 1, &sample(), 8);
-        chunks[1].data[0] ^= 1;
+        let mut torn = chunks[1].data.to_vec();
+        torn[0] ^= 1;
+        chunks[1].data = torn.into();
         let mut a = WeightAssembler::new();
         let r: Result<Vec<bool>, _> = chunks.iter().map(|c| a.push(c)).collect();
         assert!(r.is_err() || a.finish().is_err());

@@ -33,7 +33,7 @@ fn weights(version: u64) -> Vec<WeightChunk> {
         dtype: Dtype::Bf16 as i32,
         shape,
         offset,
-        data,
+        data: data.into(),
         ..Default::default()
     };
     let mut chunks = vec![
@@ -90,7 +90,9 @@ impl Learner for FakeLearner {
         let req = request.into_inner();
         let mut chunks = weights(req.policy_version);
         if self.corrupt {
-            chunks[1].data[3] ^= 0x80;
+            let mut flipped = chunks[1].data.to_vec();
+            flipped[3] ^= 0x80;
+            chunks[1].data = flipped.into();
         }
         let chunks: Vec<_> = chunks
             .into_iter()

@@ -64,8 +64,8 @@ fn main() {
 }
 
 async fn run(model: PathBuf, repeats: usize) {
-    let cfg = NemotronHConfig::from_file(&model)
-        .unwrap_or_else(|e| panic!("{}: {e}", model.display()));
+    let cfg =
+        NemotronHConfig::from_file(&model).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
     let params = checkpoint::init_params(&cfg, 7, &Device::Cpu).expect("random weights");
     let trainer = Trainer::new(cfg.clone(), params, LearnerConfig::default()).expect("trainer");
     let started = Instant::now();

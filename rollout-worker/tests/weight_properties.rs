@@ -79,7 +79,8 @@ fn apply(chunks: &mut Vec<WeightChunk>, c: &Change) {
         Change::Offset(a, o) => chunks[a % n].offset = *o,
         Change::Dtype(a, d) => chunks[a % n].dtype = *d,
         Change::Truncate(a) => {
-            chunks[a % n].data.pop();
+            let data = &mut chunks[a % n].data;
+            *data = data.slice(..data.len().saturating_sub(1));
         }
         Change::Index(a, i) => chunks[a % n].chunk_index = *i,
         Change::NotLast(a) => chunks[a % n].last = false,

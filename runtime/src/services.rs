@@ -359,9 +359,11 @@ pub async fn start_torch_learner(
     from: &LearnerFrom,
 ) -> Result<(TorchLearnerProcess, String)> {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    let settings = plan.config.torch_learner.as_ref().ok_or_else(|| {
-        RunError::Invalid("the PyTorch learner needs [learner] backend = \"torch\"".into())
-    })?;
+    if plan.config.torch_learner.is_none() {
+        return Err(RunError::Invalid(
+            "the PyTorch learner needs [learner] backend = \"torch\"".into(),
+        ));
+    }
     let model_dir = match (from, &plan.config.checkpoint) {
         (LearnerFrom::Plan, Some(dir)) => dir.clone(),
         (LearnerFrom::Plan, None) => {

@@ -128,31 +128,10 @@ pub enum ChecksumError {
     },
 }
 
-/// Where a verifier's digest is computed.
-enum Digesting {
-    /// In `push`, as each chunk arrives.
-    Inline(WeightDigest),
-    /// On a thread of its own, fed the chunks in order (their data is shared, not copied), so
-    /// that hashing overlaps with receiving and decoding.
-    Thread {
-        chunks: std::sync::mpsc::SyncSender<WeightChunk>,
-        digest: std::thread::JoinHandle<[u8; SHA256_LEN]>,
-    },
-}
-
-impl Default for Digesting {
-    fn default() -> Self {
-        Digesting::Inline(WeightDigest::new())
-    }
-}
-
-/// Chunks a digest thread may hold before `push` waits for it.
-const DIGEST_QUEUE: usize = 16;
-
 /// Checks a weight stream chunk by chunk, as it arrives.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct WeightVerifier {
-    digest: Digesting,
+    digest: WeightDigest,
     next_index: u32,
     version: Option<u64>,
     done: bool,
@@ -162,27 +141,6 @@ impl WeightVerifier {
     /// A verifier expecting chunk 0.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A verifier that hashes on a thread of its own while the caller goes on receiving; it
-    /// checks the same things, and `push` of the last chunk waits for the digest. For streams
-    /// large enough that SHA-256 would otherwise bound their speed (a policy version).
-    pub fn hashing_on_a_thread() -> Self {
-        let (chunks, queue) = std::sync::mpsc::sync_channel::<WeightChunk>(DIGEST_QUEUE);
-        let digest = std::thread::Builder::new()
-            .name("weight-digest".into())
-            .spawn(move || {
-                let mut digest = WeightDigest::new();
-                for chunk in queue {
-                    digest.update(&chunk);
-                }
-                digest.finalize()
-            })
-            .expect("spawning the weight digest thread");
-        Self {
-            digest: Digesting::Thread { chunks, digest },
-            ..Self::default()
-        }
     }
 
     /// Checks one chunk. Returns `Ok(true)` once the last chunk has arrived and the
@@ -208,13 +166,7 @@ impl WeightVerifier {
                 chunk_index: chunk.chunk_index,
             });
         }
-        match &mut self.digest {
-            Digesting::Inline(digest) => digest.update(chunk),
-            // The thread only ends once its queue is closed, below.
-            Digesting::Thread { chunks, .. } => chunks
-                .send(chunk.clone())
-                .expect("the weight digest thread is alive"),
-        }
+        self.digest.update(chunk);
         self.next_index += 1;
         if !chunk.last {
             return Ok(false);
@@ -226,13 +178,7 @@ impl WeightVerifier {
                 len: chunk.sha256.len(),
             });
         }
-        let actual = match std::mem::take(&mut self.digest) {
-            Digesting::Inline(digest) => digest.finalize(),
-            Digesting::Thread { chunks, digest } => {
-                drop(chunks);
-                digest.join().expect("the weight digest thread does not panic")
-            }
-        };
+        let actual = std::mem::take(&mut self.digest).finalize();
         if actual[..] != chunk.sha256[..] {
             return Err(ChecksumError::Mismatch {
                 policy_version: version,
@@ -293,18 +239,12 @@ mod tests {
         chunks
     }
 
-    /// Verifies `chunks` with both kinds of verifier, which must agree.
     fn verify(chunks: &[WeightChunk]) -> Result<(), ChecksumError> {
-        let run = |mut v: WeightVerifier| {
-            for c in chunks {
-                v.push(c)?;
-            }
-            v.finish()
-        };
-        let inline = run(WeightVerifier::new());
-        let threaded = run(WeightVerifier::hashing_on_a_thread());
-        assert_eq!(inline, threaded, "the digest thread judged the stream otherwise");
-        inline
+        let mut v = WeightVerifier::new();
+        for c in chunks {
+            v.push(c)?;
+        }
+        v.finish()
     }
 
     #[test]

@@ -103,15 +103,6 @@ impl WeightAssembler {
         Self::default()
     }
 
-    /// An empty assembler whose checksum is computed on a thread of its own
-    /// ([`WeightVerifier::hashing_on_a_thread`]), overlapping with receiving and decoding.
-    pub fn hashing_on_a_thread() -> Self {
-        Self {
-            verifier: WeightVerifier::hashing_on_a_thread(),
-            ..Self::default()
-        }
-    }
-
     /// Adds a chunk; returns true once the stream's last chunk arrived and verified.
     pub fn push(&mut self, chunk: &WeightChunk) -> Result<bool, AssembleError> {
         let last = self.verifier.push(chunk)?;
@@ -315,7 +306,7 @@ pub async fn receive_with_progress(
     chunk_deadline: Option<std::time::Duration>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(u64, BTreeMap<String, HostTensor>), ReceiveError> {
-    let mut assembler = WeightAssembler::hashing_on_a_thread();
+    let mut assembler = WeightAssembler::new();
     let mut chunks = 0;
     let mut received = 0u64;
     loop {

@@ -5,9 +5,7 @@
 //!
 //! - `stream`: `StreamWeights` read to its verified last chunk (1 MiB chunks, SHA-256 over the
 //!   stream), the tensors assembled;
-//! - `inline`: the same with the SHA-256 computed in line with receiving, not on a thread of
-//!   its own (how it was done before);
-//! - `install`: `stream`, then an engine built from the tensors (`fetch_version`): the time from
+//! - `install`: the same, then an engine built from the tensors (`fetch_version`): the time from
 //!   asking for a published version to being able to sample from it;
 //! - `tcp`: the same number of bytes written through one loopback TCP connection in 1 MiB
 //!   writes and read on the other side (the ceiling any protocol over that link has).
@@ -28,9 +26,9 @@ use chorus_model::engine::EngineOptions;
 use chorus_model::{NemotronHConfig, checkpoint};
 use chorus_proto::auth::{AttachToken, RequireToken};
 use chorus_proto::limits::LEARNER_MAX_MESSAGE_BYTES;
+use chorus_proto::v1::StreamWeightsRequest;
 use chorus_proto::v1::learner_client::LearnerClient;
 use chorus_proto::v1::learner_server::LearnerServer;
-use chorus_proto::v1::{StreamWeightsRequest, WeightChunk};
 use chorus_rollout_worker::fetch_version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -110,26 +108,22 @@ async fn run(model: PathBuf, repeats: usize) {
     let mut bytes = 0u64;
     for _ in 0..repeats {
         let t = Instant::now();
-        let mut stream = open_stream(&mut client).await;
+        let mut stream = client
+            .stream_weights(StreamWeightsRequest {
+                run_id: "bench".into(),
+                policy_version: 0,
+                requester_id: "bench".into(),
+                start_chunk: 0,
+                exact: false,
+            })
+            .await
+            .expect("StreamWeights")
+            .into_inner();
         let (_, tensors) = chorus_proto::weights::receive(&mut stream)
             .await
             .expect("a whole, verified version");
         stream_times.push(t.elapsed());
         bytes = tensors.values().map(|t| t.data.len() as u64 * 4).sum();
-    }
-    // The same, hashing in line with receiving (as a plain `WeightAssembler` does).
-    let mut inline_times = vec![];
-    for _ in 0..repeats {
-        let t = Instant::now();
-        let mut stream = open_stream(&mut client).await;
-        let mut assembler = chorus_proto::weights::WeightAssembler::new();
-        while let Some(chunk) = stream.message().await.expect("a chunk") {
-            if assembler.push(&chunk).expect("a valid chunk") {
-                break;
-            }
-        }
-        assembler.finish().expect("a whole, verified version");
-        inline_times.push(t.elapsed());
     }
     let mut install_times = vec![];
     for _ in 0..repeats {
@@ -162,7 +156,6 @@ async fn run(model: PathBuf, repeats: usize) {
     let rows = [
         ("tcp", median(&mut tcp_times)),
         ("stream", median(&mut stream_times)),
-        ("inline", median(&mut inline_times)),
         ("install", median(&mut install_times)),
     ];
     for (name, secs) in rows {
@@ -175,27 +168,6 @@ async fn run(model: PathBuf, repeats: usize) {
         "stream / tcp throughput: {:.2}x ({repeats} repeats each, medians)",
         rows[0].1 / rows[1].1
     );
-}
-
-/// A `StreamWeights` call for the learner's newest version.
-async fn open_stream<T>(client: &mut LearnerClient<T>) -> tonic::Streaming<WeightChunk>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    client
-        .stream_weights(StreamWeightsRequest {
-            run_id: "bench".into(),
-            policy_version: 0,
-            requester_id: "bench".into(),
-            start_chunk: 0,
-            exact: false,
-        })
-        .await
-        .expect("StreamWeights")
-        .into_inner()
 }
 
 /// The time to move `bytes` through one loopback TCP connection in chunk-sized writes.

@@ -11,7 +11,6 @@
 
 mod harness;
 
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 
 use chorus_environments::plugin::RemoteEnvironment;
@@ -162,7 +161,7 @@ fn a_run_uses_the_python_example_plugin() {
         return;
     };
     let h = Harness::new();
-    let plugin = python_plugin(&python, "word_count");
+    let plugin = python_plugin(&python, "word_count", &["--token", TOKEN], None);
     run_against(&h, &plugin.url);
 
     // The wrong token is refused by the plugin; no token at all is refused before starting.
@@ -199,7 +198,7 @@ fn python_plugins_pass_the_self_check_through_the_wire() {
         return;
     };
     for example in ["word_count", "guess_number"] {
-        let plugin = python_plugin(&python, example);
+        let plugin = python_plugin(&python, example, &["--token", TOKEN], None);
         let env = RemoteEnvironment::connect(&plugin.url, TOKEN).unwrap();
         assert_eq!(env.plugin_info().name, example);
         let report = check_environment(
@@ -212,7 +211,7 @@ fn python_plugins_pass_the_self_check_through_the_wire() {
         assert!(report.passed, "{example}: {:#?}", report.failures);
     }
     // A multi-turn episode: the client keeps the conversation, the plugin its state.
-    let plugin = python_plugin(&python, "guess_number");
+    let plugin = python_plugin(&python, "guess_number", &["--token", TOKEN], None);
     let env = RemoteEnvironment::connect(&plugin.url, TOKEN).unwrap();
     assert_eq!(env.info().max_turns, 6);
     let task = env.sample(3, Split::Train, 2).unwrap();
@@ -239,33 +238,6 @@ fn python_plugins_pass_the_self_check_through_the_wire() {
     let wrong = if secret == "1" { "2" } else { "1" };
     let outcome = env.step(&task, &mut episode, wrong).unwrap();
     assert!(!outcome.done && outcome.score.is_none(), "{outcome:?}");
-}
-
-/// Starts `chorus_env.examples.NAME` and waits for its `listening on URL` line.
-fn python_plugin(python: &str, example: &str) -> Service {
-    let mut child = Command::new(python)
-        .args([
-            "-m",
-            &format!("chorus_env.examples.{example}"),
-            "--port",
-            "0",
-            "--token",
-            TOKEN,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the Python plugin");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the plugin printed {line:?} instead of `listening on URL`"))
-        .to_string();
-    Service { child, url }
 }
 
 /// `CHORUS_TEST_PYTHON` when it can import the SDK.

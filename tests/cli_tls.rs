@@ -682,8 +682,6 @@ fn a_standing_fleet_over_mutual_tls_serves_a_launched_run() {
 /// client certificate and is refused without one.
 #[test]
 fn python_plugins_and_clients_speak_mutual_tls() {
-    use std::io::BufRead;
-
     let Some(python) = python_importing(
         "CHORUS_TEST_PYTHON",
         "grpc, chorus_env",
@@ -694,27 +692,13 @@ fn python_plugins_and_clients_speak_mutual_tls() {
     };
     let h = Harness::new();
     let pki = Pki::write(&h);
-    let mut child = std::process::Command::new(&python)
-        .args(["-m", "chorus_env.examples.word_count", "--port", "0"])
-        .args(["--token", SECRET])
-        .args(pki.node_flags())
-        .current_dir(h.path(""))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the Python plugin");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the plugin printed {line:?}"))
-        .to_string();
-    let _plugin = Service {
-        child,
-        url: url.clone(),
-    };
+    let plugin = python_plugin(
+        &python,
+        "word_count",
+        &[&["--token", SECRET][..], &pki.node_flags()].concat(),
+        Some(&h.path("")),
+    );
+    let url = plugin.url.clone();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     let check = ["env", "check", "--url", &url, "--token", SECRET];
     let client_identity = [

@@ -245,16 +245,13 @@ pub async fn stand_by(s: Standby, ready: impl FnOnce()) -> Result<()> {
                 run.run_id
             );
             if s.role == Role::Learner {
-                let r = restarts.get_or_insert(Restarts {
-                    run_id: run.run_id.clone(),
-                    count: 0,
-                });
-                if r.run_id != run.run_id {
-                    *r = Restarts {
+                let r = match &mut restarts {
+                    Some(r) if r.run_id == run.run_id => r,
+                    other => other.insert(Restarts {
                         run_id: run.run_id.clone(),
                         count: 0,
-                    };
-                }
+                    }),
+                };
                 r.count += 1;
                 if r.count > MAX_LEARNER_RESTARTS {
                     tracing::error!(

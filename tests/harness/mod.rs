@@ -371,3 +371,33 @@ pub fn left_running(h: &Harness, args: &[&str]) -> bool {
         String::from_utf8_lossy(&cmd).contains(&dir)
     })
 }
+
+/// Starts `chorus_env.examples.NAME` with `python` (on a free port, with `args`, in `dir` when
+/// given) and waits for its `listening on URL` line.
+pub fn python_plugin(python: &str, example: &str, args: &[&str], dir: Option<&Path>) -> Service {
+    use std::io::BufRead;
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        &format!("chorus_env.examples.{example}"),
+        "--port",
+        "0",
+    ])
+    .args(args)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit());
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().expect("start the Python plugin");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the plugin printed {line:?} instead of `listening on URL`"))
+        .to_string();
+    Service { child, url }
+}

@@ -149,3 +149,93 @@ fn incremental_decoding_matches_full_forward_on_other_configs() {
         check_incremental(&cfg, &params);
     }
 }
+
+/// A batch wide enough that the engine spreads its per-sequence work (SSM recurrences,
+/// attention over each cache, routed experts) over the thread pool: 24 ragged sequences that
+/// start with prompt chunks of different sizes, then advance one to three tokens a step and
+/// leave as they finish. Every logit must match the full forward of its sequence alone.
+#[test]
+fn a_wide_ragged_batch_matches_the_full_forward() {
+    let cfg = chorus_model::NemotronHConfig::from_json_str(
+        r#"{"model_type": "nemotron_h", "vocab_size": 40, "hidden_size": 64,
+        "hybrid_override_pattern": "M*EM", "mamba_num_heads": 8, "mamba_head_dim": 16,
+        "ssm_state_size": 32, "n_groups": 2, "conv_kernel": 4, "chunk_size": 8,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+        "intermediate_size": 96, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 48,
+        "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0, "eos_token_id": 2}"#,
+    )
+    .unwrap();
+    let params = random_params(&cfg, 5);
+    let model = NemotronH::new(&cfg, &params).unwrap();
+    let engine = Engine::from_params(&cfg, &params).unwrap();
+    let v = cfg.vocab_size;
+    let seqs: Vec<Vec<u32>> = (0..24)
+        .map(|s| {
+            (0..10 + s % 9)
+                .map(|i| ((s * 13 + i * 7 + 3) % 37 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let full: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|s| {
+            let ids = Tensor::new(s.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            model
+                .forward(&ids)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let mut caches: Vec<_> = seqs.iter().map(|_| engine.new_cache()).collect();
+    let mut pos = vec![0usize; seqs.len()];
+    let (mut worst, mut steps) = (0f32, 0);
+    while pos.iter().zip(&seqs).any(|(p, s)| *p < s.len()) {
+        // First a prompt chunk of 1 to 8 tokens, then 1 to 3 tokens per step.
+        let take = |s: usize, p: usize| {
+            let want = if p == 0 {
+                1 + s % 8
+            } else {
+                1 + (s + steps) % 3
+            };
+            want.min(seqs[s].len() - p)
+        };
+        let members: Vec<(usize, usize)> = (0..seqs.len())
+            .filter(|&s| pos[s] < seqs[s].len())
+            .map(|s| (s, take(s, pos[s])))
+            .collect();
+        let mut refs: Vec<Option<&mut chorus_model::engine::SequenceCache>> =
+            caches.iter_mut().map(Some).collect();
+        let mut batch: Vec<StepInput> = members
+            .iter()
+            .map(|&(s, n)| StepInput {
+                cache: refs[s].take().unwrap(),
+                tokens: &seqs[s][pos[s]..pos[s] + n],
+            })
+            .collect();
+        let out = engine.forward(&mut batch, LogitsFor::All, false).unwrap();
+        for (slot, &(s, n)) in members.iter().enumerate() {
+            for i in 0..n {
+                let row = out.logit_rows[slot].start + i;
+                let want = &full[s][(pos[s] + i) * v..(pos[s] + i + 1) * v];
+                worst = worst.max(max_abs_diff(&out.logits[row * v..(row + 1) * v], want));
+            }
+            pos[s] += n;
+        }
+        steps += 1;
+    }
+    assert!(
+        steps >= 6,
+        "the schedule decodes over several steps ({steps})"
+    );
+    assert!(
+        worst <= 1e-4,
+        "wide ragged batch vs full forward: max abs error {worst}"
+    );
+}

@@ -432,15 +432,18 @@ fn for_each_chunk<S>(
     });
 }
 
-/// Runs `work(0..threads)`, on scoped threads when there is more than one.
+/// Runs `work(0..threads)`, as tasks of the rayon pool when there is more than one: a decode
+/// step makes hundreds of these calls, and starting threads for each cost more than small
+/// products take. Called from inside a pool task (experts running in parallel), the tasks
+/// join that pool's queue instead of oversubscribing the cores.
 fn parallel(threads: usize, work: &(dyn Fn(usize) + Sync)) {
     if threads <= 1 {
         work(0);
         return;
     }
-    std::thread::scope(|s| {
+    rayon::scope(|s| {
         for t in 1..threads {
-            s.spawn(move || work(t));
+            s.spawn(move |_| work(t));
         }
         work(0);
     });

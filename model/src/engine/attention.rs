@@ -6,6 +6,7 @@ use super::cache::LayerCache;
 use super::linear::LinearOp;
 use super::load::Weights;
 use super::simd;
+use super::{for_each_sequence, split_rows_mut};
 use crate::config::NemotronHConfig;
 use crate::error::Result;
 
@@ -70,20 +71,41 @@ impl AttnW {
         self.v.forward(h, rows, &mut v);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; rows * nh * hd];
-        let mut scores = vec![];
-        for (range, cache) in seqs.iter().zip(caches.iter_mut()) {
+        // Work of the attention loops: new tokens times the positions each attends to.
+        let attended: usize = seqs
+            .iter()
+            .zip(caches.iter())
+            .map(|(r, c)| match &**c {
+                LayerCache::Attention { keys, .. } => r.len() * (keys.len() / kvw + r.len()),
+                _ => 0,
+            })
+            .sum();
+        let work: Vec<_> = seqs
+            .iter()
+            .zip(caches.iter_mut())
+            .zip(split_rows_mut(&mut out, nh * hd, seqs))
+            .collect();
+        let per_seq = |((range, cache), out_seq): (
+            (&std::ops::Range<usize>, &mut &mut LayerCache),
+            &mut [f32],
+        )| {
             let LayerCache::Attention { keys, values } = &mut **cache else {
                 unreachable!("attention block has a KV cache")
             };
+            let mut scores = vec![];
             let before = keys.len() / kvw;
             keys.extend_from_slice(&k[range.start * kvw..range.end * kvw]);
             values.extend_from_slice(&v[range.start * kvw..range.end * kvw]);
-            for (i, r) in range.clone().enumerate() {
+            for (i, (r, o_row)) in range
+                .clone()
+                .zip(out_seq.chunks_exact_mut(nh * hd))
+                .enumerate()
+            {
                 let visible = before + i + 1;
                 for head in 0..nh {
                     let kv = head / group;
                     let qh = &q[(r * nh + head) * hd..(r * nh + head + 1) * hd];
-                    let o = &mut out[(r * nh + head) * hd..(r * nh + head + 1) * hd];
+                    let o = &mut o_row[head * hd..(head + 1) * hd];
                     simd::attend_head(
                         qh,
                         keys,
@@ -97,7 +119,8 @@ impl AttnW {
                     );
                 }
             }
-        }
+        };
+        for_each_sequence(work, attended * nh * hd, per_seq);
         self.o.forward(&out, rows, y_out);
     }
 }

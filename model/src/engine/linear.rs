@@ -102,6 +102,9 @@ impl LinearOp {
     }
 }
 
+/// Below this many weights a matrix-vector product stays on one thread.
+const PARALLEL_GEMV_MIN: usize = 1 << 18;
+
 /// Below this many multiply-adds a single thread beats spawning work.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
@@ -112,9 +115,18 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
         return;
     }
     if rows <= 2 {
-        // Matrix-vector: bandwidth-bound, one pass over the weights per row.
+        // Matrix-vector: bandwidth-bound, one pass over the weights per row; large matrices
+        // are split by output rows over the pool, so that every core streams its share.
         for (xr, yr) in x.chunks_exact(in_dim).zip(y.chunks_exact_mut(out_dim)) {
-            gemv(w, in_dim, xr, yr);
+            if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
+                use rayon::prelude::*;
+                let chunk = out_dim.div_ceil(rayon::current_num_threads() * 4).max(8);
+                yr.par_chunks_mut(chunk)
+                    .zip(w.par_chunks(chunk * in_dim))
+                    .for_each(|(yc, wc)| gemv(wc, in_dim, xr, yc));
+            } else {
+                gemv(w, in_dim, xr, yr);
+            }
         }
         return;
     }
@@ -227,6 +239,9 @@ mod tests {
             (3, 9, 70),
             (64, 40, 64),
             (130, 7, 129),
+            // Large enough that one row's product is split over the pool.
+            (1, 600, 512),
+            (2, 1030, 300),
         ] {
             let w: Vec<f32> = (0..out * inp).map(|_| next()).collect();
             let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();

@@ -7,6 +7,7 @@ use super::linear::LinearOp;
 use super::load::Weights;
 use super::norm::{silu, softplus};
 use super::simd;
+use super::{for_each_sequence, split_rows_mut};
 use crate::config::{MambaConfig, NemotronHConfig};
 use crate::error::Result;
 
@@ -97,18 +98,29 @@ impl MambaW {
         let pw = m.in_proj_dim();
         let mut proj = vec![0f32; rows * pw];
         self.in_proj.forward(h, rows, &mut proj);
-        let mut ys = vec![0f32; rows * inner];
-        let mut xbc = vec![0f32; cd];
         let (dt_min, dt_max) = (m.dt_min as f32, m.dt_max as f32);
-        for (range, cache) in seqs.iter().zip(caches.iter_mut()) {
+        let mut ys = vec![0f32; rows * inner];
+        let work: Vec<_> = seqs
+            .iter()
+            .zip(caches.iter_mut())
+            .zip(split_rows_mut(&mut ys, inner, seqs))
+            .collect();
+        // Each sequence's recurrence is independent of the others': the sequences run in
+        // parallel, every one in token order, so a sequence's numbers do not depend on its
+        // batch-mates or on the thread that runs it.
+        let per_seq = |((range, cache), ys_seq): (
+            (&std::ops::Range<usize>, &mut &mut LayerCache),
+            &mut [f32],
+        )| {
             let LayerCache::Mamba { conv, ssm, history } = &mut **cache else {
                 unreachable!("Mamba block has a Mamba cache")
             };
+            let mut xbc = vec![0f32; cd];
             if record {
                 history.clear();
                 history.push((conv.clone(), ssm.clone()));
             }
-            for r in range.clone() {
+            for (r, yr) in range.clone().zip(ys_seq.chunks_exact_mut(inner)) {
                 let p = &proj[r * pw..(r + 1) * pw];
                 let (z, xbc_in, dt_raw) = (&p[..inner], &p[inner..inner + cd], &p[inner + cd..]);
                 simd::conv_step(&self.conv_w_t, &self.conv_b, conv, xbc_in, &mut xbc);
@@ -117,7 +129,6 @@ impl MambaW {
                     conv[(kk - 2) * cd..].copy_from_slice(xbc_in);
                 }
                 let (xs, bm, cm) = (&xbc[..inner], &xbc[inner..inner + gs], &xbc[inner + gs..]);
-                let yr = &mut ys[r * inner..(r + 1) * inner];
                 for head in 0..nh {
                     let dt = softplus(dt_raw[head] + self.dt_bias[head]).clamp(dt_min, dt_max);
                     let da = (dt * self.a[head]).exp();
@@ -152,7 +163,8 @@ impl MambaW {
                     history.push((conv.clone(), ssm.clone()));
                 }
             }
-        }
+        };
+        for_each_sequence(work, rows * nh * hd * ns, per_seq);
         self.out_proj.forward(&ys, rows, y_out);
     }
 }

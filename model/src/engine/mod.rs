@@ -3,8 +3,10 @@
 //! One call of [`Engine::forward`] advances a *ragged* batch: every sequence brings its own
 //! [`SequenceCache`] and any number of new tokens (a whole prompt, one decoded token, or `k+1`
 //! tokens to verify MTP drafts). Token-local work (norms, projections, experts) runs on all rows
-//! of the batch at once; the recurrences (conv, SSM) and attention run per sequence over its
-//! cache. Prefill, decoding, speculative verification and continuous batching are therefore one
+//! of the batch at once, each routed expert as one GEMM over the rows sent to it (experts in
+//! parallel); the recurrences (conv, SSM) and attention run per sequence over its cache, the
+//! sequences in parallel on the rayon pool. A sequence's numbers never depend on which thread
+//! ran it. Prefill, decoding, speculative verification and continuous batching are therefore one
 //! code path. It computes what [`crate::NemotronH`] computes (tests hold them to 1e-4).
 //!
 //! One file per block, as on the training side: `norm.rs` (RMSNorm and activations), `mamba2.rs`,
@@ -262,5 +264,40 @@ impl Engine {
     /// Bytes of all weights (what one decode step streams from memory).
     pub fn weight_bytes(&self) -> usize {
         self.layers.iter().map(|b| b.weight_bytes()).sum::<usize>() + self.lm_head.weight_bytes()
+    }
+}
+
+/// Below this many multiply-adds of per-sequence work (recurrences, attention) one thread is
+/// faster than handing sequences to the pool.
+const PARALLEL_SEQUENCE_WORK: usize = 1 << 16;
+
+/// Splits `buf` (`[rows, width]`) into the rows of each sequence; `seqs` are the consecutive
+/// row ranges of a batch, in order.
+fn split_rows_mut<'a>(
+    mut buf: &'a mut [f32],
+    width: usize,
+    seqs: &[Range<usize>],
+) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for r in seqs {
+        debug_assert_eq!(r.start, at, "sequences' rows are consecutive");
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(r.len() * width);
+        parts.push(head);
+        buf = rest;
+        at = r.end;
+    }
+    parts
+}
+
+/// Runs `f` on every sequence's share of a block's per-sequence work: on the rayon pool when
+/// there are several sequences and `work` multiply-adds in all, else in order on this thread.
+/// Each call of `f` touches only its own sequence, so results do not depend on the choice.
+fn for_each_sequence<T: Send>(items: Vec<T>, work: usize, f: impl Fn(T) + Sync + Send) {
+    use rayon::prelude::*;
+    if items.len() > 1 && work >= PARALLEL_SEQUENCE_WORK && rayon::current_num_threads() > 1 {
+        items.into_par_iter().for_each(f);
+    } else {
+        items.into_iter().for_each(f);
     }
 }

@@ -8,6 +8,9 @@ use crate::config::{MoeConfig, NemotronHConfig};
 use crate::error::Result;
 use crate::moe::route;
 
+/// Below this many multiply-adds in the routed experts of a call, they run on one thread.
+const PARALLEL_EXPERT_WORK: usize = 1 << 20;
+
 /// A relu² MLP: `down(relu(up(x))²)`; also each expert of a MoE.
 pub(super) struct MlpW {
     up: LinearOp,
@@ -137,19 +140,32 @@ impl MoeW {
                 assigned[e].push((r, w));
             }
         }
-        let mut acc = vec![0f32; rows * width];
-        let mut xin = vec![];
-        let mut yexp = vec![];
-        for (e, list) in assigned.iter().enumerate() {
-            if list.is_empty() {
-                continue;
-            }
-            xin.clear();
+        // Every expert runs once over the rows routed to it (one GEMM each); experts run in
+        // parallel, and their outputs are added in expert order whatever thread ran them.
+        let busy: Vec<(usize, &Vec<(usize, f32)>)> = assigned
+            .iter()
+            .enumerate()
+            .filter(|(_, list)| !list.is_empty())
+            .collect();
+        let run_expert = |&(e, list): &(usize, &Vec<(usize, f32)>)| {
+            let mut xin = Vec::with_capacity(list.len() * width);
             for &(r, _) in list {
                 xin.extend_from_slice(&latent_in[r * width..(r + 1) * width]);
             }
-            yexp.resize(list.len() * width, 0.0);
+            let mut yexp = vec![0f32; list.len() * width];
             self.experts[e].forward(&xin, list.len(), &mut yexp);
+            yexp
+        };
+        let work = rows * m.top_k * width * m.expert_dim;
+        let outputs: Vec<Vec<f32>> =
+            if busy.len() > 1 && work >= PARALLEL_EXPERT_WORK && rayon::current_num_threads() > 1 {
+                use rayon::prelude::*;
+                busy.par_iter().map(run_expert).collect()
+            } else {
+                busy.iter().map(run_expert).collect()
+            };
+        let mut acc = vec![0f32; rows * width];
+        for ((_, list), yexp) in busy.iter().zip(&outputs) {
             for (i, &(r, w)) in list.iter().enumerate() {
                 simd::axpy(
                     &mut acc[r * width..(r + 1) * width],

@@ -1,0 +1,157 @@
+//! Batched generation on Chorus' engine: tokens/s at several batch sizes, f32 and NVFP4
+//! weights, and each batch size's speed-up over batch 1, all measured in one run.
+//!
+//! `cargo bench -p chorus-model --bench generation -- [MODEL.json] [--batches 1,16,64]
+//! [--new N] [--prompt N] [--precision f32,nvfp4] [--repeats N]`
+//!
+//! The model has random weights from seed 0 (default `configs/models/small-d512.json`). Every
+//! request has its own prompt (greedy), all requests are submitted at once and run with
+//! continuous batching (`max_batch` = the batch size), so a batch of 64 keeps 64 sequences in
+//! flight. Prints the CPU and the instruction set the kernels dispatch to.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use chorus_model::engine::{Engine, EngineOptions, GenerationRequest, Nvfp4Policy};
+use chorus_model::sampling::SamplingParams;
+use chorus_model::{NemotronHConfig, checkpoint};
+
+struct Args {
+    model: PathBuf,
+    batches: Vec<usize>,
+    new_tokens: usize,
+    prompt: usize,
+    precisions: Vec<String>,
+    repeats: usize,
+}
+
+const HELP: &str = "generation bench: tokens/s of Chorus' engine at several batch sizes
+
+  cargo bench -p chorus-model --bench generation -- [MODEL.json] [options]
+
+  MODEL.json      a Nemotron-H config (default configs/models/small-d512.json), random weights
+  --batches LIST  batch sizes, comma-separated (default 1,16,64)
+  --new N         new tokens per sequence (default 64)
+  --prompt N      prompt tokens per sequence (default 16)
+  --precision L   f32, nvfp4 or both (default f32,nvfp4)
+  --repeats N     runs per cell; the best is printed (default 2)";
+
+fn parse_args() -> Args {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut args = Args {
+        model: root.join("configs/models/small-d512.json"),
+        batches: vec![1, 16, 64],
+        new_tokens: 64,
+        prompt: 16,
+        precisions: vec!["f32".into(), "nvfp4".into()],
+        repeats: 2,
+    };
+    let mut it = std::env::args().skip(1);
+    let number = |flag: &str, v: Option<String>| -> usize {
+        v.and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| panic!("{flag} needs a positive whole number\n\n{HELP}"))
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!("{HELP}");
+                std::process::exit(0);
+            }
+            "--batches" => {
+                let v = it.next().unwrap_or_default();
+                args.batches = v
+                    .split(',')
+                    .map(|b| number("--batches", Some(b.to_string())))
+                    .collect();
+            }
+            "--new" => args.new_tokens = number("--new", it.next()),
+            "--prompt" => args.prompt = number("--prompt", it.next()),
+            "--repeats" => args.repeats = number("--repeats", it.next()),
+            "--precision" => {
+                args.precisions = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|p| match p {
+                        "f32" | "nvfp4" => p.to_string(),
+                        other => panic!("--precision {other:?}: use f32, nvfp4 or f32,nvfp4"),
+                    })
+                    .collect()
+            }
+            other if other.starts_with("--") => panic!("unknown option {other}\n\n{HELP}"),
+            path => args.model = PathBuf::from(path),
+        }
+    }
+    args
+}
+
+fn request(i: usize, prompt: usize, n: usize, vocab: usize) -> GenerationRequest {
+    let prompt = (0..prompt)
+        .map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32)
+        .collect();
+    GenerationRequest {
+        prompt,
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        seed: i as u64,
+        stop_tokens: vec![],
+    }
+}
+
+fn rate(engine: &Engine, batch: usize, a: &Args) -> f64 {
+    let v = engine.vocab_size();
+    let reqs: Vec<_> = (0..batch)
+        .map(|i| request(i, a.prompt, a.new_tokens, v))
+        .collect();
+    (0..a.repeats)
+        .map(|_| {
+            let t = Instant::now();
+            let tokens: usize = engine
+                .generate_batch(&reqs, batch)
+                .unwrap()
+                .iter()
+                .map(|g| g.tokens.len())
+                .sum();
+            tokens as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+fn main() {
+    let a = parse_args();
+    let cfg = NemotronHConfig::from_file(&a.model)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", a.model.display()));
+    let params = checkpoint::init_params(&cfg, 0, &Device::Cpu).unwrap();
+    let tensors = params.snapshot().unwrap();
+    println!("cpu: {}", chorus_kernels::cpu_description());
+    println!(
+        "model: {} ({} parameters), prompt {} tokens, {} new tokens per sequence, greedy",
+        a.model.display(),
+        params.num_elements(),
+        a.prompt,
+        a.new_tokens
+    );
+    println!(
+        "{:<10} {:>6} {:>12} {:>14}",
+        "precision", "batch", "tokens/s", "vs batch 1"
+    );
+    for precision in &a.precisions {
+        let opts = EngineOptions {
+            nvfp4: (precision == "nvfp4").then(Nvfp4Policy::default),
+            ..Default::default()
+        };
+        let engine = Engine::from_tensors_with(&cfg, &tensors, &opts).unwrap();
+        let mut base = None;
+        for &b in &a.batches {
+            let r = rate(&engine, b, &a);
+            let base = *base.get_or_insert(if b == 1 { r } else { f64::NAN });
+            println!(
+                "{precision:<10} {b:>6} {r:>12.0} {:>13.2}x",
+                if base.is_nan() { f64::NAN } else { r / base }
+            );
+        }
+    }
+}

@@ -82,7 +82,14 @@ fn parse_args() -> Args {
                     .collect()
             }
             other if other.starts_with("--") => panic!("unknown option {other}\n\n{HELP}"),
-            path => args.model = PathBuf::from(path),
+            // Cargo runs benches inside the package; a path given from the repository root
+            // is found there too.
+            path => {
+                args.model = [PathBuf::from(path), root.join(path)]
+                    .into_iter()
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| PathBuf::from(path))
+            }
         }
     }
     args

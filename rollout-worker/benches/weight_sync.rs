@@ -51,7 +51,15 @@ fn main() {
                     .filter(|&n| n > 0)
                     .expect("--repeats needs a number above 0")
             }
-            other if !other.starts_with("--") => model = PathBuf::from(other),
+            // Cargo runs benches inside the package; a path given from the repository root
+            // is found there too.
+            other if !other.starts_with("--") => {
+                let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+                model = [PathBuf::from(other), root.join(other)]
+                    .into_iter()
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| PathBuf::from(other))
+            }
             other => panic!("unknown option {other}; allowed: [MODEL.json] --repeats N"),
         }
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::engine::{Engine, GenerationRequest, LogitsFor, StepInput};
 use chorus_model::sampling::SamplingParams;
 use common::*;
 
@@ -59,4 +59,43 @@ fn sampled_speculation_is_seeded_and_respects_the_budget() {
     assert_eq!(a.tokens, b.tokens);
     assert_eq!(a.tokens.len(), 25);
     assert!(a.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+}
+
+/// Speculative verification records a call and drops the rejected drafts: a Mamba block goes
+/// back to its state before the call and replays the tokens kept, an attention block cuts its
+/// cache. Whatever is dropped, the sequence must go on exactly as one that never saw the
+/// dropped tokens.
+#[test]
+fn a_rewound_cache_goes_on_as_if_the_dropped_tokens_never_came() {
+    for (pattern, seed) in [("MEM*-E", 4u64), ("M*M", 5)] {
+        let cfg = small_config(pattern, None, false);
+        let params = random_params(&cfg, seed);
+        let engine = Engine::from_params(&cfg, &params).unwrap();
+        let (prompt, extra, next) = ([5u32, 17, 3, 9], [22u32, 8, 30, 11], [14u32]);
+        let step = |cache: &mut chorus_model::engine::SequenceCache, tokens: &[u32], record| {
+            engine
+                .forward(&mut [StepInput { cache, tokens }], LogitsFor::Last, record)
+                .unwrap()
+                .logits
+        };
+        for drop in 0..extra.len() {
+            let mut rewound = engine.new_cache();
+            step(&mut rewound, &prompt, false);
+            step(&mut rewound, &extra, true);
+            engine.rewind(&mut rewound, drop);
+            let mut direct = engine.new_cache();
+            step(&mut direct, &prompt, false);
+            step(&mut direct, &extra[..extra.len() - drop], false);
+            assert_eq!(rewound.len(), direct.len());
+            let (a, b) = (
+                step(&mut rewound, &next, false),
+                step(&mut direct, &next, false),
+            );
+            let worst = max_abs_diff(&a, &b);
+            assert!(
+                worst < 1e-5,
+                "{pattern}, drop {drop}: logits differ by {worst}"
+            );
+        }
+    }
 }

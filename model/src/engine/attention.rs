@@ -45,6 +45,11 @@ impl AttnW {
         }
     }
 
+    /// Floats per position in each of the key and value caches.
+    pub(super) fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
     /// The projections, for counting and sizing.
     pub(super) fn projections(&self) -> [&LinearOp; 4] {
         [&self.q, &self.k, &self.v, &self.o]

@@ -81,6 +81,19 @@ impl BlockW {
             .sum::<usize>()
     }
 
+    /// Drops the last `drop` tokens of the last call (made with `record`) from this layer's
+    /// cache, leaving `new_len` positions.
+    pub(super) fn rewind(&self, cache: &mut LayerCache, new_len: usize, drop: usize) {
+        match (&self.mixer, cache) {
+            (MixerW::Mamba(m), cache) => m.rewind(cache, drop),
+            (MixerW::Attention(a), LayerCache::Attention { keys, values }) => {
+                keys.truncate(new_len * a.kv_width());
+                values.truncate(new_len * a.kv_width());
+            }
+            _ => {}
+        }
+    }
+
     /// `x: [rows, d]` updated in place: `x += mixer(norm(x))`. `seqs[i]` is the row range of
     /// sequence `i`, `caches[i]` its cache for this block.
     pub(super) fn forward(

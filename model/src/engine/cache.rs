@@ -6,15 +6,25 @@ pub(crate) enum LayerCache {
     /// Feed-forward blocks keep nothing.
     Stateless,
     /// Mamba-2: the last `K-1` conv inputs (oldest first, `[K-1, conv_dim]`) and the SSM state
-    /// `[heads, head_dim, state]`; `history` holds the state after each token of the last call
-    /// when it was asked to (speculative decoding rewinds to one of them).
+    /// `[heads, head_dim, state]`; `recorded` holds what the last call needs to drop a suffix
+    /// when it was asked to (speculative decoding's verification).
     Mamba {
         conv: Vec<f32>,
         ssm: Vec<f32>,
-        history: Vec<(Vec<f32>, Vec<f32>)>,
+        recorded: Option<Recorded>,
     },
     /// Attention: keys and values of every position so far, `[len, kv_heads * head_dim]`.
     Attention { keys: Vec<f32>, values: Vec<f32> },
+}
+
+/// A Mamba block's record of one call: its state before the call (one copy, whatever the
+/// number of tokens) and each token's inputs to the recurrence (`[tokens, conv_dim + heads]`:
+/// the conv input and dt of `in_proj`'s output), from which a rewind replays the kept tokens.
+#[derive(Clone, Debug)]
+pub(crate) struct Recorded {
+    pub(crate) conv: Vec<f32>,
+    pub(crate) ssm: Vec<f32>,
+    pub(crate) inputs: Vec<f32>,
 }
 
 /// The decode state of one sequence: what it has seen, per block of the backbone and of the
@@ -44,45 +54,19 @@ impl SequenceCache {
     pub fn bytes(&self) -> usize {
         let one = |l: &LayerCache| match l {
             LayerCache::Stateless => 0,
-            LayerCache::Mamba { conv, ssm, history } => {
+            LayerCache::Mamba {
+                conv,
+                ssm,
+                recorded,
+            } => {
                 4 * (conv.len()
                     + ssm.len()
-                    + history
-                        .iter()
-                        .map(|(a, b)| a.len() + b.len())
-                        .sum::<usize>())
+                    + recorded
+                        .as_ref()
+                        .map_or(0, |r| r.conv.len() + r.ssm.len() + r.inputs.len()))
             }
             LayerCache::Attention { keys, values } => 4 * (keys.len() + values.len()),
         };
         self.layers.iter().chain(&self.mtp).map(one).sum()
-    }
-}
-
-pub(crate) fn rewind_layers(
-    layers: &mut [LayerCache],
-    kv_width: usize,
-    new_len: usize,
-    drop: usize,
-) {
-    for l in layers {
-        match l {
-            LayerCache::Stateless => {}
-            LayerCache::Attention { keys, values } => {
-                keys.truncate(new_len * kv_width);
-                values.truncate(new_len * kv_width);
-            }
-            LayerCache::Mamba { conv, ssm, history } => {
-                if drop > 0 {
-                    let keep = history
-                        .len()
-                        .checked_sub(drop + 1)
-                        .expect("rewind within the recorded history");
-                    let (c, s) = history.swap_remove(keep);
-                    *conv = c;
-                    *ssm = s;
-                }
-                history.clear();
-            }
-        }
     }
 }

@@ -189,7 +189,8 @@ impl Engine {
         while !done {
             let k = drafts.min(req.max_new_tokens - out.tokens.len());
             // Draft k tokens, recursively on the head's own hidden state.
-            let saved_mtp = (cache.mtp.clone(), cache.mtp_len);
+            // Drafting extends the head's caches; they are cut back afterwards, not copied.
+            let mark = self.mtp_mark(&cache);
             let mut draft_tokens = Vec::with_capacity(k);
             let mut draft_dists = Vec::with_capacity(k);
             let mut h = mtp_hidden[mtp_hidden.len() - d..].to_vec();
@@ -209,7 +210,7 @@ impl Engine {
                     logits = l2;
                 }
             }
-            (cache.mtp, cache.mtp_len) = saved_mtp;
+            self.mtp_restore(&mut cache, mark);
 
             // Verify [tok, drafts...] in one backbone pass.
             let mut inputs = vec![tok];

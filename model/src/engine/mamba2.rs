@@ -2,7 +2,7 @@
 //! inputs, the selective-state update of every head, and the gated RMSNorm — the recurrent form
 //! of what the training side's chunked SSD scan computes over whole sequences.
 
-use super::cache::LayerCache;
+use super::cache::{LayerCache, Recorded};
 use super::linear::LinearOp;
 use super::load::Weights;
 use super::norm::{silu, softplus};
@@ -62,7 +62,7 @@ impl MambaW {
         LayerCache::Mamba {
             conv: vec![0.0; (self.cfg.conv_kernel - 1) * self.cfg.conv_dim()],
             ssm: vec![0.0; self.cfg.num_heads * self.cfg.head_dim * self.cfg.state_size],
-            history: vec![],
+            recorded: None,
         }
     }
 
@@ -72,7 +72,8 @@ impl MambaW {
     }
 
     /// `h: [rows, d]` → `y_out`, advancing each sequence's conv and SSM state; with `record`,
-    /// the state after every token is kept so a suffix can be rewound.
+    /// the state before the call and every token's recurrence inputs are kept so that
+    /// [`MambaW::rewind`] can drop a suffix.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
@@ -85,20 +86,16 @@ impl MambaW {
         y_out: &mut [f32],
     ) {
         let m = &self.cfg;
-        let (inner, cd, nh, hd, ns, kk) = (
+        let (inner, cd, nh, hd, ns) = (
             m.inner(),
             m.conv_dim(),
             m.num_heads,
             m.head_dim,
             m.state_size,
-            m.conv_kernel,
         );
-        let hpg = m.heads_per_group();
-        let gs = m.n_groups * ns;
         let pw = m.in_proj_dim();
         let mut proj = vec![0f32; rows * pw];
         self.in_proj.forward(h, rows, &mut proj);
-        let (dt_min, dt_max) = (m.dt_min as f32, m.dt_max as f32);
         let mut ys = vec![0f32; rows * inner];
         let work: Vec<_> = seqs
             .iter()
@@ -112,40 +109,29 @@ impl MambaW {
             (&std::ops::Range<usize>, &mut &mut LayerCache),
             &mut [f32],
         )| {
-            let LayerCache::Mamba { conv, ssm, history } = &mut **cache else {
+            let LayerCache::Mamba {
+                conv,
+                ssm,
+                recorded,
+            } = &mut **cache
+            else {
                 unreachable!("Mamba block has a Mamba cache")
             };
             let mut xbc = vec![0f32; cd];
-            if record {
-                history.clear();
-                history.push((conv.clone(), ssm.clone()));
-            }
+            // With `record`, the state before the call (one copy) and each token's inputs to
+            // the recurrence, from which `rewind` replays the tokens it keeps.
+            *recorded = record.then(|| Recorded {
+                conv: conv.clone(),
+                ssm: ssm.clone(),
+                inputs: Vec::with_capacity(range.len() * (cd + nh)),
+            });
             for (r, yr) in range.clone().zip(ys_seq.chunks_exact_mut(inner)) {
                 let p = &proj[r * pw..(r + 1) * pw];
-                let (z, xbc_in, dt_raw) = (&p[..inner], &p[inner..inner + cd], &p[inner + cd..]);
-                simd::conv_step(&self.conv_w_t, &self.conv_b, conv, xbc_in, &mut xbc);
-                if kk > 1 {
-                    conv.copy_within(cd.., 0);
-                    conv[(kk - 2) * cd..].copy_from_slice(xbc_in);
+                let (z, recurrence_in) = (&p[..inner], &p[inner..]);
+                if let Some(rec) = recorded.as_mut() {
+                    rec.inputs.extend_from_slice(recurrence_in);
                 }
-                let (xs, bm, cm) = (&xbc[..inner], &xbc[inner..inner + gs], &xbc[inner + gs..]);
-                for head in 0..nh {
-                    let dt = softplus(dt_raw[head] + self.dt_bias[head]).clamp(dt_min, dt_max);
-                    let da = (dt * self.a[head]).exp();
-                    let g = head / hpg;
-                    let (b, c) = (&bm[g * ns..(g + 1) * ns], &cm[g * ns..(g + 1) * ns]);
-                    let span = head * hd..(head + 1) * hd;
-                    simd::ssm_head(
-                        &mut ssm[head * hd * ns..(head + 1) * hd * ns],
-                        da,
-                        dt,
-                        self.d[head],
-                        &xs[span.clone()],
-                        b,
-                        c,
-                        &mut yr[span],
-                    );
-                }
+                self.advance(conv, ssm, recurrence_in, &mut xbc, yr);
                 // Gated RMSNorm per group.
                 let gsz = m.norm_group_size();
                 for g in 0..m.n_groups {
@@ -159,12 +145,89 @@ impl MambaW {
                         yr[i] *= inv * self.norm_w[i];
                     }
                 }
-                if record {
-                    history.push((conv.clone(), ssm.clone()));
-                }
             }
         };
         for_each_sequence(work, rows * nh * hd * ns, per_seq);
         self.out_proj.forward(&ys, rows, y_out);
+    }
+
+    /// One token of the recurrence: the causal conv over the cached inputs (which then take in
+    /// this token's), and every head's SSM update; `y[..inner]` gets the heads' outputs before
+    /// the gated norm. `recurrence_in` is the token's `[xBC, dt]` part of `in_proj`'s output.
+    fn advance(
+        &self,
+        conv: &mut [f32],
+        ssm: &mut [f32],
+        recurrence_in: &[f32],
+        xbc: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let m = &self.cfg;
+        let (inner, cd, nh, hd, ns, kk) = (
+            m.inner(),
+            m.conv_dim(),
+            m.num_heads,
+            m.head_dim,
+            m.state_size,
+            m.conv_kernel,
+        );
+        let (hpg, gs) = (m.heads_per_group(), m.n_groups * ns);
+        let (dt_min, dt_max) = (m.dt_min as f32, m.dt_max as f32);
+        let (xbc_in, dt_raw) = recurrence_in.split_at(cd);
+        simd::conv_step(&self.conv_w_t, &self.conv_b, conv, xbc_in, xbc);
+        if kk > 1 {
+            conv.copy_within(cd.., 0);
+            conv[(kk - 2) * cd..].copy_from_slice(xbc_in);
+        }
+        let (xs, bm, cm) = (&xbc[..inner], &xbc[inner..inner + gs], &xbc[inner + gs..]);
+        for head in 0..nh {
+            let dt = softplus(dt_raw[head] + self.dt_bias[head]).clamp(dt_min, dt_max);
+            let da = (dt * self.a[head]).exp();
+            let g = head / hpg;
+            let (b, c) = (&bm[g * ns..(g + 1) * ns], &cm[g * ns..(g + 1) * ns]);
+            let span = head * hd..(head + 1) * hd;
+            simd::ssm_head(
+                &mut ssm[head * hd * ns..(head + 1) * hd * ns],
+                da,
+                dt,
+                self.d[head],
+                &xs[span.clone()],
+                b,
+                c,
+                &mut y[span],
+            );
+        }
+    }
+
+    /// Drops the last `drop` tokens of the last call (made with `record`): the state goes back
+    /// to where that call started and the tokens it keeps are replayed, with the same
+    /// arithmetic as the call itself, so the state is what it was after them.
+    pub(super) fn rewind(&self, cache: &mut LayerCache, drop: usize) {
+        let LayerCache::Mamba {
+            conv,
+            ssm,
+            recorded,
+        } = cache
+        else {
+            unreachable!("Mamba block has a Mamba cache")
+        };
+        let Some(rec) = recorded.take() else {
+            assert_eq!(drop, 0, "rewind within the recorded call");
+            return;
+        };
+        if drop == 0 {
+            return;
+        }
+        let width = self.cfg.conv_dim() + self.cfg.num_heads;
+        let keep = (rec.inputs.len() / width)
+            .checked_sub(drop)
+            .expect("rewind within the recorded call");
+        conv.copy_from_slice(&rec.conv);
+        ssm.copy_from_slice(&rec.ssm);
+        let mut xbc = vec![0f32; self.cfg.conv_dim()];
+        let mut y = vec![0f32; self.cfg.inner()];
+        for token in rec.inputs.chunks_exact(width).take(keep) {
+            self.advance(conv, ssm, token, &mut xbc, &mut y);
+        }
     }
 }

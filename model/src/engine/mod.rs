@@ -40,7 +40,7 @@ pub use linear::LinearOp;
 pub use load::EngineOptions;
 
 use block::BlockW;
-use cache::{LayerCache, rewind_layers};
+use cache::LayerCache;
 use mtp::MtpW;
 use norm::rms_norm_rows;
 
@@ -132,8 +132,8 @@ impl Engine {
     }
 
     /// Runs a ragged batch: each sequence's `tokens` are appended to its cache. When `record`
-    /// is set, Mamba blocks remember their state after each token so that [`Engine::rewind`]
-    /// can drop a suffix (speculative decoding).
+    /// is set, Mamba blocks remember their state before the call and each token's inputs, so
+    /// that [`Engine::rewind`] can drop a suffix (speculative decoding) by replaying the rest.
     pub fn forward(
         &self,
         batch: &mut [StepInput],
@@ -246,7 +246,9 @@ impl Engine {
     /// run with `record`).
     pub fn rewind(&self, cache: &mut SequenceCache, drop: usize) {
         let new_len = cache.len - drop;
-        rewind_layers(&mut cache.layers, self.kv_width(), new_len, drop);
+        for (block, layer) in self.layers.iter().zip(&mut cache.layers) {
+            block.rewind(layer, new_len, drop);
+        }
         cache.len = new_len;
     }
 

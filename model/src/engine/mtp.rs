@@ -3,13 +3,19 @@
 //! own layers' caches inside each [`SequenceCache`].
 
 use super::block::BlockW;
-use super::cache::{LayerCache, rewind_layers};
+use super::cache::LayerCache;
 use super::linear::LinearOp;
 use super::load::Weights;
 use super::norm::rms_norm_rows;
 use super::{Engine, LogitsFor, SequenceCache};
 use crate::config::NemotronHConfig;
 use crate::error::{ModelError, Result};
+
+/// The MTP head's cache state before drafting (see [`Engine::mtp_mark`]).
+pub(super) struct MtpMark {
+    len: usize,
+    states: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+}
 
 /// The weights of the MTP head (`mtp.*`).
 pub(super) struct MtpW {
@@ -107,7 +113,55 @@ impl Engine {
     /// Drops the last `drop` positions of the MTP head's cache (`record` must have been set).
     pub fn mtp_rewind(&self, cache: &mut SequenceCache, drop: usize) {
         let new_len = cache.mtp_len - drop;
-        rewind_layers(&mut cache.mtp, self.kv_width(), new_len, drop);
+        if let Some(mtp) = &self.mtp {
+            for (block, layer) in mtp.layers.iter().zip(&mut cache.mtp) {
+                block.rewind(layer, new_len, drop);
+            }
+        }
         cache.mtp_len = new_len;
+    }
+
+    /// What drafting changes in the head's caches, so that [`Engine::mtp_restore`] can put it
+    /// back: attention caches are cut back to today's length (nothing copied), a Mamba layer's
+    /// fixed-size state is copied.
+    pub(super) fn mtp_mark(&self, cache: &SequenceCache) -> MtpMark {
+        MtpMark {
+            len: cache.mtp_len,
+            states: cache
+                .mtp
+                .iter()
+                .map(|l| match l {
+                    LayerCache::Mamba { conv, ssm, .. } => Some((conv.clone(), ssm.clone())),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts the head's caches back to `mark`.
+    pub(super) fn mtp_restore(&self, cache: &mut SequenceCache, mark: MtpMark) {
+        let width = self.kv_width();
+        for (layer, state) in cache.mtp.iter_mut().zip(mark.states) {
+            match (layer, state) {
+                (LayerCache::Attention { keys, values }, _) => {
+                    keys.truncate(mark.len * width);
+                    values.truncate(mark.len * width);
+                }
+                (
+                    LayerCache::Mamba {
+                        conv,
+                        ssm,
+                        recorded,
+                    },
+                    Some((c, s)),
+                ) => {
+                    *conv = c;
+                    *ssm = s;
+                    *recorded = None;
+                }
+                _ => {}
+            }
+        }
+        cache.mtp_len = mark.len;
     }
 }

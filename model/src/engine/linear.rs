@@ -102,6 +102,10 @@ impl LinearOp {
     }
 }
 
+/// Up to this many activation rows a projection runs as matrix-vector products that read each
+/// weight row once for all rows; above, as a GEMM.
+const GEMV_MAX_ROWS: usize = 4;
+
 /// Below this many weights a matrix-vector product stays on one thread.
 const PARALLEL_GEMV_MIN: usize = 1 << 18;
 
@@ -114,19 +118,26 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
     if rows == 0 || out_dim == 0 {
         return;
     }
-    if rows <= 2 {
-        // Matrix-vector: bandwidth-bound, one pass over the weights per row; large matrices
-        // are split by output rows over the pool, so that every core streams its share.
-        for (xr, yr) in x.chunks_exact(in_dim).zip(y.chunks_exact_mut(out_dim)) {
-            if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
-                use rayon::prelude::*;
-                let chunk = out_dim.div_ceil(rayon::current_num_threads() * 4).max(8);
-                yr.par_chunks_mut(chunk)
-                    .zip(w.par_chunks(chunk * in_dim))
-                    .for_each(|(yc, wc)| gemv(wc, in_dim, xr, yc));
-            } else {
-                gemv(w, in_dim, xr, yr);
-            }
+    if rows <= GEMV_MAX_ROWS {
+        // Matrix-vector products, bound by reading the weights: each weight row is read from
+        // memory once and multiplied with every activation row while it sits in L1 (a
+        // speculative verification pass of k+1 tokens then costs about one pass, not k+1).
+        // Large matrices are split by output rows over the pool, so every core streams its
+        // share. Each output is the same dot product whatever the row count or split.
+        if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            let chunk = out_dim.div_ceil(rayon::current_num_threads() * 4).max(8);
+            let starts: Vec<usize> = (0..out_dim).step_by(chunk).collect();
+            let out = SharedOut(y.as_mut_ptr());
+            starts.par_iter().for_each(|&o0| {
+                let o1 = (o0 + chunk).min(out_dim);
+                // SAFETY: tasks write disjoint output columns o0..o1 of each of the `rows`
+                // rows of `y` (row stride `out_dim`), all inside `y`.
+                unsafe { gemv_rows(w, in_dim, out_dim, x, rows, o0..o1, out.get()) };
+            });
+        } else {
+            // SAFETY: as above, one task writing every column.
+            unsafe { gemv_rows(w, in_dim, out_dim, x, rows, 0..out_dim, y.as_mut_ptr()) };
         }
         return;
     }
@@ -163,30 +174,81 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
     }
 }
 
-fn gemv(w: &[f32], in_dim: usize, x: &[f32], y: &mut [f32]) {
+/// The output pointer of a split matrix-vector product, shared by tasks that write disjoint
+/// elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks only write disjoint elements through it (see `gemv_rows`' callers).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `y[r, o] = W[o, :] . x[r, :]` for the outputs `o` in `outs` and every row `r < rows`.
+///
+/// # Safety
+///
+/// `y` points to `rows * out_dim` floats; no other thread writes columns `outs` meanwhile.
+unsafe fn gemv_rows(
+    w: &[f32],
+    in_dim: usize,
+    out_dim: usize,
+    x: &[f32],
+    rows: usize,
+    outs: std::ops::Range<usize>,
+    y: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { gemv_avx2(w, in_dim, x, y) };
+            // SAFETY: the CPU supports the features the function is compiled for; the caller
+            // keeps the output contract.
+            unsafe { gemv_rows_avx2(w, in_dim, out_dim, x, rows, outs, y) };
             return;
         }
     }
-    gemv_portable(w, in_dim, x, y);
+    // SAFETY: forwarded contract.
+    unsafe { gemv_rows_portable(w, in_dim, out_dim, x, rows, outs, y) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_avx2(w: &[f32], in_dim: usize, x: &[f32], y: &mut [f32]) {
-    gemv_portable(w, in_dim, x, y)
+unsafe fn gemv_rows_avx2(
+    w: &[f32],
+    in_dim: usize,
+    out_dim: usize,
+    x: &[f32],
+    rows: usize,
+    outs: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { gemv_rows_portable(w, in_dim, out_dim, x, rows, outs, y) }
 }
 
 /// Written with eight independent accumulators so the compiler vectorises it (AVX2 when
-/// inlined into [`gemv_avx2`]).
+/// inlined into [`gemv_rows_avx2`]).
 #[inline(always)]
-fn gemv_portable(w: &[f32], in_dim: usize, x: &[f32], y: &mut [f32]) {
-    for (wr, yo) in w.chunks_exact(in_dim).zip(y.iter_mut()) {
-        *yo = dot(wr, x);
+unsafe fn gemv_rows_portable(
+    w: &[f32],
+    in_dim: usize,
+    out_dim: usize,
+    x: &[f32],
+    rows: usize,
+    outs: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    for o in outs {
+        let wr = &w[o * in_dim..(o + 1) * in_dim];
+        for (r, xr) in x.chunks_exact(in_dim).take(rows).enumerate() {
+            // SAFETY: r < rows and o < out_dim, inside the caller's `rows * out_dim` floats.
+            unsafe { *y.add(r * out_dim + o) = dot(wr, xr) };
+        }
     }
 }
 
@@ -242,6 +304,8 @@ mod tests {
             // Large enough that one row's product is split over the pool.
             (1, 600, 512),
             (2, 1030, 300),
+            (4, 700, 400),
+            (3, 5, 17),
         ] {
             let w: Vec<f32> = (0..out * inp).map(|_| next()).collect();
             let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use chorus_learner::{LearnerConfig, LrSchedule, SftSequence, Trainer};
-use chorus_model::engine::{Engine, GenerationRequest};
+use chorus_model::engine::{Engine, GenerationRequest, LogitsFor, StepInput};
 use chorus_model::sampling::SamplingParams;
 use chorus_model::{NemotronHConfig, Params, checkpoint};
 
@@ -147,12 +147,44 @@ fn measure(label: &str, engine: &Engine, prompts: &[Vec<u32>], a: &Args) {
             n
         });
         println!(
-            "{label:<10} {:>6} {rate:>12.0} {:>11.0}% {:>9.2}x",
+            "{label:<10} {:>6} {rate:>12.0} {:>11.0}% {:>9.2}x   (a pass of {} tokens costs {:.2} passes of 1)",
             format!("k={k}"),
             100.0 * accepted as f64 / drafted.max(1) as f64,
-            rate / plain
+            rate / plain,
+            k + 1,
+            verification_cost(engine, &prompts[0], k)
         );
     }
+}
+
+/// What one verification pass of `k + 1` tokens (recorded, then all drafts rewound) costs
+/// in plain one-token passes, on a cache that holds a prompt: speculation pays only when this
+/// is well below `1 + accepted drafts per round`.
+fn verification_cost(engine: &Engine, prompt: &[u32], k: usize) -> f64 {
+    let pass = |cache: &mut chorus_model::engine::SequenceCache, tokens: &[u32], which, record| {
+        engine
+            .forward(&mut [StepInput { cache, tokens }], which, record)
+            .unwrap();
+    };
+    let mut cache = engine.new_cache();
+    pass(&mut cache, prompt, LogitsFor::Last, false);
+    let reps = 20;
+    let (one, verify): (Vec<u32>, Vec<u32>) = (vec![prompt[0]], vec![prompt[0]; k + 1]);
+    let mut best = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            pass(&mut cache, &one, LogitsFor::Last, false);
+        }
+        best.0 = best.0.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..reps {
+            pass(&mut cache, &verify, LogitsFor::All, true);
+            engine.rewind(&mut cache, k);
+        }
+        best.1 = best.1.min(t.elapsed().as_secs_f64());
+    }
+    best.1 / best.0
 }
 
 fn main() {

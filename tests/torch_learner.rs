@@ -267,11 +267,7 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
     std::io::BufReader::new(learner.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    let learner_url = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the learner printed {first:?}"))
-        .to_string();
+    let learner_url = listening_url(&first, "the PyTorch learner");
     assert!(learner_url.starts_with("https://"), "{learner_url}");
     let _worker = h.service(
         &[

@@ -9,13 +9,14 @@
 //! continuous batching (`max_batch` = the batch size), so a batch of 64 keeps 64 sequences in
 //! flight. Prints the CPU and the instruction set the kernels dispatch to.
 
+mod support;
+
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::Device;
-use chorus_model::engine::{Engine, EngineOptions, GenerationRequest, Nvfp4Policy};
-use chorus_model::sampling::SamplingParams;
+use chorus_model::engine::{Engine, EngineOptions, Nvfp4Policy};
 use chorus_model::{NemotronHConfig, checkpoint};
+use support::tokens_per_second;
 
 struct Args {
     model: PathBuf,
@@ -95,38 +96,6 @@ fn parse_args() -> Args {
     args
 }
 
-fn request(i: usize, prompt: usize, n: usize, vocab: usize) -> GenerationRequest {
-    let prompt = (0..prompt)
-        .map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32)
-        .collect();
-    GenerationRequest {
-        prompt,
-        max_new_tokens: n,
-        sampling: SamplingParams::greedy(),
-        seed: i as u64,
-        stop_tokens: vec![],
-    }
-}
-
-fn rate(engine: &Engine, batch: usize, a: &Args) -> f64 {
-    let v = engine.vocab_size();
-    let reqs: Vec<_> = (0..batch)
-        .map(|i| request(i, a.prompt, a.new_tokens, v))
-        .collect();
-    (0..a.repeats)
-        .map(|_| {
-            let t = Instant::now();
-            let tokens: usize = engine
-                .generate_batch(&reqs, batch)
-                .unwrap()
-                .iter()
-                .map(|g| g.tokens.len())
-                .sum();
-            tokens as f64 / t.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
-}
-
 fn main() {
     let a = parse_args();
     let cfg = NemotronHConfig::from_file(&a.model)
@@ -151,14 +120,14 @@ fn main() {
             ..Default::default()
         };
         let engine = Engine::from_tensors_with(&cfg, &tensors, &opts).unwrap();
-        let mut base = None;
+        let mut batch1 = None;
         for &b in &a.batches {
-            let r = rate(&engine, b, &a);
-            let base = *base.get_or_insert(if b == 1 { r } else { f64::NAN });
-            println!(
-                "{precision:<10} {b:>6} {r:>12.0} {:>13.2}x",
-                if base.is_nan() { f64::NAN } else { r / base }
-            );
+            let r = tokens_per_second(&engine, b, a.prompt, a.new_tokens, a.repeats);
+            if b == 1 {
+                batch1 = Some(r);
+            }
+            let ratio = batch1.map_or(format!("{:>14}", "-"), |b1| format!("{:>13.2}x", r / b1));
+            println!("{precision:<10} {b:>6} {r:>12.0} {ratio}");
         }
     }
 }

@@ -7,43 +7,14 @@
 //! projections quantized to NVFP4 on load (embeddings, lm_head, router gates and norms stay f32),
 //! plus the bytes of projection weights each decode step reads.
 
+mod support;
+
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::Device;
-use chorus_model::engine::{Engine, EngineOptions, GenerationRequest, Nvfp4Policy};
-use chorus_model::sampling::SamplingParams;
+use chorus_model::engine::{Engine, EngineOptions, Nvfp4Policy};
 use chorus_model::{NemotronHConfig, checkpoint};
-
-fn request(i: usize, n: usize, vocab: usize) -> GenerationRequest {
-    let prompt = (0..16)
-        .map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32)
-        .collect();
-    GenerationRequest {
-        prompt,
-        max_new_tokens: n,
-        sampling: SamplingParams::greedy(),
-        seed: 0,
-        stop_tokens: vec![],
-    }
-}
-
-fn rate(engine: &Engine, batch: usize, n: usize) -> f64 {
-    let v = engine.vocab_size();
-    let reqs: Vec<_> = (0..batch).map(|i| request(i, n, v)).collect();
-    (0..2)
-        .map(|_| {
-            let t = Instant::now();
-            let tokens: usize = engine
-                .generate_batch(&reqs, batch)
-                .unwrap()
-                .iter()
-                .map(|g| g.tokens.len())
-                .sum();
-            tokens as f64 / t.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
-}
+use support::tokens_per_second;
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -64,7 +35,10 @@ fn main() {
         let q = Engine::from_tensors_with(&cfg, &tensors, &opts).unwrap();
         let mib = |e: &Engine| e.weight_bytes() as f64 / (1 << 20) as f64;
         for (batch, n) in [(1, 64), (16, 32)] {
-            let (a, b) = (rate(&dense, batch, n), rate(&q, batch, n));
+            let (a, b) = (
+                tokens_per_second(&dense, batch, 16, n, 2),
+                tokens_per_second(&q, batch, 16, n, 2),
+            );
             println!(
                 "{name:<12} {:>10} {batch:>8} {a:>12.0} {b:>12.0} {:>7.2}x {:>14.1} {:>14.1}",
                 params.num_elements(),

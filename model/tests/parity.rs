@@ -69,17 +69,17 @@ fn greedy_generation_reproduces_hf() {
     assert_eq!(generation.tokens, want[prompt.len()..]);
 }
 
-/// Feeds ragged sequences in pieces of varying size (prompt chunks, single tokens), with
-/// sequences joining and leaving the batch, and compares every logit with the full forward.
-fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model::Params) {
+/// Runs `schedule` (per step, which sequences advance by how many tokens) through the engine
+/// and returns how far each sequence got and the largest difference of any logit from the full
+/// forward of its sequence alone.
+fn run_schedule(
+    cfg: &chorus_model::NemotronHConfig,
+    params: &chorus_model::Params,
+    seqs: &[Vec<u32>],
+    schedule: &[Vec<(usize, usize)>],
+) -> (Vec<usize>, f32) {
     let model = NemotronH::new(cfg, params).unwrap();
     let engine = Engine::from_params(cfg, params).unwrap();
-    let seqs: Vec<Vec<u32>> = vec![
-        (0..13).map(|i| (i * 7 + 3) % 40).collect(),
-        (0..5).map(|i| (i * 11 + 1) % 40).collect(),
-        (0..9).map(|i| (i * 5 + 17) % 40).collect(),
-    ];
-    // Full-forward reference, one sequence at a time.
     let full: Vec<Vec<f32>> = seqs
         .iter()
         .map(|s| {
@@ -97,15 +97,6 @@ fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model:
         })
         .collect();
     let v = cfg.vocab_size;
-    // Schedule: (sequence, how many tokens) per step; sequence 2 joins late, 1 leaves early.
-    let schedule: Vec<Vec<(usize, usize)>> = vec![
-        vec![(0, 4), (1, 2)],
-        vec![(0, 1), (1, 1)],
-        vec![(0, 1), (1, 2), (2, 6)],
-        vec![(0, 3), (2, 1)],
-        vec![(0, 1), (2, 2)],
-        vec![(0, 3)],
-    ];
     let mut caches: Vec<_> = seqs.iter().map(|_| engine.new_cache()).collect();
     let mut pos = vec![0usize; seqs.len()];
     let mut worst = 0f32;
@@ -113,7 +104,7 @@ fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model:
         let mut cache_refs: Vec<Option<&mut chorus_model::engine::SequenceCache>> =
             caches.iter_mut().map(Some).collect();
         let mut batch = vec![];
-        for &(s, n) in &step {
+        for &(s, n) in step {
             batch.push(StepInput {
                 cache: cache_refs[s].take().unwrap(),
                 tokens: &seqs[s][pos[s]..pos[s] + n],
@@ -130,6 +121,27 @@ fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model:
             pos[s] += n;
         }
     }
+    (pos, worst)
+}
+
+/// Feeds ragged sequences in pieces of varying size (prompt chunks, single tokens), with
+/// sequences joining and leaving the batch, and compares every logit with the full forward.
+fn check_incremental(cfg: &chorus_model::NemotronHConfig, params: &chorus_model::Params) {
+    let seqs: Vec<Vec<u32>> = vec![
+        (0..13).map(|i| (i * 7 + 3) % 40).collect(),
+        (0..5).map(|i| (i * 11 + 1) % 40).collect(),
+        (0..9).map(|i| (i * 5 + 17) % 40).collect(),
+    ];
+    // Schedule: (sequence, how many tokens) per step; sequence 2 joins late, 1 leaves early.
+    let schedule: Vec<Vec<(usize, usize)>> = vec![
+        vec![(0, 4), (1, 2)],
+        vec![(0, 1), (1, 1)],
+        vec![(0, 1), (1, 2), (2, 6)],
+        vec![(0, 3), (2, 1)],
+        vec![(0, 1), (2, 2)],
+        vec![(0, 3)],
+    ];
+    let (pos, worst) = run_schedule(cfg, params, &seqs, &schedule);
     assert_eq!(pos, vec![13, 5, 9]);
     assert!(worst <= 1e-4, "incremental vs full: max abs error {worst}");
 }
@@ -167,9 +179,6 @@ fn a_wide_ragged_batch_matches_the_full_forward() {
     )
     .unwrap();
     let params = random_params(&cfg, 5);
-    let model = NemotronH::new(&cfg, &params).unwrap();
-    let engine = Engine::from_params(&cfg, &params).unwrap();
-    let v = cfg.vocab_size;
     let seqs: Vec<Vec<u32>> = (0..24)
         .map(|s| {
             (0..10 + s % 9)
@@ -177,59 +186,29 @@ fn a_wide_ragged_batch_matches_the_full_forward() {
                 .collect()
         })
         .collect();
-    let full: Vec<Vec<f32>> = seqs
-        .iter()
-        .map(|s| {
-            let ids = Tensor::new(s.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            model
-                .forward(&ids)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect();
-    let mut caches: Vec<_> = seqs.iter().map(|_| engine.new_cache()).collect();
+    // First a prompt chunk of 1 to 8 tokens, then 1 to 3 tokens per step, until each is done.
+    let mut schedule: Vec<Vec<(usize, usize)>> = vec![];
     let mut pos = vec![0usize; seqs.len()];
-    let (mut worst, mut steps) = (0f32, 0);
     while pos.iter().zip(&seqs).any(|(p, s)| *p < s.len()) {
-        // First a prompt chunk of 1 to 8 tokens, then 1 to 3 tokens per step.
-        let take = |s: usize, p: usize| {
-            let want = if p == 0 {
-                1 + s % 8
-            } else {
-                1 + (s + steps) % 3
-            };
-            want.min(seqs[s].len() - p)
-        };
-        let members: Vec<(usize, usize)> = (0..seqs.len())
+        let steps = schedule.len();
+        let step: Vec<(usize, usize)> = (0..seqs.len())
             .filter(|&s| pos[s] < seqs[s].len())
-            .map(|s| (s, take(s, pos[s])))
-            .collect();
-        let mut refs: Vec<Option<&mut chorus_model::engine::SequenceCache>> =
-            caches.iter_mut().map(Some).collect();
-        let mut batch: Vec<StepInput> = members
-            .iter()
-            .map(|&(s, n)| StepInput {
-                cache: refs[s].take().unwrap(),
-                tokens: &seqs[s][pos[s]..pos[s] + n],
+            .map(|s| {
+                let want = if pos[s] == 0 {
+                    1 + s % 8
+                } else {
+                    1 + (s + steps) % 3
+                };
+                (s, want.min(seqs[s].len() - pos[s]))
             })
             .collect();
-        let out = engine.forward(&mut batch, LogitsFor::All, false).unwrap();
-        for (slot, &(s, n)) in members.iter().enumerate() {
-            for i in 0..n {
-                let row = out.logit_rows[slot].start + i;
-                let want = &full[s][(pos[s] + i) * v..(pos[s] + i + 1) * v];
-                worst = worst.max(max_abs_diff(&out.logits[row * v..(row + 1) * v], want));
-            }
+        for &(s, n) in &step {
             pos[s] += n;
         }
-        steps += 1;
+        schedule.push(step);
     }
+    let steps = schedule.len();
+    let (_, worst) = run_schedule(&cfg, &params, &seqs, &schedule);
     assert!(
         steps >= 6,
         "the schedule decodes over several steps ({steps})"

@@ -176,6 +176,15 @@ impl Drop for Service {
     }
 }
 
+/// The URL of a service's `listening on URL` line; `who` names the service if the line is
+/// something else.
+pub fn listening_url(line: &str, who: &str) -> String {
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{who} printed {line:?} instead of `listening on URL`"))
+        .to_string()
+}
+
 impl Harness {
     /// Starts `chorus ARGS…` in the background and waits for its `listening on URL` line.
     pub fn service(&self, args: &[&str]) -> Service {
@@ -188,13 +197,7 @@ impl Harness {
         args: &[&str],
     ) -> (Service, std::io::BufReader<std::process::ChildStdout>) {
         let (child, line, stdout) = self.background(args);
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
-            })
-            .to_string();
+        let url = listening_url(&line, &format!("chorus {args:?}"));
         (Service { child, url }, stdout)
     }
 
@@ -223,13 +226,7 @@ impl Harness {
     ) -> (Service, std::io::BufReader<std::process::ChildStdout>) {
         let log = std::fs::File::create(self.path(stderr)).expect("create the log file");
         let (child, line, stdout) = self.background_with(args, env, log.into());
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!("chorus {args:?} printed {line:?} instead of `listening on URL`")
-            })
-            .to_string();
+        let url = listening_url(&line, &format!("chorus {args:?}"));
         (Service { child, url }, stdout)
     }
 
@@ -394,10 +391,6 @@ pub fn python_plugin(python: &str, example: &str, args: &[&str], dir: Option<&Pa
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the plugin printed {line:?} instead of `listening on URL`"))
-        .to_string();
+    let url = listening_url(&line, "the plugin");
     Service { child, url }
 }

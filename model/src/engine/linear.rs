@@ -3,6 +3,8 @@
 
 use chorus_kernels::{CpuGemm, Nvfp4Tensor};
 
+use super::simd;
+
 /// A bias-free projection `y = x Wᵀ`, `W: [out, in]` row-major as in HF checkpoints.
 #[derive(Clone, Debug)]
 pub enum LinearOp {
@@ -124,20 +126,30 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
         // speculative verification pass of k+1 tokens then costs about one pass, not k+1).
         // Large matrices are split by output rows over the pool, so every core streams its
         // share. Each output is the same dot product whatever the row count or split.
+        // `simd::gemv_rows` writes output-major (`[out, rows]`), which for one row is `y`.
+        let mut transposed = vec![];
+        let out_major: &mut [f32] = if rows == 1 {
+            &mut *y
+        } else {
+            transposed.resize(out_dim * rows, 0.0);
+            &mut transposed
+        };
         if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
             use rayon::prelude::*;
             let chunk = out_dim.div_ceil(rayon::current_num_threads() * 4).max(8);
-            let starts: Vec<usize> = (0..out_dim).step_by(chunk).collect();
-            let out = SharedOut(y.as_mut_ptr());
-            starts.par_iter().for_each(|&o0| {
-                let o1 = (o0 + chunk).min(out_dim);
-                // SAFETY: tasks write disjoint output columns o0..o1 of each of the `rows`
-                // rows of `y` (row stride `out_dim`), all inside `y`.
-                unsafe { gemv_rows(w, in_dim, out_dim, x, rows, o0..o1, out.get()) };
-            });
+            out_major
+                .par_chunks_mut(chunk * rows)
+                .zip(w.par_chunks(chunk * in_dim))
+                .for_each(|(yc, wc)| simd::gemv_rows(wc, in_dim, x, yc));
         } else {
-            // SAFETY: as above, one task writing every column.
-            unsafe { gemv_rows(w, in_dim, out_dim, x, rows, 0..out_dim, y.as_mut_ptr()) };
+            simd::gemv_rows(w, in_dim, x, out_major);
+        }
+        if rows > 1 {
+            for (o, outs) in transposed.chunks_exact(rows).enumerate() {
+                for (r, &v) in outs.iter().enumerate() {
+                    y[r * out_dim + o] = v;
+                }
+            }
         }
         return;
     }
@@ -172,103 +184,6 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
             parallelism,
         );
     }
-}
-
-/// The output pointer of a split matrix-vector product, shared by tasks that write disjoint
-/// elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks only write disjoint elements through it (see `gemv_rows`' callers).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `y[r, o] = W[o, :] . x[r, :]` for the outputs `o` in `outs` and every row `r < rows`.
-///
-/// # Safety
-///
-/// `y` points to `rows * out_dim` floats; no other thread writes columns `outs` meanwhile.
-unsafe fn gemv_rows(
-    w: &[f32],
-    in_dim: usize,
-    out_dim: usize,
-    x: &[f32],
-    rows: usize,
-    outs: std::ops::Range<usize>,
-    y: *mut f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for; the caller
-            // keeps the output contract.
-            unsafe { gemv_rows_avx2(w, in_dim, out_dim, x, rows, outs, y) };
-            return;
-        }
-    }
-    // SAFETY: forwarded contract.
-    unsafe { gemv_rows_portable(w, in_dim, out_dim, x, rows, outs, y) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_rows_avx2(
-    w: &[f32],
-    in_dim: usize,
-    out_dim: usize,
-    x: &[f32],
-    rows: usize,
-    outs: std::ops::Range<usize>,
-    y: *mut f32,
-) {
-    // SAFETY: forwarded contract.
-    unsafe { gemv_rows_portable(w, in_dim, out_dim, x, rows, outs, y) }
-}
-
-/// Written with eight independent accumulators so the compiler vectorises it (AVX2 when
-/// inlined into [`gemv_rows_avx2`]).
-#[inline(always)]
-unsafe fn gemv_rows_portable(
-    w: &[f32],
-    in_dim: usize,
-    out_dim: usize,
-    x: &[f32],
-    rows: usize,
-    outs: std::ops::Range<usize>,
-    y: *mut f32,
-) {
-    for o in outs {
-        let wr = &w[o * in_dim..(o + 1) * in_dim];
-        for (r, xr) in x.chunks_exact(in_dim).take(rows).enumerate() {
-            // SAFETY: r < rows and o < out_dim, inside the caller's `rows * out_dim` floats.
-            unsafe { *y.add(r * out_dim + o) = dot(wr, xr) };
-        }
-    }
-}
-
-/// Dot product with eight lanes of accumulation.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 #[cfg(test)]

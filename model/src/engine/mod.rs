@@ -292,14 +292,25 @@ fn split_rows_mut<'a>(
     parts
 }
 
-/// Runs `f` on every sequence's share of a block's per-sequence work: on the rayon pool when
-/// there are several sequences and `work` multiply-adds in all, else in order on this thread.
-/// Each call of `f` touches only its own sequence, so results do not depend on the choice.
+/// Runs `f` on every sequence's share of a block's per-sequence work (`work` multiply-adds in
+/// all); see [`map_tasks`].
 fn for_each_sequence<T: Send>(items: Vec<T>, work: usize, f: impl Fn(T) + Sync + Send) {
+    map_tasks(items, work, PARALLEL_SEQUENCE_WORK, f);
+}
+
+/// `f` of every item, in item order: on the rayon pool when there are several items and
+/// `work` reaches `min_work`, else in order on this thread. Each call of `f` must touch only
+/// its own item's data, so results do not depend on the choice.
+fn map_tasks<T: Send, R: Send>(
+    items: Vec<T>,
+    work: usize,
+    min_work: usize,
+    f: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
     use rayon::prelude::*;
-    if items.len() > 1 && work >= PARALLEL_SEQUENCE_WORK && rayon::current_num_threads() > 1 {
-        items.into_par_iter().for_each(f);
+    if items.len() > 1 && work >= min_work && rayon::current_num_threads() > 1 {
+        items.into_par_iter().map(f).collect()
     } else {
-        items.into_iter().for_each(f);
+        items.into_iter().map(f).collect()
     }
 }

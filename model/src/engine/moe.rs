@@ -3,6 +3,7 @@
 
 use super::linear::LinearOp;
 use super::load::Weights;
+use super::map_tasks;
 use super::simd;
 use crate::config::{MoeConfig, NemotronHConfig};
 use crate::error::Result;
@@ -147,7 +148,7 @@ impl MoeW {
             .enumerate()
             .filter(|(_, list)| !list.is_empty())
             .collect();
-        let run_expert = |&(e, list): &(usize, &Vec<(usize, f32)>)| {
+        let run_expert = |(e, list): (usize, &Vec<(usize, f32)>)| {
             let mut xin = Vec::with_capacity(list.len() * width);
             for &(r, _) in list {
                 xin.extend_from_slice(&latent_in[r * width..(r + 1) * width]);
@@ -157,13 +158,7 @@ impl MoeW {
             yexp
         };
         let work = rows * m.top_k * width * m.expert_dim;
-        let outputs: Vec<Vec<f32>> =
-            if busy.len() > 1 && work >= PARALLEL_EXPERT_WORK && rayon::current_num_threads() > 1 {
-                use rayon::prelude::*;
-                busy.par_iter().map(run_expert).collect()
-            } else {
-                busy.iter().map(run_expert).collect()
-            };
+        let outputs = map_tasks(busy.clone(), work, PARALLEL_EXPERT_WORK, run_expert);
         let mut acc = vec![0f32; rows * width];
         for ((_, list), yexp) in busy.iter().zip(&outputs) {
             for (i, &(r, w)) in list.iter().enumerate() {

@@ -1,6 +1,6 @@
-//! The engine's per-sequence inner loops (SSM update, causal conv, attention), written so the
-//! compiler vectorises them, and compiled twice: for AVX2/FMA, chosen at run time, and for the
-//! baseline target. The SSM update also has an AVX-512 kernel of its own (see [`ssm_head`]).
+//! The engine's inner loops (SSM update, causal conv, attention, small-batch matrix-vector
+//! products), written so the compiler vectorises them, and compiled twice: for AVX2/FMA, chosen
+//! at run time, and for the baseline target. The SSM update also has an AVX-512 kernel of its own (see [`ssm_head`]).
 
 /// Runs `$body` compiled with AVX2+FMA when the CPU has them, otherwise the portable build.
 macro_rules! dispatch {
@@ -177,6 +177,20 @@ dispatch! {
             let v = &values[t * stride + offset..t * stride + offset + hd];
             for (o, &vv) in out.iter_mut().zip(v) {
                 *o += p * vv;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// `y[o, r] = w[o, :] . x[r, :]` for the weight rows `w` (`[m, k]`) and activation rows `x`
+    /// (`[rows, k]`), output-major: each weight row is read once, for every activation row
+    /// while it sits in L1.
+    fn gemv_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+        let rows = x.len() / k;
+        for (wr, yo) in w.chunks_exact(k).zip(y.chunks_exact_mut(rows)) {
+            for (xr, v) in x.chunks_exact(k).zip(yo.iter_mut()) {
+                *v = dot8(wr, xr);
             }
         }
     }

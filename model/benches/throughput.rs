@@ -10,10 +10,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::Device;
 use chorus_model::engine::{Engine, GenerationRequest};
 use chorus_model::sampling::SamplingParams;
 use chorus_model::{NemotronH, NemotronHConfig, Params, checkpoint};
+
+#[path = "support/training.rs"]
+mod training_support;
+use training_support::{training_batch, training_tokens_per_second};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -83,27 +87,7 @@ fn bench_model(name: &str, cfg: &NemotronHConfig, params: &Params, quick: bool) 
         return;
     }
     let model = NemotronH::new(cfg, params).unwrap();
-    let (batch, seq) = (8, 64);
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|i| ((i * 13 + 5) % (v - 3) + 3) as u32)
-        .collect();
-    let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu).unwrap();
-    let train = best_rate(reps, || {
-        let logits = model.forward(&ids).unwrap();
-        let l = logits
-            .narrow(1, 0, seq - 1)
-            .unwrap()
-            .reshape(((), v))
-            .unwrap();
-        let loss = candle_nn::loss::cross_entropy(
-            &l,
-            &ids.narrow(1, 1, seq - 1).unwrap().flatten_all().unwrap(),
-        )
-        .unwrap();
-        let _ = loss.backward().unwrap();
-        let _ = logits.dim(D::Minus1);
-        batch * seq
-    });
+    let train = training_tokens_per_second(&model, &training_batch(8, 64, v), reps);
     println!(
         "{name:<12} {:>9} {:>12.0} {:>12.0} {spec} {:>14.0}",
         params.num_elements(),

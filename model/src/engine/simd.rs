@@ -182,18 +182,112 @@ dispatch! {
     }
 }
 
-dispatch! {
-    /// `y[o, r] = w[o, :] . x[r, :]` for the weight rows `w` (`[m, k]`) and activation rows `x`
-    /// (`[rows, k]`), output-major: each weight row is read once, for every activation row
-    /// while it sits in L1.
-    fn gemv_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
-        let rows = x.len() / k;
-        for (wr, yo) in w.chunks_exact(k).zip(y.chunks_exact_mut(rows)) {
-            for (xr, v) in x.chunks_exact(k).zip(yo.iter_mut()) {
-                *v = dot8(wr, xr);
-            }
+/// `y[o, r] = w[o, :] . x[r, :]` for the weight rows `w` (`[m, k]`) and activation rows `x`
+/// (`[rows, k]`), output-major: each weight row is read once, for every activation row while
+/// it sits in L1. Every output is one [`dot_stream`] of the same two rows, whatever `rows` is.
+pub fn gemv_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    let rows = x.len() / k;
+    for (wr, yo) in w.chunks_exact(k).zip(y.chunks_exact_mut(rows)) {
+        for (xr, v) in x.chunks_exact(k).zip(yo.iter_mut()) {
+            *v = dot_stream(wr, xr);
         }
     }
+}
+
+/// A dot product for rows streamed from memory: four independent vector accumulators with
+/// fused multiply-adds (AVX-512 or AVX2, chosen at run time), so a 512-wide weight row is bound
+/// by its loads rather than by the latency of one chain of additions.
+#[inline]
+pub fn dot_stream(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_available() {
+            // SAFETY: the CPU has AVX-512F; the lengths are equal.
+            return unsafe { dot_stream_avx512(a, b) };
+        }
+        if avx2_fma_available() {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths are equal.
+            return unsafe { dot_stream_avx2(a, b) };
+        }
+    }
+    dot8(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_stream_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads): i + 16 * (j + 1) <= n = a.len() = b.len().
+    while i + 64 <= n {
+        for (j, s) in acc.iter_mut().enumerate() {
+            let at = i + 16 * j;
+            *s = unsafe {
+                _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(at)), _mm512_loadu_ps(pb.add(at)), *s)
+            };
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc[0] = unsafe {
+            _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i)),
+                _mm512_loadu_ps(pb.add(i)),
+                acc[0],
+            )
+        };
+        i += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum) + dot8(&a[i..], &b[i..])
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_stream_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads): i + 8 * (j + 1) <= n = a.len() = b.len().
+    while i + 32 <= n {
+        for (j, s) in acc.iter_mut().enumerate() {
+            let at = i + 8 * j;
+            *s = unsafe {
+                _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(at)), _mm256_loadu_ps(pb.add(at)), *s)
+            };
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = unsafe {
+            _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            )
+        };
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    let mut lanes = [0f32; 4];
+    // SAFETY: `lanes` holds four f32.
+    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), half) };
+    lanes.iter().sum::<f32>() + dot8(&a[i..], &b[i..])
 }
 
 dispatch! {
@@ -230,6 +324,42 @@ mod tests {
                 row.iter().zip(c).map(|(s, cv)| s * cv).sum::<f64>() + d * xv
             })
             .collect()
+    }
+
+    #[test]
+    fn every_dot_product_path_matches_the_definition_at_every_tail_length() {
+        let mut seed = 11u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for n in [0, 1, 7, 8, 15, 16, 31, 33, 63, 64, 65, 100, 130, 512, 1030] {
+            let a: Vec<f32> = (0..n).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let tolerance = 1e-5 * (n as f64).sqrt().max(1.0);
+            let mut paths: Vec<(&str, f32)> = vec![
+                ("dispatched", dot_stream(&a, &b)),
+                ("portable", dot8(&a, &b)),
+            ];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2_fma_available() {
+                    // SAFETY: the CPU has AVX2 and FMA; the lengths are equal.
+                    paths.push(("avx2", unsafe { dot_stream_avx2(&a, &b) }));
+                }
+                if avx512_available() {
+                    // SAFETY: the CPU has AVX-512F; the lengths are equal.
+                    paths.push(("avx512", unsafe { dot_stream_avx512(&a, &b) }));
+                }
+            }
+            for (path, got) in paths {
+                assert!(
+                    (got as f64 - exact).abs() <= tolerance,
+                    "{path} at length {n}: {got} against {exact}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub enum LinearOp {
 }
 
 /// Below this many weights one thread is faster than several.
-const NVFP4_PARALLEL_MIN: usize = 1 << 20;
+const NVFP4_PARALLEL_MIN: usize = 1 << 13;
 
 impl LinearOp {
     /// A dense projection from a row-major `[out_dim, in_dim]` weight.
@@ -108,8 +108,10 @@ impl LinearOp {
 /// weight row once for all rows; above, as a GEMM.
 const GEMV_MAX_ROWS: usize = 4;
 
-/// Below this many weights a matrix-vector product stays on one thread.
-const PARALLEL_GEMV_MIN: usize = 1 << 18;
+/// Below this many weights a matrix-vector product stays on one thread. Low for the reason
+/// `NVFP4_PARALLEL_MIN` is: at 1 << 18 the experts, latent and key/value projections of
+/// small-d512 ran on one core and f32 batch 1 was about 1.5x slower.
+const PARALLEL_GEMV_MIN: usize = 1 << 12;
 
 /// Below this many multiply-adds a single thread beats spawning work.
 const PARALLEL_MIN_WORK: usize = 1 << 20;

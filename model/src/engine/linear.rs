@@ -108,6 +108,10 @@ impl LinearOp {
 /// weight row once for all rows; above, as a GEMM.
 const GEMV_MAX_ROWS: usize = 4;
 
+/// Up to this many activation rows a projection runs on `simd::gemm_rows` where the CPU has
+/// AVX-512; above, on the GEMM library.
+const TILED_MAX_ROWS: usize = 32;
+
 /// Below this many weights a matrix-vector product stays on one thread. Low for the reason
 /// `NVFP4_PARALLEL_MIN` is: at 1 << 18 the experts, latent and key/value projections of
 /// small-d512 ran on one core and f32 batch 1 was about 1.5x slower.
@@ -115,6 +119,48 @@ const PARALLEL_GEMV_MIN: usize = 1 << 12;
 
 /// Below this many multiply-adds a single thread beats spawning work.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// Runs `kernel` (which writes output-major, `[out, rows]`) over the weight rows, split over
+/// the pool for large matrices, and puts the result in `y` (`[rows, out]`).
+fn out_major_rows(
+    kernel: fn(&[f32], usize, &[f32], &mut [f32]),
+    w: &[f32],
+    out_dim: usize,
+    in_dim: usize,
+    x: &[f32],
+    rows: usize,
+    y: &mut [f32],
+) {
+    // For one row, output-major is `y` itself.
+    let mut transposed = vec![];
+    let out_major: &mut [f32] = if rows == 1 {
+        &mut *y
+    } else {
+        transposed.resize(out_dim * rows, 0.0);
+        &mut transposed
+    };
+    if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        // Multiples of 4 weight rows, the tiled kernel's tile.
+        let chunk = out_dim
+            .div_ceil(rayon::current_num_threads() * 4)
+            .max(8)
+            .next_multiple_of(4);
+        out_major
+            .par_chunks_mut(chunk * rows)
+            .zip(w.par_chunks(chunk * in_dim))
+            .for_each(|(yc, wc)| kernel(wc, in_dim, x, yc));
+    } else {
+        kernel(w, in_dim, x, out_major);
+    }
+    if rows > 1 {
+        for (o, outs) in transposed.chunks_exact(rows).enumerate() {
+            for (r, &v) in outs.iter().enumerate() {
+                y[r * out_dim + o] = v;
+            }
+        }
+    }
+}
 
 fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
     debug_assert_eq!(x.len(), rows * in_dim);
@@ -126,33 +172,14 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
         // Matrix-vector products, bound by reading the weights: each weight row is read from
         // memory once and multiplied with every activation row while it sits in L1 (a
         // speculative verification pass of k+1 tokens then costs about one pass, not k+1).
-        // Large matrices are split by output rows over the pool, so every core streams its
-        // share. Each output is the same dot product whatever the row count or split.
-        // `simd::gemv_rows` writes output-major (`[out, rows]`), which for one row is `y`.
-        let mut transposed = vec![];
-        let out_major: &mut [f32] = if rows == 1 {
-            &mut *y
-        } else {
-            transposed.resize(out_dim * rows, 0.0);
-            &mut transposed
-        };
-        if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
-            use rayon::prelude::*;
-            let chunk = out_dim.div_ceil(rayon::current_num_threads() * 4).max(8);
-            out_major
-                .par_chunks_mut(chunk * rows)
-                .zip(w.par_chunks(chunk * in_dim))
-                .for_each(|(yc, wc)| simd::gemv_rows(wc, in_dim, x, yc));
-        } else {
-            simd::gemv_rows(w, in_dim, x, out_major);
-        }
-        if rows > 1 {
-            for (o, outs) in transposed.chunks_exact(rows).enumerate() {
-                for (r, &v) in outs.iter().enumerate() {
-                    y[r * out_dim + o] = v;
-                }
-            }
-        }
+        // Each output is the same dot product whatever the row count or split.
+        out_major_rows(simd::gemv_rows, w, out_dim, in_dim, x, rows, y);
+        return;
+    }
+    if rows <= TILED_MAX_ROWS && simd::gemm_rows_supported() {
+        // A few rows (a batch of 16, the tokens routed to one expert at batch 64): tiles read
+        // straight from the weights, without the GEMM library's packing.
+        out_major_rows(simd::gemm_rows, w, out_dim, in_dim, x, rows, y);
         return;
     }
     let work = rows * out_dim * in_dim;
@@ -205,6 +232,30 @@ mod tests {
     }
 
     #[test]
+    fn the_tiled_kernel_gives_a_row_the_same_bits_whatever_rows_share_the_call() {
+        if !simd::gemm_rows_supported() {
+            eprintln!("no AVX-512 on this CPU: the tiled kernel does not run here");
+            return;
+        }
+        let (out, inp) = (11, 70);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..32 * inp)
+            .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let mut alone = vec![0f32; out * 5];
+        simd::gemm_rows(&w, inp, &x[..5 * inp], &mut alone);
+        let mut together = vec![0f32; out * 32];
+        simd::gemm_rows(&w, inp, &x, &mut together);
+        for o in 0..out {
+            for r in 0..5 {
+                assert_eq!(alone[o * 5 + r].to_bits(), together[o * 32 + r].to_bits());
+            }
+        }
+    }
+
+    #[test]
     fn dense_matches_reference_for_many_shapes() {
         let mut seed = 7u32;
         let mut next = || {
@@ -223,6 +274,14 @@ mod tests {
             (2, 1030, 300),
             (4, 700, 400),
             (3, 5, 17),
+            // The tiled path (5-32 rows, on AVX-512): edges of the 4x4 tile in both
+            // directions, a k that is not a multiple of 16, and split over the pool.
+            (5, 6, 17),
+            (7, 13, 64),
+            (16, 40, 100),
+            (32, 9, 15),
+            (33, 12, 48),
+            (16, 1030, 300),
         ] {
             let w: Vec<f32> = (0..out * inp).map(|_| next()).collect();
             let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();

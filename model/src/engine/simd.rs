@@ -194,6 +194,88 @@ pub fn gemv_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y[o, r] = w[o, :] . x[r, :]` as [`gemv_rows`] writes it (output-major), for a few
+/// activation rows at once: tiles of 4 weight rows by 4 activation rows, 16 accumulators, read
+/// straight from the row-major weights (a GEMM library packs the weight matrix first, which
+/// for 5-32 rows costs about as much as the products). Needs AVX-512 ([`gemm_rows_supported`]).
+/// Each output accumulates in the same order whatever tile it falls in, so a row's numbers do
+/// not depend on the other rows.
+pub fn gemm_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    assert!(gemm_rows_supported(), "gemm_rows needs AVX-512");
+    assert!(k > 0 && w.len().is_multiple_of(k) && x.len().is_multiple_of(k));
+    assert_eq!(y.len(), w.len() / k * (x.len() / k));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F; the shapes were checked just above.
+    unsafe {
+        gemm_rows_avx512(w, k, x, y)
+    };
+}
+
+/// Whether [`gemm_rows`] runs on this CPU.
+pub fn gemm_rows_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_rows_avx512(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (m, rows) = (w.len() / k, x.len() / k);
+    let full = k / 16 * 16;
+    let tail_mask: __mmask16 = ((1u32 << (k - full)) - 1) as u16;
+    for o in (0..m).step_by(4) {
+        // A tile at the edge repeats its last row: the loads hit the cache and the extra
+        // outputs are dropped.
+        let wr: [*const f32; 4] = std::array::from_fn(|a| w[(o + a).min(m - 1) * k..].as_ptr());
+        for r in (0..rows).step_by(4) {
+            let xr: [*const f32; 4] =
+                std::array::from_fn(|b| x[(r + b).min(rows - 1) * k..].as_ptr());
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut step = |wv: [__m512; 4], xv: [__m512; 4]| {
+                for a in 0..4 {
+                    for b in 0..4 {
+                        acc[a][b] = _mm512_fmadd_ps(wv[a], xv[b], acc[a][b]);
+                    }
+                }
+            };
+            let mut i = 0;
+            while i < full {
+                // SAFETY: i + 16 <= full <= k, and every pointer starts a row of k elements.
+                let (wv, xv) = unsafe {
+                    (
+                        wr.map(|p| _mm512_loadu_ps(p.add(i))),
+                        xr.map(|p| _mm512_loadu_ps(p.add(i))),
+                    )
+                };
+                step(wv, xv);
+                i += 16;
+            }
+            if full < k {
+                // SAFETY: the mask covers the k - full elements left in each row.
+                let (wv, xv) = unsafe {
+                    (
+                        wr.map(|p| _mm512_maskz_loadu_ps(tail_mask, p.add(full))),
+                        xr.map(|p| _mm512_maskz_loadu_ps(tail_mask, p.add(full))),
+                    )
+                };
+                step(wv, xv);
+            }
+            for (a, row) in acc.iter().enumerate().take(m - o) {
+                for (b, v) in row.iter().enumerate().take(rows - r) {
+                    y[(o + a) * rows + r + b] = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+    }
+}
+
 /// A dot product for rows streamed from memory: four independent vector accumulators with
 /// fused multiply-adds (AVX-512 or AVX2, chosen at run time), so a 512-wide weight row is bound
 /// by its loads rather than by the latency of one chain of additions.

@@ -11,29 +11,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use chorus_model::engine::{Engine, GenerationRequest};
-use chorus_model::sampling::SamplingParams;
+use chorus_model::engine::Engine;
 use chorus_model::{NemotronH, NemotronHConfig, Params, checkpoint};
 
+mod support;
 #[path = "support/training.rs"]
 mod training_support;
+use support::{request, tokens_per_second};
 use training_support::{training_batch, training_tokens_per_second};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn request(i: usize, new_tokens: usize, vocab: usize) -> GenerationRequest {
-    let prompt = (0..16)
-        .map(|j| ((i * 31 + j * 7 + 3) % (vocab - 3) + 3) as u32)
-        .collect();
-    GenerationRequest {
-        prompt,
-        max_new_tokens: new_tokens,
-        sampling: SamplingParams::greedy(),
-        seed: i as u64,
-        stop_tokens: vec![],
-    }
 }
 
 /// Best of `reps` runs of `f`, which returns how many tokens it produced.
@@ -52,23 +40,15 @@ fn bench_model(name: &str, cfg: &NemotronHConfig, params: &Params, quick: bool) 
     let v = cfg.vocab_size;
     let reps = if quick { 1 } else { 3 };
     let new = if quick { 32 } else { 128 };
-    let b1 = best_rate(reps, || {
-        engine.generate(&request(0, new, v)).unwrap().tokens.len()
-    });
-    let reqs: Vec<_> = (0..64).map(|i| request(i, new, v)).collect();
-    let b64 = best_rate(reps, || {
-        engine
-            .generate_batch(&reqs, 64)
-            .unwrap()
-            .iter()
-            .map(|g| g.tokens.len())
-            .sum()
-    });
+    let b1 = tokens_per_second(&engine, 1, 16, new, reps);
+    let b64 = tokens_per_second(&engine, 64, 16, new, reps);
     let spec = if engine.has_mtp() {
         let k = cfg.chorus.mtp_depth.max(1);
         let mut rate = 0.0;
         let r = best_rate(reps, || {
-            let g = engine.generate_speculative(&request(0, new, v), k).unwrap();
+            let g = engine
+                .generate_speculative(&request(0, 16, new, v), k)
+                .unwrap();
             rate = g.mtp.unwrap().acceptance_rate();
             g.tokens.len()
         });

@@ -38,11 +38,11 @@ pub struct Published {
 }
 
 impl Published {
-    /// SHA-256 of the stream, from its last chunk.
-    fn sha256(&self) -> Vec<u8> {
+    /// The stream's digest and its algorithm, from its last chunk.
+    fn digest(&self) -> (Vec<u8>, i32) {
         self.chunks
             .last()
-            .map(|c| c.sha256.clone())
+            .map(|c| (c.digest.clone(), c.digest_algorithm))
             .unwrap_or_default()
     }
 
@@ -377,8 +377,10 @@ fn report_msg(
     supervised: bool,
     published: &Published,
 ) -> StepReportMsg {
+    let (weights_digest, weights_digest_algorithm) = published.digest();
     StepReportMsg {
-        weights_sha256: published.sha256(),
+        weights_digest,
+        weights_digest_algorithm,
         weights_bytes: published.num_bytes(),
         run_id: run_id.to_string(),
         step: r.step,

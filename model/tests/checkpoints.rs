@@ -126,3 +126,70 @@ fn a_checkpoint_whose_mtp_tensors_are_gone_loads_without_the_head() {
         "the backbone decodes as before"
     );
 }
+
+/// A worker builds its engine from the tensors it received, taken over rather than copied
+/// (`Engine::from_owned`): that engine must be the one `from_tensors_with` builds, for every
+/// block kind, a latent MoE, the MTP head and NVFP4 on load, and must read every tensor once.
+#[test]
+fn an_engine_built_from_owned_tensors_is_the_one_built_from_candle_tensors() {
+    use chorus_model::engine::{EngineOptions, OwnedTensor};
+    let cfg = small_config("MEM*-E", Some(16), true);
+    let params = random_params(&cfg, 11);
+    let tensors = params.snapshot().unwrap();
+    let owned = || {
+        tensors
+            .iter()
+            .map(|(name, t)| {
+                let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let tensor = OwnedTensor {
+                    shape: t.dims().to_vec(),
+                    data,
+                };
+                (name.clone(), tensor)
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let request = GenerationRequest {
+        prompt: vec![3, 4, 9, 1],
+        max_new_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        seed: 0,
+        stop_tokens: vec![],
+    };
+    for options in [
+        EngineOptions::default(),
+        EngineOptions {
+            nvfp4: Some(Default::default()),
+            ..Default::default()
+        },
+    ] {
+        let copied = Engine::from_tensors_with(&cfg, &tensors, &options).unwrap();
+        let taken = Engine::from_owned(&cfg, owned(), &options).unwrap();
+        let (a, b) = (
+            copied.generate(&request).unwrap(),
+            taken.generate(&request).unwrap(),
+        );
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.logprobs, b.logprobs);
+        let (a, b) = (
+            copied.generate_speculative(&request, 2).unwrap(),
+            taken.generate_speculative(&request, 2).unwrap(),
+        );
+        assert_eq!((a.tokens, a.logprobs, a.mtp), (b.tokens, b.logprobs, b.mtp));
+    }
+
+    let mut short = owned();
+    short.get_mut("backbone.norm_f.weight").unwrap().data.pop();
+    let err = Engine::from_owned(&cfg, short, &EngineOptions::default())
+        .err()
+        .expect("a tensor shorter than its shape is refused")
+        .to_string();
+    assert!(err.contains("backbone.norm_f.weight"), "{err}");
+    let mut missing = owned();
+    missing.remove("mtp.eh_proj.weight");
+    let err = Engine::from_owned(&cfg, missing, &EngineOptions::default())
+        .err()
+        .expect("a missing tensor is refused")
+        .to_string();
+    assert!(err.contains("mtp.eh_proj.weight"), "{err}");
+}

@@ -553,7 +553,7 @@ pub fn event_row(event: &RunEvent) -> (&'static str, serde_json::Value) {
             serde_json::json!({
                 "policy_version": p.policy_version,
                 "learner_step": p.learner_step,
-                "sha256": chorus_proto::checksum::to_hex(&p.sha256),
+                "digest": chorus_proto::checksum::describe(p.digest_algorithm(), &p.digest),
             }),
         ),
         Some(Kind::LearnerStep(s)) => (

@@ -637,7 +637,10 @@ impl Follower {
                         run_id: run.clone(),
                         version: r.policy_version,
                         learner_step: r.step,
-                        sha256: chorus_proto::checksum::to_hex(&r.weights_sha256),
+                        weights_digest: chorus_proto::checksum::describe(
+                            r.weights_digest_algorithm(),
+                            &r.weights_digest,
+                        ),
                         num_bytes: r.weights_bytes,
                     })
                     .await;
@@ -1387,7 +1390,8 @@ mod tests {
             run_id: "r".into(),
             step,
             policy_version: version,
-            weights_sha256: vec![sha; 32],
+            weights_digest: vec![sha; 32],
+            weights_digest_algorithm: chorus_proto::v1::DigestAlgorithm::Blake3 as i32,
             weights_bytes: 1000 + step,
             skip_reason: if step == 2 {
                 "not finite".into()
@@ -1434,14 +1438,14 @@ mod tests {
                     run_id: "r".into(),
                     version: 1,
                     learner_step: 1,
-                    sha256: "aa".repeat(32),
+                    weights_digest: format!("blake3:{}", "aa".repeat(32)),
                     num_bytes: 1001,
                 },
                 PolicyVersion {
                     run_id: "r".into(),
                     version: 2,
                     learner_step: 2,
-                    sha256: "bb".repeat(32),
+                    weights_digest: format!("blake3:{}", "bb".repeat(32)),
                     num_bytes: 1002,
                 },
             ]

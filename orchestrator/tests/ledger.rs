@@ -1027,7 +1027,7 @@ mod cases {
             run_id: "r".into(),
             version: n,
             learner_step: n,
-            sha256: "ab".repeat(32),
+            weights_digest: "ab".repeat(32),
             num_bytes: 10,
         };
         ledger.record_policy_version(version(1)).await.unwrap();
@@ -1412,7 +1412,7 @@ mod cases {
                         run_id: id.into(),
                         version: 1,
                         learner_step: 1,
-                        sha256: "aa".into(),
+                        weights_digest: "aa".into(),
                         num_bytes: 8,
                     })
                     .await
@@ -1442,7 +1442,7 @@ mod cases {
                     run_id: id.into(),
                     version: 2,
                     learner_step: 2,
-                    sha256: "bb".into(),
+                    weights_digest: "bb".into(),
                     num_bytes: 8,
                 })
                 .await
@@ -1568,7 +1568,7 @@ mod cases {
             run_id: "r".into(),
             version,
             learner_step: version * 2,
-            sha256: sha.into(),
+            weights_digest: sha.into(),
             num_bytes: 8_000_000_000,
         };
         ledger.record_policy_version(v(2, "bb")).await.unwrap();

@@ -18,6 +18,21 @@
 /// 1 MiB.
 const MIB: usize = 1 << 20;
 
+/// HTTP/2 flow-control window of one stream, set by every Chorus server and client
+/// (`tls::server`, `tls::endpoint`): how many bytes a sender may have in flight on a stream
+/// before the receiver acknowledges them. hyper's defaults under tonic (1 MiB for a server, 2 MiB for
+/// a client) hold a weight stream of 1 MiB chunks to one or two chunks per round trip; 8 MiB lets
+/// the learner keep sending while a worker decodes and verifies (README, "weight_sync"). It
+/// bounds what one stream can make its receiver buffer.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 * MIB as u32;
+
+/// HTTP/2 flow-control window of a whole connection: two streams' worth.
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 2 * HTTP2_STREAM_WINDOW_BYTES;
+
+/// Largest HTTP/2 DATA frame a Chorus endpoint accepts. HTTP/2's default is 16 KiB, which cuts a
+/// 1 MiB weight chunk into 64 frames, each with its own header, window accounting and wake-up.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = MIB as u32;
+
 /// Largest message the `Orchestrator` service decodes: registrations, heartbeats, a launched
 /// run's TOML configuration. Tonic's default.
 pub const ORCHESTRATOR_MAX_MESSAGE_BYTES: usize = 4 * MIB;

@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::limits;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
@@ -312,9 +313,13 @@ pub fn scheme() -> &'static str {
     }
 }
 
-/// A server builder speaking TLS when this process has a certificate (see [`install`]).
+/// A server builder speaking TLS when this process has a certificate (see [`install`]), with
+/// Chorus' HTTP/2 windows and frame size (`limits::HTTP2_*`).
 pub fn server() -> Result<Server, TlsError> {
-    let builder = Server::builder();
+    let builder = Server::builder()
+        .initial_stream_window_size(limits::HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(limits::HTTP2_CONNECTION_WINDOW_BYTES)
+        .max_frame_size(limits::HTTP2_MAX_FRAME_BYTES);
     Ok(match installed().and_then(Tls::server_config) {
         Some(config) => builder.tls_config(config)?,
         None => builder,
@@ -344,15 +349,19 @@ pub enum EndpointError {
     },
 }
 
-/// The endpoint of a service at `url`: plain text for `http://`, TLS for `https://` with this
-/// process's settings (see [`Tls::client_config`]; without any installed, the system's roots
+/// The endpoint of a service at `url`, with Chorus' HTTP/2 windows and frame size
+/// (`limits::HTTP2_*`): plain text for `http://`, TLS for `https://` with this process's settings (see [`Tls::client_config`]; without any installed, the system's roots
 /// and no client certificate).
 pub fn endpoint(url: &str) -> Result<Endpoint, EndpointError> {
     let invalid = |what: String| EndpointError::Invalid {
         url: url.to_string(),
         what,
     };
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| invalid(e.to_string()))?;
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| invalid(e.to_string()))?
+        .initial_stream_window_size(limits::HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(limits::HTTP2_CONNECTION_WINDOW_BYTES)
+        .max_frame_size(limits::HTTP2_MAX_FRAME_BYTES);
     let uri = endpoint.uri();
     match uri.scheme_str() {
         Some("http") => Ok(endpoint),

@@ -43,7 +43,8 @@ pub fn encode(
                 offset: (start * 4) as u64,
                 data: data.into(),
                 last: false,
-                sha256: vec![],
+                digest: vec![],
+                digest_algorithm: 0,
             });
             start = end;
             if start >= t.data.len() {

@@ -3,8 +3,8 @@
 //! A learner (Chorus' learner service on a model with random weights) publishes its version; a
 //! client fetches it the way a worker does, three ways, each timed `--repeats` times:
 //!
-//! - `stream`: `StreamWeights` read to its verified last chunk (1 MiB chunks, SHA-256 over the
-//!   stream), the tensors assembled;
+//! - `stream`: `StreamWeights` read to its verified last chunk (1 MiB chunks, BLAKE3 over the
+//!   stream as Chorus' learner seals it), the tensors assembled;
 //! - `install`: the same, then an engine built from the tensors (`fetch_version`): the time from
 //!   asking for a published version to being able to sample from it;
 //! - `tcp`: the same number of bytes written through one loopback TCP connection in 1 MiB
@@ -96,14 +96,16 @@ async fn run(model: PathBuf, repeats: usize) {
         .max_decoding_message_size(LEARNER_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(LEARNER_MAX_MESSAGE_BYTES);
     tokio::spawn(
-        tonic::transport::Server::builder()
+        chorus_proto::tls::server()
+            .expect("a server builder")
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 service,
                 RequireToken::new("t").expect("token"),
             ))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let channel = tonic::transport::Endpoint::from_shared(url)
+    // The endpoint and server every Chorus process builds (their HTTP/2 windows and frame size).
+    let channel = chorus_proto::tls::endpoint(&url)
         .expect("url")
         .connect()
         .await

@@ -31,7 +31,7 @@ pub use engine_loop::{
 };
 pub use service::{Generator, RolloutService};
 pub use sync::{
-    FetchError, FetchErrorKind, SyncPolicy, fetch_exact_version, fetch_tensors, fetch_version,
-    follow_learner, follow_learner_vllm,
+    FetchError, FetchErrorKind, SyncPolicy, fetch_exact_version, fetch_host_tensors, fetch_tensors,
+    fetch_version, follow_learner, follow_learner_vllm,
 };
 pub use vllm::VllmWorker;

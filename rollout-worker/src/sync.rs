@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use chorus_model::NemotronHConfig;
-use chorus_model::engine::{Engine, EngineOptions};
+use chorus_model::engine::{Engine, EngineOptions, OwnedTensor};
 use chorus_proto::v1::StreamWeightsRequest;
 use chorus_proto::v1::learner_client::LearnerClient;
-use chorus_proto::weights::{ReceiveError, receive_with_progress};
+use chorus_proto::weights::{HostTensor, ReceiveError, receive_with_progress};
 use tonic::codegen::{Body, Bytes, StdError};
 
 use crate::engine_loop::WorkerHandle;
@@ -155,8 +155,19 @@ where
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
     let (version, tensors) =
-        fetch_tensors(client, run_id, worker_id, at_least, exact, chunk_deadline).await?;
-    let engine = Engine::from_tensors_with(cfg, &tensors, options).map_err(|e| {
+        fetch_host_tensors(client, run_id, worker_id, at_least, exact, chunk_deadline).await?;
+    // The engine takes the received values over: a version is not copied again to install it.
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = OwnedTensor {
+                shape: t.shape,
+                data: t.data,
+            };
+            (name, t)
+        })
+        .collect();
+    let engine = Engine::from_owned(cfg, tensors, options).map_err(|e| {
         metrics::counter!(names::WEIGHT_SYNC_FAILURES).increment(1);
         FetchError {
             run_id: run_id.to_string(),
@@ -172,7 +183,7 @@ where
 const PROGRESS_EVERY: u64 = 4 << 20;
 
 /// Fetches policy version `at_least` or newer (exactly `at_least` when `exact`) and returns its
-/// tensors by their HF names, verified against the stream's checksum.
+/// tensors by their HF names as candle tensors, verified against the stream's checksum.
 pub async fn fetch_tensors<T>(
     client: &mut LearnerClient<T>,
     run_id: &str,
@@ -187,8 +198,38 @@ where
     T::ResponseBody: Body<Data = Bytes> + Send + 'static,
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
+    let (version, tensors) =
+        fetch_host_tensors(client, run_id, worker_id, at_least, exact, chunk_deadline).await?;
+    let mut map = BTreeMap::new();
+    for (name, t) in tensors {
+        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| FetchError {
+            run_id: run_id.to_string(),
+            worker_id: worker_id.to_string(),
+            version,
+            kind: FetchErrorKind::Engine(format!("tensor `{name}`: {e}")),
+        })?;
+        map.insert(name, tensor);
+    }
+    Ok((version, map))
+}
+
+/// [`fetch_tensors`], the tensors as the stream carried them (row-major f32 values).
+pub async fn fetch_host_tensors<T>(
+    client: &mut LearnerClient<T>,
+    run_id: &str,
+    worker_id: &str,
+    at_least: u64,
+    exact: bool,
+    chunk_deadline: Duration,
+) -> Result<(u64, BTreeMap<String, HostTensor>), FetchError>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
     let started = std::time::Instant::now();
-    let fetched: Result<(u64, BTreeMap<String, Tensor>, u64), FetchError> = async {
+    let fetched: Result<(u64, BTreeMap<String, HostTensor>, u64), FetchError> = async {
         let fail = |version: u64, kind: FetchErrorKind| FetchError {
             run_id: run_id.to_string(),
             worker_id: worker_id.to_string(),
@@ -232,20 +273,12 @@ where
                     fail(version.unwrap_or(at_least), source.into())
                 }
             })?;
-        let mut map = BTreeMap::new();
-        let mut bytes = 0u64;
-        for (name, t) in tensors {
-            bytes += (t.data.len() * std::mem::size_of::<f32>()) as u64;
-            let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {
-                fail(
-                    version,
-                    FetchErrorKind::Engine(format!("tensor `{name}`: {e}")),
-                )
-            })?;
-            map.insert(name, tensor);
-        }
+        let bytes = tensors
+            .values()
+            .map(|t| (t.data.len() * std::mem::size_of::<f32>()) as u64)
+            .sum();
         tracing::debug!(run_id = %run_id, worker_id = %worker_id, policy_version = version, "policy version fetched");
-        Ok((version, map, bytes))
+        Ok((version, tensors, bytes))
     }
     .await;
     match &fetched {

@@ -114,7 +114,7 @@ proptest! {
             // A sender that checksums what it sends: only the assembler's own checks remain.
             for c in &mut chunks {
                 c.last = false;
-                c.sha256.clear();
+                c.digest.clear();
             }
             seal(&mut chunks, 3);
         }

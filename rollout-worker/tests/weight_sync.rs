@@ -219,8 +219,8 @@ fn scored_group(id: &str, token: u32) -> TrajectoryGroup {
     }
 }
 
-fn sha(p: &chorus_learner::Published) -> Vec<u8> {
-    p.chunks.last().unwrap().sha256.clone()
+fn digest(p: &chorus_learner::Published) -> Vec<u8> {
+    p.chunks.last().unwrap().digest.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,14 +233,17 @@ async fn a_steps_groups_train_in_id_order_and_recent_versions_stream_exactly() {
     b.submit(g1).unwrap();
     let (va, vb) = (a.wait_for(1).await, b.wait_for(1).await);
     assert_eq!(va.version, 1);
-    assert_eq!(sha(&va), sha(&vb), "arrival order changed the step");
+    assert_eq!(digest(&va), digest(&vb), "arrival order changed the step");
     let v0 = a.wait_for_exact(0).await.expect("version 0 is kept");
-    assert_ne!(sha(&v0), sha(&va), "the step changed the weights");
+    assert_ne!(digest(&v0), digest(&va), "the step changed the weights");
 
     a.submit(scored_group("g3", 12)).unwrap();
     a.submit(scored_group("g4", 13)).unwrap();
     assert_eq!(a.wait_for_exact(2).await.map(|p| p.version), Some(2));
-    assert_eq!(a.wait_for_exact(1).await.map(|p| sha(&p)), Some(sha(&va)));
+    assert_eq!(
+        a.wait_for_exact(1).await.map(|p| digest(&p)),
+        Some(digest(&va))
+    );
     assert!(
         a.wait_for_exact(0).await.is_none(),
         "only the newest 2 are kept"

@@ -1,7 +1,7 @@
 //! `deterministic = true` makes a run repeat bit for bit whatever the timing: the same short
 //! config runs twice through the library with two workers, the second time with one worker
 //! slowed down on every decode step, and the ledgers (every trajectory by id, every learner
-//! step, every published version's SHA-256, the last one being the final weights) and the
+//! step, every published version's digest, the last one being the final weights) and the
 //! held-out curve must be identical.
 
 use std::collections::BTreeMap;
@@ -152,7 +152,7 @@ fn run(slow: Option<&str>) -> Outcome {
             .unwrap()
             .into_iter()
             .map(|r| r.version)
-            .map(|v| (v.version, v.learner_step, v.sha256, v.num_bytes))
+            .map(|v| (v.version, v.learner_step, v.weights_digest, v.num_bytes))
             .collect();
         Outcome {
             trajectories,

@@ -196,7 +196,9 @@ fn a_program_runs_a_whole_run_and_gets_the_summary_that_summary_json_holds() {
         assert!(
             versions
                 .iter()
-                .all(|v| v.sha256.len() == 64 && v.num_bytes > 0)
+                .all(|v| v.weights_digest.len() == "blake3:".len() + 64
+                    && v.weights_digest.starts_with("blake3:")
+                    && v.num_bytes > 0)
         );
         // The ledger's stages agree with the summary, and every step belongs to one.
         let stages = ledger.list_stages(&summary.run).await.unwrap();

@@ -66,7 +66,7 @@ pub enum InspectCommand {
         run: String,
     },
     /// The policy versions the learner published in a run: learner step, stage, the weights'
-    /// SHA-256 and size, seconds since the run began, and the checkpoint of a stage that ended
+    /// digest (its algorithm and first 16 hex digits) and size, seconds since the run began, and the checkpoint of a stage that ended
     /// with that version.
     Versions {
         /// Run id (see `chorus inspect runs`).
@@ -204,7 +204,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                     i.and_then(|i| stages.iter().find(|s| s.stage.stage_index == i))
                         .map_or("-".to_string(), |s| s.stage.name.clone())
                 };
-                outln!("{:>8} {:>6} {:<16} {:<16} {:>10} {:>9}  checkpoint", "version", "step", "stage", "sha256", "MB", "at (s)");
+                outln!("{:>8} {:>6} {:<16} {:<23} {:>10} {:>9}  checkpoint", "version", "step", "stage", "digest", "MB", "at (s)");
                 for v in versions {
                     // A reward-model stage's checkpoint is its judge's, not this policy's.
                     let checkpoint = stages
@@ -212,11 +212,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                         .find(|s| s.last_step == Some(v.version.version) && s.stage.kind != "reward_model")
                         .and_then(|s| s.checkpoint_path.clone());
                     outln!(
-                        "{:>8} {:>6} {:<16} {:<16} {:>10.2} {:>9.1}  {}",
+                        "{:>8} {:>6} {:<16} {:<23} {:>10.2} {:>9.1}  {}",
                         v.version.version,
                         v.version.learner_step,
                         stage_name(v.stage_index),
-                        &v.version.sha256[..v.version.sha256.len().min(16)],
+                        short_digest(&v.version.weights_digest),
                         v.version.num_bytes as f64 / 1e6,
                         (v.created_at_ms - record.created_at_ms) as f64 / 1000.0,
                         checkpoint.as_deref().unwrap_or("-"),
@@ -267,4 +267,10 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         ledger.close().await?;
         anyhow::Ok(())
     })
+}
+
+/// A ledger digest (`blake3:<64 hex>`) cut to its algorithm and first 16 hex digits.
+fn short_digest(digest: &str) -> &str {
+    let end = digest.find(':').map_or(0, |i| i + 1) + 16;
+    digest.get(..end).unwrap_or(digest)
 }

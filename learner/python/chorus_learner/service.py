@@ -248,7 +248,9 @@ class LearnerState:
             clip_fraction=report.clip_fraction, tokens=report.tokens, trajectories=n,
             skip_reason=report.skipped or "",
             mean_abs_logprob_diff=report.mean_abs_logprob_diff, supervised=supervised,
-            weights_sha256=published.chunks[-1].sha256 if published.chunks else b"",
+            weights_digest=published.chunks[-1].digest if published.chunks else b"",
+            weights_digest_algorithm=(published.chunks[-1].digest_algorithm
+                                      if published.chunks else 0),
             weights_bytes=sum(len(c.data) for c in published.chunks),
             group_ids=[x.group_id for x in groups])
         with self.cond:

@@ -37,12 +37,15 @@ def encode(run_id, version, tensors, max_chunk_bytes=1 << 20):
 
 
 def seal(chunks, version):
+    # SHA-256 from the standard library; Chorus' Rust learner seals with BLAKE3, and receivers
+    # take either, as each chunk's `digest_algorithm` says.
     digest = hashlib.sha256()
     for i, c in enumerate(chunks):
         c.chunk_index = i
         c.policy_version = version
         c.last = i + 1 == len(chunks)
-        c.sha256 = b""
+        c.digest = b""
+        c.digest_algorithm = common_pb2.DIGEST_ALGORITHM_SHA256
         name = c.tensor_name.encode()
         digest.update(struct.pack("<Q", len(name)))
         digest.update(name)
@@ -54,4 +57,4 @@ def seal(chunks, version):
         digest.update(struct.pack("<Q", len(c.data)))
         digest.update(c.data)
     if chunks:
-        chunks[-1].sha256 = digest.digest()
+        chunks[-1].digest = digest.digest()

@@ -2,6 +2,7 @@
 //! against the config's shape, and stored as the engine keeps it (projections as
 //! [`LinearOp`]s, NVFP4 where a checkpoint or the [`Nvfp4Policy`] says so).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -30,29 +31,64 @@ pub struct EngineOptions {
     pub batch_invariant: bool,
 }
 
+/// A tensor as row-major f32 values the engine may keep as they are: its shape and values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Where the named tensors come from.
+enum Source<'a> {
+    /// Candle tensors, copied out (the caller keeps them).
+    Tensors(&'a BTreeMap<String, Tensor>),
+    /// Values the engine takes over: each is moved into engine storage when read, so building
+    /// from a received weight stream does not copy (and fault in) the model's bytes again.
+    Owned(RefCell<BTreeMap<String, OwnedTensor>>),
+}
+
 /// Named tensors being read into engine storage, with the NVFP4 policy to apply on the way.
 pub(super) struct Weights<'a> {
-    map: &'a BTreeMap<String, Tensor>,
+    map: Source<'a>,
     /// Projections that arrive already in NVFP4, by weight name.
     nvfp4: &'a BTreeMap<String, Nvfp4Tensor>,
     policy: Option<&'a Nvfp4Policy>,
 }
 
 impl Weights<'_> {
-    /// The tensor `name`, which must have `shape`, flattened.
+    /// The tensor `name`, which must have `shape`, flattened. Each name is read once.
     pub(super) fn vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let t = self
-            .map
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
-        if t.dims() != shape {
-            return Err(ModelError::Shape {
-                name: name.into(),
-                expected: shape.to_vec(),
-                got: t.dims().to_vec(),
-            });
+        let missing = || ModelError::MissingTensor { name: name.into() };
+        let wrong_shape = |got: &[usize]| ModelError::Shape {
+            name: name.into(),
+            expected: shape.to_vec(),
+            got: got.to_vec(),
+        };
+        match &self.map {
+            Source::Tensors(map) => {
+                let t = map.get(name).ok_or_else(missing)?;
+                if t.dims() != shape {
+                    return Err(wrong_shape(t.dims()));
+                }
+                Ok(t.flatten_all()?.to_vec1::<f32>()?)
+            }
+            Source::Owned(map) => {
+                let mut map = map.borrow_mut();
+                let t = map.get(name).ok_or_else(missing)?;
+                if t.shape != shape {
+                    return Err(wrong_shape(&t.shape));
+                }
+                if t.data.len() != shape.iter().product::<usize>() {
+                    return Err(ModelError::Input(format!(
+                        "tensor `{name}` of shape {shape:?} holds {} values",
+                        t.data.len()
+                    )));
+                }
+                Ok(map.remove(name).expect("looked up above").data)
+            }
         }
-        Ok(t.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// The projection `{name}.weight` (`[out_dim, in_dim]`): NVFP4 if it arrived so or the
@@ -81,9 +117,12 @@ impl Weights<'_> {
         }
     }
 
-    /// Whether a tensor `name` exists.
+    /// Whether a tensor `name` exists (and was not read yet).
     pub(super) fn has(&self, name: &str) -> bool {
-        self.map.contains_key(name)
+        match &self.map {
+            Source::Tensors(map) => map.contains_key(name),
+            Source::Owned(map) => map.borrow().contains_key(name),
+        }
     }
 }
 
@@ -95,7 +134,12 @@ impl Engine {
 
     /// Builds the engine from named tensors (HF names).
     pub fn from_tensors(cfg: &NemotronHConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
-        Self::build(cfg, tensors, &BTreeMap::new(), &EngineOptions::default())
+        Self::build(
+            cfg,
+            Source::Tensors(tensors),
+            &BTreeMap::new(),
+            &EngineOptions::default(),
+        )
     }
 
     /// Builds the engine from named tensors with storage options (e.g. NVFP4 on load).
@@ -104,7 +148,22 @@ impl Engine {
         tensors: &BTreeMap<String, Tensor>,
         options: &EngineOptions,
     ) -> Result<Self> {
-        Self::build(cfg, tensors, &BTreeMap::new(), options)
+        Self::build(cfg, Source::Tensors(tensors), &BTreeMap::new(), options)
+    }
+
+    /// Builds the engine from named tensors it takes over (HF names): dense weights are kept
+    /// as given, not copied, which is how a worker installs a version it received.
+    pub fn from_owned(
+        cfg: &NemotronHConfig,
+        tensors: BTreeMap<String, OwnedTensor>,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        Self::build(
+            cfg,
+            Source::Owned(RefCell::new(tensors)),
+            &BTreeMap::new(),
+            options,
+        )
     }
 
     /// Loads a checkpoint directory, keeping NVFP4 projections of a quantized checkpoint
@@ -112,12 +171,12 @@ impl Engine {
     pub fn from_checkpoint(dir: &Path, options: &EngineOptions) -> Result<Self> {
         let cfg = crate::checkpoint::load_config(dir)?;
         let (dense, quantized) = read_split(dir)?;
-        Self::build(&cfg, &dense, &quantized, options)
+        Self::build(&cfg, Source::Tensors(&dense), &quantized, options)
     }
 
     fn build(
         cfg: &NemotronHConfig,
-        tensors: &BTreeMap<String, Tensor>,
+        tensors: Source<'_>,
         nvfp4: &BTreeMap<String, Nvfp4Tensor>,
         options: &EngineOptions,
     ) -> Result<Self> {

@@ -37,7 +37,7 @@ pub use batch::{ContinuousBatch, Finished};
 pub use cache::SequenceCache;
 pub use generate::{FinishReason, Generation, GenerationRequest, MtpStats};
 pub use linear::LinearOp;
-pub use load::EngineOptions;
+pub use load::{EngineOptions, OwnedTensor};
 
 use block::BlockW;
 use cache::LayerCache;

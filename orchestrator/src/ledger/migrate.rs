@@ -52,6 +52,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "weight_transfers",
         include_str!("../../migrations/sqlite/0008_weight_transfers.sql"),
     ),
+    (
+        9,
+        "weights_digest",
+        include_str!("../../migrations/sqlite/0009_weights_digest.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -95,6 +100,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         8,
         "weight_transfers",
         include_str!("../../migrations/postgres/0008_weight_transfers.sql"),
+    ),
+    (
+        9,
+        "weights_digest",
+        include_str!("../../migrations/postgres/0009_weights_digest.sql"),
     ),
 ];
 
@@ -177,7 +187,41 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6, 7, 8]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9]
         );
+    }
+
+    #[tokio::test]
+    async fn digests_written_before_0009_read_back_as_sha256() {
+        use sqlx::{Connection, Row};
+        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let (before, after) = SQLITE.split_at(8);
+        for (_, _, sql) in before {
+            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, name, config_toml, status, created_at_ms) \
+             VALUES ('r', 'r', '', 'running', 0)",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO policy_versions (run_id, version, learner_step, sha256, num_bytes, \
+             created_at_ms) VALUES ('r', 1, 1, 'abcd', 10, 0)",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        for (_, _, sql) in after {
+            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
+        }
+        let row = sqlx::query("SELECT weights_digest FROM policy_versions")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(row.get::<String, _>(0), "sha256:abcd");
     }
 }

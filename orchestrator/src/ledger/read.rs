@@ -300,7 +300,7 @@ fn decode_version(row: &dyn Cols) -> Result<PolicyVersionRecord, RowError> {
             run_id: r.id.clone(),
             version: r.u64("version")?,
             learner_step: r.u64("learner_step")?,
-            sha256: row.text("sha256")?,
+            weights_digest: row.text("weights_digest")?,
             num_bytes: r.u64("num_bytes")?,
         },
         stage_index: r.opt_u64("stage_index")?,
@@ -620,7 +620,7 @@ impl Ledger {
         run_id: &str,
     ) -> Result<Vec<PolicyVersionRecord>, LedgerError> {
         let stmt = Stmt::new(
-            "SELECT run_id, version, learner_step, sha256, num_bytes, stage_index, \
+            "SELECT run_id, version, learner_step, weights_digest, num_bytes, stage_index, \
              created_at_ms FROM policy_versions WHERE run_id = $1 ORDER BY version",
         )
         .bind(run_id);

@@ -580,8 +580,8 @@ pub struct PolicyVersion {
     pub version: u64,
     /// Learner step that produced it.
     pub learner_step: u64,
-    /// Hex SHA-256 of the weight stream (`chorus_proto::checksum`).
-    pub sha256: String,
+    /// Digest of the weight stream as `<algorithm>:<hex>` (`chorus_proto::checksum::describe`).
+    pub weights_digest: String,
     /// Size of the weights in bytes.
     pub num_bytes: u64,
 }

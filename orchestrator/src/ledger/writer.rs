@@ -348,7 +348,7 @@ impl WriteOp {
             WriteOp::PolicyVersion { version, at_ms } => vec![
                 Stmt::new(
                     // A version belongs to the stage its step does (see learner steps).
-                    "INSERT INTO policy_versions (run_id, version, learner_step, sha256, \
+                    "INSERT INTO policy_versions (run_id, version, learner_step, weights_digest, \
                      num_bytes, created_at_ms, stage_index) VALUES ($1, $2, $3, $4, $5, $6, \
                      (SELECT MAX(stage_index) FROM stages WHERE run_id = $1 AND first_step < $3)) \
                      ON CONFLICT (run_id, version) DO NOTHING",
@@ -356,7 +356,7 @@ impl WriteOp {
                 .bind(version.run_id.as_str())
                 .bind(to_i64("version", version.version)?)
                 .bind(to_i64("learner_step", version.learner_step)?)
-                .bind(version.sha256.as_str())
+                .bind(version.weights_digest.as_str())
                 .bind(to_i64("num_bytes", version.num_bytes)?)
                 .bind(*at_ms),
             ],

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63horus/v1/common.proto\x12\tchorus.v1\"\x8d\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12,\n\x0cthink_budget\x18\x05 \x01(\x0b\x32\x16.chorus.v1.ThinkBudgetB\x07\n\x05_seed\"L\n\x0bThinkBudget\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x15\n\ropen_token_id\x18\x02 \x01(\r\x12\x16\n\x0e\x63lose_token_id\x18\x03 \x01(\r*B\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x11\n\rSPLIT_HELDOUT\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x8b\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x12\x11\n\rDTYPE_F8_E4M3\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\x0c\n\x08\x44TYPE_U8\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63horus/v1/common.proto\x12\tchorus.v1\"\x8d\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12,\n\x0cthink_budget\x18\x05 \x01(\x0b\x32\x16.chorus.v1.ThinkBudgetB\x07\n\x05_seed\"L\n\x0bThinkBudget\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x15\n\ropen_token_id\x18\x02 \x01(\r\x12\x16\n\x0e\x63lose_token_id\x18\x03 \x01(\r*B\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x11\n\rSPLIT_HELDOUT\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*K\n\x0f\x44igestAlgorithm\x12\x1b\n\x17\x44IGEST_ALGORITHM_SHA256\x10\x00\x12\x1b\n\x17\x44IGEST_ALGORITHM_BLAKE3\x10\x01*\x8b\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x12\x11\n\rDTYPE_F8_E4M3\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\x0c\n\x08\x44TYPE_U8\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPLIT']._serialized_end=325
   _globals['_FINISHREASON']._serialized_start=328
   _globals['_FINISHREASON']._serialized_end=475
-  _globals['_DTYPE']._serialized_start=478
-  _globals['_DTYPE']._serialized_end=617
+  _globals['_DIGESTALGORITHM']._serialized_start=477
+  _globals['_DIGESTALGORITHM']._serialized_end=552
+  _globals['_DTYPE']._serialized_start=555
+  _globals['_DTYPE']._serialized_end=694
   _globals['_SAMPLINGPARAMS']._serialized_start=38
   _globals['_SAMPLINGPARAMS']._serialized_end=179
   _globals['_THINKBUDGET']._serialized_start=181

@@ -1,14 +1,25 @@
-//! Time to accuracy, synchronous against asynchronous: runs a config (the quickstart by
-//! default) twice in one go, once with every RL stage at `max_staleness = 0` (the synchronous
-//! baseline, same code path) and once as written, each with a learning curve (`chorus run
-//! --eval-every N`), and reports how long each took to reach the accuracy both of them reach,
-//! and the ratio.
+//! Time to accuracy, synchronous against asynchronous: runs a config's RL stages (the
+//! quickstart's by default) twice in one go, once with every RL stage at `max_staleness = 0`
+//! (the synchronous baseline, same code path) and once as written (or at `--max-staleness N`),
+//! each with a learning curve (`--eval-every N`), and reports how long each took to reach the
+//! accuracy both of them reach, and the ratio.
+//!
+//! The stages before the first RL stage (the quickstart's supervised warm-up) run once, first;
+//! both variants start their RL from its checkpoint, and their clocks start there.
+//!
+//! `--processes` runs the learner, one worker and the orchestrator as separate processes
+//! (`chorus serve`), the learner pinned to CPU 0 and the worker and orchestrator to the other
+//! CPUs, as a cluster gives training and generation accelerators of their own: only then can
+//! overlapping them save time (in one process they share every core). It also prints each side's
+//! idle fraction, `1 - busy / wall`, from their Prometheus metrics (the learner's
+//! `chorus_learner_step_seconds`, the worker's `chorus_worker_engine_busy_seconds`).
 //!
 //!   cargo bench --bench staleness -- [CONFIG] [--eval-every N] [--eval-tasks N] [--rl-steps N]
-//!
-//! A full quickstart pair takes about twice the quickstart's own time.
+//!       [--max-staleness N] [--processes]
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 mod support;
 
@@ -17,6 +28,8 @@ struct Args {
     eval_every: u64,
     eval_tasks: usize,
     rl_steps: Option<u64>,
+    max_staleness: Option<u64>,
+    processes: bool,
 }
 
 fn parse_args() -> Args {
@@ -28,6 +41,8 @@ fn parse_args() -> Args {
         eval_every: 20,
         eval_tasks: 256,
         rl_steps: None,
+        max_staleness: None,
+        processes: false,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(a) = it.next() {
@@ -41,37 +56,92 @@ fn parse_args() -> Args {
             "--eval-every" => args.eval_every = value("--eval-every").max(1),
             "--eval-tasks" => args.eval_tasks = value("--eval-tasks") as usize,
             "--rl-steps" => args.rl_steps = Some(value("--rl-steps")),
+            "--max-staleness" => args.max_staleness = Some(value("--max-staleness").max(1)),
+            "--processes" => args.processes = true,
             other if !other.starts_with("--") => args.config = PathBuf::from(other),
             other => panic!(
-                "unknown option {other}; allowed: CONFIG --eval-every N --eval-tasks N --rl-steps N"
+                "unknown option {other}; allowed: CONFIG --eval-every N --eval-tasks N \
+                 --rl-steps N --max-staleness N --processes"
             ),
         }
     }
     args
 }
 
-/// The config with every RL stage's staleness bound (and step count) replaced when given.
+/// Whether a `[[stages]]` table is an RL stage (`rl` is `rlvr`'s older name).
+fn is_rl(stage: &toml::Value) -> bool {
+    matches!(
+        stage.get("kind").and_then(|k| k.as_str()),
+        Some("rl" | "rlvr")
+    )
+}
+
+/// The config cut at its first RL stage: `before` keeps the stages ahead of it (None when
+/// there are none), the other keeps it and every later stage.
+fn split_at_rl(config: &Path) -> (Option<toml::Table>, toml::Table) {
+    let doc = support::load_variant(config, "warmup");
+    let stages = doc
+        .get("stages")
+        .and_then(|s| s.as_array())
+        .expect("the config has [[stages]]")
+        .clone();
+    let first_rl = stages
+        .iter()
+        .position(is_rl)
+        .expect("the config has an RL stage (kind = \"rlvr\")");
+    let with = |stages: &[toml::Value]| {
+        let mut d = doc.clone();
+        d.insert("stages".into(), toml::Value::Array(stages.to_vec()));
+        d
+    };
+    let before = (first_rl > 0).then(|| with(&stages[..first_rl]));
+    (before, with(&stages[first_rl..]))
+}
+
+/// `rl` renamed `name`, starting from `checkpoint` when given, every RL stage at `staleness`
+/// (and `rl_steps` steps) when given.
 fn variant(
-    config: &Path,
+    rl: &toml::Table,
+    checkpoint: Option<&Path>,
     staleness: Option<u64>,
     rl_steps: Option<u64>,
     name: &str,
 ) -> toml::Table {
-    let mut doc = support::load_variant(config, name);
-    for stage in support::stages_of(&mut doc, "rl") {
-        if let Some(s) = staleness {
-            stage.insert("max_staleness".into(), toml::Value::Integer(s as i64));
+    let mut doc = rl.clone();
+    doc.insert("name".into(), toml::Value::String(name.into()));
+    if let Some(dir) = checkpoint {
+        let mut model = toml::Table::new();
+        model.insert(
+            "checkpoint".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
+        if let Some(t) = rl
+            .get("model")
+            .and_then(|m| m.get("tokenizer"))
+            .and_then(|t| t.as_str())
+        {
+            model.insert("tokenizer".into(), toml::Value::String(t.into()));
         }
-        if let Some(n) = rl_steps {
-            stage.insert("steps".into(), toml::Value::Integer(n as i64));
+        doc.insert("model".into(), toml::Value::Table(model));
+    }
+    for kind in ["rl", "rlvr"] {
+        for stage in support::stages_of(&mut doc, kind) {
+            if let Some(s) = staleness {
+                stage.insert("max_staleness".into(), toml::Value::Integer(s as i64));
+            }
+            if let Some(n) = rl_steps {
+                stage.insert("steps".into(), toml::Value::Integer(n as i64));
+            }
         }
     }
     doc
 }
 
 struct Outcome {
-    label: &'static str,
+    label: String,
     summary: serde_json::Value,
+    /// Idle fractions of the learner and the worker, when measured (`--processes`).
+    idle: Option<(f64, f64)>,
 }
 
 impl Outcome {
@@ -91,73 +161,273 @@ impl Outcome {
     fn final_accuracy(&self) -> f64 {
         self.summary["mean_after"].as_f64().unwrap()
     }
-    /// Seconds until the curve first reaches `target`.
+    fn wall(&self) -> f64 {
+        self.summary["wall_seconds"].as_f64().unwrap()
+    }
+    /// Accuracy before RL (the curve's first point).
+    fn start_accuracy(&self) -> f64 {
+        self.curve().first().map_or(0.0, |p| p.1)
+    }
+    /// Seconds until the curve, after its first point, first reaches `target`.
     fn time_to(&self, target: f64) -> Option<f64> {
         self.curve()
             .into_iter()
+            .skip(1)
             .find(|(_, acc)| *acc >= target - 1e-9)
             .map(|(t, _)| t)
+    }
+}
+
+/// A port on 127.0.0.1 free a moment ago (for a metrics endpoint, whose address is given
+/// rather than reported).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A service process and the URL it printed.
+struct Service {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The CPUs for the worker and the orchestrator: every CPU but 0, as `taskset` writes them.
+fn other_cpus() -> String {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        n >= 2,
+        "--processes pins the learner and the worker to different CPUs; this machine has one"
+    );
+    format!("1-{}", n - 1)
+}
+
+/// `taskset -c CPUS chorus --metrics ADDR serve ARGS…`, once it printed `listening on URL`.
+fn serve(cpus: &str, metrics: u16, args: &[&str], log: &Path) -> Service {
+    let mut child = Command::new("taskset")
+        .args(["-c", cpus, env!("CARGO_BIN_EXE_chorus")])
+        .args(["--metrics", &format!("127.0.0.1:{metrics}"), "serve"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("start taskset (util-linux) and chorus");
+    let mut line = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    stdout
+        .read_line(&mut line)
+        .expect("read the service's first line");
+    // Drained, so that whatever else the service prints never blocks it or breaks its pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "chorus serve {args:?} printed {line:?}, not `listening on URL` (log: {})",
+                log.display()
+            )
+        })
+        .to_string();
+    Service { child, url }
+}
+
+/// The sum of the histogram `name` at the Prometheus endpoint on `port`.
+fn metric_sum(port: u16, name: &str) -> f64 {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("ask for metrics");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read metrics");
+    let key = format!("{name}_sum");
+    text.lines()
+        .filter(|l| l.starts_with(&key))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `doc` as separate processes (see the module docs) and returns its summary and the
+/// learner's and the worker's idle fractions.
+fn run_processes(dir: &Path, name: &str, doc: &toml::Table, args: &Args) -> Outcome {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, toml::to_string(doc).expect("serialise the config")).unwrap();
+    let config = config.display().to_string();
+    let common = ["--config", &config, "--run-id", name, "--token", "bench"];
+    let (learner_metrics, worker_metrics) = (free_port(), free_port());
+    let others = other_cpus();
+    eprintln!("== {name}: learner on CPU 0, worker and orchestrator on CPUs {others}");
+    let learner = serve(
+        "0",
+        learner_metrics,
+        &[&["learner", "--listen", "127.0.0.1:0"][..], &common].concat(),
+        &dir.join(format!("{name}-learner.log")),
+    );
+    let worker = serve(
+        &others,
+        worker_metrics,
+        &[
+            &["worker", "--listen", "127.0.0.1:0", "--id", "w0"][..],
+            &["--learner", &learner.url],
+            &common,
+        ]
+        .concat(),
+        &dir.join(format!("{name}-worker.log")),
+    );
+    let (eval_every, eval_tasks) = (args.eval_every.to_string(), args.eval_tasks.to_string());
+    let db = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
+    let runs = dir.display().to_string();
+    let out = Command::new("taskset")
+        .args(["-c", &others, env!("CARGO_BIN_EXE_chorus"), "serve"])
+        .args([
+            "orchestrator",
+            "--learner",
+            &learner.url,
+            "--worker",
+            &worker.url,
+        ])
+        .args(common)
+        .args(["--eval-every", &eval_every, "--eval-tasks", &eval_tasks])
+        .args(["--db", &db, "--runs-dir", &runs])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("start the orchestrator");
+    assert!(out.status.success(), "the orchestrator of {name} failed");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the orchestrator prints the run's summary");
+    let wall = summary["wall_seconds"].as_f64().unwrap();
+    let learner_busy = metric_sum(learner_metrics, "chorus_learner_step_seconds");
+    let worker_busy = metric_sum(worker_metrics, "chorus_worker_engine_busy_seconds");
+    Outcome {
+        label: String::new(),
+        summary,
+        idle: Some((1.0 - learner_busy / wall, 1.0 - worker_busy / wall)),
     }
 }
 
 fn main() {
     let args = parse_args();
     let dir = tempfile::tempdir().expect("temp dir");
+    let (before, rl) = split_at_rl(&args.config);
+    let checkpoint = before.map(|doc| {
+        eprintln!("== the stages before RL, once (both variants start from their checkpoint)");
+        support::run(dir.path(), "warmup", &doc, &[]);
+        let checkpoint = dir.path().join("warmup").join("checkpoint");
+        assert!(
+            checkpoint.join("config.json").exists(),
+            "the warm-up wrote no checkpoint at {}",
+            checkpoint.display()
+        );
+        checkpoint
+    });
+    let asynchronous = args.max_staleness.map_or("as configured".to_string(), |s| {
+        format!("max_staleness = {s}")
+    });
     let mut outcomes = vec![];
-    for (label, staleness) in [("max_staleness = 0", Some(0)), ("as configured", None)] {
-        let name = if staleness == Some(0) {
-            "sync"
-        } else {
-            "async"
-        };
-        let doc = variant(&args.config, staleness, args.rl_steps, name);
+    for (label, staleness, name) in [
+        ("max_staleness = 0".to_string(), Some(0), "sync"),
+        (asynchronous, args.max_staleness, "async"),
+    ] {
+        let doc = variant(&rl, checkpoint.as_deref(), staleness, args.rl_steps, name);
         eprintln!("== {label}");
-        let run_args = [
-            "--eval-every".to_string(),
-            args.eval_every.to_string(),
-            "--eval-tasks".to_string(),
-            args.eval_tasks.to_string(),
-        ];
-        let summary = support::run(dir.path(), name, &doc, &run_args);
-        outcomes.push(Outcome { label, summary });
+        let mut outcome = if args.processes {
+            run_processes(dir.path(), name, &doc, &args)
+        } else {
+            let run_args = [
+                "--eval-every".to_string(),
+                args.eval_every.to_string(),
+                "--eval-tasks".to_string(),
+                args.eval_tasks.to_string(),
+            ];
+            Outcome {
+                label: String::new(),
+                summary: support::run(dir.path(), name, &doc, &run_args),
+                idle: None,
+            }
+        };
+        outcome.label = label;
+        outcomes.push(outcome);
+    }
+    report(&outcomes, args.processes);
+}
+
+fn report(outcomes: &[Outcome], processes: bool) {
+    if let Some(cpu) = outcomes[0].summary["cpu"].as_str() {
+        println!("cpu (the orchestrator's process): {cpu}");
     }
     let target = outcomes
         .iter()
         .map(Outcome::final_accuracy)
         .fold(f64::INFINITY, f64::min);
     println!(
-        "time to reach {:.1}% mean held-out accuracy (the lower of the two final accuracies), from the start of the run:",
-        100.0 * target
+        "time to reach {:.1}% mean held-out accuracy (the lower of the two final accuracies), from the start of RL{}:",
+        100.0 * target,
+        if processes {
+            " (learner on CPU 0, worker on the others)"
+        } else {
+            " (one process)"
+        }
     );
     println!(
-        "{:<20} {:>10} {:>10} {:>12} {:>10}",
-        "", "final acc", "wall s", "to target s", "max lag"
+        "{:<20} {:>10} {:>10} {:>12} {:>10} {:>13} {:>12}",
+        "", "final acc", "wall s", "to target s", "max lag", "learner idle", "worker idle"
     );
+    let percent = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.0}%", 100.0 * x));
+    let start = outcomes
+        .iter()
+        .map(Outcome::start_accuracy)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if target <= start {
+        println!(
+            "(the target is not above the {:.1}% both started RL from: no time to it is measured; \
+             run more RL steps)",
+            100.0 * start
+        );
+    }
     let mut times = vec![];
-    for o in &outcomes {
+    for o in outcomes {
         let t = o.time_to(target);
         times.push(t);
         println!(
-            "{:<20} {:>9.1}% {:>10.1} {:>12} {:>10}",
+            "{:<20} {:>9.1}% {:>10.1} {:>12} {:>10} {:>13} {:>12}",
             o.label,
             100.0 * o.final_accuracy(),
-            o.summary["wall_seconds"].as_f64().unwrap(),
-            t.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into()),
+            o.wall(),
+            t.filter(|_| target > start)
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
             o.summary["max_lag"]
                 .as_u64()
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "-".into()),
+            percent(o.idle.map(|i| i.0)),
+            percent(o.idle.map(|i| i.1)),
         );
     }
-    if let (Some(sync), Some(asynchronous)) = (times[0], times[1]) {
+    if let (Some(sync), Some(asynchronous), true) = (times[0], times[1], target > start) {
         println!(
             "ratio (synchronous / asynchronous time to target): {:.2}x",
             sync / asynchronous
         );
     }
-    let wall = |o: &Outcome| o.summary["wall_seconds"].as_f64().unwrap();
     println!(
         "ratio of whole-run wall time (synchronous / asynchronous): {:.2}x",
-        wall(&outcomes[0]) / wall(&outcomes[1])
+        outcomes[0].wall() / outcomes[1].wall()
     );
+    if processes {
+        println!(
+            "idle = 1 - busy / wall: the learner busy in its steps (training and publishing), the \
+             worker's engine thread busy installing, prefilling or decoding"
+        );
+    }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use chorus_model::engine::{ContinuousBatch, Engine, FinishReason, Finished, GenerationRequest};
 use chorus_model::sampling::SamplingParams;
 use chorus_proto::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
+use crate::metrics as names;
 use std::sync::mpsc;
 
 /// One generation to run.
@@ -434,6 +435,10 @@ pub fn spawn_engine_loop_with(
     std::thread::Builder::new()
         .name("chorus-engine".into())
         .spawn(move || {
+            // Time the thread computes (installs, prefills, decode steps), not blocked waiting
+            // for work: `1 - busy / wall` is the worker's idle fraction.
+            let busy = metrics::histogram!(names::ENGINE_BUSY_SECONDS);
+            let mut since = Instant::now();
             loop {
                 // Install new weights between steps; sequences keep their caches.
                 let delivered = std::mem::take(&mut *pending.lock().expect("not poisoned"));
@@ -449,7 +454,10 @@ pub fn spawn_engine_loop_with(
                 }
                 if state.active() == 0 {
                     // Idle: block until a job or new weights arrive.
-                    match rx.recv() {
+                    busy.record(since.elapsed().as_secs_f64());
+                    let message = rx.recv();
+                    since = Instant::now();
+                    match message {
                         Ok(Msg::Job(s)) => state.offer(s),
                         Ok(Msg::Wake) => continue,
                         Err(_) => return,
@@ -466,6 +474,8 @@ pub fn spawn_engine_loop_with(
                     continue;
                 }
                 state.step();
+                busy.record(since.elapsed().as_secs_f64());
+                since = Instant::now();
             }
         })
         .expect("spawn the engine thread");

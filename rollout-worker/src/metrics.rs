@@ -9,6 +9,9 @@ pub const REQUESTS_IN_FLIGHT: &str = "chorus_worker_requests_in_flight";
 pub const GENERATED_TOKENS: &str = "chorus_worker_generated_tokens_total";
 /// Seconds a request spent decoding (queue time excluded).
 pub const GENERATE_SECONDS: &str = "chorus_worker_generate_seconds";
+/// Seconds the engine thread computed (installing weights, prefilling, decoding) between
+/// waits for work; its sum over a run's wall time is the worker's busy fraction.
+pub const ENGINE_BUSY_SECONDS: &str = "chorus_worker_engine_busy_seconds";
 /// The policy version the worker samples from.
 pub const POLICY_VERSION: &str = "chorus_worker_policy_version";
 /// Bytes of weights received from the learner.

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { chorus_model::threads::fit_to_allowed_cpus() };
     let args = cli::Cli::parse();
     cli::forget_credentials();
     match cli::run(args) {

@@ -35,6 +35,7 @@ pub mod nn;
 mod params;
 pub mod quantize;
 pub mod sampling;
+pub mod threads;
 pub mod tokenizer;
 
 pub use config::{BlockKind, ChorusSettings, NemotronHConfig};

@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::metrics as names;
 use chorus_model::engine::{ContinuousBatch, Engine, FinishReason, Finished, GenerationRequest};
 use chorus_model::sampling::SamplingParams;
 use chorus_proto::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
-use crate::metrics as names;
 use std::sync::mpsc;
 
 /// One generation to run.

@@ -32,6 +32,17 @@ pub struct FetchError {
     pub kind: FetchErrorKind,
 }
 
+impl FetchError {
+    fn new(run_id: &str, worker_id: &str, version: u64, kind: FetchErrorKind) -> Self {
+        Self {
+            run_id: run_id.to_string(),
+            worker_id: worker_id.to_string(),
+            version,
+            kind,
+        }
+    }
+}
+
 /// What failed while fetching a policy version.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchErrorKind {
@@ -169,12 +180,12 @@ where
         .collect();
     let engine = Engine::from_owned(cfg, tensors, options).map_err(|e| {
         metrics::counter!(names::WEIGHT_SYNC_FAILURES).increment(1);
-        FetchError {
-            run_id: run_id.to_string(),
-            worker_id: worker_id.to_string(),
+        FetchError::new(
+            run_id,
+            worker_id,
             version,
-            kind: FetchErrorKind::Engine(e.to_string()),
-        }
+            FetchErrorKind::Engine(e.to_string()),
+        )
     })?;
     Ok((version, engine))
 }
@@ -202,11 +213,9 @@ where
         fetch_host_tensors(client, run_id, worker_id, at_least, exact, chunk_deadline).await?;
     let mut map = BTreeMap::new();
     for (name, t) in tensors {
-        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| FetchError {
-            run_id: run_id.to_string(),
-            worker_id: worker_id.to_string(),
-            version,
-            kind: FetchErrorKind::Engine(format!("tensor `{name}`: {e}")),
+        let tensor = Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| {
+            let kind = FetchErrorKind::Engine(format!("tensor `{name}`: {e}"));
+            FetchError::new(run_id, worker_id, version, kind)
         })?;
         map.insert(name, tensor);
     }
@@ -230,12 +239,8 @@ where
 {
     let started = std::time::Instant::now();
     let fetched: Result<(u64, BTreeMap<String, HostTensor>, u64), FetchError> = async {
-        let fail = |version: u64, kind: FetchErrorKind| FetchError {
-            run_id: run_id.to_string(),
-            worker_id: worker_id.to_string(),
-            version,
-            kind,
-        };
+        let fail =
+            |version: u64, kind: FetchErrorKind| FetchError::new(run_id, worker_id, version, kind);
         let req = StreamWeightsRequest {
             run_id: run_id.into(),
             policy_version: at_least,

@@ -31,20 +31,29 @@ impl Attention {
         })
     }
 
-    /// `x: [B, T, d]` → `[B, T, d]`, each position attending to itself and earlier ones.
+    /// `x: [B, T, d]` → `[B, T, d]`, each position attending to itself and earlier ones. In f32
+    /// on CPU through one fused op ([`crate::fused::causal_attention`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let a = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            Ok(proj
-                .forward(x)?
-                .reshape((b, t, n, a.head_dim))?
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        if let Some(out) =
+            crate::fused::causal_attention(&q, &k, &v, a.num_heads, a.num_kv_heads, a.head_dim)?
+        {
+            return self.o_proj.forward(&out);
+        }
+        let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, a.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = heads(&self.q_proj, a.num_heads)?;
-        let k = repeat_kv(&heads(&self.k_proj, a.num_kv_heads)?, a.group())?;
-        let v = repeat_kv(&heads(&self.v_proj, a.num_kv_heads)?, a.group())?;
+        let q = heads(&q, a.num_heads)?;
+        let k = repeat_kv(&heads(&k, a.num_kv_heads)?, a.group())?;
+        let v = repeat_kv(&heads(&v, a.num_kv_heads)?, a.group())?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
         let scores = scores.broadcast_add(&causal_bias(t, x.device())?.to_dtype(x.dtype())?)?;

@@ -27,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 mod error;
+mod fused;
 mod layout;
 mod mamba2;
 mod moe;
@@ -35,6 +36,7 @@ pub mod nn;
 mod params;
 pub mod quantize;
 pub mod sampling;
+mod simd;
 pub mod threads;
 pub mod tokenizer;
 

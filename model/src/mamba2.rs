@@ -62,9 +62,56 @@ impl Mamba2 {
         })
     }
 
-    /// `x: [B, T, d]` from the zero state, returning `[B, T, d]`.
+    /// `x: [B, T, d]` from the zero state, returning `[B, T, d]`. In f32 on CPU the conv and
+    /// the scan run as fused ops ([`crate::fused`]); the final state is not kept.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_state(x, None)?.0)
+        let m = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let proj = self.in_proj.forward(x)?;
+        let z = proj.narrow(D::Minus1, 0, m.inner())?;
+        let xbc_in = proj.narrow(D::Minus1, m.inner(), m.conv_dim())?;
+        let bias = match &self.conv_bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(m.conv_dim(), x.dtype(), x.device())?,
+        };
+        let xbc = match crate::fused::causal_conv_silu(&xbc_in, &self.conv_weight, &bias)? {
+            Some(xbc) => xbc,
+            None => causal_depthwise_conv(&xbc_in, &self.conv_weight, Some(&bias), None)?.silu()?,
+        };
+        let dt = self.dt(&proj)?;
+        let a = self.a_log.exp()?.neg()?;
+        let Some(y) = crate::fused::ssd_scan(&xbc, &dt, &a, m)? else {
+            return Ok(self.forward_with_state(x, None)?.0);
+        };
+        let xs = xbc
+            .narrow(D::Minus1, 0, m.inner())?
+            .reshape((b, t, m.num_heads, m.head_dim))?;
+        self.finish(&y, &xs, &z)
+    }
+
+    /// `dt = clamp(softplus(dt + dt_bias))` from the `in_proj` output.
+    fn dt(&self, proj: &Tensor) -> Result<Tensor> {
+        let m = &self.cfg;
+        let dt = proj.narrow(D::Minus1, m.inner() + m.conv_dim(), m.num_heads)?;
+        let mut dt = softplus(&dt.broadcast_add(&self.dt_bias)?)?.maximum(m.dt_min)?;
+        if m.dt_max.is_finite() {
+            dt = dt.minimum(m.dt_max)?;
+        }
+        Ok(dt)
+    }
+
+    /// The scan's output `y: [B, T, H, P]` → D skip, gated RMSNorm, `out_proj`.
+    fn finish(&self, y: &Tensor, xs: &Tensor, z: &Tensor) -> Result<Tensor> {
+        let m = &self.cfg;
+        let (b, t, _, _) = y.dims4()?;
+        let y = (y + xs.broadcast_mul(&self.d.reshape((1, 1, m.num_heads, 1))?)?)?;
+        let y = y.reshape((b, t, m.inner()))?;
+        let (group, eps) = (m.norm_group_size(), self.eps);
+        let y = match crate::fused::gated_rms_norm(&y, z, &self.norm_weight, group, eps)? {
+            Some(y) => y,
+            None => gated_rms_norm(&y, z, &self.norm_weight, group, eps)?,
+        };
+        self.out_proj.forward(&y)
     }
 
     /// `x: [B, T, d]` continuing from `state` (or zeros), returning the output and the state after
@@ -79,7 +126,6 @@ impl Mamba2 {
         let proj = self.in_proj.forward(x)?;
         let z = proj.narrow(D::Minus1, 0, m.inner())?;
         let xbc_in = proj.narrow(D::Minus1, m.inner(), m.conv_dim())?;
-        let dt = proj.narrow(D::Minus1, m.inner() + m.conv_dim(), m.num_heads)?;
 
         let history = state.map(|s| &s.conv);
         let xbc =
@@ -107,17 +153,11 @@ impl Mamba2 {
         let bm = self.expand_groups(&xbc.narrow(D::Minus1, m.inner(), gs)?, b, t)?;
         let cm = self.expand_groups(&xbc.narrow(D::Minus1, m.inner() + gs, gs)?, b, t)?;
 
-        let mut dt = softplus(&dt.broadcast_add(&self.dt_bias)?)?.maximum(m.dt_min)?;
-        if m.dt_max.is_finite() {
-            dt = dt.minimum(m.dt_max)?;
-        }
+        let dt = self.dt(&proj)?;
         let a = self.a_log.exp()?.neg()?;
         let (y, ssm) = ssd_chunked(&xs, &dt, &a, &bm, &cm, m.chunk_size, state.map(|s| &s.ssm))?;
-        let y = (y + xs.broadcast_mul(&self.d.reshape((1, 1, m.num_heads, 1))?)?)?;
-        let y = y.reshape((b, t, m.inner()))?;
-        let y = gated_rms_norm(&y, &z, &self.norm_weight, m.norm_group_size(), self.eps)?;
         Ok((
-            self.out_proj.forward(&y)?,
+            self.finish(&y, &xs, &z)?,
             MambaState {
                 conv: conv_state,
                 ssm,
@@ -259,7 +299,9 @@ pub fn ssd_chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, IndexOp};
+    use crate::config::MambaConfig;
+    use crate::fused::test_support::{max_abs, max_diff};
+    use candle_core::{DType, IndexOp, Var};
 
     /// Step-by-step recurrence: s = exp(dt a) s + dt x Bᵀ, y = s C.
     fn ssd_recurrent(
@@ -387,5 +429,104 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(ey < 1e-4 && es < 1e-4, "{ey} {es}");
+    }
+
+    // The fused scan against this file's chunked scan (value and gradient).
+    fn config(heads: usize, head_dim: usize, groups: usize, state: usize) -> MambaConfig {
+        MambaConfig {
+            num_heads: heads,
+            head_dim,
+            n_groups: groups,
+            state_size: state,
+            conv_kernel: 4,
+            chunk_size: 16,
+            conv_bias: true,
+            proj_bias: false,
+            dt_min: 0.0,
+            dt_max: f64::INFINITY,
+        }
+    }
+
+    /// The same scan through candle's ops: groups expanded to heads, then the chunked scan.
+    fn reference(xbc: &Tensor, dt: &Tensor, a: &Tensor, m: &MambaConfig) -> Tensor {
+        let (b, t, _) = xbc.dims3().unwrap();
+        let gs = m.n_groups * m.state_size;
+        let expand = |v: Tensor| {
+            v.reshape((b, t, m.n_groups, 1, m.state_size))
+                .unwrap()
+                .broadcast_as((b, t, m.n_groups, m.heads_per_group(), m.state_size))
+                .unwrap()
+                .reshape((b, t, m.num_heads, m.state_size))
+                .unwrap()
+        };
+        let x = xbc
+            .narrow(2, 0, m.inner())
+            .unwrap()
+            .reshape((b, t, m.num_heads, m.head_dim))
+            .unwrap();
+        let bm = expand(xbc.narrow(2, m.inner(), gs).unwrap());
+        let cm = expand(xbc.narrow(2, m.inner() + gs, gs).unwrap());
+        ssd_chunked(&x, dt, a, &bm, &cm, 16, None).unwrap().0
+    }
+
+    /// Values, gradients of `xbc`, `dt` and `a` for a weighted sum of the output, fused and
+    /// reference, at lengths around the segment boundaries and with state widths that leave a
+    /// remainder after the 8-lane loops.
+    #[test]
+    fn fused_scan_matches_the_chunked_scan_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        for &(batch, time, heads, head_dim, groups, state) in &[
+            (2, 2, 2, 3, 1, 5),
+            (2, crate::fused::SEGMENT, 4, 4, 2, 8),
+            (1, crate::fused::SEGMENT + 1, 2, 8, 1, 16),
+            (3, 2 * crate::fused::SEGMENT + 7, 6, 4, 3, 11),
+        ] {
+            let m = config(heads, head_dim, groups, state);
+            let conv_dim = m.inner() + 2 * groups * state;
+            let xbc =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, time, conv_dim), &dev).unwrap())
+                    .unwrap();
+            let raw_dt = Tensor::randn(-1f32, 1.0, (batch, time, heads), &dev).unwrap();
+            let dt = Var::from_tensor(&softplus(&raw_dt).unwrap()).unwrap();
+            let a = Var::from_tensor(
+                &Tensor::rand(0.2f32, 2.0, heads, &dev)
+                    .unwrap()
+                    .neg()
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (batch, time, heads, head_dim), &dev).unwrap();
+            let fused = crate::fused::ssd_scan(xbc.as_tensor(), dt.as_tensor(), a.as_tensor(), &m)
+                .unwrap()
+                .expect("f32 on CPU takes the fused op");
+            let want = reference(xbc.as_tensor(), dt.as_tensor(), a.as_tensor(), &m);
+            let case = format!("B{batch} T{time} H{heads} P{head_dim} G{groups} N{state}");
+            let scale = max_abs(&want).max(1.0);
+            assert!(max_diff(&fused, &want) <= 1e-4 * scale, "{case}: values");
+
+            let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_want = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("xbc", &xbc), ("dt", &dt), ("a", &a)] {
+                let got = g_fused.get(var.as_tensor()).expect("fused gradient");
+                let exp = g_want.get(var.as_tensor()).expect("reference gradient");
+                let scale = max_abs(exp).max(1.0);
+                let diff = max_diff(got, exp);
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{case}: d{name} off by {diff} (scale {scale})"
+                );
+                assert!(max_abs(got) > 0.0, "{case}: d{name} is zero");
+            }
+        }
+    }
+
+    #[test]
+    fn other_dtypes_fall_back_to_the_chunked_scan() {
+        let dev = Device::Cpu;
+        let m = config(2, 4, 1, 4);
+        let xbc = Tensor::zeros((1, 3, m.inner() + 8), DType::F64, &dev).unwrap();
+        let dt = Tensor::zeros((1, 3, 2), DType::F64, &dev).unwrap();
+        let a = Tensor::zeros(2, DType::F64, &dev).unwrap();
+        assert!(crate::fused::ssd_scan(&xbc, &dt, &a, &m).unwrap().is_none());
     }
 }

@@ -268,7 +268,53 @@ impl Moe {
             Some((fc1, _)) => fc1.forward(&flat)?,
             None => flat.clone(),
         };
-        let mut out = Tensor::zeros(h.dims(), h.dtype(), x.device())?;
+        let out = if crate::fused::applies(&[&h]) {
+            self.fused_experts(&h, &weights, rows_of, k)?
+        } else {
+            self.composed_experts(&h, &weights, &rows_of)?
+        };
+        let out = match &self.latent {
+            Some((_, fc2)) => fc2.forward(&out)?,
+            None => out,
+        };
+        Ok((out.reshape(dims)? + self.shared.forward(x)?)?)
+    }
+
+    /// The routed experts' weighted sum for every row of `h: [N, width]`, as one fused op
+    /// ([`crate::fused::routed_experts`]); `weights: [N * k]` by output slot.
+    fn fused_experts(
+        &self,
+        h: &Tensor,
+        weights: &Tensor,
+        rows_of: crate::fused::ExpertRows,
+        k: usize,
+    ) -> Result<Tensor> {
+        let (n, width) = h.dims2()?;
+        let stack = |f: fn(&Mlp) -> &Linear| -> Result<Tensor> {
+            let ws = self
+                .experts
+                .iter()
+                .map(|e| f(e).effective_weight())
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&ws, 0)?)
+        };
+        let up = stack(|e| &e.up_proj)?;
+        let down = stack(|e| &e.down_proj)?;
+        let y = crate::fused::routed_experts(h, &up, &down, rows_of, n * k)?
+            .ok_or_else(|| ModelError::Input("routed experts: not an f32 CPU tensor".into()))?;
+        Ok(y.reshape((n, k, width))?
+            .broadcast_mul(&weights.reshape((n, k, 1))?)?
+            .sum(1)?)
+    }
+
+    /// [`Moe::fused_experts`] from candle's ops, one expert at a time (any dtype and device).
+    fn composed_experts(
+        &self,
+        h: &Tensor,
+        weights: &Tensor,
+        rows_of: &crate::fused::ExpertRows,
+    ) -> Result<Tensor> {
+        let mut out = Tensor::zeros(h.dims(), h.dtype(), h.device())?;
         for (e, rows) in rows_of.iter().enumerate() {
             if rows.is_empty() {
                 continue;
@@ -276,22 +322,18 @@ impl Moe {
             let row_idx = Tensor::from_vec(
                 rows.iter().map(|r| r.0).collect::<Vec<_>>(),
                 rows.len(),
-                x.device(),
+                h.device(),
             )?;
             let w_idx = Tensor::from_vec(
                 rows.iter().map(|r| r.1).collect::<Vec<_>>(),
                 rows.len(),
-                x.device(),
+                h.device(),
             )?;
             let y = self.experts[e].forward(&h.index_select(&row_idx, 0)?)?;
             let y = y.broadcast_mul(&weights.index_select(&w_idx, 0)?.unsqueeze(1)?)?;
             out = out.index_add(&row_idx, &y, 0)?;
         }
-        let out = match &self.latent {
-            Some((_, fc2)) => fc2.forward(&out)?,
-            None => out,
-        };
-        Ok((out.reshape(dims)? + self.shared.forward(x)?)?)
+        Ok(out)
     }
 }
 

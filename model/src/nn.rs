@@ -54,13 +54,27 @@ impl Linear {
         self.nvfp4.is_some()
     }
 
+    /// The weight the forward pass multiplies by: [`Linear::weight`], or its NVFP4 rounding
+    /// with a straight-through gradient.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match &self.nvfp4 {
+            Some(name) => nvfp4_straight_through(name, &self.weight),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
     /// Applies the projection to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = match &self.nvfp4 {
-            Some(name) => nvfp4_straight_through(name, &self.weight)?,
-            None => self.weight.clone(),
-        };
-        Ok(x.broadcast_matmul(&weight.t()?)?)
+        let weight = self.effective_weight()?;
+        // As one `[rows, in] x [in, out]` product: a batched `broadcast_matmul` would broadcast
+        // the weight over the leading dimensions, and its backward pass would then build the
+        // weight's gradient once per batch entry and sum them.
+        let dims = x.dims();
+        let (lead, inner) = dims.split_at(dims.len() - 1);
+        let rows = x.reshape(((), inner[0]))?;
+        let mut out = lead.to_vec();
+        out.push(weight.dim(0)?);
+        Ok(rows.matmul(&weight.t()?)?.reshape(out)?)
     }
 }
 
@@ -122,7 +136,8 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Mamba-2's gated RMSNorm: `w * groupnorm(x * silu(z))` with RMS statistics per group of
-/// `group_size` channels (HF `Zamba2RMSNormGated`, norm after gate).
+/// `group_size` channels (HF `Zamba2RMSNormGated`, norm after gate). The training forward pass
+/// runs [`crate::fused`]'s version of it where that applies.
 pub fn gated_rms_norm(
     x: &Tensor,
     z: &Tensor,

@@ -5,10 +5,10 @@
 use super::cache::LayerCache;
 use super::linear::LinearOp;
 use super::load::Weights;
-use super::simd;
 use super::{for_each_sequence, split_rows_mut};
 use crate::config::NemotronHConfig;
 use crate::error::Result;
+use crate::simd;
 
 /// The weights of one attention mixer.
 pub(super) struct AttnW {

@@ -3,7 +3,7 @@
 
 use chorus_kernels::{CpuGemm, Nvfp4Tensor};
 
-use super::simd;
+use crate::simd;
 
 /// A bias-free projection `y = x Wᵀ`, `W: [out, in]` row-major as in HF checkpoints.
 #[derive(Clone, Debug)]

@@ -6,10 +6,10 @@ use super::cache::{LayerCache, Recorded};
 use super::linear::LinearOp;
 use super::load::Weights;
 use super::norm::{silu, softplus};
-use super::simd;
 use super::{for_each_sequence, split_rows_mut};
 use crate::config::{MambaConfig, NemotronHConfig};
 use crate::error::Result;
+use crate::simd;
 
 /// The weights of one Mamba-2 mixer.
 pub(super) struct MambaW {

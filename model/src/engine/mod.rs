@@ -26,7 +26,6 @@ mod mamba2;
 mod moe;
 mod mtp;
 mod norm;
-mod simd;
 
 use std::ops::Range;
 

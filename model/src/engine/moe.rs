@@ -4,10 +4,10 @@
 use super::linear::LinearOp;
 use super::load::Weights;
 use super::map_tasks;
-use super::simd;
 use crate::config::{MoeConfig, NemotronHConfig};
 use crate::error::Result;
 use crate::moe::route;
+use crate::simd;
 
 /// Below this many multiply-adds in the routed experts of a call, they run on one thread.
 const PARALLEL_EXPERT_WORK: usize = 1 << 20;

@@ -1,20 +1,22 @@
-//! The engine's inner loops (SSM update, causal conv, attention, small-batch matrix-vector
-//! products), written so the compiler vectorises them, and compiled twice: for AVX2/FMA, chosen
-//! at run time, and for the baseline target. The SSM update also has an AVX-512 kernel of its own (see [`ssm_head`]).
+//! Inner loops of the inference engine (SSM update, causal conv, attention, small-batch
+//! matrix-vector products) and of the fused training ops ([`crate::fused`]: the scan's and
+//! attention's backward passes), written so the compiler vectorises them, and compiled twice:
+//! for AVX2/FMA, chosen at run time, and for the baseline target. The SSM update also has an
+//! AVX-512 kernel of its own (see [`ssm_head`]).
 
 /// Runs `$body` compiled with AVX2+FMA when the CPU has them, otherwise the portable build.
 macro_rules! dispatch {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn portable($($arg: $ty),*) $body
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { portable($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features `avx2` is compiled for.
                     return unsafe { avx2($($arg),*) };
@@ -135,6 +137,117 @@ dispatch! {
                 *s = *s * da + dx * bv;
             }
             *yv = dot8(row, c) + d * xv;
+        }
+    }
+}
+
+dispatch! {
+    /// The state update of [`ssm_head`] alone, from `prev` into `next`:
+    /// `next[p, n] = prev[p, n] * da + dt * x[p] * b[n]` (the training scan's backward pass
+    /// recomputes a segment's states with it).
+    fn ssm_state_step(prev: &[f32], next: &mut [f32], da: f32, dt: f32, x: &[f32], b: &[f32]) {
+        let ns = b.len();
+        for ((src, dst), &xv) in prev.chunks_exact(ns).zip(next.chunks_exact_mut(ns)).zip(x) {
+            let dx = dt * xv;
+            for ((d, &s), &bv) in dst.iter_mut().zip(src).zip(b) {
+                *d = s * da + dx * bv;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// One step of the SSM scan's backward pass, for one head, walking time backwards.
+    ///
+    /// The step was `s_t = da * s_prev + (dt x) bᵀ`, `y = s_t c`. On entry `ds` holds the
+    /// gradient reaching `s_t` from later steps; `dy` is the gradient of `y`. Adds this step's
+    /// gradients of `c` and `b` into `dc` and `db`, writes the gradient of `dt * x` into `du`,
+    /// leaves in `ds` the gradient reaching `s_prev` (`da` times that of `s_t`), and returns the
+    /// gradient of `da`.
+    fn ssm_head_backward(ds: &mut [f32], da: f32, dt: f32, x: &[f32], b: &[f32], c: &[f32], dy: &[f32], state: &[f32], prev: &[f32], db: &mut [f32], dc: &mut [f32], du: &mut [f32]) -> f32 {
+        let ns = b.len();
+        let mut dda = [0f32; 8];
+        let rows = ds.chunks_exact_mut(ns).zip(state.chunks_exact(ns)).zip(prev.chunks_exact(ns));
+        for ((((g, s), sp), (&gy, &xv)), dup) in rows.zip(dy.iter().zip(x)).zip(du.iter_mut()) {
+            let u = dt * xv;
+            let mut acc_u = [0f32; 8];
+            let chunks = g.chunks_exact_mut(8).zip(s.chunks_exact(8)).zip(sp.chunks_exact(8));
+            let vecs = b.chunks_exact(8).zip(c.chunks_exact(8)).zip(db.chunks_exact_mut(8).zip(dc.chunks_exact_mut(8)));
+            for (((g8, s8), sp8), ((b8, c8), (db8, dc8))) in chunks.zip(vecs) {
+                for i in 0..8 {
+                    let gi = g8[i] + gy * c8[i];
+                    dc8[i] += gy * s8[i];
+                    acc_u[i] += gi * b8[i];
+                    dda[i] += gi * sp8[i];
+                    db8[i] += u * gi;
+                    g8[i] = gi * da;
+                }
+            }
+            let mut sum_u = acc_u.iter().sum::<f32>();
+            for i in ns - ns % 8..ns {
+                let gi = g[i] + gy * c[i];
+                dc[i] += gy * s[i];
+                sum_u += gi * b[i];
+                dda[i % 8] += gi * sp[i];
+                db[i] += u * gi;
+                g[i] = gi * da;
+            }
+            *dup = sum_u;
+        }
+        dda.iter().sum()
+    }
+}
+
+dispatch! {
+    /// The training attention's forward pass for one query row: `out = softmax(scale * q ·
+    /// keys[..visible]) values[..visible]`, keys and values rows `stride` apart from `offset`.
+    /// Writes `out`, returns the log-sum-exp of the scaled scores (what the backward pass needs
+    /// to recompute the probabilities).
+    fn attention_row(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) -> f32 {
+        let hd = q.len();
+        scores.clear();
+        scores.extend((0..visible).map(|t| dot8(q, &keys[t * stride + offset..][..hd]) * scale));
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        out.fill(0.0);
+        let inv = 1.0 / sum;
+        for (t, &p) in scores.iter().enumerate() {
+            let p = p * inv;
+            for (o, &v) in out.iter_mut().zip(&values[t * stride + offset..][..hd]) {
+                *o += p * v;
+            }
+        }
+        max + sum.ln()
+    }
+}
+
+dispatch! {
+    /// The backward pass of [`attention_row`] for one query row, given its output `out`, the
+    /// output's gradient `d_out` and the row's log-sum-exp `lse`: writes the query's gradient
+    /// into `dq` and adds the keys' and values' into `dk` and `dv` (laid out like `keys`).
+    fn attention_row_backward(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, visible: usize, scale: f32, lse: f32, out: &[f32], d_out: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let hd = q.len();
+        let delta = dot8(d_out, out);
+        dq.fill(0.0);
+        for t in 0..visible {
+            let at = t * stride + offset;
+            let k = &keys[at..][..hd];
+            let p = (dot8(q, k) * scale - lse).exp();
+            let dp = dot8(d_out, &values[at..][..hd]);
+            let ds = p * (dp - delta) * scale;
+            for (g, &kv) in dq.iter_mut().zip(k) {
+                *g += ds * kv;
+            }
+            for (g, &dov) in dv[at..][..hd].iter_mut().zip(d_out) {
+                *g += p * dov;
+            }
+            for (g, &qv) in dk[at..][..hd].iter_mut().zip(q) {
+                *g += ds * qv;
+            }
         }
     }
 }

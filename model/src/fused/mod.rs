@@ -1,0 +1,87 @@
+//! Fused CPU ops of the training forward pass, each with its own backward pass.
+//!
+//! candle builds these layers from a dozen primitive ops each; on CPU every primitive is a pass
+//! over memory and an allocation, and autograd keeps the intermediates. A profile of the
+//! `training` bench on `small-d512` put two thirds of a step in the Mamba-2 block, most of it in
+//! the backward passes of the causal conv and the gated RMSNorm (reductions over the batch and
+//! time dimensions, which candle runs through a strided index) and in the chunked scan's
+//! intermediates; most of the rest was the MoE blocks' per-expert gathers and scatters. Each op here makes one pass forward and one or two backward, over all rows in
+//! parallel.
+//!
+//! Every op applies to f32 tensors on the CPU and returns `None` otherwise, so the caller falls
+//! back to the composed version, which stays the reference its tests compare with (value and
+//! gradient, 1e-4).
+
+mod attention;
+mod conv;
+mod experts;
+mod gated_norm;
+mod ssd_scan;
+
+pub(crate) use attention::causal_attention;
+pub(crate) use conv::causal_conv_silu;
+pub(crate) use experts::{ExpertRows, routed_experts};
+pub(crate) use gated_norm::gated_rms_norm;
+#[cfg(test)]
+pub(crate) use ssd_scan::SEGMENT;
+pub(crate) use ssd_scan::ssd_scan;
+
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+
+/// Whether the fused ops apply to `tensors`: all f32, all on the CPU.
+pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
+/// The values of a contiguous f32 CPU storage under `layout`.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// [`contiguous_f32`] for a tensor's storage, as a backward pass receives its inputs.
+fn storage_f32<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(s) => contiguous_f32(s, layout, what),
+        _ => candle_core::bail!("{what} must be on the CPU"),
+    }
+}
+
+/// `silu(v)` and its derivative at `v`.
+#[inline(always)]
+fn silu_and_slope(v: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-v).exp());
+    (v * s, s * (1.0 + v * (1.0 - s)))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::Tensor;
+
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
+    }
+
+    pub(crate) fn max_abs(a: &Tensor) -> f32 {
+        a.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

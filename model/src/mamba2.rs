@@ -104,8 +104,19 @@ impl Mamba2 {
     fn finish(&self, y: &Tensor, xs: &Tensor, z: &Tensor) -> Result<Tensor> {
         let m = &self.cfg;
         let (b, t, _, _) = y.dims4()?;
-        let y = (y + xs.broadcast_mul(&self.d.reshape((1, 1, m.num_heads, 1))?)?)?;
         let y = y.reshape((b, t, m.inner()))?;
+        let xs = xs.reshape((b, t, m.inner()))?;
+        // D per head, as one scale per channel of the flattened heads.
+        let d = self
+            .d
+            .unsqueeze(1)?
+            .broadcast_as((m.num_heads, m.head_dim))?
+            .flatten_all()?;
+        let skip = match crate::fused::scale_channels(&xs, &d)? {
+            Some(skip) => skip,
+            None => xs.broadcast_mul(&d)?,
+        };
+        let y = (y + skip)?;
         let (group, eps) = (m.norm_group_size(), self.eps);
         let y = match crate::fused::gated_rms_norm(&y, z, &self.norm_weight, group, eps)? {
             Some(y) => y,

@@ -59,7 +59,7 @@ impl Block {
         x: &Tensor,
         counter: Option<&mut LoadCounter<'_>>,
     ) -> Result<Tensor> {
-        let h = self.norm.forward(x)?;
+        let h = crate::fused::apply_rms_norm(&self.norm, x)?;
         let y = match &self.mixer {
             Mixer::Mamba(m) => m.forward(&h)?,
             Mixer::Attention(a) => a.forward(&h)?,
@@ -105,8 +105,8 @@ impl MtpHead {
     pub fn forward(&self, next_embeds: &Tensor, hidden: &Tensor) -> Result<Tensor> {
         let x = Tensor::cat(
             &[
-                &self.enorm.forward(next_embeds)?,
-                &self.hnorm.forward(hidden)?,
+                &crate::fused::apply_rms_norm(&self.enorm, next_embeds)?,
+                &crate::fused::apply_rms_norm(&self.hnorm, hidden)?,
             ],
             D::Minus1,
         )?;
@@ -226,7 +226,8 @@ impl NemotronH {
 
     /// `norm_f` then `lm_head`: `[B, T, d]` → logits `[B, T, V]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm_f.forward(hidden)?)
+        self.lm_head
+            .forward(&crate::fused::apply_rms_norm(&self.norm_f, hidden)?)
     }
 
     /// One full forward pass without cache: `ids: [B, T]` → logits `[B, T, V]`. Right padding is
@@ -266,7 +267,10 @@ impl NemotronH {
             let len = t - k;
             let next = embeds.narrow(1, k, len)?;
             h = head.forward(&next, &h.narrow(1, 0, len)?)?;
-            out.push(self.lm_head.forward(&head.norm_f().forward(&h)?)?);
+            out.push(
+                self.lm_head
+                    .forward(&crate::fused::apply_rms_norm(head.norm_f(), &h)?)?,
+            );
         }
         Ok(out)
     }

@@ -127,6 +127,11 @@ impl RmsNorm {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// The epsilon added to the mean square.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 /// `x / sqrt(mean(x²) + eps)` over the last dimension.

@@ -16,17 +16,29 @@ mod attention;
 mod conv;
 mod experts;
 mod gated_norm;
+mod norm;
 mod ssd_scan;
 
 pub(crate) use attention::causal_attention;
 pub(crate) use conv::causal_conv_silu;
 pub(crate) use experts::{ExpertRows, routed_experts};
 pub(crate) use gated_norm::gated_rms_norm;
+pub(crate) use norm::{rms_norm, scale_channels};
 #[cfg(test)]
 pub(crate) use ssd_scan::SEGMENT;
 pub(crate) use ssd_scan::ssd_scan;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+
+use crate::error::Result;
+
+/// `norm.forward(x)`, through the fused op where it applies.
+pub(crate) fn apply_rms_norm(norm: &crate::nn::RmsNorm, x: &Tensor) -> Result<Tensor> {
+    match rms_norm(x, norm.weight(), norm.eps())? {
+        Some(y) => Ok(y),
+        None => norm.forward(x),
+    }
+}
 
 /// Whether the fused ops apply to `tensors`: all f32, all on the CPU.
 pub(crate) fn applies(tensors: &[&Tensor]) -> bool {

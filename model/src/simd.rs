@@ -310,7 +310,7 @@ pub fn gemv_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
 /// `y[o, r] = w[o, :] . x[r, :]` as [`gemv_rows`] writes it (output-major), for a few
 /// activation rows at once: tiles of 4 weight rows by 4 activation rows, 16 accumulators, read
 /// straight from the row-major weights (a GEMM library packs the weight matrix first, which
-/// for 5-32 rows costs about as much as the products). Needs AVX-512 ([`gemm_rows_supported`]).
+/// for 5-64 rows costs about as much as the products). Needs AVX-512 ([`gemm_rows_supported`]).
 /// Each output accumulates in the same order whatever tile it falls in, so a row's numbers do
 /// not depend on the other rows.
 pub fn gemm_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {

@@ -14,8 +14,12 @@
 //! idle fraction, `1 - busy / wall`, from their Prometheus metrics (the learner's
 //! `chorus_learner_step_seconds`, the worker's `chorus_worker_engine_busy_seconds`).
 //!
+//! `--worker-max-batch N` caps how many sequences a worker decodes at once (`[workers]
+//! max_batch`) in both variants, one way to shift a step's cost towards generation (on the
+//! quickstart's nano model, 16 instead of 64 changed neither side's busy time: README, run 8).
+//!
 //!   cargo bench --bench staleness -- [CONFIG] [--eval-every N] [--eval-tasks N] [--rl-steps N]
-//!       [--max-staleness N] [--processes]
+//!       [--max-staleness N] [--worker-max-batch N] [--processes]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +33,7 @@ struct Args {
     eval_tasks: usize,
     rl_steps: Option<u64>,
     max_staleness: Option<u64>,
+    worker_max_batch: Option<u64>,
     processes: bool,
 }
 
@@ -42,6 +47,7 @@ fn parse_args() -> Args {
         eval_tasks: 256,
         rl_steps: None,
         max_staleness: None,
+        worker_max_batch: None,
         processes: false,
     };
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
@@ -57,11 +63,14 @@ fn parse_args() -> Args {
             "--eval-tasks" => args.eval_tasks = value("--eval-tasks") as usize,
             "--rl-steps" => args.rl_steps = Some(value("--rl-steps")),
             "--max-staleness" => args.max_staleness = Some(value("--max-staleness").max(1)),
+            "--worker-max-batch" => {
+                args.worker_max_batch = Some(value("--worker-max-batch").max(1))
+            }
             "--processes" => args.processes = true,
             other if !other.starts_with("--") => args.config = PathBuf::from(other),
             other => panic!(
                 "unknown option {other}; allowed: CONFIG --eval-every N --eval-tasks N \
-                 --rl-steps N --max-staleness N --processes"
+                 --rl-steps N --max-staleness N --worker-max-batch N --processes"
             ),
         }
     }
@@ -338,7 +347,14 @@ fn main() {
         ("max_staleness = 0".to_string(), Some(0), "sync"),
         (asynchronous, args.max_staleness, "async"),
     ] {
-        let doc = variant(&rl, checkpoint.as_deref(), staleness, args.rl_steps, name);
+        let mut doc = variant(&rl, checkpoint.as_deref(), staleness, args.rl_steps, name);
+        if let Some(n) = args.worker_max_batch {
+            let workers = doc
+                .entry("workers")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let workers = workers.as_table_mut().expect("[workers] is a table");
+            workers.insert("max_batch".into(), toml::Value::Integer(n as i64));
+        }
         eprintln!("== {label}");
         let mut outcome = if args.processes {
             run_processes(dir.path(), name, &doc, &args)
@@ -357,6 +373,9 @@ fn main() {
         };
         outcome.label = label;
         outcomes.push(outcome);
+    }
+    if let Some(n) = args.worker_max_batch {
+        println!("both variants: [workers] max_batch = {n} (--worker-max-batch)");
     }
     report(&outcomes, args.processes);
 }

@@ -149,26 +149,62 @@ fn entropy(logp: &Tensor, mask: &Tensor) -> Result<f64> {
 }
 
 /// The log-probability under `model` of each completion token of each sequence of `batch`
-/// (masked or not), computed on the same padded batch and positions as [`rl_loss`]: what a
+/// (masked or not), computed in the same length buckets and positions as [`rl_loss`]: what a
 /// reference policy contributes to the KL penalty.
 pub fn completion_logprobs(model: &NemotronH, batch: &[RlSequence]) -> Result<Vec<Vec<f32>>> {
-    let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
         .iter()
         .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
         .collect();
-    let l = layout(&views, model.config().vocab_size, &device)?;
-    let (lp, _) = token_logprobs(model, &l, None)?;
-    let rows: Vec<Vec<f32>> = lp.detach().to_vec2()?;
-    Ok(batch
-        .iter()
-        .zip(rows)
-        .map(|(s, row)| {
+    let mut out = vec![vec![]; batch.len()];
+    for pass in bucketed_logprobs(model, &views, None)? {
+        let rows: Vec<Vec<f32>> = pass.logprobs.detach().to_vec2()?;
+        for (&i, row) in pass.rows.iter().zip(rows) {
             // Position `p` predicts token `p + 1`: the completion starts at `prompt_len - 1`.
+            let s = &batch[i];
             let first = s.prompt_len - 1;
-            row[first..first + s.tokens.len() - s.prompt_len].to_vec()
+            out[i] = row[first..first + s.tokens.len() - s.prompt_len].to_vec();
+        }
+    }
+    Ok(out)
+}
+
+/// One padded forward pass over a bucket of a batch's sequences of similar length.
+struct BucketPass {
+    /// The batch's indices of the bucket's sequences, in the pass's row order.
+    rows: Vec<usize>,
+    layout: Layout,
+    /// `[rows, width]` log-probability of each next token (with gradient).
+    logprobs: Tensor,
+    /// `[rows, width, V]` log-softmax.
+    log_softmax: Tensor,
+}
+
+/// [`token_logprobs`] of `seqs` in length buckets ([`length_buckets`]), one padded pass each:
+/// a sequence's log-probabilities do not depend on the padding after it (every block is
+/// causal), so this gives one padded pass's values without computing the padding. An RL batch
+/// mixing short answers with long prompts otherwise pads every short one to the longest.
+fn bucketed_logprobs(
+    model: &NemotronH,
+    seqs: &[SeqView<'_>],
+    mut load: Option<&mut ExpertLoad>,
+) -> Result<Vec<BucketPass>> {
+    let device = model_device(model);
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.0.len()).collect();
+    length_buckets(&lengths)
+        .into_iter()
+        .map(|rows| {
+            let part: Vec<SeqView<'_>> = rows.iter().map(|&i| seqs[i]).collect();
+            let layout = layout(&part, model.config().vocab_size, &device)?;
+            let (logprobs, log_softmax) = token_logprobs(model, &layout, load.as_deref_mut())?;
+            Ok(BucketPass {
+                rows,
+                layout,
+                logprobs,
+                log_softmax,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The RL loss of `batch` under `model` for `objective`, with statistics.
@@ -224,8 +260,16 @@ pub(crate) fn rl_loss_counting(
     }
     let advantages: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
     let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
-    let (lp, logp) = token_logprobs(model, &l, Some(load))?;
-    let current: Vec<f32> = lp.detach().flatten_all()?.to_vec1()?;
+    // The objective sees the whole batch in one `[b, w]` layout; the model runs in buckets.
+    let passes = bucketed_logprobs(model, &views, Some(load))?;
+    let mut current = vec![0f32; b * w];
+    for pass in &passes {
+        let pw = pass.layout.width;
+        let values: Vec<f32> = pass.logprobs.detach().flatten_all()?.to_vec1()?;
+        for (r, &i) in pass.rows.iter().enumerate() {
+            current[i * w..i * w + pw].copy_from_slice(&values[r * pw..(r + 1) * pw]);
+        }
+    }
     let evaluation = evaluate(
         objective,
         &TokenBatch {
@@ -240,18 +284,36 @@ pub(crate) fn rl_loss_counting(
         },
     )
     .map_err(|e| LearnerError::Batch(e.0))?;
-    let gradient = Tensor::from_vec(evaluation.grad_logprobs, (b, w), &device)?;
-    let surrogate = (&lp * gradient)?.sum_all()?;
+    let mut surrogate: Option<Tensor> = None;
+    let (mut entropy_sum, mut entropy_tokens) = (0f64, 0f64);
+    for pass in &passes {
+        let pw = pass.layout.width;
+        let mut g = Vec::with_capacity(pass.rows.len() * pw);
+        for &i in &pass.rows {
+            g.extend_from_slice(&evaluation.grad_logprobs[i * w..i * w + pw]);
+        }
+        let g = Tensor::from_vec(g, (pass.rows.len(), pw), &device)?;
+        let part = (&pass.logprobs * g)?.sum_all()?;
+        surrogate = Some(match surrogate {
+            Some(sum) => (sum + part)?,
+            None => part,
+        });
+        let tokens: f64 = pass.layout.mask.iter().map(|&m| m as f64).sum();
+        let mask_tensor =
+            Tensor::from_vec(pass.layout.mask.clone(), (pass.rows.len(), pw), &device)?;
+        entropy_sum += entropy(&pass.log_softmax, &mask_tensor)? * tokens;
+        entropy_tokens += tokens;
+    }
+    let surrogate = surrogate.expect("a batch has at least one bucket");
     let masked = mask.iter().filter(|&&m| m).count().max(1) as f64;
     let abs_diff: f64 = (0..b * w)
         .filter(|&p| mask[p])
         .map(|p| (current[p] - behaviour[p]).abs() as f64)
         .sum();
-    let mask_tensor = Tensor::from_vec(l.mask.clone(), (b, w), &device)?;
     let stats = LossStats {
         loss: evaluation.loss,
         kl: evaluation.kl,
-        entropy: entropy(&logp, &mask_tensor)?,
+        entropy: entropy_sum / entropy_tokens.max(1.0),
         clip_fraction: evaluation.clip_fraction,
         mean_abs_logprob_diff: abs_diff / masked,
         tokens: evaluation.tokens,
@@ -629,5 +691,108 @@ mod tests {
         }];
         let (_, stats) = rl_loss(&model, &with_ref, &o).unwrap();
         assert_eq!(stats.kl, 0.0);
+    }
+
+    /// A hybrid with every block kind whose sequence mixing could leak padding (Mamba-2,
+    /// attention) and a MoE.
+    fn hybrid_model_and_params() -> (NemotronH, Params) {
+        let cfg = NemotronHConfig::from_json_str(
+            r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
+            "hybrid_override_pattern": "M*E", "mamba_num_heads": 2, "mamba_head_dim": 8,
+            "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+            "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+            "moe_shared_expert_intermediate_size": 8}"#,
+        )
+        .unwrap();
+        let params: Params = init_params(&cfg, 7, &Device::Cpu).unwrap();
+        (NemotronH::new(&cfg, &params).unwrap(), params)
+    }
+
+    /// The RL loss runs its forward passes in length buckets; its value and every parameter's
+    /// gradient must be those of one padded pass over the whole batch (what it computed before).
+    #[test]
+    fn bucketed_rl_loss_equals_one_padded_pass() {
+        let (model, params) = hybrid_model_and_params();
+        let batch: Vec<RlSequence> = [(4, 2), (5, 3), (13, 4), (14, 11), (5, 1)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(len, prompt_len))| RlSequence {
+                tokens: (0..len)
+                    .map(|j| ((j * 5 + k * 3 + 1) % 23) as u32 + 1)
+                    .collect(),
+                prompt_len,
+                behavior_logprobs: vec![-2.0; len - prompt_len],
+                advantage: [1.0, -0.5, 0.25, -1.0, 0.75][k],
+                ref_logprobs: None,
+                loss_mask: None,
+            })
+            .collect();
+        let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
+        assert!(
+            length_buckets(&lengths).len() > 1,
+            "the batch spans several buckets"
+        );
+        // Truncated importance sampling makes the gradient depend on the log-probabilities'
+        // values (rho = exp(old - behaviour)), not only on where they sit.
+        let mut objective = Objective::default();
+        objective.set("correction", "tis").unwrap();
+        let (surrogate, stats) = rl_loss(&model, &batch, &objective).unwrap();
+
+        // One padded pass, as the loss was computed before it ran in buckets.
+        let views: Vec<SeqView<'_>> = batch
+            .iter()
+            .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
+            .collect();
+        let l = layout(&views, 24, &Device::Cpu).unwrap();
+        let (b, w) = (batch.len(), l.width);
+        let (lp, _) = token_logprobs(&model, &l, None).unwrap();
+        let current: Vec<f32> = lp.detach().flatten_all().unwrap().to_vec1().unwrap();
+        let mut behaviour = vec![0f32; b * w];
+        for (i, s) in batch.iter().enumerate() {
+            let first = i * w + s.prompt_len - 1;
+            behaviour[first..first + s.behavior_logprobs.len()]
+                .copy_from_slice(&s.behavior_logprobs);
+        }
+        let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
+        let advantages: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
+        let evaluation = evaluate(
+            &objective,
+            &TokenBatch {
+                batch: b,
+                width: w,
+                logprobs: &current,
+                old_logprobs: &current,
+                behaviour_logprobs: &behaviour,
+                advantages: &advantages,
+                mask: &mask,
+                ref_logprobs: None,
+            },
+        )
+        .unwrap();
+        assert!((stats.loss - evaluation.loss).abs() <= 1e-6 * evaluation.loss.abs().max(1.0));
+        let g = Tensor::from_vec(evaluation.grad_logprobs, (b, w), &Device::Cpu).unwrap();
+        let one_pass = (&lp * g).unwrap().sum_all().unwrap();
+
+        let (got, want) = (surrogate.backward().unwrap(), one_pass.backward().unwrap());
+        let mut compared = 0;
+        for (name, var) in params.vars() {
+            let (Some(a), Some(e)) = (got.get(var.as_tensor()), want.get(var.as_tensor())) else {
+                continue;
+            };
+            let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let (a, e) = (flat(a), flat(e));
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(&e)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale.max(1e-3),
+                "{name}: off by {diff} (largest {scale})"
+            );
+            compared += 1;
+        }
+        assert!(compared > 10, "compared {compared} gradients");
     }
 }

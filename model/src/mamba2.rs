@@ -311,7 +311,7 @@ pub fn ssd_chunked(
 mod tests {
     use super::*;
     use crate::config::MambaConfig;
-    use crate::fused::test_support::{max_abs, max_diff};
+    use crate::fused::test_support::assert_same_value_and_gradient;
     use candle_core::{DType, IndexOp, Var};
 
     /// Step-by-step recurrence: s = exp(dt a) s + dt x Bᵀ, y = s C.
@@ -512,22 +512,14 @@ mod tests {
                 .expect("f32 on CPU takes the fused op");
             let want = reference(xbc.as_tensor(), dt.as_tensor(), a.as_tensor(), &m);
             let case = format!("B{batch} T{time} H{heads} P{head_dim} G{groups} N{state}");
-            let scale = max_abs(&want).max(1.0);
-            assert!(max_diff(&fused, &want) <= 1e-4 * scale, "{case}: values");
-
-            let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_want = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, var) in [("xbc", &xbc), ("dt", &dt), ("a", &a)] {
-                let got = g_fused.get(var.as_tensor()).expect("fused gradient");
-                let exp = g_want.get(var.as_tensor()).expect("reference gradient");
-                let scale = max_abs(exp).max(1.0);
-                let diff = max_diff(got, exp);
-                assert!(
-                    diff <= 1e-4 * scale,
-                    "{case}: d{name} off by {diff} (scale {scale})"
-                );
-                assert!(max_abs(got) > 0.0, "{case}: d{name} is zero");
-            }
+            assert_same_value_and_gradient(
+                &case,
+                fused,
+                want,
+                &w,
+                &[("xbc", &xbc, true), ("dt", &dt, true), ("a", &a, true)],
+                1e-4,
+            );
         }
     }
 

@@ -80,7 +80,47 @@ fn silu_and_slope(v: f32) -> (f32, f32) {
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    use candle_core::Tensor;
+    use candle_core::{Tensor, Var};
+
+    /// Asserts that `fused` has `want`'s values (within `value_tol` of the larger magnitude,
+    /// at least 1) and that a `weights`-weighted sum of each sends every input the same
+    /// gradient (1e-4 of the largest), non-zero for the inputs marked so.
+    pub(crate) fn assert_same_value_and_gradient(
+        case: &str,
+        fused: Tensor,
+        want: Tensor,
+        weights: &Tensor,
+        inputs: &[(&str, &Var, bool)],
+        value_tol: f32,
+    ) {
+        let diff = max_diff(&fused, &want);
+        assert!(
+            diff <= value_tol * max_abs(&want).max(1.0),
+            "{case}: values off by {diff}"
+        );
+        let backward = |t: Tensor| {
+            (t * weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_fused, g_want) = (backward(fused), backward(want));
+        for &(name, var, must_move) in inputs {
+            let got = g_fused.get(var.as_tensor()).expect("fused gradient");
+            let exp = g_want.get(var.as_tensor()).expect("reference gradient");
+            let diff = max_diff(got, exp);
+            assert!(
+                diff <= 1e-4 * max_abs(exp).max(1.0),
+                "{case}: d{name} off by {diff} (largest {})",
+                max_abs(exp)
+            );
+            if must_move {
+                assert!(max_abs(got) > 0.0, "{case}: d{name} is zero");
+            }
+        }
+    }
 
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         max_abs(&(a - b).unwrap())

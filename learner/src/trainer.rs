@@ -542,7 +542,7 @@ impl Trainer {
                 Some(format!("gradient norm is not finite ({norm})")),
             ));
         }
-        let st = self.optimizer.step_where(&grads, lr, &updated)?;
+        let st = self.optimizer.step_with_norm(&grads, lr, &updated, norm)?;
         if kind != StepKind::Mtp {
             self.balance_routers(load)?;
         }
@@ -555,7 +555,7 @@ impl Trainer {
         checkpoint::save_checkpoint(dir, &self.model_cfg, &self.params, None)?;
         let opt_path = dir.join(OPTIMIZER_FILE);
         let state: std::collections::HashMap<String, Tensor> =
-            self.optimizer.state_tensors().into_iter().collect();
+            self.optimizer.state_tensors()?.into_iter().collect();
         candle_core::safetensors::save(&state, &opt_path).map_err(|e| {
             LearnerError::Checkpoint {
                 path: opt_path.clone(),

@@ -308,7 +308,8 @@ pub fn gemv_rows(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
 }
 
 /// `y[o, r] = w[o, :] . x[r, :]` as [`gemv_rows`] writes it (output-major), for a few
-/// activation rows at once: tiles of 4 weight rows by 4 activation rows, 16 accumulators, read
+/// activation rows at once: tiles of 4 weight rows by up to 4 activation rows, one accumulator
+/// per output (16 in a full tile), read
 /// straight from the row-major weights (a GEMM library packs the weight matrix first, which
 /// for 5-64 rows costs about as much as the products). Needs AVX-512 ([`gemm_rows_supported`]).
 /// Each output accumulates in the same order whatever tile it falls in, so a row's numbers do
@@ -339,52 +340,80 @@ pub fn gemm_rows_supported() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn gemm_rows_avx512(w: &[f32], k: usize, x: &[f32], y: &mut [f32]) {
+    let (m, rows) = (w.len() / k, x.len() / k);
+    for o in (0..m).step_by(4) {
+        // Tiles of 4 activation rows, then one of the 1-3 left: a call of 1-3 rows (a decode
+        // step, a speculative verification pass) does no work for rows it does not have.
+        let mut r = 0;
+        while r + 4 <= rows {
+            // SAFETY (all four): AVX-512F is enabled here; o < m and r + R <= rows.
+            unsafe { gemm_tile_avx512::<4>(w, k, x, y, o, r) };
+            r += 4;
+        }
+        match rows - r {
+            0 => {}
+            1 => unsafe { gemm_tile_avx512::<1>(w, k, x, y, o, r) },
+            2 => unsafe { gemm_tile_avx512::<2>(w, k, x, y, o, r) },
+            _ => unsafe { gemm_tile_avx512::<3>(w, k, x, y, o, r) },
+        }
+    }
+}
+
+/// The outputs of weight rows `o..o+4` (fewer at the edge) by activation rows `r..r+R` of
+/// [`gemm_rows`]: one accumulator per output, the same sequence of fused multiply-adds and the
+/// same reduction for every `R`, so an output's bits do not depend on the tile's height.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gemm_tile_avx512<const R: usize>(
+    w: &[f32],
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+    o: usize,
+    r: usize,
+) {
     use std::arch::x86_64::*;
     let (m, rows) = (w.len() / k, x.len() / k);
     let full = k / 16 * 16;
     let tail_mask: __mmask16 = ((1u32 << (k - full)) - 1) as u16;
-    for o in (0..m).step_by(4) {
-        // A tile at the edge repeats its last row: the loads hit the cache and the extra
-        // outputs are dropped.
-        let wr: [*const f32; 4] = std::array::from_fn(|a| w[(o + a).min(m - 1) * k..].as_ptr());
-        for r in (0..rows).step_by(4) {
-            let xr: [*const f32; 4] =
-                std::array::from_fn(|b| x[(r + b).min(rows - 1) * k..].as_ptr());
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-            let mut step = |wv: [__m512; 4], xv: [__m512; 4]| {
-                for a in 0..4 {
-                    for b in 0..4 {
-                        acc[a][b] = _mm512_fmadd_ps(wv[a], xv[b], acc[a][b]);
-                    }
-                }
-            };
-            let mut i = 0;
-            while i < full {
-                // SAFETY: i + 16 <= full <= k, and every pointer starts a row of k elements.
-                let (wv, xv) = unsafe {
-                    (
-                        wr.map(|p| _mm512_loadu_ps(p.add(i))),
-                        xr.map(|p| _mm512_loadu_ps(p.add(i))),
-                    )
-                };
-                step(wv, xv);
-                i += 16;
+    // A tile at the weights' edge repeats their last row: the loads hit the cache and the
+    // extra outputs are dropped.
+    let wr: [*const f32; 4] = std::array::from_fn(|a| w[(o + a).min(m - 1) * k..].as_ptr());
+    let xr: [*const f32; R] = std::array::from_fn(|b| x[(r + b) * k..].as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); R]; 4];
+    let mut step = |wv: [__m512; 4], xv: [__m512; R]| {
+        for a in 0..4 {
+            for b in 0..R {
+                acc[a][b] = _mm512_fmadd_ps(wv[a], xv[b], acc[a][b]);
             }
-            if full < k {
-                // SAFETY: the mask covers the k - full elements left in each row.
-                let (wv, xv) = unsafe {
-                    (
-                        wr.map(|p| _mm512_maskz_loadu_ps(tail_mask, p.add(full))),
-                        xr.map(|p| _mm512_maskz_loadu_ps(tail_mask, p.add(full))),
-                    )
-                };
-                step(wv, xv);
-            }
-            for (a, row) in acc.iter().enumerate().take(m - o) {
-                for (b, v) in row.iter().enumerate().take(rows - r) {
-                    y[(o + a) * rows + r + b] = _mm512_reduce_add_ps(*v);
-                }
-            }
+        }
+    };
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 16 <= full <= k, and every pointer starts a row of k elements.
+        let (wv, xv) = unsafe {
+            (
+                wr.map(|p| _mm512_loadu_ps(p.add(i))),
+                xr.map(|p| _mm512_loadu_ps(p.add(i))),
+            )
+        };
+        step(wv, xv);
+        i += 16;
+    }
+    if full < k {
+        // SAFETY: the mask covers the k - full elements left in each row.
+        let (wv, xv) = unsafe {
+            (
+                wr.map(|p| _mm512_maskz_loadu_ps(tail_mask, p.add(full))),
+                xr.map(|p| _mm512_maskz_loadu_ps(tail_mask, p.add(full))),
+            )
+        };
+        step(wv, xv);
+    }
+    for (a, row) in acc.iter().enumerate().take(m - o) {
+        for (b, v) in row.iter().enumerate() {
+            y[(o + a) * rows + r + b] = _mm512_reduce_add_ps(*v);
         }
     }
 }

@@ -104,12 +104,12 @@ impl LinearOp {
     }
 }
 
-/// Up to this many activation rows a projection runs as matrix-vector products that read each
-/// weight row once for all rows; above, as a GEMM.
+/// Without AVX-512, up to this many activation rows a projection runs as matrix-vector products
+/// that read each weight row once for all rows; above, as a GEMM.
 const GEMV_MAX_ROWS: usize = 4;
 
-/// Up to this many activation rows a projection runs on `simd::gemm_rows` where the CPU has
-/// AVX-512; above, on the GEMM library. 64 covers a decode step at batch 64: the library's
+/// Up to this many activation rows (from 1) a projection runs on `simd::gemm_rows` where the
+/// CPU has AVX-512; above, on the GEMM library. 64 covers a decode step at batch 64: the library's
 /// AVX-512 kernels (its `x86-v4` feature, which the training pass needs: +25-45% tokens/s) took
 /// f32 batch-64 generation on small-d512 from about 1,500 to 1,277 tokens/s at 64 rows, the
 /// tiled kernel to about 1,500 (3-5% below the library's AVX2 kernels, measured alternately).
@@ -171,18 +171,21 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
     if rows == 0 || out_dim == 0 {
         return;
     }
-    if rows <= GEMV_MAX_ROWS {
-        // Matrix-vector products, bound by reading the weights: each weight row is read from
-        // memory once and multiplied with every activation row while it sits in L1 (a
-        // speculative verification pass of k+1 tokens then costs about one pass, not k+1).
-        // Each output is the same dot product whatever the row count or split.
-        out_major_rows(simd::gemv_rows, w, out_dim, in_dim, x, rows, y);
+    if rows <= TILED_MAX_ROWS && simd::gemm_rows_supported() {
+        // Up to a batch of 64 (a decode step, a speculative verification pass, the tokens
+        // routed to one expert): tiles read straight from the weights, without the GEMM
+        // library's packing. One kernel from 1 row up gives an output the same bits whatever
+        // rows share the call, so a verification pass of k+1 tokens reproduces plain decoding;
+        // and 2-4 rows cost little more than 1 (each weight vector loaded once for all of
+        // them: a 2-token pass on small-d512 cost 1.65 one-token passes as 2 dot products).
+        out_major_rows(simd::gemm_rows, w, out_dim, in_dim, x, rows, y);
         return;
     }
-    if rows <= TILED_MAX_ROWS && simd::gemm_rows_supported() {
-        // A few rows (a batch of 16, the tokens routed to one expert at batch 64): tiles read
-        // straight from the weights, without the GEMM library's packing.
-        out_major_rows(simd::gemm_rows, w, out_dim, in_dim, x, rows, y);
+    if rows <= GEMV_MAX_ROWS {
+        // Without AVX-512: matrix-vector products, each weight row read from memory once and
+        // multiplied with every activation row while it sits in L1. Each output is the same
+        // dot product whatever the row count or split.
+        out_major_rows(simd::gemv_rows, w, out_dim, in_dim, x, rows, y);
         return;
     }
     let work = rows * out_dim * in_dim;
@@ -248,13 +251,20 @@ mod tests {
         let x: Vec<f32> = (0..32 * inp)
             .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
             .collect();
-        let mut alone = vec![0f32; out * 5];
-        simd::gemm_rows(&w, inp, &x[..5 * inp], &mut alone);
         let mut together = vec![0f32; out * 32];
         simd::gemm_rows(&w, inp, &x, &mut together);
-        for o in 0..out {
-            for r in 0..5 {
-                assert_eq!(alone[o * 5 + r].to_bits(), together[o * 32 + r].to_bits());
+        // 1-3 rows take tiles of their own height; 5 a full tile and one of 1.
+        for few in [1, 2, 3, 5] {
+            let mut alone = vec![0f32; out * few];
+            simd::gemm_rows(&w, inp, &x[..few * inp], &mut alone);
+            for o in 0..out {
+                for r in 0..few {
+                    assert_eq!(
+                        alone[o * few + r].to_bits(),
+                        together[o * 32 + r].to_bits(),
+                        "{few} rows: output {o}, row {r}"
+                    );
+                }
             }
         }
     }

@@ -62,6 +62,12 @@ impl Engine {
         next_tokens: &[u32],
         record: bool,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if rayon::current_thread_index().is_none() {
+            // On a worker of the pool, as `Engine::forward` runs: from outside it, each of the
+            // head's parallel projections was handed over and waited for (two thread wake-ups
+            // per matrix), which made a one-token head pass cost about half a backbone pass.
+            return rayon::scope(|_| self.mtp_forward(cache, hidden, next_tokens, record));
+        }
         let mtp = self
             .mtp
             .as_ref()

@@ -1,10 +1,14 @@
 //! MTP speculative decoding with a trained head against plain decoding, in one run.
 //!
 //! `cargo bench -p chorus-learner --bench mtp_speculation -- [MODEL.json] [--steps N]
-//! [--drafts 1,2,3] [--new N] [--train N]`
+//! [--drafts 1,2,3] [--new N] [--train N] [--sft N] [--threads 1,2]`
 //!
 //! The model (default `configs/models/nano-1.5m.json`, random weights from seed 0) writes its
 //! own greedy continuations of `--train` seeded prompts (96 by default; batched, 64 at a time);
+//! with `--sft N` the whole model is first trained for N steps on generated worked-arithmetic
+//! text (byte-level), so that it writes text with the structure a trained policy's output has
+//! and the prompts are beginnings of such lines (a random model writes noise, which no head
+//! can predict: 12% acceptance on `small-d512` without it);
 //! the MTP head alone is then trained on them for `--steps` steps (`Trainer::mtp_step`, as an
 //! `mtp_heal` stage does: the backbone frozen). On 16 other prompts (seeds from 2^32 up), greedy
 //! generation at batch 1 runs plain and with speculation (the head drafting `k` tokens a
@@ -30,7 +34,12 @@ const HELP: &str = "mtp_speculation bench: speculative decoding with a trained M
   --drafts LIST  draft lengths to measure, comma-separated (default 1,2,3)
   --new N        new tokens per generation (default 64)
   --train N      prompts whose continuations the head trains on (default 96); with fewer
-                 than steps x 16 the head sees each more than once and can learn them by heart";
+                 than steps x 16 the head sees each more than once and can learn them by heart
+  --threads LIST measure generation with each of these thread counts (default: the pool's);
+                 training always uses every thread
+  --sft N        first train the whole model N steps (8 x 128 tokens each) on generated
+                 worked-arithmetic text, so that it writes text a head can learn to predict,
+                 not a random model's noise (default 0: random weights)";
 
 struct Args {
     model: PathBuf,
@@ -38,6 +47,8 @@ struct Args {
     drafts: Vec<usize>,
     new_tokens: usize,
     train: usize,
+    sft: usize,
+    threads: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -48,6 +59,8 @@ fn parse_args() -> Args {
         drafts: vec![1, 2, 3],
         new_tokens: 64,
         train: 96,
+        sft: 0,
+        threads: vec![],
     };
     let number = |flag: &str, v: Option<String>| -> usize {
         v.and_then(|v| v.parse().ok())
@@ -65,6 +78,20 @@ fn parse_args() -> Args {
             "--steps" => a.steps = number("--steps", it.next()),
             "--new" => a.new_tokens = number("--new", it.next()),
             "--train" => a.train = number("--train", it.next()),
+            "--sft" => {
+                a.sft = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("--sft needs a whole number of steps\n\n{HELP}"))
+            }
+            "--threads" => {
+                a.threads = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|k| number("--threads", Some(k.to_string())))
+                    .collect()
+            }
             "--drafts" => {
                 a.drafts = it
                     .next()
@@ -100,6 +127,104 @@ fn prompt(i: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Prompt `i` for a model of vocabulary size `v`.
+type PromptFn = fn(usize, usize) -> Vec<u32>;
+
+/// A seeded xorshift stream.
+struct Seeded(u64);
+
+impl Seeded {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// One line of worked arithmetic, the kind of text a math policy writes: stock phrases around
+/// numbers, e.g. `We add 37 and 48. 37 + 48 = 85, so the answer is 85.`
+fn arithmetic_line(rng: &mut Seeded) -> String {
+    let (a, b) = (rng.below(90) + 10, rng.below(90) + 10);
+    let (verb, sign, value) = match rng.below(3) {
+        0 => ("add", "+", a + b),
+        1 => ("subtract", "-", a.max(b) - a.min(b)),
+        _ => ("multiply", "*", a * b),
+    };
+    let (a, b) = if sign == "-" {
+        (a.max(b), a.min(b))
+    } else {
+        (a, b)
+    };
+    format!("We {verb} {a} and {b}. {a} {sign} {b} = {value}, so the answer is {value}.\n")
+}
+
+/// The byte-level ids of `text` (the special tokens come first, then the 256 bytes).
+fn byte_ids(text: &str) -> Vec<u32> {
+    let offset = chorus_model::tokenizer::SPECIAL_TOKENS.len() as u32;
+    text.bytes().map(|b| offset + b as u32).collect()
+}
+
+/// `seq` tokens of arithmetic lines from `seed`, after a `<s>`.
+fn arithmetic_text(seed: u64, seq: usize) -> Vec<u32> {
+    let mut rng = Seeded::new(seed);
+    let mut ids = vec![1];
+    while ids.len() < seq {
+        ids.extend(byte_ids(&arithmetic_line(&mut rng)));
+    }
+    ids.truncate(seq);
+    ids
+}
+
+/// The beginning of an arithmetic line (up to its first number), after a `<s>`: a prompt whose
+/// continuation a model trained by `--sft` writes in the lines' form.
+fn arithmetic_prompt(seed: u64) -> Vec<u32> {
+    let line = arithmetic_line(&mut Seeded::new(seed));
+    let cut = line.find(" and ").expect("every line names two numbers");
+    std::iter::once(1).chain(byte_ids(&line[..cut])).collect()
+}
+
+/// Trains every parameter of `params` for `steps` SFT steps of 8 x 128 tokens of arithmetic
+/// text; returns the trained parameters.
+fn teach_text(cfg: &NemotronHConfig, params: &Params, steps: usize) -> Params {
+    let snapshot = Params::from_tensors(params.snapshot().unwrap(), &Device::Cpu).unwrap();
+    let config = LearnerConfig {
+        schedule: LrSchedule {
+            peak_lr: 2e-3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(cfg.clone(), snapshot, config).unwrap();
+    let started = Instant::now();
+    let mut last = 0.0;
+    for step in 0..steps {
+        let batch: Vec<SftSequence> = (0..8)
+            .map(|j| SftSequence {
+                tokens: arithmetic_text((step * 8 + j) as u64, 128),
+                prompt_len: 1,
+                loss_mask: None,
+            })
+            .collect();
+        last = trainer.sft_step(&batch).unwrap().stats.loss;
+        if (step + 1) % 25 == 0 {
+            eprintln!(
+                "  text training: step {} of {steps}, loss {last:.3}",
+                step + 1
+            );
+        }
+    }
+    println!(
+        "(model trained to write arithmetic text: {steps} SFT steps of 8 x 128 tokens in {:.0} s, last loss {last:.3})",
+        started.elapsed().as_secs_f64()
+    );
+    Params::from_tensors(trainer.params().snapshot().unwrap(), &Device::Cpu).unwrap()
+}
+
 fn request(prompt: Vec<u32>, n: usize) -> GenerationRequest {
     GenerationRequest {
         prompt,
@@ -114,6 +239,21 @@ fn request(prompt: Vec<u32>, n: usize) -> GenerationRequest {
 /// tokens/s, acceptance and speed-up for each draft length, and checks that speculation
 /// changed no token.
 fn measure(label: &str, engine: &Engine, prompts: &[Vec<u32>], a: &Args) {
+    if a.threads.is_empty() {
+        return measure_here(label, engine, prompts, a);
+    }
+    for &threads in &a.threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool for the measurement");
+        let label = format!("{label} {threads}t");
+        pool.install(|| measure_here(&label, engine, prompts, a));
+    }
+}
+
+/// [`measure`] on the current thread pool.
+fn measure_here(label: &str, engine: &Engine, prompts: &[Vec<u32>], a: &Args) {
     let time = |f: &mut dyn FnMut() -> usize| {
         // Best of two, against a busy machine.
         (0..2)
@@ -134,7 +274,7 @@ fn measure(label: &str, engine: &Engine, prompts: &[Vec<u32>], a: &Args) {
         plain_tokens.iter().map(Vec::len).sum()
     });
     println!(
-        "{label:<10} {:>6} {plain:>12.0} {:>12} {:>10}",
+        "{label:<13} {:>6} {plain:>12.0} {:>12} {:>10}",
         "plain", "", "1.00x"
     );
     for &k in &a.drafts {
@@ -153,7 +293,7 @@ fn measure(label: &str, engine: &Engine, prompts: &[Vec<u32>], a: &Args) {
             n
         });
         println!(
-            "{label:<10} {:>6} {rate:>12.0} {:>11.0}% {:>9.2}x   (a pass of {} tokens costs {:.2} passes of 1)",
+            "{label:<13} {:>6} {rate:>12.0} {:>11.0}% {:>9.2}x   (a pass of {} tokens costs {:.2} passes of 1)",
             format!("k={k}"),
             100.0 * accepted as f64 / drafted.max(1) as f64,
             rate / plain,
@@ -204,6 +344,14 @@ fn main() {
     );
     let params = checkpoint::init_params(&cfg, 0, &Device::Cpu).unwrap();
     let v = cfg.vocab_size;
+    let text = a.sft > 0;
+    if text {
+        assert!(
+            v >= chorus_model::tokenizer::BYTE_LEVEL_VOCAB,
+            "--sft writes byte-level text: the model's vocabulary ({v}) must hold the byte-level tokenizer's {}",
+            chorus_model::tokenizer::BYTE_LEVEL_VOCAB
+        );
+    }
     println!("cpu: {}", chorus_kernels::cpu_description());
     println!(
         "model: {} ({} parameters), greedy, batch 1, {} new tokens",
@@ -212,9 +360,20 @@ fn main() {
         a.new_tokens
     );
 
+    let params = if text {
+        teach_text(&cfg, &params, a.sft)
+    } else {
+        params
+    };
+    // Far from the training prompts' seeds, whatever `--train` is.
+    let (train_prompt, heldout_seed): (PromptFn, usize) = if text {
+        (|i, _| arithmetic_prompt((1 << 40) + i as u64), 1 << 41)
+    } else {
+        (prompt, 1 << 32)
+    };
     let engine = Engine::from_params(&cfg, &params).unwrap();
     let started = Instant::now();
-    let prompts: Vec<Vec<u32>> = (0..a.train).map(|i| prompt(i, v)).collect();
+    let prompts: Vec<Vec<u32>> = (0..a.train).map(|i| train_prompt(i, v)).collect();
     let requests: Vec<GenerationRequest> = prompts.iter().map(|p| request(p.clone(), 48)).collect();
     let train: Vec<SftSequence> = engine
         .generate_batch(&requests, 64)
@@ -232,11 +391,20 @@ fn main() {
         a.train,
         started.elapsed().as_secs_f64()
     );
-    // Far from the training prompts' seeds, whatever `--train` is.
-    let heldout: Vec<Vec<u32>> = (0..16).map(|i| prompt((1 << 32) + i, v)).collect();
+    let heldout: Vec<Vec<u32>> = (0..16).map(|i| train_prompt(heldout_seed + i, v)).collect();
+    if text {
+        let tokenizer = chorus_model::tokenizer::Tokenizer::byte_level();
+        let sample = engine.generate(&request(heldout[0].clone(), 64)).unwrap();
+        println!(
+            "(a held-out prompt and its greedy continuation: {:?})",
+            tokenizer
+                .decode(&[heldout[0].clone(), sample.tokens].concat(), true)
+                .unwrap()
+        );
+    }
 
     println!(
-        "{:<10} {:>6} {:>12} {:>12} {:>10}",
+        "{:<13} {:>6} {:>12} {:>12} {:>10}",
         "head", "mode", "tokens/s", "acceptance", "vs plain"
     );
     measure("untrained", &engine, &heldout, &a);

@@ -304,10 +304,14 @@ impl std::ops::Deref for HostF32<'_> {
 /// Elements per task of the in-place passes.
 const CHUNK: usize = 1 << 16;
 
-/// `sum(v^2)`, accumulated in f64.
+/// `sum(v^2)`, accumulated in f64: chunks in parallel, their sums added in order, so the result
+/// does not depend on how the pool split the work (a resumed run must repeat the norm, and with
+/// it the clipping, bit for bit).
 fn sum_of_squares(v: &[f32]) -> f64 {
     v.par_chunks(CHUNK)
         .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .into_iter()
         .sum()
 }
 
@@ -558,6 +562,31 @@ mod tests {
         // The weights moved: a comparison of two unchanged copies would pass too.
         let start = ((1.0f64) * 0.37).sin();
         assert!((w64[0][1] - start).abs() > 1e-3);
+    }
+
+    #[test]
+    fn the_gradient_norm_adds_its_chunks_in_order_whatever_the_thread_count() {
+        // Chunks of very different magnitudes, so that another order of the additions (a tree
+        // of halves, as a parallel reduction makes) gives other bits.
+        let v: Vec<f32> = (0..9 * CHUNK + 17)
+            .map(|i| ((i as f32) * 0.001).sin() * 10f32.powi((i / CHUNK) as i32 * 3 % 11 - 5))
+            .collect();
+        let in_order = v
+            .chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .fold(0.0, |acc, s| acc + s);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| sum_of_squares(&v));
+            assert_eq!(
+                got.to_bits(),
+                in_order.to_bits(),
+                "{threads} threads: {got} vs {in_order}"
+            );
+        }
     }
 
     #[test]

@@ -188,18 +188,23 @@ fn arithmetic_prompt(seed: u64) -> Vec<u32> {
     std::iter::once(1).chain(byte_ids(&line[..cut])).collect()
 }
 
-/// Trains every parameter of `params` for `steps` SFT steps of 8 x 128 tokens of arithmetic
-/// text; returns the trained parameters.
-fn teach_text(cfg: &NemotronHConfig, params: &Params, steps: usize) -> Params {
-    let snapshot = Params::from_tensors(params.snapshot().unwrap(), &Device::Cpu).unwrap();
+/// A trainer (peak learning rate `peak_lr`) on a copy of `params`, which stay as they are.
+fn trainer_on_copy(cfg: &NemotronHConfig, params: &Params, peak_lr: f64) -> Trainer {
+    let copy = Params::from_tensors(params.snapshot().unwrap(), &Device::Cpu).unwrap();
     let config = LearnerConfig {
         schedule: LrSchedule {
-            peak_lr: 2e-3,
+            peak_lr,
             ..Default::default()
         },
         ..Default::default()
     };
-    let mut trainer = Trainer::new(cfg.clone(), snapshot, config).unwrap();
+    Trainer::new(cfg.clone(), copy, config).unwrap()
+}
+
+/// Trains every parameter of `params` for `steps` SFT steps of 8 x 128 tokens of arithmetic
+/// text; returns the trained parameters.
+fn teach_text(cfg: &NemotronHConfig, params: &Params, steps: usize) -> Params {
+    let mut trainer = trainer_on_copy(cfg, params, 2e-3);
     let started = Instant::now();
     let mut last = 0.0;
     for step in 0..steps {
@@ -413,15 +418,7 @@ fn main() {
     );
     measure("untrained", &engine, &heldout, &a);
 
-    let snapshot = Params::from_tensors(params.snapshot().unwrap(), &Device::Cpu).unwrap();
-    let config = LearnerConfig {
-        schedule: LrSchedule {
-            peak_lr: 3e-3,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(cfg.clone(), snapshot, config).unwrap();
+    let mut trainer = trainer_on_copy(&cfg, &params, 3e-3);
     let started = Instant::now();
     let mut last = 0.0;
     for step in 0..a.steps {

@@ -513,15 +513,20 @@ mod tests {
     }
 
     fn moe_model_and_params() -> (NemotronH, Params) {
-        let cfg = NemotronHConfig::from_json_str(
+        model_and_params(
             r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
             "hybrid_override_pattern": "*E", "num_attention_heads": 2,
             "num_key_value_heads": 1, "head_dim": 8, "n_routed_experts": 4,
             "num_experts_per_tok": 2, "moe_intermediate_size": 8,
             "moe_shared_expert_intermediate_size": 8}"#,
+            5,
         )
-        .unwrap();
-        let params: Params = init_params(&cfg, 5, &Device::Cpu).unwrap();
+    }
+
+    /// A model of the config `json` with random weights from `seed`, and its parameters.
+    fn model_and_params(json: &str, seed: u64) -> (NemotronH, Params) {
+        let cfg = NemotronHConfig::from_json_str(json).unwrap();
+        let params: Params = init_params(&cfg, seed, &Device::Cpu).unwrap();
         (NemotronH::new(&cfg, &params).unwrap(), params)
     }
 
@@ -696,17 +701,15 @@ mod tests {
     /// A hybrid with every block kind whose sequence mixing could leak padding (Mamba-2,
     /// attention) and a MoE.
     fn hybrid_model_and_params() -> (NemotronH, Params) {
-        let cfg = NemotronHConfig::from_json_str(
+        model_and_params(
             r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
             "hybrid_override_pattern": "M*E", "mamba_num_heads": 2, "mamba_head_dim": 8,
             "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
             "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
             "moe_shared_expert_intermediate_size": 8}"#,
+            7,
         )
-        .unwrap();
-        let params: Params = init_params(&cfg, 7, &Device::Cpu).unwrap();
-        (NemotronH::new(&cfg, &params).unwrap(), params)
     }
 
     /// The RL loss runs its forward passes in length buckets; its value and every parameter's

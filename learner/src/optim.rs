@@ -121,8 +121,8 @@ impl AdamW {
         let mut sq = 0f64;
         for (_, v) in self.params.iter().filter(|(n, _)| updated(n)) {
             if let Some(g) = grads.get(v.as_tensor()) {
-                sq += match host_f32(g) {
-                    Some(values) => sum_of_squares(&values),
+                sq += match squared_norm_in_place(g) {
+                    Some(sq) => sq,
                     None => g
                         .to_dtype(DType::F64)?
                         .sqr()?
@@ -271,33 +271,15 @@ fn in_place_applies(tensors: &[&Tensor]) -> bool {
         .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && t.is_contiguous())
 }
 
-/// The values of a contiguous f32 CPU tensor, read in place.
-fn host_f32(t: &Tensor) -> Option<HostF32<'_>> {
-    if !in_place_applies(&[t]) {
+/// `sum(g^2)` of a contiguous f32 CPU tensor, read in place; `None` for any other tensor.
+fn squared_norm_in_place(g: &Tensor) -> Option<f64> {
+    if !in_place_applies(&[g]) {
         return None;
     }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(HostF32 {
-        guard: storage,
-        range: start..end,
-    })
-}
-
-/// A read guard on an f32 CPU storage and the range a tensor covers in it.
-struct HostF32<'a> {
-    guard: candle_core::StorageRef<'a>,
-    range: std::ops::Range<usize>,
-}
-
-impl std::ops::Deref for HostF32<'_> {
-    type Target = [f32];
-
-    fn deref(&self) -> &[f32] {
-        match &*self.guard {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
-            _ => unreachable!("host_f32 checked the dtype and device"),
-        }
+    let (storage, layout) = g.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => slice_f32(cpu, layout).ok().map(sum_of_squares),
+        _ => None,
     }
 }
 
@@ -440,6 +422,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The gradients of `sum(v^2)`.
+    fn grads_of_sum_of_squares(v: &Var) -> GradStore {
+        v.as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     #[test]
     fn matches_the_adamw_formula() {
         let v = Var::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
@@ -454,14 +447,7 @@ mod tests {
         // loss = sum(w^2) -> grad 2w
         let (mut m, mut s, mut w) = ([0f64; 2], [0f64; 2], [1.0f64, -2.0]);
         for t in 1..=3 {
-            let grads = v
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = grads_of_sum_of_squares(&v);
             opt.step(&grads, 0.01).unwrap();
             for i in 0..2 {
                 let g = 2.0 * w[i];
@@ -594,14 +580,7 @@ mod tests {
         let v = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![("w".into(), v.clone())], AdamWConfig::default()).unwrap();
         let step = |opt: &mut AdamW| {
-            let grads = v
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = grads_of_sum_of_squares(&v);
             opt.step(&grads, 0.01).unwrap();
         };
         step(&mut opt);

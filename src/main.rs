@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // SAFETY: first thing in `main`, before any other thread exists.
+    // First: in a sandbox spawner process (started by this binary) this serves and exits.
+    chorus_environments::sandbox::spawner::serve_or_enable();
+    // SAFETY: first thing in `main` (a spawner never gets here), before any other thread exists.
     unsafe { chorus_model::threads::fit_to_allowed_cpus() };
     let args = cli::Cli::parse();
     cli::forget_credentials();

@@ -77,8 +77,10 @@
 //! where this process may create them, cgroup v1 `pids` and `memory` groups; as root the
 //! program runs as a per-run unprivileged host uid, so `RLIMIT_NPROC` caps a fork bomb even
 //! without cgroups. Each [`sandbox::Outcome`] names the backend that ran it, and how the run
-//! ended ([`sandbox::Termination`]) with a reason for the score. `chat::extract_code` is how
-//! code is pulled out of a completion.
+//! ended ([`sandbox::Termination`]) with a reason for the score. A binary that calls
+//! [`sandbox::spawner::serve_or_enable`] first in `main` (as `chorus` does) has the shared
+//! sandbox's runs started from a small spawner process, so a large training process is never
+//! forked. `chat::extract_code` is how code is pulled out of a completion.
 //!
 //! # Invariants
 //!

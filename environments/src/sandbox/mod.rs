@@ -79,6 +79,7 @@ mod layout;
 mod runner;
 mod seccomp;
 mod spawn;
+pub mod spawner;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -291,6 +292,8 @@ pub struct Sandbox {
     privileged: bool,
     /// The system-call filter every program runs under (none on architectures without one).
     seccomp: Option<seccomp::Filter>,
+    /// The process runs start from, when not this one ([`spawner`]).
+    spawner: Option<spawner::Spawner>,
 }
 
 impl Sandbox {
@@ -351,6 +354,7 @@ impl Sandbox {
             root_mountpoint,
             privileged,
             seccomp: seccomp::Filter::for_this_arch(),
+            spawner: None,
         };
         sandbox.self_test().map_err(unavailable)?;
         Ok(sandbox)
@@ -421,12 +425,17 @@ impl Sandbox {
         } else {
             "no seccomp filter"
         };
-        format!("{} backend, {cgroups}, {seccomp}", self.backend)
+        let from = match self.spawner_pid() {
+            Some(pid) => format!(", started from spawner process {pid}"),
+            None => String::new(),
+        };
+        format!("{} backend, {cgroups}, {seccomp}{from}", self.backend)
     }
 
     /// The same sandbox without the seccomp filter, for testing what the filter alone denies.
     pub fn without_seccomp(mut self) -> Sandbox {
         self.seccomp = None;
+        self.spawner = None;
         self
     }
 
@@ -435,13 +444,22 @@ impl Sandbox {
     /// and for testing that the rlimits alone contain a program.
     pub fn without_cgroups(mut self) -> Sandbox {
         self.cgroups = cgroup::CgroupRoots::default();
+        self.spawner = None;
         self
     }
 
     /// Runs one program to completion (or to a limit). Errors mean the sandbox could not start
     /// it (or the request is malformed); whatever the program does ends in an [`Outcome`].
     pub fn run(&self, req: &SandboxRequest) -> Result<Outcome, SandboxError> {
+        if let Some(outcome) = self.spawner.as_ref().and_then(|s| s.run(req)) {
+            return outcome;
+        }
         runner::run(self, req)
+    }
+
+    /// The process id of the spawner this sandbox's runs start from, if any ([`spawner`]).
+    pub fn spawner_pid(&self) -> Option<u32> {
+        self.spawner.as_ref().map(spawner::Spawner::pid)
     }
 
     /// The path of a Python 3 interpreter usable inside the sandbox (found on `PATH`, else
@@ -452,10 +470,24 @@ impl Sandbox {
     }
 }
 
-/// The process-wide sandbox, detected on first use.
+/// The process-wide sandbox, detected on first use. Where the binary called
+/// [`spawner::serve_or_enable`], its runs start from a spawner process started here.
 pub fn shared() -> Result<&'static Sandbox, SandboxError> {
     static SHARED: OnceLock<Result<Sandbox, String>> = OnceLock::new();
-    match SHARED.get_or_init(|| Sandbox::detect().map_err(|err| err.to_string())) {
+    let detect = || {
+        let mut sandbox = Sandbox::detect().map_err(|err| err.to_string())?;
+        if spawner::enabled() {
+            match spawner::Spawner::start() {
+                Ok(spawner) => sandbox.spawner = Some(spawner),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "no sandbox spawner process; runs start from this process"
+                ),
+            }
+        }
+        Ok(sandbox)
+    };
+    match SHARED.get_or_init(detect) {
         Ok(sandbox) => Ok(sandbox),
         Err(message) => Err(SandboxError::Unavailable(message.clone())),
     }

@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use super::judge::{JudgeRequest, JudgeTest, Solution, TestKind, judge};
 use super::script::{Runner, Script, run_in_sandbox};
-use crate::chat::{Message, TOOL_CALL_OPEN, ToolCall, parse_completion, parse_tool_calls};
+use crate::chat::{
+    Message, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_completion, parse_tool_calls,
+};
 use crate::env::{Category, EnvInfo, Environment, Episode, StepOutcome, Turns, response_or_zero};
 use crate::error::EnvError;
 use crate::sampling::{TaskOrigin, TaskRng, draw_in_split, make_task, stable_hash};
@@ -1254,10 +1256,17 @@ impl Swe {
     }
 }
 
+/// The reference's fix. Its arguments come in the tool's own order (`path`, `old`, `new`), not
+/// JSON's sorted one, so the line to replace is written before its replacement, which a model
+/// can then copy from it with one change (sorted, `new` would come first, and a model would
+/// have to write the fix before the line it fixes).
 fn fix_call(bug: &Bug) -> String {
-    tool_call(
-        "edit",
-        serde_json::json!({"path": bug.path, "old": bug.buggy_line, "new": bug.fixed_line}),
+    let quoted = |text: &str| serde_json::Value::from(text).to_string();
+    format!(
+        "{TOOL_CALL_OPEN}{{\"name\":\"edit\",\"arguments\":{{\"path\":{},\"old\":{},\"new\":{}}}}}{TOOL_CALL_CLOSE}",
+        quoted(&bug.path),
+        quoted(&bug.buggy_line),
+        quoted(&bug.fixed_line)
     )
 }
 
@@ -1413,6 +1422,28 @@ mod tests {
                 return (outcome.score.unwrap(), episode);
             }
             assert!(episode.turn < MAX_TURNS, "{:#?}", episode.messages);
+        }
+    }
+
+    #[test]
+    fn the_reference_fix_writes_the_line_before_its_replacement() {
+        for seed in 0..12 {
+            let task = train_task(&Swe, seed, 0);
+            let expected: Verification = task.verification_as().unwrap();
+            let fix = fix_call(&expected.bug);
+            let at = |key: &str| fix.find(&format!("\"{key}\":")).unwrap();
+            assert!(at("path") < at("old") && at("old") < at("new"), "{fix}");
+            let calls = parse_tool_calls(&fix).unwrap();
+            assert_eq!(calls.len(), 1, "{fix}");
+            assert_eq!(calls[0].name, "edit");
+            assert_eq!(
+                calls[0].arguments,
+                serde_json::json!({
+                    "path": expected.bug.path,
+                    "old": expected.bug.buggy_line,
+                    "new": expected.bug.fixed_line,
+                })
+            );
         }
     }
 

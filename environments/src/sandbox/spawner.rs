@@ -53,7 +53,8 @@ pub fn serve_or_enable() {
         let code = match serve(Path::new(&path)) {
             Ok(()) => 0,
             Err(message) => {
-                println!("error: {message}");
+                // The parent reads this line (the protocol's first), not a log.
+                let _ = writeln!(std::io::stdout(), "error: {message}");
                 1
             }
         };
@@ -80,9 +81,9 @@ fn serve(socket: &Path) -> Result<(), String> {
         while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
         std::process::exit(0);
     });
-    println!("ready");
-    std::io::stdout()
-        .flush()
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "ready")
+        .and_then(|()| stdout.flush())
         .map_err(|err| format!("writing to the parent: {err}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };

@@ -2,13 +2,14 @@
 //! directly and in each available backend, side by side in one run.
 //!
 //! `cargo bench -p chorus-environments --bench sandbox_overhead [-- RUNS] [--ballast-gib N]`
-//! (default 60 runs per column, after 5 warm-up runs; the two are interleaved).
+//! (default 60 runs per column, after 5 warm-up runs; the two are interleaved). Medians are
+//! what the goal is about; minimums show the cost on an idle machine, since load only ever adds
+//! time. Each backend is compared with the same interpreter run directly (the bubblewrap
+//! backend may use a different one, see `Sandbox::python`).
 //!
 //! A second table shows why runs start from a spawner process (`sandbox::spawner`): after this
 //! process has touched N GiB (default 2, like a training process holding a model), the same
-//! run started from this process and from the spawner, interleaved. Medians are what the goal is about;
-//! minimums show the cost on an idle machine, since load only ever adds time. Each backend is compared with the same interpreter run
-//! directly (the bubblewrap backend may use a different one, see `Sandbox::python`).
+//! run started from this process and from the spawner, interleaved.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1261,13 +1261,28 @@ impl Swe {
 /// can then copy from it with one change (sorted, `new` would come first, and a model would
 /// have to write the fix before the line it fixes).
 fn fix_call(bug: &Bug) -> String {
-    let quoted = |text: &str| serde_json::Value::from(text).to_string();
-    format!(
-        "{TOOL_CALL_OPEN}{{\"name\":\"edit\",\"arguments\":{{\"path\":{},\"old\":{},\"new\":{}}}}}{TOOL_CALL_CLOSE}",
-        quoted(&bug.path),
-        quoted(&bug.buggy_line),
-        quoted(&bug.fixed_line)
-    )
+    // Structs serialise their fields in declaration order; a `serde_json::Value` sorts them.
+    #[derive(Serialize)]
+    struct Edit<'a> {
+        name: &'static str,
+        arguments: EditArguments<'a>,
+    }
+    #[derive(Serialize)]
+    struct EditArguments<'a> {
+        path: &'a str,
+        old: &'a str,
+        new: &'a str,
+    }
+    let call = Edit {
+        name: "edit",
+        arguments: EditArguments {
+            path: &bug.path,
+            old: &bug.buggy_line,
+            new: &bug.fixed_line,
+        },
+    };
+    let json = serde_json::to_string(&call).expect("strings serialise");
+    format!("{TOOL_CALL_OPEN}{json}{TOOL_CALL_CLOSE}")
 }
 
 impl Environment for Swe {

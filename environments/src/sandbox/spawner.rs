@@ -3,9 +3,9 @@
 //! Every run forks (the namespaces backend forks four times before the program executes), and
 //! `fork` copies the page tables of the whole address space and stalls the parent's other
 //! threads while it does. A training process holding a model, its optimizer and the workers'
-//! caches maps gigabytes, so each fork there costs tens of milliseconds where it costs well
-//! under one in a small process; a sandboxed test run that takes 20 ms in a small process
-//! took about 300 ms inside `chorus run`.
+//! caches maps gigabytes, so each fork there costs far more than in a small process: the
+//! `sandbox_overhead` bench measured `python3 -c pass` at 347 ms (median) started from a
+//! process holding 2 GiB and at 65 ms started from the spawner.
 //!
 //! A binary that calls [`serve_or_enable`] first thing in `main` gets a spawner: on the first
 //! use of [`super::shared`] it starts its own executable again (`/proc/self/exe`, by
@@ -24,7 +24,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -112,9 +112,8 @@ pub(crate) struct Spawner {
     socket: PathBuf,
     /// Idle connections, reused by later runs.
     idle: Mutex<Vec<UnixStream>>,
-    /// Kept open: the spawner exits when this closes.
-    _stdin: ChildStdin,
-    child: Mutex<Child>,
+    /// The spawner, its standard input kept open: it exits when that closes.
+    child: Child,
     /// Set once a failure has been logged, so a dead spawner warns once.
     warned: AtomicBool,
 }
@@ -143,7 +142,6 @@ impl Spawner {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|err| format!("starting /proc/self/exe as a spawner: {err}"))?;
-        let stdin = child.stdin.take().ok_or("no pipe to the spawner's stdin")?;
         let stdout = child
             .stdout
             .take()
@@ -163,15 +161,14 @@ impl Spawner {
         Ok(Spawner {
             socket,
             idle: Mutex::new(Vec::new()),
-            _stdin: stdin,
-            child: Mutex::new(child),
+            child,
             warned: AtomicBool::new(false),
         })
     }
 
     /// The spawner's process id.
     pub(crate) fn pid(&self) -> u32 {
-        self.child.lock().map(|c| c.id()).unwrap_or_default()
+        self.child.id()
     }
 
     /// Runs `req` in the spawner; `None` when the spawner could not be reached (the caller
@@ -224,10 +221,8 @@ impl Spawner {
 
 impl Drop for Spawner {
     fn drop(&mut self) {
-        if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         if let Some(dir) = self.socket.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -673,6 +673,8 @@ pub(crate) struct Rollout {
     pub(crate) verdict: Result<Score, String>,
     /// Why a turn's think block is malformed, if one is.
     malformed_think: Option<String>,
+    /// The episode ended because its conversation outgrew `max_prompt_tokens`.
+    context_limited: bool,
 }
 
 impl Rollout {
@@ -692,6 +694,7 @@ impl Rollout {
             text: String::new(),
             verdict: Err("not generated".into()),
             malformed_think: None,
+            context_limited: false,
         }
     }
 
@@ -811,6 +814,7 @@ pub(crate) async fn play(
     let mut verdict = None;
     for turn in 0..max_turns {
         if context.len() > m.max_context_tokens {
+            out.context_limited = true;
             verdict = Some(Ok(Score::zero(format!(
                 "the conversation reached {} tokens before turn {}, more than max_prompt_tokens = {}",
                 context.len(),
@@ -1892,6 +1896,10 @@ pub struct Accuracy {
     pub interval: Interval,
     /// Mean reward.
     pub mean_reward: f64,
+    /// Multi-turn episodes cut short because their conversation outgrew `max_prompt_tokens`
+    /// (they count as not solved).
+    #[serde(default)]
+    pub context_limited: usize,
 }
 
 impl Accuracy {
@@ -1903,6 +1911,7 @@ impl Accuracy {
             accuracy: solved as f64 / n.max(1) as f64,
             interval: confidence::wilson(solved, n),
             mean_reward,
+            context_limited: 0,
         }
     }
 
@@ -2035,6 +2044,18 @@ pub async fn evaluate(
         }
         let rollouts = futures_join(futures).await;
         let (mut full, mut total) = (0usize, 0f64);
+        let limited = rollouts.iter().filter(|r| r.context_limited).count();
+        if limited > 0 {
+            // They count as unsolved, which reads as a weak policy when the limit is the cause.
+            tracing::warn!(
+                environment = %name,
+                episodes = limited,
+                of = rollouts.len(),
+                max_prompt_tokens,
+                "held-out episodes outgrew max_prompt_tokens and count as unsolved; \
+                 raise the stage's max_prompt_tokens to measure them"
+            );
+        }
         for r in &rollouts {
             if let Ok(s) = &r.verdict {
                 total += s.reward;
@@ -2045,7 +2066,10 @@ pub async fn evaluate(
         }
         out.insert(
             name.clone(),
-            Accuracy::new(full, slots, total / slots.max(1) as f64),
+            Accuracy {
+                context_limited: limited,
+                ..Accuracy::new(full, slots, total / slots.max(1) as f64)
+            },
         );
     }
     Ok(out)

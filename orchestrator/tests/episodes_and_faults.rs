@@ -16,7 +16,7 @@ use chorus_orchestrator::config::RunConfig;
 use chorus_orchestrator::faults::{EnvFaults, FaultPolicy};
 use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus, TrajectoryStatus};
 use chorus_orchestrator::scheduler::{
-    BoxFuture, Rollouts, StageContext, StageStats, run_rl_stage, run_sft_stage,
+    BoxFuture, Rollouts, StageContext, StageStats, evaluate, run_rl_stage, run_sft_stage,
 };
 use chorus_orchestrator::standin::CountingLearner;
 use chorus_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, TrajectoryGroup};
@@ -159,7 +159,8 @@ impl Rollouts for YesNoWorkers {
             .next()
             .unwrap()
             .parse()
-            .unwrap();
+            // Held-out evaluation's ids carry no member number; it gets member 0's answer.
+            .unwrap_or(0);
         let text = if member.is_multiple_of(2) {
             "yes<|end|>"
         } else {
@@ -351,6 +352,28 @@ async fn multi_turn_episodes_alternate_actions_and_observations() {
         Some("3 of 3 turns said yes")
     );
     assert!(full.trajectory.completion_text.contains("next"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_out_episodes_cut_by_the_prompt_limit_are_counted() {
+    let s = setup(MULTI_TURN, 2).await;
+    let envs = [("say_yes".to_string(), 0)];
+    let roomy = evaluate(&s.ctx, &envs, 4, 8, 4096, 0).await.unwrap();
+    assert_eq!(roomy["say_yes"].solved, 4, "{roomy:?}");
+    assert_eq!(roomy["say_yes"].context_limited, 0);
+
+    // Room for the prompt and not for the second turn's conversation: every episode ends after
+    // its first turn, unsolved, and is counted as cut by the limit.
+    let held_out = SayYes.sample(1_000_000, Split::Heldout, 0).unwrap();
+    let prompt_tokens = Tokenizer::byte_level()
+        .encode(&chorus_environments::chat::render_prompt(&held_out.prompt))
+        .unwrap()
+        .len();
+    let tight = evaluate(&s.ctx, &envs, 4, 8, prompt_tokens, 0)
+        .await
+        .unwrap();
+    assert_eq!(tight["say_yes"].solved, 0, "{tight:?}");
+    assert_eq!(tight["say_yes"].context_limited, 4, "{tight:?}");
 }
 
 const FAULTS: &str = r#"

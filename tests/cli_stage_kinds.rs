@@ -222,6 +222,36 @@ environments = [{ name = "arithmetic" }, { name = "needle" }]
     assert!(kl.is_finite() && kl >= 0.0, "{kl}");
     let summary: serde_json::Value = h.json("runs/rm/summary.json");
     let db = h.ledger_url("rm");
+    // `inspect stages` prints the reward model's start (measured after the stage began) and
+    // the rlhf stage's mean score as a score, not a percentage.
+    let run_id = summary["run"].as_str().unwrap();
+    let table = h.ok(&["inspect", "--db", &db, "stages", "--run", run_id]);
+    let row = |name: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row: {table}"));
+        line.split_whitespace().map(String::from).collect()
+    };
+    let judge: serde_json::Value = h.json("runs/rm/stages/judge/summary.json");
+    let judge_row = row("judge");
+    assert_eq!(judge_row[4], "-", "no policy steps: {table}");
+    assert_eq!(
+        judge_row[6],
+        format!("{:.1}%", 100.0 * judge["start"].as_f64().unwrap()),
+        "{table}"
+    );
+    let rlhf_row = row("rlhf");
+    assert_eq!(
+        rlhf_row[6],
+        format!("{:.3}", stage["start"].as_f64().unwrap()),
+        "{table}"
+    );
+    assert_eq!(
+        rlhf_row[7],
+        format!("{:.3}", stage["end"].as_f64().unwrap()),
+        "{table}"
+    );
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let ledger = Ledger::open(&db).await.unwrap();
         let rows = ledger

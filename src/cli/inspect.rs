@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use chorus_model::tokenizer::Tokenizer;
+use chorus_orchestrator::config::HELDOUT_RM_SCORE;
 use chorus_orchestrator::ledger::{Ledger, RolloutFilter, TrajectoryStatus};
 use clap::{Args, Subcommand};
 
@@ -169,23 +170,30 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 if stages.is_empty() {
                     anyhow::bail!("run `{run}` has no stages in {db} (see `chorus inspect runs`)");
                 }
-                outln!("{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  checkpoint", "#", "stage", "kind", "status", "steps", "metric", "start", "end", "trajectories");
-                let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "-".into());
+                outln!("{:>2} {:<16} {:<12} {:<10} {:>11} {:<22} {:>7} {:>7} {:>12}  checkpoint", "#", "stage", "kind", "status", "steps", "metric", "start", "end", "trajectories");
                 for r in stages {
                     let steps = match r.last_step {
+                        // A reward-model stage trains its own model, not the policy.
+                        Some(last) if last <= r.stage.first_step => "-".to_string(),
                         Some(last) => format!("{}-{}", r.stage.first_step + 1, last),
                         None => format!("{}-", r.stage.first_step + 1),
                     };
+                    let metric = r.stage.metric.as_deref();
+                    // A reward-model stage measures its start after it began; its summary has it.
+                    let start = r.stage.metric_start.or_else(|| {
+                        let summary: serde_json::Value = serde_json::from_str(r.summary_json.as_deref()?).ok()?;
+                        summary["start"].as_f64()
+                    });
                     outln!(
-                        "{:>2} {:<16} {:<6} {:<10} {:>11} {:<18} {:>7} {:>7} {:>12}  {}",
+                        "{:>2} {:<16} {:<12} {:<10} {:>11} {:<22} {:>7} {:>7} {:>12}  {}",
                         r.stage.stage_index,
                         r.stage.name,
                         r.stage.kind,
                         r.status.as_str(),
                         steps,
-                        r.stage.metric.as_deref().unwrap_or("-"),
-                        pct(r.stage.metric_start),
-                        pct(r.metric_end),
+                        metric.unwrap_or("-"),
+                        metric_value(metric, start),
+                        metric_value(metric, r.metric_end),
                         r.trajectories.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
                         r.checkpoint_path.as_deref().unwrap_or("-"),
                     );
@@ -273,4 +281,14 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
 fn short_digest(digest: &str) -> &str {
     let end = digest.find(':').map_or(0, |i| i + 1) + 16;
     digest.get(..end).unwrap_or(digest)
+}
+
+/// A stage's metric as `inspect stages` prints it: a reward model's mean score as a number,
+/// the other metrics (accuracies, pass and acceptance rates) as percentages.
+fn metric_value(metric: Option<&str>, value: Option<f64>) -> String {
+    match (metric, value) {
+        (_, None) => "-".into(),
+        (Some(HELDOUT_RM_SCORE), Some(v)) => format!("{v:.3}"),
+        (_, Some(v)) => format!("{:.1}%", 100.0 * v),
+    }
 }

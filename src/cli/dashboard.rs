@@ -138,7 +138,8 @@ async fn runs(State(s): AppState) -> ApiResult {
                 json!({
                     "index": st.stage.stage_index, "name": st.stage.name, "kind": st.stage.kind,
                     "status": st.status.as_str(), "metric": st.stage.metric,
-                    "start": st.stage.metric_start, "end": st.metric_end,
+                    "start": st.metric_start(), "end": st.metric_end,
+                    "moved_policy": st.moved_policy(),
                     "first_step": st.stage.first_step, "last_step": st.last_step,
                     "trajectories": st.trajectories,
                     "wall_seconds": st.finished_at_ms.map(|f| (f - st.started_at_ms) as f64 / 1e3),

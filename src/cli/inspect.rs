@@ -173,17 +173,12 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 outln!("{:>2} {:<16} {:<12} {:<10} {:>11} {:<22} {:>7} {:>7} {:>12}  checkpoint", "#", "stage", "kind", "status", "steps", "metric", "start", "end", "trajectories");
                 for r in stages {
                     let steps = match r.last_step {
-                        // A reward-model stage trains its own model, not the policy.
-                        Some(last) if last <= r.stage.first_step => "-".to_string(),
+                        _ if !r.moved_policy() => "-".to_string(),
                         Some(last) => format!("{}-{}", r.stage.first_step + 1, last),
                         None => format!("{}-", r.stage.first_step + 1),
                     };
                     let metric = r.stage.metric.as_deref();
-                    // A reward-model stage measures its start after it began; its summary has it.
-                    let start = r.stage.metric_start.or_else(|| {
-                        let summary: serde_json::Value = serde_json::from_str(r.summary_json.as_deref()?).ok()?;
-                        summary["start"].as_f64()
-                    });
+                    let start = r.metric_start();
                     outln!(
                         "{:>2} {:<16} {:<12} {:<10} {:>11} {:<22} {:>7} {:>7} {:>12}  {}",
                         r.stage.stage_index,

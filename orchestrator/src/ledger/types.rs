@@ -142,6 +142,25 @@ pub struct StageRecord {
     pub finished_at_ms: Option<i64>,
 }
 
+impl StageRecord {
+    /// The metric when it began: recorded when the stage began, or, for a stage that measures
+    /// it only once under way (a reward model's pair accuracy), the `start` of its summary.
+    pub fn metric_start(&self) -> Option<f64> {
+        self.stage.metric_start.or_else(|| {
+            let summary: serde_json::Value =
+                serde_json::from_str(self.summary_json.as_deref()?).ok()?;
+            summary["start"].as_f64()
+        })
+    }
+
+    /// Whether the policy took learner steps in it (a reward-model stage trains its own
+    /// model, not the policy).
+    pub fn moved_policy(&self) -> bool {
+        self.last_step
+            .is_none_or(|last| last > self.stage.first_step)
+    }
+}
+
 text_enum! {
     /// Task pool a prompt comes from (`prompts.split`).
     Split {

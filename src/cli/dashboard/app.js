@@ -76,10 +76,13 @@ function renderRun() {
   const body = $("#stages tbody");
   body.replaceChildren();
   for (const s of r.stages) {
-    const steps = s.last_step === null ? `${s.first_step + 1}-` : `${s.first_step + 1}-${s.last_step}`;
+    const steps = !s.moved_policy ? "-"
+      : s.last_step === null ? `${s.first_step + 1}-` : `${s.first_step + 1}-${s.last_step}`;
+    // A reward model's mean score is a score; the other metrics are rates.
+    const metric = (x) => s.metric === "heldout_rm_score" ? num(x) : pct(x);
     body.append(el("tr", {}, el("td", {}, s.index), el("td", {}, s.name), el("td", {}, s.kind),
       el("td", { class: `status-${s.status}` }, s.status), el("td", {}, steps),
-      el("td", {}, s.metric || "-"), el("td", {}, pct(s.start)), el("td", {}, pct(s.end)),
+      el("td", {}, s.metric || "-"), el("td", {}, metric(s.start)), el("td", {}, metric(s.end)),
       el("td", {}, s.trajectories ?? "-"), el("td", {}, secs(s.wall_seconds))));
   }
   $("#config").textContent = r.config_toml;

@@ -825,10 +825,13 @@ async fn commit(pools: &Pools, batch: Vec<WriteOp>, failures: &mut Failures, ret
     let all: Vec<Stmt> = ops.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
+    let mut held = false;
     let err = loop {
         match pools.execute_in_transaction(all.clone()).await {
             Ok(()) => {
-                if started.elapsed() > backoff {
+                // Only after a failed try: a first try that is merely slow (a large batch
+                // synced to disk) has nothing to report.
+                if held {
                     tracing::info!(
                         seconds = started.elapsed().as_secs_f64(),
                         "the ledger is writable again; the held batch is committed"
@@ -837,6 +840,7 @@ async fn commit(pools: &Pools, batch: Vec<WriteOp>, failures: &mut Failures, ret
                 return;
             }
             Err(e) if transient(&e) && started.elapsed() < retry_for => {
+                held = true;
                 tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, rows = ops.iter().map(|(o, _)| o.rows()).sum::<usize>(), "the ledger cannot be written now; holding the batch (writers wait) and trying again");
                 metrics::counter!(names::LEDGER_WRITE_RETRIES).increment(1);
                 tokio::time::sleep(backoff).await;

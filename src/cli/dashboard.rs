@@ -138,7 +138,7 @@ async fn runs(State(s): AppState) -> ApiResult {
                 json!({
                     "index": st.stage.stage_index, "name": st.stage.name, "kind": st.stage.kind,
                     "status": st.status.as_str(), "metric": st.stage.metric,
-                    "start": st.metric_start(), "end": st.metric_end,
+                    "start": st.stage.metric_start, "end": st.metric_end,
                     "moved_policy": st.moved_policy(),
                     "first_step": st.stage.first_step, "last_step": st.last_step,
                     "trajectories": st.trajectories,

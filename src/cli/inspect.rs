@@ -178,7 +178,6 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                         None => format!("{}-", r.stage.first_step + 1),
                     };
                     let metric = r.stage.metric.as_deref();
-                    let start = r.metric_start();
                     outln!(
                         "{:>2} {:<16} {:<12} {:<10} {:>11} {:<22} {:>7} {:>7} {:>12}  {}",
                         r.stage.stage_index,
@@ -187,7 +186,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                         r.status.as_str(),
                         steps,
                         metric.unwrap_or("-"),
-                        metric_value(metric, start),
+                        metric_value(metric, r.stage.metric_start),
                         metric_value(metric, r.metric_end),
                         r.trajectories.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
                         r.checkpoint_path.as_deref().unwrap_or("-"),

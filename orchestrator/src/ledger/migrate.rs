@@ -57,6 +57,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "weights_digest",
         include_str!("../../migrations/sqlite/0009_weights_digest.sql"),
     ),
+    (
+        10,
+        "stage_metric_start",
+        include_str!("../../migrations/sqlite/0010_stage_metric_start.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -105,6 +110,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         9,
         "weights_digest",
         include_str!("../../migrations/postgres/0009_weights_digest.sql"),
+    ),
+    (
+        10,
+        "stage_metric_start",
+        include_str!("../../migrations/postgres/0010_stage_metric_start.sql"),
     ),
 ];
 
@@ -187,7 +197,7 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6, 7, 8, 9]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
         );
     }
 
@@ -223,5 +233,55 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(row.get::<String, _>(0), "sha256:abcd");
+    }
+
+    #[tokio::test]
+    async fn stage_starts_written_before_0010_are_read_from_their_summaries() {
+        use sqlx::{Connection, Row};
+        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let (before, after) = SQLITE.split_at(9);
+        for (_, _, sql) in before {
+            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, name, config_toml, status, created_at_ms) \
+             VALUES ('r', 'r', '', 'running', 0)",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        // A reward model's row (start only in its summary), a row whose start was recorded,
+        // and one without a summary.
+        for (index, start, summary) in [
+            (0, None, Some(r#"{"start": 0.46, "end": 0.95}"#)),
+            (1, Some(0.3), Some(r#"{"start": 0.9}"#)),
+            (2, None, None),
+        ] {
+            sqlx::query(
+                "INSERT INTO stages (run_id, stage_index, name, kind, status, first_step, \
+                 metric_start, summary_json, started_at_ms) \
+                 VALUES ('r', $1, 's', 'k', 'succeeded', 0, $2, $3, 0)",
+            )
+            .bind(index)
+            .bind(start)
+            .bind(summary)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        }
+        for (_, _, sql) in after {
+            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
+        }
+        let starts: Vec<Option<f64>> =
+            sqlx::query("SELECT metric_start FROM stages ORDER BY stage_index")
+                .fetch_all(&mut db)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        assert_eq!(starts, [Some(0.46), Some(0.3), None]);
     }
 }

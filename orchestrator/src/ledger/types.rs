@@ -109,6 +109,9 @@ pub struct StageEnd {
     pub status: StageStatus,
     /// The learner's policy version when it ended (its last step).
     pub last_step: u64,
+    /// The metric when it began, for a stage that measures it only once under way (a reward
+    /// model's pair accuracy); `None` keeps what [`NewStage::metric_start`] recorded.
+    pub metric_start: Option<f64>,
     /// The metric when it ended.
     pub metric_end: Option<f64>,
     /// Trajectories it sent to the learner.
@@ -143,16 +146,6 @@ pub struct StageRecord {
 }
 
 impl StageRecord {
-    /// The metric when it began: recorded when the stage began, or, for a stage that measures
-    /// it only once under way (a reward model's pair accuracy), the `start` of its summary.
-    pub fn metric_start(&self) -> Option<f64> {
-        self.stage.metric_start.or_else(|| {
-            let summary: serde_json::Value =
-                serde_json::from_str(self.summary_json.as_deref()?).ok()?;
-            summary["start"].as_f64()
-        })
-    }
-
     /// Whether the policy took learner steps in it (a reward-model stage trains its own
     /// model, not the policy).
     pub fn moved_policy(&self) -> bool {

@@ -418,7 +418,8 @@ impl WriteOp {
                 Stmt::new(
                     "UPDATE stages SET status = $1, last_step = $2, metric_end = $3, \
                      trajectories = $4, checkpoint_path = $5, finished_at_ms = $6, \
-                     summary_json = $7 WHERE run_id = $8 AND stage_index = $9",
+                     summary_json = $7, metric_start = COALESCE($10, metric_start) \
+                     WHERE run_id = $8 AND stage_index = $9",
                 )
                 .bind(end.status.as_str())
                 .bind(to_i64("last_step", end.last_step)?)
@@ -428,7 +429,8 @@ impl WriteOp {
                 .bind(*at_ms)
                 .bind(end.summary_json.as_deref())
                 .bind(end.run_id.as_str())
-                .bind(to_i64("stage_index", end.stage_index)?),
+                .bind(to_i64("stage_index", end.stage_index)?)
+                .bind(end.metric_start),
             ],
             WriteOp::RunOutputs { run_id, outputs } => vec![
                 Stmt::new(

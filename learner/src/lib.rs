@@ -45,6 +45,6 @@ pub use service::{
     spawn_learner,
 };
 pub use trainer::{
-    DEFAULT_ROUTER_BIAS_RATE, LearnerConfig, OPTIMIZER_FILE, REFERENCE_FILE, STATE_FILE,
-    StepReport, Trainer,
+    DEFAULT_MICRO_BATCH_TOKENS, DEFAULT_ROUTER_BIAS_RATE, LearnerConfig, OPTIMIZER_FILE,
+    REFERENCE_FILE, STATE_FILE, StepReport, Trainer,
 };

@@ -2,12 +2,13 @@
 //! stage (evaluated by [`crate::objective`] on the policy's log-probabilities) and supervised
 //! (SFT) next-token cross-entropy on reference solutions.
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, Device, Tensor};
-use chorus_model::{ExpertLoad, NemotronH};
+use chorus_model::{ExpertLoad, NemotronH, Params};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
-use crate::objective::{Objective, TokenBatch, evaluate};
+use crate::objective::{BatchTotals, Objective, TokenBatch, evaluate_part};
 
 /// One sampled sequence: prompt then completion, with what the rollout worker recorded.
 #[derive(Clone, Debug, PartialEq)]
@@ -70,6 +71,42 @@ struct Layout {
 /// One sequence as [`layout`] sees it: tokens, prompt length, optional completion mask.
 type SeqView<'a> = (&'a [u32], usize, Option<&'a [bool]>);
 
+/// Checks sequence `b` of a batch against what [`layout`] needs.
+fn check_sequence(
+    b: usize,
+    (tokens, prompt_len, loss_mask): SeqView<'_>,
+    vocab: usize,
+) -> Result<()> {
+    if prompt_len == 0 || prompt_len >= tokens.len() {
+        return Err(LearnerError::Batch(format!(
+            "sequence {b}: prompt_len {prompt_len} must be in [1, {})",
+            tokens.len()
+        )));
+    }
+    if let Some(bad) = tokens.iter().find(|&&x| x as usize >= vocab) {
+        return Err(LearnerError::Batch(format!(
+            "sequence {b}: token id {bad} is outside the vocabulary ({vocab})"
+        )));
+    }
+    let completion = tokens.len() - prompt_len;
+    if let Some(m) = loss_mask
+        && m.len() != completion
+    {
+        return Err(LearnerError::Batch(format!(
+            "sequence {b}: {completion} completion tokens but a loss mask of {}",
+            m.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Completion tokens of a (checked) sequence that are in the loss.
+fn learned_tokens((tokens, prompt_len, loss_mask): SeqView<'_>) -> usize {
+    loss_mask.map_or(tokens.len() - prompt_len, |m| {
+        m.iter().filter(|&&x| x).count()
+    })
+}
+
 fn layout(seqs: &[SeqView<'_>], vocab: usize, device: &Device) -> Result<Layout> {
     let t = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
     if t < 2 {
@@ -81,27 +118,10 @@ fn layout(seqs: &[SeqView<'_>], vocab: usize, device: &Device) -> Result<Layout>
     let mut ids = vec![0u32; seqs.len() * t];
     let mut real = vec![false; seqs.len() * t];
     let mut mask = vec![0f32; seqs.len() * width];
-    for (b, (tokens, prompt_len, loss_mask)) in seqs.iter().enumerate() {
-        if *prompt_len == 0 || *prompt_len >= tokens.len() {
-            return Err(LearnerError::Batch(format!(
-                "sequence {b}: prompt_len {prompt_len} must be in [1, {})",
-                tokens.len()
-            )));
-        }
-        if let Some(bad) = tokens.iter().find(|&&x| x as usize >= vocab) {
-            return Err(LearnerError::Batch(format!(
-                "sequence {b}: token id {bad} is outside the vocabulary ({vocab})"
-            )));
-        }
+    for (b, &view) in seqs.iter().enumerate() {
+        check_sequence(b, view, vocab)?;
+        let (tokens, prompt_len, loss_mask) = view;
         let completion = tokens.len() - prompt_len;
-        if let Some(m) = loss_mask
-            && m.len() != completion
-        {
-            return Err(LearnerError::Batch(format!(
-                "sequence {b}: {completion} completion tokens but a loss mask of {}",
-                m.len()
-            )));
-        }
         ids[b * t..b * t + tokens.len()].copy_from_slice(tokens);
         real[b * t..b * t + tokens.len()].fill(true);
         for j in 0..completion {
@@ -148,18 +168,86 @@ fn entropy(logp: &Tensor, mask: &Tensor) -> Result<f64> {
     Ok(token_mean(&h, mask)?.to_scalar::<f32>()? as f64)
 }
 
+/// Where a loss's forward passes go.
+pub(crate) enum Sink<'a> {
+    /// Summed into one graph: the loss as one tensor, every pass's activations alive until it
+    /// is dropped.
+    Graph(Option<Tensor>),
+    /// Back-propagated as each pass ends, its gradient with respect to `params` times `scale`
+    /// added to `grads`: a training step holds one pass's activations at a time. Exact, because
+    /// every loss here is a sum over passes whose batch-wide normalisers are known before the
+    /// first one runs.
+    Backward {
+        /// The step's gradients so far, of `params` only.
+        grads: &'a mut GradStore,
+        /// What every pass's gradient is multiplied by (a part's share of a mixed step).
+        scale: f64,
+        /// The parameters whose gradients are kept. A backward pass also returns gradients for
+        /// the constants of the graph (masks, targets, detached states), as large as the pass;
+        /// kept, they would grow with the batch.
+        params: &'a Params,
+    },
+}
+
+impl Sink<'_> {
+    fn add(&mut self, part: Tensor) -> Result<()> {
+        match self {
+            Sink::Graph(sum) => {
+                *sum = Some(match sum.take() {
+                    Some(sum) => (sum + part)?,
+                    None => part,
+                })
+            }
+            Sink::Backward {
+                grads,
+                scale,
+                params,
+            } => {
+                let mut pass = (part * *scale)?.backward()?;
+                for var in params.vars().values() {
+                    let Some(g) = pass.remove(var.as_tensor()) else {
+                        continue;
+                    };
+                    let sum = match grads.remove(var.as_tensor()) {
+                        Some(sum) => (sum + g)?,
+                        None => g,
+                    };
+                    grads.insert(var.as_tensor(), sum);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn into_loss(self) -> Option<Tensor> {
+        match self {
+            Sink::Graph(sum) => sum,
+            Sink::Backward { .. } => None,
+        }
+    }
+}
+
 /// The log-probability under `model` of each completion token of each sequence of `batch`
-/// (masked or not), computed in the same length buckets and positions as [`rl_loss`]: what a
-/// reference policy contributes to the KL penalty.
-pub fn completion_logprobs(model: &NemotronH, batch: &[RlSequence]) -> Result<Vec<Vec<f32>>> {
+/// (masked or not), computed in the same forward passes and positions as [`rl_loss`]: what a
+/// reference policy contributes to the KL penalty. At most `max_tokens` padded tokens run in
+/// one pass.
+pub fn completion_logprobs(
+    model: &NemotronH,
+    batch: &[RlSequence],
+    max_tokens: usize,
+) -> Result<Vec<Vec<f32>>> {
     let views: Vec<SeqView<'_>> = batch
         .iter()
         .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
         .collect();
     let mut out = vec![vec![]; batch.len()];
-    for pass in bucketed_logprobs(model, &views, None)? {
-        let rows: Vec<Vec<f32>> = pass.logprobs.detach().to_vec2()?;
-        for (&i, row) in pass.rows.iter().zip(rows) {
+    let device = model_device(model);
+    for rows in forward_passes(&views, max_tokens) {
+        let part: Vec<SeqView<'_>> = rows.iter().map(|&i| views[i]).collect();
+        let l = layout(&part, model.config().vocab_size, &device)?;
+        let (logprobs, _) = token_logprobs(model, &l, None)?;
+        let values: Vec<Vec<f32>> = logprobs.detach().to_vec2()?;
+        for (&i, row) in rows.iter().zip(values) {
             // Position `p` predicts token `p + 1`: the completion starts at `prompt_len - 1`.
             let s = &batch[i];
             let first = s.prompt_len - 1;
@@ -169,45 +257,30 @@ pub fn completion_logprobs(model: &NemotronH, batch: &[RlSequence]) -> Result<Ve
     Ok(out)
 }
 
-/// One padded forward pass over a bucket of a batch's sequences of similar length.
-struct BucketPass {
-    /// The batch's indices of the bucket's sequences, in the pass's row order.
-    rows: Vec<usize>,
-    layout: Layout,
-    /// `[rows, width]` log-probability of each next token (with gradient).
-    logprobs: Tensor,
-    /// `[rows, width, V]` log-softmax.
-    log_softmax: Tensor,
-}
-
-/// [`token_logprobs`] of `seqs` in length buckets ([`length_buckets`]), one padded pass each:
-/// a sequence's log-probabilities do not depend on the padding after it (every block is
-/// causal), so this gives one padded pass's values without computing the padding. An RL batch
-/// mixing short answers with long prompts otherwise pads every short one to the longest.
-fn bucketed_logprobs(
-    model: &NemotronH,
-    seqs: &[SeqView<'_>],
-    mut load: Option<&mut ExpertLoad>,
-) -> Result<Vec<BucketPass>> {
-    let device = model_device(model);
+/// The batch's indices in forward passes: length buckets ([`length_buckets`]) cut so that no
+/// pass holds more than `max_tokens` padded tokens (a longer sequence runs alone). A sequence's
+/// log-probabilities do not depend on the padding after it (every block is causal), so passes
+/// give one padded pass's values without computing the padding: an RL batch mixing short
+/// answers with long prompts otherwise pads every short one to the longest, and one pass over
+/// a batch of long episodes holds all their activations at once.
+fn forward_passes(seqs: &[SeqView<'_>], max_tokens: usize) -> Vec<Vec<usize>> {
     let lengths: Vec<usize> = seqs.iter().map(|s| s.0.len()).collect();
-    length_buckets(&lengths)
-        .into_iter()
-        .map(|rows| {
-            let part: Vec<SeqView<'_>> = rows.iter().map(|&i| seqs[i]).collect();
-            let layout = layout(&part, model.config().vocab_size, &device)?;
-            let (logprobs, log_softmax) = token_logprobs(model, &layout, load.as_deref_mut())?;
-            Ok(BucketPass {
-                rows,
-                layout,
-                logprobs,
-                log_softmax,
-            })
-        })
-        .collect()
+    let mut passes = vec![];
+    for bucket in length_buckets(&lengths) {
+        let mut pass: Vec<usize> = vec![];
+        // Ascending length: the sequence added last sets the pass's padded width.
+        for i in bucket {
+            if !pass.is_empty() && (pass.len() + 1) * lengths[i] > max_tokens {
+                passes.push(std::mem::take(&mut pass));
+            }
+            pass.push(i);
+        }
+        passes.push(pass);
+    }
+    passes
 }
 
-/// The RL loss of `batch` under `model` for `objective`, with statistics.
+/// The RL loss of `batch` under `model` for `objective`, with statistics, in one graph.
 ///
 /// Returns a surrogate whose gradient is the loss's (`sum(stopgrad(g) * lp)`, with `g` the
 /// exact `d loss / d lp` of [`evaluate`]) and, in the statistics, the loss's value. One
@@ -219,27 +292,39 @@ pub fn rl_loss(
     batch: &[RlSequence],
     objective: &Objective,
 ) -> Result<(Tensor, LossStats)> {
-    rl_loss_counting(model, batch, objective, &mut ExpertLoad::new())
+    let mut sink = Sink::Graph(None);
+    let stats = rl_loss_into(
+        model,
+        batch,
+        objective,
+        &mut ExpertLoad::new(),
+        usize::MAX,
+        &mut sink,
+    )?;
+    Ok((sink.into_loss().expect("a batch has a pass"), stats))
 }
 
-/// [`rl_loss`], adding the forward pass's expert load (over real tokens) to `load`.
-pub(crate) fn rl_loss_counting(
+/// [`rl_loss`] in forward passes of at most `max_tokens` padded tokens ([`forward_passes`]),
+/// each pass's surrogate given to `sink`, the passes' expert load (over real tokens) added to
+/// `load`. Each pass is evaluated with the whole batch's normalisers ([`evaluate_part`]), so
+/// the passes' losses and gradients add up to the batch's.
+pub(crate) fn rl_loss_into(
     model: &NemotronH,
     batch: &[RlSequence],
     objective: &Objective,
     load: &mut ExpertLoad,
-) -> Result<(Tensor, LossStats)> {
+    max_tokens: usize,
+    sink: &mut Sink<'_>,
+) -> Result<LossStats> {
     let device = model_device(model);
+    let vocab = model.config().vocab_size;
     let views: Vec<SeqView<'_>> = batch
         .iter()
         .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
         .collect();
-    let l = layout(&views, model.config().vocab_size, &device)?;
-    let (b, w) = (batch.len(), l.width);
-    let mut behaviour = vec![0f32; b * w];
-    let mut reference = vec![0f32; b * w];
     let with_ref = objective.kl_coef > 0.0;
-    for (i, s) in batch.iter().enumerate() {
+    for (i, (s, &view)) in batch.iter().zip(&views).enumerate() {
+        check_sequence(i, view, vocab)?;
         let n = s.tokens.len() - s.prompt_len;
         if s.behavior_logprobs.len() != n {
             return Err(LearnerError::Batch(format!(
@@ -252,83 +337,82 @@ pub(crate) fn rl_loss_counting(
                 "sequence {i}: kl_coef > 0 needs one reference logprob per completion token"
             )));
         }
-        let first = i * w + s.prompt_len - 1;
-        behaviour[first..first + n].copy_from_slice(&s.behavior_logprobs);
-        if let Some(r) = &s.ref_logprobs {
-            reference[first..first + n].copy_from_slice(r);
-        }
     }
-    let advantages: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
-    let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
-    // The objective sees the whole batch in one `[b, w]` layout; the model runs in buckets.
-    let passes = bucketed_logprobs(model, &views, Some(load))?;
-    let mut current = vec![0f32; b * w];
-    for pass in &passes {
-        let pw = pass.layout.width;
-        let values: Vec<f32> = pass.logprobs.detach().flatten_all()?.to_vec1()?;
-        for (r, &i) in pass.rows.iter().enumerate() {
-            current[i * w..i * w + pw].copy_from_slice(&values[r * pw..(r + 1) * pw]);
-        }
-    }
-    let evaluation = evaluate(
-        objective,
-        &TokenBatch {
-            batch: b,
-            width: w,
-            logprobs: &current,
-            old_logprobs: &current,
-            behaviour_logprobs: &behaviour,
-            advantages: &advantages,
-            mask: &mask,
-            ref_logprobs: with_ref.then_some(reference.as_slice()),
-        },
-    )
-    .map_err(|e| LearnerError::Batch(e.0))?;
-    let mut surrogate: Option<Tensor> = None;
-    let (mut entropy_sum, mut entropy_tokens) = (0f64, 0f64);
-    for pass in &passes {
-        let pw = pass.layout.width;
-        let mut g = Vec::with_capacity(pass.rows.len() * pw);
-        for &i in &pass.rows {
-            g.extend_from_slice(&evaluation.grad_logprobs[i * w..i * w + pw]);
-        }
-        let g = Tensor::from_vec(g, (pass.rows.len(), pw), &device)?;
-        let part = (&pass.logprobs * g)?.sum_all()?;
-        surrogate = Some(match surrogate {
-            Some(sum) => (sum + part)?,
-            None => part,
-        });
-        let tokens: f64 = pass.layout.mask.iter().map(|&m| m as f64).sum();
-        let mask_tensor =
-            Tensor::from_vec(pass.layout.mask.clone(), (pass.rows.len(), pw), &device)?;
-        entropy_sum += entropy(&pass.log_softmax, &mask_tensor)? * tokens;
-        entropy_tokens += tokens;
-    }
-    let surrogate = surrogate.expect("a batch has at least one bucket");
-    let masked = mask.iter().filter(|&&m| m).count().max(1) as f64;
-    let abs_diff: f64 = (0..b * w)
-        .filter(|&p| mask[p])
-        .map(|p| (current[p] - behaviour[p]).abs() as f64)
-        .sum();
-    let stats = LossStats {
-        loss: evaluation.loss,
-        kl: evaluation.kl,
-        entropy: entropy_sum / entropy_tokens.max(1.0),
-        clip_fraction: evaluation.clip_fraction,
-        mean_abs_logprob_diff: abs_diff / masked,
-        tokens: evaluation.tokens,
+    let learned: Vec<usize> = views.iter().map(|&v| learned_tokens(v)).collect();
+    let totals = BatchTotals {
+        sequences: batch.len(),
+        sequences_in_loss: learned.iter().filter(|&&n| n > 0).count(),
+        masked: learned.iter().sum(),
+        width: views.iter().map(|s| s.0.len()).max().unwrap_or(1).max(1) - 1,
     };
-    Ok((surrogate, stats))
+    let mut stats = LossStats::default();
+    let (mut kl_sum, mut clipped_sum, mut entropy_sum, mut abs_diff) = (0f64, 0f64, 0f64, 0f64);
+    for rows in forward_passes(&views, max_tokens) {
+        let part: Vec<SeqView<'_>> = rows.iter().map(|&i| views[i]).collect();
+        let l = layout(&part, vocab, &device)?;
+        let (logprobs, log_softmax) = token_logprobs(model, &l, Some(load))?;
+        let (b, w) = (rows.len(), l.width);
+        let current: Vec<f32> = logprobs.detach().flatten_all()?.to_vec1()?;
+        let mut behaviour = vec![0f32; b * w];
+        let mut reference = vec![0f32; b * w];
+        for (r, &i) in rows.iter().enumerate() {
+            let s = &batch[i];
+            let first = r * w + s.prompt_len - 1;
+            let n = s.behavior_logprobs.len();
+            behaviour[first..first + n].copy_from_slice(&s.behavior_logprobs);
+            if let Some(reference_row) = &s.ref_logprobs {
+                reference[first..first + n].copy_from_slice(reference_row);
+            }
+        }
+        let advantages: Vec<f32> = rows.iter().map(|&i| batch[i].advantage).collect();
+        let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
+        let evaluation = evaluate_part(
+            objective,
+            &TokenBatch {
+                batch: b,
+                width: w,
+                logprobs: &current,
+                old_logprobs: &current,
+                behaviour_logprobs: &behaviour,
+                advantages: &advantages,
+                mask: &mask,
+                ref_logprobs: with_ref.then_some(reference.as_slice()),
+            },
+            &totals,
+        )
+        .map_err(|e| LearnerError::Batch(e.0))?;
+        let tokens = evaluation.tokens as f64;
+        stats.loss += evaluation.loss;
+        stats.tokens += evaluation.tokens;
+        kl_sum += evaluation.kl * tokens;
+        clipped_sum += evaluation.clip_fraction * tokens;
+        let mask_tensor = Tensor::from_vec(l.mask.clone(), (b, w), &device)?;
+        entropy_sum += entropy(&log_softmax, &mask_tensor)? * tokens;
+        abs_diff += (0..b * w)
+            .filter(|&p| mask[p])
+            .map(|p| (current[p] - behaviour[p]).abs() as f64)
+            .sum::<f64>();
+        let g = Tensor::from_vec(evaluation.grad_logprobs, (b, w), &device)?;
+        sink.add((&logprobs * g)?.sum_all()?)?;
+    }
+    let tokens = (stats.tokens as f64).max(1.0);
+    stats.kl = kl_sum / tokens;
+    stats.clip_fraction = clipped_sum / tokens;
+    stats.entropy = entropy_sum / tokens;
+    stats.mean_abs_logprob_diff = abs_diff / tokens;
+    Ok(stats)
 }
 
-/// Next-token cross-entropy on the completion tokens of `batch` (token mean).
+/// Next-token cross-entropy on the completion tokens of `batch` (token mean), in one graph.
 pub fn sft_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, LossStats)> {
-    sft_loss_counting(model, batch, &mut ExpertLoad::new())
+    let mut sink = Sink::Graph(None);
+    let stats = sft_loss_into(model, batch, &mut ExpertLoad::new(), usize::MAX, &mut sink)?;
+    Ok((sink.into_loss().expect("a batch has a pass"), stats))
 }
 
-/// Sequences in one padded forward pass of [`sft_loss`] are within this factor of the shortest
-/// one's length: a batch mixing short answers with long episodes would otherwise pad every
-/// answer to the longest episode.
+/// Sequences in one padded forward pass are within this factor of the shortest one's length:
+/// a batch mixing short answers with long episodes would otherwise pad every answer to the
+/// longest episode.
 const LENGTH_BUCKET_RATIO: f64 = 1.5;
 
 /// The batch's indices in buckets of similar length (sorted by length, a new bucket once a
@@ -346,60 +430,72 @@ fn length_buckets(lengths: &[usize]) -> Vec<Vec<usize>> {
     buckets
 }
 
-/// [`sft_loss`], adding the forward pass's expert load (over real tokens) to `load`, run in
-/// length buckets ([`in_length_buckets`]).
-pub(crate) fn sft_loss_counting(
+/// [`sft_loss`] in forward passes of at most `max_tokens` padded tokens ([`in_passes`]), the
+/// passes' expert load (over real tokens) added to `load`.
+pub(crate) fn sft_loss_into(
     model: &NemotronH,
     batch: &[SftSequence],
     load: &mut ExpertLoad,
-) -> Result<(Tensor, LossStats)> {
-    let combined = in_length_buckets(batch, |part| sft_loss_padded(model, part, load).map(Some))?;
-    Ok(combined.expect("every SFT bucket has a loss"))
+    max_tokens: usize,
+    sink: &mut Sink<'_>,
+) -> Result<LossStats> {
+    let views = checked_views(model, batch)?;
+    let total: usize = views.iter().map(|&v| learned_tokens(v)).sum();
+    in_passes(
+        batch,
+        &views,
+        max_tokens,
+        |part| sft_loss_padded(model, part, load, total).map(Some),
+        sink,
+    )
 }
 
-/// `loss` of `batch` run as buckets of similar length ([`length_buckets`], one padded pass
-/// each), whose token means are weighted by their share of the batch's learned tokens
-/// (`LossStats::tokens`). For a token mean that is the token mean over the whole batch, as one
-/// padded pass would give, at less padding. A bucket whose `loss` is `None` (nothing to learn in
-/// it) is left out; `None` when every bucket is.
-fn in_length_buckets(
+/// `batch` as [`layout`] sees it, every sequence checked.
+fn checked_views<'a>(model: &NemotronH, batch: &'a [SftSequence]) -> Result<Vec<SeqView<'a>>> {
+    let views: Vec<SeqView<'_>> = batch
+        .iter()
+        .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
+        .collect();
+    for (i, &view) in views.iter().enumerate() {
+        check_sequence(i, view, model.config().vocab_size)?;
+    }
+    Ok(views)
+}
+
+/// `pass_loss` of `batch` run in forward passes ([`forward_passes`] of `views`), each pass's
+/// loss given to `sink` and its statistics added up. A pass's loss and statistics are its share
+/// of the batch's (its sums divided by the batch's totals, known before any pass runs), so the
+/// passes add up to one padded pass over the batch, at less padding. A pass whose loss is `None`
+/// (nothing to learn in it) is left out.
+fn in_passes(
     batch: &[SftSequence],
-    mut loss: impl FnMut(&[SftSequence]) -> Result<Option<(Tensor, LossStats)>>,
-) -> Result<Option<(Tensor, LossStats)>> {
-    let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-    let buckets = length_buckets(&lengths);
-    if buckets.len() <= 1 {
-        return loss(batch);
+    views: &[SeqView<'_>],
+    max_tokens: usize,
+    mut pass_loss: impl FnMut(&[SftSequence]) -> Result<Option<(Tensor, LossStats)>>,
+    sink: &mut Sink<'_>,
+) -> Result<LossStats> {
+    let mut stats = LossStats::default();
+    for rows in forward_passes(views, max_tokens) {
+        let part: Vec<SftSequence> = rows.iter().map(|&i| batch[i].clone()).collect();
+        let Some((loss, s)) = pass_loss(&part)? else {
+            continue;
+        };
+        stats.loss += s.loss;
+        stats.entropy += s.entropy;
+        stats.tokens += s.tokens;
+        sink.add(loss)?;
     }
-    let mut parts = vec![];
-    for bucket in &buckets {
-        let part: Vec<SftSequence> = bucket.iter().map(|&i| batch[i].clone()).collect();
-        parts.extend(loss(&part)?);
-    }
-    let total: usize = parts.iter().map(|(_, s)| s.tokens).sum();
-    let mut combined: Option<Tensor> = None;
-    let mut stats = LossStats {
-        tokens: total,
-        ..LossStats::default()
-    };
-    for (part, s) in parts {
-        let share = s.tokens as f64 / total.max(1) as f64;
-        stats.loss += share * s.loss;
-        stats.entropy += share * s.entropy;
-        let weighted = (part * share)?;
-        combined = Some(match combined {
-            Some(sum) => (sum + weighted)?,
-            None => weighted,
-        });
-    }
-    Ok(combined.map(|loss| (loss, stats)))
+    Ok(stats)
 }
 
-/// [`sft_loss_counting`] as one padded forward pass.
+/// `batch`'s share of an SFT loss over a batch of `total` learned tokens, in one padded
+/// forward pass: its summed cross-entropy over `total` (the token mean when `batch` is the
+/// whole batch). The statistics are shares the same way; `tokens` is the pass's own.
 fn sft_loss_padded(
     model: &NemotronH,
     batch: &[SftSequence],
     load: &mut ExpertLoad,
+    total: usize,
 ) -> Result<(Tensor, LossStats)> {
     let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
@@ -409,11 +505,13 @@ fn sft_loss_padded(
     let l = layout(&views, model.config().vocab_size, &device)?;
     let mask = Tensor::from_vec(l.mask.clone(), (batch.len(), l.width), &device)?;
     let (lp, logp) = token_logprobs(model, &l, Some(load))?;
-    let loss = token_mean(&lp.neg()?, &mask)?;
+    let tokens = l.mask.iter().filter(|&&m| m > 0.0).count();
+    let share = tokens as f64 / total.max(1) as f64;
+    let loss = ((lp.neg()? * &mask)?.sum_all()? / total.max(1) as f64)?;
     let stats = LossStats {
         loss: loss.to_scalar::<f32>()? as f64,
-        entropy: entropy(&logp, &mask)?,
-        tokens: l.mask.iter().filter(|&&m| m > 0.0).count(),
+        entropy: entropy(&logp, &mask)? * share,
+        tokens,
         ..LossStats::default()
     };
     Ok((loss, stats))
@@ -421,28 +519,66 @@ fn sft_loss_padded(
 
 /// The MTP head's loss on the completion tokens of `batch`: at each depth `k` in
 /// `1..=mtp_depth`, the cross-entropy of the head's prediction of the token `k` places after
-/// the next one, token-mean over the positions whose target is a completion token in the loss;
-/// the depths' losses averaged. The backbone's hidden state is detached, so the gradient reaches
-/// the MTP head alone (healing the head after the backbone moved, Nemotron 3's last stage).
-/// `stats.loss` is that mean; `stats.tokens` counts the depth-1 targets. The batch runs in
-/// length buckets, each weighted by its share of the depth-1 targets ([`in_length_buckets`]).
+/// the next one, token-mean over the batch's positions whose target is a completion token in
+/// the loss; those depths' losses averaged. The backbone's hidden state is detached, so the
+/// gradient reaches the MTP head alone (healing the head after the backbone moved, Nemotron 3's
+/// last stage). `stats.loss` is that mean; `stats.tokens` counts the depth-1 targets. In one
+/// graph.
 pub fn mtp_loss(model: &NemotronH, batch: &[SftSequence]) -> Result<(Tensor, LossStats)> {
+    let mut sink = Sink::Graph(None);
+    let stats = mtp_loss_into(model, batch, usize::MAX, &mut sink)?;
+    Ok((
+        sink.into_loss().expect("a batch with targets has a pass"),
+        stats,
+    ))
+}
+
+/// [`mtp_loss`] in forward passes of at most `max_tokens` padded tokens ([`in_passes`]).
+pub(crate) fn mtp_loss_into(
+    model: &NemotronH,
+    batch: &[SftSequence],
+    max_tokens: usize,
+    sink: &mut Sink<'_>,
+) -> Result<LossStats> {
     if !model.has_mtp() {
         return Err(LearnerError::Batch(
             "the policy has no MTP head to train (num_nextn_predict_layers = 0)".into(),
         ));
     }
-    in_length_buckets(batch, |part| mtp_loss_padded(model, part))?.ok_or_else(|| {
-        LearnerError::Batch(
+    let views = checked_views(model, batch)?;
+    let depth = model.config().chorus.mtp_depth.max(1);
+    let totals: Vec<usize> = (1..=depth)
+        .map(|k| views.iter().map(|&v| mtp_targets(v, k)).sum())
+        .collect();
+    if totals[0] == 0 {
+        return Err(LearnerError::Batch(
             "no completion token has a target for the MTP head (completions of one token?)".into(),
-        )
-    })
+        ));
+    }
+    in_passes(
+        batch,
+        &views,
+        max_tokens,
+        |part| mtp_loss_padded(model, part, &totals),
+        sink,
+    )
 }
 
-/// [`mtp_loss`] as one padded forward pass; `None` when no completion token has a target.
+/// The depth-`k` targets of a (checked) sequence in [`mtp_loss`]: its learned completion
+/// tokens at least `k` positions into the layout (the head at position `p` drafts token
+/// `p + k + 1`, so the first `k` positions' tokens have no depth-`k` prediction).
+fn mtp_targets((tokens, prompt_len, loss_mask): SeqView<'_>, k: usize) -> usize {
+    (0..tokens.len() - prompt_len)
+        .filter(|&j| prompt_len - 1 + j >= k && loss_mask.is_none_or(|m| m[j]))
+        .count()
+}
+
+/// `batch`'s share of [`mtp_loss`] over a batch whose depth-`k` targets number `totals[k-1]`,
+/// in one padded forward pass; `None` when no completion token of `batch` has a target.
 fn mtp_loss_padded(
     model: &NemotronH,
     batch: &[SftSequence],
+    totals: &[usize],
 ) -> Result<Option<(Tensor, LossStats)>> {
     let device = model_device(model);
     let views: Vec<SeqView<'_>> = batch
@@ -452,10 +588,14 @@ fn mtp_loss_padded(
     let l = layout(&views, model.config().vocab_size, &device)?;
     let (b, t) = l.ids.dims2()?;
     let hidden = model.hidden(&l.ids)?.detach();
-    let depth = model.config().chorus.mtp_depth.max(1);
-    let mut total: Option<Tensor> = None;
-    let (mut depths, mut tokens) = (0usize, 0usize);
-    for (i, logits) in model.mtp_logits(&l.ids, &hidden, depth)?.iter().enumerate() {
+    let depths = totals.iter().filter(|&&n| n > 0).count().max(1) as f64;
+    let mut loss: Option<Tensor> = None;
+    let mut tokens = 0;
+    for (i, logits) in model
+        .mtp_logits(&l.ids, &hidden, totals.len())?
+        .iter()
+        .enumerate()
+    {
         let k = i + 1;
         // Position p predicts token p + k + 1: positions 0..t-k-1 have a target.
         let Some(width) = t.checked_sub(k + 1).filter(|&w| w > 0) else {
@@ -480,17 +620,15 @@ fn mtp_loss_padded(
         let targets = l.ids.narrow(1, k + 1, width)?.contiguous()?;
         let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, width)?, D::Minus1)?;
         let lp = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
-        let part = token_mean(&lp.neg()?, &mask)?;
-        total = Some(match total {
+        let part = ((lp.neg()? * mask)?.sum_all()? / (totals[i] as f64 * depths))?;
+        loss = Some(match loss {
             Some(sum) => (sum + part)?,
             None => part,
         });
-        depths += 1;
     }
-    let Some(total) = total else {
+    let Some(loss) = loss else {
         return Ok(None);
     };
-    let loss = (total / depths as f64)?;
     let stats = LossStats {
         loss: loss.to_scalar::<f32>()? as f64,
         tokens,
@@ -506,6 +644,7 @@ fn model_device(model: &NemotronH) -> Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objective::evaluate;
     use chorus_model::{NemotronHConfig, Params, checkpoint::init_params};
 
     fn moe_model() -> NemotronH {
@@ -562,8 +701,12 @@ mod tests {
             length_buckets(&batch.iter().map(|s| s.tokens.len()).collect::<Vec<_>>()).len(),
             3
         );
-        let (bucketed, bs) = sft_loss_counting(&model, &batch, &mut ExpertLoad::new()).unwrap();
-        let (padded, ps) = sft_loss_padded(&model, &batch, &mut ExpertLoad::new()).unwrap();
+        let (bucketed, bs) = sft_loss(&model, &batch).unwrap();
+        let total = batch
+            .iter()
+            .map(|s| learned_tokens((&s.tokens, s.prompt_len, s.loss_mask.as_deref())))
+            .sum();
+        let (padded, ps) = sft_loss_padded(&model, &batch, &mut ExpertLoad::new(), total).unwrap();
         assert_eq!(bs.tokens, ps.tokens);
         assert!(
             (bs.loss - ps.loss).abs() < 1e-5,
@@ -594,14 +737,14 @@ mod tests {
     }
 
     #[test]
-    fn bucketed_mtp_loss_at_depth_one_equals_one_padded_pass_and_skips_empty_buckets() {
+    fn bucketed_mtp_loss_equals_one_padded_pass_and_skips_empty_buckets() {
         let cfg = NemotronHConfig::from_json_str(
             r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
             "hybrid_override_pattern": "*E", "num_attention_heads": 2,
             "num_key_value_heads": 1, "head_dim": 8, "n_routed_experts": 4,
             "num_experts_per_tok": 2, "moe_intermediate_size": 8,
             "moe_shared_expert_intermediate_size": 8, "num_nextn_predict_layers": 1,
-            "chorus": {"mtp_depth": 1}}"#,
+            "chorus": {"mtp_depth": 2}}"#,
         )
         .unwrap();
         let params: Params = init_params(&cfg, 5, &Device::Cpu).unwrap();
@@ -613,7 +756,15 @@ mod tests {
         };
         let batch = [seq(30, 3, 1), seq(5, 2, 2), seq(9, 4, 3), seq(6, 1, 4)];
         let (bucketed, bs) = mtp_loss(&model, &batch).unwrap();
-        let (padded, ps) = mtp_loss_padded(&model, &batch).unwrap().unwrap();
+        let totals: Vec<usize> = (1..=2)
+            .map(|k| {
+                batch
+                    .iter()
+                    .map(|s| mtp_targets((&s.tokens, s.prompt_len, None), k))
+                    .sum()
+            })
+            .collect();
+        let (padded, ps) = mtp_loss_padded(&model, &batch, &totals).unwrap().unwrap();
         assert_eq!(
             (bs.tokens, format!("{:.5}", bs.loss)),
             (ps.tokens, format!("{:.5}", ps.loss))
@@ -651,7 +802,15 @@ mod tests {
         // 7 + 3 real tokens; the shorter sequence is padded by 4.
         let batch = [seq(vec![3, 4, 5, 6, 7, 8, 9]), seq(vec![3, 4, 5])];
         let mut load = ExpertLoad::new();
-        rl_loss_counting(&model, &batch, &Objective::default(), &mut load).unwrap();
+        rl_loss_into(
+            &model,
+            &batch,
+            &Objective::default(),
+            &mut load,
+            usize::MAX,
+            &mut Sink::Graph(None),
+        )
+        .unwrap();
         let counts = load
             .get("backbone.layers.1.mixer.gate.e_score_correction_bias")
             .expect("the MoE block counted");
@@ -669,7 +828,14 @@ mod tests {
             })
             .collect();
         let mut sft_load = ExpertLoad::new();
-        sft_loss_counting(&model, &sft, &mut sft_load).unwrap();
+        sft_loss_into(
+            &model,
+            &sft,
+            &mut sft_load,
+            usize::MAX,
+            &mut Sink::Graph(None),
+        )
+        .unwrap();
         assert_eq!(sft_load, load, "the same tokens route the same way");
     }
 
@@ -684,7 +850,7 @@ mod tests {
             ref_logprobs: None,
             loss_mask: Some(vec![true, false]),
         }];
-        let lp = completion_logprobs(&model, &batch).unwrap();
+        let lp = completion_logprobs(&model, &batch, usize::MAX).unwrap();
         assert_eq!(lp.len(), 1);
         assert_eq!(lp[0].len(), 2, "masked tokens included");
         // With the policy as its own reference, the KL to it is exactly zero.
@@ -712,10 +878,74 @@ mod tests {
         )
     }
 
-    /// The RL loss runs its forward passes in length buckets; its value and every parameter's
-    /// gradient must be those of one padded pass over the whole batch (what it computed before).
+    /// Largest difference between `got` and `want`'s gradients of `params` (every parameter
+    /// with a gradient in `want` must have one in `got`), as a fraction of the largest value.
+    fn gradient_mismatch(params: &Params, got: &GradStore, want: &GradStore) -> f32 {
+        let mut compared = 0;
+        let mut worst = 0f32;
+        for (name, var) in params.vars() {
+            let Some(e) = want.get(var.as_tensor()) else {
+                continue;
+            };
+            let a = got
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} has no gradient"));
+            let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let (a, e) = (flat(a), flat(e));
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let diff = a
+                .iter()
+                .zip(&e)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            worst = worst.max(diff / scale);
+            compared += 1;
+        }
+        assert!(compared > 10, "compared {compared} gradients");
+        worst
+    }
+
     #[test]
-    fn bucketed_rl_loss_equals_one_padded_pass() {
+    fn forward_passes_cover_the_batch_within_the_token_limit() {
+        let lengths = [4usize, 5, 13, 14, 5, 40];
+        let views: Vec<SeqView<'_>> = lengths.iter().map(|&n| (&[][..], n, None)).collect();
+        // `forward_passes` reads only the lengths; the views stand in for sequences of them.
+        let views: Vec<SeqView<'_>> = views
+            .iter()
+            .zip(&lengths)
+            .map(|(_, &n)| (&FAKE_TOKENS[..n], 1, None))
+            .collect();
+        for limit in [1, 12, 30, usize::MAX] {
+            let passes = forward_passes(&views, limit);
+            let mut seen: Vec<usize> = passes.concat();
+            seen.sort();
+            assert_eq!(
+                seen,
+                (0..lengths.len()).collect::<Vec<_>>(),
+                "limit {limit}"
+            );
+            for pass in &passes {
+                let width = pass.iter().map(|&i| lengths[i]).max().unwrap();
+                assert!(
+                    pass.len() == 1 || pass.len() * width <= limit,
+                    "limit {limit}: {pass:?}"
+                );
+            }
+        }
+        assert_eq!(forward_passes(&views, usize::MAX), length_buckets(&lengths));
+        assert_eq!(
+            forward_passes(&views, 12),
+            vec![vec![0, 1], vec![4], vec![2], vec![3], vec![5]]
+        );
+    }
+
+    const FAKE_TOKENS: [u32; 64] = [1; 64];
+
+    /// The RL loss runs its forward passes in length buckets cut to a token limit, each
+    /// back-propagated on its own in a training step; its value and every parameter's gradient
+    /// must be those of one padded pass over the whole batch, for every aggregation (each
+    /// normalises by a different batch total).
+    #[test]
+    fn rl_loss_in_passes_equals_one_padded_pass() {
         let (model, params) = hybrid_model_and_params();
         let batch: Vec<RlSequence> = [(4, 2), (5, 3), (13, 4), (14, 11), (5, 1)]
             .iter()
@@ -727,75 +957,167 @@ mod tests {
                 prompt_len,
                 behavior_logprobs: vec![-2.0; len - prompt_len],
                 advantage: [1.0, -0.5, 0.25, -1.0, 0.75][k],
-                ref_logprobs: None,
-                loss_mask: None,
+                ref_logprobs: Some(vec![-3.0; len - prompt_len]),
+                loss_mask: (k == 3).then(|| vec![true, false, true]),
             })
             .collect();
-        let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-        assert!(
-            length_buckets(&lengths).len() > 1,
-            "the batch spans several buckets"
-        );
-        // Truncated importance sampling makes the gradient depend on the log-probabilities'
-        // values (rho = exp(old - behaviour)), not only on where they sit.
-        let mut objective = Objective::default();
-        objective.set("correction", "tis").unwrap();
-        let (surrogate, stats) = rl_loss(&model, &batch, &objective).unwrap();
-
-        // One padded pass, as the loss was computed before it ran in buckets.
         let views: Vec<SeqView<'_>> = batch
             .iter()
             .map(|s| (s.tokens.as_slice(), s.prompt_len, s.loss_mask.as_deref()))
             .collect();
+        assert!(
+            forward_passes(&views, usize::MAX).len() > 1,
+            "several buckets"
+        );
+        assert_eq!(
+            forward_passes(&views, 12).len(),
+            4,
+            "buckets cut by the limit"
+        );
+
+        // One padded pass, as the loss was computed before it ran in buckets.
         let l = layout(&views, 24, &Device::Cpu).unwrap();
         let (b, w) = (batch.len(), l.width);
         let (lp, _) = token_logprobs(&model, &l, None).unwrap();
         let current: Vec<f32> = lp.detach().flatten_all().unwrap().to_vec1().unwrap();
-        let mut behaviour = vec![0f32; b * w];
+        let (mut behaviour, mut reference) = (vec![0f32; b * w], vec![0f32; b * w]);
         for (i, s) in batch.iter().enumerate() {
             let first = i * w + s.prompt_len - 1;
-            behaviour[first..first + s.behavior_logprobs.len()]
-                .copy_from_slice(&s.behavior_logprobs);
+            let n = s.behavior_logprobs.len();
+            behaviour[first..first + n].copy_from_slice(&s.behavior_logprobs);
+            reference[first..first + n].copy_from_slice(s.ref_logprobs.as_ref().unwrap());
         }
         let mask: Vec<bool> = l.mask.iter().map(|&m| m > 0.0).collect();
         let advantages: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
-        let evaluation = evaluate(
-            &objective,
-            &TokenBatch {
-                batch: b,
-                width: w,
-                logprobs: &current,
-                old_logprobs: &current,
-                behaviour_logprobs: &behaviour,
-                advantages: &advantages,
-                mask: &mask,
-                ref_logprobs: None,
-            },
+        for aggregation in crate::objective::Aggregation::NAMES {
+            // Truncated importance sampling and the KL make the gradient depend on the
+            // log-probabilities' values, not only on where they sit.
+            let mut objective = Objective::default();
+            for (key, value) in [
+                ("correction", "tis"),
+                ("aggregation", aggregation),
+                ("kl_coef", "0.2"),
+            ] {
+                objective.set(key, value).unwrap();
+            }
+            let evaluation = evaluate(
+                &objective,
+                &TokenBatch {
+                    batch: b,
+                    width: w,
+                    logprobs: &current,
+                    old_logprobs: &current,
+                    behaviour_logprobs: &behaviour,
+                    advantages: &advantages,
+                    mask: &mask,
+                    ref_logprobs: Some(&reference),
+                },
+            )
+            .unwrap();
+            let g =
+                Tensor::from_vec(evaluation.grad_logprobs.clone(), (b, w), &Device::Cpu).unwrap();
+            let want = (&lp * g).unwrap().sum_all().unwrap().backward().unwrap();
+
+            let (surrogate, stats) = rl_loss(&model, &batch, &objective).unwrap();
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * y.abs().max(1.0);
+            assert!(close(stats.loss, evaluation.loss), "{aggregation}");
+            assert!(close(stats.kl, evaluation.kl), "{aggregation}");
+            let got = surrogate.backward().unwrap();
+            let off = gradient_mismatch(&params, &got, &want);
+            assert!(off <= 1e-4, "{aggregation}, one graph: off by {off}");
+
+            let mut grads = GradStore::default();
+            let mut sink = Sink::Backward {
+                grads: &mut grads,
+                scale: 0.5,
+                params: &params,
+            };
+            let mut load = ExpertLoad::new();
+            let cut = rl_loss_into(&model, &batch, &objective, &mut load, 12, &mut sink).unwrap();
+            assert!(close(cut.loss, evaluation.loss), "{aggregation}");
+            assert_eq!(cut.tokens, evaluation.tokens);
+            // Only the parameters' gradients are kept, not those of each pass's constants.
+            assert!(grads.get_ids().count() <= params.vars().len());
+            for var in params.vars().values() {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    grads.insert(var.as_tensor(), (g * 2.0).unwrap());
+                }
+            }
+            let off = gradient_mismatch(&params, &grads, &want);
+            assert!(
+                off <= 1e-4,
+                "{aggregation}, passes of 12 tokens: off by {off}"
+            );
+        }
+    }
+
+    /// SFT and MTP steps back-propagate pass by pass too: the same gradient as one graph.
+    #[test]
+    fn sft_and_mtp_losses_in_passes_equal_one_graph() {
+        let cfg = NemotronHConfig::from_json_str(
+            r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
+            "hybrid_override_pattern": "M*E", "mamba_num_heads": 2, "mamba_head_dim": 8,
+            "ssm_state_size": 8, "n_groups": 1, "conv_kernel": 4, "chunk_size": 8,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+            "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+            "moe_shared_expert_intermediate_size": 8, "num_nextn_predict_layers": 1,
+            "chorus": {"mtp_depth": 2}}"#,
         )
         .unwrap();
-        assert!((stats.loss - evaluation.loss).abs() <= 1e-6 * evaluation.loss.abs().max(1.0));
-        let g = Tensor::from_vec(evaluation.grad_logprobs, (b, w), &Device::Cpu).unwrap();
-        let one_pass = (&lp * g).unwrap().sum_all().unwrap();
-
-        let (got, want) = (surrogate.backward().unwrap(), one_pass.backward().unwrap());
-        let mut compared = 0;
-        for (name, var) in params.vars() {
-            let (Some(a), Some(e)) = (got.get(var.as_tensor()), want.get(var.as_tensor())) else {
-                continue;
+        let params = init_params(&cfg, 5, &Device::Cpu).unwrap();
+        let model = NemotronH::new(&cfg, &params).unwrap();
+        let seq = |n: usize, prompt_len: usize, off: u32| SftSequence {
+            tokens: (0..n as u32).map(|i| 3 + (i * 5 + off) % 20).collect(),
+            prompt_len,
+            loss_mask: None,
+        };
+        let batch = [
+            seq(30, 3, 1),
+            seq(4, 2, 2),
+            seq(9, 4, 3),
+            seq(5, 1, 4),
+            seq(6, 1, 6),
+            SftSequence {
+                loss_mask: Some(vec![true, false, true, true, false, true, true]),
+                ..seq(9, 2, 5)
+            },
+        ];
+        let backward = |limit: usize, mtp: bool| {
+            let mut grads = GradStore::default();
+            let mut sink = Sink::Backward {
+                grads: &mut grads,
+                scale: 1.0,
+                params: &params,
             };
-            let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-            let (a, e) = (flat(a), flat(e));
-            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .iter()
-                .zip(&e)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                diff <= 1e-4 * scale.max(1e-3),
-                "{name}: off by {diff} (largest {scale})"
-            );
-            compared += 1;
-        }
-        assert!(compared > 10, "compared {compared} gradients");
+            let stats = if mtp {
+                mtp_loss_into(&model, &batch, limit, &mut sink).unwrap()
+            } else {
+                sft_loss_into(&model, &batch, &mut ExpertLoad::new(), limit, &mut sink).unwrap()
+            };
+            (grads, stats)
+        };
+        let (sft, sft_stats) = sft_loss(&model, &batch).unwrap();
+        let want = sft.backward().unwrap();
+        let (got, stats) = backward(10, false);
+        assert!((stats.loss - sft_stats.loss).abs() < 1e-6);
+        assert_eq!(stats.tokens, sft_stats.tokens);
+        let off = gradient_mismatch(&params, &got, &want);
+        assert!(off <= 1e-5, "sft: off by {off}");
+
+        let (mtp, mtp_stats) = mtp_loss(&model, &batch).unwrap();
+        // A mean over the two depths of cross-entropies near ln(vocab) for random weights, not
+        // their sum.
+        let uniform = (24f64).ln();
+        assert!(
+            (0.5 * uniform..1.5 * uniform).contains(&mtp_stats.loss),
+            "{}",
+            mtp_stats.loss
+        );
+        let want = mtp.backward().unwrap();
+        let (got, stats) = backward(10, true);
+        assert_eq!(stats.tokens, mtp_stats.tokens);
+        assert!((stats.loss - mtp_stats.loss).abs() < 1e-6);
+        let off = gradient_mismatch(&params, &got, &want);
+        assert!(off <= 1e-5, "mtp: off by {off}");
     }
 }

@@ -180,13 +180,41 @@ fn correction_weights(o: &Objective, b: &TokenBatch<'_>) -> Vec<f64> {
     }
 }
 
+/// What a batch's aggregation divides by. A part of a batch (the sequences of one forward
+/// pass) evaluated with its whole batch's totals ([`evaluate_part`]) gets that batch's
+/// coefficients, so the parts' losses and gradients add up to the batch's exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchTotals {
+    /// Sequences (`B`).
+    pub sequences: usize,
+    /// Sequences with at least one masked position.
+    pub sequences_in_loss: usize,
+    /// Masked positions.
+    pub masked: usize,
+    /// Positions per sequence (`T`, the default `norm_length`).
+    pub width: usize,
+}
+
+impl BatchTotals {
+    /// The totals of `batch` itself.
+    pub fn of(batch: &TokenBatch<'_>) -> Self {
+        let rows = batch.mask.chunks(batch.width.max(1));
+        Self {
+            sequences: batch.batch,
+            sequences_in_loss: rows.filter(|row| row.iter().any(|&m| m)).count(),
+            masked: batch.mask.iter().filter(|&&m| m).count(),
+            width: batch.width,
+        }
+    }
+}
+
 /// The aggregation coefficient of every position: the loss is `sum(c * loss)`.
-fn aggregation_coefficients(o: &Objective, b: &TokenBatch<'_>) -> Vec<f64> {
+fn aggregation_coefficients(o: &Objective, b: &TokenBatch<'_>, totals: &BatchTotals) -> Vec<f64> {
     let n = b.batch * b.width;
     let masked = |p: usize| if b.mask[p] { 1.0 } else { 0.0 };
     match o.aggregation {
         Aggregation::TokenMean => {
-            let total = b.mask.iter().filter(|&&m| m).count();
+            let total = totals.masked;
             let scale = if total == 0 { 0.0 } else { 1.0 / total as f64 };
             (0..n).map(|p| masked(p) * scale).collect()
         }
@@ -199,7 +227,7 @@ fn aggregation_coefficients(o: &Objective, b: &TokenBatch<'_>) -> Vec<f64> {
                         .count()
                 })
                 .collect();
-            let sequences = counts.iter().filter(|&&c| c > 0).count();
+            let sequences = totals.sequences_in_loss;
             (0..n)
                 .map(|p| {
                     let c = counts[p / b.width.max(1)];
@@ -212,8 +240,8 @@ fn aggregation_coefficients(o: &Objective, b: &TokenBatch<'_>) -> Vec<f64> {
                 .collect()
         }
         Aggregation::SeqMeanTokenSumNorm => {
-            let length = o.norm_length.map_or(b.width, |l| l as usize).max(1);
-            let scale = 1.0 / (b.batch.max(1) as f64 * length as f64);
+            let length = o.norm_length.map_or(totals.width, |l| l as usize).max(1);
+            let scale = 1.0 / (totals.sequences.max(1) as f64 * length as f64);
             (0..n).map(|p| masked(p) * scale).collect()
         }
     }
@@ -221,12 +249,31 @@ fn aggregation_coefficients(o: &Objective, b: &TokenBatch<'_>) -> Vec<f64> {
 
 /// The loss of `objective` on `batch` and its gradient with respect to `batch.logprobs`.
 pub fn evaluate(objective: &Objective, batch: &TokenBatch<'_>) -> Result<Evaluation, BatchError> {
+    evaluate_part(objective, batch, &BatchTotals::of(batch))
+}
+
+/// [`evaluate`] on `part`, a part of a batch whose [`BatchTotals`] are `totals`: its share of
+/// the batch's loss and the batch loss's gradient with respect to `part.logprobs` (every term
+/// but the aggregation is per token or per sequence). The statistics (`clip_fraction`,
+/// `mean_weight`, `kl`) are over the part's own masked tokens.
+pub fn evaluate_part(
+    objective: &Objective,
+    part: &TokenBatch<'_>,
+    totals: &BatchTotals,
+) -> Result<Evaluation, BatchError> {
+    let batch = part;
     batch.validate(objective)?;
+    if totals.width < batch.width {
+        return Err(BatchError(format!(
+            "a part {} positions wide cannot belong to a batch {} wide",
+            batch.width, totals.width
+        )));
+    }
     let (bsz, width) = (batch.batch, batch.width);
     let n = bsz * width;
     let o = objective;
     let w = correction_weights(o, batch);
-    let c = aggregation_coefficients(o, batch);
+    let c = aggregation_coefficients(o, batch, totals);
     let (lo, hi) = (1.0 - o.eps_low, 1.0 + o.eps_high);
     let lp = |p: usize| batch.logprobs[p] as f64;
     let old = |p: usize| batch.old_logprobs[p] as f64;
@@ -579,6 +626,134 @@ mod tests {
             assert_eq!(e.grad_logprobs[1], 0.0, "{a}");
             assert_eq!(e.tokens, 1);
         }
+    }
+
+    /// The learner evaluates a batch one forward pass at a time: each pass's rows, cut to the
+    /// pass's own width, with the whole batch's totals. Their losses and gradients must add up
+    /// to the whole batch's, for every setting, an empty sequence and a narrow part included.
+    #[test]
+    fn a_batch_evaluated_in_parts_adds_up_to_the_whole() {
+        let (b, t) = (4usize, 5usize);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let old: Vec<f32> = (0..b * t).map(|_| (-3.0 * uniform()) as f32).collect();
+        let mut case = Case::new(t, &old, &[1.3, -0.7, 0.4, 2.0]);
+        let mut jitter = |scale: f64| -> Vec<f32> {
+            old.iter()
+                .map(|o| o + (scale * uniform() - scale / 2.0) as f32)
+                .collect()
+        };
+        case.lp = jitter(0.8);
+        case.beh = jitter(1.2);
+        case.reference = Some(jitter(0.5));
+        // Row 0 is short (3 positions), row 3 has nothing in the loss.
+        case.mask = (0..b * t)
+            .map(|p| match p / t {
+                0 => p % t < 3,
+                3 => false,
+                _ => p % 4 != 3,
+            })
+            .collect();
+        let whole_batch = TokenBatch {
+            batch: b,
+            width: t,
+            logprobs: &case.lp,
+            old_logprobs: &case.old,
+            behaviour_logprobs: &case.beh,
+            advantages: &case.adv,
+            mask: &case.mask,
+            ref_logprobs: case.reference.as_deref(),
+        };
+        let totals = BatchTotals::of(&whole_batch);
+        assert_eq!((totals.sequences, totals.sequences_in_loss), (4, 3));
+        // (rows, width): row 0 alone at its own width, rows 1-3 at the batch's.
+        let parts = [(0..1, 3usize), (1..4, t)];
+        let cut = |v: &[f32], rows: &std::ops::Range<usize>, w: usize| -> Vec<f32> {
+            rows.clone()
+                .flat_map(|i| v[i * t..i * t + w].to_vec())
+                .collect()
+        };
+        for algorithm in Algorithm::NAMES {
+            for correction in Correction::NAMES {
+                for aggregation in Aggregation::NAMES {
+                    let o = objective(&[
+                        ("algorithm", algorithm),
+                        ("correction", correction),
+                        ("aggregation", aggregation),
+                        ("kl_coef", "0.3"),
+                        ("icepop_low", "0.7"),
+                        ("icepop_high", "1.4"),
+                    ]);
+                    let whole = evaluate(&o, &whole_batch).unwrap();
+                    let (mut loss, mut kl, mut tokens) = (0.0, 0.0, 0);
+                    for (rows, w) in &parts {
+                        let lp = cut(&case.lp, rows, *w);
+                        let old = cut(&case.old, rows, *w);
+                        let beh = cut(&case.beh, rows, *w);
+                        let reference = cut(case.reference.as_ref().unwrap(), rows, *w);
+                        let mask: Vec<bool> = rows
+                            .clone()
+                            .flat_map(|i| case.mask[i * t..i * t + w].to_vec())
+                            .collect();
+                        let part = evaluate_part(
+                            &o,
+                            &TokenBatch {
+                                batch: rows.len(),
+                                width: *w,
+                                logprobs: &lp,
+                                old_logprobs: &old,
+                                behaviour_logprobs: &beh,
+                                advantages: &case.adv[rows.clone()],
+                                mask: &mask,
+                                ref_logprobs: Some(&reference),
+                            },
+                            &totals,
+                        )
+                        .unwrap();
+                        loss += part.loss;
+                        kl += part.kl * part.tokens as f64;
+                        tokens += part.tokens;
+                        for (r, i) in rows.clone().enumerate() {
+                            for j in 0..*w {
+                                let (got, want) = (
+                                    part.grad_logprobs[r * w + j],
+                                    whole.grad_logprobs[i * t + j],
+                                );
+                                assert!(
+                                    (got - want).abs() <= 1e-6,
+                                    "{algorithm}/{correction}/{aggregation} [{i}, {j}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                    let setting = format!("{algorithm}/{correction}/{aggregation}");
+                    assert!(
+                        (loss - whole.loss).abs() < 1e-9,
+                        "{setting}: {loss} vs {}",
+                        whole.loss
+                    );
+                    assert_eq!(tokens, whole.tokens, "{setting}");
+                    assert!((kl / tokens as f64 - whole.kl).abs() < 1e-9, "{setting}");
+                }
+            }
+        }
+        let too_wide = TokenBatch {
+            width: t + 1,
+            batch: 0,
+            logprobs: &[],
+            old_logprobs: &[],
+            behaviour_logprobs: &[],
+            advantages: &[],
+            mask: &[],
+            ref_logprobs: None,
+        };
+        let e = evaluate_part(&Objective::default(), &too_wide, &totals).unwrap_err();
+        assert!(e.0.contains("cannot belong"), "{e:?}");
     }
 
     #[test]

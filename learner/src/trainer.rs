@@ -20,6 +20,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use chorus_model::{
     ExpertLoad, ModelError, NemotronH, NemotronHConfig, Nvfp4Policy, Params, checkpoint,
@@ -29,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result, config_err};
 use crate::loss::{
-    LossStats, RlSequence, SftSequence, completion_logprobs, mtp_loss, rl_loss_counting,
-    sft_loss_counting,
+    LossStats, RlSequence, SftSequence, Sink, completion_logprobs, mtp_loss_into, rl_loss_into,
+    sft_loss_into,
 };
 use crate::objective::Objective;
 use crate::optim::{AdamW, AdamWConfig};
@@ -45,6 +46,11 @@ pub const REFERENCE_FILE: &str = "reference.safetensors";
 
 /// The default of [`LearnerConfig::router_bias_rate`].
 pub const DEFAULT_ROUTER_BIAS_RATE: f64 = 1e-3;
+
+/// The default of [`LearnerConfig::micro_batch_tokens`]: a pass's activations stay within a
+/// few hundred MB on the small policies Chorus' learner serves, and GEMMs over this many rows
+/// run as fast per row as over more.
+pub const DEFAULT_MICRO_BATCH_TOKENS: usize = 8192;
 
 /// Learner settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,6 +78,12 @@ pub struct LearnerConfig {
     /// much per expert, up for experts the step's real tokens chose less often than the block's
     /// mean and down for those chosen more often. 0 turns it off.
     pub router_bias_rate: f64,
+    /// Most padded tokens (sequences times the longest one's length) in one forward and
+    /// backward pass. A step's batch runs as passes of sequences of similar length, each
+    /// back-propagated before the next begins, so the learner's memory follows this rather
+    /// than the batch; the gradient is the whole batch's exactly. A sequence longer than this
+    /// runs alone.
+    pub micro_batch_tokens: usize,
 }
 
 impl Default for LearnerConfig {
@@ -83,6 +95,7 @@ impl Default for LearnerConfig {
             freeze: vec![],
             nvfp4_forward: None,
             router_bias_rate: DEFAULT_ROUTER_BIAS_RATE,
+            micro_batch_tokens: DEFAULT_MICRO_BATCH_TOKENS,
         }
     }
 }
@@ -193,6 +206,12 @@ impl Trainer {
                     "must be a finite number >= 0, got {}",
                     config.router_bias_rate
                 ),
+            ));
+        }
+        if config.micro_batch_tokens == 0 {
+            return Err(config_err(
+                "micro_batch_tokens",
+                "must be at least 1 (the most padded tokens in one forward pass)",
             ));
         }
         let model = build_model(&model_cfg, &params, config.nvfp4_forward.as_ref())?;
@@ -340,7 +359,7 @@ impl Trainer {
     pub fn reference_logprobs(&self, batch: &[RlSequence]) -> Result<Option<Vec<Vec<f32>>>> {
         self.reference
             .as_ref()
-            .map(|r| completion_logprobs(&r.model, batch))
+            .map(|r| completion_logprobs(&r.model, batch, self.config.micro_batch_tokens))
             .transpose()
     }
 
@@ -404,17 +423,23 @@ impl Trainer {
             .filter(|(o, _)| o.kl_coef > 0.0)
             .map(|(_, b)| b.len() as f64 / total as f64)
             .sum();
-        let mut surrogate: Option<Tensor> = None;
+        let mut grads = GradStore::default();
         let mut stats = LossStats::default();
         let mut load = ExpertLoad::new();
         for (objective, batch) in &parts {
-            let (part, s) = rl_loss_counting(&self.model, batch, objective, &mut load)?;
             let share = batch.len() as f64 / total as f64;
-            let part = (part * share)?;
-            surrogate = Some(match surrogate {
-                Some(sum) => (sum + part)?,
-                None => part,
-            });
+            let s = rl_loss_into(
+                &self.model,
+                batch,
+                objective,
+                &mut load,
+                self.config.micro_batch_tokens,
+                &mut Sink::Backward {
+                    grads: &mut grads,
+                    scale: share,
+                    params: &self.params,
+                },
+            )?;
             stats.loss += share * s.loss;
             // One meaning per step: the KL to the reference where the step has a penalty.
             if penalised_share == 0.0 {
@@ -427,8 +452,7 @@ impl Trainer {
             stats.mean_abs_logprob_diff += share * s.mean_abs_logprob_diff;
             stats.tokens += s.tokens;
         }
-        let surrogate = surrogate.expect("a part is not empty");
-        self.apply(surrogate, stats, &load, StepKind::Rl)
+        self.apply(grads, stats, &load, StepKind::Rl)
     }
 
     /// One supervised update on reference solutions.
@@ -437,8 +461,19 @@ impl Trainer {
             return Err(LearnerError::Batch("empty batch".into()));
         }
         let mut load = ExpertLoad::new();
-        let (loss, stats) = sft_loss_counting(&self.model, batch, &mut load)?;
-        self.apply(loss, stats, &load, StepKind::Sft)
+        let mut grads = GradStore::default();
+        let stats = sft_loss_into(
+            &self.model,
+            batch,
+            &mut load,
+            self.config.micro_batch_tokens,
+            &mut Sink::Backward {
+                grads: &mut grads,
+                scale: 1.0,
+                params: &self.params,
+            },
+        )?;
+        self.apply(grads, stats, &load, StepKind::Sft)
     }
 
     /// One update of the MTP head alone on `batch` ([`mtp_loss`]): the backbone, `lm_head` and
@@ -448,8 +483,18 @@ impl Trainer {
         if batch.is_empty() {
             return Err(LearnerError::Batch("empty batch".into()));
         }
-        let (loss, stats) = mtp_loss(&self.model, batch)?;
-        self.apply(loss, stats, &ExpertLoad::new(), StepKind::Mtp)
+        let mut grads = GradStore::default();
+        let stats = mtp_loss_into(
+            &self.model,
+            batch,
+            self.config.micro_batch_tokens,
+            &mut Sink::Backward {
+                grads: &mut grads,
+                scale: 1.0,
+                params: &self.params,
+            },
+        )?;
+        self.apply(grads, stats, &ExpertLoad::new(), StepKind::Mtp)
     }
 
     /// Aux-loss-free load balancing (DeepSeek-V3): every MoE block's `e_score_correction_bias`
@@ -487,11 +532,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// Steps on the gradient of `loss` (whose value is `stats.loss`), then balances the routers
-    /// by the step's expert `load`.
+    /// Steps on `grads`, the gradient of the loss whose value is `stats.loss`, then balances the
+    /// routers by the step's expert `load`.
     fn apply(
         &mut self,
-        loss: Tensor,
+        grads: GradStore,
         stats: LossStats,
         load: &ExpertLoad,
         kind: StepKind,
@@ -532,7 +577,6 @@ impl Trainer {
                 Some(format!("loss is not finite ({})", stats.loss)),
             ));
         }
-        let grads = loss.backward()?;
         let norm = self.optimizer.grad_norm_where(&grads, &updated)?;
         if !norm.is_finite() {
             self.version += 1;

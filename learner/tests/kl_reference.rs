@@ -32,7 +32,7 @@ fn the_first_step_of_a_stage_has_zero_kl_and_every_parameter_a_gradient() {
         let reference = t.reference_logprobs(&batch).unwrap().expect("held");
         assert_eq!(
             reference,
-            completion_logprobs(t.model(), &batch).unwrap(),
+            completion_logprobs(t.model(), &batch, usize::MAX).unwrap(),
             "the reference is the policy, bit for bit"
         );
         let filled: Vec<RlSequence> = batch
@@ -92,7 +92,7 @@ fn the_kl_grows_as_the_policy_trains_and_the_reference_stays_put() {
         reference,
         "the reference moved"
     );
-    let now = completion_logprobs(t.model(), &batch).unwrap();
+    let now = completion_logprobs(t.model(), &batch, usize::MAX).unwrap();
     assert_ne!(now, reference, "the policy did not move");
     assert!(k3(&now, &reference) > kls[3], "{kls:?}");
 }
@@ -102,14 +102,17 @@ fn a_heavy_kl_penalty_keeps_the_policy_near_the_reference() {
     let run = |kl_coef: &str| {
         let mut t = trainer(1e-2);
         let batch = rollouts(&t, 8);
-        let start = completion_logprobs(t.model(), &batch).unwrap();
+        let start = completion_logprobs(t.model(), &batch, usize::MAX).unwrap();
         let o = objective(&[("kl_coef", kl_coef)]);
         for _ in 0..8 {
             t.enter_stage(0, o.kl_coef > 0.0).unwrap();
             let r = t.rl_step_mixed(&[(&o, &batch)]).unwrap();
             assert!(r.skipped.is_none(), "{r:?}");
         }
-        k3(&completion_logprobs(t.model(), &batch).unwrap(), &start)
+        k3(
+            &completion_logprobs(t.model(), &batch, usize::MAX).unwrap(),
+            &start,
+        )
     };
     let (free, held) = (run("0"), run("2.0"));
     assert!(
@@ -129,7 +132,7 @@ fn the_reference_is_the_policy_at_the_start_of_each_stage() {
         t.enter_stage(1, true).unwrap();
         t.rl_step_mixed(&[(&penalised, &batch)]).unwrap();
     }
-    let end_of_stage_1 = completion_logprobs(t.model(), &batch).unwrap();
+    let end_of_stage_1 = completion_logprobs(t.model(), &batch, usize::MAX).unwrap();
     t.enter_stage(2, true).unwrap();
     assert_eq!(t.stage(), Some(2));
     let second = t.reference_logprobs(&batch).unwrap().unwrap();
@@ -150,7 +153,7 @@ fn the_reference_is_the_policy_at_the_start_of_each_stage() {
     t.enter_stage(3, true).unwrap();
     assert_eq!(
         t.reference_logprobs(&batch).unwrap().unwrap(),
-        completion_logprobs(t.model(), &batch).unwrap()
+        completion_logprobs(t.model(), &batch, usize::MAX).unwrap()
     );
 }
 

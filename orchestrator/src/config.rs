@@ -653,6 +653,11 @@ pub struct RawLearner {
     /// Step of the MoE routers' load-balancing biases after every step (aux-loss-free
     /// balancing: `bias += rate * sign(mean load - load)`); 0 turns it off.
     pub router_bias_rate: Option<f64>,
+    /// Chorus' learner: most padded tokens (sequences times the longest one's length) in one
+    /// forward and backward pass; a step runs as passes of at most this many, each
+    /// back-propagated before the next, so memory follows this rather than the batch (the
+    /// gradient is the batch's exactly). Default 8192.
+    pub micro_batch_tokens: Option<usize>,
     /// What trains: `chorus` (Chorus' candle learner, default) or `torch` (the `chorus_learner`
     /// Python package on PyTorch; see `[learner.torch]`).
     pub backend: Option<Choice<LearnerBackend>>,
@@ -878,6 +883,8 @@ pub struct RunConfig {
     pub checkpoint_keep: usize,
     /// Step of the routers' load-balancing biases.
     pub router_bias_rate: f64,
+    /// Chorus' learner's most padded tokens per forward pass (`None`: the learner's default).
+    pub learner_micro_batch_tokens: Option<usize>,
     /// Stages in order.
     pub stages: Vec<Stage>,
     /// Deadline and error budget of environment calls.
@@ -2120,6 +2127,22 @@ impl RunConfig {
                 ));
             }
         };
+        let learner_micro_batch_tokens = match l.micro_batch_tokens {
+            Some(0) => {
+                return Err(ctx.err(
+                    "learner.micro_batch_tokens",
+                    "0; allowed: 1 or more (the most padded tokens in one forward pass)",
+                ));
+            }
+            Some(_) if torch_learner.is_some() => {
+                return Err(ctx.err(
+                    "learner.micro_batch_tokens",
+                    "applies to Chorus' learner only; the PyTorch learner runs each step \
+                     in one pass (remove it, or set learner.backend = \"chorus\")",
+                ));
+            }
+            n => n,
+        };
         Ok(RunConfig {
             name,
             seed: raw.seed.unwrap_or(Defaults::SEED),
@@ -2153,6 +2176,7 @@ impl RunConfig {
                     ));
                 }
             },
+            learner_micro_batch_tokens,
             stages,
             environment_faults: fault_policy(ctx, raw.environment_faults.unwrap_or_default())?,
         })
@@ -2222,6 +2246,18 @@ max_staleness = 0
 environments = [{ name = "arithmetic", weight = 2.0 }, { url = "http://127.0.0.1:9000", weight = 1.0 }]
 sampling = { temperature = 0.9 }
 "#;
+
+    #[test]
+    fn the_learners_micro_batch_is_read_and_left_to_the_learner_when_unset() {
+        let set = GOOD.replace(
+            "name = \"t\"",
+            "name = \"t\"\n[learner]\nmicro_batch_tokens = 4096",
+        );
+        let c = RunConfig::from_toml_str(&set, "x.toml").unwrap();
+        assert_eq!(c.learner_micro_batch_tokens, Some(4096));
+        let c = RunConfig::from_toml_str(GOOD, "x.toml").unwrap();
+        assert_eq!(c.learner_micro_batch_tokens, None);
+    }
 
     #[test]
     fn the_torch_learner_is_read_and_refuses_stages_it_cannot_train() {
@@ -2985,6 +3021,18 @@ sampling = { temperature = 0.9 }
                 "steps = 3\nrouter = \"frozen\"",
                 "stages[0].router",
                 "allowed in: rlvr, swe_rl and rlhf stages",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\nmicro_batch_tokens = 0",
+                "learner.micro_batch_tokens",
+                "0; allowed: 1 or more",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[learner]\nbackend = \"torch\"\nmicro_batch_tokens = 4096",
+                "learner.micro_batch_tokens",
+                "applies to Chorus' learner only",
             ),
             (
                 "name = \"t\"",

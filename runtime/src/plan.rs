@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chorus_environments::Registry;
 use chorus_environments::preference::{PreferenceRow, load_preferences};
-use chorus_learner::{AdamWConfig, LearnerConfig, LrSchedule};
+use chorus_learner::{AdamWConfig, DEFAULT_MICRO_BATCH_TOKENS, LearnerConfig, LrSchedule};
 use chorus_model::Nvfp4Policy;
 use chorus_model::engine::EngineOptions;
 use chorus_model::tokenizer::Tokenizer;
@@ -382,5 +382,8 @@ fn learner_config(cfg: &RunConfig) -> LearnerConfig {
             exclude: vec![],
         }),
         router_bias_rate: cfg.router_bias_rate,
+        micro_batch_tokens: cfg
+            .learner_micro_batch_tokens
+            .unwrap_or(DEFAULT_MICRO_BATCH_TOKENS),
     }
 }

@@ -189,7 +189,16 @@ pub(crate) enum Sink<'a> {
     },
 }
 
-impl Sink<'_> {
+impl<'a> Sink<'a> {
+    /// [`Sink::Backward`] into `grads`.
+    pub(crate) fn backward(grads: &'a mut GradStore, scale: f64, params: &'a Params) -> Self {
+        Sink::Backward {
+            grads,
+            scale,
+            params,
+        }
+    }
+
     fn add(&mut self, part: Tensor) -> Result<()> {
         match self {
             Sink::Graph(sum) => {
@@ -678,16 +687,15 @@ mod tests {
         assert_eq!(length_buckets(&[7]), vec![vec![0]]);
     }
 
-    #[test]
-    fn bucketed_sft_loss_and_gradient_equal_one_padded_pass() {
-        let (model, params) = moe_model_and_params();
+    /// SFT examples of lengths 30, 4, 9, 5 and 9 (the last with a loss mask), then `extra`
+    /// `(length, prompt_len, offset)` ones, of tokens in 3..23.
+    fn sft_batch(extra: &[(usize, usize, u32)]) -> Vec<SftSequence> {
         let seq = |n: usize, prompt_len: usize, off: u32| SftSequence {
             tokens: (0..n as u32).map(|i| 3 + (i * 5 + off) % 20).collect(),
             prompt_len,
             loss_mask: None,
         };
-        // Three buckets: lengths 4-5, 9 and 30.
-        let batch = [
+        let mut batch = vec![
             seq(30, 3, 1),
             seq(4, 2, 2),
             seq(9, 4, 3),
@@ -697,6 +705,15 @@ mod tests {
                 ..seq(9, 2, 5)
             },
         ];
+        batch.extend(extra.iter().map(|&(n, p, off)| seq(n, p, off)));
+        batch
+    }
+
+    #[test]
+    fn bucketed_sft_loss_and_gradient_equal_one_padded_pass() {
+        let (model, params) = moe_model_and_params();
+        // Three buckets: lengths 4-5, 9 and 30.
+        let batch = sft_batch(&[]);
         assert_eq!(
             length_buckets(&batch.iter().map(|s| s.tokens.len()).collect::<Vec<_>>()).len(),
             3
@@ -907,13 +924,9 @@ mod tests {
     #[test]
     fn forward_passes_cover_the_batch_within_the_token_limit() {
         let lengths = [4usize, 5, 13, 14, 5, 40];
-        let views: Vec<SeqView<'_>> = lengths.iter().map(|&n| (&[][..], n, None)).collect();
         // `forward_passes` reads only the lengths; the views stand in for sequences of them.
-        let views: Vec<SeqView<'_>> = views
-            .iter()
-            .zip(&lengths)
-            .map(|(_, &n)| (&FAKE_TOKENS[..n], 1, None))
-            .collect();
+        let tokens = [1u32; 40];
+        let views: Vec<SeqView<'_>> = lengths.iter().map(|&n| (&tokens[..n], 1, None)).collect();
         for limit in [1, 12, 30, usize::MAX] {
             let passes = forward_passes(&views, limit);
             let mut seen: Vec<usize> = passes.concat();
@@ -937,8 +950,6 @@ mod tests {
             vec![vec![0, 1], vec![4], vec![2], vec![3], vec![5]]
         );
     }
-
-    const FAKE_TOKENS: [u32; 64] = [1; 64];
 
     /// The RL loss runs its forward passes in length buckets cut to a token limit, each
     /// back-propagated on its own in a training step; its value and every parameter's gradient
@@ -1027,11 +1038,7 @@ mod tests {
             assert!(off <= 1e-4, "{aggregation}, one graph: off by {off}");
 
             let mut grads = GradStore::default();
-            let mut sink = Sink::Backward {
-                grads: &mut grads,
-                scale: 0.5,
-                params: &params,
-            };
+            let mut sink = Sink::backward(&mut grads, 0.5, &params);
             let mut load = ExpertLoad::new();
             let cut = rl_loss_into(&model, &batch, &objective, &mut load, 12, &mut sink).unwrap();
             assert!(close(cut.loss, evaluation.loss), "{aggregation}");
@@ -1066,29 +1073,10 @@ mod tests {
         .unwrap();
         let params = init_params(&cfg, 5, &Device::Cpu).unwrap();
         let model = NemotronH::new(&cfg, &params).unwrap();
-        let seq = |n: usize, prompt_len: usize, off: u32| SftSequence {
-            tokens: (0..n as u32).map(|i| 3 + (i * 5 + off) % 20).collect(),
-            prompt_len,
-            loss_mask: None,
-        };
-        let batch = [
-            seq(30, 3, 1),
-            seq(4, 2, 2),
-            seq(9, 4, 3),
-            seq(5, 1, 4),
-            seq(6, 1, 6),
-            SftSequence {
-                loss_mask: Some(vec![true, false, true, true, false, true, true]),
-                ..seq(9, 2, 5)
-            },
-        ];
+        let batch = sft_batch(&[(6, 1, 6)]);
         let backward = |limit: usize, mtp: bool| {
             let mut grads = GradStore::default();
-            let mut sink = Sink::Backward {
-                grads: &mut grads,
-                scale: 1.0,
-                params: &params,
-            };
+            let mut sink = Sink::backward(&mut grads, 1.0, &params);
             let stats = if mtp {
                 mtp_loss_into(&model, &batch, limit, &mut sink).unwrap()
             } else {

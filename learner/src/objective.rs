@@ -628,19 +628,23 @@ mod tests {
         }
     }
 
+    /// Uniform numbers in [0, 1) from a xorshift generator seeded with `state`.
+    fn uniform_from(mut state: u64) -> impl FnMut() -> f64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     /// The learner evaluates a batch one forward pass at a time: each pass's rows, cut to the
     /// pass's own width, with the whole batch's totals. Their losses and gradients must add up
     /// to the whole batch's, for every setting, an empty sequence and a narrow part included.
     #[test]
     fn a_batch_evaluated_in_parts_adds_up_to_the_whole() {
         let (b, t) = (4usize, 5usize);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut uniform = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = uniform_from(0x9e37_79b9_7f4a_7c15);
         let old: Vec<f32> = (0..b * t).map(|_| (-3.0 * uniform()) as f32).collect();
         let mut case = Case::new(t, &old, &[1.3, -0.7, 0.4, 2.0]);
         let mut jitter = |scale: f64| -> Vec<f32> {
@@ -760,13 +764,7 @@ mod tests {
     fn gradients_match_finite_differences_for_every_setting() {
         // A small pseudo-random batch; ratios spread over and beyond every clip range.
         let (b, t) = (3usize, 5usize);
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut uniform = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = uniform_from(0x2545_f491_4f6c_dd1d);
         let old: Vec<f32> = (0..b * t).map(|_| (-3.0 * uniform()) as f32).collect();
         let mut case = Case::new(t, &old, &[1.3, -0.7, 0.4]);
         case.lp = old

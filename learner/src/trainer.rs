@@ -434,11 +434,7 @@ impl Trainer {
                 objective,
                 &mut load,
                 self.config.micro_batch_tokens,
-                &mut Sink::Backward {
-                    grads: &mut grads,
-                    scale: share,
-                    params: &self.params,
-                },
+                &mut Sink::backward(&mut grads, share, &self.params),
             )?;
             stats.loss += share * s.loss;
             // One meaning per step: the KL to the reference where the step has a penalty.
@@ -467,11 +463,7 @@ impl Trainer {
             batch,
             &mut load,
             self.config.micro_batch_tokens,
-            &mut Sink::Backward {
-                grads: &mut grads,
-                scale: 1.0,
-                params: &self.params,
-            },
+            &mut Sink::backward(&mut grads, 1.0, &self.params),
         )?;
         self.apply(grads, stats, &load, StepKind::Sft)
     }
@@ -488,11 +480,7 @@ impl Trainer {
             &self.model,
             batch,
             self.config.micro_batch_tokens,
-            &mut Sink::Backward {
-                grads: &mut grads,
-                scale: 1.0,
-                params: &self.params,
-            },
+            &mut Sink::backward(&mut grads, 1.0, &self.params),
         )?;
         self.apply(grads, stats, &ExpertLoad::new(), StepKind::Mtp)
     }

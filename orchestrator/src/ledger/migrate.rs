@@ -201,13 +201,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn digests_written_before_0009_read_back_as_sha256() {
-        use sqlx::{Connection, Row};
+    /// An in-memory SQLite ledger with the first `applied` migrations and run `r`, and the
+    /// migrations left to apply.
+    async fn sqlite_with_a_run_before(
+        applied: usize,
+    ) -> (
+        sqlx::SqliteConnection,
+        &'static [(i64, &'static str, &'static str)],
+    ) {
+        use sqlx::Connection;
         let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
             .await
             .unwrap();
-        let (before, after) = SQLITE.split_at(8);
+        let (before, after) = SQLITE.split_at(applied);
         for (_, _, sql) in before {
             sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
         }
@@ -218,6 +224,13 @@ mod tests {
         .execute(&mut db)
         .await
         .unwrap();
+        (db, after)
+    }
+
+    #[tokio::test]
+    async fn digests_written_before_0009_read_back_as_sha256() {
+        use sqlx::Row;
+        let (mut db, after) = sqlite_with_a_run_before(8).await;
         sqlx::query(
             "INSERT INTO policy_versions (run_id, version, learner_step, sha256, num_bytes, \
              created_at_ms) VALUES ('r', 1, 1, 'abcd', 10, 0)",
@@ -237,21 +250,8 @@ mod tests {
 
     #[tokio::test]
     async fn stage_starts_written_before_0010_are_read_from_their_summaries() {
-        use sqlx::{Connection, Row};
-        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
-            .await
-            .unwrap();
-        let (before, after) = SQLITE.split_at(9);
-        for (_, _, sql) in before {
-            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
-        }
-        sqlx::query(
-            "INSERT INTO runs (id, name, config_toml, status, created_at_ms) \
-             VALUES ('r', 'r', '', 'running', 0)",
-        )
-        .execute(&mut db)
-        .await
-        .unwrap();
+        use sqlx::Row;
+        let (mut db, after) = sqlite_with_a_run_before(9).await;
         // A reward model's row (start only in its summary), a row whose start was recorded,
         // and one without a summary.
         for (index, start, summary) in [

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     chorus_environments::sandbox::spawner::serve_or_enable();
     // SAFETY: first thing in `main` (a spawner never gets here), before any other thread exists.
     unsafe { chorus_model::threads::fit_to_allowed_cpus() };
+    chorus_model::allocator::keep_freed_memory();
     let args = cli::Cli::parse();
     cli::forget_credentials();
     match cli::run(args) {

@@ -344,6 +344,10 @@ fn verification_cost(engine: &Engine, prompt: &[u32], k: usize) -> f64 {
 
 fn main() {
     let a = parse_args();
+    println!(
+        "allocator: {}",
+        chorus_model::allocator::keep_freed_memory()
+    );
     let cfg = NemotronHConfig::from_file(&a.model)
         .unwrap_or_else(|e| panic!("reading {}: {e}", a.model.display()));
     assert!(

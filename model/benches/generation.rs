@@ -123,6 +123,7 @@ fn existing(root: &std::path::Path, path: &str) -> PathBuf {
 
 fn main() {
     let a = parse_args();
+    let allocator = chorus_model::allocator::keep_freed_memory();
     let (source, cfg, params) = match &a.checkpoint {
         Some(dir) => {
             let (cfg, params) = checkpoint::load_checkpoint(dir, &Device::Cpu)
@@ -150,6 +151,7 @@ fn main() {
     let cpu = chorus_kernels::cpu_description();
     println!("cpu: {cpu}");
     println!("threads: {}", rayon::current_num_threads());
+    println!("allocator: {allocator}");
     println!(
         "model: {} ({} parameters), prompt {} tokens, {} new tokens per sequence, greedy",
         source.display(),
@@ -186,6 +188,7 @@ fn main() {
             "engine": "chorus",
             "cpu": cpu,
             "threads": rayon::current_num_threads(),
+            "allocator": allocator.to_string(),
             "model": source,
             "parameters": params.num_elements(),
             "prompt": a.prompt,

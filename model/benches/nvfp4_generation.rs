@@ -17,6 +17,10 @@ use chorus_model::{NemotronHConfig, checkpoint};
 use support::tokens_per_second;
 
 fn main() {
+    println!(
+        "allocator: {}",
+        chorus_model::allocator::keep_freed_memory()
+    );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     println!(
         "{:<12} {:>10} {:>8} {:>12} {:>12} {:>8} {:>14} {:>14}",

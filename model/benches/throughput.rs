@@ -79,6 +79,10 @@ fn bench_model(name: &str, cfg: &NemotronHConfig, params: &Params, quick: bool) 
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    println!(
+        "allocator: {}",
+        chorus_model::allocator::keep_freed_memory()
+    );
     println!("threads: {} (rayon)", rayon::current_num_threads());
     println!(
         "{:<12} {:>9} {:>12} {:>12} {:>40} {:>14}",

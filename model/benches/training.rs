@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use chorus_model::{Block, BlockKind, NemotronH, NemotronHConfig, Params, checkpoint};
+use chorus_model::{Block, BlockKind, NemotronH, NemotronHConfig, Params, allocator, checkpoint};
 use training_support::{training_batch, training_tokens_per_second};
 
 const HELP: &str = "training bench: tokens/s of forward + backward on candle
@@ -30,6 +30,8 @@ const HELP: &str = "training bench: tokens/s of forward + backward on candle
   --seq N         tokens per sequence (default 128)
   --repeats N     timed steps after one warm-up; the best is printed (default 3)
   --blocks        also time forward and backward of one block of each kind, alone
+  --malloc-defaults  leave glibc malloc's thresholds at their defaults (the `chorus` binary
+                  raises them at start-up, as this bench does without this flag)
   --json OUT      also write the result as JSON to OUT";
 
 fn main() {
@@ -43,7 +45,7 @@ fn main() {
     let mut model_path = root.join("configs/models/small-d512.json");
     let (mut checkpoint_dir, mut json): (Option<PathBuf>, Option<PathBuf>) = (None, None);
     let (mut batch, mut seq, mut repeats) = (8usize, 128usize, 3usize);
-    let mut blocks = false;
+    let (mut blocks, mut malloc_defaults) = (false, false);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || {
@@ -68,6 +70,7 @@ fn main() {
             "--seq" => seq = number(value()).max(2),
             "--repeats" => repeats = number(value()),
             "--blocks" => blocks = true,
+            "--malloc-defaults" => malloc_defaults = true,
             other if other.starts_with("--") => panic!("unknown option {other}\n\n{HELP}"),
             path => model_path = existing(path),
         }
@@ -85,9 +88,15 @@ fn main() {
             (&model_path, cfg, params)
         }
     };
+    let allocator = if malloc_defaults {
+        "glibc malloc with its default thresholds".to_string()
+    } else {
+        allocator::keep_freed_memory().to_string()
+    };
     let cpu = chorus_kernels::cpu_description();
     println!("cpu: {cpu}");
     println!("threads: {}", rayon::current_num_threads());
+    println!("allocator: {allocator}");
     println!(
         "model: {} ({} parameters), batch {batch} x {seq} tokens, forward + backward",
         source.display(),
@@ -103,7 +112,7 @@ fn main() {
     if let Some(out) = json {
         let report = serde_json::json!({
             "engine": "chorus", "cpu": cpu, "threads": rayon::current_num_threads(),
-            "model": source, "parameters": params.num_elements(),
+            "allocator": allocator, "model": source, "parameters": params.num_elements(),
             "training": {"batch": batch, "seq": seq, "tokens_per_second": rate},
         });
         std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap())

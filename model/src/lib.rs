@@ -22,6 +22,7 @@
 
 #![deny(missing_docs)]
 
+pub mod allocator;
 mod attention;
 pub mod checkpoint;
 pub mod config;

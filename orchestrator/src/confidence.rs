@@ -10,6 +10,13 @@
 //!   two Wilson intervals;
 //! - the mean over environments (and its change): a normal interval from the summed binomial
 //!   variances, which the environments' independence allows.
+//!
+//! With several samples per task (`[evaluation] samples`) the accuracy is the mean over tasks of
+//! each task's solved fraction, and a task's samples are not independent trials: a task the
+//! policy can solve it mostly solves every time. The intervals then count an *effective* number
+//! of tasks ([`effective_tasks`]): between the number of tasks (a task's samples all agree) and
+//! tasks x samples (they vary as much as independent trials would), from the spread of the
+//! per-task fractions; the formulas above take fractional counts.
 
 use serde::Serialize;
 
@@ -50,10 +57,16 @@ impl Interval {
 /// The 95% Wilson score interval of `solved` successes in `n` trials (`[0, 1]` when `n = 0`:
 /// nothing was measured).
 pub fn wilson(solved: usize, n: usize) -> Interval {
-    if n == 0 {
+    wilson_counts(solved as f64, n as f64)
+}
+
+/// [`wilson`] of effective counts (see the module docs): `solved` of `n`, not necessarily
+/// whole numbers.
+pub fn wilson_counts(solved: f64, n: f64) -> Interval {
+    if n <= 0.0 {
         return Interval(0.0, 1.0);
     }
-    let (k, n) = (solved.min(n) as f64, n as f64);
+    let k = solved.clamp(0.0, n);
     let p = k / n;
     let z2 = Z95 * Z95;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
@@ -73,14 +86,15 @@ pub fn wilson(solved: usize, n: usize) -> Interval {
 }
 
 /// The 95% interval of `after - before` for two independent binomial proportions, `k1` of `n1`
-/// (before) and `k2` of `n2` (after), by Newcombe's hybrid score method (his method 10).
-pub fn change(before: (usize, usize), after: (usize, usize)) -> Interval {
+/// (before) and `k2` of `n2` (after; effective counts, see the module docs), by Newcombe's
+/// hybrid score method (his method 10).
+pub fn change(before: (f64, f64), after: (f64, f64)) -> Interval {
     let (k1, n1) = before;
     let (k2, n2) = after;
-    let p1 = if n1 == 0 { 0.0 } else { k1 as f64 / n1 as f64 };
-    let p2 = if n2 == 0 { 0.0 } else { k2 as f64 / n2 as f64 };
-    let w1 = wilson(k1, n1);
-    let w2 = wilson(k2, n2);
+    let p1 = if n1 <= 0.0 { 0.0 } else { k1 / n1 };
+    let p2 = if n2 <= 0.0 { 0.0 } else { k2 / n2 };
+    let w1 = wilson_counts(k1, n1);
+    let w2 = wilson_counts(k2, n2);
     let d = p2 - p1;
     let lower = ((p2 - w2.lo()).powi(2) + (w1.hi() - p1).powi(2)).sqrt();
     let upper = ((w2.hi() - p2).powi(2) + (p1 - w1.lo()).powi(2)).sqrt();
@@ -88,10 +102,10 @@ pub fn change(before: (usize, usize), after: (usize, usize)) -> Interval {
 }
 
 /// The mean of several environments' accuracies and its 95% normal interval, from each
-/// environment's `(solved, n)`. The environments are evaluated independently, so the variance
+/// environment's `(solved, n)` (effective counts). The environments are evaluated independently, so the variance
 /// of the mean is the sum of their binomial variances over the count squared. Empty input
 /// gives `(0, [0, 0])`.
-pub fn mean(counts: &[(usize, usize)]) -> (f64, Interval) {
+pub fn mean(counts: &[(f64, f64)]) -> (f64, Interval) {
     let (m, var) = mean_and_variance(counts);
     let half = Z95 * var.sqrt();
     (m, Interval((m - half).max(0.0), (m + half).min(1.0)))
@@ -99,7 +113,7 @@ pub fn mean(counts: &[(usize, usize)]) -> (f64, Interval) {
 
 /// The change of the mean accuracy from `before` to `after` (the same environments in the same
 /// order) and its 95% normal interval.
-pub fn mean_change(before: &[(usize, usize)], after: &[(usize, usize)]) -> (f64, Interval) {
+pub fn mean_change(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, Interval) {
     let (m1, v1) = mean_and_variance(before);
     let (m2, v2) = mean_and_variance(after);
     let d = m2 - m1;
@@ -107,12 +121,12 @@ pub fn mean_change(before: &[(usize, usize)], after: &[(usize, usize)]) -> (f64,
     (d, Interval((d - half).max(-1.0), (d + half).min(1.0)))
 }
 
-fn mean_and_variance(counts: &[(usize, usize)]) -> (f64, f64) {
+fn mean_and_variance(counts: &[(f64, f64)]) -> (f64, f64) {
     let used: Vec<(f64, f64)> = counts
         .iter()
         .map(|&(k, n)| {
-            let n = n.max(1) as f64;
-            (k as f64 / n, n)
+            let n = n.max(1.0);
+            (k / n, n)
         })
         .collect();
     if used.is_empty() {
@@ -122,6 +136,31 @@ fn mean_and_variance(counts: &[(usize, usize)]) -> (f64, f64) {
     let mean = used.iter().map(|(p, _)| p).sum::<f64>() / m;
     let var = used.iter().map(|(p, n)| p * (1.0 - p) / n).sum::<f64>() / (m * m);
     (mean, var)
+}
+
+/// The effective number of independent tasks behind a sampled accuracy: `solved_per_task[i]`
+/// of `samples` episodes of task `i` solved. The accuracy is the mean of the per-task fractions
+/// `f_i`; its variance, estimated from their spread (`s^2 / n`, the tasks being the independent
+/// units), equals a binomial proportion's `p (1 - p) / n_eff` at `n_eff` tasks. The result
+/// lies between the number of tasks and tasks x samples; where the spread says nothing (fewer
+/// than two tasks, or every episode solved or every one failed) it is the number of tasks,
+/// the cautious end.
+pub fn effective_tasks(solved_per_task: &[usize], samples: usize) -> f64 {
+    let n = solved_per_task.len() as f64;
+    let k = samples.max(1) as f64;
+    let fractions: Vec<f64> = solved_per_task
+        .iter()
+        .map(|&s| (s as f64 / k).min(1.0))
+        .collect();
+    let p = fractions.iter().sum::<f64>() / n.max(1.0);
+    if fractions.len() < 2 || p <= 0.0 || p >= 1.0 {
+        return n;
+    }
+    let spread = fractions.iter().map(|f| (f - p).powi(2)).sum::<f64>() / (n - 1.0);
+    if spread <= 0.0 {
+        return n * k;
+    }
+    (p * (1.0 - p) / spread).clamp(n, n * k)
 }
 
 #[cfg(test)]
@@ -168,10 +207,10 @@ mod tests {
     #[test]
     fn change_matches_newcombe_method_10() {
         // Newcombe (1998), table II example (a): 56/70 - 48/80 = 0.2, interval 0.0524 to 0.3339.
-        let d = change((48, 80), (56, 70));
+        let d = change((48.0, 80.0), (56.0, 70.0));
         assert!(close(d.lo(), 0.0524) && close(d.hi(), 0.3339), "{d:?}");
         // Swapping the roles flips the sign.
-        let back = change((56, 70), (48, 80));
+        let back = change((56.0, 70.0), (48.0, 80.0));
         assert!(
             close(back.lo(), -0.3339) && close(back.hi(), -0.0524),
             "{back:?}"
@@ -180,22 +219,58 @@ mod tests {
 
     #[test]
     fn a_change_of_zero_is_inside_its_interval() {
-        let d = change((40, 256), (40, 256));
+        let d = change((40.0, 256.0), (40.0, 256.0));
         assert!(d.contains(0.0) && d.lo() < 0.0 && d.hi() > 0.0);
     }
 
     #[test]
     fn mean_interval_shrinks_with_environments() {
-        let (m1, one) = mean(&[(64, 256)]);
-        let (m3, three) = mean(&[(64, 256), (64, 256), (64, 256)]);
+        let (m1, one) = mean(&[(64.0, 256.0)]);
+        let (m3, three) = mean(&[(64.0, 256.0), (64.0, 256.0), (64.0, 256.0)]);
         assert!(close(m1, 0.25) && close(m3, 0.25));
         assert!(three.hi() - three.lo() < one.hi() - one.lo());
         // One environment: the normal interval 0.25 ± 1.96 * sqrt(0.25 * 0.75 / 256).
         assert!(close(one.hi() - 0.25, 0.05305), "{one:?}");
-        let (d, iv) = mean_change(&[(64, 256), (32, 256)], &[(128, 256), (64, 256)]);
+        let (d, iv) = mean_change(
+            &[(64.0, 256.0), (32.0, 256.0)],
+            &[(128.0, 256.0), (64.0, 256.0)],
+        );
         assert!(close(d, 0.1875), "{d}");
         assert!(iv.contains(d) && iv.lo() > 0.0);
         assert_eq!(mean(&[]), (0.0, Interval(0.0, 0.0)));
+    }
+
+    #[test]
+    fn effective_tasks_run_from_tasks_to_episodes_with_the_samples_agreement() {
+        // Every task's samples agree (solved all 4 times or never): the tasks are the evidence.
+        let agree = [4, 0, 4, 0, 0, 4, 0, 4];
+        assert!(close(effective_tasks(&agree, 4), 8.0));
+        // Samples that vary as independent trials would: about tasks x samples. With p = 1/2
+        // and every task at 2 of 4 the spread is zero, the far end.
+        assert!(close(effective_tasks(&[2; 8], 4), 32.0));
+        // In between: fractions 1/4 and 3/4 alternate, p = 1/2, spread 1/16 * 8/7:
+        // n_eff = 0.25 / (0.0625 * 8 / 7) = 3.5, clamped up to the 8 tasks.
+        assert!(close(effective_tasks(&[1, 3, 1, 3, 1, 3, 1, 3], 4), 8.0));
+        // Fractions 2/4 and 3/4, p = 5/8, spread 1/16 * 8/7 / 4 = 1/56: 0.234375 * 56 = 13.125.
+        assert!(close(effective_tasks(&[2, 3, 2, 3, 2, 3, 2, 3], 4), 13.125));
+        // Nothing solved or everything solved says nothing about the spread: the tasks.
+        assert!(close(effective_tasks(&[0; 8], 4), 8.0));
+        assert!(close(effective_tasks(&[4; 8], 4), 8.0));
+        // One sample per task is the plain count.
+        assert!(close(effective_tasks(&[1, 0, 1, 1, 0], 1), 5.0));
+    }
+
+    #[test]
+    fn fractional_counts_interpolate_the_whole_ones() {
+        assert_eq!(wilson_counts(16.0, 64.0), wilson(16, 64));
+        let (a, b, c) = (
+            wilson_counts(16.0, 64.0),
+            wilson_counts(24.0, 96.0),
+            wilson_counts(32.0, 128.0),
+        );
+        let width = |w: Interval| w.hi() - w.lo();
+        assert!(width(a) > width(b) && width(b) > width(c));
+        assert_eq!(wilson_counts(0.0, 0.0), Interval(0.0, 1.0));
     }
 
     #[test]

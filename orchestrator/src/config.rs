@@ -480,6 +480,38 @@ pub struct RawRunConfig {
     pub stages: Option<Vec<RawStage>>,
     /// How environments that fail are handled.
     pub environment_faults: Option<RawEnvironmentFaults>,
+    /// How held-out metrics are measured.
+    pub evaluation: Option<RawEvaluation>,
+}
+
+/// How held-out metrics are measured, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvaluation {
+    /// Episodes per held-out task: 1 (default) answers greedily; more sample at `temperature`.
+    pub samples: Option<usize>,
+    /// Sampling temperature when `samples` > 1 (default 1.0).
+    pub temperature: Option<f32>,
+}
+
+/// How each held-out task is played when a metric is measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeldoutSampling {
+    /// Episodes per task. 1: one greedy answer (temperature 0), what the policy's most likely
+    /// answer does. More: that many at `temperature`, and the metric is the mean over tasks of
+    /// each task's solved fraction, the expected success of the sampling policy RL trains.
+    pub samples: usize,
+    /// The temperature of those samples (unused with one sample).
+    pub temperature: f32,
+}
+
+impl Default for HeldoutSampling {
+    fn default() -> Self {
+        Self {
+            samples: 1,
+            temperature: 1.0,
+        }
+    }
 }
 
 /// Environment fault handling, as written.
@@ -889,6 +921,8 @@ pub struct RunConfig {
     pub stages: Vec<Stage>,
     /// Deadline and error budget of environment calls.
     pub environment_faults: FaultPolicy,
+    /// How held-out tasks are played when a metric is measured (`[evaluation]`).
+    pub heldout_sampling: HeldoutSampling,
 }
 
 /// Every default of the run configuration, in one place.
@@ -2179,8 +2213,50 @@ impl RunConfig {
             learner_micro_batch_tokens,
             stages,
             environment_faults: fault_policy(ctx, raw.environment_faults.unwrap_or_default())?,
+            heldout_sampling: heldout_sampling(ctx, raw.evaluation.unwrap_or_default())?,
         })
     }
+}
+
+/// The most episodes per held-out task `[evaluation] samples` allows.
+pub const MAX_HELDOUT_SAMPLES: usize = 64;
+
+fn heldout_sampling(ctx: &Ctx<'_>, raw: RawEvaluation) -> Result<HeldoutSampling, ConfigError> {
+    let d = HeldoutSampling::default();
+    let samples = match raw.samples {
+        None => d.samples,
+        Some(n) if (1..=MAX_HELDOUT_SAMPLES).contains(&n) => n,
+        Some(n) => {
+            return Err(ctx.err(
+                "evaluation.samples",
+                format!(
+                    "{n}; allowed: 1 (one greedy answer per task) to {MAX_HELDOUT_SAMPLES} \
+                     (that many sampled at evaluation.temperature)"
+                ),
+            ));
+        }
+    };
+    let temperature = match raw.temperature {
+        None => d.temperature,
+        Some(_) if samples == 1 => {
+            return Err(ctx.err(
+                "evaluation.temperature",
+                "is set but evaluation.samples is 1, which answers greedily; allowed: a \
+                 temperature together with samples >= 2, or no temperature",
+            ));
+        }
+        Some(t) if t > 0.0 && t.is_finite() && t <= 10.0 => t,
+        Some(t) => {
+            return Err(ctx.err(
+                "evaluation.temperature",
+                format!("{t}; allowed: a number in (0, 10]"),
+            ));
+        }
+    };
+    Ok(HeldoutSampling {
+        samples,
+        temperature,
+    })
 }
 
 fn fault_policy(ctx: &Ctx<'_>, raw: RawEnvironmentFaults) -> Result<FaultPolicy, ConfigError> {
@@ -2793,6 +2869,24 @@ sampling = { temperature = 0.9 }
                 "steps = 5\nmin_lr = 1e-5",
                 "stages[1].min_lr",
                 "lr_decay = \"cosine\"",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[evaluation]\nsamples = 0",
+                "evaluation.samples",
+                "1 (one greedy answer per task) to 64",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[evaluation]\ntemperature = 0.7",
+                "evaluation.temperature",
+                "samples >= 2",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[evaluation]\nsamples = 4\ntemperature = 0",
+                "evaluation.temperature",
+                "(0, 10]",
             ),
             (
                 "name = \"t\"",

@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use crate::advantage::{Scored, group_advantages};
 use crate::confidence::{self, Interval};
-use crate::config::{DomainRatios, Stage};
+use crate::config::{DomainRatios, HeldoutSampling, Stage};
 use crate::curriculum::Curriculum;
 use crate::faults::{EnvFault, EnvFaults};
 use crate::ledger::{Ledger, NewPrompt, NewTrajectory, Split, Timings, TrajectoryStatus};
@@ -1883,27 +1883,39 @@ async fn run_mtp_heal_stage_in(
     Ok(stage.steps.max(first_step))
 }
 
-/// Held-out accuracy of one environment: the fraction of tasks answered with full reward.
+/// Held-out accuracy of one environment: the fraction of tasks answered with full reward, or,
+/// with several samples per task, the mean over tasks of each one's fraction of samples solved.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Accuracy {
     /// Tasks evaluated.
     pub heldout_n: usize,
-    /// Tasks answered with full reward.
+    /// Episodes answered with full reward (of `heldout_n x samples_per_task`).
     pub solved: usize,
-    /// Fraction with full reward.
+    /// `solved / (heldout_n x samples_per_task)`.
     pub accuracy: f64,
-    /// The accuracy's 95% Wilson interval.
+    /// The accuracy's 95% Wilson interval (over `effective_n` tasks).
     pub interval: Interval,
-    /// Mean reward.
+    /// Mean reward per episode.
     pub mean_reward: f64,
     /// Multi-turn episodes cut short because their conversation outgrew `max_prompt_tokens`
     /// (they count as not solved).
     #[serde(default)]
     pub context_limited: usize,
+    /// Episodes per task: 1 is one greedy answer.
+    #[serde(default = "one")]
+    pub samples_per_task: usize,
+    /// The independent tasks the interval counts ([`confidence::effective_tasks`]); `None`:
+    /// `heldout_n`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_n: Option<f64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Accuracy {
-    /// `solved` of `n` tasks, with mean reward `mean_reward`.
+    /// `solved` of `n` tasks (one answer each), with mean reward `mean_reward`.
     pub fn new(solved: usize, n: usize, mean_reward: f64) -> Self {
         Self {
             heldout_n: n,
@@ -1912,12 +1924,51 @@ impl Accuracy {
             interval: confidence::wilson(solved, n),
             mean_reward,
             context_limited: 0,
+            samples_per_task: 1,
+            effective_n: None,
         }
     }
 
-    /// `(solved, n)`, what the interval arithmetic takes.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.solved, self.heldout_n)
+    /// `solved_per_task[i]` of `samples` episodes of task `i` solved, with mean reward per
+    /// episode `mean_reward`. One sample per task is [`Accuracy::new`].
+    pub fn sampled(solved_per_task: &[usize], samples: usize, mean_reward: f64) -> Self {
+        let n = solved_per_task.len();
+        let solved = solved_per_task.iter().sum();
+        if samples <= 1 {
+            return Self::new(solved, n, mean_reward);
+        }
+        let accuracy = solved as f64 / (n * samples).max(1) as f64;
+        let effective = confidence::effective_tasks(solved_per_task, samples);
+        Self {
+            heldout_n: n,
+            solved,
+            accuracy,
+            interval: confidence::wilson_counts(accuracy * effective, effective),
+            mean_reward,
+            context_limited: 0,
+            samples_per_task: samples,
+            effective_n: Some(effective),
+        }
+    }
+
+    /// The accuracy a ledger row records.
+    pub fn from_ledger(e: &crate::ledger::Evaluation) -> Self {
+        Self {
+            heldout_n: e.tasks as usize,
+            solved: e.correct as usize,
+            accuracy: e.accuracy,
+            interval: Interval(e.accuracy_lo, e.accuracy_hi),
+            mean_reward: e.mean_reward,
+            context_limited: 0,
+            samples_per_task: e.samples_per_task.max(1) as usize,
+            effective_n: e.effective_tasks,
+        }
+    }
+
+    /// `(solved, n)` in effective tasks, what the interval arithmetic takes.
+    pub fn counts(&self) -> (f64, f64) {
+        let n = self.effective_n.unwrap_or(self.heldout_n as f64);
+        (self.accuracy * n, n)
     }
 }
 
@@ -1976,19 +2027,41 @@ pub async fn heldout_tasks(
     out
 }
 
-/// Greedy accuracy on `n` distinct held-out tasks of each environment (at its given
-/// difficulty; fewer when its held-out split is smaller, see [`heldout_tasks`]), with the
-/// policy version `min_version` or newer (exactly `min_version` in deterministic runs).
+/// Accuracy on `n` distinct held-out tasks of each environment (at its given difficulty; fewer
+/// when its held-out split is smaller, see [`heldout_tasks`]), with the policy version
+/// `min_version` or newer (exactly `min_version` in deterministic runs): one greedy answer per
+/// task, or `sampling.samples` episodes per task at its temperature (seeds 0, 1, ...).
 /// Multi-turn environments play whole episodes. A task the environment fails to sample or score
 /// counts as not solved.
 pub async fn evaluate(
     ctx: &Arc<StageContext>,
     envs: &[(String, u32)],
     n: usize,
+    sampling: HeldoutSampling,
     max_new_tokens: usize,
     max_prompt_tokens: usize,
     min_version: u64,
 ) -> Result<BTreeMap<String, Accuracy>, SchedulerError> {
+    let samples = sampling.samples.max(1);
+    let params = |seed: u64| {
+        if samples == 1 {
+            SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: Some(0),
+                think_budget: None,
+            }
+        } else {
+            SamplingParams {
+                temperature: sampling.temperature,
+                top_p: 1.0,
+                top_k: 0,
+                seed: Some(seed),
+                think_budget: None,
+            }
+        }
+    };
     let stop: Vec<u32> = chat::STOP_SEQUENCES
         .iter()
         .filter_map(|s| ctx.tokenizer.token_id(s))
@@ -2005,6 +2078,7 @@ pub async fn evaluate(
         let tasks = heldout_tasks(ctx, name, &env, *difficulty, n).await;
         let slots = tasks.len();
         let mut futures = vec![];
+        let mut task_of = vec![];
         for (i, sampled) in tasks.into_iter().enumerate() {
             let Some((task, info)) = sampled else {
                 continue;
@@ -2014,36 +2088,41 @@ pub async fn evaluate(
                 .encode(&chat::render_prompt(&task.prompt))
                 .map_err(|e| SchedulerError::Tokenizer(e.to_string()))?;
             let multi = (info.turns == Turns::Multi).then_some(info.max_turns.max(1));
-            let drawn = Arc::new(Drawn {
-                seed: 0,
-                env_name: name.clone(),
-                env: env.clone(),
-                multi_turn: multi,
-                task: Arc::new(task),
-            });
-            let m = Member {
-                trajectory_id: format!("eval:{name}:{min_version}:{i}"),
-                request_id: format!("eval:{name}:{min_version}:{i}"),
-                prompt_id: format!("eval:{name}:{i}"),
-                sampling: SamplingParams {
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    top_k: 0,
-                    seed: Some(0),
-                    think_budget: None,
-                },
-                max_new_tokens,
-                max_context_tokens: max_prompt_tokens,
-                stop: stop.clone(),
-                min_version,
-                exact_version: ctx.deterministic.then_some(min_version),
-            };
-            futures
-                .push(Box::pin(play(ctx.clone(), drawn, Arc::new(prompt_ids), m))
-                    as BoxFuture<Rollout>);
+            let (task, prompt_ids) = (Arc::new(task), Arc::new(prompt_ids));
+            for sample in 0..samples {
+                let drawn = Arc::new(Drawn {
+                    seed: sample as u64,
+                    env_name: name.clone(),
+                    env: env.clone(),
+                    multi_turn: multi,
+                    task: task.clone(),
+                });
+                // One greedy answer keeps the ids it always had.
+                let id = if samples == 1 {
+                    format!("eval:{name}:{min_version}:{i}")
+                } else {
+                    format!("eval:{name}:{min_version}:{i}:{sample}")
+                };
+                let m = Member {
+                    trajectory_id: id.clone(),
+                    request_id: id,
+                    prompt_id: format!("eval:{name}:{i}"),
+                    sampling: params(sample as u64),
+                    max_new_tokens,
+                    max_context_tokens: max_prompt_tokens,
+                    stop: stop.clone(),
+                    min_version,
+                    exact_version: ctx.deterministic.then_some(min_version),
+                };
+                task_of.push(i);
+                futures
+                    .push(Box::pin(play(ctx.clone(), drawn, prompt_ids.clone(), m))
+                        as BoxFuture<Rollout>);
+            }
         }
         let rollouts = futures_join(futures).await;
-        let (mut full, mut total) = (0usize, 0f64);
+        let mut solved_per_task = vec![0usize; slots];
+        let mut total = 0f64;
         let limited = rollouts.iter().filter(|r| r.context_limited).count();
         if limited > 0 {
             // They count as unsolved, which reads as a weak policy when the limit is the cause.
@@ -2056,19 +2135,20 @@ pub async fn evaluate(
                  raise the stage's max_prompt_tokens to measure them"
             );
         }
-        for r in &rollouts {
+        for (r, &task) in rollouts.iter().zip(&task_of) {
             if let Ok(s) = &r.verdict {
                 total += s.reward;
                 if env.is_solved(s) {
-                    full += 1;
+                    solved_per_task[task] += 1;
                 }
             }
         }
+        let episodes = (slots * samples).max(1) as f64;
         out.insert(
             name.clone(),
             Accuracy {
                 context_limited: limited,
-                ..Accuracy::new(full, slots, total / slots.max(1) as f64)
+                ..Accuracy::sampled(&solved_per_task, samples, total / episodes)
             },
         );
     }
@@ -2077,7 +2157,24 @@ pub async fn evaluate(
 
 #[cfg(test)]
 mod tests {
-    use super::{fixed_slot_environment, policy_lengths};
+    use super::{Accuracy, fixed_slot_environment, policy_lengths};
+
+    #[test]
+    fn an_accuracy_measured_before_sampling_existed_reads_as_one_greedy_answer_per_task() {
+        // A line of a resumed run's measurements file, written before `samples_per_task`.
+        let old = r#"{"heldout_n": 4, "solved": 1, "accuracy": 0.25, "interval": [0.05, 0.7],
+                      "mean_reward": 0.25, "context_limited": 0}"#;
+        let a: Accuracy = serde_json::from_str(old).unwrap();
+        assert_eq!((a.samples_per_task, a.effective_n), (1, None));
+        assert_eq!(a.counts(), (1.0, 4.0));
+        // And a sampled one survives the round trip.
+        let sampled = Accuracy::sampled(&[3, 1, 0, 4], 4, 0.5);
+        assert_eq!(sampled.accuracy, 0.5);
+        let back: Accuracy =
+            serde_json::from_str(&serde_json::to_string(&sampled).unwrap()).unwrap();
+        assert_eq!(back, sampled);
+        assert!(sampled.effective_n.unwrap() >= 4.0 && sampled.effective_n.unwrap() <= 16.0);
+    }
 
     #[test]
     fn reasoning_and_answer_lengths_count_only_the_policys_tokens() {

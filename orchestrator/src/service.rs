@@ -365,6 +365,7 @@ impl Orchestrator for OrchestratorService {
                 accuracy_hi: e.accuracy_hi,
                 tasks: e.tasks,
                 correct: e.correct,
+                samples_per_task: e.samples_per_task,
             })
             .collect();
         let steps = self

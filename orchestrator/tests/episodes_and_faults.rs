@@ -12,7 +12,8 @@ use chorus_environments::{
     Turns, builtin_registry,
 };
 use chorus_model::tokenizer::Tokenizer;
-use chorus_orchestrator::config::RunConfig;
+use chorus_orchestrator::confidence;
+use chorus_orchestrator::config::{HeldoutSampling, RunConfig};
 use chorus_orchestrator::faults::{EnvFaults, FaultPolicy};
 use chorus_orchestrator::ledger::{Ledger, NewRun, RolloutFilter, RunStatus, TrajectoryStatus};
 use chorus_orchestrator::scheduler::{
@@ -141,11 +142,14 @@ impl Environment for Faulty {
 }
 
 /// Answers `yes` for even group members and `no` for odd ones, recording every prompt it sees.
+/// A held-out episode answers as member 0 when greedy, and as its sample number when sampled.
 struct YesNoWorkers {
     tokenizer: Arc<Tokenizer>,
     version: watch::Receiver<u64>,
     prompts: std::sync::Mutex<Vec<String>>,
     calls: AtomicU64,
+    /// (request id, temperature, seed) of every held-out request.
+    heldout: std::sync::Mutex<Vec<(String, f32, Option<u64>)>>,
 }
 
 impl Rollouts for YesNoWorkers {
@@ -153,14 +157,25 @@ impl Rollouts for YesNoWorkers {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let prompt = self.tokenizer.decode(&r.prompt_token_ids, false).unwrap();
         self.prompts.lock().unwrap().push(prompt);
-        let member: u64 = r
-            .trajectory_id
-            .rsplit(":t")
-            .next()
-            .unwrap()
-            .parse()
-            // Held-out evaluation's ids carry no member number; it gets member 0's answer.
-            .unwrap_or(0);
+        let sampling = r.sampling.unwrap_or_default();
+        let member: u64 = if r.trajectory_id.starts_with("eval:") {
+            self.heldout.lock().unwrap().push((
+                r.request_id.clone(),
+                sampling.temperature,
+                sampling.seed,
+            ));
+            match sampling.temperature {
+                0.0 => 0,
+                _ => r.trajectory_id.rsplit(':').next().unwrap().parse().unwrap(),
+            }
+        } else {
+            r.trajectory_id
+                .rsplit(":t")
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
         let text = if member.is_multiple_of(2) {
             "yes<|end|>"
         } else {
@@ -223,6 +238,7 @@ async fn setup(config: &str, prompts_per_step: u64) -> Setup {
         version: learner.subscribe(),
         prompts: Default::default(),
         calls: AtomicU64::new(0),
+        heldout: Default::default(),
     });
     let ctx = Arc::new(StageContext {
         run_id: "run".into(),
@@ -358,7 +374,10 @@ async fn multi_turn_episodes_alternate_actions_and_observations() {
 async fn held_out_episodes_cut_by_the_prompt_limit_are_counted() {
     let s = setup(MULTI_TURN, 2).await;
     let envs = [("say_yes".to_string(), 0)];
-    let roomy = evaluate(&s.ctx, &envs, 4, 8, 4096, 0).await.unwrap();
+    let greedy = HeldoutSampling::default();
+    let roomy = evaluate(&s.ctx, &envs, 4, greedy, 8, 4096, 0)
+        .await
+        .unwrap();
     assert_eq!(roomy["say_yes"].solved, 4, "{roomy:?}");
     assert_eq!(roomy["say_yes"].context_limited, 0);
 
@@ -369,11 +388,63 @@ async fn held_out_episodes_cut_by_the_prompt_limit_are_counted() {
         .encode(&chorus_environments::chat::render_prompt(&held_out.prompt))
         .unwrap()
         .len();
-    let tight = evaluate(&s.ctx, &envs, 4, 8, prompt_tokens, 0)
+    let tight = evaluate(&s.ctx, &envs, 4, greedy, 8, prompt_tokens, 0)
         .await
         .unwrap();
     assert_eq!(tight["say_yes"].solved, 0, "{tight:?}");
     assert_eq!(tight["say_yes"].context_limited, 4, "{tight:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_evaluation_plays_each_task_several_times_at_its_temperature() {
+    let s = setup(MULTI_TURN, 2).await;
+    let envs = [("say_yes".to_string(), 0)];
+    let greedy = evaluate(&s.ctx, &envs, 4, HeldoutSampling::default(), 8, 4096, 0)
+        .await
+        .unwrap();
+    let g = &greedy["say_yes"];
+    assert_eq!((g.solved, g.heldout_n, g.samples_per_task), (4, 4, 1));
+    assert_eq!(g.effective_n, None);
+    {
+        let heldout = s.workers.heldout.lock().unwrap();
+        // Four tasks, three turns each, all greedy with seed 0 on their first turn.
+        assert_eq!(heldout.len(), 4 * 3);
+        assert!(heldout.iter().all(|(_, t, _)| *t == 0.0), "{heldout:?}");
+    }
+    s.workers.heldout.lock().unwrap().clear();
+
+    // Even samples say yes, odd ones no: every task is solved by 2 of its 4 samples.
+    let sampling = HeldoutSampling {
+        samples: 4,
+        temperature: 0.7,
+    };
+    let sampled = evaluate(&s.ctx, &envs, 4, sampling, 8, 4096, 1)
+        .await
+        .unwrap();
+    let a = &sampled["say_yes"];
+    assert_eq!(
+        (a.solved, a.heldout_n, a.samples_per_task),
+        (8, 4, 4),
+        "{a:?}"
+    );
+    assert_eq!(a.accuracy, 0.5);
+    // Every task at the same fraction: the samples vary as independent trials would, and the
+    // interval counts all 16 episodes.
+    assert_eq!(a.effective_n, Some(16.0));
+    assert_eq!(a.counts(), (8.0, 16.0));
+    assert_eq!(a.interval, confidence::wilson(8, 16));
+    // Episodes of 3 turns, with 1/3 of the reward per yes.
+    assert!((a.mean_reward - 0.5).abs() < 1e-9, "{a:?}");
+    let heldout = s.workers.heldout.lock().unwrap();
+    assert_eq!(heldout.len(), 4 * 4 * 3);
+    assert!(heldout.iter().all(|(_, t, _)| *t == 0.7), "{heldout:?}");
+    // The first task's four episodes begin with seeds 0 to 3.
+    let first_turns: std::collections::BTreeSet<_> = heldout
+        .iter()
+        .filter(|(id, _, _)| id.starts_with("eval:say_yes:1:0:") && !id.contains(":turn"))
+        .map(|(_, _, seed)| *seed)
+        .collect();
+    assert_eq!(first_turns, (0..4).map(Some).collect(), "{heldout:?}");
 }
 
 const FAULTS: &str = r#"

@@ -956,6 +956,8 @@ mod cases {
                 accuracy_lo: 0.1,
                 accuracy_hi: 0.9,
                 mean_reward: 0.5,
+                samples_per_task: 1,
+                effective_tasks: None,
             })
             .await
             .unwrap();
@@ -1001,18 +1003,24 @@ mod cases {
     pub async fn evaluations_are_kept_once_per_version_and_versions_know_their_stage(db: &TestDb) {
         let ledger = db.open().await;
         ledger.insert_run(run("r")).await.unwrap();
-        let eval = |version: u64, env: &str, correct: u64| Evaluation {
-            run_id: "r".into(),
-            policy_version: version,
-            environment: env.into(),
-            difficulty: 0,
-            stage_index: Some(version / 3),
-            tasks: 4,
-            correct,
-            accuracy: correct as f64 / 4.0,
-            accuracy_lo: 0.0625,
-            accuracy_hi: 0.9375,
-            mean_reward: 0.5,
+        // Version 3 is measured with 4 samples per task, the others greedily.
+        let eval = |version: u64, env: &str, correct: u64| {
+            let samples = if version == 3 { 4 } else { 1 };
+            Evaluation {
+                run_id: "r".into(),
+                policy_version: version,
+                environment: env.into(),
+                difficulty: 0,
+                stage_index: Some(version / 3),
+                tasks: 4,
+                correct,
+                accuracy: correct as f64 / (4 * samples) as f64,
+                accuracy_lo: 0.0625,
+                accuracy_hi: 0.9375,
+                mean_reward: 0.5,
+                samples_per_task: samples,
+                effective_tasks: (samples > 1).then_some(9.5),
+            }
         };
         for e in [
             eval(3, "needle", 2),

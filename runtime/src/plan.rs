@@ -14,7 +14,7 @@ use chorus_model::Nvfp4Policy;
 use chorus_model::engine::EngineOptions;
 use chorus_model::tokenizer::Tokenizer;
 use chorus_model::{NemotronHConfig, checkpoint};
-use chorus_orchestrator::config::{EnvironmentSource, RunConfig, StageKind};
+use chorus_orchestrator::config::{EnvironmentSource, HeldoutSampling, RunConfig, StageKind};
 use chorus_orchestrator::transcripts::Transcripts;
 
 use crate::error::{Result, RunError};
@@ -25,6 +25,8 @@ use crate::error::{Result, RunError};
 pub struct EvalPlan {
     /// Held-out tasks per environment.
     pub tasks: usize,
+    /// How each task is played (`[evaluation]`).
+    pub sampling: HeldoutSampling,
     /// Evaluate every this many RL steps as well (0: only before and after).
     pub every: u64,
     /// The environments evaluated (those of the RL stages, each once) with their difficulty.
@@ -49,6 +51,7 @@ impl EvalPlan {
         }
         Self {
             tasks,
+            sampling: cfg.heldout_sampling,
             every,
             environments: seen.into_iter().collect(),
             max_new_tokens: cfg

@@ -252,7 +252,7 @@ pub async fn from_ledger(
         .await
         .map_err(RunError::ledger(db))?
     {
-        let accuracy = Accuracy::new(e.correct as usize, e.tasks as usize, e.mean_reward);
+        let accuracy = Accuracy::from_ledger(&e);
         measured.insert((e.policy_version, e.environment, e.difficulty), accuracy);
     }
     // Every environment measured at `version`, or nothing.

@@ -230,14 +230,15 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 if evals.is_empty() {
                     anyhow::bail!("run `{run}` has no held-out evaluations in {db} (was it run with --eval-tasks 0?)");
                 }
-                outln!("{:>8} {:>5} {:<24} {:>6} {:>7} {:>9} {:>16} {:>11}", "version", "stage", "environment", "tasks", "correct", "accuracy", "95% interval", "mean reward");
+                outln!("{:>8} {:>5} {:<24} {:>6} {:>7} {:>7} {:>9} {:>16} {:>11}", "version", "stage", "environment", "tasks", "samples", "solved", "accuracy", "95% interval", "mean reward");
                 for e in evals {
                     outln!(
-                        "{:>8} {:>5} {:<24} {:>6} {:>7} {:>8.1}% {:>16} {:>11.3}",
+                        "{:>8} {:>5} {:<24} {:>6} {:>7} {:>7} {:>8.1}% {:>16} {:>11.3}",
                         e.policy_version,
                         e.stage_index.map_or("-".to_string(), |i| i.to_string()),
                         if e.difficulty == 0 { e.environment.clone() } else { format!("{} (level {})", e.environment, e.difficulty) },
                         e.tasks,
+                        e.samples_per_task,
                         e.correct,
                         100.0 * e.accuracy,
                         format!("[{:.1}, {:.1}]", 100.0 * e.accuracy_lo, 100.0 * e.accuracy_hi),

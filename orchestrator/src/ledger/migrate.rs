@@ -62,6 +62,11 @@ pub(crate) const SQLITE: &[(i64, &str, &str)] = &[
         "stage_metric_start",
         include_str!("../../migrations/sqlite/0010_stage_metric_start.sql"),
     ),
+    (
+        11,
+        "sampled_evaluations",
+        include_str!("../../migrations/sqlite/0011_sampled_evaluations.sql"),
+    ),
 ];
 
 /// (version, description, SQL) of each PostgreSQL migration.
@@ -115,6 +120,11 @@ pub(crate) const POSTGRES: &[(i64, &str, &str)] = &[
         10,
         "stage_metric_start",
         include_str!("../../migrations/postgres/0010_stage_metric_start.sql"),
+    ),
+    (
+        11,
+        "sampled_evaluations",
+        include_str!("../../migrations/postgres/0011_sampled_evaluations.sql"),
     ),
 ];
 
@@ -197,7 +207,7 @@ mod tests {
         let m = migrator(SQLITE);
         assert_eq!(
             m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         );
     }
 
@@ -283,5 +293,28 @@ mod tests {
                 .map(|r| r.get(0))
                 .collect();
         assert_eq!(starts, [Some(0.46), Some(0.3), None]);
+    }
+
+    #[tokio::test]
+    async fn evaluations_written_before_0011_read_back_as_one_greedy_answer_per_task() {
+        use sqlx::Row;
+        let (mut db, after) = sqlite_with_a_run_before(10).await;
+        sqlx::query(
+            "INSERT INTO evaluations (run_id, policy_version, environment, difficulty, tasks, \
+             correct, accuracy, accuracy_lo, accuracy_hi, mean_reward, created_at_ms) \
+             VALUES ('r', 0, 'math', 0, 4, 1, 0.25, 0.05, 0.7, 0.25, 0)",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        for (_, _, sql) in after {
+            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
+        }
+        let row = sqlx::query("SELECT samples_per_task, effective_tasks FROM evaluations")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(row.get::<i64, _>(0), 1);
+        assert_eq!(row.get::<Option<f64>, _>(1), None);
     }
 }

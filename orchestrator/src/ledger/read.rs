@@ -324,6 +324,8 @@ fn decode_evaluation(row: &dyn Cols) -> Result<Evaluation, RowError> {
         accuracy_lo: r.real("accuracy_lo")?,
         accuracy_hi: r.real("accuracy_hi")?,
         mean_reward: r.real("mean_reward")?,
+        samples_per_task: r.u64("samples_per_task")?,
+        effective_tasks: row.opt_real("effective_tasks")?,
     })
 }
 
@@ -723,7 +725,8 @@ impl Ledger {
     pub async fn list_evaluations(&self, run_id: &str) -> Result<Vec<Evaluation>, LedgerError> {
         let stmt = Stmt::new(
             "SELECT run_id, policy_version, environment, difficulty, stage_index, tasks, \
-             correct, accuracy, accuracy_lo, accuracy_hi, mean_reward FROM evaluations \
+             correct, accuracy, accuracy_lo, accuracy_hi, mean_reward, samples_per_task, \
+             effective_tasks FROM evaluations \
              WHERE run_id = $1 ORDER BY policy_version, environment, difficulty",
         )
         .bind(run_id);

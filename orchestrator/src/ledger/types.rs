@@ -658,10 +658,17 @@ pub struct Evaluation {
     pub stage_index: Option<u64>,
     /// Distinct held-out tasks answered.
     pub tasks: u64,
-    /// Of those, the ones solved.
+    /// Episodes solved, of `tasks x samples_per_task`.
     pub correct: u64,
-    /// `correct / tasks`.
+    /// `correct / (tasks x samples_per_task)`: with one sample per task the fraction of tasks
+    /// solved, with more the mean over tasks of each one's solved fraction.
     pub accuracy: f64,
+    /// Episodes played per task: 1 answers greedily, more sample at the run's evaluation
+    /// temperature.
+    pub samples_per_task: u64,
+    /// The number of independent tasks the interval counts (between `tasks` and `tasks x
+    /// samples_per_task`, from how much a task's samples agree); `None`: `tasks`.
+    pub effective_tasks: Option<f64>,
     /// Lower end of its 95% (Wilson) interval.
     pub accuracy_lo: f64,
     /// Upper end of its 95% interval.

@@ -379,8 +379,8 @@ impl WriteOp {
                 Stmt::new(
                     "INSERT INTO evaluations (run_id, policy_version, environment, difficulty, \
                      stage_index, tasks, correct, accuracy, accuracy_lo, accuracy_hi, \
-                     mean_reward, created_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                     mean_reward, created_at_ms, samples_per_task, effective_tasks) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
                      ON CONFLICT (run_id, policy_version, environment, difficulty) DO NOTHING",
                 )
                 .bind(e.run_id.as_str())
@@ -394,7 +394,9 @@ impl WriteOp {
                 .bind(e.accuracy_lo)
                 .bind(e.accuracy_hi)
                 .bind(e.mean_reward)
-                .bind(*at_ms),
+                .bind(*at_ms)
+                .bind(to_i64("samples_per_task", e.samples_per_task)?)
+                .bind(e.effective_tasks),
             ],
             WriteOp::StageStarted { stage, at_ms } => vec![
                 // A stage begun again (a resumed run) starts over as running.

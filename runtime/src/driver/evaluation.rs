@@ -34,6 +34,7 @@ async fn held_out_of(
         ctx,
         environments,
         plan.tasks,
+        plan.sampling,
         plan.max_new_tokens,
         plan.max_prompt_tokens,
         version,
@@ -125,6 +126,8 @@ impl Measurements {
                             accuracy_lo: a.interval.lo(),
                             accuracy_hi: a.interval.hi(),
                             mean_reward: a.mean_reward,
+                            samples_per_task: a.samples_per_task as u64,
+                            effective_tasks: a.effective_n,
                         });
                         let line = MeasuredLine {
                             version,
@@ -331,9 +334,18 @@ impl Evaluator {
         if self.before.is_some() {
             return Ok(());
         }
+        let sampling = self.plan.sampling;
+        let how = match sampling.samples {
+            1 => "one greedy answer each".to_string(),
+            k => format!(
+                "{k} samples each at temperature {}, accuracy = mean solved fraction",
+                sampling.temperature
+            ),
+        };
         tracing::info!(
             tasks = self.plan.tasks,
-            "evaluating {} held-out tasks per environment before RL ...",
+            samples = sampling.samples,
+            "evaluating {} held-out tasks per environment before RL ({how}) ...",
             self.plan.tasks
         );
         let base = ctx.learning.version();

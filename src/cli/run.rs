@@ -37,7 +37,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
     /// Held-out tasks per environment for the before/after evaluation. Every accuracy is
-    /// printed with its 95% interval: about ±6 points at 256 tasks, ±12 at 64.
+    /// printed with its 95% interval: about ±6 points at 256 tasks, ±12 at 64. One greedy
+    /// answer per task, or `[evaluation] samples` per task at a temperature (the run config).
     #[arg(long, default_value_t = 256)]
     eval_tasks: usize,
     /// Also evaluate every N RL steps while training, recording a learning curve (policy

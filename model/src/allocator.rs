@@ -6,7 +6,7 @@
 //! process runs) with a fresh `mmap` and returns it with `munmap` when freed, and gives the top
 //! of its heap back to the OS above a trim threshold; every such block is then zero-filled page
 //! by page by the kernel on its first touch. On `small-d512` (16 x 256 tokens, 2 threads) that
-//! kernel work was about half of a step's CPU time (sys 10-11 s of 21 s). [`keep_freed_memory`]
+//! kernel's share was large (sys 9.8-12.0 s in runs of 20.8-24.3 s). [`keep_freed_memory`]
 //! raises both thresholds once at start-up, so freed blocks stay in the heap and the next step
 //! reuses them: the same step ran at about 1.4x the tokens/s on `main`, with the same peak
 //! resident memory (measured with `GLIBC_TUNABLES`, which sets the same two values; README,

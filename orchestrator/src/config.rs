@@ -508,8 +508,8 @@ pub struct HeldoutSampling {
 impl Default for HeldoutSampling {
     fn default() -> Self {
         Self {
-            samples: 1,
-            temperature: 1.0,
+            samples: Defaults::HELDOUT_SAMPLES,
+            temperature: Defaults::TEMPERATURE,
         }
     }
 }
@@ -1010,6 +1010,8 @@ impl Defaults {
     pub const MAX_NEW_TOKENS: usize = 32;
     /// Temperature.
     pub const TEMPERATURE: f32 = 1.0;
+    /// Episodes per held-out task: one greedy answer.
+    pub const HELDOUT_SAMPLES: usize = 1;
     /// Nucleus probability (1 = off).
     pub const TOP_P: f32 = 1.0;
     /// Top-k (0 = off).

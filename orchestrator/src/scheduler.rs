@@ -2043,24 +2043,10 @@ pub async fn evaluate(
     min_version: u64,
 ) -> Result<BTreeMap<String, Accuracy>, SchedulerError> {
     let samples = sampling.samples.max(1);
-    let params = |seed: u64| {
-        if samples == 1 {
-            SamplingParams {
-                temperature: 0.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: Some(0),
-                think_budget: None,
-            }
-        } else {
-            SamplingParams {
-                temperature: sampling.temperature,
-                top_p: 1.0,
-                top_k: 0,
-                seed: Some(seed),
-                think_budget: None,
-            }
-        }
+    let temperature = if samples == 1 {
+        0.0
+    } else {
+        sampling.temperature
     };
     let stop: Vec<u32> = chat::STOP_SEQUENCES
         .iter()
@@ -2107,7 +2093,13 @@ pub async fn evaluate(
                     trajectory_id: id.clone(),
                     request_id: id,
                     prompt_id: format!("eval:{name}:{i}"),
-                    sampling: params(sample as u64),
+                    sampling: SamplingParams {
+                        temperature,
+                        top_p: 1.0,
+                        top_k: 0,
+                        seed: Some(sample as u64),
+                        think_budget: None,
+                    },
                     max_new_tokens,
                     max_context_tokens: max_prompt_tokens,
                     stop: stop.clone(),

@@ -224,9 +224,7 @@ mod tests {
             .await
             .unwrap();
         let (before, after) = SQLITE.split_at(applied);
-        for (_, _, sql) in before {
-            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
-        }
+        apply(&mut db, before).await;
         sqlx::query(
             "INSERT INTO runs (id, name, config_toml, status, created_at_ms) \
              VALUES ('r', 'r', '', 'running', 0)",
@@ -235,6 +233,13 @@ mod tests {
         .await
         .unwrap();
         (db, after)
+    }
+
+    /// Applies `migrations` in order.
+    async fn apply(db: &mut sqlx::SqliteConnection, migrations: &[(i64, &str, &'static str)]) {
+        for (_, _, sql) in migrations {
+            sqlx::raw_sql(*sql).execute(&mut *db).await.unwrap();
+        }
     }
 
     #[tokio::test]
@@ -248,9 +253,7 @@ mod tests {
         .execute(&mut db)
         .await
         .unwrap();
-        for (_, _, sql) in after {
-            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
-        }
+        apply(&mut db, after).await;
         let row = sqlx::query("SELECT weights_digest FROM policy_versions")
             .fetch_one(&mut db)
             .await
@@ -281,9 +284,7 @@ mod tests {
             .await
             .unwrap();
         }
-        for (_, _, sql) in after {
-            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
-        }
+        apply(&mut db, after).await;
         let starts: Vec<Option<f64>> =
             sqlx::query("SELECT metric_start FROM stages ORDER BY stage_index")
                 .fetch_all(&mut db)
@@ -307,9 +308,7 @@ mod tests {
         .execute(&mut db)
         .await
         .unwrap();
-        for (_, _, sql) in after {
-            sqlx::raw_sql(*sql).execute(&mut db).await.unwrap();
-        }
+        apply(&mut db, after).await;
         let row = sqlx::query("SELECT samples_per_task, effective_tasks FROM evaluations")
             .fetch_one(&mut db)
             .await

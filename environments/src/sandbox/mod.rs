@@ -46,7 +46,10 @@
 //!   of a filter's reach; the C library falls back to `clone`). Everything else is allowed:
 //!   `fork`, `vfork`, threads, `subprocess` work.
 //! - **Limits.** CPU time: `RLIMIT_CPU` per process (`SIGXCPU`, then `SIGKILL`). Wall time and
-//!   output: the parent, which reads stdout and stderr as they come and kills the run.
+//!   output: the parent, which reads stdout and stderr as they come and kills the run. The
+//!   run ends with the backend's process (watched through a pidfd): anything left holding the
+//!   pipes, orphaned when the backend died before its children could die with it, is killed
+//!   through the cgroup then, not read until the wall limit.
 //!   Processes: `RLIMIT_NPROC` for the program's uid, which a per-run uid makes count this run
 //!   only (root's own count is never capped, which is why the program never runs as host root),
 //!   plus the cgroup `pids` controller when writable. Memory: the cgroup `memory` controller

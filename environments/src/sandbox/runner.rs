@@ -435,6 +435,11 @@ fn supervise(
     let mut report_r = Some(report_r);
     let mut report_buf: Vec<u8> = Vec::new();
     let mut killed_at: Option<Instant> = None;
+    // The backend process's end is the run's end: anything it leaves behind holding the pipes
+    // (orphaned when the backend died before its children learnt to die with it) is killed,
+    // rather than read until the wall limit. Without pidfds (Linux < 5.3) the wall limit
+    // still ends such a run.
+    let mut child_exit = pidfd(child);
     let mut buf = vec![0u8; 64 * 1024];
     let kill = |records: &[Record]| {
         let init = records
@@ -457,7 +462,7 @@ fn supervise(
     };
     while stdout_r.is_some() || stderr_r.is_some() || report_r.is_some() {
         let now = Instant::now();
-        if out.killed.is_none() && now >= start + limits.wall_time {
+        if killed_at.is_none() && now >= start + limits.wall_time {
             out.killed = Some(Kill::Wall);
             killed_at = Some(now);
             kill(&out.records);
@@ -498,6 +503,14 @@ fn supervise(
             });
             which.push(3);
         }
+        if let Some(fd) = &child_exit {
+            fds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            which.push(4);
+        }
         // SAFETY: fds is a valid array of pollfd.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if ready <= 0 {
@@ -505,6 +518,16 @@ fn supervise(
         }
         for (pollfd, &index) in fds.iter().zip(&which) {
             if pollfd.revents == 0 {
+                continue;
+            }
+            if index == 4 {
+                child_exit = None;
+                if killed_at.is_none() {
+                    // Not `kill`: the namespace init's pid may already be reaped and reused.
+                    // The cgroup names exactly this run's processes.
+                    killed_at = Some(Instant::now());
+                    cgroup.kill_all();
+                }
                 continue;
             }
             if index == 3 {
@@ -567,6 +590,15 @@ fn supervise(
         }
     }
     out
+}
+
+/// A descriptor that becomes readable when `pid` (our child) exits; `None` where the kernel
+/// has no `pidfd_open`.
+fn pidfd(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a fresh descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative result is a descriptor owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// A sealed in-memory file holding `contents`, for `bwrap --file`.
@@ -787,4 +819,56 @@ fn namespaces_plan<'a>(
         oom_score_adj: host("1000")?,
         seccomp: sandbox.seccomp.as_ref().map(|filter| filter.instructions()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::cgroup::CgroupRoots;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    /// A backend that exits while something it started still holds the output pipes: the run
+    /// ends with the backend (its exit status, its output so far), not at the wall limit.
+    #[test]
+    fn the_run_ends_when_the_backend_exits_even_if_orphans_hold_its_pipes() {
+        let (stdout_r, stdout_w) = pipe().unwrap();
+        let (stderr_r, stderr_w) = pipe().unwrap();
+        let (report_r, report_w) = pipe().unwrap();
+        let (_stdin_r, stdin_w) = pipe().unwrap();
+        drop(report_w);
+        let mut backend = Command::new("sh")
+            .args(["-c", "sleep 600 & echo started; exit 7"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout_w))
+            .stderr(Stdio::from(stderr_w))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = backend.id() as libc::pid_t;
+        let limits = Limits {
+            wall_time: Duration::from_secs(120),
+            ..Limits::default()
+        };
+        let cgroup = RunCgroup::create(&CgroupRoots::None, 16, 1 << 30);
+        let supervised = supervise(
+            pid,
+            Backend::Bubblewrap,
+            &cgroup,
+            stdin_w,
+            &[],
+            stdout_r,
+            stderr_r,
+            report_r,
+            &limits,
+            Instant::now(),
+        );
+        // Without a cgroup nothing kills the orphan: the test does, by its process group.
+        // SAFETY: kill has no memory-safety preconditions; the group is the shell's own.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let status = backend.wait().unwrap();
+        assert_eq!(status.code(), Some(7));
+        assert!(supervised.killed.is_none(), "{:?}", supervised.killed);
+        assert_eq!(supervised.stdout, b"started\n");
+    }
 }

@@ -10,6 +10,7 @@ weight (1e-5) and every step's loss. Prints a JSON summary from rank 0.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -53,7 +54,15 @@ def main():
                      f"moved {moved}")
         print(json.dumps({"ranks": dist.get_world_size(), "max_weight_diff": diff,
                           "max_loss_diff": losses, "moved": moved}), flush=True)
+    # The ranks leave together: rank 1 used to tear gloo down alone while rank 0 compared, and
+    # once (under load, in CI) aborted there ("terminate called without an active exception").
+    # Interpreter finalisation is skipped too, where gloo's threads may still drop tensors.
+    dist.barrier()
+    del sharded
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

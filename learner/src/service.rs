@@ -103,8 +103,13 @@ pub struct LearnerServiceConfig {
 
 /// Saves a rolling checkpoint and says whether it was saved; a failure is logged and training
 /// goes on (a run that cannot save loses only its ability to resume from this version).
-fn save_checkpoint(trainer: &Trainer, policy: &CheckpointPolicy, why: &str) -> bool {
-    match checkpoints::save(trainer, policy) {
+fn save_checkpoint(
+    trainer: &Trainer,
+    policy: &CheckpointPolicy,
+    reports: &[StepReportMsg],
+    why: &str,
+) -> bool {
+    match checkpoints::save(trainer, policy, reports) {
         Ok(dir) => {
             tracing::info!(
                 policy_version = trainer.version(),
@@ -416,17 +421,28 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
     let cfg_keep = cfg.keep_versions.max(1);
     let (reports, _) = broadcast::channel(1024);
     let (step_msgs, _) = broadcast::channel(1024);
-    let history: Arc<Mutex<Vec<StepReportMsg>>> = Arc::new(Mutex::new(vec![]));
-    let (reports_tx, msgs_tx, hist) = (reports.clone(), step_msgs.clone(), history.clone());
     let transfers: Arc<Mutex<Vec<WeightTransfer>>> = Arc::default();
     let served = transfers.clone();
-    // A learner resumed from a checkpoint starts out saved at its version.
-    let saved_at_start = cfg
+    // A learner resumed from a checkpoint starts out saved at its version, and with the step
+    // reports saved there (some may never have reached the orchestrator).
+    let latest = cfg
         .checkpoints
         .as_ref()
         .and_then(|p| checkpoints::latest(&p.dir).ok().flatten())
-        .map(|(v, _)| v)
-        .filter(|&v| v <= trainer.version());
+        .filter(|(v, _)| *v <= trainer.version());
+    let saved_at_start = latest.as_ref().map(|(v, _)| *v);
+    let replayed = match &latest {
+        Some((v, dir)) if *v == trainer.version() => match checkpoints::load_reports(dir) {
+            Ok(reports) => reports,
+            Err(e) => {
+                tracing::warn!(error = %e, "the checkpoint's step reports are not replayed");
+                vec![]
+            }
+        },
+        _ => vec![],
+    };
+    let history: Arc<Mutex<Vec<StepReportMsg>>> = Arc::new(Mutex::new(replayed));
+    let (reports_tx, msgs_tx, hist) = (reports.clone(), step_msgs.clone(), history.clone());
     let checkpoint_version = Arc::new(Mutex::new(saved_at_start));
     let saved = checkpoint_version.clone();
     let run_id = cfg.run_id.clone();
@@ -488,7 +504,12 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 // saved so a crash in the new stage never has to repeat the finished one.
                 if let Some(policy) = &cfg.checkpoints
                     && stage.is_some_and(|s| s != g_stage)
-                    && save_checkpoint(&trainer, policy, "stage boundary")
+                    && save_checkpoint(
+                        &trainer,
+                        policy,
+                        &hist.lock().expect("not poisoned"),
+                        "stage boundary",
+                    )
                 {
                     checkpointed = Some(trainer.version());
                 }
@@ -589,9 +610,16 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 if let Some(policy) = &cfg.checkpoints
                     && policy.every > 0
                     && report.version.is_multiple_of(policy.every)
-                    && save_checkpoint(&trainer, policy, "every")
                 {
-                    checkpointed = Some(report.version);
+                    // This step's report goes into the checkpoint as it will be sent: a
+                    // learner killed before sending it replays it once restarted.
+                    let mut saved_msg = msg.clone();
+                    saved_msg.checkpoint_version = Some(report.version);
+                    let mut reports = hist.lock().expect("not poisoned").clone();
+                    reports.push(saved_msg);
+                    if save_checkpoint(&trainer, policy, &reports, "every") {
+                        checkpointed = Some(report.version);
+                    }
                 }
                 msg.checkpoint_version = checkpointed;
                 *saved.lock().expect("not poisoned") = checkpointed;
@@ -995,6 +1023,10 @@ mod tests {
     use crate::trainer::LearnerConfig;
 
     fn learner() -> LearnerHandle {
+        learner_saving_to(None)
+    }
+
+    fn learner_saving_to(checkpoints: Option<CheckpointPolicy>) -> LearnerHandle {
         let cfg = NemotronHConfig::from_json_str(
             r#"{"model_type": "nemotron_h", "vocab_size": 24, "hidden_size": 16,
             "hybrid_override_pattern": "*E", "num_attention_heads": 2,
@@ -1019,7 +1051,7 @@ mod tests {
                 groups_per_step: 1,
                 max_chunk_bytes: 1 << 16,
                 keep_versions: 8,
-                checkpoints: None,
+                checkpoints,
             },
         )
     }
@@ -1077,6 +1109,49 @@ mod tests {
         assert!(kls[1] > 0.0, "{kls:?}");
         assert_eq!(kls[2], 0.0, "{kls:?}");
         assert!(kls[3] > 0.0, "{kls:?}");
+    }
+
+    /// A learner killed after saving a checkpoint but before its report went out: started
+    /// again from that checkpoint, it replays the reports saved there, that one included.
+    #[test]
+    fn a_learner_resumed_from_a_checkpoint_replays_the_reports_saved_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = CheckpointPolicy {
+            dir: dir.path().join("learner"),
+            every: 2,
+            keep: 2,
+        };
+        let handle = learner_saving_to(Some(policy.clone()));
+        let mut reports = handle.reports();
+        for i in 0..3 {
+            handle.submit(group(&format!("g{i}"), 0, 0.0)).unwrap();
+            reports.blocking_recv().unwrap();
+        }
+        let sent = handle.history.lock().unwrap().clone();
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[1].checkpoint_version, Some(2), "{:?}", sent[1]);
+        let (version, path) = checkpoints::latest(&policy.dir).unwrap().unwrap();
+        assert_eq!(version, 2);
+        drop(handle);
+
+        let trainer = Trainer::resume(&path, &Device::Cpu).unwrap();
+        let resumed = spawn_learner(
+            trainer,
+            LearnerServiceConfig {
+                run_id: "run".into(),
+                groups_per_step: 1,
+                max_chunk_bytes: 1 << 16,
+                keep_versions: 8,
+                checkpoints: Some(policy),
+            },
+        );
+        assert_eq!(resumed.status().policy_version, 2);
+        let replayed = resumed.history.lock().unwrap().clone();
+        assert_eq!(
+            replayed,
+            sent[..2],
+            "the reports up to the checkpoint, as sent"
+        );
     }
 
     #[test]

@@ -608,6 +608,9 @@ struct Follower {
     link: LearnerLink,
     /// The newest version in the ledger's `policy_versions`.
     recorded_version: u64,
+    /// The newest step reported: a learner replays its reports when its step stream is opened
+    /// again (a restarted one, those saved with its checkpoint), and only later ones are news.
+    recorded_step: u64,
 }
 
 impl Follower {
@@ -625,6 +628,10 @@ impl Follower {
     }
 
     async fn record(&mut self, r: StepReport) {
+        if r.step <= self.recorded_step {
+            return;
+        }
+        self.recorded_step = r.step;
         tracing::debug!(run_id = %self.run, step = r.step, policy_version = r.policy_version, loss = r.loss, trajectories = r.trajectories, skip_reason = %r.skip_reason, "learner step");
         let run = &self.run;
         if let Some(ledger) = &self.ledger {
@@ -748,6 +755,9 @@ impl Follower {
             tracing::error!(run_id = %self.run, error = %e, "the ledger did not forget the steps the learner lost");
         }
         self.recorded_version = self.recorded_version.min(at);
+        // Its reports up to `at` are replayed: those of steps the run never heard of (sent
+        // while it died) are recorded then; later steps it trains anew.
+        self.recorded_step = self.recorded_step.min(at);
         let stream = loop {
             match self
                 .client
@@ -864,6 +874,7 @@ pub async fn take_over_learner(
             kept: Arc::default(),
             link: LearnerLink::default(),
             recorded_version: 0,
+            recorded_step: 0,
         };
         loop {
             let next = tokio::time::timeout(wait, stream.next())
@@ -946,6 +957,7 @@ impl RemoteLearner {
             kept: kept.clone(),
             link: link.clone(),
             recorded_version: initial_version,
+            recorded_step: initial_version,
         };
         let follower = tokio::spawn(follower.run(stream));
         Ok(Self {
@@ -1451,5 +1463,116 @@ mod tests {
             ]
         );
         assert_eq!(ledger.list_learner_steps("r").await.unwrap().len(), 2);
+    }
+
+    /// A learner that died after saving version 8 but before its report of step 8 went out,
+    /// and came back: its first step stream ends after step 7; afterwards `Status` says 8 and
+    /// the stream replays steps 1 to 8 (what a checkpoint saves) and stays open.
+    struct ComesBack {
+        streams: std::sync::atomic::AtomicUsize,
+    }
+
+    fn step_report(step: u64) -> StepReport {
+        StepReport {
+            run_id: "r".into(),
+            step,
+            policy_version: step,
+            weights_digest: vec![step as u8; 32],
+            weights_digest_algorithm: chorus_proto::v1::DigestAlgorithm::Blake3 as i32,
+            weights_bytes: 1000,
+            transfers: vec![chorus_proto::v1::WeightTransfer {
+                requester_id: "w0".into(),
+                policy_version: step - 1,
+                bytes: 1000,
+                seconds: 0.5,
+                finished_at_ms: 1_000 * step as i64,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl chorus_proto::v1::learner_server::Learner for ComesBack {
+        type StreamWeightsStream = Weights;
+        type StreamStepsStream = Steps;
+
+        async fn submit_trajectories(
+            &self,
+            _: Request<Streaming<TrajectoryGroup>>,
+        ) -> Result<Response<chorus_proto::v1::SubmitTrajectoriesResponse>, Status> {
+            Err(Status::unimplemented("stand-in"))
+        }
+
+        async fn stream_weights(
+            &self,
+            _: Request<chorus_proto::v1::StreamWeightsRequest>,
+        ) -> Result<Response<Weights>, Status> {
+            Err(Status::unimplemented("stand-in"))
+        }
+
+        async fn status(
+            &self,
+            _: tonic::Request<chorus_proto::v1::LearnerStatusRequest>,
+        ) -> Result<tonic::Response<chorus_proto::v1::LearnerStatus>, tonic::Status> {
+            Ok(tonic::Response::new(chorus_proto::v1::LearnerStatus {
+                run_id: "r".into(),
+                policy_version: 8,
+                checkpoint_version: Some(8),
+                start_version: 8,
+            }))
+        }
+
+        async fn stream_steps(
+            &self,
+            _: Request<StreamStepsRequest>,
+        ) -> Result<Response<Steps>, Status> {
+            let first = self.streams.fetch_add(1, Ordering::SeqCst) == 0;
+            let last = if first { 7 } else { 8 };
+            let steps = tokio_stream::iter((1..=last).map(|s| Ok(step_report(s))));
+            Ok(Response::new(if first {
+                Box::pin(steps)
+            } else {
+                Box::pin(steps.chain(tokio_stream::pending()))
+            }))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_the_learner_saved_but_never_reported_is_recorded_once_it_is_back() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
+                    ComesBack {
+                        streams: Default::default(),
+                    },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
+        let link = LearnerLink {
+            recover_for: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let learner = RemoteLearner::connect(&url, "tok", "r", 0, Some(ledger.clone()), link)
+            .await
+            .unwrap();
+        learner.wait_version(8).await.unwrap();
+        ledger.flush().await.unwrap();
+        let steps: Vec<u64> = ledger
+            .list_learner_steps("r")
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.step.step)
+            .collect();
+        assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+        let versions = ledger.list_policy_versions("r").await.unwrap();
+        assert_eq!(versions.len(), 8);
+        // The replayed reports of steps 1 to 7 record nothing twice: one transfer a version.
+        let sync = ledger.weight_sync("r").await.unwrap();
+        assert_eq!(sync.len(), 8);
+        assert!(sync.iter().all(|v| v.transfers == 1), "{sync:?}");
     }
 }

@@ -6,6 +6,8 @@
 2. A step whose loss is not finite is refused: the version advances, no weight moves.
 3. Exact resume: two steps, save, resume, one step equals three steps straight (weights and
    optimizer moments bit for bit, counters equal).
+4. A learner checkpoint holds the step reports so far and the pending one (a learner killed
+   before sending it replays it), and a learner resumed there starts with them.
 Prints a JSON summary; exits non-zero on the first breach.
 """
 
@@ -86,7 +88,25 @@ def main():
     check(diff == 0.0, f"resumed weights differ from straight ones by {diff}")
     moved = max(float((a[k] - w).abs().max()) for k, w in weights(Trainer(load_model(checkpoint))).items())
     check(moved > 0, "three steps moved nothing")
-    print(json.dumps({"parameters": len(a), "resume_max_diff": diff, "moved": moved}))
+
+    # 4. Step reports travel with learner checkpoints.
+    from chorus_learner._proto import learner_pb2
+    from chorus_learner.service import LearnerState, load_reports
+    sent = [learner_pb2.StepReport(run_id="r", step=s, policy_version=s, group_ids=[f"g{s}"])
+            for s in (1, 2)]
+    state = LearnerState(resumed, "r", checkpoints=f"{work}/learner", checkpoint_every=3,
+                         replay=sent)
+    pending = learner_pb2.StepReport(run_id="r", step=3, policy_version=3, checkpoint_version=3)
+    state._save("every", pending)
+    saved = f"{work}/learner/step-{resumed.step:08}"
+    got = load_reports(saved)
+    check(got == sent + [pending], f"saved reports: {got}")
+    back = LearnerState(Trainer.resume(saved), "r", replay=load_reports(saved))
+    replayed = back.steps_after(0, lambda: True)
+    check([r.step for r in replayed] == [1, 2, 3] and replayed[2].checkpoint_version == 3,
+          f"replayed reports: {replayed}")
+    print(json.dumps({"parameters": len(a), "resume_max_diff": diff, "moved": moved,
+                      "replayed_reports": len(replayed)}))
 
 
 if __name__ == "__main__":

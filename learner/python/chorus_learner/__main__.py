@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from .objective import Objective
-from .service import LearnerState, serve
+from .service import LearnerState, load_reports, serve
 from .tls import Tls
 from .tls import add_arguments as add_tls_arguments
 from .trainer import Trainer, load_model
@@ -151,9 +151,12 @@ def main_distributed(args, objective):
 
 
 def serve_until_stopped(args, trainer, local_trainer):
+    # A resumed learner replays the step reports saved with its checkpoint.
+    replay = load_reports(args.resume) if getattr(args, "resume", None) else []
     state = LearnerState(trainer, args.run_id, groups_per_step=args.groups_per_step,
                          keep_versions=args.keep_versions, max_chunk_bytes=args.max_chunk_bytes,
-                         checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
+                         checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every,
+                         replay=replay)
     tls = Tls(args)
     server, port = serve(state, args.listen, args.token, tls=tls)
     host = args.advertise or args.listen.rsplit(":", 1)[0]

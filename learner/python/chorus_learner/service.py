@@ -85,7 +85,7 @@ class LearnerState:
 
     def __init__(self, trainer, run_id, groups_per_step=1, keep_versions=4,
                  max_chunk_bytes=1 << 20, checkpoints=None, checkpoint_every=0,
-                 unsupported=()):
+                 unsupported=(), replay=()):
         self.trainer = trainer
         self.run_id = run_id
         self.groups_per_step = max(groups_per_step, 1)
@@ -95,7 +95,9 @@ class LearnerState:
         self.checkpoint_every = checkpoint_every
         self.cond = threading.Condition()
         self.recent = []
-        self.history = []
+        # Step reports; a learner resumed from a checkpoint starts with those saved there
+        # (`replay`), which a learner killed right after saving may never have sent.
+        self.history = list(replay)
         self.seen = set()
         # The newest version saved in a checkpoint (a restart resumes from it), or None.
         self.checkpointed = None
@@ -169,11 +171,20 @@ class LearnerState:
             self.cond.notify_all()
         return p
 
-    def _save(self, why):
+    def _save(self, why, pending=None):
+        """Saves a checkpoint with the step reports so far, and `pending` (this step's report,
+        not yet sent) after them."""
         if not self.checkpoints:
             return
         import os
         path = os.path.join(self.checkpoints, f"step-{self.trainer.step:08}")
+        os.makedirs(path, exist_ok=True)
+        with self.cond:
+            reports = list(self.history)
+        if pending is not None:
+            reports.append(pending)
+        # Before the trainer's state file, which marks the checkpoint complete.
+        write_reports(path, reports)
         self.trainer.save(path)
         self.checkpointed = self.trainer.version
         log.info("learner checkpoint (%s) at version %d: %s", why, self.trainer.version, path)
@@ -257,7 +268,10 @@ class LearnerState:
             msg.transfers.extend(self.transfers)
             self.transfers = []
         if self.checkpoint_every and report.version % self.checkpoint_every == 0:
-            self._save("every")
+            pending = learner_pb2.StepReport()
+            pending.CopyFrom(msg)
+            pending.checkpoint_version = report.version
+            self._save("every", pending)
         if self.checkpointed is not None:
             msg.checkpoint_version = self.checkpointed
         with self.cond:
@@ -269,6 +283,44 @@ class LearnerState:
             log.info("step %d -> version %d: loss %.4f, %d sequences, %.2f s", report.step,
                      report.version, report.loss, n, time.monotonic() - started)
         return stage
+
+
+REPORTS_FILE = "step_reports.bin"
+# As Chorus' learner: the newest reports only, enough for those in flight when it died.
+KEPT_REPORTS = 256
+
+
+def write_reports(directory, reports):
+    """Each report as a little-endian u32 length and the encoded message (Chorus' format)."""
+    import os
+    import struct
+    with open(os.path.join(directory, REPORTS_FILE), "wb") as f:
+        for r in reports[-KEPT_REPORTS:]:
+            body = r.SerializeToString()
+            f.write(struct.pack("<I", len(body)))
+            f.write(body)
+
+
+def load_reports(directory):
+    """The step reports saved with the checkpoint in `directory` (none if it has no file)."""
+    import os
+    import struct
+    path = os.path.join(directory, REPORTS_FILE)
+    if not os.path.exists(path):
+        return []
+    data = open(path, "rb").read()
+    reports, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise ValueError(f"{path}: corrupt step reports ({len(data) - at} bytes left, a length takes 4)")
+        (n,) = struct.unpack_from("<I", data, at)
+        if at + 4 + n > len(data):
+            raise ValueError(f"{path}: corrupt step reports (a report of {n} bytes, {len(data) - at - 4} left)")
+        r = learner_pb2.StepReport()
+        r.ParseFromString(data[at + 4:at + 4 + n])
+        reports.append(r)
+        at += 4 + n
+    return reports
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServicer):

@@ -941,6 +941,19 @@ impl RemoteLearner {
                 message: format!("StreamSteps: {e}"),
             })?
             .into_inner();
+        // A learner resumed from a checkpoint replays the reports saved there; those of steps
+        // the ledger lacks (a crashed run trained them but had not written them yet) are
+        // recorded now, the others are not repeated.
+        let recorded = match &ledger {
+            Some(ledger) => match ledger.last_learner_step(run_id).await {
+                Ok(last) => last.map_or(0, |r| r.step.step).min(initial_version),
+                Err(e) => {
+                    tracing::warn!(run_id, error = %e, "the ledger's newest learner step is unknown; the learner's earlier reports are not recorded again");
+                    initial_version
+                }
+            },
+            None => initial_version,
+        };
         let (tx, rx) = watch::channel(initial_version);
         let (steps, _) = broadcast::channel(1024);
         let kept = Arc::new(Mutex::new(Kept {
@@ -956,8 +969,8 @@ impl RemoteLearner {
             steps: steps.clone(),
             kept: kept.clone(),
             link: link.clone(),
-            recorded_version: initial_version,
-            recorded_step: initial_version,
+            recorded_version: recorded,
+            recorded_step: recorded,
         };
         let follower = tokio::spawn(follower.run(stream));
         Ok(Self {
@@ -1573,6 +1586,77 @@ mod tests {
         // The replayed reports of steps 1 to 7 record nothing twice: one transfer a version.
         let sync = ledger.weight_sync("r").await.unwrap();
         assert_eq!(sync.len(), 8);
+        assert!(sync.iter().all(|v| v.transfers == 1), "{sync:?}");
+    }
+
+    /// A run resumed at version 3 whose ledger recorded only steps 1 and 2: the learner's
+    /// replayed report of step 3 is recorded, those of 1 and 2 are not repeated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_run_records_the_replayed_steps_its_ledger_lacks_and_no_others() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let steps = (1..=3).map(step_report).collect();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
+                    StepsOnly { steps },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
+        for step in 1..=2 {
+            ledger
+                .insert_learner_step(LearnerStep {
+                    run_id: "r".into(),
+                    step,
+                    policy_version: step,
+                    loss: None,
+                    kl: None,
+                    entropy: None,
+                    grad_norm: None,
+                    learning_rate: None,
+                    clip_fraction: None,
+                    num_tokens: 0,
+                    num_trajectories: 0,
+                    mean_abs_logprob_diff: None,
+                    skip_reason: None,
+                })
+                .await
+                .unwrap();
+            let t = &step_report(step).transfers[0];
+            ledger
+                .record_weight_transfers(vec![WeightTransfer {
+                    run_id: "r".into(),
+                    requester_id: t.requester_id.clone(),
+                    policy_version: t.policy_version,
+                    num_bytes: t.bytes,
+                    seconds: t.seconds,
+                    finished_at_ms: t.finished_at_ms,
+                }])
+                .await
+                .unwrap();
+        }
+        ledger.flush().await.unwrap();
+        let link = LearnerLink {
+            recover_for: Duration::ZERO,
+            ..Default::default()
+        };
+        let learner = RemoteLearner::connect(&url, "tok", "r", 3, Some(ledger.clone()), link)
+            .await
+            .unwrap();
+        // The stream ends after step 3; waiting past it returns once all of it is recorded.
+        learner.wait_version(4).await.unwrap_err();
+        ledger.flush().await.unwrap();
+        let steps: Vec<u64> = ledger
+            .list_learner_steps("r")
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.step.step)
+            .collect();
+        assert_eq!(steps, [1, 2, 3]);
+        let sync = ledger.weight_sync("r").await.unwrap();
+        assert_eq!(sync.len(), 3);
         assert!(sync.iter().all(|v| v.transfers == 1), "{sync:?}");
     }
 }

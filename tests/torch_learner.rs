@@ -106,6 +106,8 @@ init_config = "model.json"
 count = 1
 max_batch = 8
 [learner]
+# A few sequences a pass: every step of these runs goes through the learner's micro-batches.
+micro_batch_tokens = 64
 backend = "torch"
 [learner.torch]
 python = "PYTHON"
@@ -231,11 +233,14 @@ fn a_hand_started_torch_learner_registers_with_the_orchestrator() {
     ]);
     let run = RUN
         .replace(
-            "[learner]\nbackend = \"torch\"\n[learner.torch]\npython = \"PYTHON\"\n",
+            "[learner]\n# A few sequences a pass: every step of these runs goes through the learner's micro-batches.\nmicro_batch_tokens = 64\nbackend = \"torch\"\n[learner.torch]\npython = \"PYTHON\"\n",
             "",
         )
         .replace("args = [\"--threads\", \"1\"]\n", "");
-    assert!(!run.contains("backend"), "{run}");
+    assert!(
+        !run.contains("backend") && !run.contains("micro_batch"),
+        "{run}"
+    );
     std::fs::write(h.path("run.toml"), run).unwrap();
     let common = ["--config", "run.toml", "--run-id", "r1", "--token", "tok"];
     let (mut orchestrator, mut stdout) = h.service_with_stdout(

@@ -685,10 +685,11 @@ pub struct RawLearner {
     /// Step of the MoE routers' load-balancing biases after every step (aux-loss-free
     /// balancing: `bias += rate * sign(mean load - load)`); 0 turns it off.
     pub router_bias_rate: Option<f64>,
-    /// Chorus' learner: most padded tokens (sequences times the longest one's length) in one
-    /// forward and backward pass; a step runs as passes of at most this many, each
-    /// back-propagated before the next, so memory follows this rather than the batch (the
-    /// gradient is the batch's exactly). Default 8192.
+    /// Most padded tokens (sequences times the longest one's length) in one forward and
+    /// backward pass of the learner, Chorus' or the PyTorch one (`--micro-batch-tokens`); a
+    /// step runs as passes of at most this many, each back-propagated before the next, so
+    /// memory follows this rather than the batch (the gradient is the batch's exactly).
+    /// Default 8192.
     pub micro_batch_tokens: Option<usize>,
     /// What trains: `chorus` (Chorus' candle learner, default) or `torch` (the `chorus_learner`
     /// Python package on PyTorch; see `[learner.torch]`).
@@ -2170,13 +2171,6 @@ impl RunConfig {
                     "0; allowed: 1 or more (the most padded tokens in one forward pass)",
                 ));
             }
-            Some(_) if torch_learner.is_some() => {
-                return Err(ctx.err(
-                    "learner.micro_batch_tokens",
-                    "applies to Chorus' learner only; the PyTorch learner runs each step \
-                     in one pass (remove it, or set learner.backend = \"chorus\")",
-                ));
-            }
             n => n,
         };
         Ok(RunConfig {
@@ -2341,9 +2335,10 @@ sampling = { temperature = 0.9 }
     fn the_torch_learner_is_read_and_refuses_stages_it_cannot_train() {
         let torch = GOOD.replace(
             "name = \"t\"",
-            "name = \"t\"\n[learner]\nbackend = \"torch\"\n[learner.torch]\nargs = [\"--threads\", \"4\"]",
+            "name = \"t\"\n[learner]\nbackend = \"torch\"\nmicro_batch_tokens = 512\n[learner.torch]\nargs = [\"--threads\", \"4\"]",
         );
         let c = RunConfig::from_toml_str(&torch, "x.toml").unwrap();
+        assert_eq!(c.learner_micro_batch_tokens, Some(512));
         let t = c.torch_learner.unwrap();
         assert_eq!(t.python, "python3");
         assert_eq!(t.args, ["--threads", "4"]);
@@ -3123,12 +3118,6 @@ sampling = { temperature = 0.9 }
                 "name = \"t\"\n[learner]\nmicro_batch_tokens = 0",
                 "learner.micro_batch_tokens",
                 "0; allowed: 1 or more",
-            ),
-            (
-                "name = \"t\"",
-                "name = \"t\"\n[learner]\nbackend = \"torch\"\nmicro_batch_tokens = 4096",
-                "learner.micro_batch_tokens",
-                "applies to Chorus' learner only",
             ),
             (
                 "name = \"t\"",

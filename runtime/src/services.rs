@@ -520,8 +520,11 @@ impl TorchLaunch {
             .args([
                 "--checkpoint-every",
                 &plan.config.checkpoint_every.to_string(),
-            ])
-            .args(&settings.args)
+            ]);
+        if let Some(tokens) = plan.config.learner_micro_batch_tokens {
+            cmd.args(["--micro-batch-tokens", &tokens.to_string()]);
+        }
+        cmd.args(&settings.args)
             // Not on the command line, where `ps` would show it.
             .env("CHORUS_TOKEN", &self.token)
             .stdin(std::process::Stdio::null())

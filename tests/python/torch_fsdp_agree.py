@@ -5,8 +5,9 @@ tests/torch_learner.rs under torchrun:
 
 Both ranks take the same steps on a sharded trainer (an SFT step on three sequences, split 2/1
 over the ranks; a GRPO step on three; a DAPO step on one, which leaves a rank without a
-sequence); rank 0 then takes the same steps in one process, unsharded, and compares every
-weight (1e-5) and every step's loss. Prints a JSON summary from rank 0.
+sequence), once in one pass per step and once in passes of one sequence; rank 0 then takes
+the same steps in one process, unsharded, and compares every weight (1e-5) and every step's
+loss. Prints a JSON summary from rank 0.
 """
 
 import json
@@ -40,13 +41,19 @@ def main():
     sharded = Trainer(load_model(checkpoint), lr=1e-3, shard=True)
     reports = steps(sharded)
     full = sharded.tensors()
+    # The same in passes of one sequence (every rank making as many passes as the busiest).
+    passes = Trainer(load_model(checkpoint), lr=1e-3, shard=True, micro_batch_tokens=4)
+    reports_passes = steps(passes)
+    full_passes = passes.tensors()
     if dist.get_rank() == 0:
         alone = Trainer(load_model(checkpoint), lr=1e-3)
         expected = steps(alone)
         want = alone.tensors()
         assert set(full) == set(want), (sorted(full), sorted(want))
-        diff = max(float((full[k] - want[k]).abs().max()) for k in want)
-        losses = max(abs(a.loss - b.loss) for a, b in zip(reports, expected))
+        diff = max(float((got[k] - want[k]).abs().max()) for got in (full, full_passes)
+                   for k in want)
+        losses = max(abs(a.loss - b.loss) for run in (reports, reports_passes)
+                     for a, b in zip(run, expected))
         moved = max(float((want[k] - v).abs().max())
                     for k, v in Trainer(load_model(checkpoint)).tensors().items())
         if diff > 1e-5 or losses > 1e-5 or moved == 0:
@@ -58,7 +65,7 @@ def main():
     # once (under load, in CI) aborted there ("terminate called without an active exception").
     # Interpreter finalisation is skipped too, where gloo's threads may still drop tensors.
     dist.barrier()
-    del sharded
+    del sharded, passes
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -8,6 +8,9 @@
    optimizer moments bit for bit, counters equal).
 4. A learner checkpoint holds the step reports so far and the pending one (a learner killed
    before sending it replays it), and a learner resumed there starts with them.
+5. Micro-batches: steps run in passes of one sequence (`micro_batch_tokens` below one
+   sequence's padded length) move the weights as one pass does (SFT, and RL with each
+   aggregation), with the same losses.
 Prints a JSON summary; exits non-zero on the first breach.
 """
 
@@ -17,6 +20,7 @@ import sys
 import torch
 
 from chorus_learner import Objective, RlSequence, SftSequence, Trainer, load_model
+from chorus_learner.trainer import layout
 
 
 def sft_batch():
@@ -105,8 +109,26 @@ def main():
     replayed = back.steps_after(0, lambda: True)
     check([r.step for r in replayed] == [1, 2, 3] and replayed[2].checkpoint_version == 3,
           f"replayed reports: {replayed}")
+
+    # 5. Passes of one sequence each give the one-pass step.
+    def four(t):
+        return [t.sft_step(sft_batch(), lr=2e-3).loss,
+                t.rl_step([(grpo, rl_batch())], lr=1e-3).loss,
+                t.rl_step([(Objective.for_algorithm("dapo"), rl_batch()),
+                           (Objective.for_algorithm("dr_grpo"), rl_batch()[:1])], lr=1e-3).loss,
+                t.rl_step([(Objective.for_algorithm("gspo"), rl_batch())], lr=1e-3).loss]
+
+    whole = Trainer(load_model(checkpoint), lr=1e-3)
+    passes = Trainer(load_model(checkpoint), lr=1e-3, micro_batch_tokens=4)
+    check(len(passes._passes(2, layout(rl_batch(), whole.vocab))) == 2, "not split into passes")
+    losses_whole, losses_passes = four(whole), four(passes)
+    a, b = weights(whole), weights(passes)
+    micro_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    loss_diff = max(abs(x - y) for x, y in zip(losses_whole, losses_passes))
+    check(micro_diff <= 1e-6 and loss_diff <= 1e-6,
+          f"micro-batches differ from one pass: weights by {micro_diff}, losses by {loss_diff}")
     print(json.dumps({"parameters": len(a), "resume_max_diff": diff, "moved": moved,
-                      "replayed_reports": len(replayed)}))
+                      "replayed_reports": len(replayed), "micro_batch_max_diff": micro_diff}))
 
 
 if __name__ == "__main__":

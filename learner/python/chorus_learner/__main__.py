@@ -30,7 +30,7 @@ from .objective import Objective
 from .service import LearnerState, load_reports, serve
 from .tls import Tls
 from .tls import add_arguments as add_tls_arguments
-from .trainer import Trainer, load_model
+from .trainer import DEFAULT_MICRO_BATCH_TOKENS, Trainer, load_model
 
 
 def parse_args(argv):
@@ -62,6 +62,10 @@ def parse_args(argv):
                    help="also save every this many versions (0: stage boundaries only)")
     p.add_argument("--orchestrator", help="register with the orchestrator at this URL and send heartbeats")
     p.add_argument("--id", default="learner", help="this learner's id at the orchestrator")
+    p.add_argument("--micro-batch-tokens", type=int, default=DEFAULT_MICRO_BATCH_TOKENS,
+                   help="most padded tokens (sequences times the longest) in one forward and "
+                        "backward pass; larger steps run in several, with the same gradient "
+                        f"(default {DEFAULT_MICRO_BATCH_TOKENS})")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="torch seed")
     add_tls_arguments(p)
@@ -101,6 +105,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not args.token:
         sys.exit("give the run's token: --token T or CHORUS_TOKEN=T")
+    if args.micro_batch_tokens < 1:
+        sys.exit(f"--micro-batch-tokens must be at least 1, not {args.micro_batch_tokens}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -111,10 +117,12 @@ def main(argv=None):
     if world > 1:
         return main_distributed(args, objective)
     if args.resume:
-        trainer = Trainer.resume(args.resume, objective=objective)
+        trainer = Trainer.resume(args.resume, objective=objective,
+                                 micro_batch_tokens=args.micro_batch_tokens)
     else:
         trainer = Trainer(load_model(args.model), lr=args.lr, max_grad_norm=args.max_grad_norm,
-                          objective=objective, weight_decay=args.weight_decay)
+                          objective=objective, weight_decay=args.weight_decay,
+                          micro_batch_tokens=args.micro_batch_tokens)
     return serve_until_stopped(args, trainer, trainer)
 
 
@@ -142,7 +150,8 @@ def main_distributed(args, objective):
         sys.exit("--resume is not supported under torchrun yet (sharded checkpoints hold no "
                  "optimizer state); start from the checkpoint's weights with --model")
     trainer = Trainer(load_model(args.model), lr=args.lr, max_grad_norm=args.max_grad_norm,
-                      objective=objective, weight_decay=args.weight_decay, shard=True)
+                      objective=objective, weight_decay=args.weight_decay, shard=True,
+                      micro_batch_tokens=args.micro_batch_tokens)
     if dist.get_rank() != 0:
         follow(trainer)
         return 0

@@ -1,12 +1,16 @@
 """A policy trained with PyTorch: the steps of Chorus' learner (`learner/src/trainer.rs`) on an
 HF transformers causal LM, with the same layout, losses, statistics and version counting.
 
-- RL steps: one padded forward pass per part (sequences sharing an objective); the loss's exact
-  gradient with respect to the completion log-probabilities comes from `objective.evaluate` and
-  is backpropagated as `sum(stopgrad(grad) * lp)`, each part weighted by its share of the
-  sequences. One optimizer step per batch, so the learner's log-probabilities at the start of
-  the step are the ones computed in it.
-- SFT steps: next-token cross-entropy, token mean over the learned completion tokens.
+- RL steps: per part (sequences sharing an objective), the loss's exact gradient with respect
+  to the completion log-probabilities comes from `objective.evaluate` and is backpropagated as
+  `sum(stopgrad(grad) * lp)`, each part weighted by its share of the sequences. One optimizer
+  step per batch, so the learner's log-probabilities at the start of the step are the ones
+  computed in it. A part whose padded tokens exceed `micro_batch_tokens` runs in passes of
+  at most that many (as Chorus' learner): a forward pass without gradients gives every
+  sequence's log-probabilities for `evaluate`, then each pass runs forward and backward again
+  with its rows' gradient, so memory follows the pass and the gradient is the one-pass one.
+- SFT steps: next-token cross-entropy, token mean over the learned completion tokens (in
+  passes of at most `micro_batch_tokens` padded tokens, each back-propagated).
 - AdamW (betas 0.9/0.999, eps 1e-8, no weight decay unless set), the global gradient norm
   clipped to `max_grad_norm` (scale `max / (norm + 1e-6)`, as Chorus does); a step whose loss or
   gradient norm is not finite is refused: the version advances, the weights do not.
@@ -27,6 +31,8 @@ from .objective import Objective, evaluate
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+# As Chorus' learner (`DEFAULT_MICRO_BATCH_TOKENS`): padded tokens in one forward and backward.
+DEFAULT_MICRO_BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -174,10 +180,13 @@ class Trainer:
     """A policy being trained, its optimizer, and the step and version counters."""
 
     def __init__(self, model, lr=1e-3, max_grad_norm=1.0, objective=None, weight_decay=0.0,
-                 shard=False):
+                 shard=False, micro_batch_tokens=DEFAULT_MICRO_BATCH_TOKENS):
         """`shard`: split parameters, gradients and optimizer state over the ranks of the
         initialised `torch.distributed` process group with FSDP2 (`fully_shard`); every rank
         then makes the same calls, each computing its share of the batch."""
+        if micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be at least 1, not {micro_batch_tokens}")
+        self.micro_batch_tokens = micro_batch_tokens
         self.world = 1
         self.rank = 0
         if shard:
@@ -234,6 +243,33 @@ class Trainer:
         """The batch rows this rank computes (all of them without sharding)."""
         return list(range(self.rank, n, self.world))
 
+    def _passes(self, n, l):
+        """This rank's rows of an `n`-sequence layout `l`, in passes of at most
+        `micro_batch_tokens` padded tokens (one row at least). Every rank makes the same number
+        of passes, some maybe without rows, because FSDP2's gathers are collective."""
+        rows = self._mine(n)
+        per = max(1, self.micro_batch_tokens // (l.width + 1))
+        most = -(-n // self.world)
+        count = max(1, -(-most // per))
+        return [rows[i * per:(i + 1) * per] for i in range(count)]
+
+    def _rows_logprobs(self, model, l, passes, rows):
+        """Log-probabilities of this rank's `rows` over `passes` (no gradient), all ranks' rows
+        gathered into [B, T], and this rank's entropy sum and token count."""
+        mine, h_sum, count = [], 0.0, 0.0
+        with torch.no_grad():
+            for part in passes:
+                lp, logp, mask = self._forward_rows(model, l, part)
+                h = -(logp.exp() * logp).sum(-1)
+                m = mask.to(h.dtype) * (1.0 if part else 0.0)
+                h_sum += float((h * m).sum())
+                count += float(m.sum())
+                if part:
+                    mine.append(lp)
+                del logp
+        local_lp = torch.cat(mine) if mine else lp
+        return self._gather_rows(local_lp, rows, (len(l.ids), l.width)), h_sum, count
+
     def _forward_rows(self, model, l, rows):
         """Log-probabilities (and log-softmax) of `rows` of layout `l`. A rank with no rows still
         runs a forward pass on one row, scaled by 0 later, because FSDP2's gathers are
@@ -284,28 +320,37 @@ class Trainer:
                         f"sequence {i}: {n} completion tokens but {len(s.behaviour_logprobs)} logprobs")
                 beh[i, l.firsts[i]:l.firsts[i] + n] = torch.tensor(s.behaviour_logprobs)
             rows = self._mine(len(batch))
+            passes = self._passes(len(batch), l)
             ref = None
             if o.kl_coef > 0 and self.reference is not None:
-                with torch.no_grad():
-                    ref_part, _, _ = self._forward_rows(self.reference, l, rows)
-                ref = self._gather_rows(ref_part, rows, beh.shape)
+                ref, _, _ = self._rows_logprobs(self.reference, l, passes, rows)
             adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32)
-            lp, logp, mask = self._forward_rows(self.model, l, rows)
-            full = self._gather_rows(lp, rows, beh.shape)
-            ev = evaluate(o, full, full, beh, adv, l.mask, ref)
             # FSDP2 averages gradients over the ranks: each rank's part of the sum is scaled
             # back up by the world size.
-            grad = ev.grad_logprobs[rows or [0]].to(lp.dtype) * (1.0 if rows else 0.0)
-            (lp * grad).sum().mul(share * self.world).backward()
+            scale = share * self.world
+            if len(passes) == 1:
+                lp, logp, mask = self._forward_rows(self.model, l, rows)
+                full = self._gather_rows(lp, rows, beh.shape)
+                ev = evaluate(o, full, full, beh, adv, l.mask, ref)
+                grad = ev.grad_logprobs[rows or [0]].to(lp.dtype) * (1.0 if rows else 0.0)
+                (lp * grad).sum().mul(scale).backward()
+                with torch.no_grad():
+                    h = -(logp.exp() * logp).sum(-1)
+                    m = mask.to(h.dtype) * (1.0 if rows else 0.0)
+                    h_sum, count = float((h * m).sum()), float(m.sum())
+            else:
+                full, h_sum, count = self._rows_logprobs(self.model, l, passes, rows)
+                ev = evaluate(o, full, full, beh, adv, l.mask, ref)
+                for part in passes:
+                    lp, _, _ = self._forward_rows(self.model, l, part)
+                    grad = ev.grad_logprobs[part or [0]].to(lp.dtype) * (1.0 if part else 0.0)
+                    (lp * grad).sum().mul(scale).backward()
             r.loss += share * ev.loss
             if penalised == 0:
                 r.kl += share * ev.kl
             elif o.kl_coef > 0:
                 r.kl += share / penalised * ev.kl
-            with torch.no_grad():
-                h = -(logp.exp() * logp).sum(-1)
-                m = mask.to(h.dtype) * (1.0 if rows else 0.0)
-                h_sum, count = self._all_sum(float((h * m).sum()), float(m.sum()))
+            h_sum, count = self._all_sum(h_sum, count)
             r.entropy += share * h_sum / max(count, 1)
             r.clip_fraction += share * ev.clip_fraction
             r.mean_abs_logprob_diff += share * masked_mean((full - beh).abs(), l.mask)
@@ -318,18 +363,29 @@ class Trainer:
             raise BatchError("empty batch")
         self.optimizer.zero_grad(set_to_none=True)
         l = layout(batch, self.vocab)
-        rows = self._mine(len(batch))
-        lp, logp, mask = self._forward_rows(self.model, l, rows)
-        m = mask.to(lp.dtype) * (1.0 if rows else 0.0)
         tokens = int(l.mask.sum())
-        local_sum = -(lp * m).sum()
-        with torch.no_grad():
-            h = -(logp.exp() * logp).sum(-1)
-            loss_sum, h_sum = self._all_sum(float(local_sum.detach()), float((h * m).sum()))
+        passes = self._passes(len(batch), l)
+        # One pass: backward only once the loss is known to be finite. Several: each pass is
+        # back-propagated as it goes (a refused step's gradients are never applied).
+        local_loss, local_h, sums = 0.0, 0.0, []
+        for part in passes:
+            lp, logp, mask = self._forward_rows(self.model, l, part)
+            m = mask.to(lp.dtype) * (1.0 if part else 0.0)
+            part_sum = -(lp * m).sum()
+            with torch.no_grad():
+                h = -(logp.exp() * logp).sum(-1)
+                local_loss += float(part_sum.detach())
+                local_h += float((h * m).sum())
+            del logp
+            if len(passes) == 1:
+                sums.append(part_sum)
+            else:
+                (part_sum * (self.world / max(tokens, 1))).backward()
+        loss_sum, h_sum = self._all_sum(local_loss, local_h)
         r = StepReport(step=0, version=0, loss=loss_sum / max(tokens, 1),
                        entropy=h_sum / max(tokens, 1), tokens=tokens)
-        if math.isfinite(r.loss):
-            (local_sum * (self.world / max(tokens, 1))).backward()
+        if sums and math.isfinite(r.loss):
+            (sums[0] * (self.world / max(tokens, 1))).backward()
         return self._apply(r, lr, mtp=False)
 
     def set_router_frozen(self, frozen):
@@ -420,7 +476,8 @@ class Trainer:
         _write_state(directory, state)
 
     @staticmethod
-    def resume(directory, device="cpu", objective=None):
+    def resume(directory, device="cpu", objective=None,
+               micro_batch_tokens=DEFAULT_MICRO_BATCH_TOKENS):
         """The trainer `save` wrote, exactly: weights, optimizer moments, counters, reference."""
         with open(os.path.join(directory, STATE_FILE)) as f:
             state = json.load(f)
@@ -428,7 +485,8 @@ class Trainer:
             raise ValueError(f"{directory} was saved by the sharded learner without optimizer "
                              "state; it cannot be resumed exactly (start from it with --model)")
         t = Trainer(load_model(directory, device), lr=state["default_lr"],
-                    max_grad_norm=state["max_grad_norm"], objective=objective)
+                    max_grad_norm=state["max_grad_norm"], objective=objective,
+                    micro_batch_tokens=micro_batch_tokens)
         t.optimizer.load_state_dict(
             torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
         t.step, t.version, t.stage = state["step"], state["version"], state["stage"]

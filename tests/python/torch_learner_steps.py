@@ -14,6 +14,7 @@
 Prints a JSON summary; exits non-zero on the first breach.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -111,12 +112,20 @@ def main():
           f"replayed reports: {replayed}")
 
     # 5. Passes of one sequence each give the one-pass step.
+    penalised = dataclasses.replace(grpo, kl_coef=0.1, kl_estimator="k3")
+
     def four(t):
-        return [t.sft_step(sft_batch(), lr=2e-3).loss,
-                t.rl_step([(grpo, rl_batch())], lr=1e-3).loss,
-                t.rl_step([(Objective.for_algorithm("dapo"), rl_batch()),
-                           (Objective.for_algorithm("dr_grpo"), rl_batch()[:1])], lr=1e-3).loss,
-                t.rl_step([(Objective.for_algorithm("gspo"), rl_batch())], lr=1e-3).loss]
+        losses = [t.sft_step(sft_batch(), lr=2e-3).loss,
+                  t.rl_step([(grpo, rl_batch())], lr=1e-3).loss,
+                  t.rl_step([(Objective.for_algorithm("dapo"), rl_batch()),
+                             (Objective.for_algorithm("dr_grpo"), rl_batch()[:1])], lr=1e-3).loss,
+                  t.rl_step([(Objective.for_algorithm("gspo"), rl_batch())], lr=1e-3).loss]
+        # A KL-penalised stage: its reference runs in passes too.
+        t.enter_stage(1, kl_penalty=True)
+        t.rl_step([(penalised, rl_batch())], lr=1e-3)
+        r = t.rl_step([(penalised, rl_batch())], lr=1e-3)
+        check(r.kl > 0, f"no KL to the stage's start after a step: {r}")
+        return losses + [r.loss, r.kl]
 
     whole = Trainer(load_model(checkpoint), lr=1e-3)
     passes = Trainer(load_model(checkpoint), lr=1e-3, micro_batch_tokens=4)

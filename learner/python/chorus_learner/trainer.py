@@ -253,17 +253,19 @@ class Trainer:
         count = max(1, -(-most // per))
         return [rows[i * per:(i + 1) * per] for i in range(count)]
 
-    def _rows_logprobs(self, model, l, passes, rows):
+    def _rows_logprobs(self, model, l, passes, rows, entropy=True):
         """Log-probabilities of this rank's `rows` over `passes` (no gradient), all ranks' rows
-        gathered into [B, T], and this rank's entropy sum and token count."""
+        gathered into [B, T], and this rank's entropy sum and token count (0 without
+        `entropy`)."""
         mine, h_sum, count = [], 0.0, 0.0
         with torch.no_grad():
             for part in passes:
                 lp, logp, mask = self._forward_rows(model, l, part)
-                h = -(logp.exp() * logp).sum(-1)
-                m = mask.to(h.dtype) * (1.0 if part else 0.0)
-                h_sum += float((h * m).sum())
-                count += float(m.sum())
+                if entropy:
+                    h = -(logp.exp() * logp).sum(-1)
+                    m = mask.to(h.dtype) * (1.0 if part else 0.0)
+                    h_sum += float((h * m).sum())
+                    count += float(m.sum())
                 if part:
                     mine.append(lp)
                 del logp
@@ -323,7 +325,7 @@ class Trainer:
             passes = self._passes(len(batch), l)
             ref = None
             if o.kl_coef > 0 and self.reference is not None:
-                ref, _, _ = self._rows_logprobs(self.reference, l, passes, rows)
+                ref, _, _ = self._rows_logprobs(self.reference, l, passes, rows, entropy=False)
             adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32)
             # FSDP2 averages gradients over the ranks: each rank's part of the sum is scaled
             # back up by the world size.

@@ -131,6 +131,13 @@ fn save_checkpoint(
     }
 }
 
+/// The newest step reports a checkpoint keeps, copied out so that the history is not locked
+/// while the checkpoint is written.
+fn newest_reports(history: &Mutex<Vec<StepReportMsg>>) -> Vec<StepReportMsg> {
+    let history = history.lock().expect("not poisoned");
+    history[history.len().saturating_sub(checkpoints::KEPT_REPORTS)..].to_vec()
+}
+
 /// What the training thread is handed.
 enum Work {
     /// A group to train.
@@ -504,12 +511,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                 // saved so a crash in the new stage never has to repeat the finished one.
                 if let Some(policy) = &cfg.checkpoints
                     && stage.is_some_and(|s| s != g_stage)
-                    && save_checkpoint(
-                        &trainer,
-                        policy,
-                        &hist.lock().expect("not poisoned"),
-                        "stage boundary",
-                    )
+                    && save_checkpoint(&trainer, policy, &newest_reports(&hist), "stage boundary")
                 {
                     checkpointed = Some(trainer.version());
                 }
@@ -615,7 +617,7 @@ pub fn spawn_learner(mut trainer: Trainer, cfg: LearnerServiceConfig) -> Learner
                     // learner killed before sending it replays it once restarted.
                     let mut saved_msg = msg.clone();
                     saved_msg.checkpoint_version = Some(report.version);
-                    let mut reports = hist.lock().expect("not poisoned").clone();
+                    let mut reports = newest_reports(&hist);
                     reports.push(saved_msg);
                     if save_checkpoint(&trainer, policy, &reports, "every") {
                         checkpointed = Some(report.version);
@@ -1043,7 +1045,10 @@ mod tests {
             },
             ..Default::default()
         };
-        let trainer = Trainer::new(cfg, params, config).unwrap();
+        serve_trainer(Trainer::new(cfg, params, config).unwrap(), checkpoints)
+    }
+
+    fn serve_trainer(trainer: Trainer, checkpoints: Option<CheckpointPolicy>) -> LearnerHandle {
         spawn_learner(
             trainer,
             LearnerServiceConfig {
@@ -1134,17 +1139,7 @@ mod tests {
         assert_eq!(version, 2);
         drop(handle);
 
-        let trainer = Trainer::resume(&path, &Device::Cpu).unwrap();
-        let resumed = spawn_learner(
-            trainer,
-            LearnerServiceConfig {
-                run_id: "run".into(),
-                groups_per_step: 1,
-                max_chunk_bytes: 1 << 16,
-                keep_versions: 8,
-                checkpoints: Some(policy),
-            },
-        );
+        let resumed = serve_trainer(Trainer::resume(&path, &Device::Cpu).unwrap(), Some(policy));
         assert_eq!(resumed.status().policy_version, 2);
         let replayed = resumed.history.lock().unwrap().clone();
         assert_eq!(

@@ -606,10 +606,10 @@ struct Follower {
     steps: broadcast::Sender<StepReport>,
     kept: Arc<Mutex<Kept>>,
     link: LearnerLink,
-    /// The newest version in the ledger's `policy_versions`.
-    recorded_version: u64,
-    /// The newest step reported: a learner replays its reports when its step stream is opened
-    /// again (a restarted one, those saved with its checkpoint), and only later ones are news.
+    /// The newest step recorded (step `s` publishes version `s`, so also the newest version in
+    /// the ledger's `policy_versions`): a learner replays its reports when its step stream is
+    /// opened again (a restarted one, those saved with its checkpoint), and only later ones
+    /// are news.
     recorded_step: u64,
 }
 
@@ -637,23 +637,20 @@ impl Follower {
         if let Some(ledger) = &self.ledger {
             // A skipped step publishes the same weights under the next version, so it
             // is a version too.
-            if r.policy_version > self.recorded_version {
-                self.recorded_version = r.policy_version;
-                let recorded = ledger
-                    .record_policy_version(PolicyVersion {
-                        run_id: run.clone(),
-                        version: r.policy_version,
-                        learner_step: r.step,
-                        weights_digest: chorus_proto::checksum::describe(
-                            r.weights_digest_algorithm(),
-                            &r.weights_digest,
-                        ),
-                        num_bytes: r.weights_bytes,
-                    })
-                    .await;
-                if let Err(e) = recorded {
-                    tracing::error!(run_id = %run, policy_version = r.policy_version, error = %e, "the ledger refused a policy version");
-                }
+            let recorded = ledger
+                .record_policy_version(PolicyVersion {
+                    run_id: run.clone(),
+                    version: r.policy_version,
+                    learner_step: r.step,
+                    weights_digest: chorus_proto::checksum::describe(
+                        r.weights_digest_algorithm(),
+                        &r.weights_digest,
+                    ),
+                    num_bytes: r.weights_bytes,
+                })
+                .await;
+            if let Err(e) = recorded {
+                tracing::error!(run_id = %run, policy_version = r.policy_version, error = %e, "the ledger refused a policy version");
             }
             let opt = |v: f64| v.is_finite().then_some(v);
             let _ = ledger
@@ -748,13 +745,12 @@ impl Follower {
             return None;
         }
         let held = *self.version.borrow();
-        if at < self.recorded_version
+        if at < self.recorded_step
             && let Some(ledger) = &self.ledger
             && let Err(e) = ledger.forget_learner_steps(&self.run, at).await
         {
             tracing::error!(run_id = %self.run, error = %e, "the ledger did not forget the steps the learner lost");
         }
-        self.recorded_version = self.recorded_version.min(at);
         // Its reports up to `at` are replayed: those of steps the run never heard of (sent
         // while it died) are recorded then; later steps it trains anew.
         self.recorded_step = self.recorded_step.min(at);
@@ -873,7 +869,6 @@ pub async fn take_over_learner(
             steps,
             kept: Arc::default(),
             link: LearnerLink::default(),
-            recorded_version: 0,
             recorded_step: 0,
         };
         loop {
@@ -969,7 +964,6 @@ impl RemoteLearner {
             steps: steps.clone(),
             kept: kept.clone(),
             link: link.clone(),
-            recorded_version: recorded,
             recorded_step: recorded,
         };
         let follower = tokio::spawn(follower.run(stream));
@@ -1364,9 +1358,28 @@ mod tests {
         assert!(r.error.contains("no rollout worker"), "{}", r.error);
     }
 
-    /// A stand-in learner whose step stream replays `steps`; nothing else is served.
+    /// A stand-in learner that serves its step stream: the first `StreamSteps` replays `steps`
+    /// and ends. With `back_at = Some((v, replay))` it has come back from a checkpoint at
+    /// version `v`: `Status` says so and later streams replay `replay` (what the checkpoint
+    /// saved) and stay open. Nothing else is served.
     struct StepsOnly {
         steps: Vec<StepReport>,
+        back_at: Option<(u64, Vec<StepReport>)>,
+        streams: std::sync::atomic::AtomicUsize,
+    }
+
+    /// Serves `learner` on a free loopback port; returns its URL.
+    async fn serve_stand_in(learner: StepsOnly) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
+                    learner,
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        url
     }
 
     type Steps = Pin<Box<dyn Stream<Item = Result<StepReport, Status>> + Send>>;
@@ -1396,16 +1409,27 @@ mod tests {
             &self,
             _: tonic::Request<chorus_proto::v1::LearnerStatusRequest>,
         ) -> Result<tonic::Response<chorus_proto::v1::LearnerStatus>, tonic::Status> {
-            Err(tonic::Status::unimplemented("a stand-in without Status"))
+            match &self.back_at {
+                Some((version, _)) => Ok(tonic::Response::new(chorus_proto::v1::LearnerStatus {
+                    run_id: "r".into(),
+                    policy_version: *version,
+                    checkpoint_version: Some(*version),
+                    start_version: *version,
+                })),
+                None => Err(tonic::Status::unimplemented("a stand-in without Status")),
+            }
         }
 
         async fn stream_steps(
             &self,
             _: Request<StreamStepsRequest>,
         ) -> Result<Response<Steps>, Status> {
-            let steps: Vec<Result<StepReport, Status>> =
-                self.steps.iter().cloned().map(Ok).collect();
-            Ok(Response::new(Box::pin(tokio_stream::iter(steps))))
+            let first = self.streams.fetch_add(1, Ordering::SeqCst) == 0;
+            let replay = |steps: &[StepReport]| tokio_stream::iter(steps.to_vec()).map(Ok);
+            Ok(Response::new(match (&self.back_at, first) {
+                (Some((_, again)), false) => Box::pin(replay(again).chain(tokio_stream::pending())),
+                _ => Box::pin(replay(&self.steps)),
+            }))
         }
     }
 
@@ -1427,15 +1451,12 @@ mod tests {
         };
         // Step 2 was skipped (a version all the same); the repeated report adds nothing.
         let steps = vec![report(1, 1, 0xaa), report(2, 2, 0xbb), report(2, 2, 0xcc)];
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
-                    StepsOnly { steps },
-                ))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let url = serve_stand_in(StepsOnly {
+            steps,
+            back_at: None,
+            streams: Default::default(),
+        })
+        .await;
         let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
         let link = LearnerLink {
             recover_for: Duration::ZERO,
@@ -1478,13 +1499,6 @@ mod tests {
         assert_eq!(ledger.list_learner_steps("r").await.unwrap().len(), 2);
     }
 
-    /// A learner that died after saving version 8 but before its report of step 8 went out,
-    /// and came back: its first step stream ends after step 7; afterwards `Status` says 8 and
-    /// the stream replays steps 1 to 8 (what a checkpoint saves) and stays open.
-    struct ComesBack {
-        streams: std::sync::atomic::AtomicUsize,
-    }
-
     fn step_report(step: u64) -> StepReport {
         StepReport {
             run_id: "r".into(),
@@ -1504,65 +1518,16 @@ mod tests {
         }
     }
 
-    #[tonic::async_trait]
-    impl chorus_proto::v1::learner_server::Learner for ComesBack {
-        type StreamWeightsStream = Weights;
-        type StreamStepsStream = Steps;
-
-        async fn submit_trajectories(
-            &self,
-            _: Request<Streaming<TrajectoryGroup>>,
-        ) -> Result<Response<chorus_proto::v1::SubmitTrajectoriesResponse>, Status> {
-            Err(Status::unimplemented("stand-in"))
-        }
-
-        async fn stream_weights(
-            &self,
-            _: Request<chorus_proto::v1::StreamWeightsRequest>,
-        ) -> Result<Response<Weights>, Status> {
-            Err(Status::unimplemented("stand-in"))
-        }
-
-        async fn status(
-            &self,
-            _: tonic::Request<chorus_proto::v1::LearnerStatusRequest>,
-        ) -> Result<tonic::Response<chorus_proto::v1::LearnerStatus>, tonic::Status> {
-            Ok(tonic::Response::new(chorus_proto::v1::LearnerStatus {
-                run_id: "r".into(),
-                policy_version: 8,
-                checkpoint_version: Some(8),
-                start_version: 8,
-            }))
-        }
-
-        async fn stream_steps(
-            &self,
-            _: Request<StreamStepsRequest>,
-        ) -> Result<Response<Steps>, Status> {
-            let first = self.streams.fetch_add(1, Ordering::SeqCst) == 0;
-            let last = if first { 7 } else { 8 };
-            let steps = tokio_stream::iter((1..=last).map(|s| Ok(step_report(s))));
-            Ok(Response::new(if first {
-                Box::pin(steps)
-            } else {
-                Box::pin(steps.chain(tokio_stream::pending()))
-            }))
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_step_the_learner_saved_but_never_reported_is_recorded_once_it_is_back() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
-                    ComesBack {
-                        streams: Default::default(),
-                    },
-                ))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        // It died after saving version 8 but before its report of step 8 went out: its first
+        // stream ends after step 7, and once back it replays steps 1 to 8.
+        let url = serve_stand_in(StepsOnly {
+            steps: (1..=7).map(step_report).collect(),
+            back_at: Some((8, (1..=8).map(step_report).collect())),
+            streams: Default::default(),
+        })
+        .await;
         let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
         let link = LearnerLink {
             recover_for: Duration::from_secs(60),
@@ -1593,34 +1558,16 @@ mod tests {
     /// replayed report of step 3 is recorded, those of 1 and 2 are not repeated.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_resumed_run_records_the_replayed_steps_its_ledger_lacks_and_no_others() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let steps = (1..=3).map(step_report).collect();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(chorus_proto::v1::learner_server::LearnerServer::new(
-                    StepsOnly { steps },
-                ))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let url = serve_stand_in(StepsOnly {
+            steps: (1..=3).map(step_report).collect(),
+            back_at: None,
+            streams: Default::default(),
+        })
+        .await;
         let (_tmp, ledger) = crate::testkit::ledger_with_run("r").await;
         for step in 1..=2 {
             ledger
-                .insert_learner_step(LearnerStep {
-                    run_id: "r".into(),
-                    step,
-                    policy_version: step,
-                    loss: None,
-                    kl: None,
-                    entropy: None,
-                    grad_norm: None,
-                    learning_rate: None,
-                    clip_fraction: None,
-                    num_tokens: 0,
-                    num_trajectories: 0,
-                    mean_abs_logprob_diff: None,
-                    skip_reason: None,
-                })
+                .insert_learner_step(crate::testkit::bare_learner_step("r", step))
                 .await
                 .unwrap();
             let t = &step_report(step).transfers[0];

@@ -2,7 +2,7 @@
 
 use tempfile::TempDir;
 
-use crate::ledger::{Ledger, NewRun, RunStatus};
+use crate::ledger::{LearnerStep, Ledger, NewRun, RunStatus};
 
 /// A SQLite ledger in a fresh temporary directory (kept alive by the returned guard) holding
 /// one running run, `run_id`.
@@ -20,4 +20,23 @@ pub(crate) async fn ledger_with_run(run_id: &str) -> (TempDir, Ledger) {
         .await
         .unwrap();
     (tmp, ledger)
+}
+
+/// A learner step of run `run_id` publishing version `step`, with no statistics.
+pub(crate) fn bare_learner_step(run_id: &str, step: u64) -> LearnerStep {
+    LearnerStep {
+        run_id: run_id.into(),
+        step,
+        policy_version: step,
+        loss: None,
+        kl: None,
+        entropy: None,
+        grad_norm: None,
+        learning_rate: None,
+        clip_fraction: None,
+        num_tokens: 0,
+        num_trajectories: 0,
+        mean_abs_logprob_diff: None,
+        skip_reason: None,
+    }
 }

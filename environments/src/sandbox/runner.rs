@@ -483,33 +483,25 @@ fn supervise(
             .saturating_duration_since(now)
             .as_millis()
             .clamp(1, 1000) as i32;
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
-        let mut which: Vec<u8> = Vec::with_capacity(4);
-        for (index, fd) in [&stdout_r, &stderr_r, &report_r].into_iter().enumerate() {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(5);
+        let mut which: Vec<u8> = Vec::with_capacity(5);
+        // 0-2: stdout, stderr, the report pipe; 3: stdin; 4: the backend's exit.
+        let watched = [
+            (&stdout_r, libc::POLLIN),
+            (&stderr_r, libc::POLLIN),
+            (&report_r, libc::POLLIN),
+            (&stdin_w, libc::POLLOUT),
+            (&child_exit, libc::POLLIN),
+        ];
+        for (index, (fd, events)) in watched.into_iter().enumerate() {
             if let Some(fd) = fd {
                 fds.push(libc::pollfd {
                     fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
+                    events,
                     revents: 0,
                 });
                 which.push(index as u8);
             }
-        }
-        if let Some(fd) = &stdin_w {
-            fds.push(libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            });
-            which.push(3);
-        }
-        if let Some(fd) = &child_exit {
-            fds.push(libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            which.push(4);
         }
         // SAFETY: fds is a valid array of pollfd.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };

@@ -7,7 +7,9 @@ next version as checksummed chunks, the newest `keep_versions` kept to stream ex
 report per step to `StreamSteps`."""
 
 import logging
+import os
 import queue
+import struct
 import threading
 import time
 
@@ -176,11 +178,10 @@ class LearnerState:
         not yet sent) after them."""
         if not self.checkpoints:
             return
-        import os
         path = os.path.join(self.checkpoints, f"step-{self.trainer.step:08}")
         os.makedirs(path, exist_ok=True)
         with self.cond:
-            reports = list(self.history)
+            reports = self.history[-KEPT_REPORTS:]
         if pending is not None:
             reports.append(pending)
         # Before the trainer's state file, which marks the checkpoint complete.
@@ -292,8 +293,6 @@ KEPT_REPORTS = 256
 
 def write_reports(directory, reports):
     """Each report as a little-endian u32 length and the encoded message (Chorus' format)."""
-    import os
-    import struct
     with open(os.path.join(directory, REPORTS_FILE), "wb") as f:
         for r in reports[-KEPT_REPORTS:]:
             body = r.SerializeToString()
@@ -303,12 +302,11 @@ def write_reports(directory, reports):
 
 def load_reports(directory):
     """The step reports saved with the checkpoint in `directory` (none if it has no file)."""
-    import os
-    import struct
     path = os.path.join(directory, REPORTS_FILE)
     if not os.path.exists(path):
         return []
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     reports, at = [], 0
     while at < len(data):
         if at + 4 > len(data):

@@ -119,10 +119,12 @@ def masked_mean(x, mask):
     return float((x * m).sum() / m.sum().clamp(min=1))
 
 
-def entropy(logp, mask):
+def entropy_sum(logp, mask):
+    """The per-token entropy summed over `mask`'s positions, and their count (no gradient)."""
     with torch.no_grad():
         h = -(logp.exp() * logp).sum(-1)
-        return masked_mean(h, mask)
+        m = mask.to(h.dtype)
+        return float((h * m).sum()), float(m.sum())
 
 
 def decoder_layers(model):
@@ -253,8 +255,8 @@ class Trainer:
         count = max(1, -(-most // per))
         return [rows[i * per:(i + 1) * per] for i in range(count)]
 
-    def _rows_logprobs(self, model, l, passes, rows, entropy=True):
-        """Log-probabilities of this rank's `rows` over `passes` (no gradient), all ranks' rows
+    def _rows_logprobs(self, model, l, passes, entropy=True):
+        """Log-probabilities of this rank's rows over `passes` (no gradient), all ranks' rows
         gathered into [B, T], and this rank's entropy sum and token count (0 without
         `entropy`)."""
         mine, h_sum, count = [], 0.0, 0.0
@@ -262,14 +264,13 @@ class Trainer:
             for part in passes:
                 lp, logp, mask = self._forward_rows(model, l, part)
                 if entropy:
-                    h = -(logp.exp() * logp).sum(-1)
-                    m = mask.to(h.dtype) * (1.0 if part else 0.0)
-                    h_sum += float((h * m).sum())
-                    count += float(m.sum())
+                    h, c = entropy_sum(logp, mask & bool(part))
+                    h_sum, count = h_sum + h, count + c
                 if part:
                     mine.append(lp)
                 del logp
         local_lp = torch.cat(mine) if mine else lp
+        rows = [i for part in passes for i in part]
         return self._gather_rows(local_lp, rows, (len(l.ids), l.width)), h_sum, count
 
     def _forward_rows(self, model, l, rows):
@@ -325,7 +326,7 @@ class Trainer:
             passes = self._passes(len(batch), l)
             ref = None
             if o.kl_coef > 0 and self.reference is not None:
-                ref, _, _ = self._rows_logprobs(self.reference, l, passes, rows, entropy=False)
+                ref, _, _ = self._rows_logprobs(self.reference, l, passes, entropy=False)
             adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32)
             # FSDP2 averages gradients over the ranks: each rank's part of the sum is scaled
             # back up by the world size.
@@ -336,12 +337,9 @@ class Trainer:
                 ev = evaluate(o, full, full, beh, adv, l.mask, ref)
                 grad = ev.grad_logprobs[rows or [0]].to(lp.dtype) * (1.0 if rows else 0.0)
                 (lp * grad).sum().mul(scale).backward()
-                with torch.no_grad():
-                    h = -(logp.exp() * logp).sum(-1)
-                    m = mask.to(h.dtype) * (1.0 if rows else 0.0)
-                    h_sum, count = float((h * m).sum()), float(m.sum())
+                h_sum, count = entropy_sum(logp, mask & bool(rows))
             else:
-                full, h_sum, count = self._rows_logprobs(self.model, l, passes, rows)
+                full, h_sum, count = self._rows_logprobs(self.model, l, passes)
                 ev = evaluate(o, full, full, beh, adv, l.mask, ref)
                 for part in passes:
                     lp, _, _ = self._forward_rows(self.model, l, part)
@@ -369,25 +367,23 @@ class Trainer:
         passes = self._passes(len(batch), l)
         # One pass: backward only once the loss is known to be finite. Several: each pass is
         # back-propagated as it goes (a refused step's gradients are never applied).
-        local_loss, local_h, sums = 0.0, 0.0, []
+        local_loss, local_h, single = 0.0, 0.0, None
         for part in passes:
             lp, logp, mask = self._forward_rows(self.model, l, part)
-            m = mask.to(lp.dtype) * (1.0 if part else 0.0)
-            part_sum = -(lp * m).sum()
-            with torch.no_grad():
-                h = -(logp.exp() * logp).sum(-1)
-                local_loss += float(part_sum.detach())
-                local_h += float((h * m).sum())
+            mask = mask & bool(part)
+            part_sum = -(lp * mask.to(lp.dtype)).sum()
+            local_loss += float(part_sum.detach())
+            local_h += entropy_sum(logp, mask)[0]
             del logp
             if len(passes) == 1:
-                sums.append(part_sum)
+                single = part_sum
             else:
                 (part_sum * (self.world / max(tokens, 1))).backward()
         loss_sum, h_sum = self._all_sum(local_loss, local_h)
         r = StepReport(step=0, version=0, loss=loss_sum / max(tokens, 1),
                        entropy=h_sum / max(tokens, 1), tokens=tokens)
-        if sums and math.isfinite(r.loss):
-            (sums[0] * (self.world / max(tokens, 1))).backward()
+        if single is not None and math.isfinite(r.loss):
+            (single * (self.world / max(tokens, 1))).backward()
         return self._apply(r, lr, mtp=False)
 
     def set_router_frozen(self, frozen):

@@ -900,19 +900,8 @@ mod tests {
     fn out_of_range_numbers_fail_the_op_not_the_process() {
         let op = WriteOp::LearnerStep {
             step: LearnerStep {
-                run_id: "r".into(),
-                step: u64::MAX,
                 policy_version: 0,
-                loss: None,
-                kl: None,
-                entropy: None,
-                grad_norm: None,
-                learning_rate: None,
-                clip_fraction: None,
-                num_tokens: 0,
-                num_trajectories: 0,
-                skip_reason: None,
-                mean_abs_logprob_diff: None,
+                ..crate::testkit::bare_learner_step("r", u64::MAX)
             },
             at_ms: 0,
         };

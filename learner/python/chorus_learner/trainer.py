@@ -9,6 +9,9 @@ HF transformers causal LM, with the same layout, losses, statistics and version 
   at most that many (as Chorus' learner): a forward pass without gradients gives every
   sequence's log-probabilities for `evaluate`, then each pass runs forward and backward again
   with its rows' gradient, so memory follows the pass and the gradient is the one-pass one.
+  Passes group sequences of similar length, longest first, and each is only as wide as its
+  longest sequence (the model is causal, so padding after a sequence changes none of its
+  log-probabilities): a few long episodes do not make every short answer pay their width.
 - SFT steps: next-token cross-entropy, token mean over the learned completion tokens (in
   passes of at most `micro_batch_tokens` padded tokens, each back-propagated).
 - AdamW (betas 0.9/0.999, eps 1e-8, no weight decay unless set), the global gradient norm
@@ -77,6 +80,7 @@ class Layout:
     mask: torch.Tensor  # [B, T-1] bool: positions in the loss
     width: int
     firsts: List[int] = field(default_factory=list)  # position of each first completion token
+    lengths: List[int] = field(default_factory=list)  # tokens of each sequence
 
 
 def layout(seqs, vocab):
@@ -103,7 +107,8 @@ def layout(seqs, vocab):
             if s.loss_mask is None or s.loss_mask[j]:
                 mask[b, s.prompt_len - 1 + j] = True
         firsts.append(s.prompt_len - 1)
-    return Layout(ids=ids, targets=ids[:, 1:], mask=mask, width=width, firsts=firsts)
+    return Layout(ids=ids, targets=ids[:, 1:], mask=mask, width=width, firsts=firsts,
+                  lengths=[len(s.tokens) for s in seqs])
 
 
 def token_logprobs(model, l: Layout):
@@ -246,14 +251,25 @@ class Trainer:
         return list(range(self.rank, n, self.world))
 
     def _passes(self, n, l):
-        """This rank's rows of an `n`-sequence layout `l`, in passes of at most
-        `micro_batch_tokens` padded tokens (one row at least). Every rank makes the same number
-        of passes, some maybe without rows, because FSDP2's gathers are collective."""
-        rows = self._mine(n)
-        per = max(1, self.micro_batch_tokens // (l.width + 1))
-        most = -(-n // self.world)
-        count = max(1, -(-most // per))
-        return [rows[i * per:(i + 1) * per] for i in range(count)]
+        """This rank's rows of an `n`-sequence layout `l`, longest first, in passes of at most
+        `micro_batch_tokens` tokens counted at each pass's own width (its longest row; one row
+        at least). Every rank makes the same number of passes, some maybe without rows,
+        because FSDP2's gathers are collective."""
+        rows = sorted(self._mine(n), key=lambda i: -l.lengths[i])
+        passes = []
+        for i in rows:
+            # Sorted longest first: a pass's width is its first row's length.
+            if passes and len(passes[-1]) + 1 <= self.micro_batch_tokens // l.lengths[passes[-1][0]]:
+                passes[-1].append(i)
+            else:
+                passes.append([i])
+        count = max(1, len(passes))
+        if self.world > 1:
+            import torch.distributed as dist
+            t = torch.tensor([count], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            count = int(t.item())
+        return passes + [[] for _ in range(count - len(passes))]
 
     def _rows_logprobs(self, model, l, passes, entropy=True):
         """Log-probabilities of this rank's rows over `passes` (no gradient), all ranks' rows
@@ -274,21 +290,27 @@ class Trainer:
         return self._gather_rows(local_lp, rows, (len(l.ids), l.width)), h_sum, count
 
     def _forward_rows(self, model, l, rows):
-        """Log-probabilities (and log-softmax) of `rows` of layout `l`. A rank with no rows still
-        runs a forward pass on one row, scaled by 0 later, because FSDP2's gathers are
-        collective."""
+        """Log-probabilities [len(rows), T] (zero past each pass's width) and the log-softmax
+        and mask of `rows` of layout `l`, run at the width of the longest of them. A rank with
+        no rows still runs a forward pass on one row, scaled by 0 later, because FSDP2's
+        gathers are collective."""
         pick = rows or [0]
-        sub = Layout(ids=l.ids[pick], targets=l.targets[pick], mask=l.mask[pick], width=l.width)
+        width = max(l.lengths[i] for i in pick) - 1 if l.lengths else l.width
+        sub = Layout(ids=l.ids[pick, :width + 1], targets=l.targets[pick, :width],
+                     mask=l.mask[pick, :width], width=width)
         lp, logp = token_logprobs(model, sub)
+        lp = torch.nn.functional.pad(lp, (0, l.width - width))
         return lp, logp, sub.mask
 
     def _gather_rows(self, part, rows, shape):
         """Every rank's rows of a [B, T] tensor, assembled in batch order (no gradient)."""
-        if self.world == 1:
+        if self.world == 1 and rows == list(range(shape[0])):
             return part.detach()
-        import torch.distributed as dist
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, (rows, part.detach()))
+        gathered = [(rows, part.detach())]
+        if self.world > 1:
+            import torch.distributed as dist
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (rows, part.detach()))
         full = torch.zeros(shape, dtype=part.dtype)
         for rs, t in gathered:
             if rs:
@@ -371,7 +393,7 @@ class Trainer:
         for part in passes:
             lp, logp, mask = self._forward_rows(self.model, l, part)
             mask = mask & bool(part)
-            part_sum = -(lp * mask.to(lp.dtype)).sum()
+            part_sum = -(lp[:, :mask.shape[1]] * mask.to(lp.dtype)).sum()
             local_loss += float(part_sum.detach())
             local_h += entropy_sum(logp, mask)[0]
             del logp

@@ -3,6 +3,12 @@
 //! shapes, and the NVFP4 effective weight bandwidth against this machine's read bandwidth
 //! (measured in the same run with a big-array sum).
 //!
+//! With n = 1 among the sizes, a second table compares, in the same run, the f32-activation
+//! GEMV (`CpuGemm::nvfp4`) with the int8-activation one (`CpuGemm::nvfp4_q8`, its activation
+//! quantization included) on this shape and on the medium model's 1024-wide shapes, as the
+//! ratio of their times: many calls per timing for the small shapes, the two paths timed
+//! alternately, several repetitions. The other requested sizes up to 8 get the same rows.
+//!
 //! `cargo bench -p chorus-kernels --bench nvfp4_gemm [-- --threads N] [--n N]... [--backend B]`
 //! (default: 2 threads, n = 1, 8, 512, the fastest backend).
 //!
@@ -14,7 +20,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use chorus_kernels::{Backend, CpuGemm, Nvfp4Tensor, QuantizeOptions};
+use chorus_kernels::{Backend, CpuGemm, Nvfp4Tensor, Q8Activations, QuantizeOptions};
 use half::bf16;
 
 const M: usize = 4096;
@@ -171,6 +177,7 @@ fn main() {
     println!("{}", "-".repeat(113));
     // (n, activations, CPU NVFP4 result, CPU NVFP4 time) for the CUDA table.
     let mut cpu_runs: Vec<(usize, Vec<f32>, Vec<f32>, Duration)> = Vec::new();
+    let int8_sizes: Vec<usize> = sizes.iter().copied().filter(|&n| n <= 8).collect();
     for n in sizes {
         let reps = if n <= 8 { 30 } else { 5 };
         let x = fill(n * K, 7 + n as u64);
@@ -219,6 +226,10 @@ fn main() {
         "reference (ggml NVFP4 CPU kernel, this machine): n=1 ~3.3 ms, n=8 23-28 ms, n=512 1.4-1.5 s"
     );
 
+    if int8_sizes.contains(&1) {
+        int8_comparison(&gemm, &wq, &int8_sizes);
+    }
+
     if cuda {
         #[cfg(feature = "cuda")]
         cuda_bench::run(&wq, &cpu_runs);
@@ -226,6 +237,114 @@ fn main() {
         println!("\n--cuda: this bench was built without the `cuda` feature");
     }
     drop(cpu_runs);
+}
+
+/// Mean time of one call of `f` over `calls` consecutive calls.
+fn timed(calls: usize, f: &mut dyn FnMut()) -> Duration {
+    let t = Instant::now();
+    for _ in 0..calls {
+        f();
+    }
+    t.elapsed() / calls as u32
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The int8 table: f32 against int8 activations for each batch size in `sizes` (at most 8,
+/// n = 1 among them) on `[m, k]` weights, the bench shape (`wq`) first, then the medium
+/// model's (hidden size 1024: square projections, up and down).
+fn int8_comparison(gemm: &CpuGemm, wq: &Nvfp4Tensor, sizes: &[usize]) {
+    const REPS: usize = 15;
+    println!();
+    println!(
+        "f32 vs int8 activations: best of {REPS} repetitions, each timing the paths alternately \
+         over the same number of calls"
+    );
+    println!(
+        "{:>3} | {:>12} | {:>6} | {:>10} | {:>10} | {:>10} | {:>10} | {:>9} | {:>9} | {:>10}",
+        "n",
+        "m x k",
+        "calls",
+        "f32 us",
+        "int8 us",
+        "quant us",
+        "kernel us",
+        "f32/int8",
+        "median",
+        "rel |dy|"
+    );
+    println!("{}", "-".repeat(119));
+    let medium: Vec<Nvfp4Tensor> = [(1024, 1024), (1024, 4096), (4096, 1024)]
+        .iter()
+        .map(|&(m, k)| {
+            let w = fill(m * k, 3 + m as u64 + k as u64);
+            Nvfp4Tensor::quantize("bench.w", &w, m, k, &QuantizeOptions::default()).unwrap()
+        })
+        .collect();
+    let runs = sizes
+        .iter()
+        .flat_map(|&n| std::iter::once(wq).chain(&medium).map(move |w| (n, w)));
+    for (n, w) in runs {
+        let (m, k) = (w.rows(), w.cols());
+        let x = fill(n * k, 11);
+        let mut yf = vec![0.0f32; n * m];
+        let mut yq = vec![0.0f32; n * m];
+        let mut yk = vec![0.0f32; n * m];
+        let mut xq = Q8Activations::default();
+        let mut f32_path = || gemm.nvfp4(w, &x, n, &mut yf).unwrap();
+        let mut int8_path = || gemm.nvfp4_q8(w, &x, n, &mut yq).unwrap();
+        f32_path();
+        int8_path();
+        // About 20 ms of calls per timing.
+        let once = timed(1, &mut f32_path).as_secs_f64();
+        let calls = ((0.02 / once) as usize).clamp(1, 20_000);
+        let (mut tf, mut tq, mut tquant, mut tkernel, mut ratios) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..REPS {
+            let f = timed(calls, &mut f32_path);
+            let q = timed(calls, &mut int8_path);
+            ratios.push(f.as_secs_f64() / q.as_secs_f64());
+            tf.push(f);
+            tq.push(q);
+            tquant.push(timed(calls, &mut || {
+                xq.requantize(&x, n, k).unwrap();
+            }));
+            tkernel.push(timed(calls, &mut || {
+                gemm.nvfp4_q8_quantized(w, &xq, &mut yk).unwrap()
+            }));
+        }
+        let best = |v: &[Duration]| v.iter().min().unwrap().as_secs_f64();
+        gemm.nvfp4(w, &x, n, &mut yf).unwrap();
+        gemm.nvfp4_q8(w, &x, n, &mut yq).unwrap();
+        let scale = yf.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let diff = yq
+            .iter()
+            .zip(&yf)
+            .fold(0.0f32, |a, (p, q)| a.max((p - q).abs()));
+        println!(
+            "{:>3} | {:>12} | {:>6} | {:>10.2} | {:>10.2} | {:>10.2} | {:>10.2} | {:>8.2}x | {:>8.2}x | {:>10.2e}",
+            n,
+            format!("{m}x{k}"),
+            calls,
+            best(&tf) * 1e6,
+            best(&tq) * 1e6,
+            best(&tquant) * 1e6,
+            best(&tkernel) * 1e6,
+            best(&tf) / best(&tq),
+            median(ratios),
+            diff / scale
+        );
+    }
+    println!();
+    println!(
+        "f32 = nvfp4 (f32 activations); int8 = nvfp4_q8, quantizing the activations in every call; \
+         quant = Q8Activations::requantize alone; kernel = nvfp4_q8_quantized alone; f32/int8 = \
+         ratio of the best times (above 1: int8 is faster); median = median of the per-repetition \
+         ratios; rel |dy| = max |int8 - f32| / max |f32|"
+    );
 }
 
 #[cfg(feature = "cuda")]

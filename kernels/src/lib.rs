@@ -15,7 +15,9 @@
 //! - [`CpuGemm`]: multi-threaded `Y = X . W^T` with NVFP4 weights and f32 or bf16 activations
 //!   (a bandwidth-oriented GEMV for one row, a tiled GEMM otherwise), and an f32 GEMM on the
 //!   same layout for comparison. The instruction set is chosen at run time ([`Backend`]):
-//!   AVX-512, AVX2/FMA, or portable Rust;
+//!   AVX-512, AVX2/FMA, or portable Rust. Opt-in, [`CpuGemm::nvfp4_q8`] first quantizes the
+//!   activations to int8 per 16-element block ([`Q8Activations`]) and multiplies with integer
+//!   dot products: faster, but not bit-compatible with the f32-activation product;
 //! - with the `cuda` feature (off by default), module `cuda`: the CUDA kernels in `kernels/cuda/`
 //!   (quantize, dequantize, NVFP4-weight GEMM), compiled at run time with NVRTC.
 //!
@@ -65,7 +67,9 @@
 //! - **Errors are typed and name the tensor** ([`KernelError`]); non-finite input is rejected.
 //! - **Kernels agree with the dequantized product.** Every backend is tested against the f32
 //!   product of the dequantized weights; they differ only in summation order. For a given
-//!   backend, results are bit-for-bit independent of the thread count.
+//!   backend, results are bit-for-bit independent of the thread count. The int8-activation
+//!   kernels are tested against their portable reference (bit for bit where f32 arithmetic is
+//!   exact) and against the product of the weights with the dequantized activations.
 
 #![deny(missing_docs)]
 
@@ -78,7 +82,7 @@ mod quant;
 mod scalar;
 
 pub use error::KernelError;
-pub use gemm::{Backend, CpuGemm, cpu_description};
+pub use gemm::{Backend, CpuGemm, Q8Activations, cpu_description};
 pub use hadamard::{HADAMARD_SIGNS, hadamard16_forward, hadamard16_inverse, hadamard16_matrix};
 pub use quant::{BLOCK, BlockLayout, Nvfp4Tensor, QuantizeOptions, Rounding};
 pub use scalar::{

@@ -1,6 +1,6 @@
 //! CPU GEMM/GEMV with NVFP4 or f32 weights: `Y[n, m] = X[n, k] . W[m, k]^T`.
 //!
-//! Three code paths:
+//! Three code paths with f32 (or bf16) activations, and an int8-activation one:
 //! - **GEMV** (`n == 1`, NVFP4 weights): each weight row is decoded in registers and
 //!   multiplied straight into the activation row, so the weights are read once (0.5625 bytes
 //!   per element, software-prefetched) and nothing is written back. The activation row is
@@ -24,15 +24,38 @@
 //!   most 6 significant bits, so it is exact) for a 4x4 `vdpbf16ps` micro-kernel, and the
 //!   global scale is applied to the partial sums.
 //!
+//! - **Int8 activations** (opt-in, NVFP4 weights: [`CpuGemm::nvfp4_q8`] and
+//!   [`CpuGemm::nvfp4_q8_quantized`], meant for `n <= 8`): the activation rows are first
+//!   quantized to int8 per 16-element block with one f32 scale each ([`Q8Activations`]: what
+//!   llama.cpp's `Q8_0` does per 32 elements), so that each weight block is multiplied in
+//!   integers. Twice an E2M1 value is an integer in -12..=12, so a `vpshufb` (or `vpermb`)
+//!   lookup decodes nibbles to exact int8 weights, and `vpdpbusd` (AVX-512 VNNI) or
+//!   `vpmaddubsw` + `vpmaddwd` (AVX2, AVX-512 BW) multiply 4 byte pairs per 32-bit lane: several
+//!   times as many elements per instruction as widening each nibble to f32. Only each block's
+//!   integer sum goes to f32, times the product of its weight and activation scales. Activation
+//!   rows are quantized once per call (a few percent of a 1024 x 1024 GEMV), or once for several
+//!   weights with [`CpuGemm::nvfp4_q8_quantized`]; larger batches run in chunks of 8 rows.
+//!
+//!   The price is precision: each activation moves by up to half its block's scale (1/254 of
+//!   the block's largest magnitude), so results are not bit-compatible with the f32-activation
+//!   paths, nor with the learner's NVFP4 fake quantization, which keeps activations in full
+//!   precision (relative output differences of a few 1e-3 on random data). A rollout engine
+//!   using it samples from a slightly different policy than the one the learner scores, so it
+//!   is opt-in. `benches/nvfp4_gemm.rs` times it against the f32-activation GEMV.
+//!
 //! Work is split over weight rows (`m`) between `threads` scoped threads; every thread writes
-//! its own columns of `Y`. All paths read every weight exactly once per call.
+//! its own columns of `Y`. All paths read every weight exactly once per call (the int8 path
+//! once per chunk of 8 activation rows).
 
 mod avx2;
 mod avx512;
 mod micro;
 mod portable;
+mod q8;
 
 use half::bf16;
+
+pub use q8::Q8Activations;
 
 use crate::error::KernelError;
 use crate::quant::{BLOCK, Nvfp4Tensor};
@@ -191,6 +214,57 @@ impl CpuGemm {
     ) -> Result<(), KernelError> {
         check_operands(w.rows(), w.cols(), x.len(), n, y.len())?;
         self.run(Weights::Nvfp4(w), Acts::Bf16(x), n, w.rows(), w.cols(), y);
+        Ok(())
+    }
+
+    /// As [`CpuGemm::nvfp4`], with the activations first quantized to int8 per 16-element
+    /// block ([`Q8Activations`]) and multiplied with integer dot products: the int8 path of
+    /// the module docs, for `n <= 8` (larger batches run in chunks of 8 rows, each reading the
+    /// weights again). Its results differ from [`CpuGemm::nvfp4`]'s by the activations'
+    /// rounding. Unlike [`CpuGemm::nvfp4`], a non-finite activation is an error
+    /// ([`KernelError::NonFinite`]), since int8 cannot carry it.
+    pub fn nvfp4_q8(
+        &self,
+        w: &Nvfp4Tensor,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check_operands(w.rows(), w.cols(), x.len(), n, y.len())?;
+        let xq = Q8Activations::quantize(x, n, w.cols())?;
+        q8::run(self.threads, self.backend, w, &xq, y);
+        Ok(())
+    }
+
+    /// As [`CpuGemm::nvfp4_q8`] with activations already quantized (one quantization can
+    /// serve every weight that multiplies the same activations). `y` is row-major
+    /// `[x.rows(), w.rows()]`; `x.cols()` must be `w.cols()`.
+    pub fn nvfp4_q8_quantized(
+        &self,
+        w: &Nvfp4Tensor,
+        x: &Q8Activations,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        if x.cols() != w.cols() {
+            return Err(KernelError::shape(
+                "x",
+                format!(
+                    "quantized activations have {} columns, the weights {}",
+                    x.cols(),
+                    w.cols()
+                ),
+            ));
+        }
+        let (n, m) = (x.rows(), w.rows());
+        // x.rows() * w.cols() elements exist, so only this product can overflow.
+        let need = elements("y", n, m)?;
+        if y.len() != need {
+            return Err(KernelError::shape(
+                "y",
+                format!("output [{n}, {m}] needs {need} elements, got {}", y.len()),
+            ));
+        }
+        q8::run(self.threads, self.backend, w, x, y);
         Ok(())
     }
 

@@ -170,4 +170,25 @@ fn tiny_a_round_trips_in_the_modelopt_layout() {
         "--json",
     ]);
     assert!(out.contains("tokens"));
+    // Int8 activations need NVFP4 projections: the quantized checkpoint has them, the
+    // dequantized one none.
+    let int8 = |checkpoint: &std::path::Path| {
+        [
+            "generate",
+            "--checkpoint",
+            s(checkpoint),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "4",
+            "--int8-activations",
+        ]
+        .map(str::to_string)
+    };
+    let args = int8(&q);
+    let out = h.ok(&args.each_ref().map(String::as_str));
+    assert!(out.contains("int8 activations"), "{out}");
+    let args = int8(&back);
+    let err = h.fails(&args.each_ref().map(String::as_str));
+    assert!(err.contains("--quantize nvfp4"), "{err}");
 }

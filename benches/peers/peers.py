@@ -5,7 +5,7 @@ llama.cpp, PyTorch and vLLM"). This
 driver needs only Python's standard library; each peer runs in its own process:
 
 - Chorus: `cargo bench -p chorus-model --bench generation` and `--bench training` on the
-  checkpoint below (f32 and NVFP4 weights).
+  checkpoint below (f32 and NVFP4 weights, NVFP4 with f32 and with int8 activations).
 - llama.cpp (built from the `llama-cpp-python` source distribution): the checkpoint converted
   by llama.cpp's own converter to GGUF f32, and quantized by `llama-quantize` to Q4_0
   (`llama-quantize` of this version offers no NVFP4 output; its NVFP4 type is read only from
@@ -97,7 +97,7 @@ def chorus_generation(binaries, checkpoint: Path, a, out: Path) -> dict:
     report = out / "chorus-generation.json"
     run([binaries["generation"], "--checkpoint", checkpoint, "--batches", a.batches,
          "--prompt", a.prompt, "--new", a.new, "--repeats", a.repeats,
-         "--precision", "f32,nvfp4", "--json", report],
+         "--precision", "f32,nvfp4,nvfp4-int8", "--json", report],
         env=threads_env(a.threads), cwd=REPO / "model")
     return json.loads(report.read_text())
 
@@ -276,7 +276,9 @@ def tables(results: dict, a) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["models"].items():
-        for precision, llama_type in (("f32", "f32"), ("nvfp4", "q4_0")):
+        # llama.cpp's Q4_0 multiplies int8-rounded activations (its Q8_0), so nvfp4-int8 is
+        # the like-for-like row; nvfp4 keeps f32 activations.
+        for precision, llama_type in (("f32", "f32"), ("nvfp4", "q4_0"), ("nvfp4-int8", "q4_0")):
             chorus_rows = {r["batch"]: r["tokens_per_second"] for r in m["chorus"]["generation"]
                            if r["precision"] == precision}
             llama_rows = {r["batch"]: r["tokens_per_second"]

@@ -1,8 +1,9 @@
 //! Batched generation on Chorus' engine: tokens/s at several batch sizes, f32 and NVFP4
-//! weights, and each batch size's speed-up over batch 1, all measured in one run.
+//! weights (NVFP4 also with int8 activations, `nvfp4-int8`), and each batch size's speed-up
+//! over batch 1, all measured in one run.
 //!
 //! `cargo bench -p chorus-model --bench generation -- [MODEL.json | --checkpoint DIR]
-//! [--batches 1,16,64] [--new N] [--prompt N] [--precision f32,nvfp4] [--repeats N]
+//! [--batches 1,16,64] [--new N] [--prompt N] [--precision f32,nvfp4,nvfp4-int8] [--repeats N]
 //! [--json OUT]`
 //!
 //! The model has random weights from seed 0 (default `configs/models/small-d512.json`), or is
@@ -45,7 +46,8 @@ const HELP: &str = "generation bench: tokens/s of Chorus' engine at several batc
   --batches LIST  batch sizes, comma-separated (default 1,16,64)
   --new N         new tokens per sequence (default 64)
   --prompt N      prompt tokens per sequence (default 16)
-  --precision L   f32, nvfp4 or both (default f32,nvfp4)
+  --precision L   comma-separated from f32, nvfp4 and nvfp4-int8 (NVFP4 weights, activations
+                  rounded to int8 in decode steps of up to 8 sequences; default f32,nvfp4)
   --repeats N     runs per cell; the best is printed (default 2)";
 
 fn parse_args() -> Args {
@@ -95,8 +97,11 @@ fn parse_args() -> Args {
                     .unwrap_or_default()
                     .split(',')
                     .map(|p| match p {
-                        "f32" | "nvfp4" => p.to_string(),
-                        other => panic!("--precision {other:?}: use f32, nvfp4 or f32,nvfp4"),
+                        "f32" | "nvfp4" | "nvfp4-int8" => p.to_string(),
+                        other => panic!(
+                            "--precision {other:?}: use a comma-separated list of f32, nvfp4 \
+                             and nvfp4-int8"
+                        ),
                     })
                     .collect()
             }
@@ -166,7 +171,8 @@ fn main() {
     let mut rows = Vec::new();
     for precision in &a.precisions {
         let opts = EngineOptions {
-            nvfp4: (precision == "nvfp4").then(Nvfp4Policy::default),
+            nvfp4: precision.starts_with("nvfp4").then(Nvfp4Policy::default),
+            int8_activations: precision == "nvfp4-int8",
             ..Default::default()
         };
         let engine = Engine::from_tensors_with(&cfg, &tensors, &opts).unwrap();

@@ -558,6 +558,10 @@ pub struct RawWorkers {
     pub quantize: Option<Choice<Quantize>>,
     /// With `quantize = "nvfp4"`: keep attention projections in f32.
     pub keep_attention_f32: Option<bool>,
+    /// With `quantize = "nvfp4"`: decode steps of up to 8 sequences round the NVFP4
+    /// projections' activations to int8 and multiply with integer dot products (faster
+    /// matrix-vector products; sampling log-probabilities off by the rounding).
+    pub int8_activations: Option<bool>,
     /// What generates: `chorus` (Chorus' own engine, default) or `vllm` (each worker fronts a
     /// vLLM server; see `[workers.vllm]`).
     pub backend: Option<Choice<WorkerBackend>>,
@@ -900,6 +904,8 @@ pub struct RunConfig {
     pub worker_nvfp4: bool,
     /// With NVFP4: attention projections stay f32.
     pub worker_keep_attention_f32: bool,
+    /// With NVFP4: small decode steps round the projections' activations to int8.
+    pub worker_int8_activations: bool,
     /// Workers that front vLLM servers (`[workers] backend = "vllm"`).
     pub vllm: Option<VllmWorkers>,
     /// The PyTorch learner (`[learner] backend = "torch"`), when it trains instead of Chorus'.
@@ -961,6 +967,9 @@ impl Defaults {
     pub const WORKER_QUANTIZE: Option<Quantize> = None;
     /// With NVFP4 workers: attention projections are quantized too.
     pub const KEEP_ATTENTION_F32: bool = false;
+    /// With NVFP4 workers: activations stay f32, so the learner's NVFP4 forward pass can
+    /// match the workers' log-probabilities.
+    pub const INT8_ACTIVATIONS: bool = false;
     /// The learner's forward pass format (`None`: full precision).
     pub const LEARNER_QUANTIZE_FORWARD: Option<Quantize> = None;
     /// Prompts per step.
@@ -2164,6 +2173,23 @@ impl RunConfig {
                 ));
             }
         };
+        let worker_int8_activations = w.int8_activations.unwrap_or(Defaults::INT8_ACTIVATIONS);
+        if worker_int8_activations {
+            if worker_quantize != Some(Quantize::Nvfp4) || backend != WorkerBackend::Chorus {
+                return Err(ctx.err(
+                    "workers.int8_activations",
+                    "true rounds the activations of Chorus' NVFP4 projections, so it needs \
+                     workers.quantize = \"nvfp4\" and the chorus backend",
+                ));
+            }
+            if learner_nvfp4_forward {
+                return Err(ctx.err(
+                    "workers.int8_activations",
+                    "true cannot be mirrored by learner.quantize_forward = \"nvfp4\" (it \
+                     rounds weights, not activations): use one or the other",
+                ));
+            }
+        }
         let learner_micro_batch_tokens = match l.micro_batch_tokens {
             Some(0) => {
                 return Err(ctx.err(
@@ -2187,6 +2213,7 @@ impl RunConfig {
             worker_device,
             worker_nvfp4: worker_quantize == Some(Quantize::Nvfp4),
             worker_keep_attention_f32: w.keep_attention_f32.unwrap_or(Defaults::KEEP_ATTENTION_F32),
+            worker_int8_activations,
             vllm,
             torch_learner,
             learner_nvfp4_forward,
@@ -2759,7 +2786,16 @@ sampling = { temperature = 0.9 }
             (0.2, 0.28, Aggregation::TokenMean),
             "Nemotron 3's RLVR settings"
         );
-        assert!(!d.worker_nvfp4 && !d.learner_nvfp4_forward);
+        assert!(!d.worker_nvfp4 && !d.learner_nvfp4_forward && !d.worker_int8_activations);
+        let int8 = RunConfig::from_toml_str(
+            &GOOD.replace(
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nquantize = \"nvfp4\"\nint8_activations = true",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        assert!(int8.worker_nvfp4 && int8.worker_int8_activations);
         assert_eq!(d.stages[1].advantage.kind, Defaults::ADVANTAGE);
         assert_eq!(d.stages[1].lr_decay, Defaults::LR_DECAY);
         assert_eq!(d.stages[1].top_p, Defaults::TOP_P);
@@ -2902,6 +2938,19 @@ sampling = { temperature = 0.9 }
                 "name = \"t\"\n[learner]\nquantize_forward = \"nvfp4\"",
                 "learner.quantize_forward",
                 "workers.quantize = \"nvfp4\"",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nint8_activations = true",
+                "workers.int8_activations",
+                "workers.quantize = \"nvfp4\"",
+            ),
+            (
+                "name = \"t\"",
+                "name = \"t\"\n[workers]\nquantize = \"nvfp4\"\nint8_activations = true\n\
+                 [learner]\nquantize_forward = \"nvfp4\"",
+                "workers.int8_activations",
+                "learner.quantize_forward",
             ),
             (
                 "name = \"t\"",

@@ -159,6 +159,7 @@ impl RunPlan {
                 keep_attention: config.worker_keep_attention_f32,
                 exclude: vec![],
             }),
+            int8_activations: config.worker_int8_activations,
             batch_invariant: config.deterministic,
         };
         let keep_versions = if config.deterministic {

@@ -18,14 +18,23 @@ pub enum LinearOp {
         in_dim: usize,
     },
     /// NVFP4 weights (E2M1 codes, E4M3 scales per 16 inputs, f32 global scale), multiplied by
-    /// the CPU kernels of `chorus-kernels` with f32 activations.
+    /// the CPU kernels of `chorus-kernels` with f32 activations, or with int8 ones up to
+    /// [`INT8_MAX_ROWS`] rows where `int8_activations` is set.
     Nvfp4 {
         /// The quantized `[out, in]` weights.
         weight: Nvfp4Tensor,
         /// The kernel chosen for this CPU at build time.
         gemm: CpuGemm,
+        /// Round each activation row to int8 per 16 inputs and multiply with integer dot
+        /// products ([`CpuGemm::nvfp4_q8`]).
+        int8_activations: bool,
     },
 }
+
+/// Up to this many rows an NVFP4 projection with int8 activations takes the integer kernel,
+/// which reads the weights once for at most 8 rows; above, the f32 GEMM (prefill, large decode
+/// batches), which is faster there and reads them once for all rows.
+pub const INT8_MAX_ROWS: usize = 8;
 
 /// Below this many weights one thread is faster than several.
 const NVFP4_PARALLEL_MIN: usize = 1 << 13;
@@ -45,8 +54,10 @@ impl LinearOp {
         }
     }
 
-    /// An NVFP4 projection; the kernel uses every core only for large matrices.
-    pub fn nvfp4(weight: Nvfp4Tensor) -> Self {
+    /// An NVFP4 projection; the kernel uses every core only for large matrices. With
+    /// `int8_activations`, decode steps of up to [`INT8_MAX_ROWS`] rows round the activations
+    /// to int8 (see [`crate::engine::EngineOptions::int8_activations`]).
+    pub fn nvfp4(weight: Nvfp4Tensor, int8_activations: bool) -> Self {
         let threads = if weight.rows() * weight.cols() >= NVFP4_PARALLEL_MIN {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -57,6 +68,7 @@ impl LinearOp {
         LinearOp::Nvfp4 {
             weight,
             gemm: CpuGemm::new(threads),
+            int8_activations,
         }
     }
 
@@ -97,9 +109,21 @@ impl LinearOp {
                 out_dim,
                 in_dim,
             } => dense_forward(weight, *out_dim, *in_dim, x, rows, y),
-            LinearOp::Nvfp4 { weight, gemm } => gemm
-                .nvfp4(weight, x, rows, y)
-                .expect("operand shapes are fixed when the engine is built"),
+            LinearOp::Nvfp4 {
+                weight,
+                gemm,
+                int8_activations,
+            } => {
+                // A non-finite activation cannot be rounded to int8: the f32 kernel then
+                // carries it to the logits, where the engine reports it.
+                let int8 = *int8_activations
+                    && rows <= INT8_MAX_ROWS
+                    && gemm.nvfp4_q8(weight, x, rows, y).is_ok();
+                if !int8 {
+                    gemm.nvfp4(weight, x, rows, y)
+                        .expect("operand shapes are fixed when the engine is built");
+                }
+            }
         }
     }
 }

@@ -1,3 +1,7 @@
+//! Tests of the int8-activation path: every SIMD kernel and the SIMD quantizer against the
+//! portable reference, independence from threads and batching, extreme scales, and the
+//! rounding bound against the f32-activation kernels.
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

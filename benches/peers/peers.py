@@ -15,9 +15,10 @@ driver needs only Python's standard library; each peer runs in its own process:
 
 For every model the checkpoint is written once (Chorus' random initialisation, seed 0) and every
 engine reads those weights. Each cell is the best of `--repeats` runs; engines run one after
-another, never at the same time, with the same number of threads. Ratios are Chorus / peer, so
-above 1 means Chorus is faster. The tables go to standard output and, with every raw number,
-to `OUT/peers.json` and `OUT/peers.md`.
+another, never at the same time, with the same number of threads. Chorus' and llama.cpp's
+generation run `--rounds` times, alternating, and keep the best of all their runs. Ratios are
+Chorus / peer, so above 1 means Chorus is faster. The tables go to standard output and, with
+every raw number, to `OUT/peers.json` and `OUT/peers.md`.
 """
 
 from __future__ import annotations
@@ -168,6 +169,19 @@ def llama_cpp_generation(a, gguf: Path) -> dict:
     return result
 
 
+def best_of(kept: dict | None, new: dict) -> dict:
+    """`new` with each generation cell's rate the best of `kept`'s and its own (a cell is a
+    row's other keys: precision and batch)."""
+    if kept is None:
+        return new
+    def key(row):
+        return tuple(sorted((k, v) for k, v in row.items() if k != "tokens_per_second"))
+    before = {key(row): row["tokens_per_second"] for row in kept["generation"]}
+    for row in new["generation"]:
+        row["tokens_per_second"] = max(row["tokens_per_second"], before.get(key(row), 0.0))
+    return new
+
+
 def pytorch(a, checkpoint: Path, out: Path) -> dict:
     report = out / "pytorch.json"
     run([a.hf_python, HERE / "hf_peer.py", "--checkpoint", checkpoint, "--batches", a.batches,
@@ -264,7 +278,9 @@ def rate(x: float | None) -> str:
 def tables(results: dict, a) -> str:
     lines = [
         f"cpu: {results['cpu']}; threads {a.threads}; prompt {a.prompt} tokens, "
-        f"{a.new} new tokens per sequence (greedy), best of {a.repeats}; load average at the "
+        f"{a.new} new tokens per sequence (greedy), best of {a.repeats} (generation by Chorus "
+        f"and llama.cpp: of {a.repeats * a.rounds}, in {a.rounds} alternating rounds); load "
+        f"average at the "
         f"start {results['load_average_at_start']:.1f}",
         f"chorus kernels: {results['chorus_cpu']}",
         "",
@@ -333,6 +349,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="threads for every engine (default: all cores)")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell, best kept (default 2)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="Chorus' and llama.cpp's generation alternate this many times, each "
+                        "with --repeats runs per cell; the best of all is kept (default 2)")
     p.add_argument("--train-batch", type=int, default=8, help="training batch (default 8)")
     p.add_argument("--train-seq", type=int, default=128, help="training length (default 128)")
     p.add_argument("--vllm-start-timeout", type=int, default=300,
@@ -343,6 +362,9 @@ def main() -> None:
     unknown = [m for m in a.models.split(",") if m not in MODELS]
     if unknown:
         p.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    for flag, value in (("--repeats", a.repeats), ("--rounds", a.rounds)):
+        if value < 1:
+            p.error(f"{flag}: {value} runs; at least 1")
     for b in a.batches.split(","):
         if not b.isdigit() or int(b) < 1:
             p.error(f"--batches: {b!r} is not a positive whole number")
@@ -358,7 +380,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     binaries = chorus_bench_binaries()
     results = {"cpu": cpu_model(), "load_average_at_start": load, "threads": a.threads, "prompt": a.prompt, "new": a.new,
-               "repeats": a.repeats, "models": {}}
+               "repeats": a.repeats, "rounds": a.rounds, "models": {}}
     for name in a.models.split(","):
         out = a.out / name
         if out.exists():
@@ -368,15 +390,18 @@ def main() -> None:
         run([binaries["generation"], REPO / MODELS[name], "--write-checkpoint", checkpoint],
             cwd=REPO / "model", capture=True)
         gguf = llama_cpp_models(a, checkpoint, out)
-        m: dict = {}
-        log(f"== {name}: Chorus generation")
-        m["chorus"] = chorus_generation(binaries, checkpoint, a, out)
+        m: dict = {"llama_cpp": {}}
+        # Rounds alternate the two engines, so that a slow spell of the machine (batch 1 moved
+        # by up to a third between runs) reaches both rather than one.
+        for r in range(1, a.rounds + 1):
+            log(f"== {name}: Chorus generation (round {r} of {a.rounds})")
+            m["chorus"] = best_of(m.get("chorus"), chorus_generation(binaries, checkpoint, a, out))
+            for kind, path in gguf.items():
+                log(f"== {name}: llama.cpp generation ({kind}, round {r} of {a.rounds})")
+                m["llama_cpp"][kind] = best_of(m["llama_cpp"].get(kind),
+                                               llama_cpp_generation(a, path))
         results["chorus_cpu"] = m["chorus"]["cpu"]
         m["parameters"] = m["chorus"]["parameters"]
-        m["llama_cpp"] = {}
-        for kind, path in gguf.items():
-            log(f"== {name}: llama.cpp generation ({kind})")
-            m["llama_cpp"][kind] = llama_cpp_generation(a, path)
         log(f"== {name}: PyTorch generation and training")
         m["pytorch"] = pytorch(a, checkpoint, out)
         log(f"== {name}: Chorus training")

@@ -558,7 +558,7 @@ pub struct RawWorkers {
     pub quantize: Option<Choice<Quantize>>,
     /// With `quantize = "nvfp4"`: keep attention projections in f32.
     pub keep_attention_f32: Option<bool>,
-    /// With `quantize = "nvfp4"`: decode steps of up to 8 sequences round the NVFP4
+    /// With `quantize = "nvfp4"`: decode steps of up to 64 sequences round the NVFP4
     /// projections' activations to int8 and multiply with integer dot products (faster
     /// matrix-vector products; sampling log-probabilities off by the rounding).
     pub int8_activations: Option<bool>,

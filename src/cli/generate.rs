@@ -72,7 +72,7 @@ pub struct GenerateArgs {
     #[arg(long, requires = "quantize")]
     keep_attention_f32: bool,
     /// NVFP4 projections round their inputs to int8 (per 16 values) in decode steps of up to
-    /// 8 sequences and multiply with integer dot products, as llama.cpp does for 4-bit types:
+    /// 64 sequences and multiply with integer dot products, as llama.cpp does for 4-bit types:
     /// faster, with log-probabilities off by the rounding. Needs NVFP4 weights (--quantize
     /// nvfp4 or a `chorus quantize` checkpoint).
     #[arg(long)]

@@ -24,8 +24,9 @@ use crate::quantize::read_split;
 pub struct EngineOptions {
     /// Quantize projection weights to NVFP4 on load (checkpoints already in NVFP4 stay so).
     pub nvfp4: Option<Nvfp4Policy>,
-    /// NVFP4 projections round their activations to int8 per 16 inputs in decode steps of up
-    /// to [`INT8_MAX_ROWS`](super::linear::INT8_MAX_ROWS) sequences and multiply them with
+    /// NVFP4 projections round their activations to int8 per 16 inputs in steps of up to
+    /// [`INT8_MAX_ROWS`](super::linear::INT8_MAX_ROWS) rows (decode steps of up to 64
+    /// sequences) and multiply them with
     /// integer dot products, as llama.cpp does for its 4-bit types: matrix-vector products
     /// 2-3x faster, logits off by the rounding (about 0.4% of each projection's largest
     /// output), so log-probabilities no longer match the learner's NVFP4 forward pass exactly.

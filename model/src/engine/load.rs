@@ -25,7 +25,7 @@ pub struct EngineOptions {
     /// Quantize projection weights to NVFP4 on load (checkpoints already in NVFP4 stay so).
     pub nvfp4: Option<Nvfp4Policy>,
     /// NVFP4 projections round their activations to int8 per 16 inputs in steps of up to
-    /// [`INT8_MAX_ROWS`](super::linear::INT8_MAX_ROWS) rows (decode steps of up to 64
+    /// [`INT8_MAX_ROWS`](super::INT8_MAX_ROWS) rows (decode steps of up to 64
     /// sequences) and multiply them with
     /// integer dot products, as llama.cpp does for its 4-bit types: matrix-vector products
     /// 2-3x faster, logits off by the rounding (about 0.4% of each projection's largest

@@ -172,7 +172,7 @@ fn tiny_a_round_trips_in_the_modelopt_layout() {
     assert!(out.contains("tokens"));
     // Int8 activations need NVFP4 projections: the quantized checkpoint has them, the
     // dequantized one none.
-    let int8 = |checkpoint: &std::path::Path| {
+    fn int8(checkpoint: &std::path::Path) -> [&str; 8] {
         [
             "generate",
             "--checkpoint",
@@ -183,12 +183,9 @@ fn tiny_a_round_trips_in_the_modelopt_layout() {
             "4",
             "--int8-activations",
         ]
-        .map(str::to_string)
-    };
-    let args = int8(&q);
-    let out = h.ok(&args.each_ref().map(String::as_str));
+    }
+    let out = h.ok(&int8(&q));
     assert!(out.contains("int8 activations"), "{out}");
-    let args = int8(&back);
-    let err = h.fails(&args.each_ref().map(String::as_str));
+    let err = h.fails(&int8(&back));
     assert!(err.contains("--quantize nvfp4"), "{err}");
 }

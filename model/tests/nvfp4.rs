@@ -59,9 +59,7 @@ fn nvfp4_engine_equals_f32_engine_on_dequantized_weights() {
     // (SQNR ~20 dB), which compounds through tiny_a's six random blocks.
     let f32_engine = Engine::from_checkpoint(&dir, &EngineOptions::default()).unwrap();
     let (a, b) = (logits(&f32_engine, &tokens), logits(&q, &tokens));
-    let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f32 = a.iter().map(|x| x * x).sum();
-    let rel = (num / den).sqrt();
+    let rel = relative_rms(&a, &b);
     assert!(rel > 1e-3 && rel < 0.5, "relative RMS drift {rel}");
 }
 

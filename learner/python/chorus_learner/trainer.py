@@ -295,7 +295,7 @@ class Trainer:
         no rows still runs a forward pass on one row, scaled by 0 later, because FSDP2's
         gathers are collective."""
         pick = rows or [0]
-        width = max(l.lengths[i] for i in pick) - 1 if l.lengths else l.width
+        width = max(l.lengths[i] for i in pick) - 1
         sub = Layout(ids=l.ids[pick, :width + 1], targets=l.targets[pick, :width],
                      mask=l.mask[pick, :width], width=width)
         lp, logp = token_logprobs(model, sub)

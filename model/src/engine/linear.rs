@@ -34,7 +34,7 @@ pub enum LinearOp {
 /// Up to this many rows (a decode step of 64 sequences) an NVFP4 projection with int8
 /// activations takes the integer kernel; above (long prefills), the f32 GEMM, which reads the
 /// weights once for all rows. The integer kernel reads them once per 8 rows, and still beat the
-/// f32 GEMM at 16 and 64 rows on the generation bench's models (1.3-1.5x at batch 16, 1.1-1.4x
+/// f32 GEMM at 16 and 64 rows on the generation bench's models (1.3-1.5x at batch 16, 1.0-1.4x
 /// at 64; at a limit of 32, batch 64 was level), its dot products being that much cheaper.
 pub const INT8_MAX_ROWS: usize = 64;
 

@@ -9,8 +9,14 @@
 //! ratio of their times: many calls per timing for the small shapes, the two paths timed
 //! alternately, several repetitions. The other requested sizes up to 8 get the same rows.
 //!
-//! `cargo bench -p chorus-kernels --bench nvfp4_gemm [-- --threads N] [--n N]... [--backend B]`
-//! (default: 2 threads, n = 1, 8, 512, the fastest backend).
+//! A third table times the tiled int8 GEMM (`CpuGemm::nvfp4_q8_panels`, on weights packed
+//! once into `Nvfp4Q8Panels`) for every requested size, on the bench shape and the medium
+//! model's, beside the f32-activation path (`CpuGemm::nvfp4`) and the row-wise int8 one
+//! (`CpuGemm::nvfp4_q8`), timed alternately in the same repetitions, with the activation
+//! quantization included and without it. `--panels-only` runs only this table.
+//!
+//! `cargo bench -p chorus-kernels --bench nvfp4_gemm [-- --threads N] [--n N]... [--backend B]
+//! [--panels-only]` (default: 2 threads, n = 1, 8, 512, the fastest backend).
 //!
 //! With `--features cuda` and `-- --cuda`, a second table times the CUDA kernels on device 0
 //! on the same shapes (weights and activations resident on the GPU; f32 and bf16
@@ -20,18 +26,22 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use chorus_kernels::{Backend, CpuGemm, Nvfp4Tensor, Q8Activations, QuantizeOptions};
+use chorus_kernels::{
+    Backend, CpuGemm, Nvfp4Q8Panels, Nvfp4Tensor, Q8Activations, QuantizeOptions,
+};
 use half::bf16;
 
 const M: usize = 4096;
 const K: usize = 14336;
 
 /// `--threads N` (default 2), `--n N` (repeatable; default 1, 8 and 512),
-/// `--backend portable|avx2|avx512` (default: the fastest this CPU supports) and `--cuda`.
+/// `--backend portable|avx2|avx512` (default: the fastest this CPU supports), `--cuda` and
+/// `--panels-only` (only the panel table).
 /// Other arguments (cargo passes `--bench`) are ignored.
-fn parse_args() -> (usize, Vec<usize>, Option<Backend>, bool) {
+fn parse_args() -> (usize, Vec<usize>, Option<Backend>, bool, bool) {
     let args: Vec<String> = std::env::args().collect();
     let mut cuda = false;
+    let mut panels_only = false;
     let mut threads = 2;
     let mut sizes = Vec::new();
     let mut backend = None;
@@ -52,6 +62,7 @@ fn parse_args() -> (usize, Vec<usize>, Option<Backend>, bool) {
                 i += 1;
             }
             "--cuda" => cuda = true,
+            "--panels-only" => panels_only = true,
             "--backend" => {
                 backend = Some(match args.get(i + 1).map(String::as_str) {
                     Some("portable") => Backend::Portable,
@@ -68,7 +79,7 @@ fn parse_args() -> (usize, Vec<usize>, Option<Backend>, bool) {
     if sizes.is_empty() {
         sizes = vec![1, 8, 512];
     }
-    (threads.max(1), sizes, backend, cuda)
+    (threads.max(1), sizes, backend, cuda, panels_only)
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -130,7 +141,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let (threads, sizes, backend, cuda) = parse_args();
+    let (threads, sizes, backend, cuda, panels_only) = parse_args();
     let mut gemm = CpuGemm::new(threads);
     if let Some(backend) = backend {
         gemm = gemm
@@ -141,6 +152,13 @@ fn main() {
         "nvfp4_gemm: m={M} k={K} threads={threads} backend={:?}",
         gemm.backend()
     );
+
+    if panels_only {
+        let w = fill(M * K, 1);
+        let wq = Nvfp4Tensor::quantize("bench.w", &w, M, K, &QuantizeOptions::default()).unwrap();
+        panel_comparison(&gemm, &wq, &sizes);
+        return;
+    }
 
     let bw = read_bandwidth(threads);
     println!("measured read bandwidth ({threads} threads, 512 MiB sum): {bw:.1} GB/s");
@@ -178,6 +196,7 @@ fn main() {
     // (n, activations, CPU NVFP4 result, CPU NVFP4 time) for the CUDA table.
     let mut cpu_runs: Vec<(usize, Vec<f32>, Vec<f32>, Duration)> = Vec::new();
     let int8_sizes: Vec<usize> = sizes.iter().copied().filter(|&n| n <= 8).collect();
+    let all_sizes = sizes.clone();
     for n in sizes {
         let reps = if n <= 8 { 30 } else { 5 };
         let x = fill(n * K, 7 + n as u64);
@@ -229,6 +248,7 @@ fn main() {
     if int8_sizes.contains(&1) {
         int8_comparison(&gemm, &wq, &int8_sizes);
     }
+    panel_comparison(&gemm, &wq, &all_sizes);
 
     if cuda {
         #[cfg(feature = "cuda")]
@@ -344,6 +364,111 @@ fn int8_comparison(gemm: &CpuGemm, wq: &Nvfp4Tensor, sizes: &[usize]) {
          quant = Q8Activations::requantize alone; kernel = nvfp4_q8_quantized alone; f32/int8 = \
          ratio of the best times (above 1: int8 is faster); median = median of the per-repetition \
          ratios; rel |dy| = max |int8 - f32| / max |f32|"
+    );
+}
+
+/// The panel table: for every batch size in `sizes`, on the bench shape (`wq`) and the medium
+/// model's three, the tiled int8 GEMM (`CpuGemm::nvfp4_q8_panels`) against the f32-activation
+/// path (`CpuGemm::nvfp4`) and the row-wise int8 one (`CpuGemm::nvfp4_q8`), all timed
+/// alternately in the same repetitions.
+fn panel_comparison(gemm: &CpuGemm, wq: &Nvfp4Tensor, sizes: &[usize]) {
+    println!();
+    println!(
+        "tiled int8 GEMM (nvfp4_q8_panels, SIMD micro-kernel: {}): best of several repetitions, \
+         each timing the paths alternately over the same number of calls",
+        gemm.has_fast_q8_panels()
+    );
+    println!(
+        "{:>5} | {:>11} | {:>5} | {:>11} | {:>11} | {:>11} | {:>11} | {:>9} | {:>9} | {:>9} | {:>7} | {:>9}",
+        "n",
+        "m x k",
+        "calls",
+        "f32 us",
+        "int8 us",
+        "panels us",
+        "kernel us",
+        "f32/pan",
+        "int8/pan",
+        "median",
+        "GMAC/s",
+        "rel |dy|"
+    );
+    println!("{}", "-".repeat(137));
+    let medium: Vec<Nvfp4Tensor> = [(1024, 1024), (1024, 4096), (4096, 1024)]
+        .iter()
+        .map(|&(m, k)| {
+            let w = fill(m * k, 3 + m as u64 + k as u64);
+            Nvfp4Tensor::quantize("bench.w", &w, m, k, &QuantizeOptions::default()).unwrap()
+        })
+        .collect();
+    let packed: Vec<(&Nvfp4Tensor, Nvfp4Q8Panels)> = std::iter::once(wq)
+        .chain(&medium)
+        .map(|w| (w, Nvfp4Q8Panels::pack(w)))
+        .collect();
+    for &n in sizes {
+        for (w, panels) in &packed {
+            let (m, k) = (w.rows(), w.cols());
+            let x = fill(n * k, 13 + n as u64);
+            let xq = Q8Activations::quantize(&x, n, k).unwrap();
+            let mut yf = vec![0.0f32; n * m];
+            let mut yq = vec![0.0f32; n * m];
+            let mut yp = vec![0.0f32; n * m];
+            let mut yk = vec![0.0f32; n * m];
+            let mut f32_path = || gemm.nvfp4(w, &x, n, &mut yf).unwrap();
+            let mut int8_path = || gemm.nvfp4_q8(w, &x, n, &mut yq).unwrap();
+            let mut panel_path = || gemm.nvfp4_q8_panels(panels, &x, n, &mut yp).unwrap();
+            let mut kernel = || {
+                gemm.nvfp4_q8_panels_quantized(panels, &xq, &mut yk)
+                    .unwrap()
+            };
+            panel_path();
+            // About 20 ms of calls per timing, and fewer repetitions for slow calls, so that
+            // the table takes a minute or two.
+            let once = timed(1, &mut f32_path).as_secs_f64();
+            let calls = ((0.02 / once) as usize).clamp(1, 20_000);
+            let reps = if once > 0.1 { 3 } else { 9 };
+            let (mut tf, mut tq, mut tp, mut tk, mut ratios) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..reps {
+                let f = timed(calls, &mut f32_path);
+                let q = timed(calls, &mut int8_path);
+                let p = timed(calls, &mut panel_path);
+                ratios.push(q.as_secs_f64() / p.as_secs_f64());
+                tf.push(f);
+                tq.push(q);
+                tp.push(p);
+                tk.push(timed(calls, &mut kernel));
+            }
+            let best = |v: &[Duration]| v.iter().min().unwrap().as_secs_f64();
+            let scale = yf.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let diff = yp
+                .iter()
+                .zip(&yf)
+                .fold(0.0f32, |a, (p, q)| a.max((p - q).abs()));
+            println!(
+                "{:>5} | {:>11} | {:>5} | {:>11.1} | {:>11.1} | {:>11.1} | {:>11.1} | {:>8.2}x | {:>8.2}x | {:>8.2}x | {:>7.1} | {:>9.2e}",
+                n,
+                format!("{m}x{k}"),
+                calls,
+                best(&tf) * 1e6,
+                best(&tq) * 1e6,
+                best(&tp) * 1e6,
+                best(&tk) * 1e6,
+                best(&tf) / best(&tp),
+                best(&tq) / best(&tp),
+                median(ratios),
+                (n * m * k) as f64 / best(&tk) / 1e9,
+                diff / scale
+            );
+        }
+    }
+    println!();
+    println!(
+        "f32 = nvfp4 (f32 activations); int8 = nvfp4_q8 (row kernels, quantizing in every call); \
+         panels = nvfp4_q8_panels (quantizing in every call); kernel = nvfp4_q8_panels_quantized \
+         alone; f32/pan, int8/pan = ratios of the best times (above 1: the panels are faster); \
+         median = median of the per-repetition int8/pan ratios; GMAC/s = n m k / kernel time; \
+         rel |dy| = max |panels - f32| / max |f32|"
     );
 }
 

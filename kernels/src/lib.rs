@@ -17,7 +17,9 @@
 //!   same layout for comparison. The instruction set is chosen at run time ([`Backend`]):
 //!   AVX-512, AVX2/FMA, or portable Rust. Opt-in, [`CpuGemm::nvfp4_q8`] first quantizes the
 //!   activations to int8 per 16-element block ([`Q8Activations`]) and multiplies with integer
-//!   dot products: faster, but not bit-compatible with the f32-activation product;
+//!   dot products: faster, but not bit-compatible with the f32-activation product. For
+//!   batches (batched decode, prefill), [`CpuGemm::nvfp4_q8_panels`] runs the same integer
+//!   products as a tiled GEMM on weights repacked once into 16-row panels ([`Nvfp4Q8Panels`]);
 //! - with the `cuda` feature (off by default), module `cuda`: the CUDA kernels in `kernels/cuda/`
 //!   (quantize, dequantize, NVFP4-weight GEMM), compiled at run time with NVRTC.
 //!
@@ -69,7 +71,9 @@
 //!   product of the dequantized weights; they differ only in summation order. For a given
 //!   backend, results are bit-for-bit independent of the thread count. The int8-activation
 //!   kernels are tested against their portable reference (bit for bit where f32 arithmetic is
-//!   exact) and against the product of the weights with the dequantized activations.
+//!   exact) and against the product of the weights with the dequantized activations; the tiled
+//!   int8 GEMM bit for bit against an independent reference with its documented arithmetic,
+//!   and within the bound of the accumulation order against the row-wise int8 kernels.
 
 #![deny(missing_docs)]
 
@@ -82,7 +86,7 @@ mod quant;
 mod scalar;
 
 pub use error::KernelError;
-pub use gemm::{Backend, CpuGemm, Q8Activations, cpu_description};
+pub use gemm::{Backend, CpuGemm, Nvfp4Q8Panels, Q8Activations, cpu_description};
 pub use hadamard::{HADAMARD_SIGNS, hadamard16_forward, hadamard16_inverse, hadamard16_matrix};
 pub use quant::{BLOCK, BlockLayout, Nvfp4Tensor, QuantizeOptions, Rounding};
 pub use scalar::{

@@ -14,8 +14,11 @@
 
 mod avx2;
 mod avx512;
+pub(super) mod panels;
 
 use std::ops::Range;
+
+pub use panels::Nvfp4Q8Panels;
 
 use super::{Backend, OutPtr, split_rows};
 use crate::error::KernelError;
@@ -122,16 +125,7 @@ impl Q8Activations {
                 ),
             ));
         }
-        // A scan without early exit vectorizes; the position is only looked for on failure.
-        if x.iter().fold(false, |bad, v| bad | !v.is_finite()) {
-            let i = x.iter().position(|v| !v.is_finite()).unwrap();
-            return Err(KernelError::NonFinite {
-                tensor: "x".to_string(),
-                row: i / k,
-                col: i % k,
-                value: x[i],
-            });
-        }
+        check_finite(x, k)?;
         let stride = k.div_ceil(ROW_ALIGN) * ROW_ALIGN;
         let sstride = stride / BLOCK;
         self.qs.resize(n * stride, 0);
@@ -208,6 +202,22 @@ impl Q8Activations {
             cols: self.cols,
         }
     }
+}
+
+/// Fails with [`KernelError::NonFinite`] (tensor `x`, row-major with `k` columns) at the
+/// first non-finite element of `x`.
+pub(super) fn check_finite(x: &[f32], k: usize) -> Result<(), KernelError> {
+    // A scan without early exit vectorizes; the position is only looked for on failure.
+    if x.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+        let i = x.iter().position(|v| !v.is_finite()).unwrap();
+        return Err(KernelError::NonFinite {
+            tensor: "x".to_string(),
+            row: i / k,
+            col: i % k,
+            value: x[i],
+        });
+    }
+    Ok(())
 }
 
 /// Offset of block `b`'s first even element in a row: group `b / 8` holds 64 evens, then 64

@@ -159,19 +159,41 @@ fn int8_activations_round_decode_steps_only_and_keep_sequences_independent() {
         );
     }
 
-    // Ragged sequences decoded together (3 rows, each rounded on its own) give each one's
-    // logits alone.
-    let prompts: [&[u32]; 3] = [&tokens[..5], &tokens[5..14], &tokens[14..]];
-    let mut caches: Vec<_> = prompts.iter().map(|_| int8.new_cache()).collect();
-    for (cache, p) in caches.iter_mut().zip(prompts) {
-        int8.forward(
-            &mut [StepInput { cache, tokens: p }],
-            LogitsFor::Last,
-            false,
-        )
-        .unwrap();
+    // Ragged sequences decoded together give each one's logits alone. Each row is rounded to
+    // int8 on its own, so rows never mix; three rows take the int8 matrix-vector kernel in
+    // both cases (equal up to the order of f32 sums), six the tiled panel kernel where the
+    // CPU has it, against that kernel alone: the f32 sums of the same integers in another
+    // order, 1e-4 of the largest logit at most.
+    for (n, bound) in [(3, 1e-5), (6, 1e-4)] {
+        let worst = ragged_decode_vs_alone(&int8, &tokens, n);
+        assert!(
+            worst < bound,
+            "a sequence decoded in a batch of {n} differs from alone by {worst} of the largest logit"
+        );
     }
-    let next = [7u32, 11, 13];
+}
+
+/// Splits `tokens` into `n` ragged prompts, prefills each alone, decodes one more token for all
+/// of them in one step and for each alone, and returns the largest difference of logits
+/// relative to the largest logit.
+fn ragged_decode_vs_alone(engine: &Engine, tokens: &[u32], n: usize) -> f32 {
+    let prompts: Vec<&[u32]> = (0..n)
+        .map(|i| {
+            let (a, b) = (i * tokens.len() / n, (i + 1) * tokens.len() / n);
+            &tokens[a..b.max(a + 1)]
+        })
+        .collect();
+    let mut caches: Vec<_> = prompts.iter().map(|_| engine.new_cache()).collect();
+    for (cache, p) in caches.iter_mut().zip(&prompts) {
+        engine
+            .forward(
+                &mut [StepInput { cache, tokens: p }],
+                LogitsFor::Last,
+                false,
+            )
+            .unwrap();
+    }
+    let next: Vec<u32> = (0..n as u32).map(|i| 7 + 4 * i).collect();
     let mut inputs: Vec<StepInput> = caches
         .iter_mut()
         .zip(&next)
@@ -180,39 +202,67 @@ fn int8_activations_round_decode_steps_only_and_keep_sequences_independent() {
             tokens: std::slice::from_ref(t),
         })
         .collect();
-    let together = int8
+    let together = engine
         .forward(&mut inputs, LogitsFor::Last, false)
         .unwrap()
         .logits;
-    let vocab = together.len() / 3;
+    let vocab = together.len() / n;
+    let largest = together.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut worst = 0f32;
     for (i, p) in prompts.iter().enumerate() {
-        let mut alone: Vec<u32> = p.to_vec();
-        alone.push(next[i]);
-        let mut cache = int8.new_cache();
-        int8.forward(
-            &mut [StepInput {
-                cache: &mut cache,
-                tokens: &alone[..alone.len() - 1],
-            }],
-            LogitsFor::Last,
-            false,
-        )
-        .unwrap();
-        let step = int8
+        let mut cache = engine.new_cache();
+        engine
             .forward(
                 &mut [StepInput {
                     cache: &mut cache,
-                    tokens: &alone[alone.len() - 1..],
+                    tokens: p,
+                }],
+                LogitsFor::Last,
+                false,
+            )
+            .unwrap();
+        let step = engine
+            .forward(
+                &mut [StepInput {
+                    cache: &mut cache,
+                    tokens: std::slice::from_ref(&next[i]),
                 }],
                 LogitsFor::Last,
                 false,
             )
             .unwrap()
             .logits;
-        let diff = max_abs_diff(&together[i * vocab..(i + 1) * vocab], &step);
+        worst = worst.max(max_abs_diff(&together[i * vocab..(i + 1) * vocab], &step) / largest);
+    }
+    worst
+}
+
+#[test]
+fn int8_activations_round_long_prefills_where_the_panel_kernel_runs() {
+    let dir = fixture_dir("tiny_a");
+    // More rows than a decode step of 64 sequences.
+    let tokens: Vec<u32> = (0..80).map(|i| (i * 37 + 5) % 320).collect();
+    let f32_acts = Engine::from_checkpoint(&dir, &nvfp4(false)).unwrap();
+    let int8 = Engine::from_checkpoint(
+        &dir,
+        &EngineOptions {
+            int8_activations: true,
+            ..nvfp4(false)
+        },
+    )
+    .unwrap();
+    let (a, b) = (logits(&f32_acts, &tokens), logits(&int8, &tokens));
+    if chorus_kernels::CpuGemm::new(2).has_fast_q8_panels() {
+        // Rounded like decode steps (see above): within a few percent, but not equal.
+        let rel = relative_rms(&a, &b);
         assert!(
-            diff < 1e-5,
-            "sequence {i} decoded in a batch of 3 differs from alone by {diff}"
+            rel > 1e-5 && rel < 5e-2,
+            "an 80-row int8 prefill drifts {rel} from f32 activations"
+        );
+    } else {
+        assert_eq!(
+            a, b,
+            "without the panel kernel, long prefills keep f32 activations"
         );
     }
 }

@@ -558,9 +558,11 @@ pub struct RawWorkers {
     pub quantize: Option<Choice<Quantize>>,
     /// With `quantize = "nvfp4"`: keep attention projections in f32.
     pub keep_attention_f32: Option<bool>,
-    /// With `quantize = "nvfp4"`: decode steps of up to 64 sequences round the NVFP4
-    /// projections' activations to int8 and multiply with integer dot products (faster
-    /// matrix-vector products; sampling log-probabilities off by the rounding).
+    /// With `quantize = "nvfp4"`: the NVFP4 projections round their activations to int8 and
+    /// multiply with integer dot products (faster generation; sampling log-probabilities off
+    /// by the rounding). With AVX-512 every step rounds, prefill included (the workers keep a
+    /// repacked copy of the weights: twice the NVFP4 memory); without it, decode steps of up to
+    /// 64 sequences.
     pub int8_activations: Option<bool>,
     /// What generates: `chorus` (Chorus' own engine, default) or `vllm` (each worker fronts a
     /// vLLM server; see `[workers.vllm]`).

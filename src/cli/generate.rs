@@ -71,10 +71,11 @@ pub struct GenerateArgs {
     /// With --quantize nvfp4: keep attention projections (q/k/v/o) in f32.
     #[arg(long, requires = "quantize")]
     keep_attention_f32: bool,
-    /// NVFP4 projections round their inputs to int8 (per 16 values) in decode steps of up to
-    /// 64 sequences and multiply with integer dot products, as llama.cpp does for 4-bit types:
-    /// faster, with log-probabilities off by the rounding. Needs NVFP4 weights (--quantize
-    /// nvfp4 or a `chorus quantize` checkpoint).
+    /// NVFP4 projections round their inputs to int8 (per 16 values) and multiply with integer
+    /// dot products, as llama.cpp does for 4-bit types: faster, with log-probabilities off by
+    /// the rounding. With AVX-512, every step rounds (prefill too, through a repacked copy of
+    /// the weights: twice the NVFP4 memory); without it, decode steps of up to 64 sequences.
+    /// Needs NVFP4 weights (--quantize nvfp4 or a `chorus quantize` checkpoint).
     #[arg(long)]
     int8_activations: bool,
 }

@@ -17,7 +17,7 @@ use crate::error::Result;
 pub(super) enum MixerW {
     Mamba(MambaW),
     Attention(AttnW),
-    Moe(MoeW),
+    Moe(Box<MoeW>),
     Mlp(MlpW),
 }
 
@@ -40,7 +40,7 @@ impl BlockW {
         let mixer = match kind {
             BlockKind::Mamba => MixerW::Mamba(MambaW::load(cfg, w, &mx)?),
             BlockKind::Attention => MixerW::Attention(AttnW::load(cfg, w, &mx)?),
-            BlockKind::Moe => MixerW::Moe(MoeW::load(cfg, w, &mx)?),
+            BlockKind::Moe => MixerW::Moe(Box::new(MoeW::load(cfg, w, &mx)?)),
             BlockKind::Mlp => MixerW::Mlp(MlpW::load(w, &mx, d, cfg.mlp_dim())?),
         };
         Ok(Self {

@@ -1,7 +1,7 @@
 //! [`LinearOp`]: the one abstraction every projection of the inference engine goes through, so
 //! that a quantized kernel (NVFP4) replaces the dense f32 one in a single place.
 
-use chorus_kernels::{CpuGemm, Nvfp4Tensor};
+use chorus_kernels::{CpuGemm, Nvfp4Q8Panels, Nvfp4Tensor};
 
 use crate::simd;
 
@@ -18,8 +18,9 @@ pub enum LinearOp {
         in_dim: usize,
     },
     /// NVFP4 weights (E2M1 codes, E4M3 scales per 16 inputs, f32 global scale), multiplied by
-    /// the CPU kernels of `chorus-kernels` with f32 activations, or with int8 ones up to
-    /// [`INT8_MAX_ROWS`] rows where `int8_activations` is set.
+    /// the CPU kernels of `chorus-kernels` with f32 activations, or with int8 ones where
+    /// `int8_activations` is set: at every row count where `panels` exist, else up to
+    /// [`INT8_MAX_ROWS`] rows.
     Nvfp4 {
         /// The quantized `[out, in]` weights.
         weight: Nvfp4Tensor,
@@ -28,15 +29,26 @@ pub enum LinearOp {
         /// Round each activation row to int8 per 16 inputs and multiply with integer dot
         /// products ([`CpuGemm::nvfp4_q8`]).
         int8_activations: bool,
+        /// The weights repacked for the tiled int8 GEMM ([`CpuGemm::nvfp4_q8_panels`]),
+        /// which takes calls of [`PANELS_MIN_ROWS`] rows and more: kept beside `weight` (10/9
+        /// of its bytes) where `int8_activations` is set and the CPU runs the
+        /// panel kernel natively (AVX-512 BW).
+        panels: Option<Box<Nvfp4Q8Panels>>,
     },
 }
 
-/// Up to this many rows (a decode step of 64 sequences) an NVFP4 projection with int8
-/// activations takes the integer kernel; above (long prefills), the f32 GEMM, which reads the
+/// Without panels (a CPU without AVX-512 BW), up to this many rows (a decode step of 64
+/// sequences) an NVFP4 projection with int8 activations takes the integer kernel; above (long prefills), the f32 GEMM, which reads the
 /// weights once for all rows. The integer kernel reads them once per 8 rows, and still beat the
 /// f32 GEMM at 16 and 64 rows on the generation bench's models (1.3-1.5x at batch 16, 1.0-1.4x
 /// at 64; at a limit of 32, batch 64 was level), its dot products being that much cheaper.
 pub const INT8_MAX_ROWS: usize = 64;
+
+/// From this many rows an NVFP4 projection with int8 activations and panels takes the tiled
+/// int8 GEMM, which reads each weight tile once for all rows and keeps 16 output rows in the
+/// lanes of a register; below, the int8 matrix-vector kernel, which streams the weights with
+/// less work per byte.
+pub const PANELS_MIN_ROWS: usize = 4;
 
 /// Below this many weights one thread is faster than several.
 const NVFP4_PARALLEL_MIN: usize = 1 << 13;
@@ -57,8 +69,8 @@ impl LinearOp {
     }
 
     /// An NVFP4 projection; the kernel uses every core only for large matrices. With
-    /// `int8_activations`, decode steps of up to [`INT8_MAX_ROWS`] rows round the activations
-    /// to int8 (see [`crate::engine::EngineOptions::int8_activations`]).
+    /// `int8_activations`, the activations are rounded to int8 (see
+    /// [`crate::engine::EngineOptions::int8_activations`] for which calls).
     pub fn nvfp4(weight: Nvfp4Tensor, int8_activations: bool) -> Self {
         let threads = if weight.rows() * weight.cols() >= NVFP4_PARALLEL_MIN {
             std::thread::available_parallelism()
@@ -67,10 +79,14 @@ impl LinearOp {
         } else {
             1
         };
+        let gemm = CpuGemm::new(threads);
+        let panels = (int8_activations && gemm.has_fast_q8_panels())
+            .then(|| Box::new(Nvfp4Q8Panels::pack(&weight)));
         LinearOp::Nvfp4 {
             weight,
-            gemm: CpuGemm::new(threads),
+            gemm,
             int8_activations,
+            panels,
         }
     }
 
@@ -95,11 +111,16 @@ impl LinearOp {
         matches!(self, LinearOp::Nvfp4 { .. })
     }
 
-    /// Bytes the weights occupy.
+    /// Bytes the weights occupy, the int8 panels included where kept.
     pub fn weight_bytes(&self) -> usize {
         match self {
             LinearOp::Dense { weight, .. } => weight.len() * 4,
-            LinearOp::Nvfp4 { weight, .. } => weight.packed().len() + weight.scales().len() + 4,
+            LinearOp::Nvfp4 { weight, panels, .. } => {
+                weight.packed().len()
+                    + weight.scales().len()
+                    + 4
+                    + panels.as_ref().map_or(0, |p| p.bytes())
+            }
         }
     }
 
@@ -115,12 +136,17 @@ impl LinearOp {
                 weight,
                 gemm,
                 int8_activations,
+                panels,
             } => {
                 // A non-finite activation cannot be rounded to int8: the f32 kernel then
                 // carries it to the logits, where the engine reports it.
                 let int8 = *int8_activations
-                    && rows <= INT8_MAX_ROWS
-                    && gemm.nvfp4_q8(weight, x, rows, y).is_ok();
+                    && match panels {
+                        Some(p) if rows >= PANELS_MIN_ROWS => {
+                            gemm.nvfp4_q8_panels(p, x, rows, y).is_ok()
+                        }
+                        _ => rows <= INT8_MAX_ROWS && gemm.nvfp4_q8(weight, x, rows, y).is_ok(),
+                    };
                 if !int8 {
                     gemm.nvfp4(weight, x, rows, y)
                         .expect("operand shapes are fixed when the engine is built");

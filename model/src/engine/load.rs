@@ -24,13 +24,16 @@ use crate::quantize::read_split;
 pub struct EngineOptions {
     /// Quantize projection weights to NVFP4 on load (checkpoints already in NVFP4 stay so).
     pub nvfp4: Option<Nvfp4Policy>,
-    /// NVFP4 projections round their activations to int8 per 16 inputs in steps of up to
-    /// [`INT8_MAX_ROWS`](super::INT8_MAX_ROWS) rows (decode steps of up to 64
-    /// sequences) and multiply them with
-    /// integer dot products, as llama.cpp does for its 4-bit types: matrix-vector products
-    /// 2-3x faster, logits off by the rounding (about 0.4% of each projection's largest
-    /// output), so log-probabilities no longer match the learner's NVFP4 forward pass exactly.
-    /// No effect on f32 projections.
+    /// NVFP4 projections round their activations to int8 per 16 inputs and multiply them
+    /// with integer dot products, as llama.cpp does for its 4-bit types: matrix-vector
+    /// products 2-3x faster, logits off by the rounding (about 0.4% of each projection's
+    /// largest output), so log-probabilities no longer match the learner's NVFP4 forward pass
+    /// exactly. Where the CPU has AVX-512 (BW), every call rounds, prefill included: from
+    /// [`PANELS_MIN_ROWS`](super::PANELS_MIN_ROWS) rows a tiled int8 GEMM runs on a
+    /// repacked copy of each projection (10/9 of its NVFP4 bytes, kept beside it).
+    /// Elsewhere only calls of up to [`INT8_MAX_ROWS`](super::INT8_MAX_ROWS) rows (decode
+    /// steps of up to 64 sequences) round; longer prefills keep f32 activations. No effect on
+    /// f32 projections.
     pub int8_activations: bool,
     /// Make each sequence's logits independent of the other sequences in its batch (runs
     /// with `deterministic = true`): [`Engine::forward`] then runs every sequence of a batch

@@ -35,7 +35,7 @@ pub use crate::layout::Nvfp4Policy;
 pub use batch::{ContinuousBatch, Finished};
 pub use cache::SequenceCache;
 pub use generate::{FinishReason, Generation, GenerationRequest, MtpStats};
-pub use linear::{INT8_MAX_ROWS, LinearOp};
+pub use linear::{INT8_MAX_ROWS, LinearOp, PANELS_MIN_ROWS};
 pub use load::{EngineOptions, OwnedTensor};
 
 use block::BlockW;

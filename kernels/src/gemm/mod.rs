@@ -49,8 +49,9 @@
 //!   rows: `vpdpbusd` with a broadcast activation dword completes the block sums of 16 outputs
 //!   with no horizontal reduction, and a register tile of 2 panels x 8 activation rows reuses
 //!   each decoded weight 8 times. The weights are read once per 128 activation rows instead of
-//!   once per 8. Its results are the same bits on every CPU (a portable kernel with the same
-//!   arithmetic runs where AVX-512 BW does not; see [`CpuGemm::has_fast_q8_panels`]).
+//!   once per 8. AVX2 CPUs (FMA and F16C too) run it on two 8-lane halves of each panel.
+//!   Its results are the same bits on every CPU (a portable kernel with the same arithmetic
+//!   runs where neither AVX-512 BW nor AVX2 does; see [`CpuGemm::has_fast_q8_panels`]).
 //!
 //! Work is split over weight rows (`m`) between `threads` scoped threads; every thread writes
 //! its own columns of `Y`. All paths read every weight exactly once per call (the int8 path
@@ -266,7 +267,11 @@ impl CpuGemm {
     /// (batched decode, prefill) on CPUs where [`CpuGemm::has_fast_q8_panels`] holds: measured
     /// on a 2-core AVX-512 VNNI Xeon, about twice as fast as [`CpuGemm::nvfp4_q8`] (which
     /// reads the weights again for every 8 rows) from 64 rows on and 1.3-1.4x at 8 rows, where
-    /// both are bound by memory bandwidth. For a single row [`CpuGemm::nvfp4_q8`] is faster.
+    /// both are bound by memory bandwidth. The AVX2 kernel without AVX-VNNI (the same Xeon with
+    /// the AVX2 backend, Zen 3's instruction set): about 1.4x [`CpuGemm::nvfp4_q8`] at 64 rows
+    /// and 1.2-1.4x at 8 on weights that fit in cache, but 0.7-1.0x at 8 rows and fewer on a
+    /// 33 MB weight, bound by memory bandwidth with 10/9 of the bytes. For a single row
+    /// [`CpuGemm::nvfp4_q8`] is faster.
     ///
     /// Rounding: every output is `fl(acc * (global / 2))` with, blocks `b` in order,
     /// `acc = fma(dot_b, fl(w_scale_b * x_scale_b), acc)` from 0, `dot_b` the block's exact
@@ -315,8 +320,10 @@ impl CpuGemm {
     }
 
     /// Whether [`CpuGemm::nvfp4_q8_panels`] runs a SIMD micro-kernel with this backend on
-    /// this CPU (AVX-512 F and BW; fastest with VNNI and VBMI). Otherwise it runs a portable
-    /// kernel, with the same results but many times slower than [`CpuGemm::nvfp4`].
+    /// this CPU: AVX-512 F and BW with the AVX-512 backend (fastest with VNNI and VBMI), or
+    /// AVX2, FMA and F16C with the AVX2 backend or an AVX-512 one without BW (faster with
+    /// AVX-VNNI). Otherwise it runs a portable kernel, with the same results but many times
+    /// slower than [`CpuGemm::nvfp4`].
     pub fn has_fast_q8_panels(&self) -> bool {
         q8::panels::is_fast(self.backend)
     }

@@ -20,12 +20,20 @@
 //! from L2. The weights are read from memory once per 128 activation rows (the row kernels read
 //! them once per 8).
 //!
+//! The micro-kernels: AVX-512 ones (F and BW, with VNNI and VBMI where they exist) on
+//! [`Backend::Avx512`]; AVX2 ones (AVX2, FMA and F16C, with AVX-VNNI where it exists: Haswell
+//! and later, Zen) on [`Backend::Avx2Fma`] and on AVX-512 CPUs without BW, which run a panel
+//! as two halves of 8 lanes (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` on ymm) against groups of
+//! 4 activation rows, to fit 16 registers; and a portable one everywhere else, many times
+//! slower. All form the same exact block sums and then run the same f32 operations.
+//!
 //! Every output is computed as
 //! `y = fl(fl(... fma(d_1, s_1, fma(d_0, s_0, 0)) ...) * (global / 2))`, blocks in order, with
 //! `d_b` the block's exact integer dot product (as `f32`, exact) and `s_b = fl(w_scale_b *
 //! x_scale_b)`: the same bits whatever the CPU, the thread count, or the other rows in the
 //! call.
 
+mod avx2;
 mod avx512;
 
 use std::ops::Range;
@@ -437,16 +445,20 @@ struct TileArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Portable,
+    Avx2(avx2::Variant),
     Avx512(Variant),
 }
 
 impl Kernel {
-    /// The kernel for `backend`: the AVX-512 ones need AVX-512 BW besides the backend's F;
-    /// every other case runs the portable kernel.
+    /// The kernel for `backend`: the AVX-512 ones need AVX-512 BW besides the backend's F,
+    /// the AVX2 ones (for [`Backend::Avx2Fma`], and for [`Backend::Avx512`] without BW) F16C
+    /// besides the backend's AVX2 and FMA; every other case runs the portable kernel.
     fn for_backend(backend: Backend) -> Kernel {
+        let avx2 = || avx2::Variant::detect().map_or(Kernel::Portable, Kernel::Avx2);
         match backend {
-            Backend::Avx512 => Variant::detect().map_or(Kernel::Portable, Kernel::Avx512),
-            Backend::Avx2Fma | Backend::Portable => Kernel::Portable,
+            Backend::Avx512 => Variant::detect().map_or_else(avx2, Kernel::Avx512),
+            Backend::Avx2Fma => avx2(),
+            Backend::Portable => Kernel::Portable,
         }
     }
 
@@ -463,6 +475,7 @@ impl Kernel {
         unsafe {
             match self {
                 Kernel::Portable => portable(panels, rows, a),
+                Kernel::Avx2(variant) => avx2::tile(variant, panels, rows, a),
                 Kernel::Avx512(variant) => avx512::tile(variant, panels, rows, a),
             }
         }

@@ -24,6 +24,11 @@ fn gamma(n: usize) -> f64 {
 /// Every micro-kernel this CPU runs, the portable one first.
 fn kernels() -> Vec<Kernel> {
     let mut out = vec![Kernel::Portable];
+    for variant in [avx2::Variant::Avx2, avx2::Variant::AvxVnni] {
+        if variant.available() {
+            out.push(Kernel::Avx2(variant));
+        }
+    }
     for variant in [Variant::Bw, Variant::Vnni, Variant::VnniVbmi] {
         if variant.available() {
             out.push(Kernel::Avx512(variant));
@@ -518,11 +523,16 @@ fn extreme_scales_and_zero_rows() {
 
 #[test]
 fn simd_kernels_run_where_expected() {
-    let fast = Variant::detect().is_some();
-    assert_eq!(
-        CpuGemm::new(1).has_fast_q8_panels(),
-        fast && Backend::detect() == Backend::Avx512
-    );
+    let fast = Variant::detect().is_some() && Backend::detect() == Backend::Avx512;
+    let avx2 = avx2::Variant::detect();
+    assert_eq!(CpuGemm::new(1).has_fast_q8_panels(), fast || avx2.is_some());
+    if let Ok(g) = CpuGemm::new(1).with_backend(Backend::Avx2Fma) {
+        assert_eq!(g.has_fast_q8_panels(), avx2.is_some());
+        assert_eq!(
+            Kernel::for_backend(Backend::Avx2Fma),
+            avx2.map_or(Kernel::Portable, Kernel::Avx2)
+        );
+    }
     let portable = CpuGemm::new(1).with_backend(Backend::Portable).unwrap();
     assert!(!portable.has_fast_q8_panels());
     assert_eq!(Kernel::for_backend(Backend::Portable), Kernel::Portable);

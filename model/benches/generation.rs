@@ -47,7 +47,7 @@ const HELP: &str = "generation bench: tokens/s of Chorus' engine at several batc
   --new N         new tokens per sequence (default 64)
   --prompt N      prompt tokens per sequence (default 16)
   --precision L   comma-separated from f32, nvfp4 and nvfp4-int8 (NVFP4 weights, activations
-                  rounded to int8: every step with AVX-512, else decode steps of up to 64
+                  rounded to int8: every step with AVX2 or AVX-512, else decode steps of up to 64
                   sequences; default f32,nvfp4)
   --repeats N     runs per cell; the best is printed (default 2)";
 

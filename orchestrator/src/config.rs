@@ -560,8 +560,8 @@ pub struct RawWorkers {
     pub keep_attention_f32: Option<bool>,
     /// With `quantize = "nvfp4"`: the NVFP4 projections round their activations to int8 and
     /// multiply with integer dot products (faster generation; sampling log-probabilities off
-    /// by the rounding). With AVX-512 every step rounds, prefill included (the workers keep a
-    /// repacked copy of the weights: twice the NVFP4 memory); without it, decode steps of up to
+    /// by the rounding). With AVX2 or AVX-512 every step rounds, prefill included (the workers keep a
+    /// repacked copy of the weights: twice the NVFP4 memory); without either, decode steps of up to
     /// 64 sequences.
     pub int8_activations: Option<bool>,
     /// What generates: `chorus` (Chorus' own engine, default) or `vllm` (each worker fronts a

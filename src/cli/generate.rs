@@ -73,8 +73,8 @@ pub struct GenerateArgs {
     keep_attention_f32: bool,
     /// NVFP4 projections round their inputs to int8 (per 16 values) and multiply with integer
     /// dot products, as llama.cpp does for 4-bit types: faster, with log-probabilities off by
-    /// the rounding. With AVX-512, every step rounds (prefill too, through a repacked copy of
-    /// the weights: twice the NVFP4 memory); without it, decode steps of up to 64 sequences.
+    /// the rounding. With AVX2 or AVX-512, every step rounds (prefill too, through a repacked copy of
+    /// the weights: twice the NVFP4 memory); without either, decode steps of up to 64 sequences.
     /// Needs NVFP4 weights (--quantize nvfp4 or a `chorus quantize` checkpoint).
     #[arg(long)]
     int8_activations: bool,

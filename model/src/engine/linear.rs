@@ -32,12 +32,12 @@ pub enum LinearOp {
         /// The weights repacked for the tiled int8 GEMM ([`CpuGemm::nvfp4_q8_panels`]),
         /// which takes calls of [`PANELS_MIN_ROWS`] rows and more: kept beside `weight` (10/9
         /// of its bytes) where `int8_activations` is set and the CPU runs the
-        /// panel kernel natively (AVX-512 BW).
+        /// panel kernel natively (AVX2 with FMA and F16C, or AVX-512 BW).
         panels: Option<Box<Nvfp4Q8Panels>>,
     },
 }
 
-/// Without panels (a CPU without AVX-512 BW), up to this many rows (a decode step of 64
+/// Without panels (a CPU without AVX2), up to this many rows (a decode step of 64
 /// sequences) an NVFP4 projection with int8 activations takes the integer kernel; above (long prefills), the f32 GEMM, which reads the
 /// weights once for all rows. The integer kernel reads them once per 8 rows, and still beat the
 /// f32 GEMM at 16 and 64 rows on the generation bench's models (1.3-1.5x at batch 16, 1.0-1.4x

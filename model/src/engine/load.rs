@@ -28,7 +28,8 @@ pub struct EngineOptions {
     /// with integer dot products, as llama.cpp does for its 4-bit types: matrix-vector
     /// products 2-3x faster, logits off by the rounding (about 0.4% of each projection's
     /// largest output), so log-probabilities no longer match the learner's NVFP4 forward pass
-    /// exactly. Where the CPU has AVX-512 (BW), every call rounds, prefill included: from
+    /// exactly. Where the CPU has AVX2 (with FMA and F16C) or AVX-512 BW, every call rounds,
+    /// prefill included: from
     /// [`PANELS_MIN_ROWS`](super::PANELS_MIN_ROWS) rows a tiled int8 GEMM runs on a
     /// repacked copy of each projection (10/9 of its NVFP4 bytes, kept beside it).
     /// Elsewhere only calls of up to [`INT8_MAX_ROWS`](super::INT8_MAX_ROWS) rows (decode

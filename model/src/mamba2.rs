@@ -63,7 +63,7 @@ impl Mamba2 {
     }
 
     /// `x: [B, T, d]` from the zero state, returning `[B, T, d]`. In f32 on CPU the conv and
-    /// the scan run as fused ops ([`crate::fused`]); the final state is not kept.
+    /// the scan run as fused ops (the crate's `fused` module); the final state is not kept.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let m = &self.cfg;
         let (b, t, _) = x.dims3()?;

@@ -142,7 +142,7 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Mamba-2's gated RMSNorm: `w * groupnorm(x * silu(z))` with RMS statistics per group of
 /// `group_size` channels (HF `Zamba2RMSNormGated`, norm after gate). The training forward pass
-/// runs [`crate::fused`]'s version of it where that applies.
+/// runs a fused version of it (the crate's `fused` module) where that applies.
 pub fn gated_rms_norm(
     x: &Tensor,
     z: &Tensor,

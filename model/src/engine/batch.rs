@@ -53,7 +53,8 @@ pub struct Finished<T> {
     pub generation: Generation,
 }
 
-/// Sequences decoding together, each with its own cache; see the [module docs](self).
+/// Sequences decoding together, each with its own cache, admitted and retired between steps
+/// (continuous batching).
 pub struct ContinuousBatch<T> {
     active: Vec<Slot<T>>,
     max_batch: usize,

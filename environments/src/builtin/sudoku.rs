@@ -40,11 +40,56 @@ impl Shape {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedVerification")]
 struct Verification {
     shape: Shape,
     /// Row-major cells, 0 = blank.
     givens: Vec<u8>,
     solution: Vec<u8>,
+}
+
+/// [`Verification`] as read, before its geometry and digits are checked: a task's verification
+/// data comes back from outside (a plugin client, the ledger), and every method indexes the grid
+/// by its shape.
+#[derive(Deserialize)]
+struct UncheckedVerification {
+    shape: Shape,
+    givens: Vec<u8>,
+    solution: Vec<u8>,
+}
+
+impl TryFrom<UncheckedVerification> for Verification {
+    type Error = String;
+
+    fn try_from(v: UncheckedVerification) -> Result<Self, String> {
+        let Shape { box_rows, box_cols } = v.shape;
+        // Digits are rendered as one character each, 1 to 9.
+        if !(1..=3).contains(&box_rows) || !(1..=3).contains(&box_cols) {
+            return Err(format!(
+                "shape {box_rows}x{box_cols}: boxes must have 1 to 3 rows and columns"
+            ));
+        }
+        let side = box_rows * box_cols;
+        for (name, cells, lowest) in [("givens", &v.givens, 0), ("solution", &v.solution, 1)] {
+            if cells.len() != side * side {
+                return Err(format!(
+                    "{name} has {} cells; a {side}x{side} grid has {}",
+                    cells.len(),
+                    side * side
+                ));
+            }
+            if let Some(d) = cells.iter().find(|&&d| d < lowest || usize::from(d) > side) {
+                return Err(format!(
+                    "{name} holds {d}; cells must be {lowest} to {side}"
+                ));
+            }
+        }
+        Ok(Verification {
+            shape: v.shape,
+            givens: v.givens,
+            solution: v.solution,
+        })
+    }
 }
 
 /// (shape, blanks wanted) per level.
@@ -261,18 +306,8 @@ impl Environment for Sudoku {
 
     fn score(&self, task: &Task, completion: &str) -> Result<Score, EnvError> {
         self.check_task(task)?;
+        // Deserializing checks the shape, the grids' sizes and their digits.
         let expected: Verification = task.verification_as()?;
-        let cells = expected.shape.side() * expected.shape.side();
-        if cells == 0
-            || expected.shape.side() > 9
-            || expected.givens.len() != cells
-            || expected.solution.len() != cells
-        {
-            return Err(task.invalid_verification(format!(
-                "grid sizes do not fit shape {:?}",
-                expected.shape
-            )));
-        }
         let response = match response_or_zero(completion) {
             Ok(response) => response,
             Err(zero) => return Ok(zero),
@@ -392,5 +427,30 @@ mod tests {
             1.0
         );
         assert_eq!(reward(&Sudoku, &task, "1234"), 0.0);
+    }
+
+    #[test]
+    fn malformed_verification_is_an_error_not_a_panic() {
+        let task = train_task(&Sudoku, 2, 1);
+        let breakages: [(&str, fn(&mut serde_json::Value)); 4] = [
+            ("must have 1 to 3", |v| v["shape"]["box_rows"] = 0.into()),
+            ("must have 1 to 3", |v| v["shape"]["box_cols"] = 7.into()),
+            ("cells; a 4x4 grid has 16", |v| {
+                v["solution"].as_array_mut().unwrap().pop();
+            }),
+            ("cells must be 0 to 4", |v| v["givens"][0] = 9.into()),
+        ];
+        for (expected, breakage) in breakages {
+            let mut bad = task.clone();
+            breakage(&mut bad.verification);
+            for result in [
+                Sudoku.reference(&bad).map(|_| ()),
+                Sudoku.wrong_completions(&bad).map(|_| ()),
+                Sudoku.score(&bad, "1234").map(|_| ()),
+            ] {
+                let err = result.unwrap_err().to_string();
+                assert!(err.contains(expected), "{expected:?} not in {err:?}");
+            }
+        }
     }
 }

@@ -432,7 +432,8 @@ mod tests {
     #[test]
     fn malformed_verification_is_an_error_not_a_panic() {
         let task = train_task(&Sudoku, 2, 1);
-        let breakages: [(&str, fn(&mut serde_json::Value)); 4] = [
+        type Breakage = fn(&mut serde_json::Value);
+        let breakages: [(&str, Breakage); 4] = [
             ("must have 1 to 3", |v| v["shape"]["box_rows"] = 0.into()),
             ("must have 1 to 3", |v| v["shape"]["box_cols"] = 7.into()),
             ("cells; a 4x4 grid has 16", |v| {

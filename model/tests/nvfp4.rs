@@ -129,10 +129,9 @@ fn relative_rms(a: &[f32], b: &[f32]) -> f32 {
     (num / den).sqrt()
 }
 
-#[test]
-fn int8_activations_round_decode_steps_only_and_keep_sequences_independent() {
+/// tiny_a with NVFP4 projections, with f32 activations and with int8 ones.
+fn f32_and_int8_engines() -> (Engine, Engine) {
     let dir = fixture_dir("tiny_a");
-    let tokens: Vec<u32> = (0..17).map(|i| (i * 37 + 5) % 320).collect();
     let f32_acts = Engine::from_checkpoint(&dir, &nvfp4(false)).unwrap();
     let int8 = Engine::from_checkpoint(
         &dir,
@@ -142,6 +141,13 @@ fn int8_activations_round_decode_steps_only_and_keep_sequences_independent() {
         },
     )
     .unwrap();
+    (f32_acts, int8)
+}
+
+#[test]
+fn int8_activations_round_decode_steps_and_keep_sequences_independent() {
+    let tokens: Vec<u32> = (0..17).map(|i| (i * 37 + 5) % 320).collect();
+    let (f32_acts, int8) = f32_and_int8_engines();
 
     // Decode steps (one row) go through int8: not the same numbers, but within the rounding.
     // Each projection's inputs carry at most half a step of 1/127 of their block's largest
@@ -239,18 +245,9 @@ fn ragged_decode_vs_alone(engine: &Engine, tokens: &[u32], n: usize) -> f32 {
 
 #[test]
 fn int8_activations_round_long_prefills_where_the_panel_kernel_runs() {
-    let dir = fixture_dir("tiny_a");
     // More rows than a decode step of 64 sequences.
     let tokens: Vec<u32> = (0..80).map(|i| (i * 37 + 5) % 320).collect();
-    let f32_acts = Engine::from_checkpoint(&dir, &nvfp4(false)).unwrap();
-    let int8 = Engine::from_checkpoint(
-        &dir,
-        &EngineOptions {
-            int8_activations: true,
-            ..nvfp4(false)
-        },
-    )
-    .unwrap();
+    let (f32_acts, int8) = f32_and_int8_engines();
     let (a, b) = (logits(&f32_acts, &tokens), logits(&int8, &tokens));
     if chorus_kernels::CpuGemm::new(2).has_fast_q8_panels() {
         // Rounded like decode steps (see above): within a few percent, but not equal.

@@ -102,7 +102,7 @@ pub(super) unsafe fn rows(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod imp {
+pub(super) mod imp {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -304,7 +304,7 @@ mod imp {
     /// The lookup table in each 128-bit lane, for `vpshufb`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    fn lut_lanes() -> __m512i {
+    pub(in crate::gemm::q8) fn lut_lanes() -> __m512i {
         // SAFETY: LUT holds 16 bytes.
         _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(LUT.as_ptr() as *const __m128i) })
     }
@@ -313,7 +313,7 @@ mod imp {
     /// both nibbles are masked.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    fn nibbles_shuffle(table: __m512i, v: __m512i) -> (__m512i, __m512i) {
+    pub(in crate::gemm::q8) fn nibbles_shuffle(table: __m512i, v: __m512i) -> (__m512i, __m512i) {
         let m = _mm512_set1_epi8(0x0f);
         (
             _mm512_shuffle_epi8(table, _mm512_and_si512(v, m)),
@@ -324,7 +324,7 @@ mod imp {
     /// The lookup table four times over, for `vpermb`, which reads the low 6 bits of each
     /// index: bits 4 and 5 (the other nibble, or the next byte's after the shift) select
     /// equal copies, so no masking is needed.
-    static LUT64: [u8; 64] = {
+    pub(in crate::gemm::q8) static LUT64: [u8; 64] = {
         let mut t = [0u8; 64];
         let mut i = 0;
         while i < 64 {

@@ -61,7 +61,8 @@ pub(super) unsafe fn tile(variant: Variant, panels: usize, rows: usize, a: &Tile
 mod imp {
     use std::arch::x86_64::*;
 
-    use super::super::super::LUT;
+    // The nibble lookups are the row kernels'.
+    use super::super::super::avx512::imp::{LUT64, lut_lanes, nibbles_shuffle};
     use super::super::{BLOCK, PANEL, TILE_BLOCK, TILE_OFFSETS, TILE_ROWS, TILE_SCALES, TileArgs};
 
     // The dispatch instantiates 1 or 2 panels and 1 to 8 rows.
@@ -149,39 +150,6 @@ mod imp {
             }
         };
     }
-
-    /// The lookup table in each 128-bit lane, for `vpshufb`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    fn lut_lanes() -> __m512i {
-        // SAFETY: LUT holds 16 bytes.
-        _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(LUT.as_ptr() as *const __m128i) })
-    }
-
-    /// `vpshufb` reads the low 4 bits of each index (and zeroes bytes whose bit 7 is set), so
-    /// both nibbles are masked.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    fn nibbles_shuffle(table: __m512i, v: __m512i) -> (__m512i, __m512i) {
-        let m = _mm512_set1_epi8(0x0f);
-        (
-            _mm512_shuffle_epi8(table, _mm512_and_si512(v, m)),
-            _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(v), m)),
-        )
-    }
-
-    /// The lookup table four times over, for `vpermb`, which reads the low 6 bits of each
-    /// index: bits 4 and 5 (the other nibble, or the next byte's after the shift) select
-    /// equal copies, so no masking is needed.
-    static LUT64: [u8; 64] = {
-        let mut t = [0u8; 64];
-        let mut i = 0;
-        while i < 64 {
-            t[i] = LUT[i % 16];
-            i += 1;
-        }
-        t
-    };
 
     // AVX-512 VNNI and VBMI (Ice Lake and later, Zen 4).
     panel_kernel!(

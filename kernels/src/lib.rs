@@ -20,6 +20,9 @@
 //!   dot products: faster, but not bit-compatible with the f32-activation product. For
 //!   batches (batched decode, prefill), [`CpuGemm::nvfp4_q8_panels`] runs the same integer
 //!   products as a tiled GEMM on weights repacked once into 16-row panels ([`Nvfp4Q8Panels`]);
+//! - [`CpuGemm::f32_panels`]: an f32 GEMM for dense f32 weights repacked once into 16-row
+//!   panels ([`F32Panels`]), each output one sequential FMA chain (the same bits on every CPU,
+//!   thread count and batch);
 //! - with the `cuda` feature (off by default), module `cuda`: the CUDA kernels in `kernels/cuda/`
 //!   (quantize, dequantize, NVFP4-weight GEMM), compiled at run time with NVRTC.
 //!
@@ -86,7 +89,7 @@ mod quant;
 mod scalar;
 
 pub use error::KernelError;
-pub use gemm::{Backend, CpuGemm, Nvfp4Q8Panels, Q8Activations, cpu_description};
+pub use gemm::{Backend, CpuGemm, F32Panels, Nvfp4Q8Panels, Q8Activations, cpu_description};
 pub use hadamard::{HADAMARD_SIGNS, hadamard16_forward, hadamard16_inverse, hadamard16_matrix};
 pub use quant::{BLOCK, BlockLayout, Nvfp4Tensor, QuantizeOptions, Rounding};
 pub use scalar::{

@@ -53,18 +53,28 @@
 //!   Its results are the same bits on every CPU (a portable kernel with the same arithmetic
 //!   runs where neither AVX-512 BW nor AVX2 does; see [`CpuGemm::has_fast_q8_panels`]).
 //!
+//! - **f32 panel GEMM** ([`CpuGemm::f32_panels`], f32 weights repacked once into panels of
+//!   16 output rows, [`F32Panels`]): the engine's dense f32 projections from one activation
+//!   row up. The 16 lanes of a register are 16 output rows, so a broadcast activation value
+//!   and one FMA advance 16 outputs; a register tile of 2 panels x 12 rows (AVX-512F; 1 panel
+//!   x 6 rows on AVX2) reuses each weight vector 12 times and stores each output once,
+//!   row-major, with no horizontal reduction. Every output is one sequential FMA chain over
+//!   `k`, so its bits do not depend on the CPU, the threads, or the other rows in the call.
+//!
 //! Work is split over weight rows (`m`) between `threads` scoped threads; every thread writes
 //! its own columns of `Y`. All paths read every weight exactly once per call (the int8 path
 //! once per chunk of 8 activation rows, the tiled int8 GEMM once per 128).
 
 mod avx2;
 mod avx512;
+mod f32_panels;
 mod micro;
 mod portable;
 mod q8;
 
 use half::bf16;
 
+pub use f32_panels::F32Panels;
 pub use q8::{Nvfp4Q8Panels, Q8Activations};
 
 use crate::error::KernelError;
@@ -326,6 +336,37 @@ impl CpuGemm {
     /// slower than [`CpuGemm::nvfp4`].
     pub fn has_fast_q8_panels(&self) -> bool {
         q8::panels::is_fast(self.backend)
+    }
+
+    /// `Y[n, m] = X[n, k] . W^T` with f32 weights repacked into panels of 16 output rows
+    /// ([`F32Panels`]) and f32 activations `x` (row-major `[n, k]`); `y` (row-major `[n, m]`)
+    /// is overwritten. The f32 panel GEMM of the module docs: a register-tiled micro-kernel
+    /// (AVX-512F, or AVX2 + FMA, see [`CpuGemm::has_fast_f32_panels`]) with 16 outputs in the
+    /// lanes of a register, for dense f32 projections from one activation row up.
+    ///
+    /// Rounding: every output is one sequential chain of fused multiply-adds over the
+    /// reduction axis in order, `y[r, o] = fma(w[o, k-1], x[r, k-1], ... fma(w[o, 0], x[r, 0],
+    /// 0.0))`, so the result is the same, bit for bit (NaN payloads aside), on every CPU and
+    /// backend, for every thread count, and whatever other rows the call holds: a row computed
+    /// alone equals the same row in a batch (a speculative verification pass reproduces
+    /// one-token decoding).
+    pub fn f32_panels(
+        &self,
+        w: &F32Panels,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check_operands(w.rows(), w.cols(), x.len(), n, y.len())?;
+        f32_panels::run(self.threads, self.backend, w, x, n, y);
+        Ok(())
+    }
+
+    /// Whether [`CpuGemm::f32_panels`] runs a SIMD micro-kernel with this backend on this CPU
+    /// (AVX-512F with the AVX-512 backend, AVX2 + FMA with the AVX2 one). Otherwise it runs a
+    /// portable kernel with the same results, many times slower.
+    pub fn has_fast_f32_panels(&self) -> bool {
+        f32_panels::is_fast(self.backend)
     }
 
     /// Reference f32 GEMM on the same layout: `w` is row-major `[m, k]`.

@@ -3,7 +3,7 @@
 //! model (m x k = 1024x1024, 5152x1024, 1024x2048, 2048x1024, 270x1024, 4096x1024).
 //!
 //! Columns, timed alternately in the same repetitions (best of several, in GFLOP/s):
-//! - `rows`: the baseline, a copy of the engine's current kernel (`model/src/simd.rs`'s
+//! - `rows`: the baseline, a copy of the engine's previous kernel (`model/src/simd.rs`'s
 //!   `gemm_rows`: 4 weight rows x up to 4 activation rows per tile, 16-lane partial sums
 //!   reduced horizontally, the output written out-major and transposed, split over the pool
 //!   as `model/src/engine/linear.rs` does); AVX-512 only;
@@ -41,7 +41,8 @@ struct Args {
     min_time: Duration,
 }
 
-const HELP: &str = "f32_gemm: f32 GEMM for dense projections, the engine's row-tiled kernel vs \
+const HELP: &str =
+    "f32_gemm: f32 GEMM for dense projections, the engine's previous row-tiled kernel vs \
 the f32 panel GEMM (CpuGemm::f32_panels)
 
 usage: cargo bench -p chorus-kernels --bench f32_gemm -- [options]
@@ -123,7 +124,7 @@ fn fill(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The engine's current f32 projection (`model/src/simd.rs::gemm_rows` driven by
+/// The engine's previous f32 projection (`model/src/simd.rs::gemm_rows` driven by
 /// `model/src/engine/linear.rs::out_major_rows`), copied so that it can be timed here.
 mod baseline {
     /// Below this many weights the product stays on one thread (the engine's constant).

@@ -1,14 +1,22 @@
 //! [`LinearOp`]: the one abstraction every projection of the inference engine goes through, so
 //! that a quantized kernel (NVFP4) replaces the dense f32 one in a single place.
 
-use chorus_kernels::{CpuGemm, Nvfp4Q8Panels, Nvfp4Tensor};
+use chorus_kernels::{CpuGemm, F32Panels, Nvfp4Q8Panels, Nvfp4Tensor};
 
 use crate::simd;
 
 /// A bias-free projection `y = x Wᵀ`, `W: [out, in]` row-major as in HF checkpoints.
 #[derive(Clone, Debug)]
 pub enum LinearOp {
-    /// Dense f32 weights.
+    /// Dense f32 weights repacked into panels of 16 output rows, multiplied by the register-tiled
+    /// [`CpuGemm::f32_panels`] at every row count: where the CPU has AVX-512F or AVX2 + FMA.
+    DensePanels {
+        /// The `[out, in]` weights, repacked (the same bytes, plus padding to 16 rows).
+        weight: Box<F32Panels>,
+        /// The kernel chosen for this CPU at build time.
+        gemm: CpuGemm,
+    },
+    /// Dense f32 weights, row-major, on CPUs without AVX2.
     Dense {
         /// `[out_dim, in_dim]`, row-major.
         weight: Vec<f32>,
@@ -54,8 +62,29 @@ pub const PANELS_MIN_ROWS: usize = 4;
 const NVFP4_PARALLEL_MIN: usize = 1 << 13;
 
 impl LinearOp {
-    /// A dense projection from a row-major `[out_dim, in_dim]` weight.
+    /// A dense projection from a row-major `[out_dim, in_dim]` weight: repacked into panels
+    /// where the CPU runs [`CpuGemm::f32_panels`] natively, else kept row-major.
     pub fn dense(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
+        assert_eq!(
+            weight.len(),
+            out_dim * in_dim,
+            "weight length must be out_dim * in_dim"
+        );
+        let gemm = CpuGemm::new(crate::threads::allowed_cpus());
+        if gemm.has_fast_f32_panels() && out_dim > 0 && in_dim > 0 {
+            let weight = F32Panels::pack(&weight, out_dim, in_dim)
+                .expect("the weight's length was checked just above");
+            return LinearOp::DensePanels {
+                weight: Box::new(weight),
+                gemm,
+            };
+        }
+        Self::dense_row_major(weight, out_dim, in_dim)
+    }
+
+    /// A dense projection kept row-major whatever the CPU: the path of CPUs without AVX2,
+    /// which the tests also run where panels exist.
+    pub(crate) fn dense_row_major(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
         assert_eq!(
             weight.len(),
             out_dim * in_dim,
@@ -73,9 +102,7 @@ impl LinearOp {
     /// [`crate::engine::EngineOptions::int8_activations`] for which calls).
     pub fn nvfp4(weight: Nvfp4Tensor, int8_activations: bool) -> Self {
         let threads = if weight.rows() * weight.cols() >= NVFP4_PARALLEL_MIN {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            crate::threads::allowed_cpus()
         } else {
             1
         };
@@ -94,6 +121,7 @@ impl LinearOp {
     pub fn in_dim(&self) -> usize {
         match self {
             LinearOp::Dense { in_dim, .. } => *in_dim,
+            LinearOp::DensePanels { weight, .. } => weight.cols(),
             LinearOp::Nvfp4 { weight, .. } => weight.cols(),
         }
     }
@@ -102,6 +130,7 @@ impl LinearOp {
     pub fn out_dim(&self) -> usize {
         match self {
             LinearOp::Dense { out_dim, .. } => *out_dim,
+            LinearOp::DensePanels { weight, .. } => weight.rows(),
             LinearOp::Nvfp4 { weight, .. } => weight.rows(),
         }
     }
@@ -115,6 +144,7 @@ impl LinearOp {
     pub fn weight_bytes(&self) -> usize {
         match self {
             LinearOp::Dense { weight, .. } => weight.len() * 4,
+            LinearOp::DensePanels { weight, .. } => weight.bytes(),
             LinearOp::Nvfp4 { weight, panels, .. } => {
                 weight.packed().len()
                     + weight.scales().len()
@@ -132,6 +162,9 @@ impl LinearOp {
                 out_dim,
                 in_dim,
             } => dense_forward(weight, *out_dim, *in_dim, x, rows, y),
+            LinearOp::DensePanels { weight, gemm } => gemm
+                .f32_panels(weight, x, rows, y)
+                .expect("operand shapes are fixed when the engine is built"),
             LinearOp::Nvfp4 {
                 weight,
                 gemm,
@@ -156,16 +189,10 @@ impl LinearOp {
     }
 }
 
-/// Without AVX-512, up to this many activation rows a projection runs as matrix-vector products
-/// that read each weight row once for all rows; above, as a GEMM.
+/// With row-major weights (CPUs without AVX2), up to this many activation rows a projection
+/// runs as matrix-vector products that read each weight row once for all rows; above, on the
+/// GEMM library.
 const GEMV_MAX_ROWS: usize = 4;
-
-/// Up to this many activation rows (from 1) a projection runs on `simd::gemm_rows` where the
-/// CPU has AVX-512; above, on the GEMM library. 64 covers a decode step at batch 64: the library's
-/// AVX-512 kernels (its `x86-v4` feature, which the training pass needs: +25-45% tokens/s) took
-/// f32 batch-64 generation on small-d512 from about 1,500 to 1,277 tokens/s at 64 rows, the
-/// tiled kernel to about 1,500 (3-5% below the library's AVX2 kernels, measured alternately).
-const TILED_MAX_ROWS: usize = 64;
 
 /// Below this many weights a matrix-vector product stays on one thread. Low for the reason
 /// `NVFP4_PARALLEL_MIN` is: at 1 << 18 the experts, latent and key/value projections of
@@ -196,11 +223,7 @@ fn out_major_rows(
     };
     if out_dim * in_dim >= PARALLEL_GEMV_MIN && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
-        // Multiples of 4 weight rows, the tiled kernel's tile.
-        let chunk = out_dim
-            .div_ceil(rayon::current_num_threads() * 4)
-            .max(8)
-            .next_multiple_of(4);
+        let chunk = out_dim.div_ceil(rayon::current_num_threads() * 4).max(8);
         out_major
             .par_chunks_mut(chunk * rows)
             .zip(w.par_chunks(chunk * in_dim))
@@ -223,20 +246,11 @@ fn dense_forward(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usiz
     if rows == 0 || out_dim == 0 {
         return;
     }
-    if rows <= TILED_MAX_ROWS && simd::gemm_rows_supported() {
-        // Up to a batch of 64 (a decode step, a speculative verification pass, the tokens
-        // routed to one expert): tiles read straight from the weights, without the GEMM
-        // library's packing. One kernel from 1 row up gives an output the same bits whatever
-        // rows share the call, so a verification pass of k+1 tokens reproduces plain decoding;
-        // and 2-4 rows cost little more than 1 (each weight vector loaded once for all of
-        // them: a 2-token pass on small-d512 cost 1.65 one-token passes as 2 dot products).
-        out_major_rows(simd::gemm_rows, w, out_dim, in_dim, x, rows, y);
-        return;
-    }
     if rows <= GEMV_MAX_ROWS {
-        // Without AVX-512: matrix-vector products, each weight row read from memory once and
-        // multiplied with every activation row while it sits in L1. Each output is the same
-        // dot product whatever the row count or split.
+        // Matrix-vector products, each weight row read from memory once and multiplied with
+        // every activation row while it sits in L1. Each output is the same dot product
+        // whatever the row count or split (a speculative verification pass of 2-4 tokens
+        // reproduces one-token decoding).
         out_major_rows(simd::gemv_rows, w, out_dim, in_dim, x, rows, y);
         return;
     }
@@ -290,38 +304,6 @@ mod tests {
     }
 
     #[test]
-    fn the_tiled_kernel_gives_a_row_the_same_bits_whatever_rows_share_the_call() {
-        // Without AVX-512 the engine never takes this kernel (the GEMM library serves those
-        // rows, covered by the shape test below), so there is nothing to check.
-        if !simd::gemm_rows_supported() {
-            return;
-        }
-        let (out, inp) = (11, 70);
-        let w: Vec<f32> = (0..out * inp)
-            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let x: Vec<f32> = (0..32 * inp)
-            .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
-            .collect();
-        let mut together = vec![0f32; out * 32];
-        simd::gemm_rows(&w, inp, &x, &mut together);
-        // 1-3 rows take tiles of their own height; 5 a full tile and one of 1.
-        for few in [1, 2, 3, 5] {
-            let mut alone = vec![0f32; out * few];
-            simd::gemm_rows(&w, inp, &x[..few * inp], &mut alone);
-            for o in 0..out {
-                for r in 0..few {
-                    assert_eq!(
-                        alone[o * few + r].to_bits(),
-                        together[o * 32 + r].to_bits(),
-                        "{few} rows: output {o}, row {r}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
     fn dense_matches_reference_for_many_shapes() {
         let mut seed = 7u32;
         let mut next = || {
@@ -340,8 +322,8 @@ mod tests {
             (2, 1030, 300),
             (4, 700, 400),
             (3, 5, 17),
-            // The tiled path (5-64 rows, on AVX-512): edges of the 4x4 tile in both
-            // directions, a k that is not a multiple of 16, and split over the pool.
+            // Edges of the panels (16 outputs) and of the row tiles, a k that is not a
+            // multiple of 16, and split over the pool.
             (5, 6, 17),
             (7, 13, 64),
             (16, 40, 100),
@@ -353,11 +335,44 @@ mod tests {
         ] {
             let w: Vec<f32> = (0..out * inp).map(|_| next()).collect();
             let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();
-            let mut y = vec![f32::NAN; rows * out];
-            LinearOp::dense(w.clone(), out, inp).forward(&x, rows, &mut y);
             let want = reference(&w, out, inp, &x, rows);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{rows}x{out}x{inp}: {a} vs {b}");
+            // Panels where the CPU has them, and the row-major path of CPUs without AVX2.
+            for op in [
+                LinearOp::dense(w.clone(), out, inp),
+                LinearOp::dense_row_major(w.clone(), out, inp),
+            ] {
+                let mut y = vec![f32::NAN; rows * out];
+                op.forward(&x, rows, &mut y);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{rows}x{out}x{inp}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dense_weights_take_panels_where_the_cpu_runs_them_and_a_row_keeps_its_bits_in_a_batch() {
+        let (out, inp) = (37, 70);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..24 * inp)
+            .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let op = LinearOp::dense(w, out, inp);
+        let panels = CpuGemm::new(1).has_fast_f32_panels();
+        assert_eq!(matches!(op, LinearOp::DensePanels { .. }), panels);
+        if !panels {
+            return;
+        }
+        let mut together = vec![0f32; 24 * out];
+        op.forward(&x, 24, &mut together);
+        // A speculative verification pass (2-5 rows) must reproduce one-token decoding.
+        for few in [1, 2, 3, 5] {
+            let mut alone = vec![0f32; few * out];
+            op.forward(&x[..few * inp], few, &mut alone);
+            for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{few} rows: output {i}");
             }
         }
     }

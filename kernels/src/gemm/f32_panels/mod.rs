@@ -44,8 +44,11 @@ const PANEL: usize = 16;
 /// Most panels one micro-kernel call covers (the AVX-512 small-batch kernel's).
 const MAX_PANELS: usize = 4;
 /// Below this many multiply-adds per call (`n * m * k`) the call stays on the caller's
-/// thread: starting pool tasks costs some microseconds, the time of about that many FMAs.
-const SERIAL_FMAS: usize = 1 << 17;
+/// thread: starting pool tasks costs some microseconds. Low, because a one-row call is bound by
+/// memory, not by FMAs: at 1 << 17 the small-d512 model's experts and latent projections ran on
+/// one core and its f32 batch-1 decoding was about 10% slower (generation bench, alternating
+/// runs on a 2-core Xeon).
+const SERIAL_FMAS: usize = 1 << 13;
 
 /// Column `c` of a panel's 16 output rows: one cache line.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -36,6 +36,8 @@ mod avx512;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use rayon::prelude::*;
+
 use crate::error::KernelError;
 use crate::gemm::{Backend, OutPtr, parallel};
 
@@ -105,13 +107,27 @@ impl F32Panels {
             ));
         }
         let panels = m.div_ceil(PANEL);
-        let mut lines = vec![Line([0.0; PANEL]); panels * k];
-        for (o, row) in w.chunks_exact(k).enumerate() {
-            let (p, lane) = (o / PANEL, o % PANEL);
-            for (line, &v) in lines[p * k..(p + 1) * k].iter_mut().zip(row) {
-                line.0[lane] = v;
-            }
-        }
+        // A worker packs every dense weight of a new policy version before it can sample from
+        // it, so this is on the path of weight sync: each line is written once (no zeroing
+        // pass first), from the 16 rows' cache lines read together (16 consecutive columns of
+        // each row per line read), one panel per task over the pool.
+        let mut lines: Vec<Line> = Vec::with_capacity(panels * k);
+        lines.spare_capacity_mut()[..panels * k]
+            .par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(m) * k];
+                for (c, line) in panel.iter_mut().enumerate() {
+                    let mut v = [0.0; PANEL];
+                    for (lane, row) in v.iter_mut().zip(rows.chunks_exact(k)) {
+                        *lane = row[c];
+                    }
+                    line.write(Line(v));
+                }
+            });
+        // SAFETY: the loop above wrote every one of the panels * k lines (the chunks cover
+        // them all, and each chunk's loop every element of it).
+        unsafe { lines.set_len(panels * k) };
         Ok(F32Panels {
             rows: m,
             cols: k,

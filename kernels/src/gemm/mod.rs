@@ -631,6 +631,58 @@ fn for_each_chunk<S>(
     });
 }
 
+/// One parallel dispatch in two phases, for the panel kernels: the threads first claim and
+/// `build` the `tiles` (each with a scratch state of its own), then claim the `items` of work
+/// and `run` them, each thread waiting for every tile to be built before its first item. Up to
+/// `threads` threads, fewer where there are fewer tiles and items.
+fn build_then_run<S: Default>(
+    threads: usize,
+    tiles: usize,
+    items: usize,
+    build: &(dyn Fn(usize, &mut S) + Sync),
+    run: &(dyn Fn(usize) + Sync),
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (claimed, built, next) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    parallel(threads.min(items.max(tiles)), &|_| {
+        let mut scratch = S::default();
+        loop {
+            let t = claimed.fetch_add(1, Ordering::Relaxed);
+            if t >= tiles {
+                break;
+            }
+            build(t, &mut scratch);
+            built.fetch_add(1, Ordering::Release);
+        }
+        let mut ready = false;
+        loop {
+            let item = next.fetch_add(1, Ordering::Relaxed);
+            if item >= items {
+                break;
+            }
+            if !ready {
+                // Every tile is claimed, so the ones not built yet are being built by running
+                // threads, none of which waits for anything: this ends.
+                let mut spins = 0u32;
+                while built.load(Ordering::Acquire) < tiles {
+                    if spins < 100 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                    spins += 1;
+                }
+                ready = true;
+            }
+            run(item);
+        }
+    });
+}
+
 /// Runs `work(0..threads)`, as tasks of the rayon pool when there is more than one: a decode
 /// step makes hundreds of these calls, and starting threads for each cost more than small
 /// products take. Called from inside a pool task (experts running in parallel), the tasks
@@ -896,6 +948,36 @@ struct Tile<'a, T> {
     /// Output element (row 0, first column of the tile); row stride `ys`.
     y: *mut f32,
     ys: usize,
+}
+
+/// Helpers shared by the panel kernels' tests.
+#[cfg(test)]
+mod test_support {
+    /// The bit patterns of `v`, for exact comparisons.
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Runs `call(task, y)` from 24 tasks of the rayon pool at once, each into its own `y` of
+    /// `len` NaNs, and returns each task's output bits: calls nested in pool tasks must finish
+    /// (their own tasks queue behind busy workers) with the same bits as alone.
+    pub(crate) fn bits_from_pool_tasks(
+        len: usize,
+        call: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Vec<Vec<u32>> {
+        let results = std::sync::Mutex::new(vec![Vec::new(); 24]);
+        rayon::scope(|s| {
+            for task in 0..24 {
+                let (call, results) = (&call, &results);
+                s.spawn(move |_| {
+                    let mut y = vec![f32::NAN; len];
+                    call(task, &mut y);
+                    results.lock().unwrap()[task] = bits(&y);
+                });
+            }
+        });
+        results.into_inner().unwrap()
+    }
 }
 
 #[cfg(test)]

@@ -17,16 +17,9 @@ pub(super) fn group(n: usize) -> usize {
     if n <= WIDE_MAX_ROWS { 2 } else { 1 }
 }
 
-/// Whether this CPU has AVX2 and FMA.
+/// Whether this CPU has AVX2 and FMA (the AVX2 backend's check).
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::gemm::avx2::available()
 }
 
 /// Runs one micro-kernel call (see `Kernel::tile`).

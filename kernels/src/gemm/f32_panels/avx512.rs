@@ -26,16 +26,10 @@ pub(super) fn group(n: usize) -> usize {
     if n <= WIDE_MAX_ROWS { 4 } else { 2 }
 }
 
-/// Whether this CPU has AVX-512F.
+/// Whether this CPU has AVX-512F (the AVX-512 backend's check, which also asks for AVX2 and
+/// FMA, as every AVX-512 CPU has them).
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::gemm::avx512::available()
 }
 
 /// Runs one micro-kernel call (see `Kernel::tile`).

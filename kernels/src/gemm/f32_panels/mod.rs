@@ -34,12 +34,10 @@
 mod avx2;
 mod avx512;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use rayon::prelude::*;
 
 use crate::error::KernelError;
-use crate::gemm::{Backend, OutPtr, parallel};
+use crate::gemm::{Backend, OutPtr, build_then_run};
 
 /// Output rows per panel: the 16 f32 lanes of a zmm register (two ymm halves).
 const PANEL: usize = 16;
@@ -281,9 +279,17 @@ thread_local! {
 struct TilesPtr(*mut f32);
 
 // SAFETY: threads write disjoint tiles (each claims its own), and read them only after all
-// are written (the `built` counter orders the writes before the reads).
+// are written (`build_then_run` orders the builds before the items that read them).
 unsafe impl Send for TilesPtr {}
 unsafe impl Sync for TilesPtr {}
+
+impl TilesPtr {
+    /// The float `offset` floats into the tiles (a method, so that closures capture the
+    /// `Sync` wrapper rather than its pointer field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// Writes tile `t` of `x` (`[n, k]`, tiles of `tile_rows` rows) into `dst`, `[c][row]`.
 fn build_tile(x: &[f32], n: usize, k: usize, tile_rows: usize, t: usize, dst: &mut [f32]) {
@@ -335,52 +341,26 @@ fn run_kernel(kernel: Kernel, threads: usize, w: &F32Panels, x: &[f32], n: usize
     // fraction of its share at most.
     let chunk = groups.div_ceil(threads * 4).max(1);
     let chunks = groups.div_ceil(chunk);
-    let (claimed, built, next) = (
-        AtomicUsize::new(if n > 1 { 0 } else { ntiles }),
-        AtomicUsize::new(if n > 1 { 0 } else { ntiles }),
-        AtomicUsize::new(0),
-    );
     let out = OutPtr(y.as_mut_ptr());
-    parallel(threads.min(chunks.max(ntiles)), &|_| {
-        // First the tiles, each built by the thread that claims it.
-        loop {
-            let t = claimed.fetch_add(1, Ordering::Relaxed);
-            if t >= ntiles {
-                break;
-            }
+    // A single row is used in place: nothing to build.
+    let build_tiles = if n > 1 { ntiles } else { 0 };
+    build_then_run::<()>(
+        threads,
+        build_tiles,
+        chunks,
+        &|t, _| {
             let len = tile_rows.min(n - t * tile_rows) * k;
             // SAFETY: tile t lies inside the n * k floats of the store, and this thread alone
             // claimed it.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(tiles.0.add(t * tile_rows * k), len) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(tiles.at(t * tile_rows * k), len) };
             build_tile(x, n, k, tile_rows, t, dst);
-            built.fetch_add(1, Ordering::Release);
-        }
-        let mut ready = false;
-        loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= chunks {
-                break;
-            }
-            if !ready {
-                // Every tile is claimed, so the ones not built yet are being built by running
-                // threads, none of which waits for anything: this ends.
-                let mut spins = 0u32;
-                while built.load(Ordering::Acquire) < ntiles {
-                    if spins < 100 {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                    spins += 1;
-                }
-                ready = true;
-            }
+        },
+        &|item| {
             for g in item * chunk..((item + 1) * chunk).min(groups) {
                 run_group(kernel, w, tiles, n, g * group, group, out);
             }
-        }
-    });
+        },
+    );
     if n > 1 && store.capacity() <= KEEP_FLOATS {
         SPARE.set(store);
     }

@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::CpuGemm;
+use crate::gemm::test_support::{bits, bits_from_pool_tasks};
 
 /// Every micro-kernel this CPU runs, the portable one first.
 fn kernels() -> Vec<Kernel> {
@@ -28,10 +29,6 @@ fn run(kernel: Kernel, threads: usize, w: &F32Panels, x: &[f32], n: usize) -> Ve
     let mut y = vec![f32::NAN; n * w.rows()];
     run_kernel(kernel, threads, w, x, n, &mut y);
     y
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
@@ -185,20 +182,10 @@ fn nested_calls_from_pool_tasks_finish() {
     let p = F32Panels::pack(&w, m, k).unwrap();
     let x = random(&mut rng, n * k);
     let want = bits(&reference(&w, m, k, &x, n));
-    let results = std::sync::Mutex::new(vec![Vec::new(); 24]);
-    rayon::scope(|s| {
-        for task in 0..24 {
-            let (p, x, results) = (&p, &x, &results);
-            s.spawn(move |_| {
-                let mut y = vec![f32::NAN; n * m];
-                CpuGemm::new(1 + task % 5)
-                    .f32_panels(p, x, n, &mut y)
-                    .unwrap();
-                results.lock().unwrap()[task] = bits(&y);
-            });
-        }
+    let results = bits_from_pool_tasks(n * m, |task, y| {
+        CpuGemm::new(1 + task % 5).f32_panels(&p, &x, n, y).unwrap();
     });
-    for (task, got) in results.into_inner().unwrap().into_iter().enumerate() {
+    for (task, got) in results.into_iter().enumerate() {
         assert_eq!(got, want, "task {task}");
     }
 }

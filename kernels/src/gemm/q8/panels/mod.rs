@@ -37,13 +37,12 @@ mod avx2;
 mod avx512;
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
 
 use super::avx512::Variant;
 use super::{GROUP, Q8Activations, ROW_ALIGN, group_base};
-use crate::gemm::{Backend, OutPtr, parallel};
+use crate::gemm::{Backend, OutPtr, build_then_run};
 use crate::quant::{BLOCK, Nvfp4Tensor};
 use crate::scalar::{e2m1_decode, e4m3_decode};
 
@@ -317,7 +316,7 @@ struct TilesPtr {
 }
 
 // SAFETY: threads write disjoint tiles (each claims its own), and read them only after all
-// are written (the `built` counter orders the writes before the reads).
+// are written (`build_then_run` orders the builds before the items that read them).
 unsafe impl Send for TilesPtr {}
 unsafe impl Sync for TilesPtr {}
 
@@ -532,45 +531,15 @@ fn run_kernel(kernel: Kernel, threads: usize, w: &Nvfp4Q8Panels, src: Source<'_>
     let chunks = pairs.div_ceil(chunk);
     // Work items: (pass, chunk), pass-major, so that the threads share a pass of activations.
     let items = passes * chunks;
-    let (claimed, built, next) = (
-        AtomicUsize::new(0),
-        AtomicUsize::new(0),
-        AtomicUsize::new(0),
-    );
     let out = OutPtr(y.as_mut_ptr());
     let half_global = w.global_decode_scale * 0.5;
-    parallel(threads.min(items.max(ntiles)), &|_| {
-        // First the tiles, each built by the thread that claims it.
-        let mut scratch = None;
-        loop {
-            let t = claimed.fetch_add(1, Ordering::Relaxed);
-            if t >= ntiles {
-                break;
-            }
-            // SAFETY: tile t exists and this thread alone claimed it.
-            build_tile(src, t, unsafe { tp.tile_mut(t) }, &mut scratch);
-            built.fetch_add(1, Ordering::Release);
-        }
-        let mut ready = false;
-        loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= items {
-                break;
-            }
-            if !ready {
-                // Every tile is claimed, so the ones not built yet are being built by running
-                // threads, none of which waits for anything: this ends.
-                let mut spins = 0u32;
-                while built.load(Ordering::Acquire) < ntiles {
-                    if spins < 100 {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                    spins += 1;
-                }
-                ready = true;
-            }
+    build_then_run::<Option<Scratch>>(
+        threads,
+        ntiles,
+        items,
+        // SAFETY: tile t exists and this thread alone claimed it.
+        &|t, scratch| build_tile(src, t, unsafe { tp.tile_mut(t) }, scratch),
+        &|item| {
             let (pass, c) = (item / chunks, item % chunks);
             let pass_tiles = pass * PASS_TILES..((pass + 1) * PASS_TILES).min(ntiles);
             let chunk_pairs = c * chunk..((c + 1) * chunk).min(pairs);
@@ -587,8 +556,8 @@ fn run_kernel(kernel: Kernel, threads: usize, w: &Nvfp4Q8Panels, src: Source<'_>
                     }
                 }
             }
-        }
-    });
+        },
+    );
     tiles.recycle();
 }
 

@@ -10,6 +10,7 @@ use super::super::{Kernel as RowKernel, run_kernel as run_rows};
 use super::*;
 use crate::CpuGemm;
 use crate::KernelError;
+use crate::gemm::test_support::{bits, bits_from_pool_tasks};
 use crate::quant::{BlockLayout, QuantizeOptions};
 use crate::scalar::E4M3_TABLE;
 
@@ -49,10 +50,6 @@ fn run_f32(kernel: Kernel, threads: usize, w: &Nvfp4Q8Panels, x: &[f32], n: usiz
     let k = w.cols();
     run_kernel(kernel, threads, w, Source::F32 { x, n, k }, &mut y);
     y
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 fn random(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
@@ -454,20 +451,12 @@ fn nested_calls_from_pool_tasks_finish() {
         &xf,
         n,
     ));
-    let results = std::sync::Mutex::new(vec![Vec::new(); 24]);
-    rayon::scope(|s| {
-        for task in 0..24 {
-            let (p, xf, results) = (&p, &xf, &results);
-            s.spawn(move |_| {
-                let mut y = vec![f32::NAN; n * m];
-                CpuGemm::new(1 + task % 5)
-                    .nvfp4_q8_panels(p, xf, n, &mut y)
-                    .unwrap();
-                results.lock().unwrap()[task] = bits(&y);
-            });
-        }
+    let results = bits_from_pool_tasks(n * m, |task, y| {
+        CpuGemm::new(1 + task % 5)
+            .nvfp4_q8_panels(&p, &xf, n, y)
+            .unwrap();
     });
-    for (task, got) in results.into_inner().unwrap().into_iter().enumerate() {
+    for (task, got) in results.into_iter().enumerate() {
         assert_eq!(got, want, "task {task}");
     }
 }

@@ -37,14 +37,14 @@ impl Attention {
         let a = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = (
-            self.q_proj.forward(x)?,
-            self.k_proj.forward(x)?,
-            self.v_proj.forward(x)?,
+            crate::fused::apply_linear(&self.q_proj, x)?,
+            crate::fused::apply_linear(&self.k_proj, x)?,
+            crate::fused::apply_linear(&self.v_proj, x)?,
         );
         if let Some(out) =
             crate::fused::causal_attention(&q, &k, &v, a.num_heads, a.num_kv_heads, a.head_dim)?
         {
-            return self.o_proj.forward(&out);
+            return crate::fused::apply_linear(&self.o_proj, &out);
         }
         let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, a.head_dim))?
@@ -63,7 +63,7 @@ impl Attention {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, a.num_heads * a.head_dim))?;
-        self.o_proj.forward(&out)
+        crate::fused::apply_linear(&self.o_proj, &out)
     }
 }
 

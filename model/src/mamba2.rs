@@ -67,7 +67,7 @@ impl Mamba2 {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let m = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let proj = self.in_proj.forward(x)?;
+        let proj = crate::fused::apply_linear(&self.in_proj, x)?;
         let z = proj.narrow(D::Minus1, 0, m.inner())?;
         let xbc_in = proj.narrow(D::Minus1, m.inner(), m.conv_dim())?;
         let bias = match &self.conv_bias {
@@ -122,7 +122,7 @@ impl Mamba2 {
             Some(y) => y,
             None => gated_rms_norm(&y, z, &self.norm_weight, group, eps)?,
         };
-        self.out_proj.forward(&y)
+        crate::fused::apply_linear(&self.out_proj, &y)
     }
 
     /// `x: [B, T, d]` continuing from `state` (or zeros), returning the output and the state after
@@ -134,7 +134,7 @@ impl Mamba2 {
     ) -> Result<(Tensor, MambaState)> {
         let m = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let proj = self.in_proj.forward(x)?;
+        let proj = crate::fused::apply_linear(&self.in_proj, x)?;
         let z = proj.narrow(D::Minus1, 0, m.inner())?;
         let xbc_in = proj.narrow(D::Minus1, m.inner(), m.conv_dim())?;
 

@@ -34,7 +34,10 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&relu2(&self.up_proj.forward(x)?)?)
+        crate::fused::apply_linear(
+            &self.down_proj,
+            &relu2(&crate::fused::apply_linear(&self.up_proj, x)?)?,
+        )
     }
 }
 
@@ -265,7 +268,7 @@ impl Moe {
         let weights = (weights * self.cfg.routed_scaling_factor)?.flatten_all()?;
 
         let h = match &self.latent {
-            Some((fc1, _)) => fc1.forward(&flat)?,
+            Some((fc1, _)) => crate::fused::apply_linear(fc1, &flat)?,
             None => flat.clone(),
         };
         let out = if crate::fused::applies(&[&h]) {
@@ -274,7 +277,7 @@ impl Moe {
             self.composed_experts(&h, &weights, &rows_of)?
         };
         let out = match &self.latent {
-            Some((_, fc2)) => fc2.forward(&out)?,
+            Some((_, fc2)) => crate::fused::apply_linear(fc2, &out)?,
             None => out,
         };
         Ok((out.reshape(dims)? + self.shared.forward(x)?)?)

@@ -110,7 +110,7 @@ impl MtpHead {
             ],
             D::Minus1,
         )?;
-        let mut h = self.eh_proj.forward(&x)?;
+        let mut h = crate::fused::apply_linear(&self.eh_proj, &x)?;
         for b in &self.layers {
             h = b.forward(&h)?;
         }
@@ -226,8 +226,10 @@ impl NemotronH {
 
     /// `norm_f` then `lm_head`: `[B, T, d]` → logits `[B, T, V]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head
-            .forward(&crate::fused::apply_rms_norm(&self.norm_f, hidden)?)
+        crate::fused::apply_linear(
+            &self.lm_head,
+            &crate::fused::apply_rms_norm(&self.norm_f, hidden)?,
+        )
     }
 
     /// One full forward pass without cache: `ids: [B, T]` → logits `[B, T, V]`. Right padding is
@@ -267,10 +269,10 @@ impl NemotronH {
             let len = t - k;
             let next = embeds.narrow(1, k, len)?;
             h = head.forward(&next, &h.narrow(1, 0, len)?)?;
-            out.push(
-                self.lm_head
-                    .forward(&crate::fused::apply_rms_norm(head.norm_f(), &h)?)?,
-            );
+            out.push(crate::fused::apply_linear(
+                &self.lm_head,
+                &crate::fused::apply_rms_norm(head.norm_f(), &h)?,
+            )?);
         }
         Ok(out)
     }

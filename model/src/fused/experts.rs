@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{applies, contiguous_f32, storage_f32};
+use super::{applies, contiguous_f32, matmul, storage_f32};
 use crate::error::Result;
 
 /// Which rows each expert reads and writes: for expert `e`, `(token row, output row)` pairs,
@@ -58,54 +58,6 @@ struct Dims {
     width: usize,
     experts: usize,
     inner: usize,
-}
-
-/// `dst[m, n] (+)= sum_k lhs[m, k] rhs[k, n]` over row-major slices described by
-/// `(row stride, column stride)`, single-threaded (the caller runs experts in parallel).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() >= m * n);
-    if k > 0 {
-        assert!(lhs.len() > last(lhs_rs, lhs_cs, m, k));
-        assert!(rhs.len() > last(rhs_rs, rhs_cs, k, n));
-    }
-    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices, for
-    // the strides given; `dst` is row-major `[m, n]`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 impl RoutedExperts {
@@ -183,10 +135,28 @@ impl CustomOp3 for RoutedExperts {
                 let mut hidden = vec![0f32; n * i];
                 let up_e = &up[e * i * w..(e + 1) * i * w];
                 let down_e = &down[e * w * i..(e + 1) * w * i];
-                matmul((n, i, w), &mut hidden, &x, (w, 1), up_e, (1, w), false);
+                matmul(
+                    (n, i, w),
+                    &mut hidden,
+                    &x,
+                    (w, 1),
+                    up_e,
+                    (1, w),
+                    false,
+                    false,
+                );
                 let act: Vec<f32> = hidden.iter().map(|&v| v.max(0.0) * v.max(0.0)).collect();
                 let mut y = vec![0f32; n * w];
-                matmul((n, w, i), &mut y, &act, (i, 1), down_e, (1, i), false);
+                matmul(
+                    (n, w, i),
+                    &mut y,
+                    &act,
+                    (i, 1),
+                    down_e,
+                    (1, i),
+                    false,
+                    false,
+                );
                 (hidden, y)
             })
             .collect();
@@ -244,17 +214,44 @@ impl CustomOp3 for RoutedExperts {
                 let hid = &hidden[e];
                 let act: Vec<f32> = hid.iter().map(|&v| v.max(0.0) * v.max(0.0)).collect();
                 // d down_e [W, I] = dy_eᵀ act.
-                matmul((w, i, n), d_down_e, &dy_e, (1, w), &act, (i, 1), false);
+                matmul(
+                    (w, i, n),
+                    d_down_e,
+                    &dy_e,
+                    (1, w),
+                    &act,
+                    (i, 1),
+                    false,
+                    false,
+                );
                 // d act [n, I] = dy_e down_e, then through relu²: 2 relu(hidden).
                 let mut d_hid = vec![0f32; n * i];
-                matmul((n, i, w), &mut d_hid, &dy_e, (w, 1), down_e, (i, 1), false);
+                matmul(
+                    (n, i, w),
+                    &mut d_hid,
+                    &dy_e,
+                    (w, 1),
+                    down_e,
+                    (i, 1),
+                    false,
+                    false,
+                );
                 for (g, &v) in d_hid.iter_mut().zip(hid) {
                     *g *= 2.0 * v.max(0.0);
                 }
                 // d up_e [I, W] = d_hidᵀ x; d x [n, W] = d_hid up_e.
-                matmul((i, w, n), d_up_e, &d_hid, (1, i), &x, (w, 1), false);
+                matmul((i, w, n), d_up_e, &d_hid, (1, i), &x, (w, 1), false, false);
                 let mut dx = vec![0f32; n * w];
-                matmul((n, w, i), &mut dx, &d_hid, (i, 1), up_e, (w, 1), false);
+                matmul(
+                    (n, w, i),
+                    &mut dx,
+                    &d_hid,
+                    (i, 1),
+                    up_e,
+                    (w, 1),
+                    false,
+                    false,
+                );
                 dx
             })
             .collect();

@@ -65,17 +65,22 @@ impl Linear {
 
     /// Applies the projection to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.effective_weight()?;
-        // As one `[rows, in] x [in, out]` product: a batched `broadcast_matmul` would broadcast
-        // the weight over the leading dimensions, and its backward pass would then build the
-        // weight's gradient once per batch entry and sum them.
-        let dims = x.dims();
-        let (lead, inner) = dims.split_at(dims.len() - 1);
-        let rows = x.reshape(((), inner[0]))?;
-        let mut out = lead.to_vec();
-        out.push(weight.dim(0)?);
-        Ok(rows.matmul(&weight.t()?)?.reshape(out)?)
+        project(x, &self.effective_weight()?)
     }
+}
+
+/// `x Wᵀ` for `x: [..., in]` and `weight: [out, in]`, from candle's ops (the reference the
+/// fused projection is tested against, and what runs where it does not apply).
+pub(crate) fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    // As one `[rows, in] x [in, out]` product: a batched `broadcast_matmul` would broadcast
+    // the weight over the leading dimensions, and its backward pass would then build the
+    // weight's gradient once per batch entry and sum them.
+    let dims = x.dims();
+    let (lead, inner) = dims.split_at(dims.len() - 1);
+    let rows = x.reshape(((), inner[0]))?;
+    let mut out = lead.to_vec();
+    out.push(weight.dim(0)?);
+    Ok(rows.matmul(&weight.t()?)?.reshape(out)?)
 }
 
 /// The weight as an NVFP4 rollout worker holds it, with a straight-through gradient: the

@@ -142,19 +142,29 @@ mod tests {
     use crate::fused::test_support::assert_same_value_and_gradient;
     use candle_core::{Device, Var};
 
-    /// The composed projection, as [`crate::nn::Linear::forward`] runs it.
-    fn reference(x: &Tensor, w: &Tensor) -> Tensor {
-        let dims = x.dims();
-        let inner = dims[dims.len() - 1];
-        let rows = x.reshape(((), inner)).unwrap();
-        let mut out = dims[..dims.len() - 1].to_vec();
-        out.push(w.dim(0).unwrap());
-        rows.matmul(&w.t().unwrap()).unwrap().reshape(out).unwrap()
+    /// Projects `input` (`x` itself or a view of it) by `w` through the fused op and through
+    /// the composed [`crate::nn::project`], and compares value and gradient.
+    fn check(case: &str, x: &Var, input: &Tensor, w: &Var) {
+        let fused = linear(input, w.as_tensor()).unwrap().unwrap();
+        let want = crate::nn::project(&input.contiguous().unwrap(), w.as_tensor()).unwrap();
+        assert_eq!(fused.dims(), want.dims(), "{case}: shape");
+        let weights = Tensor::randn(0f32, 1.0, want.shape(), input.device()).unwrap();
+        assert_same_value_and_gradient(
+            case,
+            fused,
+            want,
+            &weights,
+            &[("x", x, true), ("w", w, true)],
+            1e-5,
+        );
+    }
+
+    fn var(shape: &[usize], std: f32) -> Var {
+        Var::from_tensor(&Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
     #[test]
     fn fused_linear_matches_the_composed_projection_in_value_and_gradient() {
-        let dev = Device::Cpu;
         // Ragged shapes, one row, leading dimensions of several sizes, and products on both
         // sides of the parallel threshold.
         for (case, x_shape, out) in [
@@ -163,46 +173,16 @@ mod tests {
             ("large", vec![4, 33, 64], 96),
             ("rank 4", vec![2, 3, 4, 8], 3),
         ] {
-            let inner = *x_shape.last().unwrap();
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, x_shape.clone(), &dev).unwrap())
-                .unwrap();
-            let w =
-                Var::from_tensor(&Tensor::randn(0f32, 0.5, (out, inner), &dev).unwrap()).unwrap();
-            let fused = linear(x.as_tensor(), w.as_tensor()).unwrap().unwrap();
-            assert_eq!(
-                fused.dims()[..x_shape.len() - 1],
-                x_shape[..x_shape.len() - 1]
-            );
-            let want = reference(x.as_tensor(), w.as_tensor());
-            let weights = Tensor::randn(0f32, 1.0, want.shape(), &dev).unwrap();
-            assert_same_value_and_gradient(
-                case,
-                fused,
-                want,
-                &weights,
-                &[("x", &x, true), ("w", &w, true)],
-                1e-5,
-            );
+            let x = var(&x_shape, 1.0);
+            let w = var(&[out, *x_shape.last().unwrap()], 0.5);
+            check(case, &x, x.as_tensor(), &w);
         }
     }
 
     #[test]
     fn a_transposed_input_is_projected_as_its_values() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 6), &dev).unwrap()).unwrap();
-        let xt = x.as_tensor().t().unwrap();
-        let fused = linear(&xt, w.as_tensor()).unwrap().unwrap();
-        let want = reference(&xt.contiguous().unwrap(), w.as_tensor());
-        let weights = Tensor::randn(0f32, 1.0, want.shape(), &dev).unwrap();
-        assert_same_value_and_gradient(
-            "transposed x",
-            fused,
-            want,
-            &weights,
-            &[("x", &x, true), ("w", &w, true)],
-            1e-5,
-        );
+        let (x, w) = (var(&[6, 4], 1.0), var(&[5, 6], 1.0));
+        check("transposed x", &x, &x.as_tensor().t().unwrap(), &w);
     }
 
     #[test]

@@ -48,9 +48,10 @@ pub(crate) fn apply_rms_norm(norm: &crate::nn::RmsNorm, x: &Tensor) -> Result<Te
 
 /// `linear.forward(x)`, through the fused projection where it applies.
 pub(crate) fn apply_linear(linear: &crate::nn::Linear, x: &Tensor) -> Result<Tensor> {
-    match self::linear(x, &linear.effective_weight()?)? {
+    let weight = linear.effective_weight()?;
+    match self::linear(x, &weight)? {
         Some(y) => Ok(y),
-        None => linear.forward(x),
+        None => crate::nn::project(x, &weight),
     }
 }
 

@@ -62,12 +62,31 @@ impl Mamba2 {
         })
     }
 
-    /// `x: [B, T, d]` from the zero state, returning `[B, T, d]`. In f32 on CPU the conv and
-    /// the scan run as fused ops (the crate's `fused` module); the final state is not kept.
+    /// `x: [B, T, d]` from the zero state, returning `[B, T, d]`. In f32 on CPU everything
+    /// between the two projections runs as one fused op (`fused::mamba_mixer`); the final
+    /// state is not kept.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let proj = crate::fused::apply_linear(&self.in_proj, x)?;
+        let params = crate::fused::MixerParams {
+            conv_weight: &self.conv_weight,
+            conv_bias: self.conv_bias.as_ref(),
+            dt_bias: &self.dt_bias,
+            a_log: &self.a_log,
+            d: &self.d,
+            norm_weight: &self.norm_weight,
+        };
+        match crate::fused::mamba_mixer(&proj, &params, &self.cfg, self.eps)? {
+            Some(y) => crate::fused::apply_linear(&self.out_proj, &y),
+            None => self.forward_layer_by_layer(x, &proj),
+        }
+    }
+
+    /// [`Mamba2::forward`] after `in_proj` with each layer its own op (the fused ones where
+    /// they apply): the path for other dtypes and devices, and the reference the fused mixer
+    /// is tested against.
+    fn forward_layer_by_layer(&self, x: &Tensor, proj: &Tensor) -> Result<Tensor> {
         let m = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let proj = crate::fused::apply_linear(&self.in_proj, x)?;
         let z = proj.narrow(D::Minus1, 0, m.inner())?;
         let xbc_in = proj.narrow(D::Minus1, m.inner(), m.conv_dim())?;
         let bias = match &self.conv_bias {
@@ -78,7 +97,7 @@ impl Mamba2 {
             Some(xbc) => xbc,
             None => causal_depthwise_conv(&xbc_in, &self.conv_weight, Some(&bias), None)?.silu()?,
         };
-        let dt = self.dt(&proj)?;
+        let dt = self.dt(proj)?;
         let a = self.a_log.exp()?.neg()?;
         let Some(y) = crate::fused::ssd_scan(&xbc, &dt, &a, m)? else {
             return Ok(self.forward_with_state(x, None)?.0);
@@ -531,5 +550,97 @@ mod tests {
         let dt = Tensor::zeros((1, 3, 2), DType::F64, &dev).unwrap();
         let a = Tensor::zeros(2, DType::F64, &dev).unwrap();
         assert!(crate::fused::ssd_scan(&xbc, &dt, &a, &m).unwrap().is_none());
+    }
+
+    /// A one-block model of Mamba-2 layers, its mixer and its parameters.
+    fn mixer(extra: &str) -> (Mamba2, crate::params::Params, usize) {
+        let cfg = NemotronHConfig::from_json_str(&format!(
+            r#"{{"model_type": "nemotron_h", "vocab_size": 16, "hidden_size": 24,
+            "hybrid_override_pattern": "M", "mamba_num_heads": 4, "mamba_head_dim": 6,
+            "ssm_state_size": 5, "n_groups": 2, "conv_kernel": 4, "chunk_size": 8, {extra}}}"#
+        ))
+        .unwrap();
+        let params = crate::checkpoint::init_params(&cfg, 7, &Device::Cpu).unwrap();
+        let path = params.root().pp("backbone").pp("layers").pp(0).pp("mixer");
+        let mixer = Mamba2::new(&cfg, &path).unwrap();
+        (mixer, params, cfg.hidden_size)
+    }
+
+    /// The fused mixer against the same layers one op at a time: values, and the gradients of
+    /// the input and of every parameter, at lengths around the scan's segments, with and
+    /// without the conv bias, with dt's clamp open above and closed, and with it binding.
+    #[test]
+    fn fused_mixer_matches_the_layers_one_by_one_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        for (extra, batch, time) in [
+            (
+                r#""use_conv_bias": true, "time_step_limit": [0.0, Infinity]"#,
+                2,
+                5,
+            ),
+            (
+                r#""use_conv_bias": true, "time_step_limit": [0.0, Infinity]"#,
+                2,
+                crate::fused::SEGMENT + 5,
+            ),
+            (
+                r#""use_conv_bias": false, "time_step_limit": [0.02, 0.05]"#,
+                3,
+                37,
+            ),
+        ] {
+            let (mixer, params, d) = mixer(extra);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, time, d), &dev).unwrap())
+                .unwrap();
+            let fused = mixer.forward(x.as_tensor()).unwrap();
+            let proj = crate::fused::apply_linear(&mixer.in_proj, x.as_tensor()).unwrap();
+            let want = mixer.forward_layer_by_layer(x.as_tensor(), &proj).unwrap();
+            // Large weights, so that the smallest gradients (dt's bias, A_log: dt is at most
+            // 0.1) are above the comparison's absolute floor of 1e-4.
+            let w = Tensor::randn(0f32, 1e4, (batch, time, d), &dev).unwrap();
+            let vars: Vec<(String, Var)> = params
+                .vars()
+                .iter()
+                .filter(|(name, _)| name.contains(".mixer."))
+                .map(|(name, v)| (name.clone(), v.clone()))
+                .collect();
+            assert_eq!(
+                vars.len(),
+                8 - usize::from(extra.contains("false")),
+                "{extra}"
+            );
+            let mut inputs = vec![("x", &x, true)];
+            inputs.extend(vars.iter().map(|(name, v)| (name.as_str(), v, true)));
+            let case = format!("{extra}, B{batch} T{time}");
+            assert_same_value_and_gradient(&case, fused, want, &w, &inputs, 1e-4);
+        }
+    }
+
+    /// dt's clamp binds where softplus falls outside it, and no gradient passes there: the
+    /// clamped case above is only a test if some of its values were clamped.
+    #[test]
+    fn the_clamped_case_clamps() {
+        let (mixer, _, d) = mixer(r#""use_conv_bias": false, "time_step_limit": [0.02, 0.05]"#);
+        let x = Tensor::randn(0f32, 1.0, (3, 37, d), &Device::Cpu).unwrap();
+        let proj = crate::fused::apply_linear(&mixer.in_proj, &x).unwrap();
+        let m = &mixer.cfg;
+        let raw = proj
+            .narrow(D::Minus1, m.inner() + m.conv_dim(), m.num_heads)
+            .unwrap()
+            .broadcast_add(&mixer.dt_bias)
+            .unwrap();
+        let sp: Vec<f32> = softplus(&raw)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let below = sp.iter().filter(|&&v| v < 0.02).count();
+        let above = sp.iter().filter(|&&v| v > 0.05).count();
+        let inside = sp.len() - below - above;
+        assert!(
+            below > 0 && above > 0 && inside > 0,
+            "{below} {inside} {above}"
+        );
     }
 }

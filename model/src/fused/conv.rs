@@ -29,7 +29,7 @@ pub(crate) fn causal_conv_silu(
     )?))
 }
 
-struct CausalConvSilu;
+pub(super) struct CausalConvSilu;
 
 /// Sizes of one call.
 #[derive(Clone, Copy)]

@@ -33,9 +33,9 @@ pub(crate) fn gated_rms_norm(
     )?))
 }
 
-struct GatedRmsNorm {
-    group_size: usize,
-    eps: f32,
+pub(super) struct GatedRmsNorm {
+    pub(super) group_size: usize,
+    pub(super) eps: f32,
 }
 
 impl GatedRmsNorm {

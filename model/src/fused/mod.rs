@@ -21,6 +21,7 @@ mod conv;
 mod experts;
 mod gated_norm;
 mod linear;
+mod mixer;
 mod norm;
 mod ssd_scan;
 
@@ -29,6 +30,7 @@ pub(crate) use conv::causal_conv_silu;
 pub(crate) use experts::{ExpertRows, routed_experts};
 pub(crate) use gated_norm::gated_rms_norm;
 pub(crate) use linear::linear;
+pub(crate) use mixer::{MixerParams, mamba_mixer};
 pub(crate) use norm::{rms_norm, scale_channels};
 #[cfg(test)]
 pub(crate) use ssd_scan::SEGMENT;

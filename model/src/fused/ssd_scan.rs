@@ -51,7 +51,7 @@ pub(crate) fn ssd_scan(
 }
 
 /// Sizes of one scan; the checkpoints its forward pass left for its backward pass.
-struct SsdScan {
+pub(super) struct SsdScan {
     heads: usize,
     head_dim: usize,
     groups: usize,
@@ -105,7 +105,7 @@ impl Dims {
 }
 
 impl SsdScan {
-    fn new(cfg: &MambaConfig) -> Self {
+    pub(super) fn new(cfg: &MambaConfig) -> Self {
         Self {
             heads: cfg.num_heads,
             head_dim: cfg.head_dim,

@@ -24,6 +24,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use chorus_model::{
     ExpertLoad, ModelError, NemotronH, NemotronHConfig, Nvfp4Policy, Params, checkpoint,
+    fuse_experts,
 };
 use chorus_proto::schedule::LrSchedule;
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,9 @@ pub struct LearnerConfig {
     /// Parameters whose names contain any of these strings are never updated (e.g. `"mtp."`
     /// keeps the MTP head out of MTP-healing steps too, which SFT and RL steps leave alone
     /// regardless; `".gate.weight"` freezes the routers in every step, where a group's
-    /// `router_frozen` freezes them in its step only).
+    /// `router_frozen` freezes them in its step only). Routed experts train as one tensor per
+    /// block and projection (`….mixer.experts.up_proj`, see `chorus_model::Params`), so a
+    /// string can freeze all of a block's experts, not one of them.
     pub freeze: Vec<String>,
     /// Run the forward pass through NVFP4 weights with straight-through gradients, quantizing
     /// the projections NVFP4 rollout workers quantize, so the policy being optimised is the one
@@ -649,13 +652,16 @@ impl Trainer {
         let (model_cfg, params) = checkpoint::load_checkpoint(dir, device)?;
         let mut t = Self::new(model_cfg, params, st.config)?;
         let opt_path = dir.join(OPTIMIZER_FILE);
-        let tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(&opt_path, device)
-            .map_err(|e| LearnerError::Checkpoint {
-                path: opt_path.clone(),
-                message: e.to_string(),
-            })?
-            .into_iter()
-            .collect();
+        let mut tensors: BTreeMap<String, Tensor> =
+            candle_core::safetensors::load(&opt_path, device)
+                .map_err(|e| LearnerError::Checkpoint {
+                    path: opt_path.clone(),
+                    message: e.to_string(),
+                })?
+                .into_iter()
+                .collect();
+        // Saved before the store fused the routed experts: their moments one per expert.
+        fuse_experts(&mut tensors)?;
         t.optimizer.load_state(&tensors, st.optimizer_steps)?;
         t.step = st.step;
         t.version = st.version;
@@ -674,7 +680,9 @@ impl Trainer {
         };
         let tensors = checkpoint::load_tensors(path, device)
             .map_err(|e| bad(format!("cannot read the KL reference: {e}")))?;
-        let saved: BTreeSet<&str> = tensors.keys().map(String::as_str).collect();
+        // Saved one tensor per expert before the store fused them, or fused since.
+        let params = Params::from_tensors(tensors, device)?;
+        let saved: BTreeSet<&str> = params.names().collect();
         let policy: BTreeSet<&str> = self.params.names().collect();
         if saved != policy {
             let missing: Vec<_> = policy.difference(&saved).take(3).collect();
@@ -684,7 +692,6 @@ impl Trainer {
                  {extra:?})"
             )));
         }
-        let params = Params::from_tensors(tensors, device)?;
         let model = build_model(&self.model_cfg, &params, self.config.nvfp4_forward.as_ref())?;
         Ok(Reference { params, model })
     }

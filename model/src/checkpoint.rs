@@ -542,9 +542,9 @@ pub fn init_params(cfg: &NemotronHConfig, seed: u64, device: &Device) -> Result<
     if let Some(message) = too_big {
         return Err(ModelError::Input(message));
     }
-    let mut params = Params::new(device.clone());
-    for (name, shape, v) in tensors {
-        params.insert(name, Tensor::from_vec(v, shape, device)?)?;
-    }
-    Ok(params)
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, shape, v)| Ok((name, Tensor::from_vec(v, shape, device)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Params::from_tensors(tensors, device)
 }

@@ -47,4 +47,4 @@ pub use layout::Nvfp4Policy;
 pub use mamba2::{Mamba2, MambaState, ssd_chunked};
 pub use moe::{ExpertLoad, route};
 pub use nemotron_h::{Block, Mixer, MtpHead, NemotronH};
-pub use params::{ParamPath, Params};
+pub use params::{ParamPath, Params, fuse_experts};

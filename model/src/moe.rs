@@ -151,19 +151,29 @@ pub struct Moe {
     /// The full name of `score_bias`, which names the block in an [`ExpertLoad`].
     score_bias_name: String,
     experts: Vec<Mlp>,
+    /// The experts' `up_proj` and `down_proj` weights as fused tensors (`[E, out, in]`), when
+    /// the store holds them so and no expert's forward pass is quantized: the fused experts op
+    /// reads them as they are instead of stacking the experts' weights every call.
+    fused: Option<(Tensor, Tensor)>,
     shared: Mlp,
     latent: Option<(Linear, Linear)>,
 }
 
 /// Reads the routed experts, in either HF layout: one tensor per expert
 /// (`experts.N.up_proj.weight`, as checkpoints are saved) or fused 3-D tensors
-/// (`experts.up_proj` `[E, out, in]`).
-fn load_experts(p: &ParamPath, cfg: &MoeConfig, width: usize) -> Result<Vec<Mlp>> {
+/// (`experts.up_proj` `[E, out, in]`, as [`crate::params::Params`] keeps them); with the
+/// fused tensors where they were read so and no expert is quantized (see [`Moe::fused`]).
+#[allow(clippy::type_complexity)]
+fn load_experts(
+    p: &ParamPath,
+    cfg: &MoeConfig,
+    width: usize,
+) -> Result<(Vec<Mlp>, Option<(Tensor, Tensor)>)> {
     let experts = p.pp("experts");
     if experts.contains("up_proj") {
         let up = experts.get("up_proj", &[cfg.num_experts, cfg.expert_dim, width])?;
         let down = experts.get("down_proj", &[cfg.num_experts, width, cfg.expert_dim])?;
-        return (0..cfg.num_experts)
+        let each = (0..cfg.num_experts)
             .map(|i| {
                 Ok(Mlp {
                     up_proj: Linear::from_weight(up.get(i)?)
@@ -176,11 +186,16 @@ fn load_experts(p: &ParamPath, cfg: &MoeConfig, width: usize) -> Result<Vec<Mlp>
                     ),
                 })
             })
-            .collect();
+            .collect::<Result<Vec<Mlp>>>()?;
+        let quantized = each
+            .iter()
+            .any(|e| e.up_proj.is_nvfp4() || e.down_proj.is_nvfp4());
+        return Ok((each, (!quantized).then_some((up, down))));
     }
-    (0..cfg.num_experts)
+    let each = (0..cfg.num_experts)
         .map(|i| Mlp::new(&experts.pp(i), width, cfg.expert_dim))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((each, None))
 }
 
 impl Moe {
@@ -195,13 +210,15 @@ impl Moe {
             )),
             None => None,
         };
+        let (experts, fused) = load_experts(p, &m, width)?;
         Ok(Self {
             gate: p.pp("gate").get("weight", &[m.num_experts, d])?,
             score_bias: p
                 .pp("gate")
                 .get("e_score_correction_bias", &[m.num_experts])?,
             score_bias_name: p.pp("gate").name("e_score_correction_bias"),
-            experts: load_experts(p, &m, width)?,
+            experts,
+            fused,
             shared: Mlp::new(&p.pp("shared_experts"), d, m.shared_expert_dim)?,
             latent,
             cfg: m,
@@ -301,8 +318,10 @@ impl Moe {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Tensor::stack(&ws, 0)?)
         };
-        let up = stack(|e| &e.up_proj)?;
-        let down = stack(|e| &e.down_proj)?;
+        let (up, down) = match &self.fused {
+            Some((up, down)) => (up.clone(), down.clone()),
+            None => (stack(|e| &e.up_proj)?, stack(|e| &e.down_proj)?),
+        };
         let y = crate::fused::routed_experts(h, &up, &down, rows_of, n * k)?
             .ok_or_else(|| ModelError::Input("routed experts: not an f32 CPU tensor".into()))?;
         Ok(y.reshape((n, k, width))?

@@ -16,7 +16,8 @@ driver needs only Python's standard library; each peer runs in its own process:
 For every model the checkpoint is written once (Chorus' random initialisation, seed 0) and every
 engine reads those weights. Each cell is the best of `--repeats` runs; engines run one after
 another, never at the same time, with the same number of threads. Chorus' and llama.cpp's
-generation run `--rounds` times, alternating, and keep the best of all their runs. Ratios are
+generation, and Chorus' and PyTorch's training, run `--rounds` times, alternating, and keep
+the best of all their runs (PyTorch's generation runs once). Ratios are
 Chorus / peer, so above 1 means Chorus is faster. The tables go to standard output and, with
 every raw number, to `OUT/peers.json` and `OUT/peers.md`.
 """
@@ -182,14 +183,22 @@ def best_of(kept: dict | None, new: dict) -> dict:
     return new
 
 
-def pytorch(a, checkpoint: Path, out: Path) -> dict:
+def pytorch(a, checkpoint: Path, out: Path, generate: bool = True) -> dict:
+    """PyTorch's generation and training, or (`generate` false) its training alone."""
     report = out / "pytorch.json"
     run([a.hf_python, HERE / "hf_peer.py", "--checkpoint", checkpoint, "--batches", a.batches,
          "--prompt", a.prompt, "--new", a.new, "--threads", a.threads, "--repeats", a.repeats,
          "--train-batch", a.train_batch, "--train-seq", a.train_seq,
-         "--train-repeats", a.repeats, "--json", report],
+         "--train-repeats", a.repeats, "--json", report]
+        + ([] if generate else ["--no-generate"]),
         env=threads_env(a.threads))
     return json.loads(report.read_text())
+
+
+def best_training(kept: dict | None, new: dict | None) -> dict | None:
+    """The faster of two training measurements (one that failed counts as slowest)."""
+    rate = lambda t: (t or {}).get("tokens_per_second") or 0.0
+    return new if kept is None or rate(new) > rate(kept) else kept
 
 
 def vllm(a, checkpoint: Path, out: Path) -> dict:
@@ -279,7 +288,8 @@ def tables(results: dict, a) -> str:
     lines = [
         f"cpu: {results['cpu']}; threads {a.threads}; prompt {a.prompt} tokens, "
         f"{a.new} new tokens per sequence (greedy), best of {a.repeats} (generation by Chorus "
-        f"and llama.cpp: of {a.repeats * a.rounds}, in {a.rounds} alternating rounds); load "
+        f"and llama.cpp, training by Chorus and PyTorch: of {a.repeats * a.rounds}, in "
+        f"{a.rounds} alternating rounds); load "
         f"average at the "
         f"start {results['load_average_at_start']:.1f}",
         f"chorus kernels: {results['chorus_cpu']}",
@@ -350,8 +360,9 @@ def main() -> None:
                    help="threads for every engine (default: all cores)")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell, best kept (default 2)")
     p.add_argument("--rounds", type=int, default=2,
-                   help="Chorus' and llama.cpp's generation alternate this many times, each "
-                        "with --repeats runs per cell; the best of all is kept (default 2)")
+                   help="Chorus' and llama.cpp's generation, and Chorus' and PyTorch's "
+                        "training, alternate this many times, each with --repeats runs per "
+                        "cell; the best of all is kept (default 2)")
     p.add_argument("--train-batch", type=int, default=8, help="training batch (default 8)")
     p.add_argument("--train-seq", type=int, default=128, help="training length (default 128)")
     p.add_argument("--vllm-start-timeout", type=int, default=300,
@@ -404,8 +415,15 @@ def main() -> None:
         m["parameters"] = m["chorus"]["parameters"]
         log(f"== {name}: PyTorch generation and training")
         m["pytorch"] = pytorch(a, checkpoint, out)
-        log(f"== {name}: Chorus training")
-        m["chorus_training"] = chorus_training(binaries, checkpoint, a, out)
+        # Training alternates too: PyTorch, Chorus, PyTorch, Chorus ... (a round each).
+        for r in range(1, a.rounds + 1):
+            if r > 1:
+                log(f"== {name}: PyTorch training (round {r} of {a.rounds})")
+                again = pytorch(a, checkpoint, out, generate=False)["training"]
+                m["pytorch"]["training"] = best_training(m["pytorch"]["training"], again)
+            log(f"== {name}: Chorus training (round {r} of {a.rounds})")
+            m["chorus_training"] = best_training(m.get("chorus_training"),
+                                                 chorus_training(binaries, checkpoint, a, out))
         log(f"== {name}: vLLM-CPU")
         m["vllm"] = vllm(a, checkpoint, out)
         results["models"][name] = m

@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::{MoeConfig, NemotronHConfig};
 use crate::error::{ModelError, Result};
-use crate::nn::{Linear, relu2, sigmoid};
+use crate::nn::{Linear, sigmoid};
 use crate::params::ParamPath;
 
 /// `down(relu(up(x))²)`.
@@ -36,7 +36,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::fused::apply_linear(
             &self.down_proj,
-            &relu2(&crate::fused::apply_linear(&self.up_proj, x)?)?,
+            &crate::fused::apply_relu2(&crate::fused::apply_linear(&self.up_proj, x)?)?,
         )
     }
 }

@@ -23,6 +23,7 @@ mod gated_norm;
 mod linear;
 mod mixer;
 mod norm;
+mod relu2;
 mod ssd_scan;
 
 pub(crate) use attention::causal_attention;
@@ -45,6 +46,14 @@ pub(crate) fn apply_rms_norm(norm: &crate::nn::RmsNorm, x: &Tensor) -> Result<Te
     match rms_norm(x, norm.weight(), norm.eps())? {
         Some(y) => Ok(y),
         None => norm.forward(x),
+    }
+}
+
+/// `nn::relu2(x)`, through the fused op where it applies.
+pub(crate) fn apply_relu2(x: &Tensor) -> Result<Tensor> {
+    match relu2::relu2(x)? {
+        Some(y) => Ok(y),
+        None => crate::nn::relu2(x),
     }
 }
 

@@ -201,14 +201,7 @@ fn a_non_finite_step_is_skipped_and_changes_nothing() {
     assert_eq!(t.version(), 1);
     let after = t.params().snapshot().unwrap();
     for (name, w) in &before {
-        let diff = (w - &after[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(w, &after[name]);
         assert_eq!(diff, 0.0, "{name} changed");
     }
     // A good step afterwards applies.
@@ -271,20 +264,25 @@ fn resuming_a_checkpoint_continues_exactly() {
         c.sft_step(&[ex(2)]).unwrap();
         let resumed = c.params().snapshot().unwrap();
         for (name, w) in a.params().snapshot().unwrap() {
-            let diff = (w - &resumed[&name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&w, &resumed[&name]);
             assert!(
                 diff < 1e-6,
                 "per expert {per_expert}: {name} differs by {diff}"
             );
         }
     }
+}
+
+/// The largest absolute difference between two tensors of one shape.
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Rewrites a saved optimizer state's fused expert moments (`….experts.up_proj`) one tensor per

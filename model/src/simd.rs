@@ -62,8 +62,7 @@ pub fn ssm_head(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        let ns = b.len();
-        if ns.is_multiple_of(16) && ns <= 16 * SSM_AVX512_MAX_VECTORS && avx512_available() {
+        if ssm_avx512_takes(b.len()) {
             // SAFETY: the CPU has AVX-512F; the shapes were checked just above and by the
             // asserts inside.
             unsafe { ssm_head_avx512(state, da, dt, d, x, b, c, y) };
@@ -76,6 +75,28 @@ pub fn ssm_head(
 /// The widest state (in 16-lane vectors) whose `b` and `c` fit in AVX-512 registers.
 #[cfg(target_arch = "x86_64")]
 const SSM_AVX512_MAX_VECTORS: usize = 8;
+
+/// Whether the AVX-512 kernels of the SSM step ([`ssm_head`], [`ssm_head_backward`]) take a
+/// state of width `ns`.
+#[cfg(target_arch = "x86_64")]
+fn ssm_avx512_takes(ns: usize) -> bool {
+    ns.is_multiple_of(16) && ns <= 16 * SSM_AVX512_MAX_VECTORS && avx512_available()
+}
+
+/// `v` (16 to `16 * SSM_AVX512_MAX_VECTORS` values, a multiple of 16) as AVX-512 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn ssm_vectors(v: &[f32]) -> [std::arch::x86_64::__m512; SSM_AVX512_MAX_VECTORS] {
+    use std::arch::x86_64::*;
+    assert!(v.len().is_multiple_of(16) && v.len() <= 16 * SSM_AVX512_MAX_VECTORS);
+    let mut out = [_mm512_setzero_ps(); SSM_AVX512_MAX_VECTORS];
+    for (j, o) in out.iter_mut().enumerate().take(v.len() / 16) {
+        // SAFETY: j * 16 + 16 <= v.len().
+        *o = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * j)) };
+    }
+    out
+}
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
@@ -101,15 +122,7 @@ unsafe fn ssm_head_avx512(
     let vectors = ns / 16;
     assert!(ns.is_multiple_of(16) && vectors <= SSM_AVX512_MAX_VECTORS && c.len() == ns);
     assert!(state.len() == x.len() * ns && y.len() == x.len());
-    let mut bv = [_mm512_setzero_ps(); SSM_AVX512_MAX_VECTORS];
-    let mut cv = [_mm512_setzero_ps(); SSM_AVX512_MAX_VECTORS];
-    for j in 0..vectors {
-        // SAFETY: j * 16 + 16 <= ns = b.len() = c.len().
-        unsafe {
-            bv[j] = _mm512_loadu_ps(b.as_ptr().add(16 * j));
-            cv[j] = _mm512_loadu_ps(c.as_ptr().add(16 * j));
-        }
-    }
+    let (bv, cv) = (ssm_vectors(b), ssm_vectors(c));
     let decay = _mm512_set1_ps(da);
     // The new state of row `p` (written back), and its products with `c` still in 16 lanes.
     let row_update = |row: &mut [f32], xv: f32| {
@@ -240,8 +253,7 @@ pub fn ssm_head_backward(
 ) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        let ns = b.len();
-        if ns.is_multiple_of(16) && ns <= 16 * SSM_AVX512_MAX_VECTORS && avx512_available() {
+        if ssm_avx512_takes(b.len()) {
             // SAFETY: the CPU has AVX-512F; the shapes were checked just above and by the
             // asserts inside.
             return unsafe {
@@ -278,23 +290,8 @@ unsafe fn ssm_head_backward_avx512(
     assert!(dy.len() == rows && du.len() == rows);
     assert!(ds.len() == rows * ns && state.len() == rows * ns && prev.len() == rows * ns);
     let zero = _mm512_setzero_ps();
-    let (mut bv, mut cv) = (
-        [zero; SSM_AVX512_MAX_VECTORS],
-        [zero; SSM_AVX512_MAX_VECTORS],
-    );
-    let (mut dbv, mut dcv) = (
-        [zero; SSM_AVX512_MAX_VECTORS],
-        [zero; SSM_AVX512_MAX_VECTORS],
-    );
-    for j in 0..vectors {
-        // SAFETY: j * 16 + 16 <= ns, the length of b, c, db and dc.
-        unsafe {
-            bv[j] = _mm512_loadu_ps(b.as_ptr().add(16 * j));
-            cv[j] = _mm512_loadu_ps(c.as_ptr().add(16 * j));
-            dbv[j] = _mm512_loadu_ps(db.as_ptr().add(16 * j));
-            dcv[j] = _mm512_loadu_ps(dc.as_ptr().add(16 * j));
-        }
-    }
+    let (bv, cv) = (ssm_vectors(b), ssm_vectors(c));
+    let (mut dbv, mut dcv) = (ssm_vectors(db), ssm_vectors(dc));
     let decay = _mm512_set1_ps(da);
     let mut dda = zero;
     // Row `p`: its `ds` updated in place, `db`, `dc` and `dda` accumulated; returns the row's
@@ -329,7 +326,7 @@ unsafe fn ssm_head_backward_avx512(
         *out = _mm512_reduce_add_ps(row(p));
     }
     for j in 0..vectors {
-        // SAFETY: as for the loads above.
+        // SAFETY: j * 16 + 16 <= ns, the length of db and dc.
         unsafe {
             _mm512_storeu_ps(db.as_mut_ptr().add(16 * j), dbv[j]);
             _mm512_storeu_ps(dc.as_mut_ptr().add(16 * j), dcv[j]);
@@ -598,6 +595,24 @@ dispatch! {
 mod tests {
     use super::*;
 
+    /// Values uniform in [-0.5, 0.5) from a linear congruential generator seeded with `seed`.
+    fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        }
+    }
+
+    /// `(state width, head width)` pairs for the SSM step's tests: widths the AVX-512 kernels
+    /// take (multiples of 16 up to 128) and ones they leave to the portable loop (not a multiple
+    /// of 16, wider than its registers hold); head widths below 16 (every row reduced alone), of
+    /// whole groups of 16 rows, and with a rest.
+    fn ssm_shapes() -> impl Iterator<Item = (usize, usize)> {
+        [8, 16, 24, 64, 128, 144]
+            .into_iter()
+            .flat_map(|ns| [(ns, 5), (ns, 32), (ns, 37)])
+    }
+
     /// The update in f64, as the definition reads.
     fn ssm_reference(
         state: &mut [f64],
@@ -623,11 +638,7 @@ mod tests {
 
     #[test]
     fn every_dot_product_path_matches_the_definition_at_every_tail_length() {
-        let mut seed = 11u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = uniform(11);
         for n in [0, 1, 7, 8, 15, 16, 31, 33, 63, 64, 65, 100, 130, 512, 1030] {
             let a: Vec<f32> = (0..n).map(|_| next()).collect();
             let b: Vec<f32> = (0..n).map(|_| next()).collect();
@@ -659,18 +670,8 @@ mod tests {
 
     #[test]
     fn ssm_head_matches_the_definition_for_every_state_width() {
-        let mut seed = 3u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
-        // Widths the AVX-512 path takes (multiples of 16 up to 128) and ones it leaves to the
-        // portable path (not a multiple of 16, wider than its registers hold); head widths
-        // below 16 (every row reduced alone), of whole groups of 16 rows, and with a rest.
-        let shapes = [8, 16, 24, 64, 128, 144]
-            .into_iter()
-            .flat_map(|ns| [(ns, 5), (ns, 32), (ns, 37)]);
-        for (ns, hd) in shapes {
+        let mut next = uniform(3);
+        for (ns, hd) in ssm_shapes() {
             let mut state: Vec<f32> = (0..hd * ns).map(|_| next()).collect();
             let mut exact: Vec<f64> = state.iter().map(|&v| v as f64).collect();
             let (x, b, c): (Vec<f32>, Vec<f32>, Vec<f32>) = (
@@ -743,17 +744,8 @@ mod tests {
 
     #[test]
     fn ssm_head_backward_matches_the_definition_for_every_state_width() {
-        let mut seed = 5u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
-        // As for the forward step: widths the AVX-512 kernel takes and ones it leaves to the
-        // portable loop, head widths below 16 rows, of whole groups of 16 and with a rest.
-        let shapes = [8, 16, 24, 64, 128, 144]
-            .into_iter()
-            .flat_map(|ns| [(ns, 5), (ns, 32), (ns, 37)]);
-        for (ns, hd) in shapes {
+        let mut next = uniform(5);
+        for (ns, hd) in ssm_shapes() {
             let mut draw = |n: usize| (0..n).map(|_| next()).collect::<Vec<f32>>();
             let (x, b, c, dy) = (draw(hd), draw(ns), draw(ns), draw(hd));
             let (state, prev) = (draw(hd * ns), draw(hd * ns));

@@ -44,15 +44,14 @@ pub(crate) struct MixerParams<'a> {
 /// not apply (not f32 on the CPU), and the caller runs the layers one by one.
 pub(crate) fn mamba_mixer(
     proj: &Tensor,
-    params: &MixerParams<'_>,
+    p: &MixerParams<'_>,
     cfg: &MambaConfig,
     eps: f64,
 ) -> Result<Option<Tensor>> {
-    let bias = match params.conv_bias {
+    let bias = match p.conv_bias {
         Some(bias) => bias.clone(),
         None => Tensor::zeros(cfg.conv_dim(), proj.dtype(), proj.device())?,
     };
-    let p = params;
     if !applies(&[
         proj,
         p.conv_weight,
@@ -172,6 +171,18 @@ impl MambaMixer {
         Ok((batch, time))
     }
 
+    /// `(inner, conv_dim, heads, head_dim, in_proj_dim)`.
+    fn widths(&self) -> (usize, usize, usize, usize, usize) {
+        let m = &self.cfg;
+        (
+            m.inner(),
+            m.conv_dim(),
+            m.num_heads,
+            m.head_dim,
+            m.in_proj_dim(),
+        )
+    }
+
     /// dt as the scan reads it: softplus, then clamped to the config's range.
     fn clamp_dt(&self, softplus: f32) -> f32 {
         let dt = softplus.max(self.cfg.dt_min as f32);
@@ -205,13 +216,7 @@ impl CustomOp3 for MambaMixer {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (batch, time) = self.dims(l1, l2, l3)?;
         let m = &self.cfg;
-        let (inner, cd, nh, hd, width) = (
-            m.inner(),
-            m.conv_dim(),
-            m.num_heads,
-            m.head_dim,
-            m.in_proj_dim(),
-        );
+        let (inner, cd, nh, hd, width) = self.widths();
         let rows = batch * time;
         let proj = contiguous_f32(s1, l1, "Mamba-2 mixer: in_proj's output")?;
         let packed = contiguous_f32(s3, l3, "Mamba-2 mixer: parameters")?;
@@ -311,13 +316,7 @@ impl CustomOp3 for MambaMixer {
             candle_core::bail!("Mamba-2 mixer: backward pass without its forward pass");
         };
         let m = &self.cfg;
-        let (inner, cd, nh, hd, width) = (
-            m.inner(),
-            m.conv_dim(),
-            m.num_heads,
-            m.head_dim,
-            m.in_proj_dim(),
-        );
+        let (inner, cd, nh, hd, width) = self.widths();
         let rows = proj.elem_count() / width;
         let at = Packed::new(m);
         let packed_v = packed.flatten_all()?.to_vec1::<f32>()?;
